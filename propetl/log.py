@@ -1,0 +1,72 @@
+"""Run outputs: the W&B run, metrics.json (written atomically) and the end-of-run summary table."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from propetl.storage import atomic_write_text
+
+STORAGE_ROWS = (
+    ("trainable parameters", "trainable_params", "trainable_params_with_head"),
+    ("stored fp32 parameters", "stored_params", None),
+    ("mask entries (1 bit each)", "mask_entries", None),
+    ("storage, bytes", "storage_bytes", "storage_bytes_with_head"),
+    ("files on disk, bytes", "file_bytes", "file_bytes_with_head"),
+    ("% of backbone", "storage_percent_of_backbone", "storage_percent_of_backbone_with_head"),
+    ("ratio to plain PETL", "storage_ratio_to_plain_petl", "storage_ratio_to_plain_petl_with_head"),
+)
+
+
+def start_wandb(cfg, output_dir: Path):
+    """One W&B run per Hydra job, writing under the job's own output directory."""
+    import wandb
+
+    return wandb.init(
+        mode=cfg.logger.mode, project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
+        tags=list(cfg.logger.tags), dir=str(output_dir), reinit="finish_previous",
+        name=f"{cfg.task.name}-{cfg.method.name}-{cfg.prototype.name}-s{cfg.seed}",
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+
+
+def finish_wandb() -> None:
+    import wandb
+
+    wandb.finish()
+
+
+def write_metrics(path: Path, metrics: dict) -> None:
+    atomic_write_text(Path(path), json.dumps(metrics, indent=2, sort_keys=False) + "\n")
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 100 else f"{value:,.0f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def summary_table(metrics: dict) -> str:
+    """A one-screen summary of a finished run."""
+    storage = metrics["storage"]
+    lines = [
+        f"{metrics['task']} | {metrics['model']} | {metrics['method']}"
+        + ("" if metrics["method"] == "finetune" else f" {metrics['prototype']}")
+        + (f" | mask sparsity {metrics['mask_sparsity']}" if metrics["method"] == "propetl" else "")
+        + f" | seed {metrics['seed']}",
+        f"best epoch {metrics['best_epoch']} of {metrics['epochs_run']} ({metrics['steps']} steps, "
+        f"{metrics['train_seconds']:.0f} s training)",
+        "",
+        f"{'metric':<28}{'selection':>14}{'test':>14}",
+    ]
+    for name, value in metrics["test"].items():
+        lines.append(f"{name:<28}{_fmt(metrics['selection'].get(name)):>14}{_fmt(value):>14}")
+    lines.append(f"{'GLUE score of the run':<28}{'':>14}{_fmt(metrics['glue_score']):>14}")
+    lines += ["", f"{'storage':<28}{'without head':>14}{'with head':>14}"]
+    for label, without, with_head in STORAGE_ROWS:
+        lines.append(f"{label:<28}{_fmt(storage.get(without)):>14}{_fmt(storage.get(with_head)) if with_head else '':>14}")
+    width = max(len(line) for line in lines)
+    return "\n".join(["-" * width, *lines, "-" * width])

@@ -1,0 +1,164 @@
+"""The training/evaluation loop: AdamW with parameter groups, linear warm-up/decay, evaluation every
+epoch, best epoch chosen on the selection split. Reads top to bottom; knows nothing of methods.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from propetl import methods
+from propetl import metrics as glue_metrics
+
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight")
+
+
+def parameter_groups(model: nn.Module, cfg, head_names: set[str]) -> list[dict]:
+    """AdamW groups: PETL weights (or the backbone), mask scores (own lr), head; biases without decay."""
+    weights = methods.petl_weights(model)
+    scores = {id(p) for p in weights.score_parameters()} if weights is not None else set()
+    groups = {key: {"params": [], "name": key} for key in ("weights", "weights_no_decay", "masks", "head", "head_no_decay")}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = name.endswith(NO_DECAY) or p.ndim == 1
+        if id(p) in scores:
+            groups["masks"]["params"].append(p)
+        elif name in head_names:
+            groups["head_no_decay" if no_decay else "head"]["params"].append(p)
+        else:
+            groups["weights_no_decay" if no_decay else "weights"]["params"].append(p)
+    t = cfg.trainer
+    settings = {
+        "weights": (t.lr, t.weight_decay), "weights_no_decay": (t.lr, 0.0),
+        "masks": (cfg.mask.lr, cfg.mask.weight_decay),
+        "head": (t.head_lr, t.weight_decay), "head_no_decay": (t.head_lr, 0.0),
+    }
+    out = []
+    for key, group in groups.items():
+        if group["params"]:
+            lr, decay = settings[key]
+            out.append({**group, "lr": float(lr), "weight_decay": float(decay)})
+    return out
+
+
+def make_optimizer(model: nn.Module, cfg, head_names: set[str], total_steps: int):
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg, head_names), betas=(0.9, 0.999), eps=1e-8)
+    warmup = math.ceil(cfg.trainer.warmup_ratio * total_steps)
+    return optimizer, get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader, device: torch.device, precision: str = "fp32", desc: str = "eval",
+            progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(logits [N, C], labels [N]) over a loader, in eval mode."""
+    model.eval()
+    logits, labels = [], []
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress or None):
+        batch = to_device(batch, device)
+        labels.append(batch.pop("labels").cpu())
+        with autocast(device, precision):
+            logits.append(model(**batch).logits.float().cpu())
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+
+
+def evaluate(model, loader, task_cfg, device, precision="fp32", desc="eval", progress=False) -> dict[str, float]:
+    logits, labels = predict(model, loader, device, precision, desc, progress)
+    predictions = glue_metrics.predictions_from_logits(logits, int(task_cfg.num_labels))
+    return glue_metrics.compute(list(task_cfg.metrics), predictions, labels)
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of every trainable tensor (mask scores included): the best epoch's weights."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in state.items():
+            parameters[name].copy_(tensor)
+
+
+@dataclass
+class FitResult:
+    best_epoch: int = -1
+    best_score: float = -math.inf
+    best_selection: dict = field(default_factory=dict)
+    best_state: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+    steps: int = 0
+    train_seconds: float = 0.0
+    examples_seen: int = 0
+    tokens_seen: int = 0
+
+
+def fit(model, train_loader, select_loader, task_cfg, cfg, head_names: set[str], device,
+        log_fn=lambda record: None) -> FitResult:
+    """Train for cfg.trainer.epochs (or until cfg.trainer.max_steps), evaluating on the selection
+    split after every epoch; keeps the best epoch's trainable weights in result.best_state."""
+    t = cfg.trainer
+    steps_per_epoch = len(train_loader)
+    total_steps = int(t.epochs) * steps_per_epoch
+    if t.max_steps is not None:
+        total_steps = min(total_steps, int(t.max_steps))
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    optimizer, scheduler = make_optimizer(model, cfg, head_names, total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=(t.precision == "fp16"))
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    result = FitResult()
+    progress = bool(t.progress)
+
+    for epoch in range(epochs):
+        model.train()
+        start, losses = time.perf_counter(), []
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not progress or None)
+        for batch in bar:
+            batch = to_device(batch, device)
+            with autocast(device, t.precision):
+                loss = model(**batch).loss
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            result.steps += 1
+            result.examples_seen += batch["input_ids"].shape[0]
+            result.tokens_seen += int(batch["attention_mask"].sum())
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if result.steps >= total_steps:
+                break
+        epoch_seconds = time.perf_counter() - start
+        result.train_seconds += epoch_seconds
+
+        selection = evaluate(model, select_loader, task_cfg, device, t.precision, "select", progress)
+        score = glue_metrics.selection_score(selection, task_cfg.selection_metric)
+        record = {"epoch": epoch + 1, "step": result.steps, "train_loss": float(np.mean(losses)),
+                  "epoch_seconds": epoch_seconds, **{f"select/{k}": v for k, v in selection.items()}}
+        result.history.append(record)
+        log_fn(record)
+        if score > result.best_score:
+            result.best_epoch, result.best_score, result.best_selection = epoch + 1, score, selection
+            result.best_state = trainable_state(model)
+    return result

@@ -1,0 +1,176 @@
+"""Binary masks over a shared prototype: all mask logic lives here.
+
+A mask is a real-valued score tensor shaped like the weight it masks. Its binary form keeps the
+top fraction of |score| (exactly n - floor(sparsity * n) ones per mask) and passes gradients
+straight through to the scores (edge-popup supermasks, as in the ProPETL reference). Here
+`sparsity` is the fraction of ZEROS; the reference's `sparsity` is the fraction kept.
+
+Masks of all layers for one prototype weight are stored stacked, scores [L, *shape], so one batched
+top-k per step binarises every layer. Bit packing (8 entries a byte) and mask statistics are here too.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+MASK_KINDS = ("learned", "random", "none")
+
+
+def zeros_per_mask(numel: int, sparsity: float) -> int:
+    """floor(sparsity * numel), robust to float error (0.57 * 100 is 56.999...)."""
+    return math.floor(round(sparsity * numel, 9))
+
+
+def ones_per_mask(numel: int, sparsity: float) -> int:
+    """How many entries a mask of `numel` entries keeps at this sparsity."""
+    return numel - zeros_per_mask(numel, sparsity)
+
+
+def topk_binary(magnitudes: torch.Tensor, n_ones: int) -> torch.Tensor:
+    """Row-wise top-k over [rows, n]: 1.0 at the n_ones largest entries of each row, else 0.0.
+
+    Selects the smaller side with torch.topk (a partial selection, no full sort); ties are broken
+    by topk, so every row has exactly n_ones ones.
+    """
+    rows, n = magnitudes.shape
+    if n_ones >= n:
+        return torch.ones_like(magnitudes)
+    if n_ones <= n - n_ones:
+        out = torch.zeros_like(magnitudes)
+        return out.scatter_(1, magnitudes.topk(n_ones, dim=1, largest=True, sorted=False).indices, 1.0)
+    out = torch.ones_like(magnitudes)
+    return out.scatter_(1, magnitudes.topk(n - n_ones, dim=1, largest=False, sorted=False).indices, 0.0)
+
+
+class _StraightThroughTopK(torch.autograd.Function):
+    """Forward: binary top-k mask of |scores| per row. Backward: identity to the |scores|."""
+
+    @staticmethod
+    def forward(ctx, magnitudes: torch.Tensor, n_ones: int) -> torch.Tensor:
+        return topk_binary(magnitudes, n_ones)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return grad_output, None
+
+
+def binarize(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Binary masks for stacked scores [L, *shape], top-k of |score| within each of the L masks.
+
+    The straight-through gradient reaches the scores as dL/dmask * sign(score) (through abs).
+    """
+    flat = scores.reshape(scores.shape[0], -1)
+    n_ones = ones_per_mask(flat.shape[1], sparsity)
+    return _StraightThroughTopK.apply(flat.abs(), n_ones).view_as(scores)
+
+
+def init_scores(scores: torch.Tensor) -> None:
+    """kaiming_uniform(a=sqrt(5)) on each mask, as a tensor shaped like the weight it masks."""
+    for one_mask in scores:
+        nn.init.kaiming_uniform_(one_mask.view(one_mask.shape[0], -1), a=math.sqrt(5))
+
+
+class LayerMasks(nn.Module):
+    """Binary masks for one prototype weight, one per layer (or per task): scores [count, *shape].
+
+    kind="learned": trainable scores, top-k with straight-through gradients.
+    kind="random": fixed scores drawn from `seed`; the mask never changes.
+    kind="none":   all ones (plain weight tying).
+
+    `forward()` returns the binary masks [count, *shape]. It is computed once per training step:
+    the result is cached until the scores change (their version counter moves at every optimizer
+    step) or `invalidate()` is called (the model does so before every forward pass with grad).
+    """
+
+    def __init__(self, count: int, shape: tuple[int, ...], sparsity: float, kind: str = "learned", seed: int = 0):
+        super().__init__()
+        if kind not in MASK_KINDS:
+            raise ValueError(f"mask.kind={kind!r} is not one of: {', '.join(MASK_KINDS)}")
+        if not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"mask.sparsity={sparsity!r} must be in [0, 1)")
+        self.kind, self.sparsity, self.shape, self.count = kind, float(sparsity), tuple(shape), count
+        scores = torch.empty(count, *shape)
+        if kind == "random":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                init_scores(scores)
+        else:
+            init_scores(scores)
+        self.scores = nn.Parameter(scores, requires_grad=(kind == "learned"))
+        self._cached: torch.Tensor | None = None
+        self._cache_key: tuple | None = None
+
+    @property
+    def entries_per_mask(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def ones_per_mask(self) -> int:
+        return self.entries_per_mask if self.kind == "none" else ones_per_mask(self.entries_per_mask, self.sparsity)
+
+    def invalidate(self) -> None:
+        self._cached, self._cache_key = None, None
+
+    def forward(self) -> torch.Tensor:
+        key = (self.scores._version, torch.is_grad_enabled(), self.scores.device, self.scores.dtype)
+        if self._cached is None or self._cache_key != key:
+            if self.kind == "none":
+                self._cached = torch.ones_like(self.scores)
+            else:
+                self._cached = binarize(self.scores, self.sparsity)
+            self._cache_key = key
+        return self._cached
+
+    @torch.no_grad()
+    def load_binary(self, masks: torch.Tensor) -> None:
+        """Set the scores so that binarisation reproduces `masks` exactly (ones score 1, zeros 0)."""
+        if tuple(masks.shape) != tuple(self.scores.shape):
+            raise ValueError(f"mask shape {tuple(masks.shape)} != expected {tuple(self.scores.shape)}")
+        ones = masks.reshape(self.count, -1).sum(dim=1)
+        if self.kind != "none" and not torch.all(ones == self.ones_per_mask):
+            raise ValueError(
+                f"mask has {ones.tolist()} ones per layer, expected {self.ones_per_mask} at sparsity {self.sparsity}"
+            )
+        self.scores.copy_(masks.to(self.scores.dtype))
+        self.invalidate()
+
+
+def invalidate_all(model: nn.Module) -> None:
+    """Drop every cached mask in `model` (called before each forward pass that records gradients)."""
+    for module in model.modules():
+        if isinstance(module, LayerMasks):
+            module.invalidate()
+
+
+# ----------------------------------------------------------------------------- bit packing
+
+def pack_bits(masks: torch.Tensor) -> torch.Tensor:
+    """Binary tensor -> uint8 tensor of ceil(n / 8) bytes (8 entries a byte, big-endian bit order)."""
+    bits = masks.detach().reshape(-1).to(torch.bool).cpu().numpy()
+    return torch.from_numpy(np.packbits(bits))
+
+
+def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of pack_bits: a float tensor of 0/1 with `shape`."""
+    n = math.prod(shape)
+    bits = np.unpackbits(packed.cpu().numpy(), count=n)
+    return torch.from_numpy(bits.astype(np.float32)).view(*shape)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def density(masks: torch.Tensor) -> float:
+    """Fraction of ones."""
+    return float(masks.float().mean())
+
+
+def pairwise_hamming(masks: torch.Tensor) -> torch.Tensor:
+    """[L, *shape] binary masks -> [L, L] fraction of entries where two masks differ."""
+    flat = masks.reshape(masks.shape[0], -1).float()
+    agree_ones = flat @ flat.T
+    ones = flat.sum(dim=1)
+    differ = ones[:, None] + ones[None, :] - 2 * agree_ones
+    return differ / flat.shape[1]

@@ -1,0 +1,58 @@
+"""Pfeiffer bottleneck adapter after the feed-forward block of every layer.
+
+With f = FFN output (before the residual), x = the sub-layer input and LN the frozen output
+LayerNorm of the pre-trained layer (used twice, as in the reference):
+    h   = LN(f + x)                                   # [B, T, hidden]
+    a   = W_up relu(W_down h + b_down) + b_up         # W_down [bottleneck, hidden], W_up [hidden, bottleneck]
+    out = LN(a + f + x)
+ProPETL: W_down and W_up are the shared prototype times the layer's binary mask; biases shared, unmasked.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from propetl.methods.weights import LayerWeights, TensorSpec, bind
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
+
+
+def specs(cfg, hidden: int) -> dict[str, TensorSpec]:
+    bottleneck, init = int(cfg.bottleneck), f"normal:{cfg.init_std}"
+    return {
+        "down_weight": TensorSpec((bottleneck, hidden), init, masked=True),
+        "down_bias": TensorSpec((bottleneck,), "zeros", masked=False),
+        "up_weight": TensorSpec((hidden, bottleneck), init, masked=True),
+        "up_bias": TensorSpec((hidden,), "zeros", masked=False),
+    }
+
+
+class AdaptedFeedForwardOutput(nn.Module):
+    """Replaces a BERT/RoBERTa layer's `output` block (dense -> dropout -> LN(. + x)) with its adapted form."""
+
+    def __init__(self, original: nn.Module, weights: LayerWeights, layer_index: int, activation: str):
+        super().__init__()
+        self.original, self.layer_index, self.activation = original, layer_index, ACTIVATIONS[activation]
+        bind(self, weights)
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        o = self.original
+        f = o.dropout(o.dense(hidden_states))
+        h = o.LayerNorm(f + input_tensor)
+        w = self.weights.layer(self.layer_index)
+        a = F.linear(self.activation(F.linear(h, w["down_weight"], w["down_bias"])), w["up_weight"], w["up_bias"])
+        return o.LayerNorm(a + f + input_tensor)
+
+
+def attach(model: nn.Module, layers: nn.ModuleList, weights: LayerWeights, cfg) -> None:
+    for index, layer in enumerate(layers):
+        layer.output = AdaptedFeedForwardOutput(layer.output, weights, index, cfg.non_linearity)
+
+
+def merge(layers: nn.ModuleList, weights: LayerWeights) -> LayerWeights:
+    """Fold each layer's mask into a plain per-layer adapter: inference then costs what plain PETL costs."""
+    plain = weights.to_plain()
+    for layer in layers:
+        bind(layer.output, plain)
+    return plain

@@ -1,0 +1,101 @@
+"""Prefix-tuning: P key/value positions prepended to every layer's self-attention.
+
+Training form (re-parameterised, as the reference): an embedding E [P, hidden] goes through
+Linear(hidden, mlp_hidden) -> tanh -> Linear(mlp_hidden, out) where
+  - plain PETL: out = L * 2 * hidden, one prefix per layer: [L, P, 2*hidden];
+  - ProPETL:    out = 2 * hidden, ONE prefix shared by all layers, masked per layer: P_base[P, 2h] * M_l.
+Only the MLP's output is stored (the "table" form); a loaded model has no MLP.
+Per layer the [P, 2h] prefix splits into keys [:, :h] and values [:, h:], reshaped to [heads, P, head_dim].
+
+The attention hook lives in ONE place, `prefix_attention`: a function registered with transformers'
+AttentionInterface that prepends the prefix to key/value and widens the attention mask, then calls
+the library's SDPA attention. `attach` fails loudly if the model does not route through it.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+from propetl.methods.weights import LayerWeights, TensorSpec
+
+ATTENTION_NAME = "propetl_prefix"
+
+
+def prefix_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    """SDPA attention with the layer's prefix prepended. key/value: [B, heads, T, head_dim]."""
+    source = module.__dict__.get("prefix_source")
+    if source is not None:
+        weights, index = source
+        kv = weights.layer(index)["prefix"]                                   # [P, 2 * hidden]
+        length, (batch, heads, _, head_dim) = kv.shape[0], key.shape
+        prefix_k, prefix_v = kv.view(length, 2, heads, head_dim).permute(1, 2, 0, 3).to(key.dtype)  # [heads, P, d] each
+        key = torch.cat([prefix_k.unsqueeze(0).expand(batch, -1, -1, -1), key], dim=2)
+        value = torch.cat([prefix_v.unsqueeze(0).expand(batch, -1, -1, -1), value], dim=2)
+        if attention_mask is not None:                                        # [B, 1, Tq, Tk]: bool keep, or additive float
+            pad_shape = (*attention_mask.shape[:-1], length)
+            if attention_mask.dtype == torch.bool:
+                pad = torch.ones(pad_shape, dtype=torch.bool, device=attention_mask.device)
+            else:
+                pad = torch.zeros(pad_shape, dtype=attention_mask.dtype, device=attention_mask.device)
+            attention_mask = torch.cat([pad, attention_mask], dim=-1)
+        weights.hook_calls += 1
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(ATTENTION_NAME, prefix_attention)
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def specs(cfg, hidden: int) -> dict[str, TensorSpec]:
+    return {"prefix": TensorSpec((int(cfg.length), 2 * hidden), "normal:0.02", masked=True)}
+
+
+class PrefixWeights(LayerWeights):
+    """LayerWeights whose prefix comes from the re-parameterisation MLP while training."""
+
+    def __init__(self, cfg, hidden: int, num_layers: int, shared: bool, reparameterise: bool, **mask_kwargs):
+        super().__init__(specs(cfg, hidden), num_layers, shared, **mask_kwargs)
+        self.reparameterise, self.hook_calls = reparameterise, 0
+        if reparameterise:
+            del self.weights["prefix"]                  # the MLP produces it
+            length, out = int(cfg.length), 2 * hidden * (1 if shared else num_layers)
+            self.embedding = nn.Parameter(torch.empty(length, hidden).normal_(0.0, 0.02))
+            self.mlp = nn.Sequential(nn.Linear(hidden, int(cfg.mlp_hidden)), nn.Tanh(), nn.Linear(int(cfg.mlp_hidden), out))
+
+    def base_tensors(self) -> dict[str, torch.Tensor]:
+        if not self.reparameterise:
+            return super().base_tensors()
+        table = self.mlp(self.embedding)                                           # [P, out]
+        if not self.shared:                                                        # [P, L*2h] -> [L, P, 2h]
+            table = table.view(table.shape[0], self.num_layers, -1).transpose(0, 1)
+        return {"prefix": table}
+
+
+def make_weights(cfg, hidden: int, num_layers: int, shared: bool, for_training: bool, **mask_kwargs) -> PrefixWeights:
+    return PrefixWeights(cfg, hidden, num_layers, shared, reparameterise=for_training, **mask_kwargs)
+
+
+def _bind_sources(layers: nn.ModuleList, weights: LayerWeights) -> None:
+    for index, layer in enumerate(layers):
+        layer.attention.self.__dict__["prefix_source"] = (weights, index)
+
+
+def attach(model: nn.Module, layers: nn.ModuleList, weights: LayerWeights, cfg) -> None:
+    _bind_sources(layers, weights)
+    model.set_attn_implementation(ATTENTION_NAME)
+    if getattr(layers[0].attention.self.config, "_attn_implementation", None) != ATTENTION_NAME:
+        raise RuntimeError(
+            "prefix-tuning: the model's self-attention does not use transformers' attention interface; "
+            "the prefix hook (propetl/methods/prefix.py) must be ported to this transformers version"
+        )
+
+
+def merge(layers: nn.ModuleList, weights: LayerWeights) -> LayerWeights:
+    """Materialise each layer's masked prefix once: inference then costs what plain prefix-tuning costs."""
+    plain = weights.to_plain()
+    plain.hook_calls = 0
+    _bind_sources(layers, plain)
+    return plain

@@ -1,0 +1,123 @@
+"""Per-layer weights of a PETL module, in plain form or ProPETL form.
+
+A prototype method (adapter, LoRA, prefix) declares its tensors as `TensorSpec`s, the shapes of ONE
+layer's module. `LayerWeights` then holds them either
+  - plain (method=petl):   one parameter [L, *shape] per tensor, an independent module per layer;
+  - shared (method=propetl): one parameter [*shape] per tensor, the prototype, plus for masked
+    tensors a `LayerMasks` [L, *shape]; layer l uses  prototype * mask[l]  (biases stay unmasked).
+Layer wrappers only ever call `layer(l)`, so the model code is the same for both forms.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from propetl.masks import LayerMasks
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    init: str               # "normal:<std>" | "zeros" | "kaiming"  (kaiming_uniform a=sqrt(5), as nn.Linear)
+    masked: bool            # ProPETL masks it per layer (weights) or shares it unmasked (biases)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def init_tensor(tensor: torch.Tensor, init: str) -> None:
+    """Initialise one layer's tensor (or a stack of them, one per layer) in place."""
+    with torch.no_grad():
+        if init == "zeros":
+            tensor.zero_()
+        elif init.startswith("normal:"):
+            tensor.normal_(0.0, float(init.split(":", 1)[1]))
+        elif init == "kaiming":
+            for one in tensor.view(-1, *tensor.shape[-2:]):
+                nn.init.kaiming_uniform_(one, a=math.sqrt(5))
+        else:
+            raise ValueError(f"unknown init {init!r}")
+
+
+class LayerWeights(nn.Module):
+    """The trainable tensors of one PETL method for all L layers (see the module docstring)."""
+
+    def __init__(self, specs: dict[str, TensorSpec], num_layers: int, shared: bool,
+                 mask_sparsity: float = 0.0, mask_kind: str = "learned", mask_seed: int = 0):
+        super().__init__()
+        self.specs, self.num_layers, self.shared = dict(specs), num_layers, shared
+        self.weights = nn.ParameterDict()
+        self.masks = nn.ModuleDict()
+        for i, (name, spec) in enumerate(self.specs.items()):
+            shape = spec.shape if shared else (num_layers, *spec.shape)
+            self.weights[name] = nn.Parameter(torch.empty(shape))
+            init_tensor(self.weights[name], spec.init)
+            if shared and spec.masked:
+                self.masks[name] = LayerMasks(num_layers, spec.shape, mask_sparsity, mask_kind, seed=mask_seed + i)
+        self._per_layer: dict[str, torch.Tensor] | None = None
+        self._cache_key: tuple | None = None
+
+    # -- what the prototype tensors are (the prefix method overrides this with its MLP's output)
+    def base_tensors(self) -> dict[str, torch.Tensor]:
+        """name -> [*shape] (shared) or [L, *shape] (plain), before masking."""
+        return dict(self.weights.items())
+
+    def _key(self) -> tuple:
+        return (torch.is_grad_enabled(),) + tuple(p._version for p in self.parameters())
+
+    def invalidate(self) -> None:
+        """Forget the cached per-layer tensors; the model calls this before every forward with grad."""
+        self._per_layer, self._cache_key = None, None
+        for mask in self.masks.values():
+            mask.invalidate()
+
+    def per_layer(self) -> dict[str, torch.Tensor]:
+        """name -> [L, *shape]: the tensors every layer uses, computed once per step (masks included)."""
+        key = self._key()
+        if self._per_layer is None or self._cache_key != key:
+            out = {}
+            for name, base in self.base_tensors().items():
+                if not self.shared:
+                    out[name] = base
+                elif name in self.masks:
+                    out[name] = base.unsqueeze(0) * self.masks[name]()          # [L, *shape]
+                else:
+                    out[name] = base.unsqueeze(0).expand(self.num_layers, *base.shape)
+            self._per_layer, self._cache_key = out, key
+        return self._per_layer
+
+    def layer(self, index: int) -> dict[str, torch.Tensor]:
+        return {name: tensor[index] for name, tensor in self.per_layer().items()}
+
+    def binary_masks(self) -> dict[str, torch.Tensor]:
+        """name -> [L, *shape] 0/1 masks of the masked tensors (none for plain form or mask.kind=none)."""
+        with torch.no_grad():
+            return {name: mask().detach() for name, mask in self.masks.items() if mask.kind != "none"}
+
+    def score_parameters(self) -> list[nn.Parameter]:
+        return [mask.scores for mask in self.masks.values() if mask.scores.requires_grad]
+
+    def weight_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of everything trainable except mask scores (prototype / per-layer weights, MLPs)."""
+        scores = {id(p) for p in self.score_parameters()}
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad and id(p) not in scores]
+
+    def to_plain(self) -> "LayerWeights":
+        """Materialise every layer's tensors into a plain per-layer store (merge for inference)."""
+        with torch.no_grad():
+            per_layer = {name: t.detach().clone() for name, t in self.per_layer().items()}
+        plain = LayerWeights(self.specs, self.num_layers, shared=False)
+        with torch.no_grad():
+            for name, tensor in per_layer.items():
+                plain.weights[name].copy_(tensor)
+        return plain.to(next(iter(per_layer.values())).device)
+
+
+def bind(wrapper: nn.Module, weights: LayerWeights) -> None:
+    """Let a layer wrapper reach the shared store without registering it as its own submodule
+    (the store is registered once, on the model: shared tensors exist once in state dicts)."""
+    wrapper.__dict__["weights"] = weights

@@ -1,0 +1,73 @@
+"""GLUE metrics (scikit-learn / scipy) and the paper's aggregate scores.
+
+Every metric is a fraction (accuracy 0.76, not 76); tables multiply by 100.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from scipy.stats import pearsonr, spearmanr
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+METRICS = ("accuracy", "f1", "matthews", "pearson", "spearman")
+
+# The 11 numbers the paper averages (its statistics.py): two for MRPC, QQP and STS-B, one elsewhere.
+GLUE_NUMBERS = {
+    "cola": ("matthews",), "sst2": ("accuracy",), "mrpc": ("accuracy", "f1"), "qqp": ("accuracy", "f1"),
+    "stsb": ("pearson", "spearman"), "mnli": ("accuracy",), "qnli": ("accuracy",), "rte": ("accuracy",),
+}
+
+
+def predictions_from_logits(logits: np.ndarray, num_labels: int) -> np.ndarray:
+    """Class ids (argmax) for classification; the single output for regression."""
+    logits = np.asarray(logits)
+    return logits.reshape(-1) if num_labels == 1 else logits.argmax(axis=-1)
+
+
+def compute(names: Sequence[str], predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The named metrics, plus `combined` (their mean) when there are several."""
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    out: dict[str, float] = {}
+    for name in names:
+        if name == "accuracy":
+            out[name] = float(accuracy_score(labels, predictions))
+        elif name == "f1":
+            out[name] = float(f1_score(labels, predictions))
+        elif name == "matthews":
+            out[name] = float(matthews_corrcoef(labels, predictions))
+        elif name in ("pearson", "spearman"):
+            with warnings.catch_warnings():                 # constant predictions: undefined, counted as 0
+                warnings.simplefilter("ignore")
+                correlation = pearsonr if name == "pearson" else spearmanr
+                out[name] = _finite(correlation(predictions, labels)[0])
+        else:
+            raise ValueError(f"metric {name!r} is not one of: {', '.join(METRICS)}")
+    if len(names) > 1:
+        out["combined"] = float(np.mean([out[n] for n in names]))
+    return out
+
+
+def _finite(value: float) -> float:
+    """Correlation of a constant prediction is undefined (nan): count it as 0."""
+    return 0.0 if not np.isfinite(value) else float(value)
+
+
+def selection_score(metrics: Mapping[str, float], selection_metric: str) -> float:
+    """The number the best epoch is chosen by (the reference's metric_for_best_model)."""
+    return float(metrics[selection_metric])
+
+
+def task_score(task: str, metrics: Mapping[str, float]) -> float:
+    """A run's GLUE score: the mean of its task's numbers in the paper's average."""
+    return float(np.mean([metrics[n] for n in GLUE_NUMBERS[task]]))
+
+
+def glue_average(per_task: Mapping[str, Mapping[str, float]]) -> float:
+    """The paper's average: the mean of every number of GLUE_NUMBERS over the tasks given
+    (11 numbers when all eight tasks are present)."""
+    numbers = [per_task[task][n] for task in GLUE_NUMBERS if task in per_task for n in GLUE_NUMBERS[task]]
+    if not numbers:
+        raise ValueError("glue_average needs at least one GLUE task")
+    return float(np.mean(numbers))

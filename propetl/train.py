@@ -1,0 +1,144 @@
+"""propetl-train: a thin Hydra entry around `train(cfg)`, which reads top to bottom like a recipe."""
+from __future__ import annotations
+
+import logging
+import platform
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+import propetl  # noqa: F401  (registers the config resolvers)
+from propetl import data, log, loop, storage
+from propetl import metrics as glue_metrics
+from propetl import model as backbone
+from propetl.batches import make_loader
+from propetl.methods import WEIGHTS_ATTRIBUTE
+from propetl.validate import ConfigError, check_command_line, validate
+
+logger = logging.getLogger("propetl")
+USER_ERRORS = (ConfigError, data.DataError, backbone.ModelError, storage.CheckpointError)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={name} but no CUDA device is available; allowed here: auto, cpu")
+    return torch.device(name)
+
+
+def train(cfg: DictConfig, output_dir: Path) -> dict:
+    """One run: data -> model + method -> fit (best epoch on the selection split) -> test -> save -> report."""
+    validate(cfg)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    device = pick_device(cfg.trainer.device)
+    if cfg.trainer.precision == "fp16" and device.type != "cuda":
+        raise ConfigError(f"trainer.precision=fp16 needs a CUDA device (device is {device}); allowed here: fp32, bf16")
+    task = cfg.task
+
+    # 1. data: GLUE splits (selection / test per data.protocol) and dynamically padded batches
+    splits = data.load_glue(task, data.resolve_data_dir(cfg.data.dir), cfg.data.protocol, cfg.data.split_seed,
+                            cfg.data.allow_hub)
+    tokenizer = backbone.load_tokenizer(cfg.model)
+    regression = int(task.num_labels) == 1
+
+    def loader(split: str, batch_size: int, shuffle: bool):
+        return make_loader(splits[split], tokenizer, cfg.data.max_length, regression, batch_size, shuffle, cfg.seed)
+
+    train_loader = loader("train", cfg.trainer.batch_size, True)
+    select_loader = loader("validation", cfg.trainer.eval_batch_size, False)
+    test_loader = loader("test", cfg.trainer.eval_batch_size, False)
+
+    # 2. model: the pre-trained backbone, a fresh head, and the method (finetune / petl / propetl)
+    model = backbone.build(cfg, int(task.num_labels)).to(device)
+    head_names = backbone.head_parameter_names(model)
+    backbone_params = sum(p.numel() for n, p in model.named_parameters()
+                          if n not in head_names and not n.startswith(WEIGHTS_ATTRIBUTE + "."))
+    logger.info("%s: %d train / %d selection / %d test examples, %d steps per epoch, device %s",
+                task.name, len(splits["train"]), len(splits["validation"]), len(splits["test"]), len(train_loader), device)
+
+    # 3. train, choosing the best epoch on the selection split; then score it on the test split
+    run = log.start_wandb(cfg, output_dir)
+    started = time.perf_counter()
+    result = loop.fit(model, train_loader, select_loader, task, cfg, head_names, device,
+                      log_fn=lambda record: run.log(record, step=record["step"]))
+    loop.load_trainable_state(model, result.best_state)
+    test = loop.evaluate(model, test_loader, task, device, cfg.trainer.precision, "test", cfg.trainer.progress)
+
+    # 4. storage: count it, write the checkpoint, and read the real file sizes back
+    figures = storage.account(model, cfg, head_names, backbone_params)
+    if cfg.trainer.save_weights:
+        storage.save_checkpoint(model, cfg, head_names, output_dir / "checkpoint")
+        figures.update(storage.file_sizes(output_dir / "checkpoint"))
+
+    # 5. report: metrics.json (atomic), W&B summary, summary table
+    metrics = {
+        "task": task.name, "model": cfg.model.name, "method": cfg.method.name, "prototype": cfg.prototype.name,
+        "mask_kind": cfg.mask.kind, "mask_sparsity": float(cfg.mask.sparsity), "seed": int(cfg.seed),
+        "protocol": cfg.data.protocol, "split_seed": int(cfg.data.split_seed),
+        "selection_metric": task.selection_metric,
+        "best_epoch": result.best_epoch, "epochs_run": len(result.history), "steps": result.steps,
+        "selection": result.best_selection, "test": test,
+        "glue_score": glue_metrics.task_score(task.name, test),
+        "storage": figures, "history": result.history,
+        "train_seconds": result.train_seconds, "wall_seconds": time.perf_counter() - started,
+        "train_tokens": result.tokens_seen, "train_examples": result.examples_seen,
+        "device": str(device), "torch_threads": torch.get_num_threads(), "host": platform.node(),
+        "world_size": 1,
+    }
+    log.write_metrics(output_dir / "metrics.json", metrics)
+    run.summary.update({**{f"test/{k}": v for k, v in test.items()}, "glue_score": metrics["glue_score"],
+                        **{f"storage/{k}": v for k, v in figures.items()}})
+    logger.info("results in %s\n%s", output_dir, log.summary_table(metrics))
+    return metrics
+
+
+def _discard_unfinished(output_dir: Path) -> None:
+    """A job that failed before producing results leaves no half-filled run directory behind."""
+    if output_dir.exists() and not (output_dir / "metrics.json").exists() and not (output_dir / "checkpoint").exists():
+        shutil.rmtree(output_dir, ignore_errors=True)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def hydra_entry(cfg: DictConfig) -> float:
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        metrics = train(cfg, output_dir)
+        return metrics["glue_score"]
+    except USER_ERRORS as error:
+        _discard_unfinished(output_dir)
+        print(f"propetl-train: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        log.finish_wandb()
+
+
+def main() -> None:
+    try:
+        check_command_line(sys.argv[1:])
+    except ConfigError as error:
+        print(f"propetl-train: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    hydra_entry()
+
+
+if __name__ == "__main__":
+    main()

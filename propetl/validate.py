@@ -1,0 +1,115 @@
+"""Every config value checked before any work starts; each failure is ONE line naming the key, the
+bad value and what is allowed (raised as ConfigError, printed by the entry point, exit code 2)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from propetl.masks import MASK_KINDS
+from propetl.methods import METHODS, PROTOTYPES
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("model", "task", "prototype", "method", "mask", "trainer", "logger", "data", "experiment")
+
+
+class ConfigError(Exception):
+    """One-line, user-facing configuration error."""
+
+
+def group_choices(group: str) -> list[str]:
+    """The options of a config group: the YAML files in conf/<group>/."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def check_group_override(group: str, value: str) -> None:
+    choices = group_choices(group)
+    if value not in choices and value != "null":
+        raise ConfigError(f"{group}={value} is not a known {group}; choose one of: {', '.join(choices)}")
+
+
+def check_command_line(arguments: list[str]) -> None:
+    """Catch unknown group options (task=nope) before Hydra composes, with one line instead of Hydra's page.
+    Sweeps (task=rte,mrpc) are checked value by value."""
+    for argument in arguments:
+        key, sep, value = argument.lstrip("+~").partition("=")
+        if sep and key in GROUPS and not value.startswith(("glob(", "range(", "choice(", "[")):
+            for one in value.split(","):
+                check_group_override(key, one.strip())
+
+
+def _require(ok: bool, key: str, value, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid; allowed: {allowed}")
+
+
+def _positive_int(cfg, key: str) -> None:
+    value = OmegaConf.select(cfg, key)
+    _require(isinstance(value, int) and not isinstance(value, bool) and value > 0, key, value, "a positive integer")
+
+
+def _positive_number(cfg, key: str) -> None:
+    value = OmegaConf.select(cfg, key)
+    _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0, key, value, "a positive number")
+
+
+def _number_in(cfg, key: str, low: float, high: float, high_open: bool = True) -> None:
+    value = OmegaConf.select(cfg, key)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value and (value < high if high_open else value <= high)
+    _require(ok, key, value, f"a number in [{low}, {high}{')' if high_open else ']'}")
+
+
+def _one_of(cfg, key: str, choices) -> None:
+    value = OmegaConf.select(cfg, key)
+    _require(value in choices, key, value, ", ".join(map(str, choices)))
+
+
+def validate(cfg) -> None:
+    """Raise ConfigError for the first invalid value (interpolations are resolved here too)."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except Exception as error:  # an interpolation that does not resolve, e.g. a non-numeric size
+        raise ConfigError(f"config does not resolve: {str(error).splitlines()[0]}") from None
+    _one_of(cfg, "task.name", group_choices("task"))
+    _one_of(cfg, "method.name", METHODS)
+    _one_of(cfg, "prototype.name", tuple(PROTOTYPES))
+    _one_of(cfg, "mask.kind", MASK_KINDS)
+    _number_in(cfg, "mask.sparsity", 0.0, 1.0)
+    _positive_number(cfg, "mask.lr")
+    _number_in(cfg, "mask.weight_decay", 0.0, float("inf"))
+    _require(isinstance(cfg.seed, int), "seed", cfg.seed, "an integer")
+
+    for key in ("trainer.epochs", "trainer.batch_size", "trainer.eval_batch_size", "data.max_length",
+                "model.hidden_size", "model.num_layers"):
+        _positive_int(cfg, key)
+    if cfg.trainer.max_steps is not None:
+        _positive_int(cfg, "trainer.max_steps")
+    for key in ("trainer.lr", "trainer.head_lr", "trainer.max_grad_norm"):
+        _positive_number(cfg, key)
+    _number_in(cfg, "trainer.weight_decay", 0.0, float("inf"))
+    _number_in(cfg, "trainer.warmup_ratio", 0.0, 1.0)
+    _one_of(cfg, "trainer.precision", ("fp32", "bf16", "fp16"))
+    device = cfg.trainer.device
+    _require(isinstance(device, str) and (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")),
+             "trainer.device", device, "auto, cpu, cuda, cuda:N")
+    if cfg.trainer.threads is not None:
+        _positive_int(cfg, "trainer.threads")
+    _one_of(cfg, "data.protocol", ("split", "full_dev"))
+    _require(isinstance(cfg.data.split_seed, int), "data.split_seed", cfg.data.split_seed, "an integer")
+    _one_of(cfg, "logger.mode", ("online", "offline", "disabled"))
+
+    name = cfg.prototype.name
+    if name == "adapter":
+        _positive_int(cfg, "prototype.reduction_factor")
+        _positive_int(cfg, "prototype.bottleneck")
+        _one_of(cfg, "prototype.non_linearity", ("relu", "gelu", "tanh"))
+    elif name == "lora":
+        _positive_int(cfg, "prototype.r")
+        _positive_number(cfg, "prototype.alpha")
+        targets = list(cfg.prototype.targets)
+        _require(bool(targets) and set(targets) <= {"query", "key", "value"} and len(set(targets)) == len(targets),
+                 "prototype.targets", targets, "a non-empty list drawn from query, key, value")
+    elif name == "prefix":
+        _positive_int(cfg, "prototype.length")
+        _positive_int(cfg, "prototype.mlp_hidden")
+    _positive_number(cfg, "prototype.lr")

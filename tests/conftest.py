@@ -1,0 +1,70 @@
+"""Shared fixtures: Hydra compose-API configs, a tiny random BERT for unit tests, the real data folder."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+import propetl  # noqa: E402,F401  (config resolvers)
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+TINY = {"hidden": 32, "layers": 2, "heads": 4, "vocab": 100}
+
+
+def compose_cfg(overrides: list[str] = ()):
+    """The config a user's command line would give (Hydra compose API)."""
+    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A tiny random BERT saved as a model folder: unit tests only, never a default."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=TINY["vocab"], hidden_size=TINY["hidden"], num_hidden_layers=TINY["layers"],
+                        num_attention_heads=TINY["heads"], intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    BertForSequenceClassification(config).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture
+def tiny_cfg(tiny_model_dir):
+    """compose_cfg with the tiny model swapped in."""
+    def make(*overrides: str):
+        return compose_cfg([f"model.name_or_path={tiny_model_dir}", "model.name=tiny",
+                            f"model.hidden_size={TINY['hidden']}", f"model.num_layers={TINY['layers']}",
+                            "logger.mode=disabled", *overrides])
+    return make
+
+
+def tiny_batch(batch: int = 3, length: int = 7, seed: int = 0, with_padding: bool = True) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1, TINY["vocab"], (batch, length), generator=generator)
+    attention_mask = torch.ones(batch, length, dtype=torch.long)
+    if with_padding:
+        attention_mask[0, length - 2:] = 0
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.tensor([0, 1, 1][:batch])}
+
+
+@pytest.fixture(scope="session")
+def glue_dir() -> Path:
+    """The real GLUE folder (RTE, MRPC, CoLA, STS-B, SST-2). Skips without it, unless PROPETL_REQUIRE_DATA=1."""
+    from propetl.data import resolve_data_dir
+
+    found = resolve_data_dir(None)
+    if found is None or not (found / "RTE" / "train.tsv").exists():
+        if os.environ.get("PROPETL_REQUIRE_DATA") == "1":
+            pytest.fail("no local GLUE data: run `make link-data` or set PROPETL_DATA_DIR")
+        pytest.skip("no local GLUE data (make link-data, or PROPETL_DATA_DIR)")
+    return found

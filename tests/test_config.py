@@ -1,0 +1,88 @@
+"""Config composition of every group (Hydra compose API), the scaled defaults, and validation."""
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import compose_cfg
+from propetl.validate import ConfigError, check_command_line, group_choices, validate
+
+GLUE = ["cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb"]
+
+
+def test_defaults_compose_and_validate():
+    cfg = compose_cfg()
+    validate(cfg)
+    assert (cfg.model.name, cfg.task.name, cfg.prototype.name, cfg.method.name) == ("minilm", "rte", "adapter", "propetl")
+    assert cfg.logger.mode == "offline"
+    assert cfg.trainer.epochs == 20 and cfg.trainer.batch_size == 128          # the reference's settings
+
+
+@pytest.mark.parametrize("group,choices", [
+    ("task", GLUE), ("model", ["bert-base-uncased", "minilm", "roberta-base"]),
+    ("prototype", ["adapter", "lora", "prefix"]), ("method", ["finetune", "petl", "propetl"]),
+    ("mask", ["default"]), ("trainer", ["default"]), ("logger", ["wandb"]), ("data", ["glue"]),
+])
+def test_every_group_option_composes(group, choices):
+    assert set(choices) <= set(group_choices(group))
+    for choice in choices:
+        cfg = compose_cfg([f"{group}={choice}"])
+        OmegaConf.to_container(cfg, resolve=True)
+        validate(cfg)
+
+
+@pytest.mark.parametrize("task", GLUE)
+def test_task_configs_are_complete(task):
+    t = compose_cfg([f"task={task}"]).task
+    assert t.name == task and t.num_labels in (1, 2, 3) and t.metrics and t.size in ("small", "large")
+    assert t.selection_metric in (*t.metrics, "combined")
+    assert "text_a" in t.local.columns and "label" in t.local.columns and t.hub.config
+    assert t.epochs == (20 if t.size == "small" else 10)
+
+
+@pytest.mark.parametrize("model,bottleneck,r,length", [("minilm", 32, 16, 32), ("roberta-base", 64, 32, 64)])
+def test_prototype_sizes_scale_with_hidden_size(model, bottleneck, r, length):
+    """The reference's sizes on 768-wide models, scaled for MiniLM's 384."""
+    assert compose_cfg([f"model={model}", "prototype=adapter"]).prototype.bottleneck == bottleneck
+    lora = compose_cfg([f"model={model}", "prototype=lora"]).prototype
+    assert (lora.r, lora.alpha / lora.r) == (r, 1.5)
+    assert compose_cfg([f"model={model}", "prototype=prefix"]).prototype.length == length
+
+
+@pytest.mark.parametrize("prototype,sparsity,mask_lr", [("adapter", 0.5, 3e-3), ("lora", 0.9, 3e-2), ("prefix", 0.9, 1e-4)])
+def test_mask_defaults_translate_the_reference(prototype, sparsity, mask_lr):
+    """The reference's `sparsity` is the fraction KEPT (0.5 adapter, 0.1 LoRA/prefix); ours counts zeros."""
+    mask = compose_cfg([f"prototype={prototype}"]).mask
+    assert (mask.sparsity, mask.lr) == (sparsity, mask_lr)
+    assert compose_cfg([f"prototype={prototype}", "mask.sparsity=0.7"]).mask.sparsity == 0.7
+
+
+def test_overrides_from_the_brief():
+    cfg = compose_cfg(["seed=43", "trainer.epochs=3", "trainer.max_steps=50", "logger.mode=disabled",
+                       "data.dir=/somewhere", "model=roberta-base"])
+    validate(cfg)
+    assert (cfg.seed, cfg.trainer.epochs, cfg.trainer.max_steps, cfg.logger.mode, cfg.data.dir) == \
+        (43, 3, 50, "disabled", "/somewhere")
+
+
+@pytest.mark.parametrize("override,key", [
+    ("mask.sparsity=1.0", "mask.sparsity"), ("mask.sparsity=-0.1", "mask.sparsity"), ("mask.kind=sometimes", "mask.kind"),
+    ("trainer.epochs=0", "trainer.epochs"), ("trainer.batch_size=-8", "trainer.batch_size"),
+    ("trainer.lr=0", "trainer.lr"), ("trainer.precision=fp8", "trainer.precision"),
+    ("data.protocol=dev", "data.protocol"), ("logger.mode=maybe", "logger.mode"),
+    ("trainer.max_steps=0", "trainer.max_steps"), ("trainer.warmup_ratio=1.5", "trainer.warmup_ratio"),
+])
+def test_invalid_values_give_one_line_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as error:
+        validate(compose_cfg([override]))
+    message = str(error.value)
+    assert "\n" not in message and key in message and "allowed" in message
+
+
+@pytest.mark.parametrize("argument,choices", [("task=nope", "cola"), ("prototype=nope", "adapter, lora, prefix"),
+                                              ("method=nope", "finetune, petl, propetl"), ("task=rte,nope", "rte")])
+def test_unknown_group_options_are_caught_before_hydra(argument, choices):
+    with pytest.raises(ConfigError) as error:
+        check_command_line([argument])
+    assert "nope" in str(error.value) and choices in str(error.value)
+    check_command_line(["task=rte,mrpc", "seed=1,2", "trainer.max_steps=10"])       # sweeps of valid values pass

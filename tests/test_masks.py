@@ -1,0 +1,75 @@
+"""The mask primitives: exact top-k counts, straight-through gradients, bit packing, statistics."""
+import math
+
+import pytest
+import torch
+
+from propetl import masks
+
+
+@pytest.mark.parametrize("n,sparsity,zeros", [(10, 0.3, 3), (100, 0.57, 57), (49152, 0.5, 24576),
+                                              (24576, 0.9, 22118), (98304, 0.9, 88473), (7, 0.0, 0)])
+def test_zero_count_is_floor_of_sparsity_times_n(n, sparsity, zeros):
+    assert masks.zeros_per_mask(n, sparsity) == zeros
+    assert masks.ones_per_mask(n, sparsity) == n - zeros
+
+
+def test_reference_examples():
+    """paper.md §2.1: the reference's kept fraction k gives n - floor((1-k) n) ones."""
+    assert masks.ones_per_mask(49_152, 0.5) == 24_576
+    assert masks.ones_per_mask(24_576, 0.9) == 2_458
+    assert masks.ones_per_mask(98_304, 0.9) == 9_831
+
+
+def test_binarize_keeps_largest_magnitudes_per_layer():
+    scores = torch.tensor([[[0.1, -0.9], [0.5, -0.2]], [[-3.0, 0.0], [1.0, 2.0]]])   # [2 layers, 2, 2]
+    got = masks.binarize(scores, 0.5)
+    assert got.tolist() == [[[0, 1], [1, 0]], [[1, 0], [0, 1]]]
+
+
+def test_ties_still_give_exact_counts():
+    got = masks.binarize(torch.ones(3, 10), 0.4)
+    assert got.sum(dim=1).tolist() == [6, 6, 6]
+
+
+def test_straight_through_gradient_is_sign_of_score():
+    scores = torch.tensor([[0.5, -0.2, 0.1, -0.7]], requires_grad=True)
+    upstream = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    (masks.binarize(scores, 0.5) * upstream).sum().backward()
+    assert scores.grad.tolist() == [[1.0, -2.0, 3.0, -4.0]]     # dL/dm * sign(s), also for masked-out entries
+
+
+def test_scores_init_kaiming_uniform_bounds():
+    layer_masks = masks.LayerMasks(4, (16, 64), sparsity=0.5)
+    bound = 1 / math.sqrt(64)                                       # kaiming_uniform(a=sqrt 5) on fan_in 64
+    assert layer_masks.scores.abs().max() <= bound
+    assert layer_masks.scores.abs().max() > 0.9 * bound
+
+
+@pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5])
+def test_invalid_sparsity(sparsity):
+    with pytest.raises(ValueError, match="mask.sparsity"):
+        masks.LayerMasks(2, (3, 3), sparsity)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 32), (3, 5, 7), (1, 1, 9)])
+def test_pack_unpack_round_trip_uses_one_bit_per_entry(shape):
+    binary = (torch.rand(shape) > 0.5).float()
+    packed = masks.pack_bits(binary)
+    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(math.prod(shape) / 8)
+    assert torch.equal(masks.unpack_bits(packed, shape), binary)
+
+
+def test_load_binary_reproduces_mask_exactly():
+    layer_masks = masks.LayerMasks(3, (4, 6), sparsity=0.75)
+    target = masks.LayerMasks(3, (4, 6), sparsity=0.75, kind="random", seed=7)()
+    layer_masks.load_binary(target)
+    assert torch.equal(layer_masks(), target)
+    with pytest.raises(ValueError, match="ones per layer"):
+        layer_masks.load_binary(torch.ones(3, 4, 6))
+
+
+def test_hamming_distance():
+    a = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    distances = masks.pairwise_hamming(a)
+    assert distances.tolist() == [[0.0, 0.5, 0.0], [0.5, 0.0, 0.5], [0.0, 0.5, 0.0]]
