@@ -1,0 +1,58 @@
+"""The user's commands, as subprocesses: errors are one line and leave nothing; multirun makes one directory a job."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
+
+
+def propetl_train(tmp_path, *arguments, check=False):
+    command = [sys.executable, "-m", "propetl.train", *arguments, f"hydra.run.dir={tmp_path}/run",
+               f"hydra.sweep.dir={tmp_path}/sweep"]
+    return subprocess.run(command, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=900, check=check)
+
+
+@pytest.mark.parametrize("argument,names", [
+    ("task=nope", ["task=nope", "cola", "rte", "sst2"]),
+    ("prototype=nope", ["prototype=nope", "adapter, lora, prefix"]),
+    ("method=nope", ["method=nope", "finetune, petl, propetl"]),
+])
+def test_unknown_choice_is_one_line_and_writes_nothing(tmp_path, argument, names):
+    result = propetl_train(tmp_path, argument)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and all(name in lines[0] for name in names), result.stderr
+    assert not list(tmp_path.rglob("metrics.json")) and not (tmp_path / "run").exists()
+
+
+def test_missing_data_dir_is_one_line_and_writes_nothing(tmp_path):
+    result = propetl_train(tmp_path, "data.dir=/no/such/folder", "data.allow_hub=false", "logger.mode=disabled")
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "/no/such/folder" in lines[0] and "rte" in lines[0], result.stderr[-2000:]
+    assert not list(tmp_path.rglob("metrics.json")) and not (tmp_path / "run").exists()
+
+
+def test_invalid_value_is_one_line(tmp_path):
+    result = propetl_train(tmp_path, "mask.sparsity=1.5")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "mask.sparsity=1.5" in lines[0] and "[0.0, 1.0)" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_multirun_gives_one_directory_per_job(tmp_path, glue_dir):
+    result = propetl_train(tmp_path, "-m", "task=rte,mrpc", "seed=1,2", "method=petl", "trainer.max_steps=2",
+                           "trainer.batch_size=4", "trainer.eval_batch_size=128", "logger.mode=disabled",
+                           f"data.dir={glue_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted((tmp_path / "sweep").glob("*/metrics.json"))
+    assert len(runs) == 4
+    seen = {(m["task"], m["seed"]) for m in (json.loads(p.read_text()) for p in runs)}
+    assert seen == {("rte", 1), ("rte", 2), ("mrpc", 1), ("mrpc", 2)}
