@@ -21,7 +21,7 @@ from propetl import metrics as glue_metrics
 from propetl import model as backbone
 from propetl.batches import make_loader
 from propetl.methods import WEIGHTS_ATTRIBUTE
-from propetl.validate import ConfigError, check_command_line, validate
+from propetl.validate import CONF_DIR, ConfigError, check_command_line, validate
 
 logger = logging.getLogger("propetl")
 USER_ERRORS = (ConfigError, data.DataError, backbone.ModelError, storage.CheckpointError)
@@ -117,7 +117,7 @@ def _discard_unfinished(output_dir: Path) -> None:
         shutil.rmtree(output_dir, ignore_errors=True)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def hydra_entry(cfg: DictConfig) -> float:
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     try:

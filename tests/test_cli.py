@@ -3,16 +3,22 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
 
 
+SCRIPT = shutil.which("propetl-train") or str(Path(sys.executable).parent / "propetl-train")
+
+
 def propetl_train(tmp_path, *arguments, check=False):
-    command = [sys.executable, "-m", "propetl.train", *arguments, f"hydra.run.dir={tmp_path}/run",
+    """The installed console script, exactly as a user runs it (from an unrelated working directory)."""
+    command = [SCRIPT, *arguments, f"hydra.run.dir={tmp_path}/run",
                f"hydra.sweep.dir={tmp_path}/sweep"]
     return subprocess.run(command, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=900, check=check)
 
