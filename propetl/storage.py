@@ -158,6 +158,7 @@ def checkpoint_config(cfg) -> dict:
     """What load_checkpoint needs to rebuild the model (resolved plain values)."""
     keep = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "prototype", "method", "mask")}
     keep["task"] = {"name": cfg.task.name, "num_labels": int(cfg.task.num_labels)}
+    keep["data"] = {"protocol": cfg.data.protocol, "split_seed": int(cfg.data.split_seed), "max_length": int(cfg.data.max_length)}
     return {"format_version": FORMAT_VERSION, **keep}
 
 
