@@ -19,12 +19,13 @@ STORAGE_ROWS = (
 )
 
 
-def start_wandb(cfg, output_dir: Path):
-    """One W&B run per Hydra job, writing under the job's own output directory."""
+def start_wandb(cfg, output_dir: Path, run_id: str | None = None):
+    """One W&B run per Hydra job, writing under the job's own output directory; a resumed job
+    passes its saved run id and continues the same W&B run."""
     import wandb
 
     return wandb.init(
-        mode=cfg.logger.mode, project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
+        id=run_id, resume="allow" if run_id else None, mode=cfg.logger.mode, project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
         tags=list(cfg.logger.tags), dir=str(output_dir), reinit="finish_previous",
         name=f"{cfg.task.name}-{cfg.method.name}-{cfg.prototype.name}-s{cfg.seed}",
         config=OmegaConf.to_container(cfg, resolve=True),

@@ -3,6 +3,7 @@ epoch, best epoch chosen on the selection split. Reads top to bottom; knows noth
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from contextlib import nullcontext
@@ -16,6 +17,9 @@ from transformers import get_linear_schedule_with_warmup
 
 from propetl import methods
 from propetl import metrics as glue_metrics
+from propetl.resume import Interrupted, StopOnSignal
+
+logger = logging.getLogger("propetl")
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight")
 
@@ -100,21 +104,28 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 
 @dataclass
 class FitResult:
+    """The loop's state while it runs (everything resume needs), and its result when done."""
+    epoch: int = 0                       # epochs completed
+    step_in_epoch: int = 0               # batches done in the current epoch
+    steps: int = 0
+    epoch_losses: list = field(default_factory=list)
+    epoch_seconds: float = 0.0           # time spent in the current epoch so far
     best_epoch: int = -1
     best_score: float = -math.inf
     best_selection: dict = field(default_factory=dict)
     best_state: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
-    steps: int = 0
     train_seconds: float = 0.0
     examples_seen: int = 0
     tokens_seen: int = 0
 
 
 def fit(model, train_loader, select_loader, task_cfg, cfg, head_names: set[str], device,
-        log_fn=lambda record: None) -> FitResult:
+        log_fn=lambda record: None, checkpointer=None) -> FitResult:
     """Train for cfg.trainer.epochs (or until cfg.trainer.max_steps), evaluating on the selection
-    split after every epoch; keeps the best epoch's trainable weights in result.best_state."""
+    split after every epoch; keeps the best epoch's trainable weights in result.best_state.
+    With a checkpointer: continues from its checkpoint if there is one, saves one after every epoch
+    and every checkpointer.save_steps steps, and on SIGINT/SIGTERM saves and raises Interrupted."""
     t = cfg.trainer
     steps_per_epoch = len(train_loader)
     total_steps = int(t.epochs) * steps_per_epoch
@@ -124,41 +135,73 @@ def fit(model, train_loader, select_loader, task_cfg, cfg, head_names: set[str],
     optimizer, scheduler = make_optimizer(model, cfg, head_names, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=(t.precision == "fp16"))
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
-    result = FitResult()
     progress = bool(t.progress)
+    data_order = train_loader.generator          # its state when an epoch begins fixes that epoch's batches
+    result, epoch_order = FitResult(), data_order.get_state()
+    if checkpointer is not None and checkpointer.exists():
+        result, epoch_order = checkpointer.load(model, optimizer, scheduler, scaler, FitResult)
+        data_order.set_state(epoch_order)
+        logger.info("resuming from %s at epoch %d, step %d", checkpointer.directory, result.epoch + 1, result.steps)
 
-    for epoch in range(epochs):
-        model.train()
-        start, losses = time.perf_counter(), []
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not progress or None)
-        for batch in bar:
-            batch = to_device(batch, device)
-            with autocast(device, t.precision):
-                loss = model(**batch).loss
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            result.steps += 1
-            result.examples_seen += batch["input_ids"].shape[0]
-            result.tokens_seen += int(batch["attention_mask"].sum())
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if result.steps >= total_steps:
-                break
-        epoch_seconds = time.perf_counter() - start
-        result.train_seconds += epoch_seconds
+    def save_checkpoint(order_state):
+        if checkpointer is not None:
+            checkpointer.save(result, model, optimizer, scheduler, scaler, order_state)
 
-        selection = evaluate(model, select_loader, task_cfg, device, t.precision, "select", progress)
-        score = glue_metrics.selection_score(selection, task_cfg.selection_metric)
-        record = {"epoch": epoch + 1, "step": result.steps, "train_loss": float(np.mean(losses)),
-                  "epoch_seconds": epoch_seconds, **{f"select/{k}": v for k, v in selection.items()}}
-        result.history.append(record)
-        log_fn(record)
-        if score > result.best_score:
-            result.best_epoch, result.best_score, result.best_selection = epoch + 1, score, selection
-            result.best_state = trainable_state(model)
+    with StopOnSignal() as stop:
+        while result.epoch < epochs and result.steps < total_steps:
+            if result.step_in_epoch == 0:
+                epoch_order = data_order.get_state()
+            else:
+                data_order.set_state(epoch_order)
+            model.train()
+            batches = iter(train_loader)
+            for _ in range(result.step_in_epoch):                # a resumed epoch: skip what was done
+                next(batches)
+            start = time.perf_counter()
+            bar = tqdm(batches, desc=f"epoch {result.epoch + 1}/{epochs}", initial=result.step_in_epoch,
+                       total=steps_per_epoch, leave=False, disable=not progress or None)
+            for batch in bar:
+                batch = to_device(batch, device)
+                with autocast(device, t.precision):
+                    loss = model(**batch).loss
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                result.epoch_losses.append(loss.item())
+                result.steps += 1
+                result.step_in_epoch += 1
+                result.examples_seen += batch["input_ids"].shape[0]
+                result.tokens_seen += int(batch["attention_mask"].sum())
+                bar.set_postfix(loss=f"{result.epoch_losses[-1]:.4f}")
+                if result.steps >= total_steps or result.step_in_epoch >= steps_per_epoch:
+                    break
+                save_steps = getattr(checkpointer, "save_steps", None)
+                if stop.signum is not None or (save_steps and result.steps % save_steps == 0):
+                    result.epoch_seconds += time.perf_counter() - start
+                    start = time.perf_counter()
+                    save_checkpoint(epoch_order)
+                    if stop.signum is not None:
+                        raise Interrupted(stop.signum, checkpointer.directory)
+            result.epoch_seconds += time.perf_counter() - start
+
+            selection = evaluate(model, select_loader, task_cfg, device, t.precision, "select", progress)
+            score = glue_metrics.selection_score(selection, task_cfg.selection_metric)
+            record = {"epoch": result.epoch + 1, "step": result.steps, "train_loss": float(np.mean(result.epoch_losses)),
+                      "epoch_seconds": result.epoch_seconds, **{f"select/{k}": v for k, v in selection.items()}}
+            result.history.append(record)
+            result.train_seconds += result.epoch_seconds
+            log_fn(record)
+            logger.info("epoch %d/%d: step %d, train loss %.4f, selection %s %.4f, %.0f s", result.epoch + 1, epochs,
+                        result.steps, record["train_loss"], task_cfg.selection_metric, score, result.epoch_seconds)
+            if score > result.best_score:
+                result.best_epoch, result.best_score, result.best_selection = result.epoch + 1, score, selection
+                result.best_state = trainable_state(model)
+            result.epoch, result.step_in_epoch, result.epoch_losses, result.epoch_seconds = result.epoch + 1, 0, [], 0.0
+            save_checkpoint(data_order.get_state())
+            if stop.signum is not None:
+                raise Interrupted(stop.signum, checkpointer.directory)
     return result

@@ -194,7 +194,7 @@ def save_checkpoint(model: nn.Module, cfg, head_names: set[str], directory: Path
 
 # ----------------------------------------------------------------------------- reading
 
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """safetensors only (never pickle); a truncated or corrupted file gives a one-line error."""
     try:
         from safetensors import safe_open
@@ -225,8 +225,8 @@ def load_checkpoint(directory: Path) -> tuple[nn.Module, "OmegaConf"]:
     model = model_module.build(cfg, int(cfg.task.num_labels), for_training=False)
     head_names = model_module.head_parameter_names(model)
     method = cfg.method.name
-    dense, _ = _read(directory / DENSE_FILE[method])
-    head, _ = _read(directory / HEAD_FILE)
+    dense, _ = read_safetensors(directory / DENSE_FILE[method])
+    head, _ = read_safetensors(directory / HEAD_FILE)
     parameters = dict(model.named_parameters())
     with torch.no_grad():
         if method == "finetune":
@@ -235,12 +235,15 @@ def load_checkpoint(directory: Path) -> tuple[nn.Module, "OmegaConf"]:
             weights = methods.petl_weights(model)
             _copy_into(dict(weights.weights.items()), dense, directory / DENSE_FILE[method])
             if weights.masks and any(m.kind != "none" for m in weights.masks.values()):
-                packed, metadata = _read(directory / MASKS_FILE)
+                packed, metadata = read_safetensors(directory / MASKS_FILE)
                 shapes = json.loads(metadata.get("shapes", "{}"))
                 for name, mask in weights.masks.items():
                     if name not in packed:
                         raise CheckpointError(f"{directory / MASKS_FILE}: no mask for '{name}'")
-                    mask.load_binary(unpack_bits(packed[name], tuple(shapes[name])))
+                    try:
+                        mask.load_binary(unpack_bits(packed[name], tuple(shapes[name])))
+                    except ValueError as error:     # another sparsity or shape than propetl.json says
+                        raise CheckpointError(f"{directory / MASKS_FILE}: mask '{name}': {error}") from None
         _copy_into({n: parameters[n] for n in head_names}, head, directory / HEAD_FILE)
     return model.eval(), cfg
 

@@ -1,6 +1,7 @@
 """propetl-train: a thin Hydra entry around `train(cfg)`, which reads top to bottom like a recipe."""
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import random
@@ -21,6 +22,7 @@ from propetl import metrics as glue_metrics
 from propetl import model as backbone
 from propetl.batches import make_loader
 from propetl.methods import WEIGHTS_ATTRIBUTE
+from propetl.resume import Checkpointer, Interrupted
 from propetl.validate import CONF_DIR, ConfigError, check_command_line, validate
 
 logger = logging.getLogger("propetl")
@@ -45,6 +47,16 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
     """One run: data -> model + method -> fit (best epoch on the selection split) -> test -> save -> report."""
     validate(cfg)
     output_dir = Path(output_dir)
+    checkpointer = Checkpointer(output_dir, cfg, cfg.trainer.save_steps)
+    finished = output_dir / "metrics.json"
+    if cfg.trainer.resume is False:
+        checkpointer.discard()
+    elif finished.exists():
+        logger.info("%s is finished (metrics.json exists): skipped; trainer.resume=false runs it again", output_dir)
+        return json.loads(finished.read_text())
+    elif cfg.trainer.resume is True and not checkpointer.exists():
+        raise ConfigError(f"trainer.resume=true but {checkpointer.directory} holds no checkpoint; "
+                          f"point hydra.run.dir at the run to continue, or use trainer.resume=auto")
     output_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     if cfg.trainer.threads:
@@ -57,6 +69,8 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
     # 1. data: GLUE splits (selection / test per data.protocol) and dynamically padded batches
     splits = data.load_glue(task, data.resolve_data_dir(cfg.data.dir), cfg.data.protocol, cfg.data.split_seed,
                             cfg.data.allow_hub)
+    if cfg.data.max_train_examples is not None and cfg.data.max_train_examples < len(splits["train"]):
+        splits["train"] = splits["train"].shuffle(seed=cfg.data.split_seed).select(range(cfg.data.max_train_examples))
     tokenizer = backbone.load_tokenizer(cfg.model)
     regression = int(task.num_labels) == 1
 
@@ -76,10 +90,11 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
                 task.name, len(splits["train"]), len(splits["validation"]), len(splits["test"]), len(train_loader), device)
 
     # 3. train, choosing the best epoch on the selection split; then score it on the test split
-    run = log.start_wandb(cfg, output_dir)
+    run = log.start_wandb(cfg, output_dir, run_id=checkpointer.saved_extra().get("wandb_id"))
+    checkpointer.extra["wandb_id"] = run.id
     started = time.perf_counter()
     result = loop.fit(model, train_loader, select_loader, task, cfg, head_names, device,
-                      log_fn=lambda record: run.log(record, step=record["step"]))
+                      log_fn=lambda record: run.log(record, step=record["step"]), checkpointer=checkpointer)
     loop.load_trainable_state(model, result.best_state)
     test = loop.evaluate(model, test_loader, task, device, cfg.trainer.precision, "test", cfg.trainer.progress)
 
@@ -104,7 +119,8 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
         "device": str(device), "torch_threads": torch.get_num_threads(), "host": platform.node(),
         "world_size": 1,
     }
-    log.write_metrics(output_dir / "metrics.json", metrics)
+    log.write_metrics(finished, metrics)
+    checkpointer.discard()                     # the run is complete: its training state is no longer needed
     run.summary.update({**{f"test/{k}": v for k, v in test.items()}, "glue_score": metrics["glue_score"],
                         **{f"storage/{k}": v for k, v in figures.items()}})
     logger.info("results in %s\n%s", output_dir, log.summary_table(metrics))
@@ -113,7 +129,7 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
 
 def _discard_unfinished(output_dir: Path) -> None:
     """A job that failed before producing results leaves no half-filled run directory behind."""
-    if output_dir.exists() and not (output_dir / "metrics.json").exists() and not (output_dir / "checkpoint").exists():
+    if output_dir.exists() and not any((output_dir / name).exists() for name in ("metrics.json", "checkpoint", "resume")):
         shutil.rmtree(output_dir, ignore_errors=True)
 
 
@@ -127,6 +143,10 @@ def hydra_entry(cfg: DictConfig) -> float:
         _discard_unfinished(output_dir)
         print(f"propetl-train: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as stop:
+        print(f"propetl-train: {stop}; resume with: propetl-train <same overrides> hydra.run.dir={output_dir}",
+              file=sys.stderr)
+        sys.exit(128 + stop.signum)
     finally:
         log.finish_wandb()
 

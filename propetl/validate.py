@@ -92,9 +92,14 @@ def validate(cfg) -> None:
     device = cfg.trainer.device
     _require(isinstance(device, str) and (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")),
              "trainer.device", device, "auto, cpu, cuda, cuda:N")
+    if cfg.trainer.save_steps is not None:
+        _positive_int(cfg, "trainer.save_steps")
+    _one_of(cfg, "trainer.resume", ("auto", True, False))
     if cfg.trainer.threads is not None:
         _positive_int(cfg, "trainer.threads")
     _one_of(cfg, "data.protocol", ("split", "full_dev"))
+    if cfg.data.max_train_examples is not None:
+        _positive_int(cfg, "data.max_train_examples")
     _require(isinstance(cfg.data.split_seed, int), "data.split_seed", cfg.data.split_seed, "an integer")
     _one_of(cfg, "logger.mode", ("online", "offline", "disabled"))
 

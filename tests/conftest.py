@@ -38,6 +38,29 @@ def tiny_model_dir(tmp_path_factory) -> str:
     return str(folder)
 
 
+@pytest.fixture(scope="session")
+def tiny_text_model_dir(tmp_path_factory) -> str:
+    """A tiny random BERT with the embedded model's tokenizer (vocab 30522): fast real-data runs for tests."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from propetl.model import load_tokenizer
+
+    config = BertConfig(vocab_size=30522, hidden_size=TINY["hidden"], num_hidden_layers=TINY["layers"],
+                        num_attention_heads=TINY["heads"], intermediate_size=64, max_position_embeddings=512)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-text-bert")
+    BertForSequenceClassification(config).save_pretrained(folder)
+    load_tokenizer(compose_cfg().model).save_pretrained(folder)
+    return str(folder)
+
+
+def tiny_text_overrides(folder: str, glue_dir) -> list[str]:
+    """Command-line overrides for a fast real-data run with the tiny text model."""
+    return [f"model.name_or_path={folder}", "model.name=tiny", f"model.hidden_size={TINY['hidden']}",
+            f"model.num_layers={TINY['layers']}", f"data.dir={glue_dir}", "logger.mode=disabled",
+            "trainer.progress=false", "trainer.batch_size=8", "trainer.eval_batch_size=128"]
+
+
 @pytest.fixture
 def tiny_cfg(tiny_model_dir):
     """compose_cfg with the tiny model swapped in."""

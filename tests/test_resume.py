@@ -1,0 +1,166 @@
+"""Resume after a kill, safe loading, corrupted and mismatched checkpoints (tiny model, real RTE data)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import compose_cfg, tiny_text_overrides
+from test_cli import ENV, SCRIPT
+from propetl import storage
+from propetl.resume import Checkpointer
+from propetl.train import train
+
+# 48 examples at batch 8 = 6 steps an epoch, 3 epochs, a checkpoint every 4 steps: kills land mid-epoch.
+RUN = ["task=rte", "method=propetl", "prototype=lora", "data.max_train_examples=48", "trainer.epochs=3",
+       "trainer.save_steps=4", "mask.lr=0.05", "prototype.lr=0.01"]
+TIMING_KEYS = ("train_seconds", "wall_seconds", "host")
+
+
+def comparable(metrics: dict) -> dict:
+    """metrics.json without wall-clock times."""
+    out = {k: v for k, v in metrics.items() if k not in TIMING_KEYS}
+    out["history"] = [{k: v for k, v in record.items() if k != "epoch_seconds"} for record in metrics["history"]]
+    return out
+
+
+def start(run_dir: Path, overrides: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([SCRIPT, *overrides, f"hydra.run.dir={run_dir}"], env=ENV, cwd=run_dir.parent,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_text_model_dir, glue_dir):
+    overrides = [*tiny_text_overrides(tiny_text_model_dir, glue_dir), *RUN]
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    process = start(run_dir, overrides)
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]
+    assert not (run_dir / "resume").exists()                        # discarded once the run is complete
+    return overrides, json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_run_resumes_to_identical_metrics(tmp_path, uninterrupted, sig):
+    overrides, expected = uninterrupted
+    run_dir = tmp_path / "run"
+    process = start(run_dir, overrides)
+    deadline = time.time() + 300
+    while not (run_dir / "resume" / "state.json").exists():          # wait for the first checkpoint
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode in (-sig, 128 + sig), stderr[-3000:]
+    assert not (run_dir / "metrics.json").exists() and (run_dir / "resume" / "state.json").exists()
+    if sig == signal.SIGTERM:
+        assert "checkpoint saved" in stderr and f"hydra.run.dir={run_dir}" in stderr
+
+    resumed = start(run_dir, overrides)                               # the same command, same directory
+    stdout, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr[-3000:]
+    assert "resuming from" in stdout + stderr
+    assert comparable(json.loads((run_dir / "metrics.json").read_text())) == comparable(expected)
+
+
+def leftover_checkpoint(tmp_path, tiny_text_model_dir, glue_dir, monkeypatch, *extra):
+    """A finished tiny run whose resume/ folder is kept (and metrics.json removed), as after a crash."""
+    monkeypatch.setattr(Checkpointer, "discard", lambda self: None)
+    cfg = compose_cfg([*tiny_text_overrides(tiny_text_model_dir, glue_dir), *RUN, "trainer.epochs=1", *extra])
+    train(cfg, tmp_path)
+    monkeypatch.undo()
+    (tmp_path / "metrics.json").unlink()
+    return tmp_path / "resume"
+
+
+@pytest.mark.slow
+def test_finished_run_is_skipped(tmp_path, tiny_text_model_dir, glue_dir):
+    cfg = compose_cfg([*tiny_text_overrides(tiny_text_model_dir, glue_dir), *RUN, "trainer.epochs=1"])
+    first = train(cfg, tmp_path)
+    assert train(cfg, tmp_path) == json.loads(json.dumps(first))      # read back, not trained again
+
+
+@pytest.mark.slow
+def test_mismatched_resume_checkpoint_is_refused(tmp_path, tiny_text_model_dir, glue_dir, monkeypatch):
+    leftover_checkpoint(tmp_path, tiny_text_model_dir, glue_dir, monkeypatch)
+    cfg = compose_cfg([*tiny_text_overrides(tiny_text_model_dir, glue_dir), *RUN, "trainer.epochs=1", "mask.sparsity=0.5"])
+    with pytest.raises(storage.CheckpointError) as error:
+        train(cfg, tmp_path)
+    assert "mask.sparsity=0.9" in str(error.value) and "mask.sparsity=0.5" in str(error.value)
+    assert "\n" not in str(error.value) and not (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_corrupted_resume_checkpoint_is_refused(tmp_path, tiny_text_model_dir, glue_dir, monkeypatch):
+    resume = leftover_checkpoint(tmp_path, tiny_text_model_dir, glue_dir, monkeypatch)
+    tensors = resume / "state.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[: tensors.stat().st_size // 2])          # truncated
+    cfg = compose_cfg([*tiny_text_overrides(tiny_text_model_dir, glue_dir), *RUN, "trainer.epochs=1"])
+    with pytest.raises(storage.CheckpointError, match="cannot read"):
+        train(cfg, tmp_path)
+
+
+# ----------------------------------------------------------------------------- saved task checkpoints
+
+@pytest.fixture
+def saved(tiny_cfg, tmp_path):
+    import torch
+
+    from propetl import model as backbone
+
+    cfg = tiny_cfg("method=propetl", "prototype=lora")
+    torch.manual_seed(0)
+    model = backbone.build(cfg, 2)
+    return storage.save_checkpoint(model, cfg, backbone.head_parameter_names(model), tmp_path / "checkpoint")
+
+
+@pytest.mark.parametrize("victim", ["prototype.safetensors", "masks.safetensors", "head.safetensors"])
+def test_corrupted_task_checkpoint_is_refused(saved, victim):
+    path = saved / victim
+    path.write_bytes(path.read_bytes()[:-7])
+    with pytest.raises(storage.CheckpointError) as error:
+        storage.load_checkpoint(saved)
+    assert victim in str(error.value) and "\n" not in str(error.value)
+
+
+def test_garbage_header_is_refused(saved):
+    (saved / "head.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(storage.CheckpointError, match="head.safetensors"):
+        storage.load_checkpoint(saved)
+
+
+@pytest.mark.parametrize("key,value,needle", [("prototype", {"name": "adapter", "reduction_factor": 12, "bottleneck": 8,
+                                                                 "non_linearity": "relu", "init_std": 0.02, "lr": 1e-4},
+                                                 "do not match"),
+                                                ("mask", None, "ones per layer"),
+                                                ("format_version", 99, "format_version")])
+def test_mismatched_task_checkpoint_is_refused(saved, key, value, needle):
+    config = json.loads((saved / "propetl.json").read_text())
+    if key == "mask":
+        config["mask"]["sparsity"] = 0.5
+    else:
+        config[key] = value
+    (saved / "propetl.json").write_text(json.dumps(config))
+    with pytest.raises(storage.CheckpointError) as error:
+        storage.load_checkpoint(saved)
+    assert needle in str(error.value) and "\n" not in str(error.value)
+
+
+def test_never_unpickles(saved, monkeypatch):
+    import pickle
+
+    import torch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pickle used")
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    storage.load_checkpoint(saved)
