@@ -4,8 +4,9 @@ PIP ?= $(PYTHON) -m pip
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+PROFILE ?= cpu
 
-.PHONY: help install link-data test test-fast train clean-outputs
+.PHONY: help install link-data test test-fast train reproduce-tables tables bench clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -26,6 +27,15 @@ test-fast:  ## tests without the real training runs
 
 train:  ## one run with the defaults (ProPETL-adapter on RTE); pass ARGS="task=mrpc prototype=lora"
 	propetl-train $(ARGS)
+
+reproduce-tables:  ## run the paper's experiments (PROFILE=cpu|gpu|paper), then `make tables`; re-run to continue
+	$(PYTHON) scripts/reproduce.py --profile $(PROFILE)
+
+tables:  ## rebuild tables and plots from outputs/reproduce/$(PROFILE) into outputs/tables/$(PROFILE) (seconds)
+	$(PYTHON) scripts/make_tables.py outputs/reproduce/$(PROFILE) --out outputs/tables/$(PROFILE) --title "profile $(PROFILE)"
+
+bench:  ## step-time benchmark: propetl against petl per prototype, and merged inference
+	$(PYTHON) scripts/bench_step.py
 
 clean-outputs:  ## delete everything under outputs/ (runs, sweeps, W&B offline runs)
 	find outputs -mindepth 1 ! -name .gitignore -exec rm -rf {} +

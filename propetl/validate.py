@@ -10,7 +10,7 @@ from propetl.masks import MASK_KINDS
 from propetl.methods import METHODS, PROTOTYPES
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("model", "task", "prototype", "method", "mask", "trainer", "logger", "data", "experiment")
+GROUPS = ("model", "task", "prototype", "method", "mask", "trainer", "logger", "data", "experiment", "profile")
 
 
 class ConfigError(Exception):

@@ -86,3 +86,57 @@ def test_unknown_group_options_are_caught_before_hydra(argument, choices):
         check_command_line([argument])
     assert "nope" in str(error.value) and choices in str(error.value)
     check_command_line(["task=rte,mrpc", "seed=1,2", "trainer.max_steps=10"])       # sweeps of valid values pass
+
+
+REPRODUCTIONS = ["table1", "sparsity_sweep", "ablation_masks"]
+
+
+def compose_with_hydra(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF_DIR
+    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
+        return compose(config_name="train", overrides=overrides, return_hydra_config=True)
+
+
+@pytest.mark.parametrize("profile,model,tasks", [("cpu", "minilm", "rte,cola"), ("gpu", "minilm", "rte,mrpc,stsb,cola,sst2"),
+                                                 ("paper", "roberta-base", "cola,sst2,mrpc,qqp,stsb,mnli,qnli,rte")])
+@pytest.mark.parametrize("experiment", REPRODUCTIONS)
+def test_reproduction_overlays_compose_under_every_profile(experiment, profile, model, tasks):
+    validate(compose_cfg([f"experiment={experiment}", f"profile={profile}"]))
+    cfg = compose_with_hydra([f"experiment={experiment}", f"profile={profile}"])
+    assert cfg.model.name == model and cfg.reproduce.experiment == experiment and cfg.reproduce.profile == profile
+    params = cfg.hydra.sweeper.params
+    assert params.seed == "42,43,44"
+    assert params.task == tasks
+    assert cfg.hydra.sweep.dir == f"outputs/reproduce/{profile}/{experiment}"
+    assert cfg.hydra.sweep.subdir == cfg.hydra.job.override_dirname            # one stable folder per run
+    if experiment == "table1":
+        assert (params.method, params.prototype) == ("petl,propetl", "adapter,lora,prefix")
+    else:
+        assert cfg.method.name == "propetl"
+
+
+def test_cpu_profile_runs_two_single_threaded_jobs_at_a_time():
+    cfg = compose_with_hydra(["experiment=table1", "profile=cpu"])
+    assert cfg.hydra.launcher.n_jobs == 2 and cfg.trainer.threads == 1
+    assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
+    assert "experiment" in cfg.hydra.job.config.override_dirname.exclude_keys
+
+
+def test_reproduce_plan_is_valid_command_lines():
+    """Every sweep of every profile's plan passes the command-line check (known groups and options)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "reproduce.py"
+    spec = importlib.util.spec_from_file_location("reproduce", path)
+    reproduce = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reproduce)
+    assert set(reproduce.PLANS) == {"cpu", "gpu", "paper"}
+    for profile, plan in reproduce.PLANS.items():
+        assert [e for e, _ in plan].count("table1") == 2          # the PETL grid and the fine-tuning row
+        for experiment, overrides in plan:
+            command = reproduce.sweep_command(profile, experiment, overrides, [])
+            check_command_line(command[2:])
+            compose_with_hydra([o for o in command[2:] if "," not in o])
