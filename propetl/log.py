@@ -19,13 +19,14 @@ STORAGE_ROWS = (
 )
 
 
-def start_wandb(cfg, output_dir: Path, run_id: str | None = None):
+def start_wandb(cfg, output_dir: Path, run_id: str | None = None, enabled: bool = True):
     """One W&B run per Hydra job, writing under the job's own output directory; a resumed job
-    passes its saved run id and continues the same W&B run."""
+    passes its saved run id and continues the same W&B run. enabled=False (the other processes of a
+    data-parallel run): a disabled run that logs nothing."""
     import wandb
 
     return wandb.init(
-        id=run_id, resume="allow" if run_id else None, mode=cfg.logger.mode, project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
+        id=run_id, resume="allow" if run_id else None, mode=cfg.logger.mode if enabled else "disabled", project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
         tags=list(cfg.logger.tags), dir=str(output_dir), reinit="finish_previous",
         name=f"{cfg.task.name}-{cfg.method.name}-{cfg.prototype.name}-s{cfg.seed}",
         config=OmegaConf.to_container(cfg, resolve=True),

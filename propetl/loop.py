@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from propetl import methods
+from propetl import distributed, methods
 from propetl import metrics as glue_metrics
 from propetl.resume import Interrupted, StopOnSignal
 
@@ -121,11 +122,12 @@ class FitResult:
 
 
 def fit(model, train_loader, select_loader, task_cfg, cfg, head_names: set[str], device,
-        log_fn=lambda record: None, checkpointer=None) -> FitResult:
+        log_fn=lambda record: None, checkpointer=None, ctx: distributed.Context = distributed.Context()) -> FitResult:
     """Train for cfg.trainer.epochs (or until cfg.trainer.max_steps), evaluating on the selection
     split after every epoch; keeps the best epoch's trainable weights in result.best_state.
     With a checkpointer: continues from its checkpoint if there is one, saves one after every epoch
-    and every checkpointer.save_steps steps, and on SIGINT/SIGTERM saves and raises Interrupted."""
+    and every checkpointer.save_steps steps, and on SIGINT/SIGTERM saves and raises Interrupted.
+    Data-parallel (ctx.world_size > 1): each process trains on its slice of every batch through DDP."""
     t = cfg.trainer
     steps_per_epoch = len(train_loader)
     total_steps = int(t.epochs) * steps_per_epoch
@@ -135,6 +137,7 @@ def fit(model, train_loader, select_loader, task_cfg, cfg, head_names: set[str],
     optimizer, scheduler = make_optimizer(model, cfg, head_names, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=(t.precision == "fp16"))
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    train_model = distributed.wrap(model, ctx, device)     # DDP when data-parallel, else the model itself
     progress = bool(t.progress)
     data_order = train_loader.generator          # its state when an epoch begins fixes that epoch's batches
     result, epoch_order = FitResult(), data_order.get_state()
@@ -161,9 +164,11 @@ def fit(model, train_loader, select_loader, task_cfg, cfg, head_names: set[str],
             bar = tqdm(batches, desc=f"epoch {result.epoch + 1}/{epochs}", initial=result.step_in_epoch,
                        total=steps_per_epoch, leave=False, disable=not progress or None)
             for batch in bar:
-                batch = to_device(batch, device)
+                result.examples_seen += batch["input_ids"].shape[0]
+                result.tokens_seen += int(batch["attention_mask"].sum())
+                batch = to_device(distributed.shard(batch, ctx), device)
                 with autocast(device, t.precision):
-                    loss = model(**batch).loss
+                    loss = train_model(**batch).loss
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
@@ -174,18 +179,17 @@ def fit(model, train_loader, select_loader, task_cfg, cfg, head_names: set[str],
                 result.epoch_losses.append(loss.item())
                 result.steps += 1
                 result.step_in_epoch += 1
-                result.examples_seen += batch["input_ids"].shape[0]
-                result.tokens_seen += int(batch["attention_mask"].sum())
                 bar.set_postfix(loss=f"{result.epoch_losses[-1]:.4f}")
                 if result.steps >= total_steps or result.step_in_epoch >= steps_per_epoch:
                     break
                 save_steps = getattr(checkpointer, "save_steps", None)
-                if stop.signum is not None or (save_steps and result.steps % save_steps == 0):
+                stopping = distributed.any_process(ctx, stop.signum is not None)
+                if stopping or (save_steps and result.steps % save_steps == 0):
                     result.epoch_seconds += time.perf_counter() - start
                     start = time.perf_counter()
                     save_checkpoint(epoch_order)
-                    if stop.signum is not None:
-                        raise Interrupted(stop.signum, checkpointer.directory)
+                    if stopping:
+                        raise Interrupted(stop.signum or signal.SIGTERM, checkpointer.directory)
             result.epoch_seconds += time.perf_counter() - start
 
             selection = evaluate(model, select_loader, task_cfg, device, t.precision, "select", progress)
@@ -202,6 +206,6 @@ def fit(model, train_loader, select_loader, task_cfg, cfg, head_names: set[str],
                 result.best_state = trainable_state(model)
             result.epoch, result.step_in_epoch, result.epoch_losses, result.epoch_seconds = result.epoch + 1, 0, [], 0.0
             save_checkpoint(data_order.get_state())
-            if stop.signum is not None:
-                raise Interrupted(stop.signum, checkpointer.directory)
+            if distributed.any_process(ctx, stop.signum is not None):
+                raise Interrupted(stop.signum or signal.SIGTERM, checkpointer.directory)
     return result

@@ -90,8 +90,9 @@ def _set_rng_state(meta: dict, tensors: dict) -> None:
 class Checkpointer:
     """Saves and restores the training state of one run in `<run dir>/resume/`."""
 
-    def __init__(self, run_dir: Path, cfg, save_steps: int | None = None):
+    def __init__(self, run_dir: Path, cfg, save_steps: int | None = None, writes: bool = True):
         self.directory = Path(run_dir) / "resume"
+        self.writes = writes                       # False on the other processes of a data-parallel run
         self.fingerprint = fingerprint(cfg)
         self.save_steps = save_steps
         self.extra: dict = {}                      # e.g. the W&B run id, restored on load
@@ -103,6 +104,8 @@ class Checkpointer:
         return json.loads((self.directory / STATE_JSON).read_text()).get("extra", {}) if self.exists() else {}
 
     def save(self, result, model, optimizer, scheduler, scaler, data_order_state: torch.Tensor) -> None:
+        if not self.writes:
+            return
         parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
         tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in parameters.items()}
         tensors.update({f"best/{n}": t.contiguous() for n, t in result.best_state.items()})
@@ -172,4 +175,6 @@ class Checkpointer:
         return result, tensors["rng/data_order"]
 
     def discard(self) -> None:
+        if not self.writes:
+            return
         shutil.rmtree(self.directory, ignore_errors=True)

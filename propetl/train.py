@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import propetl  # noqa: F401  (registers the config resolvers)
-from propetl import data, log, loop, storage
+from propetl import data, distributed, log, loop, storage
 from propetl import metrics as glue_metrics
 from propetl import model as backbone
 from propetl.batches import make_loader
@@ -47,7 +47,8 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
     """One run: data -> model + method -> fit (best epoch on the selection split) -> test -> save -> report."""
     validate(cfg)
     output_dir = Path(output_dir)
-    checkpointer = Checkpointer(output_dir, cfg, cfg.trainer.save_steps)
+    ctx = distributed.from_environment()        # torchrun / accelerate launch: several processes, one run
+    checkpointer = Checkpointer(output_dir, cfg, cfg.trainer.save_steps, writes=ctx.is_main)
     finished = output_dir / "metrics.json"
     if cfg.trainer.resume is False:
         checkpointer.discard()
@@ -61,7 +62,8 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
     seed_everything(cfg.seed)
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
-    device = pick_device(cfg.trainer.device)
+    device = distributed.device_for(ctx, pick_device(cfg.trainer.device))
+    distributed.init(ctx, device)
     if cfg.trainer.precision == "fp16" and device.type != "cuda":
         raise ConfigError(f"trainer.precision=fp16 needs a CUDA device (device is {device}); allowed here: fp32, bf16")
     task = cfg.task
@@ -90,16 +92,20 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
                 task.name, len(splits["train"]), len(splits["validation"]), len(splits["test"]), len(train_loader), device)
 
     # 3. train, choosing the best epoch on the selection split; then score it on the test split
-    run = log.start_wandb(cfg, output_dir, run_id=checkpointer.saved_extra().get("wandb_id"))
+    run = log.start_wandb(cfg, output_dir, run_id=checkpointer.saved_extra().get("wandb_id"), enabled=ctx.is_main)
     checkpointer.extra["wandb_id"] = run.id
     started = time.perf_counter()
     result = loop.fit(model, train_loader, select_loader, task, cfg, head_names, device,
-                      log_fn=lambda record: run.log(record, step=record["step"]), checkpointer=checkpointer)
+                      log_fn=lambda record: run.log(record, step=record["step"]), checkpointer=checkpointer, ctx=ctx)
     loop.load_trainable_state(model, result.best_state)
     test = loop.evaluate(model, test_loader, task, device, cfg.trainer.precision, "test", cfg.trainer.progress)
 
-    # 4. storage: count it, write the checkpoint, and read the real file sizes back
+    # 4. storage: count it, write the checkpoint, and read the real file sizes back (rank 0 writes)
     figures = storage.account(model, cfg, head_names, backbone_params)
+    if not ctx.is_main:
+        distributed.barrier(ctx)                 # wait for rank 0's files, then leave them to it
+        distributed.shutdown(ctx)
+        return {"glue_score": glue_metrics.task_score(task.name, test), "test": test}
     if cfg.trainer.save_weights:
         storage.save_checkpoint(model, cfg, head_names, output_dir / "checkpoint")
         figures.update(storage.file_sizes(output_dir / "checkpoint"))
@@ -117,13 +123,15 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
         "train_seconds": result.train_seconds, "wall_seconds": time.perf_counter() - started,
         "train_tokens": result.tokens_seen, "train_examples": result.examples_seen,
         "device": str(device), "torch_threads": torch.get_num_threads(), "host": platform.node(),
-        "world_size": 1,
+        "world_size": ctx.world_size,
     }
     log.write_metrics(finished, metrics)
     checkpointer.discard()                     # the run is complete: its training state is no longer needed
     run.summary.update({**{f"test/{k}": v for k, v in test.items()}, "glue_score": metrics["glue_score"],
                         **{f"storage/{k}": v for k, v in figures.items()}})
     logger.info("results in %s\n%s", output_dir, log.summary_table(metrics))
+    distributed.barrier(ctx)
+    distributed.shutdown(ctx)
     return metrics
 
 
@@ -140,7 +148,8 @@ def hydra_entry(cfg: DictConfig) -> float:
         metrics = train(cfg, output_dir)
         return metrics["glue_score"]
     except USER_ERRORS as error:
-        _discard_unfinished(output_dir)
+        if distributed.from_environment().is_main:
+            _discard_unfinished(output_dir)
         print(f"propetl-train: error: {error}", file=sys.stderr)
         sys.exit(2)
     except Interrupted as stop:
@@ -154,6 +163,10 @@ def hydra_entry(cfg: DictConfig) -> float:
 def main() -> None:
     try:
         check_command_line(sys.argv[1:])
+        ctx = distributed.from_environment()
+        if ctx.enabled and not any(a.startswith("hydra.run.dir=") for a in sys.argv[1:]):
+            raise ConfigError(f"a data-parallel run (WORLD_SIZE={ctx.world_size}) needs hydra.run.dir=<folder>, "
+                              f"so that every process writes into the same run directory")
     except ConfigError as error:
         print(f"propetl-train: error: {error}", file=sys.stderr)
         sys.exit(2)
