@@ -138,6 +138,54 @@ class LayerMasks(nn.Module):
         self.invalidate()
 
 
+# ----------------------------------------------------------------------------- tasks x layers
+
+COMBINES = ("or", "and", "task_only", "layer_only")
+
+
+def combine(task_mask: torch.Tensor, layer_masks: torch.Tensor, how: str = "or") -> torch.Tensor:
+    """One task's masks for every layer, from its task mask [*shape] (shared by all layers) and the
+    layer masks [L, *shape] (shared by all tasks). Returns [L, *shape].
+
+    or:         1 - (1 - m_task)(1 - m_layer)   differentiable OR (paper.md §2.3): d/dm_task = 1 - m_layer
+    and:        m_task * m_layer                                                    d/dm_task = m_layer
+    task_only:  m_task at every layer;   layer_only: m_layer for every task.
+    Task and layer masks are separate tensors: no task's mask doubles as a layer's (the reference's
+    block-0 aliasing is not reproduced).
+    """
+    task_mask = task_mask.unsqueeze(0)
+    if how == "or":
+        return 1.0 - (1.0 - task_mask) * (1.0 - layer_masks)
+    if how == "and":
+        return task_mask * layer_masks
+    if how == "task_only":
+        return task_mask.expand_as(layer_masks)
+    if how == "layer_only":
+        return layer_masks
+    raise ValueError(f"mask.combine={how!r} is not one of: {', '.join(COMBINES)}")
+
+
+class TaskLayerMasks(nn.Module):
+    """Multi-task masks for one prototype weight: T task masks and L layer masks, each a LayerMasks
+    with its own scores and sparsity; `forward(task)` gives that task's [L, *shape] combined masks."""
+
+    def __init__(self, num_tasks: int, num_layers: int, shape: tuple[int, ...], sparsity: float,
+                 how: str = "or", kind: str = "learned", seed: int = 0):
+        super().__init__()
+        if how not in COMBINES:
+            raise ValueError(f"mask.combine={how!r} is not one of: {', '.join(COMBINES)}")
+        self.how = how
+        self.tasks = LayerMasks(num_tasks, shape, sparsity, kind, seed=seed)
+        self.layers = LayerMasks(num_layers, shape, sparsity, kind, seed=seed + 7919)
+
+    def forward(self, task: int) -> torch.Tensor:
+        return combine(self.tasks()[task], self.layers(), self.how)
+
+    def invalidate(self) -> None:
+        self.tasks.invalidate()
+        self.layers.invalidate()
+
+
 def invalidate_all(model: nn.Module) -> None:
     """Drop every cached mask in `model` (called before each forward pass that records gradients)."""
     for module in model.modules():

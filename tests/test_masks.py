@@ -73,3 +73,43 @@ def test_hamming_distance():
     a = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
     distances = masks.pairwise_hamming(a)
     assert distances.tolist() == [[0.0, 0.5, 0.0], [0.5, 0.0, 0.5], [0.0, 0.5, 0.0]]
+
+
+# ----------------------------------------------------------------------------- tasks x layers (multi-task)
+
+def test_combine_truth_tables():
+    task = torch.tensor([0.0, 0.0, 1.0, 1.0])
+    layers = torch.tensor([[0.0, 1.0, 0.0, 1.0]])
+    assert masks.combine(task, layers, "or").tolist() == [[0, 1, 1, 1]]
+    assert masks.combine(task, layers, "and").tolist() == [[0, 0, 0, 1]]
+    assert masks.combine(task, layers, "task_only").tolist() == [[0, 0, 1, 1]]
+    assert masks.combine(task, layers, "layer_only").tolist() == [[0, 1, 0, 1]]
+    with pytest.raises(ValueError, match="mask.combine='xor'.*or, and, task_only, layer_only"):
+        masks.combine(task, layers, "xor")
+
+
+def test_or_gradient_is_the_other_mask_complement():
+    """d/dm_task of 1 - (1 - t)(1 - l) is (1 - l), summed over layers; d/dm_layer is (1 - t)."""
+    task = torch.tensor([0.0, 1.0, 0.0], requires_grad=True)
+    layers = torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 1.0]], requires_grad=True)
+    masks.combine(task, layers, "or").sum().backward()
+    assert task.grad.tolist() == [1.0, 2.0, 0.0]
+    assert layers.grad.tolist() == [[1.0, 0.0, 1.0], [1.0, 0.0, 1.0]]
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+def test_task_layer_masks_exact_per_task_density_and_gradients(sparsity):
+    torch.manual_seed(0)
+    shape = (8, 16)
+    m = masks.TaskLayerMasks(num_tasks=3, num_layers=4, shape=shape, sparsity=sparsity, how="or")
+    ones = masks.ones_per_mask(128, sparsity)
+    assert m.tasks().reshape(3, -1).sum(dim=1).tolist() == [ones] * 3          # exact per-task density
+    assert m.layers().reshape(4, -1).sum(dim=1).tolist() == [ones] * 4
+    combined = m(1)
+    assert combined.shape == (4, *shape)
+    assert set(combined.unique().tolist()) <= {0.0, 1.0}
+    assert torch.all(combined >= m.layers()) and torch.all(combined >= m.tasks()[1])   # OR keeps both
+    combined.sum().backward()
+    assert m.tasks.scores.grad[1].abs().sum() > 0 and m.layers.scores.grad.abs().sum() > 0
+    assert m.tasks.scores.grad[0].abs().sum() == 0 and m.tasks.scores.grad[2].abs().sum() == 0
+    assert m.tasks.scores.data_ptr() != m.layers.scores.data_ptr()            # no task/layer aliasing
