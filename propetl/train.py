@@ -139,6 +139,11 @@ def _discard_unfinished(output_dir: Path) -> None:
     """A job that failed before producing results leaves no half-filled run directory behind."""
     if output_dir.exists() and not any((output_dir / name).exists() for name in ("metrics.json", "checkpoint", "resume")):
         shutil.rmtree(output_dir, ignore_errors=True)
+        outputs = (Path.cwd() / "outputs").resolve()
+        for parent in output_dir.resolve().parents:          # and the empty folders made for it (outputs/runs/rte/…)
+            if parent == outputs or outputs not in parent.parents or any(parent.iterdir()):
+                break
+            parent.rmdir()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")

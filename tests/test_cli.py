@@ -62,3 +62,11 @@ def test_multirun_gives_one_directory_per_job(tmp_path, glue_dir):
     assert len(runs) == 4
     seen = {(m["task"], m["seed"]) for m in (json.loads(p.read_text()) for p in runs)}
     assert seen == {("rte", 1), ("rte", 2), ("mrpc", 1), ("mrpc", 2)}
+
+
+def test_a_failed_run_leaves_no_empty_folders_under_outputs(tmp_path):
+    """With the default run directory (outputs/runs/<task>/<label>/<time>/), nothing at all is left."""
+    result = subprocess.run([SCRIPT, "data.dir=/no/such/folder", "data.allow_hub=false", "logger.mode=disabled"],
+                            capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=900)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("*"))
