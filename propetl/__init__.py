@@ -14,5 +14,11 @@ def _run_label(method: str, prototype: str) -> str:
     return method if method == "finetune" else f"{method}-{prototype}"
 
 
+def _task_folder(mode: str, task: str, tasks) -> str:
+    """Folder of a run's task: the task, or multitask-<t1>-<t2>-... for mode=multitask."""
+    return f"multitask-{'-'.join(tasks or [])}" if mode == "multitask" else task
+
+
 OmegaConf.register_new_resolver("propetl.scaled", _scaled, replace=True)
+OmegaConf.register_new_resolver("propetl.task_folder", _task_folder, replace=True)
 OmegaConf.register_new_resolver("propetl.label", _run_label, replace=True)

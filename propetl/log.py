@@ -67,8 +67,45 @@ def summary_table(metrics: dict) -> str:
     for name, value in metrics["test"].items():
         lines.append(f"{name:<28}{_fmt(metrics['selection'].get(name)):>14}{_fmt(value):>14}")
     lines.append(f"{'GLUE score of the run':<28}{'':>14}{_fmt(metrics['glue_score']):>14}")
-    lines += ["", f"{'storage':<28}{'without head':>14}{'with head':>14}"]
-    for label, without, with_head in STORAGE_ROWS:
+    return _framed(lines + _storage_lines(storage, STORAGE_ROWS, ("storage", "without head", "with head")))
+
+
+def _storage_lines(storage: dict, rows, heading: tuple[str, str, str]) -> list[str]:
+    lines = ["", f"{heading[0]:<28}{heading[1]:>14}{heading[2]:>14}"]
+    for label, without, with_head in rows:
         lines.append(f"{label:<28}{_fmt(storage.get(without)):>14}{_fmt(storage.get(with_head)) if with_head else '':>14}")
+    return lines
+
+
+def _framed(lines: list[str]) -> str:
     width = max(len(line) for line in lines)
     return "\n".join(["-" * width, *lines, "-" * width])
+
+
+MULTITASK_STORAGE_ROWS = (
+    ("shared part (once)", "shared_bytes", None),
+    ("task mask, per task", "task_mask_bytes_per_task", None),
+    ("all tasks", "total_bytes", "total_bytes_with_heads"),
+    ("amortised per task", "amortised_bytes_per_task", "amortised_bytes_per_task_with_head"),
+    ("one single-task run", "separate_single_task_bytes_per_task", None),
+    ("plain PETL, per task", "plain_petl_bytes_per_task", None),
+    ("files on disk", "file_bytes", "file_bytes_with_heads"),
+)
+
+
+def multitask_summary_table(metrics: dict) -> str:
+    """A one-screen summary of a finished multi-task run: per-task metrics and storage in bytes."""
+    storage = metrics["storage"]
+    lines = [
+        f"multitask {','.join(metrics['tasks'])} | {metrics['model']} | {metrics['method']} {metrics['prototype']}"
+        f" | mask {metrics['mask_combine']} sparsity {metrics['mask_sparsity']} | seed {metrics['seed']}",
+        f"best epoch {metrics['best_epoch']} of {metrics['epochs_run']} ({metrics['steps']} steps, "
+        f"{metrics['train_seconds']:.0f} s training)",
+        "",
+        f"{'task / metric':<28}{'selection':>14}{'test':>14}",
+    ]
+    for task, result in metrics["per_task"].items():
+        for name, value in result["test"].items():
+            lines.append(f"{task + ' ' + name:<28}{_fmt(result['selection'].get(name)):>14}{_fmt(value):>14}")
+    lines.append(f"{'mean test score':<28}{'':>14}{_fmt(metrics['mean_test_score']):>14}")
+    return _framed(lines + _storage_lines(storage, MULTITASK_STORAGE_ROWS, ("storage, bytes", "without heads", "with heads")))

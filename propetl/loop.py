@@ -91,6 +91,14 @@ def evaluate(model, loader, task_cfg, device, precision="fp32", desc="eval", pro
     return glue_metrics.compute(list(task_cfg.metrics), predictions, labels)
 
 
+def selection_on(loader, task_cfg, device, precision="fp32", progress=False):
+    """The selection step of one task: model -> (metrics on the selection split, the score to maximise)."""
+    def select(model) -> tuple[dict[str, float], float]:
+        metrics = evaluate(model, loader, task_cfg, device, precision, "select", progress)
+        return metrics, glue_metrics.selection_score(metrics, task_cfg.selection_metric)
+    return select
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """A CPU copy of every trainable tensor (mask scores included): the best epoch's weights."""
     return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
@@ -121,10 +129,11 @@ class FitResult:
     tokens_seen: int = 0
 
 
-def fit(model, train_loader, select_loader, task_cfg, cfg, head_names: set[str], device,
+def fit(model, train_loader, select, cfg, head_names: set[str], device,
         log_fn=lambda record: None, checkpointer=None, ctx: distributed.Context = distributed.Context()) -> FitResult:
-    """Train for cfg.trainer.epochs (or until cfg.trainer.max_steps), evaluating on the selection
-    split after every epoch; keeps the best epoch's trainable weights in result.best_state.
+    """Train for cfg.trainer.epochs (or until cfg.trainer.max_steps), calling `select(model)` ->
+    (selection metrics, score) after every epoch (`selection_on` for one task; multi-task: the mean of
+    the tasks' scores); keeps the best epoch's trainable weights in result.best_state.
     With a checkpointer: continues from its checkpoint if there is one, saves one after every epoch
     and every checkpointer.save_steps steps, and on SIGINT/SIGTERM saves and raises Interrupted.
     Data-parallel (ctx.world_size > 1): each process trains on its slice of every batch through DDP."""
@@ -192,15 +201,14 @@ def fit(model, train_loader, select_loader, task_cfg, cfg, head_names: set[str],
                         raise Interrupted(stop.signum or signal.SIGTERM, checkpointer.directory)
             result.epoch_seconds += time.perf_counter() - start
 
-            selection = evaluate(model, select_loader, task_cfg, device, t.precision, "select", progress)
-            score = glue_metrics.selection_score(selection, task_cfg.selection_metric)
+            selection, score = select(model)
             record = {"epoch": result.epoch + 1, "step": result.steps, "train_loss": float(np.mean(result.epoch_losses)),
                       "epoch_seconds": result.epoch_seconds, **{f"select/{k}": v for k, v in selection.items()}}
             result.history.append(record)
             result.train_seconds += result.epoch_seconds
             log_fn(record)
-            logger.info("epoch %d/%d: step %d, train loss %.4f, selection %s %.4f, %.0f s", result.epoch + 1, epochs,
-                        result.steps, record["train_loss"], task_cfg.selection_metric, score, result.epoch_seconds)
+            logger.info("epoch %d/%d: step %d, train loss %.4f, selection score %.4f, %.0f s", result.epoch + 1, epochs,
+                        result.steps, record["train_loss"], score, result.epoch_seconds)
             if score > result.best_score:
                 result.best_epoch, result.best_score, result.best_selection = result.epoch + 1, score, selection
                 result.best_state = trainable_state(model)

@@ -60,6 +60,9 @@ def load_runs(roots: Iterable[Path]) -> list[dict]:
             metrics = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as error:
             raise ValueError(f"cannot read {path}: {error}") from None
+        if metrics.get("mode") == "multitask":
+            runs.extend(_multitask_runs(metrics, path))
+            continue
         if "test" not in metrics or "task" not in metrics:
             raise ValueError(f"{path} is not a propetl metrics.json (no 'task' or 'test')")
         run = {key: metrics.get(key) for key in RUN_FIELDS}
@@ -70,10 +73,26 @@ def load_runs(roots: Iterable[Path]) -> list[dict]:
     return runs
 
 
+def _multitask_runs(metrics: dict, path: Path) -> list[dict]:
+    """A multi-task run as one row per task, its storage the amortised per-task figures."""
+    s = metrics.get("storage", {})
+    storage = {"storage_bytes": s.get("amortised_bytes_per_task"), "storage_ratio_to_plain_petl": s.get("amortised_ratio_to_plain_petl"),
+               "storage_percent_of_backbone": s.get("amortised_percent_of_backbone"), "backbone_params": s.get("backbone_params")}
+    out = []
+    for task, result in metrics["per_task"].items():
+        run = {key: metrics.get(key) for key in RUN_FIELDS}
+        run.update(task=task, method=f"{metrics['method']}-multitask", test=dict(result["test"]), storage=dict(storage),
+                   glue_score=result.get("glue_score"), path=str(path))
+        out.append(run)
+    return out
+
+
 def row_label(run: dict) -> str:
     """The table row a run belongs to, e.g. 'ProPETL-LoRA', 'LoRA', 'Fine-tune', 'ProPETL-LoRA (random, s=0.5)'."""
     method, prototype = run["method"], run.get("prototype")
-    if method == "finetune":
+    if method.endswith("-multitask"):
+        label = f"{'ProPETL' if method.startswith('propetl') else 'PETL'}-{PROTOTYPE_TITLES.get(prototype, prototype)} (multi-task)"
+    elif method == "finetune":
         label = "Fine-tune"
     elif method == "petl":
         label = PROTOTYPE_TITLES.get(prototype, str(prototype))
@@ -132,7 +151,8 @@ def summarise(runs: list[dict]) -> list[dict]:
             "average_numbers": numbers,
             "seeds": sorted({r["seed"] for r in members}),
             "runs": len(members),
-            "percent_params": _mean(100.0 * s["trainable_params"] / s["backbone_params"] for s in storage if "backbone_params" in s),
+            "percent_params": _mean(100.0 * s["trainable_params"] / s["backbone_params"] for s in storage
+                                    if s.get("backbone_params") and "trainable_params" in s),
             "percent_storage": _mean(s.get("storage_percent_of_backbone") for s in storage),
             "storage_bytes": _mean(s.get("storage_bytes") for s in storage),
             "file_bytes": _mean(s.get("file_bytes") for s in storage),

@@ -162,22 +162,14 @@ def checkpoint_config(cfg) -> dict:
     return {"format_version": FORMAT_VERSION, **keep}
 
 
-def save_checkpoint(model: nn.Module, cfg, head_names: set[str], directory: Path) -> Path:
-    """Write the task's checkpoint folder atomically (built beside it, then renamed into place)."""
+def write_folder_atomically(directory: Path, build) -> Path:
+    """Call build(folder) on a temporary folder beside `directory`, then rename it into place (an
+    existing folder is replaced only once the new one is complete)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
     try:
-        method = cfg.method.name
-        dense = {n: t.contiguous().cpu() for n, t in stored_dense_tensors(model, method, head_names).items()}
-        save_file(dense, str(building / DENSE_FILE[method]))
-        masks = stored_masks(model)
-        if masks:
-            packed = {n: pack_bits(m) for n, m in masks.items()}
-            shapes = {n: list(m.shape) for n, m in masks.items()}
-            save_file(packed, str(building / MASKS_FILE), metadata={"shapes": json.dumps(shapes, separators=(",", ":"))})
-        save_file({n: t.contiguous().cpu() for n, t in head_tensors(model, head_names).items()}, str(building / HEAD_FILE))
-        (building / CONFIG_FILE).write_text(json.dumps(checkpoint_config(cfg), indent=2))
+        build(building)
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -190,6 +182,36 @@ def save_checkpoint(model: nn.Module, cfg, head_names: set[str], directory: Path
         shutil.rmtree(building, ignore_errors=True)
         raise
     return directory
+
+
+def save_packed_masks(masks: dict[str, torch.Tensor], path: Path) -> None:
+    """0/1 masks -> one safetensors file of uint8 bit-packed tensors, their shapes in the metadata."""
+    packed = {n: pack_bits(m) for n, m in masks.items()}
+    shapes = {n: list(m.shape) for n, m in masks.items()}
+    save_file(packed, str(path), metadata={"shapes": json.dumps(shapes, separators=(",", ":"))})
+
+
+def read_packed_masks(path: Path) -> dict[str, torch.Tensor]:
+    packed, metadata = read_safetensors(path)
+    try:
+        shapes = json.loads(metadata.get("shapes", "{}"))
+        return {name: unpack_bits(packed[name], tuple(shapes[name])) for name in packed}
+    except (KeyError, ValueError, TypeError) as error:
+        raise CheckpointError(f"{path}: mask shapes missing or wrong ({error})") from None
+
+
+def save_checkpoint(model: nn.Module, cfg, head_names: set[str], directory: Path) -> Path:
+    """Write the task's checkpoint folder atomically (built beside it, then renamed into place)."""
+    def build(folder: Path) -> None:
+        method = cfg.method.name
+        dense = {n: t.contiguous().cpu() for n, t in stored_dense_tensors(model, method, head_names).items()}
+        save_file(dense, str(folder / DENSE_FILE[method]))
+        masks = stored_masks(model)
+        if masks:
+            save_packed_masks(masks, folder / MASKS_FILE)
+        save_file({n: t.contiguous().cpu() for n, t in head_tensors(model, head_names).items()}, str(folder / HEAD_FILE))
+        (folder / CONFIG_FILE).write_text(json.dumps(checkpoint_config(cfg), indent=2))
+    return write_folder_atomically(directory, build)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -234,18 +256,21 @@ def load_checkpoint(directory: Path) -> tuple[nn.Module, "OmegaConf"]:
         else:
             weights = methods.petl_weights(model)
             _copy_into(dict(weights.weights.items()), dense, directory / DENSE_FILE[method])
-            if weights.masks and any(m.kind != "none" for m in weights.masks.values()):
-                packed, metadata = read_safetensors(directory / MASKS_FILE)
-                shapes = json.loads(metadata.get("shapes", "{}"))
-                for name, mask in weights.masks.items():
-                    if name not in packed:
-                        raise CheckpointError(f"{directory / MASKS_FILE}: no mask for '{name}'")
-                    try:
-                        mask.load_binary(unpack_bits(packed[name], tuple(shapes[name])))
-                    except ValueError as error:     # another sparsity or shape than propetl.json says
-                        raise CheckpointError(f"{directory / MASKS_FILE}: mask '{name}': {error}") from None
+            stores = {n: m for n, m in weights.mask_stores().items() if m.kind != "none"}
+            if stores:
+                _load_masks(stores, read_packed_masks(directory / MASKS_FILE), directory / MASKS_FILE)
         _copy_into({n: parameters[n] for n in head_names}, head, directory / HEAD_FILE)
     return model.eval(), cfg
+
+
+def _load_masks(stores: dict, masks: dict[str, torch.Tensor], path: Path) -> None:
+    for name, mask in stores.items():
+        if name not in masks:
+            raise CheckpointError(f"{path}: no mask for '{name}'")
+        try:
+            mask.load_binary(masks[name])
+        except ValueError as error:     # another sparsity or shape than the config says
+            raise CheckpointError(f"{path}: mask '{name}': {error}") from None
 
 
 def _copy_into(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -256,3 +281,155 @@ def _copy_into(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor
         if tuple(target.shape) != tuple(tensors[name].shape):
             raise CheckpointError(f"{path}: '{name}' has shape {tuple(tensors[name].shape)}, the model needs {tuple(target.shape)}")
         target.copy_(tensors[name])
+
+
+# ----------------------------------------------------------------------------- multi-task
+# checkpoint/
+#   shared/propetl.json            model, method, prototype, mask, the tasks and their label counts
+#   shared/prototype.safetensors   the prototype once (method=petl: petl.safetensors, one module per layer)
+#   shared/layer_masks.safetensors the L layer masks of every masked tensor, bit-packed
+#   tasks/<task>/task_mask.safetensors  this task's mask of every masked tensor, bit-packed
+#   tasks/<task>/head.safetensors       this task's head
+# A task ships as shared/ + tasks/<task>/; adding a task adds a folder and leaves the rest unchanged.
+
+SHARED_DIR, TASKS_DIR = "shared", "tasks"
+LAYER_MASKS_FILE, TASK_MASK_FILE = "layer_masks.safetensors", "task_mask.safetensors"
+MULTITASK_MATCH_KEYS = ("model.name_or_path", "method.name", "prototype", "mask.kind", "mask.sparsity", "mask.combine")
+
+
+def _split_task_layer(stores: dict) -> tuple[dict, dict]:
+    """mask_stores() of a multi-task store -> ({tensor: task LayerMasks}, {tensor: layer LayerMasks})."""
+    tasks = {n[:-len("@task")]: m for n, m in stores.items() if n.endswith("@task") and m.kind != "none"}
+    layers = {n[:-len("@layer")]: m for n, m in stores.items() if n.endswith("@layer") and m.kind != "none"}
+    return tasks, layers
+
+
+def account_multitask(model: nn.Module, cfg, task_names: list[str], backbone_params: int) -> dict:
+    """Storage of one multi-task model for N tasks: the shared part once (prototype in fp32, layer mask
+    bits), the per-task part N times (task mask bits; the head), total and amortised per task, against
+    N separate single-task ProPETL runs and plain PETL per task."""
+    weights = methods.petl_weights(model)
+    shared_params = sum(t.numel() for t in weights.base_tensors().values())
+    task_masks, layer_masks = _split_task_layer(weights.mask_stores())
+    layer_entries = [m.count * m.entries_per_mask for m in layer_masks.values()]
+    task_entries = [m.entries_per_mask for m in task_masks.values()]                    # per task
+    n = len(task_names)
+    shared_bytes = 4 * shared_params + mask_bytes(layer_entries)
+    task_bytes = mask_bytes(task_entries)
+    heads = {t: count(model.heads[t].parameters()) for t in task_names}
+    total = shared_bytes + n * task_bytes
+    total_with_heads = total + 4 * sum(heads.values())
+    plain = 4 * plain_petl_params(cfg, model.config.hidden_size, model.config.num_hidden_layers)
+    separate = shared_bytes               # one single-task run: the prototype + its L layer masks (or one PETL set)
+    return {
+        "tasks": n, "backbone_params": backbone_params, "shared_params": shared_params,
+        "layer_mask_entries": sum(layer_entries), "task_mask_entries_per_task": sum(task_entries),
+        "shared_bytes": shared_bytes, "task_mask_bytes_per_task": task_bytes,
+        "head_params": heads, "head_bytes_per_task_mean": 4 * sum(heads.values()) / n,
+        "total_bytes": total, "total_bytes_with_heads": total_with_heads,
+        "amortised_bytes_per_task": total / n, "amortised_bytes_per_task_with_head": total_with_heads / n,
+        "separate_single_task_bytes_per_task": separate, "plain_petl_bytes_per_task": plain,
+        "amortised_ratio_to_separate": (total / n) / separate,
+        "amortised_ratio_to_plain_petl": (total / n) / plain,
+        "amortised_percent_of_backbone": 100.0 * (total / n) / (4 * backbone_params),
+    }
+
+
+def multitask_checkpoint_config(cfg, task_names: list[str], num_labels: list[int]) -> dict:
+    keep = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "prototype", "method", "mask")}
+    keep["data"] = {"protocol": cfg.data.protocol, "split_seed": int(cfg.data.split_seed), "max_length": int(cfg.data.max_length)}
+    return {"format_version": FORMAT_VERSION, "mode": "multitask", "tasks": list(task_names),
+            "num_labels": dict(zip(task_names, map(int, num_labels))), **keep}
+
+
+def save_multitask(model: nn.Module, cfg, directory: Path) -> Path:
+    """Write a multi-task checkpoint folder atomically: the shared part once, each task's part apart."""
+    weights = methods.petl_weights(model)
+    task_masks, layer_masks = _split_task_layer(weights.mask_stores())
+
+    def build(folder: Path) -> None:
+        shared = folder / SHARED_DIR
+        shared.mkdir()
+        dense = {n: t.detach().contiguous().cpu() for n, t in weights.base_tensors().items()}
+        save_file(dense, str(shared / DENSE_FILE[cfg.method.name]))
+        with torch.no_grad():
+            if layer_masks:
+                save_packed_masks({n: m() for n, m in layer_masks.items()}, shared / LAYER_MASKS_FILE)
+            all_task_masks = {n: m() for n, m in task_masks.items()}
+        for index, task in enumerate(model.task_names):
+            part = folder / TASKS_DIR / task
+            part.mkdir(parents=True)
+            if all_task_masks:
+                save_packed_masks({n: m[index] for n, m in all_task_masks.items()}, part / TASK_MASK_FILE)
+            head = {n: p.detach().contiguous().cpu() for n, p in model.heads[task].named_parameters()}
+            save_file(head, str(part / HEAD_FILE))
+            (part / "task.json").write_text(json.dumps({"task": task, "num_labels": model.num_labels[index]}))
+        config = multitask_checkpoint_config(cfg, model.task_names, model.num_labels)
+        (shared / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    return write_folder_atomically(directory, build)
+
+
+def read_multitask_config(directory: Path) -> dict:
+    config = read_checkpoint_config(Path(directory) / SHARED_DIR)
+    if config.get("mode") != "multitask":
+        raise CheckpointError(f"{directory} is not a multi-task checkpoint")
+    return config
+
+
+def load_multitask(directory: Path, tasks: list[str] | None = None, cfg=None, extra_tasks=(), for_training=False):
+    """Rebuild a multi-task model from `shared/` and the named tasks' folders (default: all). With
+    `cfg`, its settings must match the checkpoint's; `extra_tasks` (task configs) get fresh masks and
+    heads (adding tasks). Returns (model in eval mode, the checkpoint's config)."""
+    from propetl.multitask import MultiTaskModel     # late import: multitask imports storage
+
+    directory = Path(directory)
+    saved = read_multitask_config(directory)
+    if cfg is not None:
+        for key in MULTITASK_MATCH_KEYS:
+            ours, theirs = OmegaConf.select(cfg, key), OmegaConf.select(OmegaConf.create(saved), key)
+            ours = OmegaConf.to_container(ours, resolve=True) if OmegaConf.is_config(ours) else ours
+            theirs = OmegaConf.to_container(theirs, resolve=True) if OmegaConf.is_config(theirs) else theirs
+            if ours != theirs:
+                raise CheckpointError(f"{directory} was trained with {key}={theirs!r}, this run has {key}={ours!r}")
+    names = list(saved["tasks"] if tasks is None else tasks)
+    for name in names:
+        if not (directory / TASKS_DIR / name).is_dir():
+            raise CheckpointError(f"{directory} has no task '{name}'; it has: {', '.join(saved['tasks'])}")
+    extra = [t.name for t in extra_tasks]
+    model = MultiTaskModel(OmegaConf.create(saved), names + extra,
+                           [saved["num_labels"][n] for n in names] + [int(t.num_labels) for t in extra_tasks], for_training)
+    weights = methods.petl_weights(model)
+    shared = directory / SHARED_DIR
+    dense, _ = read_safetensors(shared / DENSE_FILE[saved["method"]["name"]])
+    task_masks, layer_masks = _split_task_layer(weights.mask_stores())
+    with torch.no_grad():
+        _copy_into(dict(weights.weights.items()), dense, shared / DENSE_FILE[saved["method"]["name"]])
+        if layer_masks:
+            _load_masks(layer_masks, read_packed_masks(shared / LAYER_MASKS_FILE), shared / LAYER_MASKS_FILE)
+        for index, name in enumerate(names):
+            part = directory / TASKS_DIR / name
+            if task_masks:
+                rows = read_packed_masks(part / TASK_MASK_FILE)
+                for tensor, mask in task_masks.items():
+                    if tensor not in rows or tuple(rows[tensor].shape) != mask.shape:
+                        raise CheckpointError(f"{part / TASK_MASK_FILE}: no mask of shape {mask.shape} for '{tensor}'")
+                    if int(rows[tensor].sum()) != mask.ones_per_mask:
+                        raise CheckpointError(f"{part / TASK_MASK_FILE}: '{tensor}' has {int(rows[tensor].sum())} ones, "
+                                              f"expected {mask.ones_per_mask} at sparsity {mask.sparsity}")
+                    mask.scores[index].copy_(rows[tensor])          # ones score 1, zeros 0: top-k gives them back
+                    mask.invalidate()
+            head, _ = read_safetensors(part / HEAD_FILE)
+            _copy_into(dict(model.heads[name].named_parameters()), head, part / HEAD_FILE)
+    return model.eval(), saved
+
+
+def multitask_file_sizes(directory: Path) -> dict:
+    """Bytes on disk: the shared folder, and each task's folder with and without its head."""
+    directory = Path(directory)
+    def size(paths):
+        return sum(p.stat().st_size for p in paths)
+    shared = size((directory / SHARED_DIR).glob("*.safetensors"))
+    per_task = {p.name: size(p.glob("*.safetensors")) for p in sorted((directory / TASKS_DIR).iterdir())}
+    masks_only = {p.name: size(p.glob(TASK_MASK_FILE)) for p in sorted((directory / TASKS_DIR).iterdir())}
+    return {"file_bytes_shared": shared, "file_bytes_task_masks": masks_only, "file_bytes_tasks_with_heads": per_task,
+            "file_bytes": shared + sum(masks_only.values()), "file_bytes_with_heads": shared + sum(per_task.values())}

@@ -43,10 +43,10 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def train(cfg: DictConfig, output_dir: Path) -> dict:
-    """One run: data -> model + method -> fit (best epoch on the selection split) -> test -> save -> report."""
+def begin_run(cfg: DictConfig, output_dir: Path):
+    """What every run does first: validate, find a finished run or a checkpoint, seed, pick the device.
+    Returns (finished metrics or None, distributed context, checkpointer, device)."""
     validate(cfg)
-    output_dir = Path(output_dir)
     ctx = distributed.from_environment()        # torchrun / accelerate launch: several processes, one run
     checkpointer = Checkpointer(output_dir, cfg, cfg.trainer.save_steps, writes=ctx.is_main)
     finished = output_dir / "metrics.json"
@@ -54,7 +54,7 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
         checkpointer.discard()
     elif finished.exists():
         logger.info("%s is finished (metrics.json exists): skipped; trainer.resume=false runs it again", output_dir)
-        return json.loads(finished.read_text())
+        return json.loads(finished.read_text()), ctx, checkpointer, None
     elif cfg.trainer.resume is True and not checkpointer.exists():
         raise ConfigError(f"trainer.resume=true but {checkpointer.directory} holds no checkpoint; "
                           f"point hydra.run.dir at the run to continue, or use trainer.resume=auto")
@@ -66,6 +66,30 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
     distributed.init(ctx, device)
     if cfg.trainer.precision == "fp16" and device.type != "cuda":
         raise ConfigError(f"trainer.precision=fp16 needs a CUDA device (device is {device}); allowed here: fp32, bf16")
+    return None, ctx, checkpointer, device
+
+
+def run_facts(cfg, result, started: float, device, ctx) -> dict:
+    """The metrics.json fields every run has: progress, timings, machine."""
+    return {
+        "best_epoch": result.best_epoch, "epochs_run": len(result.history), "steps": result.steps,
+        "history": result.history, "train_seconds": result.train_seconds, "wall_seconds": time.perf_counter() - started,
+        "train_tokens": result.tokens_seen, "train_examples": result.examples_seen,
+        "device": str(device), "torch_threads": torch.get_num_threads(), "host": platform.node(),
+        "world_size": ctx.world_size,
+    }
+
+
+def train(cfg: DictConfig, output_dir: Path) -> dict:
+    """One run: data -> model + method -> fit (best epoch on the selection split) -> test -> save -> report."""
+    output_dir = Path(output_dir)
+    if cfg.get("mode") == "multitask":
+        from propetl.multitask import train_multitask
+        return train_multitask(cfg, output_dir)
+    finished, ctx, checkpointer, device = begin_run(cfg, output_dir)
+    if finished is not None:
+        return finished
+    finished = output_dir / "metrics.json"
     task = cfg.task
 
     # 1. data: GLUE splits (selection / test per data.protocol) and dynamically padded batches
@@ -95,7 +119,8 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
     run = log.start_wandb(cfg, output_dir, run_id=checkpointer.saved_extra().get("wandb_id"), enabled=ctx.is_main)
     checkpointer.extra["wandb_id"] = run.id
     started = time.perf_counter()
-    result = loop.fit(model, train_loader, select_loader, task, cfg, head_names, device,
+    select = loop.selection_on(select_loader, task, device, cfg.trainer.precision, cfg.trainer.progress)
+    result = loop.fit(model, train_loader, select, cfg, head_names, device,
                       log_fn=lambda record: run.log(record, step=record["step"]), checkpointer=checkpointer, ctx=ctx)
     loop.load_trainable_state(model, result.best_state)
     test = loop.evaluate(model, test_loader, task, device, cfg.trainer.precision, "test", cfg.trainer.progress)
@@ -116,14 +141,9 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
         "mask_kind": cfg.mask.kind, "mask_sparsity": float(cfg.mask.sparsity), "seed": int(cfg.seed),
         "protocol": cfg.data.protocol, "split_seed": int(cfg.data.split_seed),
         "selection_metric": task.selection_metric,
-        "best_epoch": result.best_epoch, "epochs_run": len(result.history), "steps": result.steps,
         "selection": result.best_selection, "test": test,
         "glue_score": glue_metrics.task_score(task.name, test),
-        "storage": figures, "history": result.history,
-        "train_seconds": result.train_seconds, "wall_seconds": time.perf_counter() - started,
-        "train_tokens": result.tokens_seen, "train_examples": result.examples_seen,
-        "device": str(device), "torch_threads": torch.get_num_threads(), "host": platform.node(),
-        "world_size": ctx.world_size,
+        "storage": figures, **run_facts(cfg, result, started, device, ctx),
     }
     log.write_metrics(finished, metrics)
     checkpointer.discard()                     # the run is complete: its training state is no longer needed
@@ -151,7 +171,7 @@ def hydra_entry(cfg: DictConfig) -> float:
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         metrics = train(cfg, output_dir)
-        return metrics["glue_score"]
+        return metrics.get("glue_score", metrics.get("mean_test_score"))     # multi-task: the mean of the tasks
     except USER_ERRORS as error:
         if distributed.from_environment().is_main:
             _discard_unfinished(output_dir)

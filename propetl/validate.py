@@ -6,7 +6,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from propetl.masks import MASK_KINDS
+from propetl.masks import COMBINES, MASK_KINDS
 from propetl.methods import METHODS, PROTOTYPES
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -102,6 +102,19 @@ def validate(cfg) -> None:
         _positive_int(cfg, "data.max_train_examples")
     _require(isinstance(cfg.data.split_seed, int), "data.split_seed", cfg.data.split_seed, "an integer")
     _one_of(cfg, "logger.mode", ("online", "offline", "disabled"))
+    _one_of(cfg, "mode", ("single", "multitask"))
+    _one_of(cfg, "mask.combine", COMBINES)
+    if cfg.mode == "multitask":
+        tasks = cfg.tasks
+        _require(OmegaConf.is_list(tasks) and len(tasks) > 0 and len(set(tasks)) == len(tasks)
+                 and set(tasks) <= set(group_choices("task")), "tasks", None if tasks is None else list(tasks),
+                 f"a list of distinct GLUE tasks, e.g. tasks=[rte,mrpc,stsb,cola], from: {', '.join(group_choices('task'))}")
+        _require(cfg.method.name in ("propetl", "petl"), "method.name", cfg.method.name,
+                 "propetl or petl with mode=multitask (one shared prototype / one shared module per layer)")
+        _positive_number(cfg, "multitask.temperature")
+        base = cfg.multitask.base_checkpoint
+        _require(base is None or Path(str(base)).is_dir(), "multitask.base_checkpoint", base,
+                 "null or the checkpoint folder of a finished multi-task run")
 
     name = cfg.prototype.name
     if name == "adapter":

@@ -26,12 +26,13 @@ PLANS: dict[str, list[tuple[str, list[str]]]] = {
     # The embedded MiniLM on 2 CPU cores, 1 epoch at batch 32, two single-threaded jobs at a time.
     # PETL vs ProPETL x 3 prototypes x 3 seeds on RTE and CoLA (full training sets): 36 runs; fine-tuning
     # on both, seed 42; for ProPETL-LoRA on RTE, seed 42: sparsity 0.1, 0.5, 0.7 and random / no masks
-    # (sparsity 0.9 with learned masks is the table1 run).
+    # (sparsity 0.9 with learned masks is the table1 run); multi-task ProPETL-LoRA on RTE + CoLA, seed 42.
     "cpu": [
         ("table1", ["task=rte,cola"]),
         ("table1", ["task=rte,cola", "method=finetune", "prototype=adapter", "seed=42"]),
         ("sparsity_sweep", ["task=rte", "prototype=lora", "seed=42", "mask.sparsity=0.1,0.5,0.7"]),
         ("ablation_masks", ["task=rte", "prototype=lora", "seed=42", "mask.kind=random,none"]),
+        ("multitask", ["task=rte", "prototype=lora", "method=propetl", "seed=42"]),
     ],
     # The embedded MiniLM on one GPU: the reference's epochs and batch size, every local task, 3 seeds.
     "gpu": [
@@ -39,6 +40,7 @@ PLANS: dict[str, list[tuple[str, list[str]]]] = {
         ("table1", ["method=finetune", "prototype=adapter"]),
         ("sparsity_sweep", ["task=rte,mrpc,stsb"]),
         ("ablation_masks", ["task=rte,mrpc,stsb"]),
+        ("multitask", ["task=rte"]),
     ],
     # roberta-base, all eight tasks (QQP, MNLI, QNLI from the hub), the reference's settings.
     "paper": [
@@ -46,6 +48,7 @@ PLANS: dict[str, list[tuple[str, list[str]]]] = {
         ("table1", ["method=finetune", "prototype=adapter"]),
         ("sparsity_sweep", ["task=rte,mrpc,stsb,cola"]),
         ("ablation_masks", ["task=rte,mrpc,stsb,cola"]),
+        ("multitask", ["task=rte"]),
     ],
 }
 

@@ -88,7 +88,7 @@ def test_unknown_group_options_are_caught_before_hydra(argument, choices):
     check_command_line(["task=rte,mrpc", "seed=1,2", "trainer.max_steps=10"])       # sweeps of valid values pass
 
 
-REPRODUCTIONS = ["table1", "sparsity_sweep", "ablation_masks"]
+REPRODUCTIONS = ["table1", "sparsity_sweep", "ablation_masks", "multitask"]
 
 
 def compose_with_hydra(overrides: list[str]):
@@ -111,8 +111,10 @@ def test_reproduction_overlays_compose_under_every_profile(experiment, profile, 
     assert params.task == tasks
     assert cfg.hydra.sweep.dir == f"outputs/reproduce/{profile}/{experiment}"
     assert cfg.hydra.sweep.subdir == cfg.hydra.job.override_dirname            # one stable folder per run
-    if experiment == "table1":
+    if experiment in ("table1", "multitask"):
         assert (params.method, params.prototype) == ("petl,propetl", "adapter,lora,prefix")
+        if experiment == "multitask":
+            assert cfg.mode == "multitask" and ",".join(cfg.tasks) == tasks
     else:
         assert cfg.method.name == "propetl"
 

@@ -114,3 +114,22 @@ def test_make_tables_on_an_empty_folder_fails_in_one_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "no metrics.json" in done.stderr
     assert not (tmp_path / "t").exists()
+
+
+def test_a_multitask_run_becomes_one_row_per_task(tmp_path):
+    folder = tmp_path / "mt"
+    folder.mkdir()
+    metrics = {"mode": "multitask", "tasks": ["rte", "stsb"], "model": "minilm", "method": "propetl", "prototype": "lora",
+               "mask_kind": "learned", "mask_sparsity": 0.9, "seed": 1,
+               "per_task": {"rte": {"test": {"accuracy": 0.6}, "glue_score": 0.6},
+                            "stsb": {"test": {"pearson": 0.8, "spearman": 0.7, "combined": 0.75}, "glue_score": 0.75}},
+               "storage": {"amortised_bytes_per_task": 300.0, "amortised_ratio_to_plain_petl": 0.1,
+                           "amortised_percent_of_backbone": 0.01, "backbone_params": 1000}}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    write_run(tmp_path, "single", "rte", "propetl", "lora", 1, {"accuracy": 0.5})
+    rows = {r["label"]: r for r in report.summarise(report.load_runs([tmp_path]))}
+    assert set(rows) == {"ProPETL-LoRA", "ProPETL-LoRA (multi-task)"}
+    multi = rows["ProPETL-LoRA (multi-task)"]
+    assert multi["tasks"]["rte"]["accuracy"]["mean"] == pytest.approx(60.0)
+    assert multi["tasks"]["stsb"]["pearson"]["mean"] == pytest.approx(80.0)
+    assert multi["average"] == pytest.approx((60 + 80 + 70) / 3) and multi["storage_bytes"] == 300.0

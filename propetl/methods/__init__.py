@@ -19,17 +19,19 @@ METHODS = ("propetl", "petl", "finetune")
 WEIGHTS_ATTRIBUTE = "petl_weights"        # where the store is registered on the model
 
 
-def make_weights(cfg, hidden: int, num_layers: int, for_training: bool = True) -> LayerWeights:
-    """The PETL store for cfg.method.name in {petl, propetl} and cfg.prototype."""
+def make_weights(cfg, hidden: int, num_layers: int, for_training: bool = True, num_tasks: int = 0) -> LayerWeights:
+    """The PETL store for cfg.method.name in {petl, propetl} and cfg.prototype (num_tasks > 0: multi-task masks)."""
     prototype = PROTOTYPES[cfg.prototype.name]
     shared = cfg.method.name == "propetl"
-    mask_kwargs = dict(mask_sparsity=float(cfg.mask.sparsity), mask_kind=cfg.mask.kind, mask_seed=int(cfg.mask.seed))
+    mask_kwargs = dict(mask_sparsity=float(cfg.mask.sparsity), mask_kind=cfg.mask.kind, mask_seed=int(cfg.mask.seed),
+                       num_tasks=num_tasks, mask_combine=str(cfg.mask.get("combine", "or")))
     if hasattr(prototype, "make_weights"):
         return prototype.make_weights(cfg.prototype, hidden, num_layers, shared, for_training, **mask_kwargs)
     return LayerWeights(prototype.specs(cfg.prototype, hidden), num_layers, shared, **mask_kwargs)
 
 
-def attach(model: nn.Module, layers: nn.ModuleList, cfg, head_names: set[str], for_training: bool = True):
+def attach(model: nn.Module, layers: nn.ModuleList, cfg, head_names: set[str], for_training: bool = True,
+           num_tasks: int = 0):
     """Freeze the backbone and insert the method. Returns the PETL store (None for finetune)."""
     if cfg.method.name == "finetune":
         for parameter in model.parameters():
@@ -37,7 +39,7 @@ def attach(model: nn.Module, layers: nn.ModuleList, cfg, head_names: set[str], f
         return None
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name in head_names)
-    weights = make_weights(cfg, model.config.hidden_size, len(layers), for_training)
+    weights = make_weights(cfg, model.config.hidden_size, len(layers), for_training, num_tasks)
     setattr(model, WEIGHTS_ATTRIBUTE, weights)
     PROTOTYPES[cfg.prototype.name].attach(model, layers, weights, cfg.prototype)
     model.register_forward_pre_hook(_forget_step_cache)

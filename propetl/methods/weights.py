@@ -5,6 +5,8 @@ layer's module. `LayerWeights` then holds them either
   - plain (method=petl):   one parameter [L, *shape] per tensor, an independent module per layer;
   - shared (method=propetl): one parameter [*shape] per tensor, the prototype, plus for masked
     tensors a `LayerMasks` [L, *shape]; layer l uses  prototype * mask[l]  (biases stay unmasked).
+    Multi-task (num_tasks > 0): a `TaskLayerMasks` instead (T task masks + L layer masks, combined
+    per mask.combine); layer l of task `active_task` uses  prototype * combine(task mask, layer mask l).
 Layer wrappers only ever call `layer(l)`, so the model code is the same for both forms.
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from propetl.masks import LayerMasks
+from propetl.masks import LayerMasks, TaskLayerMasks
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,8 @@ class LayerWeights(nn.Module):
     """The trainable tensors of one PETL method for all L layers (see the module docstring)."""
 
     def __init__(self, specs: dict[str, TensorSpec], num_layers: int, shared: bool,
-                 mask_sparsity: float = 0.0, mask_kind: str = "learned", mask_seed: int = 0):
+                 mask_sparsity: float = 0.0, mask_kind: str = "learned", mask_seed: int = 0,
+                 num_tasks: int = 0, mask_combine: str = "or"):
         super().__init__()
         self.specs, self.num_layers, self.shared = dict(specs), num_layers, shared
         self.weights = nn.ParameterDict()
@@ -56,8 +59,12 @@ class LayerWeights(nn.Module):
             shape = spec.shape if shared else (num_layers, *spec.shape)
             self.weights[name] = nn.Parameter(torch.empty(shape))
             init_tensor(self.weights[name], spec.init)
-            if shared and spec.masked:
+            if shared and spec.masked and num_tasks:
+                self.masks[name] = TaskLayerMasks(num_tasks, num_layers, spec.shape, mask_sparsity, mask_combine,
+                                                  mask_kind, seed=mask_seed + i)
+            elif shared and spec.masked:
                 self.masks[name] = LayerMasks(num_layers, spec.shape, mask_sparsity, mask_kind, seed=mask_seed + i)
+        self.num_tasks, self.active_task = num_tasks, 0     # multi-task: whose masks per_layer() applies
         self._per_layer: dict[str, torch.Tensor] | None = None
         self._cache_key: tuple | None = None
 
@@ -67,7 +74,7 @@ class LayerWeights(nn.Module):
         return dict(self.weights.items())
 
     def _key(self) -> tuple:
-        return (torch.is_grad_enabled(),) + tuple(p._version for p in self.parameters())
+        return (torch.is_grad_enabled(), self.active_task) + tuple(p._version for p in self.parameters())
 
     def invalidate(self) -> None:
         """Forget the cached per-layer tensors; the model calls this before every forward with grad."""
@@ -84,7 +91,9 @@ class LayerWeights(nn.Module):
                 if not self.shared:
                     out[name] = base
                 elif name in self.masks:
-                    out[name] = base.unsqueeze(0) * self.masks[name]()          # [L, *shape]
+                    mask = self.masks[name]
+                    masks = mask(self.active_task) if isinstance(mask, TaskLayerMasks) else mask()
+                    out[name] = base.unsqueeze(0) * masks                          # [L, *shape]
                 else:
                     out[name] = base.unsqueeze(0).expand(self.num_layers, *base.shape)
             self._per_layer, self._cache_key = out, key
@@ -93,13 +102,24 @@ class LayerWeights(nn.Module):
     def layer(self, index: int) -> dict[str, torch.Tensor]:
         return {name: tensor[index] for name, tensor in self.per_layer().items()}
 
+    def mask_stores(self) -> dict[str, LayerMasks]:
+        """Every stack of masks by stored name: `name` [L, *shape]; multi-task: `name@task` [T, *shape]
+        and `name@layer` [L, *shape]."""
+        out = {}
+        for name, mask in self.masks.items():
+            if isinstance(mask, TaskLayerMasks):
+                out[f"{name}@task"], out[f"{name}@layer"] = mask.tasks, mask.layers
+            else:
+                out[name] = mask
+        return out
+
     def binary_masks(self) -> dict[str, torch.Tensor]:
-        """name -> [L, *shape] 0/1 masks of the masked tensors (none for plain form or mask.kind=none)."""
+        """stored name -> 0/1 masks of the masked tensors (none for plain form or mask.kind=none)."""
         with torch.no_grad():
-            return {name: mask().detach() for name, mask in self.masks.items() if mask.kind != "none"}
+            return {name: mask().detach() for name, mask in self.mask_stores().items() if mask.kind != "none"}
 
     def score_parameters(self) -> list[nn.Parameter]:
-        return [mask.scores for mask in self.masks.values() if mask.scores.requires_grad]
+        return [mask.scores for mask in self.mask_stores().values() if mask.scores.requires_grad]
 
     def weight_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """(name, parameter) of everything trainable except mask scores (prototype / per-layer weights, MLPs)."""

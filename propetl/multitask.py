@@ -1,0 +1,273 @@
+"""Multi-task ProPETL: one prototype and one set of layer masks shared by every task, and per task a
+mask (shared by all layers) and a classification/regression head.
+
+    propetl-train mode=multitask tasks=[rte,mrpc,stsb,cola]
+
+Layer l of task t uses  prototype * combine(task mask t, layer mask l)  (mask.combine, default OR;
+propetl/masks.py). Each step trains on one task's batch, the task drawn with p_i ∝ n_i^(1/T)
+(multitask.temperature, 10 as in the reference). After every epoch every task is scored on its own
+selection split; the best epoch is the one with the best mean of the tasks' scores, then each task is
+scored on its test split. The checkpoint keeps the shared part once and each task's part (its mask
+bits and head) in a folder of its own, so one task can be loaded or shipped alone
+(storage.save_multitask / load_multitask). With multitask.base_checkpoint a new task is added to a
+trained model: only its mask and head train, against the frozen prototype and layer masks.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from propetl import data, distributed, log, loop, methods, storage
+from propetl import metrics as glue_metrics
+from propetl import model as backbone
+from propetl.batches import PairCollator, make_loader
+from propetl.validate import CONF_DIR
+
+logger = logging.getLogger("propetl")
+
+
+def task_configs(names) -> list[DictConfig]:
+    """The task configs of conf/task/<name>.yaml, in the order given."""
+    return [OmegaConf.load(CONF_DIR / "task" / f"{name}.yaml") for name in names]
+
+
+# ----------------------------------------------------------------------------- model
+
+class TaskHead(nn.Module):
+    """dense + tanh on the first token (BERT's pooler, RoBERTa's head), dropout, classifier [h -> labels]."""
+
+    def __init__(self, hidden: int, num_labels: int, dropout: float, pooler: nn.Linear | None = None):
+        super().__init__()
+        self.dense = nn.Linear(hidden, hidden)
+        if pooler is not None:                       # start from the pre-trained pooler where there is one
+            self.dense.load_state_dict(pooler.state_dict())
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden, num_labels)
+        nn.init.normal_(self.classifier.weight, std=0.02)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, first_token: torch.Tensor) -> torch.Tensor:      # [B, h] -> [B, labels]
+        return self.classifier(self.dropout(torch.tanh(self.dense(first_token))))
+
+
+class MultiTaskModel(nn.Module):
+    """The frozen encoder with the PETL method inside (one store for all tasks) and one head per task.
+    forward(..., task=[B] task indices, labels) -> SequenceClassifierOutput(loss, logits)."""
+
+    def __init__(self, cfg, task_names: list[str], num_labels: list[int], for_training: bool = True):
+        super().__init__()
+        full = backbone.load_backbone(cfg.model, 2)
+        self.encoder = full.base_model
+        pooler = getattr(self.encoder, "pooler", None)
+        pooler_dense = pooler.dense if pooler is not None else None
+        self.encoder.pooler = None                      # the heads hold their own copies
+        self.config = self.encoder.config
+        dropout = getattr(self.config, "classifier_dropout", None) or self.config.hidden_dropout_prob
+        self.task_names, self.num_labels = list(task_names), list(num_labels)
+        self.heads = nn.ModuleDict({name: TaskHead(self.config.hidden_size, n, dropout, pooler_dense)
+                                    for name, n in zip(task_names, num_labels)})
+        head_names = {n for n, _ in self.named_parameters() if n.startswith("heads.")}
+        methods.attach(self, self.encoder.encoder.layer, cfg, head_names, for_training, num_tasks=len(task_names))
+
+    @property
+    def base_model_prefix(self) -> str:
+        return "encoder"
+
+    def head_names(self, tasks=None) -> set[str]:
+        tasks = self.task_names if tasks is None else tasks
+        return {n for n, _ in self.named_parameters() if any(n.startswith(f"heads.{t}.") for t in tasks)}
+
+    def forward(self, input_ids, attention_mask, task, token_type_ids=None, labels=None):
+        index = int(task[0])
+        weights = methods.petl_weights(self)
+        if weights is not None:
+            weights.active_task = index
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+        logits = self.heads[self.task_names[index]](hidden[:, 0])
+        loss = None
+        if labels is not None:
+            if self.num_labels[index] == 1:
+                loss = F.mse_loss(logits.squeeze(-1), labels.float())
+            else:
+                loss = F.cross_entropy(logits, labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+# ----------------------------------------------------------------------------- batches
+
+class TaskCollator:
+    """A task's collator that also tags every row with the task's index."""
+
+    def __init__(self, collator: PairCollator, index: int):
+        self.collator, self.index = collator, index
+
+    def __call__(self, rows):
+        batch = self.collator(rows)
+        batch["task"] = torch.full((len(rows),), self.index, dtype=torch.long)
+        return batch
+
+
+class MultiTaskBatches:
+    """Single-task batches from several tasks; each step's task drawn with p_i ∝ n_i^(1/T).
+
+    An epoch is as many steps as all tasks have batches. Everything random is drawn from
+    `self.generator` as the epoch goes, so the loop's resume (restore the generator state of the
+    epoch's start, skip the steps done) replays an epoch exactly. A task whose examples run out
+    starts a fresh permutation."""
+
+    def __init__(self, splits, collators, batch_size: int, temperature: float, seed: int):
+        self.splits, self.collators, self.batch_size = list(splits), list(collators), batch_size
+        sizes = np.array([len(s) for s in self.splits], dtype=np.float64)
+        weights = sizes ** (1.0 / temperature)
+        self.probabilities = torch.tensor(weights / weights.sum(), dtype=torch.float64)
+        self.steps = int(sum(math.ceil(n / batch_size) for n in sizes))
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        g = self.generator
+        order = torch.multinomial(self.probabilities, self.steps, replacement=True, generator=g).tolist()
+        permutations = [torch.randperm(len(s), generator=g).tolist() for s in self.splits]
+        cursors = [0] * len(self.splits)
+        for task in order:
+            split, permutation = self.splits[task], permutations[task]
+            if cursors[task] >= len(permutation):
+                permutations[task] = permutation = torch.randperm(len(split), generator=g).tolist()
+                cursors[task] = 0
+            indices = permutation[cursors[task]:cursors[task] + self.batch_size]
+            cursors[task] += len(indices)
+            yield self.collators[task]([split[i] for i in indices])
+
+
+# ----------------------------------------------------------------------------- the run
+
+def _freeze_for_new_tasks(model: MultiTaskModel, base_tasks: list[str]) -> None:
+    """Adding tasks: the prototype, the layer masks and the old tasks' heads stay as trained. (The old
+    tasks' rows of the task-mask scores get no gradient: their batches are not drawn.)"""
+    weights = methods.petl_weights(model)
+    for parameter in weights.parameters():
+        parameter.requires_grad_(False)
+    for name, mask in weights.mask_stores().items():
+        if name.endswith("@task") and mask.kind == "learned":
+            mask.scores.requires_grad_(True)
+    for name, parameter in model.named_parameters():
+        if any(name.startswith(f"heads.{t}.") for t in base_tasks):
+            parameter.requires_grad_(False)
+
+
+def train_multitask(cfg: DictConfig, output_dir: Path) -> dict:
+    """One multi-task run: every task's data -> one model -> fit on the mean selection score -> per-task test."""
+    from propetl.train import begin_run, run_facts
+
+    finished, ctx, checkpointer, device = begin_run(cfg, output_dir)
+    if finished is not None:
+        return finished
+    base_dir = cfg.multitask.base_checkpoint
+    base_tasks = storage.read_multitask_config(Path(base_dir))["tasks"] if base_dir else []
+    new_tasks = [t for t in cfg.tasks if t not in base_tasks]
+    if base_dir and not new_tasks:
+        raise storage.CheckpointError(f"tasks={list(cfg.tasks)} are all in {base_dir} already; name a new task")
+    task_names = [*base_tasks, *new_tasks]
+    task_cfgs = task_configs(task_names)
+    by_name = dict(zip(task_names, task_cfgs))
+
+    # 1. data: every new task's splits; single-task batches drawn by temperature
+    data_dir = data.resolve_data_dir(cfg.data.dir)
+    tokenizer = backbone.load_tokenizer(cfg.model)
+    splits, collators = {}, {}
+    for index, name in enumerate(task_names):
+        if name not in new_tasks:
+            continue
+        splits[name] = data.load_glue(by_name[name], data_dir, cfg.data.protocol, cfg.data.split_seed, cfg.data.allow_hub)
+        limit = cfg.data.max_train_examples
+        if limit is not None and limit < len(splits[name]["train"]):
+            splits[name]["train"] = splits[name]["train"].shuffle(seed=cfg.data.split_seed).select(range(limit))
+        collators[name] = TaskCollator(PairCollator(tokenizer, cfg.data.max_length, int(by_name[name].num_labels) == 1), index)
+    train_batches = MultiTaskBatches([splits[n]["train"] for n in new_tasks], [collators[n] for n in new_tasks],
+                                     cfg.trainer.batch_size, float(cfg.multitask.temperature), cfg.seed)
+
+    def eval_loader(name: str, split: str):
+        loader = make_loader(splits[name][split], tokenizer, cfg.data.max_length, int(by_name[name].num_labels) == 1,
+                             cfg.trainer.eval_batch_size, False)
+        loader.collate_fn = collators[name]
+        return loader
+
+    # 2. model: one encoder + method for all tasks, a head per task (base tasks loaded and frozen)
+    if base_dir:
+        model, _ = storage.load_multitask(Path(base_dir), cfg=cfg, extra_tasks=task_configs(new_tasks),
+                                          for_training=False)
+        _freeze_for_new_tasks(model, base_tasks)
+        model.train()
+    else:
+        model = MultiTaskModel(cfg, task_names, [int(t.num_labels) for t in task_cfgs])
+    model = model.to(device)
+    head_names = model.head_names()
+    backbone_params = sum(p.numel() for n, p in model.named_parameters()
+                          if n not in head_names and not n.startswith(methods.WEIGHTS_ATTRIBUTE + "."))
+    logger.info("multitask %s: %s train examples, %d steps per epoch, device %s", ",".join(new_tasks),
+                "/".join(str(len(splits[n]["train"])) for n in new_tasks), len(train_batches), device)
+
+    def select(m) -> tuple[dict, float]:
+        metrics, scores = {}, []
+        for name in new_tasks:
+            task_metrics = loop.evaluate(m, eval_loader(name, "validation"), by_name[name], device,
+                                         cfg.trainer.precision, f"select {name}", cfg.trainer.progress)
+            metrics.update({f"{name}/{k}": v for k, v in task_metrics.items()})
+            scores.append(glue_metrics.selection_score(task_metrics, by_name[name].selection_metric))
+        metrics["mean"] = float(np.mean(scores))
+        return metrics, metrics["mean"]
+
+    # 3. train on the mean selection score; then every task on its test split
+    run = log.start_wandb(cfg, output_dir, run_id=checkpointer.saved_extra().get("wandb_id"), enabled=ctx.is_main)
+    checkpointer.extra["wandb_id"] = run.id
+    started = time.perf_counter()
+    result = loop.fit(model, train_batches, select, cfg, head_names, device,
+                      log_fn=lambda record: run.log(record, step=record["step"]), checkpointer=checkpointer, ctx=ctx)
+    loop.load_trainable_state(model, result.best_state)
+    per_task = {}
+    for name in new_tasks:
+        test = loop.evaluate(model, eval_loader(name, "test"), by_name[name], device, cfg.trainer.precision,
+                             f"test {name}", cfg.trainer.progress)
+        selection = {k.split("/", 1)[1]: v for k, v in result.best_selection.items() if k.startswith(f"{name}/")}
+        per_task[name] = {"selection": selection, "test": test, "glue_score": glue_metrics.task_score(name, test)}
+
+    # 4. storage: shared part once, each task's part apart; checkpoint written by rank 0
+    figures = storage.account_multitask(model, cfg, task_names, backbone_params)
+    if not ctx.is_main:
+        distributed.barrier(ctx)
+        distributed.shutdown(ctx)
+        return {"tasks": per_task}
+    if cfg.trainer.save_weights:
+        storage.save_multitask(model, cfg, output_dir / "checkpoint")
+        figures.update(storage.multitask_file_sizes(output_dir / "checkpoint"))
+
+    # 5. report
+    metrics = {
+        "mode": "multitask", "tasks": new_tasks, "base_tasks": base_tasks, "model": cfg.model.name,
+        "method": cfg.method.name, "prototype": cfg.prototype.name, "mask_kind": cfg.mask.kind,
+        "mask_sparsity": float(cfg.mask.sparsity), "mask_combine": cfg.mask.combine, "seed": int(cfg.seed),
+        "temperature": float(cfg.multitask.temperature), "protocol": cfg.data.protocol, "split_seed": int(cfg.data.split_seed),
+        "per_task": per_task, "mean_test_score": float(np.mean([t["glue_score"] for t in per_task.values()])),
+        "glue_average": glue_metrics.glue_average({n: t["test"] for n, t in per_task.items()}),
+        "selection": result.best_selection, "storage": figures, **run_facts(cfg, result, started, device, ctx),
+    }
+    log.write_metrics(output_dir / "metrics.json", metrics)
+    checkpointer.discard()
+    run.summary.update({**{f"test/{n}/{k}": v for n, t in per_task.items() for k, v in t["test"].items()},
+                        "mean_test_score": metrics["mean_test_score"], **{f"storage/{k}": v for k, v in figures.items()
+                                                                           if not isinstance(v, dict)}})
+    logger.info("results in %s\n%s", output_dir, log.multitask_summary_table(metrics))
+    distributed.barrier(ctx)
+    distributed.shutdown(ctx)
+    return metrics

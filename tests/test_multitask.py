@@ -1,0 +1,131 @@
+"""Multi-task ProPETL: temperature sampling, storage hand count, per-task checkpoint parts, adding a task
+(tiny random BERT with the real tokenizer, real GLUE data)."""
+from __future__ import annotations
+
+import filecmp
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import compose_cfg, tiny_text_overrides
+from propetl import loop, methods, storage
+from propetl.batches import PairCollator
+from propetl.data import load_glue
+from propetl.model import load_tokenizer
+from propetl.multitask import MultiTaskBatches, TaskCollator, task_configs
+from propetl.train import train
+
+TASKS = ["rte", "stsb"]
+
+
+def run_cfg(model_dir, glue_dir, *overrides):
+    return compose_cfg([*tiny_text_overrides(model_dir, glue_dir), "mode=multitask", "prototype=lora",
+                        "data.max_train_examples=24", "trainer.epochs=2", "mask.lr=0.05", "prototype.lr=0.01", *overrides])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_text_model_dir, glue_dir):
+    out = tmp_path_factory.mktemp("multitask") / "run"
+    metrics = train(run_cfg(tiny_text_model_dir, glue_dir, f"tasks=[{','.join(TASKS)}]"), out)
+    return out, metrics
+
+
+def test_temperature_sampling_and_single_task_batches():
+    rows = [[{"text_a": "a", "label": 0}] * 100, [{"text_a": "b", "label": 1}] * 10_000]
+    collators = [lambda batch, i=i: {"input_ids": torch.zeros(len(batch), 1), "task": torch.full((len(batch),), i)}
+                 for i in range(2)]
+    batches = MultiTaskBatches(rows, collators, batch_size=10, temperature=10, seed=0)
+    expected = np.array([100 ** 0.1, 10_000 ** 0.1])
+    assert batches.probabilities.tolist() == pytest.approx((expected / expected.sum()).tolist())
+    assert len(batches) == 10 + 1000
+    state = batches.generator.get_state()
+    first = [int(b["task"][0]) for b in batches]
+    assert all(len(set(b["task"].tolist())) == 1 for b in batches)           # every batch is one task's
+    assert abs(first.count(0) / len(first) - batches.probabilities[0].item()) < 0.05
+    batches.generator.set_state(state)
+    assert [int(b["task"][0]) for b in batches] == first                     # replayable from the epoch's state
+
+
+def test_a_real_multitask_run_writes_per_task_metrics_and_storage(trained):
+    out, metrics = trained
+    assert metrics["tasks"] == TASKS and set(metrics["per_task"]) == set(TASKS)
+    assert "accuracy" in metrics["per_task"]["rte"]["test"] and "pearson" in metrics["per_task"]["stsb"]["test"]
+    assert metrics["mean_test_score"] == pytest.approx(np.mean([metrics["per_task"][t]["glue_score"] for t in TASKS]))
+    assert json.loads((out / "metrics.json").read_text())["storage"]["tasks"] == 2
+
+
+def test_storage_hand_count(trained):
+    """Tiny LoRA: hidden 32, r = 32/24 = 1, query+value -> A [1, 32] and B [32, 1] twice: 128 prototype
+    parameters; 2 layers; sparsity 0.9."""
+    _, metrics = trained
+    s = metrics["storage"]
+    assert s["shared_params"] == 128
+    assert s["layer_mask_entries"] == 4 * 2 * 32 and s["task_mask_entries_per_task"] == 4 * 32
+    assert s["shared_bytes"] == 4 * 128 + 4 * math.ceil(64 / 8)                  # 544
+    assert s["task_mask_bytes_per_task"] == 4 * math.ceil(32 / 8)               # 16
+    assert s["total_bytes"] == 544 + 2 * 16
+    assert s["amortised_bytes_per_task"] == (544 + 2 * 16) / 2
+    assert s["separate_single_task_bytes_per_task"] == 544
+    assert s["plain_petl_bytes_per_task"] == 4 * 2 * 128                        # a module per layer, fp32
+    heads = s["head_params"]
+    assert heads == {"rte": 32 * 32 + 32 + 2 * 32 + 2, "stsb": 32 * 32 + 32 + 32 + 1}
+    assert s["total_bytes_with_heads"] == 576 + 4 * sum(heads.values())
+
+
+def test_every_task_mask_has_exact_density(trained):
+    out, _ = trained
+    model, _ = storage.load_multitask(out / "checkpoint")
+    for name, mask in storage._split_task_layer(methods.petl_weights(model).mask_stores())[0].items():
+        ones = mask().reshape(len(TASKS), -1).sum(dim=1)
+        assert ones.tolist() == [mask.ones_per_mask] * len(TASKS) == [4] * len(TASKS)     # 32 - floor(0.9*32)
+
+
+def _test_predictions(model, task_name, glue_dir, tokenizer, index):
+    task = task_configs([task_name])[0]
+    split = load_glue(task, glue_dir)["test"]
+    loader = torch.utils.data.DataLoader(split, batch_size=64, collate_fn=TaskCollator(
+        PairCollator(tokenizer, 128, int(task.num_labels) == 1), index))
+    return loop.predict(model, loader, torch.device("cpu"))[0], task
+
+
+def test_each_task_loads_alone_and_predicts_what_the_trained_model_did(trained, glue_dir, tiny_text_model_dir):
+    out, metrics = trained
+    tokenizer = load_tokenizer(compose_cfg([f"model.name_or_path={tiny_text_model_dir}"]).model)
+    everything, _ = storage.load_multitask(out / "checkpoint")
+    for index, name in enumerate(TASKS):
+        alone, _ = storage.load_multitask(out / "checkpoint", tasks=[name])
+        assert alone.task_names == [name]
+        logits_all, task = _test_predictions(everything, name, glue_dir, tokenizer, index)
+        logits_alone, _ = _test_predictions(alone, name, glue_dir, tokenizer, 0)
+        assert torch.equal(torch.from_numpy(logits_all), torch.from_numpy(logits_alone))
+        scored = loop.evaluate(alone, torch.utils.data.DataLoader(load_glue(task, glue_dir)["test"], batch_size=64,
+                               collate_fn=TaskCollator(PairCollator(tokenizer, 128, int(task.num_labels) == 1), 0)),
+                               task, torch.device("cpu"))
+        assert scored == pytest.approx(metrics["per_task"][name]["test"], abs=1e-12)
+
+
+def test_adding_a_task_trains_only_its_part_and_changes_nothing_else(trained, tmp_path, tiny_text_model_dir, glue_dir):
+    base, _ = trained
+    out = tmp_path / "added"
+    metrics = train(run_cfg(tiny_text_model_dir, glue_dir, "tasks=[mrpc]", f"multitask.base_checkpoint={base / 'checkpoint'}"), out)
+    assert metrics["tasks"] == ["mrpc"] and metrics["base_tasks"] == TASKS
+    for part in ["shared/prototype.safetensors", "shared/layer_masks.safetensors",
+                 *[f"tasks/{t}/{f}" for t in TASKS for f in ("task_mask.safetensors", "head.safetensors")]]:
+        assert filecmp.cmp(base / "checkpoint" / part, out / "checkpoint" / part, shallow=False), part
+    old, _ = storage.load_multitask(base / "checkpoint", tasks=["rte"])
+    new, _ = storage.load_multitask(out / "checkpoint", tasks=["rte"])
+    tokenizer = load_tokenizer(compose_cfg([f"model.name_or_path={tiny_text_model_dir}"]).model)
+    assert np.array_equal(_test_predictions(old, "rte", glue_dir, tokenizer, 0)[0],
+                          _test_predictions(new, "rte", glue_dir, tokenizer, 0)[0])
+    assert metrics["storage"]["tasks"] == 3
+
+
+def test_a_base_checkpoint_with_other_settings_is_refused(trained, tmp_path, tiny_text_model_dir, glue_dir):
+    base, _ = trained
+    with pytest.raises(storage.CheckpointError) as error:
+        train(run_cfg(tiny_text_model_dir, glue_dir, "tasks=[mrpc]", "mask.sparsity=0.5",
+                      f"multitask.base_checkpoint={base / 'checkpoint'}"), tmp_path / "x")
+    assert "mask.sparsity=0.9" in str(error.value) and "\n" not in str(error.value)
