@@ -4,7 +4,9 @@ on the same model and the same batch, in one process; then inference after mergi
     python scripts/bench_step.py                       # embedded MiniLM, batch 32 x 128 tokens, CPU
     python scripts/bench_step.py --batch 128 --device cuda --json results/bench.json
 
-Prints a table of median times and the propetl/petl ratios. Times only; no assertion on them.
+Both models are built first and timed in alternation (petl step, propetl step, ...), so load on a
+shared machine falls on both arms. Prints a table of median times and the propetl/petl ratios.
+Times only; no assertion on them.
 """
 from __future__ import annotations
 
@@ -39,20 +41,25 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_it(fn, device, warmup: int, repeats: int) -> float:
+def time_pair(fns, device, warmup: int, repeats: int) -> list[float]:
+    """Median seconds of each function, timed in alternation (a, b, a, b, ...) so that a change in
+    machine load during the benchmark falls on both arms alike."""
     for _ in range(warmup):
-        fn()
+        for fn in fns:
+            fn()
     sync(device)
-    times = []
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, out in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            out.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
-def bench(prototype: str, method: str, args, device) -> dict:
+def build(prototype: str, method: str, args, device):
+    """(model, train_step(), merge_and_infer_fn()) for one method on the shared batch."""
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         cfg = compose("train", overrides=[f"prototype={prototype}", f"method={method}", f"model={args.model}"])
     torch.manual_seed(0)
@@ -68,17 +75,29 @@ def bench(prototype: str, method: str, args, device) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step = time_it(train_step, device, args.warmup, args.repeats)
-    methods.merge(model, backbone.encoder_layers(model), prototype)
-    model.eval()
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    def merged_inference():
+        methods.merge(model, backbone.encoder_layers(model), prototype)
+        model.eval()
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
 
-    def infer():
-        with torch.no_grad():
-            model(**inputs)
+        def infer():
+            with torch.no_grad():
+                model(**inputs)
+        return infer
 
-    inference = time_it(infer, device, args.warmup, args.repeats)
-    return {"prototype": prototype, "method": method, "train_step_s": step, "inference_merged_s": inference}
+    return train_step, merged_inference
+
+
+def bench(prototype: str, args, device) -> dict:
+    """petl and propetl of one prototype: training steps, then inference after merging, interleaved."""
+    petl_step, petl_merge = build(prototype, "petl", args, device)
+    pro_step, pro_merge = build(prototype, "propetl", args, device)
+    petl_s, pro_s = time_pair([petl_step, pro_step], device, args.warmup, args.repeats)
+    petl_i, pro_i = time_pair([petl_merge(), pro_merge()], device, args.warmup, args.repeats)
+    return {"prototype": prototype,
+            "petl": {"train_step_s": petl_s, "inference_merged_s": petl_i},
+            "propetl": {"train_step_s": pro_s, "inference_merged_s": pro_i},
+            "train_step_ratio": pro_s / petl_s, "inference_ratio": pro_i / petl_i}
 
 
 def main():
@@ -97,13 +116,9 @@ def main():
     device = torch.device(args.device)
     rows = []
     for prototype in ("adapter", "lora", "prefix"):
-        petl = bench(prototype, "petl", args, device)
-        pro = bench(prototype, "propetl", args, device)
-        rows.append({"prototype": prototype, "petl": petl, "propetl": pro,
-                     "train_step_ratio": pro["train_step_s"] / petl["train_step_s"],
-                     "inference_ratio": pro["inference_merged_s"] / petl["inference_merged_s"]})
+        rows.append(bench(prototype, args, device))
     print(f"model {args.model}, batch {args.batch} x {args.length} tokens, device {device}, "
-          f"threads {torch.get_num_threads()}, median of {args.repeats}")
+          f"threads {torch.get_num_threads()}, median of {args.repeats}, petl and propetl timed in alternation")
     print(f"{'prototype':<10}{'petl step s':>13}{'propetl step s':>16}{'ratio':>8}"
           f"{'petl infer s':>14}{'propetl infer s':>17}{'ratio':>8}")
     for r in rows:
