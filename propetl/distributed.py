@@ -69,7 +69,9 @@ def wrap(model: nn.Module, ctx: Context, device: torch.device) -> nn.Module:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # find_unused_parameters: a multi-task step uses one task's head, the other heads get no gradient
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=True)
 
 
 def shard(batch: dict, ctx: Context) -> dict:

@@ -235,6 +235,8 @@ def train_multitask(cfg: DictConfig, output_dir: Path) -> dict:
     result = loop.fit(model, train_batches, select, cfg, head_names, device,
                       log_fn=lambda record: run.log(record, step=record["step"]), checkpointer=checkpointer, ctx=ctx)
     loop.load_trainable_state(model, result.best_state)
+    if base_dir:        # the old tasks' mask rows saw AdamW's decay (no gradient): put them back bit for bit
+        storage.load_task_parts(model, Path(base_dir), base_tasks)
     per_task = {}
     for name in new_tasks:
         test = loop.evaluate(model, eval_loader(name, "test"), by_name[name], device, cfg.trainer.precision,

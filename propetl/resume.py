@@ -28,9 +28,10 @@ from safetensors.torch import save_file
 from propetl.storage import CheckpointError, read_safetensors
 
 STATE_JSON, STATE_TENSORS = "state.json", "state.safetensors"
-FINGERPRINT_KEYS = ("model.name_or_path", "method.name", "prototype", "mask.kind", "mask.sparsity", "task.name",
-                    "task.num_labels", "seed", "trainer.batch_size", "trainer.epochs", "trainer.max_steps",
-                    "trainer.lr", "mask.lr", "data.protocol", "data.split_seed")
+FINGERPRINT_KEYS = ("model.name_or_path", "method.name", "prototype", "mask.kind", "mask.sparsity", "mask.seed",
+                    "mask.combine", "task.name", "task.num_labels", "seed", "trainer.batch_size", "trainer.epochs",
+                    "trainer.max_steps", "trainer.lr", "mask.lr", "data.protocol", "data.split_seed",
+                    "data.max_train_examples", "mode", "tasks", "multitask.temperature", "multitask.base_checkpoint")
 
 
 class Interrupted(Exception):
@@ -127,6 +128,7 @@ class Checkpointer:
         }
         self.directory.parent.mkdir(parents=True, exist_ok=True)
         building = Path(tempfile.mkdtemp(dir=self.directory.parent, prefix=".resume.", suffix=".tmp"))
+        os.chmod(building, 0o755)                   # mkdtemp makes it owner-only
         try:
             save_file(tensors, str(building / STATE_TENSORS))
             (building / STATE_JSON).write_text(json.dumps(meta, default=float))

@@ -169,6 +169,7 @@ def write_folder_atomically(directory: Path, build) -> Path:
     directory.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
     try:
+        os.chmod(building, 0o755)                   # mkdtemp makes it owner-only
         build(building)
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old")
@@ -294,7 +295,10 @@ def _copy_into(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor
 
 SHARED_DIR, TASKS_DIR = "shared", "tasks"
 LAYER_MASKS_FILE, TASK_MASK_FILE = "layer_masks.safetensors", "task_mask.safetensors"
-MULTITASK_MATCH_KEYS = ("model.name_or_path", "method.name", "prototype", "mask.kind", "mask.sparsity", "mask.combine")
+MULTITASK_MATCH_KEYS = ("model.name_or_path", "method.name", "prototype.name", "prototype.reduction_factor",
+                        "prototype.bottleneck", "prototype.non_linearity", "prototype.r", "prototype.alpha",
+                        "prototype.targets", "prototype.length", "prototype.mlp_hidden", "mask.kind", "mask.sparsity",
+                        "mask.combine")
 
 
 def _split_task_layer(stores: dict) -> tuple[dict, dict]:
@@ -406,8 +410,17 @@ def load_multitask(directory: Path, tasks: list[str] | None = None, cfg=None, ex
         _copy_into(dict(weights.weights.items()), dense, shared / DENSE_FILE[saved["method"]["name"]])
         if layer_masks:
             _load_masks(layer_masks, read_packed_masks(shared / LAYER_MASKS_FILE), shared / LAYER_MASKS_FILE)
-        for index, name in enumerate(names):
-            part = directory / TASKS_DIR / name
+    load_task_parts(model, directory, names)
+    return model.eval(), saved
+
+
+def load_task_parts(model: nn.Module, directory: Path, names: list[str]) -> None:
+    """Set the named tasks' mask rows and heads of a multi-task model from their checkpoint folders
+    (also used after adding a task, to put the old tasks' parts back exactly as they were saved)."""
+    task_masks, _ = _split_task_layer(methods.petl_weights(model).mask_stores())
+    with torch.no_grad():
+        for name in names:
+            index, part = model.task_names.index(name), Path(directory) / TASKS_DIR / name
             if task_masks:
                 rows = read_packed_masks(part / TASK_MASK_FILE)
                 for tensor, mask in task_masks.items():
@@ -420,7 +433,6 @@ def load_multitask(directory: Path, tasks: list[str] | None = None, cfg=None, ex
                     mask.invalidate()
             head, _ = read_safetensors(part / HEAD_FILE)
             _copy_into(dict(model.heads[name].named_parameters()), head, part / HEAD_FILE)
-    return model.eval(), saved
 
 
 def multitask_file_sizes(directory: Path) -> dict:

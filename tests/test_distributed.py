@@ -43,10 +43,12 @@ def test_data_parallel_run_needs_a_fixed_run_dir():
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_train_one_run(tmp_path, tiny_text_model_dir, glue_dir):
+@pytest.mark.parametrize("mode", ["single", "multitask"])
+def test_two_gloo_processes_train_one_run(tmp_path, tiny_text_model_dir, glue_dir, mode):
     run_dir = tmp_path / "run"
-    overrides = [*tiny_text_overrides(tiny_text_model_dir, glue_dir), "task=rte", "method=propetl", "prototype=lora",
-                 "data.max_train_examples=32", "trainer.epochs=2", f"hydra.run.dir={run_dir}"]
+    tasks = ["task=rte"] if mode == "single" else ["mode=multitask", "tasks=[rte,stsb]", "data.max_train_examples=16"]
+    overrides = [*tiny_text_overrides(tiny_text_model_dir, glue_dir), "method=propetl", "prototype=lora",
+                 "data.max_train_examples=32", *tasks, "trainer.epochs=2", f"hydra.run.dir={run_dir}"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "propetl.train", *overrides]
     done = subprocess.run(command, env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
@@ -54,5 +56,10 @@ def test_two_gloo_processes_train_one_run(tmp_path, tiny_text_model_dir, glue_di
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     assert metrics["steps"] == 8 and metrics["train_examples"] == 64        # 32 examples, batch 8, 2 epochs
-    assert "accuracy" in metrics["test"]
-    assert (run_dir / "checkpoint" / "masks.safetensors").exists() and not (run_dir / "resume").exists()
+    if mode == "single":
+        assert "accuracy" in metrics["test"]
+        assert (run_dir / "checkpoint" / "masks.safetensors").exists()
+    else:                                   # every step uses one task's head: DDP must allow unused parameters
+        assert set(metrics["per_task"]) == {"rte", "stsb"}
+        assert (run_dir / "checkpoint" / "tasks" / "stsb" / "task_mask.safetensors").exists()
+    assert not (run_dir / "resume").exists()
