@@ -95,6 +95,13 @@ def load_glue(
     return _split_protocol(spec, train, dev, split_seed)
 
 
+def sample_train(splits: datasets.DatasetDict, limit: int | None, seed: int) -> datasets.DatasetDict:
+    """Keep a seeded sample of `limit` training examples (data.max_train_examples); None keeps all."""
+    if limit is not None and limit < len(splits["train"]):
+        splits["train"] = splits["train"].shuffle(seed=seed).select(range(limit))
+    return splits
+
+
 def resolve_data_dir(configured: str | None) -> pathlib.Path | None:
     """configured (cfg.data.dir) wins if given (returned as Path even if missing: the loader reports it); else env PROPETL_DATA_DIR; else <repo root>/data/glue if it exists (repo root = parent of the propetl package directory; `make install` will create that as a symlink); else None."""
     if configured is not None and str(configured) != "":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +23,13 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.utils.data import DataLoader
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from propetl import data, distributed, log, loop, methods, storage
+from propetl import data, log, loop, methods, storage
 from propetl import metrics as glue_metrics
 from propetl import model as backbone
-from propetl.batches import PairCollator, make_loader
+from propetl.batches import PairCollator
 from propetl.validate import CONF_DIR
 
 logger = logging.getLogger("propetl")
@@ -168,7 +168,7 @@ def _freeze_for_new_tasks(model: MultiTaskModel, base_tasks: list[str]) -> None:
 
 def train_multitask(cfg: DictConfig, output_dir: Path) -> dict:
     """One multi-task run: every task's data -> one model -> fit on the mean selection score -> per-task test."""
-    from propetl.train import begin_run, run_facts
+    from propetl.train import begin_run, end_run, fit_logged, run_facts
 
     finished, ctx, checkpointer, device = begin_run(cfg, output_dir)
     if finished is not None:
@@ -189,19 +189,15 @@ def train_multitask(cfg: DictConfig, output_dir: Path) -> dict:
     for index, name in enumerate(task_names):
         if name not in new_tasks:
             continue
-        splits[name] = data.load_glue(by_name[name], data_dir, cfg.data.protocol, cfg.data.split_seed, cfg.data.allow_hub)
-        limit = cfg.data.max_train_examples
-        if limit is not None and limit < len(splits[name]["train"]):
-            splits[name]["train"] = splits[name]["train"].shuffle(seed=cfg.data.split_seed).select(range(limit))
+        splits[name] = data.sample_train(
+            data.load_glue(by_name[name], data_dir, cfg.data.protocol, cfg.data.split_seed, cfg.data.allow_hub),
+            cfg.data.max_train_examples, cfg.data.split_seed)
         collators[name] = TaskCollator(PairCollator(tokenizer, cfg.data.max_length, int(by_name[name].num_labels) == 1), index)
     train_batches = MultiTaskBatches([splits[n]["train"] for n in new_tasks], [collators[n] for n in new_tasks],
                                      cfg.trainer.batch_size, float(cfg.multitask.temperature), cfg.seed)
 
-    def eval_loader(name: str, split: str):
-        loader = make_loader(splits[name][split], tokenizer, cfg.data.max_length, int(by_name[name].num_labels) == 1,
-                             cfg.trainer.eval_batch_size, False)
-        loader.collate_fn = collators[name]
-        return loader
+    def eval_loader(name: str, split: str) -> DataLoader:
+        return DataLoader(splits[name][split], batch_size=cfg.trainer.eval_batch_size, collate_fn=collators[name])
 
     # 2. model: one encoder + method for all tasks, a head per task (base tasks loaded and frozen)
     if base_dir:
@@ -213,8 +209,7 @@ def train_multitask(cfg: DictConfig, output_dir: Path) -> dict:
         model = MultiTaskModel(cfg, task_names, [int(t.num_labels) for t in task_cfgs])
     model = model.to(device)
     head_names = model.head_names()
-    backbone_params = sum(p.numel() for n, p in model.named_parameters()
-                          if n not in head_names and not n.startswith(methods.WEIGHTS_ATTRIBUTE + "."))
+    backbone_params = storage.backbone_params(model, head_names)
     logger.info("multitask %s: %s train examples, %d steps per epoch, device %s", ",".join(new_tasks),
                 "/".join(str(len(splits[n]["train"])) for n in new_tasks), len(train_batches), device)
 
@@ -229,12 +224,7 @@ def train_multitask(cfg: DictConfig, output_dir: Path) -> dict:
         return metrics, metrics["mean"]
 
     # 3. train on the mean selection score; then every task on its test split
-    run = log.start_wandb(cfg, output_dir, run_id=checkpointer.saved_extra().get("wandb_id"), enabled=ctx.is_main)
-    checkpointer.extra["wandb_id"] = run.id
-    started = time.perf_counter()
-    result = loop.fit(model, train_batches, select, cfg, head_names, device,
-                      log_fn=lambda record: run.log(record, step=record["step"]), checkpointer=checkpointer, ctx=ctx)
-    loop.load_trainable_state(model, result.best_state)
+    run, result, started = fit_logged(cfg, output_dir, model, train_batches, select, head_names, device, checkpointer, ctx)
     if base_dir:        # the old tasks' mask rows saw AdamW's decay (no gradient): put them back bit for bit
         storage.load_task_parts(model, Path(base_dir), base_tasks)
     per_task = {}
@@ -246,9 +236,8 @@ def train_multitask(cfg: DictConfig, output_dir: Path) -> dict:
 
     # 4. storage: shared part once, each task's part apart; checkpoint written by rank 0
     figures = storage.account_multitask(model, cfg, task_names, backbone_params)
-    if not ctx.is_main:
-        distributed.barrier(ctx)
-        distributed.shutdown(ctx)
+    if not ctx.is_main:                          # rank 0 writes the files
+        end_run(ctx)
         return {"tasks": per_task}
     if cfg.trainer.save_weights:
         storage.save_multitask(model, cfg, output_dir / "checkpoint")
@@ -270,6 +259,5 @@ def train_multitask(cfg: DictConfig, output_dir: Path) -> dict:
                         "mean_test_score": metrics["mean_test_score"], **{f"storage/{k}": v for k, v in figures.items()
                                                                            if not isinstance(v, dict)}})
     logger.info("results in %s\n%s", output_dir, log.multitask_summary_table(metrics))
-    distributed.barrier(ctx)
-    distributed.shutdown(ctx)
+    end_run(ctx)
     return metrics

@@ -212,7 +212,7 @@ def markdown_table(rows: list[dict], with_paper: bool = True) -> str:
             _number(row["ratio_to_plain_petl"], ".3f"), *[_cell(row["tasks"].get(t)) for t in tasks], average,
             str(row["runs"])]) + " |")
     if with_paper:
-        lines.append(f"| *paper (RoBERTa-base)* |  |  |  |  | " + " | ".join("" for _ in tasks) + " |  |  |")
+        lines.append("| *paper (RoBERTa-base)* |  |  |  |  | " + " | ".join("" for _ in tasks) + " |  |  |")
         for label, paper in PAPER_PROPETL_ROWS.items():
             cells = ["/".join(f"{v:.2f}" for v in paper[t]) for t in tasks]
             lines.append(f"| *{label} (paper)* | – | ≈0.11 | – | ≈0.11 | " + " | ".join(cells) + f" | {paper['avg']:.2f} (11) | 3 seeds |")

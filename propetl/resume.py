@@ -22,10 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from propetl.storage import CheckpointError, read_safetensors
+from propetl.storage import CheckpointError, plain_value, read_safetensors
 
 STATE_JSON, STATE_TENSORS = "state.json", "state.safetensors"
 FINGERPRINT_KEYS = ("model.name_or_path", "method.name", "prototype", "mask.kind", "mask.sparsity", "mask.seed",
@@ -44,8 +43,7 @@ class Interrupted(Exception):
 
 def fingerprint(cfg) -> dict:
     """What must not change between a run and its resumption."""
-    return {key: OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-            for key in FINGERPRINT_KEYS for value in [OmegaConf.select(cfg, key)]}
+    return {key: plain_value(cfg, key) for key in FINGERPRINT_KEYS}
 
 
 class StopOnSignal:

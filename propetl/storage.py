@@ -71,6 +71,18 @@ def stored_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     return {} if weights is None else weights.binary_masks()
 
 
+def backbone_params(model: nn.Module, head_names: set[str]) -> int:
+    """Parameters of the pre-trained backbone: everything but the head(s) and the PETL store."""
+    return sum(p.numel() for n, p in model.named_parameters()
+               if n not in head_names and not n.startswith(methods.WEIGHTS_ATTRIBUTE + "."))
+
+
+def plain_value(cfg, key: str):
+    """cfg's value at a dotted key as plain python (containers resolved): for comparing configs."""
+    value = OmegaConf.select(cfg, key)
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
 def head_tensors(model: nn.Module, head_names: set[str]) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if n in head_names}
 
@@ -390,9 +402,7 @@ def load_multitask(directory: Path, tasks: list[str] | None = None, cfg=None, ex
     saved = read_multitask_config(directory)
     if cfg is not None:
         for key in MULTITASK_MATCH_KEYS:
-            ours, theirs = OmegaConf.select(cfg, key), OmegaConf.select(OmegaConf.create(saved), key)
-            ours = OmegaConf.to_container(ours, resolve=True) if OmegaConf.is_config(ours) else ours
-            theirs = OmegaConf.to_container(theirs, resolve=True) if OmegaConf.is_config(theirs) else theirs
+            ours, theirs = plain_value(cfg, key), plain_value(OmegaConf.create(saved), key)
             if ours != theirs:
                 raise CheckpointError(f"{directory} was trained with {key}={theirs!r}, this run has {key}={ours!r}")
     names = list(saved["tasks"] if tasks is None else tasks)

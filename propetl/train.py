@@ -21,7 +21,6 @@ from propetl import data, distributed, log, loop, storage
 from propetl import metrics as glue_metrics
 from propetl import model as backbone
 from propetl.batches import make_loader
-from propetl.methods import WEIGHTS_ATTRIBUTE
 from propetl.resume import Checkpointer, Interrupted
 from propetl.validate import CONF_DIR, ConfigError, check_command_line, validate
 
@@ -80,6 +79,24 @@ def run_facts(cfg, result, started: float, device, ctx) -> dict:
     }
 
 
+def fit_logged(cfg, output_dir: Path, model, train_batches, select, head_names: set[str], device, checkpointer, ctx):
+    """Start (or continue) the run's W&B run, fit, and put the best epoch's weights back in the model.
+    Returns (W&B run, FitResult, start time)."""
+    run = log.start_wandb(cfg, output_dir, run_id=checkpointer.saved_extra().get("wandb_id"), enabled=ctx.is_main)
+    checkpointer.extra["wandb_id"] = run.id
+    started = time.perf_counter()
+    result = loop.fit(model, train_batches, select, cfg, head_names, device,
+                      log_fn=lambda record: run.log(record, step=record["step"]), checkpointer=checkpointer, ctx=ctx)
+    loop.load_trainable_state(model, result.best_state)
+    return run, result, started
+
+
+def end_run(ctx) -> None:
+    """Every process meets here once rank 0 has written its files; then the process group closes."""
+    distributed.barrier(ctx)
+    distributed.shutdown(ctx)
+
+
 def train(cfg: DictConfig, output_dir: Path) -> dict:
     """One run: data -> model + method -> fit (best epoch on the selection split) -> test -> save -> report."""
     output_dir = Path(output_dir)
@@ -89,14 +106,12 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
     finished, ctx, checkpointer, device = begin_run(cfg, output_dir)
     if finished is not None:
         return finished
-    finished = output_dir / "metrics.json"
     task = cfg.task
 
     # 1. data: GLUE splits (selection / test per data.protocol) and dynamically padded batches
     splits = data.load_glue(task, data.resolve_data_dir(cfg.data.dir), cfg.data.protocol, cfg.data.split_seed,
                             cfg.data.allow_hub)
-    if cfg.data.max_train_examples is not None and cfg.data.max_train_examples < len(splits["train"]):
-        splits["train"] = splits["train"].shuffle(seed=cfg.data.split_seed).select(range(cfg.data.max_train_examples))
+    splits = data.sample_train(splits, cfg.data.max_train_examples, cfg.data.split_seed)
     tokenizer = backbone.load_tokenizer(cfg.model)
     regression = int(task.num_labels) == 1
 
@@ -110,26 +125,19 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
     # 2. model: the pre-trained backbone, a fresh head, and the method (finetune / petl / propetl)
     model = backbone.build(cfg, int(task.num_labels)).to(device)
     head_names = backbone.head_parameter_names(model)
-    backbone_params = sum(p.numel() for n, p in model.named_parameters()
-                          if n not in head_names and not n.startswith(WEIGHTS_ATTRIBUTE + "."))
+    backbone_params = storage.backbone_params(model, head_names)
     logger.info("%s: %d train / %d selection / %d test examples, %d steps per epoch, device %s",
                 task.name, len(splits["train"]), len(splits["validation"]), len(splits["test"]), len(train_loader), device)
 
     # 3. train, choosing the best epoch on the selection split; then score it on the test split
-    run = log.start_wandb(cfg, output_dir, run_id=checkpointer.saved_extra().get("wandb_id"), enabled=ctx.is_main)
-    checkpointer.extra["wandb_id"] = run.id
-    started = time.perf_counter()
     select = loop.selection_on(select_loader, task, device, cfg.trainer.precision, cfg.trainer.progress)
-    result = loop.fit(model, train_loader, select, cfg, head_names, device,
-                      log_fn=lambda record: run.log(record, step=record["step"]), checkpointer=checkpointer, ctx=ctx)
-    loop.load_trainable_state(model, result.best_state)
+    run, result, started = fit_logged(cfg, output_dir, model, train_loader, select, head_names, device, checkpointer, ctx)
     test = loop.evaluate(model, test_loader, task, device, cfg.trainer.precision, "test", cfg.trainer.progress)
 
     # 4. storage: count it, write the checkpoint, and read the real file sizes back (rank 0 writes)
     figures = storage.account(model, cfg, head_names, backbone_params)
-    if not ctx.is_main:
-        distributed.barrier(ctx)                 # wait for rank 0's files, then leave them to it
-        distributed.shutdown(ctx)
+    if not ctx.is_main:                          # rank 0 writes the files
+        end_run(ctx)
         return {"glue_score": glue_metrics.task_score(task.name, test), "test": test}
     if cfg.trainer.save_weights:
         storage.save_checkpoint(model, cfg, head_names, output_dir / "checkpoint")
@@ -145,13 +153,12 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
         "glue_score": glue_metrics.task_score(task.name, test),
         "storage": figures, **run_facts(cfg, result, started, device, ctx),
     }
-    log.write_metrics(finished, metrics)
+    log.write_metrics(output_dir / "metrics.json", metrics)
     checkpointer.discard()                     # the run is complete: its training state is no longer needed
     run.summary.update({**{f"test/{k}": v for k, v in test.items()}, "glue_score": metrics["glue_score"],
                         **{f"storage/{k}": v for k, v in figures.items()}})
     logger.info("results in %s\n%s", output_dir, log.summary_table(metrics))
-    distributed.barrier(ctx)
-    distributed.shutdown(ctx)
+    end_run(ctx)
     return metrics
 
 
