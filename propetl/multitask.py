@@ -29,7 +29,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from propetl import data, log, loop, methods, storage
 from propetl import metrics as glue_metrics
 from propetl import model as backbone
-from propetl.batches import PairCollator
+from propetl.batches import PairCollator, batch_order, token_lengths
 from propetl.validate import CONF_DIR
 
 logger = logging.getLogger("propetl")
@@ -121,11 +121,13 @@ class MultiTaskBatches:
 
     An epoch is as many steps as all tasks have batches. Everything random is drawn from
     `self.generator` as the epoch goes, so the loop's resume (restore the generator state of the
-    epoch's start, skip the steps done) replays an epoch exactly. A task whose examples run out
-    starts a fresh permutation."""
+    epoch's start, skip the steps done) replays an epoch exactly. A task whose batches run out
+    starts a fresh epoch of its own. With `lengths` (each task's token counts), a task's batches
+    group examples of similar length (batches.batch_order)."""
 
-    def __init__(self, splits, collators, batch_size: int, temperature: float, seed: int):
+    def __init__(self, splits, collators, batch_size: int, temperature: float, seed: int, lengths=None):
         self.splits, self.collators, self.batch_size = list(splits), list(collators), batch_size
+        self.lengths = list(lengths) if lengths is not None else [None] * len(self.splits)
         sizes = np.array([len(s) for s in self.splits], dtype=np.float64)
         weights = sizes ** (1.0 / temperature)
         self.probabilities = torch.tensor(weights / weights.sum(), dtype=torch.float64)
@@ -135,19 +137,17 @@ class MultiTaskBatches:
     def __len__(self) -> int:
         return self.steps
 
+    def _task_batches(self, task: int) -> list[list[int]]:
+        return batch_order(len(self.splits[task]), self.batch_size, self.generator, self.lengths[task])
+
     def __iter__(self):
-        g = self.generator
-        order = torch.multinomial(self.probabilities, self.steps, replacement=True, generator=g).tolist()
-        permutations = [torch.randperm(len(s), generator=g).tolist() for s in self.splits]
-        cursors = [0] * len(self.splits)
+        order = torch.multinomial(self.probabilities, self.steps, replacement=True, generator=self.generator).tolist()
+        pending = [self._task_batches(task) for task in range(len(self.splits))]
         for task in order:
-            split, permutation = self.splits[task], permutations[task]
-            if cursors[task] >= len(permutation):
-                permutations[task] = permutation = torch.randperm(len(split), generator=g).tolist()
-                cursors[task] = 0
-            indices = permutation[cursors[task]:cursors[task] + self.batch_size]
-            cursors[task] += len(indices)
-            yield self.collators[task]([split[i] for i in indices])
+            if not pending[task]:
+                pending[task] = self._task_batches(task)
+            indices = pending[task].pop(0)
+            yield self.collators[task]([self.splits[task][i] for i in indices])
 
 
 # ----------------------------------------------------------------------------- the run
@@ -193,8 +193,10 @@ def train_multitask(cfg: DictConfig, output_dir: Path) -> dict:
             data.load_glue(by_name[name], data_dir, cfg.data.protocol, cfg.data.split_seed, cfg.data.allow_hub),
             cfg.data.max_train_examples, cfg.data.split_seed)
         collators[name] = TaskCollator(PairCollator(tokenizer, cfg.data.max_length, int(by_name[name].num_labels) == 1), index)
+    lengths = ([token_lengths(splits[n]["train"], tokenizer, cfg.data.max_length) for n in new_tasks]
+               if cfg.data.group_by_length else None)
     train_batches = MultiTaskBatches([splits[n]["train"] for n in new_tasks], [collators[n] for n in new_tasks],
-                                     cfg.trainer.batch_size, float(cfg.multitask.temperature), cfg.seed)
+                                     cfg.trainer.batch_size, float(cfg.multitask.temperature), cfg.seed, lengths)
 
     def eval_loader(name: str, split: str) -> DataLoader:
         return DataLoader(splits[name][split], batch_size=cfg.trainer.eval_batch_size, collate_fn=collators[name])

@@ -30,7 +30,8 @@ STATE_JSON, STATE_TENSORS = "state.json", "state.safetensors"
 FINGERPRINT_KEYS = ("model.name_or_path", "method.name", "prototype", "mask.kind", "mask.sparsity", "mask.seed",
                     "mask.combine", "task.name", "task.num_labels", "seed", "trainer.batch_size", "trainer.epochs",
                     "trainer.max_steps", "trainer.lr", "mask.lr", "data.protocol", "data.split_seed",
-                    "data.max_train_examples", "mode", "tasks", "multitask.temperature", "multitask.base_checkpoint")
+                    "data.max_train_examples", "data.group_by_length", "mode", "tasks", "multitask.temperature",
+                    "multitask.base_checkpoint")
 
 
 class Interrupted(Exception):

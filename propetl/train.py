@@ -116,7 +116,8 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
     regression = int(task.num_labels) == 1
 
     def loader(split: str, batch_size: int, shuffle: bool):
-        return make_loader(splits[split], tokenizer, cfg.data.max_length, regression, batch_size, shuffle, cfg.seed)
+        return make_loader(splits[split], tokenizer, cfg.data.max_length, regression, batch_size, shuffle, cfg.seed,
+                           group_by_length=bool(cfg.data.group_by_length))
 
     train_loader = loader("train", cfg.trainer.batch_size, True)
     select_loader = loader("validation", cfg.trainer.eval_batch_size, False)

@@ -98,6 +98,7 @@ def validate(cfg) -> None:
     if cfg.trainer.threads is not None:
         _positive_int(cfg, "trainer.threads")
     _one_of(cfg, "data.protocol", ("split", "full_dev"))
+    _require(isinstance(cfg.data.group_by_length, bool), "data.group_by_length", cfg.data.group_by_length, "true or false")
     if cfg.data.max_train_examples is not None:
         _positive_int(cfg, "data.max_train_examples")
     _require(isinstance(cfg.data.split_seed, int), "data.split_seed", cfg.data.split_seed, "an integer")

@@ -26,13 +26,14 @@ PLANS: dict[str, list[tuple[str, list[str]]]] = {
     # The embedded MiniLM on 2 CPU cores, 1 epoch at batch 32, two single-threaded jobs at a time.
     # PETL vs ProPETL x 3 prototypes x 3 seeds on RTE and CoLA (full training sets): 36 runs; fine-tuning
     # on both, seed 42; for ProPETL-LoRA on RTE, seed 42: sparsity 0.1, 0.5, 0.7 and random / no masks
-    # (sparsity 0.9 with learned masks is the table1 run); multi-task ProPETL-LoRA on RTE + CoLA, seed 42.
+    # (sparsity 0.9 with learned masks is the table1 run); multi-task ProPETL-LoRA on RTE + CoLA, 3 seeds
+    # (against table1's single-task ProPETL-LoRA and PETL-LoRA runs of the same seeds).
     "cpu": [
         ("table1", ["task=rte,cola"]),
+        ("multitask", ["task=rte", "prototype=lora", "method=propetl"]),
         ("table1", ["task=rte,cola", "method=finetune", "prototype=adapter", "seed=42"]),
         ("sparsity_sweep", ["task=rte", "prototype=lora", "seed=42", "mask.sparsity=0.1,0.5,0.7"]),
         ("ablation_masks", ["task=rte", "prototype=lora", "seed=42", "mask.kind=random,none"]),
-        ("multitask", ["task=rte", "prototype=lora", "method=propetl", "seed=42"]),
     ],
     # The embedded MiniLM on one GPU: the reference's epochs and batch size, every local task, 3 seeds.
     "gpu": [
