@@ -71,6 +71,7 @@ def test_overrides_from_the_brief():
     ("trainer.lr=0", "trainer.lr"), ("trainer.precision=fp8", "trainer.precision"),
     ("data.protocol=dev", "data.protocol"), ("logger.mode=maybe", "logger.mode"),
     ("trainer.max_steps=0", "trainer.max_steps"), ("trainer.warmup_ratio=1.5", "trainer.warmup_ratio"),
+    ("data.group_by_length=maybe", "data.group_by_length"),
 ])
 def test_invalid_values_give_one_line_naming_the_key(override, key):
     with pytest.raises(ConfigError) as error:

@@ -49,6 +49,30 @@ def test_temperature_sampling_and_single_task_batches():
     assert [int(b["task"][0]) for b in batches] == first                     # replayable from the epoch's state
 
 
+def test_length_grouped_multitask_batches_cover_each_task_with_less_padding():
+    """With lengths, a task's batches come from its own length-grouped epochs: every example once per
+    task epoch, far less padding than shuffled batches, replayable from the generator's state."""
+    lengths = [[(7 * i) % 61 + 3 for i in range(320)], [(11 * i) % 37 + 2 for i in range(640)]]
+    rows = [[{"row": i, "task": t} for i in range(len(lengths[t]))] for t in range(2)]
+    collators = [lambda batch: batch] * 2
+    grouped = MultiTaskBatches(rows, collators, batch_size=32, temperature=1, seed=0, lengths=lengths)
+    shuffled = MultiTaskBatches(rows, collators, batch_size=32, temperature=1, seed=0)
+    state = grouped.generator.get_state()
+    batches = list(grouped)
+    assert len(batches) == 30 and all(len({row["task"] for row in batch}) == 1 for batch in batches)
+
+    def padding(epoch):
+        return sum(max(lengths[b[0]["task"]][r["row"]] for r in b) * len(b) for b in epoch)
+
+    assert padding(batches) < 0.7 * padding(list(shuffled))
+    seen = [[r["row"] for b in batches if b[0]["task"] == t for r in b] for t in range(2)]
+    for t in range(2):                                   # temperature 1: about one epoch of each task
+        first_epoch = seen[t][:len(lengths[t])]
+        assert len(set(first_epoch)) == len(first_epoch)
+    grouped.generator.set_state(state)
+    assert list(grouped) == batches
+
+
 def test_a_real_multitask_run_writes_per_task_metrics_and_storage(trained):
     out, metrics = trained
     assert metrics["tasks"] == TASKS and set(metrics["per_task"]) == set(TASKS)

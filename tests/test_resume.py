@@ -34,22 +34,17 @@ def start(run_dir: Path, overrides: list[str]) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, tiny_text_model_dir, glue_dir):
-    overrides = [*tiny_text_overrides(tiny_text_model_dir, glue_dir), *RUN]
-    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+def finish(run_dir: Path, overrides: list[str]) -> dict:
+    """Run to the end; metrics.json."""
     process = start(run_dir, overrides)
     _, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, stderr[-3000:]
     assert not (run_dir / "resume").exists()                        # discarded once the run is complete
-    return overrides, json.loads((run_dir / "metrics.json").read_text())
+    return json.loads((run_dir / "metrics.json").read_text())
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_killed_run_resumes_to_identical_metrics(tmp_path, uninterrupted, sig):
-    overrides, expected = uninterrupted
-    run_dir = tmp_path / "run"
+def kill_and_resume(run_dir: Path, overrides: list[str], sig: int) -> dict:
+    """Start a run, signal it after its first checkpoint, run the same command again; metrics.json."""
     process = start(run_dir, overrides)
     deadline = time.time() + 300
     while not (run_dir / "resume" / "state.json").exists():          # wait for the first checkpoint
@@ -67,7 +62,28 @@ def test_killed_run_resumes_to_identical_metrics(tmp_path, uninterrupted, sig):
     stdout, stderr = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, stderr[-3000:]
     assert "resuming from" in stdout + stderr
-    assert comparable(json.loads((run_dir / "metrics.json").read_text())) == comparable(expected)
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_text_model_dir, glue_dir):
+    overrides = [*tiny_text_overrides(tiny_text_model_dir, glue_dir), *RUN]
+    return overrides, finish(tmp_path_factory.mktemp("uninterrupted") / "run", overrides)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_run_resumes_to_identical_metrics(tmp_path, uninterrupted, sig):
+    overrides, expected = uninterrupted
+    assert comparable(kill_and_resume(tmp_path / "run", overrides, sig)) == comparable(expected)
+
+
+@pytest.mark.slow
+def test_killed_length_grouped_run_resumes_to_identical_metrics(tmp_path, uninterrupted):
+    """Length-grouped batches (the cpu profile's) are replayed exactly after a kill mid-epoch."""
+    overrides = [*uninterrupted[0], "data.group_by_length=true"]
+    expected = finish(tmp_path / "uninterrupted", overrides)
+    assert comparable(kill_and_resume(tmp_path / "killed", overrides, signal.SIGKILL)) == comparable(expected)
 
 
 def leftover_checkpoint(tmp_path, tiny_text_model_dir, glue_dir, monkeypatch, *extra):

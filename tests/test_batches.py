@@ -1,0 +1,70 @@
+"""propetl.batches: epoch batch orders, length grouping on real RTE/CoLA data, the loaders built from them."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import compose_cfg
+from propetl.batches import LengthGroupedBatches, batch_order, make_loader, token_lengths
+from propetl.data import load_glue
+from propetl.model import load_tokenizer
+
+LENGTHS = [(7 * i) % 61 + 3 for i in range(1000)]      # 1000 examples of 3..63 tokens, interleaved
+
+
+def padded_tokens(batches, lengths) -> int:
+    return sum(max(lengths[i] for i in batch) * len(batch) for batch in batches)
+
+
+@pytest.mark.parametrize("lengths", [None, LENGTHS], ids=["random", "grouped"])
+def test_every_example_once_in_full_batches(lengths):
+    batches = batch_order(1000, 32, torch.Generator().manual_seed(0), lengths)
+    assert sorted(i for batch in batches for i in batch) == list(range(1000))
+    assert len(batches) == 32 and sorted(len(b) for b in batches) == [8] + [32] * 31
+
+
+@pytest.mark.parametrize("lengths", [None, LENGTHS], ids=["random", "grouped"])
+def test_order_is_fixed_by_the_generator_state(lengths):
+    generator = torch.Generator().manual_seed(3)
+    state = generator.get_state()
+    first, second = batch_order(1000, 32, generator, lengths), batch_order(1000, 32, generator, lengths)
+    assert first != second                                 # a new epoch, a new order
+    generator.set_state(state)
+    assert batch_order(1000, 32, generator, lengths) == first   # what the loop's resume relies on
+
+
+def test_grouping_packs_similar_lengths_in_random_batch_order():
+    generator = torch.Generator().manual_seed(0)
+    grouped, shuffled = batch_order(1000, 32, generator, LENGTHS), batch_order(1000, 32, generator)
+    assert padded_tokens(grouped, LENGTHS) < 0.7 * padded_tokens(shuffled, LENGTHS)
+    longest = [max(LENGTHS[i] for i in batch) for batch in grouped]
+    assert longest != sorted(longest) and longest != sorted(longest, reverse=True)   # not longest-first
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(compose_cfg().model)
+
+
+@pytest.mark.parametrize("name", ["rte", "cola"])
+def test_grouped_loader_on_real_data(glue_dir, tokenizer, name):
+    """On the real training sets the grouped loader sees every example once and pads far less."""
+    train = load_glue(compose_cfg([f"task={name}"]).task, glue_dir)["train"]
+    lengths = token_lengths(train, tokenizer, 128)
+    assert len(lengths) == len(train) and max(lengths) <= 128
+
+    def epoch(group: bool):
+        loader = make_loader(train, tokenizer, 128, False, 32, shuffle=True, seed=1, group_by_length=group)
+        batches = list(loader)
+        assert len(batches) == len(loader) == -(-len(train) // 32)
+        assert sum(len(b["labels"]) for b in batches) == len(train)
+        return sum(b["input_ids"].numel() for b in batches), sum(int(b["attention_mask"].sum()) for b in batches)
+
+    (grouped, real), (shuffled, real_again) = epoch(True), epoch(False)
+    assert real == real_again == sum(lengths)              # the same tokens, less padding around them
+    assert grouped < 0.65 * shuffled
+
+
+def test_length_grouped_batches_is_a_batch_sampler():
+    sampler = LengthGroupedBatches(LENGTHS[:100], 16, torch.Generator().manual_seed(0))
+    assert len(sampler) == 7 and sum(len(b) for b in sampler) == 100
