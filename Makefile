@@ -6,7 +6,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 PROFILE ?= cpu
 
-.PHONY: help install link-data test test-fast train reproduce-tables tables bench clean-outputs
+.PHONY: help install link-data test test-fast train reproduce-tables results tables bench clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -28,8 +28,14 @@ test-fast:  ## tests without the real training runs
 train:  ## one run with the defaults (ProPETL-adapter on RTE); pass ARGS="task=mrpc prototype=lora"
 	propetl-train $(ARGS)
 
-reproduce-tables:  ## run the paper's experiments (PROFILE=cpu|gpu|paper), then `make tables`; re-run to continue
+reproduce-results:  ## copy the small evidence of outputs/reproduce/$(PROFILE) into results/$(PROFILE) and build its tables there
+	$(PYTHON) scripts/collect_results.py --profile $(PROFILE)
+
+tables:  ## run the paper's experiments (PROFILE=cpu|gpu|paper), then `make tables`; re-run to continue
 	$(PYTHON) scripts/reproduce.py --profile $(PROFILE)
+
+results:  ## copy the small evidence of outputs/reproduce/$(PROFILE) into results/$(PROFILE) and build its tables there
+	$(PYTHON) scripts/collect_results.py --profile $(PROFILE)
 
 tables:  ## rebuild tables and plots from outputs/reproduce/$(PROFILE) into outputs/tables/$(PROFILE) (seconds)
 	$(PYTHON) scripts/make_tables.py outputs/reproduce/$(PROFILE) --out outputs/tables/$(PROFILE) --title "profile $(PROFILE)"

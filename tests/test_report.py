@@ -133,3 +133,29 @@ def test_a_multitask_run_becomes_one_row_per_task(tmp_path):
     assert multi["tasks"]["rte"]["accuracy"]["mean"] == pytest.approx(60.0)
     assert multi["tasks"]["stsb"]["pearson"]["mean"] == pytest.approx(80.0)
     assert multi["average"] == pytest.approx((60 + 80 + 70) / 3) and multi["storage_bytes"] == 300.0
+
+
+def test_collect_results_keeps_metrics_and_mask_bits_only(tmp_path):
+    """scripts/collect_results.py: the small evidence of each finished run, renamed folders, tables beside."""
+    source = tmp_path / "outputs" / "table1"
+    run = write_run(source, "method=propetl,prototype=lora,seed=1,task=rte", "rte", "propetl", "lora", 1,
+                    {"accuracy": 0.6})
+    write_run(source, "method=petl,prototype=lora,seed=1,task=rte", "rte", "petl", "lora", 1, {"accuracy": 0.5})
+    (source / "unfinished").mkdir()
+    (source / "unfinished" / "train.log").write_text("cut off")
+    (run / "checkpoint").mkdir()
+    save_file({"proto.w": masks.pack_bits(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))}, str(run / "checkpoint" / "masks.safetensors"),
+              metadata={"shapes": json.dumps({"proto.w": [2, 2]})})
+    for name, size in (("propetl.json", 10), ("prototype.safetensors", 5000), ("head.safetensors", 5000)):
+        (run / "checkpoint" / name).write_bytes(b"x" * size)
+    out = tmp_path / "results"
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "collect_results.py"), "--source",
+                           str(tmp_path / "outputs"), "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    kept = {str(p.relative_to(out / "runs")) for p in (out / "runs").rglob("*") if p.is_file()}
+    assert kept == {"table1/method-propetl_prototype-lora_seed-1_task-rte/metrics.json",
+                    "table1/method-propetl_prototype-lora_seed-1_task-rte/checkpoint/propetl.json",
+                    "table1/method-propetl_prototype-lora_seed-1_task-rte/checkpoint/masks.safetensors",
+                    "table1/method-petl_prototype-lora_seed-1_task-rte/metrics.json"}
+    assert (out / "table.md").is_file() and len((out / "runs.csv").read_text().splitlines()) == 3
+    assert (out / "mask_hamming.png").stat().st_size > 1000

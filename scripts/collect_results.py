@@ -1,0 +1,74 @@
+"""Copy the small evidence of a reproduction into results/<profile>/ and build its tables there (`make results`).
+
+    python scripts/collect_results.py --profile cpu
+
+From every finished run under outputs/reproduce/<profile>/<experiment>/<run>/ it keeps metrics.json,
+train.log, the command-line overrides and, of the checkpoint, only the JSON descriptions and the
+bit-packed masks (kilobytes; the prototype, PETL weights and heads are left out). Run folders are
+renamed from Hydra's `key=value,key=value` to `key-value_key-value`. The result folder is replaced
+atomically; then scripts/make_tables.py writes runs.csv, table.md, rows.json and the plots beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from propetl import report
+from propetl.storage import write_folder_atomically
+
+REPO = Path(__file__).resolve().parents[1]
+KEPT = ("metrics.json", "train.log", ".hydra/overrides.yaml")
+
+
+def kept_checkpoint_files(run: Path) -> list[Path]:
+    """The checkpoint's JSON descriptions and mask bits: what the Hamming plot and a reader need."""
+    checkpoint = run / "checkpoint"
+    if not checkpoint.is_dir():
+        return []
+    return sorted(p for p in checkpoint.rglob("*")
+                  if p.is_file() and (p.suffix == ".json" or (p.suffix == ".safetensors" and "mask" in p.name)))
+
+
+def folder_name(run: Path) -> str:
+    return run.name.replace("=", "-").replace(",", "_")
+
+
+def collect(source: Path, runs_out: Path) -> int:
+    finished = sorted(p.parent for p in source.rglob("metrics.json"))
+    if not finished:
+        raise ValueError(f"no finished run (metrics.json) under {source}")
+
+    def build(folder: Path) -> None:
+        for run in finished:
+            target = folder / run.parent.relative_to(source) / folder_name(run)
+            files = [run / name for name in KEPT if (run / name).is_file()] + kept_checkpoint_files(run)
+            for file in files:
+                (target / file.relative_to(run)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(file, target / file.relative_to(run))
+
+    write_folder_atomically(runs_out, build)
+    return len(finished)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="cpu")
+    parser.add_argument("--source", type=Path, help="default: outputs/reproduce/<profile>")
+    parser.add_argument("--out", type=Path, help="default: results/<profile>")
+    args = parser.parse_args(argv)
+    source = args.source or REPO / "outputs" / "reproduce" / args.profile
+    out = args.out or REPO / "results" / args.profile
+    try:
+        count = collect(source, out / "runs")
+        report.build([out / "runs"], out, f"profile {args.profile}")
+    except ValueError as error:
+        print(f"collect_results: {error}", file=sys.stderr)
+        return 2
+    print(f"{count} runs from {source} -> {out / 'runs'}; tables and plots in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
