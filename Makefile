@@ -28,10 +28,7 @@ test-fast:  ## tests without the real training runs
 train:  ## one run with the defaults (ProPETL-adapter on RTE); pass ARGS="task=mrpc prototype=lora"
 	propetl-train $(ARGS)
 
-reproduce-results:  ## copy the small evidence of outputs/reproduce/$(PROFILE) into results/$(PROFILE) and build its tables there
-	$(PYTHON) scripts/collect_results.py --profile $(PROFILE)
-
-tables:  ## run the paper's experiments (PROFILE=cpu|gpu|paper), then `make tables`; re-run to continue
+reproduce-tables:  ## run the paper's experiments (PROFILE=cpu|gpu|paper), then `make tables`; re-run to continue
 	$(PYTHON) scripts/reproduce.py --profile $(PROFILE)
 
 results:  ## copy the small evidence of outputs/reproduce/$(PROFILE) into results/$(PROFILE) and build its tables there

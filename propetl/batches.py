@@ -34,7 +34,8 @@ class PairCollator:
 def token_lengths(split, tokenizer, max_length: int) -> list[int]:
     """Each example's token count after truncation, as PairCollator would make it."""
     text_b = list(split["text_b"]) if "text_b" in split.column_names else None
-    encoded = tokenizer(list(split["text_a"]), text_b, truncation=True, max_length=max_length)
+    encoded = tokenizer(list(split["text_a"]), text_b, truncation=True, max_length=max_length,
+                        return_attention_mask=False, return_token_type_ids=False)
     return [len(ids) for ids in encoded["input_ids"]]
 
 

@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import math
+import os
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
@@ -241,15 +242,17 @@ def comparison_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def runs_csv(runs: list[dict]) -> str:
-    """Every run on one line: identity, every test metric, the storage figures."""
+def runs_csv(runs: list[dict], relative_to: Path | None = None) -> str:
+    """Every run on one line: identity, every test metric, the storage figures, where its metrics.json
+    lies (relative to `relative_to`, so a committed CSV names no machine's paths)."""
     metric_names = sorted({name for run in runs for name in run["test"]})
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow([*RUN_FIELDS, *(f"test_{n}" for n in metric_names), *STORAGE_FIELDS, "path"])
     for run in sorted(runs, key=lambda r: (r["task"], r["method"], str(r["prototype"]), str(r["mask_sparsity"]), r["seed"])):
         writer.writerow([run.get(k) for k in RUN_FIELDS] + [run["test"].get(n) for n in metric_names]
-                        + [run["storage"].get(k) for k in STORAGE_FIELDS] + [run["path"]])
+                        + [run["storage"].get(k) for k in STORAGE_FIELDS]
+                        + [os.path.relpath(run["path"], relative_to) if relative_to else run["path"]])
     return out.getvalue()
 
 
@@ -355,6 +358,9 @@ def _save(fig, path: Path) -> Path:
 
 # ----------------------------------------------------------------------------- everything
 
+PLOT_FILES = ("metric_vs_storage.png", "sparsity_sweep.png", "mask_hamming.png")
+
+
 def build(roots: Iterable[Path], out_dir: Path, title: str = "") -> dict[str, Path]:
     """Collect the runs under `roots` and write runs.csv, table.md, plots into `out_dir`."""
     roots = list(roots)
@@ -365,7 +371,9 @@ def build(roots: Iterable[Path], out_dir: Path, title: str = "") -> dict[str, Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = summarise(runs)
     written = {}
-    atomic_write_text(out_dir / "runs.csv", runs_csv(runs))
+    for stale in PLOT_FILES:                    # a plot not drawn this time must not linger from an older build
+        (out_dir / stale).unlink(missing_ok=True)
+    atomic_write_text(out_dir / "runs.csv", runs_csv(runs, out_dir))
     written["csv"] = out_dir / "runs.csv"
     text = (f"# {title}\n\n" if title else "") + f"{len(runs)} runs. Test numbers x100, mean ± std over seeds.\n\n"
     text += markdown_table(rows) + "\nProPETL minus plain PETL (points):\n\n" + comparison_table(rows)

@@ -32,6 +32,8 @@ FINGERPRINT_KEYS = ("model.name_or_path", "method.name", "prototype", "mask.kind
                     "trainer.max_steps", "trainer.lr", "mask.lr", "data.protocol", "data.split_seed",
                     "data.max_train_examples", "data.group_by_length", "mode", "tasks", "multitask.temperature",
                     "multitask.base_checkpoint")
+# A key added to FINGERPRINT_KEYS after checkpoints were written: its value for those checkpoints.
+FINGERPRINT_DEFAULTS = {"data.group_by_length": False}
 
 
 class Interrupted(Exception):
@@ -152,7 +154,7 @@ class Checkpointer:
         except (OSError, json.JSONDecodeError) as error:
             raise CheckpointError(f"cannot read {path}: {error}") from None
         for key, value in self.fingerprint.items():
-            saved = meta.get("fingerprint", {}).get(key)
+            saved = meta.get("fingerprint", {}).get(key, FINGERPRINT_DEFAULTS.get(key))
             if saved != value:
                 raise CheckpointError(f"{self.directory} was trained with {key}={saved!r}, this run has {key}={value!r}; "
                                       f"use the same config or trainer.resume=false to start over")

@@ -3,10 +3,11 @@
     python scripts/collect_results.py --profile cpu
 
 From every finished run under outputs/reproduce/<profile>/<experiment>/<run>/ it keeps metrics.json,
-train.log, the command-line overrides and, of the checkpoint, only the JSON descriptions and the
+train.log, the command-line overrides, the composed config and, of the checkpoint, only the JSON descriptions and the
 bit-packed masks (kilobytes; the prototype, PETL weights and heads are left out). Run folders are
-renamed from Hydra's `key=value,key=value` to `key-value_key-value`. The result folder is replaced
-atomically; then scripts/make_tables.py writes runs.csv, table.md, rows.json and the plots beside it.
+renamed from Hydra's `key=value,key=value` to `key-value_key-value`. Beside runs/ go runs.csv, table.md,
+rows.json and the plots (as scripts/make_tables.py writes them). results/<profile>/ is built whole in a
+temporary folder and then swapped in: it is either the old one or the complete new one.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from propetl import report
 from propetl.storage import write_folder_atomically
 
 REPO = Path(__file__).resolve().parents[1]
-KEPT = ("metrics.json", "train.log", ".hydra/overrides.yaml")
+KEPT = ("metrics.json", "train.log", ".hydra/overrides.yaml", ".hydra/config.yaml")
 
 
 def kept_checkpoint_files(run: Path) -> list[Path]:
@@ -35,20 +36,24 @@ def folder_name(run: Path) -> str:
     return run.name.replace("=", "-").replace(",", "_")
 
 
-def collect(source: Path, runs_out: Path) -> int:
-    finished = sorted(p.parent for p in source.rglob("metrics.json"))
+def collect(source: Path, out: Path, title: str) -> int:
+    """Replace `out` with runs/ (the kept files of every finished run under `source`) and its tables."""
+    finished = [p.parent for p in report.find_metrics([source])]
     if not finished:
         raise ValueError(f"no finished run (metrics.json) under {source}")
+    if source in finished:
+        raise ValueError(f"{source} is a run folder; give the folder of a reproduction (outputs/reproduce/<profile>)")
 
     def build(folder: Path) -> None:
         for run in finished:
-            target = folder / run.parent.relative_to(source) / folder_name(run)
+            target = folder / "runs" / run.parent.relative_to(source) / folder_name(run)
             files = [run / name for name in KEPT if (run / name).is_file()] + kept_checkpoint_files(run)
             for file in files:
                 (target / file.relative_to(run)).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(file, target / file.relative_to(run))
+        report.build([folder / "runs"], folder, title)
 
-    write_folder_atomically(runs_out, build)
+    write_folder_atomically(out, build)
     return len(finished)
 
 
@@ -61,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     source = args.source or REPO / "outputs" / "reproduce" / args.profile
     out = args.out or REPO / "results" / args.profile
     try:
-        count = collect(source, out / "runs")
-        report.build([out / "runs"], out, f"profile {args.profile}")
+        count = collect(source.resolve(), out.resolve(), f"profile {args.profile}")
     except ValueError as error:
         print(f"collect_results: {error}", file=sys.stderr)
         return 2

@@ -159,3 +159,4 @@ def test_collect_results_keeps_metrics_and_mask_bits_only(tmp_path):
                     "table1/method-petl_prototype-lora_seed-1_task-rte/metrics.json"}
     assert (out / "table.md").is_file() and len((out / "runs.csv").read_text().splitlines()) == 3
     assert (out / "mask_hamming.png").stat().st_size > 1000
+    assert str(tmp_path) not in (out / "runs.csv").read_text()          # paths relative to the results folder
