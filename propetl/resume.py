@@ -17,14 +17,14 @@ import os
 import random
 import shutil
 import signal
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from propetl.storage import CheckpointError, plain_value, read_safetensors
+from propetl.storage import (CheckpointError, plain_value, read_safetensors, recover_folder_swap,
+                             write_folder_atomically)
 
 STATE_JSON, STATE_TENSORS = "state.json", "state.safetensors"
 FINGERPRINT_KEYS = ("model.name_or_path", "method.name", "prototype", "mask.kind", "mask.sparsity", "mask.seed",
@@ -98,6 +98,8 @@ class Checkpointer:
         self.fingerprint = fingerprint(cfg)
         self.save_steps = save_steps
         self.extra: dict = {}                      # e.g. the W&B run id, restored on load
+        if writes:
+            recover_folder_swap(self.directory)    # a kill inside the last save's folder swap
 
     def exists(self) -> bool:
         return (self.directory / STATE_JSON).exists()
@@ -127,24 +129,15 @@ class Checkpointer:
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
             "parameters": sorted(parameters), "best": sorted(result.best_state),
         }
-        self.directory.parent.mkdir(parents=True, exist_ok=True)
-        building = Path(tempfile.mkdtemp(dir=self.directory.parent, prefix=".resume.", suffix=".tmp"))
-        os.chmod(building, 0o755)                   # mkdtemp makes it owner-only
-        try:
-            save_file(tensors, str(building / STATE_TENSORS))
-            (building / STATE_JSON).write_text(json.dumps(meta, default=float))
-            for path in building.iterdir():
+
+        def build(folder: Path) -> None:
+            save_file(tensors, str(folder / STATE_TENSORS))
+            (folder / STATE_JSON).write_text(json.dumps(meta, default=float))
+            for path in folder.iterdir():          # on disk before the swap makes it the checkpoint
                 with open(path, "rb") as f:
                     os.fsync(f.fileno())
-            old = self.directory.with_name(".resume.old")
-            shutil.rmtree(old, ignore_errors=True)
-            if self.directory.exists():
-                os.replace(self.directory, old)
-            os.replace(building, self.directory)
-            shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(building, ignore_errors=True)
-            raise
+
+        write_folder_atomically(self.directory, build)
 
     def load(self, model, optimizer, scheduler, scaler, result_type):
         """Restore everything; returns (result, data-order state at the start of the current epoch)."""

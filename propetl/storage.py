@@ -174,11 +174,23 @@ def checkpoint_config(cfg) -> dict:
     return {"format_version": FORMAT_VERSION, **keep}
 
 
+def recover_folder_swap(directory: Path) -> bool:
+    """After a kill between the two renames of write_folder_atomically's swap, `directory` is missing and
+    its previous version waits in `.<name>.old`: put that back. True if it did."""
+    directory = Path(directory)
+    old = directory.with_name(f".{directory.name}.old")
+    if directory.exists() or not old.is_dir():
+        return False
+    os.replace(old, directory)
+    return True
+
+
 def write_folder_atomically(directory: Path, build) -> Path:
     """Call build(folder) on a temporary folder beside `directory`, then rename it into place (an
     existing folder is replaced only once the new one is complete)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    recover_folder_swap(directory)
     building = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
     try:
         os.chmod(building, 0o755)                   # mkdtemp makes it owner-only

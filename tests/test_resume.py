@@ -114,6 +114,20 @@ def test_mismatched_resume_checkpoint_is_refused(tmp_path, tiny_text_model_dir, 
 
 
 @pytest.mark.slow
+def test_checkpoint_cut_off_inside_its_folder_swap_is_recovered(tmp_path, tiny_text_model_dir, glue_dir, monkeypatch):
+    """A kill between the swap's two renames leaves only .resume.old: the next run puts it back and resumes
+    from it (one checkpoint behind, never a half-written one)."""
+    resume = leftover_checkpoint(tmp_path, tiny_text_model_dir, glue_dir, monkeypatch)
+    saved = (resume / "state.json").read_text()
+    os.replace(resume, tmp_path / ".resume.old")
+    cfg = compose_cfg([*tiny_text_overrides(tiny_text_model_dir, glue_dir), *RUN, "trainer.epochs=1"])
+    checkpointer = Checkpointer(tmp_path, cfg)
+    assert checkpointer.exists() and (resume / "state.json").read_text() == saved
+    assert not (tmp_path / ".resume.old").exists()
+    assert train(cfg, tmp_path)["steps"] == json.loads(saved)["result"]["steps"]     # resumed at its end
+
+
+@pytest.mark.slow
 def test_corrupted_resume_checkpoint_is_refused(tmp_path, tiny_text_model_dir, glue_dir, monkeypatch):
     resume = leftover_checkpoint(tmp_path, tiny_text_model_dir, glue_dir, monkeypatch)
     tensors = resume / "state.safetensors"
