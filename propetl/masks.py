@@ -67,10 +67,21 @@ def binarize(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     return _StraightThroughTopK.apply(flat.abs(), n_ones).view_as(scores)
 
 
-def init_scores(scores: torch.Tensor) -> None:
-    """kaiming_uniform(a=sqrt(5)) on each mask, as a tensor shaped like the weight it masks."""
-    for one_mask in scores:
-        nn.init.kaiming_uniform_(one_mask.view(one_mask.shape[0], -1), a=math.sqrt(5))
+def score_bound(shape: tuple[int, ...], fan_in: int | None = None) -> float:
+    """The reference's initial score range: kaiming_uniform(a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+    fan_in defaults to that of a tensor shaped like the masked weight (prod(shape[1:])). The reference
+    shapes some score tensors differently from the weight (adapter: the transpose; prefix: one
+    [L, P, 2h] tensor), so a method passes the fan-in of the reference's layout (TensorSpec.score_fan_in).
+    """
+    return 1.0 / math.sqrt(fan_in if fan_in is not None else math.prod(shape[1:]) if len(shape) > 1 else shape[0])
+
+
+def init_scores(scores: torch.Tensor, fan_in: int | None = None) -> None:
+    """Scores [count, *shape] ~ U(-b, b), b = score_bound(shape, fan_in), drawn from torch's global RNG."""
+    bound = score_bound(tuple(scores.shape[1:]), fan_in)
+    with torch.no_grad():
+        scores.uniform_(-bound, bound)
 
 
 class LayerMasks(nn.Module):
@@ -85,7 +96,8 @@ class LayerMasks(nn.Module):
     step) or `invalidate()` is called (the model does so before every forward pass with grad).
     """
 
-    def __init__(self, count: int, shape: tuple[int, ...], sparsity: float, kind: str = "learned", seed: int = 0):
+    def __init__(self, count: int, shape: tuple[int, ...], sparsity: float, kind: str = "learned", seed: int = 0,
+                 score_fan_in: int | None = None):
         super().__init__()
         if kind not in MASK_KINDS:
             raise ValueError(f"mask.kind={kind!r} is not one of: {', '.join(MASK_KINDS)}")
@@ -96,9 +108,9 @@ class LayerMasks(nn.Module):
         if kind == "random":
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                init_scores(scores)
+                init_scores(scores, score_fan_in)
         else:
-            init_scores(scores)
+            init_scores(scores, score_fan_in)
         self.scores = nn.Parameter(scores, requires_grad=(kind == "learned"))
         self._cached: torch.Tensor | None = None
         self._cache_key: tuple | None = None
@@ -170,13 +182,13 @@ class TaskLayerMasks(nn.Module):
     with its own scores and sparsity; `forward(task)` gives that task's [L, *shape] combined masks."""
 
     def __init__(self, num_tasks: int, num_layers: int, shape: tuple[int, ...], sparsity: float,
-                 how: str = "or", kind: str = "learned", seed: int = 0):
+                 how: str = "or", kind: str = "learned", seed: int = 0, score_fan_in: int | None = None):
         super().__init__()
         if how not in COMBINES:
             raise ValueError(f"mask.combine={how!r} is not one of: {', '.join(COMBINES)}")
         self.how = how
-        self.tasks = LayerMasks(num_tasks, shape, sparsity, kind, seed=seed)
-        self.layers = LayerMasks(num_layers, shape, sparsity, kind, seed=seed + 7919)
+        self.tasks = LayerMasks(num_tasks, shape, sparsity, kind, seed=seed, score_fan_in=score_fan_in)
+        self.layers = LayerMasks(num_layers, shape, sparsity, kind, seed=seed + 7919, score_fan_in=score_fan_in)
 
     def forward(self, task: int) -> torch.Tensor:
         return combine(self.tasks()[task], self.layers(), self.how)

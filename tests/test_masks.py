@@ -46,6 +46,16 @@ def test_scores_init_kaiming_uniform_bounds():
     assert layer_masks.scores.abs().max() > 0.9 * bound
 
 
+def test_score_range_follows_the_given_fan_in():
+    """A method can ask for the reference's layout (adapter: transposed; prefix: one [L, P, 2h] tensor)."""
+    layer_masks = masks.LayerMasks(4, (16, 64), sparsity=0.5, score_fan_in=16 * 64)
+    bound = 1 / 32
+    assert bound * 0.9 < layer_masks.scores.abs().max() <= bound
+    multi = masks.TaskLayerMasks(3, 4, (16, 64), 0.5, score_fan_in=16)
+    for stack in (multi.tasks, multi.layers):
+        assert 0.25 * 0.9 < stack.scores.abs().max() <= 0.25
+
+
 @pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5])
 def test_invalid_sparsity(sparsity):
     with pytest.raises(ValueError, match="mask.sparsity"):

@@ -6,6 +6,8 @@ Linear(hidden, mlp_hidden) -> tanh -> Linear(mlp_hidden, out) where
   - ProPETL:    out = 2 * hidden, ONE prefix shared by all layers, masked per layer: P_base[P, 2h] * M_l.
 Only the MLP's output is stored (the "table" form); a loaded model has no MLP.
 Per layer the [P, 2h] prefix splits into keys [:, :h] and values [:, h:], reshaped to [heads, P, head_dim].
+As in the reference: E starts N(0, 1) (nn.Embedding's default), and the mask scores are drawn as one
+[L, P, 2h] tensor, so their initial range is 1/sqrt(P * 2h) (the fan-in of that layout).
 
 The attention hook lives in ONE place, `prefix_attention`: a function registered with transformers'
 AttentionInterface that prepends the prefix to key/value and widens the attention mask, then calls
@@ -50,7 +52,8 @@ AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
 def specs(cfg, hidden: int) -> dict[str, TensorSpec]:
-    return {"prefix": TensorSpec((int(cfg.length), 2 * hidden), "normal:0.02", masked=True)}
+    length = int(cfg.length)
+    return {"prefix": TensorSpec((length, 2 * hidden), "normal:0.02", masked=True, score_fan_in=length * 2 * hidden)}
 
 
 class PrefixWeights(LayerWeights):
@@ -62,7 +65,8 @@ class PrefixWeights(LayerWeights):
         if reparameterise:
             del self.weights["prefix"]                  # the MLP produces it
             length, out = int(cfg.length), 2 * hidden * (1 if shared else num_layers)
-            self.embedding = nn.Parameter(torch.empty(length, hidden).normal_(0.0, 0.02))
+            std = float(cfg.get("embedding_std", 1.0))               # 1.0: nn.Embedding's init, as the reference
+            self.embedding = nn.Parameter(torch.empty(length, hidden).normal_(0.0, std))
             self.mlp = nn.Sequential(nn.Linear(hidden, int(cfg.mlp_hidden)), nn.Tanh(), nn.Linear(int(cfg.mlp_hidden), out))
 
     def base_tensors(self) -> dict[str, torch.Tensor]:

@@ -25,6 +25,8 @@ class TensorSpec:
     shape: tuple[int, ...]
     init: str               # "normal:<std>" | "zeros" | "kaiming"  (kaiming_uniform a=sqrt(5), as nn.Linear)
     masked: bool            # ProPETL masks it per layer (weights) or shares it unmasked (biases)
+    score_fan_in: int | None = None   # fan-in of the reference's mask-score layout (sets the initial score
+                                      # range, masks.score_bound); None: that of a tensor shaped like this one
 
     @property
     def numel(self) -> int:
@@ -61,9 +63,10 @@ class LayerWeights(nn.Module):
             init_tensor(self.weights[name], spec.init)
             if shared and spec.masked and num_tasks:
                 self.masks[name] = TaskLayerMasks(num_tasks, num_layers, spec.shape, mask_sparsity, mask_combine,
-                                                  mask_kind, seed=mask_seed + i)
+                                                  mask_kind, seed=mask_seed + i, score_fan_in=spec.score_fan_in)
             elif shared and spec.masked:
-                self.masks[name] = LayerMasks(num_layers, spec.shape, mask_sparsity, mask_kind, seed=mask_seed + i)
+                self.masks[name] = LayerMasks(num_layers, spec.shape, mask_sparsity, mask_kind, seed=mask_seed + i,
+                                              score_fan_in=spec.score_fan_in)
         self.num_tasks, self.active_task = num_tasks, 0     # multi-task: whose masks per_layer() applies
         self._per_layer: dict[str, torch.Tensor] | None = None
         self._cache_key: tuple | None = None

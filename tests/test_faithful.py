@@ -1,0 +1,67 @@
+"""Pinned against the reference code (../shared/paper.md §2): the initial mask-score ranges, the prefix
+embedding's init and the multi-task mask density. Each changes how fast masks learn, because the
+reference's mask learning rates were tuned for its score scale."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import compose_cfg
+from propetl import methods
+from propetl.masks import combine, ones_per_mask
+
+MINILM_HIDDEN, MINILM_LAYERS = 384, 6
+
+
+def propetl_weights(*overrides: str, num_tasks: int = 0):
+    cfg = compose_cfg(["method=propetl", *overrides])
+    torch.manual_seed(0)
+    return methods.make_weights(cfg, MINILM_HIDDEN, MINILM_LAYERS, num_tasks=num_tasks), cfg
+
+
+def score_range(weights, name: str) -> float:
+    return float(weights.masks[name].scores.detach().abs().max())
+
+
+def test_adapter_score_ranges_are_the_references_transposed_layout():
+    """Reference: down_mask [hidden, bottleneck] -> 1/sqrt(bottleneck); up_mask [bottleneck, hidden] -> 1/sqrt(hidden)."""
+    weights, cfg = propetl_weights("prototype=adapter")
+    assert int(cfg.prototype.bottleneck) == 32
+    down, up = 1 / math.sqrt(32), 1 / math.sqrt(MINILM_HIDDEN)            # 0.177 and 0.051 on MiniLM
+    assert down * 0.99 < score_range(weights, "down_weight") <= down
+    assert up * 0.99 < score_range(weights, "up_weight") <= up
+
+
+def test_lora_score_ranges_match_the_weights_layout():
+    """Reference: A-mask [r, hidden] -> 1/sqrt(hidden); B-mask [hidden, r] -> 1/sqrt(r)."""
+    weights, _ = propetl_weights("prototype=lora")
+    a, b = 1 / math.sqrt(MINILM_HIDDEN), 1 / math.sqrt(16)
+    assert a * 0.99 < score_range(weights, "query_A") <= a
+    assert b * 0.99 < score_range(weights, "value_B") <= b
+
+
+def test_prefix_scores_are_one_L_by_P_by_2h_tensor_and_embedding_starts_standard_normal():
+    weights, cfg = propetl_weights("prototype=prefix")
+    length = int(cfg.prototype.length)
+    bound = 1 / math.sqrt(length * 2 * MINILM_HIDDEN)                     # 0.0064 on MiniLM (P=32): 5.7x below 1/sqrt(2h)
+    assert bound * 0.99 < score_range(weights, "prefix") <= bound
+    assert weights.embedding.std().item() == pytest.approx(1.0, abs=0.05)  # nn.Embedding's N(0, 1), not N(0, 0.02^2)
+
+
+def test_multitask_overlay_keeps_three_tenths_of_each_mask():
+    """The reference's multi-task runs keep 0.3 of task and of layer masks; OR-combined about 0.51 survive."""
+    weights, cfg = propetl_weights("prototype=lora", "experiment=multitask", num_tasks=4)
+    assert float(cfg.mask.sparsity) == pytest.approx(0.7)
+    stack = weights.masks["query_A"]
+    n = MINILM_HIDDEN * 16
+    assert stack.tasks().sum(dim=1).sum().item() == 4 * ones_per_mask(n, 0.7)
+    combined = combine(stack.tasks()[0], stack.layers(), "or")
+    assert combined.mean().item() == pytest.approx(1 - 0.7 ** 2, abs=0.01)
+
+
+def test_prefix_embedding_std_is_a_knob():
+    """prototype.embedding_std=0.02 restores the small init (results/cpu: plain prefix-tuning diagnosis)."""
+    weights, _ = propetl_weights("prototype=prefix", "prototype.embedding_std=0.02")
+    assert weights.embedding.std().item() == pytest.approx(0.02, rel=0.05)
