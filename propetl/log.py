@@ -67,6 +67,9 @@ def summary_table(metrics: dict) -> str:
     for name, value in metrics["test"].items():
         lines.append(f"{name:<28}{_fmt(metrics['selection'].get(name)):>14}{_fmt(value):>14}")
     lines.append(f"{'GLUE score of the run':<28}{'':>14}{_fmt(metrics['glue_score']):>14}")
+    if "trivial" in metrics:
+        lines.append(f"{'trivial baseline (' + metrics['trivial']['rule'].split(' (')[0] + ')':<42}"
+                     f"{_fmt(metrics['trivial']['glue_score']):>14}")
     return _framed(lines + _storage_lines(storage, STORAGE_ROWS, ("storage", "without head", "with head")))
 
 

@@ -49,6 +49,22 @@ def compute(names: Sequence[str], predictions: np.ndarray, labels: np.ndarray) -
     return out
 
 
+def trivial_baseline(task: str, names: Sequence[str], train_labels: Sequence, test_labels: Sequence,
+                     regression: bool) -> dict:
+    """Where chance is: the test metrics of a predictor that ignores its input and always answers the
+    train split's majority class (classification) or mean score (regression; a constant has no
+    correlation, so Pearson/Spearman count as 0). Computed from the labels, never trained."""
+    train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
+    if regression:
+        constant, rule = float(train_labels.mean()), f"mean train score {float(train_labels.mean()):.3f}"
+    else:
+        values, counts = np.unique(train_labels, return_counts=True)
+        constant = values[counts.argmax()]
+        rule = f"majority class {int(constant)} of train ({counts.max() / counts.sum():.1%})"
+    test = compute(names, np.full(len(test_labels), constant), test_labels)
+    return {"rule": rule, "test": test, "glue_score": task_score(task, test)}
+
+
 def _finite(value: float) -> float:
     """Correlation of a constant prediction is undefined (nan): count it as 0."""
     return 0.0 if not np.isfinite(value) else float(value)

@@ -152,6 +152,8 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
         "selection_metric": task.selection_metric,
         "selection": result.best_selection, "test": test,
         "glue_score": glue_metrics.task_score(task.name, test),
+        "trivial": glue_metrics.trivial_baseline(task.name, list(task.metrics), splits["train"]["label"],
+                                                 splits["test"]["label"], regression),
         "storage": figures, **run_facts(cfg, result, started, device, ctx),
     }
     log.write_metrics(output_dir / "metrics.json", metrics)

@@ -62,3 +62,20 @@ def test_task_score_and_selection():
     assert metrics.selection_score({"accuracy": 0.8, "f1": 0.9, "combined": 0.85}, "combined") == 0.85
     with pytest.raises(ValueError, match="not one of"):
         metrics.compute(["bleu"], np.zeros(2), np.zeros(2))
+
+
+def test_trivial_baseline_majority_class_by_hand():
+    """Train majority is class 1 (3 of 5); on a test split of 4 with two 1s it scores 0.5 accuracy, F1 2/3."""
+    out = metrics.trivial_baseline("mrpc", ["accuracy", "f1"], [1, 1, 0, 1, 0], [1, 0, 0, 1], regression=False)
+    assert out["rule"].startswith("majority class 1")
+    assert out["test"]["accuracy"] == pytest.approx(0.5)
+    assert out["test"]["f1"] == pytest.approx(2 / 3)            # precision 1/2, recall 1
+    assert out["glue_score"] == pytest.approx((0.5 + 2 / 3) / 2)
+    cola = metrics.trivial_baseline("cola", ["matthews"], [0, 0, 1], [1, 0, 1], regression=False)
+    assert cola["test"]["matthews"] == 0.0                       # a constant answer has no correlation
+
+
+def test_trivial_baseline_mean_score_for_regression():
+    out = metrics.trivial_baseline("stsb", ["pearson", "spearman"], [1.0, 2.0, 4.5], [0.5, 3.0, 5.0], regression=True)
+    assert out["rule"] == "mean train score 2.500"
+    assert out["test"] == {"pearson": 0.0, "spearman": 0.0, "combined": 0.0}

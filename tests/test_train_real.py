@@ -1,6 +1,7 @@
 """Real few-step runs on real GLUE data with the embedded pre-trained MiniLM (marked slow: ~10-30 s each)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -18,13 +19,19 @@ def run(tmp_path, glue_dir, *overrides):
     return train(cfg, tmp_path), cfg
 
 
-@pytest.mark.parametrize("method,prototype", [("propetl", "lora"), ("petl", "adapter")])
+PEFT = pytest.param("peft", "lora", marks=pytest.mark.skipif(
+    importlib.util.find_spec("peft") is None, reason="method=peft needs the optional package peft: pip install 'propetl[peers]'"))
+
+
+@pytest.mark.parametrize("method,prototype", [("propetl", "lora"), ("petl", "adapter"), PEFT])
 def test_few_steps_on_rte(tmp_path, glue_dir, method, prototype):
     metrics, cfg = run(tmp_path, glue_dir, "task=rte", f"method={method}", f"prototype={prototype}", "trainer.max_steps=4")
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
     assert on_disk["test"] == metrics["test"] and 0.0 <= metrics["test"]["accuracy"] <= 1.0
     assert on_disk["steps"] == 4 and on_disk["train_examples"] == 32
     assert (on_disk["selection"].keys(), on_disk["test"].keys()) == ({"accuracy"}, {"accuracy"})
+    trivial = on_disk["trivial"]                      # always-majority on RTE's test half of dev
+    assert trivial["rule"].startswith("majority class") and 0.4 < trivial["test"]["accuracy"] < 0.6
     s = on_disk["storage"]
     assert s["file_bytes"] > 0 and s["backbone_params"] == 22_565_376          # MiniLM without pooler and classifier
     if method == "propetl":
@@ -32,6 +39,8 @@ def test_few_steps_on_rte(tmp_path, glue_dir, method, prototype):
         # LoRA r=16 on MiniLM: A [16, 384] and B [384, 16] for query and value, 6144 entries each, 6 layers;
         # sparsity 0.9 keeps 6144 - floor(0.9 * 6144) = 615 ones in every one of the 24 masks.
         assert (s["mask_entries"], s["mask_ones"]) == (24 * 6144, 24 * 615)
+    if method == "peft":    # PEFT's LoRA stores what our plain LoRA stores: A and B for query and value, 6 layers
+        assert s["stored_params"] == s["plain_petl_params"] == 24 * 6144 and s["storage_ratio_to_plain_petl"] == 1.0
 
     # the saved checkpoint predicts what the trained model predicted on the test split, merged or not
     for merge in (False, True):
