@@ -9,7 +9,8 @@ Counting (`account`):
 Writing (`save_checkpoint` / `load_checkpoint`): a folder with
     propetl.json            what to rebuild (model, method, prototype, mask, task)
     prototype.safetensors   method=propetl: the shared tensors, once   | petl.safetensors: per-layer stacks
-                            | backbone.safetensors: method=finetune
+                            | backbone.safetensors: method=finetune    | peft.safetensors: PEFT's lora_A /
+                            lora_B of every layer, under the model's parameter names (method=peft)
     masks.safetensors       every mask bit-packed (8 entries a byte), uint8
     head.safetensors        the task's classification head, apart so storage can be read with and without it
 Files are written under a temporary name and renamed: a crash never leaves a half-written checkpoint.
@@ -34,7 +35,8 @@ from propetl.masks import pack_bits, unpack_bits
 
 FORMAT_VERSION = 1
 CONFIG_FILE, MASKS_FILE, HEAD_FILE = "propetl.json", "masks.safetensors", "head.safetensors"
-DENSE_FILE = {"propetl": "prototype.safetensors", "petl": "petl.safetensors", "finetune": "backbone.safetensors"}
+DENSE_FILE = {"propetl": "prototype.safetensors", "petl": "petl.safetensors", "finetune": "backbone.safetensors",
+              "peft": "peft.safetensors"}
 
 
 class CheckpointError(Exception):
@@ -57,13 +59,22 @@ def count(parameters) -> int:
     return sum(p.numel() for p in unique_parameters(parameters))
 
 
+def dense_parameters(model: nn.Module, method: str, head_names: set[str]) -> dict[str, torch.Tensor]:
+    """Where a checkpoint's float tensors load into: the backbone (finetune), PEFT's LoRA pairs (peft),
+    the PETL store's parameters (petl, propetl)."""
+    if method == "finetune":
+        return {n: p for n, p in model.named_parameters() if n not in head_names}
+    if method == "peft":
+        return methods.peft_parameters(model)
+    return dict(methods.petl_weights(model).weights.items())
+
+
 def stored_dense_tensors(model: nn.Module, method: str, head_names: set[str]) -> dict[str, torch.Tensor]:
     """The float tensors a task keeps, without the head (ProPETL: the prototype once, as produced)."""
-    weights = methods.petl_weights(model)
-    if method == "finetune":
-        return {n: p.detach() for n, p in model.named_parameters() if n not in head_names}
+    if method in ("finetune", "peft"):
+        return {n: p.detach() for n, p in dense_parameters(model, method, head_names).items()}
     with torch.no_grad():
-        return {n: t.detach() for n, t in weights.base_tensors().items()}
+        return {n: t.detach() for n, t in methods.petl_weights(model).base_tensors().items()}
 
 
 def stored_masks(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -72,9 +83,10 @@ def stored_masks(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def backbone_params(model: nn.Module, head_names: set[str]) -> int:
-    """Parameters of the pre-trained backbone: everything but the head(s) and the PETL store."""
+    """Parameters of the pre-trained backbone: everything but the head(s) and the PETL store (or PEFT's LoRA)."""
+    added = methods.peft_parameters(model)
     return sum(p.numel() for n, p in model.named_parameters()
-               if n not in head_names and not n.startswith(methods.WEIGHTS_ATTRIBUTE + "."))
+               if n not in head_names and n not in added and not n.startswith(methods.WEIGHTS_ATTRIBUTE + "."))
 
 
 def plain_value(cfg, key: str):
@@ -269,21 +281,20 @@ def load_checkpoint(directory: Path) -> tuple[nn.Module, "OmegaConf"]:
 
     directory = Path(directory)
     cfg = OmegaConf.create(read_checkpoint_config(directory))
+    method = cfg.method.name
+    if method == "peft" and (missing := methods.peft_missing()):
+        raise CheckpointError(f"{directory}: {missing}")
     model = model_module.build(cfg, int(cfg.task.num_labels), for_training=False)
     head_names = model_module.head_parameter_names(model)
-    method = cfg.method.name
     dense, _ = read_safetensors(directory / DENSE_FILE[method])
     head, _ = read_safetensors(directory / HEAD_FILE)
     parameters = dict(model.named_parameters())
+    weights = methods.petl_weights(model)
     with torch.no_grad():
-        if method == "finetune":
-            _copy_into({n: parameters[n] for n in parameters if n not in head_names}, dense, directory / DENSE_FILE[method])
-        else:
-            weights = methods.petl_weights(model)
-            _copy_into(dict(weights.weights.items()), dense, directory / DENSE_FILE[method])
-            stores = {n: m for n, m in weights.mask_stores().items() if m.kind != "none"}
-            if stores:
-                _load_masks(stores, read_packed_masks(directory / MASKS_FILE), directory / MASKS_FILE)
+        _copy_into(dense_parameters(model, method, head_names), dense, directory / DENSE_FILE[method])
+        stores = {} if weights is None else {n: m for n, m in weights.mask_stores().items() if m.kind != "none"}
+        if stores:
+            _load_masks(stores, read_packed_masks(directory / MASKS_FILE), directory / MASKS_FILE)
         _copy_into({n: parameters[n] for n in head_names}, head, directory / HEAD_FILE)
     return model.eval(), cfg
 

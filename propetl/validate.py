@@ -7,7 +7,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from propetl.masks import COMBINES, MASK_KINDS
-from propetl.methods import METHODS, PROTOTYPES
+from propetl.methods import METHODS, PROTOTYPES, peft_missing
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "task", "prototype", "method", "mask", "trainer", "logger", "data", "experiment", "profile")
@@ -73,6 +73,12 @@ def validate(cfg) -> None:
     _one_of(cfg, "task.name", group_choices("task"))
     _one_of(cfg, "method.name", METHODS)
     _one_of(cfg, "prototype.name", tuple(PROTOTYPES))
+    if cfg.method.name == "peft":
+        _require(cfg.prototype.name == "lora", "prototype.name", cfg.prototype.name,
+                 "lora with method=peft (the PEFT reference row is LoRA only)")
+        missing = peft_missing()
+        if missing:
+            raise ConfigError(missing)
     _one_of(cfg, "mask.kind", MASK_KINDS)
     _number_in(cfg, "mask.sparsity", 0.0, 1.0)
     _positive_number(cfg, "mask.lr")
@@ -131,4 +137,6 @@ def validate(cfg) -> None:
     elif name == "prefix":
         _positive_int(cfg, "prototype.length")
         _positive_int(cfg, "prototype.mlp_hidden")
+        if "embedding_std" in cfg.prototype:
+            _positive_number(cfg, "prototype.embedding_std")
     _positive_number(cfg, "prototype.lr")

@@ -26,7 +26,7 @@ def propetl_train(tmp_path, *arguments, check=False):
 @pytest.mark.parametrize("argument,names", [
     ("task=nope", ["task=nope", "cola", "rte", "sst2"]),
     ("prototype=nope", ["prototype=nope", "adapter, lora, prefix"]),
-    ("method=nope", ["method=nope", "finetune, petl, propetl"]),
+    ("method=nope", ["method=nope", "finetune, peft, petl, propetl"]),
 ])
 def test_unknown_choice_is_one_line_and_writes_nothing(tmp_path, argument, names):
     result = propetl_train(tmp_path, argument)

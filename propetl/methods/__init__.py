@@ -1,10 +1,12 @@
-"""The methods registry: how a backbone becomes finetune / petl / propetl for a prototype.
+"""The methods registry: how a backbone becomes finetune / petl / propetl / peft for a prototype.
 
 Each prototype module (adapter, lora, prefix) provides
     specs(cfg, hidden) -> {name: TensorSpec}      the tensors of ONE layer's module
     attach(model, layers, weights, cfg)           wraps the backbone's layers so they read `weights`
     merge(layers, weights) -> weights | None      folds masks away for inference
 and optionally make_weights(...) when its tensors are produced rather than stored (prefix).
+method=peft (prototype lora only) is the reference row: PEFT's LoRA instead of ours, no PETL store
+(methods/peft_lora.py, imported only on its path: peft is optional).
 """
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ from propetl.methods import adapter, lora, prefix
 from propetl.methods.weights import LayerWeights
 
 PROTOTYPES = {"adapter": adapter, "lora": lora, "prefix": prefix}
-METHODS = ("propetl", "petl", "finetune")
+METHODS = ("propetl", "petl", "finetune", "peft")
 WEIGHTS_ATTRIBUTE = "petl_weights"        # where the store is registered on the model
+PEFT_MISSING = "method=peft needs the optional package peft: pip install 'propetl[peers]'"
 
 
 def make_weights(cfg, hidden: int, num_layers: int, for_training: bool = True, num_tasks: int = 0) -> LayerWeights:
@@ -32,13 +35,16 @@ def make_weights(cfg, hidden: int, num_layers: int, for_training: bool = True, n
 
 def attach(model: nn.Module, layers: nn.ModuleList, cfg, head_names: set[str], for_training: bool = True,
            num_tasks: int = 0):
-    """Freeze the backbone and insert the method. Returns the PETL store (None for finetune)."""
+    """Freeze the backbone and insert the method. Returns the PETL store (None for finetune and peft)."""
     if cfg.method.name == "finetune":
         for parameter in model.parameters():
             parameter.requires_grad_(True)
         return None
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name in head_names)
+    if cfg.method.name == "peft":
+        peft_module().attach(model, cfg.prototype, head_names)
+        return None
     weights = make_weights(cfg, model.config.hidden_size, len(layers), for_training, num_tasks)
     setattr(model, WEIGHTS_ATTRIBUTE, weights)
     PROTOTYPES[cfg.prototype.name].attach(model, layers, weights, cfg.prototype)
@@ -57,8 +63,40 @@ def petl_weights(model: nn.Module) -> LayerWeights | None:
     return getattr(model, WEIGHTS_ATTRIBUTE, None)
 
 
+def peft_missing() -> str | None:
+    """The one-line error for method=peft without the optional package peft; None when it is installed."""
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return PEFT_MISSING
+    return None
+
+
+def peft_module():
+    """propetl.methods.peft_lora, imported here only, on method=peft's path (not named peft_lora: importing the
+    submodule binds that name in this package)."""
+    missing = peft_missing()
+    if missing:
+        raise ImportError(missing)
+    from propetl.methods import peft_lora as module
+    return module
+
+
+def uses_peft(model: nn.Module) -> bool:
+    """True for a method=peft model (peft.inject_adapter_in_model sets `peft_config` on the model)."""
+    return hasattr(model, "peft_config")
+
+
+def peft_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """name -> PEFT's LoRA parameters of a method=peft model; {} for every other method."""
+    return peft_module().lora_parameters(model) if uses_peft(model) else {}
+
+
 def merge(model: nn.Module, layers: nn.ModuleList, prototype_name: str) -> None:
     """Fold masks into plain per-layer modules (LoRA: into the frozen weights). Predictions are unchanged."""
+    if uses_peft(model):
+        peft_module().merge(model)
+        return
     weights = petl_weights(model)
     if weights is None:
         return
