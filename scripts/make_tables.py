@@ -3,10 +3,18 @@
     python scripts/make_tables.py outputs/reproduce/cpu --out outputs/tables/cpu
     python scripts/make_tables.py results/cpu/runs --out results/cpu --title "cpu profile"
 
-Reads every metrics.json under the given folders; writes runs.csv (one line a run), table.md (the
-paper's Table 1 shape, mean ± std over seeds, the paper's ProPETL rows beside ours, ProPETL − PETL
-differences), rows.json, and PNG plots: metric against storage per task, the sparsity sweep (when
-there is one), and the Hamming distances between one run's layer masks (when a checkpoint is there).
+Reads every metrics.json under the given folders (a run's experiment from its folder, e.g.
+<experiment>/<run>/, or its .hydra/config.yaml); one run per (task, method, prototype, mask kind,
+mask sparsity, seed), table1's copy first. Writes
+  runs.csv    one line a run (every run read);
+  table.md    Table 1 (table1's runs: mean ± std over seeds, the computed trivial baseline row, HF PEFT's
+              LoRA beside ours, the paper's ProPETL rows), ProPETL − PETL differences, paired differences
+              over seeds with 95% t-intervals (ProPETL − PETL, HF PEFT − ours, learned − random/none
+              masks), the sparsity sweep and the mask ablation (pooled with table1's runs);
+  paired.csv  the paired differences, machine-readable;
+  rows.json   Table 1's rows;
+  PNG plots   metric against storage per task, the sparsity sweep and the mask ablation (when there are
+              some), the Hamming distances between one run's layer masks (when a checkpoint is there).
 """
 from __future__ import annotations
 

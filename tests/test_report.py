@@ -1,4 +1,5 @@
 """The aggregator (scripts/make_tables.py, propetl.report) on hand-written metrics.json files."""
+import csv
 import json
 import statistics
 import subprocess
@@ -20,14 +21,16 @@ FULL = {"cola": {"matthews": 0.50}, "sst2": {"accuracy": 0.90}, "mrpc": {"accura
 
 
 def write_run(root: Path, name: str, task: str, method: str, prototype: str, seed: int, test: dict,
-              sparsity=0.5, kind="learned", file_bytes=1000):
+              sparsity=0.5, kind="learned", file_bytes=1000, trivial=None):
     folder = root / name
     folder.mkdir(parents=True)
     storage = {"backbone_params": 1000, "trainable_params": 10, "stored_params": 5, "mask_entries": 64,
-               "storage_bytes": 28, "file_bytes": file_bytes, "storage_percent_of_backbone": 0.5,
+               "storage_bytes": 28, "file_bytes": file_bytes, "storage_percent_of_backbone": 0.1 if method == "propetl" else 0.5,
                "storage_ratio_to_plain_petl": 0.2 if method == "propetl" else 1.0}
     metrics = {"task": task, "model": "minilm", "method": method, "prototype": prototype, "mask_kind": kind,
                "mask_sparsity": sparsity, "seed": seed, "test": test, "storage": storage, "epochs_run": 2}
+    if trivial:
+        metrics["trivial"] = trivial
     (folder / "metrics.json").write_text(json.dumps(metrics))
     return folder
 
@@ -102,8 +105,8 @@ def test_make_tables_script_writes_everything(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "make_tables.py"), str(runs), "--out", str(out)],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert {p.name for p in out.iterdir()} == {"runs.csv", "table.md", "rows.json", "metric_vs_storage.png",
-                                              "sparsity_sweep.png"}
+    assert {p.name for p in out.iterdir()} == {"runs.csv", "table.md", "rows.json", "paired.csv",
+                                              "metric_vs_storage.png", "sparsity_sweep.png"}
     assert len((out / "runs.csv").read_text().splitlines()) == 1 + 6
     assert "ProPETL-LoRA (s=0.9)" in (out / "table.md").read_text()
 
@@ -141,6 +144,8 @@ def test_collect_results_keeps_metrics_and_mask_bits_only(tmp_path):
     run = write_run(source, "method=propetl,prototype=lora,seed=1,task=rte", "rte", "propetl", "lora", 1,
                     {"accuracy": 0.6})
     write_run(source, "method=petl,prototype=lora,seed=1,task=rte", "rte", "petl", "lora", 1, {"accuracy": 0.5})
+    write_run(tmp_path / "outputs" / "ablation_masks", "mask.kind=random,prototype=lora,seed=1,task=rte", "rte", "propetl",
+              "lora", 1, {"accuracy": 0.55}, kind="random")
     (source / "unfinished").mkdir()
     (source / "unfinished" / "train.log").write_text("cut off")
     (run / "checkpoint").mkdir()
@@ -156,7 +161,164 @@ def test_collect_results_keeps_metrics_and_mask_bits_only(tmp_path):
     assert kept == {"table1/method-propetl_prototype-lora_seed-1_task-rte/metrics.json",
                     "table1/method-propetl_prototype-lora_seed-1_task-rte/checkpoint/propetl.json",
                     "table1/method-propetl_prototype-lora_seed-1_task-rte/checkpoint/masks.safetensors",
-                    "table1/method-petl_prototype-lora_seed-1_task-rte/metrics.json"}
-    assert (out / "table.md").is_file() and len((out / "runs.csv").read_text().splitlines()) == 3
+                    "table1/method-petl_prototype-lora_seed-1_task-rte/metrics.json",
+                    "ablation_masks/mask.kind-random_prototype-lora_seed-1_task-rte/metrics.json"}
+    assert (out / "table.md").is_file() and len((out / "runs.csv").read_text().splitlines()) == 4
+    paired = (out / "paired.csv").read_text()                     # paired statistics and the new plots carried
+    assert "ProPETL − PETL,minilm,rte,lora" in paired and "learned − random,minilm,rte,lora" in paired
+    assert (out / "mask_ablation.png").stat().st_size > 1000
     assert (out / "mask_hamming.png").stat().st_size > 1000
     assert str(tmp_path) not in (out / "runs.csv").read_text()          # paths relative to the results folder
+
+
+# ----------------------------------------------------------------------------- trustworthy tables
+
+def test_paired_t_interval_over_seeds_has_the_known_answer():
+    """Differences [1, 2, 3]: mean 2, sd 1, n 3, t(0.975, 2) = 4.302653 -> 2 ± 2.484, which includes 0."""
+    result = report.paired_interval([1.0, 2.0, 3.0])
+    assert result["n"] == 3 and result["mean_diff"] == pytest.approx(2.0) and result["sd_diff"] == pytest.approx(1.0)
+    assert result["t_crit"] == pytest.approx(4.302653, abs=1e-6)
+    assert result["half_width"] == pytest.approx(2.484, abs=1e-3)
+    assert (result["ci_low"], result["ci_high"]) == (pytest.approx(-0.484, abs=1e-3), pytest.approx(4.484, abs=1e-3))
+    assert result["excludes_zero"] is False
+    shifted = report.paired_interval([2.0, 3.0, 4.0])                          # 3 ± 2.484: [0.516, 5.484]
+    assert shifted["ci_low"] == pytest.approx(0.516, abs=1e-3) and shifted["excludes_zero"] is True
+    assert report.paired_interval([-4.0, -3.0, -2.0])["excludes_zero"] is True
+    one = report.paired_interval([1.5])                                        # n < 2: the mean, no interval
+    assert one["mean_diff"] == 1.5 and one["ci_low"] is None and one["excludes_zero"] is None
+
+
+def test_pairs_are_made_by_seed(tmp_path):
+    """A seed present on one side only is left out; the differences are taken seed by seed, not sorted."""
+    for seed, (plain, pro) in {42: (0.80, 0.81), 43: (0.70, 0.72), 44: (0.90, 0.93)}.items():
+        write_run(tmp_path, f"p{seed}", "sst2", "petl", "lora", seed, {"accuracy": plain})
+        write_run(tmp_path, f"q{seed}", "sst2", "propetl", "lora", seed, {"accuracy": pro}, sparsity=0.9)
+    write_run(tmp_path, "p45", "sst2", "petl", "lora", 45, {"accuracy": 0.10})
+    runs = report.load_runs([tmp_path])
+    [result] = report.paired_comparisons(runs, runs)
+    assert result["comparison"] == "ProPETL − PETL" and result["seeds"] == [42, 43, 44] and result["n"] == 3
+    assert result["mean_diff"] == pytest.approx(2.0) and result["half_width"] == pytest.approx(2.484, abs=1e-3)
+    assert result["mean_b"] == pytest.approx(80.0)                              # seed 45 not in the mean either
+
+
+SEEDS = (42, 43, 44)
+TRIVIAL = {"sst2": {"rule": "majority class 1 of train (55.8%)", "test": {"accuracy": 0.5092}, "glue_score": 0.5092},
+           "stsb": {"rule": "mean train score 2.700", "test": {"pearson": 0.0, "spearman": 0.0, "combined": 0.0},
+                    "glue_score": 0.0}}
+
+
+def _test_numbers(task: str, value: float) -> dict:
+    return {"accuracy": value} if task == "sst2" else {"pearson": value, "spearman": value - 0.02}
+
+
+def write_reproduction(root: Path) -> Path:
+    """A cpu-profile-shaped reproduction on SST-2 and STS-B, 3 seeds: table1 (PETL, ProPETL x LoRA and
+    adapter, HF PEFT LoRA, fine-tuning), a sparsity sweep of ProPETL-LoRA at 0.5/0.7 whose 0.9 point is
+    table1's (plus one stray duplicate of a table1 run), a mask ablation (random, none) at 0.9."""
+    for task in ("sst2", "stsb"):
+        common = {"trivial": TRIVIAL[task]}
+        for i, seed in enumerate(SEEDS):
+            name = f"seed-{seed}_task-{task}"
+            write_run(root / "table1", f"petl-lora_{name}", task, "petl", "lora", seed, _test_numbers(task, 0.80 + i / 100), **common)
+            write_run(root / "table1", f"propetl-lora_{name}", task, "propetl", "lora", seed,   # differences 1, 2, 3
+                      _test_numbers(task, 0.81 + 2 * i / 100), sparsity=0.9, **common)
+            write_run(root / "table1", f"petl-adapter_{name}", task, "petl", "adapter", seed, _test_numbers(task, 0.80), **common)
+            write_run(root / "table1", f"propetl-adapter_{name}", task, "propetl", "adapter", seed,   # 2, 3, 4
+                      _test_numbers(task, 0.82 + i / 100), **common)
+            write_run(root / "table1", f"peft-lora_{name}", task, "peft", "lora", seed, _test_numbers(task, 0.79 + i / 100), **common)
+            for s in (0.5, 0.7):
+                write_run(root / "sparsity_sweep", f"s-{s}_{name}", task, "propetl", "lora", seed,
+                          _test_numbers(task, 0.70 + s / 10), sparsity=s, **common)
+            for kind, value in (("random", 0.75), ("none", 0.60)):
+                write_run(root / "ablation_masks", f"{kind}_{name}", task, "propetl", "lora", seed,
+                          _test_numbers(task, value + i / 100), sparsity=0.9, kind=kind, **common)
+        write_run(root / "table1", f"finetune_{task}", task, "finetune", "adapter", 42, _test_numbers(task, 0.9), **common)
+    # the sweep repeating table1's ProPETL-LoRA sst2 seed 42 at 0.9 (a stray extra run): counted once, table1's copy
+    write_run(root / "sparsity_sweep", "s-0.9_seed-42_task-sst2", "sst2", "propetl", "lora", 42, {"accuracy": 0.10},
+              sparsity=0.9, trivial=TRIVIAL["sst2"])
+    return root
+
+
+def _table_row(table: str, label: str) -> str:
+    return next(line for line in table.splitlines() if line.startswith(f"| {label} |"))
+
+
+def _paired_rows(out: Path) -> list[dict]:
+    return list(csv.DictReader((out / "paired.csv").open()))
+
+
+def test_report_of_a_reproduction_trivial_peft_paired_sweep_and_plots(tmp_path):
+    out = tmp_path / "tables"
+    written = report.build([write_reproduction(tmp_path / "runs")], out, "cpu")
+    table = (out / "table.md").read_text()
+    table1 = table.split("## Paired")[0]
+    # the trivial baseline: computed from `trivial`, no run counted, its rule stated
+    trivial = _table_row(table1, "Trivial baseline (majority / mean)")
+    assert "| 50.92 | 0.00/0.00 |" in trivial and trivial.endswith("| computed |")
+    assert "majority class 1 of train (55.8%)" in table1 and "mean train score 2.700" in table1
+    # HF PEFT's LoRA right after our LoRA; Table 1 holds table1's runs only (no sweep, no ablation rows)
+    labels = [line.split(" | ")[0][2:] for line in table1.splitlines() if line.startswith("| ") and "---" not in line]
+    assert labels.index("LoRA (HF PEFT)") == labels.index("LoRA") + 1
+    assert _table_row(table1, "ProPETL-LoRA").split(" | ")[-1] == "6 |"
+    assert not any("s=" in label or "random" in label or "none" in label for label in labels)
+    # *paper* rows kept
+    assert "| *ProPETL-LoRA (paper)* |" in table1
+    # paired: ProPETL − PETL differences 1, 2, 3 (LoRA: no) and 2, 3, 4 (adapter: yes), HF PEFT, the ablation
+    rows = {(r["comparison"], r["task"], r["prototype"], r["metric"]): r for r in _paired_rows(out)}
+    lora = rows[("ProPETL − PETL", "sst2", "lora", "glue_score")]
+    assert (lora["n"], lora["seeds"], lora["excludes_zero"]) == ("3", "42 43 44", "no")
+    assert float(lora["mean_diff"]) == pytest.approx(2.0, abs=1e-3) and float(lora["ci_low"]) == pytest.approx(-0.484, abs=1e-3)
+    assert float(lora["ci_high"]) == pytest.approx(4.484, abs=1e-3)
+    adapter = rows[("ProPETL − PETL", "sst2", "adapter", "glue_score")]
+    assert float(adapter["ci_low"]) == pytest.approx(0.516, abs=1e-3) and adapter["excludes_zero"] == "yes"
+    assert float(rows[("LoRA (HF PEFT) − LoRA", "sst2", "lora", "glue_score")]["mean_diff"]) == pytest.approx(-1.0)
+    assert float(rows[("learned − random", "sst2", "lora", "glue_score")]["mean_diff"]) == pytest.approx(83.0 - 76.0)
+    assert rows[("learned − none", "stsb", "lora", "glue_score")]["n"] == "3"
+    assert {m for (_, task, _, m) in rows if task == "stsb"} == {"glue_score", "pearson", "spearman"}
+    assert "paired t-interval over seeds" in table
+    assert "| ProPETL − PETL | SST-2 | LoRA | 0.9 | GLUE score | 3 | 42 43 44 | 83.00 | 81.00 | +2.00 | 2.48 | [-0.48, +4.48] | no |" in table
+    # the sweep pools table1's ProPETL-LoRA at 0.9 (3 seeds, the stray sweep duplicate counted once, table1's kept)
+    sweep = table.split("## Sparsity sweep")[1].split("## Mask ablation")[0]
+    assert "| SST-2 | ProPETL-LoRA | 75.00±0.00 (n=3) | 77.00±0.00 (n=3) | 83.00±2.00 (n=3) | 81.00±1.00 (n=3) |" in sweep
+    assert "1 repeating" in table.splitlines()[2]
+    ablation = table.split("## Mask ablation")[1]
+    assert "| SST-2 | ProPETL-LoRA | 0.9 | 83.00±2.00 (n=3) | 76.00±1.00 (n=3) | 61.00±1.00 (n=3) |" in ablation
+    # plots
+    for name in ("metric_vs_storage", "sparsity_sweep", "mask_ablation"):
+        assert written[name].stat().st_size > 1000
+    assert len((out / "runs.csv").read_text().splitlines()) == 1 + 2 * (3 * 9 + 1) + 1
+
+
+def test_a_sweep_sharing_table1_runs_keeps_the_lora_comparison(tmp_path):
+    """Regression: with sweep runs at other sparsities beside table1's ProPETL-LoRA, Table 1's row used to
+    become 'ProPETL-LoRA (s=0.9)' and the ProPETL − PETL table lost its LoRA line."""
+    runs = tmp_path / "runs"
+    for seed in SEEDS:
+        write_run(runs / "table1", f"petl_{seed}", "sst2", "petl", "lora", seed, {"accuracy": 0.80})
+        write_run(runs / "table1", f"propetl_{seed}", "sst2", "propetl", "lora", seed, {"accuracy": 0.82}, sparsity=0.9)
+        write_run(runs / "sparsity_sweep", f"s05_{seed}", "sst2", "propetl", "lora", seed, {"accuracy": 0.7}, sparsity=0.5)
+        write_run(runs / "ablation_masks", f"random_{seed}", "sst2", "propetl", "lora", seed, {"accuracy": 0.7},
+                  sparsity=0.9, kind="random")
+    report.build([runs], tmp_path / "out")
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| LoRA | +2.00 | 0.200 |" in table
+    assert _table_row(table, "ProPETL-LoRA").endswith("| 3 |")
+    assert "ProPETL-LoRA (s=" not in table.split("## Paired")[0]
+    assert (tmp_path / "out" / "sparsity_sweep.png").is_file() and (tmp_path / "out" / "mask_ablation.png").is_file()
+
+
+def test_distinct_runs_keep_table1s_copy(tmp_path):
+    write_run(tmp_path / "sparsity_sweep", "a", "sst2", "propetl", "lora", 42, {"accuracy": 0.1}, sparsity=0.9)
+    write_run(tmp_path / "table1", "b", "sst2", "propetl", "lora", 42, {"accuracy": 0.8}, sparsity=0.9)
+    write_run(tmp_path / "table1", "c", "sst2", "propetl", "lora", 43, {"accuracy": 0.8}, sparsity=0.9)
+    runs = report.load_runs([tmp_path])
+    assert sorted(r["experiment"] for r in runs) == ["sparsity_sweep", "table1", "table1"]
+    kept = report.distinct_runs(runs)
+    assert len(kept) == 2 and {r["experiment"] for r in kept} == {"table1"}
+
+
+def test_experiment_from_the_composed_config(tmp_path):
+    folder = write_run(tmp_path / "elsewhere", "x", "sst2", "propetl", "lora", 42, {"accuracy": 0.5})
+    (folder / ".hydra").mkdir()
+    (folder / ".hydra" / "config.yaml").write_text("reproduce:\n  experiment: sparsity_sweep\n  profile: cpu\n")
+    assert report.load_runs([tmp_path])[0]["experiment"] == "sparsity_sweep"
