@@ -6,14 +6,14 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 PROFILE ?= cpu
 
-.PHONY: help install link-data test test-fast train reproduce-tables results tables bench clean-outputs
+.PHONY: help install link-data test test-fast train reproduce-tables results tables device-reproduce device-results bench clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
 
-install:  ## install torch (CPU wheel 2.13.0), propetl and its test tools; link the local GLUE data
+install:  ## install torch (CPU wheel 2.13.0), propetl, its test tools and peft (method=peft); link the local GLUE data
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e '.[dev]'
+	$(PIP) install -e '.[dev,peers]'
 	@$(MAKE) --no-print-directory link-data
 
 link-data:  ## link a local GLUE folder to data/glue ($$PROPETL_DATA_DIR or ../shared/data/glue)
@@ -31,11 +31,18 @@ train:  ## one run with the defaults (ProPETL-adapter on RTE); pass ARGS="task=m
 reproduce-tables:  ## run the paper's experiments (PROFILE=cpu|gpu|paper), then `make tables`; re-run to continue
 	$(PYTHON) scripts/reproduce.py --profile $(PROFILE)
 
-results:  ## copy the small evidence of outputs/reproduce/$(PROFILE) into results/$(PROFILE) and build its tables there
-	$(PYTHON) scripts/collect_results.py --profile $(PROFILE)
+results:  ## copy the small evidence of outputs/reproduce/$(PROFILE) (or SOURCE=folder) into results/$(PROFILE) and build its tables there
+	$(PYTHON) scripts/collect_results.py --profile $(PROFILE) $(if $(SOURCE),--source $(SOURCE))
 
 tables:  ## rebuild tables and plots from outputs/reproduce/$(PROFILE) into outputs/tables/$(PROFILE) (seconds)
 	$(PYTHON) scripts/make_tables.py outputs/reproduce/$(PROFILE) --out outputs/tables/$(PROFILE) --title "profile $(PROFILE)"
+
+device-reproduce:  ## the gpu reproduction on a lent GPU in parts (PART="a1 a2" | a | all; SMOKE=1: every part briefly, on this CPU)
+	bash scripts/device_reproduce.sh $(or $(PART),all) $(if $(SMOKE),--smoke)
+
+device-results:  ## unpack a lent GPU's runs (ARCHIVE=.../gpu-runs.tar.gz) into outputs/, then `make results PROFILE=gpu`
+	$(PYTHON) scripts/pack_runs.py unpack $(ARCHIVE) outputs
+	$(PYTHON) scripts/collect_results.py --profile gpu
 
 bench:  ## step-time benchmark: propetl against petl per prototype, and merged inference
 	$(PYTHON) scripts/bench_step.py

