@@ -136,6 +136,8 @@ def test_cpu_profile_is_sized_for_learnable_tasks(prototype):
     assert cfg.data.max_train_examples == 6000 and cfg.trainer.epochs == 1 and cfg.trainer.batch_size == 32
     assert cfg.mask.sparsity == 0.5 and list(cfg.reproduce.tasks) == ["stsb", "sst2"]
     assert compose_cfg(["profile=cpu", f"prototype={prototype}", "mask.sparsity=0.9"]).mask.sparsity == 0.9
+    finetune = compose_cfg(["profile=cpu", "method=finetune"]).trainer
+    assert (finetune.lr, finetune.head_lr) == (2e-5, 1e-3)          # a fresh head needs more than 2e-5 in one epoch
 
 
 def test_reproduce_plan_is_valid_command_lines():
