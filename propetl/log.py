@@ -17,6 +17,17 @@ STORAGE_ROWS = (
     ("% of backbone", "storage_percent_of_backbone", "storage_percent_of_backbone_with_head"),
     ("ratio to plain PETL", "storage_ratio_to_plain_petl", "storage_ratio_to_plain_petl_with_head"),
 )
+# As written (storage.coding_figures / file_figures): dense tensors in storage.dtype, masks in each coding.
+CODING_ROWS = (
+    ("mask bits/entry, file", "file_mask_bits_per_entry"),
+    ("mask bits/entry, bits", "mask_bits_per_entry/bits"),
+    ("mask bits/entry, entropy", "mask_bits_per_entry/entropy"),
+    ("mask bits/entry, log2 C(n,k)", "mask_bits_per_entry_bound"),
+    ("ratio to PETL, files", "file_ratio_to_plain_petl"),
+    ("ratio to PETL, bits", "storage_ratio_to_plain_petl/bits"),
+    ("ratio to PETL, entropy", "storage_ratio_to_plain_petl/entropy"),
+    ("ratio to PETL, log2 C(n,k)", "storage_ratio_to_plain_petl/bound"),
+)
 
 
 def start_wandb(cfg, output_dir: Path, run_id: str | None = None, enabled: bool = True):
@@ -70,7 +81,16 @@ def summary_table(metrics: dict) -> str:
     if "trivial" in metrics:
         lines.append(f"{'trivial baseline (' + metrics['trivial']['rule'].split(' (')[0] + ')':<42}"
                      f"{_fmt(metrics['trivial']['glue_score']):>14}")
-    return _framed(lines + _storage_lines(storage, STORAGE_ROWS, ("storage", "without head", "with head")))
+    return _framed(lines + _storage_lines(storage, STORAGE_ROWS, ("storage", "without head", "with head"))
+                   + _coding_lines(storage, CODING_ROWS))
+
+
+def _coding_lines(storage: dict, rows) -> list[str]:
+    """The storage as written: masks coded `mask_coding`, dense tensors in `dtype`; ratios to plain PETL in that dtype."""
+    if "mask_coding" not in storage:
+        return []
+    lines = ["", f"{'as written: masks ' + storage['mask_coding'] + ', dense ' + storage['dtype']:<42}{'without head':>14}"]
+    return lines + [f"{label:<42}{_fmt(storage.get(key)):>14}" for label, key in rows if storage.get(key) is not None]
 
 
 def _storage_lines(storage: dict, rows, heading: tuple[str, str, str]) -> list[str]:
@@ -94,6 +114,8 @@ MULTITASK_STORAGE_ROWS = (
     ("plain PETL, per task", "plain_petl_bytes_per_task", None),
     ("files on disk", "file_bytes", "file_bytes_with_heads"),
 )
+MULTITASK_CODING_ROWS = tuple((label.replace("ratio to PETL", "amortised ratio"), key.replace("storage_ratio", "amortised_ratio")
+                               .replace("file_ratio", "file_amortised_ratio")) for label, key in CODING_ROWS)
 
 
 def multitask_summary_table(metrics: dict) -> str:
@@ -111,4 +133,5 @@ def multitask_summary_table(metrics: dict) -> str:
         for name, value in result["test"].items():
             lines.append(f"{task + ' ' + name:<28}{_fmt(result['selection'].get(name)):>14}{_fmt(value):>14}")
     lines.append(f"{'mean test score':<28}{'':>14}{_fmt(metrics['mean_test_score']):>14}")
-    return _framed(lines + _storage_lines(storage, MULTITASK_STORAGE_ROWS, ("storage, bytes", "without heads", "with heads")))
+    return _framed(lines + _storage_lines(storage, MULTITASK_STORAGE_ROWS, ("storage, bytes", "without heads", "with heads"))
+                   + _coding_lines(storage, MULTITASK_CODING_ROWS))

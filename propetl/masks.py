@@ -6,13 +6,13 @@ straight through to the scores (edge-popup supermasks, as in the ProPETL referen
 `sparsity` is the fraction of ZEROS; the reference's `sparsity` is the fraction kept.
 
 Masks of all layers for one prototype weight are stored stacked, scores [L, *shape], so one batched
-top-k per step binarises every layer. Bit packing (8 entries a byte) and mask statistics are here too.
+top-k per step binarises every layer. Mask statistics are here too; how masks are written (bit packing,
+entropy coding) is propetl/mask_coding.py.
 """
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -203,21 +203,6 @@ def invalidate_all(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, LayerMasks):
             module.invalidate()
-
-
-# ----------------------------------------------------------------------------- bit packing
-
-def pack_bits(masks: torch.Tensor) -> torch.Tensor:
-    """Binary tensor -> uint8 tensor of ceil(n / 8) bytes (8 entries a byte, big-endian bit order)."""
-    bits = masks.detach().reshape(-1).to(torch.bool).cpu().numpy()
-    return torch.from_numpy(np.packbits(bits))
-
-
-def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Inverse of pack_bits: a float tensor of 0/1 with `shape`."""
-    n = math.prod(shape)
-    bits = np.unpackbits(packed.cpu().numpy(), count=n)
-    return torch.from_numpy(bits.astype(np.float32)).view(*shape)
 
 
 # ----------------------------------------------------------------------------- statistics

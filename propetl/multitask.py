@@ -243,7 +243,7 @@ def train_multitask(cfg: DictConfig, output_dir: Path) -> dict:
         return {"tasks": per_task}
     if cfg.trainer.save_weights:
         storage.save_multitask(model, cfg, output_dir / "checkpoint")
-        figures.update(storage.multitask_file_sizes(output_dir / "checkpoint"))
+        figures.update(storage.file_figures(output_dir / "checkpoint", figures))
 
     # 5. report
     metrics = {

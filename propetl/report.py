@@ -27,7 +27,7 @@ from scipy import stats as scipy_stats
 
 from propetl import masks as mask_ops
 from propetl.metrics import GLUE_NUMBERS, glue_average, task_score
-from propetl.storage import MASKS_FILE, atomic_write_text, read_safetensors
+from propetl.storage import MASKS_FILE, atomic_write_text, read_masks
 
 TASK_TITLES = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC acc/F1", "qqp": "QQP acc/F1", "stsb": "STS-B P/S",
                "mnli": "MNLI", "qnli": "QNLI", "rte": "RTE"}
@@ -50,6 +50,11 @@ RUN_FIELDS = ("task", "model", "method", "prototype", "mask_kind", "mask_sparsit
               "best_epoch", "epochs_run", "steps", "glue_score", "train_seconds", "wall_seconds", "world_size")
 STORAGE_FIELDS = ("trainable_params", "stored_params", "mask_entries", "storage_bytes", "file_bytes",
                   "storage_percent_of_backbone", "storage_ratio_to_plain_petl", "backbone_params")
+# Storage as written (storage.coding_figures, storage.file_figures): masks per coding, dense tensors in storage.dtype.
+CODING_FIELDS = ("dtype", "mask_coding", "file_mask_bits_per_entry", "mask_bits_per_entry/bits", "mask_bits_per_entry/entropy",
+                 "mask_bits_per_entry_bound", "file_ratio_to_plain_petl", "storage_ratio_to_plain_petl/bits",
+                 "storage_ratio_to_plain_petl/entropy", "storage_ratio_to_plain_petl/bound")
+STORAGE_FIELDS += CODING_FIELDS
 
 # The overlays of conf/experiment/. The sweep and the ablation are not Table 1: their points at table1's
 # settings (the prototype's default sparsity, learned masks) are table1's runs, pooled in.
@@ -562,6 +567,26 @@ def ablation_table(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def coding_table(runs: list[dict]) -> str:
+    """ProPETL runs that logged storage per mask coding (format 2), one line per (model, prototype, sparsity,
+    dtype, written coding); '' without any."""
+    keep = lambda r: r["method"] == "propetl" and "mask_bits_per_entry_bound" in r["storage"]     # noqa: E731
+    groups = _group(runs, keep, ("model", "task", "prototype", "mask_sparsity"))
+    if not groups:
+        return ""
+    models = {key[0] for key in groups}
+    lines = ["| Task | Prototype | s | dtype | written | bits/entry: file | bits | entropy | log2 C(n,k) "
+             "| ratio: files | bits | entropy | log2 C(n,k) | runs |", "|" + "---|" * 14]
+    for (model, task, prototype, sparsity), members in groups.items():
+        for written in sorted({(r["storage"].get("dtype"), r["storage"].get("mask_coding")) for r in members}, key=str):
+            same = [r["storage"] for r in members if (r["storage"].get("dtype"), r["storage"].get("mask_coding")) == written]
+            lines.append(f"| {_prefix(model, models)}{TASK_TITLES.get(task, task)} | ProPETL-{PROTOTYPE_TITLES.get(prototype, prototype)} "
+                         f"| {_sparsity(sparsity)} | {written[0]} | {written[1]} | "
+                         + " | ".join(_number(_mean(s.get(k) for s in same), ".4f") for k in CODING_FIELDS[2:])
+                         + f" | {len(same)} |")
+    return "\n".join(lines) + "\n"
+
+
 def report_markdown(found: list[dict], runs: list[dict], rows: list[dict], comparisons: list[dict], title: str = "") -> str:
     """table.md: Table 1, ProPETL − PETL, the paired statistics, the sparsity sweep and the mask ablation.
     `found`: every run read; `runs`: one per configuration (distinct_runs)."""
@@ -587,6 +612,10 @@ def report_markdown(found: list[dict], runs: list[dict], rows: list[dict], compa
         text += ("\n## Sparsity sweep\n\nProPETL with learned masks, GLUE score x100, mean ± std over seeds (n): the "
                  "sparsity_sweep runs pooled with table1's (the point at each prototype's default sparsity), each "
                  "configuration and seed counted once.\n\n" + sweep)
+    if coding := coding_table(pooled):
+        text += ("\n## Storage by mask coding\n\nProPETL as written, mean over runs: bits per mask entry of the masks file "
+                 "(header included), of each coding, and the information bound log2 C(n,k) per entry; the ratio to plain "
+                 "PETL (same dtype, head excluded) of the files and of each coding.\n\n" + coding)
     if ablation := ablation_table(pooled):
         text += ("\n## Mask ablation\n\nProPETL with learned, fixed random and no (all-ones) masks at the same "
                  "sparsity, GLUE score x100, mean ± std over seeds (n); the learned runs pooled with table1's.\n\n" + ablation)
@@ -742,13 +771,11 @@ def plot_mask_ablation(runs: list[dict], path: Path) -> Path | None:
 
 
 def layer_masks(checkpoint_dir: Path):
-    """[L, entries] 0/1: every mask tensor of a checkpoint unpacked, one row per layer."""
+    """[L, entries] 0/1: every mask tensor of a checkpoint decoded (either mask coding), one row per layer."""
     import torch
 
-    packed, metadata = read_safetensors(Path(checkpoint_dir) / MASKS_FILE)
-    shapes = json.loads(metadata.get("shapes", "{}"))
-    flat = [mask_ops.unpack_bits(packed[name], tuple(shapes[name])) for name in sorted(packed)]
-    return torch.cat([m.reshape(m.shape[0], -1) for m in flat], dim=1)
+    decoded = read_masks(Path(checkpoint_dir) / MASKS_FILE)
+    return torch.cat([decoded[name].reshape(decoded[name].shape[0], -1) for name in sorted(decoded)], dim=1)
 
 
 def layer_mask_hamming(checkpoint_dir: Path):

@@ -5,14 +5,19 @@ Counting (`account`):
   - stored parameters: the 32-bit floats a task must keep (ProPETL: the prototype ONCE; plain PETL:
     every layer's module; finetune: the whole backbone), plus mask bits (1 bit per mask entry);
   - bits, bytes, fp32-equivalent parameters, % of the backbone, and the ratio to plain PETL of the
-    same prototype, each with and without the head.
+    same prototype, each with and without the head (the paper's arithmetic: fp32 + 1 bit an entry);
+  - as written: the dense tensors in `storage.dtype`, the masks in each coding of mask_coding (`bits`,
+    `entropy`), their information bound log2 C(n, k), bits per mask entry and the ratio to plain PETL
+    stored in the same dtype (`coding_figures`); `file_figures` reads the same off the written files.
 Writing (`save_checkpoint` / `load_checkpoint`): a folder with
-    propetl.json            what to rebuild (model, method, prototype, mask, task)
+    propetl.json            what to rebuild (model, method, prototype, mask, task) and how it is stored
     prototype.safetensors   method=propetl: the shared tensors, once   | petl.safetensors: per-layer stacks
                             | backbone.safetensors: method=finetune    | peft.safetensors: PEFT's lora_A /
                             lora_B of every layer, under the model's parameter names (method=peft)
-    masks.safetensors       every mask bit-packed (8 entries a byte), uint8
+    masks.safetensors       every mask, coded as `storage.mask_coding` says (propetl/mask_coding.py)
     head.safetensors        the task's classification head, apart so storage can be read with and without it
+Dense tensors are written in `storage.dtype` (fp32, bf16, fp16) and loaded back as fp32. Format 2 (this
+one) adds the coded masks file and the dtype; format-1 checkpoints (bit-packed masks, fp32) still load.
 Files are written under a temporary name and renamed: a crash never leaves a half-written checkpoint.
 """
 from __future__ import annotations
@@ -30,10 +35,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from propetl import methods
-from propetl.masks import pack_bits, unpack_bits
+from propetl import mask_coding, methods
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
+STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CONFIG_FILE, MASKS_FILE, HEAD_FILE = "propetl.json", "masks.safetensors", "head.safetensors"
 DENSE_FILE = {"propetl": "prototype.safetensors", "petl": "petl.safetensors", "finetune": "backbone.safetensors",
               "peft": "peft.safetensors"}
@@ -150,7 +156,38 @@ def account(model: nn.Module, cfg, head_names: set[str], backbone_params: int) -
         "storage_percent_of_backbone_with_head": 100.0 * (fp32_equivalent + head_params) / backbone_params,
         "storage_ratio_to_plain_petl_with_head": (fp32_equivalent + head_params) / (plain + head_params),
     }
+    width = dtype_bytes(cfg)
+    figures.update(storage_settings(cfg), dense_bytes=width * stored_params, plain_petl_bytes_as_stored=width * plain)
+    figures.update(coding_figures([masks], width * stored_params, width * plain))
     return figures
+
+
+def storage_settings(cfg) -> dict:
+    """How a run's checkpoint is written: {"mask_coding": ..., "dtype": ...} (cfg.storage)."""
+    return {"mask_coding": str(cfg.storage.mask_coding), "dtype": str(cfg.storage.dtype)}
+
+
+def dtype_bytes(cfg) -> int:
+    """Bytes of one stored dense value in cfg.storage.dtype."""
+    return STORAGE_DTYPES[cfg.storage.dtype].itemsize
+
+
+def coding_figures(mask_files: list[dict[str, torch.Tensor]], dense_bytes: int, plain_bytes: float,
+                   tasks: int = 1, ratio_key: str = "storage_ratio_to_plain_petl") -> dict:
+    """The masks' information bound Σ log2 C(n, k) and, for each coding, their coded bytes (each dict of
+    `mask_files` one masks file: digest + payload, as format 2 writes them), bits per mask entry, and
+    `ratio_key`/<coding>: (dense_bytes + those bytes) / tasks / plain_bytes; `ratio_key`/bound the same
+    with the information bound in place of the coded bytes."""
+    entries = sum(m.numel() for masks in mask_files for m in masks.values())
+    information = sum(mask_coding.information_bits_of(masks) for masks in mask_files)
+    out = {"mask_information_bits": information,
+           "mask_bits_per_entry_bound": information / entries if entries else None,
+           f"{ratio_key}/bound": (dense_bytes + information / 8) / tasks / plain_bytes}
+    for coding in mask_coding.CODINGS:
+        size = sum(mask_coding.coded_bytes(masks, coding) for masks in mask_files)
+        out.update({f"mask_bytes/{coding}": size, f"mask_bits_per_entry/{coding}": 8 * size / entries if entries else None,
+                    f"{ratio_key}/{coding}": (dense_bytes + size) / tasks / plain_bytes})
+    return out
 
 
 def file_sizes(checkpoint_dir: Path) -> dict:
@@ -159,6 +196,23 @@ def file_sizes(checkpoint_dir: Path) -> dict:
     without_head = sum(size for name, size in files.items() if name != HEAD_FILE)
     return {"file_bytes": without_head, "file_bytes_with_head": sum(files.values()),
             **{f"file_bytes/{name}": size for name, size in files.items()}}
+
+
+def file_figures(checkpoint_dir: Path, figures: dict) -> dict:
+    """The sizes of the files written (file_sizes; multi-task: multitask_file_sizes) and what they mean
+    beside the run's counted `figures` (account / account_multitask): bits per mask entry of the masks
+    files (whole files, headers included), and the files without heads over plain PETL stored in the same
+    dtype (multi-task: amortised per task)."""
+    directory = Path(checkpoint_dir)
+    tasks = figures.get("tasks")
+    out = multitask_file_sizes(directory) if tasks else file_sizes(directory)
+    masks = sum(p.stat().st_size for p in directory.rglob("*.safetensors")
+                if p.name in (MASKS_FILE, LAYER_MASKS_FILE, TASK_MASK_FILE))
+    if figures.get("mask_entries"):
+        out["file_mask_bits_per_entry"] = 8 * masks / figures["mask_entries"]
+    ratio_key = "file_amortised_ratio_to_plain_petl" if tasks else "file_ratio_to_plain_petl"
+    out[ratio_key] = out["file_bytes"] / (tasks or 1) / figures["plain_petl_bytes_as_stored"]
+    return out
 
 
 # ----------------------------------------------------------------------------- writing
@@ -183,7 +237,7 @@ def checkpoint_config(cfg) -> dict:
     keep = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "prototype", "method", "mask")}
     keep["task"] = {"name": cfg.task.name, "num_labels": int(cfg.task.num_labels)}
     keep["data"] = {"protocol": cfg.data.protocol, "split_seed": int(cfg.data.split_seed), "max_length": int(cfg.data.max_length)}
-    return {"format_version": FORMAT_VERSION, **keep}
+    return {"format_version": FORMAT_VERSION, **keep, "storage": storage_settings(cfg)}
 
 
 def recover_folder_swap(directory: Path) -> bool:
@@ -221,32 +275,43 @@ def write_folder_atomically(directory: Path, build) -> Path:
     return directory
 
 
-def save_packed_masks(masks: dict[str, torch.Tensor], path: Path) -> None:
-    """0/1 masks -> one safetensors file of uint8 bit-packed tensors, their shapes in the metadata."""
-    packed = {n: pack_bits(m) for n, m in masks.items()}
-    shapes = {n: list(m.shape) for n, m in masks.items()}
-    save_file(packed, str(path), metadata={"shapes": json.dumps(shapes, separators=(",", ":"))})
+def save_masks(masks: dict[str, torch.Tensor], path: Path, cfg) -> None:
+    """0/1 masks -> one safetensors file, coded as cfg.storage.mask_coding says (mask_coding.encode)."""
+    tensors, metadata = mask_coding.encode(masks, cfg.storage.mask_coding)
+    save_file(tensors, str(path), metadata=metadata)
 
 
-def read_packed_masks(path: Path) -> dict[str, torch.Tensor]:
-    packed, metadata = read_safetensors(path)
+def read_masks(path: Path) -> dict[str, torch.Tensor]:
+    """A masks file of either format -> {name: 0/1 float tensor}; a corrupted one gives a one-line error."""
+    tensors, metadata = read_safetensors(path)
     try:
-        shapes = json.loads(metadata.get("shapes", "{}"))
-        return {name: unpack_bits(packed[name], tuple(shapes[name])) for name in packed}
-    except (KeyError, ValueError, TypeError) as error:
-        raise CheckpointError(f"{path}: mask shapes missing or wrong ({error})") from None
+        return mask_coding.decode(tensors, metadata)
+    except mask_coding.MaskCodingError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+
+
+def save_dense(tensors: dict[str, torch.Tensor], path: Path, cfg) -> None:
+    """Float tensors -> a safetensors file in cfg.storage.dtype (fp16 refuses values beyond its range)."""
+    dtype = STORAGE_DTYPES[cfg.storage.dtype]
+    out = {}
+    for name, tensor in tensors.items():
+        cast = tensor.detach().to(dtype).contiguous().cpu()
+        if not torch.equal(cast.isfinite(), tensor.detach().cpu().isfinite()):
+            raise CheckpointError(f"storage.dtype={cfg.storage.dtype}: '{name}' has values beyond its range "
+                                  f"(largest |value| {float(tensor.detach().abs().max()):.4g}); use bf16 or fp32")
+        out[name] = cast
+    save_file(out, str(path))
 
 
 def save_checkpoint(model: nn.Module, cfg, head_names: set[str], directory: Path) -> Path:
     """Write the task's checkpoint folder atomically (built beside it, then renamed into place)."""
     def build(folder: Path) -> None:
         method = cfg.method.name
-        dense = {n: t.contiguous().cpu() for n, t in stored_dense_tensors(model, method, head_names).items()}
-        save_file(dense, str(folder / DENSE_FILE[method]))
+        save_dense(stored_dense_tensors(model, method, head_names), folder / DENSE_FILE[method], cfg)
         masks = stored_masks(model)
         if masks:
-            save_packed_masks(masks, folder / MASKS_FILE)
-        save_file({n: t.contiguous().cpu() for n, t in head_tensors(model, head_names).items()}, str(folder / HEAD_FILE))
+            save_masks(masks, folder / MASKS_FILE, cfg)
+        save_dense(head_tensors(model, head_names), folder / HEAD_FILE, cfg)
         (folder / CONFIG_FILE).write_text(json.dumps(checkpoint_config(cfg), indent=2))
     return write_folder_atomically(directory, build)
 
@@ -270,8 +335,9 @@ def read_checkpoint_config(directory: Path) -> dict:
         config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise CheckpointError(f"cannot read {path}: {error}") from None
-    if config.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format_version {config.get('format_version')!r}, this propetl reads {FORMAT_VERSION}")
+    if config.get("format_version") not in READABLE_FORMATS:
+        raise CheckpointError(f"{path}: format_version {config.get('format_version')!r}, this propetl reads "
+                              f"{', '.join(map(str, READABLE_FORMATS))}")
     return config
 
 
@@ -294,7 +360,7 @@ def load_checkpoint(directory: Path) -> tuple[nn.Module, "OmegaConf"]:
         _copy_into(dense_parameters(model, method, head_names), dense, directory / DENSE_FILE[method])
         stores = {} if weights is None else {n: m for n, m in weights.mask_stores().items() if m.kind != "none"}
         if stores:
-            _load_masks(stores, read_packed_masks(directory / MASKS_FILE), directory / MASKS_FILE)
+            _load_masks(stores, read_masks(directory / MASKS_FILE), directory / MASKS_FILE)
         _copy_into({n: parameters[n] for n in head_names}, head, directory / HEAD_FILE)
     return model.eval(), cfg
 
@@ -323,8 +389,8 @@ def _copy_into(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor
 # checkpoint/
 #   shared/propetl.json            model, method, prototype, mask, the tasks and their label counts
 #   shared/prototype.safetensors   the prototype once (method=petl: petl.safetensors, one module per layer)
-#   shared/layer_masks.safetensors the L layer masks of every masked tensor, bit-packed
-#   tasks/<task>/task_mask.safetensors  this task's mask of every masked tensor, bit-packed
+#   shared/layer_masks.safetensors the L layer masks of every masked tensor, coded (mask_coding)
+#   tasks/<task>/task_mask.safetensors  this task's mask of every masked tensor, [1, *shape], coded
 #   tasks/<task>/head.safetensors       this task's head
 # A task ships as shared/ + tasks/<task>/; adding a task adds a folder and leaves the rest unchanged.
 
@@ -346,7 +412,8 @@ def _split_task_layer(stores: dict) -> tuple[dict, dict]:
 def account_multitask(model: nn.Module, cfg, task_names: list[str], backbone_params: int) -> dict:
     """Storage of one multi-task model for N tasks: the shared part once (prototype in fp32, layer mask
     bits), the per-task part N times (task mask bits; the head), total and amortised per task, against
-    N separate single-task ProPETL runs and plain PETL per task."""
+    N separate single-task ProPETL runs and plain PETL per task; and as written (coding_figures: the
+    dense tensors in storage.dtype, the masks in each coding, amortised over the tasks)."""
     weights = methods.petl_weights(model)
     shared_params = sum(t.numel() for t in weights.base_tensors().values())
     task_masks, layer_masks = _split_task_layer(weights.mask_stores())
@@ -358,7 +425,8 @@ def account_multitask(model: nn.Module, cfg, task_names: list[str], backbone_par
     heads = {t: count(model.heads[t].parameters()) for t in task_names}
     total = shared_bytes + n * task_bytes
     total_with_heads = total + 4 * sum(heads.values())
-    plain = 4 * plain_petl_params(cfg, model.config.hidden_size, model.config.num_hidden_layers)
+    plain_params = plain_petl_params(cfg, model.config.hidden_size, model.config.num_hidden_layers)
+    plain = 4 * plain_params
     separate = shared_bytes               # one single-task run: the prototype + its L layer masks (or one PETL set)
     return {
         "tasks": n, "backbone_params": backbone_params, "shared_params": shared_params,
@@ -371,37 +439,51 @@ def account_multitask(model: nn.Module, cfg, task_names: list[str], backbone_par
         "amortised_ratio_to_separate": (total / n) / separate,
         "amortised_ratio_to_plain_petl": (total / n) / plain,
         "amortised_percent_of_backbone": 100.0 * (total / n) / (4 * backbone_params),
+        **storage_settings(cfg), "mask_entries": sum(layer_entries) + n * sum(task_entries),
+        "dense_bytes": dtype_bytes(cfg) * shared_params, "plain_petl_bytes_as_stored": dtype_bytes(cfg) * plain_params,
+        **coding_figures(multitask_mask_files(model, task_names), dtype_bytes(cfg) * shared_params,
+                         dtype_bytes(cfg) * plain_params, tasks=n, ratio_key="amortised_ratio_to_plain_petl"),
     }
+
+
+def multitask_mask_files(model: nn.Module, task_names: list[str]) -> list[dict[str, torch.Tensor]]:
+    """The masks of each masks file of a multi-task checkpoint: the layer masks, then each task's ([1, *shape])."""
+    task_masks, layer_masks = _split_task_layer(methods.petl_weights(model).mask_stores())
+    with torch.no_grad():
+        layers = {n: m() for n, m in layer_masks.items()}
+        tasks = {n: m() for n, m in task_masks.items()}
+    files = [layers] if layers else []
+    if tasks:
+        files += [{n: m[i:i + 1] for n, m in tasks.items()} for i in range(len(task_names))]
+    return files
 
 
 def multitask_checkpoint_config(cfg, task_names: list[str], num_labels: list[int]) -> dict:
     keep = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "prototype", "method", "mask")}
     keep["data"] = {"protocol": cfg.data.protocol, "split_seed": int(cfg.data.split_seed), "max_length": int(cfg.data.max_length)}
     return {"format_version": FORMAT_VERSION, "mode": "multitask", "tasks": list(task_names),
-            "num_labels": dict(zip(task_names, map(int, num_labels))), **keep}
+            "num_labels": dict(zip(task_names, map(int, num_labels))), **keep, "storage": storage_settings(cfg)}
 
 
 def save_multitask(model: nn.Module, cfg, directory: Path) -> Path:
     """Write a multi-task checkpoint folder atomically: the shared part once, each task's part apart."""
     weights = methods.petl_weights(model)
-    task_masks, layer_masks = _split_task_layer(weights.mask_stores())
+    _, layer_masks = _split_task_layer(weights.mask_stores())
+    mask_files = multitask_mask_files(model, model.task_names)
+    task_files = mask_files[1:] if layer_masks else mask_files
 
     def build(folder: Path) -> None:
         shared = folder / SHARED_DIR
         shared.mkdir()
-        dense = {n: t.detach().contiguous().cpu() for n, t in weights.base_tensors().items()}
-        save_file(dense, str(shared / DENSE_FILE[cfg.method.name]))
-        with torch.no_grad():
-            if layer_masks:
-                save_packed_masks({n: m() for n, m in layer_masks.items()}, shared / LAYER_MASKS_FILE)
-            all_task_masks = {n: m() for n, m in task_masks.items()}
+        save_dense(weights.base_tensors(), shared / DENSE_FILE[cfg.method.name], cfg)
+        if layer_masks:
+            save_masks(mask_files[0], shared / LAYER_MASKS_FILE, cfg)
         for index, task in enumerate(model.task_names):
             part = folder / TASKS_DIR / task
             part.mkdir(parents=True)
-            if all_task_masks:
-                save_packed_masks({n: m[index] for n, m in all_task_masks.items()}, part / TASK_MASK_FILE)
-            head = {n: p.detach().contiguous().cpu() for n, p in model.heads[task].named_parameters()}
-            save_file(head, str(part / HEAD_FILE))
+            if task_files:
+                save_masks(task_files[index], part / TASK_MASK_FILE, cfg)
+            save_dense(dict(model.heads[task].named_parameters()), part / HEAD_FILE, cfg)
             (part / "task.json").write_text(json.dumps({"task": task, "num_labels": model.num_labels[index]}))
         config = multitask_checkpoint_config(cfg, model.task_names, model.num_labels)
         (shared / CONFIG_FILE).write_text(json.dumps(config, indent=2))
@@ -442,7 +524,7 @@ def load_multitask(directory: Path, tasks: list[str] | None = None, cfg=None, ex
     with torch.no_grad():
         _copy_into(dict(weights.weights.items()), dense, shared / DENSE_FILE[saved["method"]["name"]])
         if layer_masks:
-            _load_masks(layer_masks, read_packed_masks(shared / LAYER_MASKS_FILE), shared / LAYER_MASKS_FILE)
+            _load_masks(layer_masks, read_masks(shared / LAYER_MASKS_FILE), shared / LAYER_MASKS_FILE)
     load_task_parts(model, directory, names)
     return model.eval(), saved
 
@@ -455,14 +537,15 @@ def load_task_parts(model: nn.Module, directory: Path, names: list[str]) -> None
         for name in names:
             index, part = model.task_names.index(name), Path(directory) / TASKS_DIR / name
             if task_masks:
-                rows = read_packed_masks(part / TASK_MASK_FILE)
+                rows = read_masks(part / TASK_MASK_FILE)
                 for tensor, mask in task_masks.items():
-                    if tensor not in rows or tuple(rows[tensor].shape) != mask.shape:
+                    row = rows.get(tensor)                        # [1, *shape] (format 1: [*shape])
+                    if row is None or tuple(row.shape) not in (mask.shape, (1, *mask.shape)):
                         raise CheckpointError(f"{part / TASK_MASK_FILE}: no mask of shape {mask.shape} for '{tensor}'")
-                    if int(rows[tensor].sum()) != mask.ones_per_mask:
-                        raise CheckpointError(f"{part / TASK_MASK_FILE}: '{tensor}' has {int(rows[tensor].sum())} ones, "
+                    if int(row.sum()) != mask.ones_per_mask:
+                        raise CheckpointError(f"{part / TASK_MASK_FILE}: '{tensor}' has {int(row.sum())} ones, "
                                               f"expected {mask.ones_per_mask} at sparsity {mask.sparsity}")
-                    mask.scores[index].copy_(rows[tensor])          # ones score 1, zeros 0: top-k gives them back
+                    mask.scores[index].copy_(row.reshape(mask.shape))   # ones score 1, zeros 0: top-k gives them back
                     mask.invalidate()
             head, _ = read_safetensors(part / HEAD_FILE)
             _copy_into(dict(model.heads[name].named_parameters()), head, part / HEAD_FILE)

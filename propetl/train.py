@@ -142,7 +142,7 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
         return {"glue_score": glue_metrics.task_score(task.name, test), "test": test}
     if cfg.trainer.save_weights:
         storage.save_checkpoint(model, cfg, head_names, output_dir / "checkpoint")
-        figures.update(storage.file_sizes(output_dir / "checkpoint"))
+        figures.update(storage.file_figures(output_dir / "checkpoint", figures))
 
     # 5. report: metrics.json (atomic), W&B summary, summary table
     metrics = {

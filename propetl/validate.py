@@ -6,8 +6,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from propetl.mask_coding import CODINGS
 from propetl.masks import COMBINES, MASK_KINDS
 from propetl.methods import METHODS, PROTOTYPES, peft_missing
+from propetl.storage import STORAGE_DTYPES
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "task", "prototype", "method", "mask", "trainer", "logger", "data", "experiment", "profile")
@@ -109,6 +111,8 @@ def validate(cfg) -> None:
         _positive_int(cfg, "data.max_train_examples")
     _require(isinstance(cfg.data.split_seed, int), "data.split_seed", cfg.data.split_seed, "an integer")
     _one_of(cfg, "logger.mode", ("online", "offline", "disabled"))
+    _one_of(cfg, "storage.mask_coding", CODINGS)
+    _one_of(cfg, "storage.dtype", tuple(STORAGE_DTYPES))
     _one_of(cfg, "mode", ("single", "multitask"))
     _one_of(cfg, "mask.combine", COMBINES)
     if cfg.mode == "multitask":

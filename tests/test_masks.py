@@ -62,14 +62,6 @@ def test_invalid_sparsity(sparsity):
         masks.LayerMasks(2, (3, 3), sparsity)
 
 
-@pytest.mark.parametrize("shape", [(2, 8, 32), (3, 5, 7), (1, 1, 9)])
-def test_pack_unpack_round_trip_uses_one_bit_per_entry(shape):
-    binary = (torch.rand(shape) > 0.5).float()
-    packed = masks.pack_bits(binary)
-    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(math.prod(shape) / 8)
-    assert torch.equal(masks.unpack_bits(packed, shape), binary)
-
-
 def test_load_binary_reproduces_mask_exactly():
     layer_masks = masks.LayerMasks(3, (4, 6), sparsity=0.75)
     target = masks.LayerMasks(3, (4, 6), sparsity=0.75, kind="random", seed=7)()

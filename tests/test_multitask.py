@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import compose_cfg, tiny_text_overrides
-from propetl import loop, methods, storage
+from propetl import loop, mask_coding, methods, storage
 from propetl.batches import PairCollator
 from propetl.data import load_glue
 from propetl.model import load_tokenizer
@@ -97,6 +97,22 @@ def test_storage_hand_count(trained):
     heads = s["head_params"]
     assert heads == {"rte": 32 * 32 + 32 + 2 * 32 + 2, "stsb": 32 * 32 + 32 + 32 + 1}
     assert s["total_bytes_with_heads"] == 576 + 4 * sum(heads.values())
+
+
+def test_masks_are_written_through_the_configured_coding(trained):
+    """The layer masks file and each task's mask file: coded as storage.mask_coding says (entropy, the
+    default), the same figures as single-task runs, amortised over the tasks."""
+    out, metrics = trained
+    files = [out / "checkpoint" / "shared" / "layer_masks.safetensors",
+             *[out / "checkpoint" / "tasks" / t / "task_mask.safetensors" for t in TASKS]]
+    assert [mask_coding.file_coding(storage.read_safetensors(f)[1]) for f in files] == ["entropy"] * 3
+    s = metrics["storage"]
+    assert s["mask_entries"] == 4 * 2 * 32 + 2 * 4 * 32
+    assert s["mask_bytes/bits"] == 3 * 32 + math.ceil(4 * 2 * 32 / 8) + 2 * math.ceil(4 * 32 / 8)     # digests + 1 bit
+    assert s["amortised_ratio_to_plain_petl/bits"] == pytest.approx((4 * 128 + s["mask_bytes/bits"]) / 2 / (4 * 2 * 128))
+    masks = sum(f.stat().st_size for f in files)
+    assert s["file_mask_bits_per_entry"] == pytest.approx(8 * masks / s["mask_entries"])
+    assert s["file_amortised_ratio_to_plain_petl"] == pytest.approx(s["file_bytes"] / 2 / (4 * 2 * 128))
 
 
 def test_every_task_mask_has_exact_density(trained):

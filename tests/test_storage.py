@@ -25,9 +25,9 @@ CASES = {
 }
 
 
-def figures_for(tiny_cfg, method, prototype, tmp_path=None):
+def figures_for(tiny_cfg, method, prototype, tmp_path=None, *extra):
     overrides, _, _ = CASES[prototype]
-    cfg = tiny_cfg(f"method={method}", f"prototype={prototype}", *overrides)
+    cfg = tiny_cfg(f"method={method}", f"prototype={prototype}", *overrides, *extra)
     torch.manual_seed(0)
     model = backbone.build(cfg, 2)
     heads = backbone.head_parameter_names(model)
@@ -60,7 +60,7 @@ def test_plain_petl_hand_count(tiny_cfg, prototype):
 @pytest.mark.parametrize("prototype", list(CASES))
 def test_propetl_hand_count(tiny_cfg, tmp_path, prototype):
     _, per_layer, masked = CASES[prototype]
-    f = figures_for(tiny_cfg, "propetl", prototype, tmp_path)
+    f = figures_for(tiny_cfg, "propetl", prototype, tmp_path, "storage.mask_coding=bits")   # files: 1 bit an entry too
     mask_entries = L * sum(masked)                                   # one bit per entry, per layer
     assert f["prototype_params"] == f["stored_params"] == per_layer   # the prototype, once
     assert f["mask_entries"] == mask_entries
@@ -70,7 +70,8 @@ def test_propetl_hand_count(tiny_cfg, tmp_path, prototype):
     assert f["storage_ratio_to_plain_petl"] == pytest.approx((per_layer + mask_entries / 32) / (L * per_layer))
     assert f["storage_percent_of_backbone"] == pytest.approx(100 * (per_layer + mask_entries / 32) / BACKBONE)
     assert f["storage_bytes_with_head"] == f["storage_bytes"] + 4 * HEAD
-    # The files on disk: the computed figure plus a few hundred bytes of safetensors headers.
+    # The files on disk: the computed figure plus a few hundred bytes of safetensors headers (and the masks'
+    # 32-byte digest; format 2 packs all masks into one tensor, so no per-tensor byte padding).
     assert 0 < f["file_bytes"] - f["storage_bytes"] < 800
     assert 0 < f["file_bytes_with_head"] - f["storage_bytes_with_head"] < 1200
 

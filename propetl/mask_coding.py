@@ -1,0 +1,234 @@
+"""Mask coding: how a checkpoint's 0/1 masks become bytes and back. All mask coding logic lives here
+(storage.py writes and reads the files; this module says what is in them).
+
+A stored mask tensor is [count, *shape]: its first dimension counts the masks (one per layer, or per task);
+a tensor of one or no dimension is one mask. A mask of n entries with exactly k ones carries
+log2 C(n, k) bits of information (`information_bits`), about n·H(k/n): 0.469 bits an entry at sparsity 0.9.
+
+Format 2 (propetl.json format_version 2). The masks file is a safetensors file with ONE uint8 tensor,
+`masks`: a 32-byte SHA-256 digest, then the payload, the coded entries of every tensor flattened and
+concatenated in the order of the layout. Metadata, one key (safetensors writes several keys in no fixed
+order, and a file must come out byte-identical each time):
+    masks    JSON {"coding": "bits" | "entropy", "layout": [[name, shape, ones], ...]}, ones: each mask's
+             count of ones (one int when all are equal)
+Codings of the payload:
+    bits     8 entries a byte (numpy packbits, big-endian bit order), the last byte zero-padded: 1 bit an entry.
+    entropy  a range coder (the `constriction` library, 32-bit words, little-endian) where every entry of a
+             mask with k ones out of n is a Bernoulli symbol of probability p = k/n. That costs
+             log2 C(n, k) + ½·log2(2π·k(n−k)/n) + O(1/n) bits per mask (the ½·log2 term: ≈ 6 bits for the
+             MiniLM LoRA masks, ≤ 12 bits for a million entries), plus at most 64 bits for the whole stream.
+             (An adaptive p = ones left / entries left would reach log2 C(n, k) exactly, but can only be
+             decoded one entry at a time; p = k/n decodes every mask of a file in one vectorised call, and a
+             ratio of two integers is computed identically on every machine, so the probabilities that
+             encoder and decoder quantise are the same bits.) Masks of all zeros or all ones cost nothing.
+The digest is SHA-256 over the metadata, the payload and the decoded entries bit-packed. Reading decodes,
+then checks the digest and each mask's count of ones: a corrupted file is refused with one line
+(MaskCodingError), never decoded into a wrong mask.
+Format 1 (metadata `shapes`, no `masks`): one uint8 tensor per name, bit-packed as `bits`, the shapes in the
+metadata's `shapes`; still read.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import numpy as np
+import torch
+
+CODINGS = ("bits", "entropy")
+BLOB = "masks"
+DIGEST_BYTES = 32
+
+
+class MaskCodingError(ValueError):
+    """One line: why coded masks cannot be read (the caller names the file)."""
+
+
+# ----------------------------------------------------------------------------- information content
+
+def information_bits(n: int, k: int) -> float:
+    """log2 C(n, k): the bits that say which k of n entries are ones (math.lgamma: no big integers)."""
+    return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)) / math.log(2)
+
+
+def _count_entries(shape) -> tuple[int, int]:
+    """(masks, entries per mask) of a stored mask tensor of `shape`: the first dimension counts the masks."""
+    return (shape[0], math.prod(shape[1:])) if len(shape) >= 2 else (1, math.prod(shape))
+
+
+def _as_rows(values: np.ndarray, shape) -> np.ndarray:
+    return values.reshape(_count_entries(shape))
+
+
+def _rows(masks: torch.Tensor) -> np.ndarray:
+    """A stored mask tensor as a bool array [count, entries]; refuses anything but zeros and ones."""
+    values = masks.detach().cpu().float().numpy()
+    bits = values.astype(bool)
+    if not np.array_equal(bits, values):
+        raise ValueError("a mask holds values other than 0 and 1")
+    return _as_rows(bits, values.shape)
+
+
+def information_bits_of(masks: dict[str, torch.Tensor]) -> float:
+    """Σ log2 C(n, k) over every mask of every tensor."""
+    total = 0.0
+    for tensor in masks.values():
+        rows = _rows(tensor)
+        total += sum(information_bits(rows.shape[1], int(k)) for k in rows.sum(axis=1))
+    return total
+
+
+# ----------------------------------------------------------------------------- bit packing
+
+def pack_bits(masks: torch.Tensor) -> torch.Tensor:
+    """Binary tensor -> uint8 tensor of ceil(n / 8) bytes (8 entries a byte, big-endian bit order)."""
+    bits = masks.detach().reshape(-1).to(torch.bool).cpu().numpy()
+    return torch.from_numpy(np.packbits(bits))
+
+
+def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of pack_bits: a float tensor of 0/1 with `shape`."""
+    n = math.prod(shape)
+    bits = np.unpackbits(packed.cpu().numpy(), count=n)
+    return torch.from_numpy(bits.astype(np.float32)).view(*shape)
+
+
+# ----------------------------------------------------------------------------- the entropy coder
+
+def _probabilities(layout: list) -> np.ndarray:
+    """Every entry's Bernoulli probability, k/n of its mask, in payload order."""
+    parts = []
+    for _, shape, ones in layout:
+        count, n = _count_entries(shape)
+        ones = np.broadcast_to(np.asarray(ones, dtype=np.int64), (count,))
+        parts.append(np.repeat(ones / max(n, 1), n))
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def _bernoulli():
+    import constriction                        # late import: only coding needs it
+
+    return constriction, constriction.stream.model.Bernoulli(perfect=False)
+
+
+def _entropy_encode(bits: np.ndarray, p: np.ndarray) -> bytes:
+    constriction, model = _bernoulli()
+    live = (p > 0) & (p < 1)                   # all-zero / all-one masks: nothing to say
+    encoder = constriction.stream.queue.RangeEncoder()
+    if live.any():
+        encoder.encode(bits[live].astype(np.int32), model, p[live])
+    return encoder.get_compressed().astype("<u4").tobytes()
+
+
+def _entropy_decode(payload: bytes, p: np.ndarray) -> np.ndarray:
+    constriction, model = _bernoulli()
+    if len(payload) % 4:
+        raise MaskCodingError(f"coded masks of {len(payload)} bytes, not whole 32-bit words (corrupted file)")
+    live = (p > 0) & (p < 1)
+    bits = p >= 1
+    if live.any():
+        words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
+        try:
+            bits[live] = constriction.stream.queue.RangeDecoder(words).decode(model, p[live]) != 0
+        except Exception as error:                # the coder's own complaint about a broken stream
+            raise MaskCodingError(f"coded masks do not decode ({str(error).splitlines()[0]}; corrupted file)") from None
+    return bits
+
+
+# ----------------------------------------------------------------------------- format 2
+
+def _digest(metadata: dict[str, str], payload: bytes, bits: np.ndarray) -> bytes:
+    h = hashlib.sha256()
+    for part in (metadata["masks"].encode(), payload, np.packbits(bits).tobytes()):
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.digest()
+
+
+def encode(masks: dict[str, torch.Tensor], coding: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """0/1 mask tensors -> (the safetensors tensors, the metadata) of a format-2 masks file."""
+    if coding not in CODINGS:
+        raise ValueError(f"storage.mask_coding={coding!r} is not one of: {', '.join(CODINGS)}")
+    rows = {name: _rows(m) for name, m in masks.items()}
+    layout = []
+    for name, m in masks.items():
+        ones = rows[name].sum(axis=1).tolist()
+        layout.append([name, list(m.shape), ones[0] if ones and len(set(ones)) == 1 else ones])
+    metadata = {"masks": json.dumps({"coding": coding, "layout": layout}, separators=(",", ":"))}
+    bits = np.concatenate([r.reshape(-1) for r in rows.values()]) if rows else np.zeros(0, dtype=bool)
+    payload = np.packbits(bits).tobytes() if coding == "bits" else _entropy_encode(bits, _probabilities(layout))
+    blob = np.frombuffer(_digest(metadata, payload, bits) + payload, dtype=np.uint8).copy()
+    return {BLOB: torch.from_numpy(blob)}, metadata
+
+
+def coded_bytes(masks: dict[str, torch.Tensor], coding: str) -> int:
+    """Bytes of the `masks` tensor a format-2 file holds for these masks: digest + payload."""
+    return int(encode(masks, coding)[0][BLOB].numel()) if masks else 0
+
+
+def file_coding(metadata: dict[str, str]) -> str:
+    """The coding of a masks file from its metadata: format 1 is `bits`."""
+    if "masks" not in metadata:
+        return "bits"
+    try:
+        return str(json.loads(metadata["masks"])["coding"])
+    except (ValueError, TypeError, KeyError) as error:
+        raise MaskCodingError(f"mask layout missing or malformed in the metadata ({error})") from None
+
+
+def _layout(metadata: dict[str, str]) -> list:
+    try:
+        layout = json.loads(metadata["masks"])["layout"]
+        for name, shape, ones in layout:
+            count, _ = _count_entries(shape)
+            ones = ones if isinstance(ones, list) else [ones] * count
+            if not (isinstance(name, str) and all(isinstance(d, int) and d >= 0 for d in shape)
+                    and len(ones) == count and all(isinstance(k, int) for k in ones)):
+                raise ValueError(name)
+        return layout
+    except (KeyError, ValueError, TypeError) as error:
+        raise MaskCodingError(f"mask layout missing or malformed in the metadata ({error})") from None
+
+
+def decode(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The tensors and metadata of a masks file (format 1 or 2) -> {name: float 0/1 tensor}."""
+    if "masks" not in metadata:
+        return _decode_format1(tensors, metadata)
+    coding = file_coding(metadata)
+    if coding not in CODINGS:
+        raise MaskCodingError(f"unknown mask coding {coding!r}; this propetl reads: {', '.join(CODINGS)}")
+    layout = _layout(metadata)
+    if set(tensors) != {BLOB}:
+        raise MaskCodingError(f"expected one tensor '{BLOB}', found {sorted(tensors)[:3]}")
+    blob = tensors[BLOB].cpu().numpy().tobytes()
+    if len(blob) < DIGEST_BYTES:
+        raise MaskCodingError(f"coded masks of {len(blob)} bytes, shorter than their digest (corrupted file)")
+    digest, payload = blob[:DIGEST_BYTES], blob[DIGEST_BYTES:]
+    total = sum(math.prod(shape) for _, shape, _ in layout)
+    if coding == "bits":
+        if len(payload) != math.ceil(total / 8):
+            raise MaskCodingError(f"{len(payload)} bytes of packed masks, {math.ceil(total / 8)} expected (corrupted file)")
+        bits = np.unpackbits(np.frombuffer(payload, dtype=np.uint8), count=total).astype(bool)
+    else:
+        bits = _entropy_decode(payload, _probabilities(layout))
+    if _digest(metadata, payload, bits) != digest:
+        raise MaskCodingError("coded masks fail their SHA-256 check (corrupted file)")
+    out, start = {}, 0
+    for name, shape, ones in layout:
+        n = math.prod(shape)
+        values = bits[start:start + n]
+        start += n
+        found = _as_rows(values, shape).sum(axis=1)
+        if not np.array_equal(found, np.broadcast_to(np.asarray(ones), found.shape)):
+            raise MaskCodingError(f"mask '{name}' decodes to {found.tolist()} ones, the file says {ones}")
+        out[name] = torch.from_numpy(values.astype(np.float32)).reshape(shape)
+    return out
+
+
+def _decode_format1(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, torch.Tensor]:
+    try:
+        shapes = json.loads(metadata.get("shapes", "{}"))
+        return {name: unpack_bits(tensors[name], tuple(shapes[name])) for name in tensors}
+    except (KeyError, ValueError, TypeError) as error:
+        raise MaskCodingError(f"mask shapes missing or wrong ({error})") from None
