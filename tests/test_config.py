@@ -174,3 +174,15 @@ def test_make_targets_run_their_scripts(target, script):
     done = subprocess.run(["make", "-n", target], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
     assert done.returncode == 0 and "warning" not in done.stderr.lower(), done.stderr
     assert script in done.stdout
+
+
+@pytest.mark.parametrize("method", ["petl", "propetl"])
+def test_cpu_profile_starts_prefix_small_in_both_arms_and_other_profiles_keep_the_reference(method):
+    """conf/profile_prototype/cpu_prefix.yaml: N(0, 0.02^2) on the cpu profile (N(0, 1) collapses plain prefix
+    tuning at its lr; results/prefix_embedding_std/), the reference's N(0, 1) everywhere else; a command line wins."""
+    def std(*overrides):
+        return compose_cfg([f"method={method}", *overrides]).prototype.get("embedding_std")
+    assert std("profile=cpu", "prototype=prefix", "experiment=table1") == 0.02
+    assert std("profile=gpu", "prototype=prefix") == std("prototype=prefix") == 1.0
+    assert std("profile=cpu", "prototype=prefix", "prototype.embedding_std=1.0") == 1.0
+    assert std("profile=cpu", "prototype=lora") is None

@@ -52,6 +52,41 @@ def test_sparsity_sweep_leaves_the_table1_points_out():
     assert all("mask.kind=random,none" in o for o in ablations)
 
 
+def expand_sweep(experiment: str, overrides: list[str]) -> list[list[str]]:
+    """The runs of one sweep, as Hydra's basic sweeper makes them: the overlay's and the profile's grid
+    (hydra.sweeper.params) with the sweep's own overrides replacing the keys they name."""
+    from itertools import product
+
+    from conftest import compose_cfg  # noqa: F401 (sets the offline environment)
+    from hydra import compose, initialize_config_dir
+
+    from propetl.validate import CONF_DIR
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        hydra_cfg = compose(config_name="train", overrides=[f"experiment={experiment}", "profile=gpu"],
+                            return_hydra_config=True)
+    grid = {str(k): str(v).split(",") for k, v in hydra_cfg.hydra.sweeper.params.items()}
+    grid.update({k: v.split(",") for k, _, v in (o.partition("=") for o in overrides)})
+    keys = list(grid)
+    return [[f"{k}={v}" for k, v in zip(keys, values)] for values in product(*grid.values())]
+
+
+def test_every_run_of_every_part_composes_and_validates():
+    """The whole gpu plan, run by run (246 runs), is a valid config: a typo in a part fails here, not on a loan."""
+    from conftest import compose_cfg
+
+    from propetl.validate import validate
+    total = 0
+    for part, sweeps in reproduce.GPU_PARTS.items():
+        for experiment, overrides in sweeps:
+            runs = expand_sweep(experiment, overrides)
+            total += len(runs)
+            for run in {tuple(o for o in run if not o.startswith("seed=")) for run in runs}:  # seeds: same config
+                cfg = compose_cfg([f"experiment={experiment}", "profile=gpu", *run])
+                validate(cfg)
+                assert cfg.trainer.device == "cuda" and cfg.trainer.precision == "bf16", (part, run)
+    assert total == 246                       # the sizing table in scripts/device_reproduce.sh and the README
+
+
 def test_smoke_narrows_every_sweep_to_one_value_a_key():
     assert reproduce.smoke_sweep("table1", ["task=rte,mrpc"]) == ["task=rte", "seed=42", "prototype=lora"]
     assert reproduce.smoke_sweep("sparsity_sweep", ["prototype=lora,prefix", "mask.sparsity=0.1,0.3"]) == \
@@ -109,8 +144,8 @@ def metrics_files(folder: Path) -> dict[Path, int]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("PROPETL_DEVICE_SMOKE") != "1",
-                    reason="the whole device smoke (every part, dozens of runs) is opt-in: PROPETL_DEVICE_SMOKE=1; "
-                           "under load it took far beyond make test's 10-minute budget")
+                    reason="the whole device smoke (every part, 29 runs) is beyond make test's 10-minute budget: "
+                           "`make test-device-smoke` (PROPETL_DEVICE_SMOKE=1) runs it, and .ci/run does")
 def test_smoke_runs_every_part_then_skips_what_is_finished(tmp_path, glue_dir):
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
@@ -121,8 +156,11 @@ def test_smoke_runs_every_part_then_skips_what_is_finished(tmp_path, glue_dir):
         return subprocess.run(["bash", "scripts/device_reproduce.sh", *args, "--smoke"], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=3600)
 
+    started = time.time()
     done = script("all")
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    print(f"smoke of every part: {(time.time() - started) / 60:.1f} min wall")      # `make test-device-smoke` shows it (-rP)
+    print("".join(line + "\n" for line in done.stdout.splitlines() if line.startswith("part ")))
     finished = metrics_files(out / "reproduce" / "gpu")
     # one run a sweep, two (petl and propetl) where the overlay's method grid is left whole
     expected = sum(2 if e in ("table1", "multitask") and not any(o.startswith("method=") for o in overrides) else 1
