@@ -62,10 +62,17 @@ def encoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.base_model.encoder.layer
 
 
+def head_module_names(model: nn.Module) -> list[str]:
+    """The per-task head's modules: the classifier, and for BERT the pooler in front of it (dense + tanh,
+    as RoBERTa's classification head has inside it; RoBERTa's classifier model has no pooler)."""
+    modules = dict(model.named_modules())
+    names = ["classifier", f"{model.base_model_prefix}.pooler"]
+    return [name for name in names if modules.get(name) is not None and any(True for _ in modules[name].parameters())]
+
+
 def head_parameter_names(model: nn.Module) -> set[str]:
-    """The per-task head: the classifier, and for BERT the pooler in front of it (dense + tanh, as
-    RoBERTa's classification head has inside it). Trained in every method; counted apart in storage."""
-    prefixes = ("classifier.", f"{model.base_model_prefix}.pooler.")
+    """The per-task head's parameters (head_module_names). Trained in every method; counted apart in storage."""
+    prefixes = tuple(f"{name}." for name in head_module_names(model))
     return {name for name, _ in model.named_parameters() if name.startswith(prefixes)}
 
 

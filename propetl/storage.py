@@ -236,7 +236,9 @@ def checkpoint_config(cfg) -> dict:
     """What load_checkpoint needs to rebuild the model (resolved plain values)."""
     keep = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "prototype", "method", "mask")}
     keep["task"] = {"name": cfg.task.name, "num_labels": int(cfg.task.num_labels)}
-    keep["data"] = {"protocol": cfg.data.protocol, "split_seed": int(cfg.data.split_seed), "max_length": int(cfg.data.max_length)}
+    if cfg.get("data") is not None:           # a run's data split (propetl-eval re-makes it); the Python API has none
+        keep["data"] = {"protocol": cfg.data.protocol, "split_seed": int(cfg.data.split_seed),
+                        "max_length": int(cfg.data.max_length)}
     return {"format_version": FORMAT_VERSION, **keep, "storage": storage_settings(cfg)}
 
 
@@ -351,7 +353,14 @@ def load_checkpoint(directory: Path) -> tuple[nn.Module, "OmegaConf"]:
     if method == "peft" and (missing := methods.peft_missing()):
         raise CheckpointError(f"{directory}: {missing}")
     model = model_module.build(cfg, int(cfg.task.num_labels), for_training=False)
-    head_names = model_module.head_parameter_names(model)
+    load_weights(model, cfg, model_module.head_parameter_names(model), directory)
+    return model.eval(), cfg
+
+
+def load_weights(model: nn.Module, cfg, head_names: set[str], directory: Path) -> None:
+    """Copy a checkpoint folder's tensors (dense, masks, head) into `model`, built for inference with the
+    checkpoint's config `cfg` (for_training=False)."""
+    directory, method = Path(directory), cfg.method.name
     dense, _ = read_safetensors(directory / DENSE_FILE[method])
     head, _ = read_safetensors(directory / HEAD_FILE)
     parameters = dict(model.named_parameters())
@@ -362,7 +371,6 @@ def load_checkpoint(directory: Path) -> tuple[nn.Module, "OmegaConf"]:
         if stores:
             _load_masks(stores, read_masks(directory / MASKS_FILE), directory / MASKS_FILE)
         _copy_into({n: parameters[n] for n in head_names}, head, directory / HEAD_FILE)
-    return model.eval(), cfg
 
 
 def _load_masks(stores: dict, masks: dict[str, torch.Tensor], path: Path) -> None:

@@ -15,7 +15,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "task", "prototype", "method", "mask", "trainer", "logger", "data", "experiment", "profile")
 
 
-class ConfigError(Exception):
+class ConfigError(ValueError):
     """One-line, user-facing configuration error."""
 
 
@@ -73,20 +73,8 @@ def validate(cfg) -> None:
     except Exception as error:  # an interpolation that does not resolve, e.g. a non-numeric size
         raise ConfigError(f"config does not resolve: {str(error).splitlines()[0]}") from None
     _one_of(cfg, "task.name", group_choices("task"))
-    _one_of(cfg, "method.name", METHODS)
-    _one_of(cfg, "prototype.name", tuple(PROTOTYPES))
-    if cfg.method.name == "peft":
-        _require(cfg.prototype.name == "lora", "prototype.name", cfg.prototype.name,
-                 "lora with method=peft (the PEFT reference row is LoRA only)")
-        missing = peft_missing()
-        if missing:
-            raise ConfigError(missing)
-    _one_of(cfg, "mask.kind", MASK_KINDS)
-    _number_in(cfg, "mask.sparsity", 0.0, 1.0)
-    _positive_number(cfg, "mask.lr")
-    _number_in(cfg, "mask.weight_decay", 0.0, float("inf"))
+    validate_method(cfg)
     _require(isinstance(cfg.seed, int), "seed", cfg.seed, "an integer")
-
     for key in ("trainer.epochs", "trainer.batch_size", "trainer.eval_batch_size", "data.max_length",
                 "model.hidden_size", "model.num_layers"):
         _positive_int(cfg, key)
@@ -127,6 +115,21 @@ def validate(cfg) -> None:
         _require(base is None or Path(str(base)).is_dir(), "multitask.base_checkpoint", base,
                  "null or the checkpoint folder of a finished multi-task run")
 
+
+def validate_method(cfg) -> None:
+    """The method's part of a config (method, prototype, mask): what the runner and the Python API share."""
+    _one_of(cfg, "method.name", METHODS)
+    _one_of(cfg, "prototype.name", tuple(PROTOTYPES))
+    if cfg.method.name == "peft":
+        _require(cfg.prototype.name == "lora", "prototype.name", cfg.prototype.name,
+                 "lora with method=peft (the PEFT reference row is LoRA only)")
+        missing = peft_missing()
+        if missing:
+            raise ConfigError(missing)
+    _one_of(cfg, "mask.kind", MASK_KINDS)
+    _number_in(cfg, "mask.sparsity", 0.0, 1.0)
+    _positive_number(cfg, "mask.lr")
+    _number_in(cfg, "mask.weight_decay", 0.0, float("inf"))
     name = cfg.prototype.name
     if name == "adapter":
         _positive_int(cfg, "prototype.reduction_factor")

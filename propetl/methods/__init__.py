@@ -19,7 +19,17 @@ from propetl.methods.weights import LayerWeights
 PROTOTYPES = {"adapter": adapter, "lora": lora, "prefix": prefix}
 METHODS = ("propetl", "petl", "finetune", "peft")
 WEIGHTS_ATTRIBUTE = "petl_weights"        # where the store is registered on the model
+FOLDABLE = ("lora",)                      # prototypes merge() folds into the backbone's own weights
 PEFT_MISSING = "method=peft needs the optional package peft: pip install 'propetl[peers]'"
+
+
+def not_foldable(prototype_name: str) -> str | None:
+    """Why a prototype cannot become plain weights of the backbone (one line), or None for LoRA, which can:
+    an adapter adds a module after the feed-forward block and a prefix adds attention positions."""
+    if prototype_name in FOLDABLE:
+        return None
+    return (f"prototype={prototype_name} cannot be folded into BERT's weights (it adds modules the plain model "
+            f"does not have); only {', '.join(FOLDABLE)} can")
 
 
 def make_weights(cfg, hidden: int, num_layers: int, for_training: bool = True, num_tasks: int = 0) -> LayerWeights:
@@ -101,7 +111,10 @@ def merge(model: nn.Module, layers: nn.ModuleList, prototype_name: str) -> None:
     if weights is None:
         return
     merged = PROTOTYPES[prototype_name].merge(layers, weights)
-    if merged is None:              # LoRA: folded into the frozen weights, nothing left to store
+    if merged is None:              # LoRA: folded into the frozen weights, nothing left to store: the plain model
         delattr(model, WEIGHTS_ATTRIBUTE)
+        for key, hook in list(model._forward_pre_hooks.items()):
+            if hook is _forget_step_cache:
+                del model._forward_pre_hooks[key]
     else:
         setattr(model, WEIGHTS_ATTRIBUTE, merged)
