@@ -1,7 +1,23 @@
-"""propetl: a ProPETL experiment runner (one shared PETL prototype, binary masks per layer)."""
+"""propetl: a ProPETL experiment runner (one shared PETL prototype, binary masks per layer).
+
+The Python API (propetl/api.py) is imported on first use of its names, so `import propetl` stays light:
+    from propetl import ProPETLConfig, get_propetl_model, load_propetl
+"""
 from omegaconf import OmegaConf
 
 __version__ = "0.1.0"
+API_NAMES = ("ProPETLConfig", "ProPETLModel", "get_propetl_model", "load_propetl")
+
+
+def __getattr__(name: str):
+    if name in API_NAMES:
+        from propetl import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'propetl' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *API_NAMES])
 
 
 def _scaled(value: int, numerator: int, denominator: int) -> int:

@@ -68,10 +68,7 @@ def _one_of(cfg, key: str, choices) -> None:
 
 def validate(cfg) -> None:
     """Raise ConfigError for the first invalid value (interpolations are resolved here too)."""
-    try:
-        OmegaConf.to_container(cfg, resolve=True)
-    except Exception as error:  # an interpolation that does not resolve, e.g. a non-numeric size
-        raise ConfigError(f"config does not resolve: {str(error).splitlines()[0]}") from None
+    check_resolves(cfg)
     _one_of(cfg, "task.name", group_choices("task"))
     validate_method(cfg)
     _require(isinstance(cfg.seed, int), "seed", cfg.seed, "an integer")
@@ -80,9 +77,8 @@ def validate(cfg) -> None:
         _positive_int(cfg, key)
     if cfg.trainer.max_steps is not None:
         _positive_int(cfg, "trainer.max_steps")
-    for key in ("trainer.lr", "trainer.head_lr", "trainer.max_grad_norm"):
-        _positive_number(cfg, key)
-    _number_in(cfg, "trainer.weight_decay", 0.0, float("inf"))
+    validate_learning_rates(cfg)
+    _positive_number(cfg, "trainer.max_grad_norm")
     _number_in(cfg, "trainer.warmup_ratio", 0.0, 1.0)
     _one_of(cfg, "trainer.precision", ("fp32", "bf16", "fp16"))
     device = cfg.trainer.device
@@ -114,6 +110,20 @@ def validate(cfg) -> None:
         base = cfg.multitask.base_checkpoint
         _require(base is None or Path(str(base)).is_dir(), "multitask.base_checkpoint", base,
                  "null or the checkpoint folder of a finished multi-task run")
+
+
+def check_resolves(cfg) -> None:
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except Exception as error:  # an interpolation that does not resolve, e.g. a non-numeric size
+        raise ConfigError(f"config does not resolve: {str(error).splitlines()[0]}") from None
+
+
+def validate_learning_rates(cfg) -> None:
+    """What the optimizer's parameter groups take from the trainer group (loop.parameter_groups)."""
+    for key in ("trainer.lr", "trainer.head_lr"):
+        _positive_number(cfg, key)
+    _number_in(cfg, "trainer.weight_decay", 0.0, float("inf"))
 
 
 def validate_method(cfg) -> None:

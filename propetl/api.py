@@ -1,0 +1,211 @@
+"""The public Python API, in the style of Hugging Face PEFT: ProPETL on one's own BERT/RoBERTa-family
+`*ForSequenceClassification` model, in one's own training code (HF Trainer, accelerate, Lightning).
+
+    model = get_propetl_model(AutoModelForSequenceClassification.from_pretrained(name, num_labels=2),
+                              ProPETLConfig(prototype="lora", sparsity=0.9))
+    optimizer = torch.optim.AdamW(model.parameter_groups(lr=1e-4, mask_lr=3e-2))     # any optimizer
+    model.save_propetl(folder)              # prototype, masks and head only: the runner's checkpoint format
+    model = load_propetl(AutoModelForSequenceClassification.from_pretrained(name, num_labels=2), folder)
+    plain = model.merge_and_unload()        # LoRA folded into W_q / W_v: the plain transformers model
+
+Built on the runner's own code, not beside it: a ProPETLConfig becomes the runner's config (the groups
+conf/prototype/<prototype>.yaml, conf/method/propetl.yaml, conf/mask/default.yaml and the trainer's lr
+keys, with the given values over their defaults), `methods.attach` wraps the model as `propetl-train`
+does, `loop.parameter_groups` makes the groups, and storage.py writes and reads the checkpoints.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from propetl import loop, methods, storage
+from propetl.model import encoder_layers, head_parameter_names
+from propetl.validate import CONF_DIR, ConfigError, check_resolves, validate_learning_rates, validate_method
+
+# Where each general setting of ProPETLConfig lives in the runner's config; every other field is a
+# prototype setting, prototype.<field>. lr sets prototype.lr, which trainer.lr (and head_lr) follow.
+RUNNER_KEYS = {"sparsity": "mask.sparsity", "mask_kind": "mask.kind", "mask_seed": "mask.seed", "lr": "prototype.lr",
+               "mask_lr": "mask.lr", "head_lr": "trainer.head_lr", "weight_decay": "trainer.weight_decay"}
+LOADABLE_METHODS = ("propetl", "petl")
+
+
+@dataclass
+class ProPETLConfig:
+    """ProPETL settings. None takes the runner's default for the prototype (conf/prototype/<prototype>.yaml;
+    sizes scale with the model's hidden size)."""
+    prototype: str = "lora"                  # lora | adapter | prefix
+    sparsity: float | None = None            # fraction of ZEROS per mask (lora, prefix 0.9; adapter 0.5)
+    mask_kind: str = "learned"               # learned | random (fixed, seeded) | none (all ones: weight tying)
+    mask_seed: int = 0                       # mask_kind=random
+    lr: float | None = None                  # the prototype's weights (1e-4)
+    mask_lr: float | None = None             # the mask scores (lora 3e-2, adapter 3e-3, prefix 1e-4)
+    head_lr: float | None = None             # the classification head (and BERT's pooler); None: lr
+    weight_decay: float | None = None        # AdamW-style decay of weights, scores and head (0.1); none on biases
+    r: int | None = None                     # lora: rank (hidden / 24)
+    alpha: float | None = None               # lora: scaling alpha / r (alpha = 1.5 r)
+    targets: list[str] | None = None         # lora: of query, key, value (query, value)
+    reduction_factor: int | None = None      # adapter: bottleneck = hidden / reduction_factor (12)
+    bottleneck: int | None = None            # adapter: the bottleneck width directly
+    non_linearity: str | None = None         # adapter: relu | gelu | tanh
+    init_std: float | None = None            # adapter: weights ~ N(0, init_std^2) (0.02)
+    length: int | None = None                # prefix: positions (hidden / 12)
+    mlp_hidden: int | None = None            # prefix: width of the re-parameterisation MLP (2/3 hidden)
+    embedding_std: float | None = None       # prefix: the MLP's input ~ N(0, std^2) (1.0)
+
+    def prototype_settings(self) -> list[str]:
+        """The fields that set one prototype's hyper-parameters (prototype.<field> in the runner's config)."""
+        return [f.name for f in fields(self) if f.name != "prototype" and f.name not in RUNNER_KEYS]
+
+    def runner_keys(self) -> dict[str, object]:
+        """runner config key -> value, for every setting given (not None)."""
+        given = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "prototype"}
+        return {RUNNER_KEYS.get(name, f"prototype.{name}"): value for name, value in given.items() if value is not None}
+
+
+def api_name(runner_key: str) -> str:
+    """The ProPETLConfig / parameter_groups name of a runner config key (mask.lr -> mask_lr)."""
+    names = {key: name for name, key in RUNNER_KEYS.items()} | {"trainer.lr": "lr"}
+    return names.get(runner_key, runner_key.removeprefix("prototype."))
+
+
+def checked(cfg: DictConfig) -> DictConfig:
+    """The runner's validation of the method part and the learning rates, its errors in the API's names."""
+    try:
+        check_resolves(cfg)
+        validate_method(cfg)
+        validate_learning_rates(cfg)
+    except ConfigError as error:
+        key, sep, rest = str(error).partition("=")
+        raise ConfigError(f"{api_name(key)}={rest}" if sep and " " not in key else str(error)) from None
+    return cfg
+
+
+def trainer_defaults() -> DictConfig:
+    """The trainer keys the optimizer's groups read: lr (follows method.lr), head_lr (follows lr), weight_decay."""
+    return OmegaConf.masked_copy(OmegaConf.load(CONF_DIR / "trainer" / "default.yaml"), ["lr", "head_lr", "weight_decay"])
+
+
+def with_settings(cfg: DictConfig, settings: dict[str, object]) -> DictConfig:
+    """A copy of cfg with runner keys set (interpolations of the rest follow them), validated."""
+    cfg = cfg.copy()
+    for key, value in settings.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    return checked(cfg)
+
+
+def runner_config(config: ProPETLConfig, model: nn.Module) -> DictConfig:
+    """The runner's config for `model` with `config` applied: what propetl-train would compose."""
+    if config.prototype not in methods.PROTOTYPES:
+        raise ConfigError(f"prototype={config.prototype!r} is invalid; allowed: {', '.join(methods.PROTOTYPES)}")
+    prototype = OmegaConf.load(CONF_DIR / "prototype" / f"{config.prototype}.yaml")
+    own = [name for name in config.prototype_settings() if name in prototype]
+    for name in config.prototype_settings():
+        if getattr(config, name) is not None and name not in own:
+            raise ConfigError(f"{name}={getattr(config, name)!r} is not a setting of prototype={config.prototype}; "
+                              f"its settings: {', '.join(own)}")
+    cfg = OmegaConf.create({
+        "model": {"name": model.config.model_type, "name_or_path": model.name_or_path,
+                  "hidden_size": model.config.hidden_size, "num_layers": model.config.num_hidden_layers},
+        "task": {"name": None, "num_labels": model.config.num_labels},
+        "prototype": prototype, "method": OmegaConf.load(CONF_DIR / "method" / "propetl.yaml"),
+        "mask": OmegaConf.load(CONF_DIR / "mask" / "default.yaml"), "trainer": trainer_defaults(),
+        "storage": OmegaConf.load(CONF_DIR / "train.yaml").storage,
+    })
+    return with_settings(cfg, config.runner_keys())
+
+
+def check_supported(model: nn.Module) -> None:
+    """A BERT/RoBERTa-family *ForSequenceClassification model without ProPETL yet, or a one-line error."""
+    try:
+        attention = encoder_layers(model)[0].attention.self
+        family = hasattr(attention, "query") and hasattr(attention, "value")
+    except (AttributeError, IndexError, TypeError):
+        family = False
+    if not family or not type(model).__name__.endswith("ForSequenceClassification"):
+        raise ConfigError(f"model {type(model).__name__} is not supported; pass a BERT/RoBERTa-family "
+                          f"*ForSequenceClassification model from transformers (e.g. BertForSequenceClassification)")
+    if methods.petl_weights(model) is not None:
+        raise ConfigError(f"model {type(model).__name__} already has ProPETL; pass a fresh model")
+
+
+class ProPETLModel(nn.Module):
+    """A transformers model with ProPETL attached (in place). Calls and outputs are the model's own;
+    attributes it lacks come from the model (config, name_or_path, ...)."""
+
+    def __init__(self, model: nn.Module, cfg: DictConfig):
+        super().__init__()
+        self.model = model
+        self.runner_config = cfg                  # the runner's config (model, prototype, method, mask, trainer, ...)
+        self.head_names = head_parameter_names(model)
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+                labels=None, **kwargs):
+        """The model's forward; the explicit names let the HF Trainer keep these dataset columns and find labels."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                          position_ids=position_ids, inputs_embeds=inputs_embeds, labels=labels, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def parameter_groups(self, lr: float | None = None, mask_lr: float | None = None, head_lr: float | None = None,
+                         weight_decay: float | None = None) -> list[dict]:
+        """torch optimizer groups (each with its `name`): the prototype at lr, the mask scores at mask_lr, the
+        head at head_lr; biases and LayerNorm weights without decay. None: the config's values."""
+        given = {"lr": lr, "mask_lr": mask_lr, "head_lr": head_lr, "weight_decay": weight_decay}
+        cfg = with_settings(self.runner_config, {RUNNER_KEYS[k]: v for k, v in given.items() if v is not None})
+        return loop.parameter_groups(self.model, cfg, self.head_names)
+
+    def save_propetl(self, directory) -> Path:
+        """Write the prototype, the masks and the head (not the backbone) to `directory`, atomically."""
+        return storage.save_checkpoint(self.model, self.runner_config, self.head_names, Path(directory))
+
+    def merge_and_unload(self) -> nn.Module:
+        """LoRA: fold every layer's masked update into W_q / W_v and return the plain transformers model."""
+        reason = methods.not_foldable(self.runner_config.prototype.name)
+        if reason:
+            raise ConfigError(f"merge_and_unload: {reason}; keep the ProPETL model (save_propetl / load_propetl)")
+        methods.merge(self.model, encoder_layers(self.model), self.runner_config.prototype.name)
+        return self.model
+
+
+def attach(model: nn.Module, cfg: DictConfig, for_training: bool) -> ProPETLModel:
+    """methods.attach, as the runner's model.build does, on the given model (the store goes to its device)."""
+    device = next(model.parameters()).device
+    methods.attach(model, encoder_layers(model), cfg, head_parameter_names(model), for_training)
+    model.to(device)
+    return ProPETLModel(model, cfg)
+
+
+def get_propetl_model(model: nn.Module, config: ProPETLConfig) -> ProPETLModel:
+    """Freeze `model`'s backbone and add one shared prototype with a learned mask per layer; the head trains."""
+    check_supported(model)
+    return attach(model, runner_config(config, model), for_training=True)
+
+
+def load_propetl(model: nn.Module, directory) -> ProPETLModel:
+    """`model` (the pre-trained backbone the folder was trained on) with a saved prototype, masks and head,
+    in eval mode. Reads save_propetl's folders and the runner's (method propetl or petl) checkpoints.
+    Prefix models load in their inference form (the stored prefix table, no re-parameterisation MLP)."""
+    check_supported(model)
+    directory = Path(directory)
+    saved = OmegaConf.create(storage.read_checkpoint_config(directory))
+    if saved.method.name not in LOADABLE_METHODS:
+        raise ConfigError(f"{directory}: method={saved.method.name} is not loaded by load_propetl; it loads: "
+                          f"{', '.join(LOADABLE_METHODS)} (storage.load_checkpoint loads the rest)")
+    ours = {"model.hidden_size": model.config.hidden_size, "model.num_layers": model.config.num_hidden_layers,
+            "task.num_labels": model.config.num_labels}
+    for key, value in ours.items():
+        if OmegaConf.select(saved, key) != value:
+            raise ConfigError(f"{directory} was saved for {key}={OmegaConf.select(saved, key)}, this model has {value}")
+    cfg = OmegaConf.merge(saved, {"trainer": trainer_defaults()})
+    wrapped = attach(model, checked(cfg), for_training=False)
+    storage.load_weights(model, cfg, wrapped.head_names, directory)
+    return wrapped.eval()

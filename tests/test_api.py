@@ -1,0 +1,159 @@
+"""The public Python API (propetl/api.py): the README example run as written on a tiny random BERT, the
+optimizer groups' learning rates, save -> load -> the same logits, and its one-line refusals."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, BertForSequenceClassification
+
+from conftest import tiny_batch
+from propetl import ProPETLConfig, get_propetl_model, load_propetl, methods, storage
+from propetl import model as backbone
+from propetl.methods.lora import LoRALinear
+from propetl.validate import CONF_DIR, ConfigError
+from test_methods import logits, train_steps
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+NAME_LINE = 'name = "bert-base-uncased"'
+PROTOTYPE_SETTINGS = {"lora": {"r": 4}, "adapter": {"reduction_factor": 4}, "prefix": {"length": 4}}
+
+
+def readme_example() -> str:
+    """The first python block of the README's "Python API" section."""
+    section = README.read_text().split("\n## Python API\n", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def fresh(folder: str, num_labels: int = 2) -> BertForSequenceClassification:
+    return BertForSequenceClassification.from_pretrained(folder, num_labels=num_labels, ignore_mismatched_sizes=True)
+
+
+def propetl_model(folder: str, prototype: str = "lora", **settings):
+    torch.manual_seed(0)
+    return get_propetl_model(fresh(folder), ProPETLConfig(prototype=prototype, **PROTOTYPE_SETTINGS[prototype], **settings))
+
+
+# ----------------------------------------------------------------------------- the README example
+
+def test_readme_example_trains_with_the_hf_trainer_saves_loads_and_merges(tiny_text_model_dir, tmp_path, monkeypatch):
+    code = readme_example()
+    assert NAME_LINE in code
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code.replace(NAME_LINE, f"name = {tiny_text_model_dir!r}"), str(README), "exec"), namespace)
+    model, again, plain = namespace["model"].eval(), namespace["again"], namespace["plain"]
+    store = methods.petl_weights(model.model)
+    assert all(torch.count_nonzero(store.weights[f"{t}_B"]) > 0 for t in ("query", "value"))   # B starts at 0: it trained
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_text_model_dir)
+    batch = tokenizer(["a gripping film", "far too long and dull, really"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**batch).logits
+        torch.testing.assert_close(again(**batch).logits, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(plain(**batch).logits, expected, atol=1e-5, rtol=0)
+    assert type(plain) is BertForSequenceClassification and not any(isinstance(m, LoRALinear) for m in plain.modules())
+
+    saved = tmp_path / "out" / "api-example" / "propetl"          # the prototype, masks and head: no backbone
+    assert sorted(p.name for p in saved.iterdir()) == ["head.safetensors", "masks.safetensors", "propetl.json",
+                                                       "prototype.safetensors"]
+    assert set(load_file(saved / "prototype.safetensors")) == {"query_A", "query_B", "value_A", "value_B"}
+    assert set(load_file(saved / "head.safetensors")) == backbone.head_parameter_names(plain)
+
+
+# ----------------------------------------------------------------------------- optimizer groups
+
+def test_parameter_groups_carry_the_configured_learning_rates(tiny_model_dir):
+    model = propetl_model(tiny_model_dir, lr=1e-3, mask_lr=2e-2, head_lr=5e-3, weight_decay=0.01)
+    groups = {g["name"]: g for g in model.parameter_groups()}
+    assert {n: g["lr"] for n, g in groups.items()} == {"weights": 1e-3, "masks": 2e-2, "head": 5e-3, "head_no_decay": 5e-3}
+    assert groups["masks"]["weight_decay"] == groups["weights"]["weight_decay"] == 0.01
+    store = methods.petl_weights(model.model)
+    assert {id(p) for p in groups["masks"]["params"]} == {id(p) for p in store.score_parameters()}
+    grouped = [id(p) for g in groups.values() for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters() if p.requires_grad)     # each exactly once
+
+    overridden = {g["name"]: g["lr"] for g in model.parameter_groups(mask_lr=7e-2)}
+    assert overridden["masks"] == 7e-2 and overridden["weights"] == 1e-3 and overridden["head"] == 5e-3
+
+
+def test_the_optimizer_moves_the_mask_scores_at_the_mask_lr(tiny_model_dir):
+    mask_lr = 0.25
+    model = propetl_model(tiny_model_dir, "adapter", mask_lr=mask_lr, weight_decay=0.0)   # LoRA: B = 0, no score grad yet
+    optimizer = torch.optim.SGD(model.parameter_groups(lr=1e-3))
+    scores = methods.petl_weights(model.model).score_parameters()
+    before = [s.detach().clone() for s in scores]
+    (1e4 * model(**tiny_batch()).loss).backward()           # scaled: each step is far above float error
+    grads = [s.grad.clone() for s in scores]
+    optimizer.step()
+    assert min(float(g.abs().max()) for g in grads) > 1e-3
+    for old, grad, new in zip(before, grads, scores):
+        torch.testing.assert_close(new.detach(), old - mask_lr * grad, rtol=0, atol=1e-5)
+
+
+def test_defaults_are_the_runners_for_the_prototype(tiny_model_dir):
+    model = propetl_model(tiny_model_dir, "adapter")
+    defaults = OmegaConf.load(CONF_DIR / "prototype" / "adapter.yaml")
+    groups = {g["name"]: g["lr"] for g in model.parameter_groups()}
+    assert groups["masks"] == defaults.mask_lr and groups["weights"] == groups["head"] == defaults.lr
+    assert model.runner_config.mask.sparsity == defaults.mask_sparsity
+    assert model.runner_config.prototype.bottleneck == 32 // 4
+
+
+# ----------------------------------------------------------------------------- save, load, merge
+
+@pytest.mark.parametrize("prototype", list(PROTOTYPE_SETTINGS))
+def test_save_then_load_gives_the_same_logits(tiny_model_dir, tmp_path, prototype):
+    model = propetl_model(tiny_model_dir, prototype, sparsity=0.5)
+    train_steps(model)
+    expected = logits(model)
+    model.save_propetl(tmp_path / "saved")
+    again = load_propetl(fresh(tiny_model_dir), tmp_path / "saved")
+    torch.testing.assert_close(logits(again), expected, atol=1e-5, rtol=0)
+    assert not (tmp_path / "saved" / "backbone.safetensors").exists()
+    if prototype == "lora":
+        torch.testing.assert_close(logits(again.merge_and_unload()), expected, atol=1e-5, rtol=0)
+    else:
+        with pytest.raises(ConfigError, match=f"prototype={prototype} cannot be folded into BERT's weights") as error:
+            again.merge_and_unload()
+        assert "\n" not in str(error.value)
+
+
+def test_load_propetl_reads_a_runner_checkpoint(tiny_cfg, tiny_model_dir, tmp_path):
+    cfg = tiny_cfg("method=propetl", "prototype=lora", "prototype.r=4")
+    torch.manual_seed(0)
+    trained = backbone.build(cfg, 2)
+    train_steps(trained)
+    storage.save_checkpoint(trained, cfg, backbone.head_parameter_names(trained), tmp_path / "checkpoint")
+    torch.testing.assert_close(logits(load_propetl(fresh(tiny_model_dir), tmp_path / "checkpoint")), logits(trained),
+                               atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- one-line refusals
+
+@pytest.mark.parametrize("config,message", [
+    (ProPETLConfig(prototype="lorra"), "prototype='lorra' is invalid; allowed: adapter, lora, prefix"),
+    (ProPETLConfig(prototype="adapter", r=4), "r=4 is not a setting of prototype=adapter; its settings: reduction_factor"),
+    (ProPETLConfig(sparsity=1.0), "sparsity=1.0 is invalid; allowed: a number in [0.0, 1.0)"),
+    (ProPETLConfig(mask_kind="soft"), "mask_kind='soft' is invalid; allowed: learned, random, none"),
+    (ProPETLConfig(mask_lr=0), "mask_lr=0 is invalid; allowed: a positive number"),
+])
+def test_bad_settings_are_refused_in_one_line(tiny_model_dir, config, message):
+    with pytest.raises(ConfigError) as error:
+        get_propetl_model(fresh(tiny_model_dir), config)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+def test_unsupported_models_and_mismatched_checkpoints_are_refused(tiny_model_dir, tmp_path):
+    from transformers import BertModel
+    with pytest.raises(ConfigError, match="model BertModel is not supported"):
+        get_propetl_model(BertModel.from_pretrained(tiny_model_dir), ProPETLConfig())
+    model = propetl_model(tiny_model_dir)
+    with pytest.raises(ConfigError, match="already has ProPETL"):
+        get_propetl_model(model.model, ProPETLConfig())
+    model.save_propetl(tmp_path / "saved")
+    with pytest.raises(ConfigError, match="was saved for task.num_labels=2, this model has 3"):
+        load_propetl(fresh(tiny_model_dir, num_labels=3), tmp_path / "saved")
