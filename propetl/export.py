@@ -1,0 +1,135 @@
+"""propetl-export CHECKPOINT OUT --format hf|peft: a run's checkpoint as a folder that plain transformers
+(`hf`) or PEFT (`peft`) loads with the same logits.
+
+  hf    every LoRA update (ProPETL: each layer's masked prototype) folded into W_q / W_v (methods.merge),
+        written with save_pretrained (safetensors) plus the backbone's tokenizer: plain
+        AutoModelForSequenceClassification.from_pretrained(OUT). Also method=petl and method=peft LoRA,
+        and method=finetune (already a plain model).
+  peft  a standard PEFT LoRA adapter: each layer's (masked) A and B as that layer's lora_A / lora_B, r and
+        lora_alpha as trained (scaling alpha / r, the same as ours), the trained target modules, and the
+        head (classifier, BERT's pooler) as modules_to_save: PeftModel.from_pretrained(base_model, OUT).
+Adapters and prefixes add modules that BERT's weights and PEFT's LoRA cannot express: both formats refuse
+them in one line (exit 2) and write nothing. OUT is built beside itself and renamed into place when complete.
+Heavy imports wait until the arguments are parsed (`--help` answers at once).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+FORMATS = ("hf", "peft")
+
+
+class ExportError(Exception):
+    """One-line, user-facing error about an export."""
+
+
+def refusal(config: dict, output_format: str) -> str | None:
+    """Why a checkpoint (its propetl.json) cannot be written in `output_format` without changing its logits."""
+    from propetl import methods
+
+    method, prototype = config["method"]["name"], config["prototype"]["name"]
+    if method == "finetune":
+        return None if output_format == "hf" else \
+            "method=finetune changed every backbone weight, which a LoRA adapter cannot hold; use --format hf"
+    reason = methods.not_foldable(prototype)
+    return f"{reason}; --format {output_format} would give other logits" if reason else None
+
+
+def lora_pairs(model, cfg) -> dict[tuple[int, str], tuple]:
+    """(layer, target) -> that layer's (A [r, in], B [out, r]) as the model computes with them (ProPETL: masked)."""
+    from propetl import methods
+    from propetl.model import encoder_layers
+
+    layers, targets = encoder_layers(model), list(cfg.prototype.targets)
+    if methods.uses_peft(model):
+        modules = {(i, t): getattr(layer.attention.self, t) for i, layer in enumerate(layers) for t in targets}
+        return {key: (m.lora_A["default"].weight, m.lora_B["default"].weight) for key, m in modules.items()}
+    per_layer = methods.petl_weights(model).per_layer()                        # name -> [L, *shape]
+    return {(i, t): (per_layer[f"{t}_A"][i], per_layer[f"{t}_B"][i]) for i in range(len(layers)) for t in targets}
+
+
+def write_hf(model, cfg, folder: Path) -> None:
+    from propetl import methods
+    from propetl.model import encoder_layers, load_tokenizer
+
+    methods.merge(model, encoder_layers(model), cfg.prototype.name)
+    model.save_pretrained(folder)
+    try:
+        load_tokenizer(cfg.model).save_pretrained(folder)
+    except (OSError, ValueError):                  # a backbone folder without a tokenizer: the weights alone
+        pass
+
+
+def write_peft(model, cfg, folder: Path) -> None:
+    import peft
+    import torch
+
+    from propetl.model import encoder_layers, head_module_names, head_parameter_names, load_backbone
+
+    base = load_backbone(cfg.model, int(cfg.task.num_labels))
+    trained, head = dict(model.named_parameters()), head_parameter_names(base)
+    with torch.no_grad():                           # the head first: modules_to_save copies it when wrapping
+        for name, parameter in base.named_parameters():
+            if name in head:
+                parameter.copy_(trained[name])
+    config = peft.LoraConfig(r=int(cfg.prototype.r), lora_alpha=cfg.prototype.alpha, lora_dropout=0.0, bias="none",
+                             target_modules=list(cfg.prototype.targets), task_type="SEQ_CLS",
+                             modules_to_save=head_module_names(base))
+    adapted = peft.get_peft_model(base, config)
+    layers = encoder_layers(adapted.get_base_model())
+    with torch.no_grad():
+        for (index, target), (a, b) in lora_pairs(model, cfg).items():
+            module = getattr(layers[index].attention.self, target)
+            module.lora_A["default"].weight.copy_(a)
+            module.lora_B["default"].weight.copy_(b)
+    adapted.save_pretrained(folder)
+
+
+def export(checkpoint, out, output_format: str, overwrite: bool = False) -> Path:
+    """Write `checkpoint` (a run's checkpoint/ folder) as `output_format` into `out`; ExportError when it cannot."""
+    from propetl import methods, storage
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    if output_format not in FORMATS:
+        raise ExportError(f"--format {output_format} is invalid; allowed: {', '.join(FORMATS)}")
+    if (checkpoint / storage.SHARED_DIR).is_dir():
+        raise ExportError(f"{checkpoint} is a multi-task checkpoint; propetl-export takes a single-task run's checkpoint/")
+    config = storage.read_checkpoint_config(checkpoint)
+    reason = refusal(config, output_format)
+    if reason:
+        raise ExportError(f"{checkpoint}: {reason}; nothing written")
+    if output_format == "peft" and (missing := methods.peft_missing()):
+        raise ExportError(missing.replace("method=peft", "--format peft"))
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} exists; choose another OUT or pass --overwrite")
+    model, cfg = storage.load_checkpoint(checkpoint)
+    write = {"hf": write_hf, "peft": write_peft}[output_format]
+    return storage.write_folder_atomically(out, lambda folder: write(model, cfg, folder))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="propetl-export", description="Write a run's checkpoint as a folder that transformers or PEFT loads.",
+        epilog="example: propetl-export outputs/runs/rte/propetl-lora/<time>/checkpoint rte-hf --format hf")
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a run's checkpoint/ folder (or a save_propetl folder)")
+    parser.add_argument("out", metavar="OUT", help="the folder to write")
+    parser.add_argument("--format", choices=FORMATS, required=True, dest="output_format",
+                        help="hf: LoRA merged, for AutoModelForSequenceClassification; peft: a PEFT LoRA adapter")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    args = parser.parse_args(argv)
+
+    from propetl.model import ModelError
+    from propetl.storage import CheckpointError
+
+    try:
+        written = export(args.checkpoint, args.out, args.output_format, args.overwrite)
+    except (ExportError, CheckpointError, ModelError) as error:
+        print(f"propetl-export: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(written)
+
+
+if __name__ == "__main__":
+    main()
