@@ -74,6 +74,11 @@ def test_multirun_gives_one_directory_per_job(tmp_path, glue_dir):
     assert len(runs) == 4
     seen = {(m["task"], m["seed"]) for m in (json.loads(p.read_text()) for p in runs)}
     assert seen == {("rte", 1), ("rte", 2), ("mrpc", 1), ("mrpc", 2)}
+    for run in runs:                         # each job's record, written by propetl: its own overrides
+        overrides = (run.parent / ".hydra" / "overrides.yaml").read_text()
+        metrics = json.loads(run.read_text())
+        assert f"task={metrics['task']}" in overrides and f"seed={metrics['seed']}" in overrides
+        assert sorted(p.name for p in (run.parent / ".hydra").iterdir()) == ["config.yaml", "overrides.yaml"]
 
 
 def test_a_failed_run_leaves_no_empty_folders_under_outputs(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import compose_cfg, tiny_text_overrides
 from test_cli import ENV, SCRIPT
-from propetl import storage
+from propetl import rundir, storage
 from propetl.resume import Checkpointer
 from propetl.train import train
 
@@ -100,7 +100,9 @@ def leftover_checkpoint(tmp_path, tiny_text_model_dir, glue_dir, monkeypatch, *e
 def test_finished_run_is_skipped(tmp_path, tiny_text_model_dir, glue_dir):
     cfg = compose_cfg([*tiny_text_overrides(tiny_text_model_dir, glue_dir), *RUN, "trainer.epochs=1"])
     first = train(cfg, tmp_path)
+    record = (tmp_path / ".hydra" / "config.yaml").stat().st_mtime_ns
     assert train(cfg, tmp_path) == json.loads(json.dumps(first))      # read back, not trained again
+    assert (tmp_path / ".hydra" / "config.yaml").stat().st_mtime_ns == record          # and its record left alone
 
 
 @pytest.mark.slow
@@ -111,6 +113,7 @@ def test_mismatched_resume_checkpoint_is_refused(tmp_path, tiny_text_model_dir, 
         train(cfg, tmp_path)
     assert "mask.sparsity=0.9" in str(error.value) and "mask.sparsity=0.5" in str(error.value)
     assert "\n" not in str(error.value) and not (tmp_path / "metrics.json").exists()
+    assert rundir.recorded_config(tmp_path).mask.sparsity == 0.9                # the record still says what was trained
 
 
 @pytest.mark.slow
