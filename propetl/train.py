@@ -25,7 +25,8 @@ from propetl.resume import Checkpointer, Interrupted
 from propetl.validate import CONF_DIR, ConfigError, check_command_line, validate
 
 logger = logging.getLogger("propetl")
-USER_ERRORS = (ConfigError, data.DataError, backbone.ModelError, storage.CheckpointError, rundir.RunDirectoryError)
+USER_ERRORS = (ConfigError, data.DataError, backbone.ModelError, storage.CheckpointError, rundir.RunDirectoryError,
+               loop.Diverged)
 
 
 def seed_everything(seed: int) -> None:

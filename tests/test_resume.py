@@ -140,6 +140,27 @@ def test_corrupted_resume_checkpoint_is_refused(tmp_path, tiny_text_model_dir, g
         train(cfg, tmp_path)
 
 
+@pytest.mark.slow
+def test_diverged_run_stops_with_one_line_and_keeps_its_last_good_checkpoint(tmp_path, tiny_text_model_dir, glue_dir):
+    """Learning rates of 1e20 make the loss NaN at step 3: exit 2, one line (step, value, likely cause),
+    no metrics.json, and resume/ holds the last state whose weights are all finite."""
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "run"
+    overrides = [*tiny_text_overrides(tiny_text_model_dir, glue_dir), *RUN, "trainer.epochs=1", "trainer.save_steps=1",
+                 "data.max_train_examples=64", "prototype.lr=1e20", "trainer.head_lr=1e20"]
+    process = start(run_dir, overrides)
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 2, stderr[-3000:]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "training stopped at step 3: the training loss (nan) is not finite" in lines[0], stderr[-3000:]
+    assert "likely cause: learning rates too large" in lines[0] and "trainer.lr=1e+20" in lines[0]
+    assert not (run_dir / "metrics.json").exists()
+    state = json.loads((run_dir / "resume" / "state.json").read_text())
+    assert 0 < state["result"]["steps"] < 3
+    assert all(bool(t.float().isfinite().all()) for t in load_file(run_dir / "resume" / "state.safetensors").values())
+
+
 # ----------------------------------------------------------------------------- saved task checkpoints
 
 @pytest.fixture
