@@ -129,6 +129,17 @@ class FitResult:
     tokens_seen: int = 0
 
 
+class Diverged(Exception):
+    """Training produced a non-finite loss or weight: one line with the step, the value and the likely cause."""
+
+    def __init__(self, step: int, what: str, cfg, directory=None):
+        t = cfg.trainer
+        kept = f"the last checkpoint stays in {directory}" if directory is not None else "nothing was saved"
+        super().__init__(f"training stopped at step {step}: {what} is not finite; likely cause: learning rates too "
+                         f"large for this run (trainer.lr={t.lr}, trainer.head_lr={t.head_lr}, mask.lr={cfg.mask.lr}) "
+                         f"or overflow in trainer.precision={t.precision}; {kept}")
+
+
 def fit(model, train_loader, select, cfg, head_names: set[str], device,
         log_fn=lambda record: None, checkpointer=None, ctx: distributed.Context = distributed.Context()) -> FitResult:
     """Train for cfg.trainer.epochs (or until cfg.trainer.max_steps), calling `select(model)` ->
@@ -156,8 +167,14 @@ def fit(model, train_loader, select, cfg, head_names: set[str], device,
         logger.info("resuming from %s at epoch %d, step %d", checkpointer.directory, result.epoch + 1, result.steps)
 
     def save_checkpoint(order_state):
-        if checkpointer is not None:
-            checkpointer.save(result, model, optimizer, scheduler, scaler, order_state)
+        if checkpointer is None:
+            return
+        if not all(bool(torch.isfinite(p).all()) for p in trainable):     # never a diverged state on disk
+            raise Diverged(result.steps, "a trainable weight", cfg, resume_dir())
+        checkpointer.save(result, model, optimizer, scheduler, scaler, order_state)
+
+    def resume_dir():
+        return checkpointer.directory if checkpointer is not None and checkpointer.exists() else None
 
     with StopOnSignal() as stop:
         while result.epoch < epochs and result.steps < total_steps:
@@ -186,6 +203,8 @@ def fit(model, train_loader, select, cfg, head_names: set[str], device,
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 result.epoch_losses.append(loss.item())
+                if not math.isfinite(result.epoch_losses[-1]):
+                    raise Diverged(result.steps + 1, f"the training loss ({result.epoch_losses[-1]})", cfg, resume_dir())
                 result.steps += 1
                 result.step_in_epoch += 1
                 bar.set_postfix(loss=f"{result.epoch_losses[-1]:.4f}")

@@ -49,6 +49,17 @@ def fingerprint(cfg) -> dict:
     return {key: plain_value(cfg, key) for key in FINGERPRINT_KEYS}
 
 
+def fingerprint_differences(saved: dict, current: dict) -> list[tuple[str, object, object]]:
+    """(key, saved value, this run's value) for each fingerprint key that differs; a key the saved run
+    predates counts as its FINGERPRINT_DEFAULTS value."""
+    out = []
+    for key, value in current.items():
+        before = saved.get(key, FINGERPRINT_DEFAULTS.get(key))
+        if before != value:
+            out.append((key, before, value))
+    return out
+
+
 class StopOnSignal:
     """While active, SIGINT/SIGTERM only set `signum`; the loop saves and stops at the next step."""
 
@@ -139,18 +150,23 @@ class Checkpointer:
 
         write_folder_atomically(self.directory, build)
 
-    def load(self, model, optimizer, scheduler, scaler, result_type):
-        """Restore everything; returns (result, data-order state at the start of the current epoch)."""
+    def check_fingerprint(self) -> dict:
+        """The saved state.json, if this run's config has its fingerprint; else one-line CheckpointError."""
         path = self.directory / STATE_JSON
         try:
             meta = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise CheckpointError(f"cannot read {path}: {error}") from None
-        for key, value in self.fingerprint.items():
-            saved = meta.get("fingerprint", {}).get(key, FINGERPRINT_DEFAULTS.get(key))
-            if saved != value:
-                raise CheckpointError(f"{self.directory} was trained with {key}={saved!r}, this run has {key}={value!r}; "
-                                      f"use the same config or trainer.resume=false to start over")
+        if not isinstance(meta, dict) or not isinstance(meta.get("fingerprint", {}), dict):
+            raise CheckpointError(f"cannot read {path}: not a resume state")
+        for key, saved, value in fingerprint_differences(meta.get("fingerprint", {}), self.fingerprint)[:1]:
+            raise CheckpointError(f"{self.directory} was trained with {key}={saved!r}, this run has {key}={value!r}; "
+                                  f"use the same config or trainer.resume=false to start over")
+        return meta
+
+    def load(self, model, optimizer, scheduler, scaler, result_type):
+        """Restore everything; returns (result, data-order state at the start of the current epoch)."""
+        meta = self.check_fingerprint()
         tensors, _ = read_safetensors(self.directory / STATE_TENSORS)
         parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if sorted(parameters) != meta["parameters"]:

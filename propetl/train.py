@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import propetl  # noqa: F401  (registers the config resolvers)
-from propetl import data, distributed, log, loop, storage
+from propetl import data, distributed, log, loop, rundir, storage
 from propetl import metrics as glue_metrics
 from propetl import model as backbone
 from propetl.batches import make_loader
@@ -25,7 +25,8 @@ from propetl.resume import Checkpointer, Interrupted
 from propetl.validate import CONF_DIR, ConfigError, check_command_line, validate
 
 logger = logging.getLogger("propetl")
-USER_ERRORS = (ConfigError, data.DataError, backbone.ModelError, storage.CheckpointError)
+USER_ERRORS = (ConfigError, data.DataError, backbone.ModelError, storage.CheckpointError, rundir.RunDirectoryError,
+               loop.Diverged)
 
 
 def seed_everything(seed: int) -> None:
@@ -43,18 +44,22 @@ def pick_device(name: str) -> torch.device:
 
 
 def begin_run(cfg: DictConfig, output_dir: Path):
-    """What every run does first: validate, find a finished run or a checkpoint, seed, pick the device.
+    """What every run does first: validate, find a finished run or a checkpoint (either must be of this
+    config), record the config, seed, pick the device.
     Returns (finished metrics or None, distributed context, checkpointer, device)."""
     validate(cfg)
     ctx = distributed.from_environment()        # torchrun / accelerate launch: several processes, one run
     checkpointer = Checkpointer(output_dir, cfg, cfg.trainer.save_steps, writes=ctx.is_main)
-    finished = output_dir / "metrics.json"
     if cfg.trainer.resume is False:
         checkpointer.discard()
-    elif finished.exists():
+        if ctx.is_main:                          # starting over: the old results go with the old record
+            (output_dir / rundir.METRICS_FILE).unlink(missing_ok=True)
+    elif (finished := rundir.finished_run(output_dir, cfg)) is not None:
         logger.info("%s is finished (metrics.json exists): skipped; trainer.resume=false runs it again", output_dir)
-        return json.loads(finished.read_text()), ctx, checkpointer, None
-    elif cfg.trainer.resume is True and not checkpointer.exists():
+        return finished, ctx, checkpointer, None
+    elif checkpointer.exists():
+        checkpointer.check_fingerprint()
+    elif cfg.trainer.resume is True:
         raise ConfigError(f"trainer.resume=true but {checkpointer.directory} holds no checkpoint; "
                           f"point hydra.run.dir at the run to continue, or use trainer.resume=auto")
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -65,6 +70,8 @@ def begin_run(cfg: DictConfig, output_dir: Path):
     distributed.init(ctx, device)
     if cfg.trainer.precision == "fp16" and device.type != "cuda":
         raise ConfigError(f"trainer.precision=fp16 needs a CUDA device (device is {device}); allowed here: fp32, bf16")
+    if ctx.is_main:                              # only now: a finished or another config's run is left as it was
+        rundir.write_record(output_dir, cfg, rundir.command_overrides())
     return None, ctx, checkpointer, device
 
 
@@ -179,12 +186,17 @@ def _discard_unfinished(output_dir: Path) -> None:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def hydra_entry(cfg: DictConfig) -> float:
     output_dir = Path(HydraConfig.get().runtime.output_dir)
+    is_main = distributed.from_environment().is_main             # rank 0 owns the run directory
     try:
-        metrics = train(cfg, output_dir)
+        with rundir.claim(output_dir, enabled=is_main):
+            try:
+                metrics = train(cfg, output_dir)
+            except USER_ERRORS:
+                if is_main:
+                    _discard_unfinished(output_dir)
+                raise
         return metrics.get("glue_score", metrics.get("mean_test_score"))     # multi-task: the mean of the tasks
-    except USER_ERRORS as error:
-        if distributed.from_environment().is_main:
-            _discard_unfinished(output_dir)
+    except (*USER_ERRORS, rundir.RunDirectoryInUse) as error:
         print(f"propetl-train: error: {error}", file=sys.stderr)
         sys.exit(2)
     except Interrupted as stop:

@@ -2,9 +2,10 @@
 bad value and what is allowed (raised as ConfigError, printed by the entry point, exit code 2)."""
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from propetl.mask_coding import CODINGS
 from propetl.masks import COMBINES, MASK_KINDS
@@ -12,6 +13,7 @@ from propetl.methods import METHODS, PROTOTYPES, peft_missing
 from propetl.storage import STORAGE_DTYPES
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+SWEEP_FUNCTIONS = ("glob(", "range(", "choice(", "interval(", "[")     # a group swept by a function: not checked
 GROUPS = ("model", "task", "prototype", "method", "mask", "trainer", "logger", "data", "experiment", "profile")
 
 
@@ -31,18 +33,75 @@ def check_group_override(group: str, value: str) -> None:
 
 
 def check_command_line(arguments: list[str]) -> None:
-    """Catch unknown group options (task=nope) before Hydra composes, with one line instead of Hydra's page.
-    Sweeps (task=rte,mrpc) are checked value by value."""
+    """Catch unknown group options (task=nope) and unknown keys (+trainer.max_step=3) before Hydra composes,
+    with one line instead of Hydra's page (or, for a `+` key, instead of silence). Sweeps (task=rte,mrpc)
+    are checked value by value."""
+    groups, keys = {}, []
     for argument in arguments:
-        key, sep, value = argument.lstrip("+~").partition("=")
-        if sep and key in GROUPS and not value.startswith(("glob(", "range(", "choice(", "[")):
-            for one in value.split(","):
-                check_group_override(key, one.strip())
+        if argument.startswith("-"):                       # -m, --multirun, --cfg job
+            continue
+        prefix = argument[:len(argument) - len(argument.lstrip("+~"))]
+        key, sep, value = argument[len(prefix):].partition("=")
+        if key in GROUPS:
+            if sep and not value.startswith(SWEEP_FUNCTIONS):
+                for one in value.split(","):
+                    check_group_override(key, one.strip())
+                groups[key] = [one.strip() for one in value.split(",")]
+        elif (sep or prefix) and not key.startswith("hydra") and not set("/@") & set(key):
+            keys.append((argument, key))
+    if keys:
+        check_keys_known(keys, groups)
+
+
+def config_keys(node, prefix: str = "") -> set[str]:
+    """Every dotted key of a config (sections and values), without resolving interpolations."""
+    keys = set()
+    for name in node.keys():
+        key = f"{prefix}{name}"
+        keys.add(key)
+        child = node._get_node(name)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_interpolation():
+            keys |= config_keys(child, f"{key}.")
+    return keys
+
+
+def known_keys(groups: dict[str, list[str]]) -> set[str] | None:
+    """The keys of the config the command's group choices compose (every value of a swept group);
+    None if they do not compose (Hydra then says why)."""
+    from hydra import compose, initialize_config_dir
+
+    first = {group: f"{group}={values[0]}" for group, values in groups.items()}
+    choices = [list(first.values())]
+    for group, values in groups.items():
+        choices += [[*(o for g, o in first.items() if g != group), f"{group}={value}"] for value in values[1:]]
+    keys = set()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        for overrides in choices:
+            try:
+                keys |= config_keys(compose(config_name="train", overrides=overrides)) - {"hydra"}
+            except Exception:           # noqa: BLE001  (Hydra's composition errors have no common type)
+                return None
+    return keys
+
+
+def check_keys_known(keys: list[tuple[str, str]], groups: dict[str, list[str]]) -> None:
+    """(argument, dotted key) pairs whose key the composed config lacks: refused, with the nearest known key."""
+    known = known_keys(groups)
+    for argument, key in keys if known is not None else ():
+        if key not in known:
+            near = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"did you mean {near[0]}?" if near else "`propetl-train --cfg job` lists the keys"
+            raise ConfigError(f"{argument}: {key} is not a config key; {hint}")
 
 
 def _require(ok: bool, key: str, value, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is invalid; allowed: {allowed}")
+
+
+def _integer(cfg, key: str) -> None:
+    value = OmegaConf.select(cfg, key)
+    _require(isinstance(value, int) and not isinstance(value, bool), key, value, "an integer")
 
 
 def _positive_int(cfg, key: str) -> None:
@@ -71,7 +130,7 @@ def validate(cfg) -> None:
     check_resolves(cfg)
     _one_of(cfg, "task.name", group_choices("task"))
     validate_method(cfg)
-    _require(isinstance(cfg.seed, int), "seed", cfg.seed, "an integer")
+    _integer(cfg, "seed")
     for key in ("trainer.epochs", "trainer.batch_size", "trainer.eval_batch_size", "data.max_length",
                 "model.hidden_size", "model.num_layers"):
         _positive_int(cfg, key)
@@ -93,7 +152,7 @@ def validate(cfg) -> None:
     _require(isinstance(cfg.data.group_by_length, bool), "data.group_by_length", cfg.data.group_by_length, "true or false")
     if cfg.data.max_train_examples is not None:
         _positive_int(cfg, "data.max_train_examples")
-    _require(isinstance(cfg.data.split_seed, int), "data.split_seed", cfg.data.split_seed, "an integer")
+    _integer(cfg, "data.split_seed")
     _one_of(cfg, "logger.mode", ("online", "offline", "disabled"))
     _one_of(cfg, "storage.mask_coding", CODINGS)
     _one_of(cfg, "storage.dtype", tuple(STORAGE_DTYPES))
@@ -140,6 +199,7 @@ def validate_method(cfg) -> None:
     _number_in(cfg, "mask.sparsity", 0.0, 1.0)
     _positive_number(cfg, "mask.lr")
     _number_in(cfg, "mask.weight_decay", 0.0, float("inf"))
+    _integer(cfg, "mask.seed")
     name = cfg.prototype.name
     if name == "adapter":
         _positive_int(cfg, "prototype.reduction_factor")

@@ -52,6 +52,18 @@ def test_invalid_value_is_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("argument,expected", [
+    ("+trainer.max_step=3", "did you mean trainer.max_steps?"), ("trainer.max_step=3", "did you mean trainer.max_steps?"),
+    ("seed=true", "seed=True is invalid; allowed: an integer"),
+])
+def test_unknown_key_or_bool_seed_is_one_line(tmp_path, argument, expected):
+    result = propetl_train(tmp_path, argument, "logger.mode=disabled")
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], result.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_multirun_gives_one_directory_per_job(tmp_path, glue_dir):
     result = propetl_train(tmp_path, "-m", "task=rte,mrpc", "seed=1,2", "method=petl", "trainer.max_steps=2",
@@ -62,6 +74,11 @@ def test_multirun_gives_one_directory_per_job(tmp_path, glue_dir):
     assert len(runs) == 4
     seen = {(m["task"], m["seed"]) for m in (json.loads(p.read_text()) for p in runs)}
     assert seen == {("rte", 1), ("rte", 2), ("mrpc", 1), ("mrpc", 2)}
+    for run in runs:                         # each job's record, written by propetl: its own overrides
+        overrides = (run.parent / ".hydra" / "overrides.yaml").read_text()
+        metrics = json.loads(run.read_text())
+        assert f"task={metrics['task']}" in overrides and f"seed={metrics['seed']}" in overrides
+        assert sorted(p.name for p in (run.parent / ".hydra").iterdir()) == ["config.yaml", "overrides.yaml"]
 
 
 def test_a_failed_run_leaves_no_empty_folders_under_outputs(tmp_path):

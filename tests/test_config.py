@@ -73,6 +73,7 @@ def test_overrides_from_the_brief():
     ("data.protocol=dev", "data.protocol"), ("logger.mode=maybe", "logger.mode"),
     ("trainer.max_steps=0", "trainer.max_steps"), ("trainer.warmup_ratio=1.5", "trainer.warmup_ratio"),
     ("data.group_by_length=maybe", "data.group_by_length"),
+    ("seed=true", "seed"), ("data.split_seed=false", "data.split_seed"), ("mask.seed=true", "mask.seed"),
 ])
 def test_invalid_values_give_one_line_naming_the_key(override, key):
     with pytest.raises(ConfigError) as error:
@@ -88,6 +89,25 @@ def test_unknown_group_options_are_caught_before_hydra(argument, choices):
         check_command_line([argument])
     assert "nope" in str(error.value) and choices in str(error.value)
     check_command_line(["task=rte,mrpc", "seed=1,2", "trainer.max_steps=10"])       # sweeps of valid values pass
+
+
+@pytest.mark.parametrize("argument,nearest", [
+    ("+trainer.max_step=3", "trainer.max_steps"), ("trainer.max_step=3", "trainer.max_steps"),
+    ("++mask.sparsty=0.5", "mask.sparsity"), ("-m task=rte,mrpc +trainer.eval_batchsize=8", "trainer.eval_batch_size"),
+    ("prototype=lora prototype.alfa=2", "prototype.alpha"), ("~trainer.warmup", "trainer.warmup_ratio"),
+])
+def test_unknown_keys_are_refused_with_the_nearest_known_key(argument, nearest):
+    with pytest.raises(ConfigError) as error:
+        check_command_line(argument.split())
+    message = str(error.value)
+    assert "\n" not in message and argument.split()[-1] in message and f"did you mean {nearest}?" in message
+
+
+def test_known_keys_of_the_chosen_groups_pass():
+    """A key of any swept option is known; keys added by an overlay (experiment, profile) are known with it."""
+    check_command_line(["-m", "prototype=adapter,lora", "prototype.r=4", "hydra.run.dir=x", "hydra/launcher=joblib"])
+    check_command_line(["profile=cpu", "prototype=prefix", "prototype.embedding_std=0.1", "reproduce.root=x"])
+    check_command_line(["experiment=multitask", "mode=multitask", "tasks=[rte,mrpc]", "multitask.temperature=2"])
 
 
 REPRODUCTIONS = ["table1", "sparsity_sweep", "ablation_masks", "multitask"]

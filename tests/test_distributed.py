@@ -63,3 +63,5 @@ def test_two_gloo_processes_train_one_run(tmp_path, tiny_text_model_dir, glue_di
         assert set(metrics["per_task"]) == {"rte", "stsb"}
         assert (run_dir / "checkpoint" / "tasks" / "stsb" / "task_mask.safetensors").exists()
     assert not (run_dir / "resume").exists()
+    assert sorted(p.name for p in (run_dir / ".hydra").iterdir()) == ["config.yaml", "overrides.yaml"]   # rank 0's
+    assert not (run_dir / ".propetl.lock").exists()                                 # rank 0 owned the folder

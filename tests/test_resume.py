@@ -12,7 +12,7 @@ import pytest
 
 from conftest import compose_cfg, tiny_text_overrides
 from test_cli import ENV, SCRIPT
-from propetl import storage
+from propetl import rundir, storage
 from propetl.resume import Checkpointer
 from propetl.train import train
 
@@ -100,7 +100,9 @@ def leftover_checkpoint(tmp_path, tiny_text_model_dir, glue_dir, monkeypatch, *e
 def test_finished_run_is_skipped(tmp_path, tiny_text_model_dir, glue_dir):
     cfg = compose_cfg([*tiny_text_overrides(tiny_text_model_dir, glue_dir), *RUN, "trainer.epochs=1"])
     first = train(cfg, tmp_path)
+    record = (tmp_path / ".hydra" / "config.yaml").stat().st_mtime_ns
     assert train(cfg, tmp_path) == json.loads(json.dumps(first))      # read back, not trained again
+    assert (tmp_path / ".hydra" / "config.yaml").stat().st_mtime_ns == record          # and its record left alone
 
 
 @pytest.mark.slow
@@ -111,6 +113,7 @@ def test_mismatched_resume_checkpoint_is_refused(tmp_path, tiny_text_model_dir, 
         train(cfg, tmp_path)
     assert "mask.sparsity=0.9" in str(error.value) and "mask.sparsity=0.5" in str(error.value)
     assert "\n" not in str(error.value) and not (tmp_path / "metrics.json").exists()
+    assert rundir.recorded_config(tmp_path).mask.sparsity == 0.9                # the record still says what was trained
 
 
 @pytest.mark.slow
@@ -135,6 +138,27 @@ def test_corrupted_resume_checkpoint_is_refused(tmp_path, tiny_text_model_dir, g
     cfg = compose_cfg([*tiny_text_overrides(tiny_text_model_dir, glue_dir), *RUN, "trainer.epochs=1"])
     with pytest.raises(storage.CheckpointError, match="cannot read"):
         train(cfg, tmp_path)
+
+
+@pytest.mark.slow
+def test_diverged_run_stops_with_one_line_and_keeps_its_last_good_checkpoint(tmp_path, tiny_text_model_dir, glue_dir):
+    """Learning rates of 1e20 make the loss NaN at step 3: exit 2, one line (step, value, likely cause),
+    no metrics.json, and resume/ holds the last state whose weights are all finite."""
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "run"
+    overrides = [*tiny_text_overrides(tiny_text_model_dir, glue_dir), *RUN, "trainer.epochs=1", "trainer.save_steps=1",
+                 "data.max_train_examples=64", "prototype.lr=1e20", "trainer.head_lr=1e20"]
+    process = start(run_dir, overrides)
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 2, stderr[-3000:]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "training stopped at step 3: the training loss (nan) is not finite" in lines[0], stderr[-3000:]
+    assert "likely cause: learning rates too large" in lines[0] and "trainer.lr=1e+20" in lines[0]
+    assert not (run_dir / "metrics.json").exists()
+    state = json.loads((run_dir / "resume" / "state.json").read_text())
+    assert 0 < state["result"]["steps"] < 3
+    assert all(bool(t.float().isfinite().all()) for t in load_file(run_dir / "resume" / "state.safetensors").values())
 
 
 # ----------------------------------------------------------------------------- saved task checkpoints
