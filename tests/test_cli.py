@@ -66,14 +66,14 @@ def test_unknown_key_or_bool_seed_is_one_line(tmp_path, argument, expected):
 
 @pytest.mark.slow
 def test_multirun_gives_one_directory_per_job(tmp_path, glue_dir):
-    result = propetl_train(tmp_path, "-m", "task=rte,mrpc", "seed=1,2", "method=petl", "trainer.max_steps=2",
+    result = propetl_train(tmp_path, "-m", "task=rte", "seed=1,2", "method=petl", "trainer.max_steps=2",
                            "trainer.batch_size=4", "trainer.eval_batch_size=128", "logger.mode=disabled",
                            f"data.dir={glue_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted((tmp_path / "sweep").glob("*/metrics.json"))
-    assert len(runs) == 4
+    assert len(runs) == 2
     seen = {(m["task"], m["seed"]) for m in (json.loads(p.read_text()) for p in runs)}
-    assert seen == {("rte", 1), ("rte", 2), ("mrpc", 1), ("mrpc", 2)}
+    assert seen == {("rte", 1), ("rte", 2)}
     for run in runs:                         # each job's record, written by propetl: its own overrides
         overrides = (run.parent / ".hydra" / "overrides.yaml").read_text()
         metrics = json.loads(run.read_text())

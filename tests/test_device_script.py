@@ -3,7 +3,9 @@ the archive that brings the runs back (scripts/pack_runs.py), the deadline, and 
 (--smoke: every part, one run a sweep, two steps a run)."""
 from __future__ import annotations
 
+import functools
 import importlib.util
+import itertools
 import os
 import subprocess
 import sys
@@ -52,11 +54,9 @@ def test_sparsity_sweep_leaves_the_table1_points_out():
     assert all("mask.kind=random,none" in o for o in ablations)
 
 
-def expand_sweep(experiment: str, overrides: list[str]) -> list[list[str]]:
-    """The runs of one sweep, as Hydra's basic sweeper makes them: the overlay's and the profile's grid
-    (hydra.sweeper.params) with the sweep's own overrides replacing the keys they name."""
-    from itertools import product
-
+@functools.cache
+def sweeper_grid(experiment: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """hydra.sweeper.params of an overlay under the gpu profile: key -> its values."""
     from conftest import compose_cfg  # noqa: F401 (sets the offline environment)
     from hydra import compose, initialize_config_dir
 
@@ -64,14 +64,30 @@ def expand_sweep(experiment: str, overrides: list[str]) -> list[list[str]]:
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         hydra_cfg = compose(config_name="train", overrides=[f"experiment={experiment}", "profile=gpu"],
                             return_hydra_config=True)
-    grid = {str(k): str(v).split(",") for k, v in hydra_cfg.hydra.sweeper.params.items()}
-    grid.update({k: v.split(",") for k, _, v in (o.partition("=") for o in overrides)})
-    keys = list(grid)
-    return [[f"{k}={v}" for k, v in zip(keys, values)] for values in product(*grid.values())]
+    return tuple((str(k), tuple(str(v).split(","))) for k, v in hydra_cfg.hydra.sweeper.params.items())
+
+
+def expand_sweep(experiment: str, overrides: list[str]) -> list[list[str]]:
+    """The runs of one sweep, as Hydra's basic sweeper makes them: the overlay's and the profile's grid
+    (hydra.sweeper.params) with the sweep's own overrides replacing the keys they name."""
+    grid = dict(sweeper_grid(experiment))
+    grid.update({k: tuple(v.split(",")) for k, _, v in (o.partition("=") for o in overrides)})
+    return [[f"{k}={v}" for k, v in zip(grid, values)] for values in itertools.product(*grid.values())]
+
+
+def covering_runs(runs: list[list[str]]) -> list[list[str]]:
+    """Runs of a grid that hold every value of every key at least once (the first run, then one run per other
+    value): a config error comes from one override value, so these fail wherever the whole grid would."""
+    chosen, seen = [], set()
+    for run in runs:
+        if not seen.issuperset(run):
+            chosen.append(run)
+            seen.update(run)
+    return chosen
 
 
 def test_every_run_of_every_part_composes_and_validates():
-    """The whole gpu plan, run by run (246 runs), is a valid config: a typo in a part fails here, not on a loan."""
+    """The whole gpu plan (246 runs) is made of valid configs: a typo in a part fails here, not on a loan."""
     from conftest import compose_cfg
 
     from propetl.validate import validate
@@ -80,11 +96,18 @@ def test_every_run_of_every_part_composes_and_validates():
         for experiment, overrides in sweeps:
             runs = expand_sweep(experiment, overrides)
             total += len(runs)
-            for run in {tuple(o for o in run if not o.startswith("seed=")) for run in runs}:  # seeds: same config
+            for run in covering_runs([[o for o in run if not o.startswith("seed=")] for run in runs]):  # seeds: one config
                 cfg = compose_cfg([f"experiment={experiment}", "profile=gpu", *run])
                 validate(cfg)
                 assert cfg.trainer.device == "cuda" and cfg.trainer.precision == "bf16", (part, run)
     assert total == 246                       # the sizing table in scripts/device_reproduce.sh and the README
+
+
+def test_covering_runs_hold_every_value():
+    runs = expand_sweep("table1", ["task=rte"])
+    chosen = covering_runs(runs)
+    assert len(runs) == 18 and len(chosen) < len(runs)
+    assert {o for run in chosen for o in run} == {o for run in runs for o in run}
 
 
 def test_smoke_narrows_every_sweep_to_one_value_a_key():
