@@ -58,12 +58,9 @@ def expand_sweep(experiment: str, overrides: list[str]) -> list[list[str]]:
     from itertools import product
 
     from conftest import compose_cfg  # noqa: F401 (sets the offline environment)
-    from hydra import compose, initialize_config_dir
+    from propetl.configs import compose
 
-    from propetl.validate import CONF_DIR
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        hydra_cfg = compose(config_name="train", overrides=[f"experiment={experiment}", "profile=gpu"],
-                            return_hydra_config=True)
+    hydra_cfg = compose([f"experiment={experiment}", "profile=gpu"], with_hydra=True)
     grid = {str(k): str(v).split(",") for k, v in hydra_cfg.hydra.sweeper.params.items()}
     grid.update({k: v.split(",") for k, _, v in (o.partition("=") for o in overrides)})
     keys = list(grid)
