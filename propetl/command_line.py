@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from omegaconf import DictConfig
 
-from propetl.configs import ConfigError, compose, group_choices
+from propetl.configs import PRIMARY_CONFIG, ConfigError, compose, require_option
 
 SWEEP_FUNCTIONS = ("glob(", "range(", "choice(", "interval(", "[")     # a group swept by a function: not checked
 GROUPS = ("model", "task", "prototype", "method", "mask", "trainer", "logger", "data", "experiment", "profile")
@@ -44,9 +44,10 @@ def search_path_of(args) -> list[str]:
 
 def check_command_line(arguments: Sequence[str]) -> None:
     """Unknown group options and unknown keys of a propetl-train command line, refused in one line.
-    Sweeps (task=rte,mrpc) are checked value by value; --help, -sc and --info are left to Hydra."""
+    Sweeps (task=rte,mrpc) are checked value by value; --help, -sc, --info and another primary config
+    folder (--config-path) are left to Hydra."""
     args = parse(arguments)
-    if any(getattr(args, flag) for flag in HYDRA_ANSWERS):
+    if any(getattr(args, flag) for flag in HYDRA_ANSWERS) or args.config_path is not None:
         return
     search_path = search_path_of(args)
     groups, keys = {}, []
@@ -56,18 +57,12 @@ def check_command_line(arguments: Sequence[str]) -> None:
         if key in GROUPS:
             if sep and not value.startswith(SWEEP_FUNCTIONS):
                 for one in value.split(","):
-                    check_group_override(key, one.strip(), search_path)
+                    require_option(key, one.strip(), search_path)
                 groups[key] = [one.strip() for one in value.split(",")]
         elif (sep or prefix) and not key.startswith("hydra") and not set("/@") & set(key):
             keys.append((argument, key))
     if keys:
-        check_keys_known(keys, groups, search_path, args.config_name)
-
-
-def check_group_override(group: str, value: str, search_path: Sequence[str] = ()) -> None:
-    choices = group_choices(group, search_path)
-    if value not in choices and value != "null":
-        raise ConfigError(f"{group}={value} is not a known {group}; choose one of: {', '.join(choices)}")
+        check_keys_known(keys, groups, search_path, args.config_name or PRIMARY_CONFIG)
 
 
 def config_keys(node, prefix: str = "") -> set[str]:
@@ -83,7 +78,7 @@ def config_keys(node, prefix: str = "") -> set[str]:
 
 
 def known_keys(groups: dict[str, list[str]], search_path: Sequence[str] = (),
-               config_name: str | None = None) -> set[str] | None:
+               config_name: str = PRIMARY_CONFIG) -> set[str] | None:
     """The keys of the config the command's group choices compose (every value of a swept group);
     None if they do not compose (Hydra then says why)."""
     first = {group: f"{group}={values[0]}" for group, values in groups.items()}
@@ -93,7 +88,7 @@ def known_keys(groups: dict[str, list[str]], search_path: Sequence[str] = (),
     keys = set()
     for overrides in choices:
         try:
-            cfg = compose(overrides, search_path, **({"config_name": config_name} if config_name else {}))
+            cfg = compose(overrides, search_path, config_name)
         except Exception:           # noqa: BLE001  (Hydra's composition errors have no common type)
             return None
         keys |= config_keys(cfg) - {"hydra"}
@@ -101,7 +96,7 @@ def known_keys(groups: dict[str, list[str]], search_path: Sequence[str] = (),
 
 
 def check_keys_known(keys: list[tuple[str, str]], groups: dict[str, list[str]], search_path: Sequence[str] = (),
-                     config_name: str | None = None) -> None:
+                     config_name: str = PRIMARY_CONFIG) -> None:
     """(argument, dotted key) pairs whose key the composed config lacks: refused, with the nearest known key."""
     known = known_keys(groups, search_path, config_name)
     for argument, key in keys if known is not None else ():

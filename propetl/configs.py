@@ -60,6 +60,13 @@ def group_choices(group: str, search_path: Sequence[str] | None = None) -> list[
         return sorted(set(loader.get_group_options(group, overrides=searchpath_override(search_path))))
 
 
+def require_option(group: str, name: str, search_path: Sequence[str] | None = None) -> None:
+    """A ConfigError naming the choices unless `name` is an option of `group` on the search path (or null)."""
+    choices = group_choices(group, search_path)
+    if name not in choices and name != "null":
+        raise ConfigError(f"{group}={name} is not a known {group}; choose one of: {', '.join(choices)}")
+
+
 def compose(overrides: Sequence[str] = (), search_path: Sequence[str] = (), config_name: str | None = PRIMARY_CONFIG,
             with_hydra: bool = False) -> DictConfig:
     """The config a command line gives (Hydra's compose API), with `search_path` after the shipped configs
@@ -74,4 +81,5 @@ def compose(overrides: Sequence[str] = (), search_path: Sequence[str] = (), conf
 def group_option(group: str, name: str, search_path: Sequence[str] | None = None) -> DictConfig:
     """One option of a group (task `rte` -> conf/task/rte.yaml), found on the search path (None: the run's)."""
     search_path = run_search_path() if search_path is None else search_path
+    require_option(group, name, search_path)
     return compose([f"+{group}={name}"], search_path, config_name=None)[group]

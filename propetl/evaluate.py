@@ -18,7 +18,7 @@ import torch
 from propetl import data, loop, methods, storage
 from propetl import model as backbone
 from propetl.batches import make_loader
-from propetl.configs import group_option
+from propetl.configs import ConfigError, group_option
 
 
 def evaluate_checkpoint(directory, split: str = "test", merge: bool = True, data_dir=None,
@@ -48,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
     try:
         result = evaluate_checkpoint(args.checkpoint, args.split, args.merge, args.data_dir, args.batch_size, args.device)
-    except (storage.CheckpointError, data.DataError, backbone.ModelError) as error:
+    except (storage.CheckpointError, data.DataError, backbone.ModelError, ConfigError) as error:
         print(f"propetl-eval: error: {error}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(result, indent=2))

@@ -2,7 +2,6 @@
 command line and Hydra entry: propetl/cli.py)."""
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import random

@@ -56,6 +56,8 @@ def test_a_user_task_composes_validates_and_its_keys_are_known(tmp_path):
     with pytest.raises(ConfigError, match="^task.name='mytask' is invalid; allowed: cola, "):
         validate(cfg, [])                                  # without the user's folder the task is unknown
     assert group_option("task", "mytask", search_path).local.folder == "RTE"
+    with pytest.raises(ConfigError, match="^task=mytask is not a known task; choose one of: cola, "):
+        group_option("task", "mytask", [])                 # propetl-eval of a user's task without its folder
     check_command_line(["--config-dir", str(folder), "task=mytask", "task.epochs=2"])
     with pytest.raises(ConfigError, match="did you mean task.epochs"):
         check_command_line(["--config-dir", str(folder), "task=mytask", "task.epoch=2"])
