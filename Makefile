@@ -6,7 +6,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 PROFILE ?= cpu
 
-.PHONY: help install link-data test test-device-smoke test-fast train reproduce-tables results tables device-reproduce device-results bench clean-outputs
+.PHONY: help install link-data test check-wheel test-device-smoke test-fast train reproduce-tables results tables device-reproduce device-results bench clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -21,6 +21,9 @@ link-data:  ## link a local GLUE folder to data/glue ($$PROPETL_DATA_DIR or ../s
 
 test:  ## the whole test suite (a few minutes on 2 CPU cores)
 	$(PYTHON) -m pytest -q
+
+check-wheel:  ## build the wheel, install it into a fresh venv, run --help, --config-dir and a 2-step training outside the checkout (CI)
+	PYTHON=$(PYTHON) bash scripts/check_wheel.sh
 
 test-device-smoke:  ## scripts/device_reproduce.sh --smoke: every part of the gpu plan end to end on this CPU, then the skips (CI; ~15 min)
 	PROPETL_DEVICE_SMOKE=1 $(PYTHON) -m pytest -q tests/test_device_script.py -k smoke_runs_every_part -rP

@@ -23,7 +23,8 @@ from torch import nn
 
 from propetl import loop, methods, storage
 from propetl.model import encoder_layers, head_parameter_names
-from propetl.validate import CONF_DIR, ConfigError, check_resolves, validate_learning_rates, validate_method
+from propetl.configs import CONF_DIR
+from propetl.validate import ConfigError, check_resolves, validate_learning_rates, validate_method
 
 # Where each general setting of ProPETLConfig lives in the runner's config; every other field is a
 # prototype setting, prototype.<field>. lr sets prototype.lr, which trainer.lr (and head_lr) follow.

@@ -6,15 +6,18 @@ builds the same loader with the same seed, so all see the same batches in the sa
 trains on its own slice of every batch (rank r takes rows r, r + W, r + 2W, …). DDP averages the
 gradients, so the effective batch is still `trainer.batch_size`. Every process evaluates the full
 selection and test splits (identical numbers, no gathering); only rank 0 writes files and logs to W&B.
+The launcher's context (`from_environment`) is read before torch is imported (propetl-train's checks);
+the functions that need torch import it.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
-from torch import nn
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -41,12 +44,17 @@ def from_environment() -> Context:
 
 def device_for(ctx: Context, device: torch.device) -> torch.device:
     """Each process of a multi-GPU run takes the GPU of its local rank."""
+    import torch
+
     if ctx.enabled and device.type == "cuda":
         return torch.device("cuda", ctx.local_rank)
     return device
 
 
 def init(ctx: Context, device: torch.device) -> None:
+    import torch
+    import torch.distributed as dist
+
     if ctx.enabled and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -54,11 +62,15 @@ def init(ctx: Context, device: torch.device) -> None:
 
 
 def shutdown(ctx: Context) -> None:
+    import torch.distributed as dist
+
     if ctx.enabled and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def barrier(ctx: Context) -> None:
+    import torch.distributed as dist
+
     if ctx.enabled and dist.is_initialized():
         dist.barrier()
 
@@ -87,6 +99,9 @@ def any_process(ctx: Context, flag: bool) -> bool:
     """True on every process when `flag` is true on any (stop together on SIGTERM, never hang)."""
     if not ctx.enabled:
         return flag
+    import torch
+    import torch.distributed as dist
+
     value = torch.tensor([1 if flag else 0], dtype=torch.int32)
     if dist.get_backend() == "nccl":
         value = value.cuda()

@@ -14,12 +14,11 @@ import sys
 import time
 
 import torch
-from omegaconf import OmegaConf
 
 from propetl import data, loop, methods, storage
 from propetl import model as backbone
 from propetl.batches import make_loader
-from propetl.validate import CONF_DIR
+from propetl.configs import ConfigError, group_option
 
 
 def evaluate_checkpoint(directory, split: str = "test", merge: bool = True, data_dir=None,
@@ -27,7 +26,7 @@ def evaluate_checkpoint(directory, split: str = "test", merge: bool = True, data
     model, saved = storage.load_checkpoint(directory)
     if merge and saved.method.name != "finetune":
         methods.merge(model, backbone.encoder_layers(model), saved.prototype.name)
-    task = OmegaConf.load(CONF_DIR / "task" / f"{saved.task.name}.yaml")
+    task = group_option("task", saved.task.name, search_path=())
     splits = data.load_glue(task, data.resolve_data_dir(data_dir), saved.data.protocol, saved.data.split_seed)
     loader = make_loader(splits[split], backbone.load_tokenizer(saved.model), saved.data.max_length,
                          int(task.num_labels) == 1, batch_size, shuffle=False)
@@ -49,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
     try:
         result = evaluate_checkpoint(args.checkpoint, args.split, args.merge, args.data_dir, args.batch_size, args.device)
-    except (storage.CheckpointError, data.DataError, backbone.ModelError) as error:
+    except (storage.CheckpointError, data.DataError, backbone.ModelError, ConfigError) as error:
         print(f"propetl-eval: error: {error}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(result, indent=2))

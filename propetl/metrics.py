@@ -76,8 +76,9 @@ def selection_score(metrics: Mapping[str, float], selection_metric: str) -> floa
 
 
 def task_score(task: str, metrics: Mapping[str, float]) -> float:
-    """A run's GLUE score: the mean of its task's numbers in the paper's average."""
-    return float(np.mean([metrics[n] for n in GLUE_NUMBERS[task]]))
+    """A run's GLUE score: the mean of its task's numbers in the paper's average (a user's own task,
+    added through the config search path: the mean of its metrics)."""
+    return float(np.mean([metrics[n] for n in GLUE_NUMBERS.get(task, [n for n in METRICS if n in metrics])]))
 
 
 def glue_average(per_task: Mapping[str, Mapping[str, float]]) -> float:

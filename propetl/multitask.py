@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers.modeling_outputs import SequenceClassifierOutput
@@ -30,14 +30,14 @@ from propetl import data, log, loop, methods, storage
 from propetl import metrics as glue_metrics
 from propetl import model as backbone
 from propetl.batches import PairCollator, batch_order, token_lengths
-from propetl.validate import CONF_DIR
+from propetl.configs import group_option
 
 logger = logging.getLogger("propetl")
 
 
 def task_configs(names) -> list[DictConfig]:
-    """The task configs of conf/task/<name>.yaml, in the order given."""
-    return [OmegaConf.load(CONF_DIR / "task" / f"{name}.yaml") for name in names]
+    """The task configs of conf/task/<name>.yaml (or a user's, on the run's config search path), in the order given."""
+    return [group_option("task", name) for name in names]
 
 
 # ----------------------------------------------------------------------------- model

@@ -1,19 +1,15 @@
-"""propetl-train: a thin Hydra entry around `train(cfg)`, which reads top to bottom like a recipe."""
+"""One training run, `train(cfg, output_dir)`, which reads top to bottom like a recipe (propetl-train's
+command line and Hydra entry: propetl/cli.py)."""
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import random
-import shutil
-import sys
 import time
 from pathlib import Path
 
-import hydra
 import numpy as np
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import propetl  # noqa: F401  (registers the config resolvers)
@@ -21,8 +17,9 @@ from propetl import data, distributed, log, loop, rundir, storage
 from propetl import metrics as glue_metrics
 from propetl import model as backbone
 from propetl.batches import make_loader
-from propetl.resume import Checkpointer, Interrupted
-from propetl.validate import CONF_DIR, ConfigError, check_command_line, validate
+from propetl.cli import main  # noqa: F401  (an install made before propetl/cli.py existed calls propetl.train:main)
+from propetl.resume import Checkpointer
+from propetl.validate import ConfigError, validate
 
 logger = logging.getLogger("propetl")
 USER_ERRORS = (ConfigError, data.DataError, backbone.ModelError, storage.CheckpointError, rundir.RunDirectoryError,
@@ -172,53 +169,5 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
     return metrics
 
 
-def _discard_unfinished(output_dir: Path) -> None:
-    """A job that failed before producing results leaves no half-filled run directory behind."""
-    if output_dir.exists() and not any((output_dir / name).exists() for name in ("metrics.json", "checkpoint", "resume")):
-        shutil.rmtree(output_dir, ignore_errors=True)
-        outputs = (Path.cwd() / "outputs").resolve()
-        for parent in output_dir.resolve().parents:          # and the empty folders made for it (outputs/runs/rte/…)
-            if parent == outputs or outputs not in parent.parents or any(parent.iterdir()):
-                break
-            parent.rmdir()
-
-
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
-def hydra_entry(cfg: DictConfig) -> float:
-    output_dir = Path(HydraConfig.get().runtime.output_dir)
-    is_main = distributed.from_environment().is_main             # rank 0 owns the run directory
-    try:
-        with rundir.claim(output_dir, enabled=is_main):
-            try:
-                metrics = train(cfg, output_dir)
-            except USER_ERRORS:
-                if is_main:
-                    _discard_unfinished(output_dir)
-                raise
-        return metrics.get("glue_score", metrics.get("mean_test_score"))     # multi-task: the mean of the tasks
-    except (*USER_ERRORS, rundir.RunDirectoryInUse) as error:
-        print(f"propetl-train: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except Interrupted as stop:
-        print(f"propetl-train: {stop}; resume with: propetl-train <same overrides> hydra.run.dir={output_dir}",
-              file=sys.stderr)
-        sys.exit(128 + stop.signum)
-    finally:
-        log.finish_wandb()
-
-
-def main() -> None:
-    try:
-        check_command_line(sys.argv[1:])
-        ctx = distributed.from_environment()
-        if ctx.enabled and not any(a.startswith("hydra.run.dir=") for a in sys.argv[1:]):
-            raise ConfigError(f"a data-parallel run (WORLD_SIZE={ctx.world_size}) needs hydra.run.dir=<folder>, "
-                              f"so that every process writes into the same run directory")
-    except ConfigError as error:
-        print(f"propetl-train: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    hydra_entry()
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":         # python -m propetl.train: the same command as propetl-train
     main()

@@ -2,96 +2,15 @@
 bad value and what is allowed (raised as ConfigError, printed by the entry point, exit code 2)."""
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
+from propetl.configs import ConfigError, group_choices
 from propetl.mask_coding import CODINGS
 from propetl.masks import COMBINES, MASK_KINDS
 from propetl.methods import METHODS, PROTOTYPES, peft_missing
 from propetl.storage import STORAGE_DTYPES
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-SWEEP_FUNCTIONS = ("glob(", "range(", "choice(", "interval(", "[")     # a group swept by a function: not checked
-GROUPS = ("model", "task", "prototype", "method", "mask", "trainer", "logger", "data", "experiment", "profile")
-
-
-class ConfigError(ValueError):
-    """One-line, user-facing configuration error."""
-
-
-def group_choices(group: str) -> list[str]:
-    """The options of a config group: the YAML files in conf/<group>/."""
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-
-
-def check_group_override(group: str, value: str) -> None:
-    choices = group_choices(group)
-    if value not in choices and value != "null":
-        raise ConfigError(f"{group}={value} is not a known {group}; choose one of: {', '.join(choices)}")
-
-
-def check_command_line(arguments: list[str]) -> None:
-    """Catch unknown group options (task=nope) and unknown keys (+trainer.max_step=3) before Hydra composes,
-    with one line instead of Hydra's page (or, for a `+` key, instead of silence). Sweeps (task=rte,mrpc)
-    are checked value by value."""
-    groups, keys = {}, []
-    for argument in arguments:
-        if argument.startswith("-"):                       # -m, --multirun, --cfg job
-            continue
-        prefix = argument[:len(argument) - len(argument.lstrip("+~"))]
-        key, sep, value = argument[len(prefix):].partition("=")
-        if key in GROUPS:
-            if sep and not value.startswith(SWEEP_FUNCTIONS):
-                for one in value.split(","):
-                    check_group_override(key, one.strip())
-                groups[key] = [one.strip() for one in value.split(",")]
-        elif (sep or prefix) and not key.startswith("hydra") and not set("/@") & set(key):
-            keys.append((argument, key))
-    if keys:
-        check_keys_known(keys, groups)
-
-
-def config_keys(node, prefix: str = "") -> set[str]:
-    """Every dotted key of a config (sections and values), without resolving interpolations."""
-    keys = set()
-    for name in node.keys():
-        key = f"{prefix}{name}"
-        keys.add(key)
-        child = node._get_node(name)
-        if isinstance(child, DictConfig) and not child._is_none() and not child._is_interpolation():
-            keys |= config_keys(child, f"{key}.")
-    return keys
-
-
-def known_keys(groups: dict[str, list[str]]) -> set[str] | None:
-    """The keys of the config the command's group choices compose (every value of a swept group);
-    None if they do not compose (Hydra then says why)."""
-    from hydra import compose, initialize_config_dir
-
-    first = {group: f"{group}={values[0]}" for group, values in groups.items()}
-    choices = [list(first.values())]
-    for group, values in groups.items():
-        choices += [[*(o for g, o in first.items() if g != group), f"{group}={value}"] for value in values[1:]]
-    keys = set()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        for overrides in choices:
-            try:
-                keys |= config_keys(compose(config_name="train", overrides=overrides)) - {"hydra"}
-            except Exception:           # noqa: BLE001  (Hydra's composition errors have no common type)
-                return None
-    return keys
-
-
-def check_keys_known(keys: list[tuple[str, str]], groups: dict[str, list[str]]) -> None:
-    """(argument, dotted key) pairs whose key the composed config lacks: refused, with the nearest known key."""
-    known = known_keys(groups)
-    for argument, key in keys if known is not None else ():
-        if key not in known:
-            near = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f"did you mean {near[0]}?" if near else "`propetl-train --cfg job` lists the keys"
-            raise ConfigError(f"{argument}: {key} is not a config key; {hint}")
 
 
 def _require(ok: bool, key: str, value, allowed: str) -> None:
@@ -125,10 +44,12 @@ def _one_of(cfg, key: str, choices) -> None:
     _require(value in choices, key, value, ", ".join(map(str, choices)))
 
 
-def validate(cfg) -> None:
-    """Raise ConfigError for the first invalid value (interpolations are resolved here too)."""
+def validate(cfg, search_path=None) -> None:
+    """Raise ConfigError for the first invalid value (interpolations are resolved here too). Tasks are the
+    task group's options on the config search path (None: the current run's; see propetl.configs)."""
     check_resolves(cfg)
-    _one_of(cfg, "task.name", group_choices("task"))
+    tasks_known = group_choices("task", search_path)
+    _one_of(cfg, "task.name", tasks_known)
     validate_method(cfg)
     _integer(cfg, "seed")
     for key in ("trainer.epochs", "trainer.batch_size", "trainer.eval_batch_size", "data.max_length",
@@ -161,8 +82,8 @@ def validate(cfg) -> None:
     if cfg.mode == "multitask":
         tasks = cfg.tasks
         _require(OmegaConf.is_list(tasks) and len(tasks) > 0 and len(set(tasks)) == len(tasks)
-                 and set(tasks) <= set(group_choices("task")), "tasks", None if tasks is None else list(tasks),
-                 f"a list of distinct GLUE tasks, e.g. tasks=[rte,mrpc,stsb,cola], from: {', '.join(group_choices('task'))}")
+                 and set(tasks) <= set(tasks_known), "tasks", None if tasks is None else list(tasks),
+                 f"a list of distinct tasks, e.g. tasks=[rte,mrpc,stsb,cola], from: {', '.join(tasks_known)}")
         _require(cfg.method.name in ("propetl", "petl"), "method.name", cfg.method.name,
                  "propetl or petl with mode=multitask (one shared prototype / one shared module per layer)")
         _positive_number(cfg, "multitask.temperature")

@@ -22,16 +22,14 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 
 import propetl  # noqa: E402,F401
 from propetl import mask_coding, methods, storage  # noqa: E402
-from propetl.validate import CONF_DIR  # noqa: E402
+from propetl.configs import compose  # noqa: E402
 
 
 def config(*overrides: str):
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        return compose(config_name="train", overrides=["model=roberta-base", "prototype=lora", *overrides])
+    return compose(["model=roberta-base", "prototype=lora", *overrides])
 
 
 def median_seconds(fn, repeats: int) -> float:

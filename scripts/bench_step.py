@@ -19,13 +19,12 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 
 import propetl  # noqa: E402,F401
 from propetl import methods  # noqa: E402
 from propetl import model as backbone  # noqa: E402
 from propetl.loop import make_optimizer  # noqa: E402
-from propetl.validate import CONF_DIR  # noqa: E402
+from propetl.configs import compose  # noqa: E402
 
 
 def make_batch(cfg, batch: int, length: int, device) -> dict:
@@ -60,8 +59,7 @@ def time_pair(fns, device, warmup: int, repeats: int) -> list[float]:
 
 def build(prototype: str, method: str, args, device):
     """(model, train_step(), merge_and_infer_fn()) for one method on the shared batch."""
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        cfg = compose("train", overrides=[f"prototype={prototype}", f"method={method}", f"model={args.model}"])
+    cfg = compose([f"prototype={prototype}", f"method={method}", f"model={args.model}"])
     torch.manual_seed(0)
     model = backbone.build(cfg, 2).to(device)
     heads = backbone.head_parameter_names(model)

@@ -25,12 +25,11 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 
 import propetl  # noqa: E402,F401
 from propetl import mask_coding, methods, storage  # noqa: E402
 from propetl import model as backbone  # noqa: E402
-from propetl.validate import CONF_DIR  # noqa: E402
+from propetl.configs import compose  # noqa: E402
 
 PROTOTYPES = ("adapter", "lora", "prefix")
 SPARSITIES = (0.5, 0.9)
@@ -39,8 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def config(*overrides: str):
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        return compose(config_name="train", overrides=["model=roberta-base", *overrides])
+    return compose(["model=roberta-base", *overrides])
 
 
 def roberta_base():

@@ -11,18 +11,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 
 import propetl  # noqa: E402,F401  (config resolvers)
+from propetl import configs  # noqa: E402
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 TINY = {"hidden": 32, "layers": 2, "heads": 4, "vocab": 100}
 
 
 def compose_cfg(overrides: list[str] = ()):
     """The config a user's command line would give (Hydra compose API)."""
-    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
-        return compose(config_name="train", overrides=list(overrides))
+    return configs.compose(overrides)
 
 
 @pytest.fixture(scope="session")

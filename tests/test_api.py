@@ -14,7 +14,7 @@ from conftest import tiny_batch
 from propetl import ProPETLConfig, get_propetl_model, load_propetl, methods, storage
 from propetl import model as backbone
 from propetl.methods.lora import LoRALinear
-from propetl.validate import CONF_DIR, ConfigError
+from propetl.configs import CONF_DIR, ConfigError
 from test_methods import logits, train_steps
 
 README = Path(__file__).resolve().parent.parent / "README.md"

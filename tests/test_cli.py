@@ -87,3 +87,25 @@ def test_a_failed_run_leaves_no_empty_folders_under_outputs(tmp_path):
                             capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=900)
     assert result.returncode == 2, result.stderr[-2000:]
     assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("*"))
+
+
+def test_help_is_propetls_own(tmp_path):
+    result = subprocess.run([SCRIPT, "--help"], capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = result.stdout
+    assert text.startswith("propetl-train: ProPETL") and "Powered by Hydra" not in text
+    assert "\ntask: cola, mnli, mrpc, qnli, qqp, rte, sst2, stsb\n" in text and "\nprototype: adapter, lora, prefix\n" in text
+    assert all(part in text for part in ("== Main options", "mask.sparsity=", "== Examples ==", "propetl-train -m ",
+                                         "experiment=", "profile=", "--config-dir"))
+
+
+def test_the_command_line_answers_without_torch(tmp_path):
+    """--help and tab completion run propetl.cli's checks and Hydra, never the training code's imports."""
+    code = ("import atexit, sys; atexit.register(lambda: print('imported torch:', 'torch' in sys.modules)); "
+            "from propetl.cli import main; sys.argv = ['propetl-train', *sys.argv[1:]]; main()")
+    helped = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, env=ENV,
+                            cwd=tmp_path, timeout=120)
+    assert helped.returncode == 0 and helped.stdout.rstrip().endswith("imported torch: False"), helped.stdout[-500:]
+    completed = subprocess.run([sys.executable, "-c", code, "-sc", "query=bash"], capture_output=True, text=True,
+                               env={**ENV, "COMP_LINE": "propetl-train task=r"}, cwd=tmp_path, timeout=120)
+    assert completed.stdout.splitlines() == ["task=rte", "imported torch: False"], completed.stdout + completed.stderr[-500:]

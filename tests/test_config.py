@@ -5,7 +5,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import compose_cfg
-from propetl.validate import ConfigError, check_command_line, group_choices, validate
+from propetl.command_line import check_command_line
+from propetl.configs import ConfigError, compose, group_choices
+from propetl.validate import validate
 
 GLUE = ["cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb"]
 
@@ -114,11 +116,7 @@ REPRODUCTIONS = ["table1", "sparsity_sweep", "ablation_masks", "multitask"]
 
 
 def compose_with_hydra(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    from conftest import CONF_DIR
-    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
-        return compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    return compose(overrides, with_hydra=True)
 
 
 @pytest.mark.parametrize("profile,model,tasks", [("cpu", "minilm", "stsb,sst2"), ("gpu", "minilm", "rte,mrpc,stsb,cola,sst2"),
@@ -182,7 +180,8 @@ def test_reproduce_plan_is_valid_command_lines():
 
 @pytest.mark.parametrize("target,script", [("reproduce-tables", "scripts/reproduce.py --profile cpu"),
                                            ("results", "scripts/collect_results.py --profile cpu"),
-                                           ("tables", "scripts/make_tables.py outputs/reproduce/cpu")])
+                                           ("tables", "scripts/make_tables.py outputs/reproduce/cpu"),
+                                           ("check-wheel", "scripts/check_wheel.sh")])
 def test_make_targets_run_their_scripts(target, script):
     """The README's make commands reach the scripts (`make -n` prints the recipe, runs nothing)."""
     import shutil

@@ -58,12 +58,9 @@ def test_sparsity_sweep_leaves_the_table1_points_out():
 def sweeper_grid(experiment: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """hydra.sweeper.params of an overlay under the gpu profile: key -> its values."""
     from conftest import compose_cfg  # noqa: F401 (sets the offline environment)
-    from hydra import compose, initialize_config_dir
+    from propetl.configs import compose
 
-    from propetl.validate import CONF_DIR
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        hydra_cfg = compose(config_name="train", overrides=[f"experiment={experiment}", "profile=gpu"],
-                            return_hydra_config=True)
+    hydra_cfg = compose([f"experiment={experiment}", "profile=gpu"], with_hydra=True)
     return tuple((str(k), tuple(str(v).split(","))) for k, v in hydra_cfg.hydra.sweeper.params.items())
 
 

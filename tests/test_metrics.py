@@ -59,6 +59,7 @@ def test_glue_average_is_the_mean_of_eleven_numbers():
 def test_task_score_and_selection():
     assert metrics.task_score("mrpc", {"accuracy": 0.8, "f1": 0.9, "combined": 0.85}) == pytest.approx(0.85)
     assert metrics.task_score("cola", {"matthews": 0.4}) == 0.4
+    assert metrics.task_score("mytask", {"accuracy": 0.6, "f1": 0.8, "combined": 0.7}) == pytest.approx(0.7)  # not GLUE
     assert metrics.selection_score({"accuracy": 0.8, "f1": 0.9, "combined": 0.85}, "combined") == 0.85
     with pytest.raises(ValueError, match="not one of"):
         metrics.compute(["bleu"], np.zeros(2), np.zeros(2))

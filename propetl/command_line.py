@@ -1,0 +1,106 @@
+"""propetl-train's command line checked against the config tree before Hydra composes: unknown group options
+(task=nope) and unknown keys (+trainer.max_step=3) give one line instead of Hydra's page (or, for a `+` key,
+instead of silence). The user's own folders on the search path (--config-dir, hydra.searchpath) count.
+
+Light on purpose (Hydra and OmegaConf only): it runs before anything heavy is imported.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Sequence
+
+from omegaconf import DictConfig
+
+from propetl.configs import PRIMARY_CONFIG, ConfigError, compose, require_option
+
+SWEEP_FUNCTIONS = ("glob(", "range(", "choice(", "interval(", "[")     # a group swept by a function: not checked
+GROUPS = ("model", "task", "prototype", "method", "mask", "trainer", "logger", "data", "experiment", "profile")
+HYDRA_ANSWERS = ("help", "hydra_help", "shell_completion", "info")      # flags Hydra answers without a run
+
+
+def parse(arguments: Sequence[str]):
+    """Hydra's own reading of a command line (flags, --config-dir, and the overrides)."""
+    from hydra._internal.utils import get_args_parser
+
+    return get_args_parser().parse_args(list(arguments))
+
+
+def search_path_of(args) -> list[str]:
+    """The config folders a command line adds to the shipped ones: hydra.searchpath=[...] and --config-dir
+    (as Hydra adds it: file://<absolute folder>)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    search_path = []
+    for override in OverridesParser.create().parse_overrides([o for o in args.overrides if o.startswith("hydra.searchpath=")]):
+        search_path += list(override.value())
+    if args.config_dir is not None:
+        folder = os.path.abspath(args.config_dir)
+        if not os.path.isdir(folder):
+            raise ConfigError(f"--config-dir {args.config_dir}: no such folder")
+        search_path.append(f"file://{folder}")
+    return search_path
+
+
+def check_command_line(arguments: Sequence[str]) -> None:
+    """Unknown group options and unknown keys of a propetl-train command line, refused in one line.
+    Sweeps (task=rte,mrpc) are checked value by value; --help, -sc, --info and another primary config
+    folder (--config-path) are left to Hydra."""
+    args = parse(arguments)
+    if any(getattr(args, flag) for flag in HYDRA_ANSWERS) or args.config_path is not None:
+        return
+    search_path = search_path_of(args)
+    groups, keys = {}, []
+    for argument in args.overrides:
+        prefix = argument[:len(argument) - len(argument.lstrip("+~"))]
+        key, sep, value = argument[len(prefix):].partition("=")
+        if key in GROUPS:
+            if sep and not value.startswith(SWEEP_FUNCTIONS):
+                for one in value.split(","):
+                    require_option(key, one.strip(), search_path)
+                groups[key] = [one.strip() for one in value.split(",")]
+        elif (sep or prefix) and not key.startswith("hydra") and not set("/@") & set(key):
+            keys.append((argument, key))
+    if keys:
+        check_keys_known(keys, groups, search_path, args.config_name or PRIMARY_CONFIG)
+
+
+def config_keys(node, prefix: str = "") -> set[str]:
+    """Every dotted key of a config (sections and values), without resolving interpolations."""
+    keys = set()
+    for name in node.keys():
+        key = f"{prefix}{name}"
+        keys.add(key)
+        child = node._get_node(name)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_interpolation():
+            keys |= config_keys(child, f"{key}.")
+    return keys
+
+
+def known_keys(groups: dict[str, list[str]], search_path: Sequence[str] = (),
+               config_name: str = PRIMARY_CONFIG) -> set[str] | None:
+    """The keys of the config the command's group choices compose (every value of a swept group);
+    None if they do not compose (Hydra then says why)."""
+    first = {group: f"{group}={values[0]}" for group, values in groups.items()}
+    choices = [list(first.values())]
+    for group, values in groups.items():
+        choices += [[*(o for g, o in first.items() if g != group), f"{group}={value}"] for value in values[1:]]
+    keys = set()
+    for overrides in choices:
+        try:
+            cfg = compose(overrides, search_path, config_name)
+        except Exception:           # noqa: BLE001  (Hydra's composition errors have no common type)
+            return None
+        keys |= config_keys(cfg) - {"hydra"}
+    return keys
+
+
+def check_keys_known(keys: list[tuple[str, str]], groups: dict[str, list[str]], search_path: Sequence[str] = (),
+                     config_name: str = PRIMARY_CONFIG) -> None:
+    """(argument, dotted key) pairs whose key the composed config lacks: refused, with the nearest known key."""
+    known = known_keys(groups, search_path, config_name)
+    for argument, key in keys if known is not None else ():
+        if key not in known:
+            near = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"did you mean {near[0]}?" if near else "`propetl-train --cfg job` lists the keys"
+            raise ConfigError(f"{argument}: {key} is not a config key; {hint}")

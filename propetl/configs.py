@@ -1,0 +1,85 @@
+"""Where propetl's configs are, as Hydra finds them.
+
+The config tree ships inside the package (propetl/conf; the repository's top-level conf/ is a link to it),
+so an installed wheel finds it as an editable checkout does. Hydra's config search path adds a user's own
+folders: `--config-dir DIR` or `hydra.searchpath=[file://DIR]` (also `pkg://module`). Their task/,
+model/, prototype/, … files are options like the shipped ones; the shipped ones win a clash of names.
+
+Light on purpose (Hydra and OmegaConf only): `propetl-train --help` and the command-line checks use it.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+PRIMARY_CONFIG = "train"        # conf/train.yaml: what propetl-train composes
+
+
+class ConfigError(ValueError):
+    """One-line, user-facing configuration error."""
+
+
+def searchpath_override(search_path: Sequence[str]) -> list[str]:
+    """The Hydra override that puts `search_path` (file://DIR, pkg://module) after the shipped configs."""
+    return [f"hydra.searchpath=[{','.join(search_path)}]"] if search_path else []
+
+
+def run_search_path() -> list[str]:
+    """Inside propetl-train: the run's hydra.searchpath (its --config-dir is in Hydra's loader already);
+    elsewhere none."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().searchpath) if HydraConfig.initialized() else []
+
+
+@contextmanager
+def hydra_initialized() -> Iterator[None]:
+    """Hydra's compose API over the shipped configs; inside propetl-train, the run's own (with its --config-dir)."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        yield
+        return
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        yield
+
+
+def group_choices(group: str, search_path: Sequence[str] | None = None) -> list[str]:
+    """The options of a config group: its YAML files on Hydra's search path (the shipped conf/<group>/, then
+    `search_path`; None: the current run's)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    search_path = run_search_path() if search_path is None else search_path
+    with hydra_initialized():
+        loader = GlobalHydra.instance().config_loader()
+        return sorted(set(loader.get_group_options(group, overrides=searchpath_override(search_path))))
+
+
+def require_option(group: str, name: str, search_path: Sequence[str] | None = None) -> None:
+    """A ConfigError naming the choices unless `name` is an option of `group` on the search path (or null)."""
+    choices = group_choices(group, search_path)
+    if name not in choices and name != "null":
+        raise ConfigError(f"{group}={name} is not a known {group}; choose one of: {', '.join(choices)}")
+
+
+def compose(overrides: Sequence[str] = (), search_path: Sequence[str] = (), config_name: str | None = PRIMARY_CONFIG,
+            with_hydra: bool = False) -> DictConfig:
+    """The config a command line gives (Hydra's compose API), with `search_path` after the shipped configs
+    (and Hydra's own settings under `hydra` when with_hydra)."""
+    from hydra import compose as hydra_compose
+
+    with hydra_initialized():
+        return hydra_compose(config_name=config_name, overrides=[*overrides, *searchpath_override(search_path)],
+                             return_hydra_config=with_hydra)
+
+
+def group_option(group: str, name: str, search_path: Sequence[str] | None = None) -> DictConfig:
+    """One option of a group (task `rte` -> conf/task/rte.yaml), found on the search path (None: the run's)."""
+    search_path = run_search_path() if search_path is None else search_path
+    require_option(group, name, search_path)
+    return compose([f"+{group}={name}"], search_path, config_name=None)[group]
