@@ -17,18 +17,18 @@
 #
 # Sizing (parts of GPU_PARTS in scripts/reproduce.py; 3 seeds; the reference's 20 epochs (SST-2 10) at batch 128):
 #   part  what                                   runs  opt. steps  CPU smoke*  H100 estimate**
-#   a1    Table 1 RTE: petl+propetl x 3, PEFT      21       8,400    1.1 min     2.2 min
-#   a2    Table 1 MRPC                             21      12,180    1.1 min     2.7 min
-#   a3    Table 1 STS-B                            21      18,900    2.1 min     3.6 min
-#   a4    Table 1 CoLA                             21      28,140    1.1 min     4.9 min
-#   b     fine-tuning, 4 small tasks               12       9,660    0.6 min     2.3-4 min (disk: 65 GB of resume state)
-#   c1    RTE: sparsity sweep + mask ablation      54      21,600    1.6 min     4.8 min
+#   a1    Table 1 RTE: petl+propetl x 3, PEFT      21       8,400    0.7 min     2.2 min
+#   a2    Table 1 MRPC                             21      12,180    0.7 min     2.7 min
+#   a3    Table 1 STS-B                            21      18,900    1.5 min     3.6 min
+#   a4    Table 1 CoLA                             21      28,140    0.8 min     4.9 min
+#   b     fine-tuning, 4 small tasks               12       9,660    0.5 min     2.3-4 min (disk: 65 GB of resume state)
+#   c1    RTE: sparsity sweep + mask ablation      54      21,600    1.2 min     4.8 min
 #   c2    STS-B: sparsity sweep                    36      32,400    1.7 min     5.7 min
-#   c3    STS-B: mask ablation                     18      16,200    0.9 min     2.8 min
-#   d1-3  SST-2 petl+propetl, one prototype each    6      31,140    1.1 each    4.7 min each
+#   c3    STS-B: mask ablation                     18      16,200    0.7 min     2.8 min
+#   d1-3  SST-2 petl+propetl, one prototype each    6      31,140    0.8-0.9     4.7 min each
 #   d4    SST-2 PEFT LoRA + fine-tuning             6      31,140    1.6 min     5.6 min
-#   e1,e2 multi-task (4 small tasks) petl/propetl   9      28,980    1.3, 1.4    4.5 min each
-#   all                                           246    ~330,000   18.4 min    ~58 min: ~8 loans of one command
+#   e1,e2 multi-task (4 small tasks) petl/propetl   9      28,980    1.5, 1.6    4.5 min each
+#   all                                           246    ~330,000   15.3 min    ~58 min: ~8 loans of one command
 # *  measured here: `--smoke` (29 runs, one a sweep or two), wall time of each part on the 2-core VM in a clean-clone
 #    CI run (`make test-device-smoke`, 2026-11-27; mostly Python imports and model loading).
 # ** not measured (no GPU in the session that wrote this): steps / 120 steps/s for the six jobs together (one job
