@@ -66,19 +66,19 @@ def measure(work: Path) -> list[dict]:
     base = roberta_base()
     rows = []
     for prototype in PROTOTYPES:
-        petl = (f"prototype={prototype}", "method=petl")
-        model = attached(base, *petl)
-        plain = {dtype: written(model, work / f"petl-{prototype}-{dtype}", *petl, f"storage.dtype={dtype}")["file_bytes"]
+        petl_run = (f"prototype={prototype}", "method=petl")
+        model = attached(base, *petl_run)
+        plain = {dtype: written(model, work / f"petl-{prototype}-{dtype}", *petl_run, f"storage.dtype={dtype}")["file_bytes"]
                  for dtype in DTYPES}
         for sparsity in SPARSITIES:
-            propetl = (f"prototype={prototype}", "method=propetl", f"mask.sparsity={sparsity}")
-            model = attached(base, *propetl)
+            propetl_run = (f"prototype={prototype}", "method=propetl", f"mask.sparsity={sparsity}")
+            model = attached(base, *propetl_run)
             masks = storage.stored_masks(model)
             entries = sum(m.numel() for m in masks.values())
             bound = mask_coding.information_bits_of(masks) / entries
             for coding in mask_coding.CODINGS:
                 for dtype in DTYPES:
-                    sizes = written(model, work / f"propetl-{prototype}-{sparsity}-{coding}-{dtype}", *propetl,
+                    sizes = written(model, work / f"propetl-{prototype}-{sparsity}-{coding}-{dtype}", *propetl_run,
                                     f"storage.mask_coding={coding}", f"storage.dtype={dtype}")
                     rows.append({"prototype": prototype, "sparsity": sparsity, "coding": coding, "dtype": dtype,
                                  "propetl_bytes": sizes["file_bytes"], "petl_bytes": plain[dtype],
