@@ -83,10 +83,31 @@ def test_propetl_trains_more_than_it_stores(tiny_cfg):
     assert f["trainable_params"] == per_layer + L * sum(masked)
 
 
-def test_ratio_follows_one_over_layers_plus_one_over_32():
-    """The paper's ~10%: for weight-dominated prototypes the ratio is about 1/L + 1/32."""
-    for layers in (6, 12):
-        per_layer = 98_304                                            # LoRA r=32 on q, v at hidden 768
-        ratio = (per_layer + layers * per_layer / 32) / (layers * per_layer)
-        assert ratio == pytest.approx(1 / layers + 1 / 32)
-    assert 1 / 12 + 1 / 32 == pytest.approx(0.1146, abs=1e-4)
+@pytest.mark.parametrize("prototype", list(CASES))
+def test_checkpoint_files_hold_the_prototype_once_and_one_bit_a_mask_entry(tiny_cfg, tmp_path, prototype):
+    """Read back what a saved ProPETL checkpoint holds: the prototype's tensors once (fp32), a mask per layer over
+    each masked tensor at the configured density, packed at one bit an entry; a plain PETL checkpoint holds L copies."""
+    from safetensors import safe_open
+
+    _, per_layer, masked = CASES[prototype]
+    figures_for(tiny_cfg, "propetl", prototype, tmp_path / "propetl", "storage.mask_coding=bits", "mask.sparsity=0.75")
+    figures_for(tiny_cfg, "petl", prototype, tmp_path / "petl")
+    propetl_dir, petl_dir = tmp_path / "propetl" / "checkpoint", tmp_path / "petl" / "checkpoint"
+
+    with safe_open(propetl_dir / storage.DENSE_FILE["propetl"], "pt") as f:
+        prototype_tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert all(t.dtype == torch.float32 for t in prototype_tensors.values())
+    assert sum(t.numel() for t in prototype_tensors.values()) == per_layer          # once, not once a layer
+    with safe_open(petl_dir / storage.DENSE_FILE["petl"], "pt") as f:
+        assert sum(f.get_tensor(k).numel() for k in f.keys()) == L * per_layer
+
+    masks = storage.read_masks(propetl_dir / storage.MASKS_FILE)
+    assert sorted(m.numel() for m in masks.values()) == sorted(L * n for n in masked)  # [layers, *tensor's shape]
+    for m in masks.values():
+        assert m.shape[0] == L and set(m.unique().tolist()) <= {0, 1}
+        per_layer_kept = m.reshape(L, -1).sum(dim=1)
+        assert per_layer_kept.tolist() == [m[0].numel() // 4] * L                     # sparsity 0.75: a quarter kept
+    with safe_open(propetl_dir / storage.MASKS_FILE, "pt") as f:
+        stored_bytes = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+    bits_bytes = sum(L * n // 8 for n in masked)
+    assert bits_bytes <= stored_bytes <= bits_bytes + 32 + 8 * len(masks)              # + digest and row padding
