@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import compose_cfg
-from propetl.batches import LengthGroupedBatches, batch_order, make_loader, token_lengths
+from propetl.batches import LengthGroupedBatches, batch_order, make_loader, token_lengths, tokenise
 from propetl.data import load_glue
 from propetl.model import load_tokenizer
 
@@ -50,7 +50,7 @@ def tokenizer():
 def test_grouped_loader_on_real_data(glue_dir, tokenizer, name):
     """On the real training sets the grouped loader sees every example once and pads far less."""
     train = load_glue(compose_cfg([f"task={name}"]).task, glue_dir)["train"]
-    lengths = token_lengths(train, tokenizer, 128)
+    lengths = token_lengths(tokenise(train, tokenizer, 128))
     assert len(lengths) == len(train) and max(lengths) <= 128
 
     def epoch(group: bool):
