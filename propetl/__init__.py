@@ -35,6 +35,12 @@ def _task_folder(mode: str, task: str, tasks) -> str:
     return f"multitask-{'-'.join(tasks or [])}" if mode == "multitask" else task
 
 
+def _job_folder(override_dirname: str, job_number) -> str:
+    """A sweep job's folder: its overrides (task=rte,seed=1), or its number when it has none."""
+    return override_dirname or str(job_number)
+
+
 OmegaConf.register_new_resolver("propetl.scaled", _scaled, replace=True)
 OmegaConf.register_new_resolver("propetl.task_folder", _task_folder, replace=True)
 OmegaConf.register_new_resolver("propetl.label", _run_label, replace=True)
+OmegaConf.register_new_resolver("propetl.job_folder", _job_folder, replace=True)

@@ -1,4 +1,5 @@
-"""Tokenised, dynamically padded batches: each batch is padded to its own longest example.
+"""Tokenised, dynamically padded batches: each split is tokenised once (`tokenise`, datasets.map), and
+each batch is padded to its own longest example (`PadCollator`).
 
 With `group_by_length` the training batches are drawn from runs of similar length (as the
 `group_by_length` of transformers' Trainer): shuffle, cut into mega-batches of 50 batches, sort each
@@ -9,34 +10,58 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import datasets
 import torch
 from torch.utils.data import DataLoader
 
 MEGABATCH = 50      # batches per sorted run: long enough to group lengths, short enough to stay random
 
 
-class PairCollator:
-    """Tokenises a list of {"text_a", "text_b"?, "label"} rows into one padded batch."""
+TEXT_COLUMNS = ("text_a", "text_b")
 
-    def __init__(self, tokenizer, max_length: int, regression: bool):
-        self.tokenizer, self.max_length, self.regression = tokenizer, max_length, regression
+
+def tokenise(split, tokenizer, max_length: int):
+    """A split's rows as token ids, once (datasets.map, batched): input_ids, attention_mask (and
+    token_type_ids where the tokenizer makes them) truncated to max_length, unpadded, and the label."""
+    def encode(rows: dict) -> dict:
+        return dict(tokenizer(rows["text_a"], rows["text_b"] if "text_b" in rows else None, truncation=True,
+                              max_length=max_length))
+
+    bars = not datasets.utils.are_progress_bars_disabled()
+    datasets.utils.disable_progress_bars()           # no "Map: 100%" bar in every run's log
+    try:
+        return split.map(encode, batched=True, keep_in_memory=True,
+                         remove_columns=[c for c in TEXT_COLUMNS if c in split.column_names])
+    finally:
+        if bars:
+            datasets.utils.enable_progress_bars()
+
+
+class PadCollator:
+    """Pads a list of tokenised rows (`tokenise`) into one batch, to the batch's longest row, on the
+    tokenizer's padding side: the tensors the tokenizer itself makes with padding="longest"."""
+
+    def __init__(self, tokenizer, regression: bool):
+        self.regression, self.left = regression, tokenizer.padding_side == "left"
+        self.pad_values = {"input_ids": tokenizer.pad_token_id, "attention_mask": 0,
+                           "token_type_ids": tokenizer.pad_token_type_id}
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        text_a = [row["text_a"] for row in rows]
-        text_b = [row["text_b"] for row in rows] if "text_b" in rows[0] else None
-        batch = self.tokenizer(text_a, text_b, padding="longest", truncation=True,
-                               max_length=self.max_length, return_tensors="pt")
-        dtype = torch.float32 if self.regression else torch.long
-        batch["labels"] = torch.tensor([row["label"] for row in rows], dtype=dtype)
-        return dict(batch)
+        longest = max(len(row["input_ids"]) for row in rows)
+        batch = {}
+        for key, pad in self.pad_values.items():
+            if key in rows[0]:
+                padding = [[pad] * (longest - len(row[key])) for row in rows]
+                batch[key] = torch.tensor([p + row[key] if self.left else row[key] + p
+                                           for row, p in zip(rows, padding)], dtype=torch.long)
+        batch["labels"] = torch.tensor([row["label"] for row in rows],
+                                       dtype=torch.float32 if self.regression else torch.long)
+        return batch
 
 
-def token_lengths(split, tokenizer, max_length: int) -> list[int]:
-    """Each example's token count after truncation, as PairCollator would make it."""
-    text_b = list(split["text_b"]) if "text_b" in split.column_names else None
-    encoded = tokenizer(list(split["text_a"]), text_b, truncation=True, max_length=max_length,
-                        return_attention_mask=False, return_token_type_ids=False)
-    return [len(ids) for ids in encoded["input_ids"]]
+def token_lengths(tokenised) -> list[int]:
+    """Each tokenised row's token count (truncated, unpadded)."""
+    return [len(ids) for ids in tokenised["input_ids"]]
 
 
 def batch_order(n: int, batch_size: int, generator: torch.Generator,
@@ -69,9 +94,11 @@ class LengthGroupedBatches:
 
 def make_loader(split, tokenizer, max_length: int, regression: bool, batch_size: int,
                 shuffle: bool, seed: int = 0, group_by_length: bool = False) -> DataLoader:
-    collator = PairCollator(tokenizer, max_length, regression)
+    """Batches of a text split, tokenised here once (not per batch, not per epoch)."""
+    tokenised = tokenise(split, tokenizer, max_length)
+    collator = PadCollator(tokenizer, regression)
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     if shuffle and group_by_length:
-        sampler = LengthGroupedBatches(token_lengths(split, tokenizer, max_length), batch_size, generator)
-        return DataLoader(split, batch_sampler=sampler, generator=generator, collate_fn=collator)
-    return DataLoader(split, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collator)
+        sampler = LengthGroupedBatches(token_lengths(tokenised), batch_size, generator)
+        return DataLoader(tokenised, batch_sampler=sampler, generator=generator, collate_fn=collator)
+    return DataLoader(tokenised, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collator)

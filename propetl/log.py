@@ -30,6 +30,36 @@ CODING_ROWS = (
 )
 
 
+NAME_PARTS = {"sparsity": "s{}", "seed": "seed{}"}        # how a fact reads in a run's name (else as is)
+
+
+def run_identity(cfg) -> dict[str, str]:
+    """What a run is: task(s), method, prototype, mask sparsity, mask kind, seed. No prototype for
+    fine-tuning; sparsity and mask kind only where there are masks (method=propetl)."""
+    multitask = cfg.get("mode") == "multitask"
+    facts = {"task": "multitask-" + "-".join(cfg.tasks) if multitask else str(cfg.task.name), "method": str(cfg.method.name)}
+    if cfg.method.name != "finetune":
+        facts["prototype"] = str(cfg.prototype.name)
+    if cfg.method.name == "propetl":
+        facts["sparsity"], facts["mask"] = f"{float(cfg.mask.sparsity):g}", str(cfg.mask.kind)
+    facts["seed"] = str(cfg.seed)
+    return facts
+
+
+def run_name(cfg) -> str:
+    """The W&B run's name, e.g. rte-propetl-lora-s0.5-learned-seed42, mrpc-petl-adapter-seed1, stsb-finetune-seed42."""
+    return "-".join(NAME_PARTS.get(key, "{}").format(value) for key, value in run_identity(cfg).items())
+
+
+def run_tags(cfg) -> list[str]:
+    """The W&B run's tags, the same facts as key:value (task:rte, ..., seed:42; multi-task: multitask and
+    a task: tag per task), then logger.tags."""
+    facts = run_identity(cfg)
+    tasks = ["multitask", *(f"task:{t}" for t in cfg.tasks)] if cfg.get("mode") == "multitask" else [f"task:{facts['task']}"]
+    tags = tasks + [f"{key}:{value}" for key, value in facts.items() if key != "task"]
+    return tags + [str(tag) for tag in cfg.logger.tags if str(tag) not in tags]
+
+
 def start_wandb(cfg, output_dir: Path, run_id: str | None = None, enabled: bool = True):
     """One W&B run per Hydra job, writing under the job's own output directory; a resumed job
     passes its saved run id and continues the same W&B run. enabled=False (the other processes of a
@@ -38,8 +68,7 @@ def start_wandb(cfg, output_dir: Path, run_id: str | None = None, enabled: bool 
 
     return wandb.init(
         id=run_id, resume="allow" if run_id else None, mode=cfg.logger.mode if enabled else "disabled", project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
-        tags=list(cfg.logger.tags), dir=str(output_dir), reinit="finish_previous",
-        name=f"{cfg.task.name}-{cfg.method.name}-{cfg.prototype.name}-s{cfg.seed}",
+        tags=run_tags(cfg), dir=str(output_dir), reinit="finish_previous", name=run_name(cfg),
         config=OmegaConf.to_container(cfg, resolve=True),
     )
 

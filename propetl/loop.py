@@ -19,6 +19,7 @@ from transformers import get_linear_schedule_with_warmup
 from propetl import distributed, methods
 from propetl import metrics as glue_metrics
 from propetl.resume import Interrupted, StopOnSignal
+from propetl.step_log import StepLog, bar_shown
 
 logger = logging.getLogger("propetl")
 
@@ -144,7 +145,8 @@ def fit(model, train_loader, select, cfg, head_names: set[str], device,
         log_fn=lambda record: None, checkpointer=None, ctx: distributed.Context = distributed.Context()) -> FitResult:
     """Train for cfg.trainer.epochs (or until cfg.trainer.max_steps), calling `select(model)` ->
     (selection metrics, score) after every epoch (`selection_on` for one task; multi-task: the mean of
-    the tasks' scores); keeps the best epoch's trainable weights in result.best_state.
+    the tasks' scores); keeps the best epoch's trainable weights in result.best_state. `log_fn` gets every
+    epoch's record and, every trainer.log_every_steps steps, the loss and learning rates (step_log.StepLog).
     With a checkpointer: continues from its checkpoint if there is one, saves one after every epoch
     and every checkpointer.save_steps steps, and on SIGINT/SIGTERM saves and raises Interrupted.
     Data-parallel (ctx.world_size > 1): each process trains on its slice of every batch through DDP."""
@@ -159,6 +161,7 @@ def fit(model, train_loader, select, cfg, head_names: set[str], device,
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     train_model = distributed.wrap(model, ctx, device)     # DDP when data-parallel, else the model itself
     progress = bool(t.progress)
+    step_log = StepLog(int(t.log_every_steps), total_steps, cfg.method.name, log_fn, lines=not bar_shown(progress))
     data_order = train_loader.generator          # its state when an epoch begins fixes that epoch's batches
     result, epoch_order = FitResult(), data_order.get_state()
     if checkpointer is not None and checkpointer.exists():
@@ -187,6 +190,7 @@ def fit(model, train_loader, select, cfg, head_names: set[str], device,
             for _ in range(result.step_in_epoch):                # a resumed epoch: skip what was done
                 next(batches)
             start = time.perf_counter()
+            step_log.restart(result.steps)
             bar = tqdm(batches, desc=f"epoch {result.epoch + 1}/{epochs}", initial=result.step_in_epoch,
                        total=steps_per_epoch, leave=False, disable=not progress or None)
             for batch in bar:
@@ -208,6 +212,7 @@ def fit(model, train_loader, select, cfg, head_names: set[str], device,
                 result.steps += 1
                 result.step_in_epoch += 1
                 bar.set_postfix(loss=f"{result.epoch_losses[-1]:.4f}")
+                step_log.after_step(result.steps, result.epoch_losses, optimizer.param_groups)
                 if result.steps >= total_steps or result.step_in_epoch >= steps_per_epoch:
                     break
                 save_steps = getattr(checkpointer, "save_steps", None)

@@ -29,7 +29,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from propetl import data, log, loop, methods, storage
 from propetl import metrics as glue_metrics
 from propetl import model as backbone
-from propetl.batches import PairCollator, batch_order, token_lengths
+from propetl.batches import PadCollator, batch_order, token_lengths, tokenise
 from propetl.configs import group_option
 
 logger = logging.getLogger("propetl")
@@ -105,9 +105,9 @@ class MultiTaskModel(nn.Module):
 # ----------------------------------------------------------------------------- batches
 
 class TaskCollator:
-    """A task's collator that also tags every row with the task's index."""
+    """A task's collator that also tags every batch with the task's index."""
 
-    def __init__(self, collator: PairCollator, index: int):
+    def __init__(self, collator: PadCollator, index: int):
         self.collator, self.index = collator, index
 
     def __call__(self, rows):
@@ -182,19 +182,19 @@ def train_multitask(cfg: DictConfig, output_dir: Path) -> dict:
     task_cfgs = task_configs(task_names)
     by_name = dict(zip(task_names, task_cfgs))
 
-    # 1. data: every new task's splits; single-task batches drawn by temperature
+    # 1. data: every new task's splits, tokenised once; single-task batches drawn by temperature
     data_dir = data.resolve_data_dir(cfg.data.dir)
     tokenizer = backbone.load_tokenizer(cfg.model)
     splits, collators = {}, {}
     for index, name in enumerate(task_names):
         if name not in new_tasks:
             continue
-        splits[name] = data.sample_train(
+        text = data.sample_train(
             data.load_glue(by_name[name], data_dir, cfg.data.protocol, cfg.data.split_seed, cfg.data.allow_hub),
             cfg.data.max_train_examples, cfg.data.split_seed)
-        collators[name] = TaskCollator(PairCollator(tokenizer, cfg.data.max_length, int(by_name[name].num_labels) == 1), index)
-    lengths = ([token_lengths(splits[n]["train"], tokenizer, cfg.data.max_length) for n in new_tasks]
-               if cfg.data.group_by_length else None)
+        splits[name] = {split: tokenise(rows, tokenizer, cfg.data.max_length) for split, rows in text.items()}
+        collators[name] = TaskCollator(PadCollator(tokenizer, int(by_name[name].num_labels) == 1), index)
+    lengths = [token_lengths(splits[n]["train"]) for n in new_tasks] if cfg.data.group_by_length else None
     train_batches = MultiTaskBatches([splits[n]["train"] for n in new_tasks], [collators[n] for n in new_tasks],
                                      cfg.trainer.batch_size, float(cfg.multitask.temperature), cfg.seed, lengths)
 

@@ -52,8 +52,8 @@ def validate(cfg, search_path=None) -> None:
     _one_of(cfg, "task.name", tasks_known)
     validate_method(cfg)
     _integer(cfg, "seed")
-    for key in ("trainer.epochs", "trainer.batch_size", "trainer.eval_batch_size", "data.max_length",
-                "model.hidden_size", "model.num_layers"):
+    for key in ("trainer.epochs", "trainer.batch_size", "trainer.eval_batch_size", "trainer.log_every_steps",
+                "data.max_length", "model.hidden_size", "model.num_layers"):
         _positive_int(cfg, key)
     if cfg.trainer.max_steps is not None:
         _positive_int(cfg, "trainer.max_steps")

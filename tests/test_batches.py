@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import compose_cfg
-from propetl.batches import LengthGroupedBatches, batch_order, make_loader, token_lengths
+from propetl.batches import LengthGroupedBatches, batch_order, make_loader, token_lengths, tokenise
 from propetl.data import load_glue
 from propetl.model import load_tokenizer
 
@@ -50,7 +50,7 @@ def tokenizer():
 def test_grouped_loader_on_real_data(glue_dir, tokenizer, name):
     """On the real training sets the grouped loader sees every example once and pads far less."""
     train = load_glue(compose_cfg([f"task={name}"]).task, glue_dir)["train"]
-    lengths = token_lengths(train, tokenizer, 128)
+    lengths = token_lengths(tokenise(train, tokenizer, 128))
     assert len(lengths) == len(train) and max(lengths) <= 128
 
     def epoch(group: bool):
@@ -68,3 +68,17 @@ def test_grouped_loader_on_real_data(glue_dir, tokenizer, name):
 def test_length_grouped_batches_is_a_batch_sampler():
     sampler = LengthGroupedBatches(LENGTHS[:100], 16, torch.Generator().manual_seed(0))
     assert len(sampler) == 7 and sum(len(b) for b in sampler) == 100
+
+
+@pytest.mark.parametrize("name", ["rte", "cola"])
+def test_tokenised_once_gives_the_batches_the_tokenizer_gives(glue_dir, tokenizer, name):
+    """Tokenising the split once, then padding each batch, is the tokenizer's own padding="longest" batch."""
+    rows = load_glue(compose_cfg([f"task={name}"]).task, glue_dir)["train"].select(range(40))
+    loader = make_loader(rows, tokenizer, 64, False, 20, shuffle=False)
+    for start, batch in zip((0, 20), loader):
+        part = rows[start:start + 20]
+        expected = tokenizer(part["text_a"], part.get("text_b"), padding="longest", truncation=True, max_length=64,
+                             return_tensors="pt")
+        assert batch.keys() == {*expected.keys(), "labels"}
+        assert all(torch.equal(batch[key], expected[key]) for key in expected)
+        assert batch["labels"].tolist() == part["label"]

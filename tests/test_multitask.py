@@ -12,7 +12,7 @@ import torch
 
 from conftest import compose_cfg, tiny_text_overrides
 from propetl import loop, mask_coding, methods, storage
-from propetl.batches import PairCollator
+from propetl.batches import PadCollator, tokenise
 from propetl.data import load_glue
 from propetl.model import load_tokenizer
 from propetl.multitask import MultiTaskBatches, TaskCollator, task_configs
@@ -126,8 +126,8 @@ def test_every_task_mask_has_exact_density(trained):
 def _test_predictions(model, task_name, glue_dir, tokenizer, index):
     task = task_configs([task_name])[0]
     split = load_glue(task, glue_dir)["test"]
-    loader = torch.utils.data.DataLoader(split, batch_size=64, collate_fn=TaskCollator(
-        PairCollator(tokenizer, 128, int(task.num_labels) == 1), index))
+    loader = torch.utils.data.DataLoader(tokenise(split, tokenizer, 128), batch_size=64, collate_fn=TaskCollator(
+        PadCollator(tokenizer, int(task.num_labels) == 1), index))
     return loop.predict(model, loader, torch.device("cpu"))[0], task
 
 
@@ -141,8 +141,8 @@ def test_each_task_loads_alone_and_predicts_what_the_trained_model_did(trained, 
         logits_all, task = _test_predictions(everything, name, glue_dir, tokenizer, index)
         logits_alone, _ = _test_predictions(alone, name, glue_dir, tokenizer, 0)
         assert torch.equal(torch.from_numpy(logits_all), torch.from_numpy(logits_alone))
-        scored = loop.evaluate(alone, torch.utils.data.DataLoader(load_glue(task, glue_dir)["test"], batch_size=64,
-                               collate_fn=TaskCollator(PairCollator(tokenizer, 128, int(task.num_labels) == 1), 0)),
+        scored = loop.evaluate(alone, torch.utils.data.DataLoader(tokenise(load_glue(task, glue_dir)["test"], tokenizer, 128),
+                               batch_size=64, collate_fn=TaskCollator(PadCollator(tokenizer, int(task.num_labels) == 1), 0)),
                                task, torch.device("cpu"))
         assert scored == pytest.approx(metrics["per_task"][name]["test"], abs=1e-12)
 

@@ -1,0 +1,71 @@
+"""Every `trainer.log_every_steps` training steps: a record for W&B (the training loss and each optimizer
+parameter group's learning rate, at the global step) and, where no progress bar is shown (stderr not a
+terminal, or trainer.progress=false), one log line: `step 120/2000 loss 0.5321 4.1 it/s eta 7m38s`."""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import numpy as np
+
+logger = logging.getLogger("propetl")
+
+# loop.parameter_groups' groups -> the name of their learning rate (`lr/<name>`); *_no_decay share it
+GROUP_NAMES = {"masks": "mask", "head": "head", "head_no_decay": "head"}
+WEIGHTS_NAMES = {"finetune": "backbone", "propetl": "prototype"}       # petl, peft: "petl"
+
+
+def bar_shown(progress: bool, stream=None) -> bool:
+    """Whether the loop's tqdm bar shows: trainer.progress and stderr a terminal (tqdm's disable=None)."""
+    stream = sys.stderr if stream is None else stream
+    return progress and hasattr(stream, "isatty") and stream.isatty()
+
+
+def learning_rates(param_groups: list[dict], method: str) -> dict[str, float]:
+    """{"lr/prototype": ..., "lr/mask": ..., "lr/head": ...}: each group's current learning rate, named
+    by what it trains (the weights group: prototype / petl / backbone, by method)."""
+    rates = {}
+    for group in param_groups:
+        name = GROUP_NAMES.get(group["name"], WEIGHTS_NAMES.get(method, "petl"))
+        rates.setdefault(f"lr/{name}", float(group["lr"]))
+    return rates
+
+
+def duration(seconds: float) -> str:
+    """7m38s, 2h05m, 12s."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def progress_line(step: int, total: int, loss: float, steps_per_second: float) -> str:
+    eta = duration((total - step) / steps_per_second) if steps_per_second > 0 else "?"
+    return f"step {step}/{total} loss {loss:.4f} {steps_per_second:.1f} it/s eta {eta}"
+
+
+class StepLog:
+    """Called after every optimizer step; acts every `every` steps. `record_fn` gets {"step", "train/loss"
+    (the mean over the last `every` steps of the epoch), "lr/…"}; with `lines`, the progress line goes to
+    the propetl logger (so to stderr and train.log)."""
+
+    def __init__(self, every: int, total_steps: int, method: str, record_fn, lines: bool, clock=time.perf_counter):
+        self.every, self.total_steps, self.method = every, total_steps, method
+        self.record_fn, self.lines, self.clock = record_fn, lines, clock
+        self.restart(0)
+
+    def restart(self, steps: int) -> None:
+        """The rate counts from here (an epoch's start: selection and checkpoints in between are not steps)."""
+        self.since_step, self.since_time = steps, self.clock()
+
+    def after_step(self, steps: int, epoch_losses: list[float], param_groups: list[dict]) -> None:
+        if steps % self.every:
+            return
+        loss = float(np.mean(epoch_losses[-self.every:]))
+        self.record_fn({"step": steps, "train/loss": loss, **learning_rates(param_groups, self.method)})
+        if self.lines:
+            now = self.clock()
+            rate = (steps - self.since_step) / max(now - self.since_time, 1e-9)
+            logger.info(progress_line(steps, self.total_steps, loss, rate))
+            self.since_step, self.since_time = steps, now

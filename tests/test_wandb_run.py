@@ -1,0 +1,49 @@
+"""The W&B run: its name and tags say what the run is; a real offline run holds the per-step loss and
+learning-rate series (read back from its .wandb file)."""
+from __future__ import annotations
+
+import pytest
+
+import wandb_file
+from conftest import compose_cfg, tiny_text_overrides
+from propetl import log
+from propetl.train import train
+
+
+@pytest.mark.parametrize("overrides,name,tags", [
+    (["task=rte", "prototype=lora", "mask.sparsity=0.5"], "rte-propetl-lora-s0.5-learned-seed42",
+     ["task:rte", "method:propetl", "prototype:lora", "sparsity:0.5", "mask:learned", "seed:42"]),
+    (["task=mrpc", "method=petl", "seed=1", "logger.tags=[mine]"], "mrpc-petl-adapter-seed1",
+     ["task:mrpc", "method:petl", "prototype:adapter", "seed:1", "mine"]),
+    (["task=stsb", "method=finetune"], "stsb-finetune-seed42", ["task:stsb", "method:finetune", "seed:42"]),
+    (["mode=multitask", "tasks=[rte,cola]", "prototype=prefix", "mask.kind=random", "mask.sparsity=0.9"],
+     "multitask-rte-cola-propetl-prefix-s0.9-random-seed42",
+     ["multitask", "task:rte", "task:cola", "method:propetl", "prototype:prefix", "sparsity:0.9", "mask:random", "seed:42"]),
+])
+def test_run_name_and_tags_say_what_the_run_is(overrides, name, tags):
+    cfg = compose_cfg(overrides)
+    assert log.run_name(cfg) == name and log.run_tags(cfg) == tags
+
+
+@pytest.mark.parametrize("mode", ["single", "multitask"])
+def test_offline_run_has_per_step_loss_and_learning_rates(tmp_path, monkeypatch, tiny_text_model_dir, glue_dir, mode):
+    for variable in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(variable, str(tmp_path / "wandb-home"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    tasks = ["mode=multitask", "tasks=[rte,mrpc]"] if mode == "multitask" else ["task=rte"]
+    cfg = compose_cfg([*tiny_text_overrides(tiny_text_model_dir, glue_dir), *tasks, "logger.mode=offline",
+                       "prototype=lora", "data.max_train_examples=48", "trainer.epochs=1", "trainer.log_every_steps=2",
+                       "trainer.save_weights=false"])
+    try:
+        metrics = train(cfg, tmp_path / "run")
+    finally:
+        log.finish_wandb()
+    (run_file,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
+    rows = wandb_file.history(run_file)
+    series = [row for row in rows if "train/loss" in row]
+    assert [row["_step"] for row in series] == list(range(2, metrics["steps"] + 1, 2)) and len(series) >= 3
+    assert all({"lr/prototype", "lr/mask", "lr/head"} <= set(row) for row in series)
+    assert series[0]["lr/mask"] != series[0]["lr/prototype"]            # each group's own rate, not one copy
+    assert len({row["lr/prototype"] for row in series}) > 1             # the schedule moves them
+    assert any("select/" + ("mean" if mode == "multitask" else "accuracy") in row for row in rows)   # the epoch record too
+    assert wandb_file.run_record(run_file).display_name == log.run_name(cfg)
