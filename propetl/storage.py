@@ -38,8 +38,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from propetl import mask_coding, methods
-from propetl.files import (CheckpointError, atomic_write_text, check_seal,  # noqa: F401  (atomic_write_text,
-                           recover_folder_swap, seal, write_folder_atomically)  # recover_folder_swap: re-exported)
+from propetl.files import CheckpointError, check_seal, seal, write_folder_atomically
+from propetl.files import atomic_write_text, recover_folder_swap  # noqa: F401  (re-exported: log, report, scripts)
 
 FORMAT_VERSION = 3
 READABLE_FORMATS = (1, 2, 3)
