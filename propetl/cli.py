@@ -58,9 +58,22 @@ def hydra_entry(cfg: DictConfig) -> float:
         log.finish_wandb()
 
 
+def check_output_folder(argv: list[str]) -> None:
+    """A hydra.run.dir (with -m: hydra.sweep.dir) given on the command line that cannot be written: one line
+    before Hydra starts (Hydra would fail with a traceback opening the run's log file there)."""
+    from propetl.files import unwritable
+
+    key = "hydra.sweep.dir=" if any(a in ("-m", "--multirun") for a in argv) else "hydra.run.dir="
+    given = [a.split("=", 1)[1] for a in argv if a.startswith(key)]
+    problem = unwritable(Path(given[-1])) if given else None
+    if problem:
+        raise ConfigError(f"{key}{given[-1]} cannot be written: {problem}; choose another folder")
+
+
 def main() -> None:
     try:
         check_command_line(sys.argv[1:])
+        check_output_folder(sys.argv[1:])
         ctx = distributed.from_environment()
         if ctx.enabled and not any(a.startswith("hydra.run.dir=") for a in sys.argv[1:]):
             raise ConfigError(f"a data-parallel run (WORLD_SIZE={ctx.world_size}) needs hydra.run.dir=<folder>, "

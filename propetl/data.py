@@ -219,8 +219,11 @@ def _tsv_column_names(spec: _TaskSpec, path: pathlib.Path) -> list[str]:
                 f"add the column names to conf/task/{spec.name}.yaml"
             )
         return list(spec.names)
-    with open(path, encoding="utf-8-sig") as file:
-        return file.readline().rstrip("\r\n").split("\t")
+    try:
+        with open(path, encoding="utf-8-sig") as file:
+            return file.readline().rstrip("\r\n").split("\t")
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"task '{spec.name}': cannot read {path}: {error}; fix or replace the file") from None
 
 
 def _check_columns(spec: _TaskSpec, path: pathlib.Path, column_names: Sequence[str]) -> None:

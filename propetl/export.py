@@ -120,12 +120,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     args = parser.parse_args(argv)
 
+    from propetl.files import CheckpointError, WriteError
     from propetl.model import ModelError
-    from propetl.storage import CheckpointError
 
     try:
         written = export(args.checkpoint, args.out, args.output_format, args.overwrite)
-    except (ExportError, CheckpointError, ModelError) as error:
+    except (ExportError, CheckpointError, ModelError, WriteError) as error:
         print(f"propetl-export: error: {error}", file=sys.stderr)
         sys.exit(2)
     print(written)

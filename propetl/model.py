@@ -1,7 +1,8 @@
 """The backbone: a transformers encoder with a sequence-classification head, plus the chosen method.
 
 One loader serves the embedded default (a model folder inside a Python package, `pkg://...`), a
-local folder, and hub model ids (for users with hub access).
+local folder, and hub model ids (for users with hub access). Weights load from safetensors only: a folder
+(or hub repository) with only a pickled pytorch_model.bin is refused in one line, never unpickled.
 """
 from __future__ import annotations
 
@@ -41,10 +42,14 @@ def load_backbone(model_cfg, num_labels: int) -> nn.Module:
     hf_logging.set_verbosity_error()                 # the "classifier MISSING" load report is expected
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, use_safetensors=True)
     except OSError as error:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        hint = " (HF_HUB_OFFLINE=1: hub models need a local copy; set model.name_or_path=FOLDER)" if offline else ""
+        if os.path.isdir(path):
+            hint = " (weights load from safetensors only, never a pickled pytorch_model.bin)"
+        elif os.environ.get("HF_HUB_OFFLINE") == "1":
+            hint = " (HF_HUB_OFFLINE=1: hub models need a local copy; set model.name_or_path=FOLDER)"
+        else:
+            hint = ""
         raise ModelError(f"cannot load model.name_or_path={model_cfg.name_or_path!r}{hint}: {str(error).splitlines()[0]}")
     finally:
         hf_logging.set_verbosity(verbosity)

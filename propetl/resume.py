@@ -5,8 +5,10 @@ What is saved: every trainable tensor (PETL weights, mask scores, head), the bes
 them, the optimizer's moments and the scheduler, the step/epoch counters and history, and every RNG
 state (python, numpy, torch, and the data-order generator as it stood when the epoch began; a
 mid-epoch resume re-draws that epoch's order and skips the batches already done).
-Format: `state.safetensors` for tensors and `state.json` for the rest, never pickle; the folder is
-built beside the old one and renamed into place, so a crash leaves the previous checkpoint intact.
+Format: `state.safetensors` for tensors and `state.json` for the rest, never pickle, and `manifest.json`
+with their sha256 (propetl/files.py), checked before either is read: a changed, missing or unlisted file
+is refused in one line naming it. The folder is built beside the old one and renamed into place, so a
+crash leaves the previous checkpoint intact.
 SIGINT/SIGTERM: the step in flight finishes, a checkpoint is written, then the run exits.
 """
 from __future__ import annotations
@@ -23,8 +25,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from propetl.storage import (CheckpointError, plain_value, read_safetensors, recover_folder_swap,
-                             write_folder_atomically)
+from propetl.files import CheckpointError, check_seal, recover_folder_swap, seal, write_folder_atomically
+from propetl.storage import plain_value, read_safetensors
 
 STATE_JSON, STATE_TENSORS = "state.json", "state.safetensors"
 FINGERPRINT_KEYS = ("model.name_or_path", "method.name", "prototype", "mask.kind", "mask.sparsity", "mask.seed",
@@ -144,6 +146,7 @@ class Checkpointer:
         def build(folder: Path) -> None:
             save_file(tensors, str(folder / STATE_TENSORS))
             (folder / STATE_JSON).write_text(json.dumps(meta, default=float))
+            seal(folder)
             for path in folder.iterdir():          # on disk before the swap makes it the checkpoint
                 with open(path, "rb") as f:
                     os.fsync(f.fileno())
@@ -151,8 +154,10 @@ class Checkpointer:
         write_folder_atomically(self.directory, build)
 
     def check_fingerprint(self) -> dict:
-        """The saved state.json, if this run's config has its fingerprint; else one-line CheckpointError."""
+        """The saved state.json, if the folder matches its manifest and this run's config has its fingerprint;
+        else one-line CheckpointError."""
         path = self.directory / STATE_JSON
+        check_seal(self.directory, required=True, hint="trainer.resume=false starts the run over")
         try:
             meta = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:

@@ -20,7 +20,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from propetl.resume import fingerprint, fingerprint_differences
-from propetl.storage import write_folder_atomically
+from propetl.files import write_folder_atomically
 
 LOCK_FILE, RECORD_DIR, METRICS_FILE = ".propetl.lock", ".hydra", "metrics.json"
 
@@ -48,10 +48,14 @@ def claim(run_dir: Path, enabled: bool = True):
         yield
         return
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_FILE
     while True:
-        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise RunDirectoryError(f"cannot write in {run_dir}: {error.strerror or error}; choose another "
+                                    f"hydra.run.dir, or make it writable") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

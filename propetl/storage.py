@@ -16,17 +16,19 @@ Writing (`save_checkpoint` / `load_checkpoint`): a folder with
                             lora_B of every layer, under the model's parameter names (method=peft)
     masks.safetensors       every mask, coded as `storage.mask_coding` says (propetl/mask_coding.py)
     head.safetensors        the task's classification head, apart so storage can be read with and without it
-Dense tensors are written in `storage.dtype` (fp32, bf16, fp16) and loaded back as fp32. Format 2 (this
-one) adds the coded masks file and the dtype; format-1 checkpoints (bit-packed masks, fp32) still load.
-Files are written under a temporary name and renamed: a crash never leaves a half-written checkpoint.
+    manifest.json           the sha256 of every file above (propetl/files.py), written last
+Dense tensors are written in `storage.dtype` (fp32, bf16, fp16) and loaded back as fp32. Format 2 adds the
+coded masks file and the dtype; format 3 (this one) the manifest, checked before anything is read: a
+changed, missing or unlisted file is refused in one line naming it. Format-1 and -2 checkpoints (bit-packed
+masks, fp32; no manifest) still load, checked as before (safetensors headers, shapes, mask densities).
+The names a checkpoint gives (method, prototype, mask kind, storage, tasks) are checked against the
+registry before any is used (check_names). The folder is built beside its place and renamed: a crash never
+leaves a half-written checkpoint.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -36,17 +38,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from propetl import mask_coding, methods
+from propetl.files import CheckpointError, check_seal, seal, write_folder_atomically
+from propetl.files import atomic_write_text, recover_folder_swap  # noqa: F401  (re-exported: log, report, scripts)
 
-FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_FORMATS = (1, 2, 3)
+SEALED_FORMAT = 3                     # from this format on, every checkpoint folder carries a manifest
 STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CONFIG_FILE, MASKS_FILE, HEAD_FILE = "propetl.json", "masks.safetensors", "head.safetensors"
 DENSE_FILE = {"propetl": "prototype.safetensors", "petl": "petl.safetensors", "finetune": "backbone.safetensors",
               "peft": "peft.safetensors"}
-
-
-class CheckpointError(Exception):
-    """One-line, user-facing error about a checkpoint."""
 
 
 # ----------------------------------------------------------------------------- counting
@@ -217,21 +218,6 @@ def file_figures(checkpoint_dir: Path, figures: dict) -> dict:
 
 # ----------------------------------------------------------------------------- writing
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and rename: readers never see half a file."""
-    path = Path(path)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def checkpoint_config(cfg) -> dict:
     """What load_checkpoint needs to rebuild the model (resolved plain values)."""
     keep = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "prototype", "method", "mask")}
@@ -240,41 +226,6 @@ def checkpoint_config(cfg) -> dict:
         keep["data"] = {"protocol": cfg.data.protocol, "split_seed": int(cfg.data.split_seed),
                         "max_length": int(cfg.data.max_length)}
     return {"format_version": FORMAT_VERSION, **keep, "storage": storage_settings(cfg)}
-
-
-def recover_folder_swap(directory: Path) -> bool:
-    """After a kill between the two renames of write_folder_atomically's swap, `directory` is missing and
-    its previous version waits in `.<name>.old`: put that back. True if it did."""
-    directory = Path(directory)
-    old = directory.with_name(f".{directory.name}.old")
-    if directory.exists() or not old.is_dir():
-        return False
-    os.replace(old, directory)
-    return True
-
-
-def write_folder_atomically(directory: Path, build) -> Path:
-    """Call build(folder) on a temporary folder beside `directory`, then rename it into place (an
-    existing folder is replaced only once the new one is complete)."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    recover_folder_swap(directory)
-    building = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
-    try:
-        os.chmod(building, 0o755)                   # mkdtemp makes it owner-only
-        build(building)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(building, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(building, directory)
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
-    return directory
 
 
 def save_masks(masks: dict[str, torch.Tensor], path: Path, cfg) -> None:
@@ -315,6 +266,7 @@ def save_checkpoint(model: nn.Module, cfg, head_names: set[str], directory: Path
             save_masks(masks, folder / MASKS_FILE, cfg)
         save_dense(head_tensors(model, head_names), folder / HEAD_FILE, cfg)
         (folder / CONFIG_FILE).write_text(json.dumps(checkpoint_config(cfg), indent=2))
+        seal(folder)
     return write_folder_atomically(directory, build)
 
 
@@ -332,15 +284,66 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def read_checkpoint_config(directory: Path) -> dict:
-    path = Path(directory) / CONFIG_FILE
+    """A checkpoint folder's propetl.json, once the folder matches its manifest (format 3 on: required) and
+    the names it gives are the registry's (check_names); else a one-line CheckpointError."""
+    directory = Path(directory)
+    path = directory / CONFIG_FILE
+    sealed = check_seal(directory, required=False)
     try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"cannot read {path}: {error}") from None
-    if config.get("format_version") not in READABLE_FORMATS:
-        raise CheckpointError(f"{path}: format_version {config.get('format_version')!r}, this propetl reads "
+        config = json.loads(path.read_bytes())
+    except (OSError, ValueError) as error:              # ValueError: not UTF-8, not JSON
+        raise CheckpointError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} holds a {type(config).__name__}, not a checkpoint config (a JSON object)")
+    version = config.get("format_version")
+    if version not in READABLE_FORMATS or isinstance(version, bool):
+        raise CheckpointError(f"{path}: format_version {version!r}, this propetl reads "
                               f"{', '.join(map(str, READABLE_FORMATS))}")
+    if version >= SEALED_FORMAT and not sealed:
+        check_seal(directory, required=True, hint=f"format {version} checkpoints carry one")
+    check_names(config, path)
     return config
+
+
+def _check_choice(path: Path, key: str, value, choices) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise CheckpointError(f"{path}: {key}={value!r} is invalid; allowed: {', '.join(map(str, choices))}")
+
+
+def check_names(config: dict, path: Path) -> None:
+    """Every name a checkpoint config gives, against the registry, before any is used (to open a config, a
+    folder, a module): method, prototype, mask kind and combine, the storage settings, the task(s). Tasks
+    are the task group's options on the run's config search path."""
+    from propetl.configs import group_choices
+    from propetl.masks import COMBINES, MASK_KINDS
+
+    for section in ("model", "method", "prototype", "mask"):
+        if not isinstance(config.get(section), dict):
+            raise CheckpointError(f"{path}: '{section}' is {config.get(section)!r}, expected an object")
+    _check_choice(path, "method.name", config["method"].get("name"), methods.METHODS)
+    _check_choice(path, "prototype.name", config["prototype"].get("name"), tuple(methods.PROTOTYPES))
+    _check_choice(path, "mask.kind", config["mask"].get("kind"), MASK_KINDS)
+    if "combine" in config["mask"]:                     # older checkpoints lack it
+        _check_choice(path, "mask.combine", config["mask"]["combine"], COMBINES)
+    if "storage" in config:                             # format 1 lacks it
+        storage = config["storage"] if isinstance(config["storage"], dict) else {}
+        _check_choice(path, "storage.dtype", storage.get("dtype"), tuple(STORAGE_DTYPES))
+        _check_choice(path, "storage.mask_coding", storage.get("mask_coding"), mask_coding.CODINGS)
+    if not isinstance(config["model"].get("name_or_path"), str):
+        raise CheckpointError(f"{path}: model.name_or_path={config['model'].get('name_or_path')!r} is not a path")
+    if config.get("mode") == "multitask":
+        tasks, labels = config.get("tasks"), config.get("num_labels")
+        if not isinstance(tasks, list) or not tasks or not isinstance(labels, dict) or set(labels) != set(tasks):
+            raise CheckpointError(f"{path}: tasks={tasks!r} with num_labels={labels!r} is not a list of tasks "
+                                  f"and their label counts")
+        for task in tasks:
+            _check_choice(path, "tasks", task, group_choices("task"))
+        return
+    task = config.get("task")
+    if not isinstance(task, dict):
+        raise CheckpointError(f"{path}: 'task' is {task!r}, expected an object")
+    if task.get("name") is not None:                    # the Python API's save_propetl knows no task
+        _check_choice(path, "task.name", task["name"], group_choices("task"))
 
 
 def load_checkpoint(directory: Path) -> tuple[nn.Module, "OmegaConf"]:
@@ -493,8 +496,10 @@ def save_multitask(model: nn.Module, cfg, directory: Path) -> Path:
                 save_masks(task_files[index], part / TASK_MASK_FILE, cfg)
             save_dense(dict(model.heads[task].named_parameters()), part / HEAD_FILE, cfg)
             (part / "task.json").write_text(json.dumps({"task": task, "num_labels": model.num_labels[index]}))
+            seal(part)
         config = multitask_checkpoint_config(cfg, model.task_names, model.num_labels)
         (shared / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        seal(shared)
     return write_folder_atomically(directory, build)
 
 
@@ -520,8 +525,8 @@ def load_multitask(directory: Path, tasks: list[str] | None = None, cfg=None, ex
                 raise CheckpointError(f"{directory} was trained with {key}={theirs!r}, this run has {key}={ours!r}")
     names = list(saved["tasks"] if tasks is None else tasks)
     for name in names:
-        if not (directory / TASKS_DIR / name).is_dir():
-            raise CheckpointError(f"{directory} has no task '{name}'; it has: {', '.join(saved['tasks'])}")
+        if name not in saved["tasks"] or not (directory / TASKS_DIR / name).is_dir():
+            raise CheckpointError(f"{directory} has no task {name!r}; it has: {', '.join(saved['tasks'])}")
     extra = [t.name for t in extra_tasks]
     model = MultiTaskModel(OmegaConf.create(saved), names + extra,
                            [saved["num_labels"][n] for n in names] + [int(t.num_labels) for t in extra_tasks], for_training)
@@ -533,17 +538,21 @@ def load_multitask(directory: Path, tasks: list[str] | None = None, cfg=None, ex
         _copy_into(dict(weights.weights.items()), dense, shared / DENSE_FILE[saved["method"]["name"]])
         if layer_masks:
             _load_masks(layer_masks, read_masks(shared / LAYER_MASKS_FILE), shared / LAYER_MASKS_FILE)
-    load_task_parts(model, directory, names)
+    load_task_parts(model, directory, names, saved["format_version"])
     return model.eval(), saved
 
 
-def load_task_parts(model: nn.Module, directory: Path, names: list[str]) -> None:
+def load_task_parts(model: nn.Module, directory: Path, names: list[str], format_version: int | None = None) -> None:
     """Set the named tasks' mask rows and heads of a multi-task model from their checkpoint folders
-    (also used after adding a task, to put the old tasks' parts back exactly as they were saved)."""
+    (also used after adding a task, to put the old tasks' parts back exactly as they were saved). Each
+    task's folder is checked against its manifest first (required from format 3 on)."""
+    if format_version is None:
+        format_version = read_multitask_config(directory)["format_version"]
     task_masks, _ = _split_task_layer(methods.petl_weights(model).mask_stores())
     with torch.no_grad():
         for name in names:
             index, part = model.task_names.index(name), Path(directory) / TASKS_DIR / name
+            check_seal(part, required=format_version >= SEALED_FORMAT)
             if task_masks:
                 rows = read_masks(part / TASK_MASK_FILE)
                 for tensor, mask in task_masks.items():

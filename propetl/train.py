@@ -17,13 +17,14 @@ from propetl import data, distributed, log, loop, rundir, storage
 from propetl import metrics as glue_metrics
 from propetl import model as backbone
 from propetl.batches import make_loader
+from propetl.files import WriteError
 from propetl.cli import main  # noqa: F401  (an install made before propetl/cli.py existed calls propetl.train:main)
 from propetl.resume import Checkpointer
 from propetl.validate import ConfigError, validate
 
 logger = logging.getLogger("propetl")
 USER_ERRORS = (ConfigError, data.DataError, backbone.ModelError, storage.CheckpointError, rundir.RunDirectoryError,
-               loop.Diverged)
+               loop.Diverged, WriteError)
 
 
 def seed_everything(seed: int) -> None:

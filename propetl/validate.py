@@ -13,6 +13,9 @@ from propetl.methods import METHODS, PROTOTYPES, peft_missing
 from propetl.storage import STORAGE_DTYPES
 
 
+MAX_LEARNING_RATE = 1e30
+
+
 def _require(ok: bool, key: str, value, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is invalid; allowed: {allowed}")
@@ -31,6 +34,14 @@ def _positive_int(cfg, key: str) -> None:
 def _positive_number(cfg, key: str) -> None:
     value = OmegaConf.select(cfg, key)
     _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0, key, value, "a positive number")
+
+
+def _learning_rate(cfg, key: str) -> None:
+    """A positive number the optimizer's step can take in fp32 (beyond MAX_LEARNING_RATE AdamW's step
+    size, lr / (1 - beta1^t), overflows: a traceback, not a diverged loss)."""
+    value = OmegaConf.select(cfg, key)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= MAX_LEARNING_RATE
+    _require(ok, key, value, f"a positive number up to {MAX_LEARNING_RATE:g}")
 
 
 def _number_in(cfg, key: str, low: float, high: float, high_open: bool = True) -> None:
@@ -102,7 +113,7 @@ def check_resolves(cfg) -> None:
 def validate_learning_rates(cfg) -> None:
     """What the optimizer's parameter groups take from the trainer group (loop.parameter_groups)."""
     for key in ("trainer.lr", "trainer.head_lr"):
-        _positive_number(cfg, key)
+        _learning_rate(cfg, key)
     _number_in(cfg, "trainer.weight_decay", 0.0, float("inf"))
 
 
@@ -118,7 +129,7 @@ def validate_method(cfg) -> None:
             raise ConfigError(missing)
     _one_of(cfg, "mask.kind", MASK_KINDS)
     _number_in(cfg, "mask.sparsity", 0.0, 1.0)
-    _positive_number(cfg, "mask.lr")
+    _learning_rate(cfg, "mask.lr")
     _number_in(cfg, "mask.weight_decay", 0.0, float("inf"))
     _integer(cfg, "mask.seed")
     name = cfg.prototype.name
@@ -137,4 +148,4 @@ def validate_method(cfg) -> None:
         _positive_int(cfg, "prototype.mlp_hidden")
         if "embedding_std" in cfg.prototype:
             _positive_number(cfg, "prototype.embedding_std")
-    _positive_number(cfg, "prototype.lr")
+    _learning_rate(cfg, "prototype.lr")

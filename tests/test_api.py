@@ -58,8 +58,8 @@ def test_readme_example_trains_with_the_hf_trainer_saves_loads_and_merges(tiny_t
     assert type(plain) is BertForSequenceClassification and not any(isinstance(m, LoRALinear) for m in plain.modules())
 
     saved = tmp_path / "out" / "api-example" / "propetl"          # the prototype, masks and head: no backbone
-    assert sorted(p.name for p in saved.iterdir()) == ["head.safetensors", "masks.safetensors", "propetl.json",
-                                                       "prototype.safetensors"]
+    assert sorted(p.name for p in saved.iterdir()) == ["head.safetensors", "manifest.json", "masks.safetensors",
+                                                       "propetl.json", "prototype.safetensors"]
     assert set(load_file(saved / "prototype.safetensors")) == {"query_A", "query_B", "value_A", "value_B"}
     assert set(load_file(saved / "head.safetensors")) == backbone.head_parameter_names(plain)
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from conftest import compose_cfg
-from propetl import log, mask_coding, methods, report, storage
+from propetl import files, log, mask_coding, methods, report, storage
 from propetl import model as backbone
 from propetl.validate import ConfigError, validate
 
@@ -132,6 +132,7 @@ def write_format1(directory):
     config["format_version"] = 1
     del config["storage"]
     (directory / storage.CONFIG_FILE).write_text(json.dumps(config))
+    (directory / files.MANIFEST_FILE).unlink()                 # manifests came with format 3
 
 
 def test_format1_checkpoint_still_loads(tiny_cfg, tmp_path):
@@ -149,7 +150,7 @@ def test_checkpoint_round_trip_per_coding(tiny_cfg, tmp_path, coding):
     model, cfg, heads = tiny_propetl(tiny_cfg, f"storage.mask_coding={coding}")
     storage.save_checkpoint(model, cfg, heads, tmp_path / "checkpoint")
     loaded, saved = storage.load_checkpoint(tmp_path / "checkpoint")
-    assert saved.format_version == 2 and saved.storage.mask_coding == coding
+    assert saved.format_version == 3 and saved.storage.mask_coding == coding
     expected, got = storage.stored_masks(model), storage.stored_masks(loaded)
     assert all(torch.equal(expected[n], got[n]) for n in expected)
     _, metadata = storage.read_safetensors(tmp_path / "checkpoint" / storage.MASKS_FILE)

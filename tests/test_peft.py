@@ -151,7 +151,7 @@ def test_save_load_merge_give_identical_predictions(tiny_cfg, tmp_path, peft):
     expected = logits(model)
     storage.save_checkpoint(model, cfg, backbone.head_parameter_names(model), tmp_path / "checkpoint")
     assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == \
-        ["head.safetensors", "peft.safetensors", "propetl.json"]
+        ["head.safetensors", "manifest.json", "peft.safetensors", "propetl.json"]
     loaded, saved = storage.load_checkpoint(tmp_path / "checkpoint")
     assert saved.method.name == "peft" and torch.equal(logits(loaded), expected)
     methods.merge(loaded, backbone.encoder_layers(loaded), "lora")
