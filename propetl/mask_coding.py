@@ -26,6 +26,9 @@ then checks the digest and each mask's count of ones: a corrupted file is refuse
 (MaskCodingError), never decoded into a wrong mask.
 Format 1 (metadata `shapes`, no `masks`): one uint8 tensor per name, bit-packed as `bits`, the shapes in the
 metadata's `shapes`; still read.
+
+numpy only, no torch: masks come in as anything numpy reads (numpy arrays, CPU tensors) and go out as numpy
+arrays, so the reports read checkpoints without importing torch; storage.py converts at its boundary.
 """
 from __future__ import annotations
 
@@ -34,8 +37,9 @@ import json
 import math
 
 import numpy as np
-import torch
+from safetensors import SafetensorError, safe_open
 
+MASKS_FILE = "masks.safetensors"                # a checkpoint's masks file (storage.py names the others)
 CODINGS = ("bits", "entropy")
 BLOB = "masks"
 DIGEST_BYTES = 32
@@ -61,16 +65,16 @@ def _as_rows(values: np.ndarray, shape) -> np.ndarray:
     return values.reshape(_count_entries(shape))
 
 
-def _rows(masks: torch.Tensor) -> np.ndarray:
+def _rows(masks) -> np.ndarray:
     """A stored mask tensor as a bool array [count, entries]; refuses anything but zeros and ones."""
-    values = masks.detach().cpu().float().numpy()
+    values = np.asarray(masks, dtype=np.float32)
     bits = values.astype(bool)
     if not np.array_equal(bits, values):
         raise ValueError("a mask holds values other than 0 and 1")
     return _as_rows(bits, values.shape)
 
 
-def information_bits_of(masks: dict[str, torch.Tensor]) -> float:
+def information_bits_of(masks: dict) -> float:
     """Σ log2 C(n, k) over every mask of every tensor."""
     total = 0.0
     for tensor in masks.values():
@@ -81,17 +85,15 @@ def information_bits_of(masks: dict[str, torch.Tensor]) -> float:
 
 # ----------------------------------------------------------------------------- bit packing
 
-def pack_bits(masks: torch.Tensor) -> torch.Tensor:
-    """Binary tensor -> uint8 tensor of ceil(n / 8) bytes (8 entries a byte, big-endian bit order)."""
-    bits = masks.detach().reshape(-1).to(torch.bool).cpu().numpy()
-    return torch.from_numpy(np.packbits(bits))
+def pack_bits(masks) -> np.ndarray:
+    """Binary array -> uint8 array of ceil(n / 8) bytes (8 entries a byte, big-endian bit order)."""
+    return np.packbits(np.asarray(masks).reshape(-1).astype(bool))
 
 
-def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Inverse of pack_bits: a float tensor of 0/1 with `shape`."""
-    n = math.prod(shape)
-    bits = np.unpackbits(packed.cpu().numpy(), count=n)
-    return torch.from_numpy(bits.astype(np.float32)).view(*shape)
+def unpack_bits(packed, shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of pack_bits: a float32 array of 0/1 with `shape`."""
+    bits = np.unpackbits(np.asarray(packed, dtype=np.uint8), count=math.prod(shape))
+    return bits.astype(np.float32).reshape(shape)
 
 
 # ----------------------------------------------------------------------------- the entropy coder
@@ -146,7 +148,7 @@ def _digest(metadata: dict[str, str], payload: bytes, bits: np.ndarray) -> bytes
     return h.digest()
 
 
-def encode(masks: dict[str, torch.Tensor], coding: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def encode(masks: dict, coding: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """0/1 mask tensors -> (the safetensors tensors, the metadata) of a format-2 masks file."""
     if coding not in CODINGS:
         raise ValueError(f"storage.mask_coding={coding!r} is not one of: {', '.join(CODINGS)}")
@@ -158,13 +160,12 @@ def encode(masks: dict[str, torch.Tensor], coding: str) -> tuple[dict[str, torch
     metadata = {"masks": json.dumps({"coding": coding, "layout": layout}, separators=(",", ":"))}
     bits = np.concatenate([r.reshape(-1) for r in rows.values()]) if rows else np.zeros(0, dtype=bool)
     payload = np.packbits(bits).tobytes() if coding == "bits" else _entropy_encode(bits, _probabilities(layout))
-    blob = np.frombuffer(_digest(metadata, payload, bits) + payload, dtype=np.uint8).copy()
-    return {BLOB: torch.from_numpy(blob)}, metadata
+    return {BLOB: np.frombuffer(_digest(metadata, payload, bits) + payload, dtype=np.uint8).copy()}, metadata
 
 
-def coded_bytes(masks: dict[str, torch.Tensor], coding: str) -> int:
+def coded_bytes(masks: dict, coding: str) -> int:
     """Bytes of the `masks` tensor a format-2 file holds for these masks: digest + payload."""
-    return int(encode(masks, coding)[0][BLOB].numel()) if masks else 0
+    return int(encode(masks, coding)[0][BLOB].size) if masks else 0
 
 
 def file_coding(metadata: dict[str, str]) -> str:
@@ -191,8 +192,8 @@ def _layout(metadata: dict[str, str]) -> list:
         raise MaskCodingError(f"mask layout missing or malformed in the metadata ({error})") from None
 
 
-def decode(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, torch.Tensor]:
-    """The tensors and metadata of a masks file (format 1 or 2) -> {name: float 0/1 tensor}."""
+def decode(tensors: dict, metadata: dict[str, str]) -> dict[str, np.ndarray]:
+    """The tensors and metadata of a masks file (format 1 or 2) -> {name: float32 0/1 array}."""
     if "masks" not in metadata:
         return _decode_format1(tensors, metadata)
     coding = file_coding(metadata)
@@ -201,7 +202,7 @@ def decode(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[s
     layout = _layout(metadata)
     if set(tensors) != {BLOB}:
         raise MaskCodingError(f"expected one tensor '{BLOB}', found {sorted(tensors)[:3]}")
-    blob = tensors[BLOB].cpu().numpy().tobytes()
+    blob = np.asarray(tensors[BLOB], dtype=np.uint8).tobytes()
     if len(blob) < DIGEST_BYTES:
         raise MaskCodingError(f"coded masks of {len(blob)} bytes, shorter than their digest (corrupted file)")
     digest, payload = blob[:DIGEST_BYTES], blob[DIGEST_BYTES:]
@@ -222,13 +223,25 @@ def decode(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[s
         found = _as_rows(values, shape).sum(axis=1)
         if not np.array_equal(found, np.broadcast_to(np.asarray(ones), found.shape)):
             raise MaskCodingError(f"mask '{name}' decodes to {found.tolist()} ones, the file says {ones}")
-        out[name] = torch.from_numpy(values.astype(np.float32)).reshape(shape)
+        out[name] = values.astype(np.float32).reshape(shape)
     return out
 
 
-def _decode_format1(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, torch.Tensor]:
+def _decode_format1(tensors: dict, metadata: dict[str, str]) -> dict[str, np.ndarray]:
     try:
         shapes = json.loads(metadata.get("shapes", "{}"))
         return {name: unpack_bits(tensors[name], tuple(shapes[name])) for name in tensors}
     except (KeyError, ValueError, TypeError) as error:
         raise MaskCodingError(f"mask shapes missing or wrong ({error})") from None
+
+
+def read_file(path) -> dict[str, np.ndarray]:
+    """A masks file (either format) -> {name: float32 0/1 array}, read as numpy (no torch); MaskCodingError
+    (one line) for a file that is not one. storage.read_masks reads checkpoints for the models."""
+    try:
+        with safe_open(str(path), framework="np") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise MaskCodingError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
+    return decode(tensors, metadata)

@@ -210,12 +210,3 @@ def invalidate_all(model: nn.Module) -> None:
 def density(masks: torch.Tensor) -> float:
     """Fraction of ones."""
     return float(masks.float().mean())
-
-
-def pairwise_hamming(masks: torch.Tensor) -> torch.Tensor:
-    """[L, *shape] binary masks -> [L, L] fraction of entries where two masks differ."""
-    flat = masks.reshape(masks.shape[0], -1).float()
-    agree_ones = flat @ flat.T
-    ones = flat.sum(dim=1)
-    differ = ones[:, None] + ones[None, :] - 2 * agree_ones
-    return differ / flat.shape[1]

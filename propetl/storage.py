@@ -45,7 +45,8 @@ FORMAT_VERSION = 3
 READABLE_FORMATS = (1, 2, 3)
 SEALED_FORMAT = 3                     # from this format on, every checkpoint folder carries a manifest
 STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-CONFIG_FILE, MASKS_FILE, HEAD_FILE = "propetl.json", "masks.safetensors", "head.safetensors"
+MASKS_FILE = mask_coding.MASKS_FILE
+CONFIG_FILE, HEAD_FILE = "propetl.json", "head.safetensors"
 DENSE_FILE = {"propetl": "prototype.safetensors", "petl": "petl.safetensors", "finetune": "backbone.safetensors",
               "peft": "peft.safetensors"}
 
@@ -86,7 +87,7 @@ def stored_dense_tensors(model: nn.Module, method: str, head_names: set[str]) ->
 
 def stored_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     weights = methods.petl_weights(model)
-    return {} if weights is None else weights.binary_masks()
+    return {} if weights is None else {name: m.cpu() for name, m in weights.binary_masks().items()}
 
 
 def backbone_params(model: nn.Module, head_names: set[str]) -> int:
@@ -231,14 +232,14 @@ def checkpoint_config(cfg) -> dict:
 def save_masks(masks: dict[str, torch.Tensor], path: Path, cfg) -> None:
     """0/1 masks -> one safetensors file, coded as cfg.storage.mask_coding says (mask_coding.encode)."""
     tensors, metadata = mask_coding.encode(masks, cfg.storage.mask_coding)
-    save_file(tensors, str(path), metadata=metadata)
+    save_file({name: torch.from_numpy(t) for name, t in tensors.items()}, str(path), metadata=metadata)
 
 
 def read_masks(path: Path) -> dict[str, torch.Tensor]:
     """A masks file of either format -> {name: 0/1 float tensor}; a corrupted one gives a one-line error."""
     tensors, metadata = read_safetensors(path)
     try:
-        return mask_coding.decode(tensors, metadata)
+        return {name: torch.from_numpy(m) for name, m in mask_coding.decode(tensors, metadata).items()}
     except mask_coding.MaskCodingError as error:
         raise CheckpointError(f"{path}: {error}") from None
 
@@ -461,8 +462,8 @@ def multitask_mask_files(model: nn.Module, task_names: list[str]) -> list[dict[s
     """The masks of each masks file of a multi-task checkpoint: the layer masks, then each task's ([1, *shape])."""
     task_masks, layer_masks = _split_task_layer(methods.petl_weights(model).mask_stores())
     with torch.no_grad():
-        layers = {n: m() for n, m in layer_masks.items()}
-        tasks = {n: m() for n, m in task_masks.items()}
+        layers = {n: m().cpu() for n, m in layer_masks.items()}
+        tasks = {n: m().cpu() for n, m in task_masks.items()}
     files = [layers] if layers else []
     if tasks:
         files += [{n: m[i:i + 1] for n, m in tasks.items()} for i in range(len(task_names))]

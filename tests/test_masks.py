@@ -71,12 +71,6 @@ def test_load_binary_reproduces_mask_exactly():
         layer_masks.load_binary(torch.ones(3, 4, 6))
 
 
-def test_hamming_distance():
-    a = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
-    distances = masks.pairwise_hamming(a)
-    assert distances.tolist() == [[0.0, 0.5, 0.0], [0.5, 0.0, 0.5], [0.0, 0.5, 0.0]]
-
-
 # ----------------------------------------------------------------------------- tasks x layers (multi-task)
 
 def test_combine_truth_tables():

@@ -6,11 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from propetl import mask_coding, report
+from propetl.report.plots import pairwise_hamming
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,7 +90,7 @@ def test_comparison_gives_propetl_minus_petl(tmp_path):
 
 def test_hamming_heat_map_from_bit_packed_masks(tmp_path):
     layer_masks = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 0]], dtype=torch.float32)
-    save_file({"proto.w": mask_coding.pack_bits(layer_masks)}, str(tmp_path / "masks.safetensors"),
+    save_file({"proto.w": torch.from_numpy(mask_coding.pack_bits(layer_masks))}, str(tmp_path / "masks.safetensors"),
               metadata={"shapes": json.dumps({"proto.w": [3, 4]})})
     distance = report.layer_mask_hamming(tmp_path)
     assert distance.tolist() == [[0.0, 0.5, 0.0], [0.5, 0.0, 0.5], [0.0, 0.5, 0.0]]
@@ -149,7 +151,7 @@ def test_collect_results_keeps_metrics_and_mask_bits_only(tmp_path):
     (source / "unfinished").mkdir()
     (source / "unfinished" / "train.log").write_text("cut off")
     (run / "checkpoint").mkdir()
-    save_file({"proto.w": mask_coding.pack_bits(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))}, str(run / "checkpoint" / "masks.safetensors"),
+    save_file({"proto.w": torch.from_numpy(mask_coding.pack_bits(torch.tensor([[1.0, 0.0], [0.0, 1.0]])))}, str(run / "checkpoint" / "masks.safetensors"),
               metadata={"shapes": json.dumps({"proto.w": [2, 2]})})
     for name, size in (("propetl.json", 10), ("prototype.safetensors", 5000), ("head.safetensors", 5000)):
         (run / "checkpoint" / name).write_bytes(b"x" * size)
@@ -322,3 +324,15 @@ def test_experiment_from_the_composed_config(tmp_path):
     (folder / ".hydra").mkdir()
     (folder / ".hydra" / "config.yaml").write_text("reproduce:\n  experiment: sparsity_sweep\n  profile: cpu\n")
     assert report.load_runs([tmp_path])[0]["experiment"] == "sparsity_sweep"
+
+
+def test_hamming_distance():
+    a = np.array([[1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    assert pairwise_hamming(a).tolist() == [[0.0, 0.5, 0.0], [0.5, 0.0, 0.5], [0.0, 0.5, 0.0]]
+
+
+def test_reports_import_neither_torch_nor_transformers():
+    """make tables runs where torch is not installed: the report package reads masks as numpy."""
+    code = "import sys, propetl.report; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,0 +1,73 @@
+"""Experiment reports: every run's metrics.json -> one CSV, Table-1-shaped markdown, paired statistics, plots.
+
+Runs are grouped into table rows by (model, method, prototype, mask kind, mask sparsity); each cell
+is the mean ± sample std over seeds of the task's test numbers (x100), as in the paper's Table 1.
+Table 1 holds the runs of the `table1` experiment (and multi-task runs); the sparsity sweep and the
+mask ablation get their own sections, pooled with table1's ProPETL runs (the sweep point at a
+prototype's default sparsity and the ablation's learned point ARE table1's runs): one run per
+(model, task, method, prototype, mask kind, mask sparsity, seed), table1's copy preferred.
+Comparisons (ProPETL − PETL, HF PEFT LoRA − our LoRA, learned − random/none masks) are paired by
+seed, with a 95% t-interval over seeds. Used by `scripts/make_tables.py` (`make tables`).
+
+runs.py collects the runs (and holds the names, titles and paper numbers the rest share), stats.py pairs them,
+tables.py writes markdown and CSV, plots.py draws; `build` here writes them all. No torch or transformers:
+masks are read as numpy (mask_coding.read_file).
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from propetl.files import atomic_write_text
+from propetl.mask_coding import MASKS_FILE
+from propetl.report.plots import (
+    layer_mask_hamming, plot_mask_ablation, plot_mask_hamming, plot_metric_vs_storage, plot_sparsity_sweep
+)
+from propetl.report.runs import (
+    PROTOTYPE_TITLES, TABLE1, TASK_TITLES, distinct_runs, find_metrics, load_runs, mask_kind, single_task_runs, summarise,
+    table1_runs, trivial_runs
+)
+from propetl.report.stats import paired_comparisons, paired_interval
+from propetl.report.tables import coding_table, comparison_table, markdown_table, paired_csv, report_markdown, runs_csv
+
+__all__ = ["build", "coding_table", "comparison_table", "distinct_runs", "find_metrics", "layer_mask_hamming",
+           "load_runs", "markdown_table", "paired_comparisons", "paired_interval", "plot_mask_hamming", "summarise"]
+
+PLOT_FILES = ("metric_vs_storage.png", "sparsity_sweep.png", "mask_ablation.png", "mask_hamming.png")
+
+
+def build(roots: Iterable[Path], out_dir: Path, title: str = "") -> dict[str, Path]:
+    """Collect the runs under `roots` and write runs.csv, table.md, paired.csv, rows.json and the plots into `out_dir`."""
+    roots = list(roots)
+    found = load_runs(roots)
+    if not found:
+        raise ValueError(f"no metrics.json under {', '.join(map(str, roots))}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = distinct_runs(found)
+    table_runs, pooled = table1_runs(runs), single_task_runs(runs)
+    rows = summarise(table_runs + trivial_runs(table_runs))
+    comparisons = paired_comparisons(table_runs, pooled)
+    written = {}
+    for stale in PLOT_FILES:                    # a plot not drawn this time must not linger from an older build
+        (out_dir / stale).unlink(missing_ok=True)
+    for key, name, text in (("csv", "runs.csv", runs_csv(found, out_dir)),
+                            ("table", "table.md", report_markdown(found, runs, rows, comparisons, title)),
+                            ("paired", "paired.csv", paired_csv(comparisons)),
+                            ("rows", "rows.json", json.dumps(rows, indent=1))):
+        atomic_write_text(out_dir / name, text)
+        written[key] = out_dir / name
+    for key, plot in (("metric_vs_storage", plot_metric_vs_storage(rows, out_dir / "metric_vs_storage.png")),
+                      ("sparsity_sweep", plot_sparsity_sweep(pooled, out_dir / "sparsity_sweep.png")),
+                      ("mask_ablation", plot_mask_ablation(pooled, out_dir / "mask_ablation.png"))):
+        if plot:
+            written[key] = plot
+    learned = [r for r in pooled if r["method"] == "propetl" and mask_kind(r) == "learned"
+               and (Path(r["path"]).parent / "checkpoint" / MASKS_FILE).exists()]
+    if learned:
+        run = sorted(learned, key=lambda r: (r.get("experiment") != TABLE1, r["task"], str(r["prototype"]), r["seed"]))[0]
+        written["mask_hamming"] = plot_mask_hamming(
+            Path(run["path"]).parent / "checkpoint", out_dir / "mask_hamming.png",
+            f"{TASK_TITLES[run['task']]} · ProPETL-{PROTOTYPE_TITLES.get(run['prototype'])} · seed {run['seed']}: layer masks, Hamming")
+    return written

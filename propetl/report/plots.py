@@ -1,0 +1,202 @@
+"""Plots (matplotlib, Agg): metric vs storage, the sparsity sweep, the mask ablation, layer-mask Hamming distances."""
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from propetl import mask_coding
+from propetl.metrics import GLUE_NUMBERS
+from propetl.report.runs import (
+    MASK_KINDS, PAPER_MODEL, PAPER_PROPETL_ROWS, PAPER_STORAGE_PERCENT, PROTOTYPE_TITLES, TASK_TITLES, cell_stats,
+    group_runs, run_score, trivial_runs
+)
+from propetl.report.stats import mask_ablation, sparsity_sweep
+from propetl.report.tables import model_prefix, sparsity_text
+
+# ----------------------------------------------------------------------------- plots
+
+PROTOTYPE_COLOURS = {"adapter": "tab:blue", "lora": "tab:orange", "prefix": "tab:green"}
+METHOD_MARKERS = {"finetune": "^", "petl": "s", "peft": "D", "propetl": "o", "petl-multitask": "<", "propetl-multitask": "v"}
+
+
+def _colour(method: str, prototype) -> str:
+    return "black" if method == "finetune" else PROTOTYPE_COLOURS.get(prototype, "tab:purple")
+
+
+def _n_text(ns: Iterable[int]) -> str:
+    ns = sorted(set(ns))
+    return str(ns[0]) if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _task_axes(tasks: list[str], height: float):
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.4 * len(tasks), height), squeeze=False)
+    return fig, dict(zip(tasks, axes[0]))
+
+
+def _trivial_line(ax, trivial: dict | None) -> None:
+    """The trivial baseline (a pseudo-run of trivial_runs) as a grey dashed line."""
+    if trivial and (score := run_score(trivial)) is not None:
+        ax.axhline(score, ls="--", lw=1, color="grey", label=f"trivial baseline ({trivial['rule'].split(' (')[0]})")
+
+
+def _points(ax, cells: dict[float, dict], colour: str, label: str, **style) -> None:
+    """Means ± std at x (cells: x -> cell_stats), n in the legend; each point's n beside it when n varies."""
+    ns = [c["n"] for c in cells.values()]
+    ax.errorbar(list(cells), [c["mean"] for c in cells.values()], yerr=[c["std"] for c in cells.values()], capsize=3,
+                color=colour, label=f"{label} (n={_n_text(ns)})", **style)
+    if len(set(ns)) > 1:
+        for x, c in cells.items():
+            ax.annotate(f"n={c['n']}", (x, c["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=6, color=colour)
+
+
+def _finish(ax, task: str, xlabel: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"{TASK_TITLES.get(task, task)} GLUE score (x100, mean ± std)")
+    ax.set_title(TASK_TITLES.get(task, task))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2)
+
+
+def plot_metric_vs_storage(rows: list[dict], path: Path) -> Path | None:
+    """Per task: the GLUE score x100 (mean ± std over seeds, n in the legend) against the % of the
+    backbone stored per task (log x); a colour per prototype, a marker per method; the trivial baseline
+    as a dashed line; the paper's ProPETL points (RoBERTa-base) as hollow stars."""
+    tasks = [t for t in GLUE_NUMBERS if any(row["scores"].get(t) and not row.get("computed") for row in rows)]
+    if not tasks:
+        return None
+    fig, axes = _task_axes(tasks, 6.0)
+    titles = {title: prototype for prototype, title in PROTOTYPE_TITLES.items()}
+    for task, ax in axes.items():
+        for row in rows:
+            score = row["scores"].get(task)
+            if not score or row["percent_storage"] is None or row.get("computed"):
+                continue
+            ax.errorbar(row["percent_storage"], score["mean"], yerr=score["std"], capsize=3, ls="none",
+                        marker=METHOD_MARKERS.get(row["method"], "x"), color=_colour(row["method"], row["prototype"]),
+                        mfc="none" if row["method"] == "propetl" and " (" in row["label"] else None,
+                        label=f"{row['label']} (n={score['n']})")
+        for row in rows:
+            if row.get("computed") and row["scores"].get(task):
+                ax.axhline(row["scores"][task]["mean"], ls="--", lw=1, color="grey",
+                           label=f"trivial baseline ({row['rules'][task].split(' (')[0]})")
+        for label, paper in PAPER_PROPETL_ROWS.items():
+            if task in paper:
+                ax.plot(PAPER_STORAGE_PERCENT, statistics.fmean(paper[task]), ls="none", marker="*", ms=12, mfc="none",
+                        color=PROTOTYPE_COLOURS.get(titles.get(label.split("-", 1)[1]), "grey"),
+                        label=f"{label} (paper, {PAPER_MODEL})")
+        ax.set_xscale("log")
+        _finish(ax, task, "% of the backbone stored per task (without head, log)")
+    return _save(fig, path)
+
+
+def plot_sparsity_sweep(runs: list[dict], path: Path) -> Path | None:
+    """Per task: ProPETL's GLUE score (mean ± std over seeds) against mask sparsity, one line per prototype,
+    plain PETL of that prototype (mean over seeds) a dashed line of the same colour, n in the legend, the
+    trivial baseline grey. Give it the pooled runs; None without a sweep."""
+    series = sparsity_sweep(runs)
+    if not series:
+        return None
+    plain = group_runs(runs, lambda r: r["method"] == "petl", ("model", "task", "prototype"))
+    trivial = {r["task"]: r for r in trivial_runs(runs)}
+    models = {key[0] for key in series}
+    fig, axes = _task_axes([t for t in GLUE_NUMBERS if any(key[1] == t for key in series)], 5.2)
+    for (model, task, prototype), points in series.items():
+        ax, colour, title = axes[task], PROTOTYPE_COLOURS.get(prototype, "tab:purple"), PROTOTYPE_TITLES.get(prototype, prototype)
+        cells = {x: cell for x, members in points.items() if x is not None and (cell := cell_stats(run_score(r) for r in members))}
+        _points(ax, cells, colour, f"{model_prefix(model, models)}ProPETL-{title}", marker="o")
+        if reference := cell_stats(run_score(r) for r in plain.get((model, task, prototype), ())):
+            ax.axhline(reference["mean"], ls="--", lw=1.2, color=colour,
+                       label=f"{model_prefix(model, models)}{title}, plain PETL mean (n={reference['n']})")
+    for task, ax in axes.items():
+        _trivial_line(ax, trivial.get(task))
+        _finish(ax, task, "mask sparsity (fraction of zeros)")
+    return _save(fig, path)
+
+
+def plot_mask_ablation(runs: list[dict], path: Path) -> Path | None:
+    """Per task: ProPETL's GLUE score (mean ± std over seeds) with learned, random and no masks at the same
+    sparsity, a colour per prototype, n in the legend. Give it the pooled runs; None without an ablation."""
+    cells = mask_ablation(runs)
+    if not cells:
+        return None
+    trivial = {r["task"]: r for r in trivial_runs(runs)}
+    models = {key[0] for key in cells}
+    fig, axes = _task_axes([t for t in GLUE_NUMBERS if any(key[1] == t for key in cells)], 5.2)
+    for task, ax in axes.items():
+        keys = [key for key in cells if key[1] == task]
+        for i, (model, _, prototype, sparsity) in enumerate(keys):
+            kinds = cells[(model, task, prototype, sparsity)]
+            points = {x + 0.1 * (i - (len(keys) - 1) / 2): cell for x, kind in enumerate(MASK_KINDS)
+                      if (cell := cell_stats(run_score(r) for r in kinds.get(kind, ())))}
+            _points(ax, points, PROTOTYPE_COLOURS.get(prototype, "tab:purple"), f"{model_prefix(model, models)}ProPETL-"
+                    f"{PROTOTYPE_TITLES.get(prototype, prototype)}, s={sparsity_text(sparsity)}", fmt="o")
+        ax.set_xticks(range(len(MASK_KINDS)), [f"{kind} masks" if kind != "none" else "no masks" for kind in MASK_KINDS])
+        ax.set_xlim(-0.5, len(MASK_KINDS) - 0.5)
+        _trivial_line(ax, trivial.get(task))
+        _finish(ax, task, "masks over the prototype")
+    return _save(fig, path)
+
+
+def layer_masks(checkpoint_dir: Path) -> np.ndarray:
+    """[L, entries] 0/1: every mask tensor of a checkpoint decoded (either mask coding), one row per layer."""
+    decoded = mask_coding.read_file(Path(checkpoint_dir) / mask_coding.MASKS_FILE)
+    return np.concatenate([decoded[name].reshape(decoded[name].shape[0], -1) for name in sorted(decoded)], axis=1)
+
+
+def pairwise_hamming(masks: np.ndarray) -> np.ndarray:
+    """[L, *shape] binary masks -> [L, L] fraction of entries where two masks differ."""
+    flat = np.asarray(masks, dtype=np.float64).reshape(len(masks), -1)
+    ones = flat.sum(axis=1)
+    return (ones[:, None] + ones[None, :] - 2 * flat @ flat.T) / flat.shape[1]
+
+
+def layer_mask_hamming(checkpoint_dir: Path) -> np.ndarray:
+    """[L, L] fraction of mask entries where two layers differ, over every mask tensor of a checkpoint."""
+    return pairwise_hamming(layer_masks(checkpoint_dir))
+
+
+def plot_mask_hamming(checkpoint_dir: Path, path: Path, title: str = "") -> Path:
+    """Heat map of the pairwise Hamming distance between the layers' learned masks of one run, with the
+    distance two independent random masks of the same density d would have, 2·d·(1−d), marked in red on
+    the colour bar and given in the title."""
+    flat = layer_masks(checkpoint_dir)
+    distance = pairwise_hamming(flat)
+    density = float(flat.mean())
+    independent = 2 * density * (1 - density)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.2, 4.8))
+    image = ax.imshow(distance, cmap="viridis", vmin=0, vmax=max(float(distance.max()), independent * 1.05) or 1.0)
+    for i in range(distance.shape[0]):
+        for j in range(distance.shape[1]):
+            ax.text(j, i, f"{distance[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("layer")
+    ax.set_title((title or "Hamming distance between layer masks") + f"\nred: independent random masks of density "
+                 f"d={density:.3f}, 2d(1−d)={independent:.3f}", fontsize=8)
+    bar = fig.colorbar(image, ax=ax, fraction=0.046)
+    bar.ax.axhline(independent, color="red", lw=2)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=120)
+    _pyplot().close(fig)
+    tmp.replace(path)
+    return path
+
+

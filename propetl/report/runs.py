@@ -1,0 +1,306 @@
+"""Collecting runs: every metrics.json under some folders -> one record per run, grouped into Table-1 rows.
+
+The names, titles and paper numbers the tables and plots share live here too."""
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import yaml
+
+from propetl.metrics import GLUE_NUMBERS, glue_average, task_score
+
+TASK_TITLES = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC acc/F1", "qqp": "QQP acc/F1", "stsb": "STS-B P/S",
+               "mnli": "MNLI", "qnli": "QNLI", "rte": "RTE"}
+PROTOTYPE_TITLES = {"adapter": "Adapter", "lora": "LoRA", "prefix": "Prefix"}
+
+# The paper's ProPETL rows (RoBERTa-base, Table 1 as reproduced by the authors' README; x100).
+PAPER_PROPETL_ROWS = {
+    "ProPETL-Adapter": {"cola": [65.43], "sst2": [94.15], "mrpc": [88.24, 91.41], "qqp": [89.40, 86.04],
+                        "stsb": [91.34, 90.95], "mnli": [86.53], "qnli": [92.58], "rte": [76.50], "avg": 86.6},
+    "ProPETL-LoRA": {"cola": [61.81], "sst2": [94.00], "mrpc": [87.42, 91.00], "qqp": [88.85, 85.22],
+                     "stsb": [90.48, 90.47], "mnli": [85.73], "qnli": [91.05], "rte": [63.79], "avg": 84.53},
+    "ProPETL-Prefix": {"cola": [62.16], "sst2": [93.62], "mrpc": [88.73, 91.80], "qqp": [87.59, 83.71],
+                       "stsb": [90.92, 90.83], "mnli": [85.30], "qnli": [91.75], "rte": [72.66], "avg": 85.37},
+}
+
+PAPER_MODEL = "RoBERTa-base"
+PAPER_STORAGE_PERCENT = 0.11            # the paper's ProPETL storage, % of the backbone (and ≈ its ratio to PETL)
+
+RUN_FIELDS = ("task", "model", "method", "prototype", "mask_kind", "mask_sparsity", "seed", "protocol",
+              "best_epoch", "epochs_run", "steps", "glue_score", "train_seconds", "wall_seconds", "world_size")
+STORAGE_FIELDS = ("trainable_params", "stored_params", "mask_entries", "storage_bytes", "file_bytes",
+                  "storage_percent_of_backbone", "storage_ratio_to_plain_petl", "backbone_params")
+# Storage as written (storage.coding_figures, storage.file_figures): masks per coding, dense tensors in storage.dtype.
+CODING_FIELDS = ("dtype", "mask_coding", "file_mask_bits_per_entry", "mask_bits_per_entry/bits", "mask_bits_per_entry/entropy",
+                 "mask_bits_per_entry_bound", "file_ratio_to_plain_petl", "storage_ratio_to_plain_petl/bits",
+                 "storage_ratio_to_plain_petl/entropy", "storage_ratio_to_plain_petl/bound")
+STORAGE_FIELDS += CODING_FIELDS
+
+# The overlays of conf/experiment/. The sweep and the ablation are not Table 1: their points at table1's
+# settings (the prototype's default sparsity, learned masks) are table1's runs, pooled in.
+TABLE1 = "table1"
+POOLED_EXPERIMENTS = ("sparsity_sweep", "ablation_masks")
+EXPERIMENTS = (TABLE1, "multitask", *POOLED_EXPERIMENTS)
+IDENTITY = ("model", "task", "method", "prototype", "mask_kind", "mask_sparsity", "seed")
+TRIVIAL_LABEL = "Trivial baseline (majority / mean)"
+ROW_ORDER = [TRIVIAL_LABEL, "Fine-tune"] + [label for title in PROTOTYPE_TITLES.values()
+                                            for label in (title, f"{title} (HF PEFT)", f"ProPETL-{title}")]
+MASK_KINDS = ("learned", "random", "none")
+
+
+# ----------------------------------------------------------------------------- collecting
+
+def find_metrics(roots: Iterable[Path]) -> list[Path]:
+    """Every metrics.json under the given folders (or the files themselves), sorted."""
+    found: set[Path] = set()
+    for root in map(Path, roots):
+        if root.is_file():
+            found.add(root)
+        elif root.is_dir():
+            found.update(p for p in root.rglob("metrics.json") if not any(part.startswith(".") for part in p.parts[-3:-1]))
+    return sorted(found)
+
+
+def load_runs(roots: Iterable[Path]) -> list[dict]:
+    """One dict per finished run: its identity, experiment, test metrics, trivial baseline and storage figures."""
+    runs = []
+    for path in find_metrics(roots):
+        try:
+            metrics = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"cannot read {path}: {error}") from None
+        experiment = run_experiment(metrics, path)
+        if metrics.get("mode") == "multitask":
+            runs.extend(_multitask_runs(metrics, path, experiment))
+            continue
+        if "test" not in metrics or "task" not in metrics:
+            raise ValueError(f"{path} is not a propetl metrics.json (no 'task' or 'test')")
+        run = {key: metrics.get(key) for key in RUN_FIELDS}
+        run.update(test=dict(metrics["test"]), storage=dict(metrics.get("storage", {})), trivial=metrics.get("trivial"),
+                   experiment=experiment, path=str(path))
+        runs.append(run)
+    return runs
+
+
+def run_experiment(metrics: dict, path: Path) -> str | None:
+    """The experiment overlay a run belongs to: metrics.json's `experiment`, else the composed config's
+    `reproduce.experiment` (.hydra/config.yaml), else the folder above the run folder when it is named like
+    one (outputs/reproduce/<profile>/<experiment>/<run>/, results/<profile>/runs/<experiment>/<run>/)."""
+    if metrics.get("experiment"):
+        return str(metrics["experiment"])
+    config = path.parent / ".hydra" / "config.yaml"
+    try:
+        composed = yaml.safe_load(config.read_text()) if config.is_file() else None
+    except (OSError, yaml.YAMLError):
+        composed = None
+    reproduce = composed.get("reproduce") if isinstance(composed, dict) else None
+    if isinstance(reproduce, dict) and reproduce.get("experiment"):
+        return str(reproduce["experiment"])
+    folder = path.parent.parent.name
+    return folder if folder in EXPERIMENTS else None
+
+
+def _multitask_runs(metrics: dict, path: Path, experiment: str | None) -> list[dict]:
+    """A multi-task run as one row per task, its storage the amortised per-task figures."""
+    s = metrics.get("storage", {})
+    storage = {"storage_bytes": s.get("amortised_bytes_per_task"), "storage_ratio_to_plain_petl": s.get("amortised_ratio_to_plain_petl"),
+               "storage_percent_of_backbone": s.get("amortised_percent_of_backbone"), "backbone_params": s.get("backbone_params")}
+    out = []
+    for task, result in metrics["per_task"].items():
+        run = {key: metrics.get(key) for key in RUN_FIELDS}
+        run.update(task=task, method=f"{metrics['method']}-multitask", test=dict(result["test"]), storage=dict(storage),
+                   glue_score=result.get("glue_score"), trivial=result.get("trivial"), experiment=experiment, path=str(path))
+        out.append(run)
+    return out
+
+
+def run_identity(run: dict) -> tuple:
+    return tuple(run.get(key) for key in IDENTITY)
+
+
+def distinct_runs(runs: list[dict]) -> list[dict]:
+    """One run per (model, task, method, prototype, mask kind, mask sparsity, seed): a configuration found
+    twice (a sweep repeating a table1 run, two roots holding the same run) counts once: table1's copy,
+    else one of no known experiment, else the sweep's or the ablation's (first path)."""
+    def preference(run: dict) -> tuple:
+        experiment = run.get("experiment")
+        return 0 if experiment == TABLE1 else 2 if experiment in POOLED_EXPERIMENTS else 1, run["path"]
+
+    chosen: dict[tuple, dict] = {}
+    for run in sorted(runs, key=preference):
+        chosen.setdefault(run_identity(run), run)
+    return [run for run in runs if chosen[run_identity(run)] is run]
+
+
+def table1_runs(runs: list[dict]) -> list[dict]:
+    """The runs of Table 1: every run but the sparsity sweep's and the mask ablation's."""
+    return [run for run in runs if run.get("experiment") not in POOLED_EXPERIMENTS]
+
+
+def single_task_runs(runs: list[dict]) -> list[dict]:
+    """The runs the sweep, the ablation and the paired comparisons pool: every single-task run."""
+    return [run for run in runs if not run["method"].endswith("-multitask")]
+
+
+def trivial_runs(runs: list[dict]) -> list[dict]:
+    """Per task, the computed trivial baseline (metrics.json `trivial`: the train split's majority class or
+    mean score answered for every example of the same test split) as one pseudo-run: never trained."""
+    found: dict[str, list[dict]] = defaultdict(list)
+    for run in runs:
+        if (run.get("trivial") or {}).get("test"):
+            found[run["task"]].append(run)
+    out = []
+    for task in sorted(found, key=_task_rank):
+        first, versions = found[task][0], {json.dumps(r["trivial"]["test"], sort_keys=True) for r in found[task]}
+        rule = str(first["trivial"].get("rule", ""))
+        if len(versions) > 1:
+            rule += f"; differs between this task's runs ({len(versions)} versions), the first shown"
+        out.append({**dict.fromkeys(RUN_FIELDS), "task": task, "model": first["model"], "method": "trivial",
+                    "test": dict(first["trivial"]["test"]), "glue_score": first["trivial"].get("glue_score"),
+                    "storage": {}, "trivial": None, "experiment": None, "computed": True, "rule": rule,
+                    "path": first["path"]})
+    return out
+
+
+def run_score(run: dict) -> float | None:
+    """A run's GLUE score x100: metrics.json `glue_score` (the mean of the task's numbers in the paper's
+    average; STS-B: Pearson and Spearman), else that mean from its test metrics."""
+    if run.get("glue_score") is not None:
+        return 100.0 * run["glue_score"]
+    names = GLUE_NUMBERS.get(run["task"], ())
+    return 100.0 * task_score(run["task"], run["test"]) if names and all(n in run["test"] for n in names) else None
+
+
+def run_metric(run: dict, metric: str) -> float | None:
+    """x100: `glue_score` (run_score) or one test metric."""
+    if metric == "glue_score":
+        return run_score(run)
+    return 100.0 * run["test"][metric] if metric in run["test"] else None
+
+
+def cell_stats(values: Iterable) -> dict | None:
+    """mean, sample std (0 for one value) and n of the values that are not None."""
+    values = [float(v) for v in values if v is not None]
+    if not values:
+        return None
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def mask_kind(run: dict) -> str:
+    return run.get("mask_kind") or "learned"
+
+
+def _task_rank(task: str) -> int:
+    return list(GLUE_NUMBERS).index(task) if task in GLUE_NUMBERS else len(GLUE_NUMBERS)
+
+
+def key_order(key: tuple) -> tuple:
+    """Sort key of (model, task, prototype[, sparsity]) tuples: GLUE task order, then prototype order."""
+    model, task, prototype, *rest = key
+    prototypes = list(PROTOTYPE_TITLES)
+    return (str(model), _task_rank(task), prototypes.index(prototype) if prototype in prototypes else len(prototypes),
+            str(prototype), *(-1.0 if v is None else v for v in rest))
+
+
+def group_runs(runs: Iterable[dict], keep: Callable[[dict], bool], fields: tuple) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for run in runs:
+        if keep(run):
+            groups[tuple(run.get(field) for field in fields)].append(run)
+    return dict(sorted(groups.items(), key=lambda item: key_order(item[0])))
+
+
+def row_label(run: dict) -> str:
+    """The table row a run belongs to, e.g. 'ProPETL-LoRA', 'LoRA', 'LoRA (HF PEFT)', 'Fine-tune',
+    'ProPETL-LoRA (random, s=0.5)', the trivial baseline."""
+    method, prototype = run["method"], run.get("prototype")
+    title = PROTOTYPE_TITLES.get(prototype, str(prototype))
+    if method.endswith("-multitask"):
+        label = f"{'ProPETL' if method.startswith('propetl') else 'PETL'}-{title} (multi-task)"
+    elif method == "trivial":
+        label = TRIVIAL_LABEL
+    elif method == "finetune":
+        label = "Fine-tune"
+    elif method == "petl":
+        label = title
+    elif method == "peft":
+        label = f"{title} (HF PEFT)"
+    else:
+        label = f"ProPETL-{title}"
+        extras = [] if run.get("mask_kind") in (None, "learned") else [str(run["mask_kind"])]
+        if run.get("_sparsity_varies"):
+            extras.append(f"s={run['mask_sparsity']:g}")
+        if extras:
+            label += f" ({', '.join(extras)})"
+    if run.get("_model_varies"):
+        label = f"{run['model']}: {label}"
+    return label
+
+
+def _row_order(label: str) -> tuple:
+    model, _, base = label.rpartition(": ")
+    head, _, extras = (base, "", "") if base in ROW_ORDER else base.partition(" (")
+    kind_rank = 2 if "none" in extras else 1 if "random" in extras else 0      # learned masks first
+    return model, ROW_ORDER.index(head) if head in ROW_ORDER else len(ROW_ORDER), kind_rank, extras
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    """Table rows: per task the mean/std/n over seeds of each GLUE number and of the GLUE score, the
+    average, storage. A computed pseudo-run (the trivial baseline) counts in no `runs`."""
+    models = {r["model"] for r in runs}
+    sparsities = {(r["prototype"], r["mask_kind"], r["mask_sparsity"]) for r in runs if r["method"] == "propetl"}
+    by_prototype = defaultdict(set)
+    for prototype, kind, sparsity in sparsities:
+        by_prototype[(prototype, kind)].add(sparsity)
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for run in runs:
+        run = dict(run, _model_varies=len(models) > 1,
+                   _sparsity_varies=len(by_prototype.get((run["prototype"], run["mask_kind"]), ())) > 1)
+        groups[row_label(run)].append(run)
+    rows = []
+    for label in sorted(groups, key=_row_order):
+        members = groups[label]
+        tasks: dict[str, dict] = {}
+        scores: dict[str, dict] = {}
+        for task in [t for t in GLUE_NUMBERS if any(r["task"] == t for r in members)]:
+            task_runs = [r for r in members if r["task"] == task]
+            tasks[task] = {name: cell_stats(100.0 * r["test"][name] for r in task_runs if name in r["test"])
+                           for name in GLUE_NUMBERS[task]}
+            scores[task] = cell_stats(run_score(r) for r in task_runs)
+        means = {t: {n: c["mean"] / 100.0 for n, c in cells.items() if c} for t, cells in tasks.items()}
+        numbers = sum(len(m) for m in means.values())
+        storage = [r["storage"] for r in members if r["storage"]]
+        computed = all(r.get("computed") for r in members)
+        rows.append({
+            "label": label,
+            "method": members[0]["method"],
+            "prototype": members[0].get("prototype"),
+            "tasks": tasks,
+            "scores": scores,
+            "average": 100.0 * glue_average(means) if numbers else None,
+            "average_numbers": numbers,
+            "seeds": sorted({r["seed"] for r in members if r["seed"] is not None}),
+            "runs": sum(not r.get("computed") for r in members),
+            "computed": computed,
+            **({"rules": {r["task"]: r.get("rule") for r in members}} if computed else {}),
+            "percent_params": mean_or_none(100.0 * s["trainable_params"] / s["backbone_params"] for s in storage
+                                    if s.get("backbone_params") and "trainable_params" in s),
+            "percent_storage": mean_or_none(s.get("storage_percent_of_backbone") for s in storage),
+            "storage_bytes": mean_or_none(s.get("storage_bytes") for s in storage),
+            "file_bytes": mean_or_none(s.get("file_bytes") for s in storage),
+            "ratio_to_plain_petl": mean_or_none(s.get("storage_ratio_to_plain_petl") for s in storage),
+            "train_seconds": mean_or_none(r.get("train_seconds") for r in members),
+            "epochs": mean_or_none(r.get("epochs_run") for r in members),
+        })
+    return rows
+
+
+def mean_or_none(values: Iterable) -> float | None:
+    values = [float(v) for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+

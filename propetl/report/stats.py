@@ -1,0 +1,92 @@
+"""Paired statistics: ProPETL − PETL, PEFT − ours, learned − random/none masks, paired by seed (95% t-interval)."""
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+
+from scipy import stats as scipy_stats
+
+from propetl.metrics import GLUE_NUMBERS
+from propetl.report.runs import PROTOTYPE_TITLES, group_runs, key_order, mask_kind, run_metric, single_task_runs
+
+# ----------------------------------------------------------------------------- sweep, ablation, paired statistics
+
+def sparsity_sweep(runs: list[dict]) -> dict[tuple, dict[float, list[dict]]]:
+    """(model, task, prototype) -> {mask sparsity: its ProPETL runs with learned masks}, where more than one
+    sparsity was run. Give it the pooled runs (table1's ProPETL runs are the default-sparsity points)."""
+    series: dict[tuple, dict] = {}
+    keep = lambda r: r["method"] == "propetl" and mask_kind(r) == "learned"          # noqa: E731
+    for (model, task, prototype, sparsity), members in group_runs(runs, keep, ("model", "task", "prototype", "mask_sparsity")).items():
+        series.setdefault((model, task, prototype), {})[sparsity] = members
+    return {key: points for key, points in series.items() if len(points) > 1}
+
+
+def mask_ablation(runs: list[dict]) -> dict[tuple, dict[str, list[dict]]]:
+    """(model, task, prototype, mask sparsity) where random or no masks were run -> {learned|random|none:
+    ProPETL runs}. Give it the pooled runs (the learned point is table1's run at that sparsity)."""
+    cells: dict[tuple, dict] = defaultdict(dict)
+    keep = lambda r: r["method"] == "propetl"                                      # noqa: E731
+    for (*key, kind), members in group_runs(runs, keep, ("model", "task", "prototype", "mask_sparsity", "mask_kind")).items():
+        cells[tuple(key)][kind or "learned"] = members
+    return {key: kinds for key, kinds in cells.items() if "random" in kinds or "none" in kinds}
+
+
+def paired_interval(differences: list[float], confidence: float = 0.95) -> dict:
+    """The mean of paired differences and its t-interval over the n pairs (seeds):
+    mean ± t_{(1+confidence)/2, n−1} · sd / √n, sd the sample standard deviation of the differences.
+    n < 2: the mean only; sd, t, the interval and `excludes_zero` are None."""
+    n = len(differences)
+    out = {"n": n, "mean_diff": statistics.fmean(differences) if n else None, "sd_diff": None, "t_crit": None,
+           "half_width": None, "ci_low": None, "ci_high": None, "excludes_zero": None}
+    if n >= 2:
+        sd = statistics.stdev(differences)
+        t = float(scipy_stats.t.ppf((1 + confidence) / 2, n - 1))
+        half = t * sd / math.sqrt(n)
+        low, high = out["mean_diff"] - half, out["mean_diff"] + half
+        out.update(sd_diff=sd, t_crit=t, half_width=half, ci_low=low, ci_high=high, excludes_zero=low > 0 or high < 0)
+    return out
+
+
+def paired_by_seed(a_runs: list[dict], b_runs: list[dict], metric: str = "glue_score") -> dict:
+    """A − B (x100) paired by seed over the seeds both sides have: paired_interval, the seeds, both means."""
+    a = {r["seed"]: v for r in a_runs if (v := run_metric(r, metric)) is not None}
+    b = {r["seed"]: v for r in b_runs if (v := run_metric(r, metric)) is not None}
+    seeds = sorted(set(a) & set(b))
+    return {**paired_interval([a[s] - b[s] for s in seeds]), "seeds": seeds,
+            "mean_a": statistics.fmean(a[s] for s in seeds) if seeds else None,
+            "mean_b": statistics.fmean(b[s] for s in seeds) if seeds else None}
+
+
+def paired_comparisons(table_runs: list[dict], pooled_runs: list[dict]) -> list[dict]:
+    """Every paired comparison, one dict per (comparison, model, task, prototype, sparsity, metric), the
+    metric the GLUE score and, for tasks of two numbers, each of them:
+      ProPETL − PETL             Table 1's ProPETL runs (learned masks) against plain PETL, same prototype;
+      <P> (HF PEFT) − <P>        HF PEFT's implementation (method peft) against ours (method petl);
+      learned − random / none    the mask ablation at its sparsity, the learned runs pooled from table1."""
+    single = single_task_runs(table_runs)
+    plain = group_runs(single, lambda r: r["method"] == "petl", ("model", "task", "prototype"))
+    specs = []
+    pro = group_runs(single, lambda r: r["method"] == "propetl" and mask_kind(r) == "learned",
+                 ("model", "task", "prototype", "mask_sparsity"))
+    for (model, task, prototype, sparsity), runs in pro.items():
+        specs.append((0, "ProPETL − PETL", (model, task, prototype, sparsity), runs, plain.get((model, task, prototype))))
+    for key, runs in group_runs(single, lambda r: r["method"] == "peft", ("model", "task", "prototype")).items():
+        title = PROTOTYPE_TITLES.get(key[2], str(key[2]))
+        specs.append((1, f"{title} (HF PEFT) − {title}", (*key, None), runs, plain.get(key)))
+    for key, kinds in mask_ablation(single_task_runs(pooled_runs)).items():
+        for rank, other in enumerate(("random", "none"), start=2):
+            specs.append((rank, f"learned − {other}", key, kinds.get("learned"), kinds.get(other)))
+    out = []
+    for _, name, (model, task, prototype, sparsity), a, b in sorted(specs, key=lambda s: (s[0], key_order(s[2]))):
+        if not a or not b:
+            continue
+        numbers = GLUE_NUMBERS.get(task, ())
+        for metric in ("glue_score", *(numbers if len(numbers) > 1 else ())):
+            result = paired_by_seed(a, b, metric)
+            if result["n"]:
+                out.append({"comparison": name, "model": model, "task": task, "prototype": prototype,
+                            "mask_sparsity": sparsity, "metric": metric, **result})
+    return out
+
+

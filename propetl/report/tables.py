@@ -1,0 +1,256 @@
+"""Tables: Table-1-shaped markdown, the sweep, the ablation, storage by coding, and the CSVs."""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+from propetl.metrics import GLUE_NUMBERS
+from propetl.report.runs import (
+    CODING_FIELDS, MASK_KINDS, PAPER_MODEL, PAPER_PROPETL_ROWS, PAPER_STORAGE_PERCENT, PROTOTYPE_TITLES, RUN_FIELDS,
+    STORAGE_FIELDS, TASK_TITLES, cell_stats, group_runs, mean_or_none, run_score, single_task_runs
+)
+from propetl.report.stats import mask_ablation, sparsity_sweep
+
+# ----------------------------------------------------------------------------- tables
+
+def _cell(cells: dict | None) -> str:
+    if not cells:
+        return "–"
+    parts = []
+    for cell in cells.values():
+        if cell is None:
+            parts.append("–")
+        elif cell["n"] > 1:
+            parts.append(f"{cell['mean']:.2f}±{cell['std']:.2f}")
+        else:
+            parts.append(f"{cell['mean']:.2f}")
+    return "/".join(parts)
+
+
+def _score_cell(runs: Iterable[dict] | None) -> str:
+    """GLUE score x100 of some runs: 'mean±std (n=3)'."""
+    cell = cell_stats(run_score(r) for r in runs or ())
+    return "–" if cell is None else f"{cell['mean']:.2f}±{cell['std']:.2f} (n={cell['n']})"
+
+
+def _bytes(value: float | None) -> str:
+    if value is None:
+        return "–"
+    for unit, size in (("MB", 1e6), ("kB", 1e3)):
+        if value >= size:
+            return f"{value / size:.1f} {unit}"
+    return f"{value:.0f} B"
+
+
+def _number(value: float | None, fmt: str) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+
+
+def sparsity_text(value) -> str:
+    return "–" if value is None else f"{value:g}"
+
+
+def model_prefix(model, models: set) -> str:
+    return f"{model}: " if len(models) > 1 else ""
+
+
+def markdown_table(rows: list[dict], with_paper: bool = True) -> str:
+    """Table 1 shape: one row per method, one column per task present, the average and storage."""
+    tasks = [t for t in GLUE_NUMBERS if any(t in row["tasks"] for row in rows)]
+    header = ["Method", "% params", "% storage", "bytes/task", "ratio to PETL"] + [TASK_TITLES[t] for t in tasks] + ["Avg", "runs"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        average = _number(row["average"], ".2f")
+        if row["average"] is not None and row["average_numbers"] != 11:
+            average += f" ({row['average_numbers']} of 11)"
+        size = row["file_bytes"] if row["file_bytes"] is not None else row["storage_bytes"]
+        lines.append("| " + " | ".join([
+            row["label"], _number(row["percent_params"], ".3f"), _number(row["percent_storage"], ".3f"), _bytes(size),
+            _number(row["ratio_to_plain_petl"], ".3f"), *[_cell(row["tasks"].get(t)) for t in tasks], average,
+            "computed" if row.get("computed") else str(row["runs"])]) + " |")
+    if with_paper:
+        lines.append(f"| *paper ({PAPER_MODEL})* |  |  |  |  | " + " | ".join("" for _ in tasks) + " |  |  |")
+        for label, paper in PAPER_PROPETL_ROWS.items():
+            cells = ["/".join(f"{v:.2f}" for v in paper[t]) for t in tasks]
+            lines.append(f"| *{label} (paper)* | – | ≈{PAPER_STORAGE_PERCENT} | – | ≈{PAPER_STORAGE_PERCENT} | "
+                         + " | ".join(cells) + f" | {paper['avg']:.2f} (11) | 3 seeds |")
+    return "\n".join(lines) + "\n"
+
+
+def trivial_note(rows: list[dict]) -> str:
+    """The rule of each task's trivial baseline, '' without one."""
+    rules = [f"{TASK_TITLES.get(task, task)}: {rule}" for row in rows if row.get("computed")
+             for task, rule in row["rules"].items()]
+    return ("The trivial baseline is computed from the labels, never trained: it answers every test example "
+            "with the train split's majority class (classification) or mean score (regression; a constant has "
+            "no correlation, so Pearson/Spearman are 0) — " + "; ".join(rules) + ".\n") if rules else ""
+
+
+def comparison_table(rows: list[dict]) -> str:
+    """ProPETL against plain PETL of the same prototype: per task, the difference of the mean test
+    numbers in points (ProPETL − PETL), and the storage ratio. A ProPETL row split by sparsity
+    ('ProPETL-LoRA (s=0.5)') is compared too, under 'LoRA (s=0.5)'."""
+    by_label = {row["label"]: row for row in rows}
+    tasks = [t for t in GLUE_NUMBERS if any(t in row["tasks"] for row in rows)]
+    lines = ["| Prototype | " + " | ".join(f"{TASK_TITLES[t]} Δ" for t in tasks) + " | storage ratio |",
+             "|" + "---|" * (len(tasks) + 2)]
+    for pro in rows:
+        model, colon, base = pro["label"].rpartition(": ")
+        match = re.fullmatch(r"ProPETL-(\w+)( \(s=[^)]*\))?", base)
+        plain = by_label.get(f"{model}{colon}{match[1]}") if match else None
+        if not plain:
+            continue
+        deltas = []
+        for task in tasks:
+            a, b = plain["tasks"].get(task), pro["tasks"].get(task)
+            if not a or not b:
+                deltas.append("–")
+                continue
+            deltas.append("/".join(f"{b[n]['mean'] - a[n]['mean']:+.2f}" if a.get(n) and b.get(n) else "–" for n in a))
+        lines.append(f"| {pro['label'].replace('ProPETL-', '', 1)} | " + " | ".join(deltas)
+                     + f" | {_number(pro['ratio_to_plain_petl'], '.3f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def _excludes_zero(value: bool | None) -> str:
+    return "n/a" if value is None else "yes" if value else "no"
+
+
+def paired_table(comparisons: list[dict]) -> str:
+    """The paired comparisons as markdown: mean difference, t half-width, 95% interval, excludes 0."""
+    models = {c["model"] for c in comparisons}
+    lines = ["| Comparison (A − B) | Task | Prototype | s | Metric | n | seeds | A | B | mean Δ | ± t·sd/√n | 95% CI | excludes 0 |",
+             "|" + "---|" * 13]
+    for c in comparisons:
+        interval = "n/a" if c["ci_low"] is None else f"[{c['ci_low']:+.2f}, {c['ci_high']:+.2f}]"
+        lines.append("| " + " | ".join([
+            c["comparison"], model_prefix(c["model"], models) + TASK_TITLES.get(c["task"], c["task"]),
+            PROTOTYPE_TITLES.get(c["prototype"], str(c["prototype"])), sparsity_text(c["mask_sparsity"]),
+            "GLUE score" if c["metric"] == "glue_score" else c["metric"], str(c["n"]), " ".join(map(str, c["seeds"])),
+            f"{c['mean_a']:.2f}", f"{c['mean_b']:.2f}", f"{c['mean_diff']:+.2f}",
+            "n/a" if c["half_width"] is None else f"{c['half_width']:.2f}", interval, _excludes_zero(c["excludes_zero"])]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+PAIRED_FIELDS = ("comparison", "model", "task", "prototype", "mask_sparsity", "metric", "n", "seeds", "mean_a",
+                 "mean_b", "mean_diff", "sd_diff", "t_crit", "half_width", "ci_low", "ci_high", "excludes_zero")
+
+
+def paired_csv(comparisons: list[dict]) -> str:
+    """paired.csv: the numbers of paired_table (x100), seeds space-separated, excludes_zero yes/no/n/a."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(PAIRED_FIELDS)
+    for c in comparisons:
+        writer.writerow([" ".join(map(str, c["seeds"])) if k == "seeds" else _excludes_zero(c[k]) if k == "excludes_zero"
+                         else c[k] for k in PAIRED_FIELDS])
+    return out.getvalue()
+
+
+def sweep_table(runs: list[dict]) -> str:
+    """The sparsity sweep (pooled runs): per task and prototype the GLUE score at each sparsity, and plain
+    PETL of the same prototype; '' without a sweep."""
+    series = sparsity_sweep(runs)
+    if not series:
+        return ""
+    plain = group_runs(runs, lambda r: r["method"] == "petl", ("model", "task", "prototype"))
+    models = {key[0] for key in series}
+    sparsities = sorted({s for points in series.values() for s in points if s is not None})
+    lines = ["| Task | Prototype | " + " | ".join(f"s={s:g}" for s in sparsities) + " | plain PETL |",
+             "|" + "---|" * (len(sparsities) + 3)]
+    for (model, task, prototype), points in series.items():
+        lines.append(f"| {model_prefix(model, models)}{TASK_TITLES.get(task, task)} | ProPETL-{PROTOTYPE_TITLES.get(prototype, prototype)} | "
+                     + " | ".join(_score_cell(points.get(s)) for s in sparsities)
+                     + f" | {_score_cell(plain.get((model, task, prototype)))} |")
+    return "\n".join(lines) + "\n"
+
+
+def ablation_table(runs: list[dict]) -> str:
+    """The mask ablation (pooled runs): learned, random and no masks at the same sparsity; '' without one."""
+    cells = mask_ablation(runs)
+    if not cells:
+        return ""
+    models = {key[0] for key in cells}
+    lines = ["| Task | Prototype | s | learned masks | random masks | no masks |", "|" + "---|" * 6]
+    for (model, task, prototype, sparsity), kinds in cells.items():
+        lines.append(f"| {model_prefix(model, models)}{TASK_TITLES.get(task, task)} | ProPETL-{PROTOTYPE_TITLES.get(prototype, prototype)} "
+                     f"| {sparsity_text(sparsity)} | " + " | ".join(_score_cell(kinds.get(kind)) for kind in MASK_KINDS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def coding_table(runs: list[dict]) -> str:
+    """ProPETL runs that logged storage per mask coding (format 2), one line per (model, prototype, sparsity,
+    dtype, written coding); '' without any."""
+    keep = lambda r: r["method"] == "propetl" and "mask_bits_per_entry_bound" in r["storage"]     # noqa: E731
+    groups = group_runs(runs, keep, ("model", "task", "prototype", "mask_sparsity"))
+    if not groups:
+        return ""
+    models = {key[0] for key in groups}
+    lines = ["| Task | Prototype | s | dtype | written | bits/entry: file | bits | entropy | log2 C(n,k) "
+             "| ratio: files | bits | entropy | log2 C(n,k) | runs |", "|" + "---|" * 14]
+    for (model, task, prototype, sparsity), members in groups.items():
+        for written in sorted({(r["storage"].get("dtype"), r["storage"].get("mask_coding")) for r in members}, key=str):
+            same = [r["storage"] for r in members if (r["storage"].get("dtype"), r["storage"].get("mask_coding")) == written]
+            lines.append(f"| {model_prefix(model, models)}{TASK_TITLES.get(task, task)} | ProPETL-{PROTOTYPE_TITLES.get(prototype, prototype)} "
+                         f"| {sparsity_text(sparsity)} | {written[0]} | {written[1]} | "
+                         + " | ".join(_number(mean_or_none(s.get(k) for s in same), ".4f") for k in CODING_FIELDS[2:])
+                         + f" | {len(same)} |")
+    return "\n".join(lines) + "\n"
+
+
+def report_markdown(found: list[dict], runs: list[dict], rows: list[dict], comparisons: list[dict], title: str = "") -> str:
+    """table.md: Table 1, ProPETL − PETL, the paired statistics, the sparsity sweep and the mask ablation.
+    `found`: every run read; `runs`: one per configuration (distinct_runs)."""
+    pooled = single_task_runs(runs)
+    text = (f"# {title}\n\n" if title else "") + f"{len(found)} runs"
+    if len(found) > len(runs):
+        text += (f" ({len(found) - len(runs)} repeating the (task, method, prototype, mask kind, mask sparsity, seed)"
+                 " of another run, counted once)")
+    text += ". Test numbers x100, mean ± std over seeds.\n\n"
+    text += ("## Table 1\n\nThe table1 experiment's runs (and multi-task runs); the sparsity sweep and the mask ablation "
+             "have their own sections below.\n\n" + markdown_table(rows))
+    text += (f"\n{note}" if (note := trivial_note(rows)) else "")
+    text += "\nProPETL minus plain PETL, difference of the means (points):\n\n" + comparison_table(rows)
+    text += ("\n## Paired differences over seeds\n\nA − B in points (x100), runs paired by seed (only seeds both sides "
+             "have): the mean of the per-seed differences with its 95% paired t-interval over seeds, "
+             "mean ± t(0.975, n−1)·sd/√n, sd the sample std of the differences and n the number of paired seeds. "
+             "'excludes 0' says whether the interval excludes zero; with n < 2 there is no interval (n/a). "
+             "GLUE score: the task's main number (the mean of its numbers in the paper's average, STS-B: of "
+             "Pearson and Spearman). ProPETL − PETL and HF PEFT − ours use Table 1's runs; learned − random/none "
+             "the mask ablation, its learned runs pooled from table1. The same numbers are in paired.csv.\n\n")
+    text += paired_table(comparisons) if comparisons else "No pair of runs with a seed in common.\n"
+    if sweep := sweep_table(pooled):
+        text += ("\n## Sparsity sweep\n\nProPETL with learned masks, GLUE score x100, mean ± std over seeds (n): the "
+                 "sparsity_sweep runs pooled with table1's (the point at each prototype's default sparsity), each "
+                 "configuration and seed counted once.\n\n" + sweep)
+    if coding := coding_table(pooled):
+        text += ("\n## Storage by mask coding\n\nProPETL as written, mean over runs: bits per mask entry of the masks file "
+                 "(header included), of each coding, and the information bound log2 C(n,k) per entry; the ratio to plain "
+                 "PETL (same dtype, head excluded) of the files and of each coding.\n\n" + coding)
+    if ablation := ablation_table(pooled):
+        text += ("\n## Mask ablation\n\nProPETL with learned, fixed random and no (all-ones) masks at the same "
+                 "sparsity, GLUE score x100, mean ± std over seeds (n); the learned runs pooled with table1's.\n\n" + ablation)
+    return text
+
+
+def runs_csv(runs: list[dict], relative_to: Path | None = None) -> str:
+    """Every run on one line: experiment, identity, every test metric, the trivial baseline's GLUE score,
+    the storage figures, where its metrics.json lies (relative to `relative_to`, so a committed CSV names
+    no machine's paths)."""
+    metric_names = sorted({name for run in runs for name in run["test"]})
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["experiment", *RUN_FIELDS, *(f"test_{n}" for n in metric_names), "trivial_glue_score",
+                     *STORAGE_FIELDS, "path"])
+    for run in sorted(runs, key=lambda r: (r["task"], r["method"], str(r["prototype"]), str(r["mask_sparsity"]), r["seed"])):
+        writer.writerow([run.get("experiment")] + [run.get(k) for k in RUN_FIELDS] + [run["test"].get(n) for n in metric_names]
+                        + [(run.get("trivial") or {}).get("glue_score")] + [run["storage"].get(k) for k in STORAGE_FIELDS]
+                        + [os.path.relpath(run["path"], relative_to) if relative_to else run["path"]])
+    return out.getvalue()
+
+
