@@ -6,7 +6,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from propetl.storage import atomic_write_text
+from propetl.files import atomic_write_text
 
 STORAGE_ROWS = (
     ("trainable parameters", "trainable_params", "trainable_params_with_head"),

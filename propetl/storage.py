@@ -39,7 +39,6 @@ from torch import nn
 
 from propetl import mask_coding, methods
 from propetl.files import CheckpointError, check_seal, seal, write_folder_atomically
-from propetl.files import atomic_write_text, recover_folder_swap  # noqa: F401  (re-exported: log, report, scripts)
 
 FORMAT_VERSION = 3
 READABLE_FORMATS = (1, 2, 3)

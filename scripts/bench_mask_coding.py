@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import propetl  # noqa: E402,F401
-from propetl import mask_coding, methods, storage  # noqa: E402
+from propetl import files, mask_coding, methods, storage  # noqa: E402
 from propetl.configs import compose  # noqa: E402
 
 
@@ -74,7 +74,7 @@ def main() -> None:
     if args.json:
         machine = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg(),
                    "repeats": args.repeats, "torch": torch.__version__}
-        storage.atomic_write_text(args.json, json.dumps({**machine, "rows": rows}, indent=1) + "\n")
+        files.atomic_write_text(args.json, json.dumps({**machine, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -126,7 +126,7 @@ def main():
     if args.json:
         from pathlib import Path
 
-        from propetl.storage import atomic_write_text
+        from propetl.files import atomic_write_text
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(args.json), json.dumps({"args": vars(args), "device": str(device),
                                                        "threads": torch.get_num_threads(), "rows": rows}, indent=2))

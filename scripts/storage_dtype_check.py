@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 import propetl  # noqa: E402,F401
-from propetl import mask_coding, storage  # noqa: E402
+from propetl import files, mask_coding, storage  # noqa: E402
 from propetl import model as backbone  # noqa: E402
 from propetl.evaluate import evaluate_checkpoint  # noqa: E402
 
@@ -111,7 +111,7 @@ def main() -> None:
         print(table(result) + "\n", flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        storage.atomic_write_text(args.out, json.dumps({"torch": torch.__version__, "results": results}, indent=1) + "\n")
+        files.atomic_write_text(args.out, json.dumps({"torch": torch.__version__, "results": results}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

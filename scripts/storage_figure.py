@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import propetl  # noqa: E402,F401
-from propetl import mask_coding, methods, storage  # noqa: E402
+from propetl import files, mask_coding, methods, storage  # noqa: E402
 from propetl import model as backbone  # noqa: E402
 from propetl.configs import compose  # noqa: E402
 
@@ -134,7 +134,7 @@ def main() -> None:
     text = markdown(rows, time.perf_counter() - started)
     print(text)
     if args.out != "-":
-        storage.atomic_write_text(Path(args.out), text)
+        files.atomic_write_text(Path(args.out), text)
         print(f"written to {args.out}", file=sys.stderr)
 
 
