@@ -34,7 +34,8 @@ def hydra_entry(cfg: DictConfig) -> float:
 
     from propetl import log, rundir
     from propetl.resume import Interrupted
-    from propetl.train import USER_ERRORS, train
+    from propetl.run import USER_ERRORS
+    from propetl.train import train
 
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     is_main = distributed.from_environment().is_main             # rank 0 owns the run directory

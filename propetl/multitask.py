@@ -20,17 +20,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
-from torch import nn
 from torch.utils.data import DataLoader
-from transformers.modeling_outputs import SequenceClassifierOutput
 
 from propetl import data, log, loop, methods, storage
 from propetl import metrics as glue_metrics
 from propetl import model as backbone
 from propetl.batches import PadCollator, batch_order, token_lengths, tokenise
 from propetl.configs import group_option
+from propetl.run import begin_run, end_run, fit_logged, run_facts
 
 logger = logging.getLogger("propetl")
 
@@ -38,68 +36,6 @@ logger = logging.getLogger("propetl")
 def task_configs(names) -> list[DictConfig]:
     """The task configs of conf/task/<name>.yaml (or a user's, on the run's config search path), in the order given."""
     return [group_option("task", name) for name in names]
-
-
-# ----------------------------------------------------------------------------- model
-
-class TaskHead(nn.Module):
-    """dense + tanh on the first token (BERT's pooler, RoBERTa's head), dropout, classifier [h -> labels]."""
-
-    def __init__(self, hidden: int, num_labels: int, dropout: float, pooler: nn.Linear | None = None):
-        super().__init__()
-        self.dense = nn.Linear(hidden, hidden)
-        if pooler is not None:                       # start from the pre-trained pooler where there is one
-            self.dense.load_state_dict(pooler.state_dict())
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(hidden, num_labels)
-        nn.init.normal_(self.classifier.weight, std=0.02)
-        nn.init.zeros_(self.classifier.bias)
-
-    def forward(self, first_token: torch.Tensor) -> torch.Tensor:      # [B, h] -> [B, labels]
-        return self.classifier(self.dropout(torch.tanh(self.dense(first_token))))
-
-
-class MultiTaskModel(nn.Module):
-    """The frozen encoder with the PETL method inside (one store for all tasks) and one head per task.
-    forward(..., task=[B] task indices, labels) -> SequenceClassifierOutput(loss, logits)."""
-
-    def __init__(self, cfg, task_names: list[str], num_labels: list[int], for_training: bool = True):
-        super().__init__()
-        full = backbone.load_backbone(cfg.model, 2)
-        self.encoder = full.base_model
-        pooler = getattr(self.encoder, "pooler", None)
-        pooler_dense = pooler.dense if pooler is not None else None
-        self.encoder.pooler = None                      # the heads hold their own copies
-        self.config = self.encoder.config
-        dropout = getattr(self.config, "classifier_dropout", None) or self.config.hidden_dropout_prob
-        self.task_names, self.num_labels = list(task_names), list(num_labels)
-        self.heads = nn.ModuleDict({name: TaskHead(self.config.hidden_size, n, dropout, pooler_dense)
-                                    for name, n in zip(task_names, num_labels)})
-        head_names = {n for n, _ in self.named_parameters() if n.startswith("heads.")}
-        methods.attach(self, self.encoder.encoder.layer, cfg, head_names, for_training, num_tasks=len(task_names))
-
-    @property
-    def base_model_prefix(self) -> str:
-        return "encoder"
-
-    def head_names(self, tasks=None) -> set[str]:
-        tasks = self.task_names if tasks is None else tasks
-        return {n for n, _ in self.named_parameters() if any(n.startswith(f"heads.{t}.") for t in tasks)}
-
-    def forward(self, input_ids, attention_mask, task, token_type_ids=None, labels=None):
-        index = int(task[0])
-        weights = methods.petl_weights(self)
-        if weights is not None:
-            weights.active_task = index
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
-        logits = self.heads[self.task_names[index]](hidden[:, 0])
-        loss = None
-        if labels is not None:
-            if self.num_labels[index] == 1:
-                loss = F.mse_loss(logits.squeeze(-1), labels.float())
-            else:
-                loss = F.cross_entropy(logits, labels)
-        return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
 # ----------------------------------------------------------------------------- batches
@@ -152,7 +88,7 @@ class MultiTaskBatches:
 
 # ----------------------------------------------------------------------------- the run
 
-def _freeze_for_new_tasks(model: MultiTaskModel, base_tasks: list[str]) -> None:
+def _freeze_for_new_tasks(model: backbone.MultiTaskModel, base_tasks: list[str]) -> None:
     """Adding tasks: the prototype, the layer masks and the old tasks' heads stay as trained. (The old
     tasks' rows of the task-mask scores get no gradient: their batches are not drawn.)"""
     weights = methods.petl_weights(model)
@@ -168,8 +104,6 @@ def _freeze_for_new_tasks(model: MultiTaskModel, base_tasks: list[str]) -> None:
 
 def train_multitask(cfg: DictConfig, output_dir: Path) -> dict:
     """One multi-task run: every task's data -> one model -> fit on the mean selection score -> per-task test."""
-    from propetl.train import begin_run, end_run, fit_logged, run_facts
-
     finished, ctx, checkpointer, device = begin_run(cfg, output_dir)
     if finished is not None:
         return finished
@@ -208,7 +142,7 @@ def train_multitask(cfg: DictConfig, output_dir: Path) -> dict:
         _freeze_for_new_tasks(model, base_tasks)
         model.train()
     else:
-        model = MultiTaskModel(cfg, task_names, [int(t.num_labels) for t in task_cfgs])
+        model = backbone.MultiTaskModel(cfg, task_names, [int(t.num_labels) for t in task_cfgs])
     model = model.to(device)
     head_names = model.head_names()
     backbone_params = storage.backbone_params(model, head_names)

@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from propetl import mask_coding, methods
+from propetl import model as backbone
 from propetl.files import CheckpointError, check_seal, seal, write_folder_atomically
 
 FORMAT_VERSION = 3
@@ -348,15 +349,13 @@ def check_names(config: dict, path: Path) -> None:
 
 def load_checkpoint(directory: Path) -> tuple[nn.Module, "OmegaConf"]:
     """Rebuild the trained model from a checkpoint folder. Returns (model in eval mode, its config)."""
-    from propetl import model as model_module  # late import: model imports methods, storage must stay light
-
     directory = Path(directory)
     cfg = OmegaConf.create(read_checkpoint_config(directory))
     method = cfg.method.name
     if method == "peft" and (missing := methods.peft_missing()):
         raise CheckpointError(f"{directory}: {missing}")
-    model = model_module.build(cfg, int(cfg.task.num_labels), for_training=False)
-    load_weights(model, cfg, model_module.head_parameter_names(model), directory)
+    model = backbone.build(cfg, int(cfg.task.num_labels), for_training=False)
+    load_weights(model, cfg, backbone.head_parameter_names(model), directory)
     return model.eval(), cfg
 
 
@@ -514,7 +513,6 @@ def load_multitask(directory: Path, tasks: list[str] | None = None, cfg=None, ex
     """Rebuild a multi-task model from `shared/` and the named tasks' folders (default: all). With
     `cfg`, its settings must match the checkpoint's; `extra_tasks` (task configs) get fresh masks and
     heads (adding tasks). Returns (model in eval mode, the checkpoint's config)."""
-    from propetl.multitask import MultiTaskModel     # late import: multitask imports storage
 
     directory = Path(directory)
     saved = read_multitask_config(directory)
@@ -528,7 +526,7 @@ def load_multitask(directory: Path, tasks: list[str] | None = None, cfg=None, ex
         if name not in saved["tasks"] or not (directory / TASKS_DIR / name).is_dir():
             raise CheckpointError(f"{directory} has no task {name!r}; it has: {', '.join(saved['tasks'])}")
     extra = [t.name for t in extra_tasks]
-    model = MultiTaskModel(OmegaConf.create(saved), names + extra,
+    model = backbone.MultiTaskModel(OmegaConf.create(saved), names + extra,
                            [saved["num_labels"][n] for n in names] + [int(t.num_labels) for t in extra_tasks], for_training)
     weights = methods.petl_weights(model)
     shared = directory / SHARED_DIR

@@ -1,112 +1,27 @@
 """One training run, `train(cfg, output_dir)`, which reads top to bottom like a recipe (propetl-train's
-command line and Hydra entry: propetl/cli.py)."""
+command line and Hydra entry: propetl/cli.py; what every run does first and last: propetl/run.py)."""
 from __future__ import annotations
 
 import logging
-import platform
-import random
-import time
 from pathlib import Path
 
-import numpy as np
-import torch
 from omegaconf import DictConfig
 
 import propetl  # noqa: F401  (registers the config resolvers)
-from propetl import data, distributed, log, loop, rundir, storage
+from propetl import data, log, loop, storage
 from propetl import metrics as glue_metrics
 from propetl import model as backbone
 from propetl.batches import make_loader
-from propetl.files import WriteError
-from propetl.cli import main  # noqa: F401  (an install made before propetl/cli.py existed calls propetl.train:main)
-from propetl.resume import Checkpointer
-from propetl.validate import ConfigError, validate
+from propetl.multitask import train_multitask
+from propetl.run import begin_run, end_run, fit_logged, run_facts
 
 logger = logging.getLogger("propetl")
-USER_ERRORS = (ConfigError, data.DataError, backbone.ModelError, storage.CheckpointError, rundir.RunDirectoryError,
-               loop.Diverged, WriteError)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={name} but no CUDA device is available; allowed here: auto, cpu")
-    return torch.device(name)
-
-
-def begin_run(cfg: DictConfig, output_dir: Path):
-    """What every run does first: validate, find a finished run or a checkpoint (either must be of this
-    config), record the config, seed, pick the device.
-    Returns (finished metrics or None, distributed context, checkpointer, device)."""
-    validate(cfg)
-    ctx = distributed.from_environment()        # torchrun / accelerate launch: several processes, one run
-    checkpointer = Checkpointer(output_dir, cfg, cfg.trainer.save_steps, writes=ctx.is_main)
-    if cfg.trainer.resume is False:
-        checkpointer.discard()
-        if ctx.is_main:                          # starting over: the old results go with the old record
-            (output_dir / rundir.METRICS_FILE).unlink(missing_ok=True)
-    elif (finished := rundir.finished_run(output_dir, cfg)) is not None:
-        logger.info("%s is finished (metrics.json exists): skipped; trainer.resume=false runs it again", output_dir)
-        return finished, ctx, checkpointer, None
-    elif checkpointer.exists():
-        checkpointer.check_fingerprint()
-    elif cfg.trainer.resume is True:
-        raise ConfigError(f"trainer.resume=true but {checkpointer.directory} holds no checkpoint; "
-                          f"point hydra.run.dir at the run to continue, or use trainer.resume=auto")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.seed)
-    if cfg.trainer.threads:
-        torch.set_num_threads(cfg.trainer.threads)
-    device = distributed.device_for(ctx, pick_device(cfg.trainer.device))
-    distributed.init(ctx, device)
-    if cfg.trainer.precision == "fp16" and device.type != "cuda":
-        raise ConfigError(f"trainer.precision=fp16 needs a CUDA device (device is {device}); allowed here: fp32, bf16")
-    if ctx.is_main:                              # only now: a finished or another config's run is left as it was
-        rundir.write_record(output_dir, cfg, rundir.command_overrides())
-    return None, ctx, checkpointer, device
-
-
-def run_facts(cfg, result, started: float, device, ctx) -> dict:
-    """The metrics.json fields every run has: progress, timings, machine."""
-    return {
-        "best_epoch": result.best_epoch, "epochs_run": len(result.history), "steps": result.steps,
-        "history": result.history, "train_seconds": result.train_seconds, "wall_seconds": time.perf_counter() - started,
-        "train_tokens": result.tokens_seen, "train_examples": result.examples_seen,
-        "device": str(device), "torch_threads": torch.get_num_threads(), "host": platform.node(),
-        "world_size": ctx.world_size,
-    }
-
-
-def fit_logged(cfg, output_dir: Path, model, train_batches, select, head_names: set[str], device, checkpointer, ctx):
-    """Start (or continue) the run's W&B run, fit, and put the best epoch's weights back in the model.
-    Returns (W&B run, FitResult, start time)."""
-    run = log.start_wandb(cfg, output_dir, run_id=checkpointer.saved_extra().get("wandb_id"), enabled=ctx.is_main)
-    checkpointer.extra["wandb_id"] = run.id
-    started = time.perf_counter()
-    result = loop.fit(model, train_batches, select, cfg, head_names, device,
-                      log_fn=lambda record: run.log(record, step=record["step"]), checkpointer=checkpointer, ctx=ctx)
-    loop.load_trainable_state(model, result.best_state)
-    return run, result, started
-
-
-def end_run(ctx) -> None:
-    """Every process meets here once rank 0 has written its files; then the process group closes."""
-    distributed.barrier(ctx)
-    distributed.shutdown(ctx)
 
 
 def train(cfg: DictConfig, output_dir: Path) -> dict:
     """One run: data -> model + method -> fit (best epoch on the selection split) -> test -> save -> report."""
     output_dir = Path(output_dir)
     if cfg.get("mode") == "multitask":
-        from propetl.multitask import train_multitask
         return train_multitask(cfg, output_dir)
     finished, ctx, checkpointer, device = begin_run(cfg, output_dir)
     if finished is not None:
@@ -170,5 +85,6 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
     return metrics
 
 
-if __name__ == "__main__":         # python -m propetl.train: the same command as propetl-train
+if __name__ == "__main__":         # python -m propetl.train (torchrun, accelerate launch): the same command as propetl-train
+    from propetl.cli import main
     main()

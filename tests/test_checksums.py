@@ -19,7 +19,7 @@ from propetl import data, files, log, loop, rundir, storage
 from propetl import model as backbone
 from propetl.cli import check_output_folder
 from propetl.configs import ConfigError
-from propetl.multitask import MultiTaskModel
+from propetl.model import MultiTaskModel
 from propetl.resume import Checkpointer
 from propetl.validate import validate
 from test_cli import ENV, SCRIPT
@@ -302,7 +302,7 @@ def test_an_unwritable_run_folder_is_one_line(tmp_path, monkeypatch):
 
 
 def test_a_write_refused_mid_run_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch):
-    from propetl.train import USER_ERRORS
+    from propetl.run import USER_ERRORS
 
     def refuse(*args):
         raise PermissionError(13, "Permission denied")
