@@ -11,7 +11,7 @@
 Built on the runner's own code, not beside it: a ProPETLConfig becomes the runner's config (the groups
 conf/prototype/<prototype>.yaml, conf/method/propetl.yaml, conf/mask/default.yaml and the trainer's lr
 keys, with the given values over their defaults), `methods.attach` wraps the model as `propetl-train`
-does, `loop.parameter_groups` makes the groups, and storage.py writes and reads the checkpoints.
+does, `loop.parameter_groups` makes the groups, and checkpoint.py writes and reads the checkpoints.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from propetl import loop, methods, storage
+from propetl import checkpoint, loop, methods
 from propetl.model import encoder_layers, head_parameter_names
 from propetl.configs import CONF_DIR
 from propetl.validate import ConfigError, check_resolves, validate_learning_rates, validate_method
@@ -166,7 +166,7 @@ class ProPETLModel(nn.Module):
 
     def save_propetl(self, directory) -> Path:
         """Write the prototype, the masks and the head (not the backbone) to `directory`, atomically."""
-        return storage.save_checkpoint(self.model, self.runner_config, self.head_names, Path(directory))
+        return checkpoint.save_checkpoint(self.model, self.runner_config, self.head_names, Path(directory))
 
     def merge_and_unload(self) -> nn.Module:
         """LoRA: fold every layer's masked update into W_q / W_v and return the plain transformers model."""
@@ -197,10 +197,10 @@ def load_propetl(model: nn.Module, directory) -> ProPETLModel:
     Prefix models load in their inference form (the stored prefix table, no re-parameterisation MLP)."""
     check_supported(model)
     directory = Path(directory)
-    saved = OmegaConf.create(storage.read_checkpoint_config(directory))
+    saved = OmegaConf.create(checkpoint.read_checkpoint_config(directory))
     if saved.method.name not in LOADABLE_METHODS:
         raise ConfigError(f"{directory}: method={saved.method.name} is not loaded by load_propetl; it loads: "
-                          f"{', '.join(LOADABLE_METHODS)} (storage.load_checkpoint loads the rest)")
+                          f"{', '.join(LOADABLE_METHODS)} (checkpoint.load_checkpoint loads the rest)")
     ours = {"model.hidden_size": model.config.hidden_size, "model.num_layers": model.config.num_hidden_layers,
             "task.num_labels": model.config.num_labels}
     for key, value in ours.items():
@@ -208,5 +208,5 @@ def load_propetl(model: nn.Module, directory) -> ProPETLModel:
             raise ConfigError(f"{directory} was saved for {key}={OmegaConf.select(saved, key)}, this model has {value}")
     cfg = OmegaConf.merge(saved, {"trainer": trainer_defaults()})
     wrapped = attach(model, checked(cfg), for_training=False)
-    storage.load_weights(model, cfg, wrapped.head_names, directory)
+    checkpoint.load_weights(model, cfg, wrapped.head_names, directory)
     return wrapped.eval()

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 PRIMARY_CONFIG = "train"        # conf/train.yaml: what propetl-train composes
@@ -83,3 +83,9 @@ def group_option(group: str, name: str, search_path: Sequence[str] | None = None
     search_path = run_search_path() if search_path is None else search_path
     require_option(group, name, search_path)
     return compose([f"+{group}={name}"], search_path, config_name=None)[group]
+
+
+def plain_value(cfg, key: str):
+    """cfg's value at a dotted key as plain python (containers resolved): for comparing configs."""
+    value = OmegaConf.select(cfg, key)
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from propetl import data, loop, methods, storage
+from propetl import checkpoint, data, loop, methods
 from propetl import model as backbone
 from propetl.batches import make_loader
 from propetl.configs import ConfigError, group_option
@@ -23,7 +23,7 @@ from propetl.configs import ConfigError, group_option
 
 def evaluate_checkpoint(directory, split: str = "test", merge: bool = True, data_dir=None,
                         batch_size: int = 256, device: str = "cpu") -> dict:
-    model, saved = storage.load_checkpoint(directory)
+    model, saved = checkpoint.load_checkpoint(directory)
     if merge and saved.method.name != "finetune":
         methods.merge(model, backbone.encoder_layers(model), saved.prototype.name)
     task = group_option("task", saved.task.name, search_path=())
@@ -48,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
     try:
         result = evaluate_checkpoint(args.checkpoint, args.split, args.merge, args.data_dir, args.batch_size, args.device)
-    except (storage.CheckpointError, data.DataError, backbone.ModelError, ConfigError) as error:
+    except (checkpoint.CheckpointError, data.DataError, backbone.ModelError, ConfigError) as error:
         print(f"propetl-eval: error: {error}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(result, indent=2))

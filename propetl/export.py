@@ -87,26 +87,26 @@ def write_peft(model, cfg, folder: Path) -> None:
     adapted.save_pretrained(folder)
 
 
-def export(checkpoint, out, output_format: str, overwrite: bool = False) -> Path:
-    """Write `checkpoint` (a run's checkpoint/ folder) as `output_format` into `out`; ExportError when it cannot."""
-    from propetl import methods, storage
+def export(checkpoint_dir, out, output_format: str, overwrite: bool = False) -> Path:
+    """Write `checkpoint_dir` (a run's checkpoint/ folder) as `output_format` into `out`; ExportError when it cannot."""
+    from propetl import checkpoint, files, methods
 
-    checkpoint, out = Path(checkpoint), Path(out)
+    checkpoint_dir, out = Path(checkpoint_dir), Path(out)
     if output_format not in FORMATS:
         raise ExportError(f"--format {output_format} is invalid; allowed: {', '.join(FORMATS)}")
-    if (checkpoint / storage.SHARED_DIR).is_dir():
-        raise ExportError(f"{checkpoint} is a multi-task checkpoint; propetl-export takes a single-task run's checkpoint/")
-    config = storage.read_checkpoint_config(checkpoint)
+    if (checkpoint_dir / checkpoint.SHARED_DIR).is_dir():
+        raise ExportError(f"{checkpoint_dir} is a multi-task checkpoint; propetl-export takes a single-task run's checkpoint/")
+    config = checkpoint.read_checkpoint_config(checkpoint_dir)
     reason = refusal(config, output_format)
     if reason:
-        raise ExportError(f"{checkpoint}: {reason}; nothing written")
+        raise ExportError(f"{checkpoint_dir}: {reason}; nothing written")
     if output_format == "peft" and (missing := methods.peft_missing()):
         raise ExportError(missing.replace("method=peft", "--format peft"))
     if out.exists() and not overwrite:
         raise ExportError(f"{out} exists; choose another OUT or pass --overwrite")
-    model, cfg = storage.load_checkpoint(checkpoint)
+    model, cfg = checkpoint.load_checkpoint(checkpoint_dir)
     write = {"hf": write_hf, "peft": write_peft}[output_format]
-    return storage.write_folder_atomically(out, lambda folder: write(model, cfg, folder))
+    return files.write_folder_atomically(out, lambda folder: write(model, cfg, folder))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,7 +17,7 @@ STORAGE_ROWS = (
     ("% of backbone", "storage_percent_of_backbone", "storage_percent_of_backbone_with_head"),
     ("ratio to plain PETL", "storage_ratio_to_plain_petl", "storage_ratio_to_plain_petl_with_head"),
 )
-# As written (storage.coding_figures / file_figures): dense tensors in storage.dtype, masks in each coding.
+# As written (accounting.coding_figures / checkpoint.file_figures): dense tensors in storage.dtype, masks in each coding.
 CODING_ROWS = (
     ("mask bits/entry, file", "file_mask_bits_per_entry"),
     ("mask bits/entry, bits", "mask_bits_per_entry/bits"),

@@ -1,5 +1,5 @@
 """Mask coding: how a checkpoint's 0/1 masks become bytes and back. All mask coding logic lives here
-(storage.py writes and reads the files; this module says what is in them).
+(checkpoint.py writes and reads the files; this module says what is in them).
 
 A stored mask tensor is [count, *shape]: its first dimension counts the masks (one per layer, or per task);
 a tensor of one or no dimension is one mask. A mask of n entries with exactly k ones carries
@@ -28,7 +28,7 @@ Format 1 (metadata `shapes`, no `masks`): one uint8 tensor per name, bit-packed 
 metadata's `shapes`; still read.
 
 numpy only, no torch: masks come in as anything numpy reads (numpy arrays, CPU tensors) and go out as numpy
-arrays, so the reports read checkpoints without importing torch; storage.py converts at its boundary.
+arrays, so the reports read checkpoints without importing torch; checkpoint.py converts at its boundary.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ import math
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-MASKS_FILE = "masks.safetensors"                # a checkpoint's masks file (storage.py names the others)
+MASKS_FILE = "masks.safetensors"                # a checkpoint's masks file (checkpoint.py names the others)
 CODINGS = ("bits", "entropy")
 BLOB = "masks"
 DIGEST_BYTES = 32
@@ -237,7 +237,7 @@ def _decode_format1(tensors: dict, metadata: dict[str, str]) -> dict[str, np.nda
 
 def read_file(path) -> dict[str, np.ndarray]:
     """A masks file (either format) -> {name: float32 0/1 array}, read as numpy (no torch); MaskCodingError
-    (one line) for a file that is not one. storage.read_masks reads checkpoints for the models."""
+    (one line) for a file that is not one. checkpoint.read_masks reads checkpoints for the models."""
     try:
         with safe_open(str(path), framework="np") as f:
             metadata = f.metadata() or {}

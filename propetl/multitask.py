@@ -9,7 +9,7 @@ propetl/masks.py). Each step trains on one task's batch, the task drawn with p_i
 selection split; the best epoch is the one with the best mean of the tasks' scores, then each task is
 scored on its test split. The checkpoint keeps the shared part once and each task's part (its mask
 bits and head) in a folder of its own, so one task can be loaded or shipped alone
-(storage.save_multitask / load_multitask). With multitask.base_checkpoint a new task is added to a
+(checkpoint.save_multitask / load_multitask). With multitask.base_checkpoint a new task is added to a
 trained model: only its mask and head train, against the frozen prototype and layer masks.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from propetl import data, log, loop, methods, storage
+from propetl import accounting, checkpoint, data, log, loop, methods
 from propetl import metrics as glue_metrics
 from propetl import model as backbone
 from propetl.batches import PadCollator, batch_order, token_lengths, tokenise
@@ -108,10 +108,10 @@ def train_multitask(cfg: DictConfig, output_dir: Path) -> dict:
     if finished is not None:
         return finished
     base_dir = cfg.multitask.base_checkpoint
-    base_tasks = storage.read_multitask_config(Path(base_dir))["tasks"] if base_dir else []
+    base_tasks = checkpoint.read_multitask_config(Path(base_dir))["tasks"] if base_dir else []
     new_tasks = [t for t in cfg.tasks if t not in base_tasks]
     if base_dir and not new_tasks:
-        raise storage.CheckpointError(f"tasks={list(cfg.tasks)} are all in {base_dir} already; name a new task")
+        raise checkpoint.CheckpointError(f"tasks={list(cfg.tasks)} are all in {base_dir} already; name a new task")
     task_names = [*base_tasks, *new_tasks]
     task_cfgs = task_configs(task_names)
     by_name = dict(zip(task_names, task_cfgs))
@@ -137,7 +137,7 @@ def train_multitask(cfg: DictConfig, output_dir: Path) -> dict:
 
     # 2. model: one encoder + method for all tasks, a head per task (base tasks loaded and frozen)
     if base_dir:
-        model, _ = storage.load_multitask(Path(base_dir), cfg=cfg, extra_tasks=task_configs(new_tasks),
+        model, _ = checkpoint.load_multitask(Path(base_dir), cfg=cfg, extra_tasks=task_configs(new_tasks),
                                           for_training=False)
         _freeze_for_new_tasks(model, base_tasks)
         model.train()
@@ -145,7 +145,7 @@ def train_multitask(cfg: DictConfig, output_dir: Path) -> dict:
         model = backbone.MultiTaskModel(cfg, task_names, [int(t.num_labels) for t in task_cfgs])
     model = model.to(device)
     head_names = model.head_names()
-    backbone_params = storage.backbone_params(model, head_names)
+    backbone_params = accounting.backbone_params(model, head_names)
     logger.info("multitask %s: %s train examples, %d steps per epoch, device %s", ",".join(new_tasks),
                 "/".join(str(len(splits[n]["train"])) for n in new_tasks), len(train_batches), device)
 
@@ -162,7 +162,7 @@ def train_multitask(cfg: DictConfig, output_dir: Path) -> dict:
     # 3. train on the mean selection score; then every task on its test split
     run, result, started = fit_logged(cfg, output_dir, model, train_batches, select, head_names, device, checkpointer, ctx)
     if base_dir:        # the old tasks' mask rows saw AdamW's decay (no gradient): put them back bit for bit
-        storage.load_task_parts(model, Path(base_dir), base_tasks)
+        checkpoint.load_task_parts(model, Path(base_dir), base_tasks)
     per_task = {}
     for name in new_tasks:
         test = loop.evaluate(model, eval_loader(name, "test"), by_name[name], device, cfg.trainer.precision,
@@ -171,13 +171,13 @@ def train_multitask(cfg: DictConfig, output_dir: Path) -> dict:
         per_task[name] = {"selection": selection, "test": test, "glue_score": glue_metrics.task_score(name, test)}
 
     # 4. storage: shared part once, each task's part apart; checkpoint written by rank 0
-    figures = storage.account_multitask(model, cfg, task_names, backbone_params)
+    figures = accounting.account_multitask(model, cfg, task_names, backbone_params)
     if not ctx.is_main:                          # rank 0 writes the files
         end_run(ctx)
         return {"tasks": per_task}
     if cfg.trainer.save_weights:
-        storage.save_multitask(model, cfg, output_dir / "checkpoint")
-        figures.update(storage.file_figures(output_dir / "checkpoint", figures))
+        checkpoint.save_multitask(model, cfg, output_dir / "checkpoint")
+        figures.update(checkpoint.file_figures(output_dir / "checkpoint", figures))
 
     # 5. report
     metrics = {

@@ -26,7 +26,8 @@ import torch
 from safetensors.torch import save_file
 
 from propetl.files import CheckpointError, check_seal, recover_folder_swap, seal, write_folder_atomically
-from propetl.storage import plain_value, read_safetensors
+from propetl.configs import plain_value
+from propetl.checkpoint import read_safetensors
 
 STATE_JSON, STATE_TENSORS = "state.json", "state.safetensors"
 FINGERPRINT_KEYS = ("model.name_or_path", "method.name", "prototype", "mask.kind", "mask.sparsity", "mask.seed",

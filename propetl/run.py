@@ -13,14 +13,14 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from propetl import data, distributed, log, loop, rundir, storage
+from propetl import checkpoint, data, distributed, log, loop, rundir
 from propetl import model as backbone
 from propetl.files import WriteError
 from propetl.resume import Checkpointer
 from propetl.validate import ConfigError, validate
 
 logger = logging.getLogger("propetl")
-USER_ERRORS = (ConfigError, data.DataError, backbone.ModelError, storage.CheckpointError, rundir.RunDirectoryError,
+USER_ERRORS = (ConfigError, data.DataError, backbone.ModelError, checkpoint.CheckpointError, rundir.RunDirectoryError,
                loop.Diverged, WriteError)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 import propetl  # noqa: F401  (registers the config resolvers)
-from propetl import data, log, loop, storage
+from propetl import accounting, checkpoint, data, log, loop
 from propetl import metrics as glue_metrics
 from propetl import model as backbone
 from propetl.batches import make_loader
@@ -46,7 +46,7 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
     # 2. model: the pre-trained backbone, a fresh head, and the method (finetune / petl / propetl)
     model = backbone.build(cfg, int(task.num_labels)).to(device)
     head_names = backbone.head_parameter_names(model)
-    backbone_params = storage.backbone_params(model, head_names)
+    backbone_params = accounting.backbone_params(model, head_names)
     logger.info("%s: %d train / %d selection / %d test examples, %d steps per epoch, device %s",
                 task.name, len(splits["train"]), len(splits["validation"]), len(splits["test"]), len(train_loader), device)
 
@@ -56,13 +56,13 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
     test = loop.evaluate(model, test_loader, task, device, cfg.trainer.precision, "test", cfg.trainer.progress)
 
     # 4. storage: count it, write the checkpoint, and read the real file sizes back (rank 0 writes)
-    figures = storage.account(model, cfg, head_names, backbone_params)
+    figures = accounting.account(model, cfg, head_names, backbone_params)
     if not ctx.is_main:                          # rank 0 writes the files
         end_run(ctx)
         return {"glue_score": glue_metrics.task_score(task.name, test), "test": test}
     if cfg.trainer.save_weights:
-        storage.save_checkpoint(model, cfg, head_names, output_dir / "checkpoint")
-        figures.update(storage.file_figures(output_dir / "checkpoint", figures))
+        checkpoint.save_checkpoint(model, cfg, head_names, output_dir / "checkpoint")
+        figures.update(checkpoint.file_figures(output_dir / "checkpoint", figures))
 
     # 5. report: metrics.json (atomic), W&B summary, summary table
     metrics = {

@@ -10,7 +10,7 @@ from propetl.configs import ConfigError, group_choices
 from propetl.mask_coding import CODINGS
 from propetl.masks import COMBINES, MASK_KINDS
 from propetl.methods import METHODS, PROTOTYPES, peft_missing
-from propetl.storage import STORAGE_DTYPES
+from propetl.accounting import STORAGE_DTYPES
 
 
 MAX_LEARNING_RATE = 1e30

@@ -6,7 +6,7 @@ r 32 on query and value: 48 masks, 1,179,648 entries) at mask sparsity 0.9 and 0
 
 The masks are those of the PETL store a roberta-base ProPETL-LoRA model builds (methods.make_weights with
 model=roberta-base: the checkpoint's masks, without building the 125M-parameter backbone). Times: in memory
-(mask_coding.encode / decode) and through the file (storage.save_masks / read_masks: safetensors, SHA-256
+(mask_coding.encode / decode) and through the file (checkpoint.save_masks / read_masks: safetensors, SHA-256
 and ones checks included). A benchmark: times only, no assertion on them.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import propetl  # noqa: E402,F401
-from propetl import files, mask_coding, methods, storage  # noqa: E402
+from propetl import checkpoint, files, mask_coding, methods  # noqa: E402
 from propetl.configs import compose  # noqa: E402
 
 
@@ -53,8 +53,8 @@ def bench(sparsity: float, coding: str, repeats: int, folder: Path) -> dict:
             "bound_bytes": mask_coding.information_bits_of(masks) / 8,
             "encode_s": median_seconds(lambda: mask_coding.encode(masks, coding), repeats),
             "decode_s": median_seconds(lambda: mask_coding.decode(tensors, metadata), repeats),
-            "save_file_s": median_seconds(lambda: storage.save_masks(masks, path, cfg), repeats),
-            "read_file_s": median_seconds(lambda: storage.read_masks(path), repeats)}
+            "save_file_s": median_seconds(lambda: checkpoint.save_masks(masks, path, cfg), repeats),
+            "read_file_s": median_seconds(lambda: checkpoint.read_masks(path), repeats)}
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from propetl import report
-from propetl.storage import write_folder_atomically
+from propetl.files import write_folder_atomically
 
 REPO = Path(__file__).resolve().parents[1]
 KEPT = ("metrics.json", "train.log", ".hydra/overrides.yaml", ".hydra/config.yaml")

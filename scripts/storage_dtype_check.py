@@ -28,11 +28,11 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 import propetl  # noqa: E402,F401
-from propetl import files, mask_coding, storage  # noqa: E402
+from propetl import accounting, checkpoint, files, mask_coding  # noqa: E402
 from propetl import model as backbone  # noqa: E402
 from propetl.evaluate import evaluate_checkpoint  # noqa: E402
 
-DTYPES = tuple(storage.STORAGE_DTYPES)
+DTYPES = tuple(accounting.STORAGE_DTYPES)
 
 
 def shown(path: Path) -> str:
@@ -43,21 +43,21 @@ def shown(path: Path) -> str:
 
 def resave(source: Path, target: Path, dtype: str, coding: str) -> dict:
     """Load `source`, write it to `target` in `dtype` and `coding`; return its masks as reloaded."""
-    model, saved = storage.load_checkpoint(source)
+    model, saved = checkpoint.load_checkpoint(source)
     cfg = OmegaConf.merge(saved, {"storage": {"dtype": dtype, "mask_coding": coding}})
-    storage.save_checkpoint(model, cfg, backbone.head_parameter_names(model), target)
-    return storage.stored_masks(storage.load_checkpoint(target)[0])
+    checkpoint.save_checkpoint(model, cfg, backbone.head_parameter_names(model), target)
+    return accounting.stored_masks(checkpoint.load_checkpoint(target)[0])
 
 
-def check(checkpoint: Path, work: Path, data_dir) -> dict:
+def check(checkpoint_dir: Path, work: Path, data_dir) -> dict:
     original = work / "original"
-    shutil.copytree(checkpoint, original)
-    model, saved = storage.load_checkpoint(original)
-    reference_masks = storage.stored_masks(model)
+    shutil.copytree(checkpoint_dir, original)
+    model, saved = checkpoint.load_checkpoint(original)
+    reference_masks = accounting.stored_masks(model)
     started = time.perf_counter()
     reference = evaluate_checkpoint(original, "test", data_dir=data_dir)
     names = [k for k in ("pearson", "spearman", "accuracy", "f1", "matthews") if k in reference]
-    sizes = storage.file_sizes(original)
+    sizes = checkpoint.file_sizes(original)
     rows = [{"dtype": "as saved", "mask_coding": "as saved", "format_version": int(saved.format_version),
              **{k: reference[k] for k in names}, "file_bytes": sizes["file_bytes"],
              "file_bytes_with_head": sizes["file_bytes_with_head"], "seconds": time.perf_counter() - started}]
@@ -66,16 +66,16 @@ def check(checkpoint: Path, work: Path, data_dir) -> dict:
             target = work / f"{dtype}-{coding}"
             masks = resave(original, target, dtype, coding)
             if set(masks) != set(reference_masks) or not all(torch.equal(masks[n], reference_masks[n]) for n in masks):
-                raise SystemExit(f"{checkpoint}: masks changed by a {dtype}/{coding} re-save")
+                raise SystemExit(f"{checkpoint_dir}: masks changed by a {dtype}/{coding} re-save")
             started = time.perf_counter()
             scores = evaluate_checkpoint(target, "test", data_dir=data_dir)
-            sizes = storage.file_sizes(target)
-            rows.append({"dtype": dtype, "mask_coding": coding, "format_version": storage.FORMAT_VERSION,
+            sizes = checkpoint.file_sizes(target)
+            rows.append({"dtype": dtype, "mask_coding": coding, "format_version": checkpoint.FORMAT_VERSION,
                          **{k: scores[k] for k in names}, **{f"delta_{k}": scores[k] - reference[k] for k in names},
                          "file_bytes": sizes["file_bytes"], "file_bytes_with_head": sizes["file_bytes_with_head"],
                          **{k: v for k, v in sizes.items() if k.startswith("file_bytes/")},
                          "seconds": time.perf_counter() - started})
-    return {"checkpoint": shown(checkpoint), "task": saved.task.name, "method": saved.method.name,
+    return {"checkpoint": shown(checkpoint_dir), "task": saved.task.name, "method": saved.method.name,
             "prototype": saved.prototype.name, "mask_sparsity": float(saved.mask.sparsity), "split": "test",
             "examples": reference["examples"], "metrics": names, "rows": rows}
 
@@ -101,11 +101,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the numbers as JSON here")
     args = parser.parse_args()
     results = []
-    for checkpoint in args.checkpoints:
+    for checkpoint_dir in args.checkpoints:
         with tempfile.TemporaryDirectory() as work:
             try:
-                result = check(checkpoint, Path(work), args.data_dir)
-            except storage.CheckpointError as error:
+                result = check(checkpoint_dir, Path(work), args.data_dir)
+            except checkpoint.CheckpointError as error:
                 sys.exit(f"storage_dtype_check: {error}")
         results.append(result)
         print(table(result) + "\n", flush=True)

@@ -8,7 +8,7 @@ The model is transformers' RobertaForSequenceClassification(RobertaConfig(), num
 shapes (hidden 768, 12 layers), random weights, nothing downloaded. Storage depends on shapes alone
 (the masks have exactly n - floor(s·n) ones each, trained or not). For every prototype (adapter, LoRA,
 prefix at the reference's sizes: conf/prototype with model=roberta-base) it writes, through
-storage.save_checkpoint, a plain PETL checkpoint in each dtype and a ProPETL checkpoint at sparsity 0.5 and
+checkpoint.save_checkpoint, a plain PETL checkpoint in each dtype and a ProPETL checkpoint at sparsity 0.5 and
 0.9 in each dtype and mask coding, and reads the files' sizes back (head excluded: head.safetensors).
 """
 from __future__ import annotations
@@ -27,13 +27,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import propetl  # noqa: E402,F401
-from propetl import files, mask_coding, methods, storage  # noqa: E402
+from propetl import accounting, checkpoint, files, mask_coding, methods  # noqa: E402
 from propetl import model as backbone  # noqa: E402
 from propetl.configs import compose  # noqa: E402
 
 PROTOTYPES = ("adapter", "lora", "prefix")
 SPARSITIES = (0.5, 0.9)
-DTYPES = tuple(storage.STORAGE_DTYPES)
+DTYPES = tuple(accounting.STORAGE_DTYPES)
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -58,8 +58,8 @@ def attached(base, *overrides: str):
 
 def written(model, folder: Path, *overrides: str) -> dict:
     """Save `model`'s checkpoint with config(*overrides) (its storage settings); the files' sizes."""
-    storage.save_checkpoint(model, config(*overrides), backbone.head_parameter_names(model), folder)
-    return storage.file_sizes(folder)
+    checkpoint.save_checkpoint(model, config(*overrides), backbone.head_parameter_names(model), folder)
+    return checkpoint.file_sizes(folder)
 
 
 def measure(work: Path) -> list[dict]:
@@ -73,7 +73,7 @@ def measure(work: Path) -> list[dict]:
         for sparsity in SPARSITIES:
             propetl_run = (f"prototype={prototype}", "method=propetl", f"mask.sparsity={sparsity}")
             model = attached(base, *propetl_run)
-            masks = storage.stored_masks(model)
+            masks = accounting.stored_masks(model)
             entries = sum(m.numel() for m in masks.values())
             bound = mask_coding.information_bits_of(masks) / entries
             for coding in mask_coding.CODINGS:
@@ -84,7 +84,7 @@ def measure(work: Path) -> list[dict]:
                                  "propetl_bytes": sizes["file_bytes"], "petl_bytes": plain[dtype],
                                  "ratio": sizes["file_bytes"] / plain[dtype],
                                  "ratio_to_fp32_petl": sizes["file_bytes"] / plain["fp32"],
-                                 "mask_bits_per_entry": 8 * sizes[f"file_bytes/{storage.MASKS_FILE}"] / entries,
+                                 "mask_bits_per_entry": 8 * sizes[f"file_bytes/{checkpoint.MASKS_FILE}"] / entries,
                                  "bound_bits_per_entry": bound})
     return rows
 
@@ -106,7 +106,7 @@ def summary(rows: list[dict]) -> list[str]:
 def markdown(rows: list[dict], seconds: float) -> str:
     lines = ["# Storage on roberta-base's shapes (12 layers, hidden 768)", "",
              "`python scripts/storage_figure.py`: ProPETL checkpoints against plain PETL checkpoints of the same prototype, "
-             "both written by `storage.save_checkpoint` on `RobertaForSequenceClassification(RobertaConfig(), num_labels=2)` "
+             "both written by `checkpoint.save_checkpoint` on `RobertaForSequenceClassification(RobertaConfig(), num_labels=2)` "
              "(random weights: sizes depend on shapes only), files without the head. *ratio*: ProPETL's files over plain "
              "PETL's in the same dtype; *to fp32 PETL*: over plain PETL in fp32. *mask bits/entry*: the masks file "
              "(header included) over the mask entries; *log2 C(n,k)*: the information bound per entry. "

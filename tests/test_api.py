@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertForSequenceClassification
 
 from conftest import tiny_batch
-from propetl import ProPETLConfig, get_propetl_model, load_propetl, methods, storage
+from propetl import ProPETLConfig, checkpoint, get_propetl_model, load_propetl, methods
 from propetl import model as backbone
 from propetl.methods.lora import LoRALinear
 from propetl.configs import CONF_DIR, ConfigError
@@ -127,7 +127,7 @@ def test_load_propetl_reads_a_runner_checkpoint(tiny_cfg, tiny_model_dir, tmp_pa
     torch.manual_seed(0)
     trained = backbone.build(cfg, 2)
     train_steps(trained)
-    storage.save_checkpoint(trained, cfg, backbone.head_parameter_names(trained), tmp_path / "checkpoint")
+    checkpoint.save_checkpoint(trained, cfg, backbone.head_parameter_names(trained), tmp_path / "checkpoint")
     torch.testing.assert_close(logits(load_propetl(fresh(tiny_model_dir), tmp_path / "checkpoint")), logits(trained),
                                atol=1e-5, rtol=0)
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import TINY, compose_cfg, tiny_batch, tiny_text_overrides
-from propetl import data, files, log, loop, rundir, storage
+from propetl import checkpoint, data, files, log, loop, rundir
 from propetl import model as backbone
 from propetl.cli import check_output_folder
 from propetl.configs import ConfigError
@@ -34,7 +34,7 @@ def snapshot(folder: Path) -> dict:
 def refused(load, *places: Path) -> str:
     """`load()` raises a one-line CheckpointError and writes nothing under `places`; its message."""
     before = [snapshot(p) for p in places]
-    with pytest.raises(storage.CheckpointError) as error:
+    with pytest.raises(checkpoint.CheckpointError) as error:
         load()
     message = str(error.value)
     assert "\n" not in message and message.strip() == message
@@ -71,7 +71,7 @@ def saved_run(tmp_path_factory, tiny_model_dir):
     scheduler.step()
     result = loop.FitResult(steps=1, best_state=loop.trainable_state(model))
     Checkpointer(run, cfg).save(result, model, optimizer, scheduler, scaler, torch.Generator().manual_seed(0).get_state())
-    storage.save_checkpoint(model, cfg, backbone.head_parameter_names(model), run / "checkpoint")
+    checkpoint.save_checkpoint(model, cfg, backbone.head_parameter_names(model), run / "checkpoint")
     return run, cfg
 
 
@@ -83,7 +83,7 @@ def run_copy(saved_run, tmp_path):
 
 
 def load_checkpoint_state(folder: Path) -> dict:
-    model, _ = storage.load_checkpoint(folder)
+    model, _ = checkpoint.load_checkpoint(folder)
     return {n: t.clone() for n, t in model.state_dict().items()}
 
 
@@ -107,14 +107,14 @@ def test_saved_folders_carry_a_manifest_of_every_file(saved_run):
         manifest = json.loads((folder / files.MANIFEST_FILE).read_text())["sha256"]
         assert sorted(manifest) == sorted(p.name for p in folder.iterdir() if p.name != files.MANIFEST_FILE)
         assert all(files.sha256_of(folder / name) == digest for name, digest in manifest.items())
-    assert json.loads((run / "checkpoint" / storage.CONFIG_FILE).read_text())["format_version"] == storage.FORMAT_VERSION
+    assert json.loads((run / "checkpoint" / checkpoint.CONFIG_FILE).read_text())["format_version"] == checkpoint.FORMAT_VERSION
 
 
 @pytest.mark.parametrize("kind", ["checkpoint", "resume"])
 def test_a_flipped_byte_in_any_file_is_refused_naming_it(run_copy, kind):
     run, cfg = run_copy
     folder = run / kind
-    load = (lambda: storage.load_checkpoint(folder)) if kind == "checkpoint" else (lambda: load_resume_state(run, cfg))
+    load = (lambda: checkpoint.load_checkpoint(folder)) if kind == "checkpoint" else (lambda: load_resume_state(run, cfg))
     for path in sorted(folder.iterdir()):
         original = path.read_bytes()
         flip(path, len(original) // 2, 0x40)
@@ -127,7 +127,7 @@ def test_a_flipped_byte_in_any_file_is_refused_naming_it(run_copy, kind):
 def test_a_missing_or_unlisted_file_or_no_manifest_is_refused(run_copy, kind):
     run, cfg = run_copy
     folder = run / kind
-    load = (lambda: storage.load_checkpoint(folder)) if kind == "checkpoint" else (lambda: load_resume_state(run, cfg))
+    load = (lambda: checkpoint.load_checkpoint(folder)) if kind == "checkpoint" else (lambda: load_resume_state(run, cfg))
     victim = sorted(p for p in folder.glob("*.safetensors"))[0]
     original = victim.read_bytes()
     victim.unlink()
@@ -157,7 +157,7 @@ def test_flipped_bytes_anywhere_in_a_saved_run_are_refused_or_change_nothing(run
         before = snapshot(run)
         try:
             state = load()
-        except storage.CheckpointError as error:
+        except checkpoint.CheckpointError as error:
             assert "\n" not in str(error) and str(run / kind) in str(error)
             assert snapshot(run) == before
             outcomes.append("refused")
@@ -175,7 +175,7 @@ def multitask_checkpoint(tiny_cfg, tmp_path):
     cfg = tiny_cfg("mode=multitask", "tasks=[rte,stsb]", "prototype=lora", "prototype.r=4")
     torch.manual_seed(0)
     model = MultiTaskModel(cfg, ["rte", "stsb"], [2, 1], for_training=False)
-    return storage.save_multitask(model, cfg, tmp_path / "checkpoint")
+    return checkpoint.save_multitask(model, cfg, tmp_path / "checkpoint")
 
 
 def test_every_part_of_a_multitask_checkpoint_is_checked(multitask_checkpoint):
@@ -184,18 +184,18 @@ def test_every_part_of_a_multitask_checkpoint_is_checked(multitask_checkpoint):
     for path in [*sorted((folder / "shared").iterdir()), *sorted((folder / "tasks" / "stsb").iterdir())]:
         original = path.read_bytes()
         flip(path, len(original) // 2, 0x40)
-        assert str(path) in refused(lambda: storage.load_multitask(folder), folder)
+        assert str(path) in refused(lambda: checkpoint.load_multitask(folder), folder)
         path.write_bytes(original)
-    storage.load_multitask(folder)
-    storage.load_multitask(folder, tasks=["rte"])                     # a task shipped alone: its own manifest
-    assert "has no task '../shared'" in refused(lambda: storage.load_multitask(folder, tasks=["../shared"]), folder)
+    checkpoint.load_multitask(folder)
+    checkpoint.load_multitask(folder, tasks=["rte"])                     # a task shipped alone: its own manifest
+    assert "has no task '../shared'" in refused(lambda: checkpoint.load_multitask(folder, tasks=["../shared"]), folder)
 
 
 # ----------------------------------------------------------------------------- names read from a checkpoint
 
 def rewrite_config(folder: Path, change) -> None:
     """Edit a checkpoint's propetl.json and reseal it: a consistent folder whose config says something else."""
-    path = folder / storage.CONFIG_FILE
+    path = folder / checkpoint.CONFIG_FILE
     path.write_text(json.dumps(change(json.loads(path.read_text()))))
     files.seal(folder)
 
@@ -209,21 +209,21 @@ def test_names_in_a_checkpoint_are_the_registrys(run_copy, key, value, choices):
     run, _ = run_copy
     section, name = key.split(".")
     rewrite_config(run / "checkpoint", lambda config: {**config, section: {**config[section], name: value}})
-    message = refused(lambda: storage.load_checkpoint(run / "checkpoint"), run)
+    message = refused(lambda: checkpoint.load_checkpoint(run / "checkpoint"), run)
     assert f"{key}={value!r} is invalid" in message and choices in message
 
 
 def test_a_multitask_checkpoint_naming_a_path_as_task_is_refused(multitask_checkpoint):
     rewrite_config(multitask_checkpoint / "shared",
                    lambda config: {**config, "tasks": ["rte", "../../evil"], "num_labels": {"rte": 2, "../../evil": 1}})
-    message = refused(lambda: storage.load_multitask(multitask_checkpoint), multitask_checkpoint)
+    message = refused(lambda: checkpoint.load_multitask(multitask_checkpoint), multitask_checkpoint)
     assert "tasks='../../evil' is invalid" in message and "rte, sst2, stsb" in message
 
 
 def test_a_config_that_is_not_an_object_is_one_line(run_copy):
     run, _ = run_copy
     rewrite_config(run / "checkpoint", lambda config: [config])
-    assert "holds a list, not a checkpoint config" in refused(lambda: storage.load_checkpoint(run / "checkpoint"), run)
+    assert "holds a list, not a checkpoint config" in refused(lambda: checkpoint.load_checkpoint(run / "checkpoint"), run)
 
 
 # ----------------------------------------------------------------------------- safetensors only
@@ -241,7 +241,7 @@ def test_a_backbone_with_only_a_pickle_is_refused_without_unpickling(run_copy, t
         raise AssertionError("torch.load reached")
     monkeypatch.setattr(torch, "load", refuse)
     with pytest.raises(backbone.ModelError) as error:
-        storage.load_checkpoint(run / "checkpoint")
+        checkpoint.load_checkpoint(run / "checkpoint")
     assert "\n" not in str(error.value) and str(pickled) in str(error.value) and "safetensors only" in str(error.value)
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from propetl import export, storage
+from propetl import checkpoint, export
 from propetl import model as backbone
 from test_methods import build, logits, train_steps
 
@@ -23,7 +23,7 @@ def runner_checkpoint(tiny_cfg, tmp_path, method: str, prototype: str = "lora"):
     sizes = ["prototype.r=4"] if prototype == "lora" else []
     model, cfg = build(tiny_cfg, method, prototype, *sizes, "mask.sparsity=0.5")
     train_steps(model)
-    folder = storage.save_checkpoint(model, cfg, backbone.head_parameter_names(model), tmp_path / "checkpoint")
+    folder = checkpoint.save_checkpoint(model, cfg, backbone.head_parameter_names(model), tmp_path / "checkpoint")
     return folder, logits(model)
 
 
@@ -35,8 +35,8 @@ def run_export(*arguments: str) -> None:
 def test_hf_export_loads_in_plain_transformers_with_the_same_logits(tiny_cfg, tiny_model_dir, tmp_path, method):
     if method == "peft":
         pytest.importorskip("peft")
-    checkpoint, expected = runner_checkpoint(tiny_cfg, tmp_path, method)
-    run_export(checkpoint, tmp_path / "hf", "--format", "hf")
+    checkpoint_dir, expected = runner_checkpoint(tiny_cfg, tmp_path, method)
+    run_export(checkpoint_dir, tmp_path / "hf", "--format", "hf")
     exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf")
     assert type(exported).__name__ == "BertForSequenceClassification"
     torch.testing.assert_close(logits(exported), expected, atol=ATOL, rtol=0)
@@ -48,8 +48,8 @@ def test_hf_export_loads_in_plain_transformers_with_the_same_logits(tiny_cfg, ti
 @pytest.mark.parametrize("method", ["propetl", "petl", "peft"])
 def test_peft_export_loads_in_peft_with_the_same_logits(tiny_cfg, tiny_model_dir, tmp_path, method):
     peft = pytest.importorskip("peft")
-    checkpoint, expected = runner_checkpoint(tiny_cfg, tmp_path, method)
-    run_export(checkpoint, tmp_path / "peft", "--format", "peft")
+    checkpoint_dir, expected = runner_checkpoint(tiny_cfg, tmp_path, method)
+    run_export(checkpoint_dir, tmp_path / "peft", "--format", "peft")
     base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
     adapted = peft.PeftModel.from_pretrained(base, tmp_path / "peft")
     torch.testing.assert_close(logits(adapted), expected, atol=ATOL, rtol=0)
@@ -63,10 +63,10 @@ def test_peft_export_loads_in_peft_with_the_same_logits(tiny_cfg, tiny_model_dir
 @pytest.mark.parametrize("prototype", ["adapter", "prefix"])
 def test_adapters_and_prefixes_are_refused_in_one_line_with_nothing_written(tiny_cfg, tmp_path, capsys, prototype,
                                                                           output_format):
-    checkpoint, _ = runner_checkpoint(tiny_cfg, tmp_path, "propetl", prototype)
+    checkpoint_dir, _ = runner_checkpoint(tiny_cfg, tmp_path, "propetl", prototype)
     before = set(tmp_path.iterdir())
     with pytest.raises(SystemExit) as stop:
-        run_export(checkpoint, tmp_path / "out", "--format", output_format)
+        run_export(checkpoint_dir, tmp_path / "out", "--format", output_format)
     assert stop.value.code == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and f"prototype={prototype} cannot be folded into BERT's weights" in error
@@ -74,13 +74,13 @@ def test_adapters_and_prefixes_are_refused_in_one_line_with_nothing_written(tiny
 
 
 def test_finetune_to_peft_and_an_existing_out_are_refused(tiny_cfg, tmp_path, capsys):
-    checkpoint, _ = runner_checkpoint(tiny_cfg, tmp_path, "finetune")
+    checkpoint_dir, _ = runner_checkpoint(tiny_cfg, tmp_path, "finetune")
     with pytest.raises(SystemExit) as stop:
-        run_export(checkpoint, tmp_path / "out", "--format", "peft")
+        run_export(checkpoint_dir, tmp_path / "out", "--format", "peft")
     assert stop.value.code == 2 and "use --format hf" in capsys.readouterr().err
     (tmp_path / "out").mkdir()
     with pytest.raises(SystemExit):
-        run_export(checkpoint, tmp_path / "out", "--format", "hf")
+        run_export(checkpoint_dir, tmp_path / "out", "--format", "hf")
     assert "exists; choose another OUT or pass --overwrite" in capsys.readouterr().err
     assert not any((tmp_path / "out").iterdir())
 

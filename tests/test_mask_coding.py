@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from conftest import compose_cfg
-from propetl import files, log, mask_coding, methods, report, storage
+from propetl import accounting, checkpoint, files, log, mask_coding, methods, report
 from propetl import model as backbone
 from propetl.validate import ConfigError, validate
 
@@ -87,7 +87,7 @@ def test_every_flipped_byte_is_refused_in_one_line(tmp_path, coding):
     cfg = compose_cfg([f"storage.mask_coding={coding}"])
     masks = random_masks(3, [(3, 4, 20), (2, 50)], [0.1, 0.6])
     path = tmp_path / "masks.safetensors"
-    storage.save_masks(masks, path, cfg)
+    checkpoint.save_masks(masks, path, cfg)
     raw = path.read_bytes()
     data_start = 8 + int.from_bytes(raw[:8], "little")
     for position in range(len(raw)):
@@ -95,8 +95,8 @@ def test_every_flipped_byte_is_refused_in_one_line(tmp_path, coding):
         broken[position] ^= 0x5A
         path.write_bytes(bytes(broken))
         try:
-            decoded = storage.read_masks(path)
-        except storage.CheckpointError as error:
+            decoded = checkpoint.read_masks(path)
+        except checkpoint.CheckpointError as error:
             assert "\n" not in str(error) and str(path) in str(error)
             continue
         assert position < data_start, f"flipped data byte {position} was not refused"
@@ -105,12 +105,12 @@ def test_every_flipped_byte_is_refused_in_one_line(tmp_path, coding):
 
 def test_corrupted_stream_message(tmp_path):
     path = tmp_path / "masks.safetensors"
-    storage.save_masks(random_masks(1, [(6, 300)], [0.1]), path, compose_cfg())
+    checkpoint.save_masks(random_masks(1, [(6, 300)], [0.1]), path, compose_cfg())
     raw = bytearray(path.read_bytes())
     raw[-5] ^= 0xFF
     path.write_bytes(bytes(raw))
-    with pytest.raises(storage.CheckpointError, match="SHA-256 check"):
-        storage.read_masks(path)
+    with pytest.raises(checkpoint.CheckpointError, match="SHA-256 check"):
+        checkpoint.read_masks(path)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -125,35 +125,35 @@ def tiny_propetl(tiny_cfg, *overrides):
 
 def write_format1(directory):
     """Turn a checkpoint into what propetl wrote before format 2: bit-packed masks, one tensor per name."""
-    masks = storage.read_masks(directory / storage.MASKS_FILE)
-    save_file({n: torch.from_numpy(mask_coding.pack_bits(m)) for n, m in masks.items()}, str(directory / storage.MASKS_FILE),
+    masks = checkpoint.read_masks(directory / checkpoint.MASKS_FILE)
+    save_file({n: torch.from_numpy(mask_coding.pack_bits(m)) for n, m in masks.items()}, str(directory / checkpoint.MASKS_FILE),
               metadata={"shapes": json.dumps({n: list(m.shape) for n, m in masks.items()})})
-    config = json.loads((directory / storage.CONFIG_FILE).read_text())
+    config = json.loads((directory / checkpoint.CONFIG_FILE).read_text())
     config["format_version"] = 1
     del config["storage"]
-    (directory / storage.CONFIG_FILE).write_text(json.dumps(config))
+    (directory / checkpoint.CONFIG_FILE).write_text(json.dumps(config))
     (directory / files.MANIFEST_FILE).unlink()                 # manifests came with format 3
 
 
 def test_format1_checkpoint_still_loads(tiny_cfg, tmp_path):
     model, cfg, heads = tiny_propetl(tiny_cfg)
-    storage.save_checkpoint(model, cfg, heads, tmp_path / "checkpoint")
+    checkpoint.save_checkpoint(model, cfg, heads, tmp_path / "checkpoint")
     write_format1(tmp_path / "checkpoint")
-    loaded, saved = storage.load_checkpoint(tmp_path / "checkpoint")
+    loaded, saved = checkpoint.load_checkpoint(tmp_path / "checkpoint")
     assert saved.format_version == 1
-    expected, got = storage.stored_masks(model), storage.stored_masks(loaded)
+    expected, got = accounting.stored_masks(model), accounting.stored_masks(loaded)
     assert all(torch.equal(expected[n], got[n]) for n in expected)
 
 
 @pytest.mark.parametrize("coding", mask_coding.CODINGS)
 def test_checkpoint_round_trip_per_coding(tiny_cfg, tmp_path, coding):
     model, cfg, heads = tiny_propetl(tiny_cfg, f"storage.mask_coding={coding}")
-    storage.save_checkpoint(model, cfg, heads, tmp_path / "checkpoint")
-    loaded, saved = storage.load_checkpoint(tmp_path / "checkpoint")
+    checkpoint.save_checkpoint(model, cfg, heads, tmp_path / "checkpoint")
+    loaded, saved = checkpoint.load_checkpoint(tmp_path / "checkpoint")
     assert saved.format_version == 3 and saved.storage.mask_coding == coding
-    expected, got = storage.stored_masks(model), storage.stored_masks(loaded)
+    expected, got = accounting.stored_masks(model), accounting.stored_masks(loaded)
     assert all(torch.equal(expected[n], got[n]) for n in expected)
-    _, metadata = storage.read_safetensors(tmp_path / "checkpoint" / storage.MASKS_FILE)
+    _, metadata = checkpoint.read_safetensors(tmp_path / "checkpoint" / checkpoint.MASKS_FILE)
     assert mask_coding.file_coding(metadata) == coding
 
 
@@ -166,14 +166,14 @@ def dense_data_bytes(path) -> int:
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_half_precision_halves_the_dense_bytes_and_loads_as_fp32(tiny_cfg, tmp_path, dtype):
     model, cfg, heads = tiny_propetl(tiny_cfg)
-    storage.save_checkpoint(model, cfg, heads, tmp_path / "fp32")
-    storage.save_checkpoint(model, tiny_propetl(tiny_cfg, f"storage.dtype={dtype}")[1], heads, tmp_path / "half")
+    checkpoint.save_checkpoint(model, cfg, heads, tmp_path / "fp32")
+    checkpoint.save_checkpoint(model, tiny_propetl(tiny_cfg, f"storage.dtype={dtype}")[1], heads, tmp_path / "half")
     for name in ("prototype.safetensors", "head.safetensors"):
         assert 2 * dense_data_bytes(tmp_path / "half" / name) == dense_data_bytes(tmp_path / "fp32" / name)
-    loaded, _ = storage.load_checkpoint(tmp_path / "half")
-    torch_dtype = storage.STORAGE_DTYPES[dtype]
-    for name, tensor in storage.stored_dense_tensors(model, "propetl", heads).items():
-        again = storage.stored_dense_tensors(loaded, "propetl", heads)[name]
+    loaded, _ = checkpoint.load_checkpoint(tmp_path / "half")
+    torch_dtype = accounting.STORAGE_DTYPES[dtype]
+    for name, tensor in accounting.stored_dense_tensors(model, "propetl", heads).items():
+        again = accounting.stored_dense_tensors(loaded, "propetl", heads)[name]
         assert again.dtype == torch.float32 and torch.equal(again, tensor.to(torch_dtype).float())
 
 
@@ -181,8 +181,8 @@ def test_fp16_refuses_values_beyond_its_range(tiny_cfg, tmp_path):
     model, cfg, heads = tiny_propetl(tiny_cfg, "storage.dtype=fp16")
     with torch.no_grad():
         next(iter(methods.petl_weights(model).weights.values())).view(-1)[0] = 1e6
-    with pytest.raises(storage.CheckpointError, match="storage.dtype=fp16: .* beyond its range"):
-        storage.save_checkpoint(model, cfg, heads, tmp_path / "checkpoint")
+    with pytest.raises(checkpoint.CheckpointError, match="storage.dtype=fp16: .* beyond its range"):
+        checkpoint.save_checkpoint(model, cfg, heads, tmp_path / "checkpoint")
     assert not (tmp_path / "checkpoint").exists()
 
 
@@ -197,10 +197,10 @@ def test_bad_storage_values_give_one_line(key, value, allowed):
 def run_figures(tiny_cfg, folder):
     """A tiny ProPETL-LoRA's storage figures as a run logs them, its checkpoint written into `folder`."""
     model, cfg, heads = tiny_propetl(tiny_cfg)
-    figures = storage.account(model, cfg, heads, storage.backbone_params(model, heads))
-    storage.save_checkpoint(model, cfg, heads, folder / "checkpoint")
-    figures.update(storage.file_figures(folder / "checkpoint", figures))
-    return figures, storage.stored_masks(model)
+    figures = accounting.account(model, cfg, heads, accounting.backbone_params(model, heads))
+    checkpoint.save_checkpoint(model, cfg, heads, folder / "checkpoint")
+    figures.update(checkpoint.file_figures(folder / "checkpoint", figures))
+    return figures, accounting.stored_masks(model)
 
 
 def test_run_figures_per_coding(tiny_cfg, tmp_path):
@@ -234,13 +234,13 @@ def test_summary_table_and_report_show_storage_per_coding(tiny_cfg, tmp_path):
 
 def written_bytes(cfg, hidden: int, layers: int, folder) -> int:
     """Bytes of the files a checkpoint of this method keeps without its head (dense tensors, masks), written
-    through storage's own writers from the PETL store of a model of this width and depth."""
+    through checkpoint.py's own writers from the PETL store of a model of this width and depth."""
     torch.manual_seed(0)
     weights = methods.make_weights(cfg, hidden, layers, for_training=False)
     folder.mkdir()
-    storage.save_dense(weights.base_tensors(), folder / "dense.safetensors", cfg)
+    checkpoint.save_dense(weights.base_tensors(), folder / "dense.safetensors", cfg)
     if masks := weights.binary_masks():
-        storage.save_masks(masks, folder / storage.MASKS_FILE, cfg)
+        checkpoint.save_masks(masks, folder / checkpoint.MASKS_FILE, cfg)
     return sum(p.stat().st_size for p in folder.iterdir())
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import compose_cfg, tiny_text_overrides
-from propetl import loop, mask_coding, methods, storage
+from propetl import accounting, checkpoint, loop, mask_coding, methods
 from propetl.batches import PadCollator, tokenise
 from propetl.data import load_glue
 from propetl.model import load_tokenizer
@@ -105,7 +105,7 @@ def test_masks_are_written_through_the_configured_coding(trained):
     out, metrics = trained
     files = [out / "checkpoint" / "shared" / "layer_masks.safetensors",
              *[out / "checkpoint" / "tasks" / t / "task_mask.safetensors" for t in TASKS]]
-    assert [mask_coding.file_coding(storage.read_safetensors(f)[1]) for f in files] == ["entropy"] * 3
+    assert [mask_coding.file_coding(checkpoint.read_safetensors(f)[1]) for f in files] == ["entropy"] * 3
     s = metrics["storage"]
     assert s["mask_entries"] == 4 * 2 * 32 + 2 * 4 * 32
     assert s["mask_bytes/bits"] == 3 * 32 + math.ceil(4 * 2 * 32 / 8) + 2 * math.ceil(4 * 32 / 8)     # digests + 1 bit
@@ -117,8 +117,8 @@ def test_masks_are_written_through_the_configured_coding(trained):
 
 def test_every_task_mask_has_exact_density(trained):
     out, _ = trained
-    model, _ = storage.load_multitask(out / "checkpoint")
-    for name, mask in storage._split_task_layer(methods.petl_weights(model).mask_stores())[0].items():
+    model, _ = checkpoint.load_multitask(out / "checkpoint")
+    for name, mask in accounting.split_task_layer(methods.petl_weights(model).mask_stores())[0].items():
         ones = mask().reshape(len(TASKS), -1).sum(dim=1)
         assert ones.tolist() == [mask.ones_per_mask] * len(TASKS) == [4] * len(TASKS)     # 32 - floor(0.9*32)
 
@@ -134,9 +134,9 @@ def _test_predictions(model, task_name, glue_dir, tokenizer, index):
 def test_each_task_loads_alone_and_predicts_what_the_trained_model_did(trained, glue_dir, tiny_text_model_dir):
     out, metrics = trained
     tokenizer = load_tokenizer(compose_cfg([f"model.name_or_path={tiny_text_model_dir}"]).model)
-    everything, _ = storage.load_multitask(out / "checkpoint")
+    everything, _ = checkpoint.load_multitask(out / "checkpoint")
     for index, name in enumerate(TASKS):
-        alone, _ = storage.load_multitask(out / "checkpoint", tasks=[name])
+        alone, _ = checkpoint.load_multitask(out / "checkpoint", tasks=[name])
         assert alone.task_names == [name]
         logits_all, task = _test_predictions(everything, name, glue_dir, tokenizer, index)
         logits_alone, _ = _test_predictions(alone, name, glue_dir, tokenizer, 0)
@@ -155,8 +155,8 @@ def test_adding_a_task_trains_only_its_part_and_changes_nothing_else(trained, tm
     for part in ["shared/prototype.safetensors", "shared/layer_masks.safetensors",
                  *[f"tasks/{t}/{f}" for t in TASKS for f in ("task_mask.safetensors", "head.safetensors")]]:
         assert filecmp.cmp(base / "checkpoint" / part, out / "checkpoint" / part, shallow=False), part
-    old, _ = storage.load_multitask(base / "checkpoint", tasks=["rte"])
-    new, _ = storage.load_multitask(out / "checkpoint", tasks=["rte"])
+    old, _ = checkpoint.load_multitask(base / "checkpoint", tasks=["rte"])
+    new, _ = checkpoint.load_multitask(out / "checkpoint", tasks=["rte"])
     tokenizer = load_tokenizer(compose_cfg([f"model.name_or_path={tiny_text_model_dir}"]).model)
     assert np.array_equal(_test_predictions(old, "rte", glue_dir, tokenizer, 0)[0],
                           _test_predictions(new, "rte", glue_dir, tokenizer, 0)[0])
@@ -165,7 +165,7 @@ def test_adding_a_task_trains_only_its_part_and_changes_nothing_else(trained, tm
 
 def test_a_base_checkpoint_with_other_settings_is_refused(trained, tmp_path, tiny_text_model_dir, glue_dir):
     base, _ = trained
-    with pytest.raises(storage.CheckpointError) as error:
+    with pytest.raises(checkpoint.CheckpointError) as error:
         train(run_cfg(tiny_text_model_dir, glue_dir, "tasks=[mrpc]", "mask.sparsity=0.5",
                       f"multitask.base_checkpoint={base / 'checkpoint'}"), tmp_path / "x")
     assert "mask.sparsity=0.9" in str(error.value) and "\n" not in str(error.value)

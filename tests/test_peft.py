@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import TINY, tiny_batch
-from propetl import loop, methods, storage
+from propetl import accounting, checkpoint, loop, methods
 from propetl import model as backbone
 from propetl.validate import ConfigError, validate
 from test_cli import propetl_train
@@ -77,9 +77,9 @@ def test_lora_count_and_storage_figures_match_petl(tiny_cfg, tmp_path, peft):
         assert sum(dict(model.named_parameters())[n].numel() for n in petl) == LORA_PARAMS
         if method == "peft":
             assert petl == set(methods.peft_parameters(model)) and len(petl) == 2 * len(TARGETS) * TINY["layers"]
-        figures[method] = storage.account(model, cfg, heads, storage.backbone_params(model, heads))
-        storage.save_checkpoint(model, cfg, heads, tmp_path / method)
-        files[method] = storage.file_sizes(tmp_path / method)
+        figures[method] = accounting.account(model, cfg, heads, accounting.backbone_params(model, heads))
+        checkpoint.save_checkpoint(model, cfg, heads, tmp_path / method)
+        files[method] = checkpoint.file_sizes(tmp_path / method)
     assert figures["peft"] == figures["petl"]
     s = figures["peft"]
     assert s["stored_params"] == s["trainable_params"] == s["plain_petl_params"] == LORA_PARAMS
@@ -149,10 +149,10 @@ def test_save_load_merge_give_identical_predictions(tiny_cfg, tmp_path, peft):
     model, cfg = build(tiny_cfg, "peft")
     train_steps(model)
     expected = logits(model)
-    storage.save_checkpoint(model, cfg, backbone.head_parameter_names(model), tmp_path / "checkpoint")
+    checkpoint.save_checkpoint(model, cfg, backbone.head_parameter_names(model), tmp_path / "checkpoint")
     assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == \
         ["head.safetensors", "manifest.json", "peft.safetensors", "propetl.json"]
-    loaded, saved = storage.load_checkpoint(tmp_path / "checkpoint")
+    loaded, saved = checkpoint.load_checkpoint(tmp_path / "checkpoint")
     assert saved.method.name == "peft" and torch.equal(logits(loaded), expected)
     methods.merge(loaded, backbone.encoder_layers(loaded), "lora")
     assert not methods.peft_parameters(loaded)
@@ -180,11 +180,11 @@ def test_peft_with_another_prototype_exits_2_on_the_command_line(tmp_path):
 
 def test_missing_peft_is_one_line(tiny_cfg, tmp_path, monkeypatch, peft):
     model, cfg = build(tiny_cfg, "peft")
-    storage.save_checkpoint(model, cfg, backbone.head_parameter_names(model), tmp_path / "checkpoint")
+    checkpoint.save_checkpoint(model, cfg, backbone.head_parameter_names(model), tmp_path / "checkpoint")
     monkeypatch.setitem(sys.modules, "peft", None)                        # as if it were not installed
     with pytest.raises(ConfigError) as error:
         validate(cfg)
     assert str(error.value) == "method=peft needs the optional package peft: pip install 'propetl[peers]'"
-    with pytest.raises(storage.CheckpointError) as error:
-        storage.load_checkpoint(tmp_path / "checkpoint")
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        checkpoint.load_checkpoint(tmp_path / "checkpoint")
     assert "\n" not in str(error.value) and str(error.value).endswith(methods.PEFT_MISSING)

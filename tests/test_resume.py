@@ -12,7 +12,7 @@ import pytest
 
 from conftest import compose_cfg, tiny_text_overrides
 from test_cli import ENV, SCRIPT
-from propetl import files, rundir, storage
+from propetl import checkpoint, files, rundir
 from propetl.resume import Checkpointer
 from propetl.train import train
 
@@ -109,7 +109,7 @@ def test_finished_run_is_skipped(tmp_path, tiny_text_model_dir, glue_dir):
 def test_mismatched_resume_checkpoint_is_refused(tmp_path, tiny_text_model_dir, glue_dir, monkeypatch):
     leftover_checkpoint(tmp_path, tiny_text_model_dir, glue_dir, monkeypatch)
     cfg = compose_cfg([*tiny_text_overrides(tiny_text_model_dir, glue_dir), *RUN, "trainer.epochs=1", "mask.sparsity=0.5"])
-    with pytest.raises(storage.CheckpointError) as error:
+    with pytest.raises(checkpoint.CheckpointError) as error:
         train(cfg, tmp_path)
     assert "mask.sparsity=0.9" in str(error.value) and "mask.sparsity=0.5" in str(error.value)
     assert "\n" not in str(error.value) and not (tmp_path / "metrics.json").exists()
@@ -136,7 +136,7 @@ def test_corrupted_resume_checkpoint_is_refused(tmp_path, tiny_text_model_dir, g
     tensors = resume / "state.safetensors"
     tensors.write_bytes(tensors.read_bytes()[: tensors.stat().st_size // 2])          # truncated
     cfg = compose_cfg([*tiny_text_overrides(tiny_text_model_dir, glue_dir), *RUN, "trainer.epochs=1"])
-    with pytest.raises(storage.CheckpointError, match="state.safetensors is corrupted"):      # its manifest says so
+    with pytest.raises(checkpoint.CheckpointError, match="state.safetensors is corrupted"):      # its manifest says so
         train(cfg, tmp_path)
 
 
@@ -172,22 +172,22 @@ def saved(tiny_cfg, tmp_path):
     cfg = tiny_cfg("method=propetl", "prototype=lora")
     torch.manual_seed(0)
     model = backbone.build(cfg, 2)
-    return storage.save_checkpoint(model, cfg, backbone.head_parameter_names(model), tmp_path / "checkpoint")
+    return checkpoint.save_checkpoint(model, cfg, backbone.head_parameter_names(model), tmp_path / "checkpoint")
 
 
 @pytest.mark.parametrize("victim", ["prototype.safetensors", "masks.safetensors", "head.safetensors"])
 def test_corrupted_task_checkpoint_is_refused(saved, victim):
     path = saved / victim
     path.write_bytes(path.read_bytes()[:-7])
-    with pytest.raises(storage.CheckpointError) as error:
-        storage.load_checkpoint(saved)
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        checkpoint.load_checkpoint(saved)
     assert victim in str(error.value) and "\n" not in str(error.value)
 
 
 def test_garbage_header_is_refused(saved):
     (saved / "head.safetensors").write_bytes(b"\xff" * 64)
-    with pytest.raises(storage.CheckpointError, match="head.safetensors"):
-        storage.load_checkpoint(saved)
+    with pytest.raises(checkpoint.CheckpointError, match="head.safetensors"):
+        checkpoint.load_checkpoint(saved)
 
 
 @pytest.mark.parametrize("key,value,needle", [("prototype", {"name": "adapter", "reduction_factor": 12, "bottleneck": 8,
@@ -203,8 +203,8 @@ def test_mismatched_task_checkpoint_is_refused(saved, key, value, needle):
         config[key] = value
     (saved / "propetl.json").write_text(json.dumps(config))
     files.seal(saved)                       # a consistent folder of another config: past the checksums
-    with pytest.raises(storage.CheckpointError) as error:
-        storage.load_checkpoint(saved)
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        checkpoint.load_checkpoint(saved)
     assert needle in str(error.value) and "\n" not in str(error.value)
 
 
@@ -218,4 +218,4 @@ def test_never_unpickles(saved, monkeypatch):
     monkeypatch.setattr(pickle, "load", refuse)
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(torch, "load", refuse)
-    storage.load_checkpoint(saved)
+    checkpoint.load_checkpoint(saved)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import TINY
-from propetl import storage
+from propetl import accounting, checkpoint
 from propetl import model as backbone
 
 H, L = TINY["hidden"], TINY["layers"]
@@ -32,10 +32,10 @@ def figures_for(tiny_cfg, method, prototype, tmp_path=None, *extra):
     model = backbone.build(cfg, 2)
     heads = backbone.head_parameter_names(model)
     backbone_params = sum(p.numel() for n, p in model.named_parameters() if n not in heads and not n.startswith("petl_weights."))
-    figures = storage.account(model, cfg, heads, backbone_params)
+    figures = accounting.account(model, cfg, heads, backbone_params)
     if tmp_path is not None:
-        storage.save_checkpoint(model, cfg, heads, tmp_path / "checkpoint")
-        figures.update(storage.file_sizes(tmp_path / "checkpoint"))
+        checkpoint.save_checkpoint(model, cfg, heads, tmp_path / "checkpoint")
+        figures.update(checkpoint.file_sizes(tmp_path / "checkpoint"))
     return figures
 
 
@@ -94,20 +94,20 @@ def test_checkpoint_files_hold_the_prototype_once_and_one_bit_a_mask_entry(tiny_
     figures_for(tiny_cfg, "petl", prototype, tmp_path / "petl")
     propetl_dir, petl_dir = tmp_path / "propetl" / "checkpoint", tmp_path / "petl" / "checkpoint"
 
-    with safe_open(propetl_dir / storage.DENSE_FILE["propetl"], "pt") as f:
+    with safe_open(propetl_dir / checkpoint.DENSE_FILE["propetl"], "pt") as f:
         prototype_tensors = {k: f.get_tensor(k) for k in f.keys()}
     assert all(t.dtype == torch.float32 for t in prototype_tensors.values())
     assert sum(t.numel() for t in prototype_tensors.values()) == per_layer          # once, not once a layer
-    with safe_open(petl_dir / storage.DENSE_FILE["petl"], "pt") as f:
+    with safe_open(petl_dir / checkpoint.DENSE_FILE["petl"], "pt") as f:
         assert sum(f.get_tensor(k).numel() for k in f.keys()) == L * per_layer
 
-    masks = storage.read_masks(propetl_dir / storage.MASKS_FILE)
+    masks = checkpoint.read_masks(propetl_dir / checkpoint.MASKS_FILE)
     assert sorted(m.numel() for m in masks.values()) == sorted(L * n for n in masked)  # [layers, *tensor's shape]
     for m in masks.values():
         assert m.shape[0] == L and set(m.unique().tolist()) <= {0, 1}
         per_layer_kept = m.reshape(L, -1).sum(dim=1)
         assert per_layer_kept.tolist() == [m[0].numel() // 4] * L                     # sparsity 0.75: a quarter kept
-    with safe_open(propetl_dir / storage.MASKS_FILE, "pt") as f:
+    with safe_open(propetl_dir / checkpoint.MASKS_FILE, "pt") as f:
         stored_bytes = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
     bits_bytes = sum(L * n // 8 for n in masked)
     assert bits_bytes <= stored_bytes <= bits_bytes + 32 + 8 * len(masks)              # + digest and row padding

@@ -34,7 +34,7 @@ RUN_FIELDS = ("task", "model", "method", "prototype", "mask_kind", "mask_sparsit
               "best_epoch", "epochs_run", "steps", "glue_score", "train_seconds", "wall_seconds", "world_size")
 STORAGE_FIELDS = ("trainable_params", "stored_params", "mask_entries", "storage_bytes", "file_bytes",
                   "storage_percent_of_backbone", "storage_ratio_to_plain_petl", "backbone_params")
-# Storage as written (storage.coding_figures, storage.file_figures): masks per coding, dense tensors in storage.dtype.
+# Storage as written (accounting.coding_figures, checkpoint.file_figures): masks per coding, dense tensors in storage.dtype.
 CODING_FIELDS = ("dtype", "mask_coding", "file_mask_bits_per_entry", "mask_bits_per_entry/bits", "mask_bits_per_entry/entropy",
                  "mask_bits_per_entry_bound", "file_ratio_to_plain_petl", "storage_ratio_to_plain_petl/bits",
                  "storage_ratio_to_plain_petl/entropy", "storage_ratio_to_plain_petl/bound")

@@ -1,15 +1,6 @@
-"""Storage: what a task costs to keep, counted and written. All storage accounting lives here.
+"""Checkpoints: the folder a trained task is kept in, written and read. (What it costs: accounting.py.)
 
-Counting (`account`):
-  - trainable parameters: unique tensors (a shared tensor counts once), with and without the head;
-  - stored parameters: the 32-bit floats a task must keep (ProPETL: the prototype ONCE; plain PETL:
-    every layer's module; finetune: the whole backbone), plus mask bits (1 bit per mask entry);
-  - bits, bytes, fp32-equivalent parameters, % of the backbone, and the ratio to plain PETL of the
-    same prototype, each with and without the head (the paper's arithmetic: fp32 + 1 bit an entry);
-  - as written: the dense tensors in `storage.dtype`, the masks in each coding of mask_coding (`bits`,
-    `entropy`), their information bound log2 C(n, k), bits per mask entry and the ratio to plain PETL
-    stored in the same dtype (`coding_figures`); `file_figures` reads the same off the written files.
-Writing (`save_checkpoint` / `load_checkpoint`): a folder with
+`save_checkpoint` / `load_checkpoint` write and rebuild a folder with
     propetl.json            what to rebuild (model, method, prototype, mask, task) and how it is stored
     prototype.safetensors   method=propetl: the shared tensors, once   | petl.safetensors: per-layer stacks
                             | backbone.safetensors: method=finetune    | peft.safetensors: PEFT's lora_A /
@@ -23,12 +14,11 @@ changed, missing or unlisted file is refused in one line naming it. Format-1 and
 masks, fp32; no manifest) still load, checked as before (safetensors headers, shapes, mask densities).
 The names a checkpoint gives (method, prototype, mask kind, storage, tasks) are checked against the
 registry before any is used (check_names). The folder is built beside its place and renamed: a crash never
-leaves a half-written checkpoint.
+leaves a half-written checkpoint. A multi-task model ships as shared/ + tasks/<task>/ (save_multitask).
 """
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -39,157 +29,19 @@ from torch import nn
 
 from propetl import mask_coding, methods
 from propetl import model as backbone
+from propetl.accounting import (
+    STORAGE_DTYPES, dense_parameters, head_tensors, multitask_mask_files, split_task_layer, storage_settings,
+    stored_dense_tensors, stored_masks
+)
+from propetl.configs import plain_value
 from propetl.files import CheckpointError, check_seal, seal, write_folder_atomically
-
 FORMAT_VERSION = 3
 READABLE_FORMATS = (1, 2, 3)
 SEALED_FORMAT = 3                     # from this format on, every checkpoint folder carries a manifest
-STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MASKS_FILE = mask_coding.MASKS_FILE
 CONFIG_FILE, HEAD_FILE = "propetl.json", "head.safetensors"
 DENSE_FILE = {"propetl": "prototype.safetensors", "petl": "petl.safetensors", "finetune": "backbone.safetensors",
               "peft": "peft.safetensors"}
-
-
-# ----------------------------------------------------------------------------- counting
-
-def unique_parameters(parameters) -> list[nn.Parameter]:
-    """Parameters deduplicated by identity: a tensor shared by many layers counts once."""
-    seen, out = set(), []
-    for p in parameters:
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out
-
-
-def count(parameters) -> int:
-    return sum(p.numel() for p in unique_parameters(parameters))
-
-
-def dense_parameters(model: nn.Module, method: str, head_names: set[str]) -> dict[str, torch.Tensor]:
-    """Where a checkpoint's float tensors load into: the backbone (finetune), PEFT's LoRA pairs (peft),
-    the PETL store's parameters (petl, propetl)."""
-    if method == "finetune":
-        return {n: p for n, p in model.named_parameters() if n not in head_names}
-    if method == "peft":
-        return methods.peft_parameters(model)
-    return dict(methods.petl_weights(model).weights.items())
-
-
-def stored_dense_tensors(model: nn.Module, method: str, head_names: set[str]) -> dict[str, torch.Tensor]:
-    """The float tensors a task keeps, without the head (ProPETL: the prototype once, as produced)."""
-    if method in ("finetune", "peft"):
-        return {n: p.detach() for n, p in dense_parameters(model, method, head_names).items()}
-    with torch.no_grad():
-        return {n: t.detach() for n, t in methods.petl_weights(model).base_tensors().items()}
-
-
-def stored_masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    weights = methods.petl_weights(model)
-    return {} if weights is None else {name: m.cpu() for name, m in weights.binary_masks().items()}
-
-
-def backbone_params(model: nn.Module, head_names: set[str]) -> int:
-    """Parameters of the pre-trained backbone: everything but the head(s) and the PETL store (or PEFT's LoRA)."""
-    added = methods.peft_parameters(model)
-    return sum(p.numel() for n, p in model.named_parameters()
-               if n not in head_names and n not in added and not n.startswith(methods.WEIGHTS_ATTRIBUTE + "."))
-
-
-def plain_value(cfg, key: str):
-    """cfg's value at a dotted key as plain python (containers resolved): for comparing configs."""
-    value = OmegaConf.select(cfg, key)
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-
-
-def head_tensors(model: nn.Module, head_names: set[str]) -> dict[str, torch.Tensor]:
-    return {n: p.detach() for n, p in model.named_parameters() if n in head_names}
-
-
-def plain_petl_params(cfg, hidden: int, num_layers: int) -> int:
-    """What plain PETL of the same prototype stores: every layer's own module, no masks."""
-    specs = methods.PROTOTYPES[cfg.prototype.name].specs(cfg.prototype, hidden)
-    return num_layers * sum(spec.numel for spec in specs.values())
-
-
-def mask_bytes(entries_per_tensor: list[int]) -> int:
-    """Bytes of bit-packed masks: each mask tensor is padded to whole bytes."""
-    return sum(math.ceil(n / 8) for n in entries_per_tensor)
-
-
-def account(model: nn.Module, cfg, head_names: set[str], backbone_params: int) -> dict:
-    """Every storage figure of a run, as a flat dict of numbers (for metrics.json and W&B)."""
-    method = cfg.method.name
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    head = [p for n, p in model.named_parameters() if n in head_names]
-    head_params = count(head)
-    dense = stored_dense_tensors(model, method, head_names)
-    masks = stored_masks(model)
-    stored_params = sum(t.numel() for t in dense.values())
-    mask_entries = sum(m.numel() for m in masks.values())
-    mask_ones = int(sum(float(m.sum()) for m in masks.values()))
-    bits = 32 * stored_params + mask_entries
-    size_bytes = 4 * stored_params + mask_bytes([m.numel() for m in masks.values()])
-    fp32_equivalent = stored_params + mask_entries / 32
-    if method == "finetune":
-        plain = backbone_params
-    else:
-        plain = plain_petl_params(cfg, model.config.hidden_size, model.config.num_hidden_layers)
-    figures = {
-        "backbone_params": backbone_params,
-        "head_params": head_params,
-        "trainable_params": count(trainable) - head_params,
-        "trainable_params_with_head": count(trainable),
-        "prototype_params": stored_params if method == "propetl" else 0,
-        "stored_params": stored_params,
-        "mask_entries": mask_entries,
-        "mask_ones": mask_ones,
-        "mask_density": (mask_ones / mask_entries) if mask_entries else None,
-        "plain_petl_params": plain,
-        "storage_bits": bits,
-        "storage_bytes": size_bytes,
-        "storage_fp32_params": fp32_equivalent,
-        "storage_percent_of_backbone": 100.0 * fp32_equivalent / backbone_params,
-        "storage_ratio_to_plain_petl": fp32_equivalent / plain,
-        "storage_bits_with_head": bits + 32 * head_params,
-        "storage_bytes_with_head": size_bytes + 4 * head_params,
-        "storage_fp32_params_with_head": fp32_equivalent + head_params,
-        "storage_percent_of_backbone_with_head": 100.0 * (fp32_equivalent + head_params) / backbone_params,
-        "storage_ratio_to_plain_petl_with_head": (fp32_equivalent + head_params) / (plain + head_params),
-    }
-    width = dtype_bytes(cfg)
-    figures.update(storage_settings(cfg), dense_bytes=width * stored_params, plain_petl_bytes_as_stored=width * plain)
-    figures.update(coding_figures([masks], width * stored_params, width * plain))
-    return figures
-
-
-def storage_settings(cfg) -> dict:
-    """How a run's checkpoint is written: {"mask_coding": ..., "dtype": ...} (cfg.storage)."""
-    return {"mask_coding": str(cfg.storage.mask_coding), "dtype": str(cfg.storage.dtype)}
-
-
-def dtype_bytes(cfg) -> int:
-    """Bytes of one stored dense value in cfg.storage.dtype."""
-    return STORAGE_DTYPES[cfg.storage.dtype].itemsize
-
-
-def coding_figures(mask_files: list[dict[str, torch.Tensor]], dense_bytes: int, plain_bytes: float,
-                   tasks: int = 1, ratio_key: str = "storage_ratio_to_plain_petl") -> dict:
-    """The masks' information bound Σ log2 C(n, k) and, for each coding, their coded bytes (each dict of
-    `mask_files` one masks file: digest + payload, as format 2 writes them), bits per mask entry, and
-    `ratio_key`/<coding>: (dense_bytes + those bytes) / tasks / plain_bytes; `ratio_key`/bound the same
-    with the information bound in place of the coded bytes."""
-    entries = sum(m.numel() for masks in mask_files for m in masks.values())
-    information = sum(mask_coding.information_bits_of(masks) for masks in mask_files)
-    out = {"mask_information_bits": information,
-           "mask_bits_per_entry_bound": information / entries if entries else None,
-           f"{ratio_key}/bound": (dense_bytes + information / 8) / tasks / plain_bytes}
-    for coding in mask_coding.CODINGS:
-        size = sum(mask_coding.coded_bytes(masks, coding) for masks in mask_files)
-        out.update({f"mask_bytes/{coding}": size, f"mask_bits_per_entry/{coding}": 8 * size / entries if entries else None,
-                    f"{ratio_key}/{coding}": (dense_bytes + size) / tasks / plain_bytes})
-    return out
 
 
 def file_sizes(checkpoint_dir: Path) -> dict:
@@ -412,62 +264,6 @@ MULTITASK_MATCH_KEYS = ("model.name_or_path", "method.name", "prototype.name", "
                         "mask.combine")
 
 
-def _split_task_layer(stores: dict) -> tuple[dict, dict]:
-    """mask_stores() of a multi-task store -> ({tensor: task LayerMasks}, {tensor: layer LayerMasks})."""
-    tasks = {n[:-len("@task")]: m for n, m in stores.items() if n.endswith("@task") and m.kind != "none"}
-    layers = {n[:-len("@layer")]: m for n, m in stores.items() if n.endswith("@layer") and m.kind != "none"}
-    return tasks, layers
-
-
-def account_multitask(model: nn.Module, cfg, task_names: list[str], backbone_params: int) -> dict:
-    """Storage of one multi-task model for N tasks: the shared part once (prototype in fp32, layer mask
-    bits), the per-task part N times (task mask bits; the head), total and amortised per task, against
-    N separate single-task ProPETL runs and plain PETL per task; and as written (coding_figures: the
-    dense tensors in storage.dtype, the masks in each coding, amortised over the tasks)."""
-    weights = methods.petl_weights(model)
-    shared_params = sum(t.numel() for t in weights.base_tensors().values())
-    task_masks, layer_masks = _split_task_layer(weights.mask_stores())
-    layer_entries = [m.count * m.entries_per_mask for m in layer_masks.values()]
-    task_entries = [m.entries_per_mask for m in task_masks.values()]                    # per task
-    n = len(task_names)
-    shared_bytes = 4 * shared_params + mask_bytes(layer_entries)
-    task_bytes = mask_bytes(task_entries)
-    heads = {t: count(model.heads[t].parameters()) for t in task_names}
-    total = shared_bytes + n * task_bytes
-    total_with_heads = total + 4 * sum(heads.values())
-    plain_params = plain_petl_params(cfg, model.config.hidden_size, model.config.num_hidden_layers)
-    plain = 4 * plain_params
-    separate = shared_bytes               # one single-task run: the prototype + its L layer masks (or one PETL set)
-    return {
-        "tasks": n, "backbone_params": backbone_params, "shared_params": shared_params,
-        "layer_mask_entries": sum(layer_entries), "task_mask_entries_per_task": sum(task_entries),
-        "shared_bytes": shared_bytes, "task_mask_bytes_per_task": task_bytes,
-        "head_params": heads, "head_bytes_per_task_mean": 4 * sum(heads.values()) / n,
-        "total_bytes": total, "total_bytes_with_heads": total_with_heads,
-        "amortised_bytes_per_task": total / n, "amortised_bytes_per_task_with_head": total_with_heads / n,
-        "separate_single_task_bytes_per_task": separate, "plain_petl_bytes_per_task": plain,
-        "amortised_ratio_to_separate": (total / n) / separate,
-        "amortised_ratio_to_plain_petl": (total / n) / plain,
-        "amortised_percent_of_backbone": 100.0 * (total / n) / (4 * backbone_params),
-        **storage_settings(cfg), "mask_entries": sum(layer_entries) + n * sum(task_entries),
-        "dense_bytes": dtype_bytes(cfg) * shared_params, "plain_petl_bytes_as_stored": dtype_bytes(cfg) * plain_params,
-        **coding_figures(multitask_mask_files(model, task_names), dtype_bytes(cfg) * shared_params,
-                         dtype_bytes(cfg) * plain_params, tasks=n, ratio_key="amortised_ratio_to_plain_petl"),
-    }
-
-
-def multitask_mask_files(model: nn.Module, task_names: list[str]) -> list[dict[str, torch.Tensor]]:
-    """The masks of each masks file of a multi-task checkpoint: the layer masks, then each task's ([1, *shape])."""
-    task_masks, layer_masks = _split_task_layer(methods.petl_weights(model).mask_stores())
-    with torch.no_grad():
-        layers = {n: m().cpu() for n, m in layer_masks.items()}
-        tasks = {n: m().cpu() for n, m in task_masks.items()}
-    files = [layers] if layers else []
-    if tasks:
-        files += [{n: m[i:i + 1] for n, m in tasks.items()} for i in range(len(task_names))]
-    return files
-
-
 def multitask_checkpoint_config(cfg, task_names: list[str], num_labels: list[int]) -> dict:
     keep = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "prototype", "method", "mask")}
     keep["data"] = {"protocol": cfg.data.protocol, "split_seed": int(cfg.data.split_seed), "max_length": int(cfg.data.max_length)}
@@ -478,7 +274,7 @@ def multitask_checkpoint_config(cfg, task_names: list[str], num_labels: list[int
 def save_multitask(model: nn.Module, cfg, directory: Path) -> Path:
     """Write a multi-task checkpoint folder atomically: the shared part once, each task's part apart."""
     weights = methods.petl_weights(model)
-    _, layer_masks = _split_task_layer(weights.mask_stores())
+    _, layer_masks = split_task_layer(weights.mask_stores())
     mask_files = multitask_mask_files(model, model.task_names)
     task_files = mask_files[1:] if layer_masks else mask_files
 
@@ -531,7 +327,7 @@ def load_multitask(directory: Path, tasks: list[str] | None = None, cfg=None, ex
     weights = methods.petl_weights(model)
     shared = directory / SHARED_DIR
     dense, _ = read_safetensors(shared / DENSE_FILE[saved["method"]["name"]])
-    task_masks, layer_masks = _split_task_layer(weights.mask_stores())
+    task_masks, layer_masks = split_task_layer(weights.mask_stores())
     with torch.no_grad():
         _copy_into(dict(weights.weights.items()), dense, shared / DENSE_FILE[saved["method"]["name"]])
         if layer_masks:
@@ -546,7 +342,7 @@ def load_task_parts(model: nn.Module, directory: Path, names: list[str], format_
     task's folder is checked against its manifest first (required from format 3 on)."""
     if format_version is None:
         format_version = read_multitask_config(directory)["format_version"]
-    task_masks, _ = _split_task_layer(methods.petl_weights(model).mask_stores())
+    task_masks, _ = split_task_layer(methods.petl_weights(model).mask_stores())
     with torch.no_grad():
         for name in names:
             index, part = model.task_names.index(name), Path(directory) / TASKS_DIR / name
