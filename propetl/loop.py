@@ -169,6 +169,23 @@ def fit(model, train_loader, select, cfg, head_names: set[str], device,
         data_order.set_state(epoch_order)
         logger.info("resuming from %s at epoch %d, step %d", checkpointer.directory, result.epoch + 1, result.steps)
 
+    def train_step(batch) -> float:
+        """One optimizer step on one batch: forward, backward, clip, step, schedule. Returns the batch's loss."""
+        batch = to_device(distributed.shard(batch, ctx), device)
+        with autocast(device, t.precision):
+            loss = train_model(**batch).loss
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def resume_dir():
+        return checkpointer.directory if checkpointer is not None and checkpointer.exists() else None
+
     def save_checkpoint(order_state):
         if checkpointer is None:
             return
@@ -176,48 +193,58 @@ def fit(model, train_loader, select, cfg, head_names: set[str], device,
             raise Diverged(result.steps, "a trainable weight", cfg, resume_dir())
         checkpointer.save(result, model, optimizer, scheduler, scaler, order_state)
 
-    def resume_dir():
-        return checkpointer.directory if checkpointer is not None and checkpointer.exists() else None
+    def stop_if_asked(stop) -> None:
+        if distributed.any_process(ctx, stop.signum is not None):        # every process stops at the same step
+            raise Interrupted(stop.signum or signal.SIGTERM, checkpointer.directory)
 
+    def end_epoch() -> None:
+        """Score the epoch on the selection split, log it, keep the best weights, checkpoint."""
+        selection, score = select(model)
+        record = {"epoch": result.epoch + 1, "step": result.steps, "train_loss": float(np.mean(result.epoch_losses)),
+                  "epoch_seconds": result.epoch_seconds, **{f"select/{k}": v for k, v in selection.items()}}
+        result.history.append(record)
+        result.train_seconds += result.epoch_seconds
+        log_fn(record)
+        logger.info("epoch %d/%d: step %d, train loss %.4f, selection score %.4f, %.0f s", result.epoch + 1, epochs,
+                    result.steps, record["train_loss"], score, result.epoch_seconds)
+        if score > result.best_score:
+            result.best_epoch, result.best_score, result.best_selection = result.epoch + 1, score, selection
+            result.best_state = trainable_state(model)
+        result.epoch, result.step_in_epoch, result.epoch_losses, result.epoch_seconds = result.epoch + 1, 0, [], 0.0
+        save_checkpoint(data_order.get_state())
+
+    save_steps = getattr(checkpointer, "save_steps", None)
     with StopOnSignal() as stop:
         while result.epoch < epochs and result.steps < total_steps:
+            # the epoch's batches: its data order (a resumed epoch replays its order and skips what was done)
             if result.step_in_epoch == 0:
                 epoch_order = data_order.get_state()
             else:
                 data_order.set_state(epoch_order)
             model.train()
             batches = iter(train_loader)
-            for _ in range(result.step_in_epoch):                # a resumed epoch: skip what was done
+            for _ in range(result.step_in_epoch):
                 next(batches)
             start = time.perf_counter()
             step_log.restart(result.steps)
             bar = tqdm(batches, desc=f"epoch {result.epoch + 1}/{epochs}", initial=result.step_in_epoch,
                        total=steps_per_epoch, leave=False, disable=not progress or None)
+
             for batch in bar:
                 result.examples_seen += batch["input_ids"].shape[0]
                 result.tokens_seen += int(batch["attention_mask"].sum())
-                batch = to_device(distributed.shard(batch, ctx), device)
-                with autocast(device, t.precision):
-                    loss = train_model(**batch).loss
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                result.epoch_losses.append(loss.item())
-                if not math.isfinite(result.epoch_losses[-1]):
-                    raise Diverged(result.steps + 1, f"the training loss ({result.epoch_losses[-1]})", cfg, resume_dir())
+                loss = train_step(batch)
+                if not math.isfinite(loss):
+                    raise Diverged(result.steps + 1, f"the training loss ({loss})", cfg, resume_dir())
+                result.epoch_losses.append(loss)
                 result.steps += 1
                 result.step_in_epoch += 1
-                bar.set_postfix(loss=f"{result.epoch_losses[-1]:.4f}")
+                bar.set_postfix(loss=f"{loss:.4f}")
                 step_log.after_step(result.steps, result.epoch_losses, optimizer.param_groups)
                 if result.steps >= total_steps or result.step_in_epoch >= steps_per_epoch:
                     break
-                save_steps = getattr(checkpointer, "save_steps", None)
                 stopping = distributed.any_process(ctx, stop.signum is not None)
-                if stopping or (save_steps and result.steps % save_steps == 0):
+                if stopping or (save_steps and result.steps % save_steps == 0):       # a checkpoint mid-epoch
                     result.epoch_seconds += time.perf_counter() - start
                     start = time.perf_counter()
                     save_checkpoint(epoch_order)
@@ -225,19 +252,6 @@ def fit(model, train_loader, select, cfg, head_names: set[str], device,
                         raise Interrupted(stop.signum or signal.SIGTERM, checkpointer.directory)
             result.epoch_seconds += time.perf_counter() - start
 
-            selection, score = select(model)
-            record = {"epoch": result.epoch + 1, "step": result.steps, "train_loss": float(np.mean(result.epoch_losses)),
-                      "epoch_seconds": result.epoch_seconds, **{f"select/{k}": v for k, v in selection.items()}}
-            result.history.append(record)
-            result.train_seconds += result.epoch_seconds
-            log_fn(record)
-            logger.info("epoch %d/%d: step %d, train loss %.4f, selection score %.4f, %.0f s", result.epoch + 1, epochs,
-                        result.steps, record["train_loss"], score, result.epoch_seconds)
-            if score > result.best_score:
-                result.best_epoch, result.best_score, result.best_selection = result.epoch + 1, score, selection
-                result.best_state = trainable_state(model)
-            result.epoch, result.step_in_epoch, result.epoch_losses, result.epoch_seconds = result.epoch + 1, 0, [], 0.0
-            save_checkpoint(data_order.get_state())
-            if distributed.any_process(ctx, stop.signum is not None):
-                raise Interrupted(stop.signum or signal.SIGTERM, checkpointer.directory)
+            end_epoch()
+            stop_if_asked(stop)
     return result
