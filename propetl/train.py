@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig
 
 import propetl  # noqa: F401  (registers the config resolvers)
-from propetl import data, distributed, log, loop, rundir, storage
+from propetl import data, distributed, log, loop, methods, rundir, storage
 from propetl import metrics as glue_metrics
 from propetl import model as backbone
 from propetl.batches import make_loader
@@ -44,6 +44,7 @@ def begin_run(cfg: DictConfig, output_dir: Path):
     """What every run does first: validate, find a finished run or a checkpoint (either must be of this
     config), record the config, seed, pick the device.
     Returns (finished metrics or None, distributed context, checkpointer, device)."""
+    methods.import_prototype(cfg.prototype)     # a user's prototype whose yaml names its module
     validate(cfg)
     ctx = distributed.from_environment()        # torchrun / accelerate launch: several processes, one run
     checkpointer = Checkpointer(output_dir, cfg, cfg.trainer.save_steps, writes=ctx.is_main)
