@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from conftest import TINY, tiny_batch
@@ -85,6 +86,8 @@ def test_its_yaml_registers_it_and_its_settings_are_validated_in_one_line(bias_c
         bias_cfg("prototype.init_std=-1")
     assert "prototype.init_std" in tuple(storage.MULTITASK_MATCH_KEYS)
     assert "cannot be folded" in methods.not_foldable("bias")
+    with pytest.raises(ConfigError, match=r"^prototype.module='no_such_module' is invalid .*; allowed: .*SETTINGS"):
+        methods.import_prototype(OmegaConf.create({"name": "nope", "module": "no_such_module"}))
 
 
 @pytest.mark.parametrize("method", ["propetl", "petl"])

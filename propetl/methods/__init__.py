@@ -56,23 +56,20 @@ def import_prototype(prototype_cfg) -> None:
     try:
         register_prototype(prototype_cfg.name, importlib.import_module(str(path)))
     except (ImportError, TypeError) as error:
-        raise ConfigError(f"prototype.module={path!r} is invalid: {error}") from None
-
-
-def shape_keys() -> tuple[str, ...]:
-    """prototype.<key> for every registered prototype's SHAPE_KEYS (their union, in registration order)."""
-    keys = (f"prototype.{key}" for module in PROTOTYPES.values() for key in module.SHAPE_KEYS)
-    return tuple(dict.fromkeys(keys))
+        raise ConfigError(f"prototype.module={path!r} is invalid ({error}); allowed: an importable module "
+                          f"defining {', '.join(PROTOTYPE_PARTS)}") from None
 
 
 class WithShapeKeys:
-    """Config keys followed by shape_keys(), read when iterated: a prototype registered later counts too."""
+    """Config keys, then prototype.<key> for every registered prototype's SHAPE_KEYS (their union), read when
+    iterated: a prototype registered later counts too."""
 
     def __init__(self, keys: tuple[str, ...]):
         self.keys = keys
 
     def __iter__(self):
-        return iter(self.keys + shape_keys())
+        shape_keys = (f"prototype.{key}" for module in PROTOTYPES.values() for key in module.SHAPE_KEYS)
+        return iter(dict.fromkeys((*self.keys, *shape_keys)))
 
 
 def not_foldable(prototype_name: str) -> str | None:
