@@ -258,10 +258,8 @@ def _copy_into(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor
 
 SHARED_DIR, TASKS_DIR = "shared", "tasks"
 LAYER_MASKS_FILE, TASK_MASK_FILE = "layer_masks.safetensors", "task_mask.safetensors"
-MULTITASK_MATCH_KEYS = ("model.name_or_path", "method.name", "prototype.name", "prototype.reduction_factor",
-                        "prototype.bottleneck", "prototype.non_linearity", "prototype.r", "prototype.alpha",
-                        "prototype.targets", "prototype.length", "prototype.mlp_hidden", "mask.kind", "mask.sparsity",
-                        "mask.combine")
+MULTITASK_MATCH_KEYS = methods.WithShapeKeys(("model.name_or_path", "method.name", "prototype.name", "mask.kind",
+                                              "mask.sparsity", "mask.combine"))    # + every prototype's SHAPE_KEYS
 
 
 def multitask_checkpoint_config(cfg, task_names: list[str], num_labels: list[int]) -> dict:

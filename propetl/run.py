@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from propetl import checkpoint, data, distributed, log, loop, rundir
+from propetl import checkpoint, data, distributed, log, loop, methods, rundir
 from propetl import model as backbone
 from propetl.files import WriteError
 from propetl.resume import Checkpointer
@@ -42,6 +42,7 @@ def begin_run(cfg: DictConfig, output_dir: Path):
     """What every run does first: validate, find a finished run or a checkpoint (either must be of this
     config), record the config, seed, pick the device.
     Returns (finished metrics or None, distributed context, checkpointer, device)."""
+    methods.import_prototype(cfg.prototype)     # a user's prototype whose yaml names its module
     validate(cfg)
     ctx = distributed.from_environment()        # torchrun / accelerate launch: several processes, one run
     checkpointer = Checkpointer(output_dir, cfg, cfg.trainer.save_steps, writes=ctx.is_main)

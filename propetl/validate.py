@@ -132,20 +132,9 @@ def validate_method(cfg) -> None:
     _learning_rate(cfg, "mask.lr")
     _number_in(cfg, "mask.weight_decay", 0.0, float("inf"))
     _integer(cfg, "mask.seed")
-    name = cfg.prototype.name
-    if name == "adapter":
-        _positive_int(cfg, "prototype.reduction_factor")
-        _positive_int(cfg, "prototype.bottleneck")
-        _one_of(cfg, "prototype.non_linearity", ("relu", "gelu", "tanh"))
-    elif name == "lora":
-        _positive_int(cfg, "prototype.r")
-        _positive_number(cfg, "prototype.alpha")
-        targets = list(cfg.prototype.targets)
-        _require(bool(targets) and set(targets) <= {"query", "key", "value"} and len(set(targets)) == len(targets),
-                 "prototype.targets", targets, "a non-empty list drawn from query, key, value")
-    elif name == "prefix":
-        _positive_int(cfg, "prototype.length")
-        _positive_int(cfg, "prototype.mlp_hidden")
-        if "embedding_std" in cfg.prototype:
-            _positive_number(cfg, "prototype.embedding_std")
+    for field, rule in PROTOTYPES[cfg.prototype.name].SETTINGS.items():   # the prototype module's own rules
+        if not (rule.optional and field not in cfg.prototype):
+            value = OmegaConf.select(cfg.prototype, field)
+            value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+            _require(rule.accepts(value), f"prototype.{field}", value, rule.allowed)
     _learning_rate(cfg, "prototype.lr")

@@ -1,39 +1,90 @@
 """The methods registry: how a backbone becomes finetune / petl / propetl / peft for a prototype.
 
-Each prototype module (adapter, lora, prefix) provides
+A prototype is one module plus one yaml (conf/prototype/<name>.yaml), registered here by
+register_prototype(name, module). The module provides
+    SETTINGS: {field: rules.Rule}                 its yaml's own keys and what each may be (validate.py checks them)
+    SHAPE_KEYS: (field, ...)                      the settings a multi-task base checkpoint must match (storage.py)
+    FOLDABLE: bool                                whether merge() folds it into the backbone's own weights
     specs(cfg, hidden) -> {name: TensorSpec}      the tensors of ONE layer's module
     attach(model, layers, weights, cfg)           wraps the backbone's layers so they read `weights`
-    merge(layers, weights) -> weights | None      folds masks away for inference
+    merge(layers, weights) -> weights | None      folds masks away for inference (None: folded into the backbone)
 and optionally make_weights(...) when its tensors are produced rather than stored (prefix).
+A yaml with `module: my_package.my_prototype` has that module imported and registered when a run starts.
 method=peft (prototype lora only) is the reference row: PEFT's LoRA instead of ours, no PETL store
 (methods/peft_lora.py, imported only on its path: peft is optional).
 """
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+
 import torch
 from torch import nn
 
+from propetl.configs import ConfigError
 from propetl.methods import adapter, lora, prefix
 from propetl.methods.weights import LayerWeights
 
-PROTOTYPES = {"adapter": adapter, "lora": lora, "prefix": prefix}
+PROTOTYPES: dict[str, ModuleType] = {}    # name -> module, filled by register_prototype
+PROTOTYPE_PARTS = ("SETTINGS", "SHAPE_KEYS", "FOLDABLE", "specs", "attach", "merge")
 METHODS = ("propetl", "petl", "finetune", "peft")
 WEIGHTS_ATTRIBUTE = "petl_weights"        # where the store is registered on the model
-FOLDABLE = ("lora",)                      # prototypes merge() folds into the backbone's own weights
 PEFT_MISSING = "method=peft needs the optional package peft: pip install 'propetl[peers]'"
 
 
+def register_prototype(name: str, module: ModuleType) -> None:
+    """Make `module` the prototype `name` (prototype=<name>, with conf/prototype/<name>.yaml on the config path)."""
+    missing = [part for part in PROTOTYPE_PARTS if not hasattr(module, part)]
+    if missing:
+        raise TypeError(f"prototype {name}: module {module.__name__} lacks {', '.join(missing)}")
+    PROTOTYPES[name] = module
+
+
+def unregister_prototype(name: str) -> None:
+    PROTOTYPES.pop(name, None)
+
+
+for _name, _module in (("adapter", adapter), ("lora", lora), ("prefix", prefix)):
+    register_prototype(_name, _module)
+
+
+def import_prototype(prototype_cfg) -> None:
+    """Register the module a user's prototype yaml names (`module: my_package.my_prototype`), once."""
+    path = prototype_cfg.get("module")
+    if prototype_cfg.name in PROTOTYPES or not path:
+        return
+    try:
+        register_prototype(prototype_cfg.name, importlib.import_module(str(path)))
+    except (ImportError, TypeError) as error:
+        raise ConfigError(f"prototype.module={path!r} is invalid ({error}); allowed: an importable module "
+                          f"defining {', '.join(PROTOTYPE_PARTS)}") from None
+
+
+class WithShapeKeys:
+    """Config keys, then prototype.<key> for every registered prototype's SHAPE_KEYS (their union), read when
+    iterated: a prototype registered later counts too."""
+
+    def __init__(self, keys: tuple[str, ...]):
+        self.keys = keys
+
+    def __iter__(self):
+        shape_keys = (f"prototype.{key}" for module in PROTOTYPES.values() for key in module.SHAPE_KEYS)
+        return iter(dict.fromkeys((*self.keys, *shape_keys)))
+
+
 def not_foldable(prototype_name: str) -> str | None:
-    """Why a prototype cannot become plain weights of the backbone (one line), or None for LoRA, which can:
+    """Why a prototype cannot become plain weights of the backbone (one line), or None for one that can (LoRA):
     an adapter adds a module after the feed-forward block and a prefix adds attention positions."""
-    if prototype_name in FOLDABLE:
+    if getattr(PROTOTYPES.get(prototype_name), "FOLDABLE", False):
         return None
+    foldable = [name for name, module in PROTOTYPES.items() if module.FOLDABLE]
     return (f"prototype={prototype_name} cannot be folded into BERT's weights (it adds modules the plain model "
-            f"does not have); only {', '.join(FOLDABLE)} can")
+            f"does not have); only {', '.join(foldable)} can")
 
 
 def make_weights(cfg, hidden: int, num_layers: int, for_training: bool = True, num_tasks: int = 0) -> LayerWeights:
     """The PETL store for cfg.method.name in {petl, propetl} and cfg.prototype (num_tasks > 0: multi-task masks)."""
+    import_prototype(cfg.prototype)
     prototype = PROTOTYPES[cfg.prototype.name]
     shared = cfg.method.name == "propetl"
     mask_kwargs = dict(mask_sparsity=float(cfg.mask.sparsity), mask_kind=cfg.mask.kind, mask_seed=int(cfg.mask.seed),

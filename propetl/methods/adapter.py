@@ -15,9 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from propetl.methods import rules
 from propetl.methods.weights import LayerWeights, TensorSpec, bind
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
+SETTINGS = {"reduction_factor": rules.positive_int(), "bottleneck": rules.positive_int(),
+            "non_linearity": rules.one_of(ACTIVATIONS)}          # conf/prototype/adapter.yaml's own keys
+SHAPE_KEYS = ("reduction_factor", "bottleneck", "non_linearity")  # what a multi-task base checkpoint must match
+FOLDABLE = False                        # a module after the feed-forward block: not a weight of plain BERT
 
 
 def specs(cfg, hidden: int) -> dict[str, TensorSpec]:

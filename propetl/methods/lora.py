@@ -12,7 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from propetl.methods import rules
 from propetl.methods.weights import LayerWeights, TensorSpec, bind
+
+TARGETS = ("query", "key", "value")
+SETTINGS = {"r": rules.positive_int(), "alpha": rules.positive_number(), "targets": rules.distinct_list_of(TARGETS)}
+SHAPE_KEYS = ("r", "alpha", "targets")  # what a multi-task base checkpoint must match
+FOLDABLE = True                         # merge() folds every update into the frozen W_q / W_v
 
 
 def specs(cfg, hidden: int) -> dict[str, TensorSpec]:

@@ -21,9 +21,14 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from propetl.methods import rules
 from propetl.methods.weights import LayerWeights, TensorSpec
 
 ATTENTION_NAME = "propetl_prefix"
+SETTINGS = {"length": rules.positive_int(), "mlp_hidden": rules.positive_int(),
+            "embedding_std": rules.positive_number(optional=True)}
+SHAPE_KEYS = ("length", "mlp_hidden")   # what a multi-task base checkpoint must match
+FOLDABLE = False                        # extra attention positions: not a weight of plain BERT
 
 
 def prefix_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):

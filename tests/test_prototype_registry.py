@@ -1,0 +1,118 @@
+"""A fourth prototype is one module and one yaml. This file IS that module: a masked bias added to every
+layer's feed-forward output (SETTINGS, SHAPE_KEYS, FOLDABLE, specs, attach, merge below), and the tests
+register it through its yaml (`module: test_prototype_registry`) in a config folder of their own."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from conftest import TINY, tiny_batch
+from propetl import accounting, checkpoint, configs, methods
+from propetl import model as backbone
+from propetl.methods import rules
+from propetl.methods.weights import LayerWeights, TensorSpec, bind
+from propetl.validate import ConfigError, validate
+
+# ----------------------------------------------------------------------------- the prototype
+
+SETTINGS = {"init_std": rules.positive_number()}
+SHAPE_KEYS = ("init_std",)
+FOLDABLE = False
+YAML = """name: bias
+module: test_prototype_registry            # this file: imported and registered when a run starts
+init_std: 0.02
+lr: 1.0e-3
+mask_sparsity: 0.5
+mask_lr: 1.0e-2
+"""
+
+
+def specs(cfg, hidden: int) -> dict[str, TensorSpec]:
+    return {"bias": TensorSpec((hidden,), f"normal:{cfg.init_std}", masked=True)}
+
+
+class BiasedOutput(nn.Module):
+    """A BERT layer's `output` block, then + the layer's (masked) bias."""
+
+    def __init__(self, original: nn.Module, weights: LayerWeights, layer_index: int):
+        super().__init__()
+        self.original, self.layer_index = original, layer_index
+        bind(self, weights)
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        return self.original(hidden_states, input_tensor) + self.weights.layer(self.layer_index)["bias"]
+
+
+def attach(model: nn.Module, layers: nn.ModuleList, weights: LayerWeights, cfg) -> None:
+    for index, layer in enumerate(layers):
+        layer.output = BiasedOutput(layer.output, weights, index)
+
+
+def merge(layers: nn.ModuleList, weights: LayerWeights) -> LayerWeights:
+    plain = weights.to_plain()
+    for layer in layers:
+        bind(layer.output, plain)
+    return plain
+
+
+# ----------------------------------------------------------------------------- the tests
+
+@pytest.fixture
+def bias_cfg(tiny_model_dir, tmp_path):
+    """Configs with prototype=bias from a config folder of the test's own; the prototype unregistered after."""
+    (tmp_path / "conf" / "prototype").mkdir(parents=True)
+    (tmp_path / "conf" / "prototype" / "bias.yaml").write_text(YAML)
+    search_path = [f"file://{tmp_path / 'conf'}"]
+
+    def make(*overrides: str):
+        cfg = configs.compose([f"model.name_or_path={tiny_model_dir}", "model.name=tiny",
+                               f"model.hidden_size={TINY['hidden']}", f"model.num_layers={TINY['layers']}",
+                               "logger.mode=disabled", "prototype=bias", *overrides], search_path)
+        methods.import_prototype(cfg.prototype)            # what train.begin_run does
+        validate(cfg, search_path)
+        return cfg
+    yield make
+    methods.unregister_prototype("bias")
+
+
+def test_its_yaml_registers_it_and_its_settings_are_validated_in_one_line(bias_cfg):
+    bias_cfg()
+    assert methods.PROTOTYPES["bias"] is sys.modules[__name__]
+    with pytest.raises(ConfigError, match=r"^prototype.init_std=-1 is invalid; allowed: a positive number$"):
+        bias_cfg("prototype.init_std=-1")
+    assert "prototype.init_std" in tuple(checkpoint.MULTITASK_MATCH_KEYS)
+    assert "cannot be folded" in methods.not_foldable("bias")
+    with pytest.raises(ConfigError, match=r"^prototype.module='no_such_module' is invalid .*; allowed: .*SETTINGS"):
+        methods.import_prototype(OmegaConf.create({"name": "nope", "module": "no_such_module"}))
+
+
+@pytest.mark.parametrize("method", ["propetl", "petl"])
+def test_it_trains_counts_and_reloads(bias_cfg, tmp_path, method):
+    cfg = bias_cfg(f"method={method}")
+    torch.manual_seed(0)
+    model = backbone.build(cfg, 2)
+    model(**tiny_batch()).loss.backward()
+    weights = methods.petl_weights(model)
+    assert weights.weights["bias"].grad.abs().sum() > 0
+    scores = [p for n, p in weights.named_parameters() if n.endswith("scores")]
+    assert len(scores) == (method == "propetl") and (method == "petl" or scores[0].grad.abs().sum() > 0)
+
+    heads = backbone.head_parameter_names(model)
+    figures = accounting.account(model, cfg, heads, backbone_params=1000)
+    hidden, layers = TINY["hidden"], TINY["layers"]
+    if method == "propetl":      # the prototype once, one bit per mask entry
+        assert (figures["stored_params"], figures["mask_entries"]) == (hidden, layers * hidden)
+    else:
+        assert (figures["stored_params"], figures["mask_entries"]) == (layers * hidden, 0)
+
+    checkpoint.save_checkpoint(model, cfg, heads, tmp_path / "checkpoint")
+    loaded, _ = checkpoint.load_checkpoint(tmp_path / "checkpoint")
+    batch = tiny_batch(seed=5)
+    batch.pop("labels")
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, loaded(**batch).logits)
