@@ -234,8 +234,9 @@ def fit(model, train_loader, select, cfg, head_names: set[str], device,
                 result.examples_seen += batch["input_ids"].shape[0]
                 result.tokens_seen += int(batch["attention_mask"].sum())
                 loss = train_step(batch)
-                if not math.isfinite(loss):
-                    raise Diverged(result.steps + 1, f"the training loss ({loss})", cfg, resume_dir())
+                if distributed.any_process(ctx, not math.isfinite(loss)):     # every process stops at this step
+                    raise Diverged(result.steps + 1, f"the training loss ({loss} here; not finite on at least one "
+                                   f"process)" if math.isfinite(loss) else f"the training loss ({loss})", cfg, resume_dir())
                 result.epoch_losses.append(loss)
                 result.steps += 1
                 result.step_in_epoch += 1

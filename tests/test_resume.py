@@ -220,3 +220,36 @@ def test_never_unpickles(saved, monkeypatch):
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(torch, "load", refuse)
     checkpoint.load_checkpoint(saved)
+
+
+def test_a_loss_gone_bad_on_any_process_stops_every_process_at_that_step(tiny_text_model_dir, glue_dir, monkeypatch):
+    """Data-parallel: each process sees its own slice, so one process's loss can be NaN while another's is not.
+    The check goes through distributed.any_process, so every process raises Diverged at the same step (none
+    waits forever in the next all-reduce). Here a stand-in for another process reports a NaN at step 2."""
+    import datasets
+    import torch
+
+    from propetl import distributed, loop
+    from propetl import model as backbone
+    from propetl.batches import make_loader
+
+    cfg = compose_cfg([*tiny_text_overrides(tiny_text_model_dir, glue_dir), *RUN, "trainer.epochs=1"])
+    torch.manual_seed(0)
+    model = backbone.build(cfg, 2)
+    rows = datasets.Dataset.from_dict({"text_a": ["a cat sat", "the dog ran far"] * 8, "text_b": ["yes", "no"] * 8,
+                                       "label": [0, 1] * 8})
+    loader = make_loader(rows, backbone.load_tokenizer(cfg.model), 32, False, 4, True, 0)
+    calls = []
+    real_any_process = distributed.any_process
+
+    def another_process_diverges_at_step_2(ctx, flag):
+        if len(calls) < 8:
+            calls.append(flag)
+        return real_any_process(ctx, flag) or len(calls) == 3      # calls: loss 1, stop 1, loss 2 (NaN there)
+
+    monkeypatch.setattr(distributed, "any_process", another_process_diverges_at_step_2)
+    with pytest.raises(loop.Diverged) as stopped:
+        loop.fit(model, loader, lambda m: ({}, 0.0), cfg, backbone.head_parameter_names(model), torch.device("cpu"))
+    message = str(stopped.value)
+    assert "training stopped at step 2" in message and "not finite on at least one process" in message
+    assert "\n" not in message and calls == [False, False, False]        # finite here, every time
