@@ -28,12 +28,30 @@ def searchpath_override(search_path: Sequence[str]) -> list[str]:
     return [f"hydra.searchpath=[{','.join(search_path)}]"] if search_path else []
 
 
+_TOOL_SEARCH_PATH: list[str] = []        # propetl-eval / propetl-export --config-dir, for the tool's run (config_dirs)
+
+
+@contextmanager
+def config_dirs(folders: Sequence[str]) -> Iterator[None]:
+    """A tool's --config-dir folders after the shipped configs, for the block: a checkpoint of a user's task,
+    model or prototype is then read as propetl-train wrote it. A folder that does not exist is one line."""
+    for folder in folders:
+        if not Path(folder).is_dir():
+            raise ConfigError(f"--config-dir {folder}: no such folder")
+    previous = list(_TOOL_SEARCH_PATH)
+    _TOOL_SEARCH_PATH[:] = [f"file://{Path(folder).resolve()}" for folder in folders]
+    try:
+        yield
+    finally:
+        _TOOL_SEARCH_PATH[:] = previous
+
+
 def run_search_path() -> list[str]:
     """Inside propetl-train: the run's hydra.searchpath (its --config-dir is in Hydra's loader already);
-    elsewhere none."""
+    in propetl-eval / propetl-export: their --config-dir (config_dirs); elsewhere none."""
     from hydra.core.hydra_config import HydraConfig
 
-    return list(HydraConfig.get().searchpath) if HydraConfig.initialized() else []
+    return list(HydraConfig.get().searchpath) if HydraConfig.initialized() else list(_TOOL_SEARCH_PATH)
 
 
 @contextmanager

@@ -118,14 +118,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--format", choices=FORMATS, required=True, dest="output_format",
                         help="hf: LoRA merged, for AutoModelForSequenceClassification; peft: a PEFT LoRA adapter")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--config-dir", action="append", default=[], metavar="DIR",
+                        help="a folder of your own task/model/prototype configs, as given to propetl-train (repeatable)")
     args = parser.parse_args(argv)
 
+    from propetl.configs import ConfigError, config_dirs
     from propetl.files import CheckpointError, WriteError
     from propetl.model import ModelError
 
     try:
-        written = export(args.checkpoint, args.out, args.output_format, args.overwrite)
-    except (ExportError, CheckpointError, ModelError, WriteError) as error:
+        with config_dirs(args.config_dir):
+            written = export(args.checkpoint, args.out, args.output_format, args.overwrite)
+    except (ExportError, CheckpointError, ModelError, WriteError, ConfigError) as error:
         print(f"propetl-export: error: {error}", file=sys.stderr)
         sys.exit(2)
     print(written)

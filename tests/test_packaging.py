@@ -14,7 +14,9 @@ from omegaconf import OmegaConf
 
 from conftest import tiny_text_overrides
 from propetl.command_line import check_command_line
-from propetl.configs import CONF_DIR, ConfigError, compose, group_choices, group_option
+from propetl.checkpoint import CheckpointError
+from propetl.configs import CONF_DIR, ConfigError, compose, config_dirs, group_choices, group_option
+from propetl.evaluate import evaluate_checkpoint
 from propetl.validate import validate
 from test_cli import propetl_train
 
@@ -77,6 +79,12 @@ def test_a_user_task_trains_through_config_dir(tmp_path, glue_dir, tiny_text_mod
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert (metrics["task"], metrics["steps"]) == ("mytask", 2) and 0 <= metrics["glue_score"] <= 1
+    # propetl-eval (and propetl-export) read the run's checkpoint with the same --config-dir, and only with it
+    with pytest.raises(CheckpointError, match="task.name='mytask' is invalid; allowed: cola, "):
+        evaluate_checkpoint(tmp_path / "run" / "checkpoint", "test", data_dir=glue_dir)
+    with config_dirs([str(folder)]):
+        scored = evaluate_checkpoint(tmp_path / "run" / "checkpoint", "test", merge=False, data_dir=glue_dir)
+    assert scored["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
 
 
 def test_the_wheel_holds_every_config_and_the_light_entry(tmp_path):
