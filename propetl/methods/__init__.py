@@ -3,7 +3,7 @@
 A prototype is one module plus one yaml (conf/prototype/<name>.yaml), registered here by
 register_prototype(name, module). The module provides
     SETTINGS: {field: rules.Rule}                 its yaml's own keys and what each may be (validate.py checks them)
-    SHAPE_KEYS: (field, ...)                      the settings a multi-task base checkpoint must match (storage.py)
+    SHAPE_KEYS: (field, ...)                      the settings a multi-task base checkpoint must match (checkpoint.py)
     FOLDABLE: bool                                whether merge() folds it into the backbone's own weights
     specs(cfg, hidden) -> {name: TensorSpec}      the tensors of ONE layer's module
     attach(model, layers, weights, cfg)           wraps the backbone's layers so they read `weights`
