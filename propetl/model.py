@@ -133,6 +133,11 @@ class MultiTaskModel(nn.Module):
     def base_model_prefix(self) -> str:
         return "encoder"
 
+    def set_attn_implementation(self, name: str) -> None:
+        """Prefix tuning routes self-attention through its own function (methods/prefix.py): the encoder,
+        a transformers model, switches to it."""
+        self.encoder.set_attn_implementation(name)
+
     def head_names(self, tasks=None) -> set[str]:
         tasks = self.task_names if tasks is None else tasks
         return {n for n, _ in self.named_parameters() if any(n.startswith(f"heads.{t}.") for t in tasks)}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import compose_cfg, tiny_text_overrides
+from conftest import compose_cfg, tiny_batch, tiny_text_overrides
 from propetl import accounting, checkpoint, loop, mask_coding, methods
 from propetl.batches import PadCollator, tokenise
 from propetl.data import load_glue
@@ -169,3 +169,26 @@ def test_a_base_checkpoint_with_other_settings_is_refused(trained, tmp_path, tin
         train(run_cfg(tiny_text_model_dir, glue_dir, "tasks=[mrpc]", "mask.sparsity=0.5",
                       f"multitask.base_checkpoint={base / 'checkpoint'}"), tmp_path / "x")
     assert "mask.sparsity=0.9" in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("prototype", ["adapter", "lora", "prefix"])
+def test_every_prototype_builds_and_trains_a_multitask_model(tiny_cfg, prototype):
+    """One forward/backward per task: a finite loss, and gradients reach the prototype and the mask scores
+    (prefix: the encoder switches to the prefix attention, which the wrapping nn.Module alone cannot)."""
+    from propetl.model import MultiTaskModel
+
+    cfg = tiny_cfg("mode=multitask", "tasks=[rte,stsb]", f"prototype={prototype}")
+    torch.manual_seed(0)
+    model = MultiTaskModel(cfg, ["rte", "stsb"], [2, 1])
+    weights = methods.petl_weights(model)
+    scores = {id(p) for p in weights.score_parameters()}
+    for index, labels in enumerate((torch.tensor([0, 1]), torch.tensor([0.2, 0.9]))):
+        batch = tiny_batch(batch=2)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    task=torch.full((2,), index), labels=labels)
+        assert torch.isfinite(out.loss)
+        model.zero_grad()
+        out.loss.backward()
+        grads = [(id(p) in scores, p.grad) for p in weights.parameters() if p.requires_grad]
+        assert any(g is not None and bool(g.abs().sum() > 0) for is_score, g in grads if not is_score)   # prototype
+        assert any(g is not None for is_score, g in grads if is_score)                                   # masks
