@@ -7,12 +7,11 @@ Light on purpose (Hydra and OmegaConf only): it runs before anything heavy is im
 from __future__ import annotations
 
 import difflib
-import os
 from collections.abc import Sequence
 
 from omegaconf import DictConfig
 
-from propetl.configs import PRIMARY_CONFIG, ConfigError, compose, require_option
+from propetl.configs import PRIMARY_CONFIG, ConfigError, compose, config_dir_entry, require_option
 
 SWEEP_FUNCTIONS = ("glob(", "range(", "choice(", "interval(", "[")     # a group swept by a function: not checked
 GROUPS = ("model", "task", "prototype", "method", "mask", "trainer", "logger", "data", "experiment", "profile")
@@ -35,10 +34,7 @@ def search_path_of(args) -> list[str]:
     for override in OverridesParser.create().parse_overrides([o for o in args.overrides if o.startswith("hydra.searchpath=")]):
         search_path += list(override.value())
     if args.config_dir is not None:
-        folder = os.path.abspath(args.config_dir)
-        if not os.path.isdir(folder):
-            raise ConfigError(f"--config-dir {args.config_dir}: no such folder")
-        search_path.append(f"file://{folder}")
+        search_path.append(config_dir_entry(args.config_dir))
     return search_path
 
 

@@ -9,6 +9,7 @@ Light on purpose (Hydra and OmegaConf only): `propetl-train --help` and the comm
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,15 +32,21 @@ def searchpath_override(search_path: Sequence[str]) -> list[str]:
 _TOOL_SEARCH_PATH: list[str] = []        # propetl-eval / propetl-export --config-dir, for the tool's run (config_dirs)
 
 
+def config_dir_entry(folder: str) -> str:
+    """A --config-dir folder as a search path entry (file:///abs/folder); one line if there is no such folder."""
+    absolute = os.path.abspath(folder)
+    if not os.path.isdir(absolute):
+        raise ConfigError(f"--config-dir {folder}: no such folder")
+    return f"file://{absolute}"
+
+
 @contextmanager
 def config_dirs(folders: Sequence[str]) -> Iterator[None]:
     """A tool's --config-dir folders after the shipped configs, for the block: a checkpoint of a user's task,
     model or prototype is then read as propetl-train wrote it. A folder that does not exist is one line."""
-    for folder in folders:
-        if not Path(folder).is_dir():
-            raise ConfigError(f"--config-dir {folder}: no such folder")
+    entries = [config_dir_entry(folder) for folder in folders]
     previous = list(_TOOL_SEARCH_PATH)
-    _TOOL_SEARCH_PATH[:] = [f"file://{Path(folder).resolve()}" for folder in folders]
+    _TOOL_SEARCH_PATH[:] = entries
     try:
         yield
     finally:

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from propetl.configs import ConfigError, group_choices
 from propetl.mask_coding import CODINGS
 from propetl.masks import COMBINES, MASK_KINDS
-from propetl.methods import METHODS, PROTOTYPES, peft_missing
+from propetl.methods import METHODS, PROTOTYPES, peft_missing, rules
 from propetl.accounting import STORAGE_DTYPES
 
 
@@ -21,19 +21,23 @@ def _require(ok: bool, key: str, value, allowed: str) -> None:
         raise ConfigError(f"{key}={value!r} is invalid; allowed: {allowed}")
 
 
-def _integer(cfg, key: str) -> None:
+def _check(cfg, key: str, rule: rules.Rule) -> None:
+    """cfg's value at `key` (a list or mapping as plain python) against `rule`: its one-line error if refused."""
     value = OmegaConf.select(cfg, key)
-    _require(isinstance(value, int) and not isinstance(value, bool), key, value, "an integer")
+    value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    _require(rule.accepts(value), key, value, rule.allowed)
+
+
+def _integer(cfg, key: str) -> None:
+    _check(cfg, key, rules.integer())
 
 
 def _positive_int(cfg, key: str) -> None:
-    value = OmegaConf.select(cfg, key)
-    _require(isinstance(value, int) and not isinstance(value, bool) and value > 0, key, value, "a positive integer")
+    _check(cfg, key, rules.positive_int())
 
 
 def _positive_number(cfg, key: str) -> None:
-    value = OmegaConf.select(cfg, key)
-    _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0, key, value, "a positive number")
+    _check(cfg, key, rules.positive_number())
 
 
 def _learning_rate(cfg, key: str) -> None:
@@ -51,8 +55,7 @@ def _number_in(cfg, key: str, low: float, high: float, high_open: bool = True) -
 
 
 def _one_of(cfg, key: str, choices) -> None:
-    value = OmegaConf.select(cfg, key)
-    _require(value in choices, key, value, ", ".join(map(str, choices)))
+    _check(cfg, key, rules.one_of(choices))
 
 
 def validate(cfg, search_path=None) -> None:
@@ -134,7 +137,5 @@ def validate_method(cfg) -> None:
     _integer(cfg, "mask.seed")
     for field, rule in PROTOTYPES[cfg.prototype.name].SETTINGS.items():   # the prototype module's own rules
         if not (rule.optional and field not in cfg.prototype):
-            value = OmegaConf.select(cfg.prototype, field)
-            value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
-            _require(rule.accepts(value), f"prototype.{field}", value, rule.allowed)
+            _check(cfg, f"prototype.{field}", rule)
     _learning_rate(cfg, "prototype.lr")

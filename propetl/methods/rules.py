@@ -1,6 +1,7 @@
 """What a prototype's own settings may be: each prototype module declares SETTINGS, field -> Rule, and
 validate.py turns a value a rule refuses into its one-line error (`prototype.r=0 is invalid; allowed: ...`).
-Here, not in validate.py, so that prototype modules declare them without importing the validation."""
+Here, not in validate.py, so that prototype modules declare them without importing the validation; validate.py
+checks every other config value through the same rules."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -20,6 +21,10 @@ def _is_int(value) -> bool:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def integer(optional: bool = False) -> Rule:
+    return Rule(_is_int, "an integer", optional)
 
 
 def positive_int(optional: bool = False) -> Rule:
