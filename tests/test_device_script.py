@@ -4,16 +4,21 @@ the archive that brings the runs back (scripts/pack_runs.py), the deadline, and 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
 import itertools
 import os
+import re
+import shlex
 import subprocess
 import sys
 import tarfile
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,6 +47,26 @@ def test_gpu_parts_cover_the_priorities_in_order():
         reproduce.part_names(["z"])
     order = [part[0] for part in parts]
     assert order == sorted(order)                                                 # a, b, c, d, e
+
+
+def test_the_bundle_brings_every_dependency_the_gpu_image_lacks():
+    """A loan once lost every ProPETL run to `No module named 'constriction'`: a dependency added to pyproject.toml
+    but not to scripts/device_bundle.sh. Every dependency (and what the bundled packages need) is bundled, in the
+    image (IMAGE_HAS), or wandb (a stand-in there)."""
+    def name(requirement: str) -> str:
+        return re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.\-]+", requirement).group(0)).lower()
+
+    script = (REPO / "scripts" / "device_bundle.sh").read_text()
+    lists = {key: set(shlex.split(value)) for key, value in re.findall(r'^(BUNDLED|IMAGE_HAS)="([^"]*)"', script, re.M)}
+    bundled, image = lists["BUNDLED"], lists["IMAGE_HAS"]
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    needed = {name(r) for r in pyproject["dependencies"] + pyproject["optional-dependencies"]["peers"]}
+    for package in bundled:
+        needed |= {name(r) for r in importlib.metadata.requires(package) or []
+                   if Requirement(r).marker is None or Requirement(r).marker.evaluate({"extra": ""})}
+    missing = needed - bundled - image - {"wandb", "antlr4-python3-runtime"}
+    assert not missing, f"add to BUNDLED or IMAGE_HAS in scripts/device_bundle.sh: {sorted(missing)}"
+    assert "import constriction" in (REPO / "scripts" / "device_reproduce.sh").read_text()
 
 
 def test_sparsity_sweep_leaves_the_table1_points_out():
