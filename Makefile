@@ -46,9 +46,10 @@ tables:  ## rebuild tables and plots from outputs/reproduce/$(PROFILE) into outp
 device-reproduce:  ## the gpu reproduction on a lent GPU in parts (PART="a1 a2" | a | all; SMOKE=1: every part briefly, on this CPU)
 	bash scripts/device_reproduce.sh $(or $(PART),all) $(if $(SMOKE),--smoke)
 
-device-results:  ## unpack a lent GPU's runs (ARCHIVE=.../gpu-runs.tar.gz) into outputs/, then `make results PROFILE=gpu`
+device-results:  ## unpack a lent GPU's runs (ARCHIVE=.../gpu-runs.tar.gz) into outputs/, build results/gpu/, keep the archive there for the next loan
 	$(PYTHON) scripts/pack_runs.py unpack $(ARCHIVE) outputs
 	$(PYTHON) scripts/collect_results.py --profile gpu
+	cp $(ARCHIVE) results/gpu/gpu-runs.tar.gz.tmp && mv results/gpu/gpu-runs.tar.gz.tmp results/gpu/gpu-runs.tar.gz
 
 bench:  ## step-time benchmark: propetl against petl per prototype, and merged inference
 	$(PYTHON) scripts/bench_step.py

@@ -11,8 +11,8 @@
 # $BASE/tables/gpu/. What comes back from $OUT (8 files at most, 2 folders deep): gpu-runs.tar.gz (every finished
 # run's small evidence, the finished-part markers and the tables; scripts/pack_runs.py), table.md, device.log.
 # Runs with a metrics.json are skipped and parts whose sweeps all ended are skipped whole, so parts spread over
-# commands and loans: unpack gpu-runs.tar.gz into outputs/ here (`make device-results`), and carry
-# .device/runs/gpu-runs.tar.gz on the next loan. At DEADLINE_S (510 s) the runs are stopped with SIGTERM (each
+# commands and loans: `make device-results ARCHIVE=...` here unpacks gpu-runs.tar.gz into outputs/, builds results/gpu/
+# and keeps the archive there (results/gpu/gpu-runs.tar.gz), where the next loan finds it. At DEADLINE_S (510 s) the runs are stopped with SIGTERM (each
 # writes its resume checkpoint: a later command on the same machine continues it), then tables and the archive.
 #
 # Sizing (parts of GPU_PARTS in scripts/reproduce.py; 3 seeds; the reference's 20 epochs (SST-2 10) at batch 128):
@@ -22,12 +22,12 @@
 #   a3    Table 1 STS-B                            21      18,900    1.5 min     3.6 min
 #   a4    Table 1 CoLA                             21      28,140    0.8 min     4.9 min
 #   b     fine-tuning, 4 small tasks               12       9,660    0.5 min     2.3-4 min (disk: 65 GB of resume state)
-#   c1    RTE: sparsity sweep + mask ablation      54      21,600    1.2 min     4.8 min
-#   c2    STS-B: sparsity sweep                    36      32,400    1.7 min     5.7 min
-#   c3    STS-B: mask ablation                     18      16,200    0.7 min     2.8 min
+#   c1    STS-B: sparsity sweep                    36      32,400    1.7 min     5.7 min
+#   c2    STS-B: mask ablation                     18      16,200    0.7 min     2.8 min
 #   d1-3  SST-2 petl+propetl, one prototype each    6      31,140    0.8-0.9     4.7 min each
 #   d4    SST-2 PEFT LoRA + fine-tuning             6      31,140    1.6 min     5.6 min
 #   e1,e2 multi-task (4 small tasks) petl/propetl   9      28,980    1.5, 1.6    4.5 min each
+#   f     RTE: sparsity sweep + mask ablation      54      21,600    1.2 min     4.8 min (last: RTE at chance)
 #   all                                           246    ~330,000   15.3 min    ~58 min: ~8 loans of one command
 # *  measured here: `--smoke` (29 runs, one a sweep or two), wall time of each part on the 2-core VM in a clean-clone
 #    CI run (`make test-device-smoke`, 2026-11-27; mostly Python imports and model loading).
@@ -142,9 +142,12 @@ if (( ! SMOKE )) && ! "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.i
 fi
 export TOKENIZERS_PARALLELISM=false
 
-# Runs a previous loan returned (carried as .device/runs/gpu-runs.tar.gz): finished runs and parts are skipped.
-if (( ! SMOKE )) && [[ -f .device/runs/gpu-runs.tar.gz && ! -d $BASE/reproduce/gpu ]]; then
-    "$PYTHON" scripts/pack_runs.py unpack .device/runs/gpu-runs.tar.gz "$BASE" || exit 2
+# Runs the previous loans returned (`make device-results` keeps their archive as results/gpu/gpu-runs.tar.gz, which
+# travels with the tree; or carried as .device/runs/gpu-runs.tar.gz): finished runs and parts are skipped.
+previous=.device/runs/gpu-runs.tar.gz
+[[ -f $previous ]] || previous=results/gpu/gpu-runs.tar.gz
+if (( ! SMOKE )) && [[ -f $previous && ! -d $BASE/reproduce/gpu ]]; then
+    "$PYTHON" scripts/pack_runs.py unpack "$previous" "$BASE" || exit 2
 fi
 
 if (( SMOKE )); then
