@@ -59,16 +59,28 @@ def hydra_entry(cfg: DictConfig) -> float:
         log.finish_wandb()
 
 
+DEFAULT_OUTPUTS = "outputs"        # conf/hydra/default.yaml's run and sweep folders are under it, in the working folder
+
+
 def check_output_folder(argv: list[str]) -> None:
-    """A hydra.run.dir (with -m: hydra.sweep.dir) given on the command line that cannot be written: one line
-    before Hydra starts (Hydra would fail with a traceback opening the run's log file there)."""
+    """A hydra.run.dir (with -m: hydra.sweep.dir) given on the command line that cannot be written, or, with none
+    given (nor an experiment=, a --config-dir or a flag such as --help), a working folder where the default
+    outputs/ cannot be made: one line before Hydra starts (Hydra would fail with a traceback opening the run's
+    log file there)."""
     from propetl.files import unwritable
 
     key = "hydra.sweep.dir=" if any(a in ("-m", "--multirun") for a in argv) else "hydra.run.dir="
     given = [a.split("=", 1)[1] for a in argv if a.startswith(key)]
-    problem = unwritable(Path(given[-1])) if given else None
-    if problem:
-        raise ConfigError(f"{key}{given[-1]} cannot be written: {problem}; choose another folder")
+    if given:
+        if problem := unwritable(Path(given[-1])):
+            raise ConfigError(f"{key}{given[-1]} cannot be written: {problem}; choose another folder")
+        return
+    if any(a.startswith(("experiment=", "+experiment=")) or a.startswith("-") and a not in ("-m", "--multirun")
+           for a in argv):                       # an overlay's folder, --config-dir's, or a flag (--help, --cfg job)
+        return
+    if problem := unwritable(Path(DEFAULT_OUTPUTS)):
+        raise ConfigError(f"the default output folder {Path(DEFAULT_OUTPUTS).absolute()} cannot be written: {problem}; "
+                          f"run from a writable folder or give {key}FOLDER")
 
 
 def main() -> None:

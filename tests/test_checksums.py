@@ -299,6 +299,12 @@ def test_an_unwritable_run_folder_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda path, mode: False)          # a read-only folder (root ignores chmod)
     with pytest.raises(ConfigError, match="is not writable; choose another folder"):
         check_output_folder(["-m", f"hydra.sweep.dir={tmp_path}/sweep"])
+    monkeypatch.chdir(tmp_path)                                          # no folder given: the default outputs/
+    with pytest.raises(ConfigError, match=f"default output folder {tmp_path}/outputs cannot be written: {tmp_path} "
+                                          f"is not writable; run from a writable folder or give hydra.run.dir=FOLDER"):
+        check_output_folder(["task=rte"])
+    check_output_folder(["experiment=table1"])                           # an overlay may set its own folder
+    check_output_folder(["--help"])
 
 
 def test_a_write_refused_mid_run_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch):
