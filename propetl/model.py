@@ -6,6 +6,7 @@ local folder, and hub model ids (for users with hub access). Weights load from s
 """
 from __future__ import annotations
 
+import copy
 import os
 from importlib.resources import files
 
@@ -45,7 +46,8 @@ def load_backbone(model_cfg, num_labels: int) -> nn.Module:
     hf_logging.set_verbosity_error()                 # the "classifier MISSING" load report is expected
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, use_safetensors=True)
+        model = AutoModelForSequenceClassification.from_pretrained(   # a saved head of another label count: a new one
+            path, num_labels=num_labels, use_safetensors=True, ignore_mismatched_sizes=True)
     except OSError as error:
         if os.path.isdir(path):
             hint = " (weights load from safetensors only, never a pickled pytorch_model.bin)"
@@ -96,38 +98,57 @@ def build(cfg, num_labels: int, for_training: bool = True) -> nn.Module:
 class TaskHead(nn.Module):
     """dense + tanh on the first token (BERT's pooler, RoBERTa's head), dropout, classifier [h -> labels]."""
 
-    def __init__(self, hidden: int, num_labels: int, dropout: float, pooler: nn.Linear | None = None):
+    def __init__(self, dense: nn.Linear, dropout: float, classifier: nn.Linear):
         super().__init__()
-        self.dense = nn.Linear(hidden, hidden)
-        if pooler is not None:                       # start from the pre-trained pooler where there is one
-            self.dense.load_state_dict(pooler.state_dict())
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(hidden, num_labels)
-        nn.init.normal_(self.classifier.weight, std=0.02)
-        nn.init.zeros_(self.classifier.bias)
+        self.dense, self.dropout, self.classifier = dense, nn.Dropout(dropout), classifier
 
     def forward(self, first_token: torch.Tensor) -> torch.Tensor:      # [B, h] -> [B, labels]
         return self.classifier(self.dropout(torch.tanh(self.dense(first_token))))
 
 
+def pretrained_head(full: nn.Module) -> tuple[nn.Linear, nn.Linear]:
+    """(dense, classifier) of a transformers sequence-classification model's own head: BERT's pooler and
+    classifier, RoBERTa's classifier.dense and classifier.out_proj."""
+    classifier = full.classifier
+    if isinstance(classifier, nn.Linear):
+        return full.base_model.pooler.dense, classifier
+    return classifier.dense, classifier.out_proj
+
+
+def fresh_classifier(hidden: int, num_labels: int) -> nn.Linear:
+    """A new task's classifier: N(0, 0.02) weights, zero bias (as transformers initialises one)."""
+    classifier = nn.utils.skip_init(nn.Linear, hidden, num_labels)
+    nn.init.normal_(classifier.weight, std=0.02)
+    nn.init.zeros_(classifier.bias)
+    return classifier
+
+
 class MultiTaskModel(nn.Module):
     """The frozen encoder with the PETL method inside (one store for all tasks) and one head per task.
-    forward(..., task=[B] task indices, labels) -> SequenceClassifierOutput(loss, logits)."""
+    forward(..., task=[B] task indices, labels) -> SequenceClassifierOutput(loss, logits).
 
-    def __init__(self, cfg, task_names: list[str], num_labels: list[int], for_training: bool = True):
+    The first task's head is the loaded model's own (BERT: its pooler and classifier), built with the same
+    random draws: with one task and `task_masks=False` (layer masks only) the model computes, bit for bit,
+    what `build` gives for that task (tests/test_multitask.py). The other tasks' heads start from a copy of
+    that dense layer (BERT: the pre-trained pooler) and a fresh classifier."""
+
+    def __init__(self, cfg, task_names: list[str], num_labels: list[int], for_training: bool = True,
+                 task_masks: bool = True):
         super().__init__()
-        full = load_backbone(cfg.model, 2)
+        full = load_backbone(cfg.model, num_labels[0])
         self.encoder = full.base_model
-        pooler = getattr(self.encoder, "pooler", None)
-        pooler_dense = pooler.dense if pooler is not None else None
+        dense, classifier = pretrained_head(full)
         self.encoder.pooler = None                      # the heads hold their own copies
         self.config = self.encoder.config
         dropout = getattr(self.config, "classifier_dropout", None) or self.config.hidden_dropout_prob
         self.task_names, self.num_labels = list(task_names), list(num_labels)
-        self.heads = nn.ModuleDict({name: TaskHead(self.config.hidden_size, n, dropout, pooler_dense)
-                                    for name, n in zip(task_names, num_labels)})
+        heads = [TaskHead(dense, dropout, classifier)]
+        heads += [TaskHead(copy.deepcopy(dense), dropout, fresh_classifier(self.config.hidden_size, n))
+                  for n in num_labels[1:]]
+        self.heads = nn.ModuleDict(dict(zip(task_names, heads)))
         head_names = {n for n, _ in self.named_parameters() if n.startswith("heads.")}
-        methods.attach(self, self.encoder.encoder.layer, cfg, head_names, for_training, num_tasks=len(task_names))
+        methods.attach(self, self.encoder.encoder.layer, cfg, head_names, for_training,
+                       num_tasks=len(task_names) if task_masks else 0)
 
     @property
     def base_model_prefix(self) -> str:

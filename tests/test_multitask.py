@@ -124,9 +124,11 @@ def test_every_task_mask_has_exact_density(trained):
 
 
 def _test_predictions(model, task_name, glue_dir, tokenizer, index):
+    """(logits, task config) on the task's test split in batches of the run's eval size (128: other paddings
+    round differently, a regression task's Pearson by ~1e-7)."""
     task = task_configs([task_name])[0]
     split = load_glue(task, glue_dir)["test"]
-    loader = torch.utils.data.DataLoader(tokenise(split, tokenizer, 128), batch_size=64, collate_fn=TaskCollator(
+    loader = torch.utils.data.DataLoader(tokenise(split, tokenizer, 128), batch_size=128, collate_fn=TaskCollator(
         PadCollator(tokenizer, int(task.num_labels) == 1), index))
     return loop.predict(model, loader, torch.device("cpu"))[0], task
 
@@ -142,7 +144,7 @@ def test_each_task_loads_alone_and_predicts_what_the_trained_model_did(trained, 
         logits_alone, _ = _test_predictions(alone, name, glue_dir, tokenizer, 0)
         assert torch.equal(torch.from_numpy(logits_all), torch.from_numpy(logits_alone))
         scored = loop.evaluate(alone, torch.utils.data.DataLoader(tokenise(load_glue(task, glue_dir)["test"], tokenizer, 128),
-                               batch_size=64, collate_fn=TaskCollator(PadCollator(tokenizer, int(task.num_labels) == 1), 0)),
+                               batch_size=128, collate_fn=TaskCollator(PadCollator(tokenizer, int(task.num_labels) == 1), 0)),
                                task, torch.device("cpu"))
         assert scored == pytest.approx(metrics["per_task"][name]["test"], abs=1e-12)
 
@@ -192,3 +194,42 @@ def test_every_prototype_builds_and_trains_a_multitask_model(tiny_cfg, prototype
         grads = [(id(p) in scores, p.grad) for p in weights.parameters() if p.requires_grad]
         assert any(g is not None and bool(g.abs().sum() > 0) for is_score, g in grads if not is_score)   # prototype
         assert any(g is not None for is_score, g in grads if is_score)                                   # masks
+
+
+@pytest.mark.parametrize("method,prototype", [("propetl", "lora"), ("propetl", "prefix"), ("petl", "adapter"),
+                                              ("finetune", "adapter"), ("peft", "lora")])
+@pytest.mark.parametrize("num_labels", [2, 1])
+def test_one_task_without_task_masks_is_the_single_task_model_bit_for_bit(tiny_cfg, method, prototype, num_labels):
+    """Single-task is multi-task with one task: built from the same seed, the multi-task model with one task and
+    layer masks only holds the single-task model's tensors (its head is the loaded model's own) and gives the
+    same loss and gradients, bit for bit, through dropout in training mode."""
+    from propetl.model import MultiTaskModel, build
+
+    cfg = tiny_cfg(f"method={method}", f"prototype={prototype}")
+    torch.manual_seed(3)
+    single = build(cfg, num_labels)
+    torch.manual_seed(3)
+    multi = MultiTaskModel(cfg, ["task"], [num_labels], task_masks=False)
+    renamed = {"bert.pooler.dense.": "heads.task.dense.", "classifier.": "heads.task.classifier.", "bert.": "encoder."}
+
+    def to_multi(name: str) -> str:
+        prefix = next((p for p in renamed if name.startswith(p)), "")
+        return renamed[prefix] + name[len(prefix):] if prefix else name
+
+    single_parameters = [(to_multi(n), p) for n, p in single.named_parameters()]
+    assert [n for n, _ in single_parameters] == [n for n, _ in multi.named_parameters()]     # same order: same optimizer
+    for (name, a), (_, b) in zip(single_parameters, multi.named_parameters()):
+        assert torch.equal(a, b) and a.requires_grad == b.requires_grad, name
+    batch = tiny_batch()
+    labels = batch.pop("labels")
+    if num_labels == 1:
+        labels = torch.tensor([0.1, 0.5, 0.9])
+    single.train(), multi.train()
+    torch.manual_seed(7)
+    loss_single = single(**batch, labels=labels).loss
+    torch.manual_seed(7)
+    loss_multi = multi(**batch, task=torch.zeros(3, dtype=torch.long), labels=labels).loss
+    assert torch.equal(loss_single, loss_multi)
+    loss_single.backward(), loss_multi.backward()
+    for (name, a), (_, b) in zip(single_parameters, multi.named_parameters()):
+        assert (a.grad is None) == (b.grad is None) and (a.grad is None or torch.equal(a.grad, b.grad)), name
