@@ -158,9 +158,10 @@ def coding_figures(mask_files: list[dict[str, torch.Tensor]], dense_bytes: int, 
 
 
 def split_task_layer(stores: dict) -> tuple[dict, dict]:
-    """mask_stores() of a multi-task store -> ({tensor: task LayerMasks}, {tensor: layer LayerMasks})."""
-    tasks = {n[:-len("@task")]: m for n, m in stores.items() if n.endswith("@task") and m.kind != "none"}
-    layers = {n[:-len("@layer")]: m for n, m in stores.items() if n.endswith("@layer") and m.kind != "none"}
+    """mask_stores() of a multi-task store -> ({tensor: task LayerMasks}, {tensor: layer LayerMasks}); a store
+    without task masks (one task: layer masks only) has only the second."""
+    tasks = {n.removesuffix("@task"): m for n, m in stores.items() if n.endswith("@task") and m.kind != "none"}
+    layers = {n.removesuffix("@layer"): m for n, m in stores.items() if not n.endswith("@task") and m.kind != "none"}
     return tasks, layers
 
 

@@ -191,6 +191,8 @@ def check_names(config: dict, path: Path) -> None:
                                   f"and their label counts")
         for task in tasks:
             _check_choice(path, "tasks", task, group_choices("task"))
+        if not isinstance(config.get("task_masks", True), bool):
+            raise CheckpointError(f"{path}: task_masks={config['task_masks']!r} is not true or false")
         return
     task = config.get("task")
     if not isinstance(task, dict):
@@ -262,11 +264,12 @@ MULTITASK_MATCH_KEYS = methods.WithShapeKeys(("model.name_or_path", "method.name
                                               "mask.sparsity", "mask.combine"))    # + every prototype's SHAPE_KEYS
 
 
-def multitask_checkpoint_config(cfg, task_names: list[str], num_labels: list[int]) -> dict:
+def multitask_checkpoint_config(cfg, task_names: list[str], num_labels: list[int], task_masks: bool) -> dict:
     keep = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "prototype", "method", "mask")}
     keep["data"] = {"protocol": cfg.data.protocol, "split_seed": int(cfg.data.split_seed), "max_length": int(cfg.data.max_length)}
     return {"format_version": FORMAT_VERSION, "mode": "multitask", "tasks": list(task_names),
-            "num_labels": dict(zip(task_names, map(int, num_labels))), **keep, "storage": storage_settings(cfg)}
+            "num_labels": dict(zip(task_names, map(int, num_labels))), "task_masks": task_masks, **keep,
+            "storage": storage_settings(cfg)}
 
 
 def save_multitask(model: nn.Module, cfg, directory: Path) -> Path:
@@ -290,7 +293,7 @@ def save_multitask(model: nn.Module, cfg, directory: Path) -> Path:
             save_dense(dict(model.heads[task].named_parameters()), part / HEAD_FILE, cfg)
             (part / "task.json").write_text(json.dumps({"task": task, "num_labels": model.num_labels[index]}))
             seal(part)
-        config = multitask_checkpoint_config(cfg, model.task_names, model.num_labels)
+        config = multitask_checkpoint_config(cfg, model.task_names, model.num_labels, model.task_masks)
         (shared / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         seal(shared)
     return write_folder_atomically(directory, build)
@@ -320,8 +323,13 @@ def load_multitask(directory: Path, tasks: list[str] | None = None, cfg=None, ex
         if name not in saved["tasks"] or not (directory / TASKS_DIR / name).is_dir():
             raise CheckpointError(f"{directory} has no task {name!r}; it has: {', '.join(saved['tasks'])}")
     extra = [t.name for t in extra_tasks]
+    task_masks = saved.get("task_masks", True)          # one task trains layer masks only (before: every run had both)
+    if extra and not task_masks:
+        raise CheckpointError(f"{directory} was trained on one task, with layer masks only: tasks can be added to a "
+                              f"multi-task checkpoint of two or more; train {', '.join(names + extra)} together")
     model = backbone.MultiTaskModel(OmegaConf.create(saved), names + extra,
-                           [saved["num_labels"][n] for n in names] + [int(t.num_labels) for t in extra_tasks], for_training)
+                                    [saved["num_labels"][n] for n in names] + [int(t.num_labels) for t in extra_tasks],
+                                    for_training, task_masks=task_masks)
     weights = methods.petl_weights(model)
     shared = directory / SHARED_DIR
     dense, _ = read_safetensors(shared / DENSE_FILE[saved["method"]["name"]])

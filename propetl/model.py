@@ -141,7 +141,7 @@ class MultiTaskModel(nn.Module):
         self.encoder.pooler = None                      # the heads hold their own copies
         self.config = self.encoder.config
         dropout = getattr(self.config, "classifier_dropout", None) or self.config.hidden_dropout_prob
-        self.task_names, self.num_labels = list(task_names), list(num_labels)
+        self.task_names, self.num_labels, self.task_masks = list(task_names), list(num_labels), task_masks
         heads = [TaskHead(dense, dropout, classifier)]
         heads += [TaskHead(copy.deepcopy(dense), dropout, fresh_classifier(self.config.hidden_size, n))
                   for n in num_labels[1:]]

@@ -4,7 +4,8 @@ mask (shared by all layers) and a classification/regression head.
     propetl-train mode=multitask tasks=[rte,mrpc,stsb,cola]
 
 Layer l of task t uses  prototype * combine(task mask t, layer mask l)  (mask.combine, default OR;
-propetl/masks.py). Each step trains on one task's batch, the task drawn with p_i ∝ n_i^(1/T)
+propetl/masks.py); with one task, layer masks only, as a single-task run (which it then equals, weight for
+weight: tests/test_multitask.py). Each step trains on one task's batch, the task drawn with p_i ∝ n_i^(1/T)
 (multitask.temperature, 10 as in the reference). After every epoch every task is scored on its own
 selection split; the best epoch is the one with the best mean of the tasks' scores, then each task is
 scored on its test split. The checkpoint keeps the shared part once and each task's part (its mask
@@ -59,7 +60,8 @@ class MultiTaskBatches:
     `self.generator` as the epoch goes, so the loop's resume (restore the generator state of the
     epoch's start, skip the steps done) replays an epoch exactly. A task whose batches run out
     starts a fresh epoch of its own. With `lengths` (each task's token counts), a task's batches
-    group examples of similar length (batches.batch_order)."""
+    group examples of similar length (batches.batch_order). One task's batches come in the order, and from
+    the same draws, as a single-task run's DataLoader gives them (batches.make_loader)."""
 
     def __init__(self, splits, collators, batch_size: int, temperature: float, seed: int, lengths=None):
         self.splits, self.collators, self.batch_size = list(splits), list(collators), batch_size
@@ -77,6 +79,11 @@ class MultiTaskBatches:
         return batch_order(len(self.splits[task]), self.batch_size, self.generator, self.lengths[task])
 
     def __iter__(self):
+        if len(self.splits) == 1:       # one task: a single-task DataLoader's order (its base-seed draw, then the batches)
+            torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+            for indices in self._task_batches(0):
+                yield self.collators[0]([self.splits[0][i] for i in indices])
+            return
         order = torch.multinomial(self.probabilities, self.steps, replacement=True, generator=self.generator).tolist()
         pending = [self._task_batches(task) for task in range(len(self.splits))]
         for task in order:
@@ -142,7 +149,8 @@ def train_multitask(cfg: DictConfig, output_dir: Path) -> dict:
         _freeze_for_new_tasks(model, base_tasks)
         model.train()
     else:
-        model = backbone.MultiTaskModel(cfg, task_names, [int(t.num_labels) for t in task_cfgs])
+        model = backbone.MultiTaskModel(cfg, task_names, [int(t.num_labels) for t in task_cfgs],
+                                        task_masks=len(task_names) > 1)
     model = model.to(device)
     head_names = model.head_names()
     backbone_params = accounting.backbone_params(model, head_names)

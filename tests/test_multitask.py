@@ -233,3 +233,45 @@ def test_one_task_without_task_masks_is_the_single_task_model_bit_for_bit(tiny_c
     loss_single.backward(), loss_multi.backward()
     for (name, a), (_, b) in zip(single_parameters, multi.named_parameters()):
         assert (a.grad is None) == (b.grad is None) and (a.grad is None or torch.equal(a.grad, b.grad)), name
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_one_task_batches_are_a_single_task_loaders(glue_dir, grouped):
+    """The batches of a one-task MultiTaskBatches are the single-task DataLoader's, from the same generator draws."""
+    from propetl.batches import make_loader, token_lengths
+
+    tokenizer = load_tokenizer(compose_cfg().model)
+    train_split = load_glue(task_configs(["rte"])[0], glue_dir)["train"].select(range(40))
+    loader = make_loader(train_split, tokenizer, 64, False, 8, True, seed=5, group_by_length=grouped)
+    tokenised = tokenise(train_split, tokenizer, 64)
+    batches = MultiTaskBatches([tokenised], [TaskCollator(PadCollator(tokenizer, False), 0)], 8, 10.0, 5,
+                               [token_lengths(tokenised)] if grouped else None)
+    for _ in range(2):                                                   # two epochs: the generators move alike
+        ours = list(batches)
+        assert len(ours) == len(loader) == 5
+        for mine, theirs in zip(ours, loader):
+            assert mine.pop("task").tolist() == [0] * len(theirs["labels"])
+            assert all(torch.equal(mine[k], theirs[k]) for k in theirs) and mine.keys() == theirs.keys()
+    assert torch.equal(batches.generator.get_state(), loader.generator.get_state())
+
+
+@pytest.mark.parametrize("prototype", ["lora", "prefix"])
+def test_a_one_task_multitask_run_is_the_single_task_run(tmp_path, tiny_text_model_dir, glue_dir, prototype):
+    """Single-task is multi-task with one task: mode=multitask tasks=[rte] (layer masks only, the model's own head,
+    the DataLoader's batch order) learns what task=rte learns — the same test metrics, the same prototype and mask
+    files byte for byte — and its checkpoint refuses to take a second task in one line."""
+    common = [*tiny_text_overrides(tiny_text_model_dir, glue_dir), f"prototype={prototype}", "data.max_train_examples=24",
+              "trainer.epochs=2", "mask.lr=0.05", "prototype.lr=0.01", "data.group_by_length=true"]
+    single = train(compose_cfg([*common, "task=rte"]), tmp_path / "single")
+    multi = train(compose_cfg([*common, "mode=multitask", "tasks=[rte]"]), tmp_path / "multi")
+    assert multi["per_task"]["rte"]["test"] == single["test"]
+    assert multi["history"][-1]["train_loss"] == single["history"][-1]["train_loss"]
+    shared = tmp_path / "multi" / "checkpoint" / "shared"
+    assert filecmp.cmp(shared / "prototype.safetensors", tmp_path / "single" / "checkpoint" / "prototype.safetensors", shallow=False)
+    assert filecmp.cmp(shared / "layer_masks.safetensors", tmp_path / "single" / "checkpoint" / "masks.safetensors", shallow=False)
+    assert not (tmp_path / "multi" / "checkpoint" / "tasks" / "rte" / "task_mask.safetensors").exists()
+    assert multi["storage"]["task_mask_entries_per_task"] == 0
+    with pytest.raises(checkpoint.CheckpointError, match="trained on one task, with layer masks only") as error:
+        train(compose_cfg([*common, "mode=multitask", "tasks=[stsb]",
+                           f"multitask.base_checkpoint={tmp_path / 'multi' / 'checkpoint'}"]), tmp_path / "more")
+    assert "\n" not in str(error.value)
