@@ -109,15 +109,19 @@ def save_dense(tensors: dict[str, torch.Tensor], path: Path, cfg) -> None:
     save_file(out, str(path))
 
 
-def save_checkpoint(model: nn.Module, cfg, head_names: set[str], directory: Path) -> Path:
-    """Write the task's checkpoint folder atomically (built beside it, then renamed into place)."""
+def save_checkpoint(model: nn.Module, cfg, head_names: set[str], directory: Path, rename=lambda name: name) -> Path:
+    """Write the task's checkpoint folder atomically (built beside it, then renamed into place); every tensor
+    under `rename(its name)` (a one-task MultiTaskModel: transformers_name, the names load_checkpoint knows)."""
+    def renamed(tensors: dict) -> dict:
+        return {rename(name): tensor for name, tensor in tensors.items()}
+
     def build(folder: Path) -> None:
         method = cfg.method.name
-        save_dense(stored_dense_tensors(model, method, head_names), folder / DENSE_FILE[method], cfg)
+        save_dense(renamed(stored_dense_tensors(model, method, head_names)), folder / DENSE_FILE[method], cfg)
         masks = stored_masks(model)
         if masks:
-            save_masks(masks, folder / MASKS_FILE, cfg)
-        save_dense(head_tensors(model, head_names), folder / HEAD_FILE, cfg)
+            save_masks(renamed(masks), folder / MASKS_FILE, cfg)
+        save_dense(renamed(head_tensors(model, head_names)), folder / HEAD_FILE, cfg)
         (folder / CONFIG_FILE).write_text(json.dumps(checkpoint_config(cfg), indent=2))
         seal(folder)
     return write_folder_atomically(directory, build)

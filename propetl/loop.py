@@ -92,14 +92,6 @@ def evaluate(model, loader, task_cfg, device, precision="fp32", desc="eval", pro
     return glue_metrics.compute(list(task_cfg.metrics), predictions, labels)
 
 
-def selection_on(loader, task_cfg, device, precision="fp32", progress=False):
-    """The selection step of one task: model -> (metrics on the selection split, the score to maximise)."""
-    def select(model) -> tuple[dict[str, float], float]:
-        metrics = evaluate(model, loader, task_cfg, device, precision, "select", progress)
-        return metrics, glue_metrics.selection_score(metrics, task_cfg.selection_metric)
-    return select
-
-
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """A CPU copy of every trainable tensor (mask scores included): the best epoch's weights."""
     return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
@@ -144,8 +136,8 @@ class Diverged(Exception):
 def fit(model, train_loader, select, cfg, head_names: set[str], device,
         log_fn=lambda record: None, checkpointer=None, ctx: distributed.Context = distributed.Context()) -> FitResult:
     """Train for cfg.trainer.epochs (or until cfg.trainer.max_steps), calling `select(model)` ->
-    (selection metrics, score) after every epoch (`selection_on` for one task; multi-task: the mean of
-    the tasks' scores); keeps the best epoch's trainable weights in result.best_state. `log_fn` gets every
+    (selection metrics, score) after every epoch (train.py: the mean of the tasks' scores; one task: its
+    score); keeps the best epoch's trainable weights in result.best_state. `log_fn` gets every
     epoch's record and, every trainer.log_every_steps steps, the loss and learning rates (step_log.StepLog).
     With a checkpointer: continues from its checkpoint if there is one, saves one after every epoch
     and every checkpointer.save_steps steps, and on SIGINT/SIGTERM saves and raises Interrupted.

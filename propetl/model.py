@@ -115,6 +115,10 @@ def pretrained_head(full: nn.Module) -> tuple[nn.Linear, nn.Linear]:
     return classifier.dense, classifier.out_proj
 
 
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
+
+
 def fresh_classifier(hidden: int, num_labels: int) -> nn.Linear:
     """A new task's classifier: N(0, 0.02) weights, zero bias (as transformers initialises one)."""
     classifier = nn.utils.skip_init(nn.Linear, hidden, num_labels)
@@ -138,6 +142,9 @@ class MultiTaskModel(nn.Module):
         full = load_backbone(cfg.model, num_labels[0])
         self.encoder = full.base_model
         dense, classifier = pretrained_head(full)
+        self._transformers_names = {"encoder.": f"{full.base_model_prefix}.",
+                                    f"heads.{task_names[0]}.dense.": _module_name(full, dense) + ".",
+                                    f"heads.{task_names[0]}.classifier.": _module_name(full, classifier) + "."}
         self.encoder.pooler = None                      # the heads hold their own copies
         self.config = self.encoder.config
         dropout = getattr(self.config, "classifier_dropout", None) or self.config.hidden_dropout_prob
@@ -149,6 +156,13 @@ class MultiTaskModel(nn.Module):
         head_names = {n for n, _ in self.named_parameters() if n.startswith("heads.")}
         methods.attach(self, self.encoder.encoder.layer, cfg, head_names, for_training,
                        num_tasks=len(task_names) if task_masks else 0)
+
+    def transformers_name(self, name: str) -> str:
+        """A parameter's name in the loaded transformers model, whose own head is the first task's
+        (encoder.X -> bert.X, heads.<first>.dense.X -> bert.pooler.dense.X, ...): the single-task checkpoint's
+        names, which load_checkpoint loads into that model. Other names are unchanged."""
+        prefix = next((p for p in self._transformers_names if name.startswith(p)), None)
+        return name if prefix is None else self._transformers_names[prefix] + name[len(prefix):]
 
     @property
     def base_model_prefix(self) -> str:

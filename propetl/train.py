@@ -1,88 +1,170 @@
-"""One training run, `train(cfg, output_dir)`, which reads top to bottom like a recipe (propetl-train's
-command line and Hydra entry: propetl/cli.py; what every run does first and last: propetl/run.py)."""
+"""One training run, `train(cfg, output_dir)`, for one task (`task=rte`) or several (`mode=multitask
+tasks=[rte,mrpc]`): the same recipe, read top to bottom. A single-task run is a multi-task run with one task
+(layer masks only, the model's own head, the DataLoader's batch order: tests/test_multitask.py); what differs is
+what it reports and writes (`report_single_task`, `report_multitask`). propetl-train's command line and Hydra
+entry: propetl/cli.py; what every run does first and last: propetl/run.py; multi-task batches: multitask.py.
+"""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
+import numpy as np
 from omegaconf import DictConfig
+from torch.utils.data import DataLoader
 
 import propetl  # noqa: F401  (registers the config resolvers)
 from propetl import accounting, checkpoint, data, log, loop
 from propetl import metrics as glue_metrics
 from propetl import model as backbone
-from propetl.batches import make_loader
-from propetl.multitask import train_multitask
+from propetl.batches import PadCollator, token_lengths, tokenise
+from propetl.multitask import MultiTaskBatches, TaskCollator, freeze_for_new_tasks, task_configs
 from propetl.run import begin_run, end_run, fit_logged, run_facts
 
 logger = logging.getLogger("propetl")
 
 
 def train(cfg: DictConfig, output_dir: Path) -> dict:
-    """One run: data -> model + method -> fit (best epoch on the selection split) -> test -> save -> report."""
+    """One run: every task's data -> one model -> fit (best epoch on the selection split; several tasks: the
+    mean of their scores) -> each task's test -> save -> report."""
     output_dir = Path(output_dir)
-    if cfg.get("mode") == "multitask":
-        return train_multitask(cfg, output_dir)
     finished, ctx, checkpointer, device = begin_run(cfg, output_dir)
     if finished is not None:
         return finished
-    task = cfg.task
+    multitask = cfg.get("mode") == "multitask"
+    base_dir = cfg.multitask.base_checkpoint if multitask else None
+    base_tasks = checkpoint.read_multitask_config(Path(base_dir))["tasks"] if base_dir else []
+    new_tasks = [t for t in cfg.tasks if t not in base_tasks] if multitask else [cfg.task.name]
+    if base_dir and not new_tasks:
+        raise checkpoint.CheckpointError(f"tasks={list(cfg.tasks)} are all in {base_dir} already; name a new task")
+    task_names = [*base_tasks, *new_tasks]
+    by_name = dict(zip(task_names, task_configs(task_names) if multitask else [cfg.task]))
 
-    # 1. data: GLUE splits (selection / test per data.protocol) and dynamically padded batches
-    splits = data.load_glue(task, data.resolve_data_dir(cfg.data.dir), cfg.data.protocol, cfg.data.split_seed,
-                            cfg.data.allow_hub)
-    splits = data.sample_train(splits, cfg.data.max_train_examples, cfg.data.split_seed)
+    # 1. data: every new task's GLUE splits (selection / test per data.protocol), tokenised once; training
+    #    batches of one task each, the task drawn by temperature (one task: a DataLoader's order)
+    data_dir = data.resolve_data_dir(cfg.data.dir)
     tokenizer = backbone.load_tokenizer(cfg.model)
-    regression = int(task.num_labels) == 1
+    splits, collators = {}, {}
+    for index, name in enumerate(task_names):
+        if name not in new_tasks:
+            continue
+        text = data.sample_train(
+            data.load_glue(by_name[name], data_dir, cfg.data.protocol, cfg.data.split_seed, cfg.data.allow_hub),
+            cfg.data.max_train_examples, cfg.data.split_seed)
+        splits[name] = {split: tokenise(rows, tokenizer, cfg.data.max_length) for split, rows in text.items()}
+        collators[name] = TaskCollator(PadCollator(tokenizer, int(by_name[name].num_labels) == 1), index)
+    lengths = [token_lengths(splits[n]["train"]) for n in new_tasks] if cfg.data.group_by_length else None
+    train_batches = MultiTaskBatches([splits[n]["train"] for n in new_tasks], [collators[n] for n in new_tasks],
+                                     cfg.trainer.batch_size, float(cfg.multitask.temperature), cfg.seed, lengths)
 
-    def loader(split: str, batch_size: int, shuffle: bool):
-        return make_loader(splits[split], tokenizer, cfg.data.max_length, regression, batch_size, shuffle, cfg.seed,
-                           group_by_length=bool(cfg.data.group_by_length))
+    def eval_loader(name: str, split: str) -> DataLoader:
+        return DataLoader(splits[name][split], batch_size=cfg.trainer.eval_batch_size, collate_fn=collators[name])
 
-    train_loader = loader("train", cfg.trainer.batch_size, True)
-    select_loader = loader("validation", cfg.trainer.eval_batch_size, False)
-    test_loader = loader("test", cfg.trainer.eval_batch_size, False)
-
-    # 2. model: the pre-trained backbone, a fresh head, and the method (finetune / petl / propetl)
-    model = backbone.build(cfg, int(task.num_labels)).to(device)
-    head_names = backbone.head_parameter_names(model)
+    # 2. model: the pre-trained encoder with the method inside, a head per task (base tasks loaded and frozen)
+    if base_dir:
+        model, _ = checkpoint.load_multitask(Path(base_dir), cfg=cfg, extra_tasks=task_configs(new_tasks),
+                                             for_training=False)
+        freeze_for_new_tasks(model, base_tasks)
+        model.train()
+    else:
+        model = backbone.MultiTaskModel(cfg, task_names, [int(by_name[n].num_labels) for n in task_names],
+                                        task_masks=len(task_names) > 1)
+    model = model.to(device)
+    head_names = model.head_names()
     backbone_params = accounting.backbone_params(model, head_names)
-    logger.info("%s: %d train / %d selection / %d test examples, %d steps per epoch, device %s",
-                task.name, len(splits["train"]), len(splits["validation"]), len(splits["test"]), len(train_loader), device)
+    for name in new_tasks:
+        logger.info("%s: %d train / %d selection / %d test examples", name, len(splits[name]["train"]),
+                    len(splits[name]["validation"]), len(splits[name]["test"]))
+    logger.info("%d steps per epoch, device %s", len(train_batches), device)
 
-    # 3. train, choosing the best epoch on the selection split; then score it on the test split
-    select = loop.selection_on(select_loader, task, device, cfg.trainer.precision, cfg.trainer.progress)
-    run, result, started = fit_logged(cfg, output_dir, model, train_loader, select, head_names, device, checkpointer, ctx)
-    test = loop.evaluate(model, test_loader, task, device, cfg.trainer.precision, "test", cfg.trainer.progress)
+    def select(m) -> tuple[dict, float]:
+        """Every new task on its selection split; the score to maximise is the mean of their scores."""
+        metrics, scores = {}, []
+        for name in new_tasks:
+            task_metrics = loop.evaluate(m, eval_loader(name, "validation"), by_name[name], device,
+                                         cfg.trainer.precision, f"select {name}", cfg.trainer.progress)
+            metrics.update({f"{name}/{k}" if multitask else k: v for k, v in task_metrics.items()})
+            scores.append(glue_metrics.selection_score(task_metrics, by_name[name].selection_metric))
+        if multitask:
+            metrics["mean"] = float(np.mean(scores))
+        return metrics, float(np.mean(scores))
 
-    # 4. storage: count it, write the checkpoint, and read the real file sizes back (rank 0 writes)
+    # 3. train, choosing the best epoch on the selection split; then every new task on its test split
+    run, result, started = fit_logged(cfg, output_dir, model, train_batches, select, head_names, device, checkpointer, ctx)
+    if base_dir:        # the old tasks' mask rows saw AdamW's decay (no gradient): put them back bit for bit
+        checkpoint.load_task_parts(model, Path(base_dir), base_tasks)
+    tests = {name: loop.evaluate(model, eval_loader(name, "test"), by_name[name], device, cfg.trainer.precision,
+                                 f"test {name}", cfg.trainer.progress) for name in new_tasks}
+
+    # 4. storage, checkpoint (rank 0 writes), metrics.json, W&B summary, summary table
+    report = report_multitask if multitask else report_single_task
+    metrics, summary = report(cfg, output_dir, model, tests, result, backbone_params, splits, base_tasks,
+                              lambda: run_facts(cfg, result, started, device, ctx), ctx.is_main)
+    if ctx.is_main:
+        checkpointer.discard()                     # the run is complete: its training state is no longer needed
+        run.summary.update(summary)
+    end_run(ctx)
+    return metrics
+
+
+def report_single_task(cfg, output_dir: Path, model, tests: dict, result, backbone_params: int, splits: dict,
+                       base_tasks, facts, writes: bool) -> tuple[dict, dict]:
+    """One task's storage (accounting.account), its checkpoint folder in the single-task layout (the model's
+    tensors under the transformers model's names), metrics.json; returns (metrics, W&B summary)."""
+    task = cfg.task
+    (name, test), = tests.items()
+    head_names = model.head_names()
     figures = accounting.account(model, cfg, head_names, backbone_params)
-    if not ctx.is_main:                          # rank 0 writes the files
-        end_run(ctx)
-        return {"glue_score": glue_metrics.task_score(task.name, test), "test": test}
+    if not writes:
+        return {"glue_score": glue_metrics.task_score(name, test), "test": test}, {}
     if cfg.trainer.save_weights:
-        checkpoint.save_checkpoint(model, cfg, head_names, output_dir / "checkpoint")
+        checkpoint.save_checkpoint(model, cfg, head_names, output_dir / "checkpoint", rename=model.transformers_name)
         figures.update(checkpoint.file_figures(output_dir / "checkpoint", figures))
-
-    # 5. report: metrics.json (atomic), W&B summary, summary table
     metrics = {
-        "task": task.name, "model": cfg.model.name, "method": cfg.method.name, "prototype": cfg.prototype.name,
+        "task": name, "model": cfg.model.name, "method": cfg.method.name, "prototype": cfg.prototype.name,
         "mask_kind": cfg.mask.kind, "mask_sparsity": float(cfg.mask.sparsity), "seed": int(cfg.seed),
         "protocol": cfg.data.protocol, "split_seed": int(cfg.data.split_seed),
         "selection_metric": task.selection_metric,
         "selection": result.best_selection, "test": test,
-        "glue_score": glue_metrics.task_score(task.name, test),
-        "trivial": glue_metrics.trivial_baseline(task.name, list(task.metrics), splits["train"]["label"],
-                                                 splits["test"]["label"], regression),
-        "storage": figures, **run_facts(cfg, result, started, device, ctx),
+        "glue_score": glue_metrics.task_score(name, test),
+        "trivial": glue_metrics.trivial_baseline(name, list(task.metrics), splits[name]["train"]["label"],
+                                                 splits[name]["test"]["label"], int(task.num_labels) == 1),
+        "storage": figures, **facts(),
     }
     log.write_metrics(output_dir / "metrics.json", metrics)
-    checkpointer.discard()                     # the run is complete: its training state is no longer needed
-    run.summary.update({**{f"test/{k}": v for k, v in test.items()}, "glue_score": metrics["glue_score"],
-                        **{f"storage/{k}": v for k, v in figures.items()}})
     logger.info("results in %s\n%s", output_dir, log.summary_table(metrics))
-    end_run(ctx)
-    return metrics
+    return metrics, {**{f"test/{k}": v for k, v in test.items()}, "glue_score": metrics["glue_score"],
+                     **{f"storage/{k}": v for k, v in figures.items()}}
+
+
+def report_multitask(cfg, output_dir: Path, model, tests: dict, result, backbone_params: int, splits: dict,
+                     base_tasks, facts, writes: bool) -> tuple[dict, dict]:
+    """Several tasks' storage (the shared part once, each task's part apart: accounting.account_multitask), the
+    shared/ + tasks/<task>/ checkpoint, metrics.json with each task's numbers; returns (metrics, W&B summary)."""
+    per_task = {}
+    for name, test in tests.items():
+        selection = {k.split("/", 1)[1]: v for k, v in result.best_selection.items() if k.startswith(f"{name}/")}
+        per_task[name] = {"selection": selection, "test": test, "glue_score": glue_metrics.task_score(name, test)}
+    figures = accounting.account_multitask(model, cfg, model.task_names, backbone_params)
+    if not writes:
+        return {"tasks": per_task}, {}
+    if cfg.trainer.save_weights:
+        checkpoint.save_multitask(model, cfg, output_dir / "checkpoint")
+        figures.update(checkpoint.file_figures(output_dir / "checkpoint", figures))
+    metrics = {
+        "mode": "multitask", "tasks": list(tests), "base_tasks": base_tasks, "model": cfg.model.name,
+        "method": cfg.method.name, "prototype": cfg.prototype.name, "mask_kind": cfg.mask.kind,
+        "mask_sparsity": float(cfg.mask.sparsity), "mask_combine": cfg.mask.combine, "seed": int(cfg.seed),
+        "temperature": float(cfg.multitask.temperature), "protocol": cfg.data.protocol, "split_seed": int(cfg.data.split_seed),
+        "per_task": per_task, "mean_test_score": float(np.mean([t["glue_score"] for t in per_task.values()])),
+        "glue_average": glue_metrics.glue_average({n: t["test"] for n, t in per_task.items()}),
+        "selection": result.best_selection, "storage": figures, **facts(),
+    }
+    log.write_metrics(output_dir / "metrics.json", metrics)
+    logger.info("results in %s\n%s", output_dir, log.multitask_summary_table(metrics))
+    return metrics, {**{f"test/{n}/{k}": v for n, t in per_task.items() for k, v in t["test"].items()},
+                     "mean_test_score": metrics["mean_test_score"],
+                     **{f"storage/{k}": v for k, v in figures.items() if not isinstance(v, dict)}}
 
 
 if __name__ == "__main__":         # python -m propetl.train (torchrun, accelerate launch): the same command as propetl-train
