@@ -94,7 +94,9 @@ class LengthGroupedBatches:
 
 def make_loader(split, tokenizer, max_length: int, regression: bool, batch_size: int,
                 shuffle: bool, seed: int = 0, group_by_length: bool = False) -> DataLoader:
-    """Batches of a text split, tokenised here once (not per batch, not per epoch)."""
+    """Batches of a text split, tokenised here once (not per batch, not per epoch). Training draws its batches
+    through multitask.MultiTaskBatches, which for one task gives this loader's shuffled order (the tests hold
+    the two together); propetl-eval and the benchmarks use this loader."""
     tokenised = tokenise(split, tokenizer, max_length)
     collator = PadCollator(tokenizer, regression)
     generator = torch.Generator().manual_seed(seed) if shuffle else None

@@ -70,7 +70,7 @@ def check_output_folder(argv: list[str]) -> None:
     from propetl.files import unwritable
 
     key = "hydra.sweep.dir=" if any(a in ("-m", "--multirun") for a in argv) else "hydra.run.dir="
-    given = [a.split("=", 1)[1] for a in argv if a.startswith(key)]
+    given = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith(key)]
     if given:
         if problem := unwritable(Path(given[-1])):
             raise ConfigError(f"{key}{given[-1]} cannot be written: {problem}; choose another folder")

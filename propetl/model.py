@@ -87,7 +87,9 @@ def head_parameter_names(model: nn.Module) -> set[str]:
 
 
 def build(cfg, num_labels: int, for_training: bool = True) -> nn.Module:
-    """Backbone + head + method, ready to train (or to receive saved weights when for_training=False)."""
+    """The transformers model with the method inside (for_training=False: to receive saved weights): what a
+    single-task checkpoint loads into (checkpoint.load_checkpoint), the exports and the Python API. Training
+    runs the one-task MultiTaskModel, which computes the same bit for bit."""
     model = load_backbone(cfg.model, num_labels)
     methods.attach(model, encoder_layers(model), cfg, head_parameter_names(model), for_training)
     return model
@@ -96,27 +98,31 @@ def build(cfg, num_labels: int, for_training: bool = True) -> nn.Module:
 # ----------------------------------------------------------------------------- many tasks, one encoder
 
 class TaskHead(nn.Module):
-    """dense + tanh on the first token (BERT's pooler, RoBERTa's head), dropout, classifier [h -> labels]."""
+    """[dropout,] dense + tanh on the first token, dropout, classifier [h -> labels]: BERT's pooler and
+    classifier, or (dropout_first) RoBERTa's classification head."""
 
-    def __init__(self, dense: nn.Linear, dropout: float, classifier: nn.Linear):
+    def __init__(self, dense: nn.Linear, dropout: float, classifier: nn.Linear, dropout_first: bool = False):
         super().__init__()
         self.dense, self.dropout, self.classifier = dense, nn.Dropout(dropout), classifier
+        self.dropout_first = dropout_first
 
     def forward(self, first_token: torch.Tensor) -> torch.Tensor:      # [B, h] -> [B, labels]
+        if self.dropout_first:
+            first_token = self.dropout(first_token)
         return self.classifier(self.dropout(torch.tanh(self.dense(first_token))))
 
 
-def pretrained_head(full: nn.Module) -> tuple[nn.Linear, nn.Linear]:
-    """(dense, classifier) of a transformers sequence-classification model's own head: BERT's pooler and
-    classifier, RoBERTa's classifier.dense and classifier.out_proj."""
+def pretrained_head(full: nn.Module) -> tuple[str, str, bool]:
+    """Where a transformers sequence-classification model's own head is: (its dense layer, its classifier,
+    whether dropout comes first) — BERT: the pooler and the classifier; RoBERTa: classifier.dense and
+    classifier.out_proj, after a dropout. Any other head is refused in one line."""
     classifier = full.classifier
-    if isinstance(classifier, nn.Linear):
-        return full.base_model.pooler.dense, classifier
-    return classifier.dense, classifier.out_proj
-
-
-def _module_name(model: nn.Module, module: nn.Module) -> str:
-    return next(name for name, m in model.named_modules() if m is module)
+    if isinstance(classifier, nn.Linear) and isinstance(getattr(full.base_model, "pooler", None), nn.Module):
+        return f"{full.base_model_prefix}.pooler.dense", "classifier", False
+    if type(classifier).__name__.endswith("RobertaClassificationHead"):
+        return "classifier.dense", "classifier.out_proj", True
+    raise ModelError(f"{type(full).__name__}: its classification head ({type(classifier).__name__}) is neither "
+                     f"BERT's (pooler + classifier) nor RoBERTa's; propetl runs BERT- and RoBERTa-family models")
 
 
 def fresh_classifier(hidden: int, num_labels: int) -> nn.Linear:
@@ -131,26 +137,29 @@ class MultiTaskModel(nn.Module):
     """The frozen encoder with the PETL method inside (one store for all tasks) and one head per task.
     forward(..., task=[B] task indices, labels) -> SequenceClassifierOutput(loss, logits).
 
-    The first task's head is the loaded model's own (BERT: its pooler and classifier), built with the same
-    random draws: with one task and `task_masks=False` (layer masks only) the model computes, bit for bit,
-    what `build` gives for that task (tests/test_multitask.py). The other tasks' heads start from a copy of
-    that dense layer (BERT: the pre-trained pooler) and a fresh classifier."""
+    The first task's head is the loaded model's own (BERT: its pooler and classifier; RoBERTa: its head),
+    built with the same random draws: with one task and `task_masks=False` (layer masks only) the model
+    computes, bit for bit, what `build` gives for that task (tests/test_multitask.py, BERT and RoBERTa).
+    The other tasks' heads start from a copy of that dense layer (BERT: the pre-trained pooler) and a fresh
+    classifier."""
 
     def __init__(self, cfg, task_names: list[str], num_labels: list[int], for_training: bool = True,
                  task_masks: bool = True):
         super().__init__()
         full = load_backbone(cfg.model, num_labels[0])
         self.encoder = full.base_model
-        dense, classifier = pretrained_head(full)
+        dense_name, classifier_name, dropout_first = pretrained_head(full)
+        dense, classifier = full.get_submodule(dense_name), full.get_submodule(classifier_name)
         self._transformers_names = {"encoder.": f"{full.base_model_prefix}.",
-                                    f"heads.{task_names[0]}.dense.": _module_name(full, dense) + ".",
-                                    f"heads.{task_names[0]}.classifier.": _module_name(full, classifier) + "."}
+                                    f"heads.{task_names[0]}.dense.": f"{dense_name}.",
+                                    f"heads.{task_names[0]}.classifier.": f"{classifier_name}."}
         self.encoder.pooler = None                      # the heads hold their own copies
         self.config = self.encoder.config
-        dropout = getattr(self.config, "classifier_dropout", None) or self.config.hidden_dropout_prob
+        dropout = getattr(self.config, "classifier_dropout", None)
+        dropout = self.config.hidden_dropout_prob if dropout is None else dropout      # as transformers' heads
         self.task_names, self.num_labels, self.task_masks = list(task_names), list(num_labels), task_masks
-        heads = [TaskHead(dense, dropout, classifier)]
-        heads += [TaskHead(copy.deepcopy(dense), dropout, fresh_classifier(self.config.hidden_size, n))
+        heads = [TaskHead(dense, dropout, classifier, dropout_first)]
+        heads += [TaskHead(copy.deepcopy(dense), dropout, fresh_classifier(self.config.hidden_size, n), dropout_first)
                   for n in num_labels[1:]]
         self.heads = nn.ModuleDict(dict(zip(task_names, heads)))
         head_names = {n for n, _ in self.named_parameters() if n.startswith("heads.")}

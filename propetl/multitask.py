@@ -27,6 +27,7 @@ from propetl import model as backbone
 from propetl.batches import PadCollator, batch_order
 from propetl.configs import group_option
 
+
 def task_configs(names) -> list[DictConfig]:
     """The task configs of conf/task/<name>.yaml (or a user's, on the run's config search path), in the order given."""
     return [group_option("task", name) for name in names]

@@ -176,7 +176,8 @@ class Checkpointer:
         tensors, _ = read_safetensors(self.directory / STATE_TENSORS)
         parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if sorted(parameters) != meta["parameters"]:
-            raise CheckpointError(f"{self.directory}: its trainable tensors do not match this model's")
+            raise CheckpointError(f"{self.directory}: its trainable tensors do not match this model's (saved by an "
+                                  f"older propetl?); trainer.resume=false starts the run over")
         with torch.no_grad():
             for name, parameter in parameters.items():
                 parameter.copy_(tensors[f"param/{name}"])

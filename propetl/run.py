@@ -1,4 +1,4 @@
-"""The lifecycle every run shares, single-task (train.py) or multi-task (multitask.py): validate; skip a finished
+"""The lifecycle every run shares (train.py's recipe, one task or several): validate; skip a finished
 run or resume a checkpoint (either must be of this config); record the config; seed; pick the device; fit with
 W&B; meet at the end. USER_ERRORS are the failures the command line turns into one line and exit 2."""
 from __future__ import annotations

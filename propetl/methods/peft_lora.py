@@ -15,7 +15,7 @@ A [r, in] kaiming_uniform(a=sqrt(5)) and B [out, r] zeros; PEFT's LoRA layer doe
 tests/test_peft.py copies our A and B into PEFT's lora_A / lora_B and gets the same logits.
 
 The head: ours, trained exactly as every other method trains it, at trainer.head_lr: the classifier
-AND the BERT pooler (model.head_parameter_names). No task_type is given, so PEFT adds no
+AND the BERT pooler (the task's head). No task_type is given, so PEFT adds no
 `modules_to_save`; its TaskType.SEQ_CLS defaults would train the classifier only and leave the
 pooler frozen at its pre-trained weights (reported to cost most of STS-B's score on this model), and a
 reference row must differ from ours in the LoRA code only.
