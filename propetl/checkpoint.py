@@ -205,10 +205,11 @@ def check_names(config: dict, path: Path) -> None:
         _check_choice(path, "task.name", task["name"], group_choices("task"))
 
 
-def load_checkpoint(directory: Path) -> tuple[nn.Module, "OmegaConf"]:
-    """Rebuild the trained model from a checkpoint folder. Returns (model in eval mode, its config)."""
+def load_checkpoint(directory: Path, config: dict | None = None) -> tuple[nn.Module, "OmegaConf"]:
+    """Rebuild the trained model from a checkpoint folder (`config`: its read_checkpoint_config, if the caller
+    has it: the folder is then not hashed again). Returns (model in eval mode, its config)."""
     directory = Path(directory)
-    cfg = OmegaConf.create(read_checkpoint_config(directory))
+    cfg = OmegaConf.create(read_checkpoint_config(directory) if config is None else config)
     method = cfg.method.name
     if method == "peft" and (missing := methods.peft_missing()):
         raise CheckpointError(f"{directory}: {missing}")

@@ -104,7 +104,7 @@ def export(checkpoint_dir, out, output_format: str, overwrite: bool = False) -> 
         raise ExportError(missing.replace("method=peft", "--format peft"))
     if out.exists() and not overwrite:
         raise ExportError(f"{out} exists; choose another OUT or pass --overwrite")
-    model, cfg = checkpoint.load_checkpoint(checkpoint_dir)
+    model, cfg = checkpoint.load_checkpoint(checkpoint_dir, config)
     write = {"hf": write_hf, "peft": write_peft}[output_format]
     return files.write_folder_atomically(out, lambda folder: write(model, cfg, folder))
 

@@ -112,6 +112,7 @@ class Checkpointer:
         self.fingerprint = fingerprint(cfg)
         self.save_steps = save_steps
         self.extra: dict = {}                      # e.g. the W&B run id, restored on load
+        self._checked: dict | None = None          # state.json once check_fingerprint passed (until the next save)
         if writes:
             recover_folder_swap(self.directory)    # a kill inside the last save's folder swap
 
@@ -122,6 +123,7 @@ class Checkpointer:
         return json.loads((self.directory / STATE_JSON).read_text()).get("extra", {}) if self.exists() else {}
 
     def save(self, result, model, optimizer, scheduler, scaler, data_order_state: torch.Tensor) -> None:
+        self._checked = None                       # what was checked is about to be replaced
         if not self.writes:
             return
         parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -168,11 +170,13 @@ class Checkpointer:
         for key, saved, value in fingerprint_differences(meta.get("fingerprint", {}), self.fingerprint)[:1]:
             raise CheckpointError(f"{self.directory} was trained with {key}={saved!r}, this run has {key}={value!r}; "
                                   f"use the same config or trainer.resume=false to start over")
+        self._checked = meta
         return meta
 
     def load(self, model, optimizer, scheduler, scaler, result_type):
-        """Restore everything; returns (result, data-order state at the start of the current epoch)."""
-        meta = self.check_fingerprint()
+        """Restore everything; returns (result, data-order state at the start of the current epoch). The folder
+        is checked (manifest, fingerprint) once: here, unless the run's start checked it already."""
+        meta = self._checked or self.check_fingerprint()
         tensors, _ = read_safetensors(self.directory / STATE_TENSORS)
         parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if sorted(parameters) != meta["parameters"]:

@@ -320,3 +320,26 @@ def test_a_write_refused_mid_run_is_one_line_and_leaves_no_temporary_file(tmp_pa
     with pytest.raises(files.WriteError, match="checkpoint: Permission denied"):
         files.write_folder_atomically(tmp_path / "checkpoint", files.seal)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_each_folder_is_hashed_once_per_load(run_copy, monkeypatch, tmp_path):
+    """propetl-export reads a checkpoint's config, then loads it; a resumed run checks resume/ at its start, then
+    loads it: each folder's manifest is checked once, not twice."""
+    from propetl import export, resume
+
+    run, cfg = run_copy
+    checked = []
+
+    def counting_check_seal(folder, *args, **kwargs):
+        checked.append(Path(folder).name)
+        return files.check_seal(folder, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "check_seal", counting_check_seal)
+    monkeypatch.setattr(resume, "check_seal", counting_check_seal)
+    export.export(run / "checkpoint", tmp_path / "hf", "hf")
+    assert checked == ["checkpoint"]
+    checked.clear()
+    checkpointer = Checkpointer(run, cfg)
+    checkpointer.check_fingerprint()                                     # run.begin_run
+    checkpointer.load(*fresh(cfg), loop.FitResult)                       # loop.fit
+    assert checked == ["resume"]
