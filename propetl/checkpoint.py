@@ -311,13 +311,25 @@ def read_multitask_config(directory: Path) -> dict:
     return config
 
 
+def check_can_add(directory: Path, config: dict, adding: list[str]) -> None:
+    """Tasks can be added to a multi-task checkpoint (its read_multitask_config) of two or more tasks; one of a
+    single task has layer masks only, no task masks to add to: one line."""
+    if not config.get("task_masks", True):               # older checkpoints: every run had task masks
+        raise CheckpointError(f"{directory} was trained on one task, with layer masks only: tasks can be added to a "
+                              f"multi-task checkpoint of two or more; train {', '.join([*config['tasks'], *adding])} "
+                              f"together")
+
+
 def load_multitask(directory: Path, tasks: list[str] | None = None, cfg=None, extra_tasks=(), for_training=False):
     """Rebuild a multi-task model from `shared/` and the named tasks' folders (default: all). With
     `cfg`, its settings must match the checkpoint's; `extra_tasks` (task configs) get fresh masks and
     heads (adding tasks). Returns (model in eval mode, the checkpoint's config)."""
 
     directory = Path(directory)
+    extra = [t.name for t in extra_tasks]
     saved = read_multitask_config(directory)
+    if extra:
+        check_can_add(directory, saved, extra)
     if cfg is not None:
         for key in MULTITASK_MATCH_KEYS:
             ours, theirs = plain_value(cfg, key), plain_value(OmegaConf.create(saved), key)
@@ -327,11 +339,7 @@ def load_multitask(directory: Path, tasks: list[str] | None = None, cfg=None, ex
     for name in names:
         if name not in saved["tasks"] or not (directory / TASKS_DIR / name).is_dir():
             raise CheckpointError(f"{directory} has no task {name!r}; it has: {', '.join(saved['tasks'])}")
-    extra = [t.name for t in extra_tasks]
     task_masks = saved.get("task_masks", True)          # one task trains layer masks only (before: every run had both)
-    if extra and not task_masks:
-        raise CheckpointError(f"{directory} was trained on one task, with layer masks only: tasks can be added to a "
-                              f"multi-task checkpoint of two or more; train {', '.join(names + extra)} together")
     model = backbone.MultiTaskModel(OmegaConf.create(saved), names + extra,
                                     [saved["num_labels"][n] for n in names] + [int(t.num_labels) for t in extra_tasks],
                                     for_training, task_masks=task_masks)

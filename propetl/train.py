@@ -34,10 +34,13 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
         return finished
     multitask = cfg.get("mode") == "multitask"
     base_dir = cfg.multitask.base_checkpoint if multitask else None
-    base_tasks = checkpoint.read_multitask_config(Path(base_dir))["tasks"] if base_dir else []
+    base = checkpoint.read_multitask_config(Path(base_dir)) if base_dir else {"tasks": []}
+    base_tasks = base["tasks"]
     new_tasks = [t for t in cfg.tasks if t not in base_tasks] if multitask else [cfg.task.name]
     if base_dir and not new_tasks:
         raise checkpoint.CheckpointError(f"tasks={list(cfg.tasks)} are all in {base_dir} already; name a new task")
+    if base_dir:                                # before any data is read: can the checkpoint take them?
+        checkpoint.check_can_add(Path(base_dir), base, new_tasks)
     task_names = [*base_tasks, *new_tasks]
     by_name = dict(zip(task_names, task_configs(task_names) if multitask else [cfg.task]))
 
