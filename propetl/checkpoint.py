@@ -311,10 +311,16 @@ def read_multitask_config(directory: Path) -> dict:
     return config
 
 
+def has_task_masks(config: dict) -> bool:
+    """Whether a multi-task checkpoint (its read_multitask_config) has task masks: one of a single task trains
+    layer masks only; older checkpoints lack the key and every run had them."""
+    return config.get("task_masks", True)
+
+
 def check_can_add(directory: Path, config: dict, adding: list[str]) -> None:
     """Tasks can be added to a multi-task checkpoint (its read_multitask_config) of two or more tasks; one of a
     single task has layer masks only, no task masks to add to: one line."""
-    if not config.get("task_masks", True):               # older checkpoints: every run had task masks
+    if not has_task_masks(config):
         raise CheckpointError(f"{directory} was trained on one task, with layer masks only: tasks can be added to a "
                               f"multi-task checkpoint of two or more; train {', '.join([*config['tasks'], *adding])} "
                               f"together")
@@ -339,10 +345,9 @@ def load_multitask(directory: Path, tasks: list[str] | None = None, cfg=None, ex
     for name in names:
         if name not in saved["tasks"] or not (directory / TASKS_DIR / name).is_dir():
             raise CheckpointError(f"{directory} has no task {name!r}; it has: {', '.join(saved['tasks'])}")
-    task_masks = saved.get("task_masks", True)          # one task trains layer masks only (before: every run had both)
     model = backbone.MultiTaskModel(OmegaConf.create(saved), names + extra,
                                     [saved["num_labels"][n] for n in names] + [int(t.num_labels) for t in extra_tasks],
-                                    for_training, task_masks=task_masks)
+                                    for_training, task_masks=has_task_masks(saved))
     weights = methods.petl_weights(model)
     shared = directory / SHARED_DIR
     dense, _ = read_safetensors(shared / DENSE_FILE[saved["method"]["name"]])

@@ -162,8 +162,7 @@ class MultiTaskModel(nn.Module):
         heads += [TaskHead(copy.deepcopy(dense), dropout, fresh_classifier(self.config.hidden_size, n), dropout_first)
                   for n in num_labels[1:]]
         self.heads = nn.ModuleDict(dict(zip(task_names, heads)))
-        head_names = {n for n, _ in self.named_parameters() if n.startswith("heads.")}
-        methods.attach(self, self.encoder.encoder.layer, cfg, head_names, for_training,
+        methods.attach(self, self.encoder.encoder.layer, cfg, self.head_names(), for_training,
                        num_tasks=len(task_names) if task_masks else 0)
 
     def transformers_name(self, name: str) -> str:

@@ -58,16 +58,15 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
         splits[name] = {split: tokenise(rows, tokenizer, cfg.data.max_length) for split, rows in text.items()}
         collators[name] = TaskCollator(PadCollator(tokenizer, int(by_name[name].num_labels) == 1), index)
     lengths = [token_lengths(splits[n]["train"]) for n in new_tasks] if cfg.data.group_by_length else None
-    temperature = float(cfg.multitask.temperature) if multitask else 1.0        # one task: no draw of tasks
     train_batches = MultiTaskBatches([splits[n]["train"] for n in new_tasks], [collators[n] for n in new_tasks],
-                                     cfg.trainer.batch_size, temperature, cfg.seed, lengths)
+                                     cfg.trainer.batch_size, float(cfg.multitask.temperature), cfg.seed, lengths)
 
     def eval_loader(name: str, split: str) -> DataLoader:
         return DataLoader(splits[name][split], batch_size=cfg.trainer.eval_batch_size, collate_fn=collators[name])
 
     # 2. model: the pre-trained encoder with the method inside, a head per task (base tasks loaded and frozen)
     if base_dir:
-        model, _ = checkpoint.load_multitask(Path(base_dir), cfg=cfg, extra_tasks=task_configs(new_tasks),
+        model, _ = checkpoint.load_multitask(Path(base_dir), cfg=cfg, extra_tasks=[by_name[n] for n in new_tasks],
                                              for_training=False)
         freeze_for_new_tasks(model, base_tasks)
         model.train()
@@ -103,7 +102,7 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
 
     # 4. storage, checkpoint (rank 0 writes), metrics.json, W&B summary, summary table
     report = (partial(report_multitask, base_tasks=base_tasks) if multitask
-              else partial(report_single_task, splits=splits))
+              else partial(report_single_task, splits=splits, head_names=head_names))
     metrics, summary = report(cfg, output_dir, model, tests, result, backbone_params,
                               facts=lambda: run_facts(cfg, result, started, device, ctx), writes=ctx.is_main)
     if ctx.is_main:
@@ -114,12 +113,11 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
 
 
 def report_single_task(cfg, output_dir: Path, model, tests: dict, result, backbone_params: int, facts, writes: bool,
-                       splits: dict) -> tuple[dict, dict]:
+                       splits: dict, head_names: set[str]) -> tuple[dict, dict]:
     """One task's storage (accounting.account), its checkpoint folder in the single-task layout (the model's
     tensors under the transformers model's names), metrics.json; returns (metrics, W&B summary)."""
     task = cfg.task
     (name, test), = tests.items()
-    head_names = model.head_names()
     figures = accounting.account(model, cfg, head_names, backbone_params)
     if not writes:
         return {"glue_score": glue_metrics.task_score(name, test), "test": test}, {}
