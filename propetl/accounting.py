@@ -183,6 +183,7 @@ def account_multitask(model: nn.Module, cfg, task_names: list[str], backbone_par
     total_with_heads = total + 4 * sum(heads.values())
     plain_params = plain_petl_params(cfg, model.config.hidden_size, model.config.num_hidden_layers)
     plain = 4 * plain_params
+    layers, rows = mask_files(model, n)
     separate = shared_bytes               # one single-task run: the prototype + its L layer masks (or one PETL set)
     return {
         "tasks": n, "backbone_params": backbone_params, "shared_params": shared_params,
@@ -197,18 +198,19 @@ def account_multitask(model: nn.Module, cfg, task_names: list[str], backbone_par
         "amortised_percent_of_backbone": 100.0 * (total / n) / (4 * backbone_params),
         **storage_settings(cfg), "mask_entries": sum(layer_entries) + n * sum(task_entries),
         "dense_bytes": dtype_bytes(cfg) * shared_params, "plain_petl_bytes_as_stored": dtype_bytes(cfg) * plain_params,
-        **coding_figures(multitask_mask_files(model, task_names), dtype_bytes(cfg) * shared_params,
+        **coding_figures([layers] * bool(layers) + rows, dtype_bytes(cfg) * shared_params,
                          dtype_bytes(cfg) * plain_params, tasks=n, ratio_key="amortised_ratio_to_plain_petl"),
     }
 
 
-def multitask_mask_files(model: nn.Module, task_names: list[str]) -> list[dict[str, torch.Tensor]]:
-    """The masks of each masks file of a multi-task checkpoint: the layer masks, then each task's ([1, *shape])."""
-    task_masks, layer_masks = split_task_layer(methods.petl_weights(model).mask_stores())
+def mask_files(model: nn.Module, num_tasks: int) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """The masks a checkpoint writes: the layer masks (shared/layer_masks.safetensors; {} if none) and each
+    task's rows [1, *shape] (tasks/<task>/task_mask.safetensors; [] without task masks)."""
+    weights = methods.petl_weights(model)
+    if weights is None:
+        return {}, []
+    task_masks, layer_masks = split_task_layer(weights.mask_stores())
     with torch.no_grad():
         layers = {n: m().cpu() for n, m in layer_masks.items()}
         tasks = {n: m().cpu() for n, m in task_masks.items()}
-    files = [layers] if layers else []
-    if tasks:
-        files += [{n: m[i:i + 1] for n, m in tasks.items()} for i in range(len(task_names))]
-    return files
+    return layers, [{n: m[i:i + 1] for n, m in tasks.items()} for i in range(num_tasks)] if tasks else []

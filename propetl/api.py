@@ -166,7 +166,7 @@ class ProPETLModel(nn.Module):
 
     def save_propetl(self, directory) -> Path:
         """Write the prototype, the masks and the head (not the backbone) to `directory`, atomically."""
-        return checkpoint.save_checkpoint(self.model, self.runner_config, self.head_names, Path(directory))
+        return checkpoint.save_checkpoint(self.model, self.runner_config, Path(directory))
 
     def merge_and_unload(self) -> nn.Module:
         """LoRA: fold every layer's masked update into W_q / W_v and return the plain transformers model."""
@@ -197,7 +197,7 @@ def load_propetl(model: nn.Module, directory) -> ProPETLModel:
     Prefix models load in their inference form (the stored prefix table, no re-parameterisation MLP)."""
     check_supported(model)
     directory = Path(directory)
-    saved = OmegaConf.create(checkpoint.read_checkpoint_config(directory))
+    saved = OmegaConf.create(checkpoint.single_task_config(checkpoint.read_checkpoint_config(directory), directory))
     if saved.method.name not in LOADABLE_METHODS:
         raise ConfigError(f"{directory}: method={saved.method.name} is not loaded by load_propetl; it loads: "
                           f"{', '.join(LOADABLE_METHODS)} (checkpoint.load_checkpoint loads the rest)")

@@ -1,20 +1,27 @@
-"""Checkpoints: the folder a trained task is kept in, written and read. (What it costs: accounting.py.)
+"""Checkpoints: the folder a trained model is kept in, written and read. (What it costs: accounting.py.)
 
-`save_checkpoint` / `load_checkpoint` write and rebuild a folder with
-    propetl.json            what to rebuild (model, method, prototype, mask, task) and how it is stored
-    prototype.safetensors   method=propetl: the shared tensors, once   | petl.safetensors: per-layer stacks
-                            | backbone.safetensors: method=finetune    | peft.safetensors: PEFT's lora_A /
-                            lora_B of every layer, under the model's parameter names (method=peft)
-    masks.safetensors       every mask, coded as `storage.mask_coding` says (propetl/mask_coding.py)
-    head.safetensors        the task's classification head, apart so storage can be read with and without it
-    manifest.json           the sha256 of every file above (propetl/files.py), written last
-Dense tensors are written in `storage.dtype` (fp32, bf16, fp16) and loaded back as fp32. Format 2 adds the
-coded masks file and the dtype; format 3 (this one) the manifest, checked before anything is read: a
-changed, missing or unlisted file is refused in one line naming it. Format-1 and -2 checkpoints (bit-packed
-masks, fp32; no manifest) still load, checked as before (safetensors headers, shapes, mask densities).
-The names a checkpoint gives (method, prototype, mask kind, storage, tasks) are checked against the
-registry before any is used (check_names). The folder is built beside its place and renamed: a crash never
-leaves a half-written checkpoint. A multi-task model ships as shared/ + tasks/<task>/ (save_multitask).
+Every run, of one task or several, writes one layout (format 4; save_checkpoint):
+    shared/propetl.json             what to rebuild: model, method, prototype, mask, the tasks and their label
+                                    counts, whether there are task masks, the data split, how it is stored
+    shared/prototype.safetensors    method=propetl: the shared tensors, once | petl.safetensors: per-layer
+                                    stacks | backbone.safetensors: method=finetune | peft.safetensors: PEFT's
+                                    lora_A / lora_B (the transformers model's parameter names)
+    shared/layer_masks.safetensors  the L layer masks of every masked tensor, coded (propetl/mask_coding.py)
+    tasks/<task>/task_mask.safetensors  several tasks: this task's mask of every masked tensor, [1, *shape]
+    tasks/<task>/head.safetensors       this task's head (dense.*, classifier.*), apart so storage can be read
+                                        with and without it
+    shared/ and each tasks/<task>/ carry a manifest.json: the sha256 of their files (propetl/files.py), written
+    last and checked before anything is read: a changed, missing or unlisted file is refused in one line.
+A task ships as shared/ + tasks/<task>/; adding a task adds a folder and leaves the rest unchanged.
+Dense tensors are written in `storage.dtype` (fp32, bf16, fp16) and loaded back as fp32.
+
+Older checkpoints still load: formats 1-3 of one task are flat (propetl.json, the dense file, masks.safetensors,
+head.safetensors under the transformers model's names; format 1 bit-packed fp32 without manifest, 2 coded
+masks and dtype, 3 the manifest); formats 1-3 of several tasks have the layout above. The names a checkpoint
+gives (method, prototype, mask kind, storage, tasks) are checked against the registry before any is used
+(check_names). The folder is built beside its place and renamed: a crash never leaves a half-written one.
+Readers: load_checkpoint (a one-task checkpoint into the transformers model: propetl-eval, propetl-export, the
+Python API's load_weights) and load_multitask (any into the MultiTaskModel training runs: adding tasks).
 """
 from __future__ import annotations
 
@@ -30,40 +37,43 @@ from torch import nn
 from propetl import mask_coding, methods
 from propetl import model as backbone
 from propetl.accounting import (
-    STORAGE_DTYPES, dense_parameters, head_tensors, multitask_mask_files, split_task_layer, storage_settings,
-    stored_dense_tensors, stored_masks
+    STORAGE_DTYPES, dense_parameters, head_tensors, mask_files, split_task_layer, storage_settings, stored_dense_tensors
 )
 from propetl.configs import plain_value
 from propetl.files import CheckpointError, check_seal, seal, write_folder_atomically
-FORMAT_VERSION = 3
-READABLE_FORMATS = (1, 2, 3)
+FORMAT_VERSION = 4
+READABLE_FORMATS = (1, 2, 3, 4)
 SEALED_FORMAT = 3                     # from this format on, every checkpoint folder carries a manifest
-MASKS_FILE = mask_coding.MASKS_FILE
+ONE_LAYOUT_FORMAT = 4                 # from this format on, one task or several: shared/ + tasks/<task>/
+SHARED_DIR, TASKS_DIR = "shared", "tasks"
 CONFIG_FILE, HEAD_FILE = "propetl.json", "head.safetensors"
+LAYER_MASKS_FILE, TASK_MASK_FILE = mask_coding.LAYER_MASKS_FILE, "task_mask.safetensors"
+MASKS_FILE = mask_coding.MASKS_FILE   # formats 1-3 of one task: the flat layout's masks file
 DENSE_FILE = {"propetl": "prototype.safetensors", "petl": "petl.safetensors", "finetune": "backbone.safetensors",
               "peft": "peft.safetensors"}
+UNNAMED_TASK = "unnamed"              # the Python API's save_propetl knows no task
+MATCH_KEYS = methods.WithShapeKeys(("model.name_or_path", "method.name", "prototype.name", "mask.kind",
+                                    "mask.sparsity", "mask.combine"))    # + every prototype's SHAPE_KEYS
 
 
 def file_sizes(checkpoint_dir: Path) -> dict:
-    """Bytes of the files actually written, with and without the head file."""
-    files = {p.name: p.stat().st_size for p in sorted(Path(checkpoint_dir).iterdir()) if p.suffix == ".safetensors"}
-    without_head = sum(size for name, size in files.items() if name != HEAD_FILE)
-    return {"file_bytes": without_head, "file_bytes_with_head": sum(files.values()),
+    """Bytes of the files written: each (file_bytes/<path in the folder>), all but the heads (file_bytes) and all."""
+    directory = Path(checkpoint_dir)
+    files = {p.relative_to(directory).as_posix(): p.stat().st_size for p in sorted(directory.rglob("*.safetensors"))}
+    heads = sum(size for name, size in files.items() if name.endswith(HEAD_FILE))
+    return {"file_bytes": sum(files.values()) - heads, "file_bytes_with_head": sum(files.values()),
             **{f"file_bytes/{name}": size for name, size in files.items()}}
 
 
 def file_figures(checkpoint_dir: Path, figures: dict) -> dict:
-    """The sizes of the files written (file_sizes; multi-task: multitask_file_sizes) and what they mean
-    beside the run's counted `figures` (account / account_multitask): bits per mask entry of the masks
-    files (whole files, headers included), and the files without heads over plain PETL stored in the same
-    dtype (multi-task: amortised per task)."""
-    directory = Path(checkpoint_dir)
-    tasks = figures.get("tasks")
-    out = multitask_file_sizes(directory) if tasks else file_sizes(directory)
-    masks = sum(p.stat().st_size for p in directory.rglob("*.safetensors")
-                if p.name in (MASKS_FILE, LAYER_MASKS_FILE, TASK_MASK_FILE))
+    """The sizes of the files written (file_sizes) and what they mean beside the run's counted `figures`
+    (account / account_multitask): bits per mask entry of the masks files (whole files, headers included),
+    and the files without heads over plain PETL stored in the same dtype (several tasks: amortised per task)."""
+    out = file_sizes(checkpoint_dir)
+    masks = sum(size for name, size in out.items() if name.endswith((LAYER_MASKS_FILE, TASK_MASK_FILE)))
     if figures.get("mask_entries"):
         out["file_mask_bits_per_entry"] = 8 * masks / figures["mask_entries"]
+    tasks = figures.get("tasks")
     ratio_key = "file_amortised_ratio_to_plain_petl" if tasks else "file_ratio_to_plain_petl"
     out[ratio_key] = out["file_bytes"] / (tasks or 1) / figures["plain_petl_bytes_as_stored"]
     return out
@@ -71,14 +81,15 @@ def file_figures(checkpoint_dir: Path, figures: dict) -> dict:
 
 # ----------------------------------------------------------------------------- writing
 
-def checkpoint_config(cfg) -> dict:
-    """What load_checkpoint needs to rebuild the model (resolved plain values)."""
+def checkpoint_config(cfg, task_names: list[str], num_labels: list[int], task_masks: bool) -> dict:
+    """shared/propetl.json: what load_checkpoint and load_multitask need to rebuild the model (plain values)."""
     keep = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "prototype", "method", "mask")}
-    keep["task"] = {"name": cfg.task.name, "num_labels": int(cfg.task.num_labels)}
     if cfg.get("data") is not None:           # a run's data split (propetl-eval re-makes it); the Python API has none
         keep["data"] = {"protocol": cfg.data.protocol, "split_seed": int(cfg.data.split_seed),
                         "max_length": int(cfg.data.max_length)}
-    return {"format_version": FORMAT_VERSION, **keep, "storage": storage_settings(cfg)}
+    return {"format_version": FORMAT_VERSION, "tasks": list(task_names),
+            "num_labels": dict(zip(task_names, map(int, num_labels))), "task_masks": task_masks, **keep,
+            "storage": storage_settings(cfg)}
 
 
 def save_masks(masks: dict[str, torch.Tensor], path: Path, cfg) -> None:
@@ -109,21 +120,46 @@ def save_dense(tensors: dict[str, torch.Tensor], path: Path, cfg) -> None:
     save_file(out, str(path))
 
 
-def save_checkpoint(model: nn.Module, cfg, head_names: set[str], directory: Path, rename=lambda name: name) -> Path:
-    """Write the task's checkpoint folder atomically (built beside it, then renamed into place); every tensor
-    under `rename(its name)` (a one-task MultiTaskModel: transformers_name, the names load_checkpoint knows)."""
-    def renamed(tensors: dict) -> dict:
-        return {rename(name): tensor for name, tensor in tensors.items()}
+def checkpoint_tensors(model: nn.Module, cfg) -> tuple[list[str], list[int], dict, dict, list[dict], list[dict]]:
+    """What a checkpoint keeps of `model`, under the checkpoint's names: (task names, label counts, the dense
+    tensors under the transformers model's names, the layer masks, each task's mask rows, each task's head
+    under TaskHead's names). `model`: the MultiTaskModel of a run, or a transformers model with the method
+    inside (model.build, the Python API: one task, cfg.task)."""
+    if isinstance(model, backbone.MultiTaskModel):
+        names, labels, rename, head_names = model.task_names, model.num_labels, model.transformers_name, model.head_names()
+        heads = [{n: p.detach() for n, p in model.heads[task].named_parameters()} for task in names]
+    else:
+        names, labels, rename = [cfg.task.name or UNNAMED_TASK], [int(cfg.task.num_labels)], (lambda name: name)
+        head_names, layout = backbone.head_parameter_names(model), backbone.head_layout(model).items()
+        heads = [{next(ours + n[len(theirs):] for ours, theirs in layout if n.startswith(theirs)): t
+                  for n, t in head_tensors(model, head_names).items()}]
+    dense = {rename(n): t for n, t in stored_dense_tensors(model, cfg.method.name, head_names).items()}
+    layer_masks, task_masks = mask_files(model, len(names))
+    return names, labels, dense, layer_masks, task_masks, heads
+
+
+def save_checkpoint(model: nn.Module, cfg, directory: Path) -> Path:
+    """Write a checkpoint folder (format 4, the layout above) atomically: built beside `directory`, then
+    renamed into place. `model`: as checkpoint_tensors takes it."""
+    names, labels, dense, layer_masks, task_masks, heads = checkpoint_tensors(model, cfg)
 
     def build(folder: Path) -> None:
-        method = cfg.method.name
-        save_dense(renamed(stored_dense_tensors(model, method, head_names)), folder / DENSE_FILE[method], cfg)
-        masks = stored_masks(model)
-        if masks:
-            save_masks(renamed(masks), folder / MASKS_FILE, cfg)
-        save_dense(renamed(head_tensors(model, head_names)), folder / HEAD_FILE, cfg)
-        (folder / CONFIG_FILE).write_text(json.dumps(checkpoint_config(cfg), indent=2))
-        seal(folder)
+        shared = folder / SHARED_DIR
+        shared.mkdir()
+        save_dense(dense, shared / DENSE_FILE[cfg.method.name], cfg)
+        if layer_masks:
+            save_masks(layer_masks, shared / LAYER_MASKS_FILE, cfg)
+        for index, task in enumerate(names):
+            part = folder / TASKS_DIR / task
+            part.mkdir(parents=True)
+            if task_masks:
+                save_masks(task_masks[index], part / TASK_MASK_FILE, cfg)
+            save_dense(heads[index], part / HEAD_FILE, cfg)
+            (part / "task.json").write_text(json.dumps({"task": task, "num_labels": labels[index]}))
+            seal(part)
+        config = checkpoint_config(cfg, names, labels, getattr(model, "task_masks", False))
+        (shared / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        seal(shared)
     return write_folder_atomically(directory, build)
 
 
@@ -141,11 +177,14 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def read_checkpoint_config(directory: Path) -> dict:
-    """A checkpoint folder's propetl.json, once the folder matches its manifest (format 3 on: required) and
-    the names it gives are the registry's (check_names); else a one-line CheckpointError."""
+    """A checkpoint's propetl.json (shared/propetl.json; formats 1-3 of one task: propetl.json), once its folder
+    matches its manifest (format 3 on: required) and the names it gives are the registry's (check_names); else
+    a one-line CheckpointError."""
     directory = Path(directory)
-    path = directory / CONFIG_FILE
-    sealed = check_seal(directory, required=False)
+    shared = directory / SHARED_DIR
+    folder = shared if shared.is_dir() else directory
+    path = folder / CONFIG_FILE
+    sealed = check_seal(folder, required=False)
     try:
         config = json.loads(path.read_bytes())
     except (OSError, ValueError) as error:              # ValueError: not UTF-8, not JSON
@@ -157,7 +196,9 @@ def read_checkpoint_config(directory: Path) -> dict:
         raise CheckpointError(f"{path}: format_version {version!r}, this propetl reads "
                               f"{', '.join(map(str, READABLE_FORMATS))}")
     if version >= SEALED_FORMAT and not sealed:
-        check_seal(directory, required=True, hint=f"format {version} checkpoints carry one")
+        check_seal(folder, required=True, hint=f"format {version} checkpoints carry one")
+    if version >= ONE_LAYOUT_FORMAT and folder is not shared:
+        raise CheckpointError(f"{path}: format_version {version} keeps its config in {SHARED_DIR}/, not here")
     check_names(config, path)
     return config
 
@@ -188,13 +229,13 @@ def check_names(config: dict, path: Path) -> None:
         _check_choice(path, "storage.mask_coding", storage.get("mask_coding"), mask_coding.CODINGS)
     if not isinstance(config["model"].get("name_or_path"), str):
         raise CheckpointError(f"{path}: model.name_or_path={config['model'].get('name_or_path')!r} is not a path")
-    if config.get("mode") == "multitask":
+    if "tasks" in config:                               # format 4, and several tasks of formats 1-3
         tasks, labels = config.get("tasks"), config.get("num_labels")
         if not isinstance(tasks, list) or not tasks or not isinstance(labels, dict) or set(labels) != set(tasks):
             raise CheckpointError(f"{path}: tasks={tasks!r} with num_labels={labels!r} is not a list of tasks "
                                   f"and their label counts")
         for task in tasks:
-            _check_choice(path, "tasks", task, group_choices("task"))
+            _check_choice(path, "tasks", task, (*group_choices("task"), UNNAMED_TASK))
         if not isinstance(config.get("task_masks", True), bool):
             raise CheckpointError(f"{path}: task_masks={config['task_masks']!r} is not true or false")
         return
@@ -205,13 +246,27 @@ def check_names(config: dict, path: Path) -> None:
         _check_choice(path, "task.name", task["name"], group_choices("task"))
 
 
+def single_task_config(config: dict, directory: Path) -> dict:
+    """A checkpoint config (read_checkpoint_config) of one task with its `task` (name, num_labels), as the
+    transformers model's readers use it; one of several tasks, or with task masks, is refused in one line."""
+    if "tasks" not in config:                           # formats 1-3 of one task
+        return config
+    tasks = config["tasks"]
+    if len(tasks) != 1 or has_task_masks(config):
+        raise CheckpointError(f"{directory} is a multi-task checkpoint (tasks {', '.join(tasks)}); this reads one "
+                              f"task's checkpoint (a run of task=NAME); checkpoint.load_multitask reads it")
+    name = tasks[0]
+    return {**config, "task": {"name": None if name == UNNAMED_TASK else name, "num_labels": config["num_labels"][name]}}
+
+
 def load_checkpoint(directory: Path, config: dict | None = None) -> tuple[nn.Module, "OmegaConf"]:
-    """Rebuild the trained model from a checkpoint folder (`config`: its read_checkpoint_config, if the caller
-    has it: the folder is then not hashed again). Returns (model in eval mode, its config)."""
+    """Rebuild a one-task checkpoint as the transformers model with the method inside (`config`: its
+    read_checkpoint_config, if the caller has it: the folder is then not hashed again). Returns (model in
+    eval mode, its config with `task`)."""
     directory = Path(directory)
-    cfg = OmegaConf.create(read_checkpoint_config(directory) if config is None else config)
-    method = cfg.method.name
-    if method == "peft" and (missing := methods.peft_missing()):
+    config = single_task_config(read_checkpoint_config(directory) if config is None else config, directory)
+    cfg = OmegaConf.create(config)
+    if cfg.method.name == "peft" and (missing := methods.peft_missing()):
         raise CheckpointError(f"{directory}: {missing}")
     model = backbone.build(cfg, int(cfg.task.num_labels), for_training=False)
     load_weights(model, cfg, backbone.head_parameter_names(model), directory)
@@ -219,19 +274,28 @@ def load_checkpoint(directory: Path, config: dict | None = None) -> tuple[nn.Mod
 
 
 def load_weights(model: nn.Module, cfg, head_names: set[str], directory: Path) -> None:
-    """Copy a checkpoint folder's tensors (dense, masks, head) into `model`, built for inference with the
-    checkpoint's config `cfg` (for_training=False)."""
+    """Copy a one-task checkpoint's tensors (dense, masks, head) into a transformers model built for inference
+    with the checkpoint's config `cfg` (for_training=False; single_task_config)."""
     directory, method = Path(directory), cfg.method.name
-    dense, _ = read_safetensors(directory / DENSE_FILE[method])
-    head, _ = read_safetensors(directory / HEAD_FILE)
+    if cfg.get("tasks") is not None:                # format 4: shared/ + tasks/<task>/, the head under TaskHead's names
+        shared, part = directory / SHARED_DIR, directory / TASKS_DIR / cfg.tasks[0]
+        check_seal(part, required=True)
+        dense_path, masks_path, head_path = shared / DENSE_FILE[method], shared / LAYER_MASKS_FILE, part / HEAD_FILE
+        layout = backbone.head_layout(model).items()
+    else:
+        dense_path, masks_path, head_path = directory / DENSE_FILE[method], directory / MASKS_FILE, directory / HEAD_FILE
+        layout = ()
+    dense, _ = read_safetensors(dense_path)
+    head, _ = read_safetensors(head_path)
+    head = {next((theirs + n[len(ours):] for ours, theirs in layout if n.startswith(ours)), n): t for n, t in head.items()}
     parameters = dict(model.named_parameters())
     weights = methods.petl_weights(model)
     with torch.no_grad():
-        _copy_into(dense_parameters(model, method, head_names), dense, directory / DENSE_FILE[method])
+        _copy_into(dense_parameters(model, method, head_names), dense, dense_path)
         stores = {} if weights is None else {n: m for n, m in weights.mask_stores().items() if m.kind != "none"}
         if stores:
-            _load_masks(stores, read_masks(directory / MASKS_FILE), directory / MASKS_FILE)
-        _copy_into({n: parameters[n] for n in head_names}, head, directory / HEAD_FILE)
+            _load_masks(stores, read_masks(masks_path), masks_path)
+        _copy_into({n: parameters[n] for n in head_names}, head, head_path)
 
 
 def _load_masks(stores: dict, masks: dict[str, torch.Tensor], path: Path) -> None:
@@ -254,66 +318,20 @@ def _copy_into(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor
         target.copy_(tensors[name])
 
 
-# ----------------------------------------------------------------------------- multi-task
-# checkpoint/
-#   shared/propetl.json            model, method, prototype, mask, the tasks and their label counts
-#   shared/prototype.safetensors   the prototype once (method=petl: petl.safetensors, one module per layer)
-#   shared/layer_masks.safetensors the L layer masks of every masked tensor, coded (mask_coding)
-#   tasks/<task>/task_mask.safetensors  this task's mask of every masked tensor, [1, *shape], coded
-#   tasks/<task>/head.safetensors       this task's head
-# A task ships as shared/ + tasks/<task>/; adding a task adds a folder and leaves the rest unchanged.
-
-SHARED_DIR, TASKS_DIR = "shared", "tasks"
-LAYER_MASKS_FILE, TASK_MASK_FILE = "layer_masks.safetensors", "task_mask.safetensors"
-MULTITASK_MATCH_KEYS = methods.WithShapeKeys(("model.name_or_path", "method.name", "prototype.name", "mask.kind",
-                                              "mask.sparsity", "mask.combine"))    # + every prototype's SHAPE_KEYS
-
-
-def multitask_checkpoint_config(cfg, task_names: list[str], num_labels: list[int], task_masks: bool) -> dict:
-    keep = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "prototype", "method", "mask")}
-    keep["data"] = {"protocol": cfg.data.protocol, "split_seed": int(cfg.data.split_seed), "max_length": int(cfg.data.max_length)}
-    return {"format_version": FORMAT_VERSION, "mode": "multitask", "tasks": list(task_names),
-            "num_labels": dict(zip(task_names, map(int, num_labels))), "task_masks": task_masks, **keep,
-            "storage": storage_settings(cfg)}
-
-
-def save_multitask(model: nn.Module, cfg, directory: Path) -> Path:
-    """Write a multi-task checkpoint folder atomically: the shared part once, each task's part apart."""
-    weights = methods.petl_weights(model)
-    _, layer_masks = split_task_layer(weights.mask_stores())
-    mask_files = multitask_mask_files(model, model.task_names)
-    task_files = mask_files[1:] if layer_masks else mask_files
-
-    def build(folder: Path) -> None:
-        shared = folder / SHARED_DIR
-        shared.mkdir()
-        save_dense(weights.base_tensors(), shared / DENSE_FILE[cfg.method.name], cfg)
-        if layer_masks:
-            save_masks(mask_files[0], shared / LAYER_MASKS_FILE, cfg)
-        for index, task in enumerate(model.task_names):
-            part = folder / TASKS_DIR / task
-            part.mkdir(parents=True)
-            if task_files:
-                save_masks(task_files[index], part / TASK_MASK_FILE, cfg)
-            save_dense(dict(model.heads[task].named_parameters()), part / HEAD_FILE, cfg)
-            (part / "task.json").write_text(json.dumps({"task": task, "num_labels": model.num_labels[index]}))
-            seal(part)
-        config = multitask_checkpoint_config(cfg, model.task_names, model.num_labels, model.task_masks)
-        (shared / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        seal(shared)
-    return write_folder_atomically(directory, build)
-
+# ----------------------------------------------------------------------------- into the MultiTaskModel
 
 def read_multitask_config(directory: Path) -> dict:
-    config = read_checkpoint_config(Path(directory) / SHARED_DIR)
-    if config.get("mode") != "multitask":
-        raise CheckpointError(f"{directory} is not a multi-task checkpoint")
+    """The config of a checkpoint in the shared/ + tasks/ layout (format 4; several tasks of formats 1-3)."""
+    config = read_checkpoint_config(Path(directory))
+    if "tasks" not in config:
+        raise CheckpointError(f"{directory} is a one-task checkpoint of format {config['format_version']} "
+                              f"(flat); tasks are added to a multi-task checkpoint")
     return config
 
 
 def has_task_masks(config: dict) -> bool:
-    """Whether a multi-task checkpoint (its read_multitask_config) has task masks: one of a single task trains
-    layer masks only; older checkpoints lack the key and every run had them."""
+    """Whether a checkpoint (its read_multitask_config) has task masks: one of a single task trains layer masks
+    only; multi-task checkpoints before it had the key always had them."""
     return config.get("task_masks", True)
 
 
@@ -327,9 +345,9 @@ def check_can_add(directory: Path, config: dict, adding: list[str]) -> None:
 
 
 def load_multitask(directory: Path, tasks: list[str] | None = None, cfg=None, extra_tasks=(), for_training=False):
-    """Rebuild a multi-task model from `shared/` and the named tasks' folders (default: all). With
-    `cfg`, its settings must match the checkpoint's; `extra_tasks` (task configs) get fresh masks and
-    heads (adding tasks). Returns (model in eval mode, the checkpoint's config)."""
+    """Rebuild the MultiTaskModel from `shared/` and the named tasks' folders (default: all). With `cfg`, its
+    settings must match the checkpoint's; `extra_tasks` (task configs) get fresh masks and heads (adding
+    tasks). Returns (model in eval mode, the checkpoint's config)."""
 
     directory = Path(directory)
     extra = [t.name for t in extra_tasks]
@@ -337,7 +355,7 @@ def load_multitask(directory: Path, tasks: list[str] | None = None, cfg=None, ex
     if extra:
         check_can_add(directory, saved, extra)
     if cfg is not None:
-        for key in MULTITASK_MATCH_KEYS:
+        for key in MATCH_KEYS:
             ours, theirs = plain_value(cfg, key), plain_value(OmegaConf.create(saved), key)
             if ours != theirs:
                 raise CheckpointError(f"{directory} was trained with {key}={theirs!r}, this run has {key}={ours!r}")
@@ -348,12 +366,13 @@ def load_multitask(directory: Path, tasks: list[str] | None = None, cfg=None, ex
     model = backbone.MultiTaskModel(OmegaConf.create(saved), names + extra,
                                     [saved["num_labels"][n] for n in names] + [int(t.num_labels) for t in extra_tasks],
                                     for_training, task_masks=has_task_masks(saved))
-    weights = methods.petl_weights(model)
+    weights, method = methods.petl_weights(model), saved["method"]["name"]
     shared = directory / SHARED_DIR
-    dense, _ = read_safetensors(shared / DENSE_FILE[saved["method"]["name"]])
-    task_masks, layer_masks = split_task_layer(weights.mask_stores())
+    dense, _ = read_safetensors(shared / DENSE_FILE[method])
+    _, layer_masks = split_task_layer(weights.mask_stores()) if weights is not None else ({}, {})
+    targets = {model.transformers_name(n): p for n, p in dense_parameters(model, method, model.head_names()).items()}
     with torch.no_grad():
-        _copy_into(dict(weights.weights.items()), dense, shared / DENSE_FILE[saved["method"]["name"]])
+        _copy_into(targets, dense, shared / DENSE_FILE[method])
         if layer_masks:
             _load_masks(layer_masks, read_masks(shared / LAYER_MASKS_FILE), shared / LAYER_MASKS_FILE)
     load_task_parts(model, directory, names, saved["format_version"])
@@ -366,7 +385,8 @@ def load_task_parts(model: nn.Module, directory: Path, names: list[str], format_
     task's folder is checked against its manifest first (required from format 3 on)."""
     if format_version is None:
         format_version = read_multitask_config(directory)["format_version"]
-    task_masks, _ = split_task_layer(methods.petl_weights(model).mask_stores())
+    weights = methods.petl_weights(model)
+    task_masks, _ = split_task_layer(weights.mask_stores()) if weights is not None else ({}, {})
     with torch.no_grad():
         for name in names:
             index, part = model.task_names.index(name), Path(directory) / TASKS_DIR / name
@@ -384,15 +404,3 @@ def load_task_parts(model: nn.Module, directory: Path, names: list[str], format_
                     mask.invalidate()
             head, _ = read_safetensors(part / HEAD_FILE)
             _copy_into(dict(model.heads[name].named_parameters()), head, part / HEAD_FILE)
-
-
-def multitask_file_sizes(directory: Path) -> dict:
-    """Bytes on disk: the shared folder, and each task's folder with and without its head."""
-    directory = Path(directory)
-    def size(paths):
-        return sum(p.stat().st_size for p in paths)
-    shared = size((directory / SHARED_DIR).glob("*.safetensors"))
-    per_task = {p.name: size(p.glob("*.safetensors")) for p in sorted((directory / TASKS_DIR).iterdir())}
-    masks_only = {p.name: size(p.glob(TASK_MASK_FILE)) for p in sorted((directory / TASKS_DIR).iterdir())}
-    return {"file_bytes_shared": shared, "file_bytes_task_masks": masks_only, "file_bytes_tasks_with_heads": per_task,
-            "file_bytes": shared + sum(masks_only.values()), "file_bytes_with_heads": shared + sum(per_task.values())}

@@ -94,9 +94,7 @@ def export(checkpoint_dir, out, output_format: str, overwrite: bool = False) -> 
     checkpoint_dir, out = Path(checkpoint_dir), Path(out)
     if output_format not in FORMATS:
         raise ExportError(f"--format {output_format} is invalid; allowed: {', '.join(FORMATS)}")
-    if (checkpoint_dir / checkpoint.SHARED_DIR).is_dir():
-        raise ExportError(f"{checkpoint_dir} is a multi-task checkpoint; propetl-export takes a single-task run's checkpoint/")
-    config = checkpoint.read_checkpoint_config(checkpoint_dir)
+    config = checkpoint.single_task_config(checkpoint.read_checkpoint_config(checkpoint_dir), checkpoint_dir)
     reason = refusal(config, output_format)
     if reason:
         raise ExportError(f"{checkpoint_dir}: {reason}; nothing written")

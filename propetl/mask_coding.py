@@ -35,11 +35,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-MASKS_FILE = "masks.safetensors"                # a checkpoint's masks file (checkpoint.py names the others)
+LAYER_MASKS_FILE = "layer_masks.safetensors"    # a checkpoint's layer masks: shared/ (checkpoint.py names the others)
+MASKS_FILE = "masks.safetensors"                # the same in the flat layout of a one-task checkpoint, formats 1-3
 CODINGS = ("bits", "entropy")
 BLOB = "masks"
 DIGEST_BYTES = 32
@@ -233,6 +235,12 @@ def _decode_format1(tensors: dict, metadata: dict[str, str]) -> dict[str, np.nda
         return {name: unpack_bits(tensors[name], tuple(shapes[name])) for name in tensors}
     except (KeyError, ValueError, TypeError) as error:
         raise MaskCodingError(f"mask shapes missing or wrong ({error})") from None
+
+
+def layer_masks_file(checkpoint_dir) -> Path:
+    """Where a checkpoint keeps its layer masks: shared/layer_masks.safetensors, or masks.safetensors (flat)."""
+    shared = Path(checkpoint_dir) / "shared" / LAYER_MASKS_FILE
+    return shared if shared.exists() else Path(checkpoint_dir) / MASKS_FILE
 
 
 def read_file(path) -> dict[str, np.ndarray]:

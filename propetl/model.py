@@ -88,8 +88,8 @@ def head_parameter_names(model: nn.Module) -> set[str]:
 
 def build(cfg, num_labels: int, for_training: bool = True) -> nn.Module:
     """The transformers model with the method inside (for_training=False: to receive saved weights): what a
-    single-task checkpoint loads into (checkpoint.load_checkpoint), the exports and the Python API. Training
-    runs the one-task MultiTaskModel, which computes the same bit for bit."""
+    one-task checkpoint loads into for inference (checkpoint.load_checkpoint: propetl-eval, propetl-export) and
+    what the Python API wraps. Training runs the one-task MultiTaskModel, which computes the same bit for bit."""
     model = load_backbone(cfg.model, num_labels)
     methods.attach(model, encoder_layers(model), cfg, head_parameter_names(model), for_training)
     return model
@@ -125,6 +125,13 @@ def pretrained_head(full: nn.Module) -> tuple[str, str, bool]:
                      f"BERT's (pooler + classifier) nor RoBERTa's; propetl runs BERT- and RoBERTa-family models")
 
 
+def head_layout(full: nn.Module) -> dict[str, str]:
+    """Where a checkpoint's task head (TaskHead's names: dense.*, classifier.*) sits in a transformers model
+    (pretrained_head): {"dense.": "bert.pooler.dense.", "classifier.": "classifier."} for BERT."""
+    dense_name, classifier_name, _ = pretrained_head(full)
+    return {"dense.": f"{dense_name}.", "classifier.": f"{classifier_name}."}
+
+
 def fresh_classifier(hidden: int, num_labels: int) -> nn.Linear:
     """A new task's classifier: N(0, 0.02) weights, zero bias (as transformers initialises one)."""
     classifier = nn.utils.skip_init(nn.Linear, hidden, num_labels)
@@ -151,8 +158,7 @@ class MultiTaskModel(nn.Module):
         dense_name, classifier_name, dropout_first = pretrained_head(full)
         dense, classifier = full.get_submodule(dense_name), full.get_submodule(classifier_name)
         self._transformers_names = {"encoder.": f"{full.base_model_prefix}.",
-                                    f"heads.{task_names[0]}.dense.": f"{dense_name}.",
-                                    f"heads.{task_names[0]}.classifier.": f"{classifier_name}."}
+                                    **{f"heads.{task_names[0]}.{k}": v for k, v in head_layout(full).items()}}
         self.encoder.pooler = None                      # the heads hold their own copies
         self.config = self.encoder.config
         dropout = getattr(self.config, "classifier_dropout", None)

@@ -11,7 +11,7 @@ weight: tests/test_multitask.py). Each step trains on one task's batch, the task
 selection split; the best epoch is the one with the best mean of the tasks' scores, then each task is
 scored on its test split. The checkpoint keeps the shared part once and each task's part (its mask
 bits and head) in a folder of its own, so one task can be loaded or shipped alone
-(checkpoint.save_multitask / load_multitask). With multitask.base_checkpoint a new task is added to a
+(checkpoint.save_checkpoint / load_multitask). With multitask.base_checkpoint a new task is added to a
 trained model: only its mask and head train, against the frozen prototype and layer masks.
 """
 from __future__ import annotations

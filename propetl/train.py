@@ -1,7 +1,7 @@
 """One training run, `train(cfg, output_dir)`, for one task (`task=rte`) or several (`mode=multitask
 tasks=[rte,mrpc]`): the same recipe, read top to bottom. A single-task run is a multi-task run with one task
 (layer masks only, the model's own head, the DataLoader's batch order: tests/test_multitask.py); what differs is
-what it reports and writes (`report_single_task`, `report_multitask`). propetl-train's command line and Hydra
+what it reports (`report_single_task`, `report_multitask`); both write the same checkpoint layout. propetl-train's command line and Hydra
 entry: propetl/cli.py; what every run does first and last: propetl/run.py; multi-task batches: multitask.py.
 """
 from __future__ import annotations
@@ -114,15 +114,14 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
 
 def report_single_task(cfg, output_dir: Path, model, tests: dict, result, backbone_params: int, facts, writes: bool,
                        splits: dict, head_names: set[str]) -> tuple[dict, dict]:
-    """One task's storage (accounting.account), its checkpoint folder in the single-task layout (the model's
-    tensors under the transformers model's names), metrics.json; returns (metrics, W&B summary)."""
+    """One task's storage (accounting.account), the checkpoint, metrics.json; returns (metrics, W&B summary)."""
     task = cfg.task
     (name, test), = tests.items()
     figures = accounting.account(model, cfg, head_names, backbone_params)
     if not writes:
         return {"glue_score": glue_metrics.task_score(name, test), "test": test}, {}
     if cfg.trainer.save_weights:
-        checkpoint.save_checkpoint(model, cfg, head_names, output_dir / "checkpoint", rename=model.transformers_name)
+        checkpoint.save_checkpoint(model, cfg, output_dir / "checkpoint")
         figures.update(checkpoint.file_figures(output_dir / "checkpoint", figures))
     metrics = {
         "task": name, "model": cfg.model.name, "method": cfg.method.name, "prototype": cfg.prototype.name,
@@ -144,7 +143,7 @@ def report_single_task(cfg, output_dir: Path, model, tests: dict, result, backbo
 def report_multitask(cfg, output_dir: Path, model, tests: dict, result, backbone_params: int, facts, writes: bool,
                      base_tasks: list[str]) -> tuple[dict, dict]:
     """Several tasks' storage (the shared part once, each task's part apart: accounting.account_multitask), the
-    shared/ + tasks/<task>/ checkpoint, metrics.json with each task's numbers; returns (metrics, W&B summary)."""
+    checkpoint, metrics.json with each task's numbers; returns (metrics, W&B summary)."""
     per_task = {}
     for name, test in tests.items():
         selection = {k.split("/", 1)[1]: v for k, v in result.best_selection.items() if k.startswith(f"{name}/")}
@@ -153,7 +152,7 @@ def report_multitask(cfg, output_dir: Path, model, tests: dict, result, backbone
     if not writes:
         return {"tasks": per_task}, {}
     if cfg.trainer.save_weights:
-        checkpoint.save_multitask(model, cfg, output_dir / "checkpoint")
+        checkpoint.save_checkpoint(model, cfg, output_dir / "checkpoint")
         figures.update(checkpoint.file_figures(output_dir / "checkpoint", figures))
     metrics = {
         "mode": "multitask", "tasks": list(tests), "base_tasks": base_tasks, "model": cfg.model.name,

@@ -45,7 +45,7 @@ def resave(source: Path, target: Path, dtype: str, coding: str) -> dict:
     """Load `source`, write it to `target` in `dtype` and `coding`; return its masks as reloaded."""
     model, saved = checkpoint.load_checkpoint(source)
     cfg = OmegaConf.merge(saved, {"storage": {"dtype": dtype, "mask_coding": coding}})
-    checkpoint.save_checkpoint(model, cfg, backbone.head_parameter_names(model), target)
+    checkpoint.save_checkpoint(model, cfg, target)
     return accounting.stored_masks(checkpoint.load_checkpoint(target)[0])
 
 

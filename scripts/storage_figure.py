@@ -58,7 +58,7 @@ def attached(base, *overrides: str):
 
 def written(model, folder: Path, *overrides: str) -> dict:
     """Save `model`'s checkpoint with config(*overrides) (its storage settings); the files' sizes."""
-    checkpoint.save_checkpoint(model, config(*overrides), backbone.head_parameter_names(model), folder)
+    checkpoint.save_checkpoint(model, config(*overrides), folder)
     return checkpoint.file_sizes(folder)
 
 
@@ -84,7 +84,7 @@ def measure(work: Path) -> list[dict]:
                                  "propetl_bytes": sizes["file_bytes"], "petl_bytes": plain[dtype],
                                  "ratio": sizes["file_bytes"] / plain[dtype],
                                  "ratio_to_fp32_petl": sizes["file_bytes"] / plain["fp32"],
-                                 "mask_bits_per_entry": 8 * sizes[f"file_bytes/{checkpoint.MASKS_FILE}"] / entries,
+                                 "mask_bits_per_entry": 8 * sizes[f"file_bytes/{checkpoint.SHARED_DIR}/{checkpoint.LAYER_MASKS_FILE}"] / entries,
                                  "bound_bits_per_entry": bound})
     return rows
 

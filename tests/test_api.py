@@ -58,10 +58,12 @@ def test_readme_example_trains_with_the_hf_trainer_saves_loads_and_merges(tiny_t
     assert type(plain) is BertForSequenceClassification and not any(isinstance(m, LoRALinear) for m in plain.modules())
 
     saved = tmp_path / "out" / "api-example" / "propetl"          # the prototype, masks and head: no backbone
-    assert sorted(p.name for p in saved.iterdir()) == ["head.safetensors", "manifest.json", "masks.safetensors",
-                                                       "propetl.json", "prototype.safetensors"]
-    assert set(load_file(saved / "prototype.safetensors")) == {"query_A", "query_B", "value_A", "value_B"}
-    assert set(load_file(saved / "head.safetensors")) == backbone.head_parameter_names(plain)
+    assert sorted(p.relative_to(saved).as_posix() for p in saved.rglob("*") if p.is_file()) == [
+        "shared/layer_masks.safetensors", "shared/manifest.json", "shared/propetl.json", "shared/prototype.safetensors",
+        "tasks/unnamed/head.safetensors", "tasks/unnamed/manifest.json", "tasks/unnamed/task.json"]
+    assert set(load_file(saved / "shared" / "prototype.safetensors")) == {"query_A", "query_B", "value_A", "value_B"}
+    assert set(load_file(saved / "tasks" / "unnamed" / "head.safetensors")) == {   # BERT's pooler + classifier
+        "dense.weight", "dense.bias", "classifier.weight", "classifier.bias"}
 
 
 # ----------------------------------------------------------------------------- optimizer groups
@@ -127,7 +129,7 @@ def test_load_propetl_reads_a_runner_checkpoint(tiny_cfg, tiny_model_dir, tmp_pa
     torch.manual_seed(0)
     trained = backbone.build(cfg, 2)
     train_steps(trained)
-    checkpoint.save_checkpoint(trained, cfg, backbone.head_parameter_names(trained), tmp_path / "checkpoint")
+    checkpoint.save_checkpoint(trained, cfg, tmp_path / "checkpoint")
     torch.testing.assert_close(logits(load_propetl(fresh(tiny_model_dir), tmp_path / "checkpoint")), logits(trained),
                                atol=1e-5, rtol=0)
 

@@ -71,7 +71,7 @@ def saved_run(tmp_path_factory, tiny_model_dir):
     scheduler.step()
     result = loop.FitResult(steps=1, best_state=loop.trainable_state(model))
     Checkpointer(run, cfg).save(result, model, optimizer, scheduler, scaler, torch.Generator().manual_seed(0).get_state())
-    checkpoint.save_checkpoint(model, cfg, backbone.head_parameter_names(model), run / "checkpoint")
+    checkpoint.save_checkpoint(model, cfg, run / "checkpoint")
     return run, cfg
 
 
@@ -103,11 +103,12 @@ def same(a: dict, b: dict) -> bool:
 
 def test_saved_folders_carry_a_manifest_of_every_file(saved_run):
     run, _ = saved_run
-    for folder in (run / "checkpoint", run / "resume"):
+    for folder in (run / "checkpoint" / "shared", run / "checkpoint" / "tasks" / "rte", run / "resume"):
         manifest = json.loads((folder / files.MANIFEST_FILE).read_text())["sha256"]
         assert sorted(manifest) == sorted(p.name for p in folder.iterdir() if p.name != files.MANIFEST_FILE)
         assert all(files.sha256_of(folder / name) == digest for name, digest in manifest.items())
-    assert json.loads((run / "checkpoint" / checkpoint.CONFIG_FILE).read_text())["format_version"] == checkpoint.FORMAT_VERSION
+    assert json.loads((run / "checkpoint" / "shared" / checkpoint.CONFIG_FILE).read_text())["format_version"] == 4
+    assert sorted(p.name for p in (run / "checkpoint").iterdir()) == ["shared", "tasks"]
 
 
 @pytest.mark.parametrize("kind", ["checkpoint", "resume"])
@@ -115,7 +116,7 @@ def test_a_flipped_byte_in_any_file_is_refused_naming_it(run_copy, kind):
     run, cfg = run_copy
     folder = run / kind
     load = (lambda: checkpoint.load_checkpoint(folder)) if kind == "checkpoint" else (lambda: load_resume_state(run, cfg))
-    for path in sorted(folder.iterdir()):
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         original = path.read_bytes()
         flip(path, len(original) // 2, 0x40)
         assert path.name in refused(load, run)
@@ -126,8 +127,8 @@ def test_a_flipped_byte_in_any_file_is_refused_naming_it(run_copy, kind):
 @pytest.mark.parametrize("kind", ["checkpoint", "resume"])
 def test_a_missing_or_unlisted_file_or_no_manifest_is_refused(run_copy, kind):
     run, cfg = run_copy
-    folder = run / kind
-    load = (lambda: checkpoint.load_checkpoint(folder)) if kind == "checkpoint" else (lambda: load_resume_state(run, cfg))
+    folder = run / kind / "shared" if kind == "checkpoint" else run / kind
+    load = (lambda: checkpoint.load_checkpoint(run / kind)) if kind == "checkpoint" else (lambda: load_resume_state(run, cfg))
     victim = sorted(p for p in folder.glob("*.safetensors"))[0]
     original = victim.read_bytes()
     victim.unlink()
@@ -145,12 +146,12 @@ def test_flipped_bytes_anywhere_in_a_saved_run_are_refused_or_change_nothing(run
     is refused in one line with nothing written, or (where it cannot matter) loads to identical results."""
     run, cfg = run_copy
     pristine = {"checkpoint": load_checkpoint_state(run / "checkpoint"), "resume": load_resume_state(run, cfg)}
-    candidates = sorted(p for kind in pristine for p in (run / kind).iterdir())
+    candidates = sorted(p for kind in pristine for p in (run / kind).rglob("*") if p.is_file())
     rng = random.Random(16)
     outcomes = []
     for _ in range(24):
         path = rng.choice(candidates)
-        kind, original = path.parent.name, path.read_bytes()
+        kind, original = path.relative_to(run).parts[0], path.read_bytes()
         flip(path, rng.randrange(len(original)), rng.randrange(1, 256))
         load = (lambda: load_checkpoint_state(run / "checkpoint")) if kind == "checkpoint" else \
             (lambda: load_resume_state(run, cfg))
@@ -175,7 +176,7 @@ def multitask_checkpoint(tiny_cfg, tmp_path):
     cfg = tiny_cfg("mode=multitask", "tasks=[rte,stsb]", "prototype=lora", "prototype.r=4")
     torch.manual_seed(0)
     model = MultiTaskModel(cfg, ["rte", "stsb"], [2, 1], for_training=False)
-    return checkpoint.save_multitask(model, cfg, tmp_path / "checkpoint")
+    return checkpoint.save_checkpoint(model, cfg, tmp_path / "checkpoint")
 
 
 def test_every_part_of_a_multitask_checkpoint_is_checked(multitask_checkpoint):
@@ -201,14 +202,18 @@ def rewrite_config(folder: Path, change) -> None:
 
 
 @pytest.mark.parametrize("key,value,choices", [
-    ("task.name", "../../evil", "cola, mnli, mrpc"), ("prototype.name", "../evil", "adapter, lora, prefix"),
+    ("tasks", "../../evil", "cola, mnli, mrpc"), ("prototype.name", "../evil", "adapter, lora, prefix"),
     ("method.name", "evil", "propetl, petl, finetune, peft"), ("mask.kind", "evil", "learned"),
     ("storage.dtype", "fp8", "fp32, bf16, fp16"),
 ])
 def test_names_in_a_checkpoint_are_the_registrys(run_copy, key, value, choices):
     run, _ = run_copy
-    section, name = key.split(".")
-    rewrite_config(run / "checkpoint", lambda config: {**config, section: {**config[section], name: value}})
+    def change(config: dict) -> dict:
+        if key == "tasks":
+            return {**config, "tasks": [value], "num_labels": {value: 2}}
+        section, name = key.split(".")
+        return {**config, section: {**config[section], name: value}}
+    rewrite_config(run / "checkpoint" / "shared", change)
     message = refused(lambda: checkpoint.load_checkpoint(run / "checkpoint"), run)
     assert f"{key}={value!r} is invalid" in message and choices in message
 
@@ -222,7 +227,7 @@ def test_a_multitask_checkpoint_naming_a_path_as_task_is_refused(multitask_check
 
 def test_a_config_that_is_not_an_object_is_one_line(run_copy):
     run, _ = run_copy
-    rewrite_config(run / "checkpoint", lambda config: [config])
+    rewrite_config(run / "checkpoint" / "shared", lambda config: [config])
     assert "holds a list, not a checkpoint config" in refused(lambda: checkpoint.load_checkpoint(run / "checkpoint"), run)
 
 
@@ -235,7 +240,7 @@ def test_a_backbone_with_only_a_pickle_is_refused_without_unpickling(run_copy, t
     from safetensors.torch import load_file
     torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
     (pickled / "model.safetensors").unlink()
-    rewrite_config(run / "checkpoint", lambda config: {**config, "model": {**config["model"], "name_or_path": str(pickled)}})
+    rewrite_config(run / "checkpoint" / "shared", lambda config: {**config, "model": {**config["model"], "name_or_path": str(pickled)}})
 
     def refuse(*args, **kwargs):
         raise AssertionError("torch.load reached")
@@ -337,7 +342,7 @@ def test_each_folder_is_hashed_once_per_load(run_copy, monkeypatch, tmp_path):
     monkeypatch.setattr(checkpoint, "check_seal", counting_check_seal)
     monkeypatch.setattr(resume, "check_seal", counting_check_seal)
     export.export(run / "checkpoint", tmp_path / "hf", "hf")
-    assert checked == ["checkpoint"]
+    assert checked == ["shared", "rte"]                           # each part of the checkpoint once
     checked.clear()
     checkpointer = Checkpointer(run, cfg)
     checkpointer.check_fingerprint()                                     # run.begin_run

@@ -58,7 +58,7 @@ def test_two_gloo_processes_train_one_run(tmp_path, tiny_text_model_dir, glue_di
     assert metrics["steps"] == 8 and metrics["train_examples"] == 64        # 32 examples, batch 8, 2 epochs
     if mode == "single":
         assert "accuracy" in metrics["test"]
-        assert (run_dir / "checkpoint" / "masks.safetensors").exists()
+        assert (run_dir / "checkpoint" / "shared" / "layer_masks.safetensors").exists()
     else:                                   # every step uses one task's head: DDP must allow unused parameters
         assert set(metrics["per_task"]) == {"rte", "stsb"}
         assert (run_dir / "checkpoint" / "tasks" / "stsb" / "task_mask.safetensors").exists()

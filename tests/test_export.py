@@ -23,7 +23,7 @@ def runner_checkpoint(tiny_cfg, tmp_path, method: str, prototype: str = "lora"):
     sizes = ["prototype.r=4"] if prototype == "lora" else []
     model, cfg = build(tiny_cfg, method, prototype, *sizes, "mask.sparsity=0.5")
     train_steps(model)
-    folder = checkpoint.save_checkpoint(model, cfg, backbone.head_parameter_names(model), tmp_path / "checkpoint")
+    folder = checkpoint.save_checkpoint(model, cfg, tmp_path / "checkpoint")
     return folder, logits(model)
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from conftest import compose_cfg
 from propetl import accounting, checkpoint, files, log, mask_coding, methods, report
@@ -123,6 +124,26 @@ def tiny_propetl(tiny_cfg, *overrides):
     return model, cfg, backbone.head_parameter_names(model)
 
 
+def write_flat(directory, model):
+    """Turn a one-task checkpoint into the flat layout propetl wrote before format 4 (format 3): propetl.json, the
+    dense file, masks.safetensors and head.safetensors side by side, the head under the transformers model's names."""
+    shared, part = directory / checkpoint.SHARED_DIR, next((directory / checkpoint.TASKS_DIR).iterdir())
+    config = json.loads((shared / checkpoint.CONFIG_FILE).read_text())
+    name = config.pop("tasks")[0]
+    config = {**config, "format_version": 3, "task": {"name": name, "num_labels": config.pop("num_labels")[name]}}
+    del config["task_masks"]
+    for path in shared.glob("*.safetensors"):
+        path.rename(directory / (checkpoint.MASKS_FILE if path.name == checkpoint.LAYER_MASKS_FILE else path.name))
+    layout = backbone.head_layout(model).items()
+    head = {next(theirs + n[len(ours):] for ours, theirs in layout if n.startswith(ours)): t
+            for n, t in load_file(part / checkpoint.HEAD_FILE).items()}
+    save_file(head, str(directory / checkpoint.HEAD_FILE))
+    shutil.rmtree(shared)
+    shutil.rmtree(directory / checkpoint.TASKS_DIR)
+    (directory / checkpoint.CONFIG_FILE).write_text(json.dumps(config))
+    files.seal(directory)
+
+
 def write_format1(directory):
     """Turn a checkpoint into what propetl wrote before format 2: bit-packed masks, one tensor per name."""
     masks = checkpoint.read_masks(directory / checkpoint.MASKS_FILE)
@@ -135,25 +156,30 @@ def write_format1(directory):
     (directory / files.MANIFEST_FILE).unlink()                 # manifests came with format 3
 
 
-def test_format1_checkpoint_still_loads(tiny_cfg, tmp_path):
+@pytest.mark.parametrize("version", [1, 3])
+def test_flat_checkpoints_of_formats_1_to_3_still_load(tiny_cfg, tmp_path, version):
     model, cfg, heads = tiny_propetl(tiny_cfg)
-    checkpoint.save_checkpoint(model, cfg, heads, tmp_path / "checkpoint")
-    write_format1(tmp_path / "checkpoint")
+    checkpoint.save_checkpoint(model, cfg, tmp_path / "checkpoint")
+    write_flat(tmp_path / "checkpoint", model)
+    if version == 1:
+        write_format1(tmp_path / "checkpoint")
     loaded, saved = checkpoint.load_checkpoint(tmp_path / "checkpoint")
-    assert saved.format_version == 1
+    assert saved.format_version == version and saved.task.num_labels == 2
     expected, got = accounting.stored_masks(model), accounting.stored_masks(loaded)
     assert all(torch.equal(expected[n], got[n]) for n in expected)
+    state = loaded.state_dict()
+    assert all(torch.equal(state[n], p) for n, p in model.named_parameters() if n in heads)     # the head, renamed back
 
 
 @pytest.mark.parametrize("coding", mask_coding.CODINGS)
 def test_checkpoint_round_trip_per_coding(tiny_cfg, tmp_path, coding):
     model, cfg, heads = tiny_propetl(tiny_cfg, f"storage.mask_coding={coding}")
-    checkpoint.save_checkpoint(model, cfg, heads, tmp_path / "checkpoint")
+    checkpoint.save_checkpoint(model, cfg, tmp_path / "checkpoint")
     loaded, saved = checkpoint.load_checkpoint(tmp_path / "checkpoint")
-    assert saved.format_version == 3 and saved.storage.mask_coding == coding
+    assert saved.format_version == 4 and saved.storage.mask_coding == coding
     expected, got = accounting.stored_masks(model), accounting.stored_masks(loaded)
     assert all(torch.equal(expected[n], got[n]) for n in expected)
-    _, metadata = checkpoint.read_safetensors(tmp_path / "checkpoint" / checkpoint.MASKS_FILE)
+    _, metadata = checkpoint.read_safetensors(tmp_path / "checkpoint" / "shared" / checkpoint.LAYER_MASKS_FILE)
     assert mask_coding.file_coding(metadata) == coding
 
 
@@ -166,9 +192,9 @@ def dense_data_bytes(path) -> int:
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_half_precision_halves_the_dense_bytes_and_loads_as_fp32(tiny_cfg, tmp_path, dtype):
     model, cfg, heads = tiny_propetl(tiny_cfg)
-    checkpoint.save_checkpoint(model, cfg, heads, tmp_path / "fp32")
-    checkpoint.save_checkpoint(model, tiny_propetl(tiny_cfg, f"storage.dtype={dtype}")[1], heads, tmp_path / "half")
-    for name in ("prototype.safetensors", "head.safetensors"):
+    checkpoint.save_checkpoint(model, cfg, tmp_path / "fp32")
+    checkpoint.save_checkpoint(model, tiny_propetl(tiny_cfg, f"storage.dtype={dtype}")[1], tmp_path / "half")
+    for name in ("shared/prototype.safetensors", f"tasks/{cfg.task.name}/head.safetensors"):
         assert 2 * dense_data_bytes(tmp_path / "half" / name) == dense_data_bytes(tmp_path / "fp32" / name)
     loaded, _ = checkpoint.load_checkpoint(tmp_path / "half")
     torch_dtype = accounting.STORAGE_DTYPES[dtype]
@@ -182,7 +208,7 @@ def test_fp16_refuses_values_beyond_its_range(tiny_cfg, tmp_path):
     with torch.no_grad():
         next(iter(methods.petl_weights(model).weights.values())).view(-1)[0] = 1e6
     with pytest.raises(checkpoint.CheckpointError, match="storage.dtype=fp16: .* beyond its range"):
-        checkpoint.save_checkpoint(model, cfg, heads, tmp_path / "checkpoint")
+        checkpoint.save_checkpoint(model, cfg, tmp_path / "checkpoint")
     assert not (tmp_path / "checkpoint").exists()
 
 
@@ -198,7 +224,7 @@ def run_figures(tiny_cfg, folder):
     """A tiny ProPETL-LoRA's storage figures as a run logs them, its checkpoint written into `folder`."""
     model, cfg, heads = tiny_propetl(tiny_cfg)
     figures = accounting.account(model, cfg, heads, accounting.backbone_params(model, heads))
-    checkpoint.save_checkpoint(model, cfg, heads, folder / "checkpoint")
+    checkpoint.save_checkpoint(model, cfg, folder / "checkpoint")
     figures.update(checkpoint.file_figures(folder / "checkpoint", figures))
     return figures, accounting.stored_masks(model)
 
@@ -209,7 +235,7 @@ def test_run_figures_per_coding(tiny_cfg, tmp_path):
     assert figures["mask_bits_per_entry_bound"] == pytest.approx(mask_coding.information_bits_of(masks) / entries)
     assert figures["mask_bits_per_entry/bits"] == pytest.approx(8 * (32 + math.ceil(entries / 8)) / entries)
     assert figures["mask_bits_per_entry_bound"] < figures["mask_bits_per_entry/entropy"] < figures["mask_bits_per_entry/bits"]
-    assert figures["file_bytes/masks.safetensors"] * 8 / entries == pytest.approx(figures["file_mask_bits_per_entry"])
+    assert figures["file_bytes/shared/layer_masks.safetensors"] * 8 / entries == pytest.approx(figures["file_mask_bits_per_entry"])
     plain = 4 * figures["plain_petl_params"]
     assert figures["storage_ratio_to_plain_petl/entropy"] == pytest.approx(
         (4 * figures["stored_params"] + figures["mask_bytes/entropy"]) / plain)

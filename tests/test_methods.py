@@ -170,11 +170,11 @@ def test_save_load_gives_identical_predictions(tiny_cfg, tmp_path, method, proto
     model, cfg = build(tiny_cfg, method, prototype)
     train_steps(model)
     expected = logits(model)
-    checkpoint.save_checkpoint(model, cfg, backbone.head_parameter_names(model), tmp_path / "checkpoint")
+    checkpoint.save_checkpoint(model, cfg, tmp_path / "checkpoint")
     loaded, _ = checkpoint.load_checkpoint(tmp_path / "checkpoint")
     assert torch.equal(logits(loaded), expected)
     if method == "propetl":
-        assert (tmp_path / "checkpoint" / "masks.safetensors").exists()
+        assert (tmp_path / "checkpoint" / "shared" / "layer_masks.safetensors").exists()
         for name, mask in methods.petl_weights(loaded).binary_masks().items():
             assert torch.equal(mask, methods.petl_weights(model).binary_masks()[name])
 
@@ -198,7 +198,7 @@ def test_merged_inference_matches(tiny_cfg, method, prototype):
 def test_merge_after_loading(tiny_cfg, tmp_path, prototype):
     model, cfg = build(tiny_cfg, "propetl", prototype)
     train_steps(model)
-    checkpoint.save_checkpoint(model, cfg, backbone.head_parameter_names(model), tmp_path / "ck")
+    checkpoint.save_checkpoint(model, cfg, tmp_path / "ck")
     loaded, _ = checkpoint.load_checkpoint(tmp_path / "ck")
     methods.merge(loaded, backbone.encoder_layers(loaded), prototype)
     torch.testing.assert_close(logits(loaded), logits(model), rtol=1e-5, atol=1e-5)

@@ -269,17 +269,21 @@ def test_one_task_batches_are_a_single_task_loaders(glue_dir, grouped):
 @pytest.mark.parametrize("prototype", ["lora", "prefix"])
 def test_a_one_task_multitask_run_is_the_single_task_run(tmp_path, tiny_text_model_dir, glue_dir, prototype):
     """Single-task is multi-task with one task: mode=multitask tasks=[rte] (layer masks only, the model's own head,
-    the DataLoader's batch order) learns what task=rte learns — the same test metrics, the same prototype and mask
-    files byte for byte — and its checkpoint refuses to take a second task in one line."""
+    the DataLoader's batch order) learns what task=rte learns — the same test metrics, the same checkpoint byte
+    for byte (one layout: shared/ + tasks/rte/) — and its checkpoint refuses to take a second task in one line."""
     common = [*tiny_text_overrides(tiny_text_model_dir, glue_dir), f"prototype={prototype}", "data.max_train_examples=24",
               "trainer.epochs=2", "mask.lr=0.05", "prototype.lr=0.01", "data.group_by_length=true"]
     single = train(compose_cfg([*common, "task=rte"]), tmp_path / "single")
     multi = train(compose_cfg([*common, "mode=multitask", "tasks=[rte]"]), tmp_path / "multi")
     assert multi["per_task"]["rte"]["test"] == single["test"]
     assert multi["history"][-1]["train_loss"] == single["history"][-1]["train_loss"]
-    shared = tmp_path / "multi" / "checkpoint" / "shared"
-    assert filecmp.cmp(shared / "prototype.safetensors", tmp_path / "single" / "checkpoint" / "prototype.safetensors", shallow=False)
-    assert filecmp.cmp(shared / "layer_masks.safetensors", tmp_path / "single" / "checkpoint" / "masks.safetensors", shallow=False)
+    written = sorted(p.relative_to(tmp_path / "multi").as_posix() for p in (tmp_path / "multi" / "checkpoint").rglob("*")
+                     if p.is_file())
+    assert written == sorted(p.relative_to(tmp_path / "single").as_posix()
+                             for p in (tmp_path / "single" / "checkpoint").rglob("*") if p.is_file())
+    assert "checkpoint/shared/layer_masks.safetensors" in written and "checkpoint/tasks/rte/head.safetensors" in written
+    for name in written:
+        assert filecmp.cmp(tmp_path / "multi" / name, tmp_path / "single" / name, shallow=False), name
     assert not (tmp_path / "multi" / "checkpoint" / "tasks" / "rte" / "task_mask.safetensors").exists()
     assert multi["storage"]["task_mask_entries_per_task"] == 0
     with pytest.raises(checkpoint.CheckpointError, match="trained on one task, with layer masks only") as error:

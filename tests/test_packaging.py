@@ -80,7 +80,7 @@ def test_a_user_task_trains_through_config_dir(tmp_path, glue_dir, tiny_text_mod
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert (metrics["task"], metrics["steps"]) == ("mytask", 2) and 0 <= metrics["glue_score"] <= 1
     # propetl-eval (and propetl-export) read the run's checkpoint with the same --config-dir, and only with it
-    with pytest.raises(CheckpointError, match="task.name='mytask' is invalid; allowed: cola, "):
+    with pytest.raises(CheckpointError, match="tasks='mytask' is invalid; allowed: cola, "):
         evaluate_checkpoint(tmp_path / "run" / "checkpoint", "test", data_dir=glue_dir)
     with config_dirs([str(folder)]):
         scored = evaluate_checkpoint(tmp_path / "run" / "checkpoint", "test", merge=False, data_dir=glue_dir)

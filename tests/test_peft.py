@@ -78,15 +78,16 @@ def test_lora_count_and_storage_figures_match_petl(tiny_cfg, tmp_path, peft):
         if method == "peft":
             assert petl == set(methods.peft_parameters(model)) and len(petl) == 2 * len(TARGETS) * TINY["layers"]
         figures[method] = accounting.account(model, cfg, heads, accounting.backbone_params(model, heads))
-        checkpoint.save_checkpoint(model, cfg, heads, tmp_path / method)
+        checkpoint.save_checkpoint(model, cfg, tmp_path / method)
         files[method] = checkpoint.file_sizes(tmp_path / method)
     assert figures["peft"] == figures["petl"]
     s = figures["peft"]
     assert s["stored_params"] == s["trainable_params"] == s["plain_petl_params"] == LORA_PARAMS
     assert s["storage_ratio_to_plain_petl"] == 1.0 and s["mask_entries"] == 0
-    assert files["peft"]["file_bytes/head.safetensors"] == files["petl"]["file_bytes/head.safetensors"]
+    head_bytes = {m: files[m]["file_bytes_with_head"] - files[m]["file_bytes"] for m in files}
+    assert head_bytes["peft"] == head_bytes["petl"] > 0
     # 4 bytes a float plus the safetensors header (PEFT's per-layer names make it a little longer)
-    assert 4 * LORA_PARAMS < files["peft"]["file_bytes"] == files["peft"]["file_bytes/peft.safetensors"] < 4 * LORA_PARAMS + 4096
+    assert 4 * LORA_PARAMS < files["peft"]["file_bytes"] == files["peft"]["file_bytes/shared/peft.safetensors"] < 4 * LORA_PARAMS + 4096
 
 
 # ----------------------------------------------------------------------------- (c) the same math
@@ -149,9 +150,9 @@ def test_save_load_merge_give_identical_predictions(tiny_cfg, tmp_path, peft):
     model, cfg = build(tiny_cfg, "peft")
     train_steps(model)
     expected = logits(model)
-    checkpoint.save_checkpoint(model, cfg, backbone.head_parameter_names(model), tmp_path / "checkpoint")
-    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == \
-        ["head.safetensors", "manifest.json", "peft.safetensors", "propetl.json"]
+    checkpoint.save_checkpoint(model, cfg, tmp_path / "checkpoint")
+    assert sorted(p.name for p in (tmp_path / "checkpoint").rglob("*") if p.is_file()) == \
+        ["head.safetensors", "manifest.json", "manifest.json", "peft.safetensors", "propetl.json", "task.json"]
     loaded, saved = checkpoint.load_checkpoint(tmp_path / "checkpoint")
     assert saved.method.name == "peft" and torch.equal(logits(loaded), expected)
     methods.merge(loaded, backbone.encoder_layers(loaded), "lora")
@@ -180,7 +181,7 @@ def test_peft_with_another_prototype_exits_2_on_the_command_line(tmp_path):
 
 def test_missing_peft_is_one_line(tiny_cfg, tmp_path, monkeypatch, peft):
     model, cfg = build(tiny_cfg, "peft")
-    checkpoint.save_checkpoint(model, cfg, backbone.head_parameter_names(model), tmp_path / "checkpoint")
+    checkpoint.save_checkpoint(model, cfg, tmp_path / "checkpoint")
     monkeypatch.setitem(sys.modules, "peft", None)                        # as if it were not installed
     with pytest.raises(ConfigError) as error:
         validate(cfg)

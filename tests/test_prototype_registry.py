@@ -84,7 +84,7 @@ def test_its_yaml_registers_it_and_its_settings_are_validated_in_one_line(bias_c
     assert methods.PROTOTYPES["bias"] is sys.modules[__name__]
     with pytest.raises(ConfigError, match=r"^prototype.init_std=-1 is invalid; allowed: a positive number$"):
         bias_cfg("prototype.init_std=-1")
-    assert "prototype.init_std" in tuple(checkpoint.MULTITASK_MATCH_KEYS)
+    assert "prototype.init_std" in tuple(checkpoint.MATCH_KEYS)
     assert "cannot be folded" in methods.not_foldable("bias")
     with pytest.raises(ConfigError, match=r"^prototype.module='no_such_module' is invalid .*; allowed: .*SETTINGS"):
         methods.import_prototype(OmegaConf.create({"name": "nope", "module": "no_such_module"}))
@@ -109,7 +109,7 @@ def test_it_trains_counts_and_reloads(bias_cfg, tmp_path, method):
     else:
         assert (figures["stored_params"], figures["mask_entries"]) == (layers * hidden, 0)
 
-    checkpoint.save_checkpoint(model, cfg, heads, tmp_path / "checkpoint")
+    checkpoint.save_checkpoint(model, cfg, tmp_path / "checkpoint")
     loaded, _ = checkpoint.load_checkpoint(tmp_path / "checkpoint")
     batch = tiny_batch(seed=5)
     batch.pop("labels")

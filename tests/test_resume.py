@@ -173,20 +173,21 @@ def saved(tiny_cfg, tmp_path):
     cfg = tiny_cfg("method=propetl", "prototype=lora")
     torch.manual_seed(0)
     model = backbone.build(cfg, 2)
-    return checkpoint.save_checkpoint(model, cfg, backbone.head_parameter_names(model), tmp_path / "checkpoint")
+    return checkpoint.save_checkpoint(model, cfg, tmp_path / "checkpoint")
 
 
-@pytest.mark.parametrize("victim", ["prototype.safetensors", "masks.safetensors", "head.safetensors"])
+@pytest.mark.parametrize("victim", ["shared/prototype.safetensors", "shared/layer_masks.safetensors",
+                                    "tasks/*/head.safetensors"])
 def test_corrupted_task_checkpoint_is_refused(saved, victim):
-    path = saved / victim
+    path = next(saved.glob(victim))
     path.write_bytes(path.read_bytes()[:-7])
     with pytest.raises(checkpoint.CheckpointError) as error:
         checkpoint.load_checkpoint(saved)
-    assert victim in str(error.value) and "\n" not in str(error.value)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
 
 
 def test_garbage_header_is_refused(saved):
-    (saved / "head.safetensors").write_bytes(b"\xff" * 64)
+    next(saved.glob("tasks/*/head.safetensors")).write_bytes(b"\xff" * 64)
     with pytest.raises(checkpoint.CheckpointError, match="head.safetensors"):
         checkpoint.load_checkpoint(saved)
 
@@ -197,13 +198,13 @@ def test_garbage_header_is_refused(saved):
                                                 ("mask", None, "ones per layer"),
                                                 ("format_version", 99, "format_version")])
 def test_mismatched_task_checkpoint_is_refused(saved, key, value, needle):
-    config = json.loads((saved / "propetl.json").read_text())
+    config = json.loads((saved / "shared" / "propetl.json").read_text())
     if key == "mask":
         config["mask"]["sparsity"] = 0.5
     else:
         config[key] = value
-    (saved / "propetl.json").write_text(json.dumps(config))
-    files.seal(saved)                       # a consistent folder of another config: past the checksums
+    (saved / "shared" / "propetl.json").write_text(json.dumps(config))
+    files.seal(saved / "shared")                      # a consistent folder of another config: past the checksums
     with pytest.raises(checkpoint.CheckpointError) as error:
         checkpoint.load_checkpoint(saved)
     assert needle in str(error.value) and "\n" not in str(error.value)

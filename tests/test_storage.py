@@ -34,7 +34,7 @@ def figures_for(tiny_cfg, method, prototype, tmp_path=None, *extra):
     backbone_params = sum(p.numel() for n, p in model.named_parameters() if n not in heads and not n.startswith("petl_weights."))
     figures = accounting.account(model, cfg, heads, backbone_params)
     if tmp_path is not None:
-        checkpoint.save_checkpoint(model, cfg, heads, tmp_path / "checkpoint")
+        checkpoint.save_checkpoint(model, cfg, tmp_path / "checkpoint")
         figures.update(checkpoint.file_sizes(tmp_path / "checkpoint"))
     return figures
 
@@ -92,7 +92,7 @@ def test_checkpoint_files_hold_the_prototype_once_and_one_bit_a_mask_entry(tiny_
     _, per_layer, masked = CASES[prototype]
     figures_for(tiny_cfg, "propetl", prototype, tmp_path / "propetl", "storage.mask_coding=bits", "mask.sparsity=0.75")
     figures_for(tiny_cfg, "petl", prototype, tmp_path / "petl")
-    propetl_dir, petl_dir = tmp_path / "propetl" / "checkpoint", tmp_path / "petl" / "checkpoint"
+    propetl_dir, petl_dir = tmp_path / "propetl" / "checkpoint" / "shared", tmp_path / "petl" / "checkpoint" / "shared"
 
     with safe_open(propetl_dir / checkpoint.DENSE_FILE["propetl"], "pt") as f:
         prototype_tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -101,13 +101,13 @@ def test_checkpoint_files_hold_the_prototype_once_and_one_bit_a_mask_entry(tiny_
     with safe_open(petl_dir / checkpoint.DENSE_FILE["petl"], "pt") as f:
         assert sum(f.get_tensor(k).numel() for k in f.keys()) == L * per_layer
 
-    masks = checkpoint.read_masks(propetl_dir / checkpoint.MASKS_FILE)
+    masks = checkpoint.read_masks(propetl_dir / checkpoint.LAYER_MASKS_FILE)
     assert sorted(m.numel() for m in masks.values()) == sorted(L * n for n in masked)  # [layers, *tensor's shape]
     for m in masks.values():
         assert m.shape[0] == L and set(m.unique().tolist()) <= {0, 1}
         per_layer_kept = m.reshape(L, -1).sum(dim=1)
         assert per_layer_kept.tolist() == [m[0].numel() // 4] * L                     # sparsity 0.75: a quarter kept
-    with safe_open(propetl_dir / checkpoint.MASKS_FILE, "pt") as f:
+    with safe_open(propetl_dir / checkpoint.LAYER_MASKS_FILE, "pt") as f:
         stored_bytes = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
     bits_bytes = sum(L * n // 8 for n in masked)
     assert bits_bytes <= stored_bytes <= bits_bytes + 32 + 8 * len(masks)              # + digest and row padding

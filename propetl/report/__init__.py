@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from propetl.files import atomic_write_text
-from propetl.mask_coding import MASKS_FILE
+from propetl.mask_coding import layer_masks_file
 from propetl.report.plots import (
     layer_mask_hamming, plot_mask_ablation, plot_mask_hamming, plot_metric_vs_storage, plot_sparsity_sweep
 )
@@ -64,7 +64,7 @@ def build(roots: Iterable[Path], out_dir: Path, title: str = "") -> dict[str, Pa
         if plot:
             written[key] = plot
     learned = [r for r in pooled if r["method"] == "propetl" and mask_kind(r) == "learned"
-               and (Path(r["path"]).parent / "checkpoint" / MASKS_FILE).exists()]
+               and layer_masks_file(Path(r["path"]).parent / "checkpoint").exists()]
     if learned:
         run = sorted(learned, key=lambda r: (r.get("experiment") != TABLE1, r["task"], str(r["prototype"]), r["seed"]))[0]
         written["mask_hamming"] = plot_mask_hamming(

@@ -150,7 +150,7 @@ def plot_mask_ablation(runs: list[dict], path: Path) -> Path | None:
 
 def layer_masks(checkpoint_dir: Path) -> np.ndarray:
     """[L, entries] 0/1: every mask tensor of a checkpoint decoded (either mask coding), one row per layer."""
-    decoded = mask_coding.read_file(Path(checkpoint_dir) / mask_coding.MASKS_FILE)
+    decoded = mask_coding.read_file(mask_coding.layer_masks_file(checkpoint_dir))
     return np.concatenate([decoded[name].reshape(decoded[name].shape[0], -1) for name in sorted(decoded)], axis=1)
 
 
