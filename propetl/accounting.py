@@ -1,11 +1,13 @@
 """Storage accounting: what a task costs to keep, counted in parameters, bits and bytes. All counting lives here
-(checkpoint.py writes the files; mask_coding.py says how masks become bytes).
+(checkpoint.py writes the files; mask_coding.py says how masks become bytes). One account (`account`) for one
+task or several, counted from what the checkpoint keeps (`kept`, which checkpoint.save_checkpoint writes):
 
   - trainable parameters: unique tensors (a shared tensor counts once), with and without the head;
   - stored parameters: the 32-bit floats a task must keep (ProPETL: the prototype ONCE; plain PETL:
     every layer's module; finetune: the whole backbone), plus mask bits (1 bit per mask entry);
   - bits, bytes, fp32-equivalent parameters, % of the backbone, and the ratio to plain PETL of the
     same prototype, each with and without the head (the paper's arithmetic: fp32 + 1 bit an entry);
+    several tasks: the shared part once, each task's part apart, total and amortised per task;
   - as written: the dense tensors in `storage.dtype`, the masks in each coding of mask_coding (`bits`,
     `entropy`), their information bound log2 C(n, k), bits per mask entry and the ratio to plain PETL
     stored in the same dtype (`coding_figures`); checkpoint.file_figures reads the same off the written files.
@@ -13,13 +15,16 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from propetl import mask_coding, methods
+from propetl import model as backbone
 
 STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+UNNAMED_TASK = "unnamed"              # the task of a checkpoint that names none (the Python API's save_propetl)
 
 
 # ----------------------------------------------------------------------------- counting
@@ -68,10 +73,6 @@ def backbone_params(model: nn.Module, head_names: set[str]) -> int:
                if n not in head_names and n not in added and not n.startswith(methods.WEIGHTS_ATTRIBUTE + "."))
 
 
-def head_tensors(model: nn.Module, head_names: set[str]) -> dict[str, torch.Tensor]:
-    return {n: p.detach() for n, p in model.named_parameters() if n in head_names}
-
-
 def plain_petl_params(cfg, hidden: int, num_layers: int) -> int:
     """What plain PETL of the same prototype stores: every layer's own module, no masks."""
     specs = methods.PROTOTYPES[cfg.prototype.name].specs(cfg.prototype, hidden)
@@ -81,52 +82,6 @@ def plain_petl_params(cfg, hidden: int, num_layers: int) -> int:
 def mask_bytes(entries_per_tensor: list[int]) -> int:
     """Bytes of bit-packed masks: each mask tensor is padded to whole bytes."""
     return sum(math.ceil(n / 8) for n in entries_per_tensor)
-
-
-def account(model: nn.Module, cfg, head_names: set[str], backbone_params: int) -> dict:
-    """Every storage figure of a run, as a flat dict of numbers (for metrics.json and W&B)."""
-    method = cfg.method.name
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    head = [p for n, p in model.named_parameters() if n in head_names]
-    head_params = count(head)
-    dense = stored_dense_tensors(model, method, head_names)
-    masks = stored_masks(model)
-    stored_params = sum(t.numel() for t in dense.values())
-    mask_entries = sum(m.numel() for m in masks.values())
-    mask_ones = int(sum(float(m.sum()) for m in masks.values()))
-    bits = 32 * stored_params + mask_entries
-    size_bytes = 4 * stored_params + mask_bytes([m.numel() for m in masks.values()])
-    fp32_equivalent = stored_params + mask_entries / 32
-    if method == "finetune":
-        plain = backbone_params
-    else:
-        plain = plain_petl_params(cfg, model.config.hidden_size, model.config.num_hidden_layers)
-    figures = {
-        "backbone_params": backbone_params,
-        "head_params": head_params,
-        "trainable_params": count(trainable) - head_params,
-        "trainable_params_with_head": count(trainable),
-        "prototype_params": stored_params if method == "propetl" else 0,
-        "stored_params": stored_params,
-        "mask_entries": mask_entries,
-        "mask_ones": mask_ones,
-        "mask_density": (mask_ones / mask_entries) if mask_entries else None,
-        "plain_petl_params": plain,
-        "storage_bits": bits,
-        "storage_bytes": size_bytes,
-        "storage_fp32_params": fp32_equivalent,
-        "storage_percent_of_backbone": 100.0 * fp32_equivalent / backbone_params,
-        "storage_ratio_to_plain_petl": fp32_equivalent / plain,
-        "storage_bits_with_head": bits + 32 * head_params,
-        "storage_bytes_with_head": size_bytes + 4 * head_params,
-        "storage_fp32_params_with_head": fp32_equivalent + head_params,
-        "storage_percent_of_backbone_with_head": 100.0 * (fp32_equivalent + head_params) / backbone_params,
-        "storage_ratio_to_plain_petl_with_head": (fp32_equivalent + head_params) / (plain + head_params),
-    }
-    width = dtype_bytes(cfg)
-    figures.update(storage_settings(cfg), dense_bytes=width * stored_params, plain_petl_bytes_as_stored=width * plain)
-    figures.update(coding_figures([masks], width * stored_params, width * plain))
-    return figures
 
 
 def storage_settings(cfg) -> dict:
@@ -146,7 +101,7 @@ def coding_figures(mask_files: list[dict[str, torch.Tensor]], dense_bytes: int, 
     `ratio_key`/<coding>: (dense_bytes + those bytes) / tasks / plain_bytes; `ratio_key`/bound the same
     with the information bound in place of the coded bytes."""
     entries = sum(m.numel() for masks in mask_files for m in masks.values())
-    information = sum(mask_coding.information_bits_of(masks) for masks in mask_files)
+    information = float(sum(mask_coding.information_bits_of(masks) for masks in mask_files))
     out = {"mask_information_bits": information,
            "mask_bits_per_entry_bound": information / entries if entries else None,
            f"{ratio_key}/bound": (dense_bytes + information / 8) / tasks / plain_bytes}
@@ -165,44 +120,6 @@ def split_task_layer(stores: dict) -> tuple[dict, dict]:
     return tasks, layers
 
 
-def account_multitask(model: nn.Module, cfg, task_names: list[str], backbone_params: int) -> dict:
-    """Storage of one multi-task model for N tasks: the shared part once (prototype in fp32, layer mask
-    bits), the per-task part N times (task mask bits; the head), total and amortised per task, against
-    N separate single-task ProPETL runs and plain PETL per task; and as written (coding_figures: the
-    dense tensors in storage.dtype, the masks in each coding, amortised over the tasks)."""
-    weights = methods.petl_weights(model)
-    shared_params = sum(t.numel() for t in weights.base_tensors().values())
-    task_masks, layer_masks = split_task_layer(weights.mask_stores())
-    layer_entries = [m.count * m.entries_per_mask for m in layer_masks.values()]
-    task_entries = [m.entries_per_mask for m in task_masks.values()]                    # per task
-    n = len(task_names)
-    shared_bytes = 4 * shared_params + mask_bytes(layer_entries)
-    task_bytes = mask_bytes(task_entries)
-    heads = {t: count(model.heads[t].parameters()) for t in task_names}
-    total = shared_bytes + n * task_bytes
-    total_with_heads = total + 4 * sum(heads.values())
-    plain_params = plain_petl_params(cfg, model.config.hidden_size, model.config.num_hidden_layers)
-    plain = 4 * plain_params
-    layers, rows = mask_files(model, n)
-    separate = shared_bytes               # one single-task run: the prototype + its L layer masks (or one PETL set)
-    return {
-        "tasks": n, "backbone_params": backbone_params, "shared_params": shared_params,
-        "layer_mask_entries": sum(layer_entries), "task_mask_entries_per_task": sum(task_entries),
-        "shared_bytes": shared_bytes, "task_mask_bytes_per_task": task_bytes,
-        "head_params": heads, "head_bytes_per_task_mean": 4 * sum(heads.values()) / n,
-        "total_bytes": total, "total_bytes_with_heads": total_with_heads,
-        "amortised_bytes_per_task": total / n, "amortised_bytes_per_task_with_head": total_with_heads / n,
-        "separate_single_task_bytes_per_task": separate, "plain_petl_bytes_per_task": plain,
-        "amortised_ratio_to_separate": (total / n) / separate,
-        "amortised_ratio_to_plain_petl": (total / n) / plain,
-        "amortised_percent_of_backbone": 100.0 * (total / n) / (4 * backbone_params),
-        **storage_settings(cfg), "mask_entries": sum(layer_entries) + n * sum(task_entries),
-        "dense_bytes": dtype_bytes(cfg) * shared_params, "plain_petl_bytes_as_stored": dtype_bytes(cfg) * plain_params,
-        **coding_figures([layers] * bool(layers) + rows, dtype_bytes(cfg) * shared_params,
-                         dtype_bytes(cfg) * plain_params, tasks=n, ratio_key="amortised_ratio_to_plain_petl"),
-    }
-
-
 def mask_files(model: nn.Module, num_tasks: int) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
     """The masks a checkpoint writes: the layer masks (shared/layer_masks.safetensors; {} if none) and each
     task's rows [1, *shape] (tasks/<task>/task_mask.safetensors; [] without task masks)."""
@@ -214,3 +131,106 @@ def mask_files(model: nn.Module, num_tasks: int) -> tuple[dict[str, torch.Tensor
         layers = {n: m().cpu() for n, m in layer_masks.items()}
         tasks = {n: m().cpu() for n, m in task_masks.items()}
     return layers, [{n: m[i:i + 1] for n, m in tasks.items()} for i in range(num_tasks)] if tasks else []
+
+
+# ----------------------------------------------------------------------------- what a checkpoint keeps, counted
+
+@dataclass
+class Kept:
+    """What a checkpoint keeps of a model, under the checkpoint's names: checkpoint.save_checkpoint writes
+    exactly this and `account` counts it."""
+    tasks: list[str]
+    num_labels: list[int]
+    dense: dict[str, torch.Tensor]          # the float tensors (transformers model's names), heads apart
+    layer_masks: dict[str, torch.Tensor]    # [L, *shape] per masked tensor ({} without masks)
+    task_masks: list[dict[str, torch.Tensor]]   # per task: [1, *shape] per masked tensor ([] without task masks)
+    heads: list[dict[str, torch.Tensor]]    # per task: TaskHead's names (dense.*, classifier.*)
+    has_task_masks: bool
+
+
+def kept(model: nn.Module, cfg) -> Kept:
+    """What a checkpoint keeps of `model`: the MultiTaskModel of a run, or a transformers model with the method
+    inside (model.build, the Python API: one task, cfg.task)."""
+    if isinstance(model, backbone.MultiTaskModel):
+        tasks, labels, rename, head_names = model.task_names, model.num_labels, model.transformers_name, model.head_names()
+        heads = [{n: p.detach() for n, p in model.heads[task].named_parameters()} for task in tasks]
+    else:
+        tasks, labels, rename = [cfg.task.name or UNNAMED_TASK], [int(cfg.task.num_labels)], (lambda name: name)
+        head_names, layout = backbone.head_parameter_names(model), backbone.head_layout(model).items()
+        heads = [{next(ours + n[len(theirs):] for ours, theirs in layout if n.startswith(theirs)): p.detach()
+                  for n, p in model.named_parameters() if n in head_names}]
+    dense = {rename(n): t for n, t in stored_dense_tensors(model, cfg.method.name, head_names).items()}
+    layer_masks, task_masks = mask_files(model, len(tasks))
+    return Kept(list(tasks), list(labels), dense, layer_masks, task_masks, heads, getattr(model, "task_masks", False))
+
+
+def account(model: nn.Module, cfg, backbone_params: int) -> dict:
+    """Every storage figure of a model (for metrics.json and W&B), counted from what its checkpoint keeps
+    (kept): the dense tensors in fp32, one bit a mask entry (each mask tensor padded to whole bytes), the heads
+    apart. One task: what it costs with and without its head, against plain PETL of the same prototype
+    (finetune: the backbone). Several: the shared part once (dense tensors, layer masks), each task's part
+    apart (task mask bits; the head), total and amortised per task, against N separate one-task runs and
+    plain PETL per task. Both: as written, in storage.dtype and each mask coding (coding_figures)."""
+    keep = kept(model, cfg)
+    n, width = len(keep.tasks), dtype_bytes(cfg)
+    stored_params = sum(t.numel() for t in keep.dense.values())
+    layer_entries = [m.numel() for m in keep.layer_masks.values()]
+    task_entries = [m.numel() for m in keep.task_masks[0].values()] if keep.task_masks else []     # per task
+    masks = [*keep.layer_masks.values(), *(m for rows in keep.task_masks for m in rows.values())]
+    mask_entries = sum(layer_entries) + n * sum(task_entries)
+    shared_bytes = 4 * stored_params + mask_bytes(layer_entries)
+    task_bytes = mask_bytes(task_entries)
+    heads = {task: sum(t.numel() for t in head.values()) for task, head in zip(keep.tasks, keep.heads)}
+    if cfg.method.name == "finetune":
+        plain = backbone_params
+    else:
+        plain = plain_petl_params(cfg, model.config.hidden_size, model.config.num_hidden_layers)
+    coded = coding_figures([keep.layer_masks] * bool(keep.layer_masks) + keep.task_masks, width * stored_params,
+                           width * plain, tasks=n,
+                           ratio_key="storage_ratio_to_plain_petl" if n == 1 else "amortised_ratio_to_plain_petl")
+    if n > 1:
+        total = shared_bytes + n * task_bytes
+        total_with_heads = total + 4 * sum(heads.values())
+        return {
+            "tasks": n, "backbone_params": backbone_params, "shared_params": stored_params,
+            "layer_mask_entries": sum(layer_entries), "task_mask_entries_per_task": sum(task_entries),
+            "shared_bytes": shared_bytes, "task_mask_bytes_per_task": task_bytes,
+            "head_params": heads, "head_bytes_per_task_mean": 4 * sum(heads.values()) / n,
+            "total_bytes": total, "total_bytes_with_heads": total_with_heads,
+            "amortised_bytes_per_task": total / n, "amortised_bytes_per_task_with_head": total_with_heads / n,
+            "separate_single_task_bytes_per_task": shared_bytes, "plain_petl_bytes_per_task": 4 * plain,
+            "amortised_ratio_to_separate": (total / n) / shared_bytes,
+            "amortised_ratio_to_plain_petl": (total / n) / (4 * plain),
+            "amortised_percent_of_backbone": 100.0 * (total / n) / (4 * backbone_params),
+            **storage_settings(cfg), "mask_entries": mask_entries, "dense_bytes": width * stored_params,
+            "plain_petl_bytes_as_stored": width * plain, **coded,
+        }
+    mask_ones = int(sum(float(m.sum()) for m in masks))
+    head_params = heads[keep.tasks[0]]
+    trainable = count(p for p in model.parameters() if p.requires_grad)
+    bits, size_bytes = 32 * stored_params + mask_entries, shared_bytes + task_bytes
+    fp32_equivalent = stored_params + mask_entries / 32
+    return {
+        "backbone_params": backbone_params,
+        "head_params": head_params,
+        "trainable_params": trainable - head_params,
+        "trainable_params_with_head": trainable,
+        "prototype_params": stored_params if cfg.method.name == "propetl" else 0,
+        "stored_params": stored_params,
+        "mask_entries": mask_entries,
+        "mask_ones": mask_ones,
+        "mask_density": (mask_ones / mask_entries) if mask_entries else None,
+        "plain_petl_params": plain,
+        "storage_bits": bits,
+        "storage_bytes": size_bytes,
+        "storage_fp32_params": fp32_equivalent,
+        "storage_percent_of_backbone": 100.0 * fp32_equivalent / backbone_params,
+        "storage_ratio_to_plain_petl": fp32_equivalent / plain,
+        "storage_bits_with_head": bits + 32 * head_params,
+        "storage_bytes_with_head": size_bytes + 4 * head_params,
+        "storage_fp32_params_with_head": fp32_equivalent + head_params,
+        "storage_percent_of_backbone_with_head": 100.0 * (fp32_equivalent + head_params) / backbone_params,
+        "storage_ratio_to_plain_petl_with_head": (fp32_equivalent + head_params) / (plain + head_params),
+        **storage_settings(cfg), "dense_bytes": width * stored_params, "plain_petl_bytes_as_stored": width * plain,
+        **coded,
+    }

@@ -36,9 +36,7 @@ from torch import nn
 
 from propetl import mask_coding, methods
 from propetl import model as backbone
-from propetl.accounting import (
-    STORAGE_DTYPES, dense_parameters, head_tensors, mask_files, split_task_layer, storage_settings, stored_dense_tensors
-)
+from propetl.accounting import STORAGE_DTYPES, UNNAMED_TASK, dense_parameters, kept, split_task_layer, storage_settings
 from propetl.configs import plain_value
 from propetl.files import CheckpointError, check_seal, seal, write_folder_atomically
 FORMAT_VERSION = 4
@@ -51,7 +49,6 @@ LAYER_MASKS_FILE, TASK_MASK_FILE = mask_coding.LAYER_MASKS_FILE, "task_mask.safe
 MASKS_FILE = mask_coding.MASKS_FILE   # formats 1-3 of one task: the flat layout's masks file
 DENSE_FILE = {"propetl": "prototype.safetensors", "petl": "petl.safetensors", "finetune": "backbone.safetensors",
               "peft": "peft.safetensors"}
-UNNAMED_TASK = "unnamed"              # the Python API's save_propetl knows no task
 MATCH_KEYS = methods.WithShapeKeys(("model.name_or_path", "method.name", "prototype.name", "mask.kind",
                                     "mask.sparsity", "mask.combine"))    # + every prototype's SHAPE_KEYS
 
@@ -67,7 +64,7 @@ def file_sizes(checkpoint_dir: Path) -> dict:
 
 def file_figures(checkpoint_dir: Path, figures: dict) -> dict:
     """The sizes of the files written (file_sizes) and what they mean beside the run's counted `figures`
-    (account / account_multitask): bits per mask entry of the masks files (whole files, headers included),
+    (accounting.account): bits per mask entry of the masks files (whole files, headers included),
     and the files without heads over plain PETL stored in the same dtype (several tasks: amortised per task)."""
     out = file_sizes(checkpoint_dir)
     masks = sum(size for name, size in out.items() if name.endswith((LAYER_MASKS_FILE, TASK_MASK_FILE)))
@@ -120,44 +117,27 @@ def save_dense(tensors: dict[str, torch.Tensor], path: Path, cfg) -> None:
     save_file(out, str(path))
 
 
-def checkpoint_tensors(model: nn.Module, cfg) -> tuple[list[str], list[int], dict, dict, list[dict], list[dict]]:
-    """What a checkpoint keeps of `model`, under the checkpoint's names: (task names, label counts, the dense
-    tensors under the transformers model's names, the layer masks, each task's mask rows, each task's head
-    under TaskHead's names). `model`: the MultiTaskModel of a run, or a transformers model with the method
-    inside (model.build, the Python API: one task, cfg.task)."""
-    if isinstance(model, backbone.MultiTaskModel):
-        names, labels, rename, head_names = model.task_names, model.num_labels, model.transformers_name, model.head_names()
-        heads = [{n: p.detach() for n, p in model.heads[task].named_parameters()} for task in names]
-    else:
-        names, labels, rename = [cfg.task.name or UNNAMED_TASK], [int(cfg.task.num_labels)], (lambda name: name)
-        head_names, layout = backbone.head_parameter_names(model), backbone.head_layout(model).items()
-        heads = [{next(ours + n[len(theirs):] for ours, theirs in layout if n.startswith(theirs)): t
-                  for n, t in head_tensors(model, head_names).items()}]
-    dense = {rename(n): t for n, t in stored_dense_tensors(model, cfg.method.name, head_names).items()}
-    layer_masks, task_masks = mask_files(model, len(names))
-    return names, labels, dense, layer_masks, task_masks, heads
-
-
 def save_checkpoint(model: nn.Module, cfg, directory: Path) -> Path:
     """Write a checkpoint folder (format 4, the layout above) atomically: built beside `directory`, then
-    renamed into place. `model`: as checkpoint_tensors takes it."""
-    names, labels, dense, layer_masks, task_masks, heads = checkpoint_tensors(model, cfg)
+    renamed into place. `model`: the MultiTaskModel of a run, or a transformers model with the method inside
+    (accounting.kept: what is kept, counted by accounting.account)."""
+    keep = kept(model, cfg)
 
     def build(folder: Path) -> None:
         shared = folder / SHARED_DIR
         shared.mkdir()
-        save_dense(dense, shared / DENSE_FILE[cfg.method.name], cfg)
-        if layer_masks:
-            save_masks(layer_masks, shared / LAYER_MASKS_FILE, cfg)
-        for index, task in enumerate(names):
+        save_dense(keep.dense, shared / DENSE_FILE[cfg.method.name], cfg)
+        if keep.layer_masks:
+            save_masks(keep.layer_masks, shared / LAYER_MASKS_FILE, cfg)
+        for index, task in enumerate(keep.tasks):
             part = folder / TASKS_DIR / task
             part.mkdir(parents=True)
-            if task_masks:
-                save_masks(task_masks[index], part / TASK_MASK_FILE, cfg)
-            save_dense(heads[index], part / HEAD_FILE, cfg)
-            (part / "task.json").write_text(json.dumps({"task": task, "num_labels": labels[index]}))
+            if keep.task_masks:
+                save_masks(keep.task_masks[index], part / TASK_MASK_FILE, cfg)
+            save_dense(keep.heads[index], part / HEAD_FILE, cfg)
+            (part / "task.json").write_text(json.dumps({"task": task, "num_labels": keep.num_labels[index]}))
             seal(part)
-        config = checkpoint_config(cfg, names, labels, getattr(model, "task_masks", False))
+        config = checkpoint_config(cfg, keep.tasks, keep.num_labels, keep.has_task_masks)
         (shared / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         seal(shared)
     return write_folder_atomically(directory, build)

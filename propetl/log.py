@@ -93,7 +93,6 @@ def _fmt(value) -> str:
 
 def summary_table(metrics: dict) -> str:
     """A one-screen summary of a finished run."""
-    storage = metrics["storage"]
     lines = [
         f"{metrics['task']} | {metrics['model']} | {metrics['method']}"
         + ("" if metrics["method"] == "finetune" else f" {metrics['prototype']}")
@@ -110,8 +109,16 @@ def summary_table(metrics: dict) -> str:
     if "trivial" in metrics:
         lines.append(f"{'trivial baseline (' + metrics['trivial']['rule'].split(' (')[0] + ')':<42}"
                      f"{_fmt(metrics['trivial']['glue_score']):>14}")
-    return _framed(lines + _storage_lines(storage, STORAGE_ROWS, ("storage", "without head", "with head"))
-                   + _coding_lines(storage, CODING_ROWS))
+    return _framed(lines + storage_lines(metrics["storage"]))
+
+
+def storage_lines(storage: dict) -> list[str]:
+    """The summary's storage rows: one task's (accounting.account), or several tasks' (shared once, per task)."""
+    if "tasks" not in storage:
+        return (_storage_lines(storage, STORAGE_ROWS, ("storage", "without head", "with head"))
+                + _coding_lines(storage, CODING_ROWS))
+    return (_storage_lines(storage, MULTITASK_STORAGE_ROWS, ("storage, bytes", "without heads", "with heads"))
+            + _coding_lines(storage, MULTITASK_CODING_ROWS))
 
 
 def _coding_lines(storage: dict, rows) -> list[str]:
@@ -141,7 +148,7 @@ MULTITASK_STORAGE_ROWS = (
     ("amortised per task", "amortised_bytes_per_task", "amortised_bytes_per_task_with_head"),
     ("one single-task run", "separate_single_task_bytes_per_task", None),
     ("plain PETL, per task", "plain_petl_bytes_per_task", None),
-    ("files on disk", "file_bytes", "file_bytes_with_heads"),
+    ("files on disk", "file_bytes", "file_bytes_with_head"),
 )
 MULTITASK_CODING_ROWS = tuple((label.replace("ratio to PETL", "amortised ratio"), key.replace("storage_ratio", "amortised_ratio")
                                .replace("file_ratio", "file_amortised_ratio")) for label, key in CODING_ROWS)
@@ -149,7 +156,6 @@ MULTITASK_CODING_ROWS = tuple((label.replace("ratio to PETL", "amortised ratio")
 
 def multitask_summary_table(metrics: dict) -> str:
     """A one-screen summary of a finished multi-task run: per-task metrics and storage in bytes."""
-    storage = metrics["storage"]
     lines = [
         f"multitask {','.join(metrics['tasks'])} | {metrics['model']} | {metrics['method']} {metrics['prototype']}"
         f" | mask {metrics['mask_combine']} sparsity {metrics['mask_sparsity']} | seed {metrics['seed']}",
@@ -162,5 +168,4 @@ def multitask_summary_table(metrics: dict) -> str:
         for name, value in result["test"].items():
             lines.append(f"{task + ' ' + name:<28}{_fmt(result['selection'].get(name)):>14}{_fmt(value):>14}")
     lines.append(f"{'mean test score':<28}{'':>14}{_fmt(metrics['mean_test_score']):>14}")
-    return _framed(lines + _storage_lines(storage, MULTITASK_STORAGE_ROWS, ("storage, bytes", "without heads", "with heads"))
-                   + _coding_lines(storage, MULTITASK_CODING_ROWS))
+    return _framed(lines + storage_lines(metrics["storage"]))

@@ -198,13 +198,6 @@ class TaskLayerMasks(nn.Module):
         self.layers.invalidate()
 
 
-def invalidate_all(model: nn.Module) -> None:
-    """Drop every cached mask in `model` (called before each forward pass that records gradients)."""
-    for module in model.modules():
-        if isinstance(module, LayerMasks):
-            module.invalidate()
-
-
 # ----------------------------------------------------------------------------- statistics
 
 def density(masks: torch.Tensor) -> float:

@@ -100,10 +100,14 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
     tests = {name: loop.evaluate(model, eval_loader(name, "test"), by_name[name], device, cfg.trainer.precision,
                                  f"test {name}", cfg.trainer.progress) for name in new_tasks}
 
-    # 4. storage, checkpoint (rank 0 writes), metrics.json, W&B summary, summary table
-    report = (partial(report_multitask, base_tasks=base_tasks) if multitask
-              else partial(report_single_task, splits=splits, head_names=head_names))
-    metrics, summary = report(cfg, output_dir, model, tests, result, backbone_params,
+    # 4. storage (counted from what the checkpoint keeps), the checkpoint (rank 0 writes), metrics.json, W&B
+    #    summary, summary table
+    figures = accounting.account(model, cfg, backbone_params)
+    if ctx.is_main and cfg.trainer.save_weights:
+        checkpoint.save_checkpoint(model, cfg, output_dir / "checkpoint")
+        figures.update(checkpoint.file_figures(output_dir / "checkpoint", figures))
+    report = partial(report_multitask, base_tasks=base_tasks) if multitask else partial(report_single_task, splits=splits)
+    metrics, summary = report(cfg, output_dir, tests, result, figures,
                               facts=lambda: run_facts(cfg, result, started, device, ctx), writes=ctx.is_main)
     if ctx.is_main:
         checkpointer.discard()                     # the run is complete: its training state is no longer needed
@@ -112,17 +116,13 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
     return metrics
 
 
-def report_single_task(cfg, output_dir: Path, model, tests: dict, result, backbone_params: int, facts, writes: bool,
-                       splits: dict, head_names: set[str]) -> tuple[dict, dict]:
-    """One task's storage (accounting.account), the checkpoint, metrics.json; returns (metrics, W&B summary)."""
+def report_single_task(cfg, output_dir: Path, tests: dict, result, figures: dict, facts, writes: bool,
+                       splits: dict) -> tuple[dict, dict]:
+    """One task's metrics.json (with its trivial baseline) and summary table; returns (metrics, W&B summary)."""
     task = cfg.task
     (name, test), = tests.items()
-    figures = accounting.account(model, cfg, head_names, backbone_params)
     if not writes:
         return {"glue_score": glue_metrics.task_score(name, test), "test": test}, {}
-    if cfg.trainer.save_weights:
-        checkpoint.save_checkpoint(model, cfg, output_dir / "checkpoint")
-        figures.update(checkpoint.file_figures(output_dir / "checkpoint", figures))
     metrics = {
         "task": name, "model": cfg.model.name, "method": cfg.method.name, "prototype": cfg.prototype.name,
         "mask_kind": cfg.mask.kind, "mask_sparsity": float(cfg.mask.sparsity), "seed": int(cfg.seed),
@@ -140,20 +140,16 @@ def report_single_task(cfg, output_dir: Path, model, tests: dict, result, backbo
                      **{f"storage/{k}": v for k, v in figures.items()}}
 
 
-def report_multitask(cfg, output_dir: Path, model, tests: dict, result, backbone_params: int, facts, writes: bool,
+def report_multitask(cfg, output_dir: Path, tests: dict, result, figures: dict, facts, writes: bool,
                      base_tasks: list[str]) -> tuple[dict, dict]:
-    """Several tasks' storage (the shared part once, each task's part apart: accounting.account_multitask), the
-    checkpoint, metrics.json with each task's numbers; returns (metrics, W&B summary)."""
+    """Several tasks' metrics.json (each task's numbers, their mean) and summary table; returns (metrics, W&B
+    summary)."""
     per_task = {}
     for name, test in tests.items():
         selection = {k.split("/", 1)[1]: v for k, v in result.best_selection.items() if k.startswith(f"{name}/")}
         per_task[name] = {"selection": selection, "test": test, "glue_score": glue_metrics.task_score(name, test)}
-    figures = accounting.account_multitask(model, cfg, model.task_names, backbone_params)
     if not writes:
         return {"tasks": per_task}, {}
-    if cfg.trainer.save_weights:
-        checkpoint.save_checkpoint(model, cfg, output_dir / "checkpoint")
-        figures.update(checkpoint.file_figures(output_dir / "checkpoint", figures))
     metrics = {
         "mode": "multitask", "tasks": list(tests), "base_tasks": base_tasks, "model": cfg.model.name,
         "method": cfg.method.name, "prototype": cfg.prototype.name, "mask_kind": cfg.mask.kind,

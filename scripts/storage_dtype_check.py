@@ -29,7 +29,6 @@ from omegaconf import OmegaConf  # noqa: E402
 
 import propetl  # noqa: E402,F401
 from propetl import accounting, checkpoint, files, mask_coding  # noqa: E402
-from propetl import model as backbone  # noqa: E402
 from propetl.evaluate import evaluate_checkpoint  # noqa: E402
 
 DTYPES = tuple(accounting.STORAGE_DTYPES)

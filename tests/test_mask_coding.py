@@ -223,7 +223,7 @@ def test_bad_storage_values_give_one_line(key, value, allowed):
 def run_figures(tiny_cfg, folder):
     """A tiny ProPETL-LoRA's storage figures as a run logs them, its checkpoint written into `folder`."""
     model, cfg, heads = tiny_propetl(tiny_cfg)
-    figures = accounting.account(model, cfg, heads, accounting.backbone_params(model, heads))
+    figures = accounting.account(model, cfg, accounting.backbone_params(model, heads))
     checkpoint.save_checkpoint(model, cfg, folder / "checkpoint")
     figures.update(checkpoint.file_figures(folder / "checkpoint", figures))
     return figures, accounting.stored_masks(model)

@@ -246,6 +246,47 @@ def test_one_task_without_task_masks_is_the_single_task_model_bit_for_bit(tiny_c
         assert (a.grad is None) == (b.grad is None) and (a.grad is None or torch.equal(a.grad, b.grad)), name
 
 
+@pytest.mark.parametrize("method,prototype", [("propetl", "lora"), ("propetl", "prefix"), ("petl", "adapter"),
+                                              ("finetune", "adapter"), ("peft", "lora")])
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_one_layout_from_either_model_and_into_either_model(tiny_cfg, tiny_roberta_dir, tmp_path, method, prototype,
+                                                            family):
+    """One checkpoint layout: the one-task MultiTaskModel (what runs train) and the transformers model with the
+    method inside (what the API wraps) write byte-identical checkpoints; load_checkpoint (into the transformers
+    model) and load_multitask (into the MultiTaskModel) both give back the trained model's logits exactly."""
+    from propetl.model import MultiTaskModel, build
+
+    roberta = [f"model.name_or_path={tiny_roberta_dir}"] if family == "roberta" else []
+    cfg = tiny_cfg(f"method={method}", f"prototype={prototype}", *roberta)
+    torch.manual_seed(3)
+    single = build(cfg, 2)
+    torch.manual_seed(3)
+    multi = MultiTaskModel(cfg, [cfg.task.name], [2], task_masks=False)
+    batch = tiny_batch()
+    task = torch.zeros(len(batch["labels"]), dtype=torch.long)
+    for model, extra in ((single, {}), (multi, {"task": task})):        # one identical step: weights move off init
+        model.train()
+        torch.manual_seed(7)
+        model(**batch, **extra).loss.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-0.5)
+    checkpoint.save_checkpoint(single, cfg, tmp_path / "single")
+    checkpoint.save_checkpoint(multi, cfg, tmp_path / "multi")
+    written = sorted(p.relative_to(tmp_path / "multi") for p in (tmp_path / "multi").rglob("*") if p.is_file())
+    assert written == sorted(p.relative_to(tmp_path / "single") for p in (tmp_path / "single").rglob("*") if p.is_file())
+    for name in written:
+        assert filecmp.cmp(tmp_path / "multi" / name, tmp_path / "single" / name, shallow=False), name
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        expected = multi.eval()(**inputs, task=task).logits
+        loaded, _ = checkpoint.load_checkpoint(tmp_path / "multi")
+        assert torch.equal(loaded(**inputs).logits, expected)
+        again, _ = checkpoint.load_multitask(tmp_path / "single")
+        assert torch.equal(again(**inputs, task=task).logits, expected)
+
+
 @pytest.mark.parametrize("grouped", [False, True])
 def test_one_task_batches_are_a_single_task_loaders(glue_dir, grouped):
     """The batches of a one-task MultiTaskBatches are the single-task DataLoader's, from the same generator draws."""
@@ -285,7 +326,7 @@ def test_a_one_task_multitask_run_is_the_single_task_run(tmp_path, tiny_text_mod
     for name in written:
         assert filecmp.cmp(tmp_path / "multi" / name, tmp_path / "single" / name, shallow=False), name
     assert not (tmp_path / "multi" / "checkpoint" / "tasks" / "rte" / "task_mask.safetensors").exists()
-    assert multi["storage"]["task_mask_entries_per_task"] == 0
+    assert multi["storage"] == single["storage"]                       # one account: a one-task run's figures
     with pytest.raises(checkpoint.CheckpointError, match="trained on one task, with layer masks only") as error:
         train(compose_cfg([*common, "mode=multitask", "tasks=[stsb]",
                            f"multitask.base_checkpoint={tmp_path / 'multi' / 'checkpoint'}"]), tmp_path / "more")

@@ -77,7 +77,7 @@ def test_lora_count_and_storage_figures_match_petl(tiny_cfg, tmp_path, peft):
         assert sum(dict(model.named_parameters())[n].numel() for n in petl) == LORA_PARAMS
         if method == "peft":
             assert petl == set(methods.peft_parameters(model)) and len(petl) == 2 * len(TARGETS) * TINY["layers"]
-        figures[method] = accounting.account(model, cfg, heads, accounting.backbone_params(model, heads))
+        figures[method] = accounting.account(model, cfg, accounting.backbone_params(model, heads))
         checkpoint.save_checkpoint(model, cfg, tmp_path / method)
         files[method] = checkpoint.file_sizes(tmp_path / method)
     assert figures["peft"] == figures["petl"]

@@ -101,8 +101,7 @@ def test_it_trains_counts_and_reloads(bias_cfg, tmp_path, method):
     scores = [p for n, p in weights.named_parameters() if n.endswith("scores")]
     assert len(scores) == (method == "propetl") and (method == "petl" or scores[0].grad.abs().sum() > 0)
 
-    heads = backbone.head_parameter_names(model)
-    figures = accounting.account(model, cfg, heads, backbone_params=1000)
+    figures = accounting.account(model, cfg, backbone_params=1000)
     hidden, layers = TINY["hidden"], TINY["layers"]
     if method == "propetl":      # the prototype once, one bit per mask entry
         assert (figures["stored_params"], figures["mask_entries"]) == (hidden, layers * hidden)

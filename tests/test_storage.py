@@ -32,7 +32,7 @@ def figures_for(tiny_cfg, method, prototype, tmp_path=None, *extra):
     model = backbone.build(cfg, 2)
     heads = backbone.head_parameter_names(model)
     backbone_params = sum(p.numel() for n, p in model.named_parameters() if n not in heads and not n.startswith("petl_weights."))
-    figures = accounting.account(model, cfg, heads, backbone_params)
+    figures = accounting.account(model, cfg, backbone_params)
     if tmp_path is not None:
         checkpoint.save_checkpoint(model, cfg, tmp_path / "checkpoint")
         figures.update(checkpoint.file_sizes(tmp_path / "checkpoint"))

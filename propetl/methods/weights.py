@@ -124,11 +124,6 @@ class LayerWeights(nn.Module):
     def score_parameters(self) -> list[nn.Parameter]:
         return [mask.scores for mask in self.mask_stores().values() if mask.scores.requires_grad]
 
-    def weight_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """(name, parameter) of everything trainable except mask scores (prototype / per-layer weights, MLPs)."""
-        scores = {id(p) for p in self.score_parameters()}
-        return [(n, p) for n, p in self.named_parameters() if p.requires_grad and id(p) not in scores]
-
     def to_plain(self) -> "LayerWeights":
         """Materialise every layer's tensors into a plain per-layer store (merge for inference)."""
         with torch.no_grad():
