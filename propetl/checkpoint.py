@@ -20,8 +20,9 @@ head.safetensors under the transformers model's names; format 1 bit-packed fp32 
 masks and dtype, 3 the manifest); formats 1-3 of several tasks have the layout above. The names a checkpoint
 gives (method, prototype, mask kind, storage, tasks) are checked against the registry before any is used
 (check_names). The folder is built beside its place and renamed: a crash never leaves a half-written one.
-Readers: load_checkpoint (a one-task checkpoint into the transformers model: propetl-eval, propetl-export, the
-Python API's load_weights) and load_multitask (any into the MultiTaskModel training runs: adding tasks).
+Readers: load_checkpoint (a one-task checkpoint of any format into the transformers model: propetl-eval,
+propetl-export, the Python API's load_weights) and load_multitask (format 4 and multi-task formats 1-3 into the
+MultiTaskModel training runs: adding tasks).
 """
 from __future__ import annotations
 
@@ -177,8 +178,9 @@ def read_checkpoint_config(directory: Path) -> dict:
                               f"{', '.join(map(str, READABLE_FORMATS))}")
     if version >= SEALED_FORMAT and not sealed:
         check_seal(folder, required=True, hint=f"format {version} checkpoints carry one")
-    if version >= ONE_LAYOUT_FORMAT and folder is not shared:
-        raise CheckpointError(f"{path}: format_version {version} keeps its config in {SHARED_DIR}/, not here")
+    if version >= ONE_LAYOUT_FORMAT and (folder is not shared or "tasks" not in config):
+        raise CheckpointError(f"{path}: format_version {version} keeps its config in {SHARED_DIR}/ and names its "
+                              f"tasks ('tasks')")
     check_names(config, path)
     return config
 
@@ -259,7 +261,7 @@ def load_weights(model: nn.Module, cfg, head_names: set[str], directory: Path) -
     directory, method = Path(directory), cfg.method.name
     if cfg.get("tasks") is not None:                # format 4: shared/ + tasks/<task>/, the head under TaskHead's names
         shared, part = directory / SHARED_DIR, directory / TASKS_DIR / cfg.tasks[0]
-        check_seal(part, required=True)
+        check_seal(part, required=cfg.format_version >= SEALED_FORMAT)
         dense_path, masks_path, head_path = shared / DENSE_FILE[method], shared / LAYER_MASKS_FILE, part / HEAD_FILE
         layout = backbone.head_layout(model).items()
     else:
@@ -305,7 +307,7 @@ def read_multitask_config(directory: Path) -> dict:
     config = read_checkpoint_config(Path(directory))
     if "tasks" not in config:
         raise CheckpointError(f"{directory} is a one-task checkpoint of format {config['format_version']} "
-                              f"(flat); tasks are added to a multi-task checkpoint")
+                              f"(flat): checkpoint.load_checkpoint reads it; tasks are added to a multi-task checkpoint")
     return config
 
 

@@ -173,8 +173,9 @@ class MultiTaskModel(nn.Module):
 
     def transformers_name(self, name: str) -> str:
         """A parameter's name in the loaded transformers model, whose own head is the first task's
-        (encoder.X -> bert.X, heads.<first>.dense.X -> bert.pooler.dense.X, ...): the single-task checkpoint's
-        names, which load_checkpoint loads into that model. Other names are unchanged."""
+        (encoder.X -> bert.X, heads.<first>.dense.X -> bert.pooler.dense.X, ...). Checkpoints keep the dense
+        tensors under these names (fine-tuning's backbone, PEFT's LoRA; the PETL store's names are unchanged) and
+        the heads under TaskHead's own (head_layout maps them into a transformers model)."""
         prefix = next((p for p in self._transformers_names if name.startswith(p)), None)
         return name if prefix is None else self._transformers_names[prefix] + name[len(prefix):]
 

@@ -231,6 +231,13 @@ def test_a_config_that_is_not_an_object_is_one_line(run_copy):
     assert "holds a list, not a checkpoint config" in refused(lambda: checkpoint.load_checkpoint(run / "checkpoint"), run)
 
 
+def test_a_format4_config_without_its_tasks_is_one_line(run_copy):
+    run, _ = run_copy
+    rewrite_config(run / "checkpoint" / "shared", lambda config: {
+        **{k: v for k, v in config.items() if k not in ("tasks", "num_labels")}, "task": {"name": "rte", "num_labels": 2}})
+    assert "names its tasks ('tasks')" in refused(lambda: checkpoint.load_checkpoint(run / "checkpoint"), run)
+
+
 # ----------------------------------------------------------------------------- safetensors only
 
 def test_a_backbone_with_only_a_pickle_is_refused_without_unpickling(run_copy, tiny_model_dir, monkeypatch):

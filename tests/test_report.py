@@ -140,6 +140,19 @@ def test_a_multitask_run_becomes_one_row_per_task(tmp_path):
     assert multi["average"] == pytest.approx((60 + 80 + 70) / 3) and multi["storage_bytes"] == 300.0
 
 
+def test_a_one_task_multitask_run_reports_its_own_storage(tmp_path):
+    """mode=multitask tasks=[rte] is counted as task=rte is (accounting.account): its row takes the one-task figures."""
+    (tmp_path / "mt").mkdir()
+    metrics = {"mode": "multitask", "tasks": ["rte"], "model": "minilm", "method": "propetl", "prototype": "lora",
+               "mask_kind": "learned", "mask_sparsity": 0.9, "seed": 1,
+               "per_task": {"rte": {"test": {"accuracy": 0.6}, "glue_score": 0.6}},
+               "storage": {"storage_bytes": 280, "storage_ratio_to_plain_petl": 0.1, "storage_percent_of_backbone": 0.01,
+                           "backbone_params": 1000}}
+    (tmp_path / "mt" / "metrics.json").write_text(json.dumps(metrics))
+    (row,) = report.summarise(report.load_runs([tmp_path]))
+    assert row["label"] == "ProPETL-LoRA (multi-task)" and row["storage_bytes"] == 280
+
+
 def test_collect_results_keeps_metrics_and_mask_bits_only(tmp_path):
     """scripts/collect_results.py: the small evidence of each finished run, renamed folders, tables beside."""
     source = tmp_path / "outputs" / "table1"

@@ -105,10 +105,12 @@ def run_experiment(metrics: dict, path: Path) -> str | None:
 
 
 def _multitask_runs(metrics: dict, path: Path, experiment: str | None) -> list[dict]:
-    """A multi-task run as one row per task, its storage the amortised per-task figures."""
+    """A multi-task run as one row per task, its storage the amortised per-task figures (one task: its own)."""
     s = metrics.get("storage", {})
-    storage = {"storage_bytes": s.get("amortised_bytes_per_task"), "storage_ratio_to_plain_petl": s.get("amortised_ratio_to_plain_petl"),
-               "storage_percent_of_backbone": s.get("amortised_percent_of_backbone"), "backbone_params": s.get("backbone_params")}
+    keys = ("storage_bytes", "storage_ratio_to_plain_petl", "storage_percent_of_backbone")
+    amortised = ("amortised_bytes_per_task", "amortised_ratio_to_plain_petl", "amortised_percent_of_backbone")
+    storage = {key: s.get(theirs if "amortised_bytes_per_task" in s else key) for key, theirs in zip(keys, amortised)}
+    storage["backbone_params"] = s.get("backbone_params")
     out = []
     for task, result in metrics["per_task"].items():
         run = {key: metrics.get(key) for key in RUN_FIELDS}
