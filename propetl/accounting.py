@@ -156,9 +156,9 @@ def kept(model: nn.Module, cfg) -> Kept:
         heads = [{n: p.detach() for n, p in model.heads[task].named_parameters()} for task in tasks]
     else:
         tasks, labels, rename = [cfg.task.name or UNNAMED_TASK], [int(cfg.task.num_labels)], (lambda name: name)
-        head_names, layout = backbone.head_parameter_names(model), backbone.head_layout(model).items()
-        heads = [{next(ours + n[len(theirs):] for ours, theirs in layout if n.startswith(theirs)): p.detach()
-                  for n, p in model.named_parameters() if n in head_names}]
+        head_names = backbone.head_parameter_names(model)
+        ours = {theirs: ours for ours, theirs in backbone.head_layout(model).items()}
+        heads = [{backbone.swap_prefix(n, ours): p.detach() for n, p in model.named_parameters() if n in head_names}]
     dense = {rename(n): t for n, t in stored_dense_tensors(model, cfg.method.name, head_names).items()}
     layer_masks, task_masks = mask_files(model, len(tasks))
     return Kept(list(tasks), list(labels), dense, layer_masks, task_masks, heads, getattr(model, "task_masks", False))

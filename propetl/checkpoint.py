@@ -263,13 +263,13 @@ def load_weights(model: nn.Module, cfg, head_names: set[str], directory: Path) -
         shared, part = directory / SHARED_DIR, directory / TASKS_DIR / cfg.tasks[0]
         check_seal(part, required=cfg.format_version >= SEALED_FORMAT)
         dense_path, masks_path, head_path = shared / DENSE_FILE[method], shared / LAYER_MASKS_FILE, part / HEAD_FILE
-        layout = backbone.head_layout(model).items()
+        layout = backbone.head_layout(model)
     else:
         dense_path, masks_path, head_path = directory / DENSE_FILE[method], directory / MASKS_FILE, directory / HEAD_FILE
-        layout = ()
+        layout = {}
     dense, _ = read_safetensors(dense_path)
     head, _ = read_safetensors(head_path)
-    head = {next((theirs + n[len(ours):] for ours, theirs in layout if n.startswith(ours)), n): t for n, t in head.items()}
+    head = {backbone.swap_prefix(n, layout): t for n, t in head.items()}
     parameters = dict(model.named_parameters())
     weights = methods.petl_weights(model)
     with torch.no_grad():
@@ -326,14 +326,16 @@ def check_can_add(directory: Path, config: dict, adding: list[str]) -> None:
                               f"together")
 
 
-def load_multitask(directory: Path, tasks: list[str] | None = None, cfg=None, extra_tasks=(), for_training=False):
+def load_multitask(directory: Path, tasks: list[str] | None = None, cfg=None, extra_tasks=(), for_training=False,
+                   config: dict | None = None):
     """Rebuild the MultiTaskModel from `shared/` and the named tasks' folders (default: all). With `cfg`, its
     settings must match the checkpoint's; `extra_tasks` (task configs) get fresh masks and heads (adding
-    tasks). Returns (model in eval mode, the checkpoint's config)."""
+    tasks); `config`: its read_multitask_config, if the caller has it (shared/ is then not hashed again).
+    Returns (model in eval mode, the checkpoint's config)."""
 
     directory = Path(directory)
     extra = [t.name for t in extra_tasks]
-    saved = read_multitask_config(directory)
+    saved = read_multitask_config(directory) if config is None else config
     if extra:
         check_can_add(directory, saved, extra)
     if cfg is not None:

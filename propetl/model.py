@@ -125,6 +125,12 @@ def pretrained_head(full: nn.Module) -> tuple[str, str, bool]:
                      f"BERT's (pooler + classifier) nor RoBERTa's; propetl runs BERT- and RoBERTa-family models")
 
 
+def swap_prefix(name: str, prefixes: dict[str, str]) -> str:
+    """`name` with its prefix replaced by what `prefixes` maps it to (the first key it starts with); else unchanged."""
+    prefix = next((p for p in prefixes if name.startswith(p)), None)
+    return name if prefix is None else prefixes[prefix] + name[len(prefix):]
+
+
 def head_layout(full: nn.Module) -> dict[str, str]:
     """Where a checkpoint's task head (TaskHead's names: dense.*, classifier.*) sits in a transformers model
     (pretrained_head): {"dense.": "bert.pooler.dense.", "classifier.": "classifier."} for BERT."""
@@ -176,8 +182,7 @@ class MultiTaskModel(nn.Module):
         (encoder.X -> bert.X, heads.<first>.dense.X -> bert.pooler.dense.X, ...). Checkpoints keep the dense
         tensors under these names (fine-tuning's backbone, PEFT's LoRA; the PETL store's names are unchanged) and
         the heads under TaskHead's own (head_layout maps them into a transformers model)."""
-        prefix = next((p for p in self._transformers_names if name.startswith(p)), None)
-        return name if prefix is None else self._transformers_names[prefix] + name[len(prefix):]
+        return swap_prefix(name, self._transformers_names)
 
     @property
     def base_model_prefix(self) -> str:

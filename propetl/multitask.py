@@ -61,7 +61,7 @@ class MultiTaskBatches:
         self.splits, self.collators, self.batch_size = list(splits), list(collators), batch_size
         self.lengths = list(lengths) if lengths is not None else [None] * len(self.splits)
         sizes = np.array([len(s) for s in self.splits], dtype=np.float64)
-        weights = sizes ** (1.0 / temperature) if len(sizes) > 1 else sizes        # one task: none is drawn
+        weights = sizes ** (1.0 / temperature)
         self.probabilities = torch.tensor(weights / weights.sum(), dtype=torch.float64)
         self.steps = int(sum(math.ceil(n / batch_size) for n in sizes))
         self.generator = torch.Generator().manual_seed(seed)

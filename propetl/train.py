@@ -67,7 +67,7 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
     # 2. model: the pre-trained encoder with the method inside, a head per task (base tasks loaded and frozen)
     if base_dir:
         model, _ = checkpoint.load_multitask(Path(base_dir), cfg=cfg, extra_tasks=[by_name[n] for n in new_tasks],
-                                             for_training=False)
+                                             for_training=False, config=base)
         freeze_for_new_tasks(model, base_tasks)
         model.train()
     else:
@@ -96,7 +96,7 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
     # 3. train, choosing the best epoch on the selection split; then every new task on its test split
     run, result, started = fit_logged(cfg, output_dir, model, train_batches, select, head_names, device, checkpointer, ctx)
     if base_dir:        # the old tasks' mask rows saw AdamW's decay (no gradient): put them back bit for bit
-        checkpoint.load_task_parts(model, Path(base_dir), base_tasks)
+        checkpoint.load_task_parts(model, Path(base_dir), base_tasks, base["format_version"])
     tests = {name: loop.evaluate(model, eval_loader(name, "test"), by_name[name], device, cfg.trainer.precision,
                                  f"test {name}", cfg.trainer.progress) for name in new_tasks}
 

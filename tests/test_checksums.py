@@ -192,6 +192,20 @@ def test_every_part_of_a_multitask_checkpoint_is_checked(multitask_checkpoint):
     assert "has no task '../shared'" in refused(lambda: checkpoint.load_multitask(folder, tasks=["../shared"]), folder)
 
 
+def test_a_multitask_checkpoint_read_once_is_not_hashed_again(multitask_checkpoint, monkeypatch):
+    """Adding tasks reads the base checkpoint's config first (train.py), then loads it: shared/ is hashed once."""
+    folder, checked = multitask_checkpoint, []
+    config = checkpoint.read_multitask_config(folder)
+
+    def counting_check_seal(part, *args, **kwargs):
+        checked.append(Path(part).name)
+        return files.check_seal(part, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "check_seal", counting_check_seal)
+    checkpoint.load_multitask(folder, config=config)
+    assert checked == ["rte", "stsb"]                                   # each task's folder once, shared/ not again
+
+
 # ----------------------------------------------------------------------------- names read from a checkpoint
 
 def rewrite_config(folder: Path, change) -> None:

@@ -134,9 +134,8 @@ def write_flat(directory, model):
     del config["task_masks"]
     for path in shared.glob("*.safetensors"):
         path.rename(directory / (checkpoint.MASKS_FILE if path.name == checkpoint.LAYER_MASKS_FILE else path.name))
-    layout = backbone.head_layout(model).items()
-    head = {next(theirs + n[len(ours):] for ours, theirs in layout if n.startswith(ours)): t
-            for n, t in load_file(part / checkpoint.HEAD_FILE).items()}
+    layout = backbone.head_layout(model)
+    head = {backbone.swap_prefix(n, layout): t for n, t in load_file(part / checkpoint.HEAD_FILE).items()}
     save_file(head, str(directory / checkpoint.HEAD_FILE))
     shutil.rmtree(shared)
     shutil.rmtree(directory / checkpoint.TASKS_DIR)
