@@ -1,16 +1,15 @@
-"""Storage accounting: what a task costs to keep, counted in parameters, bits and bytes. All counting lives here
-(checkpoint.py writes the files; mask_coding.py says how masks become bytes). One account (`account`) for one
-task or several, counted from what the checkpoint keeps (`kept`, which checkpoint.save_checkpoint writes):
-
+"""Storage accounting: what a task costs to keep, in parameters, bits and bytes. All counting lives here (checkpoint.py
+writes the files; mask_coding.py says how masks become bytes). One account (`account`), of one task or several, counted
+from what the checkpoint keeps (`kept`, which checkpoint.save_checkpoint writes):
   - trainable parameters: unique tensors (a shared tensor counts once), with and without the head;
-  - stored parameters: the 32-bit floats a task must keep (ProPETL: the prototype ONCE; plain PETL:
-    every layer's module; finetune: the whole backbone), plus mask bits (1 bit per mask entry);
-  - bits, bytes, fp32-equivalent parameters, % of the backbone, and the ratio to plain PETL of the
-    same prototype, each with and without the head (the paper's arithmetic: fp32 + 1 bit an entry);
-    several tasks: the shared part once, each task's part apart, total and amortised per task;
-  - as written: the dense tensors in `storage.dtype`, the masks in each coding of mask_coding (`bits`,
-    `entropy`), their information bound log2 C(n, k), bits per mask entry and the ratio to plain PETL
-    stored in the same dtype (`coding_figures`); checkpoint.file_figures reads the same off the written files.
+  - stored parameters: the 32-bit floats a task must keep (ProPETL: the prototype ONCE; plain PETL: every layer's
+    module; finetune: the whole backbone), plus mask bits (1 bit per mask entry);
+  - bits, bytes, fp32-equivalent parameters, % of the backbone, and the ratio to plain PETL of the same prototype,
+    each with and without the head (the paper's arithmetic: fp32 + 1 bit an entry); several tasks: the shared part
+    once, each task's part apart, total and amortised per task;
+  - as written: the dense tensors in `storage.dtype`, the masks in each coding of mask_coding (`bits`, `entropy`),
+    their information bound log2 C(n, k), bits per mask entry and the ratio to plain PETL stored in the same dtype
+    (`coding_figures`); checkpoint.file_figures reads the same off the written files.
 """
 from __future__ import annotations
 
@@ -29,23 +28,13 @@ UNNAMED_TASK = "unnamed"              # the task of a checkpoint that names none
 
 # ----------------------------------------------------------------------------- counting
 
-def unique_parameters(parameters) -> list[nn.Parameter]:
-    """Parameters deduplicated by identity: a tensor shared by many layers counts once."""
-    seen, out = set(), []
-    for p in parameters:
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out
-
-
 def count(parameters) -> int:
-    return sum(p.numel() for p in unique_parameters(parameters))
+    """Parameters counted once each however often they appear (a tensor shared by many layers counts once)."""
+    return sum(p.numel() for p in {id(p): p for p in parameters}.values())
 
 
 def dense_parameters(model: nn.Module, method: str, head_names: set[str]) -> dict[str, torch.Tensor]:
-    """Where a checkpoint's float tensors load into: the backbone (finetune), PEFT's LoRA pairs (peft),
-    the PETL store's parameters (petl, propetl)."""
+    """Where checkpoint float tensors load into: backbone (finetune), PEFT's LoRA (peft), PETL store (petl, propetl)."""
     if method == "finetune":
         return {n: p for n, p in model.named_parameters() if n not in head_names}
     if method == "peft":
@@ -62,6 +51,7 @@ def stored_dense_tensors(model: nn.Module, method: str, head_names: set[str]) ->
 
 
 def stored_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The 0/1 masks of a model by stored name ({} without a PETL store)."""
     weights = methods.petl_weights(model)
     return {} if weights is None else {name: m.cpu() for name, m in weights.binary_masks().items()}
 
@@ -89,17 +79,11 @@ def storage_settings(cfg) -> dict:
     return {"mask_coding": str(cfg.storage.mask_coding), "dtype": str(cfg.storage.dtype)}
 
 
-def dtype_bytes(cfg) -> int:
-    """Bytes of one stored dense value in cfg.storage.dtype."""
-    return STORAGE_DTYPES[cfg.storage.dtype].itemsize
-
-
 def coding_figures(mask_files: list[dict[str, torch.Tensor]], dense_bytes: int, plain_bytes: float,
                    tasks: int = 1, ratio_key: str = "storage_ratio_to_plain_petl") -> dict:
-    """The masks' information bound Σ log2 C(n, k) and, for each coding, their coded bytes (each dict of
-    `mask_files` one masks file: digest + payload, as format 2 writes them), bits per mask entry, and
-    `ratio_key`/<coding>: (dense_bytes + those bytes) / tasks / plain_bytes; `ratio_key`/bound the same
-    with the information bound in place of the coded bytes."""
+    """The masks' information bound Σ log2 C(n, k) and, per coding, their coded bytes (each dict of `mask_files` one
+    masks file: digest + payload, as format 2 writes them), bits per mask entry, and `ratio_key`/<coding>:
+    (dense_bytes + those bytes) / tasks / plain_bytes; `ratio_key`/bound: the same with the bound's bytes."""
     entries = sum(m.numel() for masks in mask_files for m in masks.values())
     information = float(sum(mask_coding.information_bits_of(masks) for masks in mask_files))
     out = {"mask_information_bits": information,
@@ -113,8 +97,7 @@ def coding_figures(mask_files: list[dict[str, torch.Tensor]], dense_bytes: int, 
 
 
 def split_task_layer(stores: dict) -> tuple[dict, dict]:
-    """mask_stores() of a multi-task store -> ({tensor: task LayerMasks}, {tensor: layer LayerMasks}); a store
-    without task masks (one task: layer masks only) has only the second."""
+    """mask_stores() -> ({tensor: task LayerMasks}, {tensor: layer LayerMasks}); the first is {} without task masks."""
     tasks = {n.removesuffix("@task"): m for n, m in stores.items() if n.endswith("@task") and m.kind != "none"}
     layers = {n.removesuffix("@layer"): m for n, m in stores.items() if not n.endswith("@task") and m.kind != "none"}
     return tasks, layers
@@ -137,8 +120,7 @@ def mask_files(model: nn.Module, num_tasks: int) -> tuple[dict[str, torch.Tensor
 
 @dataclass
 class Kept:
-    """What a checkpoint keeps of a model, under the checkpoint's names: checkpoint.save_checkpoint writes
-    exactly this and `account` counts it."""
+    """What a checkpoint keeps of a model, under its names: checkpoint.save_checkpoint writes exactly this."""
     tasks: list[str]
     num_labels: list[int]
     dense: dict[str, torch.Tensor]          # the float tensors (transformers model's names), heads apart
@@ -149,8 +131,8 @@ class Kept:
 
 
 def kept(model: nn.Module, cfg) -> Kept:
-    """What a checkpoint keeps of `model`: the MultiTaskModel of a run, or a transformers model with the method
-    inside (model.build, the Python API: one task, cfg.task)."""
+    """Kept of a run's MultiTaskModel, or of a transformers model with the method inside (model.build, the Python
+    API: one task, cfg.task)."""
     if isinstance(model, backbone.MultiTaskModel):
         tasks, labels, rename, head_names = model.task_names, model.num_labels, model.transformers_name, model.head_names()
         heads = [{n: p.detach() for n, p in model.heads[task].named_parameters()} for task in tasks]
@@ -165,14 +147,13 @@ def kept(model: nn.Module, cfg) -> Kept:
 
 
 def account(model: nn.Module, cfg, backbone_params: int) -> dict:
-    """Every storage figure of a model (for metrics.json and W&B), counted from what its checkpoint keeps
-    (kept): the dense tensors in fp32, one bit a mask entry (each mask tensor padded to whole bytes), the heads
-    apart. One task: what it costs with and without its head, against plain PETL of the same prototype
-    (finetune: the backbone). Several: the shared part once (dense tensors, layer masks), each task's part
-    apart (task mask bits; the head), total and amortised per task, against N separate one-task runs and
-    plain PETL per task. Both: as written, in storage.dtype and each mask coding (coding_figures)."""
+    """Every storage figure of a model (metrics.json, W&B), counted from `kept`: dense tensors in fp32, one bit a mask
+    entry (each mask tensor padded to whole bytes), heads apart. One task: with and without its head, against plain
+    PETL of the same prototype (finetune: the backbone). Several: the shared part once (dense tensors, layer masks),
+    each task's part apart (task mask bits; the head), total and amortised per task, against N separate one-task runs
+    and plain PETL per task. Both: as written, in storage.dtype and each mask coding (coding_figures)."""
     keep = kept(model, cfg)
-    n, width = len(keep.tasks), dtype_bytes(cfg)
+    n, width = len(keep.tasks), STORAGE_DTYPES[cfg.storage.dtype].itemsize
     stored_params = sum(t.numel() for t in keep.dense.values())
     layer_entries = [m.numel() for m in keep.layer_masks.values()]
     task_entries = [m.numel() for m in keep.task_masks[0].values()] if keep.task_masks else []     # per task
@@ -211,23 +192,15 @@ def account(model: nn.Module, cfg, backbone_params: int) -> dict:
     bits, size_bytes = 32 * stored_params + mask_entries, shared_bytes + task_bytes
     fp32_equivalent = stored_params + mask_entries / 32
     return {
-        "backbone_params": backbone_params,
-        "head_params": head_params,
-        "trainable_params": trainable - head_params,
+        "backbone_params": backbone_params, "head_params": head_params, "trainable_params": trainable - head_params,
         "trainable_params_with_head": trainable,
-        "prototype_params": stored_params if cfg.method.name == "propetl" else 0,
-        "stored_params": stored_params,
-        "mask_entries": mask_entries,
-        "mask_ones": mask_ones,
-        "mask_density": (mask_ones / mask_entries) if mask_entries else None,
-        "plain_petl_params": plain,
-        "storage_bits": bits,
-        "storage_bytes": size_bytes,
-        "storage_fp32_params": fp32_equivalent,
+        "prototype_params": stored_params if cfg.method.name == "propetl" else 0, "stored_params": stored_params,
+        "mask_entries": mask_entries, "mask_ones": mask_ones,
+        "mask_density": (mask_ones / mask_entries) if mask_entries else None, "plain_petl_params": plain,
+        "storage_bits": bits, "storage_bytes": size_bytes, "storage_fp32_params": fp32_equivalent,
         "storage_percent_of_backbone": 100.0 * fp32_equivalent / backbone_params,
         "storage_ratio_to_plain_petl": fp32_equivalent / plain,
-        "storage_bits_with_head": bits + 32 * head_params,
-        "storage_bytes_with_head": size_bytes + 4 * head_params,
+        "storage_bits_with_head": bits + 32 * head_params, "storage_bytes_with_head": size_bytes + 4 * head_params,
         "storage_fp32_params_with_head": fp32_equivalent + head_params,
         "storage_percent_of_backbone_with_head": 100.0 * (fp32_equivalent + head_params) / backbone_params,
         "storage_ratio_to_plain_petl_with_head": (fp32_equivalent + head_params) / (plain + head_params),

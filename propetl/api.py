@@ -1,17 +1,15 @@
 """The public Python API, in the style of Hugging Face PEFT: ProPETL on one's own BERT/RoBERTa-family
-`*ForSequenceClassification` model, in one's own training code (HF Trainer, accelerate, Lightning).
-
+`*ForSequenceClassification` model, in one's own training code (HF Trainer, accelerate, Lightning):
     model = get_propetl_model(AutoModelForSequenceClassification.from_pretrained(name, num_labels=2),
                               ProPETLConfig(prototype="lora", sparsity=0.9))
     optimizer = torch.optim.AdamW(model.parameter_groups(lr=1e-4, mask_lr=3e-2))     # any optimizer
     model.save_propetl(folder)              # prototype, masks and head only: the runner's checkpoint format
     model = load_propetl(AutoModelForSequenceClassification.from_pretrained(name, num_labels=2), folder)
     plain = model.merge_and_unload()        # LoRA folded into W_q / W_v: the plain transformers model
-
-Built on the runner's own code, not beside it: a ProPETLConfig becomes the runner's config (the groups
-conf/prototype/<prototype>.yaml, conf/method/propetl.yaml, conf/mask/default.yaml and the trainer's lr
-keys, with the given values over their defaults), `methods.attach` wraps the model as `propetl-train`
-does, `loop.parameter_groups` makes the groups, and checkpoint.py writes and reads the checkpoints.
+Built on the runner's own code: a ProPETLConfig becomes the runner's config (its values over the defaults of
+conf/prototype/<prototype>.yaml, conf/method/propetl.yaml, conf/mask/default.yaml, the trainer's lr keys);
+methods.attach wraps the model as propetl-train does, loop.parameter_groups makes the groups, checkpoint.py writes
+and reads the checkpoints.
 """
 from __future__ import annotations
 
@@ -26,8 +24,8 @@ from propetl.model import encoder_layers, head_parameter_names
 from propetl.configs import CONF_DIR
 from propetl.validate import ConfigError, check_resolves, validate_learning_rates, validate_method
 
-# Where each general setting of ProPETLConfig lives in the runner's config; every other field is a
-# prototype setting, prototype.<field>. lr sets prototype.lr, which trainer.lr (and head_lr) follow.
+# Where each general ProPETLConfig setting lives in the runner's config; every other field is prototype.<field>.
+# lr sets prototype.lr, which trainer.lr (and head_lr) follow.
 RUNNER_KEYS = {"sparsity": "mask.sparsity", "mask_kind": "mask.kind", "mask_seed": "mask.seed", "lr": "prototype.lr",
                "mask_lr": "mask.lr", "head_lr": "trainer.head_lr", "weight_decay": "trainer.weight_decay"}
 LOADABLE_METHODS = ("propetl", "petl")
@@ -35,8 +33,7 @@ LOADABLE_METHODS = ("propetl", "petl")
 
 @dataclass
 class ProPETLConfig:
-    """ProPETL settings. None takes the runner's default for the prototype (conf/prototype/<prototype>.yaml;
-    sizes scale with the model's hidden size)."""
+    """ProPETL settings; None: the prototype's default (conf/prototype/<prototype>.yaml; sizes scale with hidden)."""
     prototype: str = "lora"                  # lora | adapter | prefix
     sparsity: float | None = None            # fraction of ZEROS per mask (lora, prefix 0.9; adapter 0.5)
     mask_kind: str = "learned"               # learned | random (fixed, seeded) | none (all ones: weight tying)
@@ -57,7 +54,7 @@ class ProPETLConfig:
     embedding_std: float | None = None       # prefix: the MLP's input ~ N(0, std^2) (1.0)
 
     def prototype_settings(self) -> list[str]:
-        """The fields that set one prototype's hyper-parameters (prototype.<field> in the runner's config)."""
+        """The fields that are prototype hyper-parameters (prototype.<field> in the runner's config)."""
         return [f.name for f in fields(self) if f.name != "prototype" and f.name not in RUNNER_KEYS]
 
     def runner_keys(self) -> dict[str, object]:
@@ -86,7 +83,8 @@ def checked(cfg: DictConfig) -> DictConfig:
 
 def trainer_defaults() -> DictConfig:
     """The trainer keys the optimizer's groups read: lr (follows method.lr), head_lr (follows lr), weight_decay."""
-    return OmegaConf.masked_copy(OmegaConf.load(CONF_DIR / "trainer" / "default.yaml"), ["lr", "head_lr", "weight_decay"])
+    return OmegaConf.masked_copy(OmegaConf.load(CONF_DIR / "trainer" / "default.yaml"),
+                                 ["lr", "head_lr", "weight_decay"])
 
 
 def with_settings(cfg: DictConfig, settings: dict[str, object]) -> DictConfig:
@@ -110,11 +108,10 @@ def runner_config(config: ProPETLConfig, model: nn.Module) -> DictConfig:
     cfg = OmegaConf.create({
         "model": {"name": model.config.model_type, "name_or_path": model.name_or_path,
                   "hidden_size": model.config.hidden_size, "num_layers": model.config.num_hidden_layers},
-        "task": {"name": None, "num_labels": model.config.num_labels},
-        "prototype": prototype, "method": OmegaConf.load(CONF_DIR / "method" / "propetl.yaml"),
+        "task": {"name": None, "num_labels": model.config.num_labels}, "prototype": prototype,
+        "method": OmegaConf.load(CONF_DIR / "method" / "propetl.yaml"),
         "mask": OmegaConf.load(CONF_DIR / "mask" / "default.yaml"), "trainer": trainer_defaults(),
-        "storage": OmegaConf.load(CONF_DIR / "train.yaml").storage,
-    })
+        "storage": OmegaConf.load(CONF_DIR / "train.yaml").storage})
     return with_settings(cfg, config.runner_keys())
 
 
@@ -133,8 +130,7 @@ def check_supported(model: nn.Module) -> None:
 
 
 class ProPETLModel(nn.Module):
-    """A transformers model with ProPETL attached (in place). Calls and outputs are the model's own;
-    attributes it lacks come from the model (config, name_or_path, ...)."""
+    """A transformers model with ProPETL attached in place; calls, outputs and attributes it lacks are the model's."""
 
     def __init__(self, model: nn.Module, cfg: DictConfig):
         super().__init__()
@@ -192,9 +188,8 @@ def get_propetl_model(model: nn.Module, config: ProPETLConfig) -> ProPETLModel:
 
 
 def load_propetl(model: nn.Module, directory) -> ProPETLModel:
-    """`model` (the pre-trained backbone the folder was trained on) with a saved prototype, masks and head,
-    in eval mode. Reads save_propetl's folders and the runner's (method propetl or petl) checkpoints.
-    Prefix models load in their inference form (the stored prefix table, no re-parameterisation MLP)."""
+    """`model` (the backbone the folder was trained on) with the saved prototype, masks and head, in eval mode, from
+    save_propetl's or the runner's method=propetl|petl checkpoints. Prefix loads its stored table, without the MLP."""
     check_supported(model)
     directory = Path(directory)
     saved = OmegaConf.create(checkpoint.single_task_config(checkpoint.read_checkpoint_config(directory), directory))

@@ -1,13 +1,11 @@
-"""Tokenised, dynamically padded batches: each split is tokenised once (`tokenise`, datasets.map), and
-each batch is padded to its own longest example (`PadCollator`).
-
-With `group_by_length` the training batches are drawn from runs of similar length (as the
-`group_by_length` of transformers' Trainer): shuffle, cut into mega-batches of 50 batches, sort each
-by token count, cut into batches, shuffle the batches. On RTE at batch 32 this halves the padded tokens
-a CPU has to push through (318,720 -> 169,184 per epoch; CoLA 199,337 -> 100,640)."""
+"""Tokenised, dynamically padded batches: each split is tokenised once (`tokenise`, datasets.map), each batch padded
+to its own longest example (`PadCollator`). An epoch's training batches (`batch_order`, drawn by
+multitask.MultiTaskBatches for one task or several): a random permutation cut into batches, or with
+`group_by_length` (as in transformers' Trainer) runs of similar length: shuffle, cut into mega-batches of 50 batches, sort each by token count, cut into
+batches, shuffle the batches. On RTE at batch 32 this halves the padded tokens a CPU has to push through
+(318,720 -> 169,184 per epoch; CoLA 199,337 -> 100,640)."""
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import datasets
@@ -15,8 +13,6 @@ import torch
 from torch.utils.data import DataLoader
 
 MEGABATCH = 50      # batches per sorted run: long enough to group lengths, short enough to stay random
-
-
 TEXT_COLUMNS = ("text_a", "text_b")
 
 
@@ -38,8 +34,7 @@ def tokenise(split, tokenizer, max_length: int):
 
 
 class PadCollator:
-    """Pads a list of tokenised rows (`tokenise`) into one batch, to the batch's longest row, on the
-    tokenizer's padding side: the tensors the tokenizer itself makes with padding="longest"."""
+    """Pads tokenised rows into one batch, to its longest row, on the tokenizer's side: what padding="longest" makes."""
 
     def __init__(self, tokenizer, regression: bool):
         self.regression, self.left = regression, tokenizer.padding_side == "left"
@@ -78,29 +73,7 @@ def batch_order(n: int, batch_size: int, generator: torch.Generator,
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
-class LengthGroupedBatches:
-    """A batch sampler of batches of similar length, drawn from `generator` (whose state at an epoch's
-    start fixes that epoch's batches, as the training loop's resume needs)."""
-
-    def __init__(self, lengths: Sequence[int], batch_size: int, generator: torch.Generator):
-        self.lengths, self.batch_size, self.generator = list(lengths), batch_size, generator
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.lengths) / self.batch_size)
-
-    def __iter__(self):
-        yield from batch_order(len(self.lengths), self.batch_size, self.generator, self.lengths)
-
-
-def make_loader(split, tokenizer, max_length: int, regression: bool, batch_size: int,
-                shuffle: bool, seed: int = 0, group_by_length: bool = False) -> DataLoader:
-    """Batches of a text split, tokenised here once (not per batch, not per epoch). Training draws its batches
-    through multitask.MultiTaskBatches, which for one task gives this loader's shuffled order (the tests hold
-    the two together); propetl-eval and the benchmarks use this loader."""
-    tokenised = tokenise(split, tokenizer, max_length)
-    collator = PadCollator(tokenizer, regression)
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
-    if shuffle and group_by_length:
-        sampler = LengthGroupedBatches(token_lengths(tokenised), batch_size, generator)
-        return DataLoader(tokenised, batch_sampler=sampler, generator=generator, collate_fn=collator)
-    return DataLoader(tokenised, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collator)
+def make_loader(split, tokenizer, max_length: int, regression: bool, batch_size: int) -> DataLoader:
+    """A text split's batches in order, tokenised once here (not per batch): what propetl-eval scores."""
+    return DataLoader(tokenise(split, tokenizer, max_length), batch_size=batch_size,
+                      collate_fn=PadCollator(tokenizer, regression))

@@ -3,26 +3,21 @@
 Every run, of one task or several, writes one layout (format 4; save_checkpoint):
     shared/propetl.json             what to rebuild: model, method, prototype, mask, the tasks and their label
                                     counts, whether there are task masks, the data split, how it is stored
-    shared/prototype.safetensors    method=propetl: the shared tensors, once | petl.safetensors: per-layer
-                                    stacks | backbone.safetensors: method=finetune | peft.safetensors: PEFT's
-                                    lora_A / lora_B (the transformers model's parameter names)
-    shared/layer_masks.safetensors  the L layer masks of every masked tensor, coded (propetl/mask_coding.py)
+    shared/<dense file>             DENSE_FILE[method]: propetl the prototype once, petl per-layer stacks,
+                                    finetune the backbone, peft PEFT's lora_A / lora_B (transformers names)
+    shared/layer_masks.safetensors  the L layer masks of every masked tensor, coded (mask_coding.py)
     tasks/<task>/task_mask.safetensors  several tasks: this task's mask of every masked tensor, [1, *shape]
     tasks/<task>/head.safetensors       this task's head (dense.*, classifier.*), apart so storage can be read
                                         with and without it
-    shared/ and each tasks/<task>/ carry a manifest.json: the sha256 of their files (propetl/files.py), written
-    last and checked before anything is read: a changed, missing or unlisted file is refused in one line.
-A task ships as shared/ + tasks/<task>/; adding a task adds a folder and leaves the rest unchanged.
-Dense tensors are written in `storage.dtype` (fp32, bf16, fp16) and loaded back as fp32.
+Each folder carries a manifest.json (files.py: the sha256 of its files), written last and checked before anything
+is read. A task ships as shared/ + tasks/<task>/; adding a task adds a folder. Dense tensors are written in
+`storage.dtype` and loaded back as fp32. The folder is built beside its place and renamed (never half-written).
 
 Older checkpoints still load: formats 1-3 of one task are flat (propetl.json, the dense file, masks.safetensors,
-head.safetensors under the transformers model's names; format 1 bit-packed fp32 without manifest, 2 coded
-masks and dtype, 3 the manifest); formats 1-3 of several tasks have the layout above. The names a checkpoint
-gives (method, prototype, mask kind, storage, tasks) are checked against the registry before any is used
-(check_names). The folder is built beside its place and renamed: a crash never leaves a half-written one.
-Readers: load_checkpoint (a one-task checkpoint of any format into the transformers model: propetl-eval,
-propetl-export, the Python API's load_weights) and load_multitask (format 4 and multi-task formats 1-3 into the
-MultiTaskModel training runs: adding tasks).
+head.safetensors under the transformers model's names; 1: bit-packed masks, no manifest; 2: coded masks and
+dtype; 3: the manifest); formats 1-3 of several tasks have the layout above. A config's names are checked
+against the registry before any is used (check_names). Readers: load_checkpoint (one task, into the
+transformers model: propetl-eval, propetl-export, the Python API) and load_multitask (into the MultiTaskModel).
 """
 from __future__ import annotations
 
@@ -31,7 +26,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -64,9 +59,8 @@ def file_sizes(checkpoint_dir: Path) -> dict:
 
 
 def file_figures(checkpoint_dir: Path, figures: dict) -> dict:
-    """The sizes of the files written (file_sizes) and what they mean beside the run's counted `figures`
-    (accounting.account): bits per mask entry of the masks files (whole files, headers included),
-    and the files without heads over plain PETL stored in the same dtype (several tasks: amortised per task)."""
+    """file_sizes, and beside the run's counted `figures` (accounting.account): bits per mask entry of the whole
+    masks files, and the files without heads over plain PETL in the same dtype (several tasks: per task)."""
     out = file_sizes(checkpoint_dir)
     masks = sum(size for name, size in out.items() if name.endswith((LAYER_MASKS_FILE, TASK_MASK_FILE)))
     if figures.get("mask_entries"):
@@ -119,9 +113,8 @@ def save_dense(tensors: dict[str, torch.Tensor], path: Path, cfg) -> None:
 
 
 def save_checkpoint(model: nn.Module, cfg, directory: Path) -> Path:
-    """Write a checkpoint folder (format 4, the layout above) atomically: built beside `directory`, then
-    renamed into place. `model`: the MultiTaskModel of a run, or a transformers model with the method inside
-    (accounting.kept: what is kept, counted by accounting.account)."""
+    """Write a checkpoint folder (format 4, the layout above) atomically. `model`: the MultiTaskModel of a run, or
+    a transformers model with the method inside (accounting.kept: what is kept, counted by accounting.account)."""
     keep = kept(model, cfg)
 
     def build(folder: Path) -> None:
@@ -149,7 +142,6 @@ def save_checkpoint(model: nn.Module, cfg, directory: Path) -> Path:
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """safetensors only (never pickle); a truncated or corrupted file gives a one-line error."""
     try:
-        from safetensors import safe_open
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
         return load_file(str(path)), metadata
@@ -158,9 +150,8 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def read_checkpoint_config(directory: Path) -> dict:
-    """A checkpoint's propetl.json (shared/propetl.json; formats 1-3 of one task: propetl.json), once its folder
-    matches its manifest (format 3 on: required) and the names it gives are the registry's (check_names); else
-    a one-line CheckpointError."""
+    """A checkpoint's propetl.json (shared/, or the flat folder of formats 1-3), once its folder matches its
+    manifest (required from format 3 on) and its names are the registry's (check_names); else one line."""
     directory = Path(directory)
     shared = directory / SHARED_DIR
     folder = shared if shared.is_dir() else directory
@@ -191,9 +182,8 @@ def _check_choice(path: Path, key: str, value, choices) -> None:
 
 
 def check_names(config: dict, path: Path) -> None:
-    """Every name a checkpoint config gives, against the registry, before any is used (to open a config, a
-    folder, a module): method, prototype, mask kind and combine, the storage settings, the task(s). Tasks
-    are the task group's options on the run's config search path."""
+    """Every name a checkpoint config gives (method, prototype, mask kind and combine, storage, tasks) against the
+    registry, before any is used to open a config, a folder or a module. Tasks: the task group's options."""
     from propetl.configs import group_choices
     from propetl.masks import COMBINES, MASK_KINDS
 
@@ -242,9 +232,8 @@ def single_task_config(config: dict, directory: Path) -> dict:
 
 
 def load_checkpoint(directory: Path, config: dict | None = None) -> tuple[nn.Module, "OmegaConf"]:
-    """Rebuild a one-task checkpoint as the transformers model with the method inside (`config`: its
-    read_checkpoint_config, if the caller has it: the folder is then not hashed again). Returns (model in
-    eval mode, its config with `task`)."""
+    """A one-task checkpoint as the transformers model with the method inside, in eval mode, and its config with
+    `task` (`config`: its read_checkpoint_config, if the caller has it: the folder is not hashed again)."""
     directory = Path(directory)
     config = single_task_config(read_checkpoint_config(directory) if config is None else config, directory)
     cfg = OmegaConf.create(config)
@@ -312,14 +301,12 @@ def read_multitask_config(directory: Path) -> dict:
 
 
 def has_task_masks(config: dict) -> bool:
-    """Whether a checkpoint (its read_multitask_config) has task masks: one of a single task trains layer masks
-    only; multi-task checkpoints before it had the key always had them."""
+    """Whether a checkpoint has task masks: one task trains layer masks only; older ones (no key) always had them."""
     return config.get("task_masks", True)
 
 
 def check_can_add(directory: Path, config: dict, adding: list[str]) -> None:
-    """Tasks can be added to a multi-task checkpoint (its read_multitask_config) of two or more tasks; one of a
-    single task has layer masks only, no task masks to add to: one line."""
+    """Tasks can be added to a checkpoint of two or more tasks; one of a single task has no task masks: one line."""
     if not has_task_masks(config):
         raise CheckpointError(f"{directory} was trained on one task, with layer masks only: tasks can be added to a "
                               f"multi-task checkpoint of two or more; train {', '.join([*config['tasks'], *adding])} "
@@ -328,11 +315,9 @@ def check_can_add(directory: Path, config: dict, adding: list[str]) -> None:
 
 def load_multitask(directory: Path, tasks: list[str] | None = None, cfg=None, extra_tasks=(), for_training=False,
                    config: dict | None = None):
-    """Rebuild the MultiTaskModel from `shared/` and the named tasks' folders (default: all). With `cfg`, its
-    settings must match the checkpoint's; `extra_tasks` (task configs) get fresh masks and heads (adding
-    tasks); `config`: its read_multitask_config, if the caller has it (shared/ is then not hashed again).
-    Returns (model in eval mode, the checkpoint's config)."""
-
+    """The MultiTaskModel from `shared/` and the named tasks' folders (default: all), in eval mode, and the
+    checkpoint's config. With `cfg`, its settings must match the checkpoint's; `extra_tasks` (task configs) get
+    fresh masks and heads (adding tasks); `config`: its read_multitask_config, if the caller has it."""
     directory = Path(directory)
     extra = [t.name for t in extra_tasks]
     saved = read_multitask_config(directory) if config is None else config
@@ -364,9 +349,8 @@ def load_multitask(directory: Path, tasks: list[str] | None = None, cfg=None, ex
 
 
 def load_task_parts(model: nn.Module, directory: Path, names: list[str], format_version: int | None = None) -> None:
-    """Set the named tasks' mask rows and heads of a multi-task model from their checkpoint folders
-    (also used after adding a task, to put the old tasks' parts back exactly as they were saved). Each
-    task's folder is checked against its manifest first (required from format 3 on)."""
+    """Set the named tasks' mask rows and heads of a multi-task model from their folders, each checked against its
+    manifest first (also after adding a task: the old tasks' parts back exactly as they were saved)."""
     if format_version is None:
         format_version = read_multitask_config(directory)["format_version"]
     weights = methods.petl_weights(model)

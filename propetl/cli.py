@@ -1,7 +1,6 @@
-"""propetl-train's command line: the checks before Hydra, Hydra's entry, and what a failed job leaves.
-
-Light at import (Hydra, OmegaConf, the config tree): `--help` and tab completion answer without torch;
-the training code (propetl.train) is imported when a run starts.
+"""propetl-train's command line: the checks before Hydra, Hydra's entry, and what a failed job leaves. Light at
+import (Hydra, OmegaConf, the config tree): `--help` and tab completion answer without torch; the training code
+(propetl.train) is imported when a run starts.
 """
 from __future__ import annotations
 

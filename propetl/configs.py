@@ -1,10 +1,7 @@
-"""Where propetl's configs are, as Hydra finds them.
-
-The config tree ships inside the package (propetl/conf; the repository's top-level conf/ is a link to it),
-so an installed wheel finds it as an editable checkout does. Hydra's config search path adds a user's own
-folders: `--config-dir DIR` or `hydra.searchpath=[file://DIR]` (also `pkg://module`). Their task/,
-model/, prototype/, … files are options like the shipped ones; the shipped ones win a clash of names.
-
+"""Where propetl's configs are, as Hydra finds them. The config tree ships inside the package (propetl/conf; the
+repository's conf/ is a link to it), so an installed wheel finds it as an editable checkout does. Hydra's search
+path adds a user's own folders (`--config-dir DIR`, `hydra.searchpath=[file://DIR]`, `pkg://module`): their
+task/, model/, prototype/, … files are options like the shipped ones, which win a clash of names.
 Light on purpose (Hydra and OmegaConf only): `propetl-train --help` and the command-line checks use it.
 """
 from __future__ import annotations
@@ -43,7 +40,7 @@ def config_dir_entry(folder: str) -> str:
 @contextmanager
 def config_dirs(folders: Sequence[str]) -> Iterator[None]:
     """A tool's --config-dir folders after the shipped configs, for the block: a checkpoint of a user's task,
-    model or prototype is then read as propetl-train wrote it. A folder that does not exist is one line."""
+    model or prototype is then read as propetl-train wrote it."""
     entries = [config_dir_entry(folder) for folder in folders]
     previous = list(_TOOL_SEARCH_PATH)
     _TOOL_SEARCH_PATH[:] = entries

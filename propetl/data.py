@@ -35,14 +35,9 @@ class DataError(Exception):
         super().__init__(_one_line(message))
 
 
-class _HubUnavailable(Exception):
-    """The hub attempt failed; the message says why (one line)."""
-
-
 @dataclass(frozen=True)
 class _TaskSpec:
     """The parts of a task config (conf/task/*.yaml) that loading needs."""
-
     name: str
     num_labels: int
     label_names: tuple[str, ...] | None
@@ -68,24 +63,16 @@ class _TaskSpec:
     @property
     def features(self) -> datasets.Features:
         label = datasets.Value("float32" if self.is_regression else "int64")
-        return datasets.Features(
-            {**{field: datasets.Value("string") for field in self.text_fields}, "label": label}
-        )
+        return datasets.Features({**{field: datasets.Value("string") for field in self.text_fields}, "label": label})
 
 
 # --------------------------------------------------------------------------------------------- public
 
-
-def load_glue(
-    task_cfg: Mapping[str, Any],
-    data_dir: str | os.PathLike | None,
-    protocol: str = "split",
-    split_seed: int = 42,
-    allow_hub: bool = True,
-) -> datasets.DatasetDict:
+def load_glue(task_cfg: Mapping[str, Any], data_dir: str | os.PathLike | None, protocol: str = "split",
+              split_seed: int = 42, allow_hub: bool = True) -> datasets.DatasetDict:
     """Returns a DatasetDict with exactly the keys "train", "validation" (model selection) and "test" (reported).
-    Columns: "text_a" (str), "text_b" (str; only for pair tasks, i.e. when task_cfg.local.columns has text_b), "label" (int64 for classification, float32 for regression).
-    """
+    Columns: "text_a" (str), "text_b" (str; only for pair tasks, i.e. when task_cfg.local.columns has text_b),
+    "label" (int64 for classification, float32 for regression)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"data.protocol={protocol!r} is not one of: {', '.join(PROTOCOLS)}")
     spec = _task_spec(task_cfg)
@@ -103,7 +90,9 @@ def sample_train(splits: datasets.DatasetDict, limit: int | None, seed: int) -> 
 
 
 def resolve_data_dir(configured: str | None) -> pathlib.Path | None:
-    """configured (cfg.data.dir) wins if given (returned as Path even if missing: the loader reports it); else env PROPETL_DATA_DIR; else <repo root>/data/glue if it exists (repo root = parent of the propetl package directory; `make install` will create that as a symlink); else None."""
+    """configured (cfg.data.dir) wins if given (returned as Path even if missing: the loader reports it); else env
+    PROPETL_DATA_DIR; else <repo root>/data/glue if it exists (repo root = parent of the propetl package directory;
+    `make install` will create that as a symlink); else None."""
     if configured is not None and str(configured) != "":
         return pathlib.Path(configured).expanduser()
     from_env = os.environ.get("PROPETL_DATA_DIR")
@@ -115,59 +104,39 @@ def resolve_data_dir(configured: str | None) -> pathlib.Path | None:
 
 # ------------------------------------------------------------------------------------------ task config
 
-
 def _task_spec(task_cfg: Mapping[str, Any]) -> _TaskSpec:
     """Reads a task config (DictConfig or plain mapping) into a _TaskSpec."""
     cfg = OmegaConf.to_container(OmegaConf.create(task_cfg), resolve=True)
     name = str(cfg.get("name", "?"))
     try:
         local, hub = cfg["local"], cfg.get("hub") or {}
-        label_names = cfg.get("label_names")
-        names = local.get("names")
+        label_names, names = cfg.get("label_names"), local.get("names")
         return _TaskSpec(
-            name=name,
-            num_labels=int(cfg["num_labels"]),
+            name=name, num_labels=int(cfg["num_labels"]),
             label_names=None if label_names is None else tuple(str(n) for n in label_names),
-            size=str(cfg["size"]),
-            folder=str(local["folder"]),
-            train_files=tuple(local["train"]),
-            dev_files=tuple(local["dev"]),
-            header=bool(local["header"]),
-            names=None if names is None else tuple(names),
-            columns=dict(local["columns"]),
-            hub_config=hub.get("config"),
-            hub_dev_split=hub.get("dev_split", "validation"),
-            hub_columns=dict(hub.get("columns") or local["columns"]),
-        )
+            size=str(cfg["size"]), folder=str(local["folder"]), train_files=tuple(local["train"]),
+            dev_files=tuple(local["dev"]), header=bool(local["header"]),
+            names=None if names is None else tuple(names), columns=dict(local["columns"]),
+            hub_config=hub.get("config"), hub_dev_split=hub.get("dev_split", "validation"),
+            hub_columns=dict(hub.get("columns") or local["columns"]))
     except KeyError as missing:
         raise DataError(f"task config '{name}' lacks the key {missing}; see conf/task/*.yaml") from None
 
 
 # ------------------------------------------------------------------------------------ choosing a source
 
-
-def _load_train_dev(
-    spec: _TaskSpec, data_dir: pathlib.Path | None, allow_hub: bool
-) -> tuple[datasets.Dataset, datasets.Dataset]:
+def _load_train_dev(spec: _TaskSpec, data_dir: pathlib.Path | None,
+                    allow_hub: bool) -> tuple[datasets.Dataset, datasets.Dataset]:
     """(train, dev) from the local files if they are all there, else from the hub, else a DataError."""
     local_problem = _local_files_problem(spec, data_dir)
     if local_problem is None:
-        logger.info("task %s: loading %s", spec.name, data_dir / spec.folder)
-        return _load_local(spec, data_dir / spec.folder)
+        folder = data_dir / spec.folder
+        logger.info("task %s: loading %s", spec.name, folder)
+        return _read_tsv_files(spec, folder, spec.train_files), _read_tsv_files(spec, folder, spec.dev_files)
     if not allow_hub:
-        raise DataError(
-            f"no data for task '{spec.name}': {local_problem} and the hub is disabled (data.allow_hub=false); "
-            f"{FIX_HINT}, or set data.allow_hub=true and go online"
-        )
-    try:
-        hub_dataset = _download_hub(spec)
-    except _HubUnavailable as reason:
-        raise DataError(
-            f"no data for task '{spec.name}': {local_problem} and the hub ({HUB_DATASET}) is unreachable "
-            f"({reason}); {FIX_HINT}, or go online"
-        ) from None
-    logger.info("task %s: %s; loaded %s/%s", spec.name, local_problem, HUB_DATASET, spec.hub_config)
-    return _hub_train_dev(spec, hub_dataset)
+        raise DataError(f"no data for task '{spec.name}': {local_problem} and the hub is disabled "
+                        f"(data.allow_hub=false); {FIX_HINT}, or set data.allow_hub=true and go online")
+    return _load_hub(spec, local_problem)
 
 
 def _local_files_problem(spec: _TaskSpec, data_dir: pathlib.Path | None) -> str | None:
@@ -187,37 +156,45 @@ def _local_files_problem(spec: _TaskSpec, data_dir: pathlib.Path | None) -> str 
 
 # ------------------------------------------------------------------------------------------ local files
 
-
-def _load_local(spec: _TaskSpec, folder: pathlib.Path) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """(train, dev) read from the task folder; several files of one split are concatenated in order."""
-    train = _read_tsv_files(spec, [folder / name for name in spec.train_files])
-    dev = _read_tsv_files(spec, [folder / name for name in spec.dev_files])
-    return train, dev
-
-
-def _read_tsv_files(spec: _TaskSpec, paths: Sequence[pathlib.Path]) -> datasets.Dataset:
-    parts = [_read_tsv(spec, path) for path in paths]
+def _read_tsv_files(spec: _TaskSpec, folder: pathlib.Path, file_names: Sequence[str]) -> datasets.Dataset:
+    """One split read from the task folder; several files are concatenated in order."""
+    parts = [_read_tsv(spec, folder / name) for name in file_names]
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
 def _read_tsv(spec: _TaskSpec, path: pathlib.Path) -> datasets.Dataset:
     """One GLUE TSV file as a dataset with text_a[, text_b], label."""
     column_names = _tsv_column_names(spec, path)
-    _check_columns(spec, path, column_names)
+    for field, column in spec.columns.items():
+        if column not in column_names:
+            raise DataError(f"task '{spec.name}': {path} has no column '{column}' (for {field}); columns found: "
+                            f"{', '.join(repr(c) for c in column_names)}; "
+                            f"fix the file or local.columns in conf/task/{spec.name}.yaml")
     raw = _load_tsv_as_strings(spec, path, column_names)
-    values = {field: _text_values(spec, path, raw, field) for field in spec.text_fields}
-    values["label"] = _parse_labels(spec, path, raw[spec.columns["label"]][:])
-    return datasets.Dataset.from_dict(values, features=spec.features)
+    values = {}
+    for field in spec.text_fields:
+        column = spec.columns[field]
+        values[field] = raw[column][:]
+        for row, value in enumerate(values[field], start=1):
+            if value is None:
+                raise DataError(f"task '{spec.name}': {path} data row {row} has no '{column}' field "
+                                "(too few tab-separated fields); fix the file")
+    labels = []
+    for row, raw_label in enumerate(raw[spec.columns["label"]][:], start=1):
+        try:
+            labels.append(_parse_label(spec, raw_label))
+        except ValueError as reason:
+            raise DataError(f"task '{spec.name}': {path} data row {row}: {reason}; "
+                            f"fix the file or label_names in conf/task/{spec.name}.yaml") from None
+    return datasets.Dataset.from_dict({**values, "label": labels}, features=spec.features)
 
 
 def _tsv_column_names(spec: _TaskSpec, path: pathlib.Path) -> list[str]:
     """The header of the file (without a UTF-8 BOM), or the configured names for header-less files."""
     if not spec.header:
         if spec.names is None:
-            raise DataError(
-                f"task '{spec.name}': local.header is false but local.names is not set; "
-                f"add the column names to conf/task/{spec.name}.yaml"
-            )
+            raise DataError(f"task '{spec.name}': local.header is false but local.names is not set; "
+                            f"add the column names to conf/task/{spec.name}.yaml")
         return list(spec.names)
     try:
         with open(path, encoding="utf-8-sig") as file:
@@ -226,63 +203,17 @@ def _tsv_column_names(spec: _TaskSpec, path: pathlib.Path) -> list[str]:
         raise DataError(f"task '{spec.name}': cannot read {path}: {error}; fix or replace the file") from None
 
 
-def _check_columns(spec: _TaskSpec, path: pathlib.Path, column_names: Sequence[str]) -> None:
-    for field, column in spec.columns.items():
-        if column not in column_names:
-            raise DataError(
-                f"task '{spec.name}': {path} has no column '{column}' (for {field}); columns found: "
-                f"{', '.join(repr(c) for c in column_names)}; "
-                f"fix the file or local.columns in conf/task/{spec.name}.yaml"
-            )
-
-
 def _load_tsv_as_strings(spec: _TaskSpec, path: pathlib.Path, column_names: Sequence[str]) -> datasets.Dataset:
     """Every column as text, exactly as in the file: no quote handling (quoting=3), no NA detection."""
     try:
         return datasets.load_dataset(
-            "csv",
-            data_files={"data": str(path)},
-            split="data",
-            delimiter="\t",
-            quoting=csv.QUOTE_NONE,
-            header=0 if spec.header else None,
-            column_names=list(column_names),
+            "csv", data_files={"data": str(path)}, split="data", delimiter="\t", quoting=csv.QUOTE_NONE,
+            header=0 if spec.header else None, column_names=list(column_names),
             features=datasets.Features({name: datasets.Value("string") for name in column_names}),
-            keep_default_na=False,
-            na_filter=False,
-            encoding="utf-8-sig",
-        )
+            keep_default_na=False, na_filter=False, encoding="utf-8-sig")
     except Exception as error:  # pandas/arrow errors arrive wrapped in DatasetGenerationError
-        raise DataError(
-            f"task '{spec.name}': cannot read {path}: {_root_cause(error)}; fix or replace the file"
-        ) from error
-
-
-def _text_values(spec: _TaskSpec, path: pathlib.Path, raw: datasets.Dataset, field: str) -> list[str]:
-    column = spec.columns[field]
-    values = raw[column][:]
-    for row, value in enumerate(values, start=1):
-        if value is None:
-            raise DataError(
-                f"task '{spec.name}': {path} data row {row} has no '{column}' field "
-                "(too few tab-separated fields); fix the file"
-            )
-    return values
-
-
-def _parse_labels(
-    spec: _TaskSpec, path: pathlib.Path, raw_labels: Sequence[str | None]
-) -> list[int] | list[float]:
-    labels = []
-    for row, raw_label in enumerate(raw_labels, start=1):
-        try:
-            labels.append(_parse_label(spec, raw_label))
-        except ValueError as reason:
-            raise DataError(
-                f"task '{spec.name}': {path} data row {row}: {reason}; "
-                f"fix the file or label_names in conf/task/{spec.name}.yaml"
-            ) from None
-    return labels
+        raise DataError(f"task '{spec.name}': cannot read {path}: {_root_cause(error)}; "
+                        "fix or replace the file") from error
 
 
 def _parse_label(spec: _TaskSpec, raw_label: str | None) -> int | float:
@@ -315,30 +246,23 @@ def _parse_number(text: str, kind: type) -> int | float:
 
 # ------------------------------------------------------------------------------------------------ hub
 
-
-def _download_hub(spec: _TaskSpec) -> datasets.DatasetDict:
-    """The task from the hub; any failure becomes _HubUnavailable with a one-line reason."""
+def _load_hub(spec: _TaskSpec, local_problem: str) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(train, dev) from the hub; a failed download is a DataError that says why (one line)."""
+    unreachable = f"no data for task '{spec.name}': {local_problem} and the hub ({HUB_DATASET}) is unreachable"
     if spec.hub_config is None:
-        raise _HubUnavailable(f"task '{spec.name}' has no hub.config")
+        raise DataError(f"{unreachable} (task '{spec.name}' has no hub.config); {FIX_HINT}, or go online")
     try:
-        return datasets.load_dataset(HUB_DATASET, spec.hub_config)
+        hub_dataset = datasets.load_dataset(HUB_DATASET, spec.hub_config)
     except Exception as error:  # offline, no network, unknown config, ...
-        raise _HubUnavailable(f"{type(error).__name__}: {_root_cause(error)}"[:300]) from error
-
-
-def _hub_train_dev(
-    spec: _TaskSpec, hub_dataset: datasets.DatasetDict
-) -> tuple[datasets.Dataset, datasets.Dataset]:
+        reason = f"{type(error).__name__}: {_root_cause(error)}"[:300]
+        raise DataError(f"{unreachable} ({reason}); {FIX_HINT}, or go online") from None
+    logger.info("task %s: %s; loaded %s/%s", spec.name, local_problem, HUB_DATASET, spec.hub_config)
     where = f"{HUB_DATASET}/{spec.hub_config}"
     if spec.hub_dev_split not in hub_dataset:
-        raise DataError(
-            f"task '{spec.name}': {where} has no split '{spec.hub_dev_split}' (found: {', '.join(hub_dataset)}); "
-            f"fix hub.dev_split in conf/task/{spec.name}.yaml"
-        )
-    return (
-        _hub_split(spec, hub_dataset["train"], f"{where}:train"),
-        _hub_split(spec, hub_dataset[spec.hub_dev_split], f"{where}:{spec.hub_dev_split}"),
-    )
+        raise DataError(f"task '{spec.name}': {where} has no split '{spec.hub_dev_split}' "
+                        f"(found: {', '.join(hub_dataset)}); fix hub.dev_split in conf/task/{spec.name}.yaml")
+    return (_hub_split(spec, hub_dataset["train"], f"{where}:train"),
+            _hub_split(spec, hub_dataset[spec.hub_dev_split], f"{where}:{spec.hub_dev_split}"))
 
 
 def _hub_split(spec: _TaskSpec, split: datasets.Dataset, where: str) -> datasets.Dataset:
@@ -346,36 +270,29 @@ def _hub_split(spec: _TaskSpec, split: datasets.Dataset, where: str) -> datasets
     wanted = {field: spec.hub_columns[field] for field in (*spec.text_fields, "label")}
     for field, column in wanted.items():
         if column not in split.column_names:
-            raise DataError(
-                f"task '{spec.name}': {where} has no column '{column}' (for {field}); columns found: "
-                f"{', '.join(split.column_names)}; fix hub.columns in conf/task/{spec.name}.yaml"
-            )
+            raise DataError(f"task '{spec.name}': {where} has no column '{column}' (for {field}); columns found: "
+                            f"{', '.join(split.column_names)}; fix hub.columns in conf/task/{spec.name}.yaml")
     renamed = split.select_columns(list(wanted.values())).rename_columns({c: f for f, c in wanted.items()})
     return renamed.cast(spec.features)
 
 
 # ------------------------------------------------------------------------------------------- protocols
 
-
-def _split_protocol(
-    spec: _TaskSpec, train: datasets.Dataset, dev: datasets.Dataset, seed: int
-) -> datasets.DatasetDict:
+def _split_protocol(spec: _TaskSpec, train: datasets.Dataset, dev: datasets.Dataset,
+                    seed: int) -> datasets.DatasetDict:
     """The reference's split: small tasks halve dev (validation/test); large tasks hold out train examples."""
     if spec.size == "small":
         order = _permutation(len(dev), seed)
         half = len(dev) // 2
         return datasets.DatasetDict(train=train, validation=dev.select(order[:half]), test=dev.select(order[half:]))
     if spec.size == "large":
-        if len(train) <= LARGE_TASK_VALIDATION_SIZE:
-            raise DataError(
-                f"task '{spec.name}': train has only {len(train)} rows; the split protocol holds out "
-                f"{LARGE_TASK_VALIDATION_SIZE}; use data.protocol=full_dev or size: small"
-            )
-        order = _permutation(len(train), seed)
         held_out = LARGE_TASK_VALIDATION_SIZE
-        return datasets.DatasetDict(
-            train=train.select(order[held_out:]), validation=train.select(order[:held_out]), test=dev
-        )
+        if len(train) <= held_out:
+            raise DataError(f"task '{spec.name}': train has only {len(train)} rows; the split protocol holds out "
+                            f"{held_out}; use data.protocol=full_dev or size: small")
+        order = _permutation(len(train), seed)
+        return datasets.DatasetDict(train=train.select(order[held_out:]), validation=train.select(order[:held_out]),
+                                    test=dev)
     raise ValueError(f"task.size={spec.size!r} is not one of: small, large (conf/task/{spec.name}.yaml)")
 
 
@@ -385,7 +302,6 @@ def _permutation(n: int, seed: int) -> list[int]:
 
 
 # -------------------------------------------------------------------------------------------- helpers
-
 
 def _root_cause(error: BaseException) -> str:
     """The message of the innermost cause, on one line (datasets wraps parser errors)."""

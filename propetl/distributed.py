@@ -1,13 +1,10 @@
-"""Data-parallel training over processes started by `torchrun` or `accelerate launch` (one process per
-GPU, or gloo processes on CPU). Single-process runs pass through every function unchanged.
-
-The scheme keeps a data-parallel run the same experiment as a single-process one: every process
-builds the same loader with the same seed, so all see the same batches in the same order, and each
-trains on its own slice of every batch (rank r takes rows r, r + W, r + 2W, …). DDP averages the
-gradients, so the effective batch is still `trainer.batch_size`. Every process evaluates the full
-selection and test splits (identical numbers, no gathering); only rank 0 writes files and logs to W&B.
-The launcher's context (`from_environment`) is read before torch is imported (propetl-train's checks);
-the functions that need torch import it.
+"""Data-parallel training over processes started by `torchrun` or `accelerate launch` (one process per GPU, or gloo
+processes on CPU); single-process runs pass through every function unchanged. The scheme keeps a data-parallel run the
+same experiment as a single-process one: every process builds the same loader with the same seed, so all see the same
+batches in the same order, and each trains on its own slice of every batch (rank r takes rows r, r + W, r + 2W, …). DDP
+averages the gradients, so the effective batch is still `trainer.batch_size`. Every process evaluates the full selection
+and test splits (identical numbers, no gathering); only rank 0 writes files and logs to W&B. The launcher's context
+(`from_environment`) is read before torch is imported (propetl-train's checks); the functions that need torch import it.
 """
 from __future__ import annotations
 
@@ -46,9 +43,7 @@ def device_for(ctx: Context, device: torch.device) -> torch.device:
     """Each process of a multi-GPU run takes the GPU of its local rank."""
     import torch
 
-    if ctx.enabled and device.type == "cuda":
-        return torch.device("cuda", ctx.local_rank)
-    return device
+    return torch.device("cuda", ctx.local_rank) if ctx.enabled and device.type == "cuda" else device
 
 
 def init(ctx: Context, device: torch.device) -> None:
@@ -87,8 +82,7 @@ def wrap(model: nn.Module, ctx: Context, device: torch.device) -> nn.Module:
 
 
 def shard(batch: dict, ctx: Context) -> dict:
-    """This process's rows of a batch: rows rank, rank + W, … (the whole batch if it has fewer rows than
-    processes, so that no process runs an empty step)."""
+    """This process's rows of a batch: rank, rank + W, … (all of them if fewer than the processes: no empty step)."""
     rows = batch["input_ids"].shape[0]
     if not ctx.enabled or rows < ctx.world_size:
         return batch

@@ -30,7 +30,7 @@ def evaluate_checkpoint(directory, split: str = "test", merge: bool = True, data
     task = group_option("task", saved.task.name)          # shipped, or on --config-dir (configs.config_dirs)
     splits = data.load_glue(task, data.resolve_data_dir(data_dir), saved.data.protocol, saved.data.split_seed)
     loader = make_loader(splits[split], backbone.load_tokenizer(saved.model), saved.data.max_length,
-                         int(task.num_labels) == 1, batch_size, shuffle=False)
+                         int(task.num_labels) == 1, batch_size)
     device = torch.device(device)
     start = time.perf_counter()
     scores = loop.evaluate(model.to(device), loader, task, device, desc=split, progress=True)
@@ -46,8 +46,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None, help="GLUE folder (default as propetl-train)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--config-dir", action="append", default=[], metavar="DIR",
-                        help="a folder of your own task/model/prototype configs, as given to propetl-train (repeatable)")
+    parser.add_argument("--config-dir", action="append", default=[], metavar="DIR", help="a folder of your own "
+                        "task/model/prototype configs, as given to propetl-train (repeatable)")
     args = parser.parse_args()
     try:
         with config_dirs(args.config_dir):

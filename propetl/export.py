@@ -1,16 +1,14 @@
-"""propetl-export CHECKPOINT OUT --format hf|peft: a run's checkpoint as a folder that plain transformers
-(`hf`) or PEFT (`peft`) loads with the same logits.
-
-  hf    every LoRA update (ProPETL: each layer's masked prototype) folded into W_q / W_v (methods.merge),
-        written with save_pretrained (safetensors) plus the backbone's tokenizer: plain
-        AutoModelForSequenceClassification.from_pretrained(OUT). Also method=petl and method=peft LoRA,
-        and method=finetune (already a plain model).
-  peft  a standard PEFT LoRA adapter: each layer's (masked) A and B as that layer's lora_A / lora_B, r and
-        lora_alpha as trained (scaling alpha / r, the same as ours), the trained target modules, and the
-        head (classifier, BERT's pooler) as modules_to_save: PeftModel.from_pretrained(base_model, OUT).
-Adapters and prefixes add modules that BERT's weights and PEFT's LoRA cannot express: both formats refuse
-them in one line (exit 2) and write nothing. OUT is built beside itself and renamed into place when complete.
-Heavy imports wait until the arguments are parsed (`--help` answers at once).
+"""propetl-export CHECKPOINT OUT --format hf|peft: a run's checkpoint as a folder that plain transformers (`hf`) or
+PEFT (`peft`) loads with the same logits.
+  hf    every LoRA update (ProPETL: each layer's masked prototype) folded into W_q / W_v (methods.merge), written
+        with save_pretrained (safetensors) plus the backbone's tokenizer, for plain
+        AutoModelForSequenceClassification.from_pretrained(OUT). Also method=petl, peft LoRA, finetune (already plain).
+  peft  a standard PEFT LoRA adapter: each layer's (masked) A and B as its lora_A / lora_B, r and lora_alpha as trained
+        (scaling alpha / r, as ours), the trained target modules, and the head (classifier, BERT's pooler) as
+        modules_to_save: PeftModel.from_pretrained(base_model, OUT).
+Adapters and prefixes add modules that BERT's weights and PEFT's LoRA cannot express: both formats refuse them in one
+line (exit 2) and write nothing. OUT is built beside itself and renamed into place when complete. Heavy imports wait
+until the arguments are parsed (`--help` answers at once).
 """
 from __future__ import annotations
 
@@ -111,13 +109,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="propetl-export", description="Write a run's checkpoint as a folder that transformers or PEFT loads.",
         epilog="example: propetl-export outputs/runs/rte/propetl-lora/<time>/checkpoint rte-hf --format hf")
-    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a run's checkpoint/ folder (or a save_propetl folder)")
+    parser.add_argument("checkpoint", metavar="CHECKPOINT",
+                        help="a run's checkpoint/ folder (or a save_propetl folder)")
     parser.add_argument("out", metavar="OUT", help="the folder to write")
     parser.add_argument("--format", choices=FORMATS, required=True, dest="output_format",
                         help="hf: LoRA merged, for AutoModelForSequenceClassification; peft: a PEFT LoRA adapter")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    parser.add_argument("--config-dir", action="append", default=[], metavar="DIR",
-                        help="a folder of your own task/model/prototype configs, as given to propetl-train (repeatable)")
+    parser.add_argument("--config-dir", action="append", default=[], metavar="DIR", help="a folder of your own "
+                        "task/model/prototype configs, as given to propetl-train (repeatable)")
     args = parser.parse_args(argv)
 
     from propetl.configs import ConfigError, config_dirs

@@ -1,12 +1,10 @@
 """Files on disk: written atomically, and folders sealed with a manifest of sha256 sums checked on reading.
-
-Writing: `atomic_write_text` (a temporary name, then a rename) and `write_folder_atomically` (a folder
-built beside its place, then swapped in): a crash never leaves half a file or half a folder. A write the
-file system refuses (read-only folder, lost permissions, full disk) is one line (WriteError) naming the path.
-Sealing: `seal(folder)` writes `manifest.json` = {"sha256": {file name: hex digest}} for every file of the
-folder (not its sub-folders, which carry their own), last, inside the folder being built. `check_seal`
-hashes each file once and refuses (CheckpointError, one line naming the file) a changed, missing or
-unlisted file, or a manifest that is not one.
+Writing: `atomic_write_text` (a temporary name, then a rename) and `write_folder_atomically` (a folder built beside its
+place, then swapped in): a crash never leaves half a file or half a folder. A write the file system refuses (read-only
+folder, lost permissions, full disk) is one line (WriteError) naming the path.
+Sealing: `seal(folder)` writes `manifest.json` = {"sha256": {file name: hex digest}} for every file of the folder (not
+its sub-folders, which carry their own), last, inside the folder being built. `check_seal` hashes each file once and
+refuses (CheckpointError, one line naming the file) a changed, missing or unlisted file, or a manifest that is not one.
 """
 from __future__ import annotations
 
@@ -28,9 +26,11 @@ class WriteError(OSError):
     """One-line, user-facing error: the file system refused a write (names the path and the reason)."""
 
 
-def write_refused(path: Path, error: OSError) -> WriteError:
-    reason = error.strerror or str(error).splitlines()[0]
-    return WriteError(f"cannot write {path}: {reason}; check the folder's permissions and free space")
+def _raise_if_refused(path: Path, error: BaseException) -> None:
+    """An OSError while writing `path` (not one already told) becomes a WriteError; anything else goes on as it was."""
+    if isinstance(error, OSError) and not isinstance(error, WriteError):
+        reason = error.strerror or str(error).splitlines()[0]
+        raise WriteError(f"cannot write {path}: {reason}; check the folder's permissions and free space") from None
 
 
 # ----------------------------------------------------------------------------- atomic writes
@@ -44,7 +44,6 @@ def unwritable(folder: Path) -> str | None:
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"{existing} is not writable"
     return None
-
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -61,8 +60,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException as error:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        if isinstance(error, OSError) and not isinstance(error, WriteError):
-            raise write_refused(path, error) from None
+        _raise_if_refused(path, error)
         raise
 
 
@@ -78,8 +76,7 @@ def recover_folder_swap(directory: Path) -> bool:
 
 
 def write_folder_atomically(directory: Path, build) -> Path:
-    """Call build(folder) on a temporary folder beside `directory`, then rename it into place (an
-    existing folder is replaced only once the new one is complete)."""
+    """build(folder) in a temporary folder beside `directory`, then renamed in place of the old one (if any)."""
     directory = Path(directory)
     building = None
     try:
@@ -88,19 +85,16 @@ def write_folder_atomically(directory: Path, build) -> Path:
         building = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
         os.chmod(building, 0o755)                   # mkdtemp makes it owner-only
         build(building)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
+        old = directory.with_name(f".{directory.name}.old")
+        if directory.exists():                      # the previous folder steps aside, and goes once the new one is in
             shutil.rmtree(old, ignore_errors=True)
             os.replace(directory, old)
-            os.replace(building, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(building, directory)
+        os.replace(building, directory)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException as error:
         if building is not None:
             shutil.rmtree(building, ignore_errors=True)
-        if isinstance(error, OSError) and not isinstance(error, WriteError):
-            raise write_refused(directory, error) from None
+        _raise_if_refused(directory, error)
         raise
     return directory
 
@@ -121,7 +115,7 @@ def _listed(folder: Path) -> list[Path]:
 
 
 def seal(folder: Path) -> None:
-    """Write `folder`/manifest.json with the sha256 of each of its files; call it last, inside the folder being built."""
+    """Write `folder`/manifest.json with the sha256 of each of its files: last, inside the folder being built."""
     folder = Path(folder)
     digests = {p.name: sha256_of(p) for p in _listed(folder)}
     (folder / MANIFEST_FILE).write_text(json.dumps({"sha256": digests}, indent=1) + "\n")
@@ -133,17 +127,16 @@ def _read_manifest(path: Path) -> dict[str, str]:
     except (OSError, ValueError) as error:          # ValueError: not UTF-8 or not JSON
         raise CheckpointError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
     digests = manifest.get("sha256") if isinstance(manifest, dict) else None
-    if not isinstance(digests, dict) or not all(
-            isinstance(name, str) and isinstance(digest, str) and name == Path(name).name and name not in ("", ".", "..")
-            for name, digest in digests.items()):
+    if not isinstance(digests, dict) or not all(isinstance(name, str) and isinstance(digest, str)
+                                                and name == Path(name).name and name not in ("", ".", "..")
+                                                for name, digest in digests.items()):
         raise CheckpointError(f"{path} is not a manifest (expected {{\"sha256\": {{file name: hex digest}}}})")
     return digests
 
 
 def check_seal(folder: Path, required: bool, hint: str = "") -> bool:
-    """Verify `folder` against its manifest.json: True if it had one and every file matches; False if it
-    has none and `required` is false (an older propetl's folder); otherwise a one-line CheckpointError
-    naming the file (`hint`: what the user can do, appended)."""
+    """Check `folder` against its manifest.json: True if all files match; False if it has none and `required` is false
+    (an older propetl's folder); else a one-line CheckpointError naming the file, then `hint` (what the user can do)."""
     folder = Path(folder)
     path = folder / MANIFEST_FILE
     hint = f"; {hint}" if hint else ""

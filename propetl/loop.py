@@ -28,31 +28,25 @@ NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight")
 
 def parameter_groups(model: nn.Module, cfg, head_names: set[str]) -> list[dict]:
     """AdamW groups: PETL weights (or the backbone), mask scores (own lr), head; biases without decay."""
+    t = cfg.trainer
+    settings = {"weights": (t.lr, t.weight_decay), "weights_no_decay": (t.lr, 0.0),
+                "masks": (cfg.mask.lr, cfg.mask.weight_decay),
+                "head": (t.head_lr, t.weight_decay), "head_no_decay": (t.head_lr, 0.0)}
     weights = methods.petl_weights(model)
     scores = {id(p) for p in weights.score_parameters()} if weights is not None else set()
-    groups = {key: {"params": [], "name": key} for key in ("weights", "weights_no_decay", "masks", "head", "head_no_decay")}
+    groups = {key: [] for key in settings}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = name.endswith(NO_DECAY) or p.ndim == 1
+        suffix = "_no_decay" if name.endswith(NO_DECAY) or p.ndim == 1 else ""
         if id(p) in scores:
-            groups["masks"]["params"].append(p)
+            groups["masks"].append(p)
         elif name in head_names:
-            groups["head_no_decay" if no_decay else "head"]["params"].append(p)
+            groups["head" + suffix].append(p)
         else:
-            groups["weights_no_decay" if no_decay else "weights"]["params"].append(p)
-    t = cfg.trainer
-    settings = {
-        "weights": (t.lr, t.weight_decay), "weights_no_decay": (t.lr, 0.0),
-        "masks": (cfg.mask.lr, cfg.mask.weight_decay),
-        "head": (t.head_lr, t.weight_decay), "head_no_decay": (t.head_lr, 0.0),
-    }
-    out = []
-    for key, group in groups.items():
-        if group["params"]:
-            lr, decay = settings[key]
-            out.append({**group, "lr": float(lr), "weight_decay": float(decay)})
-    return out
+            groups["weights" + suffix].append(p)
+    return [{"params": params, "name": key, "lr": float(settings[key][0]), "weight_decay": float(settings[key][1])}
+            for key, params in groups.items() if params]
 
 
 def make_optimizer(model: nn.Module, cfg, head_names: set[str], total_steps: int):
@@ -64,8 +58,7 @@ def make_optimizer(model: nn.Module, cfg, head_names: set[str], total_steps: int
 def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -162,7 +155,6 @@ def fit(model, train_loader, select, cfg, head_names: set[str], device,
         logger.info("resuming from %s at epoch %d, step %d", checkpointer.directory, result.epoch + 1, result.steps)
 
     def train_step(batch) -> float:
-        """One optimizer step on one batch: forward, backward, clip, step, schedule. Returns the batch's loss."""
         batch = to_device(distributed.shard(batch, ctx), device)
         with autocast(device, t.precision):
             loss = train_model(**batch).loss
@@ -184,6 +176,11 @@ def fit(model, train_loader, select, cfg, head_names: set[str], device,
         if not all(bool(torch.isfinite(p).all()) for p in trainable):     # never a diverged state on disk
             raise Diverged(result.steps, "a trainable weight", cfg, resume_dir())
         checkpointer.save(result, model, optimizer, scheduler, scaler, order_state)
+
+    def stop_if_diverged(loss: float) -> None:
+        if distributed.any_process(ctx, not math.isfinite(loss)):     # every process stops at this step
+            where = "" if not math.isfinite(loss) else " here; not finite on at least one process"
+            raise Diverged(result.steps + 1, f"the training loss ({loss}{where})", cfg, resume_dir())
 
     def stop_if_asked(stop) -> None:
         if distributed.any_process(ctx, stop.signum is not None):        # every process stops at the same step
@@ -226,9 +223,7 @@ def fit(model, train_loader, select, cfg, head_names: set[str], device,
                 result.examples_seen += batch["input_ids"].shape[0]
                 result.tokens_seen += int(batch["attention_mask"].sum())
                 loss = train_step(batch)
-                if distributed.any_process(ctx, not math.isfinite(loss)):     # every process stops at this step
-                    raise Diverged(result.steps + 1, f"the training loss ({loss} here; not finite on at least one "
-                                   f"process)" if math.isfinite(loss) else f"the training loss ({loss})", cfg, resume_dir())
+                stop_if_diverged(loss)
                 result.epoch_losses.append(loss)
                 result.steps += 1
                 result.step_in_epoch += 1

@@ -1,34 +1,27 @@
-"""Mask coding: how a checkpoint's 0/1 masks become bytes and back. All mask coding logic lives here
-(checkpoint.py writes and reads the files; this module says what is in them).
-
-A stored mask tensor is [count, *shape]: its first dimension counts the masks (one per layer, or per task);
-a tensor of one or no dimension is one mask. A mask of n entries with exactly k ones carries
-log2 C(n, k) bits of information (`information_bits`), about n·H(k/n): 0.469 bits an entry at sparsity 0.9.
-
-Format 2 (propetl.json format_version 2). The masks file is a safetensors file with ONE uint8 tensor,
-`masks`: a 32-byte SHA-256 digest, then the payload, the coded entries of every tensor flattened and
-concatenated in the order of the layout. Metadata, one key (safetensors writes several keys in no fixed
-order, and a file must come out byte-identical each time):
-    masks    JSON {"coding": "bits" | "entropy", "layout": [[name, shape, ones], ...]}, ones: each mask's
-             count of ones (one int when all are equal)
+"""Mask coding: how a checkpoint's 0/1 masks become bytes and back; all mask coding lives here (checkpoint.py writes
+and reads the files). numpy only, no torch: masks come in as anything numpy reads (arrays, CPU tensors) and go out as
+numpy arrays, so the reports read checkpoints without importing torch; checkpoint.py converts at its boundary.
+A stored mask tensor is [count, *shape]: the first dimension counts the masks (one per layer, or per task); a tensor
+of one or no dimension is one mask. A mask of n entries with exactly k ones carries log2 C(n, k) bits of information
+(`information_bits`), about n·H(k/n): 0.469 bits an entry at sparsity 0.9.
+Format 2 (propetl.json format_version 2): a safetensors file with ONE uint8 tensor, `masks`: a 32-byte SHA-256
+digest, then the payload, the coded entries of every tensor flattened and concatenated in layout order. Metadata,
+one key (safetensors writes several keys in no fixed order, and a file must come out byte-identical each time):
+    masks    JSON {"coding": "bits" | "entropy", "layout": [[name, shape, ones], ...]}, ones: each mask's count of
+             ones (one int when all are equal)
 Codings of the payload:
     bits     8 entries a byte (numpy packbits, big-endian bit order), the last byte zero-padded: 1 bit an entry.
-    entropy  a range coder (the `constriction` library, 32-bit words, little-endian) where every entry of a
-             mask with k ones out of n is a Bernoulli symbol of probability p = k/n. That costs
-             log2 C(n, k) + ½·log2(2π·k(n−k)/n) + O(1/n) bits per mask (the ½·log2 term: ≈ 6 bits for the
-             MiniLM LoRA masks, ≤ 12 bits for a million entries), plus at most 64 bits for the whole stream.
-             (An adaptive p = ones left / entries left would reach log2 C(n, k) exactly, but can only be
-             decoded one entry at a time; p = k/n decodes every mask of a file in one vectorised call, and a
-             ratio of two integers is computed identically on every machine, so the probabilities that
-             encoder and decoder quantise are the same bits.) Masks of all zeros or all ones cost nothing.
-The digest is SHA-256 over the metadata, the payload and the decoded entries bit-packed. Reading decodes,
-then checks the digest and each mask's count of ones: a corrupted file is refused with one line
-(MaskCodingError), never decoded into a wrong mask.
-Format 1 (metadata `shapes`, no `masks`): one uint8 tensor per name, bit-packed as `bits`, the shapes in the
-metadata's `shapes`; still read.
-
-numpy only, no torch: masks come in as anything numpy reads (numpy arrays, CPU tensors) and go out as numpy
-arrays, so the reports read checkpoints without importing torch; checkpoint.py converts at its boundary.
+    entropy  a range coder (the `constriction` library, 32-bit words, little-endian); every entry of a mask with k
+             ones of n is a Bernoulli symbol of p = k/n. Cost: log2 C(n, k) + ½·log2(2π·k(n−k)/n) + O(1/n) bits a
+             mask (the ½·log2 term ≈ 6 bits for the MiniLM LoRA masks, ≤ 12 for a million entries), plus at most
+             64 bits for the whole stream; masks of all zeros or all ones cost nothing. (An adaptive p = ones left /
+             entries left would reach log2 C(n, k) exactly, but decodes one entry at a time; p = k/n decodes every
+             mask of a file in one vectorised call, and a ratio of two integers is computed identically on every
+             machine, so encoder and decoder quantise bit-identical probabilities.)
+The digest is SHA-256 over the `masks` metadata, the payload and the decoded entries bit-packed, each part preceded by
+its length (8 bytes, little-endian). Reading decodes, then checks the digest and each mask's count of ones: a corrupted
+file is refused in one line (MaskCodingError), never decoded into a wrong mask.
+Format 1 (still read): the shapes in metadata `shapes`, no `masks`; one uint8 tensor per name, bit-packed as `bits`.
 """
 from __future__ import annotations
 
@@ -83,19 +76,6 @@ def information_bits_of(masks: dict) -> float:
         rows = _rows(tensor)
         total += sum(information_bits(rows.shape[1], int(k)) for k in rows.sum(axis=1))
     return total
-
-
-# ----------------------------------------------------------------------------- bit packing
-
-def pack_bits(masks) -> np.ndarray:
-    """Binary array -> uint8 array of ceil(n / 8) bytes (8 entries a byte, big-endian bit order)."""
-    return np.packbits(np.asarray(masks).reshape(-1).astype(bool))
-
-
-def unpack_bits(packed, shape: tuple[int, ...]) -> np.ndarray:
-    """Inverse of pack_bits: a float32 array of 0/1 with `shape`."""
-    bits = np.unpackbits(np.asarray(packed, dtype=np.uint8), count=math.prod(shape))
-    return bits.astype(np.float32).reshape(shape)
 
 
 # ----------------------------------------------------------------------------- the entropy coder
@@ -232,7 +212,8 @@ def decode(tensors: dict, metadata: dict[str, str]) -> dict[str, np.ndarray]:
 def _decode_format1(tensors: dict, metadata: dict[str, str]) -> dict[str, np.ndarray]:
     try:
         shapes = json.loads(metadata.get("shapes", "{}"))
-        return {name: unpack_bits(tensors[name], tuple(shapes[name])) for name in tensors}
+        return {name: np.unpackbits(np.asarray(tensors[name], dtype=np.uint8), count=math.prod(shapes[name]))
+                .astype(np.float32).reshape(shapes[name]) for name in tensors}
     except (KeyError, ValueError, TypeError) as error:
         raise MaskCodingError(f"mask shapes missing or wrong ({error})") from None
 
@@ -244,8 +225,8 @@ def layer_masks_file(checkpoint_dir) -> Path:
 
 
 def read_file(path) -> dict[str, np.ndarray]:
-    """A masks file (either format) -> {name: float32 0/1 array}, read as numpy (no torch); MaskCodingError
-    (one line) for a file that is not one. checkpoint.read_masks reads checkpoints for the models."""
+    """A masks file (either format) -> {name: float32 0/1 array} as numpy, or MaskCodingError (one line) for a file
+    that is not one. checkpoint.read_masks reads checkpoints for the models."""
     try:
         with safe_open(str(path), framework="np") as f:
             metadata = f.metadata() or {}

@@ -4,10 +4,8 @@ A mask is a real-valued score tensor shaped like the weight it masks. Its binary
 top fraction of |score| (exactly n - floor(sparsity * n) ones per mask) and passes gradients
 straight through to the scores (edge-popup supermasks, as in the ProPETL reference). Here
 `sparsity` is the fraction of ZEROS; the reference's `sparsity` is the fraction kept.
-
 Masks of all layers for one prototype weight are stored stacked, scores [L, *shape], so one batched
-top-k per step binarises every layer. Mask statistics are here too; how masks are written (bit packing,
-entropy coding) is propetl/mask_coding.py.
+top-k per step binarises every layer. How masks are written: propetl/mask_coding.py.
 """
 from __future__ import annotations
 
@@ -30,11 +28,8 @@ def ones_per_mask(numel: int, sparsity: float) -> int:
 
 
 def topk_binary(magnitudes: torch.Tensor, n_ones: int) -> torch.Tensor:
-    """Row-wise top-k over [rows, n]: 1.0 at the n_ones largest entries of each row, else 0.0.
-
-    Selects the smaller side with torch.topk (a partial selection, no full sort); ties are broken
-    by topk, so every row has exactly n_ones ones.
-    """
+    """Row-wise top-k over [rows, n]: 1.0 at the n_ones largest entries of each row, else 0.0. torch.topk selects
+    the smaller side (no full sort) and breaks ties, so every row has exactly n_ones ones."""
     rows, n = magnitudes.shape
     if n_ones >= n:
         return torch.ones_like(magnitudes)
@@ -58,22 +53,18 @@ class _StraightThroughTopK(torch.autograd.Function):
 
 
 def binarize(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Binary masks for stacked scores [L, *shape], top-k of |score| within each of the L masks.
-
-    The straight-through gradient reaches the scores as dL/dmask * sign(score) (through abs).
-    """
+    """Binary masks for stacked scores [L, *shape], top-k of |score| within each of the L masks. The
+    straight-through gradient reaches the scores as dL/dmask * sign(score) (through abs)."""
     flat = scores.reshape(scores.shape[0], -1)
     n_ones = ones_per_mask(flat.shape[1], sparsity)
     return _StraightThroughTopK.apply(flat.abs(), n_ones).view_as(scores)
 
 
 def score_bound(shape: tuple[int, ...], fan_in: int | None = None) -> float:
-    """The reference's initial score range: kaiming_uniform(a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-
-    fan_in defaults to that of a tensor shaped like the masked weight (prod(shape[1:])). The reference
-    shapes some score tensors differently from the weight (adapter: the transpose; prefix: one
-    [L, P, 2h] tensor), so a method passes the fan-in of the reference's layout (TensorSpec.score_fan_in).
-    """
+    """The reference's initial score range: kaiming_uniform(a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+    fan_in by default that of a tensor shaped like the masked weight. The reference shapes some score tensors
+    otherwise (adapter: the transpose; prefix: one [L, P, 2h] tensor): a method passes that layout's fan-in
+    (TensorSpec.score_fan_in)."""
     return 1.0 / math.sqrt(fan_in if fan_in is not None else math.prod(shape[1:]) if len(shape) > 1 else shape[0])
 
 
@@ -86,15 +77,10 @@ def init_scores(scores: torch.Tensor, fan_in: int | None = None) -> None:
 
 class LayerMasks(nn.Module):
     """Binary masks for one prototype weight, one per layer (or per task): scores [count, *shape].
-
-    kind="learned": trainable scores, top-k with straight-through gradients.
-    kind="random": fixed scores drawn from `seed`; the mask never changes.
-    kind="none":   all ones (plain weight tying).
-
-    `forward()` returns the binary masks [count, *shape]. It is computed once per training step:
-    the result is cached until the scores change (their version counter moves at every optimizer
-    step) or `invalidate()` is called (the model does so before every forward pass with grad).
-    """
+    kind="learned": trainable scores, top-k with straight-through gradients; "random": fixed scores drawn from
+    `seed`; "none": all ones (plain weight tying). `forward()` returns the binary masks [count, *shape], cached
+    until the scores change (their version counter moves at every optimizer step) or `invalidate()` is called
+    (the model does so before every forward pass with grad)."""
 
     def __init__(self, count: int, shape: tuple[int, ...], sparsity: float, kind: str = "learned", seed: int = 0,
                  score_fan_in: int | None = None):
@@ -143,9 +129,8 @@ class LayerMasks(nn.Module):
             raise ValueError(f"mask shape {tuple(masks.shape)} != expected {tuple(self.scores.shape)}")
         ones = masks.reshape(self.count, -1).sum(dim=1)
         if self.kind != "none" and not torch.all(ones == self.ones_per_mask):
-            raise ValueError(
-                f"mask has {ones.tolist()} ones per layer, expected {self.ones_per_mask} at sparsity {self.sparsity}"
-            )
+            raise ValueError(f"mask has {ones.tolist()} ones per layer, expected {self.ones_per_mask} at sparsity "
+                             f"{self.sparsity}")
         self.scores.copy_(masks.to(self.scores.dtype))
         self.invalidate()
 
@@ -156,15 +141,13 @@ COMBINES = ("or", "and", "task_only", "layer_only")
 
 
 def combine(task_mask: torch.Tensor, layer_masks: torch.Tensor, how: str = "or") -> torch.Tensor:
-    """One task's masks for every layer, from its task mask [*shape] (shared by all layers) and the
-    layer masks [L, *shape] (shared by all tasks). Returns [L, *shape].
-
+    """One task's masks for every layer [L, *shape], from its task mask [*shape] (shared by all layers) and
+    the layer masks [L, *shape] (shared by all tasks):
     or:         1 - (1 - m_task)(1 - m_layer)   differentiable OR (paper.md §2.3): d/dm_task = 1 - m_layer
     and:        m_task * m_layer                                                    d/dm_task = m_layer
     task_only:  m_task at every layer;   layer_only: m_layer for every task.
     Task and layer masks are separate tensors: no task's mask doubles as a layer's (the reference's
-    block-0 aliasing is not reproduced).
-    """
+    block-0 aliasing is not reproduced)."""
     task_mask = task_mask.unsqueeze(0)
     if how == "or":
         return 1.0 - (1.0 - task_mask) * (1.0 - layer_masks)
@@ -197,9 +180,3 @@ class TaskLayerMasks(nn.Module):
         self.tasks.invalidate()
         self.layers.invalidate()
 
-
-# ----------------------------------------------------------------------------- statistics
-
-def density(masks: torch.Tensor) -> float:
-    """Fraction of ones."""
-    return float(masks.float().mean())

@@ -1,7 +1,5 @@
-"""GLUE metrics (scikit-learn / scipy) and the paper's aggregate scores.
-
-Every metric is a fraction (accuracy 0.76, not 76); tables multiply by 100.
-"""
+"""GLUE metrics (scikit-learn / scipy) and the paper's aggregate scores. Every metric is a fraction (accuracy 0.76,
+not 76); tables multiply by 100."""
 from __future__ import annotations
 
 import warnings
@@ -14,10 +12,8 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 METRICS = ("accuracy", "f1", "matthews", "pearson", "spearman")
 
 # The 11 numbers the paper averages (its statistics.py): two for MRPC, QQP and STS-B, one elsewhere.
-GLUE_NUMBERS = {
-    "cola": ("matthews",), "sst2": ("accuracy",), "mrpc": ("accuracy", "f1"), "qqp": ("accuracy", "f1"),
-    "stsb": ("pearson", "spearman"), "mnli": ("accuracy",), "qnli": ("accuracy",), "rte": ("accuracy",),
-}
+GLUE_NUMBERS = {"cola": ("matthews",), "sst2": ("accuracy",), "mrpc": ("accuracy", "f1"), "qqp": ("accuracy", "f1"),
+                "stsb": ("pearson", "spearman"), "mnli": ("accuracy",), "qnli": ("accuracy",), "rte": ("accuracy",)}
 
 
 def predictions_from_logits(logits: np.ndarray, num_labels: int) -> np.ndarray:
@@ -41,7 +37,8 @@ def compute(names: Sequence[str], predictions: np.ndarray, labels: np.ndarray) -
             with warnings.catch_warnings():                 # constant predictions: undefined, counted as 0
                 warnings.simplefilter("ignore")
                 correlation = pearsonr if name == "pearson" else spearmanr
-                out[name] = _finite(correlation(predictions, labels)[0])
+                value = correlation(predictions, labels)[0]
+                out[name] = 0.0 if not np.isfinite(value) else float(value)
         else:
             raise ValueError(f"metric {name!r} is not one of: {', '.join(METRICS)}")
     if len(names) > 1:
@@ -51,9 +48,8 @@ def compute(names: Sequence[str], predictions: np.ndarray, labels: np.ndarray) -
 
 def trivial_baseline(task: str, names: Sequence[str], train_labels: Sequence, test_labels: Sequence,
                      regression: bool) -> dict:
-    """Where chance is: the test metrics of a predictor that ignores its input and always answers the
-    train split's majority class (classification) or mean score (regression; a constant has no
-    correlation, so Pearson/Spearman count as 0). Computed from the labels, never trained."""
+    """Where chance is: the test metrics of always answering the train split's majority class (classification) or mean
+    score (regression: a constant has no correlation, Pearson/Spearman count as 0). From the labels, never trained."""
     train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
     if regression:
         constant, rule = float(train_labels.mean()), f"mean train score {float(train_labels.mean()):.3f}"
@@ -65,25 +61,19 @@ def trivial_baseline(task: str, names: Sequence[str], train_labels: Sequence, te
     return {"rule": rule, "test": test, "glue_score": task_score(task, test)}
 
 
-def _finite(value: float) -> float:
-    """Correlation of a constant prediction is undefined (nan): count it as 0."""
-    return 0.0 if not np.isfinite(value) else float(value)
-
-
 def selection_score(metrics: Mapping[str, float], selection_metric: str) -> float:
     """The number the best epoch is chosen by (the reference's metric_for_best_model)."""
     return float(metrics[selection_metric])
 
 
 def task_score(task: str, metrics: Mapping[str, float]) -> float:
-    """A run's GLUE score: the mean of its task's numbers in the paper's average (a user's own task,
-    added through the config search path: the mean of its metrics)."""
+    """A run's GLUE score: the mean of its task's numbers in the paper's average (a user's own task, added through the
+    config search path: the mean of its metrics)."""
     return float(np.mean([metrics[n] for n in GLUE_NUMBERS.get(task, [n for n in METRICS if n in metrics])]))
 
 
 def glue_average(per_task: Mapping[str, Mapping[str, float]]) -> float:
-    """The paper's average: the mean of every number of GLUE_NUMBERS over the tasks given
-    (11 numbers when all eight tasks are present)."""
+    """The paper's average: the mean of every GLUE_NUMBERS number of the tasks given (11 when all eight are present)."""
     numbers = [per_task[task][n] for task in GLUE_NUMBERS if task in per_task for n in GLUE_NUMBERS[task]]
     if not numbers:
         raise ValueError("glue_average needs at least one GLUE task")

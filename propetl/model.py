@@ -60,16 +60,14 @@ def load_backbone(model_cfg, num_labels: int) -> nn.Module:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
     if model.config.hidden_size != model_cfg.hidden_size or model.config.num_hidden_layers != model_cfg.num_layers:
-        raise ModelError(
-            f"model '{model_cfg.name}' has hidden {model.config.hidden_size} x {model.config.num_hidden_layers} layers, "
-            f"config says {model_cfg.hidden_size} x {model_cfg.num_layers}: fix conf/model/{model_cfg.name}.yaml"
-        )
+        raise ModelError(f"model '{model_cfg.name}' has hidden {model.config.hidden_size} x "
+                         f"{model.config.num_hidden_layers} layers, config says {model_cfg.hidden_size} x "
+                         f"{model_cfg.num_layers}: fix conf/model/{model_cfg.name}.yaml")
     return model
 
 
 def encoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The transformer blocks of a BERT/RoBERTa-family model."""
-    return model.base_model.encoder.layer
+    return model.base_model.encoder.layer                # the transformer blocks of a BERT/RoBERTa-family model
 
 
 def head_module_names(model: nn.Module) -> list[str]:
@@ -88,8 +86,8 @@ def head_parameter_names(model: nn.Module) -> set[str]:
 
 def build(cfg, num_labels: int, for_training: bool = True) -> nn.Module:
     """The transformers model with the method inside (for_training=False: to receive saved weights): what a
-    one-task checkpoint loads into for inference (checkpoint.load_checkpoint: propetl-eval, propetl-export) and
-    what the Python API wraps. Training runs the one-task MultiTaskModel, which computes the same bit for bit."""
+    one-task checkpoint loads into for inference and what the Python API wraps. Training runs the one-task
+    MultiTaskModel, which computes the same bit for bit."""
     model = load_backbone(cfg.model, num_labels)
     methods.attach(model, encoder_layers(model), cfg, head_parameter_names(model), for_training)
     return model
@@ -178,19 +176,16 @@ class MultiTaskModel(nn.Module):
                        num_tasks=len(task_names) if task_masks else 0)
 
     def transformers_name(self, name: str) -> str:
-        """A parameter's name in the loaded transformers model, whose own head is the first task's
-        (encoder.X -> bert.X, heads.<first>.dense.X -> bert.pooler.dense.X, ...). Checkpoints keep the dense
-        tensors under these names (fine-tuning's backbone, PEFT's LoRA; the PETL store's names are unchanged) and
-        the heads under TaskHead's own (head_layout maps them into a transformers model)."""
+        """A parameter's name in the loaded transformers model, whose own head is the first task's (encoder.X ->
+        bert.X, heads.<first>.dense.X -> bert.pooler.dense.X, ...): checkpoints keep the dense tensors under these
+        names, the heads under TaskHead's own (head_layout maps them into a transformers model)."""
         return swap_prefix(name, self._transformers_names)
 
     @property
     def base_model_prefix(self) -> str:
         return "encoder"
 
-    def set_attn_implementation(self, name: str) -> None:
-        """Prefix tuning routes self-attention through its own function (methods/prefix.py): the encoder,
-        a transformers model, switches to it."""
+    def set_attn_implementation(self, name: str) -> None:      # prefix tuning's attention (methods/prefix.py)
         self.encoder.set_attn_implementation(name)
 
     def head_names(self, tasks=None) -> set[str]:
@@ -205,9 +200,8 @@ class MultiTaskModel(nn.Module):
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
         logits = self.heads[self.task_names[index]](hidden[:, 0])
         loss = None
-        if labels is not None:
-            if self.num_labels[index] == 1:
-                loss = F.mse_loss(logits.squeeze(-1), labels.float())
-            else:
-                loss = F.cross_entropy(logits, labels)
+        if labels is not None and self.num_labels[index] == 1:
+            loss = F.mse_loss(logits.squeeze(-1), labels.float())
+        elif labels is not None:
+            loss = F.cross_entropy(logits, labels)
         return SequenceClassifierOutput(loss=loss, logits=logits)

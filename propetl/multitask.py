@@ -7,12 +7,10 @@ all layers) and a classification/regression head.
 Layer l of task t uses  prototype * combine(task mask t, layer mask l)  (mask.combine, default OR;
 propetl/masks.py); with one task, layer masks only, as a single-task run (which it then equals, weight for
 weight: tests/test_multitask.py). Each step trains on one task's batch, the task drawn with p_i ∝ n_i^(1/T)
-(multitask.temperature, 10 as in the reference). After every epoch every task is scored on its own
-selection split; the best epoch is the one with the best mean of the tasks' scores, then each task is
-scored on its test split. The checkpoint keeps the shared part once and each task's part (its mask
-bits and head) in a folder of its own, so one task can be loaded or shipped alone
-(checkpoint.save_checkpoint / load_multitask). With multitask.base_checkpoint a new task is added to a
-trained model: only its mask and head train, against the frozen prototype and layer masks.
+(multitask.temperature, 10 as in the reference); the best epoch has the best mean of the tasks' selection
+scores. The checkpoint keeps each task's part (mask bits, head) in a folder of its own, so one task can be
+loaded or shipped alone. With multitask.base_checkpoint a new task is added to a trained model: only its mask
+and head train, against the frozen prototype and layer masks.
 """
 from __future__ import annotations
 
@@ -48,14 +46,12 @@ class TaskCollator:
 
 
 class MultiTaskBatches:
-    """Single-task batches from several tasks; each step's task drawn with p_i ∝ n_i^(1/T).
-
-    An epoch is as many steps as all tasks have batches. Everything random is drawn from
-    `self.generator` as the epoch goes, so the loop's resume (restore the generator state of the
-    epoch's start, skip the steps done) replays an epoch exactly. A task whose batches run out
-    starts a fresh epoch of its own. With `lengths` (each task's token counts), a task's batches
-    group examples of similar length (batches.batch_order). One task's batches come in the order, and from
-    the same draws, as a single-task run's DataLoader gives them (batches.make_loader)."""
+    """Single-task batches from several tasks; each step's task drawn with p_i ∝ n_i^(1/T). An epoch is as many
+    steps as all tasks have batches; a task whose batches run out starts a fresh epoch of its own. Everything
+    random is drawn from `self.generator` as the epoch goes, so the loop's resume (restore the generator state of
+    the epoch's start, skip the steps done) replays an epoch exactly. With `lengths` (each task's token counts), a
+    task's batches group examples of similar length (batches.batch_order). One task's batches come in the order,
+    and from the same draws, as torch's shuffling DataLoader gives them (tests/test_multitask.py)."""
 
     def __init__(self, splits, collators, batch_size: int, temperature: float, seed: int, lengths=None):
         self.splits, self.collators, self.batch_size = list(splits), list(collators), batch_size

@@ -1,15 +1,12 @@
-"""Resumable training: the loop's full state, saved every epoch (and every trainer.save_steps steps)
-into <run dir>/resume/ and restored exactly, so a run killed at any point continues to the same result.
-
-What is saved: every trainable tensor (PETL weights, mask scores, head), the best epoch's copy of
-them, the optimizer's moments and the scheduler, the step/epoch counters and history, and every RNG
-state (python, numpy, torch, and the data-order generator as it stood when the epoch began; a
-mid-epoch resume re-draws that epoch's order and skips the batches already done).
-Format: `state.safetensors` for tensors and `state.json` for the rest, never pickle, and `manifest.json`
-with their sha256 (propetl/files.py), checked before either is read: a changed, missing or unlisted file
-is refused in one line naming it. The folder is built beside the old one and renamed into place, so a
-crash leaves the previous checkpoint intact.
-SIGINT/SIGTERM: the step in flight finishes, a checkpoint is written, then the run exits.
+"""Resumable training: the loop's full state, saved every epoch (and every trainer.save_steps steps) into
+<run dir>/resume/ and restored exactly, so a run killed at any point continues to the same result. What is saved: every
+trainable tensor (PETL weights, mask scores, head), the best epoch's copy of them, the optimizer's moments, the
+scheduler and the grad scaler, the step/epoch counters and history, and every RNG state (python, numpy, torch, and the
+data-order generator as it stood when the epoch began; a mid-epoch resume re-draws that epoch's order and skips the
+batches already done). Format: `state.safetensors` for tensors and `state.json` for the rest, never pickle, and
+`manifest.json` with their sha256 (propetl/files.py), checked before either is read: a changed, missing or unlisted file
+is refused in one line naming it. The folder is built beside the old one and renamed into place: a crash leaves the
+previous checkpoint intact. SIGINT/SIGTERM: the step in flight finishes, a checkpoint is written, the run exits.
 """
 from __future__ import annotations
 
@@ -35,8 +32,7 @@ FINGERPRINT_KEYS = ("model.name_or_path", "method.name", "prototype", "mask.kind
                     "trainer.max_steps", "trainer.lr", "mask.lr", "data.protocol", "data.split_seed",
                     "data.max_train_examples", "data.group_by_length", "mode", "tasks", "multitask.temperature",
                     "multitask.base_checkpoint")
-# A key added to FINGERPRINT_KEYS after checkpoints were written: its value for those checkpoints.
-FINGERPRINT_DEFAULTS = {"data.group_by_length": False}
+FINGERPRINT_DEFAULTS = {"data.group_by_length": False}   # keys added later: their value in older checkpoints
 
 
 class Interrupted(Exception):
@@ -53,14 +49,10 @@ def fingerprint(cfg) -> dict:
 
 
 def fingerprint_differences(saved: dict, current: dict) -> list[tuple[str, object, object]]:
-    """(key, saved value, this run's value) for each fingerprint key that differs; a key the saved run
-    predates counts as its FINGERPRINT_DEFAULTS value."""
-    out = []
-    for key, value in current.items():
-        before = saved.get(key, FINGERPRINT_DEFAULTS.get(key))
-        if before != value:
-            out.append((key, before, value))
-    return out
+    """(key, saved value, this run's value) for each fingerprint key that differs; a key the saved run predates
+    counts as its FINGERPRINT_DEFAULTS value."""
+    saved = {**FINGERPRINT_DEFAULTS, **saved}
+    return [(key, saved.get(key), value) for key, value in current.items() if saved.get(key) != value]
 
 
 class StopOnSignal:
@@ -91,7 +83,8 @@ def _rng_state() -> tuple[dict, dict]:
     """(json part, tensor part) of the python, numpy and torch RNG states."""
     py_version, py_state, py_gauss = random.getstate()
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    return ({"python": [py_version, list(py_state), py_gauss], "numpy": [np_kind, int(np_pos), int(np_has_gauss), float(np_gauss)]},
+    return ({"python": [py_version, list(py_state), py_gauss],
+             "numpy": [np_kind, int(np_pos), int(np_has_gauss), float(np_gauss)]},
             {"rng/torch": torch.get_rng_state(), "rng/numpy": torch.from_numpy(np_keys.astype(np.int64))})
 
 
@@ -130,21 +123,18 @@ class Checkpointer:
         tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in parameters.items()}
         tensors.update({f"best/{n}": t.contiguous() for n, t in result.best_state.items()})
         optimizer_state = optimizer.state_dict()
-        for index, state in optimizer_state["state"].items():
-            for key, value in state.items():
-                tensors[f"opt/{index}/{key}"] = torch.as_tensor(value).detach().cpu().contiguous().reshape(-1)
+        moments = {f"{i}/{k}": torch.as_tensor(v) for i, s in optimizer_state["state"].items() for k, v in s.items()}
+        tensors.update({f"opt/{name}": v.detach().cpu().contiguous().reshape(-1) for name, v in moments.items()})
         rng_meta, rng_tensors = _rng_state()
         tensors.update(rng_tensors)
         tensors["rng/data_order"] = data_order_state
         fields = {k: v for k, v in dataclasses.asdict(result).items() if k != "best_state"}
-        meta = {
-            "fingerprint": self.fingerprint, "result": fields, "rng": rng_meta, "extra": self.extra,
-            "optimizer": {"param_groups": optimizer_state["param_groups"],
-                          "state_keys": {str(i): sorted(s) for i, s in optimizer_state["state"].items()},
-                          "state_shapes": {f"{i}/{k}": list(torch.as_tensor(v).shape) for i, s in optimizer_state["state"].items() for k, v in s.items()}},
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "parameters": sorted(parameters), "best": sorted(result.best_state),
-        }
+        meta = {"fingerprint": self.fingerprint, "result": fields, "rng": rng_meta, "extra": self.extra,
+                "optimizer": {"param_groups": optimizer_state["param_groups"],
+                              "state_keys": {str(i): sorted(s) for i, s in optimizer_state["state"].items()},
+                              "state_shapes": {name: list(v.shape) for name, v in moments.items()}},
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "parameters": sorted(parameters), "best": sorted(result.best_state)}
 
         def build(folder: Path) -> None:
             save_file(tensors, str(folder / STATE_TENSORS))
@@ -157,8 +147,8 @@ class Checkpointer:
         write_folder_atomically(self.directory, build)
 
     def check_fingerprint(self) -> dict:
-        """The saved state.json, if the folder matches its manifest and this run's config has its fingerprint;
-        else one-line CheckpointError."""
+        """The saved state.json, if the folder matches its manifest and this config its fingerprint; else a one-line
+        CheckpointError."""
         path = self.directory / STATE_JSON
         check_seal(self.directory, required=True, hint="trainer.resume=false starts the run over")
         try:
@@ -174,8 +164,8 @@ class Checkpointer:
         return meta
 
     def load(self, model, optimizer, scheduler, scaler, result_type):
-        """Restore everything; returns (result, data-order state at the start of the current epoch). The folder
-        is checked (manifest, fingerprint) once: here, unless the run's start checked it already."""
+        """Restore everything; returns (result, data-order state at the start of the current epoch). The folder is
+        checked (manifest, fingerprint) once: here, unless the run's start checked it already."""
         meta = self._checked or self.check_fingerprint()
         tensors, _ = read_safetensors(self.directory / STATE_TENSORS)
         parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -185,10 +175,9 @@ class Checkpointer:
         with torch.no_grad():
             for name, parameter in parameters.items():
                 parameter.copy_(tensors[f"param/{name}"])
-        state = {}
-        for index, keys in meta["optimizer"]["state_keys"].items():
-            state[int(index)] = {k: tensors[f"opt/{index}/{k}"].reshape(meta["optimizer"]["state_shapes"][f"{index}/{k}"])
-                                 for k in keys}
+        shapes = meta["optimizer"]["state_shapes"]
+        state = {int(i): {k: tensors[f"opt/{i}/{k}"].reshape(shapes[f"{i}/{k}"]) for k in keys}
+                 for i, keys in meta["optimizer"]["state_keys"].items()}
         optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
         scheduler.load_state_dict(meta["scheduler"])
         scaler.load_state_dict(meta["scaler"])
@@ -198,6 +187,5 @@ class Checkpointer:
         return result, tensors["rng/data_order"]
 
     def discard(self) -> None:
-        if not self.writes:
-            return
-        shutil.rmtree(self.directory, ignore_errors=True)
+        if self.writes:
+            shutil.rmtree(self.directory, ignore_errors=True)

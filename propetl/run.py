@@ -39,9 +39,8 @@ def pick_device(name: str) -> torch.device:
 
 
 def begin_run(cfg: DictConfig, output_dir: Path):
-    """What every run does first: validate, find a finished run or a checkpoint (either must be of this
-    config), record the config, seed, pick the device.
-    Returns (finished metrics or None, distributed context, checkpointer, device)."""
+    """Validate, find a finished run or a checkpoint (either must be of this config), record the config, seed, pick
+    the device. Returns (finished metrics or None, distributed context, checkpointer, device)."""
     methods.import_prototype(cfg.prototype)     # a user's prototype whose yaml names its module
     validate(cfg)
     ctx = distributed.from_environment()        # torchrun / accelerate launch: several processes, one run
@@ -83,8 +82,7 @@ def run_facts(cfg, result, started: float, device, ctx) -> dict:
 
 
 def fit_logged(cfg, output_dir: Path, model, train_batches, select, head_names: set[str], device, checkpointer, ctx):
-    """Start (or continue) the run's W&B run, fit, and put the best epoch's weights back in the model.
-    Returns (W&B run, FitResult, start time)."""
+    """Start (or continue) the W&B run, fit, put the best epoch's weights back: (W&B run, FitResult, start time)."""
     run = log.start_wandb(cfg, output_dir, run_id=checkpointer.saved_extra().get("wandb_id"), enabled=ctx.is_main)
     checkpointer.extra["wandb_id"] = run.id
     started = time.perf_counter()

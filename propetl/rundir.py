@@ -1,13 +1,11 @@
-"""A run directory's owner and record.
-
-Owner: one process at a time. `claim` takes an exclusive flock on `<run dir>/.propetl.lock` (the file holds
-the owner's pid) for the whole run; a second run into the directory is refused with one line naming that
-pid. The kernel drops the lock when its process dies, so a run killed with SIGKILL never blocks its resume.
-Record: `.hydra/config.yaml` and `.hydra/overrides.yaml` (Hydra's names and format; Hydra itself writes
-nothing there, `hydra.output_subdir: null`) are written by propetl, atomically, only once the run owns the
-directory and is known to be new or a continuation of the same config: a finished or running run's record
-is never rewritten. A finished run (metrics.json) is skipped only if its recorded config has the same
-fingerprint as the command's (resume.fingerprint, what a resume must match too).
+"""A run directory's owner and record. Owner: one process at a time. `claim` takes an exclusive flock on
+`<run dir>/.propetl.lock` (holding the owner's pid) for the whole run; a second run into the directory is refused with
+one line naming that pid. The kernel drops the lock when its process dies: a SIGKILLed run never blocks its resume.
+Record: `.hydra/config.yaml` and `.hydra/overrides.yaml` (Hydra's names and format; Hydra itself writes nothing there,
+`hydra.output_subdir: null`) are written by propetl, atomically, only once the run owns the directory and is known to be
+new or a continuation of the same config: a finished or running run's record is never rewritten. A finished run
+(metrics.json) is skipped only if its recorded config has the same fingerprint as the command's (resume.fingerprint,
+what a resume must match too).
 """
 from __future__ import annotations
 
@@ -42,8 +40,7 @@ def _holder(path: Path) -> str:
 
 @contextmanager
 def claim(run_dir: Path, enabled: bool = True):
-    """Own `run_dir` for the duration of the block (created if missing); `enabled=False`: a no-op (the
-    other processes of a data-parallel run, whose rank 0 owns it)."""
+    """Own `run_dir` (created if missing) during the block; enabled=False: a no-op (a data-parallel run's ranks > 0)."""
     if not enabled:
         yield
         return
@@ -104,17 +101,16 @@ def recorded_config(run_dir: Path):
 
 
 def finished_run(run_dir: Path, cfg) -> dict | None:
-    """metrics.json of a finished run of this config; None if the run is not finished. A finished run of
-    another config (or one without a record to tell) is refused with one line naming the differing keys."""
+    """metrics.json of a finished run of this config; None if not finished. A finished run of another config (or one
+    without a record to tell) is refused with one line naming the differing keys."""
     run_dir = Path(run_dir)
     if not (run_dir / METRICS_FILE).exists():
         return None
     metrics = read_metrics(run_dir)
     recorded = recorded_config(run_dir)
     if recorded is None:
-        raise RunDirectoryError(f"{run_dir} is finished but has no {RECORD_DIR}/config.yaml to compare this "
-                                f"command's config with; choose another hydra.run.dir, or trainer.resume=false "
-                                f"to run it again")
+        raise RunDirectoryError(f"{run_dir} is finished but has no {RECORD_DIR}/config.yaml to compare this command's "
+                                f"config with; choose another hydra.run.dir, or trainer.resume=false to run it again")
     present = {key: value for key, value in fingerprint(recorded).items()
                if OmegaConf.select(recorded, key, default=KeyError) is not KeyError}
     differences = fingerprint_differences(present, fingerprint(cfg))

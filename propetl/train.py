@@ -1,8 +1,7 @@
 """One training run, `train(cfg, output_dir)`, for one task (`task=rte`) or several (`mode=multitask
 tasks=[rte,mrpc]`): the same recipe, read top to bottom. A single-task run is a multi-task run with one task
-(layer masks only, the model's own head, the DataLoader's batch order: tests/test_multitask.py); what differs is
-what it reports (`report_single_task`, `report_multitask`); both write the same checkpoint layout. propetl-train's command line and Hydra
-entry: propetl/cli.py; what every run does first and last: propetl/run.py; multi-task batches: multitask.py.
+(layer masks only, the model's own head, the DataLoader's batch order: tests/test_multitask.py); only what it
+reports differs. Command line: cli.py; what every run does first and last: run.py; batches: multitask.py.
 """
 from __future__ import annotations
 
@@ -100,8 +99,7 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
     tests = {name: loop.evaluate(model, eval_loader(name, "test"), by_name[name], device, cfg.trainer.precision,
                                  f"test {name}", cfg.trainer.progress) for name in new_tasks}
 
-    # 4. storage (counted from what the checkpoint keeps), the checkpoint (rank 0 writes), metrics.json, W&B
-    #    summary, summary table
+    # 4. storage (counted from what the checkpoint keeps), the checkpoint (rank 0), metrics.json, W&B, summary table
     figures = accounting.account(model, cfg, backbone_params)
     if ctx.is_main and cfg.trainer.save_weights:
         checkpoint.save_checkpoint(model, cfg, output_dir / "checkpoint")
@@ -127,8 +125,7 @@ def report_single_task(cfg, output_dir: Path, tests: dict, result, figures: dict
         "task": name, "model": cfg.model.name, "method": cfg.method.name, "prototype": cfg.prototype.name,
         "mask_kind": cfg.mask.kind, "mask_sparsity": float(cfg.mask.sparsity), "seed": int(cfg.seed),
         "protocol": cfg.data.protocol, "split_seed": int(cfg.data.split_seed),
-        "selection_metric": task.selection_metric,
-        "selection": result.best_selection, "test": test,
+        "selection_metric": task.selection_metric, "selection": result.best_selection, "test": test,
         "glue_score": glue_metrics.task_score(name, test),
         "trivial": glue_metrics.trivial_baseline(name, list(task.metrics), splits[name]["train"]["label"],
                                                  splits[name]["test"]["label"], int(task.num_labels) == 1),
@@ -142,8 +139,7 @@ def report_single_task(cfg, output_dir: Path, tests: dict, result, figures: dict
 
 def report_multitask(cfg, output_dir: Path, tests: dict, result, figures: dict, facts, writes: bool,
                      base_tasks: list[str]) -> tuple[dict, dict]:
-    """Several tasks' metrics.json (each task's numbers, their mean) and summary table; returns (metrics, W&B
-    summary)."""
+    """Several tasks' metrics.json (each task's numbers, their mean) and summary table; returns (metrics, W&B)."""
     per_task = {}
     for name, test in tests.items():
         selection = {k.split("/", 1)[1]: v for k, v in result.best_selection.items() if k.startswith(f"{name}/")}

@@ -1,9 +1,9 @@
-"""Data-pipeline benchmark: what tokenising each split once (batches.make_loader, datasets.map) saves.
+"""Data-pipeline benchmark: what tokenising each split once (batches.tokenise, datasets.map) saves.
 
     python scripts/bench_data_pipeline.py --json results/bench_data_pipeline.json
 
-1. the pipeline alone: build STS-B's training loader (batch 32, length-grouped as the cpu profile)
-   and iterate it for `--epochs` epochs without a model; seconds to build, seconds an epoch;
+1. the pipeline alone: build STS-B's training batches (multitask.MultiTaskBatches of one task, as every run;
+   batch 32, length-grouped as the cpu profile) and iterate them for `--epochs` epochs without a model; seconds to build, seconds an epoch;
 2. a short real training run (embedded MiniLM, `--steps` steps, one thread, no selection/test cost
    counted): train_tokens / train_seconds of its metrics.json, and its wall time.
 Times only; run it on the code before and after a change, on the same machine, and compare.
@@ -26,15 +26,18 @@ import torch  # noqa: E402
 import propetl  # noqa: E402,F401
 from propetl import data  # noqa: E402
 from propetl import model as backbone  # noqa: E402
-from propetl.batches import make_loader  # noqa: E402
+from propetl.batches import PadCollator, token_lengths, tokenise  # noqa: E402
 from propetl.configs import compose  # noqa: E402
+from propetl.multitask import MultiTaskBatches, TaskCollator  # noqa: E402
 
 
 def pipeline_seconds(cfg, epochs: int) -> dict:
     splits = data.load_glue(cfg.task, data.resolve_data_dir(cfg.data.dir), cfg.data.protocol, cfg.data.split_seed, False)
     tokenizer = backbone.load_tokenizer(cfg.model)
     started = time.perf_counter()
-    loader = make_loader(splits["train"], tokenizer, cfg.data.max_length, True, 32, True, 0, group_by_length=True)
+    tokenised = tokenise(splits["train"], tokenizer, cfg.data.max_length)
+    loader = MultiTaskBatches([tokenised], [TaskCollator(PadCollator(tokenizer, True), 0)], 32, 10.0, 0,
+                              [token_lengths(tokenised)])
     built = time.perf_counter() - started
     epoch_seconds, tokens = [], 0
     for _ in range(epochs):

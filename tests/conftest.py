@@ -9,6 +9,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -89,3 +90,8 @@ def glue_dir() -> Path:
             pytest.fail("no local GLUE data: run `make link-data` or set PROPETL_DATA_DIR")
         pytest.skip("no local GLUE data (make link-data, or PROPETL_DATA_DIR)")
     return found
+
+
+def format1_packed_masks(masks) -> torch.Tensor:
+    """A mask tensor as format 1 wrote it (still read): 8 entries a byte, big-endian bit order, zero-padded."""
+    return torch.from_numpy(np.packbits(np.asarray(masks).reshape(-1).astype(bool)))

@@ -1,11 +1,11 @@
-"""propetl.batches: epoch batch orders, length grouping on real RTE/CoLA data, the loaders built from them."""
+"""propetl.batches: epoch batch orders, length grouping on real RTE/CoLA data, the batches built from them."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from conftest import compose_cfg
-from propetl.batches import LengthGroupedBatches, batch_order, make_loader, token_lengths, tokenise
+from propetl.batches import PadCollator, batch_order, make_loader, token_lengths, tokenise
 from propetl.data import load_glue
 from propetl.model import load_tokenizer
 
@@ -48,15 +48,16 @@ def tokenizer():
 
 @pytest.mark.parametrize("name", ["rte", "cola"])
 def test_grouped_loader_on_real_data(glue_dir, tokenizer, name):
-    """On the real training sets the grouped loader sees every example once and pads far less."""
+    """On the real training sets grouped batches see every example once and pad far less."""
     train = load_glue(compose_cfg([f"task={name}"]).task, glue_dir)["train"]
-    lengths = token_lengths(tokenise(train, tokenizer, 128))
+    tokenised = tokenise(train, tokenizer, 128)
+    lengths, collate = token_lengths(tokenised), PadCollator(tokenizer, False)
     assert len(lengths) == len(train) and max(lengths) <= 128
 
     def epoch(group: bool):
-        loader = make_loader(train, tokenizer, 128, False, 32, shuffle=True, seed=1, group_by_length=group)
-        batches = list(loader)
-        assert len(batches) == len(loader) == -(-len(train) // 32)
+        order = batch_order(len(train), 32, torch.Generator().manual_seed(1), lengths if group else None)
+        batches = [collate([tokenised[i] for i in indices]) for indices in order]
+        assert len(batches) == -(-len(train) // 32)
         assert sum(len(b["labels"]) for b in batches) == len(train)
         return sum(b["input_ids"].numel() for b in batches), sum(int(b["attention_mask"].sum()) for b in batches)
 
@@ -65,16 +66,11 @@ def test_grouped_loader_on_real_data(glue_dir, tokenizer, name):
     assert grouped < 0.65 * shuffled
 
 
-def test_length_grouped_batches_is_a_batch_sampler():
-    sampler = LengthGroupedBatches(LENGTHS[:100], 16, torch.Generator().manual_seed(0))
-    assert len(sampler) == 7 and sum(len(b) for b in sampler) == 100
-
-
 @pytest.mark.parametrize("name", ["rte", "cola"])
 def test_tokenised_once_gives_the_batches_the_tokenizer_gives(glue_dir, tokenizer, name):
     """Tokenising the split once, then padding each batch, is the tokenizer's own padding="longest" batch."""
     rows = load_glue(compose_cfg([f"task={name}"]).task, glue_dir)["train"].select(range(40))
-    loader = make_loader(rows, tokenizer, 64, False, 20, shuffle=False)
+    loader = make_loader(rows, tokenizer, 64, False, 20)
     for start, batch in zip((0, 20), loader):
         part = rows[start:start + 20]
         expected = tokenizer(part["text_a"], part.get("text_b"), padding="longest", truncation=True, max_length=64,

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from conftest import compose_cfg
+from conftest import compose_cfg, format1_packed_masks
 from propetl import accounting, checkpoint, files, log, mask_coding, methods, report
 from propetl import model as backbone
 from propetl.validate import ConfigError, validate
@@ -146,7 +146,7 @@ def write_flat(directory, model):
 def write_format1(directory):
     """Turn a checkpoint into what propetl wrote before format 2: bit-packed masks, one tensor per name."""
     masks = checkpoint.read_masks(directory / checkpoint.MASKS_FILE)
-    save_file({n: torch.from_numpy(mask_coding.pack_bits(m)) for n, m in masks.items()}, str(directory / checkpoint.MASKS_FILE),
+    save_file({n: format1_packed_masks(m) for n, m in masks.items()}, str(directory / checkpoint.MASKS_FILE),
               metadata={"shapes": json.dumps({n: list(m.shape) for n, m in masks.items()})})
     config = json.loads((directory / checkpoint.CONFIG_FILE).read_text())
     config["format_version"] = 1

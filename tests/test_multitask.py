@@ -289,15 +289,30 @@ def test_one_layout_from_either_model_and_into_either_model(tiny_cfg, tiny_rober
 
 @pytest.mark.parametrize("grouped", [False, True])
 def test_one_task_batches_are_a_single_task_loaders(glue_dir, grouped):
-    """The batches of a one-task MultiTaskBatches are the single-task DataLoader's, from the same generator draws."""
-    from propetl.batches import make_loader, token_lengths
+    """The batches of a one-task MultiTaskBatches are those of torch's shuffling DataLoader (the single-task runs'
+    loader before issue 15; with grouping, its batch sampler over batches.batch_order), from the same draws."""
+    from torch.utils.data import DataLoader
+
+    from propetl.batches import batch_order, token_lengths
 
     tokenizer = load_tokenizer(compose_cfg().model)
     train_split = load_glue(task_configs(["rte"])[0], glue_dir)["train"].select(range(40))
-    loader = make_loader(train_split, tokenizer, 64, False, 8, True, seed=5, group_by_length=grouped)
     tokenised = tokenise(train_split, tokenizer, 64)
+    lengths, generator, collate = token_lengths(tokenised), torch.Generator().manual_seed(5), PadCollator(tokenizer, False)
+
+    class GroupedBatchSampler:
+        def __len__(self) -> int:
+            return 5
+
+        def __iter__(self):
+            yield from batch_order(40, 8, generator, lengths)
+
+    if grouped:
+        loader = DataLoader(tokenised, batch_sampler=GroupedBatchSampler(), generator=generator, collate_fn=collate)
+    else:
+        loader = DataLoader(tokenised, batch_size=8, shuffle=True, generator=generator, collate_fn=collate)
     batches = MultiTaskBatches([tokenised], [TaskCollator(PadCollator(tokenizer, False), 0)], 8, 10.0, 5,
-                               [token_lengths(tokenised)] if grouped else None)
+                               [lengths] if grouped else None)
     for _ in range(2):                                                   # two epochs: the generators move alike
         ours = list(batches)
         assert len(ours) == len(loader) == 5

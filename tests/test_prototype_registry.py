@@ -76,7 +76,7 @@ def bias_cfg(tiny_model_dir, tmp_path):
         validate(cfg, search_path)
         return cfg
     yield make
-    methods.unregister_prototype("bias")
+    methods.PROTOTYPES.pop("bias", None)
 
 
 def test_its_yaml_registers_it_and_its_settings_are_validated_in_one_line(bias_cfg):

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from propetl import mask_coding, report
+from conftest import format1_packed_masks
+from propetl import report
 from propetl.report.plots import pairwise_hamming
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,7 +91,7 @@ def test_comparison_gives_propetl_minus_petl(tmp_path):
 
 def test_hamming_heat_map_from_bit_packed_masks(tmp_path):
     layer_masks = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 0]], dtype=torch.float32)
-    save_file({"proto.w": torch.from_numpy(mask_coding.pack_bits(layer_masks))}, str(tmp_path / "masks.safetensors"),
+    save_file({"proto.w": format1_packed_masks(layer_masks)}, str(tmp_path / "masks.safetensors"),
               metadata={"shapes": json.dumps({"proto.w": [3, 4]})})
     distance = report.layer_mask_hamming(tmp_path)
     assert distance.tolist() == [[0.0, 0.5, 0.0], [0.5, 0.0, 0.5], [0.0, 0.5, 0.0]]
@@ -164,7 +165,7 @@ def test_collect_results_keeps_metrics_and_mask_bits_only(tmp_path):
     (source / "unfinished").mkdir()
     (source / "unfinished" / "train.log").write_text("cut off")
     (run / "checkpoint").mkdir()
-    save_file({"proto.w": torch.from_numpy(mask_coding.pack_bits(torch.tensor([[1.0, 0.0], [0.0, 1.0]])))}, str(run / "checkpoint" / "masks.safetensors"),
+    save_file({"proto.w": format1_packed_masks(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))}, str(run / "checkpoint" / "masks.safetensors"),
               metadata={"shapes": json.dumps({"proto.w": [2, 2]})})
     for name, size in (("propetl.json", 10), ("prototype.safetensors", 5000), ("head.safetensors", 5000)):
         (run / "checkpoint" / name).write_bytes(b"x" * size)

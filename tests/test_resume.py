@@ -232,14 +232,16 @@ def test_a_loss_gone_bad_on_any_process_stops_every_process_at_that_step(tiny_te
 
     from propetl import distributed, loop
     from propetl import model as backbone
-    from propetl.batches import make_loader
+    from propetl.batches import PadCollator, tokenise
+    from propetl.multitask import MultiTaskBatches
 
     cfg = compose_cfg([*tiny_text_overrides(tiny_text_model_dir, glue_dir), *RUN, "trainer.epochs=1"])
     torch.manual_seed(0)
     model = backbone.build(cfg, 2)
     rows = datasets.Dataset.from_dict({"text_a": ["a cat sat", "the dog ran far"] * 8, "text_b": ["yes", "no"] * 8,
                                        "label": [0, 1] * 8})
-    loader = make_loader(rows, backbone.load_tokenizer(cfg.model), 32, False, 4, True, 0)
+    tokenizer = backbone.load_tokenizer(cfg.model)
+    loader = MultiTaskBatches([tokenise(rows, tokenizer, 32)], [PadCollator(tokenizer, False)], 4, 10.0, 0)
     calls = []
     real_any_process = distributed.any_process
 

@@ -1,15 +1,13 @@
 """The methods registry: how a backbone becomes finetune / petl / propetl / peft for a prototype.
-
-A prototype is one module plus one yaml (conf/prototype/<name>.yaml), registered here by
-register_prototype(name, module). The module provides
+A prototype is one module plus one yaml (conf/prototype/<name>.yaml), registered by register_prototype(name, module)
+(a yaml with `module: my_package.my_prototype` has it imported and registered when a run starts). The module provides
     SETTINGS: {field: rules.Rule}                 its yaml's own keys and what each may be (validate.py checks them)
     SHAPE_KEYS: (field, ...)                      the settings a multi-task base checkpoint must match (checkpoint.py)
     FOLDABLE: bool                                whether merge() folds it into the backbone's own weights
     specs(cfg, hidden) -> {name: TensorSpec}      the tensors of ONE layer's module
     attach(model, layers, weights, cfg)           wraps the backbone's layers so they read `weights`
     merge(layers, weights) -> weights | None      folds masks away for inference (None: folded into the backbone)
-and optionally make_weights(...) when its tensors are produced rather than stored (prefix).
-A yaml with `module: my_package.my_prototype` has that module imported and registered when a run starts.
+    make_weights(...), optional                   the store, when its tensors are produced rather than stored (prefix)
 method=peft (prototype lora only) is the reference row: PEFT's LoRA instead of ours, no PETL store
 (methods/peft_lora.py, imported only on its path: peft is optional).
 """
@@ -40,10 +38,6 @@ def register_prototype(name: str, module: ModuleType) -> None:
     PROTOTYPES[name] = module
 
 
-def unregister_prototype(name: str) -> None:
-    PROTOTYPES.pop(name, None)
-
-
 for _name, _module in (("adapter", adapter), ("lora", lora), ("prefix", prefix)):
     register_prototype(_name, _module)
 
@@ -61,8 +55,7 @@ def import_prototype(prototype_cfg) -> None:
 
 
 class WithShapeKeys:
-    """Config keys, then prototype.<key> for every registered prototype's SHAPE_KEYS (their union), read when
-    iterated: a prototype registered later counts too."""
+    """Config keys + prototype.<key> of every registered prototype's SHAPE_KEYS, read when iterated (late ones too)."""
 
     def __init__(self, keys: tuple[str, ...]):
         self.keys = keys
@@ -134,8 +127,7 @@ def peft_missing() -> str | None:
 
 
 def peft_module():
-    """propetl.methods.peft_lora, imported here only, on method=peft's path (not named peft_lora: importing the
-    submodule binds that name in this package)."""
+    """propetl.methods.peft_lora, imported for method=peft only (not named peft_lora: importing binds that name)."""
     missing = peft_missing()
     if missing:
         raise ImportError(missing)

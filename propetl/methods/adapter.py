@@ -1,13 +1,11 @@
-"""Pfeiffer bottleneck adapter after the feed-forward block of every layer.
-
-With f = FFN output (before the residual), x = the sub-layer input and LN the frozen output
-LayerNorm of the pre-trained layer (used twice, as in the reference):
+"""Pfeiffer bottleneck adapter after the feed-forward block of every layer. With f = FFN output (before the residual),
+x = the sub-layer input and LN the pre-trained layer's frozen output LayerNorm (used twice, as in the reference):
     h   = LN(f + x)                                   # [B, T, hidden]
     a   = W_up relu(W_down h + b_down) + b_up         # W_down [bottleneck, hidden], W_up [hidden, bottleneck]
     out = LN(a + f + x)
-ProPETL: W_down and W_up are the shared prototype times the layer's binary mask; biases shared, unmasked.
-The reference stores the mask scores as the transpose of the weights (down [hidden, bottleneck], up
-[bottleneck, hidden]), so their initial range 1/sqrt(fan_in) uses bottleneck for down and hidden for up.
+ProPETL: W_down and W_up are the shared prototype times the layer's binary mask; biases shared, unmasked. The
+reference stores the mask scores transposed (down [hidden, bottleneck], up [bottleneck, hidden]), so their initial
+range 1/sqrt(fan_in) uses bottleneck for down and hidden for up.
 """
 from __future__ import annotations
 
@@ -27,12 +25,10 @@ FOLDABLE = False                        # a module after the feed-forward block:
 
 def specs(cfg, hidden: int) -> dict[str, TensorSpec]:
     bottleneck, init = int(cfg.bottleneck), f"normal:{cfg.init_std}"
-    return {
-        "down_weight": TensorSpec((bottleneck, hidden), init, masked=True, score_fan_in=bottleneck),
-        "down_bias": TensorSpec((bottleneck,), "zeros", masked=False),
-        "up_weight": TensorSpec((hidden, bottleneck), init, masked=True, score_fan_in=hidden),
-        "up_bias": TensorSpec((hidden,), "zeros", masked=False),
-    }
+    return {"down_weight": TensorSpec((bottleneck, hidden), init, masked=True, score_fan_in=bottleneck),
+            "down_bias": TensorSpec((bottleneck,), "zeros", masked=False),
+            "up_weight": TensorSpec((hidden, bottleneck), init, masked=True, score_fan_in=hidden),
+            "up_bias": TensorSpec((hidden,), "zeros", masked=False)}
 
 
 class AdaptedFeedForwardOutput(nn.Module):

@@ -1,10 +1,7 @@
-"""LoRA on the self-attention projections (query and value by default).
-
-For a frozen projection W [out, in] and input x [B, T, in]:
+"""LoRA on the self-attention projections (query and value by default). For a frozen W [out, in], x [B, T, in]:
     y = W x + b + (alpha / r) * B (A x)               # A [r, in], B [out, r]; A kaiming-uniform, B zeros
-ProPETL: one (A, B) pair per target (query, value), shared by all layers, each layer masking A and B
-with its own binary masks. Merging folds (alpha/r) * (B*M_B)(A*M_A) into W: inference then costs
-exactly what the bare model costs.
+ProPETL: one (A, B) pair per target, shared by all layers, each layer masking A and B with its own binary masks.
+Merging folds (alpha/r) * (B*M_B)(A*M_A) into W: inference then costs exactly what the bare model costs.
 """
 from __future__ import annotations
 

@@ -1,25 +1,16 @@
-"""method=peft: the reference row. Plain LoRA made by Hugging Face PEFT instead of by propetl.
+"""method=peft: the reference row. Plain LoRA made by Hugging Face PEFT instead of by propetl; imported only on
+method=peft's path (methods.peft_module()): `peft` is optional, `pip install 'propetl[peers]'`.
 
-Imported only on method=peft's path (methods.peft_module()): `peft` is an optional dependency,
-`pip install 'propetl[peers]'`.
-
-Same backbone, data, head, loop and recipe as `method=petl prototype=lora`; only the LoRA modules
-come from the library: `peft.inject_adapter_in_model(LoraConfig(r, lora_alpha=alpha, lora_dropout=0,
-target_modules=prototype.targets, bias="none"), model)` wraps every layer's target projections
-(prototype.targets: query and value by default) in a `peft.tuners.lora.Linear`, in place; the model
-keeps its class.
-
-The math and the init are ours (propetl/methods/lora.py): y = W x + b + (alpha / r) * B (A x), with
-A [r, in] kaiming_uniform(a=sqrt(5)) and B [out, r] zeros; PEFT's LoRA layer does exactly that
-(`reset_lora_parameters` with init_lora_weights=True; scaling lora_alpha / r, use_rslora=False).
-tests/test_peft.py copies our A and B into PEFT's lora_A / lora_B and gets the same logits.
-
-The head: ours, trained exactly as every other method trains it, at trainer.head_lr: the classifier
-AND the BERT pooler (the task's head). No task_type is given, so PEFT adds no
-`modules_to_save`; its TaskType.SEQ_CLS defaults would train the classifier only and leave the
-pooler frozen at its pre-trained weights (reported to cost most of STS-B's score on this model), and a
-reference row must differ from ours in the LoRA code only.
-PEFT freezes every non-LoRA parameter when it injects; the head is made trainable again here.
+Same backbone, data, head, loop and recipe as `method=petl prototype=lora`; only the LoRA modules come from the
+library: `peft.inject_adapter_in_model(LoraConfig(r, lora_alpha=alpha, lora_dropout=0, target_modules=
+prototype.targets, bias="none"), model)` wraps the target projections in `peft.tuners.lora.Linear`, in place.
+The math and the init equal ours (methods/lora.py: y = W x + b + (alpha / r) * B (A x), A kaiming_uniform(a=sqrt(5)),
+B zeros; PEFT's reset_lora_parameters with init_lora_weights=True, use_rslora=False): tests/test_peft.py copies our
+A and B into PEFT's lora_A / lora_B and gets the same logits.
+The head is ours, trained as every other method trains it (classifier AND BERT pooler, at trainer.head_lr): no
+task_type is given, so PEFT adds no `modules_to_save` (TaskType.SEQ_CLS would train the classifier only and leave
+the pooler frozen, which costs most of STS-B's score on this model; a reference row must differ in the LoRA code
+only). PEFT freezes every non-LoRA parameter when it injects; the head is made trainable again here.
 """
 from __future__ import annotations
 

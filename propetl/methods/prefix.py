@@ -1,17 +1,15 @@
 """Prefix-tuning: P key/value positions prepended to every layer's self-attention.
-
 Training form (re-parameterised, as the reference): an embedding E [P, hidden] goes through
 Linear(hidden, mlp_hidden) -> tanh -> Linear(mlp_hidden, out) where
   - plain PETL: out = L * 2 * hidden, one prefix per layer: [L, P, 2*hidden];
   - ProPETL:    out = 2 * hidden, ONE prefix shared by all layers, masked per layer: P_base[P, 2h] * M_l.
-Only the MLP's output is stored (the "table" form); a loaded model has no MLP.
-Per layer the [P, 2h] prefix splits into keys [:, :h] and values [:, h:], reshaped to [heads, P, head_dim].
-As in the reference: E starts N(0, 1) (nn.Embedding's default), and the mask scores are drawn as one
-[L, P, 2h] tensor, so their initial range is 1/sqrt(P * 2h) (the fan-in of that layout).
-
-The attention hook lives in ONE place, `prefix_attention`: a function registered with transformers'
-AttentionInterface that prepends the prefix to key/value and widens the attention mask, then calls
-the library's SDPA attention. `attach` fails loudly if the model does not route through it.
+Only the MLP's output is stored (the "table" form); a loaded model has no MLP. Per layer the [P, 2h] prefix splits
+into keys [:, :h] and values [:, h:], reshaped to [heads, P, head_dim]. As in the reference: E starts N(0, 1)
+(nn.Embedding's default), and the mask scores are drawn as one [L, P, 2h] tensor, so their initial range is
+1/sqrt(P * 2h) (the fan-in of that layout).
+The attention hook lives in ONE place, `prefix_attention`, registered with transformers' AttentionInterface: it
+prepends the prefix to key/value, widens the attention mask and calls the library's SDPA attention. `attach` fails
+loudly if the model does not route through it.
 """
 from __future__ import annotations
 
@@ -38,10 +36,10 @@ def prefix_attention(module: nn.Module, query, key, value, attention_mask, **kwa
         weights, index = source
         kv = weights.layer(index)["prefix"]                                   # [P, 2 * hidden]
         length, (batch, heads, _, head_dim) = kv.shape[0], key.shape
-        prefix_k, prefix_v = kv.view(length, 2, heads, head_dim).permute(1, 2, 0, 3).to(key.dtype)  # [heads, P, d] each
+        prefix_k, prefix_v = kv.view(length, 2, heads, head_dim).permute(1, 2, 0, 3).to(key.dtype)  # [heads, P, d]
         key = torch.cat([prefix_k.unsqueeze(0).expand(batch, -1, -1, -1), key], dim=2)
         value = torch.cat([prefix_v.unsqueeze(0).expand(batch, -1, -1, -1), value], dim=2)
-        if attention_mask is not None:                                        # [B, 1, Tq, Tk]: bool keep, or additive float
+        if attention_mask is not None:                                # [B, 1, Tq, Tk]: bool keep, or additive float
             pad_shape = (*attention_mask.shape[:-1], length)
             if attention_mask.dtype == torch.bool:
                 pad = torch.ones(pad_shape, dtype=torch.bool, device=attention_mask.device)
@@ -72,7 +70,8 @@ class PrefixWeights(LayerWeights):
             length, out = int(cfg.length), 2 * hidden * (1 if shared else num_layers)
             std = float(cfg.get("embedding_std", 1.0))               # 1.0: nn.Embedding's init, as the reference
             self.embedding = nn.Parameter(torch.empty(length, hidden).normal_(0.0, std))
-            self.mlp = nn.Sequential(nn.Linear(hidden, int(cfg.mlp_hidden)), nn.Tanh(), nn.Linear(int(cfg.mlp_hidden), out))
+            self.mlp = nn.Sequential(nn.Linear(hidden, int(cfg.mlp_hidden)), nn.Tanh(),
+                                     nn.Linear(int(cfg.mlp_hidden), out))
 
     def base_tensors(self) -> dict[str, torch.Tensor]:
         if not self.reparameterise:
@@ -96,10 +95,8 @@ def attach(model: nn.Module, layers: nn.ModuleList, weights: LayerWeights, cfg) 
     _bind_sources(layers, weights)
     model.set_attn_implementation(ATTENTION_NAME)
     if getattr(layers[0].attention.self.config, "_attn_implementation", None) != ATTENTION_NAME:
-        raise RuntimeError(
-            "prefix-tuning: the model's self-attention does not use transformers' attention interface; "
-            "the prefix hook (propetl/methods/prefix.py) must be ported to this transformers version"
-        )
+        raise RuntimeError("prefix-tuning: the model's self-attention does not use transformers' attention interface; "
+                           "the prefix hook (propetl/methods/prefix.py) must be ported to this transformers version")
 
 
 def merge(layers: nn.ModuleList, weights: LayerWeights) -> LayerWeights:

@@ -19,7 +19,7 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -32,7 +32,7 @@ def positive_int(optional: bool = False) -> Rule:
 
 
 def positive_number(optional: bool = False) -> Rule:
-    return Rule(lambda v: _is_number(v) and v > 0, "a positive number", optional)
+    return Rule(lambda v: is_number(v) and v > 0, "a positive number", optional)
 
 
 def one_of(choices: Iterable, optional: bool = False) -> Rule:

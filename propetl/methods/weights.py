@@ -1,12 +1,10 @@
-"""Per-layer weights of a PETL module, in plain form or ProPETL form.
-
-A prototype method (adapter, LoRA, prefix) declares its tensors as `TensorSpec`s, the shapes of ONE
-layer's module. `LayerWeights` then holds them either
-  - plain (method=petl):   one parameter [L, *shape] per tensor, an independent module per layer;
-  - shared (method=propetl): one parameter [*shape] per tensor, the prototype, plus for masked
-    tensors a `LayerMasks` [L, *shape]; layer l uses  prototype * mask[l]  (biases stay unmasked).
-    Multi-task (num_tasks > 0): a `TaskLayerMasks` instead (T task masks + L layer masks, combined
-    per mask.combine); layer l of task `active_task` uses  prototype * combine(task mask, layer mask l).
+"""Per-layer weights of a PETL module, in plain or ProPETL form. A prototype (adapter, LoRA, prefix) declares its
+tensors as `TensorSpec`s, the shapes of ONE layer's module; `LayerWeights` holds them either
+  - plain (method=petl): one parameter [L, *shape] per tensor, an independent module per layer;
+  - shared (method=propetl): one parameter [*shape] per tensor, the prototype, plus for masked tensors a `LayerMasks`
+    [L, *shape]; layer l uses  prototype * mask[l]  (biases stay unmasked). Multi-task (num_tasks > 0): a
+    `TaskLayerMasks` instead (T task masks + L layer masks, combined per mask.combine); layer l of task `active_task`
+    uses  prototype * combine(task mask, layer mask l).
 Layer wrappers only ever call `layer(l)`, so the model code is the same for both forms.
 """
 from __future__ import annotations
@@ -25,8 +23,7 @@ class TensorSpec:
     shape: tuple[int, ...]
     init: str               # "normal:<std>" | "zeros" | "kaiming"  (kaiming_uniform a=sqrt(5), as nn.Linear)
     masked: bool            # ProPETL masks it per layer (weights) or shares it unmasked (biases)
-    score_fan_in: int | None = None   # fan-in of the reference's mask-score layout (sets the initial score
-                                      # range, masks.score_bound); None: that of a tensor shaped like this one
+    score_fan_in: int | None = None   # reference's score fan-in (initial range: masks.score_bound); None: this shape's
 
     @property
     def numel(self) -> int:
@@ -50,13 +47,11 @@ def init_tensor(tensor: torch.Tensor, init: str) -> None:
 class LayerWeights(nn.Module):
     """The trainable tensors of one PETL method for all L layers (see the module docstring)."""
 
-    def __init__(self, specs: dict[str, TensorSpec], num_layers: int, shared: bool,
-                 mask_sparsity: float = 0.0, mask_kind: str = "learned", mask_seed: int = 0,
-                 num_tasks: int = 0, mask_combine: str = "or"):
+    def __init__(self, specs: dict[str, TensorSpec], num_layers: int, shared: bool, mask_sparsity: float = 0.0,
+                 mask_kind: str = "learned", mask_seed: int = 0, num_tasks: int = 0, mask_combine: str = "or"):
         super().__init__()
         self.specs, self.num_layers, self.shared = dict(specs), num_layers, shared
-        self.weights = nn.ParameterDict()
-        self.masks = nn.ModuleDict()
+        self.weights, self.masks = nn.ParameterDict(), nn.ModuleDict()
         for i, (name, spec) in enumerate(self.specs.items()):
             shape = spec.shape if shared else (num_layers, *spec.shape)
             self.weights[name] = nn.Parameter(torch.empty(shape))
@@ -71,9 +66,8 @@ class LayerWeights(nn.Module):
         self._per_layer: dict[str, torch.Tensor] | None = None
         self._cache_key: tuple | None = None
 
-    # -- what the prototype tensors are (the prefix method overrides this with its MLP's output)
     def base_tensors(self) -> dict[str, torch.Tensor]:
-        """name -> [*shape] (shared) or [L, *shape] (plain), before masking."""
+        """name -> [*shape] (shared) or [L, *shape] (plain), before masking; prefix overrides it (its MLP's output)."""
         return dict(self.weights.items())
 
     def _key(self) -> tuple:
@@ -126,10 +120,9 @@ class LayerWeights(nn.Module):
 
     def to_plain(self) -> "LayerWeights":
         """Materialise every layer's tensors into a plain per-layer store (merge for inference)."""
-        with torch.no_grad():
-            per_layer = {name: t.detach().clone() for name, t in self.per_layer().items()}
         plain = LayerWeights(self.specs, self.num_layers, shared=False)
         with torch.no_grad():
+            per_layer = self.per_layer()
             for name, tensor in per_layer.items():
                 plain.weights[name].copy_(tensor)
         return plain.to(next(iter(per_layer.values())).device)

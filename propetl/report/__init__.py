@@ -25,8 +25,8 @@ from propetl.report.plots import (
     layer_mask_hamming, plot_mask_ablation, plot_mask_hamming, plot_metric_vs_storage, plot_sparsity_sweep
 )
 from propetl.report.runs import (
-    PROTOTYPE_TITLES, TABLE1, TASK_TITLES, distinct_runs, find_metrics, load_runs, mask_kind, single_task_runs, summarise,
-    table1_runs, trivial_runs
+    PROTOTYPE_TITLES, TABLE1, TASK_TITLES, distinct_runs, find_metrics, load_runs, mask_kind, single_task_runs,
+    summarise, table1_runs, trivial_runs
 )
 from propetl.report.stats import paired_comparisons, paired_interval
 from propetl.report.tables import coding_table, comparison_table, markdown_table, paired_csv, report_markdown, runs_csv
@@ -38,7 +38,7 @@ PLOT_FILES = ("metric_vs_storage.png", "sparsity_sweep.png", "mask_ablation.png"
 
 
 def build(roots: Iterable[Path], out_dir: Path, title: str = "") -> dict[str, Path]:
-    """Collect the runs under `roots` and write runs.csv, table.md, paired.csv, rows.json and the plots into `out_dir`."""
+    """Collect the runs under `roots`; write runs.csv, table.md, paired.csv, rows.json and the plots into `out_dir`."""
     roots = list(roots)
     found = load_runs(roots)
     if not found:
@@ -58,16 +58,16 @@ def build(roots: Iterable[Path], out_dir: Path, title: str = "") -> dict[str, Pa
                             ("rows", "rows.json", json.dumps(rows, indent=1))):
         atomic_write_text(out_dir / name, text)
         written[key] = out_dir / name
-    for key, plot in (("metric_vs_storage", plot_metric_vs_storage(rows, out_dir / "metric_vs_storage.png")),
-                      ("sparsity_sweep", plot_sparsity_sweep(pooled, out_dir / "sparsity_sweep.png")),
-                      ("mask_ablation", plot_mask_ablation(pooled, out_dir / "mask_ablation.png"))):
-        if plot:
-            written[key] = plot
+    for key, plot, source in (("metric_vs_storage", plot_metric_vs_storage, rows),
+                              ("sparsity_sweep", plot_sparsity_sweep, pooled),
+                              ("mask_ablation", plot_mask_ablation, pooled)):
+        if drawn := plot(source, out_dir / f"{key}.png"):
+            written[key] = drawn
     learned = [r for r in pooled if r["method"] == "propetl" and mask_kind(r) == "learned"
                and layer_masks_file(Path(r["path"]).parent / "checkpoint").exists()]
     if learned:
-        run = sorted(learned, key=lambda r: (r.get("experiment") != TABLE1, r["task"], str(r["prototype"]), r["seed"]))[0]
-        written["mask_hamming"] = plot_mask_hamming(
-            Path(run["path"]).parent / "checkpoint", out_dir / "mask_hamming.png",
-            f"{TASK_TITLES[run['task']]} · ProPETL-{PROTOTYPE_TITLES.get(run['prototype'])} · seed {run['seed']}: layer masks, Hamming")
+        run = min(learned, key=lambda r: (r.get("experiment") != TABLE1, r["task"], str(r["prototype"]), r["seed"]))
+        title = f"{TASK_TITLES[run['task']]} · ProPETL-{PROTOTYPE_TITLES.get(run['prototype'])} · seed {run['seed']}"
+        written["mask_hamming"] = plot_mask_hamming(Path(run["path"]).parent / "checkpoint",
+                                                    out_dir / "mask_hamming.png", f"{title}: layer masks, Hamming")
     return written

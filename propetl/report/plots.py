@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -10,25 +9,19 @@ import numpy as np
 from propetl import mask_coding
 from propetl.metrics import GLUE_NUMBERS
 from propetl.report.runs import (
-    MASK_KINDS, PAPER_MODEL, PAPER_PROPETL_ROWS, PAPER_STORAGE_PERCENT, PROTOTYPE_TITLES, TASK_TITLES, cell_stats,
-    group_runs, run_score, trivial_runs
+    MASK_KINDS, PAPER_MODEL, PAPER_PROPETL_ROWS, PAPER_STORAGE_PERCENT, PROTOTYPE_TITLES, TASK_TITLES, group_runs,
+    prototype_title, run_score, score_stats, trivial_runs
 )
 from propetl.report.stats import mask_ablation, sparsity_sweep
 from propetl.report.tables import model_prefix, sparsity_text
 
-# ----------------------------------------------------------------------------- plots
-
 PROTOTYPE_COLOURS = {"adapter": "tab:blue", "lora": "tab:orange", "prefix": "tab:green"}
-METHOD_MARKERS = {"finetune": "^", "petl": "s", "peft": "D", "propetl": "o", "petl-multitask": "<", "propetl-multitask": "v"}
+METHOD_MARKERS = {"finetune": "^", "petl": "s", "peft": "D", "propetl": "o", "petl-multitask": "<",
+                  "propetl-multitask": "v"}
 
 
-def _colour(method: str, prototype) -> str:
+def _colour(prototype, method: str = "") -> str:
     return "black" if method == "finetune" else PROTOTYPE_COLOURS.get(prototype, "tab:purple")
-
-
-def _n_text(ns: Iterable[int]) -> str:
-    ns = sorted(set(ns))
-    return str(ns[0]) if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
 
 
 def _pyplot():
@@ -44,34 +37,32 @@ def _task_axes(tasks: list[str], height: float):
     return fig, dict(zip(tasks, axes[0]))
 
 
-def _trivial_line(ax, trivial: dict | None) -> None:
-    """The trivial baseline (a pseudo-run of trivial_runs) as a grey dashed line."""
-    if trivial and (score := run_score(trivial)) is not None:
-        ax.axhline(score, ls="--", lw=1, color="grey", label=f"trivial baseline ({trivial['rule'].split(' (')[0]})")
-
-
 def _points(ax, cells: dict[float, dict], colour: str, label: str, **style) -> None:
     """Means ± std at x (cells: x -> cell_stats), n in the legend; each point's n beside it when n varies."""
-    ns = [c["n"] for c in cells.values()]
+    ns = sorted({c["n"] for c in cells.values()})
+    n_text = str(ns[0]) if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
     ax.errorbar(list(cells), [c["mean"] for c in cells.values()], yerr=[c["std"] for c in cells.values()], capsize=3,
-                color=colour, label=f"{label} (n={_n_text(ns)})", **style)
-    if len(set(ns)) > 1:
+                color=colour, label=f"{label} (n={n_text})", **style)
+    if len(ns) > 1:
         for x, c in cells.items():
-            ax.annotate(f"n={c['n']}", (x, c["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=6, color=colour)
+            ax.annotate(f"n={c['n']}", (x, c["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=6,
+                        color=colour)
 
 
-def _finish(ax, task: str, xlabel: str) -> None:
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(f"{TASK_TITLES.get(task, task)} GLUE score (x100, mean ± std)")
-    ax.set_title(TASK_TITLES.get(task, task))
+def _finish(ax, task: str, xlabel: str, trivial: dict | None = None) -> None:
+    """Labels, grid and legend; `trivial` (a pseudo-run of trivial_runs) first drawn as a grey dashed line."""
+    if trivial and (score := run_score(trivial)) is not None:
+        ax.axhline(score, ls="--", lw=1, color="grey", label=f"trivial baseline ({trivial['rule'].split(' (')[0]})")
+    ax.set(xlabel=xlabel, ylabel=f"{TASK_TITLES.get(task, task)} GLUE score (x100, mean ± std)",
+           title=TASK_TITLES.get(task, task))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2)
 
 
 def plot_metric_vs_storage(rows: list[dict], path: Path) -> Path | None:
-    """Per task: the GLUE score x100 (mean ± std over seeds, n in the legend) against the % of the
-    backbone stored per task (log x); a colour per prototype, a marker per method; the trivial baseline
-    as a dashed line; the paper's ProPETL points (RoBERTa-base) as hollow stars."""
+    """Per task: the GLUE score x100 (mean ± std over seeds, n in the legend) against the % of the backbone stored per
+    task (log x); a colour per prototype, a marker per method; the trivial baseline a dashed line; the paper's ProPETL
+    points (RoBERTa-base) hollow stars."""
     tasks = [t for t in GLUE_NUMBERS if any(row["scores"].get(t) and not row.get("computed") for row in rows)]
     if not tasks:
         return None
@@ -83,7 +74,7 @@ def plot_metric_vs_storage(rows: list[dict], path: Path) -> Path | None:
             if not score or row["percent_storage"] is None or row.get("computed"):
                 continue
             ax.errorbar(row["percent_storage"], score["mean"], yerr=score["std"], capsize=3, ls="none",
-                        marker=METHOD_MARKERS.get(row["method"], "x"), color=_colour(row["method"], row["prototype"]),
+                        marker=METHOD_MARKERS.get(row["method"], "x"), color=_colour(row["prototype"], row["method"]),
                         mfc="none" if row["method"] == "propetl" and " (" in row["label"] else None,
                         label=f"{row['label']} (n={score['n']})")
         for row in rows:
@@ -101,9 +92,9 @@ def plot_metric_vs_storage(rows: list[dict], path: Path) -> Path | None:
 
 
 def plot_sparsity_sweep(runs: list[dict], path: Path) -> Path | None:
-    """Per task: ProPETL's GLUE score (mean ± std over seeds) against mask sparsity, one line per prototype,
-    plain PETL of that prototype (mean over seeds) a dashed line of the same colour, n in the legend, the
-    trivial baseline grey. Give it the pooled runs; None without a sweep."""
+    """Per task: ProPETL's GLUE score (mean ± std over seeds) against mask sparsity, one line per prototype, plain PETL
+    of that prototype (mean over seeds) a dashed line of the same colour, n in the legend, the trivial baseline grey.
+    Give it the pooled runs; None without a sweep."""
     series = sparsity_sweep(runs)
     if not series:
         return None
@@ -112,21 +103,21 @@ def plot_sparsity_sweep(runs: list[dict], path: Path) -> Path | None:
     models = {key[0] for key in series}
     fig, axes = _task_axes([t for t in GLUE_NUMBERS if any(key[1] == t for key in series)], 5.2)
     for (model, task, prototype), points in series.items():
-        ax, colour, title = axes[task], PROTOTYPE_COLOURS.get(prototype, "tab:purple"), PROTOTYPE_TITLES.get(prototype, prototype)
-        cells = {x: cell for x, members in points.items() if x is not None and (cell := cell_stats(run_score(r) for r in members))}
-        _points(ax, cells, colour, f"{model_prefix(model, models)}ProPETL-{title}", marker="o")
-        if reference := cell_stats(run_score(r) for r in plain.get((model, task, prototype), ())):
+        ax, colour, title = axes[task], _colour(prototype), prototype_title(prototype)
+        prefix = model_prefix(model, models)
+        cells = {x: cell for x, members in points.items() if x is not None and (cell := score_stats(members))}
+        _points(ax, cells, colour, f"{prefix}ProPETL-{title}", marker="o")
+        if reference := score_stats(plain.get((model, task, prototype))):
             ax.axhline(reference["mean"], ls="--", lw=1.2, color=colour,
-                       label=f"{model_prefix(model, models)}{title}, plain PETL mean (n={reference['n']})")
+                       label=f"{prefix}{title}, plain PETL mean (n={reference['n']})")
     for task, ax in axes.items():
-        _trivial_line(ax, trivial.get(task))
-        _finish(ax, task, "mask sparsity (fraction of zeros)")
+        _finish(ax, task, "mask sparsity (fraction of zeros)", trivial.get(task))
     return _save(fig, path)
 
 
 def plot_mask_ablation(runs: list[dict], path: Path) -> Path | None:
-    """Per task: ProPETL's GLUE score (mean ± std over seeds) with learned, random and no masks at the same
-    sparsity, a colour per prototype, n in the legend. Give it the pooled runs; None without an ablation."""
+    """Per task: ProPETL's GLUE score (mean ± std over seeds) with learned, random and no masks at the same sparsity,
+    a colour per prototype, n in the legend. Give it the pooled runs; None without an ablation."""
     cells = mask_ablation(runs)
     if not cells:
         return None
@@ -138,13 +129,13 @@ def plot_mask_ablation(runs: list[dict], path: Path) -> Path | None:
         for i, (model, _, prototype, sparsity) in enumerate(keys):
             kinds = cells[(model, task, prototype, sparsity)]
             points = {x + 0.1 * (i - (len(keys) - 1) / 2): cell for x, kind in enumerate(MASK_KINDS)
-                      if (cell := cell_stats(run_score(r) for r in kinds.get(kind, ())))}
-            _points(ax, points, PROTOTYPE_COLOURS.get(prototype, "tab:purple"), f"{model_prefix(model, models)}ProPETL-"
-                    f"{PROTOTYPE_TITLES.get(prototype, prototype)}, s={sparsity_text(sparsity)}", fmt="o")
-        ax.set_xticks(range(len(MASK_KINDS)), [f"{kind} masks" if kind != "none" else "no masks" for kind in MASK_KINDS])
+                      if (cell := score_stats(kinds.get(kind)))}
+            label = f"{model_prefix(model, models)}ProPETL-{prototype_title(prototype)}, s={sparsity_text(sparsity)}"
+            _points(ax, points, _colour(prototype), label, fmt="o")
+        ax.set_xticks(range(len(MASK_KINDS)),
+                      [f"{kind} masks" if kind != "none" else "no masks" for kind in MASK_KINDS])
         ax.set_xlim(-0.5, len(MASK_KINDS) - 0.5)
-        _trivial_line(ax, trivial.get(task))
-        _finish(ax, task, "masks over the prototype")
+        _finish(ax, task, "masks over the prototype", trivial.get(task))
     return _save(fig, path)
 
 
@@ -167,9 +158,8 @@ def layer_mask_hamming(checkpoint_dir: Path) -> np.ndarray:
 
 
 def plot_mask_hamming(checkpoint_dir: Path, path: Path, title: str = "") -> Path:
-    """Heat map of the pairwise Hamming distance between the layers' learned masks of one run, with the
-    distance two independent random masks of the same density d would have, 2·d·(1−d), marked in red on
-    the colour bar and given in the title."""
+    """Heat map of the pairwise Hamming distance between one run's learned layer masks, with that of two independent
+    random masks of the same density d, 2·d·(1−d), marked in red on the colour bar and given in the title."""
     flat = layer_masks(checkpoint_dir)
     distance = pairwise_hamming(flat)
     density = float(flat.mean())
@@ -180,8 +170,7 @@ def plot_mask_hamming(checkpoint_dir: Path, path: Path, title: str = "") -> Path
     for i in range(distance.shape[0]):
         for j in range(distance.shape[1]):
             ax.text(j, i, f"{distance[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("layer")
+    ax.set(xlabel="layer", ylabel="layer")
     ax.set_title((title or "Hamming distance between layer masks") + f"\nred: independent random masks of density "
                  f"d={density:.3f}, 2d(1−d)={independent:.3f}", fontsize=8)
     bar = fig.colorbar(image, ax=ax, fraction=0.046)
@@ -198,5 +187,3 @@ def _save(fig, path: Path) -> Path:
     _pyplot().close(fig)
     tmp.replace(path)
     return path
-
-

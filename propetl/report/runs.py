@@ -1,6 +1,5 @@
-"""Collecting runs: every metrics.json under some folders -> one record per run, grouped into Table-1 rows.
-
-The names, titles and paper numbers the tables and plots share live here too."""
+"""Collecting runs: every metrics.json under some folders -> one record per run, grouped into Table-1 rows. The names,
+titles and paper numbers the tables and plots share live here too."""
 from __future__ import annotations
 
 import json
@@ -32,13 +31,13 @@ PAPER_STORAGE_PERCENT = 0.11            # the paper's ProPETL storage, % of the 
 
 RUN_FIELDS = ("task", "model", "method", "prototype", "mask_kind", "mask_sparsity", "seed", "protocol",
               "best_epoch", "epochs_run", "steps", "glue_score", "train_seconds", "wall_seconds", "world_size")
+# Storage as written (accounting.coding_figures, checkpoint.file_figures): masks per coding, dense in storage.dtype.
+CODING_FIELDS = ("dtype", "mask_coding", "file_mask_bits_per_entry", "mask_bits_per_entry/bits",
+                 "mask_bits_per_entry/entropy", "mask_bits_per_entry_bound", "file_ratio_to_plain_petl",
+                 "storage_ratio_to_plain_petl/bits", "storage_ratio_to_plain_petl/entropy",
+                 "storage_ratio_to_plain_petl/bound")
 STORAGE_FIELDS = ("trainable_params", "stored_params", "mask_entries", "storage_bytes", "file_bytes",
-                  "storage_percent_of_backbone", "storage_ratio_to_plain_petl", "backbone_params")
-# Storage as written (accounting.coding_figures, checkpoint.file_figures): masks per coding, dense tensors in storage.dtype.
-CODING_FIELDS = ("dtype", "mask_coding", "file_mask_bits_per_entry", "mask_bits_per_entry/bits", "mask_bits_per_entry/entropy",
-                 "mask_bits_per_entry_bound", "file_ratio_to_plain_petl", "storage_ratio_to_plain_petl/bits",
-                 "storage_ratio_to_plain_petl/entropy", "storage_ratio_to_plain_petl/bound")
-STORAGE_FIELDS += CODING_FIELDS
+                  "storage_percent_of_backbone", "storage_ratio_to_plain_petl", "backbone_params", *CODING_FIELDS)
 
 # The overlays of conf/experiment/. The sweep and the ablation are not Table 1: their points at table1's
 # settings (the prototype's default sparsity, learned masks) are table1's runs, pooled in.
@@ -52,8 +51,6 @@ ROW_ORDER = [TRIVIAL_LABEL, "Fine-tune"] + [label for title in PROTOTYPE_TITLES.
 MASK_KINDS = ("learned", "random", "none")
 
 
-# ----------------------------------------------------------------------------- collecting
-
 def find_metrics(roots: Iterable[Path]) -> list[Path]:
     """Every metrics.json under the given folders (or the files themselves), sorted."""
     found: set[Path] = set()
@@ -61,7 +58,8 @@ def find_metrics(roots: Iterable[Path]) -> list[Path]:
         if root.is_file():
             found.add(root)
         elif root.is_dir():
-            found.update(p for p in root.rglob("metrics.json") if not any(part.startswith(".") for part in p.parts[-3:-1]))
+            found.update(p for p in root.rglob("metrics.json")
+                         if not any(part.startswith(".") for part in p.parts[-3:-1]))
     return sorted(found)
 
 
@@ -79,17 +77,19 @@ def load_runs(roots: Iterable[Path]) -> list[dict]:
             continue
         if "test" not in metrics or "task" not in metrics:
             raise ValueError(f"{path} is not a propetl metrics.json (no 'task' or 'test')")
-        run = {key: metrics.get(key) for key in RUN_FIELDS}
-        run.update(test=dict(metrics["test"]), storage=dict(metrics.get("storage", {})), trivial=metrics.get("trivial"),
-                   experiment=experiment, path=str(path))
-        runs.append(run)
+        runs.append(_run(metrics, path, experiment, test=dict(metrics["test"]),
+                         storage=dict(metrics.get("storage", {})), trivial=metrics.get("trivial")))
     return runs
+
+
+def _run(metrics: dict, path: Path, experiment: str | None, **fields) -> dict:
+    return {**{key: metrics.get(key) for key in RUN_FIELDS}, **fields, "experiment": experiment, "path": str(path)}
 
 
 def run_experiment(metrics: dict, path: Path) -> str | None:
     """The experiment overlay a run belongs to: metrics.json's `experiment`, else the composed config's
-    `reproduce.experiment` (.hydra/config.yaml), else the folder above the run folder when it is named like
-    one (outputs/reproduce/<profile>/<experiment>/<run>/, results/<profile>/runs/<experiment>/<run>/)."""
+    `reproduce.experiment` (.hydra/config.yaml), else the folder above the run folder when it is named like one
+    (outputs/reproduce/<profile>/<experiment>/<run>/, results/<profile>/runs/<experiment>/<run>/)."""
     if metrics.get("experiment"):
         return str(metrics["experiment"])
     config = path.parent / ".hydra" / "config.yaml"
@@ -111,13 +111,10 @@ def _multitask_runs(metrics: dict, path: Path, experiment: str | None) -> list[d
     amortised = ("amortised_bytes_per_task", "amortised_ratio_to_plain_petl", "amortised_percent_of_backbone")
     storage = {key: s.get(theirs if "amortised_bytes_per_task" in s else key) for key, theirs in zip(keys, amortised)}
     storage["backbone_params"] = s.get("backbone_params")
-    out = []
-    for task, result in metrics["per_task"].items():
-        run = {key: metrics.get(key) for key in RUN_FIELDS}
-        run.update(task=task, method=f"{metrics['method']}-multitask", test=dict(result["test"]), storage=dict(storage),
-                   glue_score=result.get("glue_score"), trivial=result.get("trivial"), experiment=experiment, path=str(path))
-        out.append(run)
-    return out
+    return [_run(metrics, path, experiment, task=task, method=f"{metrics['method']}-multitask",
+                 test=dict(result["test"]), storage=dict(storage), glue_score=result.get("glue_score"),
+                 trivial=result.get("trivial"))
+            for task, result in metrics["per_task"].items()]
 
 
 def run_identity(run: dict) -> tuple:
@@ -125,9 +122,8 @@ def run_identity(run: dict) -> tuple:
 
 
 def distinct_runs(runs: list[dict]) -> list[dict]:
-    """One run per (model, task, method, prototype, mask kind, mask sparsity, seed): a configuration found
-    twice (a sweep repeating a table1 run, two roots holding the same run) counts once: table1's copy,
-    else one of no known experiment, else the sweep's or the ablation's (first path)."""
+    """One run per IDENTITY: a configuration found twice (a sweep repeating a table1 run, two roots holding one run)
+    counts once: table1's copy, else one of no known experiment, else the sweep's or the ablation's (first path)."""
     def preference(run: dict) -> tuple:
         experiment = run.get("experiment")
         return 0 if experiment == TABLE1 else 2 if experiment in POOLED_EXPERIMENTS else 1, run["path"]
@@ -149,8 +145,7 @@ def single_task_runs(runs: list[dict]) -> list[dict]:
 
 
 def trivial_runs(runs: list[dict]) -> list[dict]:
-    """Per task, the computed trivial baseline (metrics.json `trivial`: the train split's majority class or
-    mean score answered for every example of the same test split) as one pseudo-run: never trained."""
+    """Per task, the computed trivial baseline (metrics.json `trivial`; metrics.trivial_baseline) as one pseudo-run."""
     found: dict[str, list[dict]] = defaultdict(list)
     for run in runs:
         if (run.get("trivial") or {}).get("test"):
@@ -169,8 +164,7 @@ def trivial_runs(runs: list[dict]) -> list[dict]:
 
 
 def run_score(run: dict) -> float | None:
-    """A run's GLUE score x100: metrics.json `glue_score` (the mean of the task's numbers in the paper's
-    average; STS-B: Pearson and Spearman), else that mean from its test metrics."""
+    """A run's GLUE score x100: metrics.json `glue_score`, else the mean of its test metrics' GLUE_NUMBERS."""
     if run.get("glue_score") is not None:
         return 100.0 * run["glue_score"]
     names = GLUE_NUMBERS.get(run["task"], ())
@@ -189,7 +183,17 @@ def cell_stats(values: Iterable) -> dict | None:
     values = [float(v) for v in values if v is not None]
     if not values:
         return None
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def score_stats(runs: Iterable[dict] | None) -> dict | None:
+    """cell_stats of the runs' GLUE scores (x100)."""
+    return cell_stats(run_score(r) for r in runs or ())
+
+
+def prototype_title(prototype) -> str:
+    return PROTOTYPE_TITLES.get(prototype, str(prototype))
 
 
 def mask_kind(run: dict) -> str:
@@ -219,8 +223,7 @@ def group_runs(runs: Iterable[dict], keep: Callable[[dict], bool], fields: tuple
 def row_label(run: dict) -> str:
     """The table row a run belongs to, e.g. 'ProPETL-LoRA', 'LoRA', 'LoRA (HF PEFT)', 'Fine-tune',
     'ProPETL-LoRA (random, s=0.5)', the trivial baseline."""
-    method, prototype = run["method"], run.get("prototype")
-    title = PROTOTYPE_TITLES.get(prototype, str(prototype))
+    method, title = run["method"], prototype_title(run.get("prototype"))
     if method.endswith("-multitask"):
         label = f"{'ProPETL' if method.startswith('propetl') else 'PETL'}-{title} (multi-task)"
     elif method == "trivial":
@@ -251,13 +254,13 @@ def _row_order(label: str) -> tuple:
 
 
 def summarise(runs: list[dict]) -> list[dict]:
-    """Table rows: per task the mean/std/n over seeds of each GLUE number and of the GLUE score, the
-    average, storage. A computed pseudo-run (the trivial baseline) counts in no `runs`."""
+    """Table rows: per task the mean/std/n over seeds of each GLUE number and of the GLUE score, the average, storage.
+    A computed pseudo-run (the trivial baseline) counts in no `runs`."""
     models = {r["model"] for r in runs}
-    sparsities = {(r["prototype"], r["mask_kind"], r["mask_sparsity"]) for r in runs if r["method"] == "propetl"}
-    by_prototype = defaultdict(set)
-    for prototype, kind, sparsity in sparsities:
-        by_prototype[(prototype, kind)].add(sparsity)
+    by_prototype = defaultdict(set)                # (prototype, mask kind) -> the sparsities of its ProPETL runs
+    for r in runs:
+        if r["method"] == "propetl":
+            by_prototype[(r["prototype"], r["mask_kind"])].add(r["mask_sparsity"])
     groups: dict[str, list[dict]] = defaultdict(list)
     for run in runs:
         run = dict(run, _model_varies=len(models) > 1,
@@ -266,8 +269,7 @@ def summarise(runs: list[dict]) -> list[dict]:
     rows = []
     for label in sorted(groups, key=_row_order):
         members = groups[label]
-        tasks: dict[str, dict] = {}
-        scores: dict[str, dict] = {}
+        tasks, scores = {}, {}
         for task in [t for t in GLUE_NUMBERS if any(r["task"] == t for r in members)]:
             task_runs = [r for r in members if r["task"] == task]
             tasks[task] = {name: cell_stats(100.0 * r["test"][name] for r in task_runs if name in r["test"])
@@ -278,16 +280,11 @@ def summarise(runs: list[dict]) -> list[dict]:
         storage = [r["storage"] for r in members if r["storage"]]
         computed = all(r.get("computed") for r in members)
         rows.append({
-            "label": label,
-            "method": members[0]["method"],
-            "prototype": members[0].get("prototype"),
-            "tasks": tasks,
-            "scores": scores,
-            "average": 100.0 * glue_average(means) if numbers else None,
-            "average_numbers": numbers,
+            "label": label, "method": members[0]["method"], "prototype": members[0].get("prototype"),
+            "tasks": tasks, "scores": scores,
+            "average": 100.0 * glue_average(means) if numbers else None, "average_numbers": numbers,
             "seeds": sorted({r["seed"] for r in members if r["seed"] is not None}),
-            "runs": sum(not r.get("computed") for r in members),
-            "computed": computed,
+            "runs": sum(not r.get("computed") for r in members), "computed": computed,
             **({"rules": {r["task"]: r.get("rule") for r in members}} if computed else {}),
             "percent_params": mean_or_none(100.0 * s["trainable_params"] / s["backbone_params"] for s in storage
                                     if s.get("backbone_params") and "trainable_params" in s),
@@ -304,5 +301,3 @@ def summarise(runs: list[dict]) -> list[dict]:
 def mean_or_none(values: Iterable) -> float | None:
     values = [float(v) for v in values if v is not None]
     return statistics.fmean(values) if values else None
-
-

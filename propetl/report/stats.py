@@ -1,4 +1,4 @@
-"""Paired statistics: ProPETL − PETL, PEFT − ours, learned − random/none masks, paired by seed (95% t-interval)."""
+"""Paired statistics by seed (95% t-interval): ProPETL − PETL, PEFT − ours, learned − random/none masks."""
 from __future__ import annotations
 
 import math
@@ -8,17 +8,16 @@ from collections import defaultdict
 from scipy import stats as scipy_stats
 
 from propetl.metrics import GLUE_NUMBERS
-from propetl.report.runs import PROTOTYPE_TITLES, group_runs, key_order, mask_kind, run_metric, single_task_runs
+from propetl.report.runs import group_runs, key_order, mask_kind, prototype_title, run_metric, single_task_runs
 
-# ----------------------------------------------------------------------------- sweep, ablation, paired statistics
 
 def sparsity_sweep(runs: list[dict]) -> dict[tuple, dict[float, list[dict]]]:
     """(model, task, prototype) -> {mask sparsity: its ProPETL runs with learned masks}, where more than one
     sparsity was run. Give it the pooled runs (table1's ProPETL runs are the default-sparsity points)."""
     series: dict[tuple, dict] = {}
     keep = lambda r: r["method"] == "propetl" and mask_kind(r) == "learned"          # noqa: E731
-    for (model, task, prototype, sparsity), members in group_runs(runs, keep, ("model", "task", "prototype", "mask_sparsity")).items():
-        series.setdefault((model, task, prototype), {})[sparsity] = members
+    for (*key, sparsity), members in group_runs(runs, keep, ("model", "task", "prototype", "mask_sparsity")).items():
+        series.setdefault(tuple(key), {})[sparsity] = members
     return {key: points for key, points in series.items() if len(points) > 1}
 
 
@@ -26,8 +25,8 @@ def mask_ablation(runs: list[dict]) -> dict[tuple, dict[str, list[dict]]]:
     """(model, task, prototype, mask sparsity) where random or no masks were run -> {learned|random|none:
     ProPETL runs}. Give it the pooled runs (the learned point is table1's run at that sparsity)."""
     cells: dict[tuple, dict] = defaultdict(dict)
-    keep = lambda r: r["method"] == "propetl"                                      # noqa: E731
-    for (*key, kind), members in group_runs(runs, keep, ("model", "task", "prototype", "mask_sparsity", "mask_kind")).items():
+    fields = ("model", "task", "prototype", "mask_sparsity", "mask_kind")
+    for (*key, kind), members in group_runs(runs, lambda r: r["method"] == "propetl", fields).items():
         cells[tuple(key)][kind or "learned"] = members
     return {key: kinds for key, kinds in cells.items() if "random" in kinds or "none" in kinds}
 
@@ -66,13 +65,11 @@ def paired_comparisons(table_runs: list[dict], pooled_runs: list[dict]) -> list[
       learned − random / none    the mask ablation at its sparsity, the learned runs pooled from table1."""
     single = single_task_runs(table_runs)
     plain = group_runs(single, lambda r: r["method"] == "petl", ("model", "task", "prototype"))
-    specs = []
     pro = group_runs(single, lambda r: r["method"] == "propetl" and mask_kind(r) == "learned",
-                 ("model", "task", "prototype", "mask_sparsity"))
-    for (model, task, prototype, sparsity), runs in pro.items():
-        specs.append((0, "ProPETL − PETL", (model, task, prototype, sparsity), runs, plain.get((model, task, prototype))))
+                     ("model", "task", "prototype", "mask_sparsity"))
+    specs = [(0, "ProPETL − PETL", key, runs, plain.get(key[:3])) for key, runs in pro.items()]
     for key, runs in group_runs(single, lambda r: r["method"] == "peft", ("model", "task", "prototype")).items():
-        title = PROTOTYPE_TITLES.get(key[2], str(key[2]))
+        title = prototype_title(key[2])
         specs.append((1, f"{title} (HF PEFT) − {title}", (*key, None), runs, plain.get(key)))
     for key, kinds in mask_ablation(single_task_runs(pooled_runs)).items():
         for rank, other in enumerate(("random", "none"), start=2):
@@ -88,5 +85,3 @@ def paired_comparisons(table_runs: list[dict], pooled_runs: list[dict]) -> list[
                 out.append({"comparison": name, "model": model, "task": task, "prototype": prototype,
                             "mask_sparsity": sparsity, "metric": metric, **result})
     return out
-
-

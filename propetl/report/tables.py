@@ -11,30 +11,29 @@ from pathlib import Path
 
 from propetl.metrics import GLUE_NUMBERS
 from propetl.report.runs import (
-    CODING_FIELDS, MASK_KINDS, PAPER_MODEL, PAPER_PROPETL_ROWS, PAPER_STORAGE_PERCENT, PROTOTYPE_TITLES, RUN_FIELDS,
-    STORAGE_FIELDS, TASK_TITLES, cell_stats, group_runs, mean_or_none, run_score, single_task_runs
+    CODING_FIELDS, MASK_KINDS, PAPER_MODEL, PAPER_PROPETL_ROWS, PAPER_STORAGE_PERCENT, RUN_FIELDS, STORAGE_FIELDS,
+    TASK_TITLES, group_runs, mean_or_none, prototype_title, score_stats, single_task_runs
 )
 from propetl.report.stats import mask_ablation, sparsity_sweep
 
-# ----------------------------------------------------------------------------- tables
+
+def _table(header: list[str], rows: Iterable[list[str]]) -> str:
+    lines = ["| " + " | ".join(cells) + " |" for cells in (header, *rows)]
+    lines.insert(1, "|" + "---|" * len(header))
+    return "\n".join(lines) + "\n"
+
 
 def _cell(cells: dict | None) -> str:
+    """A task's numbers, '/'-separated: mean±std over seeds, the mean alone for one seed."""
     if not cells:
         return "–"
-    parts = []
-    for cell in cells.values():
-        if cell is None:
-            parts.append("–")
-        elif cell["n"] > 1:
-            parts.append(f"{cell['mean']:.2f}±{cell['std']:.2f}")
-        else:
-            parts.append(f"{cell['mean']:.2f}")
-    return "/".join(parts)
+    return "/".join("–" if c is None else f"{c['mean']:.2f}±{c['std']:.2f}" if c["n"] > 1 else f"{c['mean']:.2f}"
+                    for c in cells.values())
 
 
 def _score_cell(runs: Iterable[dict] | None) -> str:
     """GLUE score x100 of some runs: 'mean±std (n=3)'."""
-    cell = cell_stats(run_score(r) for r in runs or ())
+    cell = score_stats(runs)
     return "–" if cell is None else f"{cell['mean']:.2f}±{cell['std']:.2f} (n={cell['n']})"
 
 
@@ -59,27 +58,31 @@ def model_prefix(model, models: set) -> str:
     return f"{model}: " if len(models) > 1 else ""
 
 
+def _task_and_propetl(model, task: str, prototype, models: set) -> list[str]:
+    return [model_prefix(model, models) + TASK_TITLES.get(task, task), f"ProPETL-{prototype_title(prototype)}"]
+
+
 def markdown_table(rows: list[dict], with_paper: bool = True) -> str:
     """Table 1 shape: one row per method, one column per task present, the average and storage."""
     tasks = [t for t in GLUE_NUMBERS if any(t in row["tasks"] for row in rows)]
-    header = ["Method", "% params", "% storage", "bytes/task", "ratio to PETL"] + [TASK_TITLES[t] for t in tasks] + ["Avg", "runs"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    header = ["Method", "% params", "% storage", "bytes/task", "ratio to PETL", *(TASK_TITLES[t] for t in tasks),
+              "Avg", "runs"]
+    body = []
     for row in rows:
         average = _number(row["average"], ".2f")
         if row["average"] is not None and row["average_numbers"] != 11:
             average += f" ({row['average_numbers']} of 11)"
         size = row["file_bytes"] if row["file_bytes"] is not None else row["storage_bytes"]
-        lines.append("| " + " | ".join([
-            row["label"], _number(row["percent_params"], ".3f"), _number(row["percent_storage"], ".3f"), _bytes(size),
-            _number(row["ratio_to_plain_petl"], ".3f"), *[_cell(row["tasks"].get(t)) for t in tasks], average,
-            "computed" if row.get("computed") else str(row["runs"])]) + " |")
+        body.append([row["label"], _number(row["percent_params"], ".3f"), _number(row["percent_storage"], ".3f"),
+                     _bytes(size), _number(row["ratio_to_plain_petl"], ".3f"),
+                     *(_cell(row["tasks"].get(t)) for t in tasks), average,
+                     "computed" if row.get("computed") else str(row["runs"])])
     if with_paper:
-        lines.append(f"| *paper ({PAPER_MODEL})* |  |  |  |  | " + " | ".join("" for _ in tasks) + " |  |  |")
-        for label, paper in PAPER_PROPETL_ROWS.items():
-            cells = ["/".join(f"{v:.2f}" for v in paper[t]) for t in tasks]
-            lines.append(f"| *{label} (paper)* | – | ≈{PAPER_STORAGE_PERCENT} | – | ≈{PAPER_STORAGE_PERCENT} | "
-                         + " | ".join(cells) + f" | {paper['avg']:.2f} (11) | 3 seeds |")
-    return "\n".join(lines) + "\n"
+        body.append([f"*paper ({PAPER_MODEL})*", *([""] * (len(header) - 1))])
+        body += [[f"*{label} (paper)*", "–", f"≈{PAPER_STORAGE_PERCENT}", "–", f"≈{PAPER_STORAGE_PERCENT}",
+                  *("/".join(f"{v:.2f}" for v in paper[t]) for t in tasks), f"{paper['avg']:.2f} (11)", "3 seeds"]
+                 for label, paper in PAPER_PROPETL_ROWS.items()]
+    return _table(header, body)
 
 
 def trivial_note(rows: list[dict]) -> str:
@@ -97,8 +100,7 @@ def comparison_table(rows: list[dict]) -> str:
     ('ProPETL-LoRA (s=0.5)') is compared too, under 'LoRA (s=0.5)'."""
     by_label = {row["label"]: row for row in rows}
     tasks = [t for t in GLUE_NUMBERS if any(t in row["tasks"] for row in rows)]
-    lines = ["| Prototype | " + " | ".join(f"{TASK_TITLES[t]} Δ" for t in tasks) + " | storage ratio |",
-             "|" + "---|" * (len(tasks) + 2)]
+    body = []
     for pro in rows:
         model, colon, base = pro["label"].rpartition(": ")
         match = re.fullmatch(r"ProPETL-(\w+)( \(s=[^)]*\))?", base)
@@ -108,13 +110,10 @@ def comparison_table(rows: list[dict]) -> str:
         deltas = []
         for task in tasks:
             a, b = plain["tasks"].get(task), pro["tasks"].get(task)
-            if not a or not b:
-                deltas.append("–")
-                continue
-            deltas.append("/".join(f"{b[n]['mean'] - a[n]['mean']:+.2f}" if a.get(n) and b.get(n) else "–" for n in a))
-        lines.append(f"| {pro['label'].replace('ProPETL-', '', 1)} | " + " | ".join(deltas)
-                     + f" | {_number(pro['ratio_to_plain_petl'], '.3f')} |")
-    return "\n".join(lines) + "\n"
+            numbers = (f"{b[n]['mean'] - a[n]['mean']:+.2f}" if a.get(n) and b.get(n) else "–" for n in a or ())
+            deltas.append("/".join(numbers) if a and b else "–")
+        body.append([pro["label"].replace("ProPETL-", "", 1), *deltas, _number(pro["ratio_to_plain_petl"], ".3f")])
+    return _table(["Prototype", *(f"{TASK_TITLES[t]} Δ" for t in tasks), "storage ratio"], body)
 
 
 def _excludes_zero(value: bool | None) -> str:
@@ -122,19 +121,16 @@ def _excludes_zero(value: bool | None) -> str:
 
 
 def paired_table(comparisons: list[dict]) -> str:
-    """The paired comparisons as markdown: mean difference, t half-width, 95% interval, excludes 0."""
     models = {c["model"] for c in comparisons}
-    lines = ["| Comparison (A − B) | Task | Prototype | s | Metric | n | seeds | A | B | mean Δ | ± t·sd/√n | 95% CI | excludes 0 |",
-             "|" + "---|" * 13]
-    for c in comparisons:
-        interval = "n/a" if c["ci_low"] is None else f"[{c['ci_low']:+.2f}, {c['ci_high']:+.2f}]"
-        lines.append("| " + " | ".join([
-            c["comparison"], model_prefix(c["model"], models) + TASK_TITLES.get(c["task"], c["task"]),
-            PROTOTYPE_TITLES.get(c["prototype"], str(c["prototype"])), sparsity_text(c["mask_sparsity"]),
-            "GLUE score" if c["metric"] == "glue_score" else c["metric"], str(c["n"]), " ".join(map(str, c["seeds"])),
-            f"{c['mean_a']:.2f}", f"{c['mean_b']:.2f}", f"{c['mean_diff']:+.2f}",
-            "n/a" if c["half_width"] is None else f"{c['half_width']:.2f}", interval, _excludes_zero(c["excludes_zero"])]) + " |")
-    return "\n".join(lines) + "\n"
+    body = [[c["comparison"], model_prefix(c["model"], models) + TASK_TITLES.get(c["task"], c["task"]),
+             prototype_title(c["prototype"]), sparsity_text(c["mask_sparsity"]),
+             "GLUE score" if c["metric"] == "glue_score" else c["metric"], str(c["n"]), " ".join(map(str, c["seeds"])),
+             f"{c['mean_a']:.2f}", f"{c['mean_b']:.2f}", f"{c['mean_diff']:+.2f}",
+             "n/a" if c["half_width"] is None else f"{c['half_width']:.2f}",
+             "n/a" if c["ci_low"] is None else f"[{c['ci_low']:+.2f}, {c['ci_high']:+.2f}]",
+             _excludes_zero(c["excludes_zero"])] for c in comparisons]
+    return _table(["Comparison (A − B)", "Task", "Prototype", "s", "Metric", "n", "seeds", "A", "B", "mean Δ",
+                   "± t·sd/√n", "95% CI", "excludes 0"], body)
 
 
 PAIRED_FIELDS = ("comparison", "model", "task", "prototype", "mask_sparsity", "metric", "n", "seeds", "mean_a",
@@ -147,8 +143,8 @@ def paired_csv(comparisons: list[dict]) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(PAIRED_FIELDS)
     for c in comparisons:
-        writer.writerow([" ".join(map(str, c["seeds"])) if k == "seeds" else _excludes_zero(c[k]) if k == "excludes_zero"
-                         else c[k] for k in PAIRED_FIELDS])
+        writer.writerow([" ".join(map(str, c["seeds"])) if k == "seeds" else _excludes_zero(c[k])
+                         if k == "excludes_zero" else c[k] for k in PAIRED_FIELDS])
     return out.getvalue()
 
 
@@ -161,13 +157,9 @@ def sweep_table(runs: list[dict]) -> str:
     plain = group_runs(runs, lambda r: r["method"] == "petl", ("model", "task", "prototype"))
     models = {key[0] for key in series}
     sparsities = sorted({s for points in series.values() for s in points if s is not None})
-    lines = ["| Task | Prototype | " + " | ".join(f"s={s:g}" for s in sparsities) + " | plain PETL |",
-             "|" + "---|" * (len(sparsities) + 3)]
-    for (model, task, prototype), points in series.items():
-        lines.append(f"| {model_prefix(model, models)}{TASK_TITLES.get(task, task)} | ProPETL-{PROTOTYPE_TITLES.get(prototype, prototype)} | "
-                     + " | ".join(_score_cell(points.get(s)) for s in sparsities)
-                     + f" | {_score_cell(plain.get((model, task, prototype)))} |")
-    return "\n".join(lines) + "\n"
+    return _table(["Task", "Prototype", *(f"s={s:g}" for s in sparsities), "plain PETL"],
+                  ([*_task_and_propetl(*key, models), *(_score_cell(points.get(s)) for s in sparsities),
+                    _score_cell(plain.get(key))] for key, points in series.items()))
 
 
 def ablation_table(runs: list[dict]) -> str:
@@ -176,34 +168,34 @@ def ablation_table(runs: list[dict]) -> str:
     if not cells:
         return ""
     models = {key[0] for key in cells}
-    lines = ["| Task | Prototype | s | learned masks | random masks | no masks |", "|" + "---|" * 6]
-    for (model, task, prototype, sparsity), kinds in cells.items():
-        lines.append(f"| {model_prefix(model, models)}{TASK_TITLES.get(task, task)} | ProPETL-{PROTOTYPE_TITLES.get(prototype, prototype)} "
-                     f"| {sparsity_text(sparsity)} | " + " | ".join(_score_cell(kinds.get(kind)) for kind in MASK_KINDS) + " |")
-    return "\n".join(lines) + "\n"
+    return _table(["Task", "Prototype", "s", "learned masks", "random masks", "no masks"],
+                  ([*_task_and_propetl(model, task, prototype, models), sparsity_text(sparsity),
+                    *(_score_cell(kinds.get(kind)) for kind in MASK_KINDS)]
+                   for (model, task, prototype, sparsity), kinds in cells.items()))
 
 
 def coding_table(runs: list[dict]) -> str:
     """ProPETL runs that logged storage per mask coding (format 2), one line per (model, prototype, sparsity,
     dtype, written coding); '' without any."""
     keep = lambda r: r["method"] == "propetl" and "mask_bits_per_entry_bound" in r["storage"]     # noqa: E731
+    written_as = lambda storage: (storage.get("dtype"), storage.get("mask_coding"))             # noqa: E731
     groups = group_runs(runs, keep, ("model", "task", "prototype", "mask_sparsity"))
     if not groups:
         return ""
     models = {key[0] for key in groups}
-    lines = ["| Task | Prototype | s | dtype | written | bits/entry: file | bits | entropy | log2 C(n,k) "
-             "| ratio: files | bits | entropy | log2 C(n,k) | runs |", "|" + "---|" * 14]
+    body = []
     for (model, task, prototype, sparsity), members in groups.items():
-        for written in sorted({(r["storage"].get("dtype"), r["storage"].get("mask_coding")) for r in members}, key=str):
-            same = [r["storage"] for r in members if (r["storage"].get("dtype"), r["storage"].get("mask_coding")) == written]
-            lines.append(f"| {model_prefix(model, models)}{TASK_TITLES.get(task, task)} | ProPETL-{PROTOTYPE_TITLES.get(prototype, prototype)} "
-                         f"| {sparsity_text(sparsity)} | {written[0]} | {written[1]} | "
-                         + " | ".join(_number(mean_or_none(s.get(k) for s in same), ".4f") for k in CODING_FIELDS[2:])
-                         + f" | {len(same)} |")
-    return "\n".join(lines) + "\n"
+        for written in sorted({written_as(r["storage"]) for r in members}, key=str):
+            same = [r["storage"] for r in members if written_as(r["storage"]) == written]
+            means = (_number(mean_or_none(s.get(k) for s in same), ".4f") for k in CODING_FIELDS[2:])
+            body.append([*_task_and_propetl(model, task, prototype, models), sparsity_text(sparsity),
+                         *map(str, written), *means, str(len(same))])
+    return _table(["Task", "Prototype", "s", "dtype", "written", "bits/entry: file", "bits", "entropy", "log2 C(n,k)",
+                   "ratio: files", "bits", "entropy", "log2 C(n,k)", "runs"], body)
 
 
-def report_markdown(found: list[dict], runs: list[dict], rows: list[dict], comparisons: list[dict], title: str = "") -> str:
+def report_markdown(found: list[dict], runs: list[dict], rows: list[dict], comparisons: list[dict],
+                    title: str = "") -> str:
     """table.md: Table 1, ProPETL − PETL, the paired statistics, the sparsity sweep and the mask ablation.
     `found`: every run read; `runs`: one per configuration (distinct_runs)."""
     pooled = single_task_runs(runs)
@@ -212,12 +204,12 @@ def report_markdown(found: list[dict], runs: list[dict], rows: list[dict], compa
         text += (f" ({len(found) - len(runs)} repeating the (task, method, prototype, mask kind, mask sparsity, seed)"
                  " of another run, counted once)")
     text += ". Test numbers x100, mean ± std over seeds.\n\n"
-    text += ("## Table 1\n\nThe table1 experiment's runs (and multi-task runs); the sparsity sweep and the mask ablation "
-             "have their own sections below.\n\n" + markdown_table(rows))
+    text += ("## Table 1\n\nThe table1 experiment's runs (and multi-task runs); the sparsity sweep and the mask "
+             "ablation have their own sections below.\n\n" + markdown_table(rows))
     text += (f"\n{note}" if (note := trivial_note(rows)) else "")
     text += "\nProPETL minus plain PETL, difference of the means (points):\n\n" + comparison_table(rows)
-    text += ("\n## Paired differences over seeds\n\nA − B in points (x100), runs paired by seed (only seeds both sides "
-             "have): the mean of the per-seed differences with its 95% paired t-interval over seeds, "
+    text += ("\n## Paired differences over seeds\n\nA − B in points (x100), runs paired by seed (only seeds both "
+             "sides have): the mean of the per-seed differences with its 95% paired t-interval over seeds, "
              "mean ± t(0.975, n−1)·sd/√n, sd the sample std of the differences and n the number of paired seeds. "
              "'excludes 0' says whether the interval excludes zero; with n < 2 there is no interval (n/a). "
              "GLUE score: the task's main number (the mean of its numbers in the paper's average, STS-B: of "
@@ -229,16 +221,17 @@ def report_markdown(found: list[dict], runs: list[dict], rows: list[dict], compa
                  "sparsity_sweep runs pooled with table1's (the point at each prototype's default sparsity), each "
                  "configuration and seed counted once.\n\n" + sweep)
     if coding := coding_table(pooled):
-        text += ("\n## Storage by mask coding\n\nProPETL as written, mean over runs: bits per mask entry of the masks file "
-                 "(header included), of each coding, and the information bound log2 C(n,k) per entry; the ratio to plain "
-                 "PETL (same dtype, head excluded) of the files and of each coding.\n\n" + coding)
+        text += ("\n## Storage by mask coding\n\nProPETL as written, mean over runs: bits per mask entry of the masks "
+                 "file (header included), of each coding, and the information bound log2 C(n,k) per entry; the ratio "
+                 "to plain PETL (same dtype, head excluded) of the files and of each coding.\n\n" + coding)
     if ablation := ablation_table(pooled):
         text += ("\n## Mask ablation\n\nProPETL with learned, fixed random and no (all-ones) masks at the same "
-                 "sparsity, GLUE score x100, mean ± std over seeds (n); the learned runs pooled with table1's.\n\n" + ablation)
+                 "sparsity, GLUE score x100, mean ± std over seeds (n); the learned runs pooled with table1's.\n\n"
+                 + ablation)
     return text
 
 
-def runs_csv(runs: list[dict], relative_to: Path | None = None) -> str:
+def runs_csv(runs: list[dict], relative_to: Path) -> str:
     """Every run on one line: experiment, identity, every test metric, the trivial baseline's GLUE score,
     the storage figures, where its metrics.json lies (relative to `relative_to`, so a committed CSV names
     no machine's paths)."""
@@ -247,10 +240,9 @@ def runs_csv(runs: list[dict], relative_to: Path | None = None) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["experiment", *RUN_FIELDS, *(f"test_{n}" for n in metric_names), "trivial_glue_score",
                      *STORAGE_FIELDS, "path"])
-    for run in sorted(runs, key=lambda r: (r["task"], r["method"], str(r["prototype"]), str(r["mask_sparsity"]), r["seed"])):
-        writer.writerow([run.get("experiment")] + [run.get(k) for k in RUN_FIELDS] + [run["test"].get(n) for n in metric_names]
-                        + [(run.get("trivial") or {}).get("glue_score")] + [run["storage"].get(k) for k in STORAGE_FIELDS]
-                        + [os.path.relpath(run["path"], relative_to) if relative_to else run["path"]])
+    for run in sorted(runs, key=lambda r: (r["task"], r["method"], str(r["prototype"]), str(r["mask_sparsity"]),
+                                           r["seed"])):
+        writer.writerow([run.get("experiment"), *(run.get(k) for k in RUN_FIELDS),
+                         *(run["test"].get(n) for n in metric_names), (run.get("trivial") or {}).get("glue_score"),
+                         *(run["storage"].get(k) for k in STORAGE_FIELDS), os.path.relpath(run["path"], relative_to)])
     return out.getvalue()
-
-
