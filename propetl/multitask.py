@@ -8,8 +8,9 @@ Layer l of task t uses  prototype * combine(task mask t, layer mask l)  (mask.co
 propetl/masks.py); with one task, layer masks only, as a single-task run (which it then equals, weight for
 weight: tests/test_multitask.py). Each step trains on one task's batch, the task drawn with p_i ∝ n_i^(1/T)
 (multitask.temperature, 10 as in the reference); the best epoch has the best mean of the tasks' selection
-scores. The checkpoint keeps each task's part (mask bits, head) in a folder of its own, so one task can be
-loaded or shipped alone. With multitask.base_checkpoint a new task is added to a trained model: only its mask
+scores, then each task is scored on its test split. The checkpoint keeps the shared part once and each task's part
+(mask bits, head) in a folder of its own, so one task can be loaded or shipped alone (checkpoint.save_checkpoint /
+load_multitask). With multitask.base_checkpoint a new task is added to a trained model: only its mask
 and head train, against the frozen prototype and layer masks.
 """
 from __future__ import annotations

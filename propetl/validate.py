@@ -48,6 +48,7 @@ RUN_RULES = {       # checked in this order; a key of NULLABLE may also be null
     "mode": rules.one_of(("single", "multitask")),
     "mask.combine": rules.one_of(COMBINES),
 }
+_UNSET = object()
 LEARNING_RATE_KEYS = ("trainer.lr", "trainer.head_lr", "trainer.weight_decay")   # what the optimizer's groups read
 
 
@@ -71,7 +72,7 @@ def validate(cfg, search_path=None) -> None:
     _check(cfg, "task.name", rules.one_of(tasks_known))
     validate_method(cfg)
     for key, rule in RUN_RULES.items():
-        if not (key in NULLABLE and OmegaConf.select(cfg, key) is None):
+        if not (key in NULLABLE and OmegaConf.select(cfg, key, default=_UNSET) is None):    # ??? is not null
             _check(cfg, key, rule)
     if cfg.mode == "multitask":
         tasks = cfg.tasks

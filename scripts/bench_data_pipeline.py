@@ -3,7 +3,8 @@
     python scripts/bench_data_pipeline.py --json results/bench_data_pipeline.json
 
 1. the pipeline alone: build STS-B's training batches (multitask.MultiTaskBatches of one task, as every run;
-   batch 32, length-grouped as the cpu profile) and iterate them for `--epochs` epochs without a model; seconds to build, seconds an epoch;
+   batch 32, length-grouped as the cpu profile) and iterate them for `--epochs` epochs without a model;
+   seconds to build, seconds an epoch;
 2. a short real training run (embedded MiniLM, `--steps` steps, one thread, no selection/test cost
    counted): train_tokens / train_seconds of its metrics.json, and its wall time.
 Times only; run it on the code before and after a change, on the same machine, and compare.

@@ -76,6 +76,7 @@ def test_overrides_from_the_brief():
     ("trainer.max_steps=0", "trainer.max_steps"), ("trainer.warmup_ratio=1.5", "trainer.warmup_ratio"),
     ("data.group_by_length=maybe", "data.group_by_length"),
     ("seed=true", "seed"), ("data.split_seed=false", "data.split_seed"), ("mask.seed=true", "mask.seed"),
+    ("trainer.threads=???", "trainer.threads"), ("data.max_train_examples=???", "data.max_train_examples"),  # not null
 ])
 def test_invalid_values_give_one_line_naming_the_key(override, key):
     with pytest.raises(ConfigError) as error:

@@ -9,7 +9,7 @@ B zeros; PEFT's reset_lora_parameters with init_lora_weights=True, use_rslora=Fa
 A and B into PEFT's lora_A / lora_B and gets the same logits.
 The head is ours, trained as every other method trains it (classifier AND BERT pooler, at trainer.head_lr): no
 task_type is given, so PEFT adds no `modules_to_save` (TaskType.SEQ_CLS would train the classifier only and leave
-the pooler frozen, which costs most of STS-B's score on this model; a reference row must differ in the LoRA code
+the pooler frozen, reported to cost most of STS-B's score on this model; a reference row must differ in the LoRA code
 only). PEFT freezes every non-LoRA parameter when it injects; the head is made trainable again here.
 """
 from __future__ import annotations
