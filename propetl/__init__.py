@@ -36,8 +36,14 @@ def _task_folder(mode: str, task: str, tasks) -> str:
 
 
 def _job_folder(override_dirname: str, job_number) -> str:
-    """A sweep job's folder: its overrides (task=rte,seed=1), or its number when it has none."""
-    return override_dirname or str(job_number)
+    """A sweep job's folder: its overrides (task=rte,seed=1), or its number when it has none; one folder level (a path
+    value's / as %2F), and a name past 200 characters cut, with a hash of the whole kept."""
+    name = override_dirname.replace("%", "%25").replace("/", "%2F") or str(job_number)
+    if len(name) > 200:
+        import hashlib
+
+        name = f"{name[:180]}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
+    return name
 
 
 OmegaConf.register_new_resolver("propetl.scaled", _scaled, replace=True)

@@ -9,7 +9,7 @@
 Built on the runner's own code: a ProPETLConfig becomes the runner's config (its values over the defaults of
 conf/prototype/<prototype>.yaml, conf/method/propetl.yaml, conf/mask/default.yaml, the trainer's lr keys);
 methods.attach wraps the model as propetl-train does, loop.parameter_groups makes the groups, checkpoint.py writes
-and reads the checkpoints.
+and reads the checkpoints. save_propetl replaces only what propetl wrote (files.write_output_folder, as propetl-export).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from propetl import checkpoint, loop, methods
+from propetl import checkpoint, files, loop, methods
 from propetl.model import encoder_layers, head_parameter_names
 from propetl.configs import CONF_DIR
 from propetl.validate import ConfigError, check_resolves, validate_learning_rates, validate_method
@@ -161,8 +161,15 @@ class ProPETLModel(nn.Module):
         return loop.parameter_groups(self.model, cfg, self.head_names)
 
     def save_propetl(self, directory) -> Path:
-        """Write the prototype, the masks and the head (not the backbone) to `directory`, atomically."""
-        return checkpoint.save_checkpoint(self.model, self.runner_config, Path(directory))
+        """Write the prototype, the masks and the head (not the backbone) to `directory`, atomically. `directory` may be
+        new, empty or an earlier save (or export), which it replaces; anything else is refused (files.OutputError,
+        one line, nothing written): a folder holding files propetl did not write, the working folder."""
+        def build(folder: Path) -> None:               # the checkpoint built inside, then its entries moved up
+            inner = checkpoint.save_checkpoint(self.model, self.runner_config, folder / ".checkpoint")
+            for entry in inner.iterdir():
+                entry.rename(folder / entry.name)
+            inner.rmdir()
+        return files.write_output_folder(Path(directory), build, "save_propetl")
 
     def merge_and_unload(self) -> nn.Module:
         """LoRA: fold every layer's masked update into W_q / W_v and return the plain transformers model."""

@@ -15,13 +15,16 @@ is read. A task ships as shared/ + tasks/<task>/; adding a task adds a folder. D
 
 Older checkpoints still load: formats 1-3 of one task are flat (propetl.json, the dense file, masks.safetensors,
 head.safetensors under the transformers model's names; 1: bit-packed masks, no manifest; 2: coded masks and
-dtype; 3: the manifest); formats 1-3 of several tasks have the layout above. A config's names are checked
-against the registry before any is used (check_names). Readers: load_checkpoint (one task, into the
-transformers model: propetl-eval, propetl-export, the Python API) and load_multitask (into the MultiTaskModel).
+dtype; 3: the manifest); formats 1-3 of several tasks have the layout above. A folder without a manifest loads
+only if it predates the seal (format 1-2) and the caller allows it (allow_unsealed, --allow-unsealed). Every value of
+a config is checked by the command line's rules, its names against the registry, before any is used (check_config).
+Readers: load_checkpoint (one task, into the transformers model: propetl-eval, propetl-export, the Python API) and
+load_multitask (into the MultiTaskModel).
 """
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -30,11 +33,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from propetl import mask_coding, methods
+from propetl import mask_coding, methods, validate
 from propetl import model as backbone
 from propetl.accounting import STORAGE_DTYPES, UNNAMED_TASK, dense_parameters, kept, split_task_layer, storage_settings
-from propetl.configs import plain_value
-from propetl.files import CheckpointError, check_seal, seal, write_folder_atomically
+from propetl.configs import ConfigError, group_choices, plain_value
+from propetl.files import MANIFEST_FILE, CheckpointError, check_seal, seal, write_folder_atomically
+from propetl.methods import rules
 FORMAT_VERSION = 4
 READABLE_FORMATS = (1, 2, 3, 4)
 SEALED_FORMAT = 3                     # from this format on, every checkpoint folder carries a manifest
@@ -45,6 +49,19 @@ LAYER_MASKS_FILE, TASK_MASK_FILE = mask_coding.LAYER_MASKS_FILE, "task_mask.safe
 MASKS_FILE = mask_coding.MASKS_FILE   # formats 1-3 of one task: the flat layout's masks file
 DENSE_FILE = {"propetl": "prototype.safetensors", "petl": "petl.safetensors", "finetune": "backbone.safetensors",
               "peft": "peft.safetensors"}
+# What a checkpoint config may hold (check_config): the sections and keys of the command line's config it keeps,
+# checked by the same rules (validate.py), and the checkpoint's own keys.
+CONFIG_SECTIONS = ("model", "method", "prototype", "mask")
+OPTIONAL_SECTIONS = ("data", "storage")                   # the Python API saves no data split, format 1 no storage
+SAVED_RUN_KEYS = ("model.name_or_path", "model.hidden_size", "model.num_layers", "mask.combine", "data.protocol",
+                  "data.split_seed", "data.max_length", "storage.dtype", "storage.mask_coding")  # validate.RUN_RULES'
+OPTIONAL_KEYS = ("mask.combine",)                                                      # older checkpoints lack it
+OBJECT = rules.Rule(lambda v: isinstance(v, dict), "an object")
+FORMAT_RULE = rules.Rule(lambda v: rules.integer().accepts(v) and v in READABLE_FORMATS,
+                         ", ".join(map(str, READABLE_FORMATS)))
+BOOLEAN = rules.Rule(lambda v: isinstance(v, bool), "true or false")
+TASK_LIST = rules.Rule(lambda v: isinstance(v, list) and bool(v) and all(isinstance(t, str) for t in v)
+                       and len(set(v)) == len(v), "a non-empty list of distinct task names")
 MATCH_KEYS = methods.WithShapeKeys(("model.name_or_path", "method.name", "prototype.name", "mask.kind",
                                     "mask.sparsity", "mask.combine"))    # + every prototype's SHAPE_KEYS
 
@@ -139,19 +156,34 @@ def save_checkpoint(model: nn.Module, cfg, directory: Path) -> Path:
 
 # ----------------------------------------------------------------------------- reading
 
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """safetensors only (never pickle); a truncated or corrupted file gives a one-line error."""
+@contextmanager
+def _reading(path: Path):
+    """A safetensors file that cannot be read (truncated, corrupted) as a one-line error."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        return load_file(str(path)), metadata
+        yield
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
 
 
-def read_checkpoint_config(directory: Path) -> dict:
-    """A checkpoint's propetl.json (shared/, or the flat folder of formats 1-3), once its folder matches its
-    manifest (required from format 3 on) and its names are the registry's (check_names); else one line."""
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """safetensors only (never pickle); a truncated or corrupted file gives a one-line error."""
+    with _reading(path):
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(str(path)), metadata
+
+
+def safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """The names and shapes of a safetensors file's tensors, from its header (nothing is loaded)."""
+    with _reading(path):
+        with safe_open(str(path), framework="pt") as f:
+            return {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
+
+
+def read_checkpoint_config(directory: Path, allow_unsealed: bool = False) -> dict:
+    """A checkpoint's propetl.json (shared/, or the flat folder of formats 1-3), once its folder matches its manifest
+    (allow_unsealed: a folder of format 1-2 may have none, check_unsealed) and every value is valid (check_config);
+    else one line."""
     directory = Path(directory)
     shared = directory / SHARED_DIR
     folder = shared if shared.is_dir() else directory
@@ -164,58 +196,72 @@ def read_checkpoint_config(directory: Path) -> dict:
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} holds a {type(config).__name__}, not a checkpoint config (a JSON object)")
     version = config.get("format_version")
-    if version not in READABLE_FORMATS or isinstance(version, bool):
-        raise CheckpointError(f"{path}: format_version {version!r}, this propetl reads "
-                              f"{', '.join(map(str, READABLE_FORMATS))}")
-    if version >= SEALED_FORMAT and not sealed:
-        check_seal(folder, required=True, hint=f"format {version} checkpoints carry one")
+    _check_value(path, "format_version", version, FORMAT_RULE)
+    if not sealed:
+        check_unsealed(folder, version, allow_unsealed)
     if version >= ONE_LAYOUT_FORMAT and (folder is not shared or "tasks" not in config):
         raise CheckpointError(f"{path}: format_version {version} keeps its config in {SHARED_DIR}/ and names its "
                               f"tasks ('tasks')")
-    check_names(config, path)
+    check_config(config, path)
     return config
 
 
-def _check_choice(path: Path, key: str, value, choices) -> None:
-    if not isinstance(value, str) or value not in choices:
-        raise CheckpointError(f"{path}: {key}={value!r} is invalid; allowed: {', '.join(map(str, choices))}")
+def check_unsealed(folder: Path, version: int, allow_unsealed: bool) -> None:
+    """A checkpoint folder without a manifest (check_seal found none): refused in one line, unless it predates the
+    seal (format 1-2) and the caller allows unsealed folders (--allow-unsealed): a deleted manifest and a lowered
+    format_version are no way around the seal."""
+    if version >= SEALED_FORMAT:
+        check_seal(folder, required=True, hint=f"format {version} checkpoints carry one")
+    if not allow_unsealed:
+        raise CheckpointError(f"{folder} has no {MANIFEST_FILE} (format {version}: written before checkpoints were "
+                              f"sealed in format {SEALED_FORMAT}, or edited); pass --allow-unsealed "
+                              f"(allow_unsealed=True in Python) to load an unsealed legacy checkpoint")
 
 
-def check_names(config: dict, path: Path) -> None:
-    """Every name a checkpoint config gives (method, prototype, mask kind and combine, storage, tasks) against the
-    registry, before any is used to open a config, a folder or a module. Tasks: the task group's options."""
-    from propetl.configs import group_choices
-    from propetl.masks import COMBINES, MASK_KINDS
+def check_part(part: Path, version: int, allow_unsealed: bool = False) -> None:
+    """A task's folder (tasks/<task>/) against its manifest; one without it as check_unsealed says."""
+    if not check_seal(part, required=False):
+        check_unsealed(part, version, allow_unsealed)
 
-    for section in ("model", "method", "prototype", "mask"):
-        if not isinstance(config.get(section), dict):
-            raise CheckpointError(f"{path}: '{section}' is {config.get(section)!r}, expected an object")
-    _check_choice(path, "method.name", config["method"].get("name"), methods.METHODS)
-    _check_choice(path, "prototype.name", config["prototype"].get("name"), tuple(methods.PROTOTYPES))
-    _check_choice(path, "mask.kind", config["mask"].get("kind"), MASK_KINDS)
-    if "combine" in config["mask"]:                     # older checkpoints lack it
-        _check_choice(path, "mask.combine", config["mask"]["combine"], COMBINES)
-    if "storage" in config:                             # format 1 lacks it
-        storage = config["storage"] if isinstance(config["storage"], dict) else {}
-        _check_choice(path, "storage.dtype", storage.get("dtype"), tuple(STORAGE_DTYPES))
-        _check_choice(path, "storage.mask_coding", storage.get("mask_coding"), mask_coding.CODINGS)
-    if not isinstance(config["model"].get("name_or_path"), str):
-        raise CheckpointError(f"{path}: model.name_or_path={config['model'].get('name_or_path')!r} is not a path")
-    if "tasks" in config:                               # format 4, and several tasks of formats 1-3
-        tasks, labels = config.get("tasks"), config.get("num_labels")
-        if not isinstance(tasks, list) or not tasks or not isinstance(labels, dict) or set(labels) != set(tasks):
-            raise CheckpointError(f"{path}: tasks={tasks!r} with num_labels={labels!r} is not a list of tasks "
-                                  f"and their label counts")
-        for task in tasks:
-            _check_choice(path, "tasks", task, (*group_choices("task"), UNNAMED_TASK))
-        if not isinstance(config.get("task_masks", True), bool):
-            raise CheckpointError(f"{path}: task_masks={config['task_masks']!r} is not true or false")
+
+def _check_value(path: Path, key: str, value, rule: rules.Rule) -> None:
+    if not rule.accepts(value):
+        raise CheckpointError(f"{path}: {key}={value!r} is invalid; allowed: {rule.allowed}")
+
+
+def check_config(config: dict, path: Path) -> None:
+    """Every value of a checkpoint config by the rules of the command line's config (validate.validate_method and
+    validate.RUN_RULES: names against the registry before any is used to open a config, a folder or a module), and
+    the checkpoint's own keys (the tasks and their label counts, task_masks); the first invalid one in one line."""
+    for section in (*CONFIG_SECTIONS, *(s for s in OPTIONAL_SECTIONS if s in config)):
+        _check_value(path, section, config.get(section), OBJECT)
+    try:
+        cfg = OmegaConf.create(config)
+        validate.check_resolves(cfg)
+        validate.validate_method(cfg)
+    except ConfigError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    for key in SAVED_RUN_KEYS:
+        section, name = key.split(".")
+        if section in config and (name in config[section] or key not in OPTIONAL_KEYS):
+            _check_value(path, key, config[section].get(name), validate.RUN_RULES[key])
+    if "tasks" not in config:                           # formats 1-3 of one task
+        _check_value(path, "task", config.get("task"), OBJECT)
+        task = config["task"]
+        if task.get("name") is not None:                # the Python API's save_propetl knows no task
+            _check_value(path, "task.name", task["name"], rules.one_of(group_choices("task")))
+        _check_value(path, "task.num_labels", task.get("num_labels"), rules.positive_int())
         return
-    task = config.get("task")
-    if not isinstance(task, dict):
-        raise CheckpointError(f"{path}: 'task' is {task!r}, expected an object")
-    if task.get("name") is not None:                    # the Python API's save_propetl knows no task
-        _check_choice(path, "task.name", task["name"], group_choices("task"))
+    tasks, labels = config["tasks"], config.get("num_labels")
+    _check_value(path, "tasks", tasks, TASK_LIST)
+    for task in tasks:
+        _check_value(path, "tasks", task, rules.one_of((*group_choices("task"), UNNAMED_TASK)))
+    _check_value(path, "num_labels", labels, rules.Rule(lambda v: isinstance(v, dict) and set(v) == set(tasks),
+                                                        f"an object of each task's label count ({', '.join(tasks)})"))
+    for task in tasks:
+        _check_value(path, f"num_labels.{task}", labels[task], rules.positive_int())
+    if "task_masks" in config:                          # older ones lack it (they always had task masks)
+        _check_value(path, "task_masks", config["task_masks"], BOOLEAN)
 
 
 def single_task_config(config: dict, directory: Path) -> dict:
@@ -231,26 +277,27 @@ def single_task_config(config: dict, directory: Path) -> dict:
     return {**config, "task": {"name": None if name == UNNAMED_TASK else name, "num_labels": config["num_labels"][name]}}
 
 
-def load_checkpoint(directory: Path, config: dict | None = None) -> tuple[nn.Module, "OmegaConf"]:
+def load_checkpoint(directory: Path, config: dict | None = None,
+                    allow_unsealed: bool = False) -> tuple[nn.Module, "OmegaConf"]:
     """A one-task checkpoint as the transformers model with the method inside, in eval mode, and its config with
-    `task` (`config`: its read_checkpoint_config, if the caller has it: the folder is not hashed again)."""
+    `task` (`config`: its read_checkpoint_config, if the caller has it: the folder is not hashed again).
+    allow_unsealed: a folder of format 1-2 without a manifest loads (check_unsealed)."""
     directory = Path(directory)
-    config = single_task_config(read_checkpoint_config(directory) if config is None else config, directory)
-    cfg = OmegaConf.create(config)
-    if cfg.method.name == "peft" and (missing := methods.peft_missing()):
-        raise CheckpointError(f"{directory}: {missing}")
+    if config is None:
+        config = read_checkpoint_config(directory, allow_unsealed)
+    cfg = OmegaConf.create(single_task_config(config, directory))
     model = backbone.build(cfg, int(cfg.task.num_labels), for_training=False)
-    load_weights(model, cfg, backbone.head_parameter_names(model), directory)
+    load_weights(model, cfg, backbone.head_parameter_names(model), directory, allow_unsealed)
     return model.eval(), cfg
 
 
-def load_weights(model: nn.Module, cfg, head_names: set[str], directory: Path) -> None:
+def load_weights(model: nn.Module, cfg, head_names: set[str], directory: Path, allow_unsealed: bool = False) -> None:
     """Copy a one-task checkpoint's tensors (dense, masks, head) into a transformers model built for inference
     with the checkpoint's config `cfg` (for_training=False; single_task_config)."""
     directory, method = Path(directory), cfg.method.name
     if cfg.get("tasks") is not None:                # format 4: shared/ + tasks/<task>/, the head under TaskHead's names
         shared, part = directory / SHARED_DIR, directory / TASKS_DIR / cfg.tasks[0]
-        check_seal(part, required=cfg.format_version >= SEALED_FORMAT)
+        check_part(part, cfg.format_version, allow_unsealed)
         dense_path, masks_path, head_path = shared / DENSE_FILE[method], shared / LAYER_MASKS_FILE, part / HEAD_FILE
         layout = backbone.head_layout(model)
     else:
@@ -291,9 +338,9 @@ def _copy_into(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor
 
 # ----------------------------------------------------------------------------- into the MultiTaskModel
 
-def read_multitask_config(directory: Path) -> dict:
+def read_multitask_config(directory: Path, allow_unsealed: bool = False) -> dict:
     """The config of a checkpoint in the shared/ + tasks/ layout (format 4; several tasks of formats 1-3)."""
-    config = read_checkpoint_config(Path(directory))
+    config = read_checkpoint_config(Path(directory), allow_unsealed)
     if "tasks" not in config:
         raise CheckpointError(f"{directory} is a one-task checkpoint of format {config['format_version']} "
                               f"(flat): checkpoint.load_checkpoint reads it; tasks are added to a multi-task checkpoint")
@@ -314,13 +361,14 @@ def check_can_add(directory: Path, config: dict, adding: list[str]) -> None:
 
 
 def load_multitask(directory: Path, tasks: list[str] | None = None, cfg=None, extra_tasks=(), for_training=False,
-                   config: dict | None = None):
+                   config: dict | None = None, allow_unsealed: bool = False):
     """The MultiTaskModel from `shared/` and the named tasks' folders (default: all), in eval mode, and the
     checkpoint's config. With `cfg`, its settings must match the checkpoint's; `extra_tasks` (task configs) get
-    fresh masks and heads (adding tasks); `config`: its read_multitask_config, if the caller has it."""
+    fresh masks and heads (adding tasks); `config`: its read_multitask_config, if the caller has it;
+    allow_unsealed: folders of format 1-2 without a manifest load (check_unsealed)."""
     directory = Path(directory)
     extra = [t.name for t in extra_tasks]
-    saved = read_multitask_config(directory) if config is None else config
+    saved = read_multitask_config(directory, allow_unsealed) if config is None else config
     if extra:
         check_can_add(directory, saved, extra)
     if cfg is not None:
@@ -344,21 +392,22 @@ def load_multitask(directory: Path, tasks: list[str] | None = None, cfg=None, ex
         _copy_into(targets, dense, shared / DENSE_FILE[method])
         if layer_masks:
             _load_masks(layer_masks, read_masks(shared / LAYER_MASKS_FILE), shared / LAYER_MASKS_FILE)
-    load_task_parts(model, directory, names, saved["format_version"])
+    load_task_parts(model, directory, names, saved["format_version"], allow_unsealed)
     return model.eval(), saved
 
 
-def load_task_parts(model: nn.Module, directory: Path, names: list[str], format_version: int | None = None) -> None:
+def load_task_parts(model: nn.Module, directory: Path, names: list[str], format_version: int | None = None,
+                    allow_unsealed: bool = False) -> None:
     """Set the named tasks' mask rows and heads of a multi-task model from their folders, each checked against its
-    manifest first (also after adding a task: the old tasks' parts back exactly as they were saved)."""
+    manifest first (check_part; also after adding a task: the old tasks' parts back exactly as they were saved)."""
     if format_version is None:
-        format_version = read_multitask_config(directory)["format_version"]
+        format_version = read_multitask_config(directory, allow_unsealed)["format_version"]
     weights = methods.petl_weights(model)
     task_masks, _ = split_task_layer(weights.mask_stores()) if weights is not None else ({}, {})
     with torch.no_grad():
         for name in names:
             index, part = model.task_names.index(name), Path(directory) / TASKS_DIR / name
-            check_seal(part, required=format_version >= SEALED_FORMAT)
+            check_part(part, format_version, allow_unsealed)
             if task_masks:
                 rows = read_masks(part / TASK_MASK_FILE)
                 for tensor, mask in task_masks.items():

@@ -4,52 +4,70 @@ import (Hydra, OmegaConf, the config tree): `--help` and tab completion answer w
 """
 from __future__ import annotations
 
-import shutil
+import os
 import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from propetl import distributed
+from propetl import distributed, sweep
 from propetl.command_line import check_command_line
 from propetl.configs import CONF_DIR, PRIMARY_CONFIG, ConfigError
 
 
-def discard_unfinished(output_dir: Path) -> None:
-    """A job that failed before producing results leaves no half-filled run directory behind."""
-    if output_dir.exists() and not any((output_dir / name).exists() for name in ("metrics.json", "checkpoint", "resume")):
-        shutil.rmtree(output_dir, ignore_errors=True)
-        outputs = (Path.cwd() / "outputs").resolve()
-        for parent in output_dir.resolve().parents:          # and the empty folders made for it (outputs/runs/rte/…)
-            if parent == outputs or outputs not in parent.parents or any(parent.iterdir()):
-                break
-            parent.rmdir()
+def in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def run_owned(cfg: DictConfig, output_dir: Path, is_main: bool = True) -> dict:
+    """train(cfg) in `output_dir` owned for the run (rundir.claim): a failure removes only what the run made and puts
+    set-aside results back; a success drops the results it replaced (trainer.resume=false) and an old error.txt."""
+    from propetl import rundir
+    from propetl.resume import Interrupted
+    from propetl.train import train
+
+    allow_other_files = bool(OmegaConf.select(cfg, "run_dir.allow_other_files", default=False))
+    with rundir.claim(output_dir, enabled=is_main, allow_other_files=allow_other_files) as claim:
+        try:
+            metrics = train(cfg, output_dir, claim)
+        except Interrupted:                                       # a checkpoint was saved: the run resumes from it
+            raise
+        except BaseException:
+            rundir.clean_after_failure(claim)
+            raise
+        if is_main:
+            rundir.forget_previous(output_dir)
+            (output_dir / rundir.ERROR_FILE).unlink(missing_ok=True)
+    return metrics
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=PRIMARY_CONFIG)
-def hydra_entry(cfg: DictConfig) -> float:
+def hydra_entry(cfg: DictConfig) -> float | None:
+    """One run in its folder (run_owned). A user error is one line and exit 2, or, inside a sweep (-m), error.txt in
+    the job's folder and the sweep goes on (propetl/sweep.py)."""
     from hydra.core.hydra_config import HydraConfig
 
     from propetl import log, rundir
     from propetl.resume import Interrupted
     from propetl.run import USER_ERRORS
-    from propetl.train import train
 
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     is_main = distributed.from_environment().is_main             # rank 0 owns the run directory
     try:
-        with rundir.claim(output_dir, enabled=is_main):
-            try:
-                metrics = train(cfg, output_dir)
-            except USER_ERRORS:
-                if is_main:
-                    discard_unfinished(output_dir)
-                raise
+        metrics = run_owned(cfg, output_dir, is_main)
         return metrics.get("glue_score", metrics.get("mean_test_score"))     # multi-task: the mean of the tasks
     except (*USER_ERRORS, rundir.RunDirectoryInUse) as error:
         print(f"propetl-train: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        if not in_sweep():
+            sys.exit(2)
+        if is_main and not isinstance(error, rundir.RunDirectoryInUse):     # the job's folder keeps its error
+            rundir.record_failure(output_dir, str(error))
+        sweep.failed(output_dir, str(error))
+        return None
     except Interrupted as stop:
         print(f"propetl-train: {stop}; resume with: propetl-train <same overrides> hydra.run.dir={output_dir}",
               file=sys.stderr)
@@ -59,6 +77,19 @@ def hydra_entry(cfg: DictConfig) -> float:
 
 
 DEFAULT_OUTPUTS = "outputs"        # conf/hydra/default.yaml's run and sweep folders are under it, in the working folder
+
+
+def check_existing_run_dir(run_dir: Path, allow_other_files: bool) -> None:
+    """A hydra.run.dir that exists before Hydra starts: the run did not make it (so never removes it), and files no
+    run wrote there are refused now, before Hydra writes its log into the folder (rundir's ownership rule)."""
+    from propetl import rundir
+
+    os.environ[rundir.EXISTING_DIR_ENV] = str(run_dir.resolve())
+    if not allow_other_files:
+        try:
+            rundir.refuse_other_files(run_dir)
+        except rundir.RunDirectoryError as error:
+            raise ConfigError(str(error)) from None
 
 
 def check_output_folder(argv: list[str]) -> None:
@@ -73,6 +104,8 @@ def check_output_folder(argv: list[str]) -> None:
     if given:
         if problem := unwritable(Path(given[-1])):
             raise ConfigError(f"{key}{given[-1]} cannot be written: {problem}; choose another folder")
+        if key == "hydra.run.dir=" and Path(given[-1]).is_dir():
+            check_existing_run_dir(Path(given[-1]), "run_dir.allow_other_files=true" in argv)
         return
     if any(a.startswith(("experiment=", "+experiment=")) or a.startswith("-") and a not in ("-m", "--multirun")
            for a in argv):                       # an overlay's folder, --config-dir's, or a flag (--help, --cfg job)
@@ -94,6 +127,8 @@ def main() -> None:
         print(f"propetl-train: error: {error}", file=sys.stderr)
         sys.exit(2)
     hydra_entry()
+    if failures := sweep.failures_of_this_process():
+        sys.exit(min(failures, 125))        # a sweep: how many of its jobs failed (each named in its summary)
 
 
 if __name__ == "__main__":

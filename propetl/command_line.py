@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Sequence
 
+import yaml
 from omegaconf import DictConfig
 
 from propetl.configs import PRIMARY_CONFIG, ConfigError, compose, config_dir_entry, require_option
@@ -56,7 +57,7 @@ def check_command_line(arguments: Sequence[str]) -> None:
                 groups[key] = [one.strip() for one in value.split(",")]
         elif (sep or prefix) and not key.startswith("hydra") and not set("/@") & set(key):
             keys.append((argument, key))
-    if keys:
+    if keys or search_path:     # a user's folder: its chosen files compose (a broken YAML file is one line)
         check_keys_known(keys, groups, search_path, args.config_name or PRIMARY_CONFIG)
 
 
@@ -84,6 +85,10 @@ def known_keys(groups: dict[str, list[str]], search_path: Sequence[str] = (),
     for overrides in choices:
         try:
             cfg = compose(overrides, search_path, config_name)
+        except yaml.MarkedYAMLError as error:      # a user's file that is not YAML: name it, not Hydra's traceback
+            mark = error.problem_mark or error.context_mark
+            where = f"{mark.name}, line {mark.line + 1}" if mark else "a config file"
+            raise ConfigError(f"{where}: not valid YAML: {error.problem or error.context}; fix the file") from None
         except Exception:           # noqa: BLE001  (Hydra's composition errors have no common type)
             return None
         keys |= config_keys(cfg) - {"hydra"}

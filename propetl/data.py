@@ -26,6 +26,8 @@ LARGE_TASK_VALIDATION_SIZE = 1000  # train examples held out for model selection
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 TEXT_FIELDS = ("text_a", "text_b")
 FIX_HINT = "set data.dir=PATH or PROPETL_DATA_DIR to a folder of GLUE task files"
+FLOAT32_MAX = 3.4028234663852886e38   # a regression label beyond it is inf in the float32 label column
+MIN_ROWS = {"train": 1, "validation": 2, "test": 2}    # selection and test: correlations need two rows
 
 
 class DataError(Exception):
@@ -51,6 +53,7 @@ class _TaskSpec:
     hub_config: str | None
     hub_dev_split: str
     hub_columns: dict[str, str]  # text_a / text_b / label -> column name in the hub dataset
+    label_range: tuple[float, float] | None = None  # regression: the scores a label may take (STS-B: 0..5)
 
     @property
     def is_regression(self) -> bool:
@@ -78,8 +81,14 @@ def load_glue(task_cfg: Mapping[str, Any], data_dir: str | os.PathLike | None, p
     spec = _task_spec(task_cfg)
     train, dev = _load_train_dev(spec, None if data_dir is None else pathlib.Path(data_dir), allow_hub)
     if protocol == "full_dev":
-        return datasets.DatasetDict(train=train, validation=dev, test=dev)
-    return _split_protocol(spec, train, dev, split_seed)
+        splits = datasets.DatasetDict(train=train, validation=dev, test=dev)
+    else:
+        splits = _split_protocol(spec, train, dev, split_seed)
+    for split, least in MIN_ROWS.items():       # before any training: a one-row selection split fails only after it
+        if len(splits[split]) < least:
+            raise DataError(f"task '{spec.name}': the {split} split has {len(splits[split])} row(s) under "
+                            f"data.protocol={protocol}; it needs at least {least}: give the task's files more rows")
+    return splits
 
 
 def sample_train(splits: datasets.DatasetDict, limit: int | None, seed: int) -> datasets.DatasetDict:
@@ -118,7 +127,8 @@ def _task_spec(task_cfg: Mapping[str, Any]) -> _TaskSpec:
             dev_files=tuple(local["dev"]), header=bool(local["header"]),
             names=None if names is None else tuple(names), columns=dict(local["columns"]),
             hub_config=hub.get("config"), hub_dev_split=hub.get("dev_split", "validation"),
-            hub_columns=dict(hub.get("columns") or local["columns"]))
+            hub_columns=dict(hub.get("columns") or local["columns"]),
+            label_range=None if cfg.get("label_range") is None else tuple(cfg["label_range"]))
     except KeyError as missing:
         raise DataError(f"task config '{name}' lacks the key {missing}; see conf/task/*.yaml") from None
 
@@ -137,6 +147,14 @@ def _load_train_dev(spec: _TaskSpec, data_dir: pathlib.Path | None,
         raise DataError(f"no data for task '{spec.name}': {local_problem} and the hub is disabled "
                         f"(data.allow_hub=false); {FIX_HINT}, or set data.allow_hub=true and go online")
     return _load_hub(spec, local_problem)
+
+
+def local_files(task_cfg: Mapping[str, Any], data_dir: pathlib.Path | None) -> list[pathlib.Path] | None:
+    """The task's local train and dev files, in reading order, if they are all there; None: it would be the hub."""
+    spec = _task_spec(task_cfg)
+    if _local_files_problem(spec, data_dir) is not None:
+        return None
+    return [data_dir / spec.folder / name for name in spec.train_files + spec.dev_files]
 
 
 def _local_files_problem(spec: _TaskSpec, data_dir: pathlib.Path | None) -> str | None:
@@ -225,15 +243,22 @@ def _parse_label(spec: _TaskSpec, raw_label: str | None) -> int | float:
         if text not in spec.label_names:
             raise ValueError(f"label {text!r} is not one of: {', '.join(spec.label_names)}")
         return spec.label_names.index(text)
-    if spec.is_regression:
-        score = _parse_number(text, float)
-        if not math.isfinite(score):
-            raise ValueError(f"label {text!r} is not a finite number")
-        return score
-    class_id = _parse_number(text, int)
-    if not 0 <= class_id < spec.num_labels:
-        raise ValueError(f"label {class_id} is outside 0..{spec.num_labels - 1}")
-    return class_id
+    return _checked_label(spec, _parse_number(text, float if spec.is_regression else int), text)
+
+
+def _checked_label(spec: _TaskSpec, value: int | float, text: str) -> int | float:
+    """A label's value if the task can take it (a class id in 0..num_labels-1; a score finite in float32 and in the
+    task's label_range); else ValueError saying why."""
+    if not spec.is_regression:
+        if not 0 <= value < spec.num_labels:
+            raise ValueError(f"label {text} is outside 0..{spec.num_labels - 1}")
+        return value
+    if not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+        raise ValueError(f"label {text!r} is not a finite float32 number")
+    if spec.label_range is not None and not spec.label_range[0] <= value <= spec.label_range[1]:
+        low, high = spec.label_range
+        raise ValueError(f"label {text} is outside the task's label_range [{low}, {high}]")
+    return value
 
 
 def _parse_number(text: str, kind: type) -> int | float:
@@ -273,6 +298,12 @@ def _hub_split(spec: _TaskSpec, split: datasets.Dataset, where: str) -> datasets
             raise DataError(f"task '{spec.name}': {where} has no column '{column}' (for {field}); columns found: "
                             f"{', '.join(split.column_names)}; fix hub.columns in conf/task/{spec.name}.yaml")
     renamed = split.select_columns(list(wanted.values())).rename_columns({c: f for f, c in wanted.items()})
+    for row, value in enumerate(renamed["label"], start=1):
+        try:
+            _checked_label(spec, value, str(value))
+        except ValueError as reason:
+            raise DataError(f"task '{spec.name}': {where} row {row}: {reason}; fix hub.columns or the task's "
+                            f"label_range in conf/task/{spec.name}.yaml") from None
     return renamed.cast(spec.features)
 
 

@@ -6,6 +6,8 @@
 
 Loading rebuilds the masks exactly from their bits; merging folds them into plain per-layer modules
 (LoRA: into the frozen weights), so inference costs what plain PETL (or the bare model) costs.
+Arguments are checked before anything is loaded: --batch-size a positive integer, --device one of DEVICES that this
+machine has; a bad one is one line `propetl-eval: error: ...` (exit 2).
 """
 from __future__ import annotations
 
@@ -21,10 +23,39 @@ from propetl import model as backbone
 from propetl.batches import make_loader
 from propetl.configs import ConfigError, config_dirs, group_option
 
+DEVICES = "cpu, cuda, cuda:N"
+
+
+def positive_batch_size(text: str) -> int:
+    """--batch-size: a positive integer, else a one-line ConfigError."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(f"--batch-size {text} is invalid; allowed: a positive integer")
+    return value
+
+
+def available_device(text: str) -> str:
+    """--device: cpu, or cuda / cuda:N where this machine has that CUDA device; else a one-line ConfigError."""
+    kind, colon, index = text.partition(":")
+    if text == "cpu":
+        return text
+    if kind != "cuda" or (colon and not (index.isascii() and index.isdigit())):
+        raise ConfigError(f"--device {text} is invalid; allowed: {DEVICES}")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ConfigError(f"--device {text}: this machine has no CUDA device; allowed: cpu")
+    if colon and int(index) >= count:
+        raise ConfigError(f"--device {text}: this machine has {count} CUDA device(s); allowed: cpu, cuda, "
+                          f"{', '.join(f'cuda:{i}' for i in range(count))}")
+    return text
+
 
 def evaluate_checkpoint(directory, split: str = "test", merge: bool = True, data_dir=None,
-                        batch_size: int = 256, device: str = "cpu") -> dict:
-    model, saved = checkpoint.load_checkpoint(directory)
+                        batch_size: int = 256, device: str = "cpu", allow_unsealed: bool = False) -> dict:
+    model, saved = checkpoint.load_checkpoint(directory, allow_unsealed=allow_unsealed)
     if merge and saved.method.name != "finetune":
         methods.merge(model, backbone.encoder_layers(model), saved.prototype.name)
     task = group_option("task", saved.task.name)          # shipped, or on --config-dir (configs.config_dirs)
@@ -38,21 +69,24 @@ def evaluate_checkpoint(directory, split: str = "test", merge: bool = True, data
             "examples": len(splits[split]), "seconds": time.perf_counter() - start, **scores}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="propetl-eval", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a run's checkpoint/ folder")
     parser.add_argument("--split", choices=("test", "validation"), default="test")
     parser.add_argument("--no-merge", dest="merge", action="store_false", help="keep the masks (slower)")
     parser.add_argument("--data-dir", default=None, help="GLUE folder (default as propetl-train)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--allow-unsealed", action="store_true", help="load a checkpoint of format 1-2 that has no manifest.json (its files are not checked)")
+    parser.add_argument("--batch-size", default="256", help="a positive integer (256)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help=f"{DEVICES} (default: cuda if there is one)")
     parser.add_argument("--config-dir", action="append", default=[], metavar="DIR", help="a folder of your own "
                         "task/model/prototype configs, as given to propetl-train (repeatable)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     try:
+        batch_size, device = positive_batch_size(args.batch_size), available_device(args.device)
         with config_dirs(args.config_dir):
-            result = evaluate_checkpoint(args.checkpoint, args.split, args.merge, args.data_dir, args.batch_size,
-                                         args.device)
+            result = evaluate_checkpoint(args.checkpoint, args.split, args.merge, args.data_dir, batch_size, device,
+                                         args.allow_unsealed)
     except (checkpoint.CheckpointError, data.DataError, backbone.ModelError, ConfigError) as error:
         print(f"propetl-eval: error: {error}", file=sys.stderr)
         sys.exit(2)

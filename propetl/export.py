@@ -9,6 +9,11 @@ PEFT (`peft`) loads with the same logits.
 Adapters and prefixes add modules that BERT's weights and PEFT's LoRA cannot express: both formats refuse them in one
 line (exit 2) and write nothing. OUT is built beside itself and renamed into place when complete. Heavy imports wait
 until the arguments are parsed (`--help` answers at once).
+What OUT may be (files.write_output_folder, the rule save_propetl follows too): a new or empty folder, or, with
+--overwrite, a previous export or save (its hidden marker lists what propetl wrote there). Refused in one line (exit 2,
+nothing written): the checkpoint itself, its run folder (the checkpoint's parent, when that holds a run's files:
+RUN_SIGNS), a folder inside or above either, the working folder, a file, and a folder holding files propetl did not
+write; without --overwrite, a previous export.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import sys
 from pathlib import Path
 
 FORMATS = ("hf", "peft")
+RUN_SIGNS = ("metrics.json", ".hydra", "train.log", "resume")   # a checkpoint's parent holding one is its run folder
 
 
 class ExportError(Exception):
@@ -85,24 +91,29 @@ def write_peft(model, cfg, folder: Path) -> None:
     adapted.save_pretrained(folder)
 
 
-def export(checkpoint_dir, out, output_format: str, overwrite: bool = False) -> Path:
+def export(checkpoint_dir, out, output_format: str, overwrite: bool = False, allow_unsealed: bool = False) -> Path:
     """Write `checkpoint_dir` (a run's checkpoint/ folder) as `output_format` into `out`; ExportError when it cannot."""
     from propetl import checkpoint, files, methods
 
     checkpoint_dir, out = Path(checkpoint_dir), Path(out)
     if output_format not in FORMATS:
         raise ExportError(f"--format {output_format} is invalid; allowed: {', '.join(FORMATS)}")
-    config = checkpoint.single_task_config(checkpoint.read_checkpoint_config(checkpoint_dir), checkpoint_dir)
+    config = checkpoint.single_task_config(checkpoint.read_checkpoint_config(checkpoint_dir, allow_unsealed), checkpoint_dir)
     reason = refusal(config, output_format)
     if reason:
         raise ExportError(f"{checkpoint_dir}: {reason}; nothing written")
     if output_format == "peft" and (missing := methods.peft_missing()):
         raise ExportError(missing.replace("method=peft", "--format peft"))
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out} exists; choose another OUT or pass --overwrite")
-    model, cfg = checkpoint.load_checkpoint(checkpoint_dir, config)
+    source = checkpoint_dir.resolve()
+    protected = {"the checkpoint": source}
+    if any((source.parent / sign).exists() for sign in RUN_SIGNS):
+        protected["its run folder"] = source.parent
     write = {"hf": write_hf, "peft": write_peft}[output_format]
-    return files.write_folder_atomically(out, lambda folder: write(model, cfg, folder))
+
+    def build(folder: Path) -> None:                # OUT is checked before the model is loaded
+        write(*checkpoint.load_checkpoint(checkpoint_dir, config, allow_unsealed=allow_unsealed), folder)
+    return files.write_output_folder(out, build, f"propetl-export --format {output_format} {source}", protected,
+                                     overwrite)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -114,19 +125,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", metavar="OUT", help="the folder to write")
     parser.add_argument("--format", choices=FORMATS, required=True, dest="output_format",
                         help="hf: LoRA merged, for AutoModelForSequenceClassification; peft: a PEFT LoRA adapter")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--allow-unsealed", action="store_true", help="load a checkpoint of format 1-2 that has no manifest.json (its files are not checked)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUT if it is a previous export or save (never a folder propetl did not write)")
     parser.add_argument("--config-dir", action="append", default=[], metavar="DIR", help="a folder of your own "
                         "task/model/prototype configs, as given to propetl-train (repeatable)")
     args = parser.parse_args(argv)
 
     from propetl.configs import ConfigError, config_dirs
-    from propetl.files import CheckpointError, WriteError
+    from propetl.files import CheckpointError, OutputError, WriteError
     from propetl.model import ModelError
 
     try:
         with config_dirs(args.config_dir):
-            written = export(args.checkpoint, args.out, args.output_format, args.overwrite)
-    except (ExportError, CheckpointError, ModelError, WriteError, ConfigError) as error:
+            written = export(args.checkpoint, args.out, args.output_format, args.overwrite,
+                             args.allow_unsealed)
+    except (ExportError, CheckpointError, ModelError, OutputError, WriteError, ConfigError) as error:
         print(f"propetl-export: error: {error}", file=sys.stderr)
         sys.exit(2)
     print(written)

@@ -1,25 +1,42 @@
 """Files on disk: written atomically, and folders sealed with a manifest of sha256 sums checked on reading.
 Writing: `atomic_write_text` (a temporary name, then a rename) and `write_folder_atomically` (a folder built beside its
-place, then swapped in): a crash never leaves half a file or half a folder. A write the file system refuses (read-only
-folder, lost permissions, full disk) is one line (WriteError) naming the path.
+place as `.<name>.<random>.tmp`, then swapped in, the old one stepped aside as `.<name>.old` until the new one is
+in): a crash never leaves half a file or half a folder, and the next write of that folder puts a stepped-aside `.old`
+back (recover_folder_swap) or removes it and any stale `.tmp` of a killed build (clean_stale). A write the file system
+refuses (read-only folder, lost permissions, full disk) is one line (WriteError) naming the path.
+Ownership of user-named folders: `write_output_folder` (propetl-export's OUT, the API's save_propetl) writes a folder
+the user names, and so replaces only what propetl wrote there: a missing or empty folder, or a previous export or save,
+known by its OUTPUT_MARKER (a hidden JSON file listing what wrote it and every file it wrote). Anything else is refused
+in one line (OutputError), nothing written: a file, a folder holding files propetl did not write (a user's folder, a
+previous export the user added files to), the working folder or one above it, and any of the `protected` folders (an
+export's checkpoint and its run folder) or a folder inside or above one. The runner's own writes inside a run folder it
+owns (checkpoint/, resume/, .hydra/; rundir.py decides that ownership) use write_folder_atomically directly, no marker.
 Sealing: `seal(folder)` writes `manifest.json` = {"sha256": {file name: hex digest}} for every file of the folder (not
 its sub-folders, which carry their own), last, inside the folder being built. `check_seal` hashes each file once and
 refuses (CheckpointError, one line naming the file) a changed, missing or unlisted file, or a manifest that is not one.
+Hidden files (the marker, temporaries) are not sealed.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 MANIFEST_FILE = "manifest.json"
+OUTPUT_MARKER = ".propetl-output.json"      # in every export / save_propetl folder: {"written_by": ..., "files": [...]}
+SHOWN = 5                                   # foreign entries named in a refusal, then "and N more"
 
 
 class CheckpointError(Exception):
     """One-line, user-facing error about a checkpoint (or any sealed folder)."""
+
+
+class OutputError(Exception):
+    """One-line, user-facing refusal of an output folder (an export's OUT, save_propetl's folder): nothing written."""
 
 
 class WriteError(OSError):
@@ -75,6 +92,16 @@ def recover_folder_swap(directory: Path) -> bool:
     return True
 
 
+def clean_stale(directory: Path) -> None:
+    """Remove what a killed write_folder_atomically of `directory` left beside it: its `.<name>.<random>.tmp` builds
+    and, once `directory` is back in place, its stepped-aside `.<name>.old` (call recover_folder_swap first)."""
+    directory = Path(directory)
+    building = re.compile(rf"\.{re.escape(directory.name)}\.[a-z0-9_]{{8}}\.tmp")     # tempfile.mkdtemp's names
+    stale = [p for p in directory.parent.iterdir() if building.fullmatch(p.name)]
+    for path in stale + [directory.with_name(f".{directory.name}.old")] * directory.exists():
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def write_folder_atomically(directory: Path, build) -> Path:
     """build(folder) in a temporary folder beside `directory`, then renamed in place of the old one (if any)."""
     directory = Path(directory)
@@ -82,6 +109,7 @@ def write_folder_atomically(directory: Path, build) -> Path:
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
         recover_folder_swap(directory)
+        clean_stale(directory)
         building = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
         os.chmod(building, 0o755)                   # mkdtemp makes it owner-only
         build(building)
@@ -97,6 +125,77 @@ def write_folder_atomically(directory: Path, build) -> Path:
         _raise_if_refused(directory, error)
         raise
     return directory
+
+
+# ----------------------------------------------------------------------------- output folders (exports, saves)
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:SHOWN]) + (f" and {len(names) - SHOWN} more" if len(names) > SHOWN else "")
+
+
+def _all_files(folder: Path) -> set[str]:
+    """Every file (and link) under `folder`, as a relative POSIX path; links to folders are not followed."""
+    found = set()
+    for root, dirs, names in os.walk(folder):
+        entries = names + [d for d in dirs if os.path.islink(os.path.join(root, d))]
+        found.update(Path(root, name).relative_to(folder).as_posix() for name in entries)
+    return found
+
+
+def foreign_files(out: Path) -> list[str]:
+    """What in the existing folder `out` propetl did not write (sorted; folders with a trailing /): with an
+    OUTPUT_MARKER, the files it does not list; without one, every entry (not walked: OUT may be a large folder)."""
+    try:
+        written = json.loads((out / OUTPUT_MARKER).read_bytes()).get("files")
+    except (OSError, ValueError, AttributeError):    # no marker, not JSON, not an object
+        written = None
+    if not isinstance(written, list) or not all(isinstance(name, str) for name in written):
+        return sorted(p.name + "/" * (p.is_dir() and not p.is_symlink()) for p in out.iterdir())
+    return sorted(_all_files(out) - set(written) - {OUTPUT_MARKER})
+
+
+def output_refusal(out: Path, protected: dict[str, Path] | None = None, overwrite: bool = True) -> str | None:
+    """Why `out` may not be (re)written by an export or a save, in one line; None if it may. `protected`: what -> a
+    folder that OUT must not be, be inside or hold (an export's checkpoint, its run folder)."""
+    out, cwd = Path(out).resolve(), Path.cwd().resolve()
+    named = [(what, Path(folder).resolve()) for what, folder in (protected or {}).items()]
+    named.append(("the working folder", cwd))
+    clashes = [("is", what, folder) for what, folder in named if out == folder] + \
+        [("is inside", what, folder) for what, folder in named if folder in out.parents and folder != cwd] + \
+        [("holds", what, folder) for what, folder in reversed(named) if out in folder.parents]   # the outermost first
+    if clashes:
+        relation, what, folder = clashes[0]
+        hint = "a new folder inside it or elsewhere" if folder == cwd else f"an OUT outside {folder}"
+        return f"{out} {relation} {what} {folder}: writing it would replace that; choose {hint}"
+    if out.exists() and not out.is_dir():
+        return f"{out} is a file, not a folder propetl wrote; choose another OUT"
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    if foreign := foreign_files(out):
+        return f"{out} holds files propetl did not write: {_shown(foreign)}; choose another OUT"
+    return None if overwrite else f"{out} exists (a previous export or save); choose another OUT or pass --overwrite"
+
+
+def write_output_folder(out: Path, build, written_by: str, protected: dict[str, Path] | None = None,
+                        overwrite: bool = True) -> Path:
+    """build(folder) as write_folder_atomically does, into a folder the user named, with OUTPUT_MARKER (`written_by`
+    and the files built): only if output_refusal allows (else OutputError, nothing written)."""
+    out = Path(out).resolve()
+    try:
+        if out.name:                                 # (not /, which output_refusal refuses)
+            recover_folder_swap(out)                 # a kill inside the last export's swap: the old one is back first
+        reason = output_refusal(out, protected, overwrite)
+    except OSError as error:                         # an OUT that cannot be read or renamed
+        _raise_if_refused(out, error)
+        raise
+    if reason:
+        raise OutputError(reason)
+
+    def build_marked(folder: Path) -> None:
+        build(folder)
+        marker = {"written_by": written_by, "files": sorted(_all_files(folder))}
+        (folder / OUTPUT_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+    return write_folder_atomically(out, build_marked)
 
 
 # ----------------------------------------------------------------------------- manifests

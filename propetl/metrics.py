@@ -10,6 +10,20 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 METRICS = ("accuracy", "f1", "matthews", "pearson", "spearman")
+MIN_ROWS = 2                  # a selection or test split needs two rows: correlations are undefined on one
+
+
+def metrics_for(num_labels: int) -> tuple[str, ...]:
+    """The metrics a task of `num_labels` can report: correlations for regression (1), f1 for two classes only."""
+    if num_labels == 1:
+        return ("pearson", "spearman")
+    return ("accuracy", "f1", "matthews") if num_labels == 2 else ("accuracy", "matthews")
+
+
+def selections_for(names: Sequence[str]) -> tuple[str, ...]:
+    """What a task with metrics `names` may select its best epoch by: one of them, or `combined` (their mean, which
+    compute gives when there are several)."""
+    return (*names, "combined") if len(names) > 1 else tuple(names)
 
 # The 11 numbers the paper averages (its statistics.py): two for MRPC, QQP and STS-B, one elsewhere.
 GLUE_NUMBERS = {"cola": ("matthews",), "sst2": ("accuracy",), "mrpc": ("accuracy", "f1"), "qqp": ("accuracy", "f1"),

@@ -24,6 +24,9 @@ class ModelError(Exception):
     """One-line, user-facing error about the model."""
 
 
+MODEL_PATHS = "a model folder, pkg://package/folder or a hub model id"
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """`pkg://package/folder` -> the folder inside the installed package; anything else unchanged."""
     if not name_or_path.startswith("pkg://"):
@@ -31,9 +34,34 @@ def resolve_model_path(name_or_path: str) -> str:
     package, _, folder = name_or_path[len("pkg://"):].partition("/")
     try:
         path = files(package) / folder
-    except ModuleNotFoundError:
-        raise ModuleNotFoundError(f"model.name_or_path={name_or_path}: package '{package}' is not installed (pip install -e .)")
+    except (ModuleNotFoundError, ValueError, TypeError):        # not installed, or no package named at all
+        raise ModelError(f"model.name_or_path={name_or_path!r}: no installed package {package!r} "
+                         f"(pip install it); allowed: {MODEL_PATHS}") from None
     return str(path)
+
+
+def max_positions(name_or_path: str) -> int | None:
+    """Up front, before anything loads: the most tokens the model at `name_or_path` takes (its config.json's
+    max_position_embeddings; RoBERTa's positions start after its padding id). A pkg:// or path-like folder that is
+    not there, or a folder without a readable config.json, is a ModelError naming it. None: a hub id that is not in
+    the local cache (the loader fetches it, or says why it cannot)."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(name_or_path)
+    folder = os.path.isdir(path)
+    if not folder and (name_or_path.startswith("pkg://") or os.path.isabs(path) or path.startswith((".", "~"))):
+        raise ModelError(f"model.name_or_path={name_or_path!r}: no such folder ({path}); allowed: {MODEL_PATHS}")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as error:
+        if not folder:
+            return None
+        raise ModelError(f"model.name_or_path={name_or_path!r}: cannot read its config.json: "
+                         f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is None:
+        return None
+    return positions - (config.pad_token_id or 0) - 1 if "roberta" in config.model_type else positions
 
 
 def load_tokenizer(model_cfg):

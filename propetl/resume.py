@@ -5,34 +5,46 @@ scheduler and the grad scaler, the step/epoch counters and history, and every RN
 data-order generator as it stood when the epoch began; a mid-epoch resume re-draws that epoch's order and skips the
 batches already done). Format: `state.safetensors` for tensors and `state.json` for the rest, never pickle, and
 `manifest.json` with their sha256 (propetl/files.py), checked before either is read: a changed, missing or unlisted file
-is refused in one line naming it. The folder is built beside the old one and renamed into place: a crash leaves the
-previous checkpoint intact. SIGINT/SIGTERM: the step in flight finishes, a checkpoint is written, the run exits.
+is refused in one line naming it; so are, before anything is set, a state.json of another structure or naming tensors
+state.safetensors lacks (check_state) and one that does not fit this run's model, optimizer, scheduler, scaler and
+loop state (Checkpointer._check_fits): an edited, resealed state names its file and key. The folder is built beside
+the old one and renamed into place: a crash leaves the previous checkpoint intact. SIGINT/SIGTERM: the step in flight
+finishes, a checkpoint is written, the run exits.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
+import reprlib
 import shutil
 import signal
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
 from propetl.files import CheckpointError, check_seal, recover_folder_swap, seal, write_folder_atomically
-from propetl.configs import plain_value
-from propetl.checkpoint import read_safetensors
+from propetl.fingerprint import describe, differences, fingerprint
+from propetl.checkpoint import OBJECT, read_safetensors, safetensors_shapes
+from propetl.methods import rules
 
 STATE_JSON, STATE_TENSORS = "state.json", "state.safetensors"
-FINGERPRINT_KEYS = ("model.name_or_path", "method.name", "prototype", "mask.kind", "mask.sparsity", "mask.seed",
-                    "mask.combine", "task.name", "task.num_labels", "seed", "trainer.batch_size", "trainer.epochs",
-                    "trainer.max_steps", "trainer.lr", "mask.lr", "data.protocol", "data.split_seed",
-                    "data.max_train_examples", "data.group_by_length", "mode", "tasks", "multitask.temperature",
-                    "multitask.base_checkpoint")
-FINGERPRINT_DEFAULTS = {"data.group_by_length": False}   # keys added later: their value in older checkpoints
+START_OVER = "trainer.resume=false starts the run over"
+LIST = rules.Rule(lambda v: isinstance(v, list), "a list")
+SHAPE = rules.Rule(lambda v: isinstance(v, list) and all(rules.integer().accepts(d) and d >= 0 for d in v),
+                   "a list of sizes")
+NAMES = rules.Rule(lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v), "a list of tensor names")
+STATE_RULES = {"fingerprint": OBJECT, "result": OBJECT, "rng": OBJECT, "optimizer": OBJECT, "scheduler": OBJECT,
+               "scaler": OBJECT, "parameters": NAMES, "best": NAMES,
+               "extra": rules.Rule(lambda v: isinstance(v, dict) and all(isinstance(x, (str, type(None)))
+                                                                         for x in v.values()), "an object of texts"),
+               "optimizer.param_groups": LIST, "optimizer.state_keys": OBJECT, "optimizer.state_shapes": OBJECT}
+RNG_TENSORS = ("rng/torch", "rng/numpy", "rng/data_order")
 
 
 class Interrupted(Exception):
@@ -41,18 +53,6 @@ class Interrupted(Exception):
     def __init__(self, signum: int, directory: Path):
         self.signum, self.directory = signum, directory
         super().__init__(f"interrupted by {signal.Signals(signum).name}; checkpoint saved in {directory}")
-
-
-def fingerprint(cfg) -> dict:
-    """What must not change between a run and its resumption."""
-    return {key: plain_value(cfg, key) for key in FINGERPRINT_KEYS}
-
-
-def fingerprint_differences(saved: dict, current: dict) -> list[tuple[str, object, object]]:
-    """(key, saved value, this run's value) for each fingerprint key that differs; a key the saved run predates
-    counts as its FINGERPRINT_DEFAULTS value."""
-    saved = {**FINGERPRINT_DEFAULTS, **saved}
-    return [(key, saved.get(key), value) for key, value in current.items() if saved.get(key) != value]
 
 
 class StopOnSignal:
@@ -88,12 +88,97 @@ def _rng_state() -> tuple[dict, dict]:
             {"rng/torch": torch.get_rng_state(), "rng/numpy": torch.from_numpy(np_keys.astype(np.int64))})
 
 
-def _set_rng_state(meta: dict, tensors: dict) -> None:
-    version, state, gauss = meta["python"]
-    random.setstate((version, tuple(state), gauss))
-    kind, pos, has_gauss, gauss = meta["numpy"]
-    np.random.set_state((kind, tensors["rng/numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(tensors["rng/torch"])
+def _refuse(path: Path, what: str) -> NoReturn:
+    raise CheckpointError(f"{path}: {what}; {START_OVER}")
+
+
+def _check(path: Path, key: str, value, rule: rules.Rule) -> None:
+    if not rule.accepts(value):
+        _refuse(path, f"{key}={reprlib.repr(value)} is invalid; allowed: {rule.allowed}")
+
+
+def _rng_states(meta: dict, tensors: dict, path: Path) -> tuple:
+    """The saved python, numpy, torch and data-order RNG states, each tried on a throwaway generator (nothing is set);
+    one that is none: one line."""
+    try:
+        version, state, gauss = meta["python"]
+        kind, pos, has_gauss, np_gauss = meta["numpy"]
+        states = ((version, tuple(state), gauss),
+                  (kind, tensors["rng/numpy"].numpy().astype(np.uint32), pos, has_gauss, np_gauss),
+                  tensors["rng/torch"], tensors["rng/data_order"])
+        random.Random().setstate(states[0])
+        np.random.RandomState().set_state(states[1])
+        for state in states[2:]:
+            torch.Generator().set_state(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        _refuse(path, f"rng={reprlib.repr(meta)} is not a saved random state ({str(error).splitlines()[0]})")
+    return states
+
+
+def check_state(meta, directory: Path) -> None:
+    """state.json's structure (STATE_RULES; each optimizer moment named with its shape) and every tensor it names in
+    state.safetensors (the moments of their shapes' sizes), read from the header: before any is used; else one line."""
+    path = directory / STATE_JSON
+    _check(path, "state", meta, OBJECT)
+    for key, rule in STATE_RULES.items():
+        section, _, name = key.partition(".")
+        _check(path, key, meta[section].get(name) if name else meta.get(key), rule)
+    optimizer, moments = meta["optimizer"], {}
+    for index, keys in optimizer["state_keys"].items():
+        _check(path, f"optimizer.state_keys.{index}", keys,
+               rules.Rule(lambda v: index.isdecimal() and NAMES.accepts(v), "a parameter's index: its moments' names"))
+        for key in keys:
+            shape = optimizer["state_shapes"].get(f"{index}/{key}")
+            _check(path, f"optimizer.state_shapes.{index}/{key}", shape, SHAPE)
+            moments[f"opt/{index}/{key}"] = math.prod(shape)
+    shapes = safetensors_shapes(directory / STATE_TENSORS)
+    for name in [*(f"param/{n}" for n in meta["parameters"]), *(f"best/{n}" for n in meta["best"]), *moments,
+                 *RNG_TENSORS]:
+        if name not in shapes:
+            _refuse(directory / STATE_TENSORS, f"no tensor '{name}' (named in {STATE_JSON})")
+    for name, size in moments.items():
+        if math.prod(shapes[name]) != size:
+            _refuse(path, f"optimizer.state_shapes.{name[4:]} has {size} entries, its tensor '{name}' "
+                          f"{math.prod(shapes[name])}")
+
+
+JSON_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "text", type(None): "null"}
+
+
+def _misfit(saved, fresh, key: str) -> str | None:
+    """Where `saved` (read from JSON) has not the structure of `fresh` (this run's state_dict), in words: every key of
+    an object, lists of the same length, true/false, integers, numbers, text or null where it has them; else None."""
+    if isinstance(fresh, dict):
+        if not isinstance(saved, dict):
+            return f"{key}={reprlib.repr(saved)} is invalid; allowed: an object"
+        if missing := [k for k in fresh if k not in saved]:
+            return f"{key}.{missing[0]} is missing"
+        return next((m for k in fresh if (m := _misfit(saved[k], fresh[k], f"{key}.{k}"))), None)
+    if isinstance(fresh, (list, tuple)):
+        if not isinstance(saved, list) or len(saved) != len(fresh):
+            return f"{key}={reprlib.repr(saved)} is invalid; allowed: a list of {len(fresh)}"
+        return next((m for i, (s, f) in enumerate(zip(saved, fresh)) if (m := _misfit(s, f, f"{key}[{i}]"))), None)
+    kind = (int, float) if isinstance(fresh, float) else type(fresh)
+    if isinstance(saved, kind) and (isinstance(fresh, bool) or not isinstance(saved, bool)):
+        return None
+    return f"{key}={reprlib.repr(saved)} is invalid; allowed: {JSON_KINDS.get(type(fresh), type(fresh).__name__)}"
+
+
+def _check_result(path: Path, saved: dict, result_type) -> None:
+    """The saved result's fields: each of result_type's (best_state aside), of its default's type; counts not below
+    their default (0, or -1 for none yet)."""
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(result_type) if f.name != "best_state"}
+    for name in sorted(set(defaults) ^ set(saved)):
+        _refuse(path, f"result.{name} is {'missing' if name in defaults else 'not a field of the loop state'}")
+    for name, default in defaults.items():
+        value = saved[name]
+        if isinstance(default, list):                   # of any length
+            _check(path, f"result.{name}", value, LIST)
+        elif misfit := _misfit(value, default, f"result.{name}"):
+            _refuse(path, misfit)
+        elif isinstance(default, int) and value < default:
+            _refuse(path, f"result.{name}={value!r} is invalid; allowed: an integer from {default}")
 
 
 class Checkpointer:
@@ -102,7 +187,7 @@ class Checkpointer:
     def __init__(self, run_dir: Path, cfg, save_steps: int | None = None, writes: bool = True):
         self.directory = Path(run_dir) / "resume"
         self.writes = writes                       # False on the other processes of a data-parallel run
-        self.fingerprint = fingerprint(cfg)
+        self.fingerprint = fingerprint(cfg)        # the whole computation (propetl/fingerprint.py)
         self.save_steps = save_steps
         self.extra: dict = {}                      # e.g. the W&B run id, restored on load
         self._checked: dict | None = None          # state.json once check_fingerprint passed (until the next save)
@@ -113,7 +198,7 @@ class Checkpointer:
         return (self.directory / STATE_JSON).exists()
 
     def saved_extra(self) -> dict:
-        return json.loads((self.directory / STATE_JSON).read_text()).get("extra", {}) if self.exists() else {}
+        return (self._checked or self.check_fingerprint())["extra"] if self.exists() else {}
 
     def save(self, result, model, optimizer, scheduler, scaler, data_order_state: torch.Tensor) -> None:
         self._checked = None                       # what was checked is about to be replaced
@@ -155,10 +240,9 @@ class Checkpointer:
             meta = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise CheckpointError(f"cannot read {path}: {error}") from None
-        if not isinstance(meta, dict) or not isinstance(meta.get("fingerprint", {}), dict):
-            raise CheckpointError(f"cannot read {path}: not a resume state")
-        for key, saved, value in fingerprint_differences(meta.get("fingerprint", {}), self.fingerprint)[:1]:
-            raise CheckpointError(f"{self.directory} was trained with {key}={saved!r}, this run has {key}={value!r}; "
+        check_state(meta, self.directory)
+        if changed := differences(meta.get("fingerprint", {}), self.fingerprint):
+            raise CheckpointError(f"{self.directory} was trained with another config ({describe(changed)}); "
                                   f"use the same config or trainer.resume=false to start over")
         self._checked = meta
         return meta
@@ -169,10 +253,9 @@ class Checkpointer:
         meta = self._checked or self.check_fingerprint()
         tensors, _ = read_safetensors(self.directory / STATE_TENSORS)
         parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        if sorted(parameters) != meta["parameters"]:
-            raise CheckpointError(f"{self.directory}: its trainable tensors do not match this model's (saved by an "
-                                  f"older propetl?); trainer.resume=false starts the run over")
-        with torch.no_grad():
+        self._check_fits(meta, tensors, parameters, optimizer, scheduler, scaler, result_type)
+        rng = _rng_states(meta["rng"], tensors, self.directory / STATE_JSON)
+        with torch.no_grad():                      # all checked: nothing below refuses
             for name, parameter in parameters.items():
                 parameter.copy_(tensors[f"param/{name}"])
         shapes = meta["optimizer"]["state_shapes"]
@@ -181,10 +264,45 @@ class Checkpointer:
         optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
         scheduler.load_state_dict(meta["scheduler"])
         scaler.load_state_dict(meta["scaler"])
-        _set_rng_state(meta["rng"], tensors)
+        random.setstate(rng[0])
+        np.random.set_state(rng[1])
+        torch.set_rng_state(rng[2])
         result = result_type(**meta["result"], best_state={n: tensors[f"best/{n}"] for n in meta["best"]})
         self.extra = meta.get("extra", {})
         return result, tensors["rng/data_order"]
+
+    def _check_fits(self, meta: dict, tensors: dict, parameters: dict, optimizer, scheduler, scaler,
+                    result_type) -> None:
+        """What state.json (checked by check_state) restores fits this run's model, optimizer (each moment of its
+        parameter's shape, or one value), scheduler, scaler and result: before any of them is changed."""
+        path = self.directory / STATE_JSON
+        if sorted(parameters) != meta["parameters"]:
+            raise CheckpointError(f"{self.directory}: its trainable tensors do not match this model's (saved by an "
+                                  f"older propetl?); {START_OVER}")
+        for name in [*(f"param/{n}" for n in parameters), *(f"best/{n}" for n in meta["best"])]:
+            target = parameters.get(name.partition("/")[2])
+            if target is None:
+                _refuse(self.directory / STATE_TENSORS, f"'{name}' is none of this model's trainable tensors")
+            if tensors[name].shape != target.shape:
+                _refuse(self.directory / STATE_TENSORS, f"'{name}' has shape {tuple(tensors[name].shape)}, this "
+                                                        f"model's {tuple(target.shape)}")
+        ordered = [p for group in optimizer.param_groups for p in group["params"]]
+        for index, keys in meta["optimizer"]["state_keys"].items():
+            if int(index) >= len(ordered):
+                _refuse(path, f"optimizer.state_keys.{index} is invalid; allowed: a parameter's index below "
+                              f"{len(ordered)}")
+            for key in keys:
+                shape, allowed = meta["optimizer"]["state_shapes"][f"{index}/{key}"], list(ordered[int(index)].shape)
+                if shape not in ([], allowed):
+                    _refuse(path, f"optimizer.state_shapes.{index}/{key}={shape} is invalid; allowed: [] or "
+                                  f"parameter {index}'s shape {allowed}")
+        for key, saved, fresh in (("optimizer.param_groups", meta["optimizer"]["param_groups"],
+                                   optimizer.state_dict()["param_groups"]),
+                                  ("scheduler", meta["scheduler"], scheduler.state_dict()),
+                                  ("scaler", meta["scaler"], scaler.state_dict())):
+            if misfit := _misfit(saved, fresh, key):
+                _refuse(path, f"{misfit} (this run's {key.partition('.')[0]} state)")
+        _check_result(path, meta["result"], result_type)
 
     def discard(self) -> None:
         if self.writes:

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from propetl import checkpoint, data, distributed, log, loop, methods, rundir
 from propetl import model as backbone
 from propetl.files import WriteError
+from propetl.fingerprint import DATA_KEY
 from propetl.resume import Checkpointer
 from propetl.validate import ConfigError, validate
 
@@ -38,18 +39,21 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def begin_run(cfg: DictConfig, output_dir: Path):
-    """Validate, find a finished run or a checkpoint (either must be of this config), record the config, seed, pick
-    the device. Returns (finished metrics or None, distributed context, checkpointer, device)."""
+def begin_run(cfg: DictConfig, output_dir: Path, claim: rundir.Claim | None = None):
+    """Validate, find a finished run or a checkpoint (either must be of this config's fingerprint), record the config,
+    seed, pick the device. trainer.resume=false sets the old results aside (rundir.set_aside) rather than deleting them.
+    Returns (finished metrics or None, distributed context, checkpointer, device)."""
     methods.import_prototype(cfg.prototype)     # a user's prototype whose yaml names its module
     validate(cfg)
     ctx = distributed.from_environment()        # torchrun / accelerate launch: several processes, one run
+    claim = claim or rundir.Claim(output_dir, made=False)
+    if ctx.is_main:
+        rundir.recover(output_dir)               # a replacement (trainer.resume=false) cut off by a kill
     checkpointer = Checkpointer(output_dir, cfg, cfg.trainer.save_steps, writes=ctx.is_main)
     if cfg.trainer.resume is False:
-        checkpointer.discard()
-        if ctx.is_main:                          # starting over: the old results go with the old record
-            (output_dir / rundir.METRICS_FILE).unlink(missing_ok=True)
-    elif (finished := rundir.finished_run(output_dir, cfg)) is not None:
+        if ctx.is_main:                          # starting over: the old results wait in .previous/ until it finishes
+            rundir.set_aside(claim)
+    elif (finished := rundir.finished_run(output_dir, checkpointer.fingerprint)) is not None:
         logger.info("%s is finished (metrics.json exists): skipped; trainer.resume=false runs it again", output_dir)
         return finished, ctx, checkpointer, None
     elif checkpointer.exists():
@@ -57,6 +61,10 @@ def begin_run(cfg: DictConfig, output_dir: Path):
     elif cfg.trainer.resume is True:
         raise ConfigError(f"trainer.resume=true but {checkpointer.directory} holds no checkpoint; "
                           f"point hydra.run.dir at the run to continue, or use trainer.resume=auto")
+    elif (output_dir / "checkpoint").exists():
+        raise rundir.RunDirectoryError(f"{output_dir} holds a checkpoint/ but no metrics.json or resume/ to continue "
+                                       f"from; choose another hydra.run.dir, or trainer.resume=false to replace it "
+                                       f"(kept until the new run has finished)")
     output_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     if cfg.trainer.threads:
@@ -70,9 +78,10 @@ def begin_run(cfg: DictConfig, output_dir: Path):
     return None, ctx, checkpointer, device
 
 
-def run_facts(cfg, result, started: float, device, ctx) -> dict:
-    """The metrics.json fields every run has: progress, timings, machine."""
+def run_facts(cfg, result, started: float, device, ctx, checkpointer: Checkpointer) -> dict:
+    """The metrics.json fields every run has: progress, timings, machine, the data's sha256 (fingerprint.DATA_KEY)."""
     return {
+        "data_sha256": checkpointer.fingerprint[DATA_KEY],
         "best_epoch": result.best_epoch, "epochs_run": len(result.history), "steps": result.steps,
         "history": result.history, "train_seconds": result.train_seconds, "wall_seconds": time.perf_counter() - started,
         "train_tokens": result.tokens_seen, "train_examples": result.examples_seen,

@@ -1,10 +1,17 @@
-"""A run directory's owner and record. Owner: one process at a time. `claim` takes an exclusive flock on
-`<run dir>/.propetl.lock` (holding the owner's pid) for the whole run; a second run into the directory is refused with
-one line naming that pid. The kernel drops the lock when its process dies: a SIGKILLed run never blocks its resume.
+"""A run directory's owner, its record, and what a run may remove there.
+Owner: one process at a time. `claim` takes an exclusive flock on `<run dir>/.propetl.lock` (holding the owner's pid)
+for the whole run; a second run into the directory is refused with one line naming that pid. The kernel drops the lock
+when its process dies: a SIGKILLed run never blocks its resume.
+Ownership rule: a run writes only RUN_ENTRIES (and their atomic writes' hidden temporaries). A folder that holds
+anything else (a user's notes, a checkpoint, the working folder) is refused at the start in one line naming what is
+there, unless run_dir.allow_other_files=true, and what a run did not write is never removed. After a failure a run
+removes what it made: the whole folder if the claim found it new (nothing in it but Hydra's empty train.log), else only
+the entries it added. trainer.resume=false sets the old results aside in `.previous/` and deletes them only once the new
+run has finished; a failed or killed replacement gets them back (`recover`, at the next start).
 Record: `.hydra/config.yaml` and `.hydra/overrides.yaml` (Hydra's names and format; Hydra itself writes nothing there,
 `hydra.output_subdir: null`) are written by propetl, atomically, only once the run owns the directory and is known to be
 new or a continuation of the same config: a finished or running run's record is never rewritten. A finished run
-(metrics.json) is skipped only if its recorded config has the same fingerprint as the command's (resume.fingerprint,
+(metrics.json) is skipped only if its recorded config and data have the command's fingerprint (propetl/fingerprint.py,
 what a resume must match too).
 """
 from __future__ import annotations
@@ -12,15 +19,21 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from propetl.resume import fingerprint, fingerprint_differences
+from propetl import fingerprint as computation
 from propetl.files import write_folder_atomically
 
-LOCK_FILE, RECORD_DIR, METRICS_FILE = ".propetl.lock", ".hydra", "metrics.json"
+LOCK_FILE, RECORD_DIR, METRICS_FILE, ERROR_FILE, LOG_FILE = ".propetl.lock", ".hydra", "metrics.json", "error.txt", "train.log"
+PREVIOUS_DIR = ".previous"                     # trainer.resume=false: the old results, until the new run has finished
+RESULTS = (METRICS_FILE, "checkpoint", "resume", RECORD_DIR)            # what a finished or resumable run keeps
+RUN_ENTRIES = (*RESULTS, LOCK_FILE, LOG_FILE, ERROR_FILE, "wandb", PREVIOUS_DIR)
+EXISTING_DIR_ENV = "PROPETL_EXISTING_RUN_DIR"  # cli.main: the hydra.run.dir given existed before Hydra made it
 
 
 class RunDirectoryInUse(Exception):
@@ -31,6 +44,48 @@ class RunDirectoryError(Exception):
     """A run directory whose contents this command must not touch or cannot read (one line)."""
 
 
+def run_written(name: str) -> bool:
+    """A name a run writes in its folder: RUN_ENTRIES, or the hidden temporary of one (.metrics.json.x1y2.tmp)."""
+    return name in RUN_ENTRIES or any(name.startswith(f".{entry}.") for entry in RUN_ENTRIES)
+
+
+def other_files(run_dir: Path) -> list[str]:
+    """The entries of `run_dir` that no run wrote (sorted; folders with a trailing /)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    return sorted(p.name + "/" * p.is_dir() for p in run_dir.iterdir() if not run_written(p.name))
+
+
+def refuse_other_files(run_dir: Path) -> None:
+    """A run folder holding what no run wrote: one line naming it (the run would write beside the user's files)."""
+    if found := other_files(run_dir):
+        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        raise RunDirectoryError(f"{Path(run_dir)} holds files a run did not write ({shown}); choose another "
+                                f"hydra.run.dir, or run_dir.allow_other_files=true to run beside them (never removed)")
+
+
+@dataclass
+class Claim:
+    """What the run found at its claim: whether it made the folder, and the entries already there."""
+    run_dir: Path
+    made: bool
+    before: set[str] = field(default_factory=set)
+    set_aside: bool = False                    # trainer.resume=false moved the old results to .previous/
+
+
+def _found_new(run_dir: Path) -> tuple[bool, set[str]]:
+    """(made by this run, entries already there). Hydra makes the folder and an empty train.log before the job starts:
+    a folder holding only that is new, unless cli.main saw it before Hydra, or it is the working folder (or above it)."""
+    entries = {p.name for p in run_dir.iterdir()}
+    log = run_dir / LOG_FILE
+    hydra_log = LOG_FILE in entries and log.is_file() and log.stat().st_size == 0
+    before = entries - ({LOG_FILE} if hydra_log else set())
+    resolved = run_dir.resolve()
+    existed = os.environ.get(EXISTING_DIR_ENV) == str(resolved) or resolved in (Path.cwd(), *Path.cwd().parents)
+    return not before and not existed, before
+
+
 def _holder(path: Path) -> str:
     try:
         return path.read_text().strip() or "unknown"
@@ -39,16 +94,18 @@ def _holder(path: Path) -> str:
 
 
 @contextmanager
-def claim(run_dir: Path, enabled: bool = True):
-    """Own `run_dir` (created if missing) during the block; enabled=False: a no-op (a data-parallel run's ranks > 0)."""
+def claim(run_dir: Path, enabled: bool = True, allow_other_files: bool = False):
+    """Own `run_dir` (created if missing) during the block, yielding a Claim; enabled=False: a no-op yielding None (a
+    data-parallel run's ranks > 0). Files no run wrote are refused unless allow_other_files."""
     if not enabled:
-        yield
+        yield None
         return
     run_dir = Path(run_dir)
     path = run_dir / LOCK_FILE
     while True:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
+            made, before = _found_new(run_dir)
             handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as error:
             raise RunDirectoryError(f"cannot write in {run_dir}: {error.strerror or error}; choose another "
@@ -66,13 +123,118 @@ def claim(run_dir: Path, enabled: bool = True):
             pass
         os.close(handle)               # its last owner removed the file meanwhile: lock the one there now
     try:
+        if not allow_other_files:
+            try:
+                refuse_other_files(run_dir)
+            except RunDirectoryError:
+                if LOG_FILE not in before:                  # Hydra's empty log: not left in the user's folder
+                    (run_dir / LOG_FILE).unlink(missing_ok=True)
+                raise
         os.ftruncate(handle, 0)
         os.write(handle, f"{os.getpid()}\n".encode())
-        yield
+        yield Claim(run_dir, made, before - {LOCK_FILE})
     finally:
-        if path.exists() and os.stat(path).st_ino == os.fstat(handle).st_ino:
-            path.unlink()
+        try:                           # a folder whose permissions went mid-run: the run's own error stays the one told
+            if path.exists() and os.stat(path).st_ino == os.fstat(handle).st_ino:
+                path.unlink()
+        except OSError:
+            pass
         os.close(handle)
+
+
+# ----------------------------------------------------------------------------- after a failure, trainer.resume=false
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def clean_after_failure(claim: Claim | None) -> None:
+    """A failed run puts set-aside results back and, if nothing resumable is left, removes what it made: the folder
+    (and its empty parents under ./outputs) if it made the folder, else the run entries it added. Never anything else."""
+    if claim is None:
+        return
+    run_dir = claim.run_dir
+    if claim.set_aside:
+        put_back(run_dir)
+    if not run_dir.is_dir() or any((run_dir / name).exists() for name in (METRICS_FILE, "checkpoint", "resume")):
+        return
+    added = [p for p in run_dir.iterdir() if run_written(p.name) and p.name not in claim.before and p.name != LOCK_FILE]
+    for entry in added:
+        _remove(entry)
+    if not claim.made or any(p.name != LOCK_FILE for p in run_dir.iterdir()):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    outputs = (Path.cwd() / "outputs").resolve()
+    for parent in run_dir.resolve().parents:             # and the empty folders made for it (outputs/runs/rte/…)
+        if parent == outputs or outputs not in parent.parents or any(parent.iterdir()):
+            break
+        parent.rmdir()
+
+
+def set_aside(claim: Claim) -> None:
+    """trainer.resume=false: the old results go to .previous/ (moved in under a .partial name, so that a kill in the
+    middle is undone by `recover`); a partial replacement's state is dropped, a finished one's results kept instead."""
+    run_dir, previous = claim.run_dir, claim.run_dir / PREVIOUS_DIR
+    if previous.exists() and (run_dir / METRICS_FILE).exists():
+        shutil.rmtree(previous)                          # the replacement finished: its results are the ones to keep
+    if previous.exists():                                # an unfinished replacement: its partial state goes
+        for name in ("checkpoint", "resume"):
+            _remove(run_dir / name)
+        claim.set_aside = True
+        return
+    present = [name for name in RESULTS if (run_dir / name).exists()]
+    if not present:
+        return
+    partial = run_dir / f"{PREVIOUS_DIR}.partial"
+    partial.mkdir(exist_ok=True)
+    for name in present:
+        os.replace(run_dir / name, partial / name)
+    os.replace(partial, previous)
+    claim.set_aside = True
+
+
+def put_back(run_dir: Path) -> None:
+    """The set-aside results (a finished or a partial .previous/) back in place of the replacement's (whose own
+    checkpoint and training state go with it)."""
+    for previous in (run_dir / f"{PREVIOUS_DIR}.partial", run_dir / PREVIOUS_DIR):
+        if not previous.is_dir():
+            continue
+        if previous.name == PREVIOUS_DIR:      # (a .partial one was cut off mid-move: what is left in place is old)
+            for name in ("checkpoint", "resume"):
+                _remove(run_dir / name)
+        for entry in previous.iterdir():
+            _remove(run_dir / entry.name)
+            os.replace(entry, run_dir / entry.name)
+        previous.rmdir()
+
+
+def recover(run_dir: Path) -> None:
+    """At a run's start: undo a set-aside cut off by a kill, and give back the old results of a replacement that died
+    before it saved any state."""
+    run_dir = Path(run_dir)
+    if (run_dir / f"{PREVIOUS_DIR}.partial").is_dir():
+        put_back(run_dir)
+    elif (run_dir / PREVIOUS_DIR).is_dir() and not any((run_dir / n).exists() for n in (METRICS_FILE, "resume")):
+        put_back(run_dir)
+
+
+def forget_previous(run_dir: Path) -> None:
+    """The replacement has finished: the results it replaced go."""
+    shutil.rmtree(Path(run_dir) / PREVIOUS_DIR, ignore_errors=True)
+
+
+def record_failure(run_dir: Path, message: str) -> None:
+    """A sweep job's one-line failure, kept in its folder (error.txt) for the sweep's summary."""
+    from propetl.files import atomic_write_text
+
+    try:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(run_dir) / ERROR_FILE, message + "\n")
+    except OSError:
+        pass
 
 
 def read_metrics(run_dir: Path) -> dict:
@@ -100,9 +262,10 @@ def recorded_config(run_dir: Path):
     return config
 
 
-def finished_run(run_dir: Path, cfg) -> dict | None:
-    """metrics.json of a finished run of this config; None if not finished. A finished run of another config (or one
-    without a record to tell) is refused with one line naming the differing keys."""
+def finished_run(run_dir: Path, current: dict) -> dict | None:
+    """metrics.json of a finished run of this fingerprint (`current`, fingerprint.fingerprint); None if not finished.
+    A finished run of another config (or one without a record to tell) is refused with one line naming the differing
+    keys; keys its record predates are not compared."""
     run_dir = Path(run_dir)
     if not (run_dir / METRICS_FILE).exists():
         return None
@@ -111,13 +274,13 @@ def finished_run(run_dir: Path, cfg) -> dict | None:
     if recorded is None:
         raise RunDirectoryError(f"{run_dir} is finished but has no {RECORD_DIR}/config.yaml to compare this command's "
                                 f"config with; choose another hydra.run.dir, or trainer.resume=false to run it again")
-    present = {key: value for key, value in fingerprint(recorded).items()
-               if OmegaConf.select(recorded, key, default=KeyError) is not KeyError}
-    differences = fingerprint_differences(present, fingerprint(cfg))
+    saved = computation.config_part(recorded)
+    if isinstance(metrics.get("data_sha256"), str):      # runs before the data's sha256 was kept: their config only
+        saved[computation.DATA_KEY] = metrics["data_sha256"]
+    differences = computation.differences(saved, current, ignore_missing=True)
     if differences:
-        named = "; ".join(f"{key}={before!r} there, {now!r} here" for key, before, now in differences)
-        raise RunDirectoryError(f"{run_dir} is a finished run of another config ({named}); choose another "
-                                f"hydra.run.dir, or trainer.resume=false to replace it")
+        raise RunDirectoryError(f"{run_dir} is a finished run of another config ({computation.describe(differences)}); "
+                                f"choose another hydra.run.dir, or trainer.resume=false to replace it")
     return metrics
 
 

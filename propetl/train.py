@@ -24,11 +24,11 @@ from propetl.run import begin_run, end_run, fit_logged, run_facts
 logger = logging.getLogger("propetl")
 
 
-def train(cfg: DictConfig, output_dir: Path) -> dict:
+def train(cfg: DictConfig, output_dir: Path, claim=None) -> dict:
     """One run: every task's data -> one model -> fit (best epoch on the selection split; several tasks: the
-    mean of their scores) -> each task's test -> save -> report."""
+    mean of their scores) -> each task's test -> save -> report. `claim`: the run folder's (rundir.claim)."""
     output_dir = Path(output_dir)
-    finished, ctx, checkpointer, device = begin_run(cfg, output_dir)
+    finished, ctx, checkpointer, device = begin_run(cfg, output_dir, claim)
     if finished is not None:
         return finished
     multitask = cfg.get("mode") == "multitask"
@@ -106,7 +106,7 @@ def train(cfg: DictConfig, output_dir: Path) -> dict:
         figures.update(checkpoint.file_figures(output_dir / "checkpoint", figures))
     report = partial(report_multitask, base_tasks=base_tasks) if multitask else partial(report_single_task, splits=splits)
     metrics, summary = report(cfg, output_dir, tests, result, figures,
-                              facts=lambda: run_facts(cfg, result, started, device, ctx), writes=ctx.is_main)
+                              facts=lambda: run_facts(cfg, result, started, device, ctx, checkpointer), writes=ctx.is_main)
     if ctx.is_main:
         checkpointer.discard()                     # the run is complete: its training state is no longer needed
         run.summary.update(summary)

@@ -2,17 +2,21 @@
 bad value and what is allowed (raised as ConfigError, printed by the entry point, exit code 2)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from propetl import model as backbone
 from propetl.accounting import STORAGE_DTYPES
-from propetl.configs import ConfigError, group_choices
+from propetl.configs import ConfigError, group_choices, group_option
 from propetl.mask_coding import CODINGS
 from propetl.masks import COMBINES, MASK_KINDS
 from propetl.methods import METHODS, PROTOTYPES, peft_missing, rules
+from propetl.metrics import metrics_for, selections_for
 
 MAX_LEARNING_RATE = 1e30       # beyond it AdamW's step size, lr / (1 - beta1^t), overflows fp32: a traceback
+MAX_SEED = 2**63 - 1           # int64 (mask.seed + 7919 still fits torch's uint64 seeds); datasets wants >= 0
 
 
 def _number_in(low: float, high: float, high_open: bool = True) -> rules.Rule:
@@ -22,9 +26,11 @@ def _number_in(low: float, high: float, high_open: bool = True) -> rules.Rule:
 
 LEARNING_RATE = rules.Rule(lambda v: rules.is_number(v) and 0 < v <= MAX_LEARNING_RATE,
                            f"a positive number up to {MAX_LEARNING_RATE:g}")
+SEED = rules.Rule(lambda v: rules.integer().accepts(v) and 0 <= v <= MAX_SEED, f"an integer in 0..{MAX_SEED} (2**63-1)")
 NULLABLE = ("trainer.max_steps", "trainer.save_steps", "trainer.threads", "data.max_train_examples")
 RUN_RULES = {       # checked in this order; a key of NULLABLE may also be null
-    "seed": rules.integer(),
+    "seed": SEED,
+    "model.name_or_path": rules.Rule(lambda v: isinstance(v, str) and bool(v.strip()), backbone.MODEL_PATHS),
     **dict.fromkeys(("trainer.epochs", "trainer.batch_size", "trainer.eval_batch_size", "trainer.log_every_steps",
                      "data.max_length", "model.hidden_size", "model.num_layers", "trainer.max_steps"),
                     rules.positive_int()),
@@ -41,7 +47,7 @@ RUN_RULES = {       # checked in this order; a key of NULLABLE may also be null
     "data.protocol": rules.one_of(("split", "full_dev")),
     "data.group_by_length": rules.Rule(lambda v: isinstance(v, bool), "true or false"),
     "data.max_train_examples": rules.positive_int(),
-    "data.split_seed": rules.integer(),
+    "data.split_seed": SEED,
     "logger.mode": rules.one_of(("online", "offline", "disabled")),
     "storage.mask_coding": rules.one_of(CODINGS),
     "storage.dtype": rules.one_of(STORAGE_DTYPES),
@@ -70,11 +76,17 @@ def validate(cfg, search_path=None) -> None:
     check_resolves(cfg)
     tasks_known = group_choices("task", search_path)
     _check(cfg, "task.name", rules.one_of(tasks_known))
+    _check(cfg, "seed", SEED)                   # before mask.seed, which is ${seed} unless set
     validate_method(cfg)
     for key, rule in RUN_RULES.items():
         if not (key in NULLABLE and OmegaConf.select(cfg, key, default=_UNSET) is None):    # ??? is not null
             _check(cfg, key, rule)
-    if cfg.mode == "multitask":
+    base = OmegaConf.select(cfg, "multitask.base_checkpoint", default=None)
+    if cfg.mode != "multitask":
+        _require(base is None, "multitask.base_checkpoint", base, "null unless mode=multitask (it adds tasks to a "
+                                                                  "multi-task checkpoint)")
+        validate_task(cfg)
+    else:
         tasks = cfg.tasks
         _require(OmegaConf.is_list(tasks) and len(tasks) > 0 and len(set(tasks)) == len(tasks)
                  and set(tasks) <= set(tasks_known), "tasks", None if tasks is None else list(tasks),
@@ -82,9 +94,41 @@ def validate(cfg, search_path=None) -> None:
         _require(cfg.method.name in ("propetl", "petl"), "method.name", cfg.method.name,
                  "propetl or petl with mode=multitask (one shared prototype / one shared module per layer)")
         _check(cfg, "multitask.temperature", rules.positive_number())
-        base = cfg.multitask.base_checkpoint
         _require(base is None or Path(str(base)).is_dir(), "multitask.base_checkpoint", base,
                  "null or the checkpoint folder of a finished multi-task run")
+        for name in tasks:
+            try:
+                validate_task(OmegaConf.create({"task": group_option("task", name, search_path)}))
+            except ConfigError as error:
+                raise ConfigError(f"tasks: {name}: {error}") from None
+    validate_model(cfg)
+
+
+def validate_task(cfg) -> None:
+    """A task's config (conf/task/*.yaml or a user's), what loading and scoring its data read: label count, size,
+    metrics the task can report, the selection metric among them, label names and a regression label range."""
+    _check(cfg, "task.num_labels", rules.positive_int())
+    _check(cfg, "task.size", rules.one_of(("small", "large")))
+    labels, known = cfg.task.num_labels, metrics_for(cfg.task.num_labels)
+    _check(cfg, "task.metrics", rules.Rule(
+        lambda v: isinstance(v, list) and bool(v) and set(v) <= set(known) and len(set(v)) == len(v),
+        f"a non-empty list of distinct metrics for num_labels={labels}, from: {', '.join(known)}"))
+    _check(cfg, "task.selection_metric", rules.one_of(selections_for(list(cfg.task.metrics))))
+    _check(cfg, "task.label_names", rules.Rule(
+        lambda v: v is None or isinstance(v, list) and len(v) == labels and len(set(map(str, v))) == labels,
+        f"null or a list of {labels} distinct names (num_labels={labels})"))
+    _check(cfg, "task.label_range", rules.Rule(
+        lambda v: v is None or labels == 1 and isinstance(v, list) and len(v) == 2
+        and all(rules.is_number(x) and math.isfinite(x) for x in v) and v[0] < v[1],
+        "null, or [low, high] with low < high on a regression task (num_labels: 1)"))
+
+
+def validate_model(cfg) -> None:
+    """The model's folder (a pkg:// one too) is there, and data.max_length fits its positions: read from its
+    config.json before anything loads (a hub id not in the local cache is left to the loader)."""
+    positions = backbone.max_positions(cfg.model.name_or_path)
+    _require(positions is None or cfg.data.max_length <= positions, "data.max_length", cfg.data.max_length,
+             f"1..{positions}, the positions of model.name_or_path={cfg.model.name_or_path}")
 
 
 def check_resolves(cfg) -> None:
@@ -111,7 +155,7 @@ def validate_method(cfg) -> None:
             raise ConfigError(missing)
     for key, rule in (("mask.kind", rules.one_of(MASK_KINDS)), ("mask.sparsity", _number_in(0.0, 1.0)),
                       ("mask.lr", LEARNING_RATE), ("mask.weight_decay", _number_in(0.0, float("inf"))),
-                      ("mask.seed", rules.integer())):
+                      ("mask.seed", SEED)):
         _check(cfg, key, rule)
     for field, rule in PROTOTYPES[cfg.prototype.name].SETTINGS.items():   # the prototype module's own rules
         if not (rule.optional and field not in cfg.prototype):

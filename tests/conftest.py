@@ -66,7 +66,7 @@ def tiny_cfg(tiny_model_dir):
     def make(*overrides: str):
         return compose_cfg([f"model.name_or_path={tiny_model_dir}", "model.name=tiny",
                             f"model.hidden_size={TINY['hidden']}", f"model.num_layers={TINY['layers']}",
-                            "logger.mode=disabled", *overrides])
+                            "data.max_length=64", "logger.mode=disabled", *overrides])     # its 64 positions
     return make
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertForSequenceClassification
 
 from conftest import tiny_batch
-from propetl import ProPETLConfig, checkpoint, get_propetl_model, load_propetl, methods
+from propetl import ProPETLConfig, checkpoint, files, get_propetl_model, load_propetl, methods
 from propetl import model as backbone
 from propetl.methods.lora import LoRALinear
 from propetl.configs import CONF_DIR, ConfigError
@@ -59,7 +59,8 @@ def test_readme_example_trains_with_the_hf_trainer_saves_loads_and_merges(tiny_t
 
     saved = tmp_path / "out" / "api-example" / "propetl"          # the prototype, masks and head: no backbone
     assert sorted(p.relative_to(saved).as_posix() for p in saved.rglob("*") if p.is_file()) == [
-        "shared/layer_masks.safetensors", "shared/manifest.json", "shared/propetl.json", "shared/prototype.safetensors",
+        files.OUTPUT_MARKER, "shared/layer_masks.safetensors", "shared/manifest.json", "shared/propetl.json",
+        "shared/prototype.safetensors",
         "tasks/unnamed/head.safetensors", "tasks/unnamed/manifest.json", "tasks/unnamed/task.json"]
     assert set(load_file(saved / "shared" / "prototype.safetensors")) == {"query_A", "query_B", "value_A", "value_B"}
     assert set(load_file(saved / "tasks" / "unnamed" / "head.safetensors")) == {   # BERT's pooler + classifier
@@ -132,6 +133,53 @@ def test_load_propetl_reads_a_runner_checkpoint(tiny_cfg, tiny_model_dir, tmp_pa
     checkpoint.save_checkpoint(trained, cfg, tmp_path / "checkpoint")
     torch.testing.assert_close(logits(load_propetl(fresh(tiny_model_dir), tmp_path / "checkpoint")), logits(trained),
                                atol=1e-5, rtol=0)
+
+
+def test_save_propetl_replaces_its_own_earlier_save_atomically(tiny_model_dir, tmp_path):
+    model = propetl_model(tiny_model_dir, sparsity=0.5)
+    saved = tmp_path / "saved"
+    assert model.save_propetl(saved) == saved
+    train_steps(model)                                               # other weights: the second save must replace
+    model.save_propetl(saved)
+    torch.testing.assert_close(logits(load_propetl(fresh(tiny_model_dir), saved)), logits(model), atol=1e-5, rtol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]    # no .saved.old, no .saved.*.tmp
+
+
+@pytest.mark.parametrize("what", ["a user's file", "a file added to an earlier save", "a run's checkpoint"])
+def test_save_propetl_refuses_a_folder_holding_files_it_did_not_write(tiny_cfg, tiny_model_dir, tmp_path, what):
+    model = propetl_model(tiny_model_dir)
+    target = tmp_path / "target"
+    if what == "a user's file":
+        target.mkdir()
+        (target / "notes.txt").write_text("mine")
+        foreign = "notes.txt"
+    elif what == "a file added to an earlier save":
+        model.save_propetl(target)
+        (target / "shared" / "notes.txt").write_text("mine")
+        foreign = "shared/notes.txt"
+    else:
+        checkpoint.save_checkpoint(backbone.build(tiny_cfg("method=propetl", "prototype=lora"), 2),
+                                   tiny_cfg("method=propetl", "prototype=lora"), target)
+        foreign = "shared/, tasks/"
+    before = {p: p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    with pytest.raises(files.OutputError) as error:
+        model.save_propetl(target)
+    assert str(error.value) == f"{target} holds files propetl did not write: {foreign}; choose another OUT"
+    assert {p: p.read_bytes() for p in target.rglob("*") if p.is_file()} == before      # nothing touched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["target"]
+
+
+def test_save_propetl_refuses_the_working_folder_and_a_file(tiny_model_dir, tmp_path, monkeypatch):
+    model = propetl_model(tiny_model_dir)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    with pytest.raises(files.OutputError, match=f"^{empty} is the working folder {empty}: .*choose a new folder"):
+        model.save_propetl(".")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(files.OutputError, match="file is a file, not a folder propetl wrote; choose another OUT"):
+        model.save_propetl(tmp_path / "file")
+    assert list(empty.iterdir()) == [] and (tmp_path / "file").read_text() == "x"
 
 
 # ----------------------------------------------------------------------------- one-line refusals

@@ -220,6 +220,11 @@ def test_file_without_a_configured_column(tmp_path):
         ("rte", "RTE", "index\tsentence1\tsentence2\tlabel", "1\tx\ty\t", "empty label"),
         ("sst2", "SST-2", "sentence\tlabel", "fine \t7", "outside 0..1"),
         ("stsb", "STS-B", "sentence1\tsentence2\tscore", "x\ty\tfive", "'five' is not a number"),
+        ("stsb", "STS-B", "sentence1\tsentence2\tscore", "x\ty\t5.5", "5.5 is outside the task's label_range [0, 5]"),
+        ("stsb", "STS-B", "sentence1\tsentence2\tscore", "x\ty\t-0.1", "-0.1 is outside the task's label_range"),
+        ("stsb", "STS-B", "sentence1\tsentence2\tscore", "x\ty\t1e39", "'1e39' is not a finite float32 number"),
+        ("stsb", "STS-B", "sentence1\tsentence2\tscore", "x\ty\tnan", "'nan' is not a finite float32 number"),
+        ("stsb", "STS-B", "sentence1\tsentence2\tscore", "x\ty\t-inf", "'-inf' is not a finite float32 number"),
     ],
 )
 def test_bad_label_names_file_and_row(tmp_path, name, folder, header, bad_row, expected):
@@ -230,6 +235,37 @@ def test_bad_label_names_file_and_row(tmp_path, name, folder, header, bad_row, e
         load_glue(task(name), tmp_path, protocol="full_dev")
     message = str(caught.value)
     assert f"{train} data row 2" in message and expected in message and f"'{name}'" in message
+
+
+def test_regression_labels_without_a_declared_range_may_be_any_finite_float32(tmp_path):
+    config = OmegaConf.merge(task("stsb"), {"label_range": None})
+    lines = ["sentence1\tsentence2\tscore", "a\tb\t-7.5", "c\td\t3e38"]
+    write_tsv(tmp_path / "STS-B" / "train.tsv", lines)
+    write_tsv(tmp_path / "STS-B" / "dev.tsv", lines)
+    assert load_glue(config, tmp_path, protocol="full_dev")["train"]["label"][:] == pytest.approx([-7.5, 3e38])
+
+
+def test_hub_labels_outside_the_range_name_the_split_and_row(tmp_path, monkeypatch):
+    split = datasets.Dataset.from_dict({"sentence1": ["a", "b"], "sentence2": ["c", "d"], "label": [4.0, 6.0]})
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, name=None, **kwargs: datasets.DatasetDict(
+        train=split, validation=split))
+    with pytest.raises(DataError, match=r"nyu-mll/glue/stsb:train row 2: label 6.0 is outside the task's label_range"):
+        load_glue(task("stsb"), tmp_path, protocol="full_dev")
+
+
+@pytest.mark.parametrize("protocol, dev_rows, split, size", [("split", 3, "validation", 1),
+                                                             ("full_dev", 1, "validation", 1)])
+def test_a_selection_or_test_split_of_one_row_is_refused_naming_it(tmp_path, protocol, dev_rows, split, size):
+    header, row = "index\tsentence1\tsentence2\tlabel", "0\ta\tb\tentailment"
+    write_tsv(tmp_path / "RTE" / "train.tsv", [header, row, row])
+    write_tsv(tmp_path / "RTE" / "dev.tsv", [header, *[row] * dev_rows])
+    with pytest.raises(DataError) as caught:
+        load_glue(task("rte"), tmp_path, protocol=protocol)
+    assert str(caught.value) == (f"task 'rte': the {split} split has {size} row(s) under data.protocol={protocol}; "
+                                 "it needs at least 2: give the task's files more rows")
+    write_tsv(tmp_path / "RTE" / "dev.tsv", [header, *[row] * 4])
+    sizes = [len(rows) for rows in load_glue(task("rte"), tmp_path, protocol=protocol).values()]
+    assert sizes == ([2, 2, 2] if protocol == "split" else [2, 4, 4])
 
 
 def test_literal_null_and_na_stay_text(tmp_path):

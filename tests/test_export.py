@@ -73,16 +73,19 @@ def test_adapters_and_prefixes_are_refused_in_one_line_with_nothing_written(tiny
     assert set(tmp_path.iterdir()) == before                                # no OUT, no temporary folder
 
 
-def test_finetune_to_peft_and_an_existing_out_are_refused(tiny_cfg, tmp_path, capsys):
+def test_finetune_to_peft_is_refused_an_empty_out_used_and_a_previous_export_kept(tiny_cfg, tmp_path, capsys):
     checkpoint_dir, _ = runner_checkpoint(tiny_cfg, tmp_path, "finetune")
     with pytest.raises(SystemExit) as stop:
         run_export(checkpoint_dir, tmp_path / "out", "--format", "peft")
     assert stop.value.code == 2 and "use --format hf" in capsys.readouterr().err
-    (tmp_path / "out").mkdir()
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "out").mkdir()                                              # an empty folder holds nothing to lose
+    run_export(checkpoint_dir, tmp_path / "out", "--format", "hf")
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    capsys.readouterr()
     with pytest.raises(SystemExit):
         run_export(checkpoint_dir, tmp_path / "out", "--format", "hf")
-    assert "exists; choose another OUT or pass --overwrite" in capsys.readouterr().err
-    assert not any((tmp_path / "out").iterdir())
+    assert "exists (a previous export or save); choose another OUT or pass --overwrite" in capsys.readouterr().err
 
 
 def test_the_command_line_answers_help_without_loading_torch():

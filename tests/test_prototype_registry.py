@@ -70,7 +70,7 @@ def bias_cfg(tiny_model_dir, tmp_path):
 
     def make(*overrides: str):
         cfg = configs.compose([f"model.name_or_path={tiny_model_dir}", "model.name=tiny",
-                               f"model.hidden_size={TINY['hidden']}", f"model.num_layers={TINY['layers']}",
+                               f"model.hidden_size={TINY['hidden']}", f"model.num_layers={TINY['layers']}", "data.max_length=64",
                                "logger.mode=disabled", "prototype=bias", *overrides], search_path)
         methods.import_prototype(cfg.prototype)            # what train.begin_run does
         validate(cfg, search_path)

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from conftest import compose_cfg, tiny_text_overrides
 from test_cli import ENV, SCRIPT
 from propetl import rundir
+from propetl.fingerprint import fingerprint
 
 FAST = ["task=rte", "method=propetl", "prototype=lora", "data.max_train_examples=16", "trainer.epochs=1",
         "trainer.save_steps=1", "trainer.eval_batch_size=512"]
@@ -66,14 +67,14 @@ def test_record_is_written_in_hydras_format(tmp_path):
 
 def test_finished_run_of_the_same_config_is_skipped(tmp_path):
     finished_folder(tmp_path, ["seed=3"])
-    assert rundir.finished_run(tmp_path, compose_cfg(["seed=3", "trainer.threads=1"])) == {"glue_score": 50.0}
-    assert rundir.finished_run(tmp_path / "nothing", compose_cfg()) is None
+    assert rundir.finished_run(tmp_path, fingerprint(compose_cfg(["seed=3", "trainer.threads=1"]))) == {"glue_score": 50.0}
+    assert rundir.finished_run(tmp_path / "nothing", fingerprint(compose_cfg())) is None
 
 
 def test_finished_run_of_another_config_names_every_differing_key(tmp_path):
     finished_folder(tmp_path, ["prototype=lora"])
     with pytest.raises(rundir.RunDirectoryError) as error:
-        rundir.finished_run(tmp_path, compose_cfg(["prototype=lora", "seed=7", "mask.sparsity=0.3"]))
+        rundir.finished_run(tmp_path, fingerprint(compose_cfg(["prototype=lora", "seed=7", "mask.sparsity=0.3"])))
     message = str(error.value)
     assert "\n" not in message and "seed=42 there, 7 here" in message and "mask.sparsity=0.9 there, 0.3 here" in message
 
@@ -90,7 +91,7 @@ def test_unreadable_finished_run_is_one_line(tmp_path, damage):
     else:
         (tmp_path / ".hydra" / "config.yaml").write_text("a: [unclosed\n")
     with pytest.raises(rundir.RunDirectoryError) as error:
-        rundir.finished_run(tmp_path, compose_cfg())
+        rundir.finished_run(tmp_path, fingerprint(compose_cfg()))
     assert "\n" not in str(error.value) and str(tmp_path) in str(error.value)
 
 

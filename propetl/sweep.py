@@ -1,0 +1,54 @@
+"""A sweep (`propetl-train -m ...`) finishes every job: a job that fails with a one-line error writes it to its folder
+(error.txt) and to the sweep's `failed_jobs.jsonl`, and the sweep goes on to the next job. When the sweep ends,
+SweepSummary (a Hydra callback, conf/hydra/default.yaml) writes `sweep_summary.json` in the sweep folder, prints the
+failed jobs, and propetl-train exits with their number (0: all ran). Jobs of the joblib launcher run in other processes:
+they find the failures file through the environment, which they inherit.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+
+FAILURES_ENV = "PROPETL_SWEEP_FAILURES"
+FAILURES_FILE, SUMMARY_FILE = "failed_jobs.jsonl", "sweep_summary.json"
+_failed_jobs = 0                                  # this process's sweep: how many jobs failed (set at its end)
+
+
+def failed(job_dir: Path, message: str) -> None:
+    """A job of the running sweep failed with `message` (one line)."""
+    path = os.environ.get(FAILURES_ENV)
+    if not path:
+        return
+    line = json.dumps({"job": str(job_dir), "error": message}) + "\n"
+    with open(path, "a") as f:                    # one short write in append mode: jobs in parallel do not interleave
+        f.write(line)
+
+
+def failures_of_this_process() -> int:
+    return _failed_jobs
+
+
+class SweepSummary(Callback):
+    def on_multirun_start(self, config, **kwargs) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / FAILURES_FILE).write_text("")            # this sweep's failures only
+        os.environ[FAILURES_ENV] = str((sweep_dir / FAILURES_FILE).resolve())
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        global _failed_jobs
+        path = Path(os.environ.pop(FAILURES_ENV, Path(str(config.hydra.sweep.dir)) / FAILURES_FILE))
+        failures = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        summary = {"failed": len(failures), "failures": failures}
+        from propetl.files import atomic_write_text
+
+        atomic_write_text(path.with_name(SUMMARY_FILE), json.dumps(summary, indent=1) + "\n")
+        _failed_jobs = len(failures)
+        if failures:
+            lines = "".join(f"\n  {f['job']}: {f['error']}" for f in failures)
+            print(f"propetl-train: {len(failures)} job(s) of the sweep failed (the others ran; "
+                  f"{path.with_name(SUMMARY_FILE)}):{lines}", file=sys.stderr)
