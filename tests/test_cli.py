@@ -74,8 +74,10 @@ def test_multirun_gives_one_directory_per_job(tmp_path, glue_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted((tmp_path / "sweep").glob("*/metrics.json"))
     assert len(runs) == 2
-    common = "trainer.batch_size=4,trainer.eval_batch_size=128,trainer.max_steps=2"     # logger.mode, data.dir left out
-    assert [run.parent.name for run in runs] == [f"method=petl,seed={s},task=rte,{common}" for s in (1, 2)]
+    common = "trainer.batch_size=4,trainer.eval_batch_size=128,trainer.max_steps=2"     # logger.mode left out
+    data_dir = str(glue_dir).replace("/", "%2F")                     # data.dir kept (other data: another folder)
+    assert [run.parent.name for run in runs] == [f"data.dir={data_dir},method=petl,seed={s},task=rte,{common}"
+                                                 for s in (1, 2)]
     seen = {(m["task"], m["seed"]) for m in (json.loads(p.read_text()) for p in runs)}
     assert seen == {("rte", 1), ("rte", 2)}
     for run in runs:                         # each job's record, written by propetl: its own overrides
