@@ -1,5 +1,6 @@
 """The aggregator (scripts/make_tables.py, propetl.report) on hand-written metrics.json files."""
 import csv
+import io
 import json
 import statistics
 import subprocess
@@ -222,6 +223,20 @@ def test_the_report_flags_a_constant_predictor_and_only_it(tmp_path):
     table = written["table"].read_text()
     assert "4 of 5 runs kept their test predictions" in table and "the other 1: no predictions kept" in table
     assert "Flagged (2): RTE petl LoRA seed 0 (no experiment); STS-B P/S petl LoRA seed 2 (no experiment)." in table
+
+
+@pytest.mark.parametrize("content", ["garbage", "cut off", "one array"])
+def test_an_unreadable_predictions_file_is_one_line(tmp_path, content):
+    folder = write_run(tmp_path, "a", "rte", "petl", "lora", 1, {"accuracy": 0.5})
+    write_predictions(folder, "rte", [0, 1], [0, 1], 2)
+    written = (folder / "predictions.npz").read_bytes()
+    one_array = io.BytesIO()
+    np.save(one_array, np.arange(3))
+    (folder / "predictions.npz").write_bytes({"garbage": b"garbage", "cut off": written[:100],
+                                              "one array": one_array.getvalue()}[content])
+    with pytest.raises(ValueError, match="cannot read .*predictions.npz") as error:
+        report.build([tmp_path], tmp_path / "out")
+    assert "\n" not in str(error.value)
 
 
 def test_a_folder_of_runs_without_predictions_flags_none(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import zipfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -100,8 +101,8 @@ def _kept_predictions(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         return {}
     try:
         return read_predictions(path)
-    except (OSError, ValueError, KeyError) as error:
-        raise ValueError(f"cannot read {path}: {error}") from None
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as error:     # never unpickles
+        raise ValueError(f"cannot read {path}: {error}; a run's predictions.npz holds arrays only") from None
 
 
 def prediction_check(predictions: np.ndarray, labels: np.ndarray) -> dict:
