@@ -239,9 +239,12 @@ def test_an_unreadable_predictions_file_is_one_line(tmp_path, content):
     assert "\n" not in str(error.value)
 
 
-def test_a_folder_of_runs_without_predictions_flags_none(tmp_path):
+def test_runs_without_predictions_are_not_checked_and_varied_ones_not_flagged(tmp_path):
     write_run(tmp_path, "a", "rte", "petl", "lora", 1, {"accuracy": 0.5})
-    assert "Flagged: none." in report.build([tmp_path], tmp_path / "out")["table"].read_text()
+    table = report.build([tmp_path], tmp_path / "out")["table"].read_text()
+    assert "Flagged: none; no run here kept its predictions, so none could be checked." in table
+    write_predictions(write_run(tmp_path, "b", "rte", "petl", "lora", 2, {"accuracy": 0.5}), "rte", [0, 1], [0, 1], 2)
+    assert "\nFlagged: none.\n" in report.build([tmp_path], tmp_path / "out")["table"].read_text()
 
 
 # ----------------------------------------------------------------------------- trustworthy tables

@@ -217,6 +217,8 @@ def constant_note(found: list[dict]) -> str:
             f"of the test labels' (regression); runs.csv has the numbers (majority_prediction_share, "
             f"prediction_std_ratio). {len(checked)} of {len(found)} runs kept their test predictions "
             f"(predictions.npz); the other {len(found) - len(checked)}: {NOT_KEPT}, not checked.\n\n")
+    if not checked:
+        return text + "Flagged: none; no run here kept its predictions, so none could be checked.\n"
     return text + (f"Flagged ({len(flagged)}): " + "; ".join(sorted(flagged)) + ".\n" if flagged
                    else "Flagged: none.\n")
 
