@@ -346,6 +346,7 @@ def test_a_one_task_multitask_run_is_the_single_task_run(tmp_path, tiny_text_mod
     multi = train(compose_cfg([*common, "mode=multitask", "tasks=[rte]"]), tmp_path / "multi")
     assert multi["per_task"]["rte"]["test"] == single["test"]
     assert multi["history"][-1]["train_loss"] == single["history"][-1]["train_loss"]
+    assert [r["train/rte/accuracy"] for r in multi["history"]] == [r["train/accuracy"] for r in single["history"]]
     written = sorted(p.relative_to(tmp_path / "multi").as_posix() for p in (tmp_path / "multi" / "checkpoint").rglob("*")
                      if p.is_file())
     assert written == sorted(p.relative_to(tmp_path / "single").as_posix()
