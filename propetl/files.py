@@ -24,7 +24,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 MANIFEST_FILE = "manifest.json"
 OUTPUT_MARKER = ".propetl-output.json"      # in every export / save_propetl folder: {"written_by": ..., "files": [...]}
@@ -65,12 +67,18 @@ def unwritable(folder: Path) -> str | None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write via a temporary file in the same folder and rename: readers never see half a file."""
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """atomic_write_text's way for any content: `write(binary file)` fills a temporary file in the same folder, which
+    is then renamed into place."""
     path = Path(path)
     tmp = None
     try:
         handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(handle, "w") as f:
-            f.write(text)
+        with os.fdopen(handle, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -1,12 +1,13 @@
-"""Run outputs: the W&B run, metrics.json (written atomically) and the end-of-run summary table."""
+"""Run outputs: the W&B run, metrics.json and predictions.npz (written atomically) and the end-of-run summary table."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 from omegaconf import OmegaConf
 
-from propetl.files import atomic_write_text
+from propetl.files import atomic_write, atomic_write_text
 
 STORAGE_ROWS = (
     ("trainable parameters", "trainable_params", "trainable_params_with_head"),
@@ -93,6 +94,24 @@ def finish_wandb() -> None:
 
 def write_metrics(path: Path, metrics: dict) -> None:
     atomic_write_text(Path(path), json.dumps(metrics, indent=2) + "\n")
+
+
+def write_predictions(path: Path, predicted: dict[str, tuple[np.ndarray, np.ndarray]],
+                      num_labels: dict[str, int]) -> None:
+    """predictions.npz (compressed): per task `<task>.predictions` and `<task>.labels` of its test split, class ids as
+    int8 (int16 past 127 classes) for classification, float32 scores for regression; written atomically."""
+    arrays = {}
+    for task, (predictions, labels) in predicted.items():
+        dtype = np.float32 if num_labels[task] == 1 else np.int8 if num_labels[task] <= 127 else np.int16
+        arrays[f"{task}.predictions"], arrays[f"{task}.labels"] = predictions.astype(dtype), labels.astype(dtype)
+    atomic_write(Path(path), lambda f: np.savez_compressed(f, **arrays))
+
+
+def read_predictions(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """predictions.npz -> {task: (test predictions, test labels)} (write_predictions)."""
+    with np.load(Path(path)) as arrays:
+        return {key.removesuffix(".predictions"): (arrays[key], arrays[key.replace(".predictions", ".labels")])
+                for key in arrays.files if key.endswith(".predictions")}
 
 
 def _fmt(value) -> str:

@@ -79,10 +79,16 @@ def predict(model: nn.Module, loader, device: torch.device, precision: str = "fp
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
 
-def evaluate(model, loader, task_cfg, device, precision="fp32", desc="eval", progress=False) -> dict[str, float]:
+def predict_task(model, loader, task_cfg, device, precision="fp32", desc="eval",
+                 progress=False) -> tuple[np.ndarray, np.ndarray]:
+    """(predictions [N]: class ids, or the score for regression; labels [N]) over a task's loader, in eval mode."""
     logits, labels = predict(model, loader, device, precision, desc, progress)
-    predictions = glue_metrics.predictions_from_logits(logits, int(task_cfg.num_labels))
-    return glue_metrics.compute(list(task_cfg.metrics), predictions, labels)
+    return glue_metrics.predictions_from_logits(logits, int(task_cfg.num_labels)), labels
+
+
+def evaluate(model, loader, task_cfg, device, precision="fp32", desc="eval", progress=False) -> dict[str, float]:
+    return glue_metrics.compute(list(task_cfg.metrics), *predict_task(model, loader, task_cfg, device, precision,
+                                                                      desc, progress))
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -104,6 +110,7 @@ class FitResult:
     step_in_epoch: int = 0               # batches done in the current epoch
     steps: int = 0
     epoch_losses: list = field(default_factory=list)
+    epoch_correct: dict = field(default_factory=dict)   # task index -> [right, rows] of the epoch's classifications
     epoch_seconds: float = 0.0           # time spent in the current epoch so far
     best_epoch: int = -1
     best_score: float = -math.inf
@@ -126,12 +133,16 @@ class Diverged(Exception):
                          f"or overflow in trainer.precision={t.precision}; {kept}")
 
 
-def fit(model, train_loader, select, cfg, head_names: set[str], device,
-        log_fn=lambda record: None, checkpointer=None, ctx: distributed.Context = distributed.Context()) -> FitResult:
+def fit(model, train_loader, select, cfg, head_names: set[str], device, log_fn=lambda record: None,
+        checkpointer=None, ctx: distributed.Context = distributed.Context(), task_names=None) -> FitResult:
     """Train for cfg.trainer.epochs (or until cfg.trainer.max_steps), calling `select(model)` ->
     (selection metrics, score) after every epoch (train.py: the mean of the tasks' scores; one task: its
     score); keeps the best epoch's trainable weights in result.best_state. `log_fn` gets every
     epoch's record and, every trainer.log_every_steps steps, the loss and learning rates (step_log.StepLog).
+    An epoch's record has its training accuracy: the share of the epoch's training rows (classification batches; the
+    loss's own logits, in train mode, as the weights move) whose argmax is the label, `train/accuracy`, or with
+    `task_names` (a multi-task run: the batches' task index -> name) `train/<task>/accuracy` per classification task;
+    regression batches count none. Data-parallel: rank 0's rows of each batch (the process that writes metrics.json).
     With a checkpointer: continues from its checkpoint if there is one, saves one after every epoch
     and every checkpointer.save_steps steps, and on SIGINT/SIGTERM saves and raises Interrupted.
     Data-parallel (ctx.world_size > 1): each process trains on its slice of every batch through DDP."""
@@ -157,7 +168,9 @@ def fit(model, train_loader, select, cfg, head_names: set[str], device,
     def train_step(batch) -> float:
         batch = to_device(distributed.shard(batch, ctx), device)
         with autocast(device, t.precision):
-            loss = train_model(**batch).loss
+            output = train_model(**batch)
+            loss = output.loss
+        count_correct(output.logits.detach(), batch)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
@@ -166,6 +179,20 @@ def fit(model, train_loader, select, cfg, head_names: set[str], device,
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
+
+    def count_correct(logits: torch.Tensor, batch: dict) -> None:
+        """Add a classification batch's right answers and rows to its task's count for the epoch."""
+        if logits.shape[-1] == 1:
+            return
+        task = str(int(batch["task"][0])) if "task" in batch else "0"
+        counts = result.epoch_correct.setdefault(task, [0, 0])
+        counts[0] += int((logits.argmax(-1) == batch["labels"]).sum())
+        counts[1] += int(batch["labels"].shape[0])
+
+    def train_accuracy() -> dict[str, float]:
+        """The epoch's training accuracy per classification task (fit's docstring)."""
+        return {f"train/{task_names[int(i)]}/accuracy" if task_names else "train/accuracy": right / rows
+                for i, (right, rows) in sorted(result.epoch_correct.items(), key=lambda item: int(item[0]))}
 
     def resume_dir():
         return checkpointer.directory if checkpointer is not None and checkpointer.exists() else None
@@ -190,7 +217,8 @@ def fit(model, train_loader, select, cfg, head_names: set[str], device,
         """Score the epoch on the selection split, log it, keep the best weights, checkpoint."""
         selection, score = select(model)
         record = {"epoch": result.epoch + 1, "step": result.steps, "train_loss": float(np.mean(result.epoch_losses)),
-                  "epoch_seconds": result.epoch_seconds, **{f"select/{k}": v for k, v in selection.items()}}
+                  **train_accuracy(), "epoch_seconds": result.epoch_seconds,
+                  **{f"select/{k}": v for k, v in selection.items()}}
         result.history.append(record)
         result.train_seconds += result.epoch_seconds
         log_fn(record)
@@ -200,6 +228,7 @@ def fit(model, train_loader, select, cfg, head_names: set[str], device,
             result.best_epoch, result.best_score, result.best_selection = result.epoch + 1, score, selection
             result.best_state = trainable_state(model)
         result.epoch, result.step_in_epoch, result.epoch_losses, result.epoch_seconds = result.epoch + 1, 0, [], 0.0
+        result.epoch_correct = {}
         save_checkpoint(data_order.get_state())
 
     save_steps = getattr(checkpointer, "save_steps", None)

@@ -96,7 +96,8 @@ def fit_logged(cfg, output_dir: Path, model, train_batches, select, head_names: 
     checkpointer.extra["wandb_id"] = run.id
     started = time.perf_counter()
     result = loop.fit(model, train_batches, select, cfg, head_names, device,
-                      log_fn=lambda record: run.log(record, step=record["step"]), checkpointer=checkpointer, ctx=ctx)
+                      log_fn=lambda record: run.log(record, step=record["step"]), checkpointer=checkpointer, ctx=ctx,
+                      task_names=model.task_names if cfg.get("mode") == "multitask" else None)
     loop.load_trainable_state(model, result.best_state)
     return run, result, started
 

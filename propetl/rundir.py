@@ -30,8 +30,9 @@ from propetl import fingerprint as computation
 from propetl.files import write_folder_atomically
 
 LOCK_FILE, RECORD_DIR, METRICS_FILE, ERROR_FILE, LOG_FILE = ".propetl.lock", ".hydra", "metrics.json", "error.txt", "train.log"
+PREDICTIONS_FILE = "predictions.npz"           # each task's test predictions and labels (log.write_predictions)
 PREVIOUS_DIR = ".previous"                     # trainer.resume=false: the old results, until the new run has finished
-RESULTS = (METRICS_FILE, "checkpoint", "resume", RECORD_DIR)            # what a finished or resumable run keeps
+RESULTS = (METRICS_FILE, PREDICTIONS_FILE, "checkpoint", "resume", RECORD_DIR)  # what a finished or resumable run keeps
 RUN_ENTRIES = (*RESULTS, LOCK_FILE, LOG_FILE, ERROR_FILE, "wandb", PREVIOUS_DIR)
 EXISTING_DIR_ENV = "PROPETL_EXISTING_RUN_DIR"  # cli.main: the hydra.run.dir given existed before Hydra made it
 
@@ -203,7 +204,7 @@ def put_back(run_dir: Path) -> None:
         if not previous.is_dir():
             continue
         if previous.name == PREVIOUS_DIR:      # (a .partial one was cut off mid-move: what is left in place is old)
-            for name in ("checkpoint", "resume"):
+            for name in ("checkpoint", "resume", PREDICTIONS_FILE):
                 _remove(run_dir / name)
         for entry in previous.iterdir():
             _remove(run_dir / entry.name)

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 import propetl  # noqa: F401  (registers the config resolvers)
-from propetl import accounting, checkpoint, data, log, loop
+from propetl import accounting, checkpoint, data, log, loop, rundir
 from propetl import metrics as glue_metrics
 from propetl import model as backbone
 from propetl.batches import PadCollator, token_lengths, tokenise
@@ -96,11 +96,17 @@ def train(cfg: DictConfig, output_dir: Path, claim=None) -> dict:
     run, result, started = fit_logged(cfg, output_dir, model, train_batches, select, head_names, device, checkpointer, ctx)
     if base_dir:        # the old tasks' mask rows saw AdamW's decay (no gradient): put them back bit for bit
         checkpoint.load_task_parts(model, Path(base_dir), base_tasks, base["format_version"])
-    tests = {name: loop.evaluate(model, eval_loader(name, "test"), by_name[name], device, cfg.trainer.precision,
-                                 f"test {name}", cfg.trainer.progress) for name in new_tasks}
+    predicted = {name: loop.predict_task(model, eval_loader(name, "test"), by_name[name], device,
+                                         cfg.trainer.precision, f"test {name}", cfg.trainer.progress)
+                 for name in new_tasks}
+    tests = {name: glue_metrics.compute(list(by_name[name].metrics), *predicted[name]) for name in new_tasks}
 
-    # 4. storage (counted from what the checkpoint keeps), the checkpoint (rank 0), metrics.json, W&B, summary table
+    # 4. storage (counted from what the checkpoint keeps), the checkpoint and predictions.npz (rank 0),
+    #    metrics.json, W&B, summary table
     figures = accounting.account(model, cfg, backbone_params)
+    if ctx.is_main:                             # before metrics.json, which marks the run finished
+        log.write_predictions(output_dir / rundir.PREDICTIONS_FILE, predicted,
+                              {name: int(by_name[name].num_labels) for name in new_tasks})
     if ctx.is_main and cfg.trainer.save_weights:
         checkpoint.save_checkpoint(model, cfg, output_dir / "checkpoint")
         figures.update(checkpoint.file_figures(output_dir / "checkpoint", figures))

@@ -3,7 +3,8 @@
     python scripts/collect_results.py --profile cpu
 
 From every finished run under outputs/reproduce/<profile>/<experiment>/<run>/ it keeps metrics.json,
-train.log, the command-line overrides, the composed config and, of the checkpoint, only the JSON descriptions and the
+predictions.npz (each task's test predictions and labels, where the run kept them), train.log, the
+command-line overrides, the composed config and, of the checkpoint, only the JSON descriptions and the
 bit-packed masks (kilobytes; the prototype, PETL weights and heads are left out). Run folders are
 renamed from Hydra's `key=value,key=value` to `key-value_key-value` (under their experiment's folder, which
 with .hydra/config.yaml tells the report table1's runs from the sweep's and the ablation's). Beside runs/ go
@@ -22,7 +23,7 @@ from propetl import report
 from propetl.files import write_folder_atomically
 
 REPO = Path(__file__).resolve().parents[1]
-KEPT = ("metrics.json", "train.log", ".hydra/overrides.yaml", ".hydra/config.yaml")
+KEPT = ("metrics.json", "predictions.npz", "train.log", ".hydra/overrides.yaml", ".hydra/config.yaml")
 
 
 def kept_checkpoint_files(run: Path) -> list[Path]:

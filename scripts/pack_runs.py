@@ -5,7 +5,7 @@
 
 A lent GPU returns at most 8 files from $OUT, none deeper than two folders, so the runs come back as one
 archive: of every finished run (metrics.json) the files that collect_results.py keeps (metrics.json,
-train.log, the overrides, the composed config, the checkpoint's JSON and mask bits), under their sweep
+predictions.npz, train.log, the overrides, the composed config, the checkpoint's JSON and mask bits), under their sweep
 folder names, as reproduce/<profile>/<experiment>/<run>/...; the finished-part markers
 (reproduce/<profile>/.parts/); and the tables as tables/<profile>/. Unpacked into outputs/, the runs are
 where `make results PROFILE=<profile>` and a later reproduction (which skips them) look for them.

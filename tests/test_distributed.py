@@ -10,7 +10,7 @@ import torch
 
 from conftest import tiny_text_overrides
 from test_cli import ENV
-from propetl import distributed
+from propetl import distributed, log
 
 
 def test_shard_gives_each_process_interleaved_rows():
@@ -56,8 +56,12 @@ def test_two_gloo_processes_train_one_run(tmp_path, tiny_text_model_dir, glue_di
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     assert metrics["steps"] == 8 and metrics["train_examples"] == 64        # 32 examples, batch 8, 2 epochs
+    kept = log.read_predictions(run_dir / "predictions.npz")                 # rank 0's, every task's test split
+    assert set(kept) == ({"rte"} if mode == "single" else {"rte", "stsb"})
+    rte = "train/accuracy" if mode == "single" else "train/rte/accuracy"      # rank 0's rows: half of each batch
+    assert all(0.0 <= record[rte] <= 1.0 for record in metrics["history"])
     if mode == "single":
-        assert "accuracy" in metrics["test"]
+        assert "accuracy" in metrics["test"] and len(kept["rte"][0]) == 139
         assert (run_dir / "checkpoint" / "shared" / "layer_masks.safetensors").exists()
     else:                                   # every step uses one task's head: DDP must allow unused parameters
         assert set(metrics["per_task"]) == {"rte", "stsb"}

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import compose_cfg, tiny_batch, tiny_text_overrides
-from propetl import accounting, checkpoint, loop, mask_coding, methods
+from propetl import accounting, checkpoint, log, loop, mask_coding, methods
+from propetl import metrics as glue_metrics
 from propetl.batches import PadCollator, tokenise
 from propetl.data import load_glue
 from propetl.model import load_tokenizer
@@ -79,6 +80,18 @@ def test_a_real_multitask_run_writes_per_task_metrics_and_storage(trained):
     assert "accuracy" in metrics["per_task"]["rte"]["test"] and "pearson" in metrics["per_task"]["stsb"]["test"]
     assert metrics["mean_test_score"] == pytest.approx(np.mean([metrics["per_task"][t]["glue_score"] for t in TASKS]))
     assert json.loads((out / "metrics.json").read_text())["storage"]["tasks"] == 2
+
+
+def test_a_real_multitask_run_keeps_each_tasks_test_predictions_and_training_accuracy(trained):
+    out, metrics = trained
+    kept = log.read_predictions(out / "predictions.npz")
+    assert set(kept) == set(TASKS) and kept["rte"][0].dtype == np.int8 and kept["stsb"][0].dtype == np.float32
+    for task, task_cfg in zip(TASKS, task_configs(TASKS)):       # the test numbers recompute from what was kept
+        scored = glue_metrics.compute(list(task_cfg.metrics), *kept[task])
+        assert scored == pytest.approx(metrics["per_task"][task]["test"])
+    for record in metrics["history"]:                 # STS-B is regression: no training accuracy
+        assert [k for k in record if k.startswith("train/")] == ["train/rte/accuracy"]
+        assert 0.0 <= record["train/rte/accuracy"] <= 1.0
 
 
 def test_storage_hand_count(trained):
@@ -333,6 +346,7 @@ def test_a_one_task_multitask_run_is_the_single_task_run(tmp_path, tiny_text_mod
     multi = train(compose_cfg([*common, "mode=multitask", "tasks=[rte]"]), tmp_path / "multi")
     assert multi["per_task"]["rte"]["test"] == single["test"]
     assert multi["history"][-1]["train_loss"] == single["history"][-1]["train_loss"]
+    assert [r["train/rte/accuracy"] for r in multi["history"]] == [r["train/accuracy"] for r in single["history"]]
     written = sorted(p.relative_to(tmp_path / "multi").as_posix() for p in (tmp_path / "multi" / "checkpoint").rglob("*")
                      if p.is_file())
     assert written == sorted(p.relative_to(tmp_path / "single").as_posix()

@@ -93,6 +93,7 @@ def test_a_checkpoint_without_anything_to_continue_from_is_not_overwritten(tmp_p
 def finished_run(folder: Path, overrides: list[str] = ()) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.json").write_text(json.dumps({"glue_score": 61.0}))
+    (folder / rundir.PREDICTIONS_FILE).write_bytes(b"old predictions")
     (folder / "checkpoint").mkdir()
     (folder / "checkpoint" / "weights").write_text("old weights")
     rundir.write_record(folder, compose_cfg(list(overrides)), list(overrides))
@@ -168,7 +169,8 @@ def test_a_sweep_with_one_failing_job_finishes_the_others_and_reports_one_failur
 # ----------------------------------------------------------------------------- the property
 
 USER_FILES = ("notes.txt", "sub/", "sub/data.csv", "model.bin")
-RUN_WRITES = (".hydra/", "wandb/", "resume/", "checkpoint/", "metrics.json", ".metrics.json.a1b2.tmp", "error.txt")
+RUN_WRITES = (".hydra/", "wandb/", "resume/", "checkpoint/", "metrics.json", ".metrics.json.a1b2.tmp", "error.txt",
+              "predictions.npz")
 
 
 def write(folder: Path, name: str, text: str) -> None:
@@ -217,7 +219,8 @@ def test_nothing_the_run_did_not_write_is_removed(tmp_path_factory, monkeypatch,
         if name == "train.log" or name.startswith(("train.log",)):
             continue
         resumable = any(w.rstrip("/") in ("resume", "checkpoint", "metrics.json") for w in writes)
-        if name.split("/")[0] in ("metrics.json", "checkpoint", ".hydra") and resumable and not resume_false:
+        overwritten = name.split("/")[0] in ("metrics.json", "checkpoint", ".hydra") and resumable or name in writes
+        if overwritten and not resume_false:
             continue                                            # (the fake run overwrote its own folder's results)
         assert after.get(name, "MISSING") == content, (name, sorted(after))
     if not exists:                                              # a folder the run made: gone unless resumable

@@ -1,5 +1,6 @@
 """The aggregator (scripts/make_tables.py, propetl.report) on hand-written metrics.json files."""
 import csv
+import io
 import json
 import statistics
 import subprocess
@@ -12,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import format1_packed_masks
-from propetl import report
+from propetl import log, report
 from propetl.report.plots import pairwise_hamming
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,6 +165,7 @@ def test_collect_results_keeps_metrics_and_mask_bits_only(tmp_path):
               "lora", 1, {"accuracy": 0.55}, kind="random")
     (source / "unfinished").mkdir()
     (source / "unfinished" / "train.log").write_text("cut off")
+    log.write_predictions(run / "predictions.npz", {"rte": (np.array([0, 1, 1]), np.array([0, 1, 0]))}, {"rte": 2})
     (run / "checkpoint").mkdir()
     save_file({"proto.w": format1_packed_masks(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))}, str(run / "checkpoint" / "masks.safetensors"),
               metadata={"shapes": json.dumps({"proto.w": [2, 2]})})
@@ -175,6 +177,7 @@ def test_collect_results_keeps_metrics_and_mask_bits_only(tmp_path):
     assert done.returncode == 0, done.stderr
     kept = {str(p.relative_to(out / "runs")) for p in (out / "runs").rglob("*") if p.is_file()}
     assert kept == {"table1/method-propetl_prototype-lora_seed-1_task-rte/metrics.json",
+                    "table1/method-propetl_prototype-lora_seed-1_task-rte/predictions.npz",
                     "table1/method-propetl_prototype-lora_seed-1_task-rte/checkpoint/propetl.json",
                     "table1/method-propetl_prototype-lora_seed-1_task-rte/checkpoint/masks.safetensors",
                     "table1/method-petl_prototype-lora_seed-1_task-rte/metrics.json",
@@ -185,6 +188,63 @@ def test_collect_results_keeps_metrics_and_mask_bits_only(tmp_path):
     assert (out / "mask_ablation.png").stat().st_size > 1000
     assert (out / "mask_hamming.png").stat().st_size > 1000
     assert str(tmp_path) not in (out / "runs.csv").read_text()          # paths relative to the results folder
+
+
+def write_predictions(folder: Path, task: str, predictions, labels, num_labels: int) -> None:
+    log.write_predictions(folder / "predictions.npz", {task: (np.asarray(predictions), np.asarray(labels))},
+                          {task: num_labels})
+
+
+def test_the_report_flags_a_constant_predictor_and_only_it(tmp_path):
+    """One class in >= 99% of the test predictions (classification) or a prediction std < 5% of the labels'
+    (regression) is flagged in runs.csv and table.md; a run that kept no predictions.npz is not checked."""
+    labels = np.array([0, 1] * 100)
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(0, 5, 200).astype(np.float32)
+    cases = {          # name: (task, predictions, labels, num labels, runs.csv's mark)
+        "constant": ("rte", np.r_[np.zeros(198, int), 1, 1], labels, 2, "yes"),            # 99.0% class 0
+        "varied": ("rte", np.r_[np.zeros(197, int), 1, 1, 1], labels, 2, "no"),            # 98.5%
+        "flat": ("stsb", 2.5 + 0.04 * (scores - scores.mean()), scores, 1, "yes"),         # std ratio 0.04
+        "graded": ("stsb", 2.5 + 0.06 * (scores - scores.mean()), scores, 1, "no"),
+    }
+    for seed, (name, (task, predictions, truth, num_labels, _)) in enumerate(cases.items()):
+        test = {"accuracy": 0.5} if task == "rte" else {"pearson": 0.5, "spearman": 0.5}
+        write_predictions(write_run(tmp_path, name, task, "petl", "lora", seed, test), task, predictions, truth,
+                          num_labels)
+    write_run(tmp_path, "old", "rte", "petl", "lora", 9, {"accuracy": 0.5})         # before runs kept predictions
+    written = report.build([tmp_path], tmp_path / "out")
+    with written["csv"].open() as f:
+        rows = {Path(r["path"]).parent.name: r for r in csv.DictReader(f)}
+    assert {name: rows[name]["constant_predictions"] for name in rows} == {
+        **{name: case[-1] for name, case in cases.items()}, "old": "no predictions kept"}
+    assert float(rows["constant"]["majority_prediction_share"]) == pytest.approx(0.99)
+    assert float(rows["flat"]["prediction_std_ratio"]) == pytest.approx(0.04, rel=1e-4)
+    assert rows["old"]["majority_prediction_share"] == rows["old"]["prediction_std_ratio"] == ""
+    table = written["table"].read_text()
+    assert "4 of 5 runs kept their test predictions" in table and "the other 1: no predictions kept" in table
+    assert "Flagged (2): RTE petl LoRA seed 0 (no experiment); STS-B P/S petl LoRA seed 2 (no experiment)." in table
+
+
+@pytest.mark.parametrize("content", ["garbage", "cut off", "one array"])
+def test_an_unreadable_predictions_file_is_one_line(tmp_path, content):
+    folder = write_run(tmp_path, "a", "rte", "petl", "lora", 1, {"accuracy": 0.5})
+    write_predictions(folder, "rte", [0, 1], [0, 1], 2)
+    written = (folder / "predictions.npz").read_bytes()
+    one_array = io.BytesIO()
+    np.save(one_array, np.arange(3))
+    (folder / "predictions.npz").write_bytes({"garbage": b"garbage", "cut off": written[:100],
+                                              "one array": one_array.getvalue()}[content])
+    with pytest.raises(ValueError, match="cannot read .*predictions.npz") as error:
+        report.build([tmp_path], tmp_path / "out")
+    assert "\n" not in str(error.value)
+
+
+def test_runs_without_predictions_are_not_checked_and_varied_ones_not_flagged(tmp_path):
+    write_run(tmp_path, "a", "rte", "petl", "lora", 1, {"accuracy": 0.5})
+    table = report.build([tmp_path], tmp_path / "out")["table"].read_text()
+    assert "Flagged: none; no run here kept its predictions, so none could be checked." in table
+    write_predictions(write_run(tmp_path, "b", "rte", "petl", "lora", 2, {"accuracy": 0.5}), "rte", [0, 1], [0, 1], 2)
+    assert "\nFlagged: none.\n" in report.build([tmp_path], tmp_path / "out")["table"].read_text()
 
 
 # ----------------------------------------------------------------------------- trustworthy tables

@@ -8,11 +8,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import compose_cfg, tiny_text_overrides
 from test_cli import ENV, SCRIPT
-from propetl import checkpoint, files, rundir
+from propetl import checkpoint, files, log, rundir
 from propetl.resume import Checkpointer
 from propetl.train import train
 
@@ -68,14 +69,21 @@ def kill_and_resume(run_dir: Path, overrides: list[str], sig: int) -> dict:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, tiny_text_model_dir, glue_dir):
     overrides = [*tiny_text_overrides(tiny_text_model_dir, glue_dir), *RUN]
-    return overrides, finish(tmp_path_factory.mktemp("uninterrupted") / "run", overrides)
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    return overrides, finish(run_dir, overrides), run_dir
 
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_identical_metrics(tmp_path, uninterrupted):
-    """SIGKILL after the first checkpoint (step 4 of 6: mid-epoch), then the same command again."""
-    overrides, expected = uninterrupted
-    assert comparable(kill_and_resume(tmp_path / "run", overrides, signal.SIGKILL)) == comparable(expected)
+    """SIGKILL after the first checkpoint (step 4 of 6: mid-epoch), then the same command again: the same metrics
+    (the epochs' training accuracy included) and the same test predictions."""
+    overrides, expected, expected_dir = uninterrupted
+    resumed = kill_and_resume(tmp_path / "run", overrides, signal.SIGKILL)
+    assert comparable(resumed) == comparable(expected)
+    assert all("train/accuracy" in record for record in resumed["history"])
+    kept, expected_kept = (log.read_predictions(d / rundir.PREDICTIONS_FILE) for d in (tmp_path / "run", expected_dir))
+    assert kept.keys() == expected_kept.keys() == {"rte"}
+    assert all(np.array_equal(a, b) for a, b in zip(kept["rte"], expected_kept["rte"]))
 
 
 @pytest.mark.slow

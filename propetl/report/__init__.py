@@ -7,7 +7,9 @@ mask ablation get their own sections, pooled with table1's ProPETL runs (the swe
 prototype's default sparsity and the ablation's learned point ARE table1's runs): one run per
 (model, task, method, prototype, mask kind, mask sparsity, seed), table1's copy preferred.
 Comparisons (ProPETL − PETL, HF PEFT LoRA − our LoRA, learned − random/none masks) are paired by
-seed, with a 95% t-interval over seeds. Used by `scripts/make_tables.py` (`make tables`).
+seed, with a 95% t-interval over seeds. A run whose kept test predictions (predictions.npz) are (nearly)
+constant is flagged (runs.csv, and a list closing table.md); runs without them are "no predictions kept".
+Used by `scripts/make_tables.py` (`make tables`).
 
 runs.py collects the runs (and holds the names, titles and paper numbers the rest share), stats.py pairs them,
 tables.py writes markdown and CSV, plots.py draws; `build` here writes them all. No torch or transformers:

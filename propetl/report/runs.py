@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import statistics
+import zipfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import yaml
 
+import numpy as np
+
+from propetl.log import read_predictions
 from propetl.metrics import GLUE_NUMBERS, glue_average, task_score
+from propetl.rundir import PREDICTIONS_FILE
 
 TASK_TITLES = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC acc/F1", "qqp": "QQP acc/F1", "stsb": "STS-B P/S",
                "mnli": "MNLI", "qnli": "QNLI", "rte": "RTE"}
@@ -45,6 +50,10 @@ TABLE1 = "table1"
 POOLED_EXPERIMENTS = ("sparsity_sweep", "ablation_masks")
 EXPERIMENTS = (TABLE1, "multitask", *POOLED_EXPERIMENTS)
 IDENTITY = ("model", "task", "method", "prototype", "mask_kind", "mask_sparsity", "seed")
+# A (nearly) constant predictor: one class in at least MAJORITY_SHARE of the test predictions (classification), or
+# predictions whose std is below STD_RATIO of the test labels' (regression).
+MAJORITY_SHARE, STD_RATIO = 0.99, 0.05
+NOT_KEPT = "no predictions kept"
 TRIVIAL_LABEL = "Trivial baseline (majority / mean)"
 ROW_ORDER = [TRIVIAL_LABEL, "Fine-tune"] + [label for title in PROTOTYPE_TITLES.values()
                                             for label in (title, f"{title} (HF PEFT)", f"ProPETL-{title}")]
@@ -64,7 +73,8 @@ def find_metrics(roots: Iterable[Path]) -> list[Path]:
 
 
 def load_runs(roots: Iterable[Path]) -> list[dict]:
-    """One dict per finished run: its identity, experiment, test metrics, trivial baseline and storage figures."""
+    """One dict per finished run: its identity, experiment, test metrics, trivial baseline, storage figures and the
+    check of its kept test predictions (`predictions`: prediction_check, None where the run kept none)."""
     runs = []
     for path in find_metrics(roots):
         try:
@@ -72,14 +82,39 @@ def load_runs(roots: Iterable[Path]) -> list[dict]:
         except (OSError, json.JSONDecodeError) as error:
             raise ValueError(f"cannot read {path}: {error}") from None
         experiment = run_experiment(metrics, path)
+        predicted = _kept_predictions(path.parent / PREDICTIONS_FILE)
         if metrics.get("mode") == "multitask":
-            runs.extend(_multitask_runs(metrics, path, experiment))
-            continue
-        if "test" not in metrics or "task" not in metrics:
+            found = _multitask_runs(metrics, path, experiment)
+        elif "test" not in metrics or "task" not in metrics:
             raise ValueError(f"{path} is not a propetl metrics.json (no 'task' or 'test')")
-        runs.append(_run(metrics, path, experiment, test=dict(metrics["test"]),
-                         storage=dict(metrics.get("storage", {})), trivial=metrics.get("trivial")))
+        else:
+            found = [_run(metrics, path, experiment, test=dict(metrics["test"]),
+                          storage=dict(metrics.get("storage", {})), trivial=metrics.get("trivial"))]
+        runs += [dict(run, predictions=prediction_check(*predicted[run["task"]]) if run["task"] in predicted else None)
+                 for run in found]
     return runs
+
+
+def _kept_predictions(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A run's predictions.npz ({} if it kept none)."""
+    if not path.exists():
+        return {}
+    try:
+        return read_predictions(path)
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as error:     # never unpickles
+        raise ValueError(f"cannot read {path}: {error}; a run's predictions.npz holds arrays only") from None
+
+
+def prediction_check(predictions: np.ndarray, labels: np.ndarray) -> dict:
+    """Is a task's test predictor (nearly) constant? Classification (integer class ids): `majority_share`, the share of
+    the most frequent predicted class, constant from MAJORITY_SHARE; regression (float scores): `std_ratio`, the std of
+    the predictions over the labels', constant below STD_RATIO."""
+    if np.issubdtype(predictions.dtype, np.integer):
+        share = float(np.unique(predictions, return_counts=True)[1].max() / len(predictions))
+        return {"majority_share": share, "std_ratio": None, "constant": share >= MAJORITY_SHARE}
+    spread = float(np.std(labels))
+    ratio = float(np.std(predictions)) / spread if spread > 0 else 0.0
+    return {"majority_share": None, "std_ratio": ratio, "constant": ratio < STD_RATIO}
 
 
 def _run(metrics: dict, path: Path, experiment: str | None, **fields) -> dict:

@@ -11,8 +11,9 @@ from pathlib import Path
 
 from propetl.metrics import GLUE_NUMBERS
 from propetl.report.runs import (
-    CODING_FIELDS, MASK_KINDS, PAPER_MODEL, PAPER_PROPETL_ROWS, PAPER_STORAGE_PERCENT, RUN_FIELDS, STORAGE_FIELDS,
-    TASK_TITLES, group_runs, mean_or_none, prototype_title, score_stats, single_task_runs
+    CODING_FIELDS, MAJORITY_SHARE, MASK_KINDS, NOT_KEPT, PAPER_MODEL, PAPER_PROPETL_ROWS, PAPER_STORAGE_PERCENT,
+    RUN_FIELDS, STD_RATIO, STORAGE_FIELDS, TASK_TITLES, group_runs, mask_kind, mean_or_none, prototype_title,
+    score_stats, single_task_runs
 )
 from propetl.report.stats import mask_ablation, sparsity_sweep
 
@@ -194,6 +195,34 @@ def coding_table(runs: list[dict]) -> str:
                    "ratio: files", "bits", "entropy", "log2 C(n,k)", "runs"], body)
 
 
+def constant_mark(run: dict) -> str:
+    """runs.csv's `constant_predictions`: yes / no, or NOT_KEPT for a run without predictions.npz."""
+    check = run.get("predictions")
+    return NOT_KEPT if check is None else "yes" if check["constant"] else "no"
+
+
+def run_name(run: dict) -> str:
+    """A run in one line: task, method, prototype, mask kind and sparsity, seed, experiment."""
+    masks = f" {mask_kind(run)} s={sparsity_text(run.get('mask_sparsity'))}" if run["method"] == "propetl" else ""
+    return (f"{TASK_TITLES.get(run['task'], run['task'])} {run['method']} {prototype_title(run.get('prototype'))}"
+            f"{masks} seed {run.get('seed')} ({run.get('experiment') or 'no experiment'})")
+
+
+def constant_note(found: list[dict]) -> str:
+    """table.md's check of the kept test predictions: the runs flagged as (nearly) constant predictors."""
+    checked = [run for run in found if run.get("predictions") is not None]
+    flagged = [run_name(run) for run in checked if run["predictions"]["constant"]]
+    text = (f"\n## Constant predictors\n\nA run is flagged when its test predictions are (nearly) constant: one "
+            f"class in at least {MAJORITY_SHARE:.0%} of them (classification), or their std below {STD_RATIO:.0%} "
+            f"of the test labels' (regression); runs.csv has the numbers (majority_prediction_share, "
+            f"prediction_std_ratio). {len(checked)} of {len(found)} runs kept their test predictions "
+            f"(predictions.npz); the other {len(found) - len(checked)}: {NOT_KEPT}, not checked.\n\n")
+    if not checked:
+        return text + "Flagged: none; no run here kept its predictions, so none could be checked.\n"
+    return text + (f"Flagged ({len(flagged)}): " + "; ".join(sorted(flagged)) + ".\n" if flagged
+                   else "Flagged: none.\n")
+
+
 def report_markdown(found: list[dict], runs: list[dict], rows: list[dict], comparisons: list[dict],
                     title: str = "") -> str:
     """table.md: Table 1, ProPETL − PETL, the paired statistics, the sparsity sweep and the mask ablation.
@@ -228,7 +257,7 @@ def report_markdown(found: list[dict], runs: list[dict], rows: list[dict], compa
         text += ("\n## Mask ablation\n\nProPETL with learned, fixed random and no (all-ones) masks at the same "
                  "sparsity, GLUE score x100, mean ± std over seeds (n); the learned runs pooled with table1's.\n\n"
                  + ablation)
-    return text
+    return text + constant_note(found)
 
 
 def runs_csv(runs: list[dict], relative_to: Path) -> str:
@@ -239,10 +268,14 @@ def runs_csv(runs: list[dict], relative_to: Path) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["experiment", *RUN_FIELDS, *(f"test_{n}" for n in metric_names), "trivial_glue_score",
-                     *STORAGE_FIELDS, "path"])
+                     *STORAGE_FIELDS, "constant_predictions", "majority_prediction_share", "prediction_std_ratio",
+                     "path"])
     for run in sorted(runs, key=lambda r: (r["task"], r["method"], str(r["prototype"]), str(r["mask_sparsity"]),
                                            r["seed"])):
+        check = run.get("predictions") or {}
         writer.writerow([run.get("experiment"), *(run.get(k) for k in RUN_FIELDS),
                          *(run["test"].get(n) for n in metric_names), (run.get("trivial") or {}).get("glue_score"),
-                         *(run["storage"].get(k) for k in STORAGE_FIELDS), os.path.relpath(run["path"], relative_to)])
+                         *(run["storage"].get(k) for k in STORAGE_FIELDS), constant_mark(run),
+                         check.get("majority_share"), check.get("std_ratio"),
+                         os.path.relpath(run["path"], relative_to)])
     return out.getvalue()
