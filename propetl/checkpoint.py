@@ -319,15 +319,19 @@ def load_weights(model: nn.Module, cfg, head_names: set[str], directory: Path, a
     parameters = dict(model.named_parameters())
     weights = methods.petl_weights(model)
     with torch.no_grad():
-        if methods.uses_peft(model):
-            if unmatched := methods.peft_module().load_adapter(model, dense):
-                raise CheckpointError(f"{dense_path}: tensors do not match the model's PEFT tuner ({unmatched[:3]})")
-        else:
-            _copy_into(dense_parameters(model, method, head_names), dense, dense_path)
+        _load_dense(model, dense_parameters(model, method, head_names), dense, dense_path)
         stores = {} if weights is None else {n: m for n, m in weights.mask_stores().items() if m.kind != "none"}
         if stores:
             _load_masks(stores, read_masks(masks_path), masks_path)
         _copy_into({n: parameters[n] for n in head_names}, head, head_path)
+
+
+def _load_dense(model: nn.Module, targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], path: Path):
+    """The dense file's tensors into the model: `targets` by name, or (method=peft) PEFT's file into its tuner."""
+    if not methods.uses_peft(model):
+        _copy_into(targets, tensors, path)
+    elif unmatched := methods.peft_module().load_adapter(model, tensors):
+        raise CheckpointError(f"{path}: tensors do not match the model's PEFT tuner ({unmatched[:3]})")
 
 
 def _load_masks(stores: dict, masks: dict[str, torch.Tensor], path: Path) -> None:
@@ -403,7 +407,7 @@ def load_multitask(directory: Path, tasks: list[str] | None = None, cfg=None, ex
     _, layer_masks = split_task_layer(weights.mask_stores()) if weights is not None else ({}, {})
     targets = {model.transformers_name(n): p for n, p in dense_parameters(model, method, model.head_names()).items()}
     with torch.no_grad():
-        _copy_into(targets, dense, shared / DENSE_FILE[method])
+        _load_dense(model, targets, dense, shared / DENSE_FILE[method])
         if layer_masks:
             _load_masks(layer_masks, read_masks(shared / LAYER_MASKS_FILE), shared / LAYER_MASKS_FILE)
     load_task_parts(model, directory, names, saved["format_version"], allow_unsealed)
