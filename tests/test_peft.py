@@ -195,3 +195,16 @@ def test_missing_peft_is_one_line(tiny_cfg, tmp_path, monkeypatch, peft):
     with pytest.raises(checkpoint.CheckpointError) as error:
         checkpoint.load_checkpoint(tmp_path / "checkpoint")
     assert "\n" not in str(error.value) and str(error.value).endswith(methods.PEFT_MISSING)
+
+
+def test_get_peft_model_on_the_encoder_gives_inject_adapter_in_models_weights(tiny_cfg, peft):
+    """methods/peft_tuners.py adapts with get_peft_model (inject_adapter_in_model refuses VeRA, VB-LoRA, …); for LoRA,
+    the path the reference row took before, both draw the same LoRA weights from the same seed, names and order too."""
+    model, cfg = build(tiny_cfg, "peft")
+    torch.manual_seed(0)
+    before = backbone.load_backbone(cfg.model, 2)
+    peft.inject_adapter_in_model(peft.LoraConfig(r=R, lora_alpha=cfg.prototype.alpha, lora_dropout=0.0,
+                                                 target_modules=list(TARGETS), bias="none"), before)
+    ours, theirs = list(model.named_parameters()), list(before.named_parameters())
+    assert [n for n, _ in ours] == [n for n, _ in theirs]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(ours, theirs))

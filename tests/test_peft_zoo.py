@@ -159,6 +159,7 @@ def test_peft_without_method_peft_exits_2_in_one_line(tmp_path):
 
 # ----------------------------------------------------------------------------- a real run
 
+@pytest.mark.slow
 def test_vera_on_real_stsb_through_propetl_train(tmp_path, tiny_text_model_dir, glue_dir):
     result = propetl_train(tmp_path, "method=peft", "peft=vera", "task=stsb", "trainer.max_steps=2",
                            "data.max_train_examples=32", *tiny_text_overrides(tiny_text_model_dir, glue_dir))
@@ -171,3 +172,19 @@ def test_vera_on_real_stsb_through_propetl_train(tmp_path, tiny_text_model_dir, 
     assert storage["trainable_params"] == 2 * 2 * (42 + 32)         # lambda_d [r] + lambda_b [out], q and v, 2 layers
     config = json.loads((shared / "adapter_config.json").read_text())
     assert config["peft_type"] == "VERA" and config["save_projection"] is False
+
+
+@pytest.mark.slow
+def test_killed_vblora_run_resumes_to_identical_metrics(tmp_path, tiny_text_model_dir, glue_dir):
+    """VB-LoRA's checkpoint file can be top-k only, but resume/ keeps every trainable tensor (the bank and the full
+    logits): SIGKILL after the first resume checkpoint, the same command again, the uninterrupted run's metrics."""
+    import signal
+
+    from test_resume import comparable, finish, kill_and_resume
+
+    overrides = [*tiny_text_overrides(tiny_text_model_dir, glue_dir), "task=rte", "method=peft", "peft=vblora",
+                 "peft.config.vector_length=16", "data.max_train_examples=48", "trainer.epochs=3",
+                 "trainer.save_steps=4"]                         # test_resume's run: the kill lands mid-epoch
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    expected = finish(tmp_path / "a" / "run", overrides)
+    assert comparable(kill_and_resume(tmp_path / "b" / "run", overrides, signal.SIGKILL)) == comparable(expected)
