@@ -169,6 +169,8 @@ def validate_method(cfg) -> None:
             raise ConfigError(missing)
         if refused := peft_module().refusal(cfg.peft):
             raise ConfigError(refused)
+        for key in cfg.peft.get("lrs") or {}:                 # tensors at their own lr (VB-LoRA's bank)
+            _check(cfg, f"peft.lrs.{key}", LEARNING_RATE)
     for key, rule in (("mask.kind", rules.one_of(MASK_KINDS)), ("mask.sparsity", _number_in(0.0, 1.0)),
                       ("mask.lr", LEARNING_RATE), ("mask.weight_decay", _number_in(0.0, float("inf"))),
                       ("mask.seed", SEED)):

@@ -141,6 +141,7 @@ def test_vblora_bank_has_its_own_lr(tiny_cfg):
     (["peft=vera", "+peft.config.nope=1"], ["peft=vera", "VeraConfig refuses", "nope"]),
     (["peft=lora", "prototype=adapter"], ["prototype.name='adapter'", "allowed: lora"]),
     (["peft=vera", "storage.dtype=bf16"], ["storage.dtype='bf16'", "allowed: fp32"]),
+    (["peft=vblora", "peft.lrs.vblora_vector_bank=-1"], ["peft.lrs.vblora_vector_bank=-1", "a positive number"]),
 ])
 def test_what_cannot_work_is_one_line(tiny_cfg, overrides, words):
     with pytest.raises(ConfigError) as error:
