@@ -34,7 +34,7 @@ def count(parameters) -> int:
 
 
 def dense_parameters(model: nn.Module, method: str, head_names: set[str]) -> dict[str, torch.Tensor]:
-    """Where checkpoint float tensors load into: backbone (finetune), PEFT's LoRA (peft), PETL store (petl, propetl)."""
+    """The method's own float tensors: backbone (finetune), the PEFT tuner's (peft), PETL store (petl, propetl)."""
     if method == "finetune":
         return {n: p for n, p in model.named_parameters() if n not in head_names}
     if method == "peft":
@@ -43,8 +43,11 @@ def dense_parameters(model: nn.Module, method: str, head_names: set[str]) -> dic
 
 
 def stored_dense_tensors(model: nn.Module, method: str, head_names: set[str]) -> dict[str, torch.Tensor]:
-    """The float tensors a task keeps, without the head (ProPETL: the prototype once, as produced)."""
-    if method in ("finetune", "peft"):
+    """The float tensors a task keeps, without the head (ProPETL: the prototype once, as produced; peft: none here,
+    PEFT's own files hold its tensors, Kept.adapter)."""
+    if method == "peft":
+        return {}
+    if method == "finetune":
         return {n: p.detach() for n, p in dense_parameters(model, method, head_names).items()}
     with torch.no_grad():
         return {n: t.detach() for n, t in methods.petl_weights(model).base_tensors().items()}
@@ -128,6 +131,7 @@ class Kept:
     task_masks: list[dict[str, torch.Tensor]]   # per task: [1, *shape] per masked tensor ([] without task masks)
     heads: list[dict[str, torch.Tensor]]    # per task: TaskHead's names (dense.*, classifier.*)
     has_task_masks: bool
+    adapter: dict[str, bytes]               # method=peft: the files save_pretrained writes, by name ({} otherwise)
 
 
 def kept(model: nn.Module, cfg) -> Kept:
@@ -143,7 +147,20 @@ def kept(model: nn.Module, cfg) -> Kept:
         heads = [{backbone.swap_prefix(n, ours): p.detach() for n, p in model.named_parameters() if n in head_names}]
     dense = {rename(n): t for n, t in stored_dense_tensors(model, cfg.method.name, head_names).items()}
     layer_masks, task_masks = mask_files(model, len(tasks))
-    return Kept(list(tasks), list(labels), dense, layer_masks, task_masks, heads, getattr(model, "task_masks", False))
+    adapter = methods.peft_module().adapter_files(model) if cfg.method.name == "peft" else {}
+    return Kept(list(tasks), list(labels), dense, layer_masks, task_masks, heads, getattr(model, "task_masks", False),
+                adapter)
+
+
+def peft_figures(model: nn.Module) -> dict:
+    """method=peft: what a task keeps is what PEFT's save_pretrained writes with the method's least-storing options
+    (peft_tuners.LEAST_STORING; the seeds that regenerate frozen projections are in adapter_config.json): the bytes of
+    each file, their sum, and what the method's file holds (peft_tuners.KEPT)."""
+    tuners = methods.peft_module()
+    files = tuners.adapter_files(model, least=True)
+    kind = tuners.peft_model(model).peft_config["default"].peft_type.value
+    return {"storage_counted": f"{kind}: {tuners.KEPT.get(kind, 'the tensors PEFT saves')} + adapter_config.json",
+            "adapter_bytes": sum(map(len, files.values())), **{f"adapter_bytes/{n}": len(b) for n, b in files.items()}}
 
 
 def account(model: nn.Module, cfg, backbone_params: int) -> dict:
@@ -162,11 +179,15 @@ def account(model: nn.Module, cfg, backbone_params: int) -> dict:
     shared_bytes = 4 * stored_params + mask_bytes(layer_entries)
     task_bytes = mask_bytes(task_entries)
     heads = {task: sum(t.numel() for t in head.values()) for task, head in zip(keep.tasks, keep.heads)}
+    peft = peft_figures(model) if cfg.method.name == "peft" else {}
     if cfg.method.name == "finetune":
         plain = backbone_params
+    elif peft:                          # the tuner's own tensors, as a plain PETL run of it stores them
+        stored_params = plain = count(methods.peft_parameters(model).values())
     else:
         plain = plain_petl_params(cfg, model.config.hidden_size, model.config.num_hidden_layers)
-    coded = coding_figures([keep.layer_masks] * bool(keep.layer_masks) + keep.task_masks, width * stored_params,
+    dense_bytes = peft["adapter_bytes"] if peft else width * stored_params
+    coded = coding_figures([keep.layer_masks] * bool(keep.layer_masks) + keep.task_masks, dense_bytes,
                            width * plain, tasks=n,
                            ratio_key="storage_ratio_to_plain_petl" if n == 1 else "amortised_ratio_to_plain_petl")
     if n > 1:
@@ -190,7 +211,9 @@ def account(model: nn.Module, cfg, backbone_params: int) -> dict:
     head_params = heads[keep.tasks[0]]
     trainable = count(p for p in model.parameters() if p.requires_grad)
     bits, size_bytes = 32 * stored_params + mask_entries, shared_bytes + task_bytes
-    fp32_equivalent = stored_params + mask_entries / 32
+    if peft:                            # PEFT's files as written (their bytes / 4 as fp32-equivalent parameters)
+        bits, size_bytes = 8 * peft["adapter_bytes"], peft["adapter_bytes"]
+    fp32_equivalent = bits / 32
     return {
         "backbone_params": backbone_params, "head_params": head_params, "trainable_params": trainable - head_params,
         "trainable_params_with_head": trainable,
@@ -204,6 +227,6 @@ def account(model: nn.Module, cfg, backbone_params: int) -> dict:
         "storage_fp32_params_with_head": fp32_equivalent + head_params,
         "storage_percent_of_backbone_with_head": 100.0 * (fp32_equivalent + head_params) / backbone_params,
         "storage_ratio_to_plain_petl_with_head": (fp32_equivalent + head_params) / (plain + head_params),
-        **storage_settings(cfg), "dense_bytes": width * stored_params, "plain_petl_bytes_as_stored": width * plain,
-        **coded,
+        **storage_settings(cfg), "dense_bytes": dense_bytes, "plain_petl_bytes_as_stored": width * plain,
+        **coded, **peft,
     }

@@ -4,7 +4,9 @@ Every run, of one task or several, writes one layout (format 4; save_checkpoint)
     shared/propetl.json             what to rebuild: model, method, prototype, mask, the tasks and their label
                                     counts, whether there are task masks, the data split, how it is stored
     shared/<dense file>             DENSE_FILE[method]: propetl the prototype once, petl per-layer stacks,
-                                    finetune the backbone, peft PEFT's lora_A / lora_B (transformers names)
+                                    finetune the backbone (transformers names)
+    shared/adapter_model.safetensors, shared/adapter_config.json
+                                    method=peft: what PEFT's save_pretrained writes (methods/peft_tuners.py)
     shared/layer_masks.safetensors  the L layer masks of every masked tensor, coded (mask_coding.py)
     tasks/<task>/task_mask.safetensors  several tasks: this task's mask of every masked tensor, [1, *shape]
     tasks/<task>/head.safetensors       this task's head (dense.*, classifier.*), apart so storage can be read
@@ -48,11 +50,12 @@ CONFIG_FILE, HEAD_FILE = "propetl.json", "head.safetensors"
 LAYER_MASKS_FILE, TASK_MASK_FILE = mask_coding.LAYER_MASKS_FILE, "task_mask.safetensors"
 MASKS_FILE = mask_coding.MASKS_FILE   # formats 1-3 of one task: the flat layout's masks file
 DENSE_FILE = {"propetl": "prototype.safetensors", "petl": "petl.safetensors", "finetune": "backbone.safetensors",
-              "peft": "peft.safetensors"}
+              "peft": methods.PEFT_FILES[0]}
 # What a checkpoint config may hold (check_config): the sections and keys of the command line's config it keeps,
 # checked by the same rules (validate.py), and the checkpoint's own keys.
 CONFIG_SECTIONS = ("model", "method", "prototype", "mask")
-OPTIONAL_SECTIONS = ("data", "storage")                   # the Python API saves no data split, format 1 no storage
+OPTIONAL_SECTIONS = ("data", "storage", "peft")     # the Python API saves no data split, format 1 no storage; peft:
+                                                    # method=peft's tuner (conf/peft/)
 SAVED_RUN_KEYS = ("model.name_or_path", "model.hidden_size", "model.num_layers", "mask.combine", "data.protocol",
                   "data.split_seed", "data.max_length", "storage.dtype", "storage.mask_coding")  # validate.RUN_RULES'
 OPTIONAL_KEYS = ("mask.combine",)                                                      # older checkpoints lack it
@@ -67,9 +70,11 @@ MATCH_KEYS = methods.WithShapeKeys(("model.name_or_path", "method.name", "protot
 
 
 def file_sizes(checkpoint_dir: Path) -> dict:
-    """Bytes of the files written: each (file_bytes/<path in the folder>), all but the heads (file_bytes) and all."""
+    """Bytes of the files written (tensors, and PEFT's adapter_config.json): each (file_bytes/<path in the folder>),
+    all but the heads (file_bytes) and all."""
     directory = Path(checkpoint_dir)
-    files = {p.relative_to(directory).as_posix(): p.stat().st_size for p in sorted(directory.rglob("*.safetensors"))}
+    files = {p.relative_to(directory).as_posix(): p.stat().st_size for p in sorted(directory.rglob("*"))
+             if p.suffix == ".safetensors" or p.name in methods.PEFT_FILES}
     heads = sum(size for name, size in files.items() if name.endswith(HEAD_FILE))
     return {"file_bytes": sum(files.values()) - heads, "file_bytes_with_head": sum(files.values()),
             **{f"file_bytes/{name}": size for name, size in files.items()}}
@@ -92,7 +97,8 @@ def file_figures(checkpoint_dir: Path, figures: dict) -> dict:
 
 def checkpoint_config(cfg, task_names: list[str], num_labels: list[int], task_masks: bool) -> dict:
     """shared/propetl.json: what load_checkpoint and load_multitask need to rebuild the model (plain values)."""
-    keep = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "prototype", "method", "mask")}
+    sections = ("model", "prototype", "method", "mask", *(("peft",) if cfg.method.name == "peft" else ()))
+    keep = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in sections}
     if cfg.get("data") is not None:           # a run's data split (propetl-eval re-makes it); the Python API has none
         keep["data"] = {"protocol": cfg.data.protocol, "split_seed": int(cfg.data.split_seed),
                         "max_length": int(cfg.data.max_length)}
@@ -137,7 +143,11 @@ def save_checkpoint(model: nn.Module, cfg, directory: Path) -> Path:
     def build(folder: Path) -> None:
         shared = folder / SHARED_DIR
         shared.mkdir()
-        save_dense(keep.dense, shared / DENSE_FILE[cfg.method.name], cfg)
+        if keep.adapter:
+            for name, content in keep.adapter.items():
+                (shared / name).write_bytes(content)
+        else:
+            save_dense(keep.dense, shared / DENSE_FILE[cfg.method.name], cfg)
         if keep.layer_masks:
             save_masks(keep.layer_masks, shared / LAYER_MASKS_FILE, cfg)
         for index, task in enumerate(keep.tasks):
@@ -309,11 +319,19 @@ def load_weights(model: nn.Module, cfg, head_names: set[str], directory: Path, a
     parameters = dict(model.named_parameters())
     weights = methods.petl_weights(model)
     with torch.no_grad():
-        _copy_into(dense_parameters(model, method, head_names), dense, dense_path)
+        _load_dense(model, dense_parameters(model, method, head_names), dense, dense_path)
         stores = {} if weights is None else {n: m for n, m in weights.mask_stores().items() if m.kind != "none"}
         if stores:
             _load_masks(stores, read_masks(masks_path), masks_path)
         _copy_into({n: parameters[n] for n in head_names}, head, head_path)
+
+
+def _load_dense(model: nn.Module, targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], path: Path):
+    """The dense file's tensors into the model: `targets` by name, or (method=peft) PEFT's file into its tuner."""
+    if not methods.uses_peft(model):
+        _copy_into(targets, tensors, path)
+    elif unmatched := methods.peft_module().load_adapter(model, tensors):
+        raise CheckpointError(f"{path}: tensors do not match the model's PEFT tuner ({unmatched[:3]})")
 
 
 def _load_masks(stores: dict, masks: dict[str, torch.Tensor], path: Path) -> None:
@@ -389,7 +407,7 @@ def load_multitask(directory: Path, tasks: list[str] | None = None, cfg=None, ex
     _, layer_masks = split_task_layer(weights.mask_stores()) if weights is not None else ({}, {})
     targets = {model.transformers_name(n): p for n, p in dense_parameters(model, method, model.head_names()).items()}
     with torch.no_grad():
-        _copy_into(targets, dense, shared / DENSE_FILE[method])
+        _load_dense(model, targets, dense, shared / DENSE_FILE[method])
         if layer_masks:
             _load_masks(layer_masks, read_masks(shared / LAYER_MASKS_FILE), shared / LAYER_MASKS_FILE)
     load_task_parts(model, directory, names, saved["format_version"], allow_unsealed)

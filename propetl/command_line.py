@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from propetl.configs import PRIMARY_CONFIG, ConfigError, compose, config_dir_entry, require_option
 
 SWEEP_FUNCTIONS = ("glob(", "range(", "choice(", "interval(", "[")     # a group swept by a function: not checked
-GROUPS = ("model", "task", "prototype", "method", "mask", "trainer", "logger", "data", "experiment", "profile")
+GROUPS = ("model", "task", "prototype", "method", "peft", "mask", "trainer", "logger", "data", "experiment", "profile")
 HYDRA_ANSWERS = ("help", "hydra_help", "shell_completion", "info")      # flags Hydra answers without a run
 
 
@@ -57,6 +57,9 @@ def check_command_line(arguments: Sequence[str]) -> None:
                 groups[key] = [one.strip() for one in value.split(",")]
         elif (sep or prefix) and not key.startswith("hydra") and not set("/@") & set(key):
             keys.append((argument, key))
+    if "peft" in groups and "peft" not in groups.get("method", ()):
+        raise ConfigError(f"peft={','.join(groups['peft'])} is invalid without method=peft; allowed: method=peft "
+                          f"peft=<tuner> (peft chooses method=peft's PEFT tuner)")
     if keys or search_path:     # a user's folder: its chosen files compose (a broken YAML file is one line)
         check_keys_known(keys, groups, search_path, args.config_name or PRIMARY_CONFIG)
 

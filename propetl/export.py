@@ -2,10 +2,12 @@
 PEFT (`peft`) loads with the same logits.
   hf    every LoRA update (ProPETL: each layer's masked prototype) folded into W_q / W_v (methods.merge), written
         with save_pretrained (safetensors) plus the backbone's tokenizer, for plain
-        AutoModelForSequenceClassification.from_pretrained(OUT). Also method=petl, peft LoRA, finetune (already plain).
-  peft  a standard PEFT LoRA adapter: each layer's (masked) A and B as its lora_A / lora_B, r and lora_alpha as trained
-        (scaling alpha / r, as ours), the trained target modules, and the head (classifier, BERT's pooler) as
-        modules_to_save: PeftModel.from_pretrained(base_model, OUT).
+        AutoModelForSequenceClassification.from_pretrained(OUT). Also method=petl, finetune (already plain) and
+        method=peft (its tuner merged by PEFT).
+  peft  a standard PEFT adapter with the head (classifier, BERT's pooler) as modules_to_save, for
+        PeftModel.from_pretrained(base_model, OUT): method=peft's own tuner as trained (any of conf/peft/); for
+        propetl / petl LoRA each layer's (masked) A and B as its lora_A / lora_B, r and lora_alpha as trained
+        (scaling alpha / r, as ours) and the trained target modules.
 Adapters and prefixes add modules that BERT's weights and PEFT's LoRA cannot express: both formats refuse them in one
 line (exit 2) and write nothing. OUT is built beside itself and renamed into place when complete. Heavy imports wait
 until the arguments are parsed (`--help` answers at once).
@@ -34,6 +36,8 @@ def refusal(config: dict, output_format: str) -> str | None:
     from propetl import methods
 
     method, prototype = config["method"]["name"], config["prototype"]["name"]
+    if method == "peft":                # PEFT merges its tuner (hf) and writes its own adapter (peft): every tuner
+        return None                     # of conf/peft/ merges (tests/test_peft_zoo.py)
     if method == "finetune":
         return None if output_format == "hf" else \
             "method=finetune changed every backbone weight, which a LoRA adapter cannot hold; use --format hf"
@@ -42,14 +46,11 @@ def refusal(config: dict, output_format: str) -> str | None:
 
 
 def lora_pairs(model, cfg) -> dict[tuple[int, str], tuple]:
-    """(layer, target) -> that layer's (A [r, in], B [out, r]) as the model computes with them (ProPETL: masked)."""
+    """(layer, target) -> that layer's (A [r, in], B [out, r]) as our LoRA computes with them (ProPETL: masked)."""
     from propetl import methods
     from propetl.model import encoder_layers
 
     layers, targets = encoder_layers(model), list(cfg.prototype.targets)
-    if methods.uses_peft(model):
-        modules = {(i, t): getattr(layer.attention.self, t) for i, layer in enumerate(layers) for t in targets}
-        return {key: (m.lora_A["default"].weight, m.lora_B["default"].weight) for key, m in modules.items()}
     per_layer = methods.petl_weights(model).per_layer()                        # name -> [L, *shape]
     return {(i, t): (per_layer[f"{t}_A"][i], per_layer[f"{t}_B"][i]) for i in range(len(layers)) for t in targets}
 
@@ -70,6 +71,7 @@ def write_peft(model, cfg, folder: Path) -> None:
     import peft
     import torch
 
+    from propetl import methods
     from propetl.model import encoder_layers, head_module_names, head_parameter_names, load_backbone
 
     base = load_backbone(cfg.model, int(cfg.task.num_labels))
@@ -78,16 +80,26 @@ def write_peft(model, cfg, folder: Path) -> None:
         for name, parameter in base.named_parameters():
             if name in head:
                 parameter.copy_(trained[name])
-    config = peft.LoraConfig(r=int(cfg.prototype.r), lora_alpha=cfg.prototype.alpha, lora_dropout=0.0, bias="none",
-                             target_modules=list(cfg.prototype.targets), task_type="SEQ_CLS",
-                             modules_to_save=head_module_names(base))
+    if methods.uses_peft(model):                    # the run's own tuner, its keys moved from the encoder to the model
+        tuners = methods.peft_module()
+        config = tuners.make_config(cfg.peft)
+        inner, outer = "base_model.model.", f"base_model.model.{base.base_model_prefix}."
+        state = {outer + k[len(inner):] if k.startswith(inner) else k: t
+                 for k, t in peft.get_peft_model_state_dict(tuners.peft_model(model)).items()}
+    else:
+        config = peft.LoraConfig(r=int(cfg.prototype.r), lora_alpha=cfg.prototype.alpha, lora_dropout=0.0,
+                                 bias="none", target_modules=list(cfg.prototype.targets))
+    config.task_type, config.modules_to_save = "SEQ_CLS", head_module_names(base)
     adapted = peft.get_peft_model(base, config)
-    layers = encoder_layers(adapted.get_base_model())
-    with torch.no_grad():
-        for (index, target), (a, b) in lora_pairs(model, cfg).items():
-            module = getattr(layers[index].attention.self, target)
-            module.lora_A["default"].weight.copy_(a)
-            module.lora_B["default"].weight.copy_(b)
+    if methods.uses_peft(model):                    # the head's entries as wrapped (copied from the trained head above)
+        peft.set_peft_model_state_dict(adapted, {**peft.get_peft_model_state_dict(adapted), **state})
+    else:
+        layers = encoder_layers(adapted.get_base_model())
+        with torch.no_grad():
+            for (index, target), (a, b) in lora_pairs(model, cfg).items():
+                module = getattr(layers[index].attention.self, target)
+                module.lora_A["default"].weight.copy_(a)
+                module.lora_B["default"].weight.copy_(b)
     adapted.save_pretrained(folder)
 
 
@@ -124,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="a run's checkpoint/ folder (or a save_propetl folder)")
     parser.add_argument("out", metavar="OUT", help="the folder to write")
     parser.add_argument("--format", choices=FORMATS, required=True, dest="output_format",
-                        help="hf: LoRA merged, for AutoModelForSequenceClassification; peft: a PEFT LoRA adapter")
+                        help="hf: LoRA merged, for AutoModelForSequenceClassification; peft: a PEFT adapter")
     parser.add_argument("--allow-unsealed", action="store_true", help="load a checkpoint of format 1-2 that has no manifest.json (its files are not checked)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace OUT if it is a previous export or save (never a folder propetl did not write)")

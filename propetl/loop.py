@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
@@ -27,9 +28,12 @@ NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight")
 
 
 def parameter_groups(model: nn.Module, cfg, head_names: set[str]) -> list[dict]:
-    """AdamW groups: PETL weights (or the backbone), mask scores (own lr), head; biases without decay."""
+    """AdamW groups: PETL weights (or the backbone), mask scores (own lr), head; biases without decay; method=peft:
+    the tensors whose name holds a key of peft.lrs at that lr (VB-LoRA's vector bank)."""
     t = cfg.trainer
+    own = dict(OmegaConf.select(cfg, "peft.lrs", default=None) or {}) if cfg.method.name == "peft" else {}
     settings = {"weights": (t.lr, t.weight_decay), "weights_no_decay": (t.lr, 0.0),
+                **{f"weights/{key}": (lr, t.weight_decay) for key, lr in own.items()},
                 "masks": (cfg.mask.lr, cfg.mask.weight_decay),
                 "head": (t.head_lr, t.weight_decay), "head_no_decay": (t.head_lr, 0.0)}
     weights = methods.petl_weights(model)
@@ -43,6 +47,8 @@ def parameter_groups(model: nn.Module, cfg, head_names: set[str]) -> list[dict]:
             groups["masks"].append(p)
         elif name in head_names:
             groups["head" + suffix].append(p)
+        elif key := next((key for key in own if key in name), None):
+            groups[f"weights/{key}"].append(p)
         else:
             groups["weights" + suffix].append(p)
     return [{"params": params, "name": key, "lr": float(settings[key][0]), "weight_decay": float(settings[key][1])}

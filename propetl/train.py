@@ -128,7 +128,8 @@ def report_single_task(cfg, output_dir: Path, tests: dict, result, figures: dict
     if not writes:
         return {"glue_score": glue_metrics.task_score(name, test), "test": test}, {}
     metrics = {
-        "task": name, "model": cfg.model.name, "method": cfg.method.name, "prototype": cfg.prototype.name,
+        "task": name, "model": cfg.model.name, "method": cfg.method.name,
+        "prototype": cfg.peft.name if cfg.method.name == "peft" else cfg.prototype.name,     # peft: its tuner
         "mask_kind": cfg.mask.kind, "mask_sparsity": float(cfg.mask.sparsity), "seed": int(cfg.seed),
         "protocol": cfg.data.protocol, "split_seed": int(cfg.data.split_seed),
         "selection_metric": task.selection_metric, "selection": result.best_selection, "test": test,

@@ -12,7 +12,7 @@ from propetl.accounting import STORAGE_DTYPES
 from propetl.configs import ConfigError, group_choices, group_option
 from propetl.mask_coding import CODINGS
 from propetl.masks import COMBINES, MASK_KINDS
-from propetl.methods import METHODS, PROTOTYPES, peft_missing, rules
+from propetl.methods import METHODS, PROTOTYPES, peft_missing, peft_module, rules
 from propetl.metrics import metrics_for, selections_for
 
 MAX_LEARNING_RATE = 1e30       # beyond it AdamW's step size, lr / (1 - beta1^t), overflows fp32: a traceback
@@ -73,6 +73,7 @@ def _check(cfg, key: str, rule: rules.Rule) -> None:
 def validate(cfg, search_path=None) -> None:
     """Raise ConfigError for the first invalid value (interpolations are resolved here too). Tasks are the
     task group's options on the config search path (None: the current run's; see propetl.configs)."""
+    check_peft_prototype(cfg)                   # before resolving: peft=lora reads prototype=lora's settings
     check_resolves(cfg)
     tasks_known = group_choices("task", search_path)
     _check(cfg, "task.name", rules.one_of(tasks_known))
@@ -101,6 +102,9 @@ def validate(cfg, search_path=None) -> None:
                 validate_task(OmegaConf.create({"task": group_option("task", name, search_path)}))
             except ConfigError as error:
                 raise ConfigError(f"tasks: {name}: {error}") from None
+    if cfg.method.name == "peft":
+        _require(cfg.storage.dtype == "fp32", "storage.dtype", cfg.storage.dtype,
+                 "fp32 with method=peft (the checkpoint keeps PEFT's own adapter file, in the tuner's dtype)")
     validate_model(cfg)
 
 
@@ -144,15 +148,29 @@ def validate_learning_rates(cfg) -> None:
         _check(cfg, key, RUN_RULES[key])
 
 
+def check_peft_prototype(cfg) -> None:
+    """method=peft needs a peft group (conf/peft/); peft=lora, the reference row, takes prototype=lora's settings."""
+    if OmegaConf.select(cfg, "method.name") != "peft":
+        return
+    _require(OmegaConf.is_dict(cfg.get("peft")), "peft", cfg.get("peft"), f"a tuner with method=peft: peft="
+             f"{'|'.join(group_choices('peft'))} (conf/peft/<name>.yaml)")
+    if cfg.peft.get("name") == "lora":
+        _require(cfg.prototype.name == "lora", "prototype.name", cfg.prototype.name,
+                 "lora with method=peft peft=lora (PEFT's LoRA takes r, alpha, targets and lr from prototype=lora)")
+
+
 def validate_method(cfg) -> None:
     """The method's part of a config (method, prototype, mask): what the runner and the Python API share."""
     _check(cfg, "method.name", rules.one_of(METHODS))
     _check(cfg, "prototype.name", rules.one_of(PROTOTYPES))
     if cfg.method.name == "peft":
-        _require(cfg.prototype.name == "lora", "prototype.name", cfg.prototype.name,
-                 "lora with method=peft (the PEFT reference row is LoRA only)")
+        check_peft_prototype(cfg)
         if missing := peft_missing():
             raise ConfigError(missing)
+        if refused := peft_module().refusal(cfg.peft):
+            raise ConfigError(refused)
+        for key in cfg.peft.get("lrs") or {}:                 # tensors at their own lr (VB-LoRA's bank)
+            _check(cfg, f"peft.lrs.{key}", LEARNING_RATE)
     for key, rule in (("mask.kind", rules.one_of(MASK_KINDS)), ("mask.sparsity", _number_in(0.0, 1.0)),
                       ("mask.lr", LEARNING_RATE), ("mask.weight_decay", _number_in(0.0, float("inf"))),
                       ("mask.seed", SEED)):

@@ -39,8 +39,10 @@ def test_few_steps_on_rte(tmp_path, glue_dir, method, prototype):
         # LoRA r=16 on MiniLM: A [16, 384] and B [384, 16] for query and value, 6144 entries each, 6 layers;
         # sparsity 0.9 keeps 6144 - floor(0.9 * 6144) = 615 ones in every one of the 24 masks.
         assert (s["mask_entries"], s["mask_ones"]) == (24 * 6144, 24 * 615)
-    if method == "peft":    # PEFT's LoRA stores what our plain LoRA stores: A and B for query and value, 6 layers
-        assert s["stored_params"] == s["plain_petl_params"] == 24 * 6144 and s["storage_ratio_to_plain_petl"] == 1.0
+    if method == "peft":    # PEFT's LoRA keeps what our plain LoRA keeps, A and B for query and value, 6 layers, in
+        # PEFT's own two files: the storage figure is their bytes, as on disk
+        assert s["stored_params"] == s["plain_petl_params"] == 24 * 6144 and s["storage_bytes"] == s["file_bytes"]
+        assert 1.0 < s["storage_ratio_to_plain_petl"] < 1.01
 
     # the saved checkpoint predicts what the trained model predicted on the test split, merged or not
     for merge in (False, True):

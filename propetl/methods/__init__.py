@@ -8,8 +8,9 @@ A prototype is one module plus one yaml (conf/prototype/<name>.yaml), registered
     attach(model, layers, weights, cfg)           wraps the backbone's layers so they read `weights`
     merge(layers, weights) -> weights | None      folds masks away for inference (None: folded into the backbone)
     make_weights(...), optional                   the store, when its tensors are produced rather than stored (prefix)
-method=peft (prototype lora only) is the reference row: PEFT's LoRA instead of ours, no PETL store
-(methods/peft_lora.py, imported only on its path: peft is optional).
+method=peft: any PEFT tuner (peft=<name>, conf/peft/<name>.yaml) instead of ours, no PETL store; peft=lora (with
+prototype=lora, whose settings it takes) is the reference row (methods/peft_tuners.py, imported only on its path:
+peft is optional).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ PROTOTYPE_PARTS = ("SETTINGS", "SHAPE_KEYS", "FOLDABLE", "specs", "attach", "mer
 METHODS = ("propetl", "petl", "finetune", "peft")
 WEIGHTS_ATTRIBUTE = "petl_weights"        # where the store is registered on the model
 PEFT_MISSING = "method=peft needs the optional package peft: pip install 'propetl[peers]'"
+PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")    # what PEFT's save_pretrained writes that a task keeps
 
 
 def register_prototype(name: str, module: ModuleType) -> None:
@@ -97,7 +99,7 @@ def attach(model: nn.Module, layers: nn.ModuleList, cfg, head_names: set[str], f
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name in head_names)
     if cfg.method.name == "peft":
-        peft_module().attach(model, cfg.prototype, head_names)
+        peft_module().attach(model, cfg.peft, head_names)
         return None
     weights = make_weights(cfg, model.config.hidden_size, len(layers), for_training, num_tasks)
     setattr(model, WEIGHTS_ATTRIBUTE, weights)
@@ -127,22 +129,22 @@ def peft_missing() -> str | None:
 
 
 def peft_module():
-    """propetl.methods.peft_lora, imported for method=peft only (not named peft_lora: importing binds that name)."""
+    """propetl.methods.peft_tuners, imported for method=peft only (not named peft_tuners: importing binds that name)."""
     missing = peft_missing()
     if missing:
         raise ImportError(missing)
-    from propetl.methods import peft_lora as module
+    from propetl.methods import peft_tuners as module
     return module
 
 
 def uses_peft(model: nn.Module) -> bool:
-    """True for a method=peft model (peft.inject_adapter_in_model sets `peft_config` on the model)."""
-    return hasattr(model, "peft_config")
+    """True for a method=peft model (peft_tuners.attach keeps the PeftModel on it)."""
+    return hasattr(model, "peft_model")
 
 
 def peft_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """name -> PEFT's LoRA parameters of a method=peft model; {} for every other method."""
-    return peft_module().lora_parameters(model) if uses_peft(model) else {}
+    """name -> the PEFT tuner's parameters of a method=peft model; {} for every other method."""
+    return peft_module().adapter_parameters(model) if uses_peft(model) else {}
 
 
 def merge(model: nn.Module, layers: nn.ModuleList, prototype_name: str) -> None:
