@@ -55,10 +55,22 @@ def parameter_groups(model: nn.Module, cfg, head_names: set[str]) -> list[dict]:
             for key, params in groups.items() if params]
 
 
+def warmup_steps(cfg, total_steps: int) -> int:
+    return math.ceil(cfg.trainer.warmup_ratio * total_steps)
+
+
 def make_optimizer(model: nn.Module, cfg, head_names: set[str], total_steps: int):
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg, head_names), betas=(0.9, 0.999), eps=1e-8)
-    warmup = math.ceil(cfg.trainer.warmup_ratio * total_steps)
-    return optimizer, get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+    return optimizer, get_linear_schedule_with_warmup(optimizer, warmup_steps(cfg, total_steps), total_steps)
+
+
+def selectable(cfg, steps: int, total_steps: int, epoch: int, epochs: int) -> bool:
+    """Whether an epoch ending after `steps` optimizer steps may be the selected one: always, unless
+    trainer.selection_skips_warmup, which passes over epochs that end inside the warm-up (a barely trained head
+    can win a small selection split by a tie); the last epoch is always selectable."""
+    if not cfg.trainer.get("selection_skips_warmup", False) or epoch >= epochs or steps >= total_steps:
+        return True
+    return steps > warmup_steps(cfg, total_steps)
 
 
 def autocast(device: torch.device, precision: str):
@@ -230,7 +242,7 @@ def fit(model, train_loader, select, cfg, head_names: set[str], device, log_fn=l
         log_fn(record)
         logger.info("epoch %d/%d: step %d, train loss %.4f, selection score %.4f, %.0f s", result.epoch + 1, epochs,
                     result.steps, record["train_loss"], score, result.epoch_seconds)
-        if score > result.best_score:
+        if score > result.best_score and selectable(cfg, result.steps, total_steps, result.epoch + 1, epochs):
             result.best_epoch, result.best_score, result.best_selection = result.epoch + 1, score, selection
             result.best_state = trainable_state(model)
         result.epoch, result.step_in_epoch, result.epoch_losses, result.epoch_seconds = result.epoch + 1, 0, [], 0.0

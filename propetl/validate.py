@@ -27,7 +27,8 @@ def _number_in(low: float, high: float, high_open: bool = True) -> rules.Rule:
 LEARNING_RATE = rules.Rule(lambda v: rules.is_number(v) and 0 < v <= MAX_LEARNING_RATE,
                            f"a positive number up to {MAX_LEARNING_RATE:g}")
 SEED = rules.Rule(lambda v: rules.integer().accepts(v) and 0 <= v <= MAX_SEED, f"an integer in 0..{MAX_SEED} (2**63-1)")
-NULLABLE = ("trainer.max_steps", "trainer.save_steps", "trainer.threads", "data.max_train_examples")
+NULLABLE = ("trainer.max_steps", "trainer.save_steps", "trainer.threads", "data.max_train_examples",
+            "trainer.selection_skips_warmup")   # absent from configs saved before it existed: false
 RUN_RULES = {       # checked in this order; a key of NULLABLE may also be null
     "seed": SEED,
     "model.name_or_path": rules.Rule(lambda v: isinstance(v, str) and bool(v.strip()), backbone.MODEL_PATHS),
@@ -45,7 +46,8 @@ RUN_RULES = {       # checked in this order; a key of NULLABLE may also be null
     "trainer.resume": rules.one_of(("auto", True, False)),
     "trainer.threads": rules.positive_int(),
     "data.protocol": rules.one_of(("split", "full_dev")),
-    "data.group_by_length": rules.Rule(lambda v: isinstance(v, bool), "true or false"),
+    **dict.fromkeys(("data.group_by_length", "trainer.selection_skips_warmup"),
+                    rules.Rule(lambda v: isinstance(v, bool), "true or false")),
     "data.max_train_examples": rules.positive_int(),
     "data.split_seed": SEED,
     "logger.mode": rules.one_of(("online", "offline", "disabled")),

@@ -95,3 +95,19 @@ def glue_dir() -> Path:
 def format1_packed_masks(masks) -> torch.Tensor:
     """A mask tensor as format 1 wrote it (still read): 8 entries a byte, big-endian bit order, zero-padded."""
     return torch.from_numpy(np.packbits(np.asarray(masks).reshape(-1).astype(bool)))
+
+
+def tiny_fit_inputs(cfg, batch_size: int):
+    """(model, batches) for calling propetl.loop.fit directly: the config's model (seed 0) and 16 short two-text
+    rows, alternating labels 0 and 1, in batches of `batch_size`."""
+    import datasets
+
+    from propetl import model as backbone
+    from propetl.batches import PadCollator, tokenise
+    from propetl.multitask import MultiTaskBatches
+    torch.manual_seed(0)
+    model = backbone.build(cfg, 2)
+    rows = datasets.Dataset.from_dict({"text_a": ["a cat sat", "the dog ran far"] * 8, "text_b": ["yes", "no"] * 8,
+                                       "label": [0, 1] * 8})
+    tokenizer = backbone.load_tokenizer(cfg.model)
+    return model, MultiTaskBatches([tokenise(rows, tokenizer, 32)], [PadCollator(tokenizer, False)], batch_size, 10.0, 0)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import compose_cfg, tiny_text_overrides
+from conftest import compose_cfg, tiny_fit_inputs, tiny_text_overrides
 from test_cli import ENV, SCRIPT
 from propetl import checkpoint, files, log, rundir
 from propetl.resume import Checkpointer
@@ -235,21 +235,13 @@ def test_a_loss_gone_bad_on_any_process_stops_every_process_at_that_step(tiny_te
     """Data-parallel: each process sees its own slice, so one process's loss can be NaN while another's is not.
     The check goes through distributed.any_process, so every process raises Diverged at the same step (none
     waits forever in the next all-reduce). Here a stand-in for another process reports a NaN at step 2."""
-    import datasets
     import torch
 
     from propetl import distributed, loop
     from propetl import model as backbone
-    from propetl.batches import PadCollator, tokenise
-    from propetl.multitask import MultiTaskBatches
 
     cfg = compose_cfg([*tiny_text_overrides(tiny_text_model_dir, glue_dir), *RUN, "trainer.epochs=1"])
-    torch.manual_seed(0)
-    model = backbone.build(cfg, 2)
-    rows = datasets.Dataset.from_dict({"text_a": ["a cat sat", "the dog ran far"] * 8, "text_b": ["yes", "no"] * 8,
-                                       "label": [0, 1] * 8})
-    tokenizer = backbone.load_tokenizer(cfg.model)
-    loader = MultiTaskBatches([tokenise(rows, tokenizer, 32)], [PadCollator(tokenizer, False)], 4, 10.0, 0)
+    model, loader = tiny_fit_inputs(cfg, 4)
     calls = []
     real_any_process = distributed.any_process
 
