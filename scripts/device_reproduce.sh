@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The gpu reproduction on a lent GPU (one H100, 16 cores, no network, <= 10 min a command, ~15 min in all),
+# The gpu reproduction on a lent GPU (one H100 or H200, 16 cores, no network, <= 10 min a command, ~15 min in all),
 # in parts that each end well inside 9 minutes. README "On a lent GPU" says how to use it.
 #
 #   bash scripts/device_reproduce.sh all            # a loan: the parts in priority order until DEADLINE_S
 #   bash scripts/device_reproduce.sh a1 a2          # some parts; a letter runs all its parts
+#   bash scripts/device_reproduce.sh bench a2       # first the fused-runs benchmark (scripts/bench_fused.py), then a2
 #   bash scripts/device_reproduce.sh all --smoke    # every part, one run a sweep, 2 steps, on this CPU (minutes)
 #   bash scripts/device_reproduce.sh --stage        # first call of a loan: keep .device/1 (bundle chunk 1)
 #
@@ -16,32 +17,34 @@
 # writes its resume checkpoint: a later command on the same machine continues it), then tables and the archive.
 #
 # Sizing (parts of GPU_PARTS in scripts/reproduce.py; 3 seeds; the reference's 20 epochs (SST-2 10) at batch 128):
-#   part  what                                   runs  opt. steps  CPU smoke*  H100 estimate**
-#   a1    Table 1 RTE: petl+propetl x 3, PEFT      21       8,400    0.7 min     2.2 min
-#   a2    Table 1 MRPC                             21      12,180    0.7 min     2.7 min
-#   a3    Table 1 STS-B                            21      18,900    1.5 min     3.6 min
-#   a4    Table 1 CoLA                             21      28,140    0.8 min     4.9 min
-#   b     fine-tuning, 4 small tasks               12       9,660    0.5 min     2.3-4 min (disk: 65 GB of resume state)
-#   c1    STS-B: sparsity sweep                    36      32,400    1.7 min     5.7 min
-#   c2    STS-B: mask ablation                     18      16,200    0.7 min     2.8 min
-#   d1-3  SST-2 petl+propetl, one prototype each    6      31,140    0.8-0.9     4.7 min each
-#   d4    SST-2 PEFT LoRA + fine-tuning             6      31,140    1.6 min     5.6 min
-#   e1,e2 multi-task (4 small tasks) petl/propetl   9      28,980    1.5, 1.6    4.5 min each
-#   f     RTE: sparsity sweep + mask ablation      54      21,600    1.2 min     4.8 min (last: RTE at chance)
-#   all                                           246    ~330,000   15.3 min    ~58 min: ~8 loans of one command
+#   part  what                                   runs  opt. steps  CPU smoke*  H200, 18 jobs**
+#   a1    Table 1 RTE: petl+propetl x 3, PEFT      21       8,400    0.7 min     ~2.5 min (est.)
+#   a2    Table 1 MRPC                             21      12,180    0.7 min      3.1 min measured
+#   a3    Table 1 STS-B                            21      18,900    1.5 min      3.4 + 1.7 min measured (two commands)
+#   a4    Table 1 CoLA                             21      28,140    0.8 min     ~6 min (est.)
+#   b     fine-tuning, 4 small tasks               12       9,660    0.5 min     ~4 min (est.; disk: 65 GB of resume state)
+#   c1    STS-B: sparsity sweep                    36      32,400    1.7 min     ~5 min (est.)
+#   c2    STS-B: mask ablation                     18      16,200    0.7 min      2.4 min measured
+#   d1-3  SST-2 petl+propetl, one prototype each    6      31,140    0.8-0.9     ~4 min each (est.)
+#   d4    SST-2 PEFT LoRA + fine-tuning             6      31,140    1.6 min     ~4.5 min (est.)
+#   e1,e2 multi-task (4 small tasks) petl/propetl   9      28,980    1.5, 1.6    ~4 min each (est.)
+#   f     RTE: sparsity sweep + mask ablation      54      21,600    1.2 min     ~3.5 min (est.; last: RTE at chance)
+#   all                                           246    ~330,000   15.3 min    ~56 min: done a2 a3 c2 (2026-12-04);
+#                                                                                 ~46 min left: ~4 loans of ~12 min
 # *  measured here: `--smoke` (29 runs, one a sweep or two), wall time of each part on the 2-core VM in a clean-clone
 #    CI run (`make test-device-smoke`, 2026-11-27; mostly Python imports and model loading).
-# ** not measured (no GPU in the session that wrote this): steps / 120 steps/s for the six jobs together (one job
-#    alone >= 25 ms a step), + 20 s per sweep (imports, CUDA start) + 5 s per run (data, model, checkpoints),
-#    + 272 MB of resume state per epoch of a fine-tuning run. Basis: a PETL/ProPETL training step of MiniLM
-#    is 610-880 kernel-launching ops (torch.profiler, bf16 autocast, this CPU): ~12 ms of host time at ~15 us
-#    an op, ~4-5 ms of GPU time (tiny kernels; the matrix products of 128 x ~60 tokens are ~1 ms at bf16),
-#    so six processes time-sliced on one GPU give at most ~200 steps/s; 120 assumes 60% of that.
+# ** measured on the second loan (one H200, 16 cores, 2026-12-04: `bench a2 a3`, then `a3 c2`; results/gpu/device_*.log):
+#    18 jobs of 1 thread ran at a median 11.7 optimizer steps/s each (~200 steps/s together; one job alone 30-38);
+#    a part's wall time is ~60-70 s of sweep start (imports, CUDA, data) plus its steps at ~200 steps/s while >= 18
+#    runs share the GPU, ~30 steps/s a run when fewer do (a 3- or 6-run sweep). Estimates (est.) apply that rule.
+#    The first loan (one H100, 6 jobs x 2 threads, 2026-11-27) ran ~14 steps/s a job, ~85 together.
+#    scripts/bench_fused.py on the same H200: K runs fused in one process (one backbone pass over K x 128 rows of 64
+#    tokens) ran 38.6 / 46.3 / 29.1 / 16.4 / 8.6 steps/s a run at K = 1 / 3 / 9 / 18 / 36, i.e. 296 steps/s in all at
+#    K = 18 (2.4 M tokens/s) against K separate steps in one process at 0.026 s each (7.7x): results/bench_fused_h200.json.
 #    Steps: ceil(train/128) x epochs: RTE 2,490 -> 20 x 20, MRPC 3,668 -> 29 x 20, STS-B 5,749 -> 45 x 20,
 #    CoLA 8,551 -> 67 x 20, SST-2 67,349 - 1,000 held out -> 519 x 10, multi-task 161 x 20.
-#    Check the estimate with the first part's `part a1: done after N min` line in device.log.
 #
-# Settings: JOBS (6) jobs at a time with THREADS (2) CPU threads each, DEADLINE_S (510; --smoke: none),
+# Settings: JOBS (18) jobs at a time with THREADS (1) CPU thread each, DEADLINE_S (510; --smoke: none),
 # BASE (outputs; --smoke: $OUT), OUT (a new temporary folder if unset), PYTHON (python3), DEVICE_DIR
 # (/tmp/propetl-device: the installed bundle).
 set -uo pipefail
@@ -50,13 +53,14 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO" || exit 2
 PYTHON=${PYTHON:-python3}
 DEVICE_DIR=${DEVICE_DIR:-/tmp/propetl-device}
-PARTS=() SMOKE=0 STAGE=0
+PARTS=() SMOKE=0 STAGE=0 BENCH=0
 for arg in "$@"; do
     case $arg in
         --smoke) SMOKE=1 ;;
         --stage) STAGE=1 ;;
         -h|--help) sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "device_reproduce: unknown option $arg (--smoke, --stage, --help)" >&2; exit 2 ;;
+        bench) BENCH=1 ;;
         *) PARTS+=("--part=$arg") ;;
     esac
 done
@@ -66,7 +70,7 @@ if (( STAGE )); then    # a loan's first call carries .device/1; keep it where t
     ls -l "$DEVICE_DIR/chunks"
     exit 0
 fi
-(( ${#PARTS[@]} )) || { echo "device_reproduce: name the parts (a1 a2 ... e2, a letter, or all); --help" >&2; exit 2; }
+(( ${#PARTS[@]} || BENCH )) || { echo "device_reproduce: name the parts (bench, a1 a2 ... e2, a letter, or all); --help" >&2; exit 2; }
 
 OUT=${OUT:-$(mktemp -d -t propetl-device.XXXXXX)}
 mkdir -p "$OUT" || exit 2
@@ -150,10 +154,20 @@ if (( ! SMOKE )) && [[ -f $previous && ! -d $BASE/reproduce/gpu ]]; then
     "$PYTHON" scripts/pack_runs.py unpack "$previous" "$BASE" || exit 2
 fi
 
+if (( BENCH )); then        # the fused-runs benchmark (issue 28): K runs as one model vs K separate runs
+    if (( SMOKE )); then
+        "$PYTHON" scripts/bench_fused.py --device cpu --ks 1 3 --batch 4 --warmup 1 --repeats 1 --json "$OUT/bench_fused.json"
+    else
+        start=$SECONDS
+        "$PYTHON" scripts/bench_fused.py --device cuda --batch 128 --ks 1 3 9 18 36 --json "$OUT/bench_fused.json"
+        echo "device_reproduce: bench done after $(( SECONDS - start )) s"
+    fi || echo "device_reproduce: the benchmark failed (exit $?); going on with the parts" >&2
+    (( ${#PARTS[@]} )) || exit 0
+fi
 if (( SMOKE )); then
     ARGS=(--smoke)                          # reproduce.py's SMOKE: cpu, fp32, 2 jobs, logging off
 else
-    ARGS=(hydra.launcher.n_jobs="${JOBS:-6}" trainer.threads="${THREADS:-2}" logger.mode=disabled)
+    ARGS=(hydra.launcher.n_jobs="${JOBS:-18}" trainer.threads="${THREADS:-1}" logger.mode=disabled)
 fi
 DEADLINE_S=${DEADLINE_S-$( (( SMOKE )) || echo 510)}     # none for the smoke, unless set
 "$PYTHON" scripts/reproduce.py --profile gpu "${PARTS[@]}" --root "$BASE/reproduce" --tables "$BASE/tables/gpu" \

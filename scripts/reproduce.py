@@ -59,7 +59,7 @@ PLANS: dict[str, list[tuple[str, list[str]]]] = {
 # them one or several at a time on a lent GPU; its header and README "On a lent GPU" give the sizing).
 # Priority order: (a) Table 1 on the four small tasks, one task a part; (b) full fine-tuning; (c) the sparsity
 # sweep and the mask ablation on STS-B; (d) SST-2; (e) multi-task over the four small tasks; (f) the sweep and
-# the ablation on RTE, last: this model stayed at chance on RTE in every arm of Table 1 (results/gpu).
+# the ablation on RTE, last: this model stayed at chance on RTE in every arm of Table 1 (results/gpu_2026-11-27).
 SMALL_TASKS = ("rte", "mrpc", "stsb", "cola")
 PEFT_ROW = ["method=peft", "prototype=lora"]              # HF PEFT's LoRA beside ours (conf/method/peft.yaml)
 FINETUNE_ROW = ["method=finetune", "prototype=adapter"]   # (the prototype is unused by fine-tuning)

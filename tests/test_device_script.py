@@ -7,6 +7,7 @@ import functools
 import importlib.metadata
 import importlib.util
 import itertools
+import json
 import os
 import re
 import shlex
@@ -185,6 +186,19 @@ def test_pack_keeps_the_small_evidence_and_unpacks_where_runs_are_skipped(tmp_pa
 
 def metrics_files(folder: Path) -> dict[Path, int]:
     return {path: path.stat().st_mtime_ns for path in folder.rglob("metrics.json")}
+
+
+def test_bench_alone_runs_the_fused_benchmark_and_no_part(tmp_path):
+    """`device_reproduce.sh bench` (here with --smoke, on the CPU): scripts/bench_fused.py's figures and exactness
+    check come back in $OUT/bench_fused.json, and no part runs."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+    done = subprocess.run(["bash", "scripts/device_reproduce.sh", "bench", "--smoke"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    figures = json.loads((out / "bench_fused.json").read_text())
+    assert [row["k"] for row in figures["rows"]] == [1, 3] and figures["check_max_loss_difference"] < 1e-5
+    assert all(row["fused_step_s"] > 0 for row in figures["rows"]) and not (out / "reproduce").exists()
 
 
 @pytest.mark.slow
