@@ -40,6 +40,7 @@ PLANS: dict[str, list[tuple[str, list[str]]]] = {
         ("sparsity_sweep", ["task=stsb", "mask.sparsity=0.7,0.9"]),                  # 18
         ("table1", ["method=finetune", "prototype=adapter", "seed=42"]),             # 2
         ("sparsity_sweep", ["task=sst2", "mask.sparsity=0.7,0.9"]),                  # 18
+        ("frontier", []),                                                            # 48: 8 PEFT tuners
     ],
     # The embedded MiniLM on one GPU: the reference's epochs and batch size, every local task, 3 seeds;
     # GPU_PARTS below, in their order (priority first).
@@ -58,8 +59,8 @@ PLANS: dict[str, list[tuple[str, list[str]]]] = {
 # The gpu plan in parts, each sized to end well inside 9 minutes on one H100 (scripts/device_reproduce.sh runs
 # them one or several at a time on a lent GPU; its header and README "On a lent GPU" give the sizing).
 # Priority order: (a) Table 1 on the four small tasks, one task a part; (b) full fine-tuning; (c) the sparsity
-# sweep and the mask ablation on STS-B; (d) SST-2; (e) multi-task over the four small tasks; (f) the sweep and
-# the ablation on RTE, last: this model stayed at chance on RTE in every arm of Table 1 (results/gpu_2026-11-27).
+# sweep and the mask ablation on STS-B, and the PEFT tuners' frontier on MRPC and STS-B; (d) SST-2; (e) multi-task
+# over the four small tasks; (f) the sweep and the ablation on RTE, last: this model stayed at chance on RTE in every arm of Table 1 (results/gpu_2026-11-27).
 SMALL_TASKS = ("rte", "mrpc", "stsb", "cola")
 PEFT_ROW = ["method=peft", "prototype=lora"]              # HF PEFT's LoRA beside ours (conf/method/peft.yaml)
 FINETUNE_ROW = ["method=finetune", "prototype=adapter"]   # (the prototype is unused by fine-tuning)
@@ -79,6 +80,7 @@ GPU_PARTS: dict[str, list[tuple[str, list[str]]]] = {
     "b": [("table1", [*FINETUNE_ROW, f"task={','.join(SMALL_TASKS)}"])],                      # 12
     "c1": _sparsity_sweep("stsb"),                                                              # 36
     "c2": [("ablation_masks", ["mask.kind=random,none", "task=stsb"])],                         # 18
+    "c3": [("frontier", ["task=mrpc,stsb"])],                                                   # 48: issue 25
     **{f"d{i}": [("table1", [f"prototype={prototype}", "task=sst2"])]                           # 6 each
        for i, prototype in enumerate(("adapter", "lora", "prefix"), 1)},
     "d4": [("table1", [*PEFT_ROW, "task=sst2"]), ("table1", [*FINETUNE_ROW, "task=sst2"])],      # 3 + 3
@@ -109,11 +111,17 @@ def part_names(names: list[str]) -> list[str]:
     return [part for part in GPU_PARTS if part in chosen]
 
 
+# --smoke's one value of an overlay's own grid key that no sweep overrides (the frontier's tuners)
+SMOKE_GRID = {"frontier": (("peft", "vera"),)}
+
+
 def smoke_sweep(experiment: str, overrides: list[str]) -> list[str]:
-    """One value of every swept key: the first of each list given, seed 42 and (if not given) LoRA."""
+    """One value of every swept key: the first of each list given, seed 42 and (if not given) LoRA, and the
+    overlay's SMOKE_GRID value."""
     narrowed = [f"{key}={value.split(',')[0]}" for key, _, value in (o.partition("=") for o in overrides)]
     keys = {o.partition("=")[0] for o in narrowed}
-    return narrowed + [f"{key}={value}" for key, value in (("seed", "42"), ("prototype", "lora")) if key not in keys]
+    defaults = (("seed", "42"), ("prototype", "lora"), *SMOKE_GRID.get(experiment, ()))
+    return narrowed + [f"{key}={value}" for key, value in defaults if key not in keys]
 
 
 def sweep_command(profile: str, experiment: str, overrides: list[str], extra: list[str]) -> list[str]:

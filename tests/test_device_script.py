@@ -110,7 +110,7 @@ def covering_runs(runs: list[list[str]]) -> list[list[str]]:
 
 
 def test_every_run_of_every_part_composes_and_validates():
-    """The whole gpu plan (246 runs) is made of valid configs: a typo in a part fails here, not on a loan."""
+    """The whole gpu plan (294 runs) is made of valid configs: a typo in a part fails here, not on a loan."""
     from conftest import compose_cfg
 
     from propetl.validate import validate
@@ -123,7 +123,7 @@ def test_every_run_of_every_part_composes_and_validates():
                 cfg = compose_cfg([f"experiment={experiment}", "profile=gpu", *run])
                 validate(cfg)
                 assert cfg.trainer.device == "cuda" and cfg.trainer.precision == "bf16", (part, run)
-    assert total == 246                       # the sizing table in scripts/device_reproduce.sh and the README
+    assert total == 294                       # the sizing table in scripts/device_reproduce.sh and the README
 
 
 def test_covering_runs_hold_every_value():
@@ -137,6 +137,8 @@ def test_smoke_narrows_every_sweep_to_one_value_a_key():
     assert reproduce.smoke_sweep("table1", ["task=rte,mrpc"]) == ["task=rte", "seed=42", "prototype=lora"]
     assert reproduce.smoke_sweep("sparsity_sweep", ["prototype=lora,prefix", "mask.sparsity=0.1,0.3"]) == \
         ["prototype=lora", "mask.sparsity=0.1", "seed=42"]
+    assert reproduce.smoke_sweep("frontier", ["task=mrpc,stsb"]) == ["task=mrpc", "seed=42", "prototype=lora",
+                                                                     "peft=vera"]
     done = subprocess.run([sys.executable, "scripts/reproduce.py", "--profile", "gpu", "--part", "d4", "--smoke", "--dry-run"],
                           cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -225,7 +227,8 @@ def test_smoke_runs_every_part_then_skips_what_is_finished(tmp_path, glue_dir):
     expected = sum(2 if e in ("table1", "multitask") and not any(o.startswith("method=") for o in overrides) else 1
                    for e, overrides in reproduce.PLANS["gpu"])
     assert len(finished) == expected
-    assert {path.parent.parent.name for path in finished} == {"table1", "sparsity_sweep", "ablation_masks", "multitask"}
+    assert {path.parent.parent.name for path in finished} == {"table1", "sparsity_sweep", "ablation_masks", "multitask",
+                                                                  "frontier"}
     assert {p.stem for p in (out / "reproduce" / "gpu" / ".parts").glob("*.done")} == set(reproduce.GPU_PARTS)
     assert (out / "table.md").is_file() and (out / "device.log").is_file()
     with tarfile.open(out / "gpu-runs.tar.gz") as tar:

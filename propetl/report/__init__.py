@@ -6,7 +6,8 @@ Table 1 holds the runs of the `table1` experiment (and multi-task runs); the spa
 mask ablation get their own sections, pooled with table1's ProPETL runs (the sweep point at a
 prototype's default sparsity and the ablation's learned point ARE table1's runs): one run per
 (model, task, method, prototype, mask kind, mask sparsity, seed), table1's copy preferred.
-Comparisons (ProPETL − PETL, HF PEFT LoRA − our LoRA, learned − random/none masks) are paired by
+The storage–accuracy frontier (frontier.py) puts every Table-1 method, PEFT's tuners among them, on stored bytes
+per task against score. Comparisons (ProPETL − PETL, HF PEFT LoRA − our LoRA, learned − random/none masks) are paired by
 seed, with a 95% t-interval over seeds. A run whose kept test predictions (predictions.npz) are (nearly)
 constant is flagged (runs.csv, and a list closing table.md); runs without them are "no predictions kept".
 Used by `scripts/make_tables.py` (`make tables`).
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from propetl.files import atomic_write_text
 from propetl.mask_coding import layer_masks_file
+from propetl.report.frontier import frontier_points, frontier_table, plot_frontier
 from propetl.report.plots import (
     layer_mask_hamming, plot_mask_ablation, plot_mask_hamming, plot_metric_vs_storage, plot_sparsity_sweep
 )
@@ -36,7 +38,7 @@ from propetl.report.tables import coding_table, comparison_table, markdown_table
 __all__ = ["build", "coding_table", "comparison_table", "distinct_runs", "find_metrics", "layer_mask_hamming",
            "load_runs", "markdown_table", "paired_comparisons", "paired_interval", "plot_mask_hamming", "summarise"]
 
-PLOT_FILES = ("metric_vs_storage.png", "sparsity_sweep.png", "mask_ablation.png", "mask_hamming.png")
+PLOT_FILES = ("metric_vs_storage.png", "frontier.png", "sparsity_sweep.png", "mask_ablation.png", "mask_hamming.png")
 
 
 def build(roots: Iterable[Path], out_dir: Path, title: str = "") -> dict[str, Path]:
@@ -51,11 +53,13 @@ def build(roots: Iterable[Path], out_dir: Path, title: str = "") -> dict[str, Pa
     table_runs, pooled = table1_runs(runs), single_task_runs(runs)
     rows = summarise(table_runs + trivial_runs(table_runs))
     comparisons = paired_comparisons(table_runs, pooled)
+    frontier = frontier_points(table_runs)
     written = {}
     for stale in PLOT_FILES:                    # a plot not drawn this time must not linger from an older build
         (out_dir / stale).unlink(missing_ok=True)
     for key, name, text in (("csv", "runs.csv", runs_csv(found, out_dir)),
-                            ("table", "table.md", report_markdown(found, runs, rows, comparisons, title)),
+                            ("table", "table.md", report_markdown(found, runs, rows, comparisons, title,
+                                                                  frontier_table(frontier))),
                             ("paired", "paired.csv", paired_csv(comparisons)),
                             ("rows", "rows.json", json.dumps(rows, indent=1))):
         atomic_write_text(out_dir / name, text)
@@ -65,6 +69,8 @@ def build(roots: Iterable[Path], out_dir: Path, title: str = "") -> dict[str, Pa
                               ("mask_ablation", plot_mask_ablation, pooled)):
         if drawn := plot(source, out_dir / f"{key}.png"):
             written[key] = drawn
+    if drawn := plot_frontier(frontier, table_runs, out_dir / "frontier.png"):
+        written["frontier"] = drawn
     learned = [r for r in pooled if r["method"] == "propetl" and mask_kind(r) == "learned"
                and layer_masks_file(Path(r["path"]).parent / "checkpoint").exists()]
     if learned:

@@ -20,6 +20,9 @@ from propetl.rundir import PREDICTIONS_FILE
 TASK_TITLES = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC acc/F1", "qqp": "QQP acc/F1", "stsb": "STS-B P/S",
                "mnli": "MNLI", "qnli": "QNLI", "rte": "RTE"}
 PROTOTYPE_TITLES = {"adapter": "Adapter", "lora": "LoRA", "prefix": "Prefix"}
+# method=peft's other tuners (conf/peft/; metrics.json `prototype` holds the tuner's name), as their papers write them
+PEFT_TITLES = {"vera": "VeRA", "vblora": "VB-LoRA", "fourierft": "FourierFT", "unilora": "Uni-LoRA", "ia3": "(IA)³",
+               "tinylora": "TinyLoRA", "loha": "LoHa", "lokr": "LoKr"}
 
 # The paper's ProPETL rows (RoBERTa-base, Table 1 as reproduced by the authors' README; x100).
 PAPER_PROPETL_ROWS = {
@@ -48,7 +51,8 @@ STORAGE_FIELDS = ("trainable_params", "stored_params", "mask_entries", "storage_
 # settings (the prototype's default sparsity, learned masks) are table1's runs, pooled in.
 TABLE1 = "table1"
 POOLED_EXPERIMENTS = ("sparsity_sweep", "ablation_masks")
-EXPERIMENTS = (TABLE1, "multitask", *POOLED_EXPERIMENTS)
+FRONTIER = "frontier"             # the PEFT tuners beside table1's runs: in Table 1 and the frontier section
+EXPERIMENTS = (TABLE1, "multitask", FRONTIER, *POOLED_EXPERIMENTS)
 IDENTITY = ("model", "task", "method", "prototype", "mask_kind", "mask_sparsity", "seed")
 # A (nearly) constant predictor: one class in at least MAJORITY_SHARE of the test predictions (classification), or
 # predictions whose std is below STD_RATIO of the test labels' (regression).
@@ -56,7 +60,8 @@ MAJORITY_SHARE, STD_RATIO = 0.99, 0.05
 NOT_KEPT = "no predictions kept"
 TRIVIAL_LABEL = "Trivial baseline (majority / mean)"
 ROW_ORDER = [TRIVIAL_LABEL, "Fine-tune"] + [label for title in PROTOTYPE_TITLES.values()
-                                            for label in (title, f"{title} (HF PEFT)", f"ProPETL-{title}")]
+                                            for label in (title, f"{title} (HF PEFT)", f"ProPETL-{title}")] + \
+    [f"{title} (HF PEFT)" for title in PEFT_TITLES.values()]
 MASK_KINDS = ("learned", "random", "none")
 
 
@@ -228,7 +233,7 @@ def score_stats(runs: Iterable[dict] | None) -> dict | None:
 
 
 def prototype_title(prototype) -> str:
-    return PROTOTYPE_TITLES.get(prototype, str(prototype))
+    return PROTOTYPE_TITLES.get(prototype) or PEFT_TITLES.get(prototype) or str(prototype)
 
 
 def mask_kind(run: dict) -> str:
@@ -288,9 +293,9 @@ def _row_order(label: str) -> tuple:
     return model, ROW_ORDER.index(head) if head in ROW_ORDER else len(ROW_ORDER), kind_rank, extras
 
 
-def summarise(runs: list[dict]) -> list[dict]:
-    """Table rows: per task the mean/std/n over seeds of each GLUE number and of the GLUE score, the average, storage.
-    A computed pseudo-run (the trivial baseline) counts in no `runs`."""
+def row_groups(runs: list[dict]) -> dict[str, list[dict]]:
+    """row label -> its runs, in table order: the label says the model where several are present and the sparsity
+    where a prototype's ProPETL runs have several."""
     models = {r["model"] for r in runs}
     by_prototype = defaultdict(set)                # (prototype, mask kind) -> the sparsities of its ProPETL runs
     for r in runs:
@@ -301,9 +306,15 @@ def summarise(runs: list[dict]) -> list[dict]:
         run = dict(run, _model_varies=len(models) > 1,
                    _sparsity_varies=len(by_prototype.get((run["prototype"], run["mask_kind"]), ())) > 1)
         groups[row_label(run)].append(run)
+    return {label: groups[label] for label in sorted(groups, key=_row_order)}
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    """Table rows: per task the mean/std/n over seeds of each GLUE number and of the GLUE score, the average, storage.
+    A computed pseudo-run (the trivial baseline) counts in no `runs`."""
+    groups = row_groups(runs)
     rows = []
-    for label in sorted(groups, key=_row_order):
-        members = groups[label]
+    for label, members in groups.items():
         tasks, scores = {}, {}
         for task in [t for t in GLUE_NUMBERS if any(r["task"] == t for r in members)]:
             task_runs = [r for r in members if r["task"] == task]
@@ -325,6 +336,7 @@ def summarise(runs: list[dict]) -> list[dict]:
                                     if s.get("backbone_params") and "trainable_params" in s),
             "percent_storage": mean_or_none(s.get("storage_percent_of_backbone") for s in storage),
             "storage_bytes": mean_or_none(s.get("storage_bytes") for s in storage),
+            "storage_bytes_with_head": mean_or_none(s.get("storage_bytes_with_head") for s in storage),
             "file_bytes": mean_or_none(s.get("file_bytes") for s in storage),
             "ratio_to_plain_petl": mean_or_none(s.get("storage_ratio_to_plain_petl") for s in storage),
             "train_seconds": mean_or_none(r.get("train_seconds") for r in members),

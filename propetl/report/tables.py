@@ -224,9 +224,9 @@ def constant_note(found: list[dict]) -> str:
 
 
 def report_markdown(found: list[dict], runs: list[dict], rows: list[dict], comparisons: list[dict],
-                    title: str = "") -> str:
-    """table.md: Table 1, ProPETL − PETL, the paired statistics, the sparsity sweep and the mask ablation.
-    `found`: every run read; `runs`: one per configuration (distinct_runs)."""
+                    title: str = "", frontier: str = "") -> str:
+    """table.md: Table 1, ProPETL − PETL, the paired statistics, the frontier (frontier.frontier_table), the sparsity
+    sweep and the mask ablation. `found`: every run read; `runs`: one per configuration (distinct_runs)."""
     pooled = single_task_runs(runs)
     text = (f"# {title}\n\n" if title else "") + f"{len(found)} runs"
     if len(found) > len(runs):
@@ -245,6 +245,14 @@ def report_markdown(found: list[dict], runs: list[dict], rows: list[dict], compa
              "Pearson and Spearman). ProPETL − PETL and HF PEFT − ours use Table 1's runs; learned − random/none "
              "the mask ablation, its learned runs pooled from table1. The same numbers are in paired.csv.\n\n")
     text += paired_table(comparisons) if comparisons else "No pair of runs with a seed in common.\n"
+    if frontier:
+        text += ("\n## Storage–accuracy frontier\n\nEvery method of Table 1 (the frontier experiment's PEFT tuners "
+                 "among them) on each task: the bytes on disk a task keeps (the method's own files: entropy-coded masks and "
+                 "prototype for ProPETL, PEFT's adapter_model.safetensors and adapter_config.json for a PEFT tuner; "
+                 "without and with the classification head), the ratio to plain LoRA's, the GLUE score x100 (mean ± "
+                 "std over seeds), the paired difference to the reference over the seeds both have (95% "
+                 "t-interval), and ◆ where no other method stores as little or less with as high or a higher mean "
+                 "score (frontier.png draws it).\n" + frontier)
     if sweep := sweep_table(pooled):
         text += ("\n## Sparsity sweep\n\nProPETL with learned masks, GLUE score x100, mean ± std over seeds (n): the "
                  "sparsity_sweep runs pooled with table1's (the point at each prototype's default sparsity), each "
