@@ -74,16 +74,56 @@ def run_tags(cfg) -> list[str]:
     return tags + [str(tag) for tag in cfg.logger.tags if str(tag) not in tags]
 
 
+WANDB_MODES = ("online", "offline", "disabled")
+# W&B's own environment variables, which win over the logger config where set (W&B users set them, and W&B's docs
+# advise them): logger key -> variable. WANDB_MODE=disabled or logger.mode=disabled: disabled whatever the other says.
+WANDB_ENVIRONMENT = {"mode": "WANDB_MODE", "project": "WANDB_PROJECT", "entity": "WANDB_ENTITY", "group": "WANDB_RUN_GROUP"}
+
+
+def sweep_group() -> str | None:
+    """A -m sweep's W&B group: its folder's last two parts (multirun/<date>_<time> -> 'multirun/<date>_<time>')."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+    except ImportError:                           # pragma: no cover (hydra is a dependency)
+        return None
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return "/".join(Path(str(HydraConfig.get().sweep.dir)).parts[-2:])
+
+
+def wandb_settings(cfg, environ=None) -> dict:
+    """mode, project, entity, group of the W&B run: W&B's environment variables (WANDB_ENVIRONMENT) where set, else
+    the logger config; the group of a -m sweep's jobs, if neither names one, is the sweep's (sweep_group).
+    An unknown WANDB_MODE raises ValueError in one line."""
+    import os
+    environ = os.environ if environ is None else environ
+    chosen = {key: environ.get(variable) or cfg.logger.get(key) for key, variable in WANDB_ENVIRONMENT.items()}
+    if (mode := environ.get("WANDB_MODE")) and mode not in WANDB_MODES:
+        raise ValueError(f"WANDB_MODE={mode!r} (environment) is invalid; allowed: {', '.join(WANDB_MODES)}")
+    if "disabled" in (environ.get("WANDB_MODE"), cfg.logger.mode):
+        chosen["mode"] = "disabled"
+    chosen["group"] = chosen["group"] or sweep_group()
+    return chosen
+
+
 def start_wandb(cfg, output_dir: Path, run_id: str | None = None, enabled: bool = True):
-    """One W&B run per Hydra job, writing under the job's own output directory; a resumed job
+    """One W&B run per Hydra job, writing under the job's own output directory (nothing when disabled); a resumed job
     passes its saved run id and continues the same W&B run. enabled=False (the other processes of a
-    data-parallel run): a disabled run that logs nothing."""
+    data-parallel run): a disabled run that logs nothing. Settings: wandb_settings."""
     import wandb
 
-    return wandb.init(id=run_id, resume="allow" if run_id else None, mode=cfg.logger.mode if enabled else "disabled",
-                      project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group, tags=run_tags(cfg),
-                      dir=str(output_dir), reinit="finish_previous", name=run_name(cfg),
+    settings = wandb_settings(cfg)
+    mode = settings["mode"] if enabled else "disabled"
+    return wandb.init(id=run_id, resume="allow" if run_id else None, mode=mode, project=settings["project"],
+                      entity=settings["entity"], group=settings["group"], tags=run_tags(cfg),
+                      dir=None if mode == "disabled" else str(output_dir), reinit="finish_previous", name=run_name(cfg),
                       config=OmegaConf.to_container(cfg, resolve=True))
+
+
+def best_epoch_summary(result) -> dict:
+    """The W&B summary's selection figures: the best epoch's (not the last logged), and which epoch that was."""
+    return {"best_epoch": result.best_epoch, **{f"select/{k}": v for k, v in result.best_selection.items()}}
 
 
 def finish_wandb() -> None:

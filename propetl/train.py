@@ -115,7 +115,7 @@ def train(cfg: DictConfig, output_dir: Path, claim=None) -> dict:
                               facts=lambda: run_facts(cfg, result, started, device, ctx, checkpointer), writes=ctx.is_main)
     if ctx.is_main:
         checkpointer.discard()                     # the run is complete: its training state is no longer needed
-        run.summary.update(summary)
+        run.summary.update({**summary, **log.best_epoch_summary(result)})
     end_run(ctx)
     return metrics
 

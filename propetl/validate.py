@@ -7,6 +7,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from propetl import log
 from propetl import model as backbone
 from propetl.accounting import STORAGE_DTYPES
 from propetl.configs import ConfigError, group_choices, group_option
@@ -77,6 +78,10 @@ def validate(cfg, search_path=None) -> None:
     task group's options on the config search path (None: the current run's; see propetl.configs)."""
     check_peft_prototype(cfg)                   # before resolving: peft=lora reads prototype=lora's settings
     check_resolves(cfg)
+    try:
+        log.wandb_settings(cfg)                 # W&B's environment variables (WANDB_MODE) are input too
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     tasks_known = group_choices("task", search_path)
     _check(cfg, "task.name", rules.one_of(tasks_known))
     _check(cfg, "seed", SEED)                   # before mask.seed, which is ${seed} unless set
