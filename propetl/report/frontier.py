@@ -1,9 +1,11 @@
 """The storage–accuracy frontier: every method's stored bytes per task against its GLUE score, per task.
 
 A point is one table row on one task (Table 1's runs and the frontier experiment's PEFT tuners: the same labels as
-table.md), its score the mean ± std over seeds, its storage the mean bytes on disk a task keeps (metrics.json
-`file_bytes`: ProPETL's prototype and entropy-coded masks, a PEFT tuner's adapter files; head excluded;
-`file_bytes_with_head` beside it; `storage_bytes` where a run predates the file figures). A point is Pareto-optimal when no other point of
+table.md), its score the mean ± std over seeds, its storage the mean bytes a task must keep, head excluded (and
+with it beside): for ProPETL, PETL and fine-tuning the files the checkpoint writes (metrics.json `file_bytes`: the
+prototype and entropy-coded masks; `storage_bytes` where a run predates the file figures), for a PEFT tuner the two
+files PEFT saves with its least-storing options (`storage_bytes`, accounting's `storage_counted`: VB-LoRA's top-k
+only, VeRA without its projection; the checkpoint itself may keep more to reload bit for bit). A point is Pareto-optimal when no other point of
 its task stores at most as many bytes with at least as high a mean score, better in one of the two. Each point's paired
 difference to the reference (ProPETL-Adapter, else the first ProPETL row) is over the seeds both have, with its 95%
 t-interval (stats.paired_interval).
@@ -38,10 +40,11 @@ def frontier_points(runs: list[dict]) -> dict[str, list[dict]]:
         for label, members in groups.items():
             task_runs = [r for r in members if r["task"] == task and run_score(r) is not None]
             storage = [r["storage"] for r in task_runs if r.get("storage")]
-            stored = mean_or_none(s.get("file_bytes", s.get("storage_bytes")) for s in storage)
+            key = "storage_bytes" if members[0]["method"] == "peft" else "file_bytes"
+            stored = mean_or_none(s.get(key, s.get("storage_bytes")) for s in storage)
             if not task_runs or stored is None:
                 continue
-            with_head = mean_or_none(s.get("file_bytes_with_head", s.get("storage_bytes_with_head")) for s in storage)
+            with_head = mean_or_none(s.get(f"{key}_with_head", s.get("storage_bytes_with_head")) for s in storage)
             points.append({"label": label, "method": task_runs[0]["method"], "prototype": task_runs[0]["prototype"],
                            "bytes": stored, "bytes_with_head": with_head, "score": score_stats(task_runs),
                            "runs": task_runs})

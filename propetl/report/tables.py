@@ -247,8 +247,9 @@ def report_markdown(found: list[dict], runs: list[dict], rows: list[dict], compa
     text += paired_table(comparisons) if comparisons else "No pair of runs with a seed in common.\n"
     if frontier:
         text += ("\n## Storage–accuracy frontier\n\nEvery method of Table 1 (the frontier experiment's PEFT tuners "
-                 "among them) on each task: the bytes on disk a task keeps (the method's own files: entropy-coded masks and "
-                 "prototype for ProPETL, PEFT's adapter_model.safetensors and adapter_config.json for a PEFT tuner; "
+                 "among them) on each task: the bytes a task must keep (ProPETL's and PETL's checkpoint files: "
+                 "prototype and entropy-coded masks; for a PEFT tuner the adapter_model.safetensors and "
+                 "adapter_config.json PEFT saves with its least-storing options; "
                  "without and with the classification head), the ratio to plain LoRA's, the GLUE score x100 (mean ± "
                  "std over seeds), the paired difference to the reference over the seeds both have (95% "
                  "t-interval), and ◆ where no other method stores as little or less with as high or a higher mean "
