@@ -110,7 +110,7 @@ def test_make_tables_script_writes_everything(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert {p.name for p in out.iterdir()} == {"runs.csv", "table.md", "rows.json", "paired.csv",
-                                              "metric_vs_storage.png", "sparsity_sweep.png"}
+                                              "metric_vs_storage.png", "frontier.png", "sparsity_sweep.png"}
     assert len((out / "runs.csv").read_text().splitlines()) == 1 + 6
     assert "ProPETL-LoRA (s=0.9)" in (out / "table.md").read_text()
 
