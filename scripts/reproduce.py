@@ -112,7 +112,7 @@ def part_names(names: list[str]) -> list[str]:
 
 
 # --smoke's one value of an overlay's own grid key that no sweep overrides (the frontier's tuners)
-SMOKE_GRID = {"frontier": (("peft", "vera"),)}
+SMOKE_GRID = {"frontier": (("method", "peft"), ("peft", "vera"))}   # peft= needs method= on the line
 
 
 def smoke_sweep(experiment: str, overrides: list[str]) -> list[str]:

@@ -137,7 +137,7 @@ def test_smoke_narrows_every_sweep_to_one_value_a_key():
     assert reproduce.smoke_sweep("table1", ["task=rte,mrpc"]) == ["task=rte", "seed=42", "prototype=lora"]
     assert reproduce.smoke_sweep("sparsity_sweep", ["prototype=lora,prefix", "mask.sparsity=0.1,0.3"]) == \
         ["prototype=lora", "mask.sparsity=0.1", "seed=42"]
-    assert reproduce.smoke_sweep("frontier", ["task=mrpc,stsb"]) == ["task=mrpc", "seed=42", "prototype=lora",
+    assert reproduce.smoke_sweep("frontier", ["task=mrpc,stsb"]) == ["task=mrpc", "seed=42", "prototype=lora", "method=peft",
                                                                      "peft=vera"]
     done = subprocess.run([sys.executable, "scripts/reproduce.py", "--profile", "gpu", "--part", "d4", "--smoke", "--dry-run"],
                           cwd=REPO, capture_output=True, text=True)
