@@ -16,13 +16,6 @@ from propetl.command_line import check_command_line
 from propetl.configs import CONF_DIR, PRIMARY_CONFIG, ConfigError
 
 
-def in_sweep() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
 def run_owned(cfg: DictConfig, output_dir: Path, is_main: bool = True) -> dict:
     """train(cfg) in `output_dir` owned for the run (rundir.claim): a failure removes only what the run made and puts
     set-aside results back; a success drops the results it replaced (trainer.resume=false) and an old error.txt."""
@@ -62,7 +55,7 @@ def hydra_entry(cfg: DictConfig) -> float | None:
         return metrics.get("glue_score", metrics.get("mean_test_score"))     # multi-task: the mean of the tasks
     except (*USER_ERRORS, rundir.RunDirectoryInUse) as error:
         print(f"propetl-train: error: {error}", file=sys.stderr)
-        if not in_sweep():
+        if not sweep.in_sweep():
             sys.exit(2)
         if is_main and not isinstance(error, rundir.RunDirectoryInUse):     # the job's folder keeps its error
             rundir.record_failure(output_dir, str(error))

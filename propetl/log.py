@@ -82,14 +82,11 @@ WANDB_ENVIRONMENT = {"mode": "WANDB_MODE", "project": "WANDB_PROJECT", "entity":
 
 def sweep_group() -> str | None:
     """A -m sweep's W&B group: its folder's last two parts (multirun/<date>_<time> -> 'multirun/<date>_<time>')."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-    except ImportError:                           # pragma: no cover (hydra is a dependency)
-        return None
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return None
-    return "/".join(Path(str(HydraConfig.get().sweep.dir)).parts[-2:])
+    # imported here, not at the top: the report imports log and needs no Hydra callback
+    from propetl.sweep import sweep_dir
+
+    folder = sweep_dir()
+    return None if folder is None else "/".join(folder.parts[-2:])
 
 
 def wandb_settings(cfg, environ=None) -> dict:

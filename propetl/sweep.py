@@ -18,6 +18,21 @@ FAILURES_FILE, SUMMARY_FILE = "failed_jobs.jsonl", "sweep_summary.json"
 _failed_jobs = 0                                  # this process's sweep: how many jobs failed (set at its end)
 
 
+def in_sweep() -> bool:
+    """Whether this process runs a job of a -m sweep."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def sweep_dir() -> Path | None:
+    """The running -m sweep's folder (hydra.sweep.dir), None outside a sweep."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(str(HydraConfig.get().sweep.dir)) if in_sweep() else None
+
+
 def failed(job_dir: Path, message: str) -> None:
     """A job of the running sweep failed with `message` (one line)."""
     path = os.environ.get(FAILURES_ENV)

@@ -73,6 +73,8 @@ def pareto(points: list[tuple[float, float]]) -> set[int]:
 
 
 def _difference(result: dict | None) -> str:
+    """A point's paired difference to the reference; the reference itself (and every point of a task without one)
+    has none."""
     if result is None:
         return "(reference)"
     if not result["n"]:
@@ -95,7 +97,7 @@ def frontier_table(points: dict[str, list[dict]]) -> str:
             spread = f"±{score['std']:.2f}" if score["n"] > 1 else ""
             text += (f"| {p['label']} | {_bytes(p['bytes'])} | {_bytes(p['bytes_with_head'])} | {ratio} | "
                      f"{score['mean']:.2f}{spread} (n={score['n']}) | "
-                     f"{_difference(p['vs_reference']) if p['label'] != reference else '(reference)'} | "
+                     f"{_difference(p['vs_reference'])} | "
                      f"{'◆' if p['pareto'] else ''} |\n")
     return text
 
