@@ -42,7 +42,7 @@ results:  ## copy the small evidence of outputs/reproduce/$(PROFILE) (or SOURCE=
 	$(PYTHON) scripts/collect_results.py --profile $(PROFILE) $(if $(SOURCE),--source $(SOURCE))
 
 tables:  ## rebuild tables and plots from outputs/reproduce/$(PROFILE) into outputs/tables/$(PROFILE) (seconds)
-	$(PYTHON) scripts/make_tables.py outputs/reproduce/$(PROFILE) --out outputs/tables/$(PROFILE) --title "profile $(PROFILE)"
+	$(PYTHON) -m propetl.report.command outputs/reproduce/$(PROFILE) --out outputs/tables/$(PROFILE) --title "profile $(PROFILE)"
 
 device-reproduce:  ## the gpu reproduction on a lent GPU in parts (PART="a1 a2" | a | all; SMOKE=1: every part briefly, on this CPU)
 	bash scripts/device_reproduce.sh $(or $(PART),all) $(if $(SMOKE),--smoke)

@@ -2,8 +2,9 @@
 writes the files; mask_coding.py says how masks become bytes). One account (`account`), of one task or several, counted
 from what the checkpoint keeps (`kept`, which checkpoint.save_checkpoint writes):
   - trainable parameters: unique tensors (a shared tensor counts once), with and without the head;
-  - stored parameters: the 32-bit floats a task must keep (ProPETL: the prototype ONCE; plain PETL: every layer's
-    module; finetune: the whole backbone), plus mask bits (1 bit per mask entry);
+  - stored parameters: the 32-bit floats a task must keep (ProPETL: the prototype ONCE, none when it is frozen and
+    drawn from prototype.seed; plain PETL: every layer's module; finetune: the whole backbone), plus mask bits (1 bit
+    per mask entry);
   - bits, bytes, fp32-equivalent parameters, % of the backbone, and the ratio to plain PETL of the same prototype,
     each with and without the head (the paper's arithmetic: fp32 + 1 bit an entry); several tasks: the shared part
     once, each task's part apart, total and amortised per task;
@@ -39,18 +40,19 @@ def dense_parameters(model: nn.Module, method: str, head_names: set[str]) -> dic
         return {n: p for n, p in model.named_parameters() if n not in head_names}
     if method == "peft":
         return methods.peft_parameters(model)
-    return dict(methods.petl_weights(model).weights.items())
+    weights = methods.petl_weights(model)
+    return {} if weights.frozen else dict(weights.weights.items())     # a frozen prototype: its seed, no tensor
 
 
 def stored_dense_tensors(model: nn.Module, method: str, head_names: set[str]) -> dict[str, torch.Tensor]:
-    """The float tensors a task keeps, without the head (ProPETL: the prototype once, as produced; peft: none here,
-    PEFT's own files hold its tensors, Kept.adapter)."""
+    """The float tensors a task keeps, without the head (ProPETL: the prototype once, as produced, none when it is
+    frozen: prototype.seed regenerates it; peft: none here, PEFT's own files hold its tensors, Kept.adapter)."""
     if method == "peft":
         return {}
     if method == "finetune":
         return {n: p.detach() for n, p in dense_parameters(model, method, head_names).items()}
     with torch.no_grad():
-        return {n: t.detach() for n, t in methods.petl_weights(model).base_tensors().items()}
+        return {n: t.detach() for n, t in methods.petl_weights(model).stored_tensors().items()}
 
 
 def stored_masks(model: nn.Module) -> dict[str, torch.Tensor]:

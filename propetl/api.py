@@ -16,10 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from propetl import checkpoint, files, loop, methods
+from propetl import accounting, checkpoint, files, loop, methods
 from propetl.model import encoder_layers, head_parameter_names
 from propetl.configs import CONF_DIR
 from propetl.validate import ConfigError, check_resolves, validate_learning_rates, validate_method
@@ -27,7 +28,8 @@ from propetl.validate import ConfigError, check_resolves, validate_learning_rate
 # Where each general ProPETLConfig setting lives in the runner's config; every other field is prototype.<field>.
 # lr sets prototype.lr, which trainer.lr (and head_lr) follow.
 RUNNER_KEYS = {"sparsity": "mask.sparsity", "mask_kind": "mask.kind", "mask_seed": "mask.seed", "lr": "prototype.lr",
-               "mask_lr": "mask.lr", "head_lr": "trainer.head_lr", "weight_decay": "trainer.weight_decay"}
+               "mask_lr": "mask.lr", "head_lr": "trainer.head_lr", "weight_decay": "trainer.weight_decay",
+               "freeze": "prototype.freeze", "prototype_seed": "prototype.seed"}
 LOADABLE_METHODS = ("propetl", "petl")
 
 
@@ -42,9 +44,12 @@ class ProPETLConfig:
     mask_lr: float | None = None             # the mask scores (lora 3e-2, adapter 3e-3, prefix 1e-4)
     head_lr: float | None = None             # the classification head (and BERT's pooler); None: lr
     weight_decay: float | None = None        # AdamW-style decay of weights, scores and head (0.1); none on biases
+    freeze: bool | None = None               # the prototype drawn from prototype_seed, never trained: masks + head
+    prototype_seed: int | None = None        # freeze=True: the seed the prototype is drawn from (0)
     r: int | None = None                     # lora: rank (hidden / 24)
     alpha: float | None = None               # lora: scaling alpha / r (alpha = 1.5 r)
     targets: list[str] | None = None         # lora: of query, key, value (query, value)
+    target_modules: list[str] | None = None  # lora: PEFT's name for `targets`
     reduction_factor: int | None = None      # adapter: bottleneck = hidden / reduction_factor (12)
     bottleneck: int | None = None            # adapter: the bottleneck width directly
     non_linearity: str | None = None         # adapter: relu | gelu | tanh
@@ -53,13 +58,20 @@ class ProPETLConfig:
     mlp_hidden: int | None = None            # prefix: width of the re-parameterisation MLP (2/3 hidden)
     embedding_std: float | None = None       # prefix: the MLP's input ~ N(0, std^2) (1.0)
 
+    def __post_init__(self) -> None:
+        if self.target_modules is not None:            # PEFT's name: one setting, not two that could disagree
+            if self.targets is not None and list(self.targets) != list(self.target_modules):
+                raise ConfigError(f"target_modules={list(self.target_modules)!r} and targets={list(self.targets)!r} "
+                                  f"disagree; give one of them")
+            self.targets, self.target_modules = list(self.target_modules), None
+
     def prototype_settings(self) -> list[str]:
         """The fields that are prototype hyper-parameters (prototype.<field> in the runner's config)."""
-        return [f.name for f in fields(self) if f.name != "prototype" and f.name not in RUNNER_KEYS]
+        return [f.name for f in fields(self) if f.name not in ("prototype", "target_modules") and f.name not in RUNNER_KEYS]
 
     def runner_keys(self) -> dict[str, object]:
         """runner config key -> value, for every setting given (not None)."""
-        given = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "prototype"}
+        given = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("prototype", "target_modules")}
         return {RUNNER_KEYS.get(name, f"prototype.{name}"): value for name, value in given.items() if value is not None}
 
 
@@ -129,20 +141,53 @@ def check_supported(model: nn.Module) -> None:
         raise ConfigError(f"model {type(model).__name__} already has ProPETL; pass a fresh model")
 
 
+UNGROUPED = ("ProPETLModel: trained without its parameter groups, so the mask scores would move at the prototype's "
+             "learning rate and the method would silently change; use propetl.ProPETLTrainer instead of "
+             "transformers.Trainer, or an optimizer over model.parameter_groups()")
+
+
 class ProPETLModel(nn.Module):
-    """A transformers model with ProPETL attached in place; calls, outputs and attributes it lacks are the model's."""
+    """A transformers model with ProPETL attached in place, shaped like a PEFT model (save_pretrained /
+    from_pretrained, print_trainable_parameters, get_base_model); calls, outputs and attributes it lacks are the
+    model's. Training refuses to start (one line) until parameter_groups() has been asked for: a plain optimizer over
+    model.parameters() (transformers.Trainer's included) would train the masks at the prototype's rate."""
 
     def __init__(self, model: nn.Module, cfg: DictConfig):
         super().__init__()
         self.model = model
         self.runner_config = cfg                  # the runner's config (model, prototype, method, mask, trainer, ...)
         self.head_names = head_parameter_names(model)
+        self.grouped = False                      # parameter_groups() was asked for (forward checks it in training)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
                 labels=None, **kwargs):
         """The model's forward; the explicit names let the HF Trainer keep these dataset columns and find labels."""
+        if self.training and torch.is_grad_enabled() and not self.grouped:
+            raise ConfigError(UNGROUPED)
         return self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                           position_ids=position_ids, inputs_embeds=inputs_embeds, labels=labels, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        """The transformers model, the method inside it (PEFT's get_base_model)."""
+        return self.model
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable parameters, all parameters), each tensor once (PEFT's get_nb_trainable_parameters)."""
+        return (accounting.count(p for p in self.model.parameters() if p.requires_grad),
+                accounting.count(self.model.parameters()))
+
+    def stored_bytes(self) -> tuple[int, int]:
+        """(bytes a task keeps without its head, with it): fp32 prototype + one bit a mask entry (accounting.py)."""
+        figures = accounting.account(self.model, self.runner_config,
+                                     accounting.backbone_params(self.model, self.head_names))
+        return int(figures["storage_bytes"]), int(figures["storage_bytes_with_head"])
+
+    def print_trainable_parameters(self) -> None:
+        """PEFT's line, and the bytes a task keeps (what ProPETL saves on: the masks are bits, not floats)."""
+        trainable, total = self.get_nb_trainable_parameters()
+        stored, with_head = self.stored_bytes()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+              f" || stored per task: {stored:,d} bytes ({with_head:,d} with head)")
 
     def __getattr__(self, name: str):
         try:
@@ -158,6 +203,7 @@ class ProPETLModel(nn.Module):
         head at head_lr; biases and LayerNorm weights without decay. None: the config's values."""
         given = {"lr": lr, "mask_lr": mask_lr, "head_lr": head_lr, "weight_decay": weight_decay}
         cfg = with_settings(self.runner_config, {RUNNER_KEYS[k]: v for k, v in given.items() if v is not None})
+        self.grouped = True
         return loop.parameter_groups(self.model, cfg, self.head_names)
 
     def save_propetl(self, directory) -> Path:
@@ -170,6 +216,20 @@ class ProPETLModel(nn.Module):
                 entry.rename(folder / entry.name)
             inner.rmdir()
         return files.write_output_folder(Path(directory), build, "save_propetl")
+
+    def save_pretrained(self, directory, **kwargs) -> Path:
+        """PEFT's name for save_propetl: the prototype, the masks and the head (never the backbone). transformers'
+        AutoModel.from_pretrained refuses the folder loudly (no transformers config.json); ProPETLModel.from_pretrained reads it."""
+        if kwargs:
+            raise ConfigError(f"save_pretrained({', '.join(kwargs)}=...): ProPETL's save takes the folder only")
+        return self.save_propetl(directory)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory, **kwargs) -> "ProPETLModel":
+        """PEFT's PeftModel.from_pretrained(base, folder): load_propetl."""
+        if kwargs:
+            raise ConfigError(f"from_pretrained({', '.join(kwargs)}=...): ProPETL's load takes the model and the folder")
+        return load_propetl(model, directory)
 
     def merge_and_unload(self) -> nn.Module:
         """LoRA: fold every layer's masked update into W_q / W_v and return the plain transformers model."""

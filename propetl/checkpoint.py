@@ -4,7 +4,8 @@ Every run, of one task or several, writes one layout (format 4; save_checkpoint)
     shared/propetl.json             what to rebuild: model, method, prototype, mask, the tasks and their label
                                     counts, whether there are task masks, the data split, how it is stored
     shared/<dense file>             DENSE_FILE[method]: propetl the prototype once, petl per-layer stacks,
-                                    finetune the backbone (transformers names)
+                                    finetune the backbone (transformers names); none for a frozen prototype
+                                    (prototype.freeze: prototype.seed in propetl.json draws it again)
     shared/adapter_model.safetensors, shared/adapter_config.json
                                     method=peft: what PEFT's save_pretrained writes (methods/peft_tuners.py)
     shared/layer_masks.safetensors  the L layer masks of every masked tensor, coded (mask_coding.py)
@@ -62,7 +63,6 @@ OPTIONAL_KEYS = ("mask.combine",)                                               
 OBJECT = rules.Rule(lambda v: isinstance(v, dict), "an object")
 FORMAT_RULE = rules.Rule(lambda v: rules.integer().accepts(v) and v in READABLE_FORMATS,
                          ", ".join(map(str, READABLE_FORMATS)))
-BOOLEAN = rules.Rule(lambda v: isinstance(v, bool), "true or false")
 TASK_LIST = rules.Rule(lambda v: isinstance(v, list) and bool(v) and all(isinstance(t, str) for t in v)
                        and len(set(v)) == len(v), "a non-empty list of distinct task names")
 MATCH_KEYS = methods.WithShapeKeys(("model.name_or_path", "method.name", "prototype.name", "mask.kind",
@@ -146,7 +146,7 @@ def save_checkpoint(model: nn.Module, cfg, directory: Path) -> Path:
         if keep.adapter:
             for name, content in keep.adapter.items():
                 (shared / name).write_bytes(content)
-        else:
+        elif keep.dense:                    # none of a frozen prototype: prototype.seed in propetl.json redraws it
             save_dense(keep.dense, shared / DENSE_FILE[cfg.method.name], cfg)
         if keep.layer_masks:
             save_masks(keep.layer_masks, shared / LAYER_MASKS_FILE, cfg)
@@ -271,7 +271,7 @@ def check_config(config: dict, path: Path) -> None:
     for task in tasks:
         _check_value(path, f"num_labels.{task}", labels[task], rules.positive_int())
     if "task_masks" in config:                          # older ones lack it (they always had task masks)
-        _check_value(path, "task_masks", config["task_masks"], BOOLEAN)
+        _check_value(path, "task_masks", config["task_masks"], validate.BOOLEAN)
 
 
 def single_task_config(config: dict, directory: Path) -> dict:
@@ -313,7 +313,7 @@ def load_weights(model: nn.Module, cfg, head_names: set[str], directory: Path, a
     else:
         dense_path, masks_path, head_path = directory / DENSE_FILE[method], directory / MASKS_FILE, directory / HEAD_FILE
         layout = {}
-    dense, _ = read_safetensors(dense_path)
+    dense = read_dense(dense_path, dense_parameters(model, method, head_names))
     head, _ = read_safetensors(head_path)
     head = {backbone.swap_prefix(n, layout): t for n, t in head.items()}
     parameters = dict(model.named_parameters())
@@ -324,6 +324,11 @@ def load_weights(model: nn.Module, cfg, head_names: set[str], directory: Path, a
         if stores:
             _load_masks(stores, read_masks(masks_path), masks_path)
         _copy_into({n: parameters[n] for n in head_names}, head, head_path)
+
+
+def read_dense(path: Path, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The dense file's tensors; a model that keeps none (a frozen prototype) has no file to read."""
+    return read_safetensors(path)[0] if targets or path.exists() else {}
 
 
 def _load_dense(model: nn.Module, targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], path: Path):
@@ -403,9 +408,9 @@ def load_multitask(directory: Path, tasks: list[str] | None = None, cfg=None, ex
                                     for_training, task_masks=has_task_masks(saved))
     weights, method = methods.petl_weights(model), saved["method"]["name"]
     shared = directory / SHARED_DIR
-    dense, _ = read_safetensors(shared / DENSE_FILE[method])
-    _, layer_masks = split_task_layer(weights.mask_stores()) if weights is not None else ({}, {})
     targets = {model.transformers_name(n): p for n, p in dense_parameters(model, method, model.head_names()).items()}
+    dense = read_dense(shared / DENSE_FILE[method], targets)
+    _, layer_masks = split_task_layer(weights.mask_stores()) if weights is not None else ({}, {})
     with torch.no_grad():
         _load_dense(model, targets, dense, shared / DENSE_FILE[method])
         if layer_masks:

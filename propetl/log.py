@@ -181,6 +181,7 @@ def summary_table(metrics: dict) -> str:
     title = (f"{metrics['task']} | {metrics['model']} | {metrics['method']}"
              + ("" if metrics["method"] == "finetune" else f" {metrics['prototype']}")
              + (f" | mask sparsity {metrics['mask_sparsity']}" if metrics["method"] == "propetl" else "")
+             + (" | frozen prototype" if metrics.get("prototype_frozen") else "")
              + f" | seed {metrics['seed']}")
     rows = [_row(name, metrics["selection"].get(name), value) for name, value in metrics["test"].items()]
     rows.append(_row("GLUE score of the run", "", metrics["glue_score"]))
@@ -193,7 +194,8 @@ def summary_table(metrics: dict) -> str:
 def multitask_summary_table(metrics: dict) -> str:
     """A one-screen summary of a finished multi-task run: per-task metrics and storage in bytes."""
     title = (f"multitask {','.join(metrics['tasks'])} | {metrics['model']} | {metrics['method']} {metrics['prototype']}"
-             f" | mask {metrics['mask_combine']} sparsity {metrics['mask_sparsity']} | seed {metrics['seed']}")
+             f" | mask {metrics['mask_combine']} sparsity {metrics['mask_sparsity']}"
+             f"{' | frozen prototype' if metrics.get('prototype_frozen') else ''} | seed {metrics['seed']}")
     rows = [_row(f"{task} {name}", result["selection"].get(name), value)
             for task, result in metrics["per_task"].items() for name, value in result["test"].items()]
     rows.append(_row("mean test score", "", metrics["mean_test_score"]))

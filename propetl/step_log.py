@@ -1,11 +1,13 @@
 """Every `trainer.log_every_steps` training steps: a record for W&B (the training loss and each optimizer
 parameter group's learning rate, at the global step) and, where no progress bar is shown (stderr not a
-terminal, or trainer.progress=false), one log line: `step 120/2000 loss 0.5321 4.1 it/s eta 7m38s`."""
+terminal, or trainer.progress=false), one log line: `step 120/2000 loss 0.5321 4.1 it/s eta 7m38s`. The ETA is the
+whole run's: the training steps left and the evaluation still to come (EvalPlan); the bar shows it too."""
 from __future__ import annotations
 
 import logging
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -40,8 +42,28 @@ def duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
-def progress_line(step: int, total: int, loss: float, steps_per_second: float) -> str:
-    eta = duration((total - step) / steps_per_second) if steps_per_second > 0 else "?"
+@dataclass
+class EvalPlan:
+    """The evaluation a run still has after its training steps, for one ETA of the whole run: a selection pass after
+    every epoch and the test pass at the end. A pass's time is measured once one has run (`pass_seconds`: the last
+    selection pass); before that it is estimated as a forward pass, a third of a training example's time."""
+    epochs: int
+    batch_size: int
+    selection_rows: int
+    test_rows: int
+    pass_seconds: float | None = None
+
+    def seconds_left(self, epochs_done: int, steps_per_second: float) -> float:
+        per_pass = self.pass_seconds
+        if per_pass is None:
+            per_pass = self.selection_rows / (3 * steps_per_second * self.batch_size) if steps_per_second > 0 else 0.0
+        per_row = per_pass / self.selection_rows if self.selection_rows else 0.0
+        return max(self.epochs - epochs_done, 0) * per_pass + self.test_rows * per_row
+
+
+def progress_line(step: int, total: int, loss: float, steps_per_second: float, eval_seconds: float = 0.0) -> str:
+    """The log line; `eta` is the whole run's: the training steps left and `eval_seconds` of evaluation still to come."""
+    eta = duration((total - step) / steps_per_second + eval_seconds) if steps_per_second > 0 else "?"
     return f"step {step}/{total} loss {loss:.4f} {steps_per_second:.1f} it/s eta {eta}"
 
 
@@ -50,22 +72,27 @@ class StepLog:
     (the mean over the last `every` steps of the epoch), "lr/…"}; with `lines`, the progress line goes to
     the propetl logger (so to stderr and train.log)."""
 
-    def __init__(self, every: int, total_steps: int, method: str, record_fn, lines: bool, clock=time.perf_counter):
+    def __init__(self, every: int, total_steps: int, method: str, record_fn, lines: bool, clock=time.perf_counter,
+                 evaluation: EvalPlan | None = None):
         self.every, self.total_steps, self.method = every, total_steps, method
-        self.record_fn, self.lines, self.clock = record_fn, lines, clock
+        self.record_fn, self.lines, self.clock, self.evaluation = record_fn, lines, clock, evaluation
+        self.eta = "?"                               # the whole run's, as the last line said (the bar shows it too)
         self.restart(0)
 
     def restart(self, steps: int) -> None:
         """The rate counts from here (an epoch's start: selection and checkpoints in between are not steps)."""
         self.since_step, self.since_time = steps, self.clock()
 
-    def after_step(self, steps: int, epoch_losses: list[float], param_groups: list[dict]) -> None:
+    def after_step(self, steps: int, epoch_losses: list[float], param_groups: list[dict], epochs_done: int = 0) -> None:
         if steps % self.every:
             return
         loss = float(np.mean(epoch_losses[-self.every:]))
         self.record_fn({"step": steps, "train/loss": loss, **learning_rates(param_groups, self.method)})
+        now = self.clock()
+        rate = (steps - self.since_step) / max(now - self.since_time, 1e-9)
+        evaluation = self.evaluation.seconds_left(epochs_done, rate) if self.evaluation else 0.0
+        line = progress_line(steps, self.total_steps, loss, rate, evaluation)
+        self.eta = line.rsplit("eta ", 1)[1]
         if self.lines:
-            now = self.clock()
-            rate = (steps - self.since_step) / max(now - self.since_time, 1e-9)
-            logger.info(progress_line(steps, self.total_steps, loss, rate))
-            self.since_step, self.since_time = steps, now
+            logger.info(line)
+        self.since_step, self.since_time = steps, now

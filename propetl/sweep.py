@@ -1,7 +1,8 @@
 """A sweep (`propetl-train -m ...`) finishes every job: a job that fails with a one-line error writes it to its folder
 (error.txt) and to the sweep's `failed_jobs.jsonl`, and the sweep goes on to the next job. When the sweep ends,
 SweepSummary (a Hydra callback, conf/hydra/default.yaml) writes `sweep_summary.json` in the sweep folder, prints the
-failed jobs, and propetl-train exits with their number (0: all ran). Jobs of the joblib launcher run in other processes:
+failed jobs, and propetl-train exits with their number (0: all ran); SweepReport (report/command.py) then builds the
+sweep's report. Jobs of the joblib launcher run in other processes:
 they find the failures file through the environment, which they inherit.
 """
 from __future__ import annotations

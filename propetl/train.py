@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 import propetl  # noqa: F401  (registers the config resolvers)
-from propetl import accounting, checkpoint, data, log, loop, rundir
+from propetl import accounting, checkpoint, data, log, loop, methods, rundir
 from propetl import metrics as glue_metrics
 from propetl import model as backbone
 from propetl.batches import PadCollator, token_lengths, tokenise
@@ -61,7 +61,8 @@ def train(cfg: DictConfig, output_dir: Path, claim=None) -> dict:
                                      cfg.trainer.batch_size, float(cfg.multitask.temperature), cfg.seed, lengths)
 
     def eval_loader(name: str, split: str) -> DataLoader:
-        return DataLoader(splits[name][split], batch_size=cfg.trainer.eval_batch_size, collate_fn=collators[name])
+        return DataLoader(splits[name][split], batch_size=loop.eval_batch_size(cfg.trainer.eval_batch_size, device),
+                          collate_fn=collators[name])
 
     # 2. model: the pre-trained encoder with the method inside, a head per task (base tasks loaded and frozen)
     if base_dir:
@@ -93,7 +94,9 @@ def train(cfg: DictConfig, output_dir: Path, claim=None) -> dict:
         return metrics, float(np.mean(scores))
 
     # 3. train, choosing the best epoch on the selection split; then every new task on its test split
-    run, result, started = fit_logged(cfg, output_dir, model, train_batches, select, head_names, device, checkpointer, ctx)
+    eval_rows = (sum(len(splits[n]["validation"]) for n in new_tasks), sum(len(splits[n]["test"]) for n in new_tasks))
+    run, result, started = fit_logged(cfg, output_dir, model, train_batches, select, head_names, device, checkpointer,
+                                      ctx, eval_rows)
     if base_dir:        # the old tasks' mask rows saw AdamW's decay (no gradient): put them back bit for bit
         checkpoint.load_task_parts(model, Path(base_dir), base_tasks, base["format_version"])
     predicted = {name: loop.predict_task(model, eval_loader(name, "test"), by_name[name], device,
@@ -131,7 +134,7 @@ def report_single_task(cfg, output_dir: Path, tests: dict, result, figures: dict
         "task": name, "model": cfg.model.name, "method": cfg.method.name,
         "prototype": cfg.peft.name if cfg.method.name == "peft" else cfg.prototype.name,     # peft: its tuner
         "mask_kind": cfg.mask.kind, "mask_sparsity": float(cfg.mask.sparsity), "seed": int(cfg.seed),
-        "protocol": cfg.data.protocol, "split_seed": int(cfg.data.split_seed),
+        "prototype_frozen": methods.frozen_prototype(cfg), "protocol": cfg.data.protocol, "split_seed": int(cfg.data.split_seed),
         "selection_metric": task.selection_metric, "selection": result.best_selection, "test": test,
         "glue_score": glue_metrics.task_score(name, test),
         "trivial": glue_metrics.trivial_baseline(name, list(task.metrics), splits[name]["train"]["label"],
@@ -156,7 +159,7 @@ def report_multitask(cfg, output_dir: Path, tests: dict, result, figures: dict, 
     metrics = {
         "mode": "multitask", "tasks": list(tests), "base_tasks": base_tasks, "model": cfg.model.name,
         "method": cfg.method.name, "prototype": cfg.prototype.name, "mask_kind": cfg.mask.kind,
-        "mask_sparsity": float(cfg.mask.sparsity), "mask_combine": cfg.mask.combine, "seed": int(cfg.seed),
+        "prototype_frozen": methods.frozen_prototype(cfg), "mask_sparsity": float(cfg.mask.sparsity), "mask_combine": cfg.mask.combine, "seed": int(cfg.seed),
         "temperature": float(cfg.multitask.temperature), "protocol": cfg.data.protocol, "split_seed": int(cfg.data.split_seed),
         "per_task": per_task, "mean_test_score": float(np.mean([t["glue_score"] for t in per_task.values()])),
         "glue_average": glue_metrics.glue_average({n: t["test"] for n, t in per_task.items()}),

@@ -13,7 +13,7 @@ from propetl.accounting import STORAGE_DTYPES
 from propetl.configs import ConfigError, group_choices, group_option
 from propetl.mask_coding import CODINGS
 from propetl.masks import COMBINES, MASK_KINDS
-from propetl.methods import METHODS, PROTOTYPES, peft_missing, peft_module, rules
+from propetl.methods import METHODS, PROTOTYPES, frozen_prototype, peft_missing, peft_module, rules
 from propetl.metrics import metrics_for, selections_for
 
 MAX_LEARNING_RATE = 1e30       # beyond it AdamW's step size, lr / (1 - beta1^t), overflows fp32: a traceback
@@ -27,15 +27,18 @@ def _number_in(low: float, high: float, high_open: bool = True) -> rules.Rule:
 
 LEARNING_RATE = rules.Rule(lambda v: rules.is_number(v) and 0 < v <= MAX_LEARNING_RATE,
                            f"a positive number up to {MAX_LEARNING_RATE:g}")
+BOOLEAN = rules.Rule(lambda v: isinstance(v, bool), "true or false")
 SEED = rules.Rule(lambda v: rules.integer().accepts(v) and 0 <= v <= MAX_SEED, f"an integer in 0..{MAX_SEED} (2**63-1)")
 NULLABLE = ("trainer.max_steps", "trainer.save_steps", "trainer.threads", "data.max_train_examples",
             "trainer.selection_skips_warmup")   # absent from configs saved before it existed: false
 RUN_RULES = {       # checked in this order; a key of NULLABLE may also be null
     "seed": SEED,
     "model.name_or_path": rules.Rule(lambda v: isinstance(v, str) and bool(v.strip()), backbone.MODEL_PATHS),
-    **dict.fromkeys(("trainer.epochs", "trainer.batch_size", "trainer.eval_batch_size", "trainer.log_every_steps",
+    **dict.fromkeys(("trainer.epochs", "trainer.batch_size", "trainer.log_every_steps",
                      "data.max_length", "model.hidden_size", "model.num_layers", "trainer.max_steps"),
                     rules.positive_int()),
+    "trainer.eval_batch_size": rules.Rule(lambda v: v == "auto" or rules.positive_int().accepts(v),
+                                          "auto or a positive integer"),
     "trainer.lr": LEARNING_RATE, "trainer.head_lr": LEARNING_RATE,
     "trainer.weight_decay": _number_in(0.0, float("inf")),
     "trainer.max_grad_norm": rules.positive_number(),
@@ -47,8 +50,7 @@ RUN_RULES = {       # checked in this order; a key of NULLABLE may also be null
     "trainer.resume": rules.one_of(("auto", True, False)),
     "trainer.threads": rules.positive_int(),
     "data.protocol": rules.one_of(("split", "full_dev")),
-    **dict.fromkeys(("data.group_by_length", "trainer.selection_skips_warmup"),
-                    rules.Rule(lambda v: isinstance(v, bool), "true or false")),
+    **dict.fromkeys(("data.group_by_length", "trainer.selection_skips_warmup"), BOOLEAN),
     "data.max_train_examples": rules.positive_int(),
     "data.split_seed": SEED,
     "logger.mode": rules.one_of(("online", "offline", "disabled")),
@@ -186,3 +188,10 @@ def validate_method(cfg) -> None:
         if not (rule.optional and field not in cfg.prototype):
             _check(cfg, f"prototype.{field}", rule)
     _check(cfg, "prototype.lr", LEARNING_RATE)
+    for key, rule in (("prototype.freeze", BOOLEAN), ("prototype.seed", SEED)):   # optional: older configs lack them
+        if key.split(".")[1] in cfg.prototype:
+            _check(cfg, key, rule)
+    if frozen_prototype(cfg):
+        _require(cfg.method.name == "propetl", "prototype.freeze", True,
+                 f"false with method={cfg.method.name} (a frozen, seeded prototype is ProPETL's: masks learn over it; "
+                 f"method=propetl)")

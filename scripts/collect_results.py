@@ -9,7 +9,7 @@ bit-packed masks (kilobytes; the prototype, PETL weights and heads are left out)
 renamed from Hydra's `key=value,key=value` to `key-value_key-value` (under their experiment's folder, which
 with .hydra/config.yaml tells the report table1's runs from the sweep's and the ablation's). Beside runs/ go
 runs.csv, table.md, paired.csv, rows.json and the plots (metric_vs_storage, sparsity_sweep, mask_ablation,
-mask_hamming: as scripts/make_tables.py writes them). results/<profile>/ is built whole in a
+mask_hamming: as propetl-report writes them). results/<profile>/ is built whole in a
 temporary folder and then swapped in: it is either the old one or the complete new one.
 """
 from __future__ import annotations

@@ -25,14 +25,15 @@
 #   b     fine-tuning, 4 small tasks               12       9,660    0.5 min     ~4 min (est.; disk: 65 GB of resume state)
 #   c1    STS-B: sparsity sweep                    36      32,400    1.7 min     ~5 min (est.)
 #   c2    STS-B: mask ablation                     18      16,200    0.7 min      2.4 min measured
-#   c3    MRPC+STS-B: the PEFT tuners' frontier    48      35,520    -           ~5 min (est.; issue 25)
+#   c3    MRPC+STS-B: the frontier (8 PEFT tuners,  60      44,400    -           ~6 min (est.; issue 25)
+#         frozen-prototype adapter and LoRA)
 #   d1-3  SST-2 petl+propetl, one prototype each    6      31,140    0.8-0.9     ~4 min each (est.)
 #   d4    SST-2 PEFT LoRA + fine-tuning             6      31,140    1.6 min     ~4.5 min (est.)
 #   e1,e2 multi-task (4 small tasks) petl/propetl   9      28,980    1.5, 1.6    ~4 min each (est.)
 #   f     RTE: sparsity sweep + mask ablation      54      21,600    1.2 min     ~3.5 min (est.; last: RTE at chance)
-#   all                                           294    ~366,000   15.3 min    ~61 min: done a2 a3 c2 (2026-12-04);
-#                                                                                 ~51 min left: ~4-5 loans of ~12 min
-# *  measured here: `--smoke` (29 runs, one a sweep or two), wall time of each part on the 2-core VM in a clean-clone
+#   all                                           306    ~375,000   15.3 min    ~62 min: done a2 a3 c2 (2026-12-04);
+#                                                                                 ~52 min left: ~4-5 loans of ~12 min
+# *  measured here: `--smoke` (30 runs, one a sweep or two), wall time of each part on the 2-core VM in a clean-clone
 #    CI run (`make test-device-smoke`, 2026-11-27; mostly Python imports and model loading).
 # ** measured on the second loan (one H200, 16 cores, 2026-12-04: `bench a2 a3`, then `a3 c2`; results/gpu/device_*.log):
 #    18 jobs of 1 thread ran at a median 11.7 optimizer steps/s each (~200 steps/s together; one job alone 30-38);

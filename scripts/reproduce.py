@@ -7,7 +7,7 @@
 Every sweep is a Hydra multirun of an experiment overlay (conf/experiment/) under a profile
 (conf/profile/) into outputs/reproduce/<profile>/<experiment>/<overrides>/. Re-running skips the runs
 whose metrics.json exists and resumes the one that was cut off, so an interrupted reproduction
-continues where it stopped. Tables and plots: outputs/tables/<profile>/ (scripts/make_tables.py).
+continues where it stopped. Tables and plots: outputs/tables/<profile>/ (propetl-report).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+SWEEP_REPORT_ENV = "PROPETL_SWEEP_REPORT"    # propetl/report/command.py's switch of the per-sweep report
 
 # Per profile, the sweeps to run: (experiment overlay, overrides that narrow its grid). A command-line
 # value replaces the overlay's list for that key (e.g. seed=42 instead of 42,43,44).
@@ -30,7 +31,7 @@ PLANS: dict[str, list[tuple[str, list[str]]]] = {
     # Seed 42 of every Table-1 arm first (a look at it tells whether every arm learns), then seeds 43
     # and 44; then the mask ablation (learned is the table1 run), the sparsity sweep at 0.7 and 0.9
     # (0.5 is the table1 run), fine-tuning (one seed: a reference row, in no paired comparison).
-    # 92 runs, the most needed first, should time run out.
+    # 152 runs, the most needed first, should time run out.
     "cpu": [
         ("table1", ["seed=42"]),                                                     # 12 runs
         ("table1", ["method=peft", "prototype=lora", "seed=42"]),                    # 2
@@ -41,6 +42,7 @@ PLANS: dict[str, list[tuple[str, list[str]]]] = {
         ("table1", ["method=finetune", "prototype=adapter", "seed=42"]),             # 2
         ("sparsity_sweep", ["task=sst2", "mask.sparsity=0.7,0.9"]),                  # 18
         ("frontier", []),                                                            # 48: 8 PEFT tuners
+        ("frontier_frozen", []),                                                     # 12: frozen prototypes
     ],
     # The embedded MiniLM on one GPU: the reference's epochs and batch size, every local task, 3 seeds;
     # GPU_PARTS below, in their order (priority first).
@@ -80,7 +82,7 @@ GPU_PARTS: dict[str, list[tuple[str, list[str]]]] = {
     "b": [("table1", [*FINETUNE_ROW, f"task={','.join(SMALL_TASKS)}"])],                      # 12
     "c1": _sparsity_sweep("stsb"),                                                              # 36
     "c2": [("ablation_masks", ["mask.kind=random,none", "task=stsb"])],                         # 18
-    "c3": [("frontier", ["task=mrpc,stsb"])],                                                   # 48: issue 25
+    "c3": [("frontier", ["task=mrpc,stsb"]), ("frontier_frozen", ["task=mrpc,stsb"])],         # 48 + 12: issue 25
     **{f"d{i}": [("table1", [f"prototype={prototype}", "task=sst2"])]                           # 6 each
        for i, prototype in enumerate(("adapter", "lora", "prefix"), 1)},
     "d4": [("table1", [*PEFT_ROW, "task=sst2"]), ("table1", [*FINETUNE_ROW, "task=sst2"])],      # 3 + 3
@@ -183,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reproduce: {error}", file=sys.stderr)
         return 2
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-           "HF_DATASETS_OFFLINE": os.environ.get("HF_DATASETS_OFFLINE", "1")}
+           "HF_DATASETS_OFFLINE": os.environ.get("HF_DATASETS_OFFLINE", "1"),
+           SWEEP_REPORT_ENV: "0"}          # no report a sweep: the tables are built once, at the end
     if args.profile == "paper":      # roberta-base and the large tasks come from the hub
         env.pop("HF_HUB_OFFLINE", None), env.pop("HF_DATASETS_OFFLINE", None)
     root = (args.root or REPO / "outputs" / "reproduce").resolve()
@@ -230,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
     print(f"sweeps ended in {(time.time() - started) / 60:.1f} min", flush=True)
-    tables = [sys.executable, str(REPO / "scripts" / "make_tables.py"), str(root / args.profile),
+    tables = [sys.executable, "-m", "propetl.report.command", str(root / args.profile),
               "--out", str(args.tables or REPO / "outputs" / "tables" / args.profile), "--title", f"profile {args.profile}"]
     built = subprocess.run(tables, cwd=REPO).returncode
     return failed or built

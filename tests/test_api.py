@@ -11,14 +11,14 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertForSequenceClassification
 
 from conftest import tiny_batch
-from propetl import ProPETLConfig, checkpoint, files, get_propetl_model, load_propetl, methods
+from propetl import ProPETLConfig, checkpoint, embedded_model_path, files, get_propetl_model, load_propetl, methods
 from propetl import model as backbone
 from propetl.methods.lora import LoRALinear
 from propetl.configs import CONF_DIR, ConfigError
 from test_methods import logits, train_steps
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-NAME_LINE = 'name = "bert-base-uncased"'
+NAME_LINE = "name = embedded_model_path()"
 PROTOTYPE_SETTINGS = {"lora": {"r": 4}, "adapter": {"reduction_factor": 4}, "prefix": {"length": 4}}
 
 
@@ -39,17 +39,21 @@ def propetl_model(folder: str, prototype: str = "lora", **settings):
 
 # ----------------------------------------------------------------------------- the README example
 
-def test_readme_example_trains_with_the_hf_trainer_saves_loads_and_merges(tiny_text_model_dir, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_readme_example_runs_offline_as_written(tmp_path, monkeypatch, capsys):
+    """The README's example, unchanged, on the embedded model: ProPETLTrainer trains, save_pretrained ->
+    from_pretrained -> merge_and_unload give the same logits."""
     code = readme_example()
     assert NAME_LINE in code
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(code.replace(NAME_LINE, f"name = {tiny_text_model_dir!r}"), str(README), "exec"), namespace)
+    exec(compile(code, str(README), "exec"), namespace)
+    assert capsys.readouterr().out.count("trainable params: ") == 1          # print_trainable_parameters
     model, again, plain = namespace["model"].eval(), namespace["again"], namespace["plain"]
     store = methods.petl_weights(model.model)
     assert all(torch.count_nonzero(store.weights[f"{t}_B"]) > 0 for t in ("query", "value"))   # B starts at 0: it trained
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_text_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_path())
     batch = tokenizer(["a gripping film", "far too long and dull, really"], padding=True, return_tensors="pt")
     with torch.no_grad():
         expected = model(**batch).logits
@@ -207,3 +211,100 @@ def test_unsupported_models_and_mismatched_checkpoints_are_refused(tiny_model_di
     model.save_propetl(tmp_path / "saved")
     with pytest.raises(ConfigError, match="was saved for task.num_labels=2, this model has 3"):
         load_propetl(fresh(tiny_model_dir, num_labels=3), tmp_path / "saved")
+
+
+# ----------------------------------------------------------------------------- PEFT's habits, the HF Trainer
+
+@pytest.mark.parametrize("prototype", list(PROTOTYPE_SETTINGS))
+def test_save_pretrained_from_pretrained_gives_the_same_logits(tiny_model_dir, tmp_path, prototype):
+    from propetl import ProPETLModel
+
+    model = propetl_model(tiny_model_dir, prototype, sparsity=0.5)
+    train_steps(model)
+    model.save_pretrained(tmp_path / "saved")
+    again = ProPETLModel.from_pretrained(fresh(tiny_model_dir), tmp_path / "saved")
+    torch.testing.assert_close(logits(again), logits(model), atol=1e-5, rtol=0)
+    assert again.get_base_model() is again.model
+
+
+def test_transformers_refuses_the_saved_folder_loudly(tiny_model_dir, tmp_path):
+    """Never a model with silently MISSING weights: the folder has no config.json for AutoModel to take."""
+    from transformers import AutoModelForSequenceClassification
+
+    propetl_model(tiny_model_dir).save_pretrained(tmp_path / "saved")
+    with pytest.raises((OSError, ValueError), match="config.json"):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path / "saved")
+
+
+def test_print_trainable_parameters_in_pefts_format(tiny_model_dir, capsys):
+    model = propetl_model(tiny_model_dir, "adapter")
+    trainable, total = model.get_nb_trainable_parameters()
+    assert trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert total == sum(p.numel() for p in model.parameters())
+    model.print_trainable_parameters()
+    stored, with_head = model.stored_bytes()
+    assert capsys.readouterr().out == (f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: "
+                                       f"{100 * trainable / total:.4f} || stored per task: {stored:,d} bytes "
+                                       f"({with_head:,d} with head)\n")
+
+
+def test_target_modules_is_pefts_name_for_targets(tiny_model_dir):
+    model = propetl_model(tiny_model_dir, "lora", target_modules=["query", "key"])
+    assert list(model.runner_config.prototype.targets) == ["query", "key"]
+    with pytest.raises(ConfigError, match="target_modules=.* and targets=.* disagree"):
+        ProPETLConfig(targets=["query"], target_modules=["value"])
+    with pytest.raises(ConfigError, match="target_modules is not a setting of prototype=adapter|targets="):
+        propetl_model(tiny_model_dir, "adapter", target_modules=["query"])
+
+
+def tiny_rows(folder: str):
+    from datasets import Dataset
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    rows = Dataset.from_dict({"text": ["a good film", "a bad one, really"] * 8, "label": [1, 0] * 8})
+    return rows.map(lambda b: tokenizer(b["text"]), batched=True), tokenizer
+
+
+def test_a_plain_trainer_is_refused_in_one_line(tiny_text_model_dir, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = propetl_model(tiny_text_model_dir, "lora")
+    train, tokenizer = tiny_rows(tiny_text_model_dir)
+    args = TrainingArguments(str(tmp_path / "out"), max_steps=1, report_to="none", save_strategy="no")
+    with pytest.raises(ConfigError, match="trained without its parameter groups") as error:
+        Trainer(model=model, args=args, train_dataset=train, processing_class=tokenizer).train()
+    assert "\n" not in str(error.value) and "ProPETLTrainer" in str(error.value)
+
+
+def test_propetl_trainer_trains_masks_at_the_mask_lr_and_checkpoints_the_trainable_parts(tiny_text_model_dir, tmp_path):
+    """Default TrainingArguments but the step count: the masks' group at the config's mask_lr, the rest at the
+    learning rate; checkpoint-N holds the trainable tensors only, and resuming reads them back."""
+    from transformers import TrainingArguments
+
+    from propetl import ProPETLTrainer
+    from propetl.hf_trainer import trainable_state
+
+    model = propetl_model(tiny_text_model_dir, "lora", mask_lr=0.05)
+    train, tokenizer = tiny_rows(tiny_text_model_dir)
+    args = TrainingArguments(str(tmp_path / "out"), max_steps=2, save_steps=2, report_to="none",
+                             lr_scheduler_type="constant")
+    trainer = ProPETLTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+    before = {n: t.clone() for n, t in trainable_state(model).items()}
+    trainer.train()
+    lrs = {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}
+    assert lrs["masks"] == 0.05 and lrs["weights"] == lrs["head"] == args.learning_rate
+    moved = [n for n, t in trainable_state(model).items() if not torch.equal(t, before[n])]
+    assert any(n.endswith(".scores") for n in moved)
+    saved = load_file(tmp_path / "out" / "checkpoint-2" / "model.safetensors")
+    assert set(saved) == set(trainable_state(model))                         # no frozen backbone tensor
+    for name, tensor in trainable_state(model).items():
+        assert torch.equal(saved[name], tensor)
+
+    fresh_model = propetl_model(tiny_text_model_dir, "lora", mask_lr=0.05)
+    ProPETLTrainer(model=fresh_model, args=args, train_dataset=train)._load_from_checkpoint(
+        str(tmp_path / "out" / "checkpoint-2"))
+    torch.testing.assert_close(logits(fresh_model.eval()), logits(model.eval()), atol=0, rtol=0)
+    with pytest.raises(ConfigError, match="does not match the model's trainable tensors"):
+        other = propetl_model(tiny_text_model_dir, "adapter")
+        ProPETLTrainer(model=other, args=args, train_dataset=train)._load_from_checkpoint(
+            str(tmp_path / "out" / "checkpoint-2"))

@@ -115,3 +115,25 @@ def test_the_command_line_answers_without_torch(tmp_path):
     completed = subprocess.run([sys.executable, "-c", code, "-sc", "query=bash"], capture_output=True, text=True,
                                env={**ENV, "COMP_LINE": "propetl-train task=r"}, cwd=tmp_path, timeout=120)
     assert completed.stdout.splitlines() == ["task=rte", "imported torch: False"], completed.stdout + completed.stderr[-500:]
+
+
+@pytest.mark.slow
+def test_a_four_job_sweep_prints_its_jobs_compared_and_propetl_report_writes_them(tmp_path, tiny_text_model_dir,
+                                                                                   glue_dir):
+    """The end of a -m sweep builds its report (<sweep>/report/) and prints one line a job; propetl-report on the
+    sweep's folder writes the same table anywhere."""
+    from conftest import tiny_text_overrides
+
+    result = propetl_train(tmp_path, "-m", *tiny_text_overrides(tiny_text_model_dir, glue_dir), "task=rte",
+                           "trainer.max_steps=1", "data.max_train_examples=16", "seed=1,2", "mask.sparsity=0.5,0.9")
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = result.stdout.split("The sweep's jobs", 1)[1]
+    jobs = [line for line in printed.splitlines() if line.startswith("| ") and "RTE" in line]
+    assert len(jobs) == 4 and {"mask.sparsity=0.5" in j for j in jobs} == {True, False}
+    assert (tmp_path / "sweep" / "report" / "jobs.md").is_file() and (tmp_path / "sweep" / "report" / "table.md").is_file()
+
+    done = subprocess.run([shutil.which("propetl-report") or "propetl-report", str(tmp_path / "sweep"), "--out",
+                           str(tmp_path / "tables")], capture_output=True, text=True, env=ENV, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = (tmp_path / "tables" / "jobs.md").read_text()
+    assert sum("| RTE |" in line for line in table.splitlines()) == 4 and "ProPETL-Adapter (s=0.9)" in table

@@ -181,7 +181,7 @@ def test_reproduce_plan_is_valid_command_lines():
 
 @pytest.mark.parametrize("target,script", [("reproduce-tables", "scripts/reproduce.py --profile cpu"),
                                            ("results", "scripts/collect_results.py --profile cpu"),
-                                           ("tables", "scripts/make_tables.py outputs/reproduce/cpu"),
+                                           ("tables", "propetl.report.command outputs/reproduce/cpu"),
                                            ("check-wheel", "scripts/check_wheel.sh")])
 def test_make_targets_run_their_scripts(target, script):
     """The README's make commands reach the scripts (`make -n` prints the recipe, runs nothing)."""

@@ -110,7 +110,7 @@ def covering_runs(runs: list[list[str]]) -> list[list[str]]:
 
 
 def test_every_run_of_every_part_composes_and_validates():
-    """The whole gpu plan (294 runs) is made of valid configs: a typo in a part fails here, not on a loan."""
+    """The whole gpu plan (306 runs) is made of valid configs: a typo in a part fails here, not on a loan."""
     from conftest import compose_cfg
 
     from propetl.validate import validate
@@ -123,7 +123,7 @@ def test_every_run_of_every_part_composes_and_validates():
                 cfg = compose_cfg([f"experiment={experiment}", "profile=gpu", *run])
                 validate(cfg)
                 assert cfg.trainer.device == "cuda" and cfg.trainer.precision == "bf16", (part, run)
-    assert total == 294                       # the sizing table in scripts/device_reproduce.sh and the README
+    assert total == 306                       # the sizing table in scripts/device_reproduce.sh and the README
 
 
 def test_covering_runs_hold_every_value():
@@ -205,7 +205,7 @@ def test_bench_alone_runs_the_fused_benchmark_and_no_part(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("PROPETL_DEVICE_SMOKE") != "1",
-                    reason="the whole device smoke (every part, 29 runs) is beyond make test's 10-minute budget: "
+                    reason="the whole device smoke (every part, 30 runs) is beyond make test's 10-minute budget: "
                            "`make test-device-smoke` (PROPETL_DEVICE_SMOKE=1) runs it, and .ci/run does")
 def test_smoke_runs_every_part_then_skips_what_is_finished(tmp_path, glue_dir):
     out = tmp_path / "out"

@@ -22,7 +22,11 @@ def build(tiny_cfg, method, prototype, *overrides, for_training=True):
 
 def train_steps(model, steps: int = 3, lr: float = 1e-2, seed: int = 0):
     """A few real optimizer steps so that every tensor (LoRA's B starts at zero) has moved."""
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    if hasattr(type(model), "parameter_groups"):        # the API's ProPETLModel trains from its groups only
+        parameters = [dict(group, lr=lr) for group in model.parameter_groups()]
+    else:
+        parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(parameters, lr=lr)
     model.train()
     for step in range(steps):
         optimizer.zero_grad()

@@ -1,4 +1,4 @@
-"""The aggregator (scripts/make_tables.py, propetl.report) on hand-written metrics.json files."""
+"""The aggregator (propetl-report, propetl.report) on hand-written metrics.json files."""
 import csv
 import io
 import json
@@ -99,25 +99,23 @@ def test_hamming_heat_map_from_bit_packed_masks(tmp_path):
     assert report.plot_mask_hamming(tmp_path, tmp_path / "h.png").stat().st_size > 1000
 
 
-def test_make_tables_script_writes_everything(tmp_path):
+def test_propetl_report_writes_everything(tmp_path):
     runs = tmp_path / "runs"
     for seed in (1, 2):
         write_run(runs, f"p{seed}", "rte", "petl", "lora", seed, {"accuracy": 0.6 + seed / 100}, file_bytes=5000)
         for s in (0.5, 0.9):
             write_run(runs, f"q{seed}{s}", "rte", "propetl", "lora", seed, {"accuracy": 0.6 + s / 10}, sparsity=s)
     out = tmp_path / "tables"
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "make_tables.py"), str(runs), "--out", str(out)],
-                          capture_output=True, text=True)
+    done = subprocess.run(["propetl-report", str(runs), "--out", str(out)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert {p.name for p in out.iterdir()} == {"runs.csv", "table.md", "rows.json", "paired.csv",
+    assert {p.name for p in out.iterdir()} == {"runs.csv", "table.md", "rows.json", "paired.csv", "jobs.md",
                                               "metric_vs_storage.png", "frontier.png", "sparsity_sweep.png"}
     assert len((out / "runs.csv").read_text().splitlines()) == 1 + 6
     assert "ProPETL-LoRA (s=0.9)" in (out / "table.md").read_text()
 
 
-def test_make_tables_on_an_empty_folder_fails_in_one_line(tmp_path):
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "make_tables.py"), str(tmp_path), "--out",
-                           str(tmp_path / "t")], capture_output=True, text=True)
+def test_propetl_report_on_an_empty_folder_fails_in_one_line(tmp_path):
+    done = subprocess.run(["propetl-report", str(tmp_path), "--out", str(tmp_path / "t")], capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "no metrics.json" in done.stderr
     assert not (tmp_path / "t").exists()

@@ -32,7 +32,7 @@ def unknown(choices):
 INVALID = {
     "mask.sparsity": outside(0.0, 1.0), "mask.kind": unknown({"learned", "random", "none"}),
     "mask.lr": not_positive_number, "mask.weight_decay": negative,
-    "trainer.epochs": not_positive_int, "trainer.batch_size": not_positive_int, "trainer.eval_batch_size": not_positive_int,
+    "trainer.epochs": not_positive_int, "trainer.batch_size": not_positive_int, "trainer.eval_batch_size": not_positive_int.filter(lambda v: v != "auto"),
     "trainer.max_steps": not_positive_int, "trainer.save_steps": not_positive_int,
     "trainer.lr": not_positive_number, "trainer.head_lr": not_positive_number, "trainer.max_grad_norm": not_positive_number,
     "trainer.weight_decay": negative, "trainer.warmup_ratio": outside(0.0, 1.0),
@@ -45,6 +45,8 @@ INVALID = {
     "adapter:prototype.reduction_factor": not_positive_int, "adapter:prototype.non_linearity": unknown({"relu", "gelu", "tanh"}),
     "lora:prototype.r": not_positive_int, "lora:prototype.alpha": not_positive_number,
     "prefix:prototype.length": not_positive_int, "prefix:prototype.mlp_hidden": not_positive_int,
+    "prototype.freeze": st.one_of(text, st.integers(), st.floats(allow_nan=False)),
+    "prototype.seed": st.one_of(st.integers(max_value=-1), text),
 }
 
 

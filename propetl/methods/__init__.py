@@ -77,13 +77,19 @@ def not_foldable(prototype_name: str) -> str | None:
             f"does not have); only {', '.join(foldable)} can")
 
 
+def frozen_prototype(cfg) -> bool:
+    """prototype.freeze: masks over a prototype drawn from prototype.seed and never trained (older configs: false)."""
+    return bool(cfg.prototype.get("freeze", False))
+
+
 def make_weights(cfg, hidden: int, num_layers: int, for_training: bool = True, num_tasks: int = 0) -> LayerWeights:
     """The PETL store for cfg.method.name in {petl, propetl} and cfg.prototype (num_tasks > 0: multi-task masks)."""
     import_prototype(cfg.prototype)
     prototype = PROTOTYPES[cfg.prototype.name]
     shared = cfg.method.name == "propetl"
     mask_kwargs = dict(mask_sparsity=float(cfg.mask.sparsity), mask_kind=cfg.mask.kind, mask_seed=int(cfg.mask.seed),
-                       num_tasks=num_tasks, mask_combine=str(cfg.mask.get("combine", "or")))
+                       num_tasks=num_tasks, mask_combine=str(cfg.mask.get("combine", "or")),
+                       frozen_seed=int(cfg.prototype.get("seed", 0)) if frozen_prototype(cfg) else None)
     if hasattr(prototype, "make_weights"):
         return prototype.make_weights(cfg.prototype, hidden, num_layers, shared, for_training, **mask_kwargs)
     return LayerWeights(prototype.specs(cfg.prototype, hidden), num_layers, shared, **mask_kwargs)

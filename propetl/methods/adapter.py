@@ -25,9 +25,11 @@ FOLDABLE = False                        # a module after the feed-forward block:
 
 def specs(cfg, hidden: int) -> dict[str, TensorSpec]:
     bottleneck, init = int(cfg.bottleneck), f"normal:{cfg.init_std}"
-    return {"down_weight": TensorSpec((bottleneck, hidden), init, masked=True, score_fan_in=bottleneck),
+    # frozen (prototype.freeze): nn.Linear's range, not N(0, 0.02^2), whose output masks could only shrink to nothing
+    return {"down_weight": TensorSpec((bottleneck, hidden), init, masked=True, score_fan_in=bottleneck,
+                                      frozen_init="kaiming"),
             "down_bias": TensorSpec((bottleneck,), "zeros", masked=False),
-            "up_weight": TensorSpec((hidden, bottleneck), init, masked=True, score_fan_in=hidden),
+            "up_weight": TensorSpec((hidden, bottleneck), init, masked=True, score_fan_in=hidden, frozen_init="kaiming"),
             "up_bias": TensorSpec((hidden,), "zeros", masked=False)}
 
 

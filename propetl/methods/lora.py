@@ -23,7 +23,7 @@ def specs(cfg, hidden: int) -> dict[str, TensorSpec]:
     out = {}
     for target in cfg.targets:
         out[f"{target}_A"] = TensorSpec((r, hidden), "kaiming", masked=True)
-        out[f"{target}_B"] = TensorSpec((hidden, r), "zeros", masked=True)
+        out[f"{target}_B"] = TensorSpec((hidden, r), "zeros", masked=True, frozen_init="kaiming")  # frozen: B != 0
     return out
 
 

@@ -56,7 +56,9 @@ AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 def specs(cfg, hidden: int) -> dict[str, TensorSpec]:
     length = int(cfg.length)
-    return {"prefix": TensorSpec((length, 2 * hidden), "normal:0.02", masked=True, score_fan_in=length * 2 * hidden)}
+    # frozen (prototype.freeze): the table drawn directly (no MLP to train) at about the scale of BERT's keys/values
+    return {"prefix": TensorSpec((length, 2 * hidden), "normal:0.02", masked=True, score_fan_in=length * 2 * hidden,
+                                 frozen_init="normal:1.0")}
 
 
 class PrefixWeights(LayerWeights):
@@ -64,8 +66,8 @@ class PrefixWeights(LayerWeights):
 
     def __init__(self, cfg, hidden: int, num_layers: int, shared: bool, reparameterise: bool, **mask_kwargs):
         super().__init__(specs(cfg, hidden), num_layers, shared, **mask_kwargs)
-        self.reparameterise, self.hook_calls = reparameterise, 0
-        if reparameterise:
+        self.reparameterise, self.hook_calls = reparameterise and not self.frozen, 0      # frozen: the table itself
+        if self.reparameterise:
             del self.weights["prefix"]                  # the MLP produces it
             length, out = int(cfg.length), 2 * hidden * (1 if shared else num_layers)
             std = float(cfg.get("embedding_std", 1.0))               # 1.0: nn.Embedding's init, as the reference

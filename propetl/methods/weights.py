@@ -5,6 +5,9 @@ tensors as `TensorSpec`s, the shapes of ONE layer's module; `LayerWeights` holds
     [L, *shape]; layer l uses  prototype * mask[l]  (biases stay unmasked). Multi-task (num_tasks > 0): a
     `TaskLayerMasks` instead (T task masks + L layer masks, combined per mask.combine); layer l of task `active_task`
     uses  prototype * combine(task mask, layer mask l).
+A frozen prototype (prototype.freeze=true, shared form only): every tensor is drawn from a seed (its spec's
+`frozen_init`: untrained weights must be large enough for masks to select from, and LoRA's B non-zero) and never
+trained; only the masks learn, and a task stores no dense tensor (the seed in its config regenerates them).
 Layer wrappers only ever call `layer(l)`, so the model code is the same for both forms.
 """
 from __future__ import annotations
@@ -24,22 +27,23 @@ class TensorSpec:
     init: str               # "normal:<std>" | "zeros" | "kaiming"  (kaiming_uniform a=sqrt(5), as nn.Linear)
     masked: bool            # ProPETL masks it per layer (weights) or shares it unmasked (biases)
     score_fan_in: int | None = None   # reference's score fan-in (initial range: masks.score_bound); None: this shape's
+    frozen_init: str | None = None    # how a frozen prototype draws it (prototype.freeze); None: as `init`
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
 
-def init_tensor(tensor: torch.Tensor, init: str) -> None:
-    """Initialise one layer's tensor (or a stack of them, one per layer) in place."""
+def init_tensor(tensor: torch.Tensor, init: str, generator: torch.Generator | None = None) -> None:
+    """Initialise one layer's tensor (or a stack of them, one per layer) in place (from `generator`: a seeded draw)."""
     with torch.no_grad():
         if init == "zeros":
             tensor.zero_()
         elif init.startswith("normal:"):
-            tensor.normal_(0.0, float(init.split(":", 1)[1]))
+            tensor.normal_(0.0, float(init.split(":", 1)[1]), generator=generator)
         elif init == "kaiming":
             for one in tensor.view(-1, *tensor.shape[-2:]):
-                nn.init.kaiming_uniform_(one, a=math.sqrt(5))
+                nn.init.kaiming_uniform_(one, a=math.sqrt(5), generator=generator)
         else:
             raise ValueError(f"unknown init {init!r}")
 
@@ -48,14 +52,19 @@ class LayerWeights(nn.Module):
     """The trainable tensors of one PETL method for all L layers (see the module docstring)."""
 
     def __init__(self, specs: dict[str, TensorSpec], num_layers: int, shared: bool, mask_sparsity: float = 0.0,
-                 mask_kind: str = "learned", mask_seed: int = 0, num_tasks: int = 0, mask_combine: str = "or"):
+                 mask_kind: str = "learned", mask_seed: int = 0, num_tasks: int = 0, mask_combine: str = "or",
+                 frozen_seed: int | None = None):
         super().__init__()
+        if frozen_seed is not None and not shared:
+            raise ValueError("a frozen prototype needs the shared form (method=propetl)")
         self.specs, self.num_layers, self.shared = dict(specs), num_layers, shared
+        self.frozen = frozen_seed is not None           # prototype.freeze: drawn from frozen_seed, never trained
+        generator = torch.Generator().manual_seed(frozen_seed) if self.frozen else None
         self.weights, self.masks = nn.ParameterDict(), nn.ModuleDict()
         for i, (name, spec) in enumerate(self.specs.items()):
             shape = spec.shape if shared else (num_layers, *spec.shape)
-            self.weights[name] = nn.Parameter(torch.empty(shape))
-            init_tensor(self.weights[name], spec.init)
+            self.weights[name] = nn.Parameter(torch.empty(shape), requires_grad=not self.frozen)
+            init_tensor(self.weights[name], (spec.frozen_init or spec.init) if self.frozen else spec.init, generator)
             if shared and spec.masked and num_tasks:
                 self.masks[name] = TaskLayerMasks(num_tasks, num_layers, spec.shape, mask_sparsity, mask_combine,
                                                   mask_kind, seed=mask_seed + i, score_fan_in=spec.score_fan_in)
@@ -69,6 +78,10 @@ class LayerWeights(nn.Module):
     def base_tensors(self) -> dict[str, torch.Tensor]:
         """name -> [*shape] (shared) or [L, *shape] (plain), before masking; prefix overrides it (its MLP's output)."""
         return dict(self.weights.items())
+
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        """The dense tensors a checkpoint keeps: base_tensors, none of a frozen prototype (its seed regenerates it)."""
+        return {} if self.frozen else self.base_tensors()
 
     def _key(self) -> tuple:
         return (torch.is_grad_enabled(), self.active_task) + tuple(p._version for p in self.parameters())

@@ -10,7 +10,7 @@ The storage–accuracy frontier (frontier.py) puts every Table-1 method, PEFT's 
 per task against score. Comparisons (ProPETL − PETL, HF PEFT LoRA − our LoRA, learned − random/none masks) are paired by
 seed, with a 95% t-interval over seeds. A run whose kept test predictions (predictions.npz) are (nearly)
 constant is flagged (runs.csv, and a list closing table.md); runs without them are "no predictions kept".
-Used by `scripts/make_tables.py` (`make tables`).
+Used by `propetl-report` (report/command.py; `make tables`) and at the end of every -m sweep (sweep.py).
 
 runs.py collects the runs (and holds the names, titles and paper numbers the rest share), stats.py pairs them,
 tables.py writes markdown and CSV, plots.py draws; `build` here writes them all. No torch or transformers:
@@ -19,6 +19,7 @@ masks are read as numpy (mask_coding.read_file).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -30,19 +31,28 @@ from propetl.report.plots import (
 )
 from propetl.report.runs import (
     PROTOTYPE_TITLES, TABLE1, TASK_TITLES, distinct_runs, find_metrics, load_runs, mask_kind, single_task_runs,
-    summarise, table1_runs, trivial_runs
+    summarise, table1_runs, trained_prototype, trivial_runs
 )
 from propetl.report.stats import paired_comparisons, paired_interval
-from propetl.report.tables import coding_table, comparison_table, markdown_table, paired_csv, report_markdown, runs_csv
+from propetl.report.tables import (
+    coding_table, comparison_table, jobs_table, markdown_table, paired_csv, report_markdown, runs_csv
+)
 
-__all__ = ["build", "coding_table", "comparison_table", "distinct_runs", "find_metrics", "layer_mask_hamming",
-           "load_runs", "markdown_table", "paired_comparisons", "paired_interval", "plot_mask_hamming", "summarise"]
+__all__ = ["build", "coding_table", "common_root", "comparison_table", "distinct_runs", "find_metrics", "jobs_table",
+           "layer_mask_hamming", "load_runs", "markdown_table", "paired_comparisons", "paired_interval", "plot_mask_hamming", "summarise"]
 
 PLOT_FILES = ("metric_vs_storage.png", "frontier.png", "sparsity_sweep.png", "mask_ablation.png", "mask_hamming.png")
 
 
+def common_root(roots: list[Path]) -> Path:
+    """The folder every root lies in (a file root: its folder)."""
+    folders = [Path(r).resolve() if Path(r).is_dir() else Path(r).resolve().parent for r in roots]
+    return Path(os.path.commonpath(folders))
+
+
 def build(roots: Iterable[Path], out_dir: Path, title: str = "") -> dict[str, Path]:
-    """Collect the runs under `roots`; write runs.csv, table.md, paired.csv, rows.json and the plots into `out_dir`."""
+    """Collect the runs under `roots`; write runs.csv, table.md, paired.csv, rows.json, jobs.md (one line a run) and
+    the plots into `out_dir`."""
     roots = list(roots)
     found = load_runs(roots)
     if not found:
@@ -61,7 +71,8 @@ def build(roots: Iterable[Path], out_dir: Path, title: str = "") -> dict[str, Pa
                             ("table", "table.md", report_markdown(found, runs, rows, comparisons, title,
                                                                   frontier_table(frontier))),
                             ("paired", "paired.csv", paired_csv(comparisons)),
-                            ("rows", "rows.json", json.dumps(rows, indent=1))):
+                            ("rows", "rows.json", json.dumps(rows, indent=1)),
+                            ("jobs", "jobs.md", jobs_table(found, common_root(roots)))):
         atomic_write_text(out_dir / name, text)
         written[key] = out_dir / name
     for key, plot, source in (("metric_vs_storage", plot_metric_vs_storage, rows),
@@ -71,7 +82,7 @@ def build(roots: Iterable[Path], out_dir: Path, title: str = "") -> dict[str, Pa
             written[key] = drawn
     if drawn := plot_frontier(frontier, table_runs, out_dir / "frontier.png"):
         written["frontier"] = drawn
-    learned = [r for r in pooled if r["method"] == "propetl" and mask_kind(r) == "learned"
+    learned = [r for r in pooled if trained_prototype(r) and mask_kind(r) == "learned"
                and layer_masks_file(Path(r["path"]).parent / "checkpoint").exists()]
     if learned:
         run = min(learned, key=lambda r: (r.get("experiment") != TABLE1, r["task"], str(r["prototype"]), r["seed"]))

@@ -37,7 +37,7 @@ PAPER_PROPETL_ROWS = {
 PAPER_MODEL = "RoBERTa-base"
 PAPER_STORAGE_PERCENT = 0.11            # the paper's ProPETL storage, % of the backbone (and ≈ its ratio to PETL)
 
-RUN_FIELDS = ("task", "model", "method", "prototype", "mask_kind", "mask_sparsity", "seed", "protocol",
+RUN_FIELDS = ("task", "model", "method", "prototype", "mask_kind", "mask_sparsity", "prototype_frozen", "seed", "protocol",
               "best_epoch", "epochs_run", "steps", "glue_score", "train_seconds", "wall_seconds", "world_size")
 # Storage as written (accounting.coding_figures, checkpoint.file_figures): masks per coding, dense in storage.dtype.
 CODING_FIELDS = ("dtype", "mask_coding", "file_mask_bits_per_entry", "mask_bits_per_entry/bits",
@@ -53,7 +53,7 @@ TABLE1 = "table1"
 POOLED_EXPERIMENTS = ("sparsity_sweep", "ablation_masks")
 FRONTIER = "frontier"             # the PEFT tuners beside table1's runs: in Table 1 and the frontier section
 EXPERIMENTS = (TABLE1, "multitask", FRONTIER, *POOLED_EXPERIMENTS)
-IDENTITY = ("model", "task", "method", "prototype", "mask_kind", "mask_sparsity", "seed")
+IDENTITY = ("model", "task", "method", "prototype", "mask_kind", "mask_sparsity", "prototype_frozen", "seed")
 # A (nearly) constant predictor: one class in at least MAJORITY_SHARE of the test predictions (classification), or
 # predictions whose std is below STD_RATIO of the test labels' (regression).
 MAJORITY_SHARE, STD_RATIO = 0.99, 0.05
@@ -240,6 +240,11 @@ def mask_kind(run: dict) -> str:
     return run.get("mask_kind") or "learned"
 
 
+def trained_prototype(run: dict) -> bool:
+    """A ProPETL run whose prototype trained (not prototype.freeze): the sweep, the ablation and ProPETL − PETL."""
+    return run["method"] == "propetl" and not run.get("prototype_frozen")
+
+
 def _task_rank(task: str) -> int:
     return list(GLUE_NUMBERS).index(task) if task in GLUE_NUMBERS else len(GLUE_NUMBERS)
 
@@ -277,6 +282,8 @@ def row_label(run: dict) -> str:
     else:
         label = f"ProPETL-{title}"
         extras = [] if run.get("mask_kind") in (None, "learned") else [str(run["mask_kind"])]
+        if run.get("prototype_frozen"):
+            extras.insert(0, "frozen prototype")
         if run.get("_sparsity_varies"):
             extras.append(f"s={run['mask_sparsity']:g}")
         if extras:
@@ -297,14 +304,14 @@ def row_groups(runs: list[dict]) -> dict[str, list[dict]]:
     """row label -> its runs, in table order: the label says the model where several are present and the sparsity
     where a prototype's ProPETL runs have several."""
     models = {r["model"] for r in runs}
-    by_prototype = defaultdict(set)                # (prototype, mask kind) -> the sparsities of its ProPETL runs
+    by_prototype = defaultdict(set)         # (prototype, mask kind, frozen) -> the sparsities of its ProPETL runs
+    arm = lambda r: (r["prototype"], r["mask_kind"], bool(r.get("prototype_frozen")))   # noqa: E731
     for r in runs:
         if r["method"] == "propetl":
-            by_prototype[(r["prototype"], r["mask_kind"])].add(r["mask_sparsity"])
+            by_prototype[arm(r)].add(r["mask_sparsity"])
     groups: dict[str, list[dict]] = defaultdict(list)
     for run in runs:
-        run = dict(run, _model_varies=len(models) > 1,
-                   _sparsity_varies=len(by_prototype.get((run["prototype"], run["mask_kind"]), ())) > 1)
+        run = dict(run, _model_varies=len(models) > 1, _sparsity_varies=len(by_prototype.get(arm(run), ())) > 1)
         groups[row_label(run)].append(run)
     return {label: groups[label] for label in sorted(groups, key=_row_order)}
 

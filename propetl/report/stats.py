@@ -8,14 +8,22 @@ from collections import defaultdict
 from scipy import stats as scipy_stats
 
 from propetl.metrics import GLUE_NUMBERS
-from propetl.report.runs import group_runs, key_order, mask_kind, prototype_title, run_metric, single_task_runs
+from propetl.report.runs import (
+    group_runs,
+    key_order,
+    mask_kind,
+    prototype_title,
+    run_metric,
+    single_task_runs,
+    trained_prototype,
+)
 
 
 def sparsity_sweep(runs: list[dict]) -> dict[tuple, dict[float, list[dict]]]:
     """(model, task, prototype) -> {mask sparsity: its ProPETL runs with learned masks}, where more than one
     sparsity was run. Give it the pooled runs (table1's ProPETL runs are the default-sparsity points)."""
     series: dict[tuple, dict] = {}
-    keep = lambda r: r["method"] == "propetl" and mask_kind(r) == "learned"          # noqa: E731
+    keep = lambda r: trained_prototype(r) and mask_kind(r) == "learned"          # noqa: E731
     for (*key, sparsity), members in group_runs(runs, keep, ("model", "task", "prototype", "mask_sparsity")).items():
         series.setdefault(tuple(key), {})[sparsity] = members
     return {key: points for key, points in series.items() if len(points) > 1}
@@ -26,7 +34,7 @@ def mask_ablation(runs: list[dict]) -> dict[tuple, dict[str, list[dict]]]:
     ProPETL runs}. Give it the pooled runs (the learned point is table1's run at that sparsity)."""
     cells: dict[tuple, dict] = defaultdict(dict)
     fields = ("model", "task", "prototype", "mask_sparsity", "mask_kind")
-    for (*key, kind), members in group_runs(runs, lambda r: r["method"] == "propetl", fields).items():
+    for (*key, kind), members in group_runs(runs, trained_prototype, fields).items():
         cells[tuple(key)][kind or "learned"] = members
     return {key: kinds for key, kinds in cells.items() if "random" in kinds or "none" in kinds}
 
@@ -65,7 +73,7 @@ def paired_comparisons(table_runs: list[dict], pooled_runs: list[dict]) -> list[
       learned − random / none    the mask ablation at its sparsity, the learned runs pooled from table1."""
     single = single_task_runs(table_runs)
     plain = group_runs(single, lambda r: r["method"] == "petl", ("model", "task", "prototype"))
-    pro = group_runs(single, lambda r: r["method"] == "propetl" and mask_kind(r) == "learned",
+    pro = group_runs(single, lambda r: trained_prototype(r) and mask_kind(r) == "learned",
                      ("model", "task", "prototype", "mask_sparsity"))
     specs = [(0, "ProPETL − PETL", key, runs, plain.get(key[:3])) for key, runs in pro.items()]
     for key, runs in group_runs(single, lambda r: r["method"] == "peft", ("model", "task", "prototype")).items():

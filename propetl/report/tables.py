@@ -13,7 +13,7 @@ from propetl.metrics import GLUE_NUMBERS
 from propetl.report.runs import (
     CODING_FIELDS, MAJORITY_SHARE, MASK_KINDS, NOT_KEPT, PAPER_MODEL, PAPER_PROPETL_ROWS, PAPER_STORAGE_PERCENT,
     RUN_FIELDS, STD_RATIO, STORAGE_FIELDS, TASK_TITLES, group_runs, mask_kind, mean_or_none, prototype_title,
-    score_stats, single_task_runs
+    row_groups, run_score, score_stats, single_task_runs, trained_prototype
 )
 from propetl.report.stats import mask_ablation, sparsity_sweep
 
@@ -178,7 +178,7 @@ def ablation_table(runs: list[dict]) -> str:
 def coding_table(runs: list[dict]) -> str:
     """ProPETL runs that logged storage per mask coding (format 2), one line per (model, prototype, sparsity,
     dtype, written coding); '' without any."""
-    keep = lambda r: r["method"] == "propetl" and "mask_bits_per_entry_bound" in r["storage"]     # noqa: E731
+    keep = lambda r: trained_prototype(r) and "mask_bits_per_entry_bound" in r["storage"]     # noqa: E731
     written_as = lambda storage: (storage.get("dtype"), storage.get("mask_coding"))             # noqa: E731
     groups = group_runs(runs, keep, ("model", "task", "prototype", "mask_sparsity"))
     if not groups:
@@ -288,3 +288,22 @@ def runs_csv(runs: list[dict], relative_to: Path) -> str:
                          check.get("majority_share"), check.get("std_ratio"),
                          os.path.relpath(run["path"], relative_to)])
     return out.getvalue()
+
+
+def jobs_table(runs: list[dict], root: Path) -> str:
+    """Markdown: one line a run, as a sweep's jobs compare (`propetl-report`, the end of a -m sweep): its folder under
+    `root` (a sweep names it by the job's overrides), task, row, GLUE score and each test metric (x100), the bytes a
+    task keeps without and with its head, the best epoch and the training time."""
+    labels = {(r["path"], r["task"]): label for label, members in row_groups(runs).items() for r in members}
+    body = []
+    for run in sorted(runs, key=lambda r: os.path.relpath(Path(r["path"]).parent, root)):
+        storage = run.get("storage") or {}
+        stored = storage.get("file_bytes", storage.get("storage_bytes"))
+        with_head = storage.get("file_bytes_with_head", storage.get("storage_bytes_with_head"))
+        tests = ", ".join(f"{name} {100 * value:.2f}" for name, value in run["test"].items())
+        body.append([os.path.relpath(Path(run["path"]).parent, root), TASK_TITLES.get(run["task"], run["task"]),
+                     labels[(run["path"], run["task"])], _number(run_score(run), ".2f"), tests, _bytes(stored), _bytes(with_head),
+                     str(run.get("best_epoch") if run.get("best_epoch") is not None else "–"),
+                     _number(run.get("train_seconds"), ".0f")])
+    return _table(["Job", "Task", "Method", "GLUE score", "Test", "bytes/task", "with head", "best epoch",
+                   "train s"], body)
