@@ -6,7 +6,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 PROFILE ?= cpu
 
-.PHONY: help install link-data test check-wheel test-device-smoke test-fast train reproduce-tables results tables device-reproduce device-results bench clean-outputs
+.PHONY: help install link-data test check-wheel test-device-smoke test-full train reproduce-tables results tables device-reproduce device-results bench clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -20,7 +20,10 @@ link-data:  ## link a local GLUE folder to data/glue ($$PROPETL_DATA_DIR or ../s
 	@bash scripts/link_data.sh
 
 TEST_JOBS ?= 2
-test:  ## the whole test suite, TEST_JOBS (2) processes at a time (pytest-xdist; ~6 min on 2 CPU cores, ~9 in one)
+test:  ## the fast tier, what a developer runs in a loop: every test but the `slow` ones (real training runs, sweeps), TEST_JOBS (2) processes at a time (~3 min on 2 CPU cores)
+	$(PYTHON) -m pytest -q -n $(TEST_JOBS) -m "not slow"
+
+test-full:  ## the whole test suite, TEST_JOBS (2) processes at a time (pytest-xdist; ~8 min on 2 CPU cores): what CI runs
 	$(PYTHON) -m pytest -q -n $(TEST_JOBS)
 
 check-wheel:  ## build the wheel, install it into a fresh venv, run --help, --config-dir and a 2-step training outside the checkout (CI)
@@ -29,8 +32,6 @@ check-wheel:  ## build the wheel, install it into a fresh venv, run --help, --co
 test-device-smoke:  ## scripts/device_reproduce.sh --smoke: every part of the gpu plan end to end on this CPU, then the skips (CI; ~15 min)
 	PROPETL_DEVICE_SMOKE=1 $(PYTHON) -m pytest -q tests/test_device_script.py -k smoke_runs_every_part -rP
 
-test-fast:  ## tests without the real training runs
-	$(PYTHON) -m pytest -q -m "not slow"
 
 train:  ## one run with the defaults (ProPETL-adapter on RTE); pass ARGS="task=mrpc prototype=lora"
 	propetl-train $(ARGS)

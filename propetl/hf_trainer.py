@@ -5,7 +5,7 @@
     but biases and LayerNorm weights; the optimizer class and its other arguments are the Trainer's own (optim=...).
     The scheduler scales every group alike, as the reference's trainer does.
   - A checkpoint (checkpoint-N/, and save_model) holds the trainable tensors only (model.safetensors: the prototype,
-    the mask scores, the head, by name), not the frozen backbone; resume_from_checkpoint and load_best_model_at_end
+    the mask scores, the head, by name) and the training arguments, not the frozen backbone nor the tokenizer; resume_from_checkpoint and load_best_model_at_end
     read them back, refusing in one line a file that does not match the model. save_pretrained writes what a task
     keeps (prototype, mask bits, head).
 """
@@ -14,8 +14,9 @@ from __future__ import annotations
 import os
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import SAFE_WEIGHTS_NAME
 
 from propetl.configs import ConfigError
@@ -44,7 +45,14 @@ class ProPETLTrainer(Trainer):
         return self.optimizer
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        super()._save(output_dir, state_dict=trainable_state(self.model))
+        """model.safetensors (the trainable tensors) and the training arguments; not the frozen backbone, nor the
+        tokenizer (the base model's, which training does not change: Trainer's _save would copy it every time)."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        save_file(trainable_state(self.model), os.path.join(output_dir, SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         load_trainable(model or self.model, resume_from_checkpoint)

@@ -308,3 +308,29 @@ def test_propetl_trainer_trains_masks_at_the_mask_lr_and_checkpoints_the_trainab
         other = propetl_model(tiny_text_model_dir, "adapter")
         ProPETLTrainer(model=other, args=args, train_dataset=train)._load_from_checkpoint(
             str(tmp_path / "out" / "checkpoint-2"))
+
+
+@pytest.mark.slow
+def test_propetl_trainer_checkpoints_of_the_embedded_model_are_small(tmp_path):
+    """The embedded model (90 MB of weights): a ProPETLTrainer checkpoint's model file holds the trainable tensors,
+    1.3 MB, and no tokenizer; with save_only_model (no optimizer moments) the whole checkpoint is under 1.4 MB."""
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, TrainingArguments
+
+    from propetl import ProPETLTrainer
+
+    name = embedded_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    rows = Dataset.from_dict({"text": ["a good film", "a bad one"] * 4, "label": [1, 0] * 4})
+    rows = rows.map(lambda b: tokenizer(b["text"]), batched=True)
+    sizes = {}
+    for only_model in (False, True):
+        model = get_propetl_model(AutoModelForSequenceClassification.from_pretrained(name, num_labels=2),
+                                  ProPETLConfig(prototype="adapter"))
+        out = tmp_path / f"only-model-{only_model}"
+        args = TrainingArguments(str(out), max_steps=1, save_steps=1, report_to="none", save_only_model=only_model)
+        ProPETLTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer).train()
+        folder = out / "checkpoint-1"
+        sizes[only_model] = (sum(p.stat().st_size for p in folder.iterdir()), (folder / "model.safetensors").stat().st_size)
+    assert sizes[True][1] == sizes[False][1] < 1.4e6
+    assert sizes[True][0] < 1.4e6 and sizes[False][0] < 4e6    # AdamW's moments: 2x the trainable tensors

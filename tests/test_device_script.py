@@ -36,7 +36,13 @@ reproduce = load_script("reproduce")
 
 def test_gpu_parts_cover_the_priorities_in_order():
     parts = reproduce.GPU_PARTS
-    assert reproduce.PLANS["gpu"] == [sweep for sweeps in parts.values() for sweep in sweeps]
+    assert list(parts) == ["a1", "a2", "a3", "a4", "b", "c1", "c2", "c3", "d1", "d2", "d3", "d4", "e1", "e2", "f"]
+    # the plan is the parts' sweeps in that order: 2 a part of a, 1 b, 2 c1, 1 c2, 2 c3, 1 each d1-d3, 2 d4, 1 e1,
+    # 1 e2, 3 f (stated by hand, so that a plan built another way fails here)
+    assert len(reproduce.PLANS["gpu"]) == 8 + 1 + 2 + 1 + 2 + 3 + 2 + 1 + 1 + 3
+    assert reproduce.PLANS["gpu"][0] == ("table1", ["task=rte"])
+    assert reproduce.PLANS["gpu"][8] == ("table1", ["method=finetune", "prototype=adapter", "task=rte,mrpc,stsb,cola"])
+    assert reproduce.PLANS["gpu"][-1] == ("ablation_masks", ["mask.kind=random,none", "task=rte"])
     for number, task in enumerate(reproduce.SMALL_TASKS, 1):       # (a) Table 1, a task a part, with the PEFT row
         assert parts[f"a{number}"][0] == ("table1", [f"task={task}"])
         if (REPO / "conf" / "method" / "peft.yaml").is_file():
@@ -190,6 +196,7 @@ def metrics_files(folder: Path) -> dict[Path, int]:
     return {path: path.stat().st_mtime_ns for path in folder.rglob("metrics.json")}
 
 
+@pytest.mark.slow
 def test_bench_alone_runs_the_fused_benchmark_and_no_part(tmp_path):
     """`device_reproduce.sh bench` (here with --smoke, on the CPU): scripts/bench_fused.py's figures and exactness
     check come back in $OUT/bench_fused.json, and no part runs."""

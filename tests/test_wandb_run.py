@@ -2,10 +2,12 @@
 learning-rate series (read back from its .wandb file)."""
 from __future__ import annotations
 
-import pytest
+import os
 
+import pytest
 import wandb_file
 from conftest import compose_cfg, tiny_text_overrides
+
 from propetl import log
 from propetl.train import train
 
@@ -47,3 +49,23 @@ def test_offline_run_has_per_step_loss_and_learning_rates(tmp_path, monkeypatch,
     assert len({row["lr/prototype"] for row in series}) > 1             # the schedule moves them
     assert any("select/" + ("mean" if mode == "multitask" else "accuracy") in row for row in rows)   # the epoch record too
     assert wandb_file.run_record(run_file).display_name == log.run_name(cfg)
+
+
+
+def test_wandb_mode_disabled_in_the_environment_writes_no_wandb_run(tmp_path, tiny_text_model_dir, glue_dir):
+    """W&B's own WANDB_MODE=disabled, exported as a user would, wins over the config's logger.mode=offline: the run
+    leaves no W&B files. (A process of its own: wandb keeps process-wide state, which must not leak into other tests.)"""
+    import shutil
+    import subprocess
+
+    home = tmp_path / "wandb-home"
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           **{v: str(home) for v in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR")}}
+    overrides = [o for o in tiny_text_overrides(tiny_text_model_dir, glue_dir) if not o.startswith("logger.mode=")]
+    done = subprocess.run([shutil.which("propetl-train") or "propetl-train", *overrides, "task=rte", "logger.mode=offline",
+                           "trainer.max_steps=2", "data.max_train_examples=16", f"hydra.run.dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "run" / "metrics.json").is_file()
+    assert not (tmp_path / "run" / "wandb").exists()
+    assert not home.exists() or not any(p.suffix == ".wandb" for p in home.rglob("*"))

@@ -113,8 +113,10 @@ def plot_frontier(points: dict[str, list[dict]], runs: list[dict], path: Path) -
     fig, axes = _task_axes(list(points), 6.0)
     for task, ax in axes.items():
         for p in points[task]:
+            frozen = any(r.get("prototype_frozen") for r in p["runs"])      # a frozen prototype: a star, not a dot
             ax.errorbar(p["bytes"], p["score"]["mean"], yerr=p["score"]["std"], capsize=3, ls="none",
-                        marker=METHOD_MARKERS.get(p["method"], "x"), color=_colour(p["prototype"], p["method"]),
+                        marker="*" if frozen else METHOD_MARKERS.get(p["method"], "x"), markersize=10 if frozen else 6,
+                        color=_colour(p["prototype"], p["method"]),
                         label=f"{p['label']} (n={p['score']['n']})")
             ax.annotate(p["label"], (p["bytes"], p["score"]["mean"]), textcoords="offset points", xytext=(4, -9),
                         fontsize=6)
