@@ -6,7 +6,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 PROFILE ?= cpu
 
-.PHONY: help install link-data test check-wheel test-device-smoke test-full train reproduce-tables results tables device-reproduce device-results bench clean-outputs
+.PHONY: help install link-data test lint check-wheel test-device-smoke test-full train reproduce-tables results tables device-reproduce device-results bench clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -25,6 +25,10 @@ test:  ## the fast tier, what a developer runs in a loop: every test but the `sl
 
 test-full:  ## the whole test suite, TEST_JOBS (2) processes at a time (pytest-xdist; ~8 min on 2 CPU cores): what CI runs
 	$(PYTHON) -m pytest -q -n $(TEST_JOBS)
+
+lint:  ## ruff check and ruff format --check on propetl/ (pyproject's [tool.ruff]; CI runs it)
+	$(PYTHON) -m ruff check propetl
+	$(PYTHON) -m ruff format --check propetl
 
 check-wheel:  ## build the wheel, install it into a fresh venv, run --help, --config-dir and a 2-step training outside the checkout (CI)
 	PYTHON=$(PYTHON) bash scripts/check_wheel.sh

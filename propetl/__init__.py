@@ -3,17 +3,25 @@
 The Python API (propetl/api.py) is imported on first use of its names, so `import propetl` stays light:
     from propetl import ProPETLConfig, ProPETLTrainer, embedded_model_path, get_propetl_model, load_propetl
 """
+
 from omegaconf import OmegaConf
 
 __version__ = "0.1.0"
-API_NAMES = ("ProPETLConfig", "ProPETLModel", "ProPETLTrainer", "get_propetl_model", "load_propetl",
-             "embedded_model_path")
-MODULE_OF = {"ProPETLTrainer": "propetl.hf_trainer", "embedded_model_path": "propetl.model"}   # the rest: propetl.api
+API_NAMES = (
+    "ProPETLConfig",
+    "ProPETLModel",
+    "ProPETLTrainer",
+    "get_propetl_model",
+    "load_propetl",
+    "embedded_model_path",
+)
+MODULE_OF = {"ProPETLTrainer": "propetl.hf_trainer", "embedded_model_path": "propetl.model"}  # the rest: propetl.api
 
 
 def __getattr__(name: str):
     if name in API_NAMES:
         import importlib
+
         return getattr(importlib.import_module(MODULE_OF.get(name, "propetl.api")), name)
     raise AttributeError(f"module 'propetl' has no attribute {name!r}")
 

@@ -12,6 +12,7 @@ from what the checkpoint keeps (`kept`, which checkpoint.save_checkpoint writes)
     their information bound log2 C(n, k), bits per mask entry and the ratio to plain PETL stored in the same dtype
     (`coding_figures`); checkpoint.file_figures reads the same off the written files.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,10 +25,11 @@ from propetl import mask_coding, methods
 from propetl import model as backbone
 
 STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-UNNAMED_TASK = "unnamed"              # the task of a checkpoint that names none (the Python API's save_propetl)
+UNNAMED_TASK = "unnamed"  # the task of a checkpoint that names none (the Python API's save_propetl)
 
 
 # ----------------------------------------------------------------------------- counting
+
 
 def count(parameters) -> int:
     """Parameters counted once each however often they appear (a tensor shared by many layers counts once)."""
@@ -41,7 +43,7 @@ def dense_parameters(model: nn.Module, method: str, head_names: set[str]) -> dic
     if method == "peft":
         return methods.peft_parameters(model)
     weights = methods.petl_weights(model)
-    return {} if weights.frozen else dict(weights.weights.items())     # a frozen prototype: its seed, no tensor
+    return {} if weights.frozen else dict(weights.weights.items())  # a frozen prototype: its seed, no tensor
 
 
 def stored_dense_tensors(model: nn.Module, method: str, head_names: set[str]) -> dict[str, torch.Tensor]:
@@ -64,8 +66,11 @@ def stored_masks(model: nn.Module) -> dict[str, torch.Tensor]:
 def backbone_params(model: nn.Module, head_names: set[str]) -> int:
     """Parameters of the pre-trained backbone: everything but the head(s) and the PETL store (or PEFT's LoRA)."""
     added = methods.peft_parameters(model)
-    return sum(p.numel() for n, p in model.named_parameters()
-               if n not in head_names and n not in added and not n.startswith(methods.WEIGHTS_ATTRIBUTE + "."))
+    return sum(
+        p.numel()
+        for n, p in model.named_parameters()
+        if n not in head_names and n not in added and not n.startswith(methods.WEIGHTS_ATTRIBUTE + ".")
+    )
 
 
 def plain_petl_params(cfg, hidden: int, num_layers: int) -> int:
@@ -84,20 +89,32 @@ def storage_settings(cfg) -> dict:
     return {"mask_coding": str(cfg.storage.mask_coding), "dtype": str(cfg.storage.dtype)}
 
 
-def coding_figures(mask_files: list[dict[str, torch.Tensor]], dense_bytes: int, plain_bytes: float,
-                   tasks: int = 1, ratio_key: str = "storage_ratio_to_plain_petl") -> dict:
+def coding_figures(
+    mask_files: list[dict[str, torch.Tensor]],
+    dense_bytes: int,
+    plain_bytes: float,
+    tasks: int = 1,
+    ratio_key: str = "storage_ratio_to_plain_petl",
+) -> dict:
     """The masks' information bound Σ log2 C(n, k) and, per coding, their coded bytes (each dict of `mask_files` one
     masks file: digest + payload, as format 2 writes them), bits per mask entry, and `ratio_key`/<coding>:
     (dense_bytes + those bytes) / tasks / plain_bytes; `ratio_key`/bound: the same with the bound's bytes."""
     entries = sum(m.numel() for masks in mask_files for m in masks.values())
     information = float(sum(mask_coding.information_bits_of(masks) for masks in mask_files))
-    out = {"mask_information_bits": information,
-           "mask_bits_per_entry_bound": information / entries if entries else None,
-           f"{ratio_key}/bound": (dense_bytes + information / 8) / tasks / plain_bytes}
+    out = {
+        "mask_information_bits": information,
+        "mask_bits_per_entry_bound": information / entries if entries else None,
+        f"{ratio_key}/bound": (dense_bytes + information / 8) / tasks / plain_bytes,
+    }
     for coding in mask_coding.CODINGS:
         size = sum(mask_coding.coded_bytes(masks, coding) for masks in mask_files)
-        out.update({f"mask_bytes/{coding}": size, f"mask_bits_per_entry/{coding}": 8 * size / entries if entries else None,
-                    f"{ratio_key}/{coding}": (dense_bytes + size) / tasks / plain_bytes})
+        out.update(
+            {
+                f"mask_bytes/{coding}": size,
+                f"mask_bits_per_entry/{coding}": 8 * size / entries if entries else None,
+                f"{ratio_key}/{coding}": (dense_bytes + size) / tasks / plain_bytes,
+            }
+        )
     return out
 
 
@@ -118,29 +135,36 @@ def mask_files(model: nn.Module, num_tasks: int) -> tuple[dict[str, torch.Tensor
     with torch.no_grad():
         layers = {n: m().cpu() for n, m in layer_masks.items()}
         tasks = {n: m().cpu() for n, m in task_masks.items()}
-    return layers, [{n: m[i:i + 1] for n, m in tasks.items()} for i in range(num_tasks)] if tasks else []
+    return layers, [{n: m[i : i + 1] for n, m in tasks.items()} for i in range(num_tasks)] if tasks else []
 
 
 # ----------------------------------------------------------------------------- what a checkpoint keeps, counted
 
+
 @dataclass
 class Kept:
     """What a checkpoint keeps of a model, under its names: checkpoint.save_checkpoint writes exactly this."""
+
     tasks: list[str]
     num_labels: list[int]
-    dense: dict[str, torch.Tensor]          # the float tensors (transformers model's names), heads apart
-    layer_masks: dict[str, torch.Tensor]    # [L, *shape] per masked tensor ({} without masks)
-    task_masks: list[dict[str, torch.Tensor]]   # per task: [1, *shape] per masked tensor ([] without task masks)
-    heads: list[dict[str, torch.Tensor]]    # per task: TaskHead's names (dense.*, classifier.*)
+    dense: dict[str, torch.Tensor]  # the float tensors (transformers model's names), heads apart
+    layer_masks: dict[str, torch.Tensor]  # [L, *shape] per masked tensor ({} without masks)
+    task_masks: list[dict[str, torch.Tensor]]  # per task: [1, *shape] per masked tensor ([] without task masks)
+    heads: list[dict[str, torch.Tensor]]  # per task: TaskHead's names (dense.*, classifier.*)
     has_task_masks: bool
-    adapter: dict[str, bytes]               # method=peft: the files save_pretrained writes, by name ({} otherwise)
+    adapter: dict[str, bytes]  # method=peft: the files save_pretrained writes, by name ({} otherwise)
 
 
 def kept(model: nn.Module, cfg) -> Kept:
     """Kept of a run's MultiTaskModel, or of a transformers model with the method inside (model.build, the Python
     API: one task, cfg.task)."""
     if isinstance(model, backbone.MultiTaskModel):
-        tasks, labels, rename, head_names = model.task_names, model.num_labels, model.transformers_name, model.head_names()
+        tasks, labels, rename, head_names = (
+            model.task_names,
+            model.num_labels,
+            model.transformers_name,
+            model.head_names(),
+        )
         heads = [{n: p.detach() for n, p in model.heads[task].named_parameters()} for task in tasks]
     else:
         tasks, labels, rename = [cfg.task.name or UNNAMED_TASK], [int(cfg.task.num_labels)], (lambda name: name)
@@ -150,8 +174,9 @@ def kept(model: nn.Module, cfg) -> Kept:
     dense = {rename(n): t for n, t in stored_dense_tensors(model, cfg.method.name, head_names).items()}
     layer_masks, task_masks = mask_files(model, len(tasks))
     adapter = methods.peft_module().adapter_files(model) if cfg.method.name == "peft" else {}
-    return Kept(list(tasks), list(labels), dense, layer_masks, task_masks, heads, getattr(model, "task_masks", False),
-                adapter)
+    return Kept(
+        list(tasks), list(labels), dense, layer_masks, task_masks, heads, getattr(model, "task_masks", False), adapter
+    )
 
 
 def peft_figures(model: nn.Module) -> dict:
@@ -161,8 +186,11 @@ def peft_figures(model: nn.Module) -> dict:
     tuners = methods.peft_module()
     files = tuners.adapter_files(model, least=True)
     kind = tuners.peft_model(model).peft_config["default"].peft_type.value
-    return {"storage_counted": f"{kind}: {tuners.KEPT.get(kind, 'the tensors PEFT saves')} + adapter_config.json",
-            "adapter_bytes": sum(map(len, files.values())), **{f"adapter_bytes/{n}": len(b) for n, b in files.items()}}
+    return {
+        "storage_counted": f"{kind}: {tuners.KEPT.get(kind, 'the tensors PEFT saves')} + adapter_config.json",
+        "adapter_bytes": sum(map(len, files.values())),
+        **{f"adapter_bytes/{n}": len(b) for n, b in files.items()},
+    }
 
 
 def account(model: nn.Module, cfg, backbone_params: int) -> dict:
@@ -175,7 +203,7 @@ def account(model: nn.Module, cfg, backbone_params: int) -> dict:
     n, width = len(keep.tasks), STORAGE_DTYPES[cfg.storage.dtype].itemsize
     stored_params = sum(t.numel() for t in keep.dense.values())
     layer_entries = [m.numel() for m in keep.layer_masks.values()]
-    task_entries = [m.numel() for m in keep.task_masks[0].values()] if keep.task_masks else []     # per task
+    task_entries = [m.numel() for m in keep.task_masks[0].values()] if keep.task_masks else []  # per task
     masks = [*keep.layer_masks.values(), *(m for rows in keep.task_masks for m in rows.values())]
     mask_entries = sum(layer_entries) + n * sum(task_entries)
     shared_bytes = 4 * stored_params + mask_bytes(layer_entries)
@@ -184,51 +212,77 @@ def account(model: nn.Module, cfg, backbone_params: int) -> dict:
     peft = peft_figures(model) if cfg.method.name == "peft" else {}
     if cfg.method.name == "finetune":
         plain = backbone_params
-    elif peft:                          # the tuner's own tensors, as a plain PETL run of it stores them
+    elif peft:  # the tuner's own tensors, as a plain PETL run of it stores them
         stored_params = plain = count(methods.peft_parameters(model).values())
     else:
         plain = plain_petl_params(cfg, model.config.hidden_size, model.config.num_hidden_layers)
     dense_bytes = peft["adapter_bytes"] if peft else width * stored_params
-    coded = coding_figures([keep.layer_masks] * bool(keep.layer_masks) + keep.task_masks, dense_bytes,
-                           width * plain, tasks=n,
-                           ratio_key="storage_ratio_to_plain_petl" if n == 1 else "amortised_ratio_to_plain_petl")
+    coded = coding_figures(
+        [keep.layer_masks] * bool(keep.layer_masks) + keep.task_masks,
+        dense_bytes,
+        width * plain,
+        tasks=n,
+        ratio_key="storage_ratio_to_plain_petl" if n == 1 else "amortised_ratio_to_plain_petl",
+    )
     if n > 1:
         total = shared_bytes + n * task_bytes
         total_with_heads = total + 4 * sum(heads.values())
         return {
-            "tasks": n, "backbone_params": backbone_params, "shared_params": stored_params,
-            "layer_mask_entries": sum(layer_entries), "task_mask_entries_per_task": sum(task_entries),
-            "shared_bytes": shared_bytes, "task_mask_bytes_per_task": task_bytes,
-            "head_params": heads, "head_bytes_per_task_mean": 4 * sum(heads.values()) / n,
-            "total_bytes": total, "total_bytes_with_heads": total_with_heads,
-            "amortised_bytes_per_task": total / n, "amortised_bytes_per_task_with_head": total_with_heads / n,
-            "separate_single_task_bytes_per_task": shared_bytes, "plain_petl_bytes_per_task": 4 * plain,
+            "tasks": n,
+            "backbone_params": backbone_params,
+            "shared_params": stored_params,
+            "layer_mask_entries": sum(layer_entries),
+            "task_mask_entries_per_task": sum(task_entries),
+            "shared_bytes": shared_bytes,
+            "task_mask_bytes_per_task": task_bytes,
+            "head_params": heads,
+            "head_bytes_per_task_mean": 4 * sum(heads.values()) / n,
+            "total_bytes": total,
+            "total_bytes_with_heads": total_with_heads,
+            "amortised_bytes_per_task": total / n,
+            "amortised_bytes_per_task_with_head": total_with_heads / n,
+            "separate_single_task_bytes_per_task": shared_bytes,
+            "plain_petl_bytes_per_task": 4 * plain,
             "amortised_ratio_to_separate": (total / n) / shared_bytes,
             "amortised_ratio_to_plain_petl": (total / n) / (4 * plain),
             "amortised_percent_of_backbone": 100.0 * (total / n) / (4 * backbone_params),
-            **storage_settings(cfg), "mask_entries": mask_entries, "dense_bytes": width * stored_params,
-            "plain_petl_bytes_as_stored": width * plain, **coded,
+            **storage_settings(cfg),
+            "mask_entries": mask_entries,
+            "dense_bytes": width * stored_params,
+            "plain_petl_bytes_as_stored": width * plain,
+            **coded,
         }
     mask_ones = int(sum(float(m.sum()) for m in masks))
     head_params = heads[keep.tasks[0]]
     trainable = count(p for p in model.parameters() if p.requires_grad)
     bits, size_bytes = 32 * stored_params + mask_entries, shared_bytes + task_bytes
-    if peft:                            # PEFT's files as written (their bytes / 4 as fp32-equivalent parameters)
+    if peft:  # PEFT's files as written (their bytes / 4 as fp32-equivalent parameters)
         bits, size_bytes = 8 * peft["adapter_bytes"], peft["adapter_bytes"]
     fp32_equivalent = bits / 32
     return {
-        "backbone_params": backbone_params, "head_params": head_params, "trainable_params": trainable - head_params,
+        "backbone_params": backbone_params,
+        "head_params": head_params,
+        "trainable_params": trainable - head_params,
         "trainable_params_with_head": trainable,
-        "prototype_params": stored_params if cfg.method.name == "propetl" else 0, "stored_params": stored_params,
-        "mask_entries": mask_entries, "mask_ones": mask_ones,
-        "mask_density": (mask_ones / mask_entries) if mask_entries else None, "plain_petl_params": plain,
-        "storage_bits": bits, "storage_bytes": size_bytes, "storage_fp32_params": fp32_equivalent,
+        "prototype_params": stored_params if cfg.method.name == "propetl" else 0,
+        "stored_params": stored_params,
+        "mask_entries": mask_entries,
+        "mask_ones": mask_ones,
+        "mask_density": (mask_ones / mask_entries) if mask_entries else None,
+        "plain_petl_params": plain,
+        "storage_bits": bits,
+        "storage_bytes": size_bytes,
+        "storage_fp32_params": fp32_equivalent,
         "storage_percent_of_backbone": 100.0 * fp32_equivalent / backbone_params,
         "storage_ratio_to_plain_petl": fp32_equivalent / plain,
-        "storage_bits_with_head": bits + 32 * head_params, "storage_bytes_with_head": size_bytes + 4 * head_params,
+        "storage_bits_with_head": bits + 32 * head_params,
+        "storage_bytes_with_head": size_bytes + 4 * head_params,
         "storage_fp32_params_with_head": fp32_equivalent + head_params,
         "storage_percent_of_backbone_with_head": 100.0 * (fp32_equivalent + head_params) / backbone_params,
         "storage_ratio_to_plain_petl_with_head": (fp32_equivalent + head_params) / (plain + head_params),
-        **storage_settings(cfg), "dense_bytes": dense_bytes, "plain_petl_bytes_as_stored": width * plain,
-        **coded, **peft,
+        **storage_settings(cfg),
+        "dense_bytes": dense_bytes,
+        "plain_petl_bytes_as_stored": width * plain,
+        **coded,
+        **peft,
     }

@@ -11,6 +11,7 @@ conf/prototype/<prototype>.yaml, conf/method/propetl.yaml, conf/mask/default.yam
 methods.attach wraps the model as propetl-train does, loop.parameter_groups makes the groups, checkpoint.py writes
 and reads the checkpoints. save_propetl replaces only what propetl wrote (files.write_output_folder, as propetl-export).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -21,53 +22,66 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from propetl import accounting, checkpoint, files, loop, methods
-from propetl.model import encoder_layers, head_parameter_names
 from propetl.configs import CONF_DIR
+from propetl.model import encoder_layers, head_parameter_names
 from propetl.validate import ConfigError, check_resolves, validate_learning_rates, validate_method
 
 # Where each general ProPETLConfig setting lives in the runner's config; every other field is prototype.<field>.
 # lr sets prototype.lr, which trainer.lr (and head_lr) follow.
-RUNNER_KEYS = {"sparsity": "mask.sparsity", "mask_kind": "mask.kind", "mask_seed": "mask.seed", "lr": "prototype.lr",
-               "mask_lr": "mask.lr", "head_lr": "trainer.head_lr", "weight_decay": "trainer.weight_decay",
-               "freeze": "prototype.freeze", "prototype_seed": "prototype.seed"}
+RUNNER_KEYS = {
+    "sparsity": "mask.sparsity",
+    "mask_kind": "mask.kind",
+    "mask_seed": "mask.seed",
+    "lr": "prototype.lr",
+    "mask_lr": "mask.lr",
+    "head_lr": "trainer.head_lr",
+    "weight_decay": "trainer.weight_decay",
+    "freeze": "prototype.freeze",
+    "prototype_seed": "prototype.seed",
+}
 LOADABLE_METHODS = ("propetl", "petl")
 
 
 @dataclass
 class ProPETLConfig:
     """ProPETL settings; None: the prototype's default (conf/prototype/<prototype>.yaml; sizes scale with hidden)."""
-    prototype: str = "lora"                  # lora | adapter | prefix
-    sparsity: float | None = None            # fraction of ZEROS per mask (lora, prefix 0.9; adapter 0.5)
-    mask_kind: str = "learned"               # learned | random (fixed, seeded) | none (all ones: weight tying)
-    mask_seed: int = 0                       # mask_kind=random
-    lr: float | None = None                  # the prototype's weights (1e-4)
-    mask_lr: float | None = None             # the mask scores (lora 3e-2, adapter 3e-3, prefix 1e-4)
-    head_lr: float | None = None             # the classification head (and BERT's pooler); None: lr
-    weight_decay: float | None = None        # AdamW-style decay of weights, scores and head (0.1); none on biases
-    freeze: bool | None = None               # the prototype drawn from prototype_seed, never trained: masks + head
-    prototype_seed: int | None = None        # freeze=True: the seed the prototype is drawn from (0)
-    r: int | None = None                     # lora: rank (hidden / 24)
-    alpha: float | None = None               # lora: scaling alpha / r (alpha = 1.5 r)
-    targets: list[str] | None = None         # lora: of query, key, value (query, value)
+
+    prototype: str = "lora"  # lora | adapter | prefix
+    sparsity: float | None = None  # fraction of ZEROS per mask (lora, prefix 0.9; adapter 0.5)
+    mask_kind: str = "learned"  # learned | random (fixed, seeded) | none (all ones: weight tying)
+    mask_seed: int = 0  # mask_kind=random
+    lr: float | None = None  # the prototype's weights (1e-4)
+    mask_lr: float | None = None  # the mask scores (lora 3e-2, adapter 3e-3, prefix 1e-4)
+    head_lr: float | None = None  # the classification head (and BERT's pooler); None: lr
+    weight_decay: float | None = None  # AdamW-style decay of weights, scores and head (0.1); none on biases
+    freeze: bool | None = None  # the prototype drawn from prototype_seed, never trained: masks + head
+    prototype_seed: int | None = None  # freeze=True: the seed the prototype is drawn from (0)
+    r: int | None = None  # lora: rank (hidden / 24)
+    alpha: float | None = None  # lora: scaling alpha / r (alpha = 1.5 r)
+    targets: list[str] | None = None  # lora: of query, key, value (query, value)
     target_modules: list[str] | None = None  # lora: PEFT's name for `targets`
-    reduction_factor: int | None = None      # adapter: bottleneck = hidden / reduction_factor (12)
-    bottleneck: int | None = None            # adapter: the bottleneck width directly
-    non_linearity: str | None = None         # adapter: relu | gelu | tanh
-    init_std: float | None = None            # adapter: weights ~ N(0, init_std^2) (0.02)
-    length: int | None = None                # prefix: positions (hidden / 12)
-    mlp_hidden: int | None = None            # prefix: width of the re-parameterisation MLP (2/3 hidden)
-    embedding_std: float | None = None       # prefix: the MLP's input ~ N(0, std^2) (1.0)
+    reduction_factor: int | None = None  # adapter: bottleneck = hidden / reduction_factor (12)
+    bottleneck: int | None = None  # adapter: the bottleneck width directly
+    non_linearity: str | None = None  # adapter: relu | gelu | tanh
+    init_std: float | None = None  # adapter: weights ~ N(0, init_std^2) (0.02)
+    length: int | None = None  # prefix: positions (hidden / 12)
+    mlp_hidden: int | None = None  # prefix: width of the re-parameterisation MLP (2/3 hidden)
+    embedding_std: float | None = None  # prefix: the MLP's input ~ N(0, std^2) (1.0)
 
     def __post_init__(self) -> None:
-        if self.target_modules is not None:            # PEFT's name: one setting, not two that could disagree
+        if self.target_modules is not None:  # PEFT's name: one setting, not two that could disagree
             if self.targets is not None and list(self.targets) != list(self.target_modules):
-                raise ConfigError(f"target_modules={list(self.target_modules)!r} and targets={list(self.targets)!r} "
-                                  f"disagree; give one of them")
+                raise ConfigError(
+                    f"target_modules={list(self.target_modules)!r} and targets={list(self.targets)!r} "
+                    f"disagree; give one of them"
+                )
             self.targets, self.target_modules = list(self.target_modules), None
 
     def prototype_settings(self) -> list[str]:
         """The fields that are prototype hyper-parameters (prototype.<field> in the runner's config)."""
-        return [f.name for f in fields(self) if f.name not in ("prototype", "target_modules") and f.name not in RUNNER_KEYS]
+        return [
+            f.name for f in fields(self) if f.name not in ("prototype", "target_modules") and f.name not in RUNNER_KEYS
+        ]
 
     def runner_keys(self) -> dict[str, object]:
         """runner config key -> value, for every setting given (not None)."""
@@ -95,8 +109,9 @@ def checked(cfg: DictConfig) -> DictConfig:
 
 def trainer_defaults() -> DictConfig:
     """The trainer keys the optimizer's groups read: lr (follows method.lr), head_lr (follows lr), weight_decay."""
-    return OmegaConf.masked_copy(OmegaConf.load(CONF_DIR / "trainer" / "default.yaml"),
-                                 ["lr", "head_lr", "weight_decay"])
+    return OmegaConf.masked_copy(
+        OmegaConf.load(CONF_DIR / "trainer" / "default.yaml"), ["lr", "head_lr", "weight_decay"]
+    )
 
 
 def with_settings(cfg: DictConfig, settings: dict[str, object]) -> DictConfig:
@@ -115,15 +130,26 @@ def runner_config(config: ProPETLConfig, model: nn.Module) -> DictConfig:
     own = [name for name in config.prototype_settings() if name in prototype]
     for name in config.prototype_settings():
         if getattr(config, name) is not None and name not in own:
-            raise ConfigError(f"{name}={getattr(config, name)!r} is not a setting of prototype={config.prototype}; "
-                              f"its settings: {', '.join(own)}")
-    cfg = OmegaConf.create({
-        "model": {"name": model.config.model_type, "name_or_path": model.name_or_path,
-                  "hidden_size": model.config.hidden_size, "num_layers": model.config.num_hidden_layers},
-        "task": {"name": None, "num_labels": model.config.num_labels}, "prototype": prototype,
-        "method": OmegaConf.load(CONF_DIR / "method" / "propetl.yaml"),
-        "mask": OmegaConf.load(CONF_DIR / "mask" / "default.yaml"), "trainer": trainer_defaults(),
-        "storage": OmegaConf.load(CONF_DIR / "train.yaml").storage})
+            raise ConfigError(
+                f"{name}={getattr(config, name)!r} is not a setting of prototype={config.prototype}; "
+                f"its settings: {', '.join(own)}"
+            )
+    cfg = OmegaConf.create(
+        {
+            "model": {
+                "name": model.config.model_type,
+                "name_or_path": model.name_or_path,
+                "hidden_size": model.config.hidden_size,
+                "num_layers": model.config.num_hidden_layers,
+            },
+            "task": {"name": None, "num_labels": model.config.num_labels},
+            "prototype": prototype,
+            "method": OmegaConf.load(CONF_DIR / "method" / "propetl.yaml"),
+            "mask": OmegaConf.load(CONF_DIR / "mask" / "default.yaml"),
+            "trainer": trainer_defaults(),
+            "storage": OmegaConf.load(CONF_DIR / "train.yaml").storage,
+        }
+    )
     return with_settings(cfg, config.runner_keys())
 
 
@@ -135,15 +161,19 @@ def check_supported(model: nn.Module) -> None:
     except (AttributeError, IndexError, TypeError):
         family = False
     if not family or not type(model).__name__.endswith("ForSequenceClassification"):
-        raise ConfigError(f"model {type(model).__name__} is not supported; pass a BERT/RoBERTa-family "
-                          f"*ForSequenceClassification model from transformers (e.g. BertForSequenceClassification)")
+        raise ConfigError(
+            f"model {type(model).__name__} is not supported; pass a BERT/RoBERTa-family "
+            f"*ForSequenceClassification model from transformers (e.g. BertForSequenceClassification)"
+        )
     if methods.petl_weights(model) is not None:
         raise ConfigError(f"model {type(model).__name__} already has ProPETL; pass a fresh model")
 
 
-UNGROUPED = ("ProPETLModel: trained without its parameter groups, so the mask scores would move at the prototype's "
-             "learning rate and the method would silently change; use propetl.ProPETLTrainer instead of "
-             "transformers.Trainer, or an optimizer over model.parameter_groups()")
+UNGROUPED = (
+    "ProPETLModel: trained without its parameter groups, so the mask scores would move at the prototype's "
+    "learning rate and the method would silently change; use propetl.ProPETLTrainer instead of "
+    "transformers.Trainer, or an optimizer over model.parameter_groups()"
+)
 
 
 class ProPETLModel(nn.Module):
@@ -155,17 +185,32 @@ class ProPETLModel(nn.Module):
     def __init__(self, model: nn.Module, cfg: DictConfig):
         super().__init__()
         self.model = model
-        self.runner_config = cfg                  # the runner's config (model, prototype, method, mask, trainer, ...)
+        self.runner_config = cfg  # the runner's config (model, prototype, method, mask, trainer, ...)
         self.head_names = head_parameter_names(model)
-        self.grouped = False                      # parameter_groups() was asked for (forward checks it in training)
+        self.grouped = False  # parameter_groups() was asked for (forward checks it in training)
 
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
-                labels=None, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        **kwargs,
+    ):
         """The model's forward; the explicit names let the HF Trainer keep these dataset columns and find labels."""
         if self.training and torch.is_grad_enabled() and not self.grouped:
             raise ConfigError(UNGROUPED)
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                          position_ids=position_ids, inputs_embeds=inputs_embeds, labels=labels, **kwargs)
+        return self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            **kwargs,
+        )
 
     def get_base_model(self) -> nn.Module:
         """The transformers model, the method inside it (PEFT's get_base_model)."""
@@ -173,21 +218,26 @@ class ProPETLModel(nn.Module):
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable parameters, all parameters), each tensor once (PEFT's get_nb_trainable_parameters)."""
-        return (accounting.count(p for p in self.model.parameters() if p.requires_grad),
-                accounting.count(self.model.parameters()))
+        return (
+            accounting.count(p for p in self.model.parameters() if p.requires_grad),
+            accounting.count(self.model.parameters()),
+        )
 
     def stored_bytes(self) -> tuple[int, int]:
         """(bytes a task keeps without its head, with it): fp32 prototype + one bit a mask entry (accounting.py)."""
-        figures = accounting.account(self.model, self.runner_config,
-                                     accounting.backbone_params(self.model, self.head_names))
+        figures = accounting.account(
+            self.model, self.runner_config, accounting.backbone_params(self.model, self.head_names)
+        )
         return int(figures["storage_bytes"]), int(figures["storage_bytes_with_head"])
 
     def print_trainable_parameters(self) -> None:
         """PEFT's line, and the bytes a task keeps (what ProPETL saves on: the masks are bits, not floats)."""
         trainable, total = self.get_nb_trainable_parameters()
         stored, with_head = self.stored_bytes()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
-              f" || stored per task: {stored:,d} bytes ({with_head:,d} with head)")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+            f" || stored per task: {stored:,d} bytes ({with_head:,d} with head)"
+        )
 
     def __getattr__(self, name: str):
         try:
@@ -197,8 +247,13 @@ class ProPETLModel(nn.Module):
                 raise
             return getattr(self.model, name)
 
-    def parameter_groups(self, lr: float | None = None, mask_lr: float | None = None, head_lr: float | None = None,
-                         weight_decay: float | None = None) -> list[dict]:
+    def parameter_groups(
+        self,
+        lr: float | None = None,
+        mask_lr: float | None = None,
+        head_lr: float | None = None,
+        weight_decay: float | None = None,
+    ) -> list[dict]:
         """torch optimizer groups (each with its `name`): the prototype at lr, the mask scores at mask_lr, the
         head at head_lr; biases and LayerNorm weights without decay. None: the config's values."""
         given = {"lr": lr, "mask_lr": mask_lr, "head_lr": head_lr, "weight_decay": weight_decay}
@@ -210,11 +265,13 @@ class ProPETLModel(nn.Module):
         """Write the prototype, the masks and the head (not the backbone) to `directory`, atomically. `directory` may be
         new, empty or an earlier save (or export), which it replaces; anything else is refused (files.OutputError,
         one line, nothing written): a folder holding files propetl did not write, the working folder."""
-        def build(folder: Path) -> None:               # the checkpoint built inside, then its entries moved up
+
+        def build(folder: Path) -> None:  # the checkpoint built inside, then its entries moved up
             inner = checkpoint.save_checkpoint(self.model, self.runner_config, folder / ".checkpoint")
             for entry in inner.iterdir():
                 entry.rename(folder / entry.name)
             inner.rmdir()
+
         return files.write_output_folder(Path(directory), build, "save_propetl")
 
     def save_pretrained(self, directory, **kwargs) -> Path:
@@ -225,10 +282,12 @@ class ProPETLModel(nn.Module):
         return self.save_propetl(directory)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, directory, **kwargs) -> "ProPETLModel":
+    def from_pretrained(cls, model: nn.Module, directory, **kwargs) -> ProPETLModel:
         """PEFT's PeftModel.from_pretrained(base, folder): load_propetl."""
         if kwargs:
-            raise ConfigError(f"from_pretrained({', '.join(kwargs)}=...): ProPETL's load takes the model and the folder")
+            raise ConfigError(
+                f"from_pretrained({', '.join(kwargs)}=...): ProPETL's load takes the model and the folder"
+            )
         return load_propetl(model, directory)
 
     def merge_and_unload(self) -> nn.Module:
@@ -261,10 +320,15 @@ def load_propetl(model: nn.Module, directory) -> ProPETLModel:
     directory = Path(directory)
     saved = OmegaConf.create(checkpoint.single_task_config(checkpoint.read_checkpoint_config(directory), directory))
     if saved.method.name not in LOADABLE_METHODS:
-        raise ConfigError(f"{directory}: method={saved.method.name} is not loaded by load_propetl; it loads: "
-                          f"{', '.join(LOADABLE_METHODS)} (checkpoint.load_checkpoint loads the rest)")
-    ours = {"model.hidden_size": model.config.hidden_size, "model.num_layers": model.config.num_hidden_layers,
-            "task.num_labels": model.config.num_labels}
+        raise ConfigError(
+            f"{directory}: method={saved.method.name} is not loaded by load_propetl; it loads: "
+            f"{', '.join(LOADABLE_METHODS)} (checkpoint.load_checkpoint loads the rest)"
+        )
+    ours = {
+        "model.hidden_size": model.config.hidden_size,
+        "model.num_layers": model.config.num_hidden_layers,
+        "task.num_labels": model.config.num_labels,
+    }
     for key, value in ours.items():
         if OmegaConf.select(saved, key) != value:
             raise ConfigError(f"{directory} was saved for {key}={OmegaConf.select(saved, key)}, this model has {value}")

@@ -4,6 +4,7 @@ multitask.MultiTaskBatches for one task or several): a random permutation cut in
 `group_by_length` (as in transformers' Trainer) runs of similar length: shuffle, cut into mega-batches of 50
 batches, sort each by token count, cut into batches, shuffle the batches. On RTE at batch 32 this halves the
 padded tokens a CPU has to push through (318,720 -> 169,184 per epoch; CoLA 199,337 -> 100,640)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -12,22 +13,26 @@ import datasets
 import torch
 from torch.utils.data import DataLoader
 
-MEGABATCH = 50      # batches per sorted run: long enough to group lengths, short enough to stay random
+MEGABATCH = 50  # batches per sorted run: long enough to group lengths, short enough to stay random
 TEXT_COLUMNS = ("text_a", "text_b")
 
 
 def tokenise(split, tokenizer, max_length: int):
     """A split's rows as token ids, once (datasets.map, batched): input_ids, attention_mask (and
     token_type_ids where the tokenizer makes them) truncated to max_length, unpadded, and the label."""
+
     def encode(rows: dict) -> dict:
-        return dict(tokenizer(rows["text_a"], rows["text_b"] if "text_b" in rows else None, truncation=True,
-                              max_length=max_length))
+        return dict(tokenizer(rows["text_a"], rows.get("text_b"), truncation=True, max_length=max_length))
 
     bars = not datasets.utils.are_progress_bars_disabled()
-    datasets.utils.disable_progress_bars()           # no "Map: 100%" bar in every run's log
+    datasets.utils.disable_progress_bars()  # no "Map: 100%" bar in every run's log
     try:
-        return split.map(encode, batched=True, keep_in_memory=True,
-                         remove_columns=[c for c in TEXT_COLUMNS if c in split.column_names])
+        return split.map(
+            encode,
+            batched=True,
+            keep_in_memory=True,
+            remove_columns=[c for c in TEXT_COLUMNS if c in split.column_names],
+        )
     finally:
         if bars:
             datasets.utils.enable_progress_bars()
@@ -38,8 +43,11 @@ class PadCollator:
 
     def __init__(self, tokenizer, regression: bool):
         self.regression, self.left = regression, tokenizer.padding_side == "left"
-        self.pad_values = {"input_ids": tokenizer.pad_token_id, "attention_mask": 0,
-                           "token_type_ids": tokenizer.pad_token_type_id}
+        self.pad_values = {
+            "input_ids": tokenizer.pad_token_id,
+            "attention_mask": 0,
+            "token_type_ids": tokenizer.pad_token_type_id,
+        }
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         longest = max(len(row["input_ids"]) for row in rows)
@@ -47,10 +55,12 @@ class PadCollator:
         for key, pad in self.pad_values.items():
             if key in rows[0]:
                 padding = [[pad] * (longest - len(row[key])) for row in rows]
-                batch[key] = torch.tensor([p + row[key] if self.left else row[key] + p
-                                           for row, p in zip(rows, padding)], dtype=torch.long)
-        batch["labels"] = torch.tensor([row["label"] for row in rows],
-                                       dtype=torch.float32 if self.regression else torch.long)
+                batch[key] = torch.tensor(
+                    [p + row[key] if self.left else row[key] + p for row, p in zip(rows, padding)], dtype=torch.long
+                )
+        batch["labels"] = torch.tensor(
+            [row["label"] for row in rows], dtype=torch.float32 if self.regression else torch.long
+        )
         return batch
 
 
@@ -59,21 +69,23 @@ def token_lengths(tokenised) -> list[int]:
     return [len(ids) for ids in tokenised["input_ids"]]
 
 
-def batch_order(n: int, batch_size: int, generator: torch.Generator,
-                lengths: Sequence[int] | None = None) -> list[list[int]]:
+def batch_order(
+    n: int, batch_size: int, generator: torch.Generator, lengths: Sequence[int] | None = None
+) -> list[list[int]]:
     """One epoch's batches of indices into n examples: a random permutation cut into batches, or, given
     the examples' lengths, batches of similar length in random order (see the module doc)."""
     permutation = torch.randperm(n, generator=generator).tolist()
     if lengths is None:
-        return [permutation[i:i + batch_size] for i in range(0, n, batch_size)]
+        return [permutation[i : i + batch_size] for i in range(0, n, batch_size)]
     batches = []
     for start in range(0, n, batch_size * MEGABATCH):
-        run = sorted(permutation[start:start + batch_size * MEGABATCH], key=lambda i: -lengths[i])
-        batches += [run[i:i + batch_size] for i in range(0, len(run), batch_size)]
+        run = sorted(permutation[start : start + batch_size * MEGABATCH], key=lambda i: -lengths[i])
+        batches += [run[i : i + batch_size] for i in range(0, len(run), batch_size)]
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
 def make_loader(split, tokenizer, max_length: int, regression: bool, batch_size: int) -> DataLoader:
     """A text split's batches in order, tokenised once here (not per batch): what propetl-eval scores."""
-    return DataLoader(tokenise(split, tokenizer, max_length), batch_size=batch_size,
-                      collate_fn=PadCollator(tokenizer, regression))
+    return DataLoader(
+        tokenise(split, tokenizer, max_length), batch_size=batch_size, collate_fn=PadCollator(tokenizer, regression)
+    )

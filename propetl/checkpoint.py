@@ -24,6 +24,7 @@ a config is checked by the command line's rules, its names against the registry,
 Readers: load_checkpoint (one task, into the transformers model: propetl-eval, propetl-export, the Python API) and
 load_multitask (into the MultiTaskModel).
 """
+
 from __future__ import annotations
 
 import json
@@ -42,42 +43,66 @@ from propetl.accounting import STORAGE_DTYPES, UNNAMED_TASK, dense_parameters, k
 from propetl.configs import ConfigError, group_choices, plain_value
 from propetl.files import MANIFEST_FILE, CheckpointError, check_seal, seal, write_folder_atomically
 from propetl.methods import rules
+
 FORMAT_VERSION = 4
 READABLE_FORMATS = (1, 2, 3, 4)
-SEALED_FORMAT = 3                     # from this format on, every checkpoint folder carries a manifest
-ONE_LAYOUT_FORMAT = 4                 # from this format on, one task or several: shared/ + tasks/<task>/
+SEALED_FORMAT = 3  # from this format on, every checkpoint folder carries a manifest
+ONE_LAYOUT_FORMAT = 4  # from this format on, one task or several: shared/ + tasks/<task>/
 SHARED_DIR, TASKS_DIR = "shared", "tasks"
 CONFIG_FILE, HEAD_FILE = "propetl.json", "head.safetensors"
 LAYER_MASKS_FILE, TASK_MASK_FILE = mask_coding.LAYER_MASKS_FILE, "task_mask.safetensors"
-MASKS_FILE = mask_coding.MASKS_FILE   # formats 1-3 of one task: the flat layout's masks file
-DENSE_FILE = {"propetl": "prototype.safetensors", "petl": "petl.safetensors", "finetune": "backbone.safetensors",
-              "peft": methods.PEFT_FILES[0]}
+MASKS_FILE = mask_coding.MASKS_FILE  # formats 1-3 of one task: the flat layout's masks file
+DENSE_FILE = {
+    "propetl": "prototype.safetensors",
+    "petl": "petl.safetensors",
+    "finetune": "backbone.safetensors",
+    "peft": methods.PEFT_FILES[0],
+}
 # What a checkpoint config may hold (check_config): the sections and keys of the command line's config it keeps,
 # checked by the same rules (validate.py), and the checkpoint's own keys.
 CONFIG_SECTIONS = ("model", "method", "prototype", "mask")
-OPTIONAL_SECTIONS = ("data", "storage", "peft")     # the Python API saves no data split, format 1 no storage; peft:
-                                                    # method=peft's tuner (conf/peft/)
-SAVED_RUN_KEYS = ("model.name_or_path", "model.hidden_size", "model.num_layers", "mask.combine", "data.protocol",
-                  "data.split_seed", "data.max_length", "storage.dtype", "storage.mask_coding")  # validate.RUN_RULES'
-OPTIONAL_KEYS = ("mask.combine",)                                                      # older checkpoints lack it
+OPTIONAL_SECTIONS = ("data", "storage", "peft")  # the Python API saves no data split, format 1 no storage; peft:
+# method=peft's tuner (conf/peft/)
+SAVED_RUN_KEYS = (
+    "model.name_or_path",
+    "model.hidden_size",
+    "model.num_layers",
+    "mask.combine",
+    "data.protocol",
+    "data.split_seed",
+    "data.max_length",
+    "storage.dtype",
+    "storage.mask_coding",
+)  # validate.RUN_RULES'
+OPTIONAL_KEYS = ("mask.combine",)  # older checkpoints lack it
 OBJECT = rules.Rule(lambda v: isinstance(v, dict), "an object")
-FORMAT_RULE = rules.Rule(lambda v: rules.integer().accepts(v) and v in READABLE_FORMATS,
-                         ", ".join(map(str, READABLE_FORMATS)))
-TASK_LIST = rules.Rule(lambda v: isinstance(v, list) and bool(v) and all(isinstance(t, str) for t in v)
-                       and len(set(v)) == len(v), "a non-empty list of distinct task names")
-MATCH_KEYS = methods.WithShapeKeys(("model.name_or_path", "method.name", "prototype.name", "mask.kind",
-                                    "mask.sparsity", "mask.combine"))    # + every prototype's SHAPE_KEYS
+FORMAT_RULE = rules.Rule(
+    lambda v: rules.integer().accepts(v) and v in READABLE_FORMATS, ", ".join(map(str, READABLE_FORMATS))
+)
+TASK_LIST = rules.Rule(
+    lambda v: isinstance(v, list) and bool(v) and all(isinstance(t, str) for t in v) and len(set(v)) == len(v),
+    "a non-empty list of distinct task names",
+)
+MATCH_KEYS = methods.WithShapeKeys(
+    ("model.name_or_path", "method.name", "prototype.name", "mask.kind", "mask.sparsity", "mask.combine")
+)  # + every prototype's SHAPE_KEYS
 
 
 def file_sizes(checkpoint_dir: Path) -> dict:
     """Bytes of the files written (tensors, and PEFT's adapter_config.json): each (file_bytes/<path in the folder>),
     all but the heads (file_bytes) and all."""
     directory = Path(checkpoint_dir)
-    files = {p.relative_to(directory).as_posix(): p.stat().st_size for p in sorted(directory.rglob("*"))
-             if p.suffix == ".safetensors" or p.name in methods.PEFT_FILES}
+    files = {
+        p.relative_to(directory).as_posix(): p.stat().st_size
+        for p in sorted(directory.rglob("*"))
+        if p.suffix == ".safetensors" or p.name in methods.PEFT_FILES
+    }
     heads = sum(size for name, size in files.items() if name.endswith(HEAD_FILE))
-    return {"file_bytes": sum(files.values()) - heads, "file_bytes_with_head": sum(files.values()),
-            **{f"file_bytes/{name}": size for name, size in files.items()}}
+    return {
+        "file_bytes": sum(files.values()) - heads,
+        "file_bytes_with_head": sum(files.values()),
+        **{f"file_bytes/{name}": size for name, size in files.items()},
+    }
 
 
 def file_figures(checkpoint_dir: Path, figures: dict) -> dict:
@@ -95,16 +120,25 @@ def file_figures(checkpoint_dir: Path, figures: dict) -> dict:
 
 # ----------------------------------------------------------------------------- writing
 
+
 def checkpoint_config(cfg, task_names: list[str], num_labels: list[int], task_masks: bool) -> dict:
     """shared/propetl.json: what load_checkpoint and load_multitask need to rebuild the model (plain values)."""
     sections = ("model", "prototype", "method", "mask", *(("peft",) if cfg.method.name == "peft" else ()))
     keep = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in sections}
-    if cfg.get("data") is not None:           # a run's data split (propetl-eval re-makes it); the Python API has none
-        keep["data"] = {"protocol": cfg.data.protocol, "split_seed": int(cfg.data.split_seed),
-                        "max_length": int(cfg.data.max_length)}
-    return {"format_version": FORMAT_VERSION, "tasks": list(task_names),
-            "num_labels": dict(zip(task_names, map(int, num_labels))), "task_masks": task_masks, **keep,
-            "storage": storage_settings(cfg)}
+    if cfg.get("data") is not None:  # a run's data split (propetl-eval re-makes it); the Python API has none
+        keep["data"] = {
+            "protocol": cfg.data.protocol,
+            "split_seed": int(cfg.data.split_seed),
+            "max_length": int(cfg.data.max_length),
+        }
+    return {
+        "format_version": FORMAT_VERSION,
+        "tasks": list(task_names),
+        "num_labels": dict(zip(task_names, map(int, num_labels))),
+        "task_masks": task_masks,
+        **keep,
+        "storage": storage_settings(cfg),
+    }
 
 
 def save_masks(masks: dict[str, torch.Tensor], path: Path, cfg) -> None:
@@ -129,8 +163,10 @@ def save_dense(tensors: dict[str, torch.Tensor], path: Path, cfg) -> None:
     for name, tensor in tensors.items():
         cast = tensor.detach().to(dtype).contiguous().cpu()
         if not torch.equal(cast.isfinite(), tensor.detach().cpu().isfinite()):
-            raise CheckpointError(f"storage.dtype={cfg.storage.dtype}: '{name}' has values beyond its range "
-                                  f"(largest |value| {float(tensor.detach().abs().max()):.4g}); use bf16 or fp32")
+            raise CheckpointError(
+                f"storage.dtype={cfg.storage.dtype}: '{name}' has values beyond its range "
+                f"(largest |value| {float(tensor.detach().abs().max()):.4g}); use bf16 or fp32"
+            )
         out[name] = cast
     save_file(out, str(path))
 
@@ -146,7 +182,7 @@ def save_checkpoint(model: nn.Module, cfg, directory: Path) -> Path:
         if keep.adapter:
             for name, content in keep.adapter.items():
                 (shared / name).write_bytes(content)
-        elif keep.dense:                    # none of a frozen prototype: prototype.seed in propetl.json redraws it
+        elif keep.dense:  # none of a frozen prototype: prototype.seed in propetl.json redraws it
             save_dense(keep.dense, shared / DENSE_FILE[cfg.method.name], cfg)
         if keep.layer_masks:
             save_masks(keep.layer_masks, shared / LAYER_MASKS_FILE, cfg)
@@ -161,10 +197,12 @@ def save_checkpoint(model: nn.Module, cfg, directory: Path) -> Path:
         config = checkpoint_config(cfg, keep.tasks, keep.num_labels, keep.has_task_masks)
         (shared / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         seal(shared)
+
     return write_folder_atomically(directory, build)
 
 
 # ----------------------------------------------------------------------------- reading
+
 
 @contextmanager
 def _reading(path: Path):
@@ -185,9 +223,8 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def safetensors_shapes(path: Path) -> dict[str, list[int]]:
     """The names and shapes of a safetensors file's tensors, from its header (nothing is loaded)."""
-    with _reading(path):
-        with safe_open(str(path), framework="pt") as f:
-            return {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
+    with _reading(path), safe_open(str(path), framework="pt") as f:
+        return {name: list(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
 
 
 def read_checkpoint_config(directory: Path, allow_unsealed: bool = False) -> dict:
@@ -201,7 +238,7 @@ def read_checkpoint_config(directory: Path, allow_unsealed: bool = False) -> dic
     sealed = check_seal(folder, required=False)
     try:
         config = json.loads(path.read_bytes())
-    except (OSError, ValueError) as error:              # ValueError: not UTF-8, not JSON
+    except (OSError, ValueError) as error:  # ValueError: not UTF-8, not JSON
         raise CheckpointError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} holds a {type(config).__name__}, not a checkpoint config (a JSON object)")
@@ -210,8 +247,9 @@ def read_checkpoint_config(directory: Path, allow_unsealed: bool = False) -> dic
     if not sealed:
         check_unsealed(folder, version, allow_unsealed)
     if version >= ONE_LAYOUT_FORMAT and (folder is not shared or "tasks" not in config):
-        raise CheckpointError(f"{path}: format_version {version} keeps its config in {SHARED_DIR}/ and names its "
-                              f"tasks ('tasks')")
+        raise CheckpointError(
+            f"{path}: format_version {version} keeps its config in {SHARED_DIR}/ and names its tasks ('tasks')"
+        )
     check_config(config, path)
     return config
 
@@ -223,9 +261,11 @@ def check_unsealed(folder: Path, version: int, allow_unsealed: bool) -> None:
     if version >= SEALED_FORMAT:
         check_seal(folder, required=True, hint=f"format {version} checkpoints carry one")
     if not allow_unsealed:
-        raise CheckpointError(f"{folder} has no {MANIFEST_FILE} (format {version}: written before checkpoints were "
-                              f"sealed in format {SEALED_FORMAT}, or edited); pass --allow-unsealed "
-                              f"(allow_unsealed=True in Python) to load an unsealed legacy checkpoint")
+        raise CheckpointError(
+            f"{folder} has no {MANIFEST_FILE} (format {version}: written before checkpoints were "
+            f"sealed in format {SEALED_FORMAT}, or edited); pass --allow-unsealed "
+            f"(allow_unsealed=True in Python) to load an unsealed legacy checkpoint"
+        )
 
 
 def check_part(part: Path, version: int, allow_unsealed: bool = False) -> None:
@@ -255,10 +295,10 @@ def check_config(config: dict, path: Path) -> None:
         section, name = key.split(".")
         if section in config and (name in config[section] or key not in OPTIONAL_KEYS):
             _check_value(path, key, config[section].get(name), validate.RUN_RULES[key])
-    if "tasks" not in config:                           # formats 1-3 of one task
+    if "tasks" not in config:  # formats 1-3 of one task
         _check_value(path, "task", config.get("task"), OBJECT)
         task = config["task"]
-        if task.get("name") is not None:                # the Python API's save_propetl knows no task
+        if task.get("name") is not None:  # the Python API's save_propetl knows no task
             _check_value(path, "task.name", task["name"], rules.one_of(group_choices("task")))
         _check_value(path, "task.num_labels", task.get("num_labels"), rules.positive_int())
         return
@@ -266,29 +306,42 @@ def check_config(config: dict, path: Path) -> None:
     _check_value(path, "tasks", tasks, TASK_LIST)
     for task in tasks:
         _check_value(path, "tasks", task, rules.one_of((*group_choices("task"), UNNAMED_TASK)))
-    _check_value(path, "num_labels", labels, rules.Rule(lambda v: isinstance(v, dict) and set(v) == set(tasks),
-                                                        f"an object of each task's label count ({', '.join(tasks)})"))
+    _check_value(
+        path,
+        "num_labels",
+        labels,
+        rules.Rule(
+            lambda v: isinstance(v, dict) and set(v) == set(tasks),
+            f"an object of each task's label count ({', '.join(tasks)})",
+        ),
+    )
     for task in tasks:
         _check_value(path, f"num_labels.{task}", labels[task], rules.positive_int())
-    if "task_masks" in config:                          # older ones lack it (they always had task masks)
+    if "task_masks" in config:  # older ones lack it (they always had task masks)
         _check_value(path, "task_masks", config["task_masks"], validate.BOOLEAN)
 
 
 def single_task_config(config: dict, directory: Path) -> dict:
     """A checkpoint config (read_checkpoint_config) of one task with its `task` (name, num_labels), as the
     transformers model's readers use it; one of several tasks, or with task masks, is refused in one line."""
-    if "tasks" not in config:                           # formats 1-3 of one task
+    if "tasks" not in config:  # formats 1-3 of one task
         return config
     tasks = config["tasks"]
     if len(tasks) != 1 or has_task_masks(config):
-        raise CheckpointError(f"{directory} is a multi-task checkpoint (tasks {', '.join(tasks)}); this reads one "
-                              f"task's checkpoint (a run of task=NAME); checkpoint.load_multitask reads it")
+        raise CheckpointError(
+            f"{directory} is a multi-task checkpoint (tasks {', '.join(tasks)}); this reads one "
+            f"task's checkpoint (a run of task=NAME); checkpoint.load_multitask reads it"
+        )
     name = tasks[0]
-    return {**config, "task": {"name": None if name == UNNAMED_TASK else name, "num_labels": config["num_labels"][name]}}
+    return {
+        **config,
+        "task": {"name": None if name == UNNAMED_TASK else name, "num_labels": config["num_labels"][name]},
+    }
 
 
-def load_checkpoint(directory: Path, config: dict | None = None,
-                    allow_unsealed: bool = False) -> tuple[nn.Module, "OmegaConf"]:
+def load_checkpoint(
+    directory: Path, config: dict | None = None, allow_unsealed: bool = False
+) -> tuple[nn.Module, OmegaConf]:
     """A one-task checkpoint as the transformers model with the method inside, in eval mode, and its config with
     `task` (`config`: its read_checkpoint_config, if the caller has it: the folder is not hashed again).
     allow_unsealed: a folder of format 1-2 without a manifest loads (check_unsealed)."""
@@ -305,13 +358,17 @@ def load_weights(model: nn.Module, cfg, head_names: set[str], directory: Path, a
     """Copy a one-task checkpoint's tensors (dense, masks, head) into a transformers model built for inference
     with the checkpoint's config `cfg` (for_training=False; single_task_config)."""
     directory, method = Path(directory), cfg.method.name
-    if cfg.get("tasks") is not None:                # format 4: shared/ + tasks/<task>/, the head under TaskHead's names
+    if cfg.get("tasks") is not None:  # format 4: shared/ + tasks/<task>/, the head under TaskHead's names
         shared, part = directory / SHARED_DIR, directory / TASKS_DIR / cfg.tasks[0]
         check_part(part, cfg.format_version, allow_unsealed)
         dense_path, masks_path, head_path = shared / DENSE_FILE[method], shared / LAYER_MASKS_FILE, part / HEAD_FILE
         layout = backbone.head_layout(model)
     else:
-        dense_path, masks_path, head_path = directory / DENSE_FILE[method], directory / MASKS_FILE, directory / HEAD_FILE
+        dense_path, masks_path, head_path = (
+            directory / DENSE_FILE[method],
+            directory / MASKS_FILE,
+            directory / HEAD_FILE,
+        )
         layout = {}
     dense = read_dense(dense_path, dense_parameters(model, method, head_names))
     head, _ = read_safetensors(head_path)
@@ -345,7 +402,7 @@ def _load_masks(stores: dict, masks: dict[str, torch.Tensor], path: Path) -> Non
             raise CheckpointError(f"{path}: no mask for '{name}'")
         try:
             mask.load_binary(masks[name])
-        except ValueError as error:     # another sparsity or shape than the config says
+        except ValueError as error:  # another sparsity or shape than the config says
             raise CheckpointError(f"{path}: mask '{name}': {error}") from None
 
 
@@ -355,18 +412,23 @@ def _copy_into(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor
         raise CheckpointError(f"{path}: tensors do not match the model (missing {missing[:3]}, unexpected {extra[:3]})")
     for name, target in targets.items():
         if tuple(target.shape) != tuple(tensors[name].shape):
-            raise CheckpointError(f"{path}: '{name}' has shape {tuple(tensors[name].shape)}, the model needs {tuple(target.shape)}")
+            raise CheckpointError(
+                f"{path}: '{name}' has shape {tuple(tensors[name].shape)}, the model needs {tuple(target.shape)}"
+            )
         target.copy_(tensors[name])
 
 
 # ----------------------------------------------------------------------------- into the MultiTaskModel
 
+
 def read_multitask_config(directory: Path, allow_unsealed: bool = False) -> dict:
     """The config of a checkpoint in the shared/ + tasks/ layout (format 4; several tasks of formats 1-3)."""
     config = read_checkpoint_config(Path(directory), allow_unsealed)
     if "tasks" not in config:
-        raise CheckpointError(f"{directory} is a one-task checkpoint of format {config['format_version']} "
-                              f"(flat): checkpoint.load_checkpoint reads it; tasks are added to a multi-task checkpoint")
+        raise CheckpointError(
+            f"{directory} is a one-task checkpoint of format {config['format_version']} "
+            f"(flat): checkpoint.load_checkpoint reads it; tasks are added to a multi-task checkpoint"
+        )
     return config
 
 
@@ -378,13 +440,22 @@ def has_task_masks(config: dict) -> bool:
 def check_can_add(directory: Path, config: dict, adding: list[str]) -> None:
     """Tasks can be added to a checkpoint of two or more tasks; one of a single task has no task masks: one line."""
     if not has_task_masks(config):
-        raise CheckpointError(f"{directory} was trained on one task, with layer masks only: tasks can be added to a "
-                              f"multi-task checkpoint of two or more; train {', '.join([*config['tasks'], *adding])} "
-                              f"together")
+        raise CheckpointError(
+            f"{directory} was trained on one task, with layer masks only: tasks can be added to a "
+            f"multi-task checkpoint of two or more; train {', '.join([*config['tasks'], *adding])} "
+            f"together"
+        )
 
 
-def load_multitask(directory: Path, tasks: list[str] | None = None, cfg=None, extra_tasks=(), for_training=False,
-                   config: dict | None = None, allow_unsealed: bool = False):
+def load_multitask(
+    directory: Path,
+    tasks: list[str] | None = None,
+    cfg=None,
+    extra_tasks=(),
+    for_training=False,
+    config: dict | None = None,
+    allow_unsealed: bool = False,
+):
     """The MultiTaskModel from `shared/` and the named tasks' folders (default: all), in eval mode, and the
     checkpoint's config. With `cfg`, its settings must match the checkpoint's; `extra_tasks` (task configs) get
     fresh masks and heads (adding tasks); `config`: its read_multitask_config, if the caller has it;
@@ -403,9 +474,13 @@ def load_multitask(directory: Path, tasks: list[str] | None = None, cfg=None, ex
     for name in names:
         if name not in saved["tasks"] or not (directory / TASKS_DIR / name).is_dir():
             raise CheckpointError(f"{directory} has no task {name!r}; it has: {', '.join(saved['tasks'])}")
-    model = backbone.MultiTaskModel(OmegaConf.create(saved), names + extra,
-                                    [saved["num_labels"][n] for n in names] + [int(t.num_labels) for t in extra_tasks],
-                                    for_training, task_masks=has_task_masks(saved))
+    model = backbone.MultiTaskModel(
+        OmegaConf.create(saved),
+        names + extra,
+        [saved["num_labels"][n] for n in names] + [int(t.num_labels) for t in extra_tasks],
+        for_training,
+        task_masks=has_task_masks(saved),
+    )
     weights, method = methods.petl_weights(model), saved["method"]["name"]
     shared = directory / SHARED_DIR
     targets = {model.transformers_name(n): p for n, p in dense_parameters(model, method, model.head_names()).items()}
@@ -419,8 +494,9 @@ def load_multitask(directory: Path, tasks: list[str] | None = None, cfg=None, ex
     return model.eval(), saved
 
 
-def load_task_parts(model: nn.Module, directory: Path, names: list[str], format_version: int | None = None,
-                    allow_unsealed: bool = False) -> None:
+def load_task_parts(
+    model: nn.Module, directory: Path, names: list[str], format_version: int | None = None, allow_unsealed: bool = False
+) -> None:
     """Set the named tasks' mask rows and heads of a multi-task model from their folders, each checked against its
     manifest first (check_part; also after adding a task: the old tasks' parts back exactly as they were saved)."""
     if format_version is None:
@@ -434,13 +510,15 @@ def load_task_parts(model: nn.Module, directory: Path, names: list[str], format_
             if task_masks:
                 rows = read_masks(part / TASK_MASK_FILE)
                 for tensor, mask in task_masks.items():
-                    row = rows.get(tensor)                        # [1, *shape] (format 1: [*shape])
+                    row = rows.get(tensor)  # [1, *shape] (format 1: [*shape])
                     if row is None or tuple(row.shape) not in (mask.shape, (1, *mask.shape)):
                         raise CheckpointError(f"{part / TASK_MASK_FILE}: no mask of shape {mask.shape} for '{tensor}'")
                     if int(row.sum()) != mask.ones_per_mask:
-                        raise CheckpointError(f"{part / TASK_MASK_FILE}: '{tensor}' has {int(row.sum())} ones, "
-                                              f"expected {mask.ones_per_mask} at sparsity {mask.sparsity}")
-                    mask.scores[index].copy_(row.reshape(mask.shape))   # ones score 1, zeros 0: top-k gives them back
+                        raise CheckpointError(
+                            f"{part / TASK_MASK_FILE}: '{tensor}' has {int(row.sum())} ones, "
+                            f"expected {mask.ones_per_mask} at sparsity {mask.sparsity}"
+                        )
+                    mask.scores[index].copy_(row.reshape(mask.shape))  # ones score 1, zeros 0: top-k gives them back
                     mask.invalidate()
             head, _ = read_safetensors(part / HEAD_FILE)
             _copy_into(dict(model.heads[name].named_parameters()), head, part / HEAD_FILE)

@@ -2,6 +2,7 @@
 import (Hydra, OmegaConf, the config tree): `--help` and tab completion answer without torch; the training code
 (propetl.train) is imported when a run starts.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,7 +28,7 @@ def run_owned(cfg: DictConfig, output_dir: Path, is_main: bool = True) -> dict:
     with rundir.claim(output_dir, enabled=is_main, allow_other_files=allow_other_files) as claim:
         try:
             metrics = train(cfg, output_dir, claim)
-        except Interrupted:                                       # a checkpoint was saved: the run resumes from it
+        except Interrupted:  # a checkpoint was saved: the run resumes from it
             raise
         except BaseException:
             rundir.clean_after_failure(claim)
@@ -49,27 +50,29 @@ def hydra_entry(cfg: DictConfig) -> float | None:
     from propetl.run import USER_ERRORS
 
     output_dir = Path(HydraConfig.get().runtime.output_dir)
-    is_main = distributed.from_environment().is_main             # rank 0 owns the run directory
+    is_main = distributed.from_environment().is_main  # rank 0 owns the run directory
     try:
         metrics = run_owned(cfg, output_dir, is_main)
-        return metrics.get("glue_score", metrics.get("mean_test_score"))     # multi-task: the mean of the tasks
+        return metrics.get("glue_score", metrics.get("mean_test_score"))  # multi-task: the mean of the tasks
     except (*USER_ERRORS, rundir.RunDirectoryInUse) as error:
         print(f"propetl-train: error: {error}", file=sys.stderr)
         if not sweep.in_sweep():
             sys.exit(2)
-        if is_main and not isinstance(error, rundir.RunDirectoryInUse):     # the job's folder keeps its error
+        if is_main and not isinstance(error, rundir.RunDirectoryInUse):  # the job's folder keeps its error
             rundir.record_failure(output_dir, str(error))
         sweep.failed(output_dir, str(error))
         return None
     except Interrupted as stop:
-        print(f"propetl-train: {stop}; resume with: propetl-train <same overrides> hydra.run.dir={output_dir}",
-              file=sys.stderr)
+        print(
+            f"propetl-train: {stop}; resume with: propetl-train <same overrides> hydra.run.dir={output_dir}",
+            file=sys.stderr,
+        )
         sys.exit(128 + stop.signum)
     finally:
         log.finish_wandb()
 
 
-DEFAULT_OUTPUTS = "outputs"        # conf/hydra/default.yaml's run and sweep folders are under it, in the working folder
+DEFAULT_OUTPUTS = "outputs"  # conf/hydra/default.yaml's run and sweep folders are under it, in the working folder
 
 
 def check_existing_run_dir(run_dir: Path, allow_other_files: bool) -> None:
@@ -100,12 +103,16 @@ def check_output_folder(argv: list[str]) -> None:
         if key == "hydra.run.dir=" and Path(given[-1]).is_dir():
             check_existing_run_dir(Path(given[-1]), "run_dir.allow_other_files=true" in argv)
         return
-    if any(a.startswith(("experiment=", "+experiment=")) or a.startswith("-") and a not in ("-m", "--multirun")
-           for a in argv):                       # an overlay's folder, --config-dir's, or a flag (--help, --cfg job)
+    if any(
+        a.startswith(("experiment=", "+experiment=")) or a.startswith("-") and a not in ("-m", "--multirun")
+        for a in argv
+    ):  # an overlay's folder, --config-dir's, or a flag (--help, --cfg job)
         return
     if problem := unwritable(Path(DEFAULT_OUTPUTS)):
-        raise ConfigError(f"the default output folder {Path(DEFAULT_OUTPUTS).absolute()} cannot be written: {problem}; "
-                          f"run from a writable folder or give {key}FOLDER")
+        raise ConfigError(
+            f"the default output folder {Path(DEFAULT_OUTPUTS).absolute()} cannot be written: {problem}; "
+            f"run from a writable folder or give {key}FOLDER"
+        )
 
 
 def main() -> None:
@@ -114,14 +121,16 @@ def main() -> None:
         check_output_folder(sys.argv[1:])
         ctx = distributed.from_environment()
         if ctx.enabled and not any(a.startswith("hydra.run.dir=") for a in sys.argv[1:]):
-            raise ConfigError(f"a data-parallel run (WORLD_SIZE={ctx.world_size}) needs hydra.run.dir=<folder>, "
-                              f"so that every process writes into the same run directory")
+            raise ConfigError(
+                f"a data-parallel run (WORLD_SIZE={ctx.world_size}) needs hydra.run.dir=<folder>, "
+                f"so that every process writes into the same run directory"
+            )
     except ConfigError as error:
         print(f"propetl-train: error: {error}", file=sys.stderr)
         sys.exit(2)
     hydra_entry()
     if failures := sweep.failures_of_this_process():
-        sys.exit(min(failures, 125))        # a sweep: how many of its jobs failed (each named in its summary)
+        sys.exit(min(failures, 125))  # a sweep: how many of its jobs failed (each named in its summary)
 
 
 if __name__ == "__main__":

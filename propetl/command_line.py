@@ -3,6 +3,7 @@
 instead of silence). The user's own folders on the search path (--config-dir, hydra.searchpath) count.
 Light on purpose (Hydra and OmegaConf only): it runs before anything heavy is imported.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -13,9 +14,9 @@ from omegaconf import DictConfig
 
 from propetl.configs import PRIMARY_CONFIG, ConfigError, compose, config_dir_entry, require_option
 
-SWEEP_FUNCTIONS = ("glob(", "range(", "choice(", "interval(", "[")     # a group swept by a function: not checked
+SWEEP_FUNCTIONS = ("glob(", "range(", "choice(", "interval(", "[")  # a group swept by a function: not checked
 GROUPS = ("model", "task", "prototype", "method", "peft", "mask", "trainer", "logger", "data", "experiment", "profile")
-HYDRA_ANSWERS = ("help", "hydra_help", "shell_completion", "info")      # flags Hydra answers without a run
+HYDRA_ANSWERS = ("help", "hydra_help", "shell_completion", "info")  # flags Hydra answers without a run
 
 
 def parse(arguments: Sequence[str]):
@@ -31,7 +32,9 @@ def search_path_of(args) -> list[str]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     search_path = []
-    for override in OverridesParser.create().parse_overrides([o for o in args.overrides if o.startswith("hydra.searchpath=")]):
+    for override in OverridesParser.create().parse_overrides(
+        [o for o in args.overrides if o.startswith("hydra.searchpath=")]
+    ):
         search_path += list(override.value())
     if args.config_dir is not None:
         search_path.append(config_dir_entry(args.config_dir))
@@ -48,8 +51,8 @@ def check_command_line(arguments: Sequence[str]) -> None:
     search_path = search_path_of(args)
     groups, keys = {}, []
     for argument in args.overrides:
-        prefix = argument[:len(argument) - len(argument.lstrip("+~"))]
-        key, sep, value = argument[len(prefix):].partition("=")
+        prefix = argument[: len(argument) - len(argument.lstrip("+~"))]
+        key, sep, value = argument[len(prefix) :].partition("=")
         if key in GROUPS:
             if sep and not value.startswith(SWEEP_FUNCTIONS):
                 for one in value.split(","):
@@ -58,16 +61,18 @@ def check_command_line(arguments: Sequence[str]) -> None:
         elif (sep or prefix) and not key.startswith("hydra") and not set("/@") & set(key):
             keys.append((argument, key))
     if "peft" in groups and "peft" not in groups.get("method", ()):
-        raise ConfigError(f"peft={','.join(groups['peft'])} is invalid without method=peft; allowed: method=peft "
-                          f"peft=<tuner> (peft chooses method=peft's PEFT tuner)")
-    if keys or search_path:     # a user's folder: its chosen files compose (a broken YAML file is one line)
+        raise ConfigError(
+            f"peft={','.join(groups['peft'])} is invalid without method=peft; allowed: method=peft "
+            f"peft=<tuner> (peft chooses method=peft's PEFT tuner)"
+        )
+    if keys or search_path:  # a user's folder: its chosen files compose (a broken YAML file is one line)
         check_keys_known(keys, groups, search_path, args.config_name or PRIMARY_CONFIG)
 
 
 def config_keys(node, prefix: str = "") -> set[str]:
     """Every dotted key of a config (sections and values), without resolving interpolations."""
     keys = set()
-    for name in node.keys():
+    for name in node:
         key = f"{prefix}{name}"
         keys.add(key)
         child = node._get_node(name)
@@ -76,8 +81,9 @@ def config_keys(node, prefix: str = "") -> set[str]:
     return keys
 
 
-def known_keys(groups: dict[str, list[str]], search_path: Sequence[str] = (),
-               config_name: str = PRIMARY_CONFIG) -> set[str] | None:
+def known_keys(
+    groups: dict[str, list[str]], search_path: Sequence[str] = (), config_name: str = PRIMARY_CONFIG
+) -> set[str] | None:
     """The keys of the config the command's group choices compose (every value of a swept group);
     None if they do not compose (Hydra then says why)."""
     first = {group: f"{group}={values[0]}" for group, values in groups.items()}
@@ -88,18 +94,22 @@ def known_keys(groups: dict[str, list[str]], search_path: Sequence[str] = (),
     for overrides in choices:
         try:
             cfg = compose(overrides, search_path, config_name)
-        except yaml.MarkedYAMLError as error:      # a user's file that is not YAML: name it, not Hydra's traceback
+        except yaml.MarkedYAMLError as error:  # a user's file that is not YAML: name it, not Hydra's traceback
             mark = error.problem_mark or error.context_mark
             where = f"{mark.name}, line {mark.line + 1}" if mark else "a config file"
             raise ConfigError(f"{where}: not valid YAML: {error.problem or error.context}; fix the file") from None
-        except Exception:           # noqa: BLE001  (Hydra's composition errors have no common type)
+        except Exception:  # noqa: BLE001  (Hydra's composition errors have no common type)
             return None
         keys |= config_keys(cfg) - {"hydra"}
     return keys
 
 
-def check_keys_known(keys: list[tuple[str, str]], groups: dict[str, list[str]], search_path: Sequence[str] = (),
-                     config_name: str = PRIMARY_CONFIG) -> None:
+def check_keys_known(
+    keys: list[tuple[str, str]],
+    groups: dict[str, list[str]],
+    search_path: Sequence[str] = (),
+    config_name: str = PRIMARY_CONFIG,
+) -> None:
     """(argument, dotted key) pairs whose key the composed config lacks: refused, with the nearest known key."""
     known = known_keys(groups, search_path, config_name)
     for argument, key in keys if known is not None else ():

@@ -4,6 +4,7 @@ path adds a user's own folders (`--config-dir DIR`, `hydra.searchpath=[file://DI
 task/, model/, prototype/, … files are options like the shipped ones, which win a clash of names.
 Light on purpose (Hydra and OmegaConf only): `propetl-train --help` and the command-line checks use it.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,7 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
-PRIMARY_CONFIG = "train"        # conf/train.yaml: what propetl-train composes
+PRIMARY_CONFIG = "train"  # conf/train.yaml: what propetl-train composes
 
 
 class ConfigError(ValueError):
@@ -26,7 +27,7 @@ def searchpath_override(search_path: Sequence[str]) -> list[str]:
     return [f"hydra.searchpath=[{','.join(search_path)}]"] if search_path else []
 
 
-_TOOL_SEARCH_PATH: list[str] = []        # propetl-eval / propetl-export --config-dir, for the tool's run (config_dirs)
+_TOOL_SEARCH_PATH: list[str] = []  # propetl-eval / propetl-export --config-dir, for the tool's run (config_dirs)
 
 
 def config_dir_entry(folder: str) -> str:
@@ -48,6 +49,17 @@ def config_dirs(folders: Sequence[str]) -> Iterator[None]:
         yield
     finally:
         _TOOL_SEARCH_PATH[:] = previous
+
+
+def add_config_dir_argument(parser) -> None:
+    """propetl-eval's and propetl-export's --config-dir (repeatable; read by config_dirs)."""
+    parser.add_argument(
+        "--config-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder of your own task/model/prototype configs, as given to propetl-train (repeatable)",
+    )
 
 
 def run_search_path() -> list[str]:
@@ -89,15 +101,22 @@ def require_option(group: str, name: str, search_path: Sequence[str] | None = No
         raise ConfigError(f"{group}={name} is not a known {group}; choose one of: {', '.join(choices)}")
 
 
-def compose(overrides: Sequence[str] = (), search_path: Sequence[str] = (), config_name: str | None = PRIMARY_CONFIG,
-            with_hydra: bool = False) -> DictConfig:
+def compose(
+    overrides: Sequence[str] = (),
+    search_path: Sequence[str] = (),
+    config_name: str | None = PRIMARY_CONFIG,
+    with_hydra: bool = False,
+) -> DictConfig:
     """The config a command line gives (Hydra's compose API), with `search_path` after the shipped configs
     (and Hydra's own settings under `hydra` when with_hydra)."""
     from hydra import compose as hydra_compose
 
     with hydra_initialized():
-        return hydra_compose(config_name=config_name, overrides=[*overrides, *searchpath_override(search_path)],
-                             return_hydra_config=with_hydra)
+        return hydra_compose(
+            config_name=config_name,
+            overrides=[*overrides, *searchpath_override(search_path)],
+            return_hydra_config=with_hydra,
+        )
 
 
 def group_option(group: str, name: str, search_path: Sequence[str] | None = None) -> DictConfig:

@@ -3,6 +3,7 @@
 Every task comes back as a DatasetDict with "train", "validation" (model selection) and "test" (reported),
 with the columns "text_a", optionally "text_b" (pair tasks) and "label" (int64, or float32 for regression).
 """
+
 from __future__ import annotations
 
 import csv
@@ -26,8 +27,8 @@ LARGE_TASK_VALIDATION_SIZE = 1000  # train examples held out for model selection
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 TEXT_FIELDS = ("text_a", "text_b")
 FIX_HINT = "set data.dir=PATH or PROPETL_DATA_DIR to a folder of GLUE task files"
-FLOAT32_MAX = 3.4028234663852886e38   # a regression label beyond it is inf in the float32 label column
-MIN_ROWS = {"train": 1, "validation": 2, "test": 2}    # selection and test: correlations need two rows
+FLOAT32_MAX = 3.4028234663852886e38  # a regression label beyond it is inf in the float32 label column
+MIN_ROWS = {"train": 1, "validation": 2, "test": 2}  # selection and test: correlations need two rows
 
 
 class DataError(Exception):
@@ -40,6 +41,7 @@ class DataError(Exception):
 @dataclass(frozen=True)
 class _TaskSpec:
     """The parts of a task config (conf/task/*.yaml) that loading needs."""
+
     name: str
     num_labels: int
     label_names: tuple[str, ...] | None
@@ -71,8 +73,14 @@ class _TaskSpec:
 
 # --------------------------------------------------------------------------------------------- public
 
-def load_glue(task_cfg: Mapping[str, Any], data_dir: str | os.PathLike | None, protocol: str = "split",
-              split_seed: int = 42, allow_hub: bool = True) -> datasets.DatasetDict:
+
+def load_glue(
+    task_cfg: Mapping[str, Any],
+    data_dir: str | os.PathLike | None,
+    protocol: str = "split",
+    split_seed: int = 42,
+    allow_hub: bool = True,
+) -> datasets.DatasetDict:
     """Returns a DatasetDict with exactly the keys "train", "validation" (model selection) and "test" (reported).
     Columns: "text_a" (str), "text_b" (str; only for pair tasks, i.e. when task_cfg.local.columns has text_b),
     "label" (int64 for classification, float32 for regression)."""
@@ -84,10 +92,12 @@ def load_glue(task_cfg: Mapping[str, Any], data_dir: str | os.PathLike | None, p
         splits = datasets.DatasetDict(train=train, validation=dev, test=dev)
     else:
         splits = _split_protocol(spec, train, dev, split_seed)
-    for split, least in MIN_ROWS.items():       # before any training: a one-row selection split fails only after it
+    for split, least in MIN_ROWS.items():  # before any training: a one-row selection split fails only after it
         if len(splits[split]) < least:
-            raise DataError(f"task '{spec.name}': the {split} split has {len(splits[split])} row(s) under "
-                            f"data.protocol={protocol}; it needs at least {least}: give the task's files more rows")
+            raise DataError(
+                f"task '{spec.name}': the {split} split has {len(splits[split])} row(s) under "
+                f"data.protocol={protocol}; it needs at least {least}: give the task's files more rows"
+            )
     return splits
 
 
@@ -113,6 +123,7 @@ def resolve_data_dir(configured: str | None) -> pathlib.Path | None:
 
 # ------------------------------------------------------------------------------------------ task config
 
+
 def _task_spec(task_cfg: Mapping[str, Any]) -> _TaskSpec:
     """Reads a task config (DictConfig or plain mapping) into a _TaskSpec."""
     cfg = OmegaConf.to_container(OmegaConf.create(task_cfg), resolve=True)
@@ -121,22 +132,31 @@ def _task_spec(task_cfg: Mapping[str, Any]) -> _TaskSpec:
         local, hub = cfg["local"], cfg.get("hub") or {}
         label_names, names = cfg.get("label_names"), local.get("names")
         return _TaskSpec(
-            name=name, num_labels=int(cfg["num_labels"]),
+            name=name,
+            num_labels=int(cfg["num_labels"]),
             label_names=None if label_names is None else tuple(str(n) for n in label_names),
-            size=str(cfg["size"]), folder=str(local["folder"]), train_files=tuple(local["train"]),
-            dev_files=tuple(local["dev"]), header=bool(local["header"]),
-            names=None if names is None else tuple(names), columns=dict(local["columns"]),
-            hub_config=hub.get("config"), hub_dev_split=hub.get("dev_split", "validation"),
+            size=str(cfg["size"]),
+            folder=str(local["folder"]),
+            train_files=tuple(local["train"]),
+            dev_files=tuple(local["dev"]),
+            header=bool(local["header"]),
+            names=None if names is None else tuple(names),
+            columns=dict(local["columns"]),
+            hub_config=hub.get("config"),
+            hub_dev_split=hub.get("dev_split", "validation"),
             hub_columns=dict(hub.get("columns") or local["columns"]),
-            label_range=None if cfg.get("label_range") is None else tuple(cfg["label_range"]))
+            label_range=None if cfg.get("label_range") is None else tuple(cfg["label_range"]),
+        )
     except KeyError as missing:
         raise DataError(f"task config '{name}' lacks the key {missing}; see conf/task/*.yaml") from None
 
 
 # ------------------------------------------------------------------------------------ choosing a source
 
-def _load_train_dev(spec: _TaskSpec, data_dir: pathlib.Path | None,
-                    allow_hub: bool) -> tuple[datasets.Dataset, datasets.Dataset]:
+
+def _load_train_dev(
+    spec: _TaskSpec, data_dir: pathlib.Path | None, allow_hub: bool
+) -> tuple[datasets.Dataset, datasets.Dataset]:
     """(train, dev) from the local files if they are all there, else from the hub, else a DataError."""
     local_problem = _local_files_problem(spec, data_dir)
     if local_problem is None:
@@ -144,8 +164,10 @@ def _load_train_dev(spec: _TaskSpec, data_dir: pathlib.Path | None,
         logger.info("task %s: loading %s", spec.name, folder)
         return _read_tsv_files(spec, folder, spec.train_files), _read_tsv_files(spec, folder, spec.dev_files)
     if not allow_hub:
-        raise DataError(f"no data for task '{spec.name}': {local_problem} and the hub is disabled "
-                        f"(data.allow_hub=false); {FIX_HINT}, or set data.allow_hub=true and go online")
+        raise DataError(
+            f"no data for task '{spec.name}': {local_problem} and the hub is disabled "
+            f"(data.allow_hub=false); {FIX_HINT}, or set data.allow_hub=true and go online"
+        )
     return _load_hub(spec, local_problem)
 
 
@@ -174,6 +196,7 @@ def _local_files_problem(spec: _TaskSpec, data_dir: pathlib.Path | None) -> str 
 
 # ------------------------------------------------------------------------------------------ local files
 
+
 def _read_tsv_files(spec: _TaskSpec, folder: pathlib.Path, file_names: Sequence[str]) -> datasets.Dataset:
     """One split read from the task folder; several files are concatenated in order."""
     parts = [_read_tsv(spec, folder / name) for name in file_names]
@@ -185,9 +208,11 @@ def _read_tsv(spec: _TaskSpec, path: pathlib.Path) -> datasets.Dataset:
     column_names = _tsv_column_names(spec, path)
     for field, column in spec.columns.items():
         if column not in column_names:
-            raise DataError(f"task '{spec.name}': {path} has no column '{column}' (for {field}); columns found: "
-                            f"{', '.join(repr(c) for c in column_names)}; "
-                            f"fix the file or local.columns in conf/task/{spec.name}.yaml")
+            raise DataError(
+                f"task '{spec.name}': {path} has no column '{column}' (for {field}); columns found: "
+                f"{', '.join(repr(c) for c in column_names)}; "
+                f"fix the file or local.columns in conf/task/{spec.name}.yaml"
+            )
     raw = _load_tsv_as_strings(spec, path, column_names)
     values = {}
     for field in spec.text_fields:
@@ -195,15 +220,19 @@ def _read_tsv(spec: _TaskSpec, path: pathlib.Path) -> datasets.Dataset:
         values[field] = raw[column][:]
         for row, value in enumerate(values[field], start=1):
             if value is None:
-                raise DataError(f"task '{spec.name}': {path} data row {row} has no '{column}' field "
-                                "(too few tab-separated fields); fix the file")
+                raise DataError(
+                    f"task '{spec.name}': {path} data row {row} has no '{column}' field "
+                    "(too few tab-separated fields); fix the file"
+                )
     labels = []
     for row, raw_label in enumerate(raw[spec.columns["label"]][:], start=1):
         try:
             labels.append(_parse_label(spec, raw_label))
         except ValueError as reason:
-            raise DataError(f"task '{spec.name}': {path} data row {row}: {reason}; "
-                            f"fix the file or label_names in conf/task/{spec.name}.yaml") from None
+            raise DataError(
+                f"task '{spec.name}': {path} data row {row}: {reason}; "
+                f"fix the file or label_names in conf/task/{spec.name}.yaml"
+            ) from None
     return datasets.Dataset.from_dict({**values, "label": labels}, features=spec.features)
 
 
@@ -211,8 +240,10 @@ def _tsv_column_names(spec: _TaskSpec, path: pathlib.Path) -> list[str]:
     """The header of the file (without a UTF-8 BOM), or the configured names for header-less files."""
     if not spec.header:
         if spec.names is None:
-            raise DataError(f"task '{spec.name}': local.header is false but local.names is not set; "
-                            f"add the column names to conf/task/{spec.name}.yaml")
+            raise DataError(
+                f"task '{spec.name}': local.header is false but local.names is not set; "
+                f"add the column names to conf/task/{spec.name}.yaml"
+            )
         return list(spec.names)
     try:
         with open(path, encoding="utf-8-sig") as file:
@@ -225,13 +256,22 @@ def _load_tsv_as_strings(spec: _TaskSpec, path: pathlib.Path, column_names: Sequ
     """Every column as text, exactly as in the file: no quote handling (quoting=3), no NA detection."""
     try:
         return datasets.load_dataset(
-            "csv", data_files={"data": str(path)}, split="data", delimiter="\t", quoting=csv.QUOTE_NONE,
-            header=0 if spec.header else None, column_names=list(column_names),
+            "csv",
+            data_files={"data": str(path)},
+            split="data",
+            delimiter="\t",
+            quoting=csv.QUOTE_NONE,
+            header=0 if spec.header else None,
+            column_names=list(column_names),
             features=datasets.Features({name: datasets.Value("string") for name in column_names}),
-            keep_default_na=False, na_filter=False, encoding="utf-8-sig")
+            keep_default_na=False,
+            na_filter=False,
+            encoding="utf-8-sig",
+        )
     except Exception as error:  # pandas/arrow errors arrive wrapped in DatasetGenerationError
-        raise DataError(f"task '{spec.name}': cannot read {path}: {_root_cause(error)}; "
-                        "fix or replace the file") from error
+        raise DataError(
+            f"task '{spec.name}': cannot read {path}: {_root_cause(error)}; fix or replace the file"
+        ) from error
 
 
 def _parse_label(spec: _TaskSpec, raw_label: str | None) -> int | float:
@@ -246,7 +286,7 @@ def _parse_label(spec: _TaskSpec, raw_label: str | None) -> int | float:
     return _checked_label(spec, _parse_number(text, float if spec.is_regression else int), text)
 
 
-def _checked_label(spec: _TaskSpec, value: int | float, text: str) -> int | float:
+def _checked_label(spec: _TaskSpec, value: float, text: str) -> int | float:
     """A label's value if the task can take it (a class id in 0..num_labels-1; a score finite in float32 and in the
     task's label_range); else ValueError saying why."""
     if not spec.is_regression:
@@ -271,6 +311,7 @@ def _parse_number(text: str, kind: type) -> int | float:
 
 # ------------------------------------------------------------------------------------------------ hub
 
+
 def _load_hub(spec: _TaskSpec, local_problem: str) -> tuple[datasets.Dataset, datasets.Dataset]:
     """(train, dev) from the hub; a failed download is a DataError that says why (one line)."""
     unreachable = f"no data for task '{spec.name}': {local_problem} and the hub ({HUB_DATASET}) is unreachable"
@@ -278,16 +319,20 @@ def _load_hub(spec: _TaskSpec, local_problem: str) -> tuple[datasets.Dataset, da
         raise DataError(f"{unreachable} (task '{spec.name}' has no hub.config); {FIX_HINT}, or go online")
     try:
         hub_dataset = datasets.load_dataset(HUB_DATASET, spec.hub_config)
-    except Exception as error:  # offline, no network, unknown config, ...
+    except Exception as error:  # noqa: BLE001 (offline, no network, unknown config, ...: one line)
         reason = f"{type(error).__name__}: {_root_cause(error)}"[:300]
         raise DataError(f"{unreachable} ({reason}); {FIX_HINT}, or go online") from None
     logger.info("task %s: %s; loaded %s/%s", spec.name, local_problem, HUB_DATASET, spec.hub_config)
     where = f"{HUB_DATASET}/{spec.hub_config}"
     if spec.hub_dev_split not in hub_dataset:
-        raise DataError(f"task '{spec.name}': {where} has no split '{spec.hub_dev_split}' "
-                        f"(found: {', '.join(hub_dataset)}); fix hub.dev_split in conf/task/{spec.name}.yaml")
-    return (_hub_split(spec, hub_dataset["train"], f"{where}:train"),
-            _hub_split(spec, hub_dataset[spec.hub_dev_split], f"{where}:{spec.hub_dev_split}"))
+        raise DataError(
+            f"task '{spec.name}': {where} has no split '{spec.hub_dev_split}' "
+            f"(found: {', '.join(hub_dataset)}); fix hub.dev_split in conf/task/{spec.name}.yaml"
+        )
+    return (
+        _hub_split(spec, hub_dataset["train"], f"{where}:train"),
+        _hub_split(spec, hub_dataset[spec.hub_dev_split], f"{where}:{spec.hub_dev_split}"),
+    )
 
 
 def _hub_split(spec: _TaskSpec, split: datasets.Dataset, where: str) -> datasets.Dataset:
@@ -295,22 +340,26 @@ def _hub_split(spec: _TaskSpec, split: datasets.Dataset, where: str) -> datasets
     wanted = {field: spec.hub_columns[field] for field in (*spec.text_fields, "label")}
     for field, column in wanted.items():
         if column not in split.column_names:
-            raise DataError(f"task '{spec.name}': {where} has no column '{column}' (for {field}); columns found: "
-                            f"{', '.join(split.column_names)}; fix hub.columns in conf/task/{spec.name}.yaml")
+            raise DataError(
+                f"task '{spec.name}': {where} has no column '{column}' (for {field}); columns found: "
+                f"{', '.join(split.column_names)}; fix hub.columns in conf/task/{spec.name}.yaml"
+            )
     renamed = split.select_columns(list(wanted.values())).rename_columns({c: f for f, c in wanted.items()})
     for row, value in enumerate(renamed["label"], start=1):
         try:
             _checked_label(spec, value, str(value))
         except ValueError as reason:
-            raise DataError(f"task '{spec.name}': {where} row {row}: {reason}; fix hub.columns or the task's "
-                            f"label_range in conf/task/{spec.name}.yaml") from None
+            raise DataError(
+                f"task '{spec.name}': {where} row {row}: {reason}; fix hub.columns or the task's "
+                f"label_range in conf/task/{spec.name}.yaml"
+            ) from None
     return renamed.cast(spec.features)
 
 
 # ------------------------------------------------------------------------------------------- protocols
 
-def _split_protocol(spec: _TaskSpec, train: datasets.Dataset, dev: datasets.Dataset,
-                    seed: int) -> datasets.DatasetDict:
+
+def _split_protocol(spec: _TaskSpec, train: datasets.Dataset, dev: datasets.Dataset, seed: int) -> datasets.DatasetDict:
     """The reference's split: small tasks halve dev (validation/test); large tasks hold out train examples."""
     if spec.size == "small":
         order = _permutation(len(dev), seed)
@@ -319,11 +368,14 @@ def _split_protocol(spec: _TaskSpec, train: datasets.Dataset, dev: datasets.Data
     if spec.size == "large":
         held_out = LARGE_TASK_VALIDATION_SIZE
         if len(train) <= held_out:
-            raise DataError(f"task '{spec.name}': train has only {len(train)} rows; the split protocol holds out "
-                            f"{held_out}; use data.protocol=full_dev or size: small")
+            raise DataError(
+                f"task '{spec.name}': train has only {len(train)} rows; the split protocol holds out "
+                f"{held_out}; use data.protocol=full_dev or size: small"
+            )
         order = _permutation(len(train), seed)
-        return datasets.DatasetDict(train=train.select(order[held_out:]), validation=train.select(order[:held_out]),
-                                    test=dev)
+        return datasets.DatasetDict(
+            train=train.select(order[held_out:]), validation=train.select(order[:held_out]), test=dev
+        )
     raise ValueError(f"task.size={spec.size!r} is not one of: small, large (conf/task/{spec.name}.yaml)")
 
 
@@ -333,6 +385,7 @@ def _permutation(n: int, seed: int) -> list[int]:
 
 
 # -------------------------------------------------------------------------------------------- helpers
+
 
 def _root_cause(error: BaseException) -> str:
     """The message of the innermost cause, on one line (datasets wraps parser errors)."""

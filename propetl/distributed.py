@@ -6,6 +6,7 @@ averages the gradients, so the effective batch is still `trainer.batch_size`. Ev
 and test splits (identical numbers, no gathering); only rank 0 writes files and logs to W&B. The launcher's context
 (`from_environment`) is read before torch is imported (propetl-train's checks); the functions that need torch import it.
 """
+
 from __future__ import annotations
 
 import os
@@ -77,8 +78,9 @@ def wrap(model: nn.Module, ctx: Context, device: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     # find_unused_parameters: a multi-task step uses one task's head, the other heads get no gradient
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                   find_unused_parameters=True)
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+    )
 
 
 def shard(batch: dict, ctx: Context) -> dict:
@@ -86,7 +88,7 @@ def shard(batch: dict, ctx: Context) -> dict:
     rows = batch["input_ids"].shape[0]
     if not ctx.enabled or rows < ctx.world_size:
         return batch
-    return {key: value[ctx.rank::ctx.world_size] for key, value in batch.items()}
+    return {key: value[ctx.rank :: ctx.world_size] for key, value in batch.items()}
 
 
 def any_process(ctx: Context, flag: bool) -> bool:

@@ -9,6 +9,7 @@ Loading rebuilds the masks exactly from their bits; merging folds them into plai
 Arguments are checked before anything is loaded: --batch-size a positive integer, --device one of DEVICES that this
 machine has; a bad one is one line `propetl-eval: error: ...` (exit 2).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,7 @@ import torch
 from propetl import checkpoint, data, loop, methods
 from propetl import model as backbone
 from propetl.batches import make_loader
-from propetl.configs import ConfigError, config_dirs, group_option
+from propetl.configs import ConfigError, add_config_dir_argument, config_dirs, group_option
 
 DEVICES = "cpu, cuda, cuda:N"
 
@@ -48,25 +49,46 @@ def available_device(text: str) -> str:
     if count == 0:
         raise ConfigError(f"--device {text}: this machine has no CUDA device; allowed: cpu")
     if colon and int(index) >= count:
-        raise ConfigError(f"--device {text}: this machine has {count} CUDA device(s); allowed: cpu, cuda, "
-                          f"{', '.join(f'cuda:{i}' for i in range(count))}")
+        raise ConfigError(
+            f"--device {text}: this machine has {count} CUDA device(s); allowed: cpu, cuda, "
+            f"{', '.join(f'cuda:{i}' for i in range(count))}"
+        )
     return text
 
 
-def evaluate_checkpoint(directory, split: str = "test", merge: bool = True, data_dir=None,
-                        batch_size: int = 256, device: str = "cpu", allow_unsealed: bool = False) -> dict:
+def evaluate_checkpoint(
+    directory,
+    split: str = "test",
+    merge: bool = True,
+    data_dir=None,
+    batch_size: int = 256,
+    device: str = "cpu",
+    allow_unsealed: bool = False,
+) -> dict:
     model, saved = checkpoint.load_checkpoint(directory, allow_unsealed=allow_unsealed)
     if merge and saved.method.name != "finetune":
         methods.merge(model, backbone.encoder_layers(model), saved.prototype.name)
-    task = group_option("task", saved.task.name)          # shipped, or on --config-dir (configs.config_dirs)
+    task = group_option("task", saved.task.name)  # shipped, or on --config-dir (configs.config_dirs)
     splits = data.load_glue(task, data.resolve_data_dir(data_dir), saved.data.protocol, saved.data.split_seed)
-    loader = make_loader(splits[split], backbone.load_tokenizer(saved.model), saved.data.max_length,
-                         int(task.num_labels) == 1, batch_size)
+    loader = make_loader(
+        splits[split],
+        backbone.load_tokenizer(saved.model),
+        saved.data.max_length,
+        int(task.num_labels) == 1,
+        batch_size,
+    )
     device = torch.device(device)
     start = time.perf_counter()
     scores = loop.evaluate(model.to(device), loader, task, device, desc=split, progress=True)
-    return {"checkpoint": str(directory), "task": task.name, "split": split, "merged": merge,
-            "examples": len(splits[split]), "seconds": time.perf_counter() - start, **scores}
+    return {
+        "checkpoint": str(directory),
+        "task": task.name,
+        "split": split,
+        "merged": merge,
+        "examples": len(splits[split]),
+        "seconds": time.perf_counter() - start,
+        **scores,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,18 +97,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", choices=("test", "validation"), default="test")
     parser.add_argument("--no-merge", dest="merge", action="store_false", help="keep the masks (slower)")
     parser.add_argument("--data-dir", default=None, help="GLUE folder (default as propetl-train)")
-    parser.add_argument("--allow-unsealed", action="store_true", help="load a checkpoint of format 1-2 that has no manifest.json (its files are not checked)")
+    parser.add_argument(
+        "--allow-unsealed",
+        action="store_true",
+        help="load a checkpoint of format 1-2 that has no manifest.json (its files are not checked)",
+    )
     parser.add_argument("--batch-size", default="256", help="a positive integer (256)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help=f"{DEVICES} (default: cuda if there is one)")
-    parser.add_argument("--config-dir", action="append", default=[], metavar="DIR", help="a folder of your own "
-                        "task/model/prototype configs, as given to propetl-train (repeatable)")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help=f"{DEVICES} (default: cuda if there is one)",
+    )
+    add_config_dir_argument(parser)
     args = parser.parse_args(argv)
     try:
         batch_size, device = positive_batch_size(args.batch_size), available_device(args.device)
         with config_dirs(args.config_dir):
-            result = evaluate_checkpoint(args.checkpoint, args.split, args.merge, args.data_dir, batch_size, device,
-                                         args.allow_unsealed)
+            result = evaluate_checkpoint(
+                args.checkpoint, args.split, args.merge, args.data_dir, batch_size, device, args.allow_unsealed
+            )
     except (checkpoint.CheckpointError, data.DataError, backbone.ModelError, ConfigError) as error:
         print(f"propetl-eval: error: {error}", file=sys.stderr)
         sys.exit(2)

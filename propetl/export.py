@@ -17,6 +17,7 @@ nothing written): the checkpoint itself, its run folder (the checkpoint's parent
 RUN_SIGNS), a folder inside or above either, the working folder, a file, and a folder holding files propetl did not
 write; without --overwrite, a previous export.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,7 @@ import sys
 from pathlib import Path
 
 FORMATS = ("hf", "peft")
-RUN_SIGNS = ("metrics.json", ".hydra", "train.log", "resume")   # a checkpoint's parent holding one is its run folder
+RUN_SIGNS = ("metrics.json", ".hydra", "train.log", "resume")  # a checkpoint's parent holding one is its run folder
 
 
 class ExportError(Exception):
@@ -36,11 +37,14 @@ def refusal(config: dict, output_format: str) -> str | None:
     from propetl import methods
 
     method, prototype = config["method"]["name"], config["prototype"]["name"]
-    if method == "peft":                # PEFT merges its tuner (hf) and writes its own adapter (peft): every tuner
-        return None                     # of conf/peft/ merges (tests/test_peft_zoo.py)
+    if method == "peft":  # PEFT merges its tuner (hf) and writes its own adapter (peft): every tuner
+        return None  # of conf/peft/ merges (tests/test_peft_zoo.py)
     if method == "finetune":
-        return None if output_format == "hf" else \
-            "method=finetune changed every backbone weight, which a LoRA adapter cannot hold; use --format hf"
+        return (
+            None
+            if output_format == "hf"
+            else "method=finetune changed every backbone weight, which a LoRA adapter cannot hold; use --format hf"
+        )
     reason = methods.not_foldable(prototype)
     return f"{reason}; --format {output_format} would give other logits" if reason else None
 
@@ -51,7 +55,7 @@ def lora_pairs(model, cfg) -> dict[tuple[int, str], tuple]:
     from propetl.model import encoder_layers
 
     layers, targets = encoder_layers(model), list(cfg.prototype.targets)
-    per_layer = methods.petl_weights(model).per_layer()                        # name -> [L, *shape]
+    per_layer = methods.petl_weights(model).per_layer()  # name -> [L, *shape]
     return {(i, t): (per_layer[f"{t}_A"][i], per_layer[f"{t}_B"][i]) for i in range(len(layers)) for t in targets}
 
 
@@ -63,7 +67,7 @@ def write_hf(model, cfg, folder: Path) -> None:
     model.save_pretrained(folder)
     try:
         load_tokenizer(cfg.model).save_pretrained(folder)
-    except (OSError, ValueError):                  # a backbone folder without a tokenizer: the weights alone
+    except (OSError, ValueError):  # a backbone folder without a tokenizer: the weights alone
         pass
 
 
@@ -76,22 +80,29 @@ def write_peft(model, cfg, folder: Path) -> None:
 
     base = load_backbone(cfg.model, int(cfg.task.num_labels))
     trained, head = dict(model.named_parameters()), head_parameter_names(base)
-    with torch.no_grad():                           # the head first: modules_to_save copies it when wrapping
+    with torch.no_grad():  # the head first: modules_to_save copies it when wrapping
         for name, parameter in base.named_parameters():
             if name in head:
                 parameter.copy_(trained[name])
-    if methods.uses_peft(model):                    # the run's own tuner, its keys moved from the encoder to the model
+    if methods.uses_peft(model):  # the run's own tuner, its keys moved from the encoder to the model
         tuners = methods.peft_module()
         config = tuners.make_config(cfg.peft)
         inner, outer = "base_model.model.", f"base_model.model.{base.base_model_prefix}."
-        state = {outer + k[len(inner):] if k.startswith(inner) else k: t
-                 for k, t in peft.get_peft_model_state_dict(tuners.peft_model(model)).items()}
+        state = {
+            outer + k[len(inner) :] if k.startswith(inner) else k: t
+            for k, t in peft.get_peft_model_state_dict(tuners.peft_model(model)).items()
+        }
     else:
-        config = peft.LoraConfig(r=int(cfg.prototype.r), lora_alpha=cfg.prototype.alpha, lora_dropout=0.0,
-                                 bias="none", target_modules=list(cfg.prototype.targets))
+        config = peft.LoraConfig(
+            r=int(cfg.prototype.r),
+            lora_alpha=cfg.prototype.alpha,
+            lora_dropout=0.0,
+            bias="none",
+            target_modules=list(cfg.prototype.targets),
+        )
     config.task_type, config.modules_to_save = "SEQ_CLS", head_module_names(base)
     adapted = peft.get_peft_model(base, config)
-    if methods.uses_peft(model):                    # the head's entries as wrapped (copied from the trained head above)
+    if methods.uses_peft(model):  # the head's entries as wrapped (copied from the trained head above)
         peft.set_peft_model_state_dict(adapted, {**peft.get_peft_model_state_dict(adapted), **state})
     else:
         layers = encoder_layers(adapted.get_base_model())
@@ -110,7 +121,9 @@ def export(checkpoint_dir, out, output_format: str, overwrite: bool = False, all
     checkpoint_dir, out = Path(checkpoint_dir), Path(out)
     if output_format not in FORMATS:
         raise ExportError(f"--format {output_format} is invalid; allowed: {', '.join(FORMATS)}")
-    config = checkpoint.single_task_config(checkpoint.read_checkpoint_config(checkpoint_dir, allow_unsealed), checkpoint_dir)
+    config = checkpoint.single_task_config(
+        checkpoint.read_checkpoint_config(checkpoint_dir, allow_unsealed), checkpoint_dir
+    )
     reason = refusal(config, output_format)
     if reason:
         raise ExportError(f"{checkpoint_dir}: {reason}; nothing written")
@@ -122,26 +135,44 @@ def export(checkpoint_dir, out, output_format: str, overwrite: bool = False, all
         protected["its run folder"] = source.parent
     write = {"hf": write_hf, "peft": write_peft}[output_format]
 
-    def build(folder: Path) -> None:                # OUT is checked before the model is loaded
+    def build(folder: Path) -> None:  # OUT is checked before the model is loaded
         write(*checkpoint.load_checkpoint(checkpoint_dir, config, allow_unsealed=allow_unsealed), folder)
-    return files.write_output_folder(out, build, f"propetl-export --format {output_format} {source}", protected,
-                                     overwrite)
+
+    return files.write_output_folder(
+        out, build, f"propetl-export --format {output_format} {source}", protected, overwrite
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
+    from propetl.configs import add_config_dir_argument
+
     parser = argparse.ArgumentParser(
-        prog="propetl-export", description="Write a run's checkpoint as a folder that transformers or PEFT loads.",
-        epilog="example: propetl-export outputs/runs/rte/propetl-lora/<time>/checkpoint rte-hf --format hf")
-    parser.add_argument("checkpoint", metavar="CHECKPOINT",
-                        help="a run's checkpoint/ folder (or a save_propetl folder)")
+        prog="propetl-export",
+        description="Write a run's checkpoint as a folder that transformers or PEFT loads.",
+        epilog="example: propetl-export outputs/runs/rte/propetl-lora/<time>/checkpoint rte-hf --format hf",
+    )
+    parser.add_argument(
+        "checkpoint", metavar="CHECKPOINT", help="a run's checkpoint/ folder (or a save_propetl folder)"
+    )
     parser.add_argument("out", metavar="OUT", help="the folder to write")
-    parser.add_argument("--format", choices=FORMATS, required=True, dest="output_format",
-                        help="hf: LoRA merged, for AutoModelForSequenceClassification; peft: a PEFT adapter")
-    parser.add_argument("--allow-unsealed", action="store_true", help="load a checkpoint of format 1-2 that has no manifest.json (its files are not checked)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace OUT if it is a previous export or save (never a folder propetl did not write)")
-    parser.add_argument("--config-dir", action="append", default=[], metavar="DIR", help="a folder of your own "
-                        "task/model/prototype configs, as given to propetl-train (repeatable)")
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        required=True,
+        dest="output_format",
+        help="hf: LoRA merged, for AutoModelForSequenceClassification; peft: a PEFT adapter",
+    )
+    parser.add_argument(
+        "--allow-unsealed",
+        action="store_true",
+        help="load a checkpoint of format 1-2 that has no manifest.json (its files are not checked)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT if it is a previous export or save (never a folder propetl did not write)",
+    )
+    add_config_dir_argument(parser)
     args = parser.parse_args(argv)
 
     from propetl.configs import ConfigError, config_dirs
@@ -150,8 +181,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         with config_dirs(args.config_dir):
-            written = export(args.checkpoint, args.out, args.output_format, args.overwrite,
-                             args.allow_unsealed)
+            written = export(args.checkpoint, args.out, args.output_format, args.overwrite, args.allow_unsealed)
     except (ExportError, CheckpointError, ModelError, OutputError, WriteError, ConfigError) as error:
         print(f"propetl-export: error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -16,6 +16,7 @@ its sub-folders, which carry their own), last, inside the folder being built. `c
 refuses (CheckpointError, one line naming the file) a changed, missing or unlisted file, or a manifest that is not one.
 Hidden files (the marker, temporaries) are not sealed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,8 +30,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 MANIFEST_FILE = "manifest.json"
-OUTPUT_MARKER = ".propetl-output.json"      # in every export / save_propetl folder: {"written_by": ..., "files": [...]}
-SHOWN = 5                                   # foreign entries named in a refusal, then "and N more"
+OUTPUT_MARKER = ".propetl-output.json"  # in every export / save_propetl folder: {"written_by": ..., "files": [...]}
+SHOWN = 5  # foreign entries named in a refusal, then "and N more"
 
 
 class CheckpointError(Exception):
@@ -53,6 +54,7 @@ def _raise_if_refused(path: Path, error: BaseException) -> None:
 
 
 # ----------------------------------------------------------------------------- atomic writes
+
 
 def unwritable(folder: Path) -> str | None:
     """Why a run could not write into `folder` (or create it), in one line; None if it can."""
@@ -104,7 +106,7 @@ def clean_stale(directory: Path) -> None:
     """Remove what a killed write_folder_atomically of `directory` left beside it: its `.<name>.<random>.tmp` builds
     and, once `directory` is back in place, its stepped-aside `.<name>.old` (call recover_folder_swap first)."""
     directory = Path(directory)
-    building = re.compile(rf"\.{re.escape(directory.name)}\.[a-z0-9_]{{8}}\.tmp")     # tempfile.mkdtemp's names
+    building = re.compile(rf"\.{re.escape(directory.name)}\.[a-z0-9_]{{8}}\.tmp")  # tempfile.mkdtemp's names
     stale = [p for p in directory.parent.iterdir() if building.fullmatch(p.name)]
     for path in stale + [directory.with_name(f".{directory.name}.old")] * directory.exists():
         shutil.rmtree(path, ignore_errors=True)
@@ -119,10 +121,10 @@ def write_folder_atomically(directory: Path, build) -> Path:
         recover_folder_swap(directory)
         clean_stale(directory)
         building = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
-        os.chmod(building, 0o755)                   # mkdtemp makes it owner-only
+        os.chmod(building, 0o755)  # mkdtemp makes it owner-only
         build(building)
         old = directory.with_name(f".{directory.name}.old")
-        if directory.exists():                      # the previous folder steps aside, and goes once the new one is in
+        if directory.exists():  # the previous folder steps aside, and goes once the new one is in
             shutil.rmtree(old, ignore_errors=True)
             os.replace(directory, old)
         os.replace(building, directory)
@@ -136,6 +138,7 @@ def write_folder_atomically(directory: Path, build) -> Path:
 
 
 # ----------------------------------------------------------------------------- output folders (exports, saves)
+
 
 def _shown(names: list[str]) -> str:
     return ", ".join(names[:SHOWN]) + (f" and {len(names) - SHOWN} more" if len(names) > SHOWN else "")
@@ -155,7 +158,7 @@ def foreign_files(out: Path) -> list[str]:
     OUTPUT_MARKER, the files it does not list; without one, every entry (not walked: OUT may be a large folder)."""
     try:
         written = json.loads((out / OUTPUT_MARKER).read_bytes()).get("files")
-    except (OSError, ValueError, AttributeError):    # no marker, not JSON, not an object
+    except (OSError, ValueError, AttributeError):  # no marker, not JSON, not an object
         written = None
     if not isinstance(written, list) or not all(isinstance(name, str) for name in written):
         return sorted(p.name + "/" * (p.is_dir() and not p.is_symlink()) for p in out.iterdir())
@@ -168,9 +171,11 @@ def output_refusal(out: Path, protected: dict[str, Path] | None = None, overwrit
     out, cwd = Path(out).resolve(), Path.cwd().resolve()
     named = [(what, Path(folder).resolve()) for what, folder in (protected or {}).items()]
     named.append(("the working folder", cwd))
-    clashes = [("is", what, folder) for what, folder in named if out == folder] + \
-        [("is inside", what, folder) for what, folder in named if folder in out.parents and folder != cwd] + \
-        [("holds", what, folder) for what, folder in reversed(named) if out in folder.parents]   # the outermost first
+    clashes = (
+        [("is", what, folder) for what, folder in named if out == folder]
+        + [("is inside", what, folder) for what, folder in named if folder in out.parents and folder != cwd]
+        + [("holds", what, folder) for what, folder in reversed(named) if out in folder.parents]
+    )  # the outermost first
     if clashes:
         relation, what, folder = clashes[0]
         hint = "a new folder inside it or elsewhere" if folder == cwd else f"an OUT outside {folder}"
@@ -184,16 +189,17 @@ def output_refusal(out: Path, protected: dict[str, Path] | None = None, overwrit
     return None if overwrite else f"{out} exists (a previous export or save); choose another OUT or pass --overwrite"
 
 
-def write_output_folder(out: Path, build, written_by: str, protected: dict[str, Path] | None = None,
-                        overwrite: bool = True) -> Path:
+def write_output_folder(
+    out: Path, build, written_by: str, protected: dict[str, Path] | None = None, overwrite: bool = True
+) -> Path:
     """build(folder) as write_folder_atomically does, into a folder the user named, with OUTPUT_MARKER (`written_by`
     and the files built): only if output_refusal allows (else OutputError, nothing written)."""
     out = Path(out).resolve()
     try:
-        if out.name:                                 # (not /, which output_refusal refuses)
-            recover_folder_swap(out)                 # a kill inside the last export's swap: the old one is back first
+        if out.name:  # (not /, which output_refusal refuses)
+            recover_folder_swap(out)  # a kill inside the last export's swap: the old one is back first
         reason = output_refusal(out, protected, overwrite)
-    except OSError as error:                         # an OUT that cannot be read or renamed
+    except OSError as error:  # an OUT that cannot be read or renamed
         _raise_if_refused(out, error)
         raise
     if reason:
@@ -203,10 +209,12 @@ def write_output_folder(out: Path, build, written_by: str, protected: dict[str, 
         build(folder)
         marker = {"written_by": written_by, "files": sorted(_all_files(folder))}
         (folder / OUTPUT_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+
     return write_folder_atomically(out, build_marked)
 
 
 # ----------------------------------------------------------------------------- manifests
+
 
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
@@ -231,13 +239,14 @@ def seal(folder: Path) -> None:
 def _read_manifest(path: Path) -> dict[str, str]:
     try:
         manifest = json.loads(path.read_bytes())
-    except (OSError, ValueError) as error:          # ValueError: not UTF-8 or not JSON
+    except (OSError, ValueError) as error:  # ValueError: not UTF-8 or not JSON
         raise CheckpointError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
     digests = manifest.get("sha256") if isinstance(manifest, dict) else None
-    if not isinstance(digests, dict) or not all(isinstance(name, str) and isinstance(digest, str)
-                                                and name == Path(name).name and name not in ("", ".", "..")
-                                                for name, digest in digests.items()):
-        raise CheckpointError(f"{path} is not a manifest (expected {{\"sha256\": {{file name: hex digest}}}})")
+    if not isinstance(digests, dict) or not all(
+        isinstance(name, str) and isinstance(digest, str) and name == Path(name).name and name not in ("", ".", "..")
+        for name, digest in digests.items()
+    ):
+        raise CheckpointError(f'{path} is not a manifest (expected {{"sha256": {{file name: hex digest}}}})')
     return digests
 
 
@@ -249,8 +258,9 @@ def check_seal(folder: Path, required: bool, hint: str = "") -> bool:
     hint = f"; {hint}" if hint else ""
     if not path.exists():
         if required:
-            raise CheckpointError(f"{folder} has no {MANIFEST_FILE} (written by an older propetl, or not by "
-                                  f"propetl){hint}")
+            raise CheckpointError(
+                f"{folder} has no {MANIFEST_FILE} (written by an older propetl, or not by propetl){hint}"
+            )
         return False
     digests = _read_manifest(path)
     for name, digest in digests.items():
@@ -258,10 +268,12 @@ def check_seal(folder: Path, required: bool, hint: str = "") -> bool:
         if not file.is_file():
             raise CheckpointError(f"{file} is missing (listed in {path}){hint}")
         if sha256_of(file) != digest:
-            raise CheckpointError(f"{file} is corrupted or was changed after saving: its sha256 differs from "
-                                  f"{path}'s{hint}")
+            raise CheckpointError(
+                f"{file} is corrupted or was changed after saving: its sha256 differs from {path}'s{hint}"
+            )
     for file in _listed(folder):
         if file.name not in digests:
-            raise CheckpointError(f"{file} is not listed in {path}: a file this folder was not saved with; "
-                                  f"remove it{hint}")
+            raise CheckpointError(
+                f"{file} is not listed in {path}: a file this folder was not saved with; remove it{hint}"
+            )
     return True

@@ -7,6 +7,7 @@ under another path match, other files under the same path do not. Sweep folder n
 exclude_keys) leave out only NOT_COMPUTED keys, so two jobs that compute differently get two folders
 (tests/test_fingerprint.py holds them in step).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -16,11 +17,20 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-NOT_COMPUTED = ("logger", "reproduce", "run_dir", "trainer.progress", "trainer.threads", "trainer.device",
-                "trainer.log_every_steps", "trainer.resume", "trainer.save_steps")
+NOT_COMPUTED = (
+    "logger",
+    "reproduce",
+    "run_dir",
+    "trainer.progress",
+    "trainer.threads",
+    "trainer.device",
+    "trainer.log_every_steps",
+    "trainer.resume",
+    "trainer.save_steps",
+)
 READ_AS_DATA = ("data.dir", "data.allow_hub")
 DATA_KEY = "data.sha256"
-MISSING = "(not recorded)"                                  # a key the saved run predates
+MISSING = "(not recorded)"  # a key the saved run predates
 
 
 def _flat(node, prefix: str = "") -> dict:
@@ -39,7 +49,7 @@ def _left_out(key: str) -> bool:
 def config_part(cfg) -> dict:
     """The fingerprint's keys that the config holds (all but DATA_KEY)."""
     plain = _flat(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False))
-    if plain.get("mask.kind") != "random":              # mask.seed draws random masks only
+    if plain.get("mask.kind") != "random":  # mask.seed draws random masks only
         plain.pop("mask.seed", None)
     return {key: value for key, value in plain.items() if not _left_out(key)}
 
@@ -67,7 +77,9 @@ def data_sha256(cfg) -> str:
             continue
         for path in files:
             stat = os.stat(path)
-            digest.update(f"{task.name}/{path.name}:{_file_sha256(str(path), stat.st_size, stat.st_mtime_ns)}\n".encode())
+            digest.update(
+                f"{task.name}/{path.name}:{_file_sha256(str(path), stat.st_size, stat.st_mtime_ns)}\n".encode()
+            )
     return digest.hexdigest()
 
 
@@ -79,8 +91,11 @@ def fingerprint(cfg) -> dict:
 def differences(saved: dict, current: dict, ignore_missing: bool = False) -> list[tuple[str, object, object]]:
     """(key, saved value, this run's value) for each key that differs, in sorted order; a key the saved fingerprint
     lacks counts as MISSING (ignore_missing: left out, for records of older runs that predate the key)."""
-    return [(key, saved.get(key, MISSING), value) for key, value in sorted(current.items())
-            if saved.get(key, MISSING) != value and not (ignore_missing and key not in saved)]
+    return [
+        (key, saved.get(key, MISSING), value)
+        for key, value in sorted(current.items())
+        if saved.get(key, MISSING) != value and not (ignore_missing and key not in saved)
+    ]
 
 
 def describe(differences_: list[tuple[str, object, object]], limit: int = 4) -> str:

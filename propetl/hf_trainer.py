@@ -1,14 +1,15 @@
 """ProPETLTrainer: transformers' Trainer for a ProPETLModel (propetl/api.py), without its two traps.
-  - The optimizer has ProPETL's groups: the prototype at TrainingArguments.learning_rate, the mask scores at the
-    config's mask_lr (a plain Trainer would move them at the prototype's rate: ProPETLModel refuses that in one line),
-    the head at the config's head_lr (default: the learning rate), weight decay TrainingArguments.weight_decay on all
-    but biases and LayerNorm weights; the optimizer class and its other arguments are the Trainer's own (optim=...).
-    The scheduler scales every group alike, as the reference's trainer does.
-  - A checkpoint (checkpoint-N/, and save_model) holds the trainable tensors only (model.safetensors: the prototype,
-    the mask scores, the head, by name) and the training arguments, not the frozen backbone nor the tokenizer; resume_from_checkpoint and load_best_model_at_end
-    read them back, refusing in one line a file that does not match the model. save_pretrained writes what a task
-    keeps (prototype, mask bits, head).
+- The optimizer has ProPETL's groups: the prototype at TrainingArguments.learning_rate, the mask scores at the
+  config's mask_lr (a plain Trainer would move them at the prototype's rate: ProPETLModel refuses that in one line),
+  the head at the config's head_lr (default: the learning rate), weight decay TrainingArguments.weight_decay on all
+  but biases and LayerNorm weights; the optimizer class and its other arguments are the Trainer's own (optim=...).
+  The scheduler scales every group alike, as the reference's trainer does.
+- A checkpoint (checkpoint-N/, and save_model) holds the trainable tensors only (model.safetensors: the prototype,
+  the mask scores, the head, by name) and the training arguments, not the frozen backbone nor the tokenizer; resume_from_checkpoint and load_best_model_at_end
+  read them back, refusing in one line a file that does not match the model. save_pretrained writes what a task
+  keeps (prototype, mask bits, head).
 """
+
 from __future__ import annotations
 
 import os
@@ -32,16 +33,21 @@ class ProPETLTrainer(Trainer):
 
     def __init__(self, model=None, *args, **kwargs):
         if model is None or not hasattr(type(model), "parameter_groups"):
-            raise ConfigError(f"ProPETLTrainer(model={type(model).__name__}): pass the ProPETLModel that "
-                              f"propetl.get_propetl_model (or ProPETLModel.from_pretrained) returned")
+            raise ConfigError(
+                f"ProPETLTrainer(model={type(model).__name__}): pass the ProPETLModel that "
+                f"propetl.get_propetl_model (or ProPETLModel.from_pretrained) returned"
+            )
         super().__init__(model, *args, **kwargs)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             groups = self.model.parameter_groups(lr=self.args.learning_rate, weight_decay=self.args.weight_decay)
-            optimizer_cls, optimizer_kwargs = (self.optimizer_cls_and_kwargs if self.optimizer_cls_and_kwargs
-                                               is not None else self.get_optimizer_cls_and_kwargs(self.args, self.model))
-            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)     # each group's lr and decay win
+            optimizer_cls, optimizer_kwargs = (
+                self.optimizer_cls_and_kwargs
+                if self.optimizer_cls_and_kwargs is not None
+                else self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            )
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)  # each group's lr and decay win
         return self.optimizer
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -69,8 +75,10 @@ def load_trainable(model: torch.nn.Module, folder: str) -> None:
     saved, targets = load_file(path), {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(saved) != set(targets) or any(saved[n].shape != targets[n].shape for n in targets):
         missing, extra = sorted(set(targets) - set(saved)), sorted(set(saved) - set(targets))
-        raise ConfigError(f"{path} does not match the model's trainable tensors (missing {missing[:3]}, "
-                          f"unexpected {extra[:3]}, or other shapes): another prototype or settings")
+        raise ConfigError(
+            f"{path} does not match the model's trainable tensors (missing {missing[:3]}, "
+            f"unexpected {extra[:3]}, or other shapes): another prototype or settings"
+        )
     with torch.no_grad():
         for name, target in targets.items():
             target.copy_(saved[name])

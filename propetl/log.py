@@ -1,4 +1,5 @@
 """Run outputs: the W&B run, metrics.json and predictions.npz (written atomically) and the end-of-run summary table."""
+
 from __future__ import annotations
 
 import json
@@ -39,18 +40,23 @@ MULTITASK_STORAGE_ROWS = (
     ("files on disk", "file_bytes", "file_bytes_with_head"),
 )
 MULTITASK_CODING_ROWS = tuple(
-    (label.replace("ratio to PETL", "amortised ratio"),
-     key.replace("storage_ratio", "amortised_ratio").replace("file_ratio", "file_amortised_ratio"))
-    for label, key in CODING_ROWS)
-NAME_PARTS = {"sparsity": "s{}", "seed": "seed{}"}        # how a fact reads in a run's name (else as is)
+    (
+        label.replace("ratio to PETL", "amortised ratio"),
+        key.replace("storage_ratio", "amortised_ratio").replace("file_ratio", "file_amortised_ratio"),
+    )
+    for label, key in CODING_ROWS
+)
+NAME_PARTS = {"sparsity": "s{}", "seed": "seed{}"}  # how a fact reads in a run's name (else as is)
 
 
 def run_identity(cfg) -> dict[str, str]:
     """What a run is: task(s), method, prototype, mask sparsity, mask kind, seed. No prototype for
     fine-tuning; sparsity and mask kind only where there are masks (method=propetl)."""
     multitask = cfg.get("mode") == "multitask"
-    facts = {"task": "multitask-" + "-".join(cfg.tasks) if multitask else str(cfg.task.name),
-             "method": str(cfg.method.name)}
+    facts = {
+        "task": "multitask-" + "-".join(cfg.tasks) if multitask else str(cfg.task.name),
+        "method": str(cfg.method.name),
+    }
     if cfg.method.name != "finetune":
         facts["prototype"] = str(cfg.prototype.name)
     if cfg.method.name == "propetl":
@@ -68,8 +74,11 @@ def run_tags(cfg) -> list[str]:
     """The W&B run's tags, the same facts as key:value (task:rte, ..., seed:42; multi-task: multitask and
     a task: tag per task), then logger.tags."""
     facts = run_identity(cfg)
-    tasks = (["multitask", *(f"task:{t}" for t in cfg.tasks)] if cfg.get("mode") == "multitask"
-             else [f"task:{facts['task']}"])
+    tasks = (
+        ["multitask", *(f"task:{t}" for t in cfg.tasks)]
+        if cfg.get("mode") == "multitask"
+        else [f"task:{facts['task']}"]
+    )
     tags = tasks + [f"{key}:{value}" for key, value in facts.items() if key != "task"]
     return tags + [str(tag) for tag in cfg.logger.tags if str(tag) not in tags]
 
@@ -77,7 +86,12 @@ def run_tags(cfg) -> list[str]:
 WANDB_MODES = ("online", "offline", "disabled")
 # W&B's own environment variables, which win over the logger config where set (W&B users set them, and W&B's docs
 # advise them): logger key -> variable. WANDB_MODE=disabled or logger.mode=disabled: disabled whatever the other says.
-WANDB_ENVIRONMENT = {"mode": "WANDB_MODE", "project": "WANDB_PROJECT", "entity": "WANDB_ENTITY", "group": "WANDB_RUN_GROUP"}
+WANDB_ENVIRONMENT = {
+    "mode": "WANDB_MODE",
+    "project": "WANDB_PROJECT",
+    "entity": "WANDB_ENTITY",
+    "group": "WANDB_RUN_GROUP",
+}
 
 
 def sweep_group() -> str | None:
@@ -94,6 +108,7 @@ def wandb_settings(cfg, environ=None) -> dict:
     the logger config; the group of a -m sweep's jobs, if neither names one, is the sweep's (sweep_group).
     An unknown WANDB_MODE raises ValueError in one line."""
     import os
+
     environ = os.environ if environ is None else environ
     chosen = {key: environ.get(variable) or cfg.logger.get(key) for key, variable in WANDB_ENVIRONMENT.items()}
     if (mode := environ.get("WANDB_MODE")) and mode not in WANDB_MODES:
@@ -112,10 +127,19 @@ def start_wandb(cfg, output_dir: Path, run_id: str | None = None, enabled: bool 
 
     settings = wandb_settings(cfg)
     mode = settings["mode"] if enabled else "disabled"
-    return wandb.init(id=run_id, resume="allow" if run_id else None, mode=mode, project=settings["project"],
-                      entity=settings["entity"], group=settings["group"], tags=run_tags(cfg),
-                      dir=None if mode == "disabled" else str(output_dir), reinit="finish_previous", name=run_name(cfg),
-                      config=OmegaConf.to_container(cfg, resolve=True))
+    return wandb.init(
+        id=run_id,
+        resume="allow" if run_id else None,
+        mode=mode,
+        project=settings["project"],
+        entity=settings["entity"],
+        group=settings["group"],
+        tags=run_tags(cfg),
+        dir=None if mode == "disabled" else str(output_dir),
+        reinit="finish_previous",
+        name=run_name(cfg),
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
 
 
 def best_epoch_summary(result) -> dict:
@@ -133,8 +157,9 @@ def write_metrics(path: Path, metrics: dict) -> None:
     atomic_write_text(Path(path), json.dumps(metrics, indent=2) + "\n")
 
 
-def write_predictions(path: Path, predicted: dict[str, tuple[np.ndarray, np.ndarray]],
-                      num_labels: dict[str, int]) -> None:
+def write_predictions(
+    path: Path, predicted: dict[str, tuple[np.ndarray, np.ndarray]], num_labels: dict[str, int]
+) -> None:
     """predictions.npz (compressed): per task `<task>.predictions` and `<task>.labels` of its test split, class ids as
     int8 (int16 past 127 classes) for classification, float32 scores for regression; written atomically."""
     arrays = {}
@@ -147,8 +172,11 @@ def write_predictions(path: Path, predicted: dict[str, tuple[np.ndarray, np.ndar
 def read_predictions(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """predictions.npz -> {task: (test predictions, test labels)} (write_predictions)."""
     with np.load(Path(path)) as arrays:
-        return {key.removesuffix(".predictions"): (arrays[key], arrays[key.replace(".predictions", ".labels")])
-                for key in arrays.files if key.endswith(".predictions")}
+        return {
+            key.removesuffix(".predictions"): (arrays[key], arrays[key.replace(".predictions", ".labels")])
+            for key in arrays.files
+            if key.endswith(".predictions")
+        }
 
 
 def _fmt(value) -> str:
@@ -169,8 +197,10 @@ def _wide_row(label: str, value) -> str:
 
 def _summary(title: str, first_column: str, rows: list[str], metrics: dict) -> str:
     """The title, the best epoch, the metric rows (selection, test) and the storage rows, framed by two rules."""
-    best = (f"best epoch {metrics['best_epoch']} of {metrics['epochs_run']} ({metrics['steps']} steps, "
-            f"{metrics['train_seconds']:.0f} s training)")
+    best = (
+        f"best epoch {metrics['best_epoch']} of {metrics['epochs_run']} ({metrics['steps']} steps, "
+        f"{metrics['train_seconds']:.0f} s training)"
+    )
     lines = [title, best, "", _row(first_column, "selection", "test"), *rows, *storage_lines(metrics["storage"])]
     width = max(len(line) for line in lines)
     return "\n".join(["-" * width, *lines, "-" * width])
@@ -178,11 +208,13 @@ def _summary(title: str, first_column: str, rows: list[str], metrics: dict) -> s
 
 def summary_table(metrics: dict) -> str:
     """A one-screen summary of a finished run."""
-    title = (f"{metrics['task']} | {metrics['model']} | {metrics['method']}"
-             + ("" if metrics["method"] == "finetune" else f" {metrics['prototype']}")
-             + (f" | mask sparsity {metrics['mask_sparsity']}" if metrics["method"] == "propetl" else "")
-             + (" | frozen prototype" if metrics.get("prototype_frozen") else "")
-             + f" | seed {metrics['seed']}")
+    title = (
+        f"{metrics['task']} | {metrics['model']} | {metrics['method']}"
+        + ("" if metrics["method"] == "finetune" else f" {metrics['prototype']}")
+        + (f" | mask sparsity {metrics['mask_sparsity']}" if metrics["method"] == "propetl" else "")
+        + (" | frozen prototype" if metrics.get("prototype_frozen") else "")
+        + f" | seed {metrics['seed']}"
+    )
     rows = [_row(name, metrics["selection"].get(name), value) for name, value in metrics["test"].items()]
     rows.append(_row("GLUE score of the run", "", metrics["glue_score"]))
     if "trivial" in metrics:
@@ -193,11 +225,16 @@ def summary_table(metrics: dict) -> str:
 
 def multitask_summary_table(metrics: dict) -> str:
     """A one-screen summary of a finished multi-task run: per-task metrics and storage in bytes."""
-    title = (f"multitask {','.join(metrics['tasks'])} | {metrics['model']} | {metrics['method']} {metrics['prototype']}"
-             f" | mask {metrics['mask_combine']} sparsity {metrics['mask_sparsity']}"
-             f"{' | frozen prototype' if metrics.get('prototype_frozen') else ''} | seed {metrics['seed']}")
-    rows = [_row(f"{task} {name}", result["selection"].get(name), value)
-            for task, result in metrics["per_task"].items() for name, value in result["test"].items()]
+    title = (
+        f"multitask {','.join(metrics['tasks'])} | {metrics['model']} | {metrics['method']} {metrics['prototype']}"
+        f" | mask {metrics['mask_combine']} sparsity {metrics['mask_sparsity']}"
+        f"{' | frozen prototype' if metrics.get('prototype_frozen') else ''} | seed {metrics['seed']}"
+    )
+    rows = [
+        _row(f"{task} {name}", result["selection"].get(name), value)
+        for task, result in metrics["per_task"].items()
+        for name, value in result["test"].items()
+    ]
     rows.append(_row("mean test score", "", metrics["mean_test_score"]))
     return _summary(title, "task / metric", rows, metrics)
 
@@ -210,8 +247,10 @@ def storage_lines(storage: dict) -> list[str]:
     heading = ("storage, bytes", "without heads", "with heads") if several else ("storage", "without head", "with head")
     rows, coding_rows = (MULTITASK_STORAGE_ROWS, MULTITASK_CODING_ROWS) if several else (STORAGE_ROWS, CODING_ROWS)
     lines = ["", _row(*heading)]
-    lines += [_row(label, storage.get(without), storage.get(with_head) if with_head else "")
-              for label, without, with_head in rows]
+    lines += [
+        _row(label, storage.get(without), storage.get(with_head) if with_head else "")
+        for label, without, with_head in rows
+    ]
     if "mask_coding" in storage:
         written = f"as written: masks {storage['mask_coding']}, dense {storage['dtype']}"
         lines += ["", _wide_row(written, "without head")]

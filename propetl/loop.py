@@ -1,6 +1,7 @@
 """The training/evaluation loop: AdamW with parameter groups, linear warm-up/decay, evaluation every
 epoch, best epoch chosen on the selection split. Reads top to bottom; knows nothing of methods.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,10 +33,14 @@ def parameter_groups(model: nn.Module, cfg, head_names: set[str]) -> list[dict]:
     the tensors whose name holds a key of peft.lrs at that lr (VB-LoRA's vector bank)."""
     t = cfg.trainer
     own = dict(OmegaConf.select(cfg, "peft.lrs", default=None) or {}) if cfg.method.name == "peft" else {}
-    settings = {"weights": (t.lr, t.weight_decay), "weights_no_decay": (t.lr, 0.0),
-                **{f"weights/{key}": (lr, t.weight_decay) for key, lr in own.items()},
-                "masks": (cfg.mask.lr, cfg.mask.weight_decay),
-                "head": (t.head_lr, t.weight_decay), "head_no_decay": (t.head_lr, 0.0)}
+    settings = {
+        "weights": (t.lr, t.weight_decay),
+        "weights_no_decay": (t.lr, 0.0),
+        **{f"weights/{key}": (lr, t.weight_decay) for key, lr in own.items()},
+        "masks": (cfg.mask.lr, cfg.mask.weight_decay),
+        "head": (t.head_lr, t.weight_decay),
+        "head_no_decay": (t.head_lr, 0.0),
+    }
     weights = methods.petl_weights(model)
     scores = {id(p) for p in weights.score_parameters()} if weights is not None else set()
     groups = {key: [] for key in settings}
@@ -51,8 +56,11 @@ def parameter_groups(model: nn.Module, cfg, head_names: set[str]) -> list[dict]:
             groups[f"weights/{key}"].append(p)
         else:
             groups["weights" + suffix].append(p)
-    return [{"params": params, "name": key, "lr": float(settings[key][0]), "weight_decay": float(settings[key][1])}
-            for key, params in groups.items() if params]
+    return [
+        {"params": params, "name": key, "lr": float(settings[key][0]), "weight_decay": float(settings[key][1])}
+        for key, params in groups.items()
+        if params
+    ]
 
 
 def warmup_steps(cfg, total_steps: int) -> int:
@@ -79,7 +87,7 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-AUTO_EVAL_BATCH = {"cuda": 256, "cpu": 64}    # trainer.eval_batch_size=auto, by device type (others: the cpu's)
+AUTO_EVAL_BATCH = {"cuda": 256, "cpu": 64}  # trainer.eval_batch_size=auto, by device type (others: the cpu's)
 
 
 def eval_batch_size(setting, device: torch.device) -> int:
@@ -93,8 +101,9 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader, device: torch.device, precision: str = "fp32", desc: str = "eval",
-            progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def predict(
+    model: nn.Module, loader, device: torch.device, precision: str = "fp32", desc: str = "eval", progress: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """(logits [N, C], labels [N]) over a loader, in eval mode."""
     model.eval()
     logits, labels = [], []
@@ -106,16 +115,18 @@ def predict(model: nn.Module, loader, device: torch.device, precision: str = "fp
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
 
-def predict_task(model, loader, task_cfg, device, precision="fp32", desc="eval",
-                 progress=False) -> tuple[np.ndarray, np.ndarray]:
+def predict_task(
+    model, loader, task_cfg, device, precision="fp32", desc="eval", progress=False
+) -> tuple[np.ndarray, np.ndarray]:
     """(predictions [N]: class ids, or the score for regression; labels [N]) over a task's loader, in eval mode."""
     logits, labels = predict(model, loader, device, precision, desc, progress)
     return glue_metrics.predictions_from_logits(logits, int(task_cfg.num_labels)), labels
 
 
 def evaluate(model, loader, task_cfg, device, precision="fp32", desc="eval", progress=False) -> dict[str, float]:
-    return glue_metrics.compute(list(task_cfg.metrics), *predict_task(model, loader, task_cfg, device, precision,
-                                                                      desc, progress))
+    return glue_metrics.compute(
+        list(task_cfg.metrics), *predict_task(model, loader, task_cfg, device, precision, desc, progress)
+    )
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -133,12 +144,13 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 @dataclass
 class FitResult:
     """The loop's state while it runs (everything resume needs), and its result when done."""
-    epoch: int = 0                       # epochs completed
-    step_in_epoch: int = 0               # batches done in the current epoch
+
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # batches done in the current epoch
     steps: int = 0
     epoch_losses: list = field(default_factory=list)
-    epoch_correct: dict = field(default_factory=dict)   # task index -> [right, rows] of the epoch's classifications
-    epoch_seconds: float = 0.0           # time spent in the current epoch so far
+    epoch_correct: dict = field(default_factory=dict)  # task index -> [right, rows] of the epoch's classifications
+    epoch_seconds: float = 0.0  # time spent in the current epoch so far
     best_epoch: int = -1
     best_score: float = -math.inf
     best_selection: dict = field(default_factory=dict)
@@ -155,14 +167,26 @@ class Diverged(Exception):
     def __init__(self, step: int, what: str, cfg, directory=None):
         t = cfg.trainer
         kept = f"the last checkpoint stays in {directory}" if directory is not None else "nothing was saved"
-        super().__init__(f"training stopped at step {step}: {what} is not finite; likely cause: learning rates too "
-                         f"large for this run (trainer.lr={t.lr}, trainer.head_lr={t.head_lr}, mask.lr={cfg.mask.lr}) "
-                         f"or overflow in trainer.precision={t.precision}; {kept}")
+        super().__init__(
+            f"training stopped at step {step}: {what} is not finite; likely cause: learning rates too "
+            f"large for this run (trainer.lr={t.lr}, trainer.head_lr={t.head_lr}, mask.lr={cfg.mask.lr}) "
+            f"or overflow in trainer.precision={t.precision}; {kept}"
+        )
 
 
-def fit(model, train_loader, select, cfg, head_names: set[str], device, log_fn=lambda record: None,
-        checkpointer=None, ctx: distributed.Context = distributed.Context(), task_names=None,
-        eval_rows: tuple[int, int] = (0, 0)) -> FitResult:
+def fit(
+    model,
+    train_loader,
+    select,
+    cfg,
+    head_names: set[str],
+    device,
+    log_fn=lambda record: None,
+    checkpointer=None,
+    ctx: distributed.Context | None = None,
+    task_names=None,
+    eval_rows: tuple[int, int] = (0, 0),
+) -> FitResult:
     """Train for cfg.trainer.epochs (or until cfg.trainer.max_steps), calling `select(model)` ->
     (selection metrics, score) after every epoch (train.py: the mean of the tasks' scores; one task: its
     score); keeps the best epoch's trainable weights in result.best_state. `log_fn` gets every
@@ -175,6 +199,7 @@ def fit(model, train_loader, select, cfg, head_names: set[str], device, log_fn=l
     and every checkpointer.save_steps steps, and on SIGINT/SIGTERM saves and raises Interrupted.
     Data-parallel (ctx.world_size > 1): each process trains on its slice of every batch through DDP.
     `eval_rows`: (selection rows, test rows), for the whole run's ETA (step_log.EvalPlan)."""
+    ctx = ctx or distributed.Context()  # one process
     t = cfg.trainer
     steps_per_epoch = len(train_loader)
     total_steps = int(t.epochs) * steps_per_epoch
@@ -184,12 +209,18 @@ def fit(model, train_loader, select, cfg, head_names: set[str], device, log_fn=l
     optimizer, scheduler = make_optimizer(model, cfg, head_names, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=(t.precision == "fp16"))
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
-    train_model = distributed.wrap(model, ctx, device)     # DDP when data-parallel, else the model itself
+    train_model = distributed.wrap(model, ctx, device)  # DDP when data-parallel, else the model itself
     progress = bool(t.progress)
     evaluation = EvalPlan(epochs, int(t.batch_size), *eval_rows)
-    step_log = StepLog(int(t.log_every_steps), total_steps, cfg.method.name, log_fn, lines=not bar_shown(progress),
-                       evaluation=evaluation)
-    data_order = train_loader.generator          # its state when an epoch begins fixes that epoch's batches
+    step_log = StepLog(
+        int(t.log_every_steps),
+        total_steps,
+        cfg.method.name,
+        log_fn,
+        lines=not bar_shown(progress),
+        evaluation=evaluation,
+    )
+    data_order = train_loader.generator  # its state when an epoch begins fixes that epoch's batches
     result, epoch_order = FitResult(), data_order.get_state()
     if checkpointer is not None and checkpointer.exists():
         result, epoch_order = checkpointer.load(model, optimizer, scheduler, scaler, FitResult)
@@ -222,8 +253,10 @@ def fit(model, train_loader, select, cfg, head_names: set[str], device, log_fn=l
 
     def train_accuracy() -> dict[str, float]:
         """The epoch's training accuracy per classification task (fit's docstring)."""
-        return {f"train/{task_names[int(i)]}/accuracy" if task_names else "train/accuracy": right / rows
-                for i, (right, rows) in sorted(result.epoch_correct.items(), key=lambda item: int(item[0]))}
+        return {
+            f"train/{task_names[int(i)]}/accuracy" if task_names else "train/accuracy": right / rows
+            for i, (right, rows) in sorted(result.epoch_correct.items(), key=lambda item: int(item[0]))
+        }
 
     def resume_dir():
         return checkpointer.directory if checkpointer is not None and checkpointer.exists() else None
@@ -231,17 +264,17 @@ def fit(model, train_loader, select, cfg, head_names: set[str], device, log_fn=l
     def save_checkpoint(order_state):
         if checkpointer is None:
             return
-        if not all(bool(torch.isfinite(p).all()) for p in trainable):     # never a diverged state on disk
+        if not all(bool(torch.isfinite(p).all()) for p in trainable):  # never a diverged state on disk
             raise Diverged(result.steps, "a trainable weight", cfg, resume_dir())
         checkpointer.save(result, model, optimizer, scheduler, scaler, order_state)
 
     def stop_if_diverged(loss: float) -> None:
-        if distributed.any_process(ctx, not math.isfinite(loss)):     # every process stops at this step
+        if distributed.any_process(ctx, not math.isfinite(loss)):  # every process stops at this step
             where = "" if not math.isfinite(loss) else " here; not finite on at least one process"
             raise Diverged(result.steps + 1, f"the training loss ({loss}{where})", cfg, resume_dir())
 
     def stop_if_asked(stop) -> None:
-        if distributed.any_process(ctx, stop.signum is not None):        # every process stops at the same step
+        if distributed.any_process(ctx, stop.signum is not None):  # every process stops at the same step
             raise Interrupted(stop.signum or signal.SIGTERM, checkpointer.directory)
 
     def end_epoch() -> None:
@@ -249,14 +282,26 @@ def fit(model, train_loader, select, cfg, head_names: set[str], device, log_fn=l
         started = time.perf_counter()
         selection, score = select(model)
         evaluation.pass_seconds = time.perf_counter() - started
-        record = {"epoch": result.epoch + 1, "step": result.steps, "train_loss": float(np.mean(result.epoch_losses)),
-                  **train_accuracy(), "epoch_seconds": result.epoch_seconds,
-                  **{f"select/{k}": v for k, v in selection.items()}}
+        record = {
+            "epoch": result.epoch + 1,
+            "step": result.steps,
+            "train_loss": float(np.mean(result.epoch_losses)),
+            **train_accuracy(),
+            "epoch_seconds": result.epoch_seconds,
+            **{f"select/{k}": v for k, v in selection.items()},
+        }
         result.history.append(record)
         result.train_seconds += result.epoch_seconds
         log_fn(record)
-        logger.info("epoch %d/%d: step %d, train loss %.4f, selection score %.4f, %.0f s", result.epoch + 1, epochs,
-                    result.steps, record["train_loss"], score, result.epoch_seconds)
+        logger.info(
+            "epoch %d/%d: step %d, train loss %.4f, selection score %.4f, %.0f s",
+            result.epoch + 1,
+            epochs,
+            result.steps,
+            record["train_loss"],
+            score,
+            result.epoch_seconds,
+        )
         if score > result.best_score and selectable(cfg, result.steps, total_steps, result.epoch + 1, epochs):
             result.best_epoch, result.best_score, result.best_selection = result.epoch + 1, score, selection
             result.best_state = trainable_state(model)
@@ -278,8 +323,14 @@ def fit(model, train_loader, select, cfg, head_names: set[str], device, log_fn=l
                 next(batches)
             start = time.perf_counter()
             step_log.restart(result.steps)
-            bar = tqdm(batches, desc=f"epoch {result.epoch + 1}/{epochs}", initial=result.step_in_epoch,
-                       total=steps_per_epoch, leave=False, disable=not progress or None)
+            bar = tqdm(
+                batches,
+                desc=f"epoch {result.epoch + 1}/{epochs}",
+                initial=result.step_in_epoch,
+                total=steps_per_epoch,
+                leave=False,
+                disable=not progress or None,
+            )
 
             for batch in bar:
                 result.examples_seen += batch["input_ids"].shape[0]
@@ -294,7 +345,7 @@ def fit(model, train_loader, select, cfg, head_names: set[str], device, log_fn=l
                 if result.steps >= total_steps or result.step_in_epoch >= steps_per_epoch:
                     break
                 stopping = distributed.any_process(ctx, stop.signum is not None)
-                if stopping or (save_steps and result.steps % save_steps == 0):       # a checkpoint mid-epoch
+                if stopping or (save_steps and result.steps % save_steps == 0):  # a checkpoint mid-epoch
                     result.epoch_seconds += time.perf_counter() - start
                     start = time.perf_counter()
                     save_checkpoint(epoch_order)

@@ -23,6 +23,7 @@ its length (8 bytes, little-endian). Reading decodes, then checks the digest and
 file is refused in one line (MaskCodingError), never decoded into a wrong mask.
 Format 1 (still read): the shapes in metadata `shapes`, no `masks`; one uint8 tensor per name, bit-packed as `bits`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,8 +34,8 @@ from pathlib import Path
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-LAYER_MASKS_FILE = "layer_masks.safetensors"    # a checkpoint's layer masks: shared/ (checkpoint.py names the others)
-MASKS_FILE = "masks.safetensors"                # the same in the flat layout of a one-task checkpoint, formats 1-3
+LAYER_MASKS_FILE = "layer_masks.safetensors"  # a checkpoint's layer masks: shared/ (checkpoint.py names the others)
+MASKS_FILE = "masks.safetensors"  # the same in the flat layout of a one-task checkpoint, formats 1-3
 CODINGS = ("bits", "entropy")
 BLOB = "masks"
 DIGEST_BYTES = 32
@@ -45,6 +46,7 @@ class MaskCodingError(ValueError):
 
 
 # ----------------------------------------------------------------------------- information content
+
 
 def information_bits(n: int, k: int) -> float:
     """log2 C(n, k): the bits that say which k of n entries are ones (math.lgamma: no big integers)."""
@@ -80,6 +82,7 @@ def information_bits_of(masks: dict) -> float:
 
 # ----------------------------------------------------------------------------- the entropy coder
 
+
 def _probabilities(layout: list) -> np.ndarray:
     """Every entry's Bernoulli probability, k/n of its mask, in payload order."""
     parts = []
@@ -91,14 +94,14 @@ def _probabilities(layout: list) -> np.ndarray:
 
 
 def _bernoulli():
-    import constriction                        # late import: only coding needs it
+    import constriction  # late import: only coding needs it
 
     return constriction, constriction.stream.model.Bernoulli(perfect=False)
 
 
 def _entropy_encode(bits: np.ndarray, p: np.ndarray) -> bytes:
     constriction, model = _bernoulli()
-    live = (p > 0) & (p < 1)                   # all-zero / all-one masks: nothing to say
+    live = (p > 0) & (p < 1)  # all-zero / all-one masks: nothing to say
     encoder = constriction.stream.queue.RangeEncoder()
     if live.any():
         encoder.encode(bits[live].astype(np.int32), model, p[live])
@@ -115,12 +118,13 @@ def _entropy_decode(payload: bytes, p: np.ndarray) -> np.ndarray:
         words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
         try:
             bits[live] = constriction.stream.queue.RangeDecoder(words).decode(model, p[live]) != 0
-        except Exception as error:                # the coder's own complaint about a broken stream
+        except Exception as error:  # noqa: BLE001 (the coder's own complaint about a broken stream)
             raise MaskCodingError(f"coded masks do not decode ({str(error).splitlines()[0]}; corrupted file)") from None
     return bits
 
 
 # ----------------------------------------------------------------------------- format 2
+
 
 def _digest(metadata: dict[str, str], payload: bytes, bits: np.ndarray) -> bytes:
     h = hashlib.sha256()
@@ -166,8 +170,12 @@ def _layout(metadata: dict[str, str]) -> list:
         for name, shape, ones in layout:
             count, _ = _count_entries(shape)
             ones = ones if isinstance(ones, list) else [ones] * count
-            if not (isinstance(name, str) and all(isinstance(d, int) and d >= 0 for d in shape)
-                    and len(ones) == count and all(isinstance(k, int) for k in ones)):
+            if not (
+                isinstance(name, str)
+                and all(isinstance(d, int) and d >= 0 for d in shape)
+                and len(ones) == count
+                and all(isinstance(k, int) for k in ones)
+            ):
                 raise ValueError(name)
         return layout
     except (KeyError, ValueError, TypeError) as error:
@@ -191,7 +199,9 @@ def decode(tensors: dict, metadata: dict[str, str]) -> dict[str, np.ndarray]:
     total = sum(math.prod(shape) for _, shape, _ in layout)
     if coding == "bits":
         if len(payload) != math.ceil(total / 8):
-            raise MaskCodingError(f"{len(payload)} bytes of packed masks, {math.ceil(total / 8)} expected (corrupted file)")
+            raise MaskCodingError(
+                f"{len(payload)} bytes of packed masks, {math.ceil(total / 8)} expected (corrupted file)"
+            )
         bits = np.unpackbits(np.frombuffer(payload, dtype=np.uint8), count=total).astype(bool)
     else:
         bits = _entropy_decode(payload, _probabilities(layout))
@@ -200,7 +210,7 @@ def decode(tensors: dict, metadata: dict[str, str]) -> dict[str, np.ndarray]:
     out, start = {}, 0
     for name, shape, ones in layout:
         n = math.prod(shape)
-        values = bits[start:start + n]
+        values = bits[start : start + n]
         start += n
         found = _as_rows(values, shape).sum(axis=1)
         if not np.array_equal(found, np.broadcast_to(np.asarray(ones), found.shape)):
@@ -212,8 +222,12 @@ def decode(tensors: dict, metadata: dict[str, str]) -> dict[str, np.ndarray]:
 def _decode_format1(tensors: dict, metadata: dict[str, str]) -> dict[str, np.ndarray]:
     try:
         shapes = json.loads(metadata.get("shapes", "{}"))
-        return {name: np.unpackbits(np.asarray(tensors[name], dtype=np.uint8), count=math.prod(shapes[name]))
-                .astype(np.float32).reshape(shapes[name]) for name in tensors}
+        return {
+            name: np.unpackbits(np.asarray(tensors[name], dtype=np.uint8), count=math.prod(shapes[name]))
+            .astype(np.float32)
+            .reshape(shapes[name])
+            for name in tensors
+        }
     except (KeyError, ValueError, TypeError) as error:
         raise MaskCodingError(f"mask shapes missing or wrong ({error})") from None
 
@@ -230,7 +244,7 @@ def read_file(path) -> dict[str, np.ndarray]:
     try:
         with safe_open(str(path), framework="np") as f:
             metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (a safetensors handle)
     except (SafetensorError, OSError, ValueError) as error:
         raise MaskCodingError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
     return decode(tensors, metadata)

@@ -7,6 +7,7 @@ straight through to the scores (edge-popup supermasks, as in the ProPETL referen
 Masks of all layers for one prototype weight are stored stacked, scores [L, *shape], so one batched
 top-k per step binarises every layer. How masks are written: propetl/mask_coding.py.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,7 +31,7 @@ def ones_per_mask(numel: int, sparsity: float) -> int:
 def topk_binary(magnitudes: torch.Tensor, n_ones: int) -> torch.Tensor:
     """Row-wise top-k over [rows, n]: 1.0 at the n_ones largest entries of each row, else 0.0. torch.topk selects
     the smaller side (no full sort) and breaks ties, so every row has exactly n_ones ones."""
-    rows, n = magnitudes.shape
+    _, n = magnitudes.shape
     if n_ones >= n:
         return torch.ones_like(magnitudes)
     if n_ones <= n - n_ones:
@@ -82,8 +83,15 @@ class LayerMasks(nn.Module):
     until the scores change (their version counter moves at every optimizer step) or `invalidate()` is called
     (the model does so before every forward pass with grad)."""
 
-    def __init__(self, count: int, shape: tuple[int, ...], sparsity: float, kind: str = "learned", seed: int = 0,
-                 score_fan_in: int | None = None):
+    def __init__(
+        self,
+        count: int,
+        shape: tuple[int, ...],
+        sparsity: float,
+        kind: str = "learned",
+        seed: int = 0,
+        score_fan_in: int | None = None,
+    ):
         super().__init__()
         if kind not in MASK_KINDS:
             raise ValueError(f"mask.kind={kind!r} is not one of: {', '.join(MASK_KINDS)}")
@@ -129,8 +137,9 @@ class LayerMasks(nn.Module):
             raise ValueError(f"mask shape {tuple(masks.shape)} != expected {tuple(self.scores.shape)}")
         ones = masks.reshape(self.count, -1).sum(dim=1)
         if self.kind != "none" and not torch.all(ones == self.ones_per_mask):
-            raise ValueError(f"mask has {ones.tolist()} ones per layer, expected {self.ones_per_mask} at sparsity "
-                             f"{self.sparsity}")
+            raise ValueError(
+                f"mask has {ones.tolist()} ones per layer, expected {self.ones_per_mask} at sparsity {self.sparsity}"
+            )
         self.scores.copy_(masks.to(self.scores.dtype))
         self.invalidate()
 
@@ -164,8 +173,17 @@ class TaskLayerMasks(nn.Module):
     """Multi-task masks for one prototype weight: T task masks and L layer masks, each a LayerMasks
     with its own scores and sparsity; `forward(task)` gives that task's [L, *shape] combined masks."""
 
-    def __init__(self, num_tasks: int, num_layers: int, shape: tuple[int, ...], sparsity: float,
-                 how: str = "or", kind: str = "learned", seed: int = 0, score_fan_in: int | None = None):
+    def __init__(
+        self,
+        num_tasks: int,
+        num_layers: int,
+        shape: tuple[int, ...],
+        sparsity: float,
+        how: str = "or",
+        kind: str = "learned",
+        seed: int = 0,
+        score_fan_in: int | None = None,
+    ):
         super().__init__()
         if how not in COMBINES:
             raise ValueError(f"mask.combine={how!r} is not one of: {', '.join(COMBINES)}")
@@ -179,4 +197,3 @@ class TaskLayerMasks(nn.Module):
     def invalidate(self) -> None:
         self.tasks.invalidate()
         self.layers.invalidate()
-

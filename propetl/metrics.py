@@ -1,5 +1,6 @@
 """GLUE metrics (scikit-learn / scipy) and the paper's aggregate scores. Every metric is a fraction (accuracy 0.76,
 not 76); tables multiply by 100."""
+
 from __future__ import annotations
 
 import warnings
@@ -10,7 +11,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 METRICS = ("accuracy", "f1", "matthews", "pearson", "spearman")
-MIN_ROWS = 2                  # a selection or test split needs two rows: correlations are undefined on one
+MIN_ROWS = 2  # a selection or test split needs two rows: correlations are undefined on one
 
 
 def metrics_for(num_labels: int) -> tuple[str, ...]:
@@ -25,9 +26,18 @@ def selections_for(names: Sequence[str]) -> tuple[str, ...]:
     compute gives when there are several)."""
     return (*names, "combined") if len(names) > 1 else tuple(names)
 
+
 # The 11 numbers the paper averages (its statistics.py): two for MRPC, QQP and STS-B, one elsewhere.
-GLUE_NUMBERS = {"cola": ("matthews",), "sst2": ("accuracy",), "mrpc": ("accuracy", "f1"), "qqp": ("accuracy", "f1"),
-                "stsb": ("pearson", "spearman"), "mnli": ("accuracy",), "qnli": ("accuracy",), "rte": ("accuracy",)}
+GLUE_NUMBERS = {
+    "cola": ("matthews",),
+    "sst2": ("accuracy",),
+    "mrpc": ("accuracy", "f1"),
+    "qqp": ("accuracy", "f1"),
+    "stsb": ("pearson", "spearman"),
+    "mnli": ("accuracy",),
+    "qnli": ("accuracy",),
+    "rte": ("accuracy",),
+}
 
 
 def predictions_from_logits(logits: np.ndarray, num_labels: int) -> np.ndarray:
@@ -48,7 +58,7 @@ def compute(names: Sequence[str], predictions: np.ndarray, labels: np.ndarray) -
         elif name == "matthews":
             out[name] = float(matthews_corrcoef(labels, predictions))
         elif name in ("pearson", "spearman"):
-            with warnings.catch_warnings():                 # constant predictions: undefined, counted as 0
+            with warnings.catch_warnings():  # constant predictions: undefined, counted as 0
                 warnings.simplefilter("ignore")
                 correlation = pearsonr if name == "pearson" else spearmanr
                 value = correlation(predictions, labels)[0]
@@ -60,8 +70,9 @@ def compute(names: Sequence[str], predictions: np.ndarray, labels: np.ndarray) -
     return out
 
 
-def trivial_baseline(task: str, names: Sequence[str], train_labels: Sequence, test_labels: Sequence,
-                     regression: bool) -> dict:
+def trivial_baseline(
+    task: str, names: Sequence[str], train_labels: Sequence, test_labels: Sequence, regression: bool
+) -> dict:
     """Where chance is: the test metrics of always answering the train split's majority class (classification) or mean
     score (regression: a constant has no correlation, Pearson/Spearman count as 0). From the labels, never trained."""
     train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)

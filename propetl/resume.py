@@ -11,6 +11,7 @@ loop state (Checkpointer._check_fits): an edited, resealed state names its file 
 the old one and renamed into place: a crash leaves the previous checkpoint intact. SIGINT/SIGTERM: the step in flight
 finishes, a checkpoint is written, the run exits.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,22 +29,35 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from propetl.checkpoint import OBJECT, read_safetensors, safetensors_shapes
 from propetl.files import CheckpointError, check_seal, recover_folder_swap, seal, write_folder_atomically
 from propetl.fingerprint import describe, differences, fingerprint
-from propetl.checkpoint import OBJECT, read_safetensors, safetensors_shapes
 from propetl.methods import rules
 
 STATE_JSON, STATE_TENSORS = "state.json", "state.safetensors"
 START_OVER = "trainer.resume=false starts the run over"
 LIST = rules.Rule(lambda v: isinstance(v, list), "a list")
-SHAPE = rules.Rule(lambda v: isinstance(v, list) and all(rules.integer().accepts(d) and d >= 0 for d in v),
-                   "a list of sizes")
+SHAPE = rules.Rule(
+    lambda v: isinstance(v, list) and all(rules.integer().accepts(d) and d >= 0 for d in v), "a list of sizes"
+)
 NAMES = rules.Rule(lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v), "a list of tensor names")
-STATE_RULES = {"fingerprint": OBJECT, "result": OBJECT, "rng": OBJECT, "optimizer": OBJECT, "scheduler": OBJECT,
-               "scaler": OBJECT, "parameters": NAMES, "best": NAMES,
-               "extra": rules.Rule(lambda v: isinstance(v, dict) and all(isinstance(x, (str, type(None)))
-                                                                         for x in v.values()), "an object of texts"),
-               "optimizer.param_groups": LIST, "optimizer.state_keys": OBJECT, "optimizer.state_shapes": OBJECT}
+STATE_RULES = {
+    "fingerprint": OBJECT,
+    "result": OBJECT,
+    "rng": OBJECT,
+    "optimizer": OBJECT,
+    "scheduler": OBJECT,
+    "scaler": OBJECT,
+    "parameters": NAMES,
+    "best": NAMES,
+    "extra": rules.Rule(
+        lambda v: isinstance(v, dict) and all(isinstance(x, (str, type(None))) for x in v.values()),
+        "an object of texts",
+    ),
+    "optimizer.param_groups": LIST,
+    "optimizer.state_keys": OBJECT,
+    "optimizer.state_shapes": OBJECT,
+}
 RNG_TENSORS = ("rng/torch", "rng/numpy", "rng/data_order")
 
 
@@ -66,7 +80,7 @@ class StopOnSignal:
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:          # not the main thread: leave signals alone
+            except ValueError:  # not the main thread: leave signals alone
                 pass
         return self
 
@@ -83,9 +97,13 @@ def _rng_state() -> tuple[dict, dict]:
     """(json part, tensor part) of the python, numpy and torch RNG states."""
     py_version, py_state, py_gauss = random.getstate()
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    return ({"python": [py_version, list(py_state), py_gauss],
-             "numpy": [np_kind, int(np_pos), int(np_has_gauss), float(np_gauss)]},
-            {"rng/torch": torch.get_rng_state(), "rng/numpy": torch.from_numpy(np_keys.astype(np.int64))})
+    return (
+        {
+            "python": [py_version, list(py_state), py_gauss],
+            "numpy": [np_kind, int(np_pos), int(np_has_gauss), float(np_gauss)],
+        },
+        {"rng/torch": torch.get_rng_state(), "rng/numpy": torch.from_numpy(np_keys.astype(np.int64))},
+    )
 
 
 def _refuse(path: Path, what: str) -> NoReturn:
@@ -103,9 +121,12 @@ def _rng_states(meta: dict, tensors: dict, path: Path) -> tuple:
     try:
         version, state, gauss = meta["python"]
         kind, pos, has_gauss, np_gauss = meta["numpy"]
-        states = ((version, tuple(state), gauss),
-                  (kind, tensors["rng/numpy"].numpy().astype(np.uint32), pos, has_gauss, np_gauss),
-                  tensors["rng/torch"], tensors["rng/data_order"])
+        states = (
+            (version, tuple(state), gauss),
+            (kind, tensors["rng/numpy"].numpy().astype(np.uint32), pos, has_gauss, np_gauss),
+            tensors["rng/torch"],
+            tensors["rng/data_order"],
+        )
         random.Random().setstate(states[0])
         np.random.RandomState().set_state(states[1])
         for state in states[2:]:
@@ -125,21 +146,33 @@ def check_state(meta, directory: Path) -> None:
         _check(path, key, meta[section].get(name) if name else meta.get(key), rule)
     optimizer, moments = meta["optimizer"], {}
     for index, keys in optimizer["state_keys"].items():
-        _check(path, f"optimizer.state_keys.{index}", keys,
-               rules.Rule(lambda v: index.isdecimal() and NAMES.accepts(v), "a parameter's index: its moments' names"))
+        _check(
+            path,
+            f"optimizer.state_keys.{index}",
+            keys,
+            rules.Rule(
+                lambda v, index=index: index.isdecimal() and NAMES.accepts(v), "a parameter's index: its moments' names"
+            ),
+        )
         for key in keys:
             shape = optimizer["state_shapes"].get(f"{index}/{key}")
             _check(path, f"optimizer.state_shapes.{index}/{key}", shape, SHAPE)
             moments[f"opt/{index}/{key}"] = math.prod(shape)
     shapes = safetensors_shapes(directory / STATE_TENSORS)
-    for name in [*(f"param/{n}" for n in meta["parameters"]), *(f"best/{n}" for n in meta["best"]), *moments,
-                 *RNG_TENSORS]:
+    for name in [
+        *(f"param/{n}" for n in meta["parameters"]),
+        *(f"best/{n}" for n in meta["best"]),
+        *moments,
+        *RNG_TENSORS,
+    ]:
         if name not in shapes:
             _refuse(directory / STATE_TENSORS, f"no tensor '{name}' (named in {STATE_JSON})")
     for name, size in moments.items():
         if math.prod(shapes[name]) != size:
-            _refuse(path, f"optimizer.state_shapes.{name[4:]} has {size} entries, its tensor '{name}' "
-                          f"{math.prod(shapes[name])}")
+            _refuse(
+                path,
+                f"optimizer.state_shapes.{name[4:]} has {size} entries, its tensor '{name}' {math.prod(shapes[name])}",
+            )
 
 
 JSON_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "text", type(None): "null"}
@@ -167,13 +200,16 @@ def _misfit(saved, fresh, key: str) -> str | None:
 def _check_result(path: Path, saved: dict, result_type) -> None:
     """The saved result's fields: each of result_type's (best_state aside), of its default's type; counts not below
     their default (0, or -1 for none yet)."""
-    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                for f in dataclasses.fields(result_type) if f.name != "best_state"}
+    defaults = {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(result_type)
+        if f.name != "best_state"
+    }
     for name in sorted(set(defaults) ^ set(saved)):
         _refuse(path, f"result.{name} is {'missing' if name in defaults else 'not a field of the loop state'}")
     for name, default in defaults.items():
         value = saved[name]
-        if isinstance(default, list):                   # of any length
+        if isinstance(default, list):  # of any length
             _check(path, f"result.{name}", value, LIST)
         elif misfit := _misfit(value, default, f"result.{name}"):
             _refuse(path, misfit)
@@ -186,13 +222,13 @@ class Checkpointer:
 
     def __init__(self, run_dir: Path, cfg, save_steps: int | None = None, writes: bool = True):
         self.directory = Path(run_dir) / "resume"
-        self.writes = writes                       # False on the other processes of a data-parallel run
-        self.fingerprint = fingerprint(cfg)        # the whole computation (propetl/fingerprint.py)
+        self.writes = writes  # False on the other processes of a data-parallel run
+        self.fingerprint = fingerprint(cfg)  # the whole computation (propetl/fingerprint.py)
         self.save_steps = save_steps
-        self.extra: dict = {}                      # e.g. the W&B run id, restored on load
-        self._checked: dict | None = None          # state.json once check_fingerprint passed (until the next save)
+        self.extra: dict = {}  # e.g. the W&B run id, restored on load
+        self._checked: dict | None = None  # state.json once check_fingerprint passed (until the next save)
         if writes:
-            recover_folder_swap(self.directory)    # a kill inside the last save's folder swap
+            recover_folder_swap(self.directory)  # a kill inside the last save's folder swap
 
     def exists(self) -> bool:
         return (self.directory / STATE_JSON).exists()
@@ -201,7 +237,7 @@ class Checkpointer:
         return (self._checked or self.check_fingerprint())["extra"] if self.exists() else {}
 
     def save(self, result, model, optimizer, scheduler, scaler, data_order_state: torch.Tensor) -> None:
-        self._checked = None                       # what was checked is about to be replaced
+        self._checked = None  # what was checked is about to be replaced
         if not self.writes:
             return
         parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -214,18 +250,27 @@ class Checkpointer:
         tensors.update(rng_tensors)
         tensors["rng/data_order"] = data_order_state
         fields = {k: v for k, v in dataclasses.asdict(result).items() if k != "best_state"}
-        meta = {"fingerprint": self.fingerprint, "result": fields, "rng": rng_meta, "extra": self.extra,
-                "optimizer": {"param_groups": optimizer_state["param_groups"],
-                              "state_keys": {str(i): sorted(s) for i, s in optimizer_state["state"].items()},
-                              "state_shapes": {name: list(v.shape) for name, v in moments.items()}},
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "parameters": sorted(parameters), "best": sorted(result.best_state)}
+        meta = {
+            "fingerprint": self.fingerprint,
+            "result": fields,
+            "rng": rng_meta,
+            "extra": self.extra,
+            "optimizer": {
+                "param_groups": optimizer_state["param_groups"],
+                "state_keys": {str(i): sorted(s) for i, s in optimizer_state["state"].items()},
+                "state_shapes": {name: list(v.shape) for name, v in moments.items()},
+            },
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "parameters": sorted(parameters),
+            "best": sorted(result.best_state),
+        }
 
         def build(folder: Path) -> None:
             save_file(tensors, str(folder / STATE_TENSORS))
             (folder / STATE_JSON).write_text(json.dumps(meta, default=float))
             seal(folder)
-            for path in folder.iterdir():          # on disk before the swap makes it the checkpoint
+            for path in folder.iterdir():  # on disk before the swap makes it the checkpoint
                 with open(path, "rb") as f:
                     os.fsync(f.fileno())
 
@@ -242,8 +287,10 @@ class Checkpointer:
             raise CheckpointError(f"cannot read {path}: {error}") from None
         check_state(meta, self.directory)
         if changed := differences(meta.get("fingerprint", {}), self.fingerprint):
-            raise CheckpointError(f"{self.directory} was trained with another config ({describe(changed)}); "
-                                  f"use the same config or trainer.resume=false to start over")
+            raise CheckpointError(
+                f"{self.directory} was trained with another config ({describe(changed)}); "
+                f"use the same config or trainer.resume=false to start over"
+            )
         self._checked = meta
         return meta
 
@@ -255,12 +302,14 @@ class Checkpointer:
         parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self._check_fits(meta, tensors, parameters, optimizer, scheduler, scaler, result_type)
         rng = _rng_states(meta["rng"], tensors, self.directory / STATE_JSON)
-        with torch.no_grad():                      # all checked: nothing below refuses
+        with torch.no_grad():  # all checked: nothing below refuses
             for name, parameter in parameters.items():
                 parameter.copy_(tensors[f"param/{name}"])
         shapes = meta["optimizer"]["state_shapes"]
-        state = {int(i): {k: tensors[f"opt/{i}/{k}"].reshape(shapes[f"{i}/{k}"]) for k in keys}
-                 for i, keys in meta["optimizer"]["state_keys"].items()}
+        state = {
+            int(i): {k: tensors[f"opt/{i}/{k}"].reshape(shapes[f"{i}/{k}"]) for k in keys}
+            for i, keys in meta["optimizer"]["state_keys"].items()
+        }
         optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
         scheduler.load_state_dict(meta["scheduler"])
         scaler.load_state_dict(meta["scaler"])
@@ -271,35 +320,45 @@ class Checkpointer:
         self.extra = meta.get("extra", {})
         return result, tensors["rng/data_order"]
 
-    def _check_fits(self, meta: dict, tensors: dict, parameters: dict, optimizer, scheduler, scaler,
-                    result_type) -> None:
+    def _check_fits(
+        self, meta: dict, tensors: dict, parameters: dict, optimizer, scheduler, scaler, result_type
+    ) -> None:
         """What state.json (checked by check_state) restores fits this run's model, optimizer (each moment of its
         parameter's shape, or one value), scheduler, scaler and result: before any of them is changed."""
         path = self.directory / STATE_JSON
         if sorted(parameters) != meta["parameters"]:
-            raise CheckpointError(f"{self.directory}: its trainable tensors do not match this model's (saved by an "
-                                  f"older propetl?); {START_OVER}")
+            raise CheckpointError(
+                f"{self.directory}: its trainable tensors do not match this model's (saved by an "
+                f"older propetl?); {START_OVER}"
+            )
         for name in [*(f"param/{n}" for n in parameters), *(f"best/{n}" for n in meta["best"])]:
             target = parameters.get(name.partition("/")[2])
             if target is None:
                 _refuse(self.directory / STATE_TENSORS, f"'{name}' is none of this model's trainable tensors")
             if tensors[name].shape != target.shape:
-                _refuse(self.directory / STATE_TENSORS, f"'{name}' has shape {tuple(tensors[name].shape)}, this "
-                                                        f"model's {tuple(target.shape)}")
+                _refuse(
+                    self.directory / STATE_TENSORS,
+                    f"'{name}' has shape {tuple(tensors[name].shape)}, this model's {tuple(target.shape)}",
+                )
         ordered = [p for group in optimizer.param_groups for p in group["params"]]
         for index, keys in meta["optimizer"]["state_keys"].items():
             if int(index) >= len(ordered):
-                _refuse(path, f"optimizer.state_keys.{index} is invalid; allowed: a parameter's index below "
-                              f"{len(ordered)}")
+                _refuse(
+                    path, f"optimizer.state_keys.{index} is invalid; allowed: a parameter's index below {len(ordered)}"
+                )
             for key in keys:
                 shape, allowed = meta["optimizer"]["state_shapes"][f"{index}/{key}"], list(ordered[int(index)].shape)
                 if shape not in ([], allowed):
-                    _refuse(path, f"optimizer.state_shapes.{index}/{key}={shape} is invalid; allowed: [] or "
-                                  f"parameter {index}'s shape {allowed}")
-        for key, saved, fresh in (("optimizer.param_groups", meta["optimizer"]["param_groups"],
-                                   optimizer.state_dict()["param_groups"]),
-                                  ("scheduler", meta["scheduler"], scheduler.state_dict()),
-                                  ("scaler", meta["scaler"], scaler.state_dict())):
+                    _refuse(
+                        path,
+                        f"optimizer.state_shapes.{index}/{key}={shape} is invalid; allowed: [] or "
+                        f"parameter {index}'s shape {allowed}",
+                    )
+        for key, saved, fresh in (
+            ("optimizer.param_groups", meta["optimizer"]["param_groups"], optimizer.state_dict()["param_groups"]),
+            ("scheduler", meta["scheduler"], scheduler.state_dict()),
+            ("scaler", meta["scaler"], scaler.state_dict()),
+        ):
             if misfit := _misfit(saved, fresh, key):
                 _refuse(path, f"{misfit} (this run's {key.partition('.')[0]} state)")
         _check_result(path, meta["result"], result_type)

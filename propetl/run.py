@@ -1,6 +1,7 @@
 """The lifecycle every run shares (train.py's recipe, one task or several): validate; skip a finished
 run or resume a checkpoint (either must be of this config); record the config; seed; pick the device; fit with
 W&B; meet at the end. USER_ERRORS are the failures the command line turns into one line and exit 2."""
+
 from __future__ import annotations
 
 import logging
@@ -21,8 +22,15 @@ from propetl.resume import Checkpointer
 from propetl.validate import ConfigError, validate
 
 logger = logging.getLogger("propetl")
-USER_ERRORS = (ConfigError, data.DataError, backbone.ModelError, checkpoint.CheckpointError, rundir.RunDirectoryError,
-               loop.Diverged, WriteError)
+USER_ERRORS = (
+    ConfigError,
+    data.DataError,
+    backbone.ModelError,
+    checkpoint.CheckpointError,
+    rundir.RunDirectoryError,
+    loop.Diverged,
+    WriteError,
+)
 
 
 def seed_everything(seed: int) -> None:
@@ -43,15 +51,15 @@ def begin_run(cfg: DictConfig, output_dir: Path, claim: rundir.Claim | None = No
     """Validate, find a finished run or a checkpoint (either must be of this config's fingerprint), record the config,
     seed, pick the device. trainer.resume=false sets the old results aside (rundir.set_aside) rather than deleting them.
     Returns (finished metrics or None, distributed context, checkpointer, device)."""
-    methods.import_prototype(cfg.prototype)     # a user's prototype whose yaml names its module
+    methods.import_prototype(cfg.prototype)  # a user's prototype whose yaml names its module
     validate(cfg)
-    ctx = distributed.from_environment()        # torchrun / accelerate launch: several processes, one run
+    ctx = distributed.from_environment()  # torchrun / accelerate launch: several processes, one run
     claim = claim or rundir.Claim(output_dir, made=False)
     if ctx.is_main:
-        rundir.recover(output_dir)               # a replacement (trainer.resume=false) cut off by a kill
+        rundir.recover(output_dir)  # a replacement (trainer.resume=false) cut off by a kill
     checkpointer = Checkpointer(output_dir, cfg, cfg.trainer.save_steps, writes=ctx.is_main)
     if cfg.trainer.resume is False:
-        if ctx.is_main:                          # starting over: the old results wait in .previous/ until it finishes
+        if ctx.is_main:  # starting over: the old results wait in .previous/ until it finishes
             rundir.set_aside(claim)
     elif (finished := rundir.finished_run(output_dir, checkpointer.fingerprint)) is not None:
         logger.info("%s is finished (metrics.json exists): skipped; trainer.resume=false runs it again", output_dir)
@@ -59,12 +67,16 @@ def begin_run(cfg: DictConfig, output_dir: Path, claim: rundir.Claim | None = No
     elif checkpointer.exists():
         checkpointer.check_fingerprint()
     elif cfg.trainer.resume is True:
-        raise ConfigError(f"trainer.resume=true but {checkpointer.directory} holds no checkpoint; "
-                          f"point hydra.run.dir at the run to continue, or use trainer.resume=auto")
+        raise ConfigError(
+            f"trainer.resume=true but {checkpointer.directory} holds no checkpoint; "
+            f"point hydra.run.dir at the run to continue, or use trainer.resume=auto"
+        )
     elif (output_dir / "checkpoint").exists():
-        raise rundir.RunDirectoryError(f"{output_dir} holds a checkpoint/ but no metrics.json or resume/ to continue "
-                                       f"from; choose another hydra.run.dir, or trainer.resume=false to replace it "
-                                       f"(kept until the new run has finished)")
+        raise rundir.RunDirectoryError(
+            f"{output_dir} holds a checkpoint/ but no metrics.json or resume/ to continue "
+            f"from; choose another hydra.run.dir, or trainer.resume=false to replace it "
+            f"(kept until the new run has finished)"
+        )
     output_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     if cfg.trainer.threads:
@@ -73,7 +85,7 @@ def begin_run(cfg: DictConfig, output_dir: Path, claim: rundir.Claim | None = No
     distributed.init(ctx, device)
     if cfg.trainer.precision == "fp16" and device.type != "cuda":
         raise ConfigError(f"trainer.precision=fp16 needs a CUDA device (device is {device}); allowed here: fp32, bf16")
-    if ctx.is_main:                              # only now: a finished or another config's run is left as it was
+    if ctx.is_main:  # only now: a finished or another config's run is left as it was
         rundir.write_record(output_dir, cfg, rundir.command_overrides())
     return None, ctx, checkpointer, device
 
@@ -82,24 +94,51 @@ def run_facts(cfg, result, started: float, device, ctx, checkpointer: Checkpoint
     """The metrics.json fields every run has: progress, timings, machine, the data's sha256 (fingerprint.DATA_KEY)."""
     return {
         "data_sha256": checkpointer.fingerprint[DATA_KEY],
-        "best_epoch": result.best_epoch, "epochs_run": len(result.history), "steps": result.steps,
-        "history": result.history, "train_seconds": result.train_seconds, "wall_seconds": time.perf_counter() - started,
-        "train_tokens": result.tokens_seen, "train_examples": result.examples_seen,
-        "device": str(device), "torch_threads": torch.get_num_threads(), "host": platform.node(),
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "steps": result.steps,
+        "history": result.history,
+        "train_seconds": result.train_seconds,
+        "wall_seconds": time.perf_counter() - started,
+        "train_tokens": result.tokens_seen,
+        "train_examples": result.examples_seen,
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "host": platform.node(),
         "world_size": ctx.world_size,
     }
 
 
-def fit_logged(cfg, output_dir: Path, model, train_batches, select, head_names: set[str], device, checkpointer, ctx,
-               eval_rows: tuple[int, int] = (0, 0)):
+def fit_logged(
+    cfg,
+    output_dir: Path,
+    model,
+    train_batches,
+    select,
+    head_names: set[str],
+    device,
+    checkpointer,
+    ctx,
+    eval_rows: tuple[int, int] = (0, 0),
+):
     """Start (or continue) the W&B run, fit, put the best epoch's weights back: (W&B run, FitResult, start time).
     eval_rows: (selection rows, test rows), for the whole run's ETA."""
     run = log.start_wandb(cfg, output_dir, run_id=checkpointer.saved_extra().get("wandb_id"), enabled=ctx.is_main)
     checkpointer.extra["wandb_id"] = run.id
     started = time.perf_counter()
-    result = loop.fit(model, train_batches, select, cfg, head_names, device,
-                      log_fn=lambda record: run.log(record, step=record["step"]), checkpointer=checkpointer, ctx=ctx,
-                      task_names=model.task_names if cfg.get("mode") == "multitask" else None, eval_rows=eval_rows)
+    result = loop.fit(
+        model,
+        train_batches,
+        select,
+        cfg,
+        head_names,
+        device,
+        log_fn=lambda record: run.log(record, step=record["step"]),
+        checkpointer=checkpointer,
+        ctx=ctx,
+        task_names=model.task_names if cfg.get("mode") == "multitask" else None,
+        eval_rows=eval_rows,
+    )
     loop.load_trainable_state(model, result.best_state)
     return run, result, started
 

@@ -14,6 +14,7 @@ new or a continuation of the same config: a finished or running run's record is 
 (metrics.json) is skipped only if its recorded config and data have the command's fingerprint (propetl/fingerprint.py,
 what a resume must match too).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -29,9 +30,15 @@ from omegaconf import OmegaConf
 from propetl import fingerprint as computation
 from propetl.files import write_folder_atomically
 
-LOCK_FILE, RECORD_DIR, METRICS_FILE, ERROR_FILE, LOG_FILE = ".propetl.lock", ".hydra", "metrics.json", "error.txt", "train.log"
-PREDICTIONS_FILE = "predictions.npz"           # each task's test predictions and labels (log.write_predictions)
-PREVIOUS_DIR = ".previous"                     # trainer.resume=false: the old results, until the new run has finished
+LOCK_FILE, RECORD_DIR, METRICS_FILE, ERROR_FILE, LOG_FILE = (
+    ".propetl.lock",
+    ".hydra",
+    "metrics.json",
+    "error.txt",
+    "train.log",
+)
+PREDICTIONS_FILE = "predictions.npz"  # each task's test predictions and labels (log.write_predictions)
+PREVIOUS_DIR = ".previous"  # trainer.resume=false: the old results, until the new run has finished
 RESULTS = (METRICS_FILE, PREDICTIONS_FILE, "checkpoint", "resume", RECORD_DIR)  # what a finished or resumable run keeps
 RUN_ENTRIES = (*RESULTS, LOCK_FILE, LOG_FILE, ERROR_FILE, "wandb", PREVIOUS_DIR)
 EXISTING_DIR_ENV = "PROPETL_EXISTING_RUN_DIR"  # cli.main: the hydra.run.dir given existed before Hydra made it
@@ -62,17 +69,20 @@ def refuse_other_files(run_dir: Path) -> None:
     """A run folder holding what no run wrote: one line naming it (the run would write beside the user's files)."""
     if found := other_files(run_dir):
         shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
-        raise RunDirectoryError(f"{Path(run_dir)} holds files a run did not write ({shown}); choose another "
-                                f"hydra.run.dir, or run_dir.allow_other_files=true to run beside them (never removed)")
+        raise RunDirectoryError(
+            f"{Path(run_dir)} holds files a run did not write ({shown}); choose another "
+            f"hydra.run.dir, or run_dir.allow_other_files=true to run beside them (never removed)"
+        )
 
 
 @dataclass
 class Claim:
     """What the run found at its claim: whether it made the folder, and the entries already there."""
+
     run_dir: Path
     made: bool
     before: set[str] = field(default_factory=set)
-    set_aside: bool = False                    # trainer.resume=false moved the old results to .previous/
+    set_aside: bool = False  # trainer.resume=false moved the old results to .previous/
 
 
 def _found_new(run_dir: Path) -> tuple[bool, set[str]]:
@@ -109,33 +119,37 @@ def claim(run_dir: Path, enabled: bool = True, allow_other_files: bool = False):
             made, before = _found_new(run_dir)
             handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as error:
-            raise RunDirectoryError(f"cannot write in {run_dir}: {error.strerror or error}; choose another "
-                                    f"hydra.run.dir, or make it writable") from None
+            raise RunDirectoryError(
+                f"cannot write in {run_dir}: {error.strerror or error}; choose another "
+                f"hydra.run.dir, or make it writable"
+            ) from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(handle)
-            raise RunDirectoryInUse(f"{run_dir} is in use by another run (pid {_holder(path)}); wait for it to "
-                                    f"end, or choose another hydra.run.dir") from None
+            raise RunDirectoryInUse(
+                f"{run_dir} is in use by another run (pid {_holder(path)}); wait for it to "
+                f"end, or choose another hydra.run.dir"
+            ) from None
         try:
             if os.stat(path).st_ino == os.fstat(handle).st_ino:
                 break
         except FileNotFoundError:
             pass
-        os.close(handle)               # its last owner removed the file meanwhile: lock the one there now
+        os.close(handle)  # its last owner removed the file meanwhile: lock the one there now
     try:
         if not allow_other_files:
             try:
                 refuse_other_files(run_dir)
             except RunDirectoryError:
-                if LOG_FILE not in before:                  # Hydra's empty log: not left in the user's folder
+                if LOG_FILE not in before:  # Hydra's empty log: not left in the user's folder
                     (run_dir / LOG_FILE).unlink(missing_ok=True)
                 raise
         os.ftruncate(handle, 0)
         os.write(handle, f"{os.getpid()}\n".encode())
         yield Claim(run_dir, made, before - {LOCK_FILE})
     finally:
-        try:                           # a folder whose permissions went mid-run: the run's own error stays the one told
+        try:  # a folder whose permissions went mid-run: the run's own error stays the one told
             if path.exists() and os.stat(path).st_ino == os.fstat(handle).st_ino:
                 path.unlink()
         except OSError:
@@ -144,6 +158,7 @@ def claim(run_dir: Path, enabled: bool = True, allow_other_files: bool = False):
 
 
 # ----------------------------------------------------------------------------- after a failure, trainer.resume=false
+
 
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
@@ -169,7 +184,7 @@ def clean_after_failure(claim: Claim | None) -> None:
         return
     shutil.rmtree(run_dir, ignore_errors=True)
     outputs = (Path.cwd() / "outputs").resolve()
-    for parent in run_dir.resolve().parents:             # and the empty folders made for it (outputs/runs/rte/…)
+    for parent in run_dir.resolve().parents:  # and the empty folders made for it (outputs/runs/rte/…)
         if parent == outputs or outputs not in parent.parents or any(parent.iterdir()):
             break
         parent.rmdir()
@@ -180,8 +195,8 @@ def set_aside(claim: Claim) -> None:
     middle is undone by `recover`); a partial replacement's state is dropped, a finished one's results kept instead."""
     run_dir, previous = claim.run_dir, claim.run_dir / PREVIOUS_DIR
     if previous.exists() and (run_dir / METRICS_FILE).exists():
-        shutil.rmtree(previous)                          # the replacement finished: its results are the ones to keep
-    if previous.exists():                                # an unfinished replacement: its partial state goes
+        shutil.rmtree(previous)  # the replacement finished: its results are the ones to keep
+    if previous.exists():  # an unfinished replacement: its partial state goes
         for name in ("checkpoint", "resume"):
             _remove(run_dir / name)
         claim.set_aside = True
@@ -203,7 +218,7 @@ def put_back(run_dir: Path) -> None:
     for previous in (run_dir / f"{PREVIOUS_DIR}.partial", run_dir / PREVIOUS_DIR):
         if not previous.is_dir():
             continue
-        if previous.name == PREVIOUS_DIR:      # (a .partial one was cut off mid-move: what is left in place is old)
+        if previous.name == PREVIOUS_DIR:  # (a .partial one was cut off mid-move: what is left in place is old)
             for name in ("checkpoint", "resume", PREDICTIONS_FILE):
                 _remove(run_dir / name)
         for entry in previous.iterdir():
@@ -216,9 +231,11 @@ def recover(run_dir: Path) -> None:
     """At a run's start: undo a set-aside cut off by a kill, and give back the old results of a replacement that died
     before it saved any state."""
     run_dir = Path(run_dir)
-    if (run_dir / f"{PREVIOUS_DIR}.partial").is_dir():
-        put_back(run_dir)
-    elif (run_dir / PREVIOUS_DIR).is_dir() and not any((run_dir / n).exists() for n in (METRICS_FILE, "resume")):
+    if (
+        (run_dir / f"{PREVIOUS_DIR}.partial").is_dir()
+        or (run_dir / PREVIOUS_DIR).is_dir()
+        and not any((run_dir / n).exists() for n in (METRICS_FILE, "resume"))
+    ):
         put_back(run_dir)
 
 
@@ -256,7 +273,7 @@ def recorded_config(run_dir: Path):
         return None
     try:
         config = OmegaConf.load(path)
-    except Exception as error:     # noqa: BLE001  (yaml and OmegaConf errors have no common type)
+    except Exception as error:  # noqa: BLE001  (yaml and OmegaConf errors have no common type)
         raise RunDirectoryError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
     if not OmegaConf.is_dict(config):
         raise RunDirectoryError(f"{path} is not a config")
@@ -273,15 +290,19 @@ def finished_run(run_dir: Path, current: dict) -> dict | None:
     metrics = read_metrics(run_dir)
     recorded = recorded_config(run_dir)
     if recorded is None:
-        raise RunDirectoryError(f"{run_dir} is finished but has no {RECORD_DIR}/config.yaml to compare this command's "
-                                f"config with; choose another hydra.run.dir, or trainer.resume=false to run it again")
+        raise RunDirectoryError(
+            f"{run_dir} is finished but has no {RECORD_DIR}/config.yaml to compare this command's "
+            f"config with; choose another hydra.run.dir, or trainer.resume=false to run it again"
+        )
     saved = computation.config_part(recorded)
-    if isinstance(metrics.get("data_sha256"), str):      # runs before the data's sha256 was kept: their config only
+    if isinstance(metrics.get("data_sha256"), str):  # runs before the data's sha256 was kept: their config only
         saved[computation.DATA_KEY] = metrics["data_sha256"]
     differences = computation.differences(saved, current, ignore_missing=True)
     if differences:
-        raise RunDirectoryError(f"{run_dir} is a finished run of another config ({computation.describe(differences)}); "
-                                f"choose another hydra.run.dir, or trainer.resume=false to replace it")
+        raise RunDirectoryError(
+            f"{run_dir} is a finished run of another config ({computation.describe(differences)}); "
+            f"choose another hydra.run.dir, or trainer.resume=false to replace it"
+        )
     return metrics
 
 
@@ -294,8 +315,10 @@ def command_overrides() -> list[str] | None:
 
 def write_record(run_dir: Path, cfg, overrides: list[str] | None) -> None:
     """`.hydra/config.yaml` (and `overrides.yaml` when known) in Hydra's format, the folder swapped in whole."""
+
     def build(folder: Path) -> None:
         OmegaConf.save(cfg, folder / "config.yaml")
         if overrides is not None:
             OmegaConf.save(OmegaConf.create(list(overrides)), folder / "overrides.yaml")
+
     write_folder_atomically(Path(run_dir) / RECORD_DIR, build)

@@ -2,6 +2,7 @@
 parameter group's learning rate, at the global step) and, where no progress bar is shown (stderr not a
 terminal, or trainer.progress=false), one log line: `step 120/2000 loss 0.5321 4.1 it/s eta 7m38s`. The ETA is the
 whole run's: the training steps left and the evaluation still to come (EvalPlan); the bar shows it too."""
+
 from __future__ import annotations
 
 import logging
@@ -15,7 +16,7 @@ logger = logging.getLogger("propetl")
 
 # loop.parameter_groups' groups -> the name of their learning rate (`lr/<name>`); *_no_decay share it
 GROUP_NAMES = {"masks": "mask", "head": "head", "head_no_decay": "head"}
-WEIGHTS_NAMES = {"finetune": "backbone", "propetl": "prototype"}       # petl, peft: "petl"
+WEIGHTS_NAMES = {"finetune": "backbone", "propetl": "prototype"}  # petl, peft: "petl"
 
 
 def bar_shown(progress: bool, stream=None) -> bool:
@@ -36,7 +37,7 @@ def learning_rates(param_groups: list[dict], method: str) -> dict[str, float]:
 
 def duration(seconds: float) -> str:
     """7m38s, 2h05m, 12s."""
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     hours, rest = divmod(seconds, 3600)
     minutes, seconds = divmod(rest, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
@@ -47,6 +48,7 @@ class EvalPlan:
     """The evaluation a run still has after its training steps, for one ETA of the whole run: a selection pass after
     every epoch and the test pass at the end. A pass's time is measured once one has run (`pass_seconds`: the last
     selection pass); before that it is estimated as a forward pass, a third of a training example's time."""
+
     epochs: int
     batch_size: int
     selection_rows: int
@@ -72,11 +74,19 @@ class StepLog:
     (the mean over the last `every` steps of the epoch), "lr/…"}; with `lines`, the progress line goes to
     the propetl logger (so to stderr and train.log)."""
 
-    def __init__(self, every: int, total_steps: int, method: str, record_fn, lines: bool, clock=time.perf_counter,
-                 evaluation: EvalPlan | None = None):
+    def __init__(
+        self,
+        every: int,
+        total_steps: int,
+        method: str,
+        record_fn,
+        lines: bool,
+        clock=time.perf_counter,
+        evaluation: EvalPlan | None = None,
+    ):
         self.every, self.total_steps, self.method = every, total_steps, method
         self.record_fn, self.lines, self.clock, self.evaluation = record_fn, lines, clock, evaluation
-        self.eta = "?"                               # the whole run's, as the last line said (the bar shows it too)
+        self.eta = "?"  # the whole run's, as the last line said (the bar shows it too)
         self.restart(0)
 
     def restart(self, steps: int) -> None:
@@ -86,7 +96,7 @@ class StepLog:
     def after_step(self, steps: int, epoch_losses: list[float], param_groups: list[dict], epochs_done: int = 0) -> None:
         if steps % self.every:
             return
-        loss = float(np.mean(epoch_losses[-self.every:]))
+        loss = float(np.mean(epoch_losses[-self.every :]))
         self.record_fn({"step": steps, "train/loss": loss, **learning_rates(param_groups, self.method)})
         now = self.clock()
         rate = (steps - self.since_step) / max(now - self.since_time, 1e-9)

@@ -5,6 +5,7 @@ failed jobs, and propetl-train exits with their number (0: all ran); SweepReport
 sweep's report. Jobs of the joblib launcher run in other processes:
 they find the failures file through the environment, which they inherit.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,7 @@ from hydra.experimental.callback import Callback
 
 FAILURES_ENV = "PROPETL_SWEEP_FAILURES"
 FAILURES_FILE, SUMMARY_FILE = "failed_jobs.jsonl", "sweep_summary.json"
-_failed_jobs = 0                                  # this process's sweep: how many jobs failed (set at its end)
+_failed_jobs = 0  # this process's sweep: how many jobs failed (set at its end)
 
 
 def in_sweep() -> bool:
@@ -40,7 +41,7 @@ def failed(job_dir: Path, message: str) -> None:
     if not path:
         return
     line = json.dumps({"job": str(job_dir), "error": message}) + "\n"
-    with open(path, "a") as f:                    # one short write in append mode: jobs in parallel do not interleave
+    with open(path, "a") as f:  # one short write in append mode: jobs in parallel do not interleave
         f.write(line)
 
 
@@ -52,7 +53,7 @@ class SweepSummary(Callback):
     def on_multirun_start(self, config, **kwargs) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / FAILURES_FILE).write_text("")            # this sweep's failures only
+        (sweep_dir / FAILURES_FILE).write_text("")  # this sweep's failures only
         os.environ[FAILURES_ENV] = str((sweep_dir / FAILURES_FILE).resolve())
 
     def on_multirun_end(self, config, **kwargs) -> None:
@@ -66,5 +67,8 @@ class SweepSummary(Callback):
         _failed_jobs = len(failures)
         if failures:
             lines = "".join(f"\n  {f['job']}: {f['error']}" for f in failures)
-            print(f"propetl-train: {len(failures)} job(s) of the sweep failed (the others ran; "
-                  f"{path.with_name(SUMMARY_FILE)}):{lines}", file=sys.stderr)
+            print(
+                f"propetl-train: {len(failures)} job(s) of the sweep failed (the others ran; "
+                f"{path.with_name(SUMMARY_FILE)}):{lines}",
+                file=sys.stderr,
+            )

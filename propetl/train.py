@@ -3,6 +3,7 @@ tasks=[rte,mrpc]`): the same recipe, read top to bottom. A single-task run is a 
 (layer masks only, the model's own head, the DataLoader's batch order: tests/test_multitask.py); only what it
 reports differs. Command line: cli.py; what every run does first and last: run.py; batches: multitask.py.
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,7 +39,7 @@ def train(cfg: DictConfig, output_dir: Path, claim=None) -> dict:
     new_tasks = [t for t in cfg.tasks if t not in base_tasks] if multitask else [cfg.task.name]
     if base_dir and not new_tasks:
         raise checkpoint.CheckpointError(f"tasks={list(cfg.tasks)} are all in {base_dir} already; name a new task")
-    if base_dir:                                # before any data is read: can the checkpoint take them?
+    if base_dir:  # before any data is read: can the checkpoint take them?
         checkpoint.check_can_add(Path(base_dir), base, new_tasks)
     task_names = [*base_tasks, *new_tasks]
     by_name = dict(zip(task_names, task_configs(task_names) if multitask else [cfg.task]))
@@ -53,40 +54,65 @@ def train(cfg: DictConfig, output_dir: Path, claim=None) -> dict:
             continue
         text = data.sample_train(
             data.load_glue(by_name[name], data_dir, cfg.data.protocol, cfg.data.split_seed, cfg.data.allow_hub),
-            cfg.data.max_train_examples, cfg.data.split_seed)
+            cfg.data.max_train_examples,
+            cfg.data.split_seed,
+        )
         splits[name] = {split: tokenise(rows, tokenizer, cfg.data.max_length) for split, rows in text.items()}
         collators[name] = TaskCollator(PadCollator(tokenizer, int(by_name[name].num_labels) == 1), index)
     lengths = [token_lengths(splits[n]["train"]) for n in new_tasks] if cfg.data.group_by_length else None
-    train_batches = MultiTaskBatches([splits[n]["train"] for n in new_tasks], [collators[n] for n in new_tasks],
-                                     cfg.trainer.batch_size, float(cfg.multitask.temperature), cfg.seed, lengths)
+    train_batches = MultiTaskBatches(
+        [splits[n]["train"] for n in new_tasks],
+        [collators[n] for n in new_tasks],
+        cfg.trainer.batch_size,
+        float(cfg.multitask.temperature),
+        cfg.seed,
+        lengths,
+    )
 
     def eval_loader(name: str, split: str) -> DataLoader:
-        return DataLoader(splits[name][split], batch_size=loop.eval_batch_size(cfg.trainer.eval_batch_size, device),
-                          collate_fn=collators[name])
+        return DataLoader(
+            splits[name][split],
+            batch_size=loop.eval_batch_size(cfg.trainer.eval_batch_size, device),
+            collate_fn=collators[name],
+        )
 
     # 2. model: the pre-trained encoder with the method inside, a head per task (base tasks loaded and frozen)
     if base_dir:
-        model, _ = checkpoint.load_multitask(Path(base_dir), cfg=cfg, extra_tasks=[by_name[n] for n in new_tasks],
-                                             for_training=False, config=base)
+        model, _ = checkpoint.load_multitask(
+            Path(base_dir), cfg=cfg, extra_tasks=[by_name[n] for n in new_tasks], for_training=False, config=base
+        )
         freeze_for_new_tasks(model, base_tasks)
         model.train()
     else:
-        model = backbone.MultiTaskModel(cfg, task_names, [int(by_name[n].num_labels) for n in task_names],
-                                        task_masks=len(task_names) > 1)
+        model = backbone.MultiTaskModel(
+            cfg, task_names, [int(by_name[n].num_labels) for n in task_names], task_masks=len(task_names) > 1
+        )
     model = model.to(device)
     head_names = model.head_names()
     backbone_params = accounting.backbone_params(model, head_names)
     for name in new_tasks:
-        logger.info("%s: %d train / %d selection / %d test examples", name, len(splits[name]["train"]),
-                    len(splits[name]["validation"]), len(splits[name]["test"]))
+        logger.info(
+            "%s: %d train / %d selection / %d test examples",
+            name,
+            len(splits[name]["train"]),
+            len(splits[name]["validation"]),
+            len(splits[name]["test"]),
+        )
     logger.info("%d steps per epoch, device %s", len(train_batches), device)
 
     def select(m) -> tuple[dict, float]:
         """Every new task on its selection split; the score to maximise is the mean of their scores."""
         metrics, scores = {}, []
         for name in new_tasks:
-            task_metrics = loop.evaluate(m, eval_loader(name, "validation"), by_name[name], device,
-                                         cfg.trainer.precision, f"select {name}", cfg.trainer.progress)
+            task_metrics = loop.evaluate(
+                m,
+                eval_loader(name, "validation"),
+                by_name[name],
+                device,
+                cfg.trainer.precision,
+                f"select {name}",
+                cfg.trainer.progress,
+            )
             metrics.update({f"{name}/{k}" if multitask else k: v for k, v in task_metrics.items()})
             scores.append(glue_metrics.selection_score(task_metrics, by_name[name].selection_metric))
         if multitask:
@@ -95,60 +121,99 @@ def train(cfg: DictConfig, output_dir: Path, claim=None) -> dict:
 
     # 3. train, choosing the best epoch on the selection split; then every new task on its test split
     eval_rows = (sum(len(splits[n]["validation"]) for n in new_tasks), sum(len(splits[n]["test"]) for n in new_tasks))
-    run, result, started = fit_logged(cfg, output_dir, model, train_batches, select, head_names, device, checkpointer,
-                                      ctx, eval_rows)
-    if base_dir:        # the old tasks' mask rows saw AdamW's decay (no gradient): put them back bit for bit
+    run, result, started = fit_logged(
+        cfg, output_dir, model, train_batches, select, head_names, device, checkpointer, ctx, eval_rows
+    )
+    if base_dir:  # the old tasks' mask rows saw AdamW's decay (no gradient): put them back bit for bit
         checkpoint.load_task_parts(model, Path(base_dir), base_tasks, base["format_version"])
-    predicted = {name: loop.predict_task(model, eval_loader(name, "test"), by_name[name], device,
-                                         cfg.trainer.precision, f"test {name}", cfg.trainer.progress)
-                 for name in new_tasks}
+    predicted = {
+        name: loop.predict_task(
+            model,
+            eval_loader(name, "test"),
+            by_name[name],
+            device,
+            cfg.trainer.precision,
+            f"test {name}",
+            cfg.trainer.progress,
+        )
+        for name in new_tasks
+    }
     tests = {name: glue_metrics.compute(list(by_name[name].metrics), *predicted[name]) for name in new_tasks}
 
     # 4. storage (counted from what the checkpoint keeps), the checkpoint and predictions.npz (rank 0),
     #    metrics.json, W&B, summary table
     figures = accounting.account(model, cfg, backbone_params)
-    if ctx.is_main:                             # before metrics.json, which marks the run finished
-        log.write_predictions(output_dir / rundir.PREDICTIONS_FILE, predicted,
-                              {name: int(by_name[name].num_labels) for name in new_tasks})
+    if ctx.is_main:  # before metrics.json, which marks the run finished
+        log.write_predictions(
+            output_dir / rundir.PREDICTIONS_FILE, predicted, {name: int(by_name[name].num_labels) for name in new_tasks}
+        )
     if ctx.is_main and cfg.trainer.save_weights:
         checkpoint.save_checkpoint(model, cfg, output_dir / "checkpoint")
         figures.update(checkpoint.file_figures(output_dir / "checkpoint", figures))
-    report = partial(report_multitask, base_tasks=base_tasks) if multitask else partial(report_single_task, splits=splits)
-    metrics, summary = report(cfg, output_dir, tests, result, figures,
-                              facts=lambda: run_facts(cfg, result, started, device, ctx, checkpointer), writes=ctx.is_main)
+    report = (
+        partial(report_multitask, base_tasks=base_tasks) if multitask else partial(report_single_task, splits=splits)
+    )
+    metrics, summary = report(
+        cfg,
+        output_dir,
+        tests,
+        result,
+        figures,
+        facts=lambda: run_facts(cfg, result, started, device, ctx, checkpointer),
+        writes=ctx.is_main,
+    )
     if ctx.is_main:
-        checkpointer.discard()                     # the run is complete: its training state is no longer needed
+        checkpointer.discard()  # the run is complete: its training state is no longer needed
         run.summary.update({**summary, **log.best_epoch_summary(result)})
     end_run(ctx)
     return metrics
 
 
-def report_single_task(cfg, output_dir: Path, tests: dict, result, figures: dict, facts, writes: bool,
-                       splits: dict) -> tuple[dict, dict]:
+def report_single_task(
+    cfg, output_dir: Path, tests: dict, result, figures: dict, facts, writes: bool, splits: dict
+) -> tuple[dict, dict]:
     """One task's metrics.json (with its trivial baseline) and summary table; returns (metrics, W&B summary)."""
     task = cfg.task
-    (name, test), = tests.items()
+    ((name, test),) = tests.items()
     if not writes:
         return {"glue_score": glue_metrics.task_score(name, test), "test": test}, {}
     metrics = {
-        "task": name, "model": cfg.model.name, "method": cfg.method.name,
-        "prototype": cfg.peft.name if cfg.method.name == "peft" else cfg.prototype.name,     # peft: its tuner
-        "mask_kind": cfg.mask.kind, "mask_sparsity": float(cfg.mask.sparsity), "seed": int(cfg.seed),
-        "prototype_frozen": methods.frozen_prototype(cfg), "protocol": cfg.data.protocol, "split_seed": int(cfg.data.split_seed),
-        "selection_metric": task.selection_metric, "selection": result.best_selection, "test": test,
+        "task": name,
+        "model": cfg.model.name,
+        "method": cfg.method.name,
+        "prototype": cfg.peft.name if cfg.method.name == "peft" else cfg.prototype.name,  # peft: its tuner
+        "mask_kind": cfg.mask.kind,
+        "mask_sparsity": float(cfg.mask.sparsity),
+        "seed": int(cfg.seed),
+        "prototype_frozen": methods.frozen_prototype(cfg),
+        "protocol": cfg.data.protocol,
+        "split_seed": int(cfg.data.split_seed),
+        "selection_metric": task.selection_metric,
+        "selection": result.best_selection,
+        "test": test,
         "glue_score": glue_metrics.task_score(name, test),
-        "trivial": glue_metrics.trivial_baseline(name, list(task.metrics), splits[name]["train"]["label"],
-                                                 splits[name]["test"]["label"], int(task.num_labels) == 1),
-        "storage": figures, **facts(),
+        "trivial": glue_metrics.trivial_baseline(
+            name,
+            list(task.metrics),
+            splits[name]["train"]["label"],
+            splits[name]["test"]["label"],
+            int(task.num_labels) == 1,
+        ),
+        "storage": figures,
+        **facts(),
     }
     log.write_metrics(output_dir / "metrics.json", metrics)
     logger.info("results in %s\n%s", output_dir, log.summary_table(metrics))
-    return metrics, {**{f"test/{k}": v for k, v in test.items()}, "glue_score": metrics["glue_score"],
-                     **{f"storage/{k}": v for k, v in figures.items()}}
+    return metrics, {
+        **{f"test/{k}": v for k, v in test.items()},
+        "glue_score": metrics["glue_score"],
+        **{f"storage/{k}": v for k, v in figures.items()},
+    }
 
 
-def report_multitask(cfg, output_dir: Path, tests: dict, result, figures: dict, facts, writes: bool,
-                     base_tasks: list[str]) -> tuple[dict, dict]:
+def report_multitask(
+    cfg, output_dir: Path, tests: dict, result, figures: dict, facts, writes: bool, base_tasks: list[str]
+) -> tuple[dict, dict]:
     """Several tasks' metrics.json (each task's numbers, their mean) and summary table; returns (metrics, W&B)."""
     per_task = {}
     for name, test in tests.items():
@@ -157,21 +222,37 @@ def report_multitask(cfg, output_dir: Path, tests: dict, result, figures: dict, 
     if not writes:
         return {"tasks": per_task}, {}
     metrics = {
-        "mode": "multitask", "tasks": list(tests), "base_tasks": base_tasks, "model": cfg.model.name,
-        "method": cfg.method.name, "prototype": cfg.prototype.name, "mask_kind": cfg.mask.kind,
-        "prototype_frozen": methods.frozen_prototype(cfg), "mask_sparsity": float(cfg.mask.sparsity), "mask_combine": cfg.mask.combine, "seed": int(cfg.seed),
-        "temperature": float(cfg.multitask.temperature), "protocol": cfg.data.protocol, "split_seed": int(cfg.data.split_seed),
-        "per_task": per_task, "mean_test_score": float(np.mean([t["glue_score"] for t in per_task.values()])),
+        "mode": "multitask",
+        "tasks": list(tests),
+        "base_tasks": base_tasks,
+        "model": cfg.model.name,
+        "method": cfg.method.name,
+        "prototype": cfg.prototype.name,
+        "mask_kind": cfg.mask.kind,
+        "prototype_frozen": methods.frozen_prototype(cfg),
+        "mask_sparsity": float(cfg.mask.sparsity),
+        "mask_combine": cfg.mask.combine,
+        "seed": int(cfg.seed),
+        "temperature": float(cfg.multitask.temperature),
+        "protocol": cfg.data.protocol,
+        "split_seed": int(cfg.data.split_seed),
+        "per_task": per_task,
+        "mean_test_score": float(np.mean([t["glue_score"] for t in per_task.values()])),
         "glue_average": glue_metrics.glue_average({n: t["test"] for n, t in per_task.items()}),
-        "selection": result.best_selection, "storage": figures, **facts(),
+        "selection": result.best_selection,
+        "storage": figures,
+        **facts(),
     }
     log.write_metrics(output_dir / "metrics.json", metrics)
     logger.info("results in %s\n%s", output_dir, log.multitask_summary_table(metrics))
-    return metrics, {**{f"test/{n}/{k}": v for n, t in per_task.items() for k, v in t["test"].items()},
-                     "mean_test_score": metrics["mean_test_score"],
-                     **{f"storage/{k}": v for k, v in figures.items() if not isinstance(v, dict)}}
+    return metrics, {
+        **{f"test/{n}/{k}": v for n, t in per_task.items() for k, v in t["test"].items()},
+        "mean_test_score": metrics["mean_test_score"],
+        **{f"storage/{k}": v for k, v in figures.items() if not isinstance(v, dict)},
+    }
 
 
-if __name__ == "__main__":         # python -m propetl.train (torchrun, accelerate launch): the same command as propetl-train
+if __name__ == "__main__":  # python -m propetl.train (torchrun, accelerate launch): the same command as propetl-train
     from propetl.cli import main
+
     main()

@@ -1,5 +1,6 @@
 """Every config value checked before any work starts; each failure is ONE line naming the key, the
 bad value and what is allowed (raised as ConfigError, printed by the entry point, exit code 2)."""
+
 from __future__ import annotations
 
 import math
@@ -16,36 +17,57 @@ from propetl.masks import COMBINES, MASK_KINDS
 from propetl.methods import METHODS, PROTOTYPES, frozen_prototype, peft_missing, peft_module, rules
 from propetl.metrics import metrics_for, selections_for
 
-MAX_LEARNING_RATE = 1e30       # beyond it AdamW's step size, lr / (1 - beta1^t), overflows fp32: a traceback
-MAX_SEED = 2**63 - 1           # int64 (mask.seed + 7919 still fits torch's uint64 seeds); datasets wants >= 0
+MAX_LEARNING_RATE = 1e30  # beyond it AdamW's step size, lr / (1 - beta1^t), overflows fp32: a traceback
+MAX_SEED = 2**63 - 1  # int64 (mask.seed + 7919 still fits torch's uint64 seeds); datasets wants >= 0
 
 
 def _number_in(low: float, high: float, high_open: bool = True) -> rules.Rule:
-    return rules.Rule(lambda v: rules.is_number(v) and low <= v and (v < high if high_open else v <= high),
-                      f"a number in [{low}, {high}{')' if high_open else ']'}")
+    return rules.Rule(
+        lambda v: rules.is_number(v) and low <= v and (v < high if high_open else v <= high),
+        f"a number in [{low}, {high}{')' if high_open else ']'}",
+    )
 
 
-LEARNING_RATE = rules.Rule(lambda v: rules.is_number(v) and 0 < v <= MAX_LEARNING_RATE,
-                           f"a positive number up to {MAX_LEARNING_RATE:g}")
+LEARNING_RATE = rules.Rule(
+    lambda v: rules.is_number(v) and 0 < v <= MAX_LEARNING_RATE, f"a positive number up to {MAX_LEARNING_RATE:g}"
+)
 BOOLEAN = rules.Rule(lambda v: isinstance(v, bool), "true or false")
 SEED = rules.Rule(lambda v: rules.integer().accepts(v) and 0 <= v <= MAX_SEED, f"an integer in 0..{MAX_SEED} (2**63-1)")
-NULLABLE = ("trainer.max_steps", "trainer.save_steps", "trainer.threads", "data.max_train_examples",
-            "trainer.selection_skips_warmup")   # absent from configs saved before it existed: false
-RUN_RULES = {       # checked in this order; a key of NULLABLE may also be null
+NULLABLE = (
+    "trainer.max_steps",
+    "trainer.save_steps",
+    "trainer.threads",
+    "data.max_train_examples",
+    "trainer.selection_skips_warmup",
+)  # absent from configs saved before it existed: false
+RUN_RULES = {  # checked in this order; a key of NULLABLE may also be null
     "seed": SEED,
     "model.name_or_path": rules.Rule(lambda v: isinstance(v, str) and bool(v.strip()), backbone.MODEL_PATHS),
-    **dict.fromkeys(("trainer.epochs", "trainer.batch_size", "trainer.log_every_steps",
-                     "data.max_length", "model.hidden_size", "model.num_layers", "trainer.max_steps"),
-                    rules.positive_int()),
-    "trainer.eval_batch_size": rules.Rule(lambda v: v == "auto" or rules.positive_int().accepts(v),
-                                          "auto or a positive integer"),
-    "trainer.lr": LEARNING_RATE, "trainer.head_lr": LEARNING_RATE,
+    **dict.fromkeys(
+        (
+            "trainer.epochs",
+            "trainer.batch_size",
+            "trainer.log_every_steps",
+            "data.max_length",
+            "model.hidden_size",
+            "model.num_layers",
+            "trainer.max_steps",
+        ),
+        rules.positive_int(),
+    ),
+    "trainer.eval_batch_size": rules.Rule(
+        lambda v: v == "auto" or rules.positive_int().accepts(v), "auto or a positive integer"
+    ),
+    "trainer.lr": LEARNING_RATE,
+    "trainer.head_lr": LEARNING_RATE,
     "trainer.weight_decay": _number_in(0.0, float("inf")),
     "trainer.max_grad_norm": rules.positive_number(),
     "trainer.warmup_ratio": _number_in(0.0, 1.0),
     "trainer.precision": rules.one_of(("fp32", "bf16", "fp16")),
-    "trainer.device": rules.Rule(lambda v: isinstance(v, str) and (v in ("auto", "cpu", "cuda") or v.startswith("cuda:")),
-                                 "auto, cpu, cuda, cuda:N"),
+    "trainer.device": rules.Rule(
+        lambda v: isinstance(v, str) and (v in ("auto", "cpu", "cuda") or v.startswith("cuda:")),
+        "auto, cpu, cuda, cuda:N",
+    ),
     "trainer.save_steps": rules.positive_int(),
     "trainer.resume": rules.one_of(("auto", True, False)),
     "trainer.threads": rules.positive_int(),
@@ -60,7 +82,7 @@ RUN_RULES = {       # checked in this order; a key of NULLABLE may also be null
     "mask.combine": rules.one_of(COMBINES),
 }
 _UNSET = object()
-LEARNING_RATE_KEYS = ("trainer.lr", "trainer.head_lr", "trainer.weight_decay")   # what the optimizer's groups read
+LEARNING_RATE_KEYS = ("trainer.lr", "trainer.head_lr", "trainer.weight_decay")  # what the optimizer's groups read
 
 
 def _require(ok: bool, key: str, value, allowed: str) -> None:
@@ -78,42 +100,64 @@ def _check(cfg, key: str, rule: rules.Rule) -> None:
 def validate(cfg, search_path=None) -> None:
     """Raise ConfigError for the first invalid value (interpolations are resolved here too). Tasks are the
     task group's options on the config search path (None: the current run's; see propetl.configs)."""
-    check_peft_prototype(cfg)                   # before resolving: peft=lora reads prototype=lora's settings
+    check_peft_prototype(cfg)  # before resolving: peft=lora reads prototype=lora's settings
     check_resolves(cfg)
     try:
-        log.wandb_settings(cfg)                 # W&B's environment variables (WANDB_MODE) are input too
+        log.wandb_settings(cfg)  # W&B's environment variables (WANDB_MODE) are input too
     except ValueError as error:
         raise ConfigError(str(error)) from None
     tasks_known = group_choices("task", search_path)
     _check(cfg, "task.name", rules.one_of(tasks_known))
-    _check(cfg, "seed", SEED)                   # before mask.seed, which is ${seed} unless set
+    _check(cfg, "seed", SEED)  # before mask.seed, which is ${seed} unless set
     validate_method(cfg)
     for key, rule in RUN_RULES.items():
-        if not (key in NULLABLE and OmegaConf.select(cfg, key, default=_UNSET) is None):    # ??? is not null
+        if not (key in NULLABLE and OmegaConf.select(cfg, key, default=_UNSET) is None):  # ??? is not null
             _check(cfg, key, rule)
     base = OmegaConf.select(cfg, "multitask.base_checkpoint", default=None)
     if cfg.mode != "multitask":
-        _require(base is None, "multitask.base_checkpoint", base, "null unless mode=multitask (it adds tasks to a "
-                                                                  "multi-task checkpoint)")
+        _require(
+            base is None,
+            "multitask.base_checkpoint",
+            base,
+            "null unless mode=multitask (it adds tasks to a multi-task checkpoint)",
+        )
         validate_task(cfg)
     else:
         tasks = cfg.tasks
-        _require(OmegaConf.is_list(tasks) and len(tasks) > 0 and len(set(tasks)) == len(tasks)
-                 and set(tasks) <= set(tasks_known), "tasks", None if tasks is None else list(tasks),
-                 f"a list of distinct tasks, e.g. tasks=[rte,mrpc,stsb,cola], from: {', '.join(tasks_known)}")
-        _require(cfg.method.name in ("propetl", "petl"), "method.name", cfg.method.name,
-                 "propetl or petl with mode=multitask (one shared prototype / one shared module per layer)")
+        _require(
+            OmegaConf.is_list(tasks)
+            and len(tasks) > 0
+            and len(set(tasks)) == len(tasks)
+            and set(tasks) <= set(tasks_known),
+            "tasks",
+            None if tasks is None else list(tasks),
+            f"a list of distinct tasks, e.g. tasks=[rte,mrpc,stsb,cola], from: {', '.join(tasks_known)}",
+        )
+        _require(
+            cfg.method.name in ("propetl", "petl"),
+            "method.name",
+            cfg.method.name,
+            "propetl or petl with mode=multitask (one shared prototype / one shared module per layer)",
+        )
         _check(cfg, "multitask.temperature", rules.positive_number())
-        _require(base is None or Path(str(base)).is_dir(), "multitask.base_checkpoint", base,
-                 "null or the checkpoint folder of a finished multi-task run")
+        _require(
+            base is None or Path(str(base)).is_dir(),
+            "multitask.base_checkpoint",
+            base,
+            "null or the checkpoint folder of a finished multi-task run",
+        )
         for name in tasks:
             try:
                 validate_task(OmegaConf.create({"task": group_option("task", name, search_path)}))
             except ConfigError as error:
                 raise ConfigError(f"tasks: {name}: {error}") from None
     if cfg.method.name == "peft":
-        _require(cfg.storage.dtype == "fp32", "storage.dtype", cfg.storage.dtype,
-                 "fp32 with method=peft (the checkpoint keeps PEFT's own adapter file, in the tuner's dtype)")
+        _require(
+            cfg.storage.dtype == "fp32",
+            "storage.dtype",
+            cfg.storage.dtype,
+            "fp32 with method=peft (the checkpoint keeps PEFT's own adapter file, in the tuner's dtype)",
+        )
     validate_model(cfg)
 
 
@@ -123,31 +167,56 @@ def validate_task(cfg) -> None:
     _check(cfg, "task.num_labels", rules.positive_int())
     _check(cfg, "task.size", rules.one_of(("small", "large")))
     labels, known = cfg.task.num_labels, metrics_for(cfg.task.num_labels)
-    _check(cfg, "task.metrics", rules.Rule(
-        lambda v: isinstance(v, list) and bool(v) and set(v) <= set(known) and len(set(v)) == len(v),
-        f"a non-empty list of distinct metrics for num_labels={labels}, from: {', '.join(known)}"))
+    _check(
+        cfg,
+        "task.metrics",
+        rules.Rule(
+            lambda v: isinstance(v, list) and bool(v) and set(v) <= set(known) and len(set(v)) == len(v),
+            f"a non-empty list of distinct metrics for num_labels={labels}, from: {', '.join(known)}",
+        ),
+    )
     _check(cfg, "task.selection_metric", rules.one_of(selections_for(list(cfg.task.metrics))))
-    _check(cfg, "task.label_names", rules.Rule(
-        lambda v: v is None or isinstance(v, list) and len(v) == labels and len(set(map(str, v))) == labels,
-        f"null or a list of {labels} distinct names (num_labels={labels})"))
-    _check(cfg, "task.label_range", rules.Rule(
-        lambda v: v is None or labels == 1 and isinstance(v, list) and len(v) == 2
-        and all(rules.is_number(x) and math.isfinite(x) for x in v) and v[0] < v[1],
-        "null, or [low, high] with low < high on a regression task (num_labels: 1)"))
+    _check(
+        cfg,
+        "task.label_names",
+        rules.Rule(
+            lambda v: v is None or isinstance(v, list) and len(v) == labels and len(set(map(str, v))) == labels,
+            f"null or a list of {labels} distinct names (num_labels={labels})",
+        ),
+    )
+    _check(
+        cfg,
+        "task.label_range",
+        rules.Rule(
+            lambda v: (
+                v is None
+                or labels == 1
+                and isinstance(v, list)
+                and len(v) == 2
+                and all(rules.is_number(x) and math.isfinite(x) for x in v)
+                and v[0] < v[1]
+            ),
+            "null, or [low, high] with low < high on a regression task (num_labels: 1)",
+        ),
+    )
 
 
 def validate_model(cfg) -> None:
     """The model's folder (a pkg:// one too) is there, and data.max_length fits its positions: read from its
     config.json before anything loads (a hub id not in the local cache is left to the loader)."""
     positions = backbone.max_positions(cfg.model.name_or_path)
-    _require(positions is None or cfg.data.max_length <= positions, "data.max_length", cfg.data.max_length,
-             f"1..{positions}, the positions of model.name_or_path={cfg.model.name_or_path}")
+    _require(
+        positions is None or cfg.data.max_length <= positions,
+        "data.max_length",
+        cfg.data.max_length,
+        f"1..{positions}, the positions of model.name_or_path={cfg.model.name_or_path}",
+    )
 
 
 def check_resolves(cfg) -> None:
     try:
         OmegaConf.to_container(cfg, resolve=True)
-    except Exception as error:  # an interpolation that does not resolve, e.g. a non-numeric size
+    except Exception as error:  # noqa: BLE001 (an interpolation that does not resolve, e.g. a non-numeric size)
         raise ConfigError(f"config does not resolve: {str(error).splitlines()[0]}") from None
 
 
@@ -161,11 +230,19 @@ def check_peft_prototype(cfg) -> None:
     """method=peft needs a peft group (conf/peft/); peft=lora, the reference row, takes prototype=lora's settings."""
     if OmegaConf.select(cfg, "method.name") != "peft":
         return
-    _require(OmegaConf.is_dict(cfg.get("peft")), "peft", cfg.get("peft"), f"a tuner with method=peft: peft="
-             f"{'|'.join(group_choices('peft'))} (conf/peft/<name>.yaml)")
+    _require(
+        OmegaConf.is_dict(cfg.get("peft")),
+        "peft",
+        cfg.get("peft"),
+        f"a tuner with method=peft: peft={'|'.join(group_choices('peft'))} (conf/peft/<name>.yaml)",
+    )
     if cfg.peft.get("name") == "lora":
-        _require(cfg.prototype.name == "lora", "prototype.name", cfg.prototype.name,
-                 "lora with method=peft peft=lora (PEFT's LoRA takes r, alpha, targets and lr from prototype=lora)")
+        _require(
+            cfg.prototype.name == "lora",
+            "prototype.name",
+            cfg.prototype.name,
+            "lora with method=peft peft=lora (PEFT's LoRA takes r, alpha, targets and lr from prototype=lora)",
+        )
 
 
 def validate_method(cfg) -> None:
@@ -178,20 +255,28 @@ def validate_method(cfg) -> None:
             raise ConfigError(missing)
         if refused := peft_module().refusal(cfg.peft):
             raise ConfigError(refused)
-        for key in cfg.peft.get("lrs") or {}:                 # tensors at their own lr (VB-LoRA's bank)
+        for key in cfg.peft.get("lrs") or {}:  # tensors at their own lr (VB-LoRA's bank)
             _check(cfg, f"peft.lrs.{key}", LEARNING_RATE)
-    for key, rule in (("mask.kind", rules.one_of(MASK_KINDS)), ("mask.sparsity", _number_in(0.0, 1.0)),
-                      ("mask.lr", LEARNING_RATE), ("mask.weight_decay", _number_in(0.0, float("inf"))),
-                      ("mask.seed", SEED)):
+    for key, rule in (
+        ("mask.kind", rules.one_of(MASK_KINDS)),
+        ("mask.sparsity", _number_in(0.0, 1.0)),
+        ("mask.lr", LEARNING_RATE),
+        ("mask.weight_decay", _number_in(0.0, float("inf"))),
+        ("mask.seed", SEED),
+    ):
         _check(cfg, key, rule)
-    for field, rule in PROTOTYPES[cfg.prototype.name].SETTINGS.items():   # the prototype module's own rules
+    for field, rule in PROTOTYPES[cfg.prototype.name].SETTINGS.items():  # the prototype module's own rules
         if not (rule.optional and field not in cfg.prototype):
             _check(cfg, f"prototype.{field}", rule)
     _check(cfg, "prototype.lr", LEARNING_RATE)
-    for key, rule in (("prototype.freeze", BOOLEAN), ("prototype.seed", SEED)):   # optional: older configs lack them
+    for key, rule in (("prototype.freeze", BOOLEAN), ("prototype.seed", SEED)):  # optional: older configs lack them
         if key.split(".")[1] in cfg.prototype:
             _check(cfg, key, rule)
     if frozen_prototype(cfg):
-        _require(cfg.method.name == "propetl", "prototype.freeze", True,
-                 f"false with method={cfg.method.name} (a frozen, seeded prototype is ProPETL's: masks learn over it; "
-                 f"method=propetl)")
+        _require(
+            cfg.method.name == "propetl",
+            "prototype.freeze",
+            True,
+            f"false with method={cfg.method.name} (a frozen, seeded prototype is ProPETL's: masks learn over it; "
+            f"method=propetl)",
+        )

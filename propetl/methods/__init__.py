@@ -12,6 +12,7 @@ method=peft: any PEFT tuner (peft=<name>, conf/peft/<name>.yaml) instead of ours
 prototype=lora, whose settings it takes) is the reference row (methods/peft_tuners.py, imported only on its path:
 peft is optional).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -24,12 +25,15 @@ from propetl.configs import ConfigError
 from propetl.methods import adapter, lora, prefix
 from propetl.methods.weights import LayerWeights
 
-PROTOTYPES: dict[str, ModuleType] = {}    # name -> module, filled by register_prototype
+PROTOTYPES: dict[str, ModuleType] = {}  # name -> module, filled by register_prototype
 PROTOTYPE_PARTS = ("SETTINGS", "SHAPE_KEYS", "FOLDABLE", "specs", "attach", "merge")
 METHODS = ("propetl", "petl", "finetune", "peft")
-WEIGHTS_ATTRIBUTE = "petl_weights"        # where the store is registered on the model
+WEIGHTS_ATTRIBUTE = "petl_weights"  # where the store is registered on the model
 PEFT_MISSING = "method=peft needs the optional package peft: pip install 'propetl[peers]'"
-PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")    # what PEFT's save_pretrained writes that a task keeps
+PEFT_FILES = (
+    "adapter_model.safetensors",
+    "adapter_config.json",
+)  # what PEFT's save_pretrained writes that a task keeps
 
 
 def register_prototype(name: str, module: ModuleType) -> None:
@@ -52,8 +56,10 @@ def import_prototype(prototype_cfg) -> None:
     try:
         register_prototype(prototype_cfg.name, importlib.import_module(str(path)))
     except (ImportError, TypeError) as error:
-        raise ConfigError(f"prototype.module={path!r} is invalid ({error}); allowed: an importable module "
-                          f"defining {', '.join(PROTOTYPE_PARTS)}") from None
+        raise ConfigError(
+            f"prototype.module={path!r} is invalid ({error}); allowed: an importable module "
+            f"defining {', '.join(PROTOTYPE_PARTS)}"
+        ) from None
 
 
 class WithShapeKeys:
@@ -73,8 +79,10 @@ def not_foldable(prototype_name: str) -> str | None:
     if getattr(PROTOTYPES.get(prototype_name), "FOLDABLE", False):
         return None
     foldable = [name for name, module in PROTOTYPES.items() if module.FOLDABLE]
-    return (f"prototype={prototype_name} cannot be folded into BERT's weights (it adds modules the plain model "
-            f"does not have); only {', '.join(foldable)} can")
+    return (
+        f"prototype={prototype_name} cannot be folded into BERT's weights (it adds modules the plain model "
+        f"does not have); only {', '.join(foldable)} can"
+    )
 
 
 def frozen_prototype(cfg) -> bool:
@@ -87,16 +95,22 @@ def make_weights(cfg, hidden: int, num_layers: int, for_training: bool = True, n
     import_prototype(cfg.prototype)
     prototype = PROTOTYPES[cfg.prototype.name]
     shared = cfg.method.name == "propetl"
-    mask_kwargs = dict(mask_sparsity=float(cfg.mask.sparsity), mask_kind=cfg.mask.kind, mask_seed=int(cfg.mask.seed),
-                       num_tasks=num_tasks, mask_combine=str(cfg.mask.get("combine", "or")),
-                       frozen_seed=int(cfg.prototype.get("seed", 0)) if frozen_prototype(cfg) else None)
+    mask_kwargs = {
+        "mask_sparsity": float(cfg.mask.sparsity),
+        "mask_kind": cfg.mask.kind,
+        "mask_seed": int(cfg.mask.seed),
+        "num_tasks": num_tasks,
+        "mask_combine": str(cfg.mask.get("combine", "or")),
+        "frozen_seed": int(cfg.prototype.get("seed", 0)) if frozen_prototype(cfg) else None,
+    }
     if hasattr(prototype, "make_weights"):
         return prototype.make_weights(cfg.prototype, hidden, num_layers, shared, for_training, **mask_kwargs)
     return LayerWeights(prototype.specs(cfg.prototype, hidden), num_layers, shared, **mask_kwargs)
 
 
-def attach(model: nn.Module, layers: nn.ModuleList, cfg, head_names: set[str], for_training: bool = True,
-           num_tasks: int = 0):
+def attach(
+    model: nn.Module, layers: nn.ModuleList, cfg, head_names: set[str], for_training: bool = True, num_tasks: int = 0
+):
     """Freeze the backbone and insert the method. Returns the PETL store (None for finetune and peft)."""
     if cfg.method.name == "finetune":
         for parameter in model.parameters():
@@ -140,6 +154,7 @@ def peft_module():
     if missing:
         raise ImportError(missing)
     from propetl.methods import peft_tuners as module
+
     return module
 
 
@@ -162,7 +177,7 @@ def merge(model: nn.Module, layers: nn.ModuleList, prototype_name: str) -> None:
     if weights is None:
         return
     merged = PROTOTYPES[prototype_name].merge(layers, weights)
-    if merged is None:              # LoRA: folded into the frozen weights, nothing left to store: the plain model
+    if merged is None:  # LoRA: folded into the frozen weights, nothing left to store: the plain model
         delattr(model, WEIGHTS_ATTRIBUTE)
         for key, hook in list(model._forward_pre_hooks.items()):
             if hook is _forget_step_cache:

@@ -7,6 +7,7 @@ ProPETL: W_down and W_up are the shared prototype times the layer's binary mask;
 reference stores the mask scores transposed (down [hidden, bottleneck], up [bottleneck, hidden]), so their initial
 range 1/sqrt(fan_in) uses bottleneck for down and hidden for up.
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,20 +18,26 @@ from propetl.methods import rules
 from propetl.methods.weights import LayerWeights, TensorSpec, bind
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
-SETTINGS = {"reduction_factor": rules.positive_int(), "bottleneck": rules.positive_int(),
-            "non_linearity": rules.one_of(ACTIVATIONS)}          # conf/prototype/adapter.yaml's own keys
+SETTINGS = {
+    "reduction_factor": rules.positive_int(),
+    "bottleneck": rules.positive_int(),
+    "non_linearity": rules.one_of(ACTIVATIONS),
+}  # conf/prototype/adapter.yaml's own keys
 SHAPE_KEYS = ("reduction_factor", "bottleneck", "non_linearity")  # what a multi-task base checkpoint must match
-FOLDABLE = False                        # a module after the feed-forward block: not a weight of plain BERT
+FOLDABLE = False  # a module after the feed-forward block: not a weight of plain BERT
 
 
 def specs(cfg, hidden: int) -> dict[str, TensorSpec]:
     bottleneck, init = int(cfg.bottleneck), f"normal:{cfg.init_std}"
     # frozen (prototype.freeze): nn.Linear's range, not N(0, 0.02^2), whose output masks could only shrink to nothing
-    return {"down_weight": TensorSpec((bottleneck, hidden), init, masked=True, score_fan_in=bottleneck,
-                                      frozen_init="kaiming"),
-            "down_bias": TensorSpec((bottleneck,), "zeros", masked=False),
-            "up_weight": TensorSpec((hidden, bottleneck), init, masked=True, score_fan_in=hidden, frozen_init="kaiming"),
-            "up_bias": TensorSpec((hidden,), "zeros", masked=False)}
+    return {
+        "down_weight": TensorSpec(
+            (bottleneck, hidden), init, masked=True, score_fan_in=bottleneck, frozen_init="kaiming"
+        ),
+        "down_bias": TensorSpec((bottleneck,), "zeros", masked=False),
+        "up_weight": TensorSpec((hidden, bottleneck), init, masked=True, score_fan_in=hidden, frozen_init="kaiming"),
+        "up_bias": TensorSpec((hidden,), "zeros", masked=False),
+    }
 
 
 class AdaptedFeedForwardOutput(nn.Module):

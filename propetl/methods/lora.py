@@ -3,6 +3,7 @@
 ProPETL: one (A, B) pair per target, shared by all layers, each layer masking A and B with its own binary masks.
 Merging folds (alpha/r) * (B*M_B)(A*M_A) into W: inference then costs exactly what the bare model costs.
 """
+
 from __future__ import annotations
 
 import torch
@@ -15,7 +16,7 @@ from propetl.methods.weights import LayerWeights, TensorSpec, bind
 TARGETS = ("query", "key", "value")
 SETTINGS = {"r": rules.positive_int(), "alpha": rules.positive_number(), "targets": rules.distinct_list_of(TARGETS)}
 SHAPE_KEYS = ("r", "alpha", "targets")  # what a multi-task base checkpoint must match
-FOLDABLE = True                         # merge() folds every update into the frozen W_q / W_v
+FOLDABLE = True  # merge() folds every update into the frozen W_q / W_v
 
 
 def specs(cfg, hidden: int) -> dict[str, TensorSpec]:
@@ -37,7 +38,7 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         w = self.weights.layer(self.layer_index)
-        return self.scaling * (w[f"{self.target}_B"] @ w[f"{self.target}_A"])      # [out, in]
+        return self.scaling * (w[f"{self.target}_B"] @ w[f"{self.target}_A"])  # [out, in]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weights.layer(self.layer_index)
@@ -62,4 +63,3 @@ def merge(layers: nn.ModuleList, weights: LayerWeights) -> None:
                 if isinstance(module, LoRALinear):
                     module.base.weight += module.delta_weight().to(module.base.weight.dtype)
                     setattr(attention, name, module.base)
-    return None

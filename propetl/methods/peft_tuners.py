@@ -16,6 +16,7 @@ What a task keeps is what `save_pretrained` writes (adapter_files: adapter_model
 which holds the seeds that regenerate frozen projections and indices); the storage figure counts the same with the
 method's least-storing save option where one exists (LEAST_STORING; accounting.py).
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -29,22 +30,26 @@ from torch import nn
 from propetl.configs import ConfigError
 from propetl.methods import PEFT_FILES
 
-PEFT_MODEL = "peft_model"                       # the attribute the PeftModel is kept under (not a submodule)
-NOT_ON_BERT = {"AdaptionPromptConfig": "PEFT supports no BERT model type for it",
-               "XLoraConfig": "it needs use_cache=False and a causal LM", "PolyConfig": "it needs task_ids",
-               "ShadowConfig": "it fails inside PEFT on BERT", "CPTConfig": "it is for causal LMs only"}
+PEFT_MODEL = "peft_model"  # the attribute the PeftModel is kept under (not a submodule)
+NOT_ON_BERT = {
+    "AdaptionPromptConfig": "PEFT supports no BERT model type for it",
+    "XLoraConfig": "it needs use_cache=False and a causal LM",
+    "PolyConfig": "it needs task_ids",
+    "ShadowConfig": "it fails inside PEFT on BERT",
+    "CPTConfig": "it is for causal LMs only",
+}
 # Save options that store less but whose file does not reload bit for bit: used for the storage figure only (the
 # checkpoint keeps the full tensors). VB-LoRA's top-k file recomputes the softmax weights (3e-8 off).
 LEAST_STORING = {peft.PeftType.VBLORA: {"save_only_topk_weights": True}}
-KEPT = {      # what each method's file holds (accounting names it in metrics.json as storage_counted)
+KEPT = {  # what each method's file holds (accounting names it in metrics.json as storage_counted)
     "LORA": "lora_A, lora_B of every target",
     "VERA": "lambda_b, lambda_d of every target (save_projection=False: the shared random A, B regenerate from "
-            "projection_prng_key)",
+    "projection_prng_key)",
     "VBLORA": "the vector bank and each sub-vector's top-k indices and weights (save_only_topk_weights)",
     "FOURIERFT": "each target's spectrum coefficients (entry locations regenerate from random_loc_seed)",
     "UNILORA": "theta_d (save_indices=False: indices and scales regenerate from proj_seed)",
     "TINYLORA": "each group's v and, always, the truncated SVD buffers tinylora_A, tinylora_B (save_projection="
-                "False: P regenerates from projection_seed)",
+    "False: P regenerates from projection_seed)",
     "IA3": "each target's scaling vector",
     "LOHA": "hada_w1_a/b, hada_w2_a/b of every target",
     "LOKR": "lokr_w1, lokr_w2_a/b of every target",
@@ -55,9 +60,13 @@ def tuner_classes() -> list[str]:
     """PEFT's config classes whose tuner adapts a model in place (not prompt learning) and works on BERT."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
-    return sorted(cls.__name__ for kind, cls in PEFT_TYPE_TO_CONFIG_MAPPING.items()
-                  if issubclass(PEFT_TYPE_TO_TUNER_MAPPING.get(kind, object), BaseTuner)
-                  and not issubclass(cls, peft.PromptLearningConfig) and cls.__name__ not in NOT_ON_BERT)
+    return sorted(
+        cls.__name__
+        for kind, cls in PEFT_TYPE_TO_CONFIG_MAPPING.items()
+        if issubclass(PEFT_TYPE_TO_TUNER_MAPPING.get(kind, object), BaseTuner)
+        and not issubclass(cls, peft.PromptLearningConfig)
+        and cls.__name__ not in NOT_ON_BERT
+    )
 
 
 def refusal(cfg) -> str | None:
@@ -69,8 +78,10 @@ def refusal(cfg) -> str | None:
     config = OmegaConf.to_container(cfg.config, resolve=True) or {}
     for key in ("task_type", "modules_to_save"):
         if config.get(key) is not None:
-            return (f"peft.config.{key}={config[key]!r} is invalid; allowed: null (propetl trains the head, "
-                    f"classifier and pooler, at trainer.head_lr itself)")
+            return (
+                f"peft.config.{key}={config[key]!r} is invalid; allowed: null (propetl trains the head, "
+                f"classifier and pooler, at trainer.head_lr itself)"
+            )
     try:
         make_config(cfg)
     except (TypeError, ValueError) as error:
@@ -92,10 +103,11 @@ def attach(model: nn.Module, cfg, head_names: set[str]) -> None:
     """Adapt `model`'s encoder in place with the tuner of the peft group `cfg`; the head trains."""
     try:
         adapted = peft.get_peft_model(encoder(model), make_config(cfg))
-    except (ValueError, TypeError, KeyError, NotImplementedError) as error:    # e.g. VB-LoRA's vector_length
-        raise ConfigError(f"peft={cfg.name}: PEFT cannot adapt {type(model).__name__}: "
-                          f"{str(error).splitlines()[0]}") from None
-    object.__setattr__(model, PEFT_MODEL, adapted)          # not registered: its modules are the model's own
+    except (ValueError, TypeError, KeyError, NotImplementedError) as error:  # e.g. VB-LoRA's vector_length
+        raise ConfigError(
+            f"peft={cfg.name}: PEFT cannot adapt {type(model).__name__}: {str(error).splitlines()[0]}"
+        ) from None
+    object.__setattr__(model, PEFT_MODEL, adapted)  # not registered: its modules are the model's own
     for name, parameter in model.named_parameters():
         if name in head_names:
             parameter.requires_grad_(True)

@@ -11,6 +11,7 @@ The attention hook lives in ONE place, `prefix_attention`, registered with trans
 prepends the prefix to key/value, widens the attention mask and calls the library's SDPA attention. `attach` fails
 loudly if the model does not route through it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,10 +24,13 @@ from propetl.methods import rules
 from propetl.methods.weights import LayerWeights, TensorSpec
 
 ATTENTION_NAME = "propetl_prefix"
-SETTINGS = {"length": rules.positive_int(), "mlp_hidden": rules.positive_int(),
-            "embedding_std": rules.positive_number(optional=True)}
-SHAPE_KEYS = ("length", "mlp_hidden")   # what a multi-task base checkpoint must match
-FOLDABLE = False                        # extra attention positions: not a weight of plain BERT
+SETTINGS = {
+    "length": rules.positive_int(),
+    "mlp_hidden": rules.positive_int(),
+    "embedding_std": rules.positive_number(optional=True),
+}
+SHAPE_KEYS = ("length", "mlp_hidden")  # what a multi-task base checkpoint must match
+FOLDABLE = False  # extra attention positions: not a weight of plain BERT
 
 
 def prefix_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
@@ -34,12 +38,12 @@ def prefix_attention(module: nn.Module, query, key, value, attention_mask, **kwa
     source = module.__dict__.get("prefix_source")
     if source is not None:
         weights, index = source
-        kv = weights.layer(index)["prefix"]                                   # [P, 2 * hidden]
+        kv = weights.layer(index)["prefix"]  # [P, 2 * hidden]
         length, (batch, heads, _, head_dim) = kv.shape[0], key.shape
         prefix_k, prefix_v = kv.view(length, 2, heads, head_dim).permute(1, 2, 0, 3).to(key.dtype)  # [heads, P, d]
         key = torch.cat([prefix_k.unsqueeze(0).expand(batch, -1, -1, -1), key], dim=2)
         value = torch.cat([prefix_v.unsqueeze(0).expand(batch, -1, -1, -1), value], dim=2)
-        if attention_mask is not None:                                # [B, 1, Tq, Tk]: bool keep, or additive float
+        if attention_mask is not None:  # [B, 1, Tq, Tk]: bool keep, or additive float
             pad_shape = (*attention_mask.shape[:-1], length)
             if attention_mask.dtype == torch.bool:
                 pad = torch.ones(pad_shape, dtype=torch.bool, device=attention_mask.device)
@@ -57,8 +61,11 @@ AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 def specs(cfg, hidden: int) -> dict[str, TensorSpec]:
     length = int(cfg.length)
     # frozen (prototype.freeze): the table drawn directly (no MLP to train) at about the scale of BERT's keys/values
-    return {"prefix": TensorSpec((length, 2 * hidden), "normal:0.02", masked=True, score_fan_in=length * 2 * hidden,
-                                 frozen_init="normal:1.0")}
+    return {
+        "prefix": TensorSpec(
+            (length, 2 * hidden), "normal:0.02", masked=True, score_fan_in=length * 2 * hidden, frozen_init="normal:1.0"
+        )
+    }
 
 
 class PrefixWeights(LayerWeights):
@@ -66,20 +73,21 @@ class PrefixWeights(LayerWeights):
 
     def __init__(self, cfg, hidden: int, num_layers: int, shared: bool, reparameterise: bool, **mask_kwargs):
         super().__init__(specs(cfg, hidden), num_layers, shared, **mask_kwargs)
-        self.reparameterise, self.hook_calls = reparameterise and not self.frozen, 0      # frozen: the table itself
+        self.reparameterise, self.hook_calls = reparameterise and not self.frozen, 0  # frozen: the table itself
         if self.reparameterise:
-            del self.weights["prefix"]                  # the MLP produces it
+            del self.weights["prefix"]  # the MLP produces it
             length, out = int(cfg.length), 2 * hidden * (1 if shared else num_layers)
-            std = float(cfg.get("embedding_std", 1.0))               # 1.0: nn.Embedding's init, as the reference
+            std = float(cfg.get("embedding_std", 1.0))  # 1.0: nn.Embedding's init, as the reference
             self.embedding = nn.Parameter(torch.empty(length, hidden).normal_(0.0, std))
-            self.mlp = nn.Sequential(nn.Linear(hidden, int(cfg.mlp_hidden)), nn.Tanh(),
-                                     nn.Linear(int(cfg.mlp_hidden), out))
+            self.mlp = nn.Sequential(
+                nn.Linear(hidden, int(cfg.mlp_hidden)), nn.Tanh(), nn.Linear(int(cfg.mlp_hidden), out)
+            )
 
     def base_tensors(self) -> dict[str, torch.Tensor]:
         if not self.reparameterise:
             return super().base_tensors()
-        table = self.mlp(self.embedding)                                           # [P, out]
-        if not self.shared:                                                        # [P, L*2h] -> [L, P, 2h]
+        table = self.mlp(self.embedding)  # [P, out]
+        if not self.shared:  # [P, L*2h] -> [L, P, 2h]
             table = table.view(table.shape[0], self.num_layers, -1).transpose(0, 1)
         return {"prefix": table}
 
@@ -97,8 +105,10 @@ def attach(model: nn.Module, layers: nn.ModuleList, weights: LayerWeights, cfg) 
     _bind_sources(layers, weights)
     model.set_attn_implementation(ATTENTION_NAME)
     if getattr(layers[0].attention.self.config, "_attn_implementation", None) != ATTENTION_NAME:
-        raise RuntimeError("prefix-tuning: the model's self-attention does not use transformers' attention interface; "
-                           "the prefix hook (propetl/methods/prefix.py) must be ported to this transformers version")
+        raise RuntimeError(
+            "prefix-tuning: the model's self-attention does not use transformers' attention interface; "
+            "the prefix hook (propetl/methods/prefix.py) must be ported to this transformers version"
+        )
 
 
 def merge(layers: nn.ModuleList, weights: LayerWeights) -> LayerWeights:

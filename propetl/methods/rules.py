@@ -2,6 +2,7 @@
 validate.py turns a value a rule refuses into its one-line error (`prototype.r=0 is invalid; allowed: ...`).
 Here, not in validate.py, so that prototype modules declare them without importing the validation; validate.py
 checks every other config value through the same rules."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -11,8 +12,8 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Rule:
     accepts: Callable[[object], bool]
-    allowed: str                    # what the error says is allowed
-    optional: bool = False          # the yaml may leave the key out
+    allowed: str  # what the error says is allowed
+    optional: bool = False  # the yaml may leave the key out
 
 
 def _is_int(value) -> bool:
@@ -42,5 +43,7 @@ def one_of(choices: Iterable, optional: bool = False) -> Rule:
 
 def distinct_list_of(choices: Iterable) -> Rule:
     choices = tuple(choices)
-    return Rule(lambda v: isinstance(v, list) and bool(v) and set(v) <= set(choices) and len(set(v)) == len(v),
-                f"a non-empty list drawn from {', '.join(choices)}")
+    return Rule(
+        lambda v: isinstance(v, list) and bool(v) and set(v) <= set(choices) and len(set(v)) == len(v),
+        f"a non-empty list drawn from {', '.join(choices)}",
+    )

@@ -10,6 +10,7 @@ A frozen prototype (prototype.freeze=true, shared form only): every tensor is dr
 trained; only the masks learn, and a task stores no dense tensor (the seed in its config regenerates them).
 Layer wrappers only ever call `layer(l)`, so the model code is the same for both forms.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,10 +25,10 @@ from propetl.masks import LayerMasks, TaskLayerMasks
 @dataclass(frozen=True)
 class TensorSpec:
     shape: tuple[int, ...]
-    init: str               # "normal:<std>" | "zeros" | "kaiming"  (kaiming_uniform a=sqrt(5), as nn.Linear)
-    masked: bool            # ProPETL masks it per layer (weights) or shares it unmasked (biases)
-    score_fan_in: int | None = None   # reference's score fan-in (initial range: masks.score_bound); None: this shape's
-    frozen_init: str | None = None    # how a frozen prototype draws it (prototype.freeze); None: as `init`
+    init: str  # "normal:<std>" | "zeros" | "kaiming"  (kaiming_uniform a=sqrt(5), as nn.Linear)
+    masked: bool  # ProPETL masks it per layer (weights) or shares it unmasked (biases)
+    score_fan_in: int | None = None  # reference's score fan-in (initial range: masks.score_bound); None: this shape's
+    frozen_init: str | None = None  # how a frozen prototype draws it (prototype.freeze); None: as `init`
 
     @property
     def numel(self) -> int:
@@ -51,14 +52,23 @@ def init_tensor(tensor: torch.Tensor, init: str, generator: torch.Generator | No
 class LayerWeights(nn.Module):
     """The trainable tensors of one PETL method for all L layers (see the module docstring)."""
 
-    def __init__(self, specs: dict[str, TensorSpec], num_layers: int, shared: bool, mask_sparsity: float = 0.0,
-                 mask_kind: str = "learned", mask_seed: int = 0, num_tasks: int = 0, mask_combine: str = "or",
-                 frozen_seed: int | None = None):
+    def __init__(
+        self,
+        specs: dict[str, TensorSpec],
+        num_layers: int,
+        shared: bool,
+        mask_sparsity: float = 0.0,
+        mask_kind: str = "learned",
+        mask_seed: int = 0,
+        num_tasks: int = 0,
+        mask_combine: str = "or",
+        frozen_seed: int | None = None,
+    ):
         super().__init__()
         if frozen_seed is not None and not shared:
             raise ValueError("a frozen prototype needs the shared form (method=propetl)")
         self.specs, self.num_layers, self.shared = dict(specs), num_layers, shared
-        self.frozen = frozen_seed is not None           # prototype.freeze: drawn from frozen_seed, never trained
+        self.frozen = frozen_seed is not None  # prototype.freeze: drawn from frozen_seed, never trained
         generator = torch.Generator().manual_seed(frozen_seed) if self.frozen else None
         self.weights, self.masks = nn.ParameterDict(), nn.ModuleDict()
         for i, (name, spec) in enumerate(self.specs.items()):
@@ -66,12 +76,21 @@ class LayerWeights(nn.Module):
             self.weights[name] = nn.Parameter(torch.empty(shape), requires_grad=not self.frozen)
             init_tensor(self.weights[name], (spec.frozen_init or spec.init) if self.frozen else spec.init, generator)
             if shared and spec.masked and num_tasks:
-                self.masks[name] = TaskLayerMasks(num_tasks, num_layers, spec.shape, mask_sparsity, mask_combine,
-                                                  mask_kind, seed=mask_seed + i, score_fan_in=spec.score_fan_in)
+                self.masks[name] = TaskLayerMasks(
+                    num_tasks,
+                    num_layers,
+                    spec.shape,
+                    mask_sparsity,
+                    mask_combine,
+                    mask_kind,
+                    seed=mask_seed + i,
+                    score_fan_in=spec.score_fan_in,
+                )
             elif shared and spec.masked:
-                self.masks[name] = LayerMasks(num_layers, spec.shape, mask_sparsity, mask_kind, seed=mask_seed + i,
-                                              score_fan_in=spec.score_fan_in)
-        self.num_tasks, self.active_task = num_tasks, 0     # multi-task: whose masks per_layer() applies
+                self.masks[name] = LayerMasks(
+                    num_layers, spec.shape, mask_sparsity, mask_kind, seed=mask_seed + i, score_fan_in=spec.score_fan_in
+                )
+        self.num_tasks, self.active_task = num_tasks, 0  # multi-task: whose masks per_layer() applies
         self._per_layer: dict[str, torch.Tensor] | None = None
         self._cache_key: tuple | None = None
 
@@ -103,7 +122,7 @@ class LayerWeights(nn.Module):
                 elif name in self.masks:
                     mask = self.masks[name]
                     masks = mask(self.active_task) if isinstance(mask, TaskLayerMasks) else mask()
-                    out[name] = base.unsqueeze(0) * masks                          # [L, *shape]
+                    out[name] = base.unsqueeze(0) * masks  # [L, *shape]
                 else:
                     out[name] = base.unsqueeze(0).expand(self.num_layers, *base.shape)
             self._per_layer, self._cache_key = out, key
@@ -131,7 +150,7 @@ class LayerWeights(nn.Module):
     def score_parameters(self) -> list[nn.Parameter]:
         return [mask.scores for mask in self.mask_stores().values() if mask.scores.requires_grad]
 
-    def to_plain(self) -> "LayerWeights":
+    def to_plain(self) -> LayerWeights:
         """Materialise every layer's tensors into a plain per-layer store (merge for inference)."""
         plain = LayerWeights(self.specs, self.num_layers, shared=False)
         with torch.no_grad():

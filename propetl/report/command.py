@@ -16,6 +16,7 @@ copy first. Writes
   PNG plots   metric against storage, the frontier, the sparsity sweep, the mask ablation, one run's mask distances.
 Prints jobs.md, then where each file went. Exit 2 with one line when no run is found.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,8 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-REPORT_DIR = "report"        # the default --out: <first folder>/report
-SWEEP_REPORT_ENV = "PROPETL_SWEEP_REPORT"    # "0": no report at the end of a -m sweep
+REPORT_DIR = "report"  # the default --out: <first folder>/report
+SWEEP_REPORT_ENV = "PROPETL_SWEEP_REPORT"  # "0": no report at the end of a -m sweep
 
 
 def report_folder(roots: list[Path]) -> Path:
@@ -39,7 +40,7 @@ class SweepReport(Callback):
     compared on stdout."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        if os.environ.get(SWEEP_REPORT_ENV, "1") != "0":          # scripts/reproduce.py builds its tables once
+        if os.environ.get(SWEEP_REPORT_ENV, "1") != "0":  # scripts/reproduce.py builds its tables once
             report_sweep(Path(str(config.hydra.sweep.dir)))
 
 
@@ -50,7 +51,7 @@ def report_sweep(folder: Path) -> None:
 
     try:
         written = report.build([folder], report_folder([folder]), f"sweep {folder}")
-    except Exception as error:                  # noqa: BLE001 (the sweep's results stand without their report)
+    except Exception as error:  # noqa: BLE001 (the sweep's results stand without their report)
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"propetl-train: no report of the sweep ({reason})", file=sys.stderr)
         return
@@ -58,15 +59,21 @@ def report_sweep(folder: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="propetl-report", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    parser = argparse.ArgumentParser(
+        prog="propetl-report",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[2:]),
+    )
     parser.add_argument("roots", nargs="+", type=Path, help="folders (or metrics.json files) searched for runs")
-    parser.add_argument("--out", type=Path, help=f"folder for the tables and plots (default: <first folder>/{REPORT_DIR})")
+    parser.add_argument(
+        "--out", type=Path, help=f"folder for the tables and plots (default: <first folder>/{REPORT_DIR})"
+    )
     parser.add_argument("--title", default="", help="heading of table.md")
     args = parser.parse_args(argv)
     out = args.out or report_folder(args.roots)
     from propetl import report  # after argparse: --help needs no matplotlib or scipy
+
     try:
         written = report.build(args.roots, out, args.title)
     except ValueError as error:

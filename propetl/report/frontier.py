@@ -10,6 +10,7 @@ its task stores at most as many bytes with at least as high a mean score, better
 difference to the reference (ProPETL-Adapter, else the first ProPETL row) is over the seeds both have, with its 95%
 t-interval (stats.paired_interval).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,8 +27,8 @@ from propetl.report.runs import (
 from propetl.report.stats import paired_by_seed
 from propetl.report.tables import _bytes
 
-REFERENCE = "ProPETL-Adapter"            # the paper's headline prototype: every point's paired difference is to it
-LORA = "LoRA"                            # the storage every ratio is to: plain LoRA, the best-known PETL method
+REFERENCE = "ProPETL-Adapter"  # the paper's headline prototype: every point's paired difference is to it
+LORA = "LoRA"  # the storage every ratio is to: plain LoRA, the best-known PETL method
 
 
 def frontier_points(runs: list[dict]) -> dict[str, list[dict]]:
@@ -45,22 +46,33 @@ def frontier_points(runs: list[dict]) -> dict[str, list[dict]]:
             if not task_runs or stored is None:
                 continue
             with_head = mean_or_none(s.get(f"{key}_with_head", s.get("storage_bytes_with_head")) for s in storage)
-            points.append({"label": label, "method": task_runs[0]["method"], "prototype": task_runs[0]["prototype"],
-                           "bytes": stored, "bytes_with_head": with_head, "score": score_stats(task_runs),
-                           "runs": task_runs})
+            points.append(
+                {
+                    "label": label,
+                    "method": task_runs[0]["method"],
+                    "prototype": task_runs[0]["prototype"],
+                    "bytes": stored,
+                    "bytes_with_head": with_head,
+                    "score": score_stats(task_runs),
+                    "runs": task_runs,
+                }
+            )
         if not points:
             continue
         points.sort(key=lambda p: (p["bytes"], -p["score"]["mean"]))
         optimal = pareto([(p["bytes"], p["score"]["mean"]) for p in points])
         lora = next((p["bytes"] for p in points if p["label"] == LORA), None)
-        reference = next((p for p in points if p["label"] == REFERENCE),
-                         next((p for p in points if p["label"].startswith("ProPETL-")), None))
+        reference = next(
+            (p for p in points if p["label"] == REFERENCE),
+            next((p for p in points if p["label"].startswith("ProPETL-")), None),
+        )
         for i, point in enumerate(points):
             point["pareto"] = i in optimal
             point["ratio_to_lora"] = point["bytes"] / lora if lora else None
             point["reference"] = reference["label"] if reference else None
-            point["vs_reference"] = (paired_by_seed(point["runs"], reference["runs"])
-                                     if reference and point is not reference else None)
+            point["vs_reference"] = (
+                paired_by_seed(point["runs"], reference["runs"]) if reference and point is not reference else None
+            )
         out[task] = points
     return out
 
@@ -68,8 +80,11 @@ def frontier_points(runs: list[dict]) -> dict[str, list[dict]]:
 def pareto(points: list[tuple[float, float]]) -> set[int]:
     """Indices of the (bytes, score) points no other point dominates (fewer or equal bytes and a higher or equal
     score, strictly better in one)."""
-    return {i for i, (b, s) in enumerate(points)
-            if not any(b2 <= b and s2 >= s and (b2 < b or s2 > s) for j, (b2, s2) in enumerate(points) if j != i)}
+    return {
+        i
+        for i, (b, s) in enumerate(points)
+        if not any(b2 <= b and s2 >= s and (b2 < b or s2 > s) for j, (b2, s2) in enumerate(points) if j != i)
+    }
 
 
 def _difference(result: dict | None) -> str:
@@ -89,16 +104,20 @@ def frontier_table(points: dict[str, list[dict]]) -> str:
     text = ""
     for task, task_points in points.items():
         reference = task_points[0]["reference"]
-        text += (f"\n### {TASK_TITLES.get(task, task)}\n\n| Method | bytes/task | with head | ratio to LoRA | GLUE score "
-                 f"| Δ to {reference or 'ProPETL'} [95% CI] | Pareto |\n|---|---|---|---|---|---|---|\n")
+        text += (
+            f"\n### {TASK_TITLES.get(task, task)}\n\n| Method | bytes/task | with head | ratio to LoRA | GLUE score "
+            f"| Δ to {reference or 'ProPETL'} [95% CI] | Pareto |\n|---|---|---|---|---|---|---|\n"
+        )
         for p in task_points:
             score = p["score"]
             ratio = "–" if p["ratio_to_lora"] is None else f"{p['ratio_to_lora']:.3f}"
             spread = f"±{score['std']:.2f}" if score["n"] > 1 else ""
-            text += (f"| {p['label']} | {_bytes(p['bytes'])} | {_bytes(p['bytes_with_head'])} | {ratio} | "
-                     f"{score['mean']:.2f}{spread} (n={score['n']}) | "
-                     f"{_difference(p['vs_reference'])} | "
-                     f"{'◆' if p['pareto'] else ''} |\n")
+            text += (
+                f"| {p['label']} | {_bytes(p['bytes'])} | {_bytes(p['bytes_with_head'])} | {ratio} | "
+                f"{score['mean']:.2f}{spread} (n={score['n']}) | "
+                f"{_difference(p['vs_reference'])} | "
+                f"{'◆' if p['pareto'] else ''} |\n"
+            )
     return text
 
 
@@ -107,26 +126,41 @@ def plot_frontier(points: dict[str, list[dict]], runs: list[dict], path: Path) -
     point per method, the Pareto-optimal points joined, the trivial baseline a dashed grey line (in view when it is
     near the points: the y range is the points')."""
     from propetl.report.plots import METHOD_MARKERS, _colour, _finish, _save, _task_axes
+
     if not points:
         return None
     trivial = {r["task"]: r for r in trivial_runs(runs)}
     fig, axes = _task_axes(list(points), 6.0)
     for task, ax in axes.items():
         for p in points[task]:
-            frozen = any(r.get("prototype_frozen") for r in p["runs"])      # a frozen prototype: a star, not a dot
-            ax.errorbar(p["bytes"], p["score"]["mean"], yerr=p["score"]["std"], capsize=3, ls="none",
-                        marker="*" if frozen else METHOD_MARKERS.get(p["method"], "x"), markersize=10 if frozen else 6,
-                        color=_colour(p["prototype"], p["method"]),
-                        label=f"{p['label']} (n={p['score']['n']})")
-            ax.annotate(p["label"], (p["bytes"], p["score"]["mean"]), textcoords="offset points", xytext=(4, -9),
-                        fontsize=6)
+            frozen = any(r.get("prototype_frozen") for r in p["runs"])  # a frozen prototype: a star, not a dot
+            ax.errorbar(
+                p["bytes"],
+                p["score"]["mean"],
+                yerr=p["score"]["std"],
+                capsize=3,
+                ls="none",
+                marker="*" if frozen else METHOD_MARKERS.get(p["method"], "x"),
+                markersize=10 if frozen else 6,
+                color=_colour(p["prototype"], p["method"]),
+                label=f"{p['label']} (n={p['score']['n']})",
+            )
+            ax.annotate(
+                p["label"], (p["bytes"], p["score"]["mean"]), textcoords="offset points", xytext=(4, -9), fontsize=6
+            )
         front = [p for p in points[task] if p["pareto"]]
-        ax.plot([p["bytes"] for p in front], [p["score"]["mean"] for p in front], color="black", lw=1, alpha=0.6,
-                label="Pareto front (mean score)")
+        ax.plot(
+            [p["bytes"] for p in front],
+            [p["score"]["mean"] for p in front],
+            color="black",
+            lw=1,
+            alpha=0.6,
+            label="Pareto front (mean score)",
+        )
         ax.set_xscale("log")
         _finish(ax, task, "bytes stored per task (without head, log)", trivial.get(task))
         low = min(p["score"]["mean"] - p["score"]["std"] for p in points[task])
         high = max(p["score"]["mean"] + p["score"]["std"] for p in points[task])
         margin = max(1.0, 0.1 * (high - low))
-        ax.set_ylim(low - margin, high + margin)         # the points, not a far trivial baseline (the legend has it)
+        ax.set_ylim(low - margin, high + margin)  # the points, not a far trivial baseline (the legend has it)
     return _save(fig, path)

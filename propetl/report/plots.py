@@ -1,4 +1,5 @@
 """Plots (matplotlib, Agg): metric vs storage, the sparsity sweep, the mask ablation, layer-mask Hamming distances."""
+
 from __future__ import annotations
 
 import statistics
@@ -9,15 +10,30 @@ import numpy as np
 from propetl import mask_coding
 from propetl.metrics import GLUE_NUMBERS
 from propetl.report.runs import (
-    MASK_KINDS, PAPER_MODEL, PAPER_PROPETL_ROWS, PAPER_STORAGE_PERCENT, PROTOTYPE_TITLES, TASK_TITLES, group_runs,
-    prototype_title, run_score, score_stats, trivial_runs
+    MASK_KINDS,
+    PAPER_MODEL,
+    PAPER_PROPETL_ROWS,
+    PAPER_STORAGE_PERCENT,
+    PROTOTYPE_TITLES,
+    TASK_TITLES,
+    group_runs,
+    prototype_title,
+    run_score,
+    score_stats,
+    trivial_runs,
 )
 from propetl.report.stats import mask_ablation, sparsity_sweep
 from propetl.report.tables import model_prefix, sparsity_text
 
 PROTOTYPE_COLOURS = {"adapter": "tab:blue", "lora": "tab:orange", "prefix": "tab:green"}
-METHOD_MARKERS = {"finetune": "^", "petl": "s", "peft": "D", "propetl": "o", "petl-multitask": "<",
-                  "propetl-multitask": "v"}
+METHOD_MARKERS = {
+    "finetune": "^",
+    "petl": "s",
+    "peft": "D",
+    "propetl": "o",
+    "petl-multitask": "<",
+    "propetl-multitask": "v",
+}
 
 
 def _colour(prototype, method: str = "") -> str:
@@ -26,8 +42,10 @@ def _colour(prototype, method: str = "") -> str:
 
 def _pyplot():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -41,20 +59,31 @@ def _points(ax, cells: dict[float, dict], colour: str, label: str, **style) -> N
     """Means ± std at x (cells: x -> cell_stats), n in the legend; each point's n beside it when n varies."""
     ns = sorted({c["n"] for c in cells.values()})
     n_text = str(ns[0]) if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
-    ax.errorbar(list(cells), [c["mean"] for c in cells.values()], yerr=[c["std"] for c in cells.values()], capsize=3,
-                color=colour, label=f"{label} (n={n_text})", **style)
+    ax.errorbar(
+        list(cells),
+        [c["mean"] for c in cells.values()],
+        yerr=[c["std"] for c in cells.values()],
+        capsize=3,
+        color=colour,
+        label=f"{label} (n={n_text})",
+        **style,
+    )
     if len(ns) > 1:
         for x, c in cells.items():
-            ax.annotate(f"n={c['n']}", (x, c["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=6,
-                        color=colour)
+            ax.annotate(
+                f"n={c['n']}", (x, c["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=6, color=colour
+            )
 
 
 def _finish(ax, task: str, xlabel: str, trivial: dict | None = None) -> None:
     """Labels, grid and legend; `trivial` (a pseudo-run of trivial_runs) first drawn as a grey dashed line."""
     if trivial and (score := run_score(trivial)) is not None:
         ax.axhline(score, ls="--", lw=1, color="grey", label=f"trivial baseline ({trivial['rule'].split(' (')[0]})")
-    ax.set(xlabel=xlabel, ylabel=f"{TASK_TITLES.get(task, task)} GLUE score (x100, mean ± std)",
-           title=TASK_TITLES.get(task, task))
+    ax.set(
+        xlabel=xlabel,
+        ylabel=f"{TASK_TITLES.get(task, task)} GLUE score (x100, mean ± std)",
+        title=TASK_TITLES.get(task, task),
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2)
 
@@ -73,19 +102,38 @@ def plot_metric_vs_storage(rows: list[dict], path: Path) -> Path | None:
             score = row["scores"].get(task)
             if not score or row["percent_storage"] is None or row.get("computed"):
                 continue
-            ax.errorbar(row["percent_storage"], score["mean"], yerr=score["std"], capsize=3, ls="none",
-                        marker=METHOD_MARKERS.get(row["method"], "x"), color=_colour(row["prototype"], row["method"]),
-                        mfc="none" if row["method"] == "propetl" and " (" in row["label"] else None,
-                        label=f"{row['label']} (n={score['n']})")
+            ax.errorbar(
+                row["percent_storage"],
+                score["mean"],
+                yerr=score["std"],
+                capsize=3,
+                ls="none",
+                marker=METHOD_MARKERS.get(row["method"], "x"),
+                color=_colour(row["prototype"], row["method"]),
+                mfc="none" if row["method"] == "propetl" and " (" in row["label"] else None,
+                label=f"{row['label']} (n={score['n']})",
+            )
         for row in rows:
             if row.get("computed") and row["scores"].get(task):
-                ax.axhline(row["scores"][task]["mean"], ls="--", lw=1, color="grey",
-                           label=f"trivial baseline ({row['rules'][task].split(' (')[0]})")
+                ax.axhline(
+                    row["scores"][task]["mean"],
+                    ls="--",
+                    lw=1,
+                    color="grey",
+                    label=f"trivial baseline ({row['rules'][task].split(' (')[0]})",
+                )
         for label, paper in PAPER_PROPETL_ROWS.items():
             if task in paper:
-                ax.plot(PAPER_STORAGE_PERCENT, statistics.fmean(paper[task]), ls="none", marker="*", ms=12, mfc="none",
-                        color=PROTOTYPE_COLOURS.get(titles.get(label.split("-", 1)[1]), "grey"),
-                        label=f"{label} (paper, {PAPER_MODEL})")
+                ax.plot(
+                    PAPER_STORAGE_PERCENT,
+                    statistics.fmean(paper[task]),
+                    ls="none",
+                    marker="*",
+                    ms=12,
+                    mfc="none",
+                    color=PROTOTYPE_COLOURS.get(titles.get(label.split("-", 1)[1]), "grey"),
+                    label=f"{label} (paper, {PAPER_MODEL})",
+                )
         ax.set_xscale("log")
         _finish(ax, task, "% of the backbone stored per task (without head, log)")
     return _save(fig, path)
@@ -108,8 +156,13 @@ def plot_sparsity_sweep(runs: list[dict], path: Path) -> Path | None:
         cells = {x: cell for x, members in points.items() if x is not None and (cell := score_stats(members))}
         _points(ax, cells, colour, f"{prefix}ProPETL-{title}", marker="o")
         if reference := score_stats(plain.get((model, task, prototype))):
-            ax.axhline(reference["mean"], ls="--", lw=1.2, color=colour,
-                       label=f"{prefix}{title}, plain PETL mean (n={reference['n']})")
+            ax.axhline(
+                reference["mean"],
+                ls="--",
+                lw=1.2,
+                color=colour,
+                label=f"{prefix}{title}, plain PETL mean (n={reference['n']})",
+            )
     for task, ax in axes.items():
         _finish(ax, task, "mask sparsity (fraction of zeros)", trivial.get(task))
     return _save(fig, path)
@@ -128,12 +181,16 @@ def plot_mask_ablation(runs: list[dict], path: Path) -> Path | None:
         keys = [key for key in cells if key[1] == task]
         for i, (model, _, prototype, sparsity) in enumerate(keys):
             kinds = cells[(model, task, prototype, sparsity)]
-            points = {x + 0.1 * (i - (len(keys) - 1) / 2): cell for x, kind in enumerate(MASK_KINDS)
-                      if (cell := score_stats(kinds.get(kind)))}
+            points = {
+                x + 0.1 * (i - (len(keys) - 1) / 2): cell
+                for x, kind in enumerate(MASK_KINDS)
+                if (cell := score_stats(kinds.get(kind)))
+            }
             label = f"{model_prefix(model, models)}ProPETL-{prototype_title(prototype)}, s={sparsity_text(sparsity)}"
             _points(ax, points, _colour(prototype), label, fmt="o")
-        ax.set_xticks(range(len(MASK_KINDS)),
-                      [f"{kind} masks" if kind != "none" else "no masks" for kind in MASK_KINDS])
+        ax.set_xticks(
+            range(len(MASK_KINDS)), [f"{kind} masks" if kind != "none" else "no masks" for kind in MASK_KINDS]
+        )
         ax.set_xlim(-0.5, len(MASK_KINDS) - 0.5)
         _finish(ax, task, "masks over the prototype", trivial.get(task))
     return _save(fig, path)
@@ -171,8 +228,11 @@ def plot_mask_hamming(checkpoint_dir: Path, path: Path, title: str = "") -> Path
         for j in range(distance.shape[1]):
             ax.text(j, i, f"{distance[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
     ax.set(xlabel="layer", ylabel="layer")
-    ax.set_title((title or "Hamming distance between layer masks") + f"\nred: independent random masks of density "
-                 f"d={density:.3f}, 2d(1−d)={independent:.3f}", fontsize=8)
+    ax.set_title(
+        (title or "Hamming distance between layer masks") + f"\nred: independent random masks of density "
+        f"d={density:.3f}, 2d(1−d)={independent:.3f}",
+        fontsize=8,
+    )
     bar = fig.colorbar(image, ax=ax, fraction=0.046)
     bar.ax.axhline(independent, color="red", lw=2)
     return _save(fig, path)

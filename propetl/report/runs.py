@@ -1,5 +1,6 @@
 """Collecting runs: every metrics.json under some folders -> one record per run, grouped into Table-1 rows. The names,
 titles and paper numbers the tables and plots share live here too."""
+
 from __future__ import annotations
 
 import json
@@ -9,49 +10,124 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-import yaml
-
 import numpy as np
+import yaml
 
 from propetl.log import read_predictions
 from propetl.metrics import GLUE_NUMBERS, glue_average, task_score
 from propetl.rundir import PREDICTIONS_FILE
 
-TASK_TITLES = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC acc/F1", "qqp": "QQP acc/F1", "stsb": "STS-B P/S",
-               "mnli": "MNLI", "qnli": "QNLI", "rte": "RTE"}
+TASK_TITLES = {
+    "cola": "CoLA",
+    "sst2": "SST-2",
+    "mrpc": "MRPC acc/F1",
+    "qqp": "QQP acc/F1",
+    "stsb": "STS-B P/S",
+    "mnli": "MNLI",
+    "qnli": "QNLI",
+    "rte": "RTE",
+}
 PROTOTYPE_TITLES = {"adapter": "Adapter", "lora": "LoRA", "prefix": "Prefix"}
 # method=peft's other tuners (conf/peft/; metrics.json `prototype` holds the tuner's name), as their papers write them
-PEFT_TITLES = {"vera": "VeRA", "vblora": "VB-LoRA", "fourierft": "FourierFT", "unilora": "Uni-LoRA", "ia3": "(IA)³",
-               "tinylora": "TinyLoRA", "loha": "LoHa", "lokr": "LoKr"}
+PEFT_TITLES = {
+    "vera": "VeRA",
+    "vblora": "VB-LoRA",
+    "fourierft": "FourierFT",
+    "unilora": "Uni-LoRA",
+    "ia3": "(IA)³",
+    "tinylora": "TinyLoRA",
+    "loha": "LoHa",
+    "lokr": "LoKr",
+}
 
 # The paper's ProPETL rows (RoBERTa-base, Table 1 as reproduced by the authors' README; x100).
 PAPER_PROPETL_ROWS = {
-    "ProPETL-Adapter": {"cola": [65.43], "sst2": [94.15], "mrpc": [88.24, 91.41], "qqp": [89.40, 86.04],
-                        "stsb": [91.34, 90.95], "mnli": [86.53], "qnli": [92.58], "rte": [76.50], "avg": 86.6},
-    "ProPETL-LoRA": {"cola": [61.81], "sst2": [94.00], "mrpc": [87.42, 91.00], "qqp": [88.85, 85.22],
-                     "stsb": [90.48, 90.47], "mnli": [85.73], "qnli": [91.05], "rte": [63.79], "avg": 84.53},
-    "ProPETL-Prefix": {"cola": [62.16], "sst2": [93.62], "mrpc": [88.73, 91.80], "qqp": [87.59, 83.71],
-                       "stsb": [90.92, 90.83], "mnli": [85.30], "qnli": [91.75], "rte": [72.66], "avg": 85.37},
+    "ProPETL-Adapter": {
+        "cola": [65.43],
+        "sst2": [94.15],
+        "mrpc": [88.24, 91.41],
+        "qqp": [89.40, 86.04],
+        "stsb": [91.34, 90.95],
+        "mnli": [86.53],
+        "qnli": [92.58],
+        "rte": [76.50],
+        "avg": 86.6,
+    },
+    "ProPETL-LoRA": {
+        "cola": [61.81],
+        "sst2": [94.00],
+        "mrpc": [87.42, 91.00],
+        "qqp": [88.85, 85.22],
+        "stsb": [90.48, 90.47],
+        "mnli": [85.73],
+        "qnli": [91.05],
+        "rte": [63.79],
+        "avg": 84.53,
+    },
+    "ProPETL-Prefix": {
+        "cola": [62.16],
+        "sst2": [93.62],
+        "mrpc": [88.73, 91.80],
+        "qqp": [87.59, 83.71],
+        "stsb": [90.92, 90.83],
+        "mnli": [85.30],
+        "qnli": [91.75],
+        "rte": [72.66],
+        "avg": 85.37,
+    },
 }
 
 PAPER_MODEL = "RoBERTa-base"
-PAPER_STORAGE_PERCENT = 0.11            # the paper's ProPETL storage, % of the backbone (and ≈ its ratio to PETL)
+PAPER_STORAGE_PERCENT = 0.11  # the paper's ProPETL storage, % of the backbone (and ≈ its ratio to PETL)
 
-RUN_FIELDS = ("task", "model", "method", "prototype", "mask_kind", "mask_sparsity", "prototype_frozen", "seed", "protocol",
-              "best_epoch", "epochs_run", "steps", "glue_score", "train_seconds", "wall_seconds", "world_size")
+RUN_FIELDS = (
+    "task",
+    "model",
+    "method",
+    "prototype",
+    "mask_kind",
+    "mask_sparsity",
+    "prototype_frozen",
+    "seed",
+    "protocol",
+    "best_epoch",
+    "epochs_run",
+    "steps",
+    "glue_score",
+    "train_seconds",
+    "wall_seconds",
+    "world_size",
+)
 # Storage as written (accounting.coding_figures, checkpoint.file_figures): masks per coding, dense in storage.dtype.
-CODING_FIELDS = ("dtype", "mask_coding", "file_mask_bits_per_entry", "mask_bits_per_entry/bits",
-                 "mask_bits_per_entry/entropy", "mask_bits_per_entry_bound", "file_ratio_to_plain_petl",
-                 "storage_ratio_to_plain_petl/bits", "storage_ratio_to_plain_petl/entropy",
-                 "storage_ratio_to_plain_petl/bound")
-STORAGE_FIELDS = ("trainable_params", "stored_params", "mask_entries", "storage_bytes", "file_bytes",
-                  "storage_percent_of_backbone", "storage_ratio_to_plain_petl", "backbone_params", *CODING_FIELDS)
+CODING_FIELDS = (
+    "dtype",
+    "mask_coding",
+    "file_mask_bits_per_entry",
+    "mask_bits_per_entry/bits",
+    "mask_bits_per_entry/entropy",
+    "mask_bits_per_entry_bound",
+    "file_ratio_to_plain_petl",
+    "storage_ratio_to_plain_petl/bits",
+    "storage_ratio_to_plain_petl/entropy",
+    "storage_ratio_to_plain_petl/bound",
+)
+STORAGE_FIELDS = (
+    "trainable_params",
+    "stored_params",
+    "mask_entries",
+    "storage_bytes",
+    "file_bytes",
+    "storage_percent_of_backbone",
+    "storage_ratio_to_plain_petl",
+    "backbone_params",
+    *CODING_FIELDS,
+)
 
 # The overlays of conf/experiment/. The sweep and the ablation are not Table 1: their points at table1's
 # settings (the prototype's default sparsity, learned masks) are table1's runs, pooled in.
 TABLE1 = "table1"
 POOLED_EXPERIMENTS = ("sparsity_sweep", "ablation_masks")
-FRONTIER = "frontier"             # the PEFT tuners beside table1's runs: in Table 1 and the frontier section
+FRONTIER = "frontier"  # the PEFT tuners beside table1's runs: in Table 1 and the frontier section
 EXPERIMENTS = (TABLE1, "multitask", FRONTIER, *POOLED_EXPERIMENTS)
 IDENTITY = ("model", "task", "method", "prototype", "mask_kind", "mask_sparsity", "prototype_frozen", "seed")
 # A (nearly) constant predictor: one class in at least MAJORITY_SHARE of the test predictions (classification), or
@@ -59,9 +135,11 @@ IDENTITY = ("model", "task", "method", "prototype", "mask_kind", "mask_sparsity"
 MAJORITY_SHARE, STD_RATIO = 0.99, 0.05
 NOT_KEPT = "no predictions kept"
 TRIVIAL_LABEL = "Trivial baseline (majority / mean)"
-ROW_ORDER = [TRIVIAL_LABEL, "Fine-tune"] + [label for title in PROTOTYPE_TITLES.values()
-                                            for label in (title, f"{title} (HF PEFT)", f"ProPETL-{title}")] + \
-    [f"{title} (HF PEFT)" for title in PEFT_TITLES.values()]
+ROW_ORDER = (
+    [TRIVIAL_LABEL, "Fine-tune"]
+    + [label for title in PROTOTYPE_TITLES.values() for label in (title, f"{title} (HF PEFT)", f"ProPETL-{title}")]
+    + [f"{title} (HF PEFT)" for title in PEFT_TITLES.values()]
+)
 MASK_KINDS = ("learned", "random", "none")
 
 
@@ -72,8 +150,9 @@ def find_metrics(roots: Iterable[Path]) -> list[Path]:
         if root.is_file():
             found.add(root)
         elif root.is_dir():
-            found.update(p for p in root.rglob("metrics.json")
-                         if not any(part.startswith(".") for part in p.parts[-3:-1]))
+            found.update(
+                p for p in root.rglob("metrics.json") if not any(part.startswith(".") for part in p.parts[-3:-1])
+            )
     return sorted(found)
 
 
@@ -93,10 +172,20 @@ def load_runs(roots: Iterable[Path]) -> list[dict]:
         elif "test" not in metrics or "task" not in metrics:
             raise ValueError(f"{path} is not a propetl metrics.json (no 'task' or 'test')")
         else:
-            found = [_run(metrics, path, experiment, test=dict(metrics["test"]),
-                          storage=dict(metrics.get("storage", {})), trivial=metrics.get("trivial"))]
-        runs += [dict(run, predictions=prediction_check(*predicted[run["task"]]) if run["task"] in predicted else None)
-                 for run in found]
+            found = [
+                _run(
+                    metrics,
+                    path,
+                    experiment,
+                    test=dict(metrics["test"]),
+                    storage=dict(metrics.get("storage", {})),
+                    trivial=metrics.get("trivial"),
+                )
+            ]
+        runs += [
+            dict(run, predictions=prediction_check(*predicted[run["task"]]) if run["task"] in predicted else None)
+            for run in found
+        ]
     return runs
 
 
@@ -106,7 +195,7 @@ def _kept_predictions(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         return {}
     try:
         return read_predictions(path)
-    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as error:     # never unpickles
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as error:  # never unpickles
         raise ValueError(f"cannot read {path}: {error}; a run's predictions.npz holds arrays only") from None
 
 
@@ -151,10 +240,20 @@ def _multitask_runs(metrics: dict, path: Path, experiment: str | None) -> list[d
     amortised = ("amortised_bytes_per_task", "amortised_ratio_to_plain_petl", "amortised_percent_of_backbone")
     storage = {key: s.get(theirs if "amortised_bytes_per_task" in s else key) for key, theirs in zip(keys, amortised)}
     storage["backbone_params"] = s.get("backbone_params")
-    return [_run(metrics, path, experiment, task=task, method=f"{metrics['method']}-multitask",
-                 test=dict(result["test"]), storage=dict(storage), glue_score=result.get("glue_score"),
-                 trivial=result.get("trivial"))
-            for task, result in metrics["per_task"].items()]
+    return [
+        _run(
+            metrics,
+            path,
+            experiment,
+            task=task,
+            method=f"{metrics['method']}-multitask",
+            test=dict(result["test"]),
+            storage=dict(storage),
+            glue_score=result.get("glue_score"),
+            trivial=result.get("trivial"),
+        )
+        for task, result in metrics["per_task"].items()
+    ]
 
 
 def run_identity(run: dict) -> tuple:
@@ -164,6 +263,7 @@ def run_identity(run: dict) -> tuple:
 def distinct_runs(runs: list[dict]) -> list[dict]:
     """One run per IDENTITY: a configuration found twice (a sweep repeating a table1 run, two roots holding one run)
     counts once: table1's copy, else one of no known experiment, else the sweep's or the ablation's (first path)."""
+
     def preference(run: dict) -> tuple:
         experiment = run.get("experiment")
         return 0 if experiment == TABLE1 else 2 if experiment in POOLED_EXPERIMENTS else 1, run["path"]
@@ -196,10 +296,22 @@ def trivial_runs(runs: list[dict]) -> list[dict]:
         rule = str(first["trivial"].get("rule", ""))
         if len(versions) > 1:
             rule += f"; differs between this task's runs ({len(versions)} versions), the first shown"
-        out.append({**dict.fromkeys(RUN_FIELDS), "task": task, "model": first["model"], "method": "trivial",
-                    "test": dict(first["trivial"]["test"]), "glue_score": first["trivial"].get("glue_score"),
-                    "storage": {}, "trivial": None, "experiment": None, "computed": True, "rule": rule,
-                    "path": first["path"]})
+        out.append(
+            {
+                **dict.fromkeys(RUN_FIELDS),
+                "task": task,
+                "model": first["model"],
+                "method": "trivial",
+                "test": dict(first["trivial"]["test"]),
+                "glue_score": first["trivial"].get("glue_score"),
+                "storage": {},
+                "trivial": None,
+                "experiment": None,
+                "computed": True,
+                "rule": rule,
+                "path": first["path"],
+            }
+        )
     return out
 
 
@@ -223,8 +335,11 @@ def cell_stats(values: Iterable) -> dict | None:
     values = [float(v) for v in values if v is not None]
     if not values:
         return None
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
 
 
 def score_stats(runs: Iterable[dict] | None) -> dict | None:
@@ -253,8 +368,13 @@ def key_order(key: tuple) -> tuple:
     """Sort key of (model, task, prototype[, sparsity]) tuples: GLUE task order, then prototype order."""
     model, task, prototype, *rest = key
     prototypes = list(PROTOTYPE_TITLES)
-    return (str(model), _task_rank(task), prototypes.index(prototype) if prototype in prototypes else len(prototypes),
-            str(prototype), *(-1.0 if v is None else v for v in rest))
+    return (
+        str(model),
+        _task_rank(task),
+        prototypes.index(prototype) if prototype in prototypes else len(prototypes),
+        str(prototype),
+        *(-1.0 if v is None else v for v in rest),
+    )
 
 
 def group_runs(runs: Iterable[dict], keep: Callable[[dict], bool], fields: tuple) -> dict[tuple, list[dict]]:
@@ -296,7 +416,7 @@ def row_label(run: dict) -> str:
 def _row_order(label: str) -> tuple:
     model, _, base = label.rpartition(": ")
     head, _, extras = (base, "", "") if base in ROW_ORDER else base.partition(" (")
-    kind_rank = 2 if "none" in extras else 1 if "random" in extras else 0      # learned masks first
+    kind_rank = 2 if "none" in extras else 1 if "random" in extras else 0  # learned masks first
     return model, ROW_ORDER.index(head) if head in ROW_ORDER else len(ROW_ORDER), kind_rank, extras
 
 
@@ -304,8 +424,8 @@ def row_groups(runs: list[dict]) -> dict[str, list[dict]]:
     """row label -> its runs, in table order: the label says the model where several are present and the sparsity
     where a prototype's ProPETL runs have several."""
     models = {r["model"] for r in runs}
-    by_prototype = defaultdict(set)         # (prototype, mask kind, frozen) -> the sparsities of its ProPETL runs
-    arm = lambda r: (r["prototype"], r["mask_kind"], bool(r.get("prototype_frozen")))   # noqa: E731
+    by_prototype = defaultdict(set)  # (prototype, mask kind, frozen) -> the sparsities of its ProPETL runs
+    arm = lambda r: (r["prototype"], r["mask_kind"], bool(r.get("prototype_frozen")))
     for r in runs:
         if r["method"] == "propetl":
             by_prototype[arm(r)].add(r["mask_sparsity"])
@@ -325,30 +445,42 @@ def summarise(runs: list[dict]) -> list[dict]:
         tasks, scores = {}, {}
         for task in [t for t in GLUE_NUMBERS if any(r["task"] == t for r in members)]:
             task_runs = [r for r in members if r["task"] == task]
-            tasks[task] = {name: cell_stats(100.0 * r["test"][name] for r in task_runs if name in r["test"])
-                           for name in GLUE_NUMBERS[task]}
+            tasks[task] = {
+                name: cell_stats(100.0 * r["test"][name] for r in task_runs if name in r["test"])
+                for name in GLUE_NUMBERS[task]
+            }
             scores[task] = cell_stats(run_score(r) for r in task_runs)
         means = {t: {n: c["mean"] / 100.0 for n, c in cells.items() if c} for t, cells in tasks.items()}
         numbers = sum(len(m) for m in means.values())
         storage = [r["storage"] for r in members if r["storage"]]
         computed = all(r.get("computed") for r in members)
-        rows.append({
-            "label": label, "method": members[0]["method"], "prototype": members[0].get("prototype"),
-            "tasks": tasks, "scores": scores,
-            "average": 100.0 * glue_average(means) if numbers else None, "average_numbers": numbers,
-            "seeds": sorted({r["seed"] for r in members if r["seed"] is not None}),
-            "runs": sum(not r.get("computed") for r in members), "computed": computed,
-            **({"rules": {r["task"]: r.get("rule") for r in members}} if computed else {}),
-            "percent_params": mean_or_none(100.0 * s["trainable_params"] / s["backbone_params"] for s in storage
-                                    if s.get("backbone_params") and "trainable_params" in s),
-            "percent_storage": mean_or_none(s.get("storage_percent_of_backbone") for s in storage),
-            "storage_bytes": mean_or_none(s.get("storage_bytes") for s in storage),
-            "storage_bytes_with_head": mean_or_none(s.get("storage_bytes_with_head") for s in storage),
-            "file_bytes": mean_or_none(s.get("file_bytes") for s in storage),
-            "ratio_to_plain_petl": mean_or_none(s.get("storage_ratio_to_plain_petl") for s in storage),
-            "train_seconds": mean_or_none(r.get("train_seconds") for r in members),
-            "epochs": mean_or_none(r.get("epochs_run") for r in members),
-        })
+        rows.append(
+            {
+                "label": label,
+                "method": members[0]["method"],
+                "prototype": members[0].get("prototype"),
+                "tasks": tasks,
+                "scores": scores,
+                "average": 100.0 * glue_average(means) if numbers else None,
+                "average_numbers": numbers,
+                "seeds": sorted({r["seed"] for r in members if r["seed"] is not None}),
+                "runs": sum(not r.get("computed") for r in members),
+                "computed": computed,
+                **({"rules": {r["task"]: r.get("rule") for r in members}} if computed else {}),
+                "percent_params": mean_or_none(
+                    100.0 * s["trainable_params"] / s["backbone_params"]
+                    for s in storage
+                    if s.get("backbone_params") and "trainable_params" in s
+                ),
+                "percent_storage": mean_or_none(s.get("storage_percent_of_backbone") for s in storage),
+                "storage_bytes": mean_or_none(s.get("storage_bytes") for s in storage),
+                "storage_bytes_with_head": mean_or_none(s.get("storage_bytes_with_head") for s in storage),
+                "file_bytes": mean_or_none(s.get("file_bytes") for s in storage),
+                "ratio_to_plain_petl": mean_or_none(s.get("storage_ratio_to_plain_petl") for s in storage),
+                "train_seconds": mean_or_none(r.get("train_seconds") for r in members),
+                "epochs": mean_or_none(r.get("epochs_run") for r in members),
+            }
+        )
     return rows
 
 

@@ -1,4 +1,5 @@
 """Paired statistics by seed (95% t-interval): ProPETL − PETL, PEFT − ours, learned − random/none masks."""
+
 from __future__ import annotations
 
 import math
@@ -23,7 +24,7 @@ def sparsity_sweep(runs: list[dict]) -> dict[tuple, dict[float, list[dict]]]:
     """(model, task, prototype) -> {mask sparsity: its ProPETL runs with learned masks}, where more than one
     sparsity was run. Give it the pooled runs (table1's ProPETL runs are the default-sparsity points)."""
     series: dict[tuple, dict] = {}
-    keep = lambda r: trained_prototype(r) and mask_kind(r) == "learned"          # noqa: E731
+    keep = lambda r: trained_prototype(r) and mask_kind(r) == "learned"
     for (*key, sparsity), members in group_runs(runs, keep, ("model", "task", "prototype", "mask_sparsity")).items():
         series.setdefault(tuple(key), {})[sparsity] = members
     return {key: points for key, points in series.items() if len(points) > 1}
@@ -44,8 +45,16 @@ def paired_interval(differences: list[float], confidence: float = 0.95) -> dict:
     mean ± t_{(1+confidence)/2, n−1} · sd / √n, sd the sample standard deviation of the differences.
     n < 2: the mean only; sd, t, the interval and `excludes_zero` are None."""
     n = len(differences)
-    out = {"n": n, "mean_diff": statistics.fmean(differences) if n else None, "sd_diff": None, "t_crit": None,
-           "half_width": None, "ci_low": None, "ci_high": None, "excludes_zero": None}
+    out = {
+        "n": n,
+        "mean_diff": statistics.fmean(differences) if n else None,
+        "sd_diff": None,
+        "t_crit": None,
+        "half_width": None,
+        "ci_low": None,
+        "ci_high": None,
+        "excludes_zero": None,
+    }
     if n >= 2:
         sd = statistics.stdev(differences)
         t = float(scipy_stats.t.ppf((1 + confidence) / 2, n - 1))
@@ -60,9 +69,12 @@ def paired_by_seed(a_runs: list[dict], b_runs: list[dict], metric: str = "glue_s
     a = {r["seed"]: v for r in a_runs if (v := run_metric(r, metric)) is not None}
     b = {r["seed"]: v for r in b_runs if (v := run_metric(r, metric)) is not None}
     seeds = sorted(set(a) & set(b))
-    return {**paired_interval([a[s] - b[s] for s in seeds]), "seeds": seeds,
-            "mean_a": statistics.fmean(a[s] for s in seeds) if seeds else None,
-            "mean_b": statistics.fmean(b[s] for s in seeds) if seeds else None}
+    return {
+        **paired_interval([a[s] - b[s] for s in seeds]),
+        "seeds": seeds,
+        "mean_a": statistics.fmean(a[s] for s in seeds) if seeds else None,
+        "mean_b": statistics.fmean(b[s] for s in seeds) if seeds else None,
+    }
 
 
 def paired_comparisons(table_runs: list[dict], pooled_runs: list[dict]) -> list[dict]:
@@ -73,8 +85,11 @@ def paired_comparisons(table_runs: list[dict], pooled_runs: list[dict]) -> list[
       learned − random / none    the mask ablation at its sparsity, the learned runs pooled from table1."""
     single = single_task_runs(table_runs)
     plain = group_runs(single, lambda r: r["method"] == "petl", ("model", "task", "prototype"))
-    pro = group_runs(single, lambda r: trained_prototype(r) and mask_kind(r) == "learned",
-                     ("model", "task", "prototype", "mask_sparsity"))
+    pro = group_runs(
+        single,
+        lambda r: trained_prototype(r) and mask_kind(r) == "learned",
+        ("model", "task", "prototype", "mask_sparsity"),
+    )
     specs = [(0, "ProPETL − PETL", key, runs, plain.get(key[:3])) for key, runs in pro.items()]
     for key, runs in group_runs(single, lambda r: r["method"] == "peft", ("model", "task", "prototype")).items():
         title = prototype_title(key[2])
@@ -90,6 +105,15 @@ def paired_comparisons(table_runs: list[dict], pooled_runs: list[dict]) -> list[
         for metric in ("glue_score", *(numbers if len(numbers) > 1 else ())):
             result = paired_by_seed(a, b, metric)
             if result["n"]:
-                out.append({"comparison": name, "model": model, "task": task, "prototype": prototype,
-                            "mask_sparsity": sparsity, "metric": metric, **result})
+                out.append(
+                    {
+                        "comparison": name,
+                        "model": model,
+                        "task": task,
+                        "prototype": prototype,
+                        "mask_sparsity": sparsity,
+                        "metric": metric,
+                        **result,
+                    }
+                )
     return out

@@ -1,4 +1,5 @@
 """Tables: Table-1-shaped markdown, the sweep, the ablation, storage by coding, and the CSVs."""
+
 from __future__ import annotations
 
 import csv
@@ -11,9 +12,26 @@ from pathlib import Path
 
 from propetl.metrics import GLUE_NUMBERS
 from propetl.report.runs import (
-    CODING_FIELDS, MAJORITY_SHARE, MASK_KINDS, NOT_KEPT, PAPER_MODEL, PAPER_PROPETL_ROWS, PAPER_STORAGE_PERCENT,
-    RUN_FIELDS, STD_RATIO, STORAGE_FIELDS, TASK_TITLES, group_runs, mask_kind, mean_or_none, prototype_title,
-    row_groups, run_score, score_stats, single_task_runs, trained_prototype
+    CODING_FIELDS,
+    MAJORITY_SHARE,
+    MASK_KINDS,
+    NOT_KEPT,
+    PAPER_MODEL,
+    PAPER_PROPETL_ROWS,
+    PAPER_STORAGE_PERCENT,
+    RUN_FIELDS,
+    STD_RATIO,
+    STORAGE_FIELDS,
+    TASK_TITLES,
+    group_runs,
+    mask_kind,
+    mean_or_none,
+    prototype_title,
+    row_groups,
+    run_score,
+    score_stats,
+    single_task_runs,
+    trained_prototype,
 )
 from propetl.report.stats import mask_ablation, sparsity_sweep
 
@@ -28,8 +46,10 @@ def _cell(cells: dict | None) -> str:
     """A task's numbers, '/'-separated: mean±std over seeds, the mean alone for one seed."""
     if not cells:
         return "–"
-    return "/".join("–" if c is None else f"{c['mean']:.2f}±{c['std']:.2f}" if c["n"] > 1 else f"{c['mean']:.2f}"
-                    for c in cells.values())
+    return "/".join(
+        "–" if c is None else f"{c['mean']:.2f}±{c['std']:.2f}" if c["n"] > 1 else f"{c['mean']:.2f}"
+        for c in cells.values()
+    )
 
 
 def _score_cell(runs: Iterable[dict] | None) -> str:
@@ -66,33 +86,69 @@ def _task_and_propetl(model, task: str, prototype, models: set) -> list[str]:
 def markdown_table(rows: list[dict], with_paper: bool = True) -> str:
     """Table 1 shape: one row per method, one column per task present, the average and storage."""
     tasks = [t for t in GLUE_NUMBERS if any(t in row["tasks"] for row in rows)]
-    header = ["Method", "% params", "% storage", "bytes/task", "ratio to PETL", *(TASK_TITLES[t] for t in tasks),
-              "Avg", "runs"]
+    header = [
+        "Method",
+        "% params",
+        "% storage",
+        "bytes/task",
+        "ratio to PETL",
+        *(TASK_TITLES[t] for t in tasks),
+        "Avg",
+        "runs",
+    ]
     body = []
     for row in rows:
         average = _number(row["average"], ".2f")
         if row["average"] is not None and row["average_numbers"] != 11:
             average += f" ({row['average_numbers']} of 11)"
         size = row["file_bytes"] if row["file_bytes"] is not None else row["storage_bytes"]
-        body.append([row["label"], _number(row["percent_params"], ".3f"), _number(row["percent_storage"], ".3f"),
-                     _bytes(size), _number(row["ratio_to_plain_petl"], ".3f"),
-                     *(_cell(row["tasks"].get(t)) for t in tasks), average,
-                     "computed" if row.get("computed") else str(row["runs"])])
+        body.append(
+            [
+                row["label"],
+                _number(row["percent_params"], ".3f"),
+                _number(row["percent_storage"], ".3f"),
+                _bytes(size),
+                _number(row["ratio_to_plain_petl"], ".3f"),
+                *(_cell(row["tasks"].get(t)) for t in tasks),
+                average,
+                "computed" if row.get("computed") else str(row["runs"]),
+            ]
+        )
     if with_paper:
         body.append([f"*paper ({PAPER_MODEL})*", *([""] * (len(header) - 1))])
-        body += [[f"*{label} (paper)*", "–", f"≈{PAPER_STORAGE_PERCENT}", "–", f"≈{PAPER_STORAGE_PERCENT}",
-                  *("/".join(f"{v:.2f}" for v in paper[t]) for t in tasks), f"{paper['avg']:.2f} (11)", "3 seeds"]
-                 for label, paper in PAPER_PROPETL_ROWS.items()]
+        body += [
+            [
+                f"*{label} (paper)*",
+                "–",
+                f"≈{PAPER_STORAGE_PERCENT}",
+                "–",
+                f"≈{PAPER_STORAGE_PERCENT}",
+                *("/".join(f"{v:.2f}" for v in paper[t]) for t in tasks),
+                f"{paper['avg']:.2f} (11)",
+                "3 seeds",
+            ]
+            for label, paper in PAPER_PROPETL_ROWS.items()
+        ]
     return _table(header, body)
 
 
 def trivial_note(rows: list[dict]) -> str:
     """The rule of each task's trivial baseline, '' without one."""
-    rules = [f"{TASK_TITLES.get(task, task)}: {rule}" for row in rows if row.get("computed")
-             for task, rule in row["rules"].items()]
-    return ("The trivial baseline is computed from the labels, never trained: it answers every test example "
+    rules = [
+        f"{TASK_TITLES.get(task, task)}: {rule}"
+        for row in rows
+        if row.get("computed")
+        for task, rule in row["rules"].items()
+    ]
+    return (
+        (
+            "The trivial baseline is computed from the labels, never trained: it answers every test example "
             "with the train split's majority class (classification) or mean score (regression; a constant has "
-            "no correlation, so Pearson/Spearman are 0) — " + "; ".join(rules) + ".\n") if rules else ""
+            "no correlation, so Pearson/Spearman are 0) — " + "; ".join(rules) + ".\n"
+        )
+        if rules
+        else ""
+    )
 
 
 def comparison_table(rows: list[dict]) -> str:
@@ -123,19 +179,63 @@ def _excludes_zero(value: bool | None) -> str:
 
 def paired_table(comparisons: list[dict]) -> str:
     models = {c["model"] for c in comparisons}
-    body = [[c["comparison"], model_prefix(c["model"], models) + TASK_TITLES.get(c["task"], c["task"]),
-             prototype_title(c["prototype"]), sparsity_text(c["mask_sparsity"]),
-             "GLUE score" if c["metric"] == "glue_score" else c["metric"], str(c["n"]), " ".join(map(str, c["seeds"])),
-             f"{c['mean_a']:.2f}", f"{c['mean_b']:.2f}", f"{c['mean_diff']:+.2f}",
-             "n/a" if c["half_width"] is None else f"{c['half_width']:.2f}",
-             "n/a" if c["ci_low"] is None else f"[{c['ci_low']:+.2f}, {c['ci_high']:+.2f}]",
-             _excludes_zero(c["excludes_zero"])] for c in comparisons]
-    return _table(["Comparison (A − B)", "Task", "Prototype", "s", "Metric", "n", "seeds", "A", "B", "mean Δ",
-                   "± t·sd/√n", "95% CI", "excludes 0"], body)
+    body = [
+        [
+            c["comparison"],
+            model_prefix(c["model"], models) + TASK_TITLES.get(c["task"], c["task"]),
+            prototype_title(c["prototype"]),
+            sparsity_text(c["mask_sparsity"]),
+            "GLUE score" if c["metric"] == "glue_score" else c["metric"],
+            str(c["n"]),
+            " ".join(map(str, c["seeds"])),
+            f"{c['mean_a']:.2f}",
+            f"{c['mean_b']:.2f}",
+            f"{c['mean_diff']:+.2f}",
+            "n/a" if c["half_width"] is None else f"{c['half_width']:.2f}",
+            "n/a" if c["ci_low"] is None else f"[{c['ci_low']:+.2f}, {c['ci_high']:+.2f}]",
+            _excludes_zero(c["excludes_zero"]),
+        ]
+        for c in comparisons
+    ]
+    return _table(
+        [
+            "Comparison (A − B)",
+            "Task",
+            "Prototype",
+            "s",
+            "Metric",
+            "n",
+            "seeds",
+            "A",
+            "B",
+            "mean Δ",
+            "± t·sd/√n",
+            "95% CI",
+            "excludes 0",
+        ],
+        body,
+    )
 
 
-PAIRED_FIELDS = ("comparison", "model", "task", "prototype", "mask_sparsity", "metric", "n", "seeds", "mean_a",
-                 "mean_b", "mean_diff", "sd_diff", "t_crit", "half_width", "ci_low", "ci_high", "excludes_zero")
+PAIRED_FIELDS = (
+    "comparison",
+    "model",
+    "task",
+    "prototype",
+    "mask_sparsity",
+    "metric",
+    "n",
+    "seeds",
+    "mean_a",
+    "mean_b",
+    "mean_diff",
+    "sd_diff",
+    "t_crit",
+    "half_width",
+    "ci_low",
+    "ci_high",
+    "excludes_zero",
+)
 
 
 def paired_csv(comparisons: list[dict]) -> str:
@@ -144,8 +244,16 @@ def paired_csv(comparisons: list[dict]) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(PAIRED_FIELDS)
     for c in comparisons:
-        writer.writerow([" ".join(map(str, c["seeds"])) if k == "seeds" else _excludes_zero(c[k])
-                         if k == "excludes_zero" else c[k] for k in PAIRED_FIELDS])
+        writer.writerow(
+            [
+                " ".join(map(str, c["seeds"]))
+                if k == "seeds"
+                else _excludes_zero(c[k])
+                if k == "excludes_zero"
+                else c[k]
+                for k in PAIRED_FIELDS
+            ]
+        )
     return out.getvalue()
 
 
@@ -158,9 +266,17 @@ def sweep_table(runs: list[dict]) -> str:
     plain = group_runs(runs, lambda r: r["method"] == "petl", ("model", "task", "prototype"))
     models = {key[0] for key in series}
     sparsities = sorted({s for points in series.values() for s in points if s is not None})
-    return _table(["Task", "Prototype", *(f"s={s:g}" for s in sparsities), "plain PETL"],
-                  ([*_task_and_propetl(*key, models), *(_score_cell(points.get(s)) for s in sparsities),
-                    _score_cell(plain.get(key))] for key, points in series.items()))
+    return _table(
+        ["Task", "Prototype", *(f"s={s:g}" for s in sparsities), "plain PETL"],
+        (
+            [
+                *_task_and_propetl(*key, models),
+                *(_score_cell(points.get(s)) for s in sparsities),
+                _score_cell(plain.get(key)),
+            ]
+            for key, points in series.items()
+        ),
+    )
 
 
 def ablation_table(runs: list[dict]) -> str:
@@ -169,17 +285,24 @@ def ablation_table(runs: list[dict]) -> str:
     if not cells:
         return ""
     models = {key[0] for key in cells}
-    return _table(["Task", "Prototype", "s", "learned masks", "random masks", "no masks"],
-                  ([*_task_and_propetl(model, task, prototype, models), sparsity_text(sparsity),
-                    *(_score_cell(kinds.get(kind)) for kind in MASK_KINDS)]
-                   for (model, task, prototype, sparsity), kinds in cells.items()))
+    return _table(
+        ["Task", "Prototype", "s", "learned masks", "random masks", "no masks"],
+        (
+            [
+                *_task_and_propetl(model, task, prototype, models),
+                sparsity_text(sparsity),
+                *(_score_cell(kinds.get(kind)) for kind in MASK_KINDS),
+            ]
+            for (model, task, prototype, sparsity), kinds in cells.items()
+        ),
+    )
 
 
 def coding_table(runs: list[dict]) -> str:
     """ProPETL runs that logged storage per mask coding (format 2), one line per (model, prototype, sparsity,
     dtype, written coding); '' without any."""
-    keep = lambda r: trained_prototype(r) and "mask_bits_per_entry_bound" in r["storage"]     # noqa: E731
-    written_as = lambda storage: (storage.get("dtype"), storage.get("mask_coding"))             # noqa: E731
+    keep = lambda r: trained_prototype(r) and "mask_bits_per_entry_bound" in r["storage"]
+    written_as = lambda storage: (storage.get("dtype"), storage.get("mask_coding"))
     groups = group_runs(runs, keep, ("model", "task", "prototype", "mask_sparsity"))
     if not groups:
         return ""
@@ -189,10 +312,34 @@ def coding_table(runs: list[dict]) -> str:
         for written in sorted({written_as(r["storage"]) for r in members}, key=str):
             same = [r["storage"] for r in members if written_as(r["storage"]) == written]
             means = (_number(mean_or_none(s.get(k) for s in same), ".4f") for k in CODING_FIELDS[2:])
-            body.append([*_task_and_propetl(model, task, prototype, models), sparsity_text(sparsity),
-                         *map(str, written), *means, str(len(same))])
-    return _table(["Task", "Prototype", "s", "dtype", "written", "bits/entry: file", "bits", "entropy", "log2 C(n,k)",
-                   "ratio: files", "bits", "entropy", "log2 C(n,k)", "runs"], body)
+            body.append(
+                [
+                    *_task_and_propetl(model, task, prototype, models),
+                    sparsity_text(sparsity),
+                    *map(str, written),
+                    *means,
+                    str(len(same)),
+                ]
+            )
+    return _table(
+        [
+            "Task",
+            "Prototype",
+            "s",
+            "dtype",
+            "written",
+            "bits/entry: file",
+            "bits",
+            "entropy",
+            "log2 C(n,k)",
+            "ratio: files",
+            "bits",
+            "entropy",
+            "log2 C(n,k)",
+            "runs",
+        ],
+        body,
+    )
 
 
 def constant_mark(run: dict) -> str:
@@ -204,68 +351,88 @@ def constant_mark(run: dict) -> str:
 def run_name(run: dict) -> str:
     """A run in one line: task, method, prototype, mask kind and sparsity, seed, experiment."""
     masks = f" {mask_kind(run)} s={sparsity_text(run.get('mask_sparsity'))}" if run["method"] == "propetl" else ""
-    return (f"{TASK_TITLES.get(run['task'], run['task'])} {run['method']} {prototype_title(run.get('prototype'))}"
-            f"{masks} seed {run.get('seed')} ({run.get('experiment') or 'no experiment'})")
+    return (
+        f"{TASK_TITLES.get(run['task'], run['task'])} {run['method']} {prototype_title(run.get('prototype'))}"
+        f"{masks} seed {run.get('seed')} ({run.get('experiment') or 'no experiment'})"
+    )
 
 
 def constant_note(found: list[dict]) -> str:
     """table.md's check of the kept test predictions: the runs flagged as (nearly) constant predictors."""
     checked = [run for run in found if run.get("predictions") is not None]
     flagged = [run_name(run) for run in checked if run["predictions"]["constant"]]
-    text = (f"\n## Constant predictors\n\nA run is flagged when its test predictions are (nearly) constant: one "
-            f"class in at least {MAJORITY_SHARE:.0%} of them (classification), or their std below {STD_RATIO:.0%} "
-            f"of the test labels' (regression); runs.csv has the numbers (majority_prediction_share, "
-            f"prediction_std_ratio). {len(checked)} of {len(found)} runs kept their test predictions "
-            f"(predictions.npz); the other {len(found) - len(checked)}: {NOT_KEPT}, not checked.\n\n")
+    text = (
+        f"\n## Constant predictors\n\nA run is flagged when its test predictions are (nearly) constant: one "
+        f"class in at least {MAJORITY_SHARE:.0%} of them (classification), or their std below {STD_RATIO:.0%} "
+        f"of the test labels' (regression); runs.csv has the numbers (majority_prediction_share, "
+        f"prediction_std_ratio). {len(checked)} of {len(found)} runs kept their test predictions "
+        f"(predictions.npz); the other {len(found) - len(checked)}: {NOT_KEPT}, not checked.\n\n"
+    )
     if not checked:
         return text + "Flagged: none; no run here kept its predictions, so none could be checked.\n"
-    return text + (f"Flagged ({len(flagged)}): " + "; ".join(sorted(flagged)) + ".\n" if flagged
-                   else "Flagged: none.\n")
+    return text + (
+        f"Flagged ({len(flagged)}): " + "; ".join(sorted(flagged)) + ".\n" if flagged else "Flagged: none.\n"
+    )
 
 
-def report_markdown(found: list[dict], runs: list[dict], rows: list[dict], comparisons: list[dict],
-                    title: str = "", frontier: str = "") -> str:
+def report_markdown(
+    found: list[dict], runs: list[dict], rows: list[dict], comparisons: list[dict], title: str = "", frontier: str = ""
+) -> str:
     """table.md: Table 1, ProPETL − PETL, the paired statistics, the frontier (frontier.frontier_table), the sparsity
     sweep and the mask ablation. `found`: every run read; `runs`: one per configuration (distinct_runs)."""
     pooled = single_task_runs(runs)
     text = (f"# {title}\n\n" if title else "") + f"{len(found)} runs"
     if len(found) > len(runs):
-        text += (f" ({len(found) - len(runs)} repeating the (task, method, prototype, mask kind, mask sparsity, seed)"
-                 " of another run, counted once)")
+        text += (
+            f" ({len(found) - len(runs)} repeating the (task, method, prototype, mask kind, mask sparsity, seed)"
+            " of another run, counted once)"
+        )
     text += ". Test numbers x100, mean ± std over seeds.\n\n"
-    text += ("## Table 1\n\nThe table1 experiment's runs (and multi-task runs); the sparsity sweep and the mask "
-             "ablation have their own sections below.\n\n" + markdown_table(rows))
-    text += (f"\n{note}" if (note := trivial_note(rows)) else "")
+    text += (
+        "## Table 1\n\nThe table1 experiment's runs (and multi-task runs); the sparsity sweep and the mask "
+        "ablation have their own sections below.\n\n" + markdown_table(rows)
+    )
+    text += f"\n{note}" if (note := trivial_note(rows)) else ""
     text += "\nProPETL minus plain PETL, difference of the means (points):\n\n" + comparison_table(rows)
-    text += ("\n## Paired differences over seeds\n\nA − B in points (x100), runs paired by seed (only seeds both "
-             "sides have): the mean of the per-seed differences with its 95% paired t-interval over seeds, "
-             "mean ± t(0.975, n−1)·sd/√n, sd the sample std of the differences and n the number of paired seeds. "
-             "'excludes 0' says whether the interval excludes zero; with n < 2 there is no interval (n/a). "
-             "GLUE score: the task's main number (the mean of its numbers in the paper's average, STS-B: of "
-             "Pearson and Spearman). ProPETL − PETL and HF PEFT − ours use Table 1's runs; learned − random/none "
-             "the mask ablation, its learned runs pooled from table1. The same numbers are in paired.csv.\n\n")
+    text += (
+        "\n## Paired differences over seeds\n\nA − B in points (x100), runs paired by seed (only seeds both "
+        "sides have): the mean of the per-seed differences with its 95% paired t-interval over seeds, "
+        "mean ± t(0.975, n−1)·sd/√n, sd the sample std of the differences and n the number of paired seeds. "
+        "'excludes 0' says whether the interval excludes zero; with n < 2 there is no interval (n/a). "
+        "GLUE score: the task's main number (the mean of its numbers in the paper's average, STS-B: of "
+        "Pearson and Spearman). ProPETL − PETL and HF PEFT − ours use Table 1's runs; learned − random/none "
+        "the mask ablation, its learned runs pooled from table1. The same numbers are in paired.csv.\n\n"
+    )
     text += paired_table(comparisons) if comparisons else "No pair of runs with a seed in common.\n"
     if frontier:
-        text += ("\n## Storage–accuracy frontier\n\nEvery method of Table 1 (the frontier experiment's PEFT tuners "
-                 "among them) on each task: the bytes a task must keep (ProPETL's and PETL's checkpoint files: "
-                 "prototype and entropy-coded masks; for a PEFT tuner the adapter_model.safetensors and "
-                 "adapter_config.json PEFT saves with its least-storing options; "
-                 "without and with the classification head), the ratio to plain LoRA's, the GLUE score x100 (mean ± "
-                 "std over seeds), the paired difference to the reference over the seeds both have (95% "
-                 "t-interval), and ◆ where no other method stores as little or less with as high or a higher mean "
-                 "score (frontier.png draws it).\n" + frontier)
+        text += (
+            "\n## Storage–accuracy frontier\n\nEvery method of Table 1 (the frontier experiment's PEFT tuners "
+            "among them) on each task: the bytes a task must keep (ProPETL's and PETL's checkpoint files: "
+            "prototype and entropy-coded masks; for a PEFT tuner the adapter_model.safetensors and "
+            "adapter_config.json PEFT saves with its least-storing options; "
+            "without and with the classification head), the ratio to plain LoRA's, the GLUE score x100 (mean ± "
+            "std over seeds), the paired difference to the reference over the seeds both have (95% "
+            "t-interval), and ◆ where no other method stores as little or less with as high or a higher mean "
+            "score (frontier.png draws it).\n" + frontier
+        )
     if sweep := sweep_table(pooled):
-        text += ("\n## Sparsity sweep\n\nProPETL with learned masks, GLUE score x100, mean ± std over seeds (n): the "
-                 "sparsity_sweep runs pooled with table1's (the point at each prototype's default sparsity), each "
-                 "configuration and seed counted once.\n\n" + sweep)
+        text += (
+            "\n## Sparsity sweep\n\nProPETL with learned masks, GLUE score x100, mean ± std over seeds (n): the "
+            "sparsity_sweep runs pooled with table1's (the point at each prototype's default sparsity), each "
+            "configuration and seed counted once.\n\n" + sweep
+        )
     if coding := coding_table(pooled):
-        text += ("\n## Storage by mask coding\n\nProPETL as written, mean over runs: bits per mask entry of the masks "
-                 "file (header included), of each coding, and the information bound log2 C(n,k) per entry; the ratio "
-                 "to plain PETL (same dtype, head excluded) of the files and of each coding.\n\n" + coding)
+        text += (
+            "\n## Storage by mask coding\n\nProPETL as written, mean over runs: bits per mask entry of the masks "
+            "file (header included), of each coding, and the information bound log2 C(n,k) per entry; the ratio "
+            "to plain PETL (same dtype, head excluded) of the files and of each coding.\n\n" + coding
+        )
     if ablation := ablation_table(pooled):
-        text += ("\n## Mask ablation\n\nProPETL with learned, fixed random and no (all-ones) masks at the same "
-                 "sparsity, GLUE score x100, mean ± std over seeds (n); the learned runs pooled with table1's.\n\n"
-                 + ablation)
+        text += (
+            "\n## Mask ablation\n\nProPETL with learned, fixed random and no (all-ones) masks at the same "
+            "sparsity, GLUE score x100, mean ± std over seeds (n); the learned runs pooled with table1's.\n\n"
+            + ablation
+        )
     return text + constant_note(found)
 
 
@@ -276,17 +443,36 @@ def runs_csv(runs: list[dict], relative_to: Path) -> str:
     metric_names = sorted({name for run in runs for name in run["test"]})
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["experiment", *RUN_FIELDS, *(f"test_{n}" for n in metric_names), "trivial_glue_score",
-                     *STORAGE_FIELDS, "constant_predictions", "majority_prediction_share", "prediction_std_ratio",
-                     "path"])
-    for run in sorted(runs, key=lambda r: (r["task"], r["method"], str(r["prototype"]), str(r["mask_sparsity"]),
-                                           r["seed"])):
+    writer.writerow(
+        [
+            "experiment",
+            *RUN_FIELDS,
+            *(f"test_{n}" for n in metric_names),
+            "trivial_glue_score",
+            *STORAGE_FIELDS,
+            "constant_predictions",
+            "majority_prediction_share",
+            "prediction_std_ratio",
+            "path",
+        ]
+    )
+    for run in sorted(
+        runs, key=lambda r: (r["task"], r["method"], str(r["prototype"]), str(r["mask_sparsity"]), r["seed"])
+    ):
         check = run.get("predictions") or {}
-        writer.writerow([run.get("experiment"), *(run.get(k) for k in RUN_FIELDS),
-                         *(run["test"].get(n) for n in metric_names), (run.get("trivial") or {}).get("glue_score"),
-                         *(run["storage"].get(k) for k in STORAGE_FIELDS), constant_mark(run),
-                         check.get("majority_share"), check.get("std_ratio"),
-                         os.path.relpath(run["path"], relative_to)])
+        writer.writerow(
+            [
+                run.get("experiment"),
+                *(run.get(k) for k in RUN_FIELDS),
+                *(run["test"].get(n) for n in metric_names),
+                (run.get("trivial") or {}).get("glue_score"),
+                *(run["storage"].get(k) for k in STORAGE_FIELDS),
+                constant_mark(run),
+                check.get("majority_share"),
+                check.get("std_ratio"),
+                os.path.relpath(run["path"], relative_to),
+            ]
+        )
     return out.getvalue()
 
 
@@ -301,9 +487,19 @@ def jobs_table(runs: list[dict], root: Path) -> str:
         stored = storage.get("file_bytes", storage.get("storage_bytes"))
         with_head = storage.get("file_bytes_with_head", storage.get("storage_bytes_with_head"))
         tests = ", ".join(f"{name} {100 * value:.2f}" for name, value in run["test"].items())
-        body.append([os.path.relpath(Path(run["path"]).parent, root), TASK_TITLES.get(run["task"], run["task"]),
-                     labels[(run["path"], run["task"])], _number(run_score(run), ".2f"), tests, _bytes(stored), _bytes(with_head),
-                     str(run.get("best_epoch") if run.get("best_epoch") is not None else "–"),
-                     _number(run.get("train_seconds"), ".0f")])
-    return _table(["Job", "Task", "Method", "GLUE score", "Test", "bytes/task", "with head", "best epoch",
-                   "train s"], body)
+        body.append(
+            [
+                os.path.relpath(Path(run["path"]).parent, root),
+                TASK_TITLES.get(run["task"], run["task"]),
+                labels[(run["path"], run["task"])],
+                _number(run_score(run), ".2f"),
+                tests,
+                _bytes(stored),
+                _bytes(with_head),
+                str(run.get("best_epoch") if run.get("best_epoch") is not None else "–"),
+                _number(run.get("train_seconds"), ".0f"),
+            ]
+        )
+    return _table(
+        ["Job", "Task", "Method", "GLUE score", "Test", "bytes/task", "with head", "best epoch", "train s"], body
+    )
