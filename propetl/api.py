@@ -40,6 +40,7 @@ RUNNER_KEYS = {
     "prototype_seed": "prototype.seed",
 }
 LOADABLE_METHODS = ("propetl", "petl")
+NOT_SETTINGS = ("prototype", "target_modules")  # ProPETLConfig fields no runner key takes (target_modules: targets)
 
 
 @dataclass
@@ -79,13 +80,11 @@ class ProPETLConfig:
 
     def prototype_settings(self) -> list[str]:
         """The fields that are prototype hyper-parameters (prototype.<field> in the runner's config)."""
-        return [
-            f.name for f in fields(self) if f.name not in ("prototype", "target_modules") and f.name not in RUNNER_KEYS
-        ]
+        return [f.name for f in fields(self) if f.name not in NOT_SETTINGS and f.name not in RUNNER_KEYS]
 
     def runner_keys(self) -> dict[str, object]:
         """runner config key -> value, for every setting given (not None)."""
-        given = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("prototype", "target_modules")}
+        given = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in NOT_SETTINGS}
         return {RUNNER_KEYS.get(name, f"prototype.{name}"): value for name, value in given.items() if value is not None}
 
 

@@ -21,11 +21,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import SAFE_WEIGHTS_NAME
 
 from propetl.configs import ConfigError
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """name -> every trainable tensor of the model, once (the frozen backbone left out)."""
-    return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+from propetl.loop import load_trainable_state, trainable_state
 
 
 class ProPETLTrainer(Trainer):
@@ -79,6 +75,4 @@ def load_trainable(model: torch.nn.Module, folder: str) -> None:
             f"{path} does not match the model's trainable tensors (missing {missing[:3]}, "
             f"unexpected {extra[:3]}, or other shapes): another prototype or settings"
         )
-    with torch.no_grad():
-        for name, target in targets.items():
-            target.copy_(saved[name])
+    load_trainable_state(model, saved)

@@ -282,7 +282,7 @@ def test_propetl_trainer_trains_masks_at_the_mask_lr_and_checkpoints_the_trainab
     from transformers import TrainingArguments
 
     from propetl import ProPETLTrainer
-    from propetl.hf_trainer import trainable_state
+    from propetl.loop import trainable_state
 
     model = propetl_model(tiny_text_model_dir, "lora", mask_lr=0.05)
     train, tokenizer = tiny_rows(tiny_text_model_dir)

@@ -18,6 +18,7 @@ from pathlib import Path
 from propetl.metrics import GLUE_NUMBERS
 from propetl.report.runs import (
     TASK_TITLES,
+    kept_bytes,
     mean_or_none,
     row_groups,
     run_score,
@@ -40,12 +41,10 @@ def frontier_points(runs: list[dict]) -> dict[str, list[dict]]:
         points = []
         for label, members in groups.items():
             task_runs = [r for r in members if r["task"] == task and run_score(r) is not None]
-            storage = [r["storage"] for r in task_runs if r.get("storage")]
-            key = "storage_bytes" if members[0]["method"] == "peft" else "file_bytes"
-            stored = mean_or_none(s.get(key, s.get("storage_bytes")) for s in storage)
+            stored = mean_or_none(kept_bytes(r) for r in task_runs)
             if not task_runs or stored is None:
                 continue
-            with_head = mean_or_none(s.get(f"{key}_with_head", s.get("storage_bytes_with_head")) for s in storage)
+            with_head = mean_or_none(kept_bytes(r, with_head=True) for r in task_runs)
             points.append(
                 {
                     "label": label,

@@ -484,6 +484,16 @@ def summarise(runs: list[dict]) -> list[dict]:
     return rows
 
 
+def kept_bytes(run: dict, with_head: bool = False) -> float | None:
+    """The bytes a task keeps, without or with its head: for ProPETL, PETL and fine-tuning the files its checkpoint
+    writes (`file_bytes`; `storage_bytes` where a run predates the file figures), for a PEFT tuner the files PEFT saves
+    with its least-storing options (`storage_bytes`); None for a run without storage figures."""
+    storage = run.get("storage") or {}
+    suffix = "_with_head" if with_head else ""
+    key = ("storage_bytes" if run["method"] == "peft" else "file_bytes") + suffix
+    return storage.get(key, storage.get(f"storage_bytes{suffix}"))
+
+
 def mean_or_none(values: Iterable) -> float | None:
     values = [float(v) for v in values if v is not None]
     return statistics.fmean(values) if values else None

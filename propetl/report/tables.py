@@ -24,6 +24,7 @@ from propetl.report.runs import (
     STORAGE_FIELDS,
     TASK_TITLES,
     group_runs,
+    kept_bytes,
     mask_kind,
     mean_or_none,
     prototype_title,
@@ -483,9 +484,6 @@ def jobs_table(runs: list[dict], root: Path) -> str:
     labels = {(r["path"], r["task"]): label for label, members in row_groups(runs).items() for r in members}
     body = []
     for run in sorted(runs, key=lambda r: os.path.relpath(Path(r["path"]).parent, root)):
-        storage = run.get("storage") or {}
-        stored = storage.get("file_bytes", storage.get("storage_bytes"))
-        with_head = storage.get("file_bytes_with_head", storage.get("storage_bytes_with_head"))
         tests = ", ".join(f"{name} {100 * value:.2f}" for name, value in run["test"].items())
         body.append(
             [
@@ -494,8 +492,8 @@ def jobs_table(runs: list[dict], root: Path) -> str:
                 labels[(run["path"], run["task"])],
                 _number(run_score(run), ".2f"),
                 tests,
-                _bytes(stored),
-                _bytes(with_head),
+                _bytes(kept_bytes(run)),
+                _bytes(kept_bytes(run, with_head=True)),
                 str(run.get("best_epoch") if run.get("best_epoch") is not None else "–"),
                 _number(run.get("train_seconds"), ".0f"),
             ]
