@@ -15,7 +15,10 @@ API_NAMES = (
     "load_propetl",
     "embedded_model_path",
 )
-MODULE_OF = {"ProPETLTrainer": "propetl.hf_trainer", "embedded_model_path": "propetl.model"}  # the rest: propetl.api
+MODULE_OF = {
+    "ProPETLTrainer": "propetl.hf_trainer",
+    "embedded_model_path": "propetl.models.backbone",
+}  # the rest: propetl.api
 
 
 def __getattr__(name: str):

@@ -21,9 +21,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from propetl import accounting, checkpoint, files, loop, methods
+from propetl import methods
 from propetl.configs import CONF_DIR
-from propetl.model import encoder_layers, head_parameter_names
+from propetl.models.backbone import encoder_layers, head_parameter_names
+from propetl.run import loop
+from propetl.storage import accounting, checkpoint, files
 from propetl.validate import ConfigError, check_resolves, validate_learning_rates, validate_method
 
 # Where each general ProPETLConfig setting lives in the runner's config; every other field is prototype.<field>.

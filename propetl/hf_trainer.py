@@ -21,7 +21,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import SAFE_WEIGHTS_NAME
 
 from propetl.configs import ConfigError
-from propetl.loop import load_trainable_state, trainable_state
+from propetl.run.loop import load_trainable_state, trainable_state
 
 
 class ProPETLTrainer(Trainer):

@@ -8,14 +8,14 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from propetl import log
-from propetl import model as backbone
-from propetl.accounting import STORAGE_DTYPES
 from propetl.configs import ConfigError, group_choices, group_option
-from propetl.mask_coding import CODINGS
-from propetl.masks import COMBINES, MASK_KINDS
+from propetl.data.metrics import metrics_for, selections_for
 from propetl.methods import METHODS, PROTOTYPES, frozen_prototype, peft_missing, peft_module, rules
-from propetl.metrics import metrics_for, selections_for
+from propetl.methods.masks import COMBINES, MASK_KINDS
+from propetl.models import backbone
+from propetl.run import log
+from propetl.storage.accounting import STORAGE_DTYPES
+from propetl.storage.mask_coding import CODINGS
 
 MAX_LEARNING_RATE = 1e30  # beyond it AdamW's step size, lr / (1 - beta1^t), overflows fp32: a traceback
 MAX_SEED = 2**63 - 1  # int64 (mask.seed + 7919 still fits torch's uint64 seeds); datasets wants >= 0

@@ -25,15 +25,15 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 import torch  # noqa: E402
 
 import propetl  # noqa: E402,F401
-from propetl import data  # noqa: E402
-from propetl import model as backbone  # noqa: E402
-from propetl.batches import PadCollator, token_lengths, tokenise  # noqa: E402
 from propetl.configs import compose  # noqa: E402
-from propetl.multitask import MultiTaskBatches, TaskCollator  # noqa: E402
+from propetl.data import glue  # noqa: E402
+from propetl.data.batches import PadCollator, token_lengths, tokenise  # noqa: E402
+from propetl.data.multitask import MultiTaskBatches, TaskCollator  # noqa: E402
+from propetl.models import backbone  # noqa: E402
 
 
 def pipeline_seconds(cfg, epochs: int) -> dict:
-    splits = data.load_glue(cfg.task, data.resolve_data_dir(cfg.data.dir), cfg.data.protocol, cfg.data.split_seed, False)
+    splits = glue.load_glue(cfg.task, glue.resolve_data_dir(cfg.data.dir), cfg.data.protocol, cfg.data.split_seed, False)
     tokenizer = backbone.load_tokenizer(cfg.model)
     started = time.perf_counter()
     tokenised = tokenise(splits["train"], tokenizer, cfg.data.max_length)
@@ -51,7 +51,7 @@ def pipeline_seconds(cfg, epochs: int) -> dict:
 
 
 def training_tokens_per_second(cfg_overrides: list[str], steps: int) -> dict:
-    from propetl.train import train
+    from propetl.run.train import train
 
     with tempfile.TemporaryDirectory() as folder:
         cfg = compose([*cfg_overrides, f"trainer.max_steps={steps}", "trainer.threads=1", "trainer.batch_size=32",

@@ -6,11 +6,11 @@ against the same K runs made one after another, on one device.
 
 A fused step concatenates the K runs' batches ([K*B, T] token ids): the frozen backbone's matrix products run once
 over all rows, and each run's prototype (A, B per target, shared by its layers), its layer masks (top-k of |scores|,
-straight through, propetl.masks.binarize) and its classification head apply to its own rows through batched matrix
+straight through, propetl.methods.masks.binarize) and its classification head apply to its own rows through batched matrix
 products over a run dimension. The loss is the sum of the runs' mean losses, so each run's gradients are its own;
 AdamW over the stacked tensors is per-run exact, and gradient clipping is per run.
 
-Baseline: the runner's own model (method=propetl prototype=lora, propetl.model.build) at batch B: one step of it,
+Baseline: the runner's own model (method=propetl prototype=lora, propetl.models.backbone.build) at batch B: one step of it,
 K times over, is what K separate runs cost in one process; a fused K=1 step against it says what the fused code
 costs on its own. Printed: seconds a step, steps/s per run, tokens/s in all, speed-up over K separate runs.
 A check first: the losses of K=3 fused runs (fp32, dropout off) equal each run's made alone with K=1 (the batched
@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import propetl  # noqa: F401
-from propetl import model as backbone
 from propetl.configs import compose
-from propetl.loop import autocast, make_optimizer
-from propetl.masks import binarize, init_scores
+from propetl.methods.masks import binarize, init_scores
+from propetl.models import backbone
+from propetl.run.loop import autocast, make_optimizer
 
 
 class FusedLoRALinear(nn.Module):
@@ -165,7 +165,7 @@ def fused_step_fn(k: int, args, device, data: dict | None = None, seeds: list[in
 
 
 def runner_step_fn(args, device):
-    """One step of the runner's own method=propetl prototype=lora model at batch B (propetl.model.build)."""
+    """One step of the runner's own method=propetl prototype=lora model at batch B (propetl.models.backbone.build)."""
     cfg = compose(["prototype=lora", "method=propetl", "model=minilm"])
     torch.manual_seed(0)
     model = backbone.build(cfg, 2).to(device)
@@ -259,7 +259,7 @@ def main():
     if args.json:
         from pathlib import Path
 
-        from propetl.files import atomic_write_text
+        from propetl.storage.files import atomic_write_text
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(args.json), json.dumps({
             "args": vars(args), "device": name, "check_max_loss_difference": worst,

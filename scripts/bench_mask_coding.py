@@ -24,8 +24,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import propetl  # noqa: E402,F401
-from propetl import checkpoint, files, mask_coding, methods  # noqa: E402
+from propetl import methods
 from propetl.configs import compose  # noqa: E402
+from propetl.storage import checkpoint, files, mask_coding  # noqa: E402
 
 
 def config(*overrides: str):

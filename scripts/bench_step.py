@@ -22,9 +22,9 @@ import torch  # noqa: E402
 
 import propetl  # noqa: E402,F401
 from propetl import methods  # noqa: E402
-from propetl import model as backbone  # noqa: E402
-from propetl.loop import make_optimizer  # noqa: E402
 from propetl.configs import compose  # noqa: E402
+from propetl.models import backbone  # noqa: E402
+from propetl.run.loop import make_optimizer  # noqa: E402
 
 
 def make_batch(cfg, batch: int, length: int, device) -> dict:
@@ -126,7 +126,7 @@ def main():
     if args.json:
         from pathlib import Path
 
-        from propetl.files import atomic_write_text
+        from propetl.storage.files import atomic_write_text
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(args.json), json.dumps({"args": vars(args), "device": str(device),
                                                        "threads": torch.get_num_threads(), "rows": rows}, indent=2))

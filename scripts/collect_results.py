@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from propetl import report
-from propetl.files import write_folder_atomically
+from propetl.storage.files import write_folder_atomically
 
 REPO = Path(__file__).resolve().parents[1]
 KEPT = ("metrics.json", "predictions.npz", "train.log", ".hydra/overrides.yaml", ".hydra/config.yaml")

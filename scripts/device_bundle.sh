@@ -32,7 +32,7 @@ done
     -d "$work/bundle/wheels" "${pins[@]}"
 "$PYTHON" -m pip wheel -q --no-deps -w "$work/bundle/wheels" "antlr4-python3-runtime==$(version antlr4-python3-runtime)"
 
-data=$("$PYTHON" -c "from propetl.data import resolve_data_dir; print(resolve_data_dir(None) or '')")
+data=$("$PYTHON" -c "from propetl.data.glue import resolve_data_dir; print(resolve_data_dir(None) or '')")
 for task in RTE MRPC STS-B CoLA SST-2; do
     [[ -d $data/$task ]] || { echo "device_bundle: no $task under '$data' (make link-data)" >&2; exit 2; }
     cp -rL "$data/$task" "$work/bundle/glue/"

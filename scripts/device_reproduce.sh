@@ -135,7 +135,7 @@ EOF
 fi
 if ! command -v propetl-train >/dev/null; then           # not pip-installed: the same entry point from the tree
     mkdir -p "$DEVICE_DIR/bin"
-    printf '#!/bin/sh\nexec %s -m propetl.train "$@"\n' "$PYTHON" > "$DEVICE_DIR/bin/propetl-train"
+    printf '#!/bin/sh\nexec %s -m propetl "$@"\n' "$PYTHON" > "$DEVICE_DIR/bin/propetl-train"
     chmod +x "$DEVICE_DIR/bin/propetl-train"
     export PATH=$DEVICE_DIR/bin:$PATH PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 fi

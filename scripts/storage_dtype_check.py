@@ -8,7 +8,7 @@ as it is: the reference, a model exactly as trained (fp32, its masks). Then for 
 fp16) and each mask coding (bits, entropy) it is saved again, reloaded and scored. Prints a table (test
 metrics x100 and their change, bytes without and with the head) and writes every number as JSON.
 The masks must come back identical in every re-save (the codings are lossless); only the dtype moves a
-score. Scoring uses propetl.evaluate (the propetl-eval path: masks merged away).
+score. Scoring uses propetl.cli.evaluate (the propetl-eval path: masks merged away).
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 import propetl  # noqa: E402,F401
-from propetl import accounting, checkpoint, files, mask_coding  # noqa: E402
-from propetl.evaluate import evaluate_checkpoint  # noqa: E402
+from propetl.cli.evaluate import evaluate_checkpoint  # noqa: E402
+from propetl.storage import accounting, checkpoint, files, mask_coding  # noqa: E402
 
 DTYPES = tuple(accounting.STORAGE_DTYPES)
 

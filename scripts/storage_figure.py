@@ -27,9 +27,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import propetl  # noqa: E402,F401
-from propetl import accounting, checkpoint, files, mask_coding, methods  # noqa: E402
-from propetl import model as backbone  # noqa: E402
+from propetl import methods
 from propetl.configs import compose  # noqa: E402
+from propetl.models import backbone  # noqa: E402
+from propetl.storage import accounting, checkpoint, files, mask_coding  # noqa: E402
 
 PROTOTYPES = ("adapter", "lora", "prefix")
 SPARSITIES = (0.5, 0.9)

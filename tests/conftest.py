@@ -42,7 +42,7 @@ def tiny_text_model_dir(tmp_path_factory) -> str:
     """A tiny random BERT with the embedded model's tokenizer (vocab 30522): fast real-data runs for tests."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    from propetl.model import load_tokenizer
+    from propetl.models.backbone import load_tokenizer
 
     config = BertConfig(vocab_size=30522, hidden_size=TINY["hidden"], num_hidden_layers=TINY["layers"],
                         num_attention_heads=TINY["heads"], intermediate_size=64, max_position_embeddings=512)
@@ -82,7 +82,7 @@ def tiny_batch(batch: int = 3, length: int = 7, seed: int = 0, with_padding: boo
 @pytest.fixture(scope="session")
 def glue_dir() -> Path:
     """The real GLUE folder (RTE, MRPC, CoLA, STS-B, SST-2). Skips without it, unless PROPETL_REQUIRE_DATA=1."""
-    from propetl.data import resolve_data_dir
+    from propetl.data.glue import resolve_data_dir
 
     found = resolve_data_dir(None)
     if found is None or not (found / "RTE" / "train.tsv").exists():
@@ -98,13 +98,13 @@ def format1_packed_masks(masks) -> torch.Tensor:
 
 
 def tiny_fit_inputs(cfg, batch_size: int):
-    """(model, batches) for calling propetl.loop.fit directly: the config's model (seed 0) and 16 short two-text
+    """(model, batches) for calling propetl.run.loop.fit directly: the config's model (seed 0) and 16 short two-text
     rows, alternating labels 0 and 1, in batches of `batch_size`."""
     import datasets
 
-    from propetl import model as backbone
-    from propetl.batches import PadCollator, tokenise
-    from propetl.multitask import MultiTaskBatches
+    from propetl.data.batches import PadCollator, tokenise
+    from propetl.data.multitask import MultiTaskBatches
+    from propetl.models import backbone
     torch.manual_seed(0)
     model = backbone.build(cfg, 2)
     rows = datasets.Dataset.from_dict({"text_a": ["a cat sat", "the dog ran far"] * 8, "text_b": ["yes", "no"] * 8,

@@ -6,16 +6,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_batch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
+from test_methods import logits, train_steps
 from transformers import AutoTokenizer, BertForSequenceClassification
 
-from conftest import tiny_batch
-from propetl import ProPETLConfig, checkpoint, embedded_model_path, files, get_propetl_model, load_propetl, methods
-from propetl import model as backbone
-from propetl.methods.lora import LoRALinear
+from propetl import ProPETLConfig, embedded_model_path, get_propetl_model, load_propetl, methods
 from propetl.configs import CONF_DIR, ConfigError
-from test_methods import logits, train_steps
+from propetl.methods.lora import LoRALinear
+from propetl.models import backbone
+from propetl.storage import checkpoint, files
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 NAME_LINE = "name = embedded_model_path()"
@@ -282,7 +283,7 @@ def test_propetl_trainer_trains_masks_at_the_mask_lr_and_checkpoints_the_trainab
     from transformers import TrainingArguments
 
     from propetl import ProPETLTrainer
-    from propetl.loop import trainable_state
+    from propetl.run.loop import trainable_state
 
     model = propetl_model(tiny_text_model_dir, "lora", mask_lr=0.05)
     train, tokenizer = tiny_rows(tiny_text_model_dir)

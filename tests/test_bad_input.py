@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import compose_cfg
-from propetl.command_line import check_command_line
+
+from propetl.cli.command_line import check_command_line
 from propetl.configs import CONF_DIR, ConfigError, compose
-from propetl.model import ModelError
+from propetl.models.backbone import ModelError
 from propetl.validate import MAX_SEED, validate
 
 

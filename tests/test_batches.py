@@ -1,13 +1,13 @@
-"""propetl.batches: epoch batch orders, length grouping on real RTE/CoLA data, the batches built from them."""
+"""propetl.data.batches: epoch batch orders, length grouping on real RTE/CoLA data, the batches built from them."""
 from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import compose_cfg
-from propetl.batches import PadCollator, batch_order, make_loader, token_lengths, tokenise
-from propetl.data import load_glue
-from propetl.model import load_tokenizer
+
+from propetl.data.batches import PadCollator, batch_order, make_loader, token_lengths, tokenise
+from propetl.data.glue import load_glue
+from propetl.models.backbone import load_tokenizer
 
 LENGTHS = [(7 * i) % 61 + 3 for i in range(1000)]      # 1000 examples of 3..63 tokens, interleaved
 

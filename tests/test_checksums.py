@@ -13,16 +13,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY, compose_cfg, tiny_batch, tiny_text_overrides
-from propetl import checkpoint, data, files, log, loop, rundir
-from propetl import model as backbone
-from propetl.cli import check_output_folder
-from propetl.configs import ConfigError
-from propetl.model import MultiTaskModel
-from propetl.resume import Checkpointer
-from propetl.validate import validate
 from test_cli import ENV, SCRIPT
+
+from propetl.cli.train import check_output_folder
+from propetl.configs import ConfigError
+from propetl.data import glue
+from propetl.models import backbone
+from propetl.models.backbone import MultiTaskModel
+from propetl.run import log, loop, rundir
+from propetl.run.resume import Checkpointer
+from propetl.storage import checkpoint, files
+from propetl.validate import validate
 
 
 def snapshot(folder: Path) -> dict:
@@ -285,8 +287,8 @@ def glue_copy(glue_dir: Path, tmp_path: Path, offset_after_header: int | None) -
 
 @pytest.mark.parametrize("where", [None, 5])
 def test_a_byte_that_is_not_utf8_in_a_data_file_is_one_line(glue_dir, tmp_path, where):
-    with pytest.raises(data.DataError) as error:
-        data.load_glue(compose_cfg(["task=rte"]).task, glue_copy(glue_dir, tmp_path, where), allow_hub=False)
+    with pytest.raises(glue.DataError) as error:
+        glue.load_glue(compose_cfg(["task=rte"]).task, glue_copy(glue_dir, tmp_path, where), allow_hub=False)
     assert "\n" not in str(error.value) and "train.tsv" in str(error.value) and "0xff" in str(error.value)
 
 
@@ -334,7 +336,7 @@ def test_an_unwritable_run_folder_is_one_line(tmp_path, monkeypatch):
 
 
 def test_a_write_refused_mid_run_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch):
-    from propetl.run import USER_ERRORS
+    from propetl.run.lifecycle import USER_ERRORS
 
     def refuse(*args):
         raise PermissionError(13, "Permission denied")
@@ -351,7 +353,8 @@ def test_a_write_refused_mid_run_is_one_line_and_leaves_no_temporary_file(tmp_pa
 def test_each_folder_is_hashed_once_per_load(run_copy, monkeypatch, tmp_path):
     """propetl-export reads a checkpoint's config, then loads it; a resumed run checks resume/ at its start, then
     loads it: each folder's manifest is checked once, not twice."""
-    from propetl import export, resume
+    from propetl.cli import export
+    from propetl.run import resume
 
     run, cfg = run_copy
     checked = []

@@ -106,9 +106,9 @@ def test_help_is_propetls_own(tmp_path):
 
 
 def test_the_command_line_answers_without_torch(tmp_path):
-    """--help and tab completion run propetl.cli's checks and Hydra, never the training code's imports."""
+    """--help and tab completion run propetl.cli.train's checks and Hydra, never the training code's imports."""
     code = ("import atexit, sys; atexit.register(lambda: print('imported torch:', 'torch' in sys.modules)); "
-            "from propetl.cli import main; sys.argv = ['propetl-train', *sys.argv[1:]]; main()")
+            "from propetl.cli.train import main; sys.argv = ['propetl-train', *sys.argv[1:]]; main()")
     helped = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, env=ENV,
                             cwd=tmp_path, timeout=120)
     assert helped.returncode == 0 and helped.stdout.rstrip().endswith("imported torch: False"), helped.stdout[-500:]

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import pytest
+from conftest import compose_cfg
 from omegaconf import OmegaConf
 
-from conftest import compose_cfg
-from propetl.command_line import check_command_line
+from propetl.cli.command_line import check_command_line
 from propetl.configs import ConfigError, compose, group_choices
 from propetl.validate import validate
 

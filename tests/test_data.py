@@ -1,4 +1,4 @@
-"""propetl.data on the real GLUE files (RTE, MRPC, CoLA, STS-B, SST-2) and on small malformed files."""
+"""propetl.data.glue on the real GLUE files (RTE, MRPC, CoLA, STS-B, SST-2) and on small malformed files."""
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before datasets is imported: it reads these once
@@ -11,7 +11,7 @@ import datasets
 import pytest
 from omegaconf import OmegaConf
 
-from propetl.data import DataError, load_glue, resolve_data_dir
+from propetl.data.glue import DataError, load_glue, resolve_data_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_GLUE = Path("/work/shared/data/glue")

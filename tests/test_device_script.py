@@ -15,10 +15,10 @@ import subprocess
 import sys
 import tarfile
 import time
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,6 +90,7 @@ def test_sparsity_sweep_leaves_the_table1_points_out():
 def sweeper_grid(experiment: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """hydra.sweeper.params of an overlay under the gpu profile: key -> its values."""
     from conftest import compose_cfg  # noqa: F401 (sets the offline environment)
+
     from propetl.configs import compose
 
     hydra_cfg = compose([f"experiment={experiment}", "profile=gpu"], with_hydra=True)

@@ -9,11 +9,12 @@ import sys
 
 import pytest
 import torch
+from test_methods import build, logits, train_steps
 from transformers import AutoModelForSequenceClassification
 
-from propetl import checkpoint, export
-from propetl import model as backbone
-from test_methods import build, logits, train_steps
+from propetl.cli import export
+from propetl.models import backbone
+from propetl.storage import checkpoint
 
 ATOL = 1e-5
 

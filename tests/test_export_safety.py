@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_methods import logits
 from transformers import AutoModelForSequenceClassification
 
-from propetl import checkpoint, evaluate, export, files
-from propetl import model as backbone
-from test_methods import logits
+from propetl.cli import evaluate, export
+from propetl.models import backbone
+from propetl.storage import checkpoint, files
 
 CHECKPOINT_CONFIG = ("method=propetl", "prototype=lora", "prototype.r=4", "mask.sparsity=0.5")
 

@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
-
 from conftest import compose_cfg
+
 from propetl import methods
-from propetl.masks import combine, ones_per_mask
+from propetl.methods.masks import combine, ones_per_mask
 
 MINILM_HIDDEN, MINILM_LAYERS = 384, 6
 

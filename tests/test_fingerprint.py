@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import compose_cfg
 from omegaconf import OmegaConf
 
-from conftest import compose_cfg
-from propetl import configs, fingerprint, rundir
-from propetl.files import seal
-from propetl.resume import Checkpointer
+from propetl import configs
+from propetl.run import fingerprint, rundir
+from propetl.run.resume import Checkpointer
+from propetl.storage.files import seal
 
 COMPUTED = ["data.max_length=64", "trainer.warmup_ratio=0.2", "trainer.head_lr=0.01", "trainer.weight_decay=0.0",
             "trainer.eval_batch_size=32", "storage.dtype=bf16", "task.epochs=3", "prototype.init_std=0.1",
@@ -76,7 +77,7 @@ def test_a_finished_run_of_other_data_is_not_skipped(tmp_path, glue_dir, data_co
 
 
 def test_a_resume_of_another_computation_is_refused(tmp_path, glue_dir, monkeypatch):
-    monkeypatch.setattr("propetl.resume.check_state", lambda meta, directory: None)   # a state.json of a fingerprint only
+    monkeypatch.setattr("propetl.run.resume.check_state", lambda meta, directory: None)   # a state.json of a fingerprint only
     run_dir = tmp_path / "run"
     (run_dir / "resume").mkdir(parents=True)
     saved = Checkpointer(run_dir, compose_cfg([f"data.dir={glue_dir}"])).fingerprint

@@ -1,4 +1,4 @@
-"""Mask coding (propetl/mask_coding.py) and the storage it gives: lossless masks near log2 C(n, k), corrupted
+"""Mask coding (propetl/storage/mask_coding.py) and the storage it gives: lossless masks near log2 C(n, k), corrupted
 streams refused, format-1 checkpoints still read, half-precision dense tensors, the on-disk ratios."""
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import compose_cfg, format1_packed_masks
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from conftest import compose_cfg, format1_packed_masks
-from propetl import accounting, checkpoint, files, log, mask_coding, methods, report
-from propetl import model as backbone
+from propetl import methods, report
+from propetl.models import backbone
+from propetl.run import log
+from propetl.storage import accounting, checkpoint, files, mask_coding
 from propetl.validate import ConfigError, validate
 
 

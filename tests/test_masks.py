@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from propetl import masks
+from propetl.methods import masks
 
 
 @pytest.mark.parametrize("n,sparsity,zeros", [(10, 0.3, 3), (100, 0.57, 57), (49152, 0.5, 24576),

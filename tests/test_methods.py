@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import TINY, tiny_batch
-from propetl import checkpoint, methods
-from propetl import model as backbone
-from propetl.masks import ones_per_mask
+
+from propetl import methods
 from propetl.methods.lora import LoRALinear
+from propetl.methods.masks import ones_per_mask
+from propetl.models import backbone
+from propetl.storage import checkpoint
 
 PROTOTYPES = ["adapter", "lora", "prefix"]
 PETL_METHODS = [("petl", p) for p in PROTOTYPES] + [("propetl", p) for p in PROTOTYPES]
@@ -122,7 +123,7 @@ def test_masks_change_during_training(tiny_cfg, prototype):
 
 @pytest.mark.parametrize("prototype", PROTOTYPES)
 def test_mask_computed_once_per_step(tiny_cfg, prototype, monkeypatch):
-    import propetl.masks as masks_module
+    import propetl.methods.masks as masks_module
 
     calls = []
     original = masks_module.binarize

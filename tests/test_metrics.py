@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from propetl import metrics
+from propetl.data import metrics
 
 
 def test_accuracy_f1_by_hand():

@@ -9,15 +9,17 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import compose_cfg, tiny_batch, tiny_text_overrides
-from propetl import accounting, checkpoint, log, loop, mask_coding, methods
-from propetl import metrics as glue_metrics
-from propetl.batches import PadCollator, tokenise
-from propetl.data import load_glue
-from propetl.model import load_tokenizer
-from propetl.multitask import MultiTaskBatches, TaskCollator, task_configs
-from propetl.train import train
+
+from propetl import methods
+from propetl.data import metrics as glue_metrics
+from propetl.data.batches import PadCollator, tokenise
+from propetl.data.glue import load_glue
+from propetl.data.multitask import MultiTaskBatches, TaskCollator, task_configs
+from propetl.models.backbone import load_tokenizer
+from propetl.run import log, loop
+from propetl.run.train import train
+from propetl.storage import accounting, checkpoint, mask_coding
 
 TASKS = ["rte", "stsb"]
 
@@ -190,7 +192,7 @@ def test_a_base_checkpoint_with_other_settings_is_refused(trained, tmp_path, tin
 def test_every_prototype_builds_and_trains_a_multitask_model(tiny_cfg, prototype):
     """One forward/backward per task: a finite loss, and gradients reach the prototype and the mask scores
     (prefix: the encoder switches to the prefix attention, which the wrapping nn.Module alone cannot)."""
-    from propetl.model import MultiTaskModel
+    from propetl.models.backbone import MultiTaskModel
 
     cfg = tiny_cfg("mode=multitask", "tasks=[rte,stsb]", f"prototype={prototype}")
     torch.manual_seed(0)
@@ -232,7 +234,7 @@ def test_one_task_without_task_masks_is_the_single_task_model_bit_for_bit(tiny_c
     layer masks only holds the single-task model's tensors (its head is the loaded model's own, under
     transformers_name's names) and gives the same loss and gradients, bit for bit, through dropout in training
     mode — for BERT and RoBERTa."""
-    from propetl.model import MultiTaskModel, build
+    from propetl.models.backbone import MultiTaskModel, build
 
     roberta = [f"model.name_or_path={tiny_roberta_dir}"] if family == "roberta" else []
     cfg = tiny_cfg(f"method={method}", f"prototype={prototype}", *roberta)
@@ -267,7 +269,7 @@ def test_one_layout_from_either_model_and_into_either_model(tiny_cfg, tiny_rober
     """One checkpoint layout: the one-task MultiTaskModel (what runs train) and the transformers model with the
     method inside (what the API wraps) write byte-identical checkpoints; load_checkpoint (into the transformers
     model) and load_multitask (into the MultiTaskModel) both give back the trained model's logits exactly."""
-    from propetl.model import MultiTaskModel, build
+    from propetl.models.backbone import MultiTaskModel, build
 
     roberta = [f"model.name_or_path={tiny_roberta_dir}"] if family == "roberta" else []
     cfg = tiny_cfg(f"method={method}", f"prototype={prototype}", *roberta)
@@ -306,7 +308,7 @@ def test_one_task_batches_are_a_single_task_loaders(glue_dir, grouped):
     loader before issue 15; with grouping, its batch sampler over batches.batch_order), from the same draws."""
     from torch.utils.data import DataLoader
 
-    from propetl.batches import MEGABATCH, token_lengths
+    from propetl.data.batches import MEGABATCH, token_lengths
 
     tokenizer = load_tokenizer(compose_cfg().model)
     train_split = load_glue(task_configs(["rte"])[0], glue_dir)["train"].select(range(40))
@@ -370,7 +372,7 @@ def test_a_one_task_multitask_run_is_the_single_task_run(tmp_path, tiny_text_mod
 def test_a_head_that_is_neither_berts_nor_robertas_is_one_line():
     from transformers import ElectraConfig, ElectraForSequenceClassification
 
-    from propetl.model import ModelError, pretrained_head
+    from propetl.models.backbone import ModelError, pretrained_head
 
     electra = ElectraForSequenceClassification(ElectraConfig(vocab_size=100, embedding_size=16, hidden_size=32,
                                                              num_hidden_layers=1, num_attention_heads=4,

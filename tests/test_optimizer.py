@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import tiny_batch
-from propetl import loop, methods
-from propetl import model as backbone
+
+from propetl import methods
+from propetl.models import backbone
+from propetl.run import loop
 
 LR, MASK_LR, HEAD_LR = 1e-3, 2e-2, 5e-3
 

@@ -11,13 +11,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import compose_cfg, tiny_text_overrides
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from conftest import compose_cfg, tiny_text_overrides
 from test_cli import ENV, SCRIPT
-from propetl import cli, rundir
-from propetl.data import DataError
+
+from propetl.cli import train as cli
+from propetl.data.glue import DataError
+from propetl.run import rundir
 
 
 def tree(folder: Path) -> dict:
@@ -210,7 +211,7 @@ def test_nothing_the_run_did_not_write_is_removed(tmp_path_factory, monkeypatch,
             write(output_dir, name, "new")
         raise error
 
-    monkeypatch.setattr("propetl.train.train", failing_train)
+    monkeypatch.setattr("propetl.run.train.train", failing_train)
     cfg = compose_cfg([f"run_dir.allow_other_files={str(allow).lower()}"])
     with pytest.raises((type(error), rundir.RunDirectoryError)):
         cli.run_owned(cfg, run_dir)

@@ -10,15 +10,15 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
-
 from conftest import tiny_text_overrides
-from propetl.command_line import check_command_line
-from propetl.checkpoint import CheckpointError
-from propetl.configs import CONF_DIR, ConfigError, compose, config_dirs, group_choices, group_option
-from propetl.evaluate import evaluate_checkpoint
-from propetl.validate import validate
+from omegaconf import OmegaConf
 from test_cli import propetl_train
+
+from propetl.cli.command_line import check_command_line
+from propetl.cli.evaluate import evaluate_checkpoint
+from propetl.configs import CONF_DIR, ConfigError, compose, config_dirs, group_choices, group_option
+from propetl.storage.checkpoint import CheckpointError
+from propetl.validate import validate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,4 +100,4 @@ def test_the_wheel_holds_every_config_and_the_light_entry(tmp_path):
     shipped = {f"propetl/conf/{p.relative_to(CONF_DIR).as_posix()}" for p in CONF_DIR.rglob("*.yaml")}
     assert len(shipped) >= 30 and shipped <= names, sorted(shipped - names)
     entry_points = next(zipfile.Path(wheel, n) for n in names if n.endswith(".dist-info/entry_points.txt")).read_text()
-    assert "propetl-train = propetl.cli:main" in entry_points
+    assert "propetl-train = propetl.cli.train:main" in entry_points

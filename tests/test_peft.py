@@ -6,13 +6,15 @@ import sys
 
 import pytest
 import torch
-
 from conftest import TINY, tiny_batch
-from propetl import accounting, checkpoint, loop, methods
-from propetl import model as backbone
-from propetl.validate import ConfigError, validate
 from test_cli import propetl_train
 from test_methods import logits, train_steps
+
+from propetl import methods
+from propetl.models import backbone
+from propetl.run import loop
+from propetl.storage import accounting, checkpoint
+from propetl.validate import ConfigError, validate
 
 R, LR, HEAD_LR = 4, 1e-3, 5e-3
 TARGETS = ("query", "value")

@@ -8,15 +8,16 @@ import json
 import pytest
 import torch
 import transformers
-
 from conftest import tiny_text_overrides
-from propetl import accounting, checkpoint, methods
-from propetl import model as backbone
-from propetl.configs import group_choices
-from propetl.export import export
-from propetl.validate import ConfigError, validate
 from test_cli import propetl_train
 from test_methods import logits, train_steps
+
+from propetl import methods
+from propetl.cli.export import export
+from propetl.configs import group_choices
+from propetl.models import backbone
+from propetl.storage import accounting, checkpoint
+from propetl.validate import ConfigError, validate
 
 peft = pytest.importorskip("peft", reason="method=peft needs the optional package peft: pip install 'propetl[peers]'")
 
@@ -110,7 +111,7 @@ def test_same_seed_same_adapter_for_tuners_that_draw_from_the_global_rng(tiny_cf
 
 def test_vblora_resumes_from_its_trainable_tensors(tiny_cfg):
     """resume/ keeps every trainable tensor (loop.trainable_state): the bank and the full logits load back."""
-    from propetl import loop
+    from propetl.run import loop
 
     model, _ = build(tiny_cfg, "vblora")
     train_steps(model)
@@ -122,7 +123,7 @@ def test_vblora_resumes_from_its_trainable_tensors(tiny_cfg):
 
 
 def test_vblora_bank_has_its_own_lr(tiny_cfg):
-    from propetl import loop
+    from propetl.run import loop
 
     model, cfg = build(tiny_cfg, "vblora")
     optimizer, _ = loop.make_optimizer(model, cfg, backbone.head_parameter_names(model), total_steps=10)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import compose_cfg, tiny_text_overrides
-from propetl import log, loop, rundir
-from propetl import metrics as glue_metrics
-from propetl import model as backbone
-from propetl.train import train
+
+from propetl.data import metrics as glue_metrics
+from propetl.models import backbone
+from propetl.run import log, loop, rundir
+from propetl.run.train import train
 
 # 48 examples at batch 8: 6 steps an epoch, 2 epochs.
 RUN = ["task=rte", "method=propetl", "prototype=lora", "data.max_train_examples=48", "trainer.epochs=2",

@@ -7,14 +7,15 @@ import sys
 
 import pytest
 import torch
+from conftest import TINY, tiny_batch
 from omegaconf import OmegaConf
 from torch import nn
 
-from conftest import TINY, tiny_batch
-from propetl import accounting, checkpoint, configs, methods
-from propetl import model as backbone
+from propetl import configs, methods
 from propetl.methods import rules
 from propetl.methods.weights import LayerWeights, TensorSpec, bind
+from propetl.models import backbone
+from propetl.storage import accounting, checkpoint
 from propetl.validate import ConfigError, validate
 
 # ----------------------------------------------------------------------------- the prototype

@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import format1_packed_masks
 from safetensors.torch import save_file
 
-from conftest import format1_packed_masks
-from propetl import log, report
+from propetl import report
 from propetl.report.plots import pairwise_hamming
+from propetl.run import log
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import compose_cfg, tiny_fit_inputs, tiny_text_overrides
 from test_cli import ENV, SCRIPT
-from propetl import checkpoint, files, log, rundir
-from propetl.resume import Checkpointer
-from propetl.train import train
+
+from propetl.run import log, rundir
+from propetl.run.resume import Checkpointer
+from propetl.run.train import train
+from propetl.storage import checkpoint, files
 
 # 48 examples at batch 8 = 6 steps an epoch, 3 epochs, a checkpoint every 4 steps: kills land mid-epoch.
 RUN = ["task=rte", "method=propetl", "prototype=lora", "data.max_train_examples=48", "trainer.epochs=3",
@@ -176,7 +177,7 @@ def test_diverged_run_stops_with_one_line_and_keeps_its_last_good_checkpoint(tmp
 def saved(tiny_cfg, tmp_path):
     import torch
 
-    from propetl import model as backbone
+    from propetl.models import backbone
 
     cfg = tiny_cfg("method=propetl", "prototype=lora")
     torch.manual_seed(0)
@@ -237,8 +238,8 @@ def test_a_loss_gone_bad_on_any_process_stops_every_process_at_that_step(tiny_te
     waits forever in the next all-reduce). Here a stand-in for another process reports a NaN at step 2."""
     import torch
 
-    from propetl import distributed, loop
-    from propetl import model as backbone
+    from propetl.models import backbone
+    from propetl.run import distributed, loop
 
     cfg = compose_cfg([*tiny_text_overrides(tiny_text_model_dir, glue_dir), *RUN, "trainer.epochs=1"])
     model, loader = tiny_fit_inputs(cfg, 4)

@@ -13,12 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
-
 from conftest import compose_cfg, tiny_text_overrides
+from omegaconf import OmegaConf
 from test_cli import ENV, SCRIPT
-from propetl import rundir
-from propetl.fingerprint import fingerprint
+
+from propetl.run import rundir
+from propetl.run.fingerprint import fingerprint
 
 FAST = ["task=rte", "method=propetl", "prototype=lora", "data.max_train_examples=16", "trainer.epochs=1",
         "trainer.save_steps=1", "trainer.eval_batch_size=512"]

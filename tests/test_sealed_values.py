@@ -10,11 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_checksums import (  # noqa: F401
+    load_checkpoint_state,
+    load_resume_state,
+    multitask_checkpoint,
+    refused,
+    rewrite_config,
+    run_copy,
+    saved_run,
+)
 
-from propetl import checkpoint, files
-from propetl.resume import START_OVER, STATE_JSON, STATE_TENSORS, Checkpointer
-from test_checksums import (load_checkpoint_state, load_resume_state, multitask_checkpoint, refused,  # noqa: F401
-                            rewrite_config, run_copy, saved_run)
+from propetl.run.resume import START_OVER, STATE_JSON, STATE_TENSORS, Checkpointer
+from propetl.storage import checkpoint, files
 
 
 def edited(config: dict, key: str, value) -> dict:

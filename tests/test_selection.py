@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import compose_cfg, tiny_fit_inputs, tiny_text_overrides
 
-from propetl import loop
-from propetl import model as backbone
+from propetl.models import backbone
+from propetl.run import loop
 
 
 def fit_with_scores(tiny_text_model_dir, glue_dir, scores: list[float], *overrides: str) -> loop.FitResult:

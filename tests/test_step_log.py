@@ -1,4 +1,4 @@
-"""propetl.step_log: every N steps a W&B record (loss, each group's learning rate) and, off a terminal,
+"""propetl.run.step_log: every N steps a W&B record (loss, each group's learning rate) and, off a terminal,
 one log line with loss, step rate and ETA."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from propetl.step_log import (
+from propetl.run.step_log import (
     EvalPlan,
     StepLog,
     bar_shown,

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import TINY
-from propetl import accounting, checkpoint
-from propetl import model as backbone
+
+from propetl.models import backbone
+from propetl.storage import accounting, checkpoint
 
 H, L = TINY["hidden"], TINY["layers"]
 # Hand count of the tiny backbone without its head: embeddings (word 100x32, position 64x32, type 2x32,

@@ -5,10 +5,10 @@ import importlib.util
 import json
 
 import pytest
-
 from conftest import compose_cfg
-from propetl.evaluate import evaluate_checkpoint
-from propetl.train import train
+
+from propetl.cli.evaluate import evaluate_checkpoint
+from propetl.run.train import train
 
 pytestmark = pytest.mark.slow
 FAST = ["trainer.batch_size=8", "trainer.eval_batch_size=64", "logger.mode=disabled", "trainer.progress=false"]

@@ -5,12 +5,12 @@ import copy
 import math
 
 import pytest
+from conftest import compose_cfg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from conftest import compose_cfg
-from propetl.train import train
+from propetl.run.train import train
 from propetl.validate import ConfigError
 
 BASE = {prototype: compose_cfg([f"prototype={prototype}"]) for prototype in ("adapter", "lora", "prefix")}

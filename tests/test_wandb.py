@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 from conftest import compose_cfg, tiny_text_overrides
 
-from propetl import log
 from propetl.configs import ConfigError
-from propetl.train import train
+from propetl.run import log
+from propetl.run.train import train
 from propetl.validate import validate
 
 

@@ -8,8 +8,8 @@ import pytest
 import wandb_file
 from conftest import compose_cfg, tiny_text_overrides
 
-from propetl import log
-from propetl.train import train
+from propetl.run import log
+from propetl.run.train import train
 
 
 @pytest.mark.parametrize("overrides,name,tags", [

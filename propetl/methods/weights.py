@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from propetl.masks import LayerMasks, TaskLayerMasks
+from propetl.methods.masks import LayerMasks, TaskLayerMasks
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,6 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from propetl.files import atomic_write_text
-from propetl.mask_coding import layer_masks_file
 from propetl.report.frontier import frontier_points, frontier_table, plot_frontier
 from propetl.report.plots import (
     layer_mask_hamming,
@@ -58,6 +56,8 @@ from propetl.report.tables import (
     report_markdown,
     runs_csv,
 )
+from propetl.storage.files import atomic_write_text
+from propetl.storage.mask_coding import layer_masks_file
 
 __all__ = [
     "build",

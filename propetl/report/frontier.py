@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from propetl.metrics import GLUE_NUMBERS
+from propetl.data.metrics import GLUE_NUMBERS
 from propetl.report.runs import (
     TASK_TITLES,
     kept_bytes,

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from propetl import mask_coding
-from propetl.metrics import GLUE_NUMBERS
+from propetl.data.metrics import GLUE_NUMBERS
 from propetl.report.runs import (
     MASK_KINDS,
     PAPER_MODEL,
@@ -24,6 +23,7 @@ from propetl.report.runs import (
 )
 from propetl.report.stats import mask_ablation, sparsity_sweep
 from propetl.report.tables import model_prefix, sparsity_text
+from propetl.storage import mask_coding
 
 PROTOTYPE_COLOURS = {"adapter": "tab:blue", "lora": "tab:orange", "prefix": "tab:green"}
 METHOD_MARKERS = {

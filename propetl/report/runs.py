@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from propetl.log import read_predictions
-from propetl.metrics import GLUE_NUMBERS, glue_average, task_score
-from propetl.rundir import PREDICTIONS_FILE
+from propetl.data.metrics import GLUE_NUMBERS, glue_average, task_score
+from propetl.run.log import read_predictions
+from propetl.run.rundir import PREDICTIONS_FILE
 
 TASK_TITLES = {
     "cola": "CoLA",

@@ -8,7 +8,7 @@ from collections import defaultdict
 
 from scipy import stats as scipy_stats
 
-from propetl.metrics import GLUE_NUMBERS
+from propetl.data.metrics import GLUE_NUMBERS
 from propetl.report.runs import (
     group_runs,
     key_order,

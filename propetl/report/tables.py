@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from propetl.metrics import GLUE_NUMBERS
+from propetl.data.metrics import GLUE_NUMBERS
 from propetl.report.runs import (
     CODING_FIELDS,
     MAJORITY_SHARE,

@@ -61,7 +61,7 @@ class SweepSummary(Callback):
         path = Path(os.environ.pop(FAILURES_ENV, Path(str(config.hydra.sweep.dir)) / FAILURES_FILE))
         failures = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
         summary = {"failed": len(failures), "failures": failures}
-        from propetl.files import atomic_write_text
+        from propetl.storage.files import atomic_write_text
 
         atomic_write_text(path.with_name(SUMMARY_FILE), json.dumps(summary, indent=1) + "\n")
         _failed_jobs = len(failures)

@@ -18,10 +18,11 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from propetl import distributed, methods
-from propetl import metrics as glue_metrics
-from propetl.resume import Interrupted, StopOnSignal
-from propetl.step_log import EvalPlan, StepLog, bar_shown
+from propetl import methods
+from propetl.data import metrics as glue_metrics
+from propetl.run import distributed
+from propetl.run.resume import Interrupted, StopOnSignal
+from propetl.run.step_log import EvalPlan, StepLog, bar_shown
 
 logger = logging.getLogger("propetl")
 

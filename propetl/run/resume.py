@@ -4,7 +4,7 @@ trainable tensor (PETL weights, mask scores, head), the best epoch's copy of the
 scheduler and the grad scaler, the step/epoch counters and history, and every RNG state (python, numpy, torch, and the
 data-order generator as it stood when the epoch began; a mid-epoch resume re-draws that epoch's order and skips the
 batches already done). Format: `state.safetensors` for tensors and `state.json` for the rest, never pickle, and
-`manifest.json` with their sha256 (propetl/files.py), checked before either is read: a changed, missing or unlisted file
+`manifest.json` with their sha256 (propetl/storage/files.py), checked before either is read: a changed, missing or unlisted file
 is refused in one line naming it; so are, before anything is set, a state.json of another structure or naming tensors
 state.safetensors lacks (check_state) and one that does not fit this run's model, optimizer, scheduler, scaler and
 loop state (Checkpointer._check_fits): an edited, resealed state names its file and key. The folder is built beside
@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from propetl.checkpoint import OBJECT, read_safetensors, safetensors_shapes
-from propetl.files import CheckpointError, check_seal, recover_folder_swap, seal, write_folder_atomically
-from propetl.fingerprint import describe, differences, fingerprint
 from propetl.methods import rules
+from propetl.run.fingerprint import describe, differences, fingerprint
+from propetl.storage.checkpoint import OBJECT, read_safetensors, safetensors_shapes
+from propetl.storage.files import CheckpointError, check_seal, recover_folder_swap, seal, write_folder_atomically
 
 STATE_JSON, STATE_TENSORS = "state.json", "state.safetensors"
 START_OVER = "trainer.resume=false starts the run over"
@@ -223,7 +223,7 @@ class Checkpointer:
     def __init__(self, run_dir: Path, cfg, save_steps: int | None = None, writes: bool = True):
         self.directory = Path(run_dir) / "resume"
         self.writes = writes  # False on the other processes of a data-parallel run
-        self.fingerprint = fingerprint(cfg)  # the whole computation (propetl/fingerprint.py)
+        self.fingerprint = fingerprint(cfg)  # the whole computation (propetl/run/fingerprint.py)
         self.save_steps = save_steps
         self.extra: dict = {}  # e.g. the W&B run id, restored on load
         self._checked: dict | None = None  # state.json once check_fingerprint passed (until the next save)

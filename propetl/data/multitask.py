@@ -5,7 +5,7 @@ all layers) and a classification/regression head.
     propetl-train mode=multitask tasks=[rte,mrpc,stsb,cola]
 
 Layer l of task t uses  prototype * combine(task mask t, layer mask l)  (mask.combine, default OR;
-propetl/masks.py); with one task, layer masks only, as a single-task run (which it then equals, weight for
+propetl/methods/masks.py); with one task, layer masks only, as a single-task run (which it then equals, weight for
 weight: tests/test_multitask.py). Each step trains on one task's batch, the task drawn with p_i ∝ n_i^(1/T)
 (multitask.temperature, 10 as in the reference); the best epoch has the best mean of the tasks' selection
 scores, then each task is scored on its test split. The checkpoint keeps the shared part once and each task's part
@@ -23,9 +23,9 @@ import torch
 from omegaconf import DictConfig
 
 from propetl import methods
-from propetl import model as backbone
-from propetl.batches import PadCollator, batch_order
 from propetl.configs import group_option
+from propetl.data.batches import PadCollator, batch_order
+from propetl.models import backbone
 
 
 def task_configs(names) -> list[DictConfig]:

@@ -37,12 +37,20 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from propetl import mask_coding, methods, validate
-from propetl import model as backbone
-from propetl.accounting import STORAGE_DTYPES, UNNAMED_TASK, dense_parameters, kept, split_task_layer, storage_settings
+from propetl import methods, validate
 from propetl.configs import ConfigError, group_choices, plain_value
-from propetl.files import MANIFEST_FILE, CheckpointError, check_seal, seal, write_folder_atomically
 from propetl.methods import rules
+from propetl.models import backbone
+from propetl.storage import mask_coding
+from propetl.storage.accounting import (
+    STORAGE_DTYPES,
+    UNNAMED_TASK,
+    dense_parameters,
+    kept,
+    split_task_layer,
+    storage_settings,
+)
+from propetl.storage.files import MANIFEST_FILE, CheckpointError, check_seal, seal, write_folder_atomically
 
 FORMAT_VERSION = 4
 READABLE_FORMATS = (1, 2, 3, 4)

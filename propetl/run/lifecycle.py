@@ -14,17 +14,20 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from propetl import checkpoint, data, distributed, log, loop, methods, rundir
-from propetl import model as backbone
-from propetl.files import WriteError
-from propetl.fingerprint import DATA_KEY
-from propetl.resume import Checkpointer
+from propetl import methods
+from propetl.data import glue
+from propetl.models import backbone
+from propetl.run import distributed, log, loop, rundir
+from propetl.run.fingerprint import DATA_KEY
+from propetl.run.resume import Checkpointer
+from propetl.storage import checkpoint
+from propetl.storage.files import WriteError
 from propetl.validate import ConfigError, validate
 
 logger = logging.getLogger("propetl")
 USER_ERRORS = (
     ConfigError,
-    data.DataError,
+    glue.DataError,
     backbone.ModelError,
     checkpoint.CheckpointError,
     rundir.RunDirectoryError,

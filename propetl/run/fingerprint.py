@@ -56,7 +56,7 @@ def config_part(cfg) -> dict:
 
 @lru_cache(maxsize=256)
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    from propetl.files import sha256_of
+    from propetl.storage.files import sha256_of
 
     return sha256_of(Path(path))
 
@@ -64,14 +64,14 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
 def data_sha256(cfg) -> str:
     """sha256 over the local files every task of the run reads (names and contents, in order); a task read from the
     hub counts as 'hub:<task>'."""
-    from propetl import data
-    from propetl.multitask import task_configs
+    from propetl.data import glue
+    from propetl.data.multitask import task_configs
 
     tasks = task_configs(list(cfg.tasks)) if cfg.get("mode") == "multitask" and cfg.get("tasks") else [cfg.task]
-    data_dir = data.resolve_data_dir(cfg.data.dir)
+    data_dir = glue.resolve_data_dir(cfg.data.dir)
     digest = hashlib.sha256()
     for task in tasks:
-        files = data.local_files(task, data_dir)
+        files = glue.local_files(task, data_dir)
         if files is None:
             digest.update(f"hub:{task.name}\n".encode())
             continue

@@ -19,10 +19,13 @@ import time
 
 import torch
 
-from propetl import checkpoint, data, loop, methods
-from propetl import model as backbone
-from propetl.batches import make_loader
+from propetl import methods
 from propetl.configs import ConfigError, add_config_dir_argument, config_dirs, group_option
+from propetl.data import glue
+from propetl.data.batches import make_loader
+from propetl.models import backbone
+from propetl.run import loop
+from propetl.storage import checkpoint
 
 DEVICES = "cpu, cuda, cuda:N"
 
@@ -69,7 +72,7 @@ def evaluate_checkpoint(
     if merge and saved.method.name != "finetune":
         methods.merge(model, backbone.encoder_layers(model), saved.prototype.name)
     task = group_option("task", saved.task.name)  # shipped, or on --config-dir (configs.config_dirs)
-    splits = data.load_glue(task, data.resolve_data_dir(data_dir), saved.data.protocol, saved.data.split_seed)
+    splits = glue.load_glue(task, glue.resolve_data_dir(data_dir), saved.data.protocol, saved.data.split_seed)
     loader = make_loader(
         splits[split],
         backbone.load_tokenizer(saved.model),
@@ -116,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
             result = evaluate_checkpoint(
                 args.checkpoint, args.split, args.merge, args.data_dir, batch_size, device, args.allow_unsealed
             )
-    except (checkpoint.CheckpointError, data.DataError, backbone.ModelError, ConfigError) as error:
+    except (checkpoint.CheckpointError, glue.DataError, backbone.ModelError, ConfigError) as error:
         print(f"propetl-eval: error: {error}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(result, indent=2))

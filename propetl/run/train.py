@@ -15,12 +15,15 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 import propetl  # noqa: F401  (registers the config resolvers)
-from propetl import accounting, checkpoint, data, log, loop, methods, rundir
-from propetl import metrics as glue_metrics
-from propetl import model as backbone
-from propetl.batches import PadCollator, token_lengths, tokenise
-from propetl.multitask import MultiTaskBatches, TaskCollator, freeze_for_new_tasks, task_configs
-from propetl.run import begin_run, end_run, fit_logged, run_facts
+from propetl import methods
+from propetl.data import glue
+from propetl.data import metrics as glue_metrics
+from propetl.data.batches import PadCollator, token_lengths, tokenise
+from propetl.data.multitask import MultiTaskBatches, TaskCollator, freeze_for_new_tasks, task_configs
+from propetl.models import backbone
+from propetl.run import log, loop, rundir
+from propetl.run.lifecycle import begin_run, end_run, fit_logged, run_facts
+from propetl.storage import accounting, checkpoint
 
 logger = logging.getLogger("propetl")
 
@@ -46,14 +49,14 @@ def train(cfg: DictConfig, output_dir: Path, claim=None) -> dict:
 
     # 1. data: every new task's GLUE splits (selection / test per data.protocol), tokenised once; training
     #    batches of one task each, the task drawn by temperature (one task: a DataLoader's order)
-    data_dir = data.resolve_data_dir(cfg.data.dir)
+    data_dir = glue.resolve_data_dir(cfg.data.dir)
     tokenizer = backbone.load_tokenizer(cfg.model)
     splits, collators = {}, {}
     for index, name in enumerate(task_names):
         if name not in new_tasks:
             continue
-        text = data.sample_train(
-            data.load_glue(by_name[name], data_dir, cfg.data.protocol, cfg.data.split_seed, cfg.data.allow_hub),
+        text = glue.sample_train(
+            glue.load_glue(by_name[name], data_dir, cfg.data.protocol, cfg.data.split_seed, cfg.data.allow_hub),
             cfg.data.max_train_examples,
             cfg.data.split_seed,
         )
@@ -250,9 +253,3 @@ def report_multitask(
         "mean_test_score": metrics["mean_test_score"],
         **{f"storage/{k}": v for k, v in figures.items() if not isinstance(v, dict)},
     }
-
-
-if __name__ == "__main__":  # python -m propetl.train (torchrun, accelerate launch): the same command as propetl-train
-    from propetl.cli import main
-
-    main()

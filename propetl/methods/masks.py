@@ -5,7 +5,7 @@ top fraction of |score| (exactly n - floor(sparsity * n) ones per mask) and pass
 straight through to the scores (edge-popup supermasks, as in the ProPETL reference). Here
 `sparsity` is the fraction of ZEROS; the reference's `sparsity` is the fraction kept.
 Masks of all layers for one prototype weight are stored stacked, scores [L, *shape], so one batched
-top-k per step binarises every layer. How masks are written: propetl/mask_coding.py.
+top-k per step binarises every layer. How masks are written: propetl/storage/mask_coding.py.
 """
 
 from __future__ import annotations

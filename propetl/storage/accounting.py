@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from propetl import mask_coding, methods
-from propetl import model as backbone
+from propetl import methods
+from propetl.models import backbone
+from propetl.storage import mask_coding
 
 STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 UNNAMED_TASK = "unnamed"  # the task of a checkpoint that names none (the Python API's save_propetl)

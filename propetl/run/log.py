@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from propetl.files import atomic_write, atomic_write_text
+from propetl.storage.files import atomic_write, atomic_write_text
 
 STORAGE_ROWS = (
     ("trainable parameters", "trainable_params", "trainable_params_with_head"),
@@ -97,7 +97,7 @@ WANDB_ENVIRONMENT = {
 def sweep_group() -> str | None:
     """A -m sweep's W&B group: its folder's last two parts (multirun/<date>_<time> -> 'multirun/<date>_<time>')."""
     # imported here, not at the top: the report imports log and needs no Hydra callback
-    from propetl.sweep import sweep_dir
+    from propetl.run.sweep import sweep_dir
 
     folder = sweep_dir()
     return None if folder is None else "/".join(folder.parts[-2:])

@@ -52,7 +52,7 @@ def refusal(config: dict, output_format: str) -> str | None:
 def lora_pairs(model, cfg) -> dict[tuple[int, str], tuple]:
     """(layer, target) -> that layer's (A [r, in], B [out, r]) as our LoRA computes with them (ProPETL: masked)."""
     from propetl import methods
-    from propetl.model import encoder_layers
+    from propetl.models.backbone import encoder_layers
 
     layers, targets = encoder_layers(model), list(cfg.prototype.targets)
     per_layer = methods.petl_weights(model).per_layer()  # name -> [L, *shape]
@@ -61,7 +61,7 @@ def lora_pairs(model, cfg) -> dict[tuple[int, str], tuple]:
 
 def write_hf(model, cfg, folder: Path) -> None:
     from propetl import methods
-    from propetl.model import encoder_layers, load_tokenizer
+    from propetl.models.backbone import encoder_layers, load_tokenizer
 
     methods.merge(model, encoder_layers(model), cfg.prototype.name)
     model.save_pretrained(folder)
@@ -76,7 +76,7 @@ def write_peft(model, cfg, folder: Path) -> None:
     import torch
 
     from propetl import methods
-    from propetl.model import encoder_layers, head_module_names, head_parameter_names, load_backbone
+    from propetl.models.backbone import encoder_layers, head_module_names, head_parameter_names, load_backbone
 
     base = load_backbone(cfg.model, int(cfg.task.num_labels))
     trained, head = dict(model.named_parameters()), head_parameter_names(base)
@@ -116,7 +116,8 @@ def write_peft(model, cfg, folder: Path) -> None:
 
 def export(checkpoint_dir, out, output_format: str, overwrite: bool = False, allow_unsealed: bool = False) -> Path:
     """Write `checkpoint_dir` (a run's checkpoint/ folder) as `output_format` into `out`; ExportError when it cannot."""
-    from propetl import checkpoint, files, methods
+    from propetl import methods
+    from propetl.storage import checkpoint, files
 
     checkpoint_dir, out = Path(checkpoint_dir), Path(out)
     if output_format not in FORMATS:
@@ -176,8 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from propetl.configs import ConfigError, config_dirs
-    from propetl.files import CheckpointError, OutputError, WriteError
-    from propetl.model import ModelError
+    from propetl.models.backbone import ModelError
+    from propetl.storage.files import CheckpointError, OutputError, WriteError
 
     try:
         with config_dirs(args.config_dir):

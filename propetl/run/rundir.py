@@ -11,7 +11,7 @@ run has finished; a failed or killed replacement gets them back (`recover`, at t
 Record: `.hydra/config.yaml` and `.hydra/overrides.yaml` (Hydra's names and format; Hydra itself writes nothing there,
 `hydra.output_subdir: null`) are written by propetl, atomically, only once the run owns the directory and is known to be
 new or a continuation of the same config: a finished or running run's record is never rewritten. A finished run
-(metrics.json) is skipped only if its recorded config and data have the command's fingerprint (propetl/fingerprint.py,
+(metrics.json) is skipped only if its recorded config and data have the command's fingerprint (propetl/run/fingerprint.py,
 what a resume must match too).
 """
 
@@ -27,8 +27,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from propetl import fingerprint as computation
-from propetl.files import write_folder_atomically
+from propetl.run import fingerprint as computation
+from propetl.storage.files import write_folder_atomically
 
 LOCK_FILE, RECORD_DIR, METRICS_FILE, ERROR_FILE, LOG_FILE = (
     ".propetl.lock",
@@ -246,7 +246,7 @@ def forget_previous(run_dir: Path) -> None:
 
 def record_failure(run_dir: Path, message: str) -> None:
     """A sweep job's one-line failure, kept in its folder (error.txt) for the sweep's summary."""
-    from propetl.files import atomic_write_text
+    from propetl.storage.files import atomic_write_text
 
     try:
         Path(run_dir).mkdir(parents=True, exist_ok=True)

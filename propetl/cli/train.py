@@ -1,6 +1,6 @@
 """propetl-train's command line: the checks before Hydra, Hydra's entry, and what a failed job leaves. Light at
 import (Hydra, OmegaConf, the config tree): `--help` and tab completion answer without torch; the training code
-(propetl.train) is imported when a run starts.
+(propetl.run.train) is imported when a run starts.
 """
 
 from __future__ import annotations
@@ -12,17 +12,17 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from propetl import distributed, sweep
-from propetl.command_line import check_command_line
+from propetl.cli.command_line import check_command_line
 from propetl.configs import CONF_DIR, PRIMARY_CONFIG, ConfigError
+from propetl.run import distributed, sweep
 
 
 def run_owned(cfg: DictConfig, output_dir: Path, is_main: bool = True) -> dict:
     """train(cfg) in `output_dir` owned for the run (rundir.claim): a failure removes only what the run made and puts
     set-aside results back; a success drops the results it replaced (trainer.resume=false) and an old error.txt."""
-    from propetl import rundir
-    from propetl.resume import Interrupted
-    from propetl.train import train
+    from propetl.run import rundir
+    from propetl.run.resume import Interrupted
+    from propetl.run.train import train
 
     allow_other_files = bool(OmegaConf.select(cfg, "run_dir.allow_other_files", default=False))
     with rundir.claim(output_dir, enabled=is_main, allow_other_files=allow_other_files) as claim:
@@ -42,12 +42,12 @@ def run_owned(cfg: DictConfig, output_dir: Path, is_main: bool = True) -> dict:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=PRIMARY_CONFIG)
 def hydra_entry(cfg: DictConfig) -> float | None:
     """One run in its folder (run_owned). A user error is one line and exit 2, or, inside a sweep (-m), error.txt in
-    the job's folder and the sweep goes on (propetl/sweep.py)."""
+    the job's folder and the sweep goes on (propetl/run/sweep.py)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from propetl import log, rundir
-    from propetl.resume import Interrupted
-    from propetl.run import USER_ERRORS
+    from propetl.run import log, rundir
+    from propetl.run.lifecycle import USER_ERRORS
+    from propetl.run.resume import Interrupted
 
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     is_main = distributed.from_environment().is_main  # rank 0 owns the run directory
@@ -78,7 +78,7 @@ DEFAULT_OUTPUTS = "outputs"  # conf/hydra/default.yaml's run and sweep folders a
 def check_existing_run_dir(run_dir: Path, allow_other_files: bool) -> None:
     """A hydra.run.dir that exists before Hydra starts: the run did not make it (so never removes it), and files no
     run wrote there are refused now, before Hydra writes its log into the folder (rundir's ownership rule)."""
-    from propetl import rundir
+    from propetl.run import rundir
 
     os.environ[rundir.EXISTING_DIR_ENV] = str(run_dir.resolve())
     if not allow_other_files:
@@ -93,7 +93,7 @@ def check_output_folder(argv: list[str]) -> None:
     given (nor an experiment=, a --config-dir or a flag such as --help), a working folder where the default
     outputs/ cannot be made: one line before Hydra starts (Hydra would fail with a traceback opening the run's
     log file there)."""
-    from propetl.files import unwritable
+    from propetl.storage.files import unwritable
 
     key = "hydra.sweep.dir=" if any(a in ("-m", "--multirun") for a in argv) else "hydra.run.dir="
     given = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith(key)]
