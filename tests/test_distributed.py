@@ -36,7 +36,7 @@ def test_single_process_context_from_a_plain_environment(monkeypatch):
 
 
 def test_data_parallel_run_needs_a_fixed_run_dir():
-    done = subprocess.run([sys.executable, "-m", "propetl.run.train", "task=rte"], env={**ENV, "WORLD_SIZE": "2"},
+    done = subprocess.run([sys.executable, "-m", "propetl", "task=rte"], env={**ENV, "WORLD_SIZE": "2"},
                           capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [done.stderr.strip()] and "hydra.run.dir" in done.stderr
@@ -50,7 +50,7 @@ def test_two_gloo_processes_train_one_run(tmp_path, tiny_text_model_dir, glue_di
     overrides = [*tiny_text_overrides(tiny_text_model_dir, glue_dir), "method=propetl", "prototype=lora",
                  "data.max_train_examples=32", *tasks, "trainer.epochs=2", f"hydra.run.dir={run_dir}"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "propetl.run.train", *overrides]
+               "-m", "propetl", *overrides]
     done = subprocess.run(command, env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())

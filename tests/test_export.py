@@ -90,7 +90,7 @@ def test_finetune_to_peft_is_refused_an_empty_out_used_and_a_previous_export_kep
 
 
 def test_the_command_line_answers_help_without_loading_torch():
-    code = "import sys; from propetl import export; sys.argv = ['propetl-export', '--help']\n" \
+    code = "import sys; from propetl.cli import export; sys.argv = ['propetl-export', '--help']\n" \
            "try:\n    export.main()\nexcept SystemExit:\n    print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "--format {hf,peft}" in result.stdout and result.stdout.strip().endswith("False")

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 HUB_DATASET = "nyu-mll/glue"
 PROTOCOLS = ("split", "full_dev")
 LARGE_TASK_VALIDATION_SIZE = 1000  # train examples held out for model selection on large tasks
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 TEXT_FIELDS = ("text_a", "text_b")
 FIX_HINT = "set data.dir=PATH or PROPETL_DATA_DIR to a folder of GLUE task files"
 FLOAT32_MAX = 3.4028234663852886e38  # a regression label beyond it is inf in the float32 label column
