@@ -90,7 +90,7 @@ def test_every_flipped_byte_is_refused_in_one_line(tmp_path, coding):
     cfg = compose_cfg([f"storage.mask_coding={coding}"])
     masks = random_masks(3, [(3, 4, 20), (2, 50)], [0.1, 0.6])
     path = tmp_path / "masks.safetensors"
-    checkpoint.save_masks(masks, path, cfg)
+    checkpoint.save_masks(accounting.MaskFile(masks), path, cfg)
     raw = path.read_bytes()
     data_start = 8 + int.from_bytes(raw[:8], "little")
     for position in range(len(raw)):
@@ -108,7 +108,7 @@ def test_every_flipped_byte_is_refused_in_one_line(tmp_path, coding):
 
 def test_corrupted_stream_message(tmp_path):
     path = tmp_path / "masks.safetensors"
-    checkpoint.save_masks(random_masks(1, [(6, 300)], [0.1]), path, compose_cfg())
+    checkpoint.save_masks(accounting.MaskFile(random_masks(1, [(6, 300)], [0.1])), path, compose_cfg())
     raw = bytearray(path.read_bytes())
     raw[-5] ^= 0xFF
     path.write_bytes(bytes(raw))
@@ -267,7 +267,7 @@ def written_bytes(cfg, hidden: int, layers: int, folder) -> int:
     folder.mkdir()
     checkpoint.save_dense(weights.base_tensors(), folder / "dense.safetensors", cfg)
     if masks := weights.binary_masks():
-        checkpoint.save_masks(masks, folder / checkpoint.MASKS_FILE, cfg)
+        checkpoint.save_masks(accounting.MaskFile(masks), folder / checkpoint.MASKS_FILE, cfg)
     return sum(p.stat().st_size for p in folder.iterdir())
 
 

@@ -145,13 +145,14 @@ def train(cfg: DictConfig, output_dir: Path, claim=None) -> dict:
 
     # 4. storage (counted from what the checkpoint keeps), the checkpoint and predictions.npz (rank 0),
     #    metrics.json, W&B, summary table
-    figures = accounting.account(model, cfg, backbone_params)
+    keep = accounting.kept(model, cfg)  # counted and written once: its masks coded once per coding
+    figures = accounting.account(model, cfg, backbone_params, keep)
     if ctx.is_main:  # before metrics.json, which marks the run finished
         log.write_predictions(
             output_dir / rundir.PREDICTIONS_FILE, predicted, {name: int(by_name[name].num_labels) for name in new_tasks}
         )
     if ctx.is_main and cfg.trainer.save_weights:
-        checkpoint.save_checkpoint(model, cfg, output_dir / "checkpoint")
+        checkpoint.save_checkpoint(model, cfg, output_dir / "checkpoint", keep)
         figures.update(checkpoint.file_figures(output_dir / "checkpoint", figures))
     report = (
         partial(report_multitask, base_tasks=base_tasks) if multitask else partial(report_single_task, splits=splits)
