@@ -211,7 +211,7 @@ def report_single_task(
     return metrics, {
         **{f"test/{k}": v for k, v in test.items()},
         "glue_score": metrics["glue_score"],
-        **{f"storage/{k}": v for k, v in figures.items()},
+        **log.wandb_storage(figures),
     }
 
 
@@ -252,5 +252,5 @@ def report_multitask(
     return metrics, {
         **{f"test/{n}/{k}": v for n, t in per_task.items() for k, v in t["test"].items()},
         "mean_test_score": metrics["mean_test_score"],
-        **{f"storage/{k}": v for k, v in figures.items() if not isinstance(v, dict)},
+        **log.wandb_storage(figures),
     }
