@@ -58,16 +58,16 @@ def test_random_masks_decode_bit_exact_near_their_information(seed, shapes, data
         assert list(decoded) == list(masks)
         for name, mask in masks.items():
             assert decoded[name].shape == tuple(mask.shape) and np.array_equal(decoded[name], mask.numpy())
-    size = mask_coding.coded_bytes(masks, "entropy")               # digest + payload
+    size = accounting.MaskFile(masks).coded_bytes("entropy")               # digest + payload
     assert size <= 1.01 * bound_bytes(masks) + 64 * max(1, mask_count(masks))      # (no mask: the digest)
 
 
 def test_learned_size_masks_cost_their_information_plus_a_few_bytes():
     """Masks the size of roberta-base's LoRA (12 layers x [32, 768]) at sparsity 0.9: within 0.1% + 8 bytes a mask."""
     masks = random_masks(0, [(12, 32, 768)] * 4, [0.1] * 4)
-    size = mask_coding.coded_bytes(masks, "entropy")
+    size = accounting.MaskFile(masks).coded_bytes("entropy")
     assert bound_bytes(masks) < size <= 1.001 * bound_bytes(masks) + 8 * mask_count(masks)
-    assert mask_coding.coded_bytes(masks, "bits") == 32 + 4 * 12 * 32 * 768 // 8        # digest + 1 bit an entry
+    assert accounting.MaskFile(masks).coded_bytes("bits") == 32 + 4 * 12 * 32 * 768 // 8        # digest + 1 bit an entry
 
 
 def test_information_bits_is_log2_binomial():
