@@ -26,7 +26,7 @@ import torch  # noqa: E402
 import propetl  # noqa: E402,F401
 from propetl import methods
 from propetl.configs import compose  # noqa: E402
-from propetl.storage import checkpoint, files, mask_coding  # noqa: E402
+from propetl.storage import accounting, checkpoint, files, mask_coding  # noqa: E402
 
 
 def config(*overrides: str):
@@ -54,7 +54,7 @@ def bench(sparsity: float, coding: str, repeats: int, folder: Path) -> dict:
             "bound_bytes": mask_coding.information_bits_of(masks) / 8,
             "encode_s": median_seconds(lambda: mask_coding.encode(masks, coding), repeats),
             "decode_s": median_seconds(lambda: mask_coding.decode(tensors, metadata), repeats),
-            "save_file_s": median_seconds(lambda: checkpoint.save_masks(masks, path, cfg), repeats),
+            "save_file_s": median_seconds(lambda: checkpoint.save_masks(accounting.MaskFile(masks), path, cfg), repeats),
             "read_file_s": median_seconds(lambda: checkpoint.read_masks(path), repeats)}
 
 

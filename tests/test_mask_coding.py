@@ -58,16 +58,16 @@ def test_random_masks_decode_bit_exact_near_their_information(seed, shapes, data
         assert list(decoded) == list(masks)
         for name, mask in masks.items():
             assert decoded[name].shape == tuple(mask.shape) and np.array_equal(decoded[name], mask.numpy())
-    size = mask_coding.coded_bytes(masks, "entropy")               # digest + payload
+    size = accounting.MaskFile(masks).coded_bytes("entropy")               # digest + payload
     assert size <= 1.01 * bound_bytes(masks) + 64 * max(1, mask_count(masks))      # (no mask: the digest)
 
 
 def test_learned_size_masks_cost_their_information_plus_a_few_bytes():
     """Masks the size of roberta-base's LoRA (12 layers x [32, 768]) at sparsity 0.9: within 0.1% + 8 bytes a mask."""
     masks = random_masks(0, [(12, 32, 768)] * 4, [0.1] * 4)
-    size = mask_coding.coded_bytes(masks, "entropy")
+    size = accounting.MaskFile(masks).coded_bytes("entropy")
     assert bound_bytes(masks) < size <= 1.001 * bound_bytes(masks) + 8 * mask_count(masks)
-    assert mask_coding.coded_bytes(masks, "bits") == 32 + 4 * 12 * 32 * 768 // 8        # digest + 1 bit an entry
+    assert accounting.MaskFile(masks).coded_bytes("bits") == 32 + 4 * 12 * 32 * 768 // 8        # digest + 1 bit an entry
 
 
 def test_information_bits_is_log2_binomial():
@@ -90,7 +90,7 @@ def test_every_flipped_byte_is_refused_in_one_line(tmp_path, coding):
     cfg = compose_cfg([f"storage.mask_coding={coding}"])
     masks = random_masks(3, [(3, 4, 20), (2, 50)], [0.1, 0.6])
     path = tmp_path / "masks.safetensors"
-    checkpoint.save_masks(masks, path, cfg)
+    checkpoint.save_masks(accounting.MaskFile(masks), path, cfg)
     raw = path.read_bytes()
     data_start = 8 + int.from_bytes(raw[:8], "little")
     for position in range(len(raw)):
@@ -108,7 +108,7 @@ def test_every_flipped_byte_is_refused_in_one_line(tmp_path, coding):
 
 def test_corrupted_stream_message(tmp_path):
     path = tmp_path / "masks.safetensors"
-    checkpoint.save_masks(random_masks(1, [(6, 300)], [0.1]), path, compose_cfg())
+    checkpoint.save_masks(accounting.MaskFile(random_masks(1, [(6, 300)], [0.1])), path, compose_cfg())
     raw = bytearray(path.read_bytes())
     raw[-5] ^= 0xFF
     path.write_bytes(bytes(raw))
@@ -267,7 +267,7 @@ def written_bytes(cfg, hidden: int, layers: int, folder) -> int:
     folder.mkdir()
     checkpoint.save_dense(weights.base_tensors(), folder / "dense.safetensors", cfg)
     if masks := weights.binary_masks():
-        checkpoint.save_masks(masks, folder / checkpoint.MASKS_FILE, cfg)
+        checkpoint.save_masks(accounting.MaskFile(masks), folder / checkpoint.MASKS_FILE, cfg)
     return sum(p.stat().st_size for p in folder.iterdir())
 
 

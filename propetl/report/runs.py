@@ -98,31 +98,6 @@ RUN_FIELDS = (
     "wall_seconds",
     "world_size",
 )
-# Storage as written (accounting.coding_figures, checkpoint.file_figures): masks per coding, dense in storage.dtype.
-CODING_FIELDS = (
-    "dtype",
-    "mask_coding",
-    "file_mask_bits_per_entry",
-    "mask_bits_per_entry/bits",
-    "mask_bits_per_entry/entropy",
-    "mask_bits_per_entry_bound",
-    "file_ratio_to_plain_petl",
-    "storage_ratio_to_plain_petl/bits",
-    "storage_ratio_to_plain_petl/entropy",
-    "storage_ratio_to_plain_petl/bound",
-)
-STORAGE_FIELDS = (
-    "trainable_params",
-    "stored_params",
-    "mask_entries",
-    "storage_bytes",
-    "file_bytes",
-    "storage_percent_of_backbone",
-    "storage_ratio_to_plain_petl",
-    "backbone_params",
-    *CODING_FIELDS,
-)
-
 # The overlays of conf/experiment/. The sweep and the ablation are not Table 1: their points at table1's
 # settings (the prototype's default sparsity, learned masks) are table1's runs, pooled in.
 TABLE1 = "table1"

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from propetl.data.metrics import GLUE_NUMBERS
 from propetl.report.runs import (
-    CODING_FIELDS,
     MAJORITY_SHARE,
     MASK_KINDS,
     NOT_KEPT,
@@ -21,7 +20,6 @@ from propetl.report.runs import (
     PAPER_STORAGE_PERCENT,
     RUN_FIELDS,
     STD_RATIO,
-    STORAGE_FIELDS,
     TASK_TITLES,
     group_runs,
     kept_bytes,
@@ -35,6 +33,7 @@ from propetl.report.runs import (
     trained_prototype,
 )
 from propetl.report.stats import mask_ablation, sparsity_sweep
+from propetl.storage.figures import AS_WRITTEN, RUNS_CSV, WRITTEN_AS
 
 
 def _table(header: list[str], rows: Iterable[list[str]]) -> str:
@@ -303,7 +302,7 @@ def coding_table(runs: list[dict]) -> str:
     """ProPETL runs that logged storage per mask coding (format 2), one line per (model, prototype, sparsity,
     dtype, written coding); '' without any."""
     keep = lambda r: trained_prototype(r) and "mask_bits_per_entry_bound" in r["storage"]
-    written_as = lambda storage: (storage.get("dtype"), storage.get("mask_coding"))
+    written_as = lambda storage: tuple(storage.get(key) for key in WRITTEN_AS)
     groups = group_runs(runs, keep, ("model", "task", "prototype", "mask_sparsity"))
     if not groups:
         return ""
@@ -312,7 +311,7 @@ def coding_table(runs: list[dict]) -> str:
     for (model, task, prototype, sparsity), members in groups.items():
         for written in sorted({written_as(r["storage"]) for r in members}, key=str):
             same = [r["storage"] for r in members if written_as(r["storage"]) == written]
-            means = (_number(mean_or_none(s.get(k) for s in same), ".4f") for k in CODING_FIELDS[2:])
+            means = (_number(mean_or_none(s.get(f.key) for s in same), ".4f") for f in AS_WRITTEN)
             body.append(
                 [
                     *_task_and_propetl(model, task, prototype, models),
@@ -329,14 +328,7 @@ def coding_table(runs: list[dict]) -> str:
             "s",
             "dtype",
             "written",
-            "bits/entry: file",
-            "bits",
-            "entropy",
-            "log2 C(n,k)",
-            "ratio: files",
-            "bits",
-            "entropy",
-            "log2 C(n,k)",
+            *(f.column for f in AS_WRITTEN),
             "runs",
         ],
         body,
@@ -450,7 +442,7 @@ def runs_csv(runs: list[dict], relative_to: Path) -> str:
             *RUN_FIELDS,
             *(f"test_{n}" for n in metric_names),
             "trivial_glue_score",
-            *STORAGE_FIELDS,
+            *RUNS_CSV,
             "constant_predictions",
             "majority_prediction_share",
             "prediction_std_ratio",
@@ -467,7 +459,7 @@ def runs_csv(runs: list[dict], relative_to: Path) -> str:
                 *(run.get(k) for k in RUN_FIELDS),
                 *(run["test"].get(n) for n in metric_names),
                 (run.get("trivial") or {}).get("glue_score"),
-                *(run["storage"].get(k) for k in STORAGE_FIELDS),
+                *(run["storage"].get(k) for k in RUNS_CSV),
                 constant_mark(run),
                 check.get("majority_share"),
                 check.get("std_ratio"),

@@ -8,44 +8,9 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
+from propetl.storage import figures
 from propetl.storage.files import atomic_write, atomic_write_text
 
-STORAGE_ROWS = (
-    ("trainable parameters", "trainable_params", "trainable_params_with_head"),
-    ("stored fp32 parameters", "stored_params", None),
-    ("mask entries (1 bit each)", "mask_entries", None),
-    ("storage, bytes", "storage_bytes", "storage_bytes_with_head"),
-    ("files on disk, bytes", "file_bytes", "file_bytes_with_head"),
-    ("% of backbone", "storage_percent_of_backbone", "storage_percent_of_backbone_with_head"),
-    ("ratio to plain PETL", "storage_ratio_to_plain_petl", "storage_ratio_to_plain_petl_with_head"),
-)
-# As written (accounting.coding_figures, checkpoint.file_figures): dense tensors in storage.dtype, masks in each coding.
-CODING_ROWS = (
-    ("mask bits/entry, file", "file_mask_bits_per_entry"),
-    ("mask bits/entry, bits", "mask_bits_per_entry/bits"),
-    ("mask bits/entry, entropy", "mask_bits_per_entry/entropy"),
-    ("mask bits/entry, log2 C(n,k)", "mask_bits_per_entry_bound"),
-    ("ratio to PETL, files", "file_ratio_to_plain_petl"),
-    ("ratio to PETL, bits", "storage_ratio_to_plain_petl/bits"),
-    ("ratio to PETL, entropy", "storage_ratio_to_plain_petl/entropy"),
-    ("ratio to PETL, log2 C(n,k)", "storage_ratio_to_plain_petl/bound"),
-)
-MULTITASK_STORAGE_ROWS = (
-    ("shared part (once)", "shared_bytes", None),
-    ("task mask, per task", "task_mask_bytes_per_task", None),
-    ("all tasks", "total_bytes", "total_bytes_with_heads"),
-    ("amortised per task", "amortised_bytes_per_task", "amortised_bytes_per_task_with_head"),
-    ("one single-task run", "separate_single_task_bytes_per_task", None),
-    ("plain PETL, per task", "plain_petl_bytes_per_task", None),
-    ("files on disk", "file_bytes", "file_bytes_with_head"),
-)
-MULTITASK_CODING_ROWS = tuple(
-    (
-        label.replace("ratio to PETL", "amortised ratio"),
-        key.replace("storage_ratio", "amortised_ratio").replace("file_ratio", "file_amortised_ratio"),
-    )
-    for label, key in CODING_ROWS
-)
 NAME_PARTS = {"sparsity": "s{}", "seed": "seed{}"}  # how a fact reads in a run's name (else as is)
 
 
@@ -240,19 +205,24 @@ def multitask_summary_table(metrics: dict) -> str:
 
 
 def storage_lines(storage: dict) -> list[str]:
-    """The summary's storage rows: one task's (accounting.account), or several tasks' (shared once, per task);
-    then, with a mask coding, the storage as written: masks coded `mask_coding`, dense tensors in `dtype`, ratios
-    to plain PETL in that dtype."""
+    """The summary's storage rows (figures.py): one task's (accounting.account), or several tasks' (shared once, per
+    task); then, with a mask coding, the storage as written: masks coded `mask_coding`, dense tensors in `dtype`,
+    ratios to plain PETL in that dtype."""
     several = "tasks" in storage
     heading = ("storage, bytes", "without heads", "with heads") if several else ("storage", "without head", "with head")
-    rows, coding_rows = (MULTITASK_STORAGE_ROWS, MULTITASK_CODING_ROWS) if several else (STORAGE_ROWS, CODING_ROWS)
+    rows, as_written = (
+        (figures.SEVERAL_TASKS, figures.SEVERAL_AS_WRITTEN) if several else (figures.ONE_TASK, figures.AS_WRITTEN)
+    )
     lines = ["", _row(*heading)]
-    lines += [
-        _row(label, storage.get(without), storage.get(with_head) if with_head else "")
-        for label, without, with_head in rows
-    ]
+    lines += [_row(f.label, storage.get(f.key), storage.get(f.with_head) if f.with_head else "") for f in rows]
     if "mask_coding" in storage:
         written = f"as written: masks {storage['mask_coding']}, dense {storage['dtype']}"
         lines += ["", _wide_row(written, "without head")]
-        lines += [_wide_row(label, storage.get(key)) for label, key in coding_rows if storage.get(key) is not None]
+        lines += [_wide_row(f.label, storage[f.key]) for f in as_written if storage.get(f.key) is not None]
     return lines
+
+
+def wandb_storage(storage: dict) -> dict:
+    """The W&B summary's storage figures: storage/<key> of every figure (figures.py's and the rest), not the per-task
+    dicts of several tasks (head_params)."""
+    return {f"storage/{k}": v for k, v in storage.items() if not isinstance(v, dict)}

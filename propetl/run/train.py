@@ -145,13 +145,14 @@ def train(cfg: DictConfig, output_dir: Path, claim=None) -> dict:
 
     # 4. storage (counted from what the checkpoint keeps), the checkpoint and predictions.npz (rank 0),
     #    metrics.json, W&B, summary table
-    figures = accounting.account(model, cfg, backbone_params)
+    keep = accounting.kept(model, cfg)  # counted and written once: its masks coded once per coding
+    figures = accounting.account(model, cfg, backbone_params, keep)
     if ctx.is_main:  # before metrics.json, which marks the run finished
         log.write_predictions(
             output_dir / rundir.PREDICTIONS_FILE, predicted, {name: int(by_name[name].num_labels) for name in new_tasks}
         )
     if ctx.is_main and cfg.trainer.save_weights:
-        checkpoint.save_checkpoint(model, cfg, output_dir / "checkpoint")
+        checkpoint.save_checkpoint(model, cfg, output_dir / "checkpoint", keep)
         figures.update(checkpoint.file_figures(output_dir / "checkpoint", figures))
     report = (
         partial(report_multitask, base_tasks=base_tasks) if multitask else partial(report_single_task, splits=splits)
@@ -210,7 +211,7 @@ def report_single_task(
     return metrics, {
         **{f"test/{k}": v for k, v in test.items()},
         "glue_score": metrics["glue_score"],
-        **{f"storage/{k}": v for k, v in figures.items()},
+        **log.wandb_storage(figures),
     }
 
 
@@ -251,5 +252,5 @@ def report_multitask(
     return metrics, {
         **{f"test/{n}/{k}": v for n, t in per_task.items() for k, v in t["test"].items()},
         "mean_test_score": metrics["mean_test_score"],
-        **{f"storage/{k}": v for k, v in figures.items() if not isinstance(v, dict)},
+        **log.wandb_storage(figures),
     }

@@ -16,7 +16,7 @@ from what the checkpoint keeps (`kept`, which checkpoint.save_checkpoint writes)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -91,24 +91,24 @@ def storage_settings(cfg) -> dict:
 
 
 def coding_figures(
-    mask_files: list[dict[str, torch.Tensor]],
+    mask_files: list[MaskFile],
     dense_bytes: int,
     plain_bytes: float,
     tasks: int = 1,
     ratio_key: str = "storage_ratio_to_plain_petl",
 ) -> dict:
-    """The masks' information bound Σ log2 C(n, k) and, per coding, their coded bytes (each dict of `mask_files` one
+    """The masks' information bound Σ log2 C(n, k) and, per coding, their coded bytes (each of `mask_files` one
     masks file: digest + payload, as format 2 writes them), bits per mask entry, and `ratio_key`/<coding>:
     (dense_bytes + those bytes) / tasks / plain_bytes; `ratio_key`/bound: the same with the bound's bytes."""
-    entries = sum(m.numel() for masks in mask_files for m in masks.values())
-    information = float(sum(mask_coding.information_bits_of(masks) for masks in mask_files))
+    entries = sum(m.numel() for file in mask_files for m in file.masks.values())
+    information = float(sum(mask_coding.information_bits_of(file.masks) for file in mask_files))
     out = {
         "mask_information_bits": information,
         "mask_bits_per_entry_bound": information / entries if entries else None,
         f"{ratio_key}/bound": (dense_bytes + information / 8) / tasks / plain_bytes,
     }
     for coding in mask_coding.CODINGS:
-        size = sum(mask_coding.coded_bytes(masks, coding) for masks in mask_files)
+        size = sum(file.coded_bytes(coding) for file in mask_files)
         out.update(
             {
                 f"mask_bytes/{coding}": size,
@@ -126,17 +126,37 @@ def split_task_layer(stores: dict) -> tuple[dict, dict]:
     return tasks, layers
 
 
-def mask_files(model: nn.Module, num_tasks: int) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
-    """The masks a checkpoint writes: the layer masks (shared/layer_masks.safetensors; {} if none) and each
+@dataclass
+class MaskFile:
+    """One masks file a checkpoint writes: its 0/1 masks by stored name, coded at most once per coding
+    (mask_coding.encode): the checkpoint writes storage.mask_coding's, the accounting counts every coding's bytes."""
+
+    masks: dict[str, torch.Tensor]
+    _coded: dict[str, tuple[dict, dict[str, str]]] = field(default_factory=dict, repr=False)
+
+    def coded(self, coding: str) -> tuple[dict, dict[str, str]]:
+        """(the safetensors tensors, the metadata) of this file in `coding`."""
+        if coding not in self._coded:
+            self._coded[coding] = mask_coding.encode(self.masks, coding)
+        return self._coded[coding]
+
+    def coded_bytes(self, coding: str) -> int:
+        """Bytes of the file's `masks` tensor in `coding`: digest + payload (0 without masks)."""
+        return int(self.coded(coding)[0][mask_coding.BLOB].size) if self.masks else 0
+
+
+def mask_files(model: nn.Module, num_tasks: int) -> tuple[MaskFile, list[MaskFile]]:
+    """The masks a checkpoint writes: the layer masks (shared/layer_masks.safetensors; no masks if none) and each
     task's rows [1, *shape] (tasks/<task>/task_mask.safetensors; [] without task masks)."""
     weights = methods.petl_weights(model)
     if weights is None:
-        return {}, []
+        return MaskFile({}), []
     task_masks, layer_masks = split_task_layer(weights.mask_stores())
     with torch.no_grad():
         layers = {n: m().cpu() for n, m in layer_masks.items()}
         tasks = {n: m().cpu() for n, m in task_masks.items()}
-    return layers, [{n: m[i : i + 1] for n, m in tasks.items()} for i in range(num_tasks)] if tasks else []
+    rows = [MaskFile({n: m[i : i + 1] for n, m in tasks.items()}) for i in range(num_tasks)] if tasks else []
+    return MaskFile(layers), rows
 
 
 # ----------------------------------------------------------------------------- what a checkpoint keeps, counted
@@ -144,13 +164,14 @@ def mask_files(model: nn.Module, num_tasks: int) -> tuple[dict[str, torch.Tensor
 
 @dataclass
 class Kept:
-    """What a checkpoint keeps of a model, under its names: checkpoint.save_checkpoint writes exactly this."""
+    """What a checkpoint keeps of a model, under its names: checkpoint.save_checkpoint writes exactly this, account
+    counts it (a run computes it once for both)."""
 
     tasks: list[str]
     num_labels: list[int]
     dense: dict[str, torch.Tensor]  # the float tensors (transformers model's names), heads apart
-    layer_masks: dict[str, torch.Tensor]  # [L, *shape] per masked tensor ({} without masks)
-    task_masks: list[dict[str, torch.Tensor]]  # per task: [1, *shape] per masked tensor ([] without task masks)
+    layer_masks: MaskFile  # [L, *shape] per masked tensor (empty without masks)
+    task_masks: list[MaskFile]  # per task: [1, *shape] per masked tensor ([] without task masks)
     heads: list[dict[str, torch.Tensor]]  # per task: TaskHead's names (dense.*, classifier.*)
     has_task_masks: bool
     adapter: dict[str, bytes]  # method=peft: the files save_pretrained writes, by name ({} otherwise)
@@ -194,18 +215,19 @@ def peft_figures(model: nn.Module) -> dict:
     }
 
 
-def account(model: nn.Module, cfg, backbone_params: int) -> dict:
+def account(model: nn.Module, cfg, backbone_params: int, keep: Kept | None = None) -> dict:
     """Every storage figure of a model (metrics.json, W&B), counted from `kept`: dense tensors in fp32, one bit a mask
     entry (each mask tensor padded to whole bytes), heads apart. One task: with and without its head, against plain
     PETL of the same prototype (finetune: the backbone). Several: the shared part once (dense tensors, layer masks),
     each task's part apart (task mask bits; the head), total and amortised per task, against N separate one-task runs
-    and plain PETL per task. Both: as written, in storage.dtype and each mask coding (coding_figures)."""
-    keep = kept(model, cfg)
+    and plain PETL per task. Both: as written, in storage.dtype and each mask coding (coding_figures). `keep`: the
+    model's Kept, if the caller has it (the run, which also writes it)."""
+    keep = keep or kept(model, cfg)
     n, width = len(keep.tasks), STORAGE_DTYPES[cfg.storage.dtype].itemsize
     stored_params = sum(t.numel() for t in keep.dense.values())
-    layer_entries = [m.numel() for m in keep.layer_masks.values()]
-    task_entries = [m.numel() for m in keep.task_masks[0].values()] if keep.task_masks else []  # per task
-    masks = [*keep.layer_masks.values(), *(m for rows in keep.task_masks for m in rows.values())]
+    layer_entries = [m.numel() for m in keep.layer_masks.masks.values()]
+    task_entries = [m.numel() for m in keep.task_masks[0].masks.values()] if keep.task_masks else []  # per task
+    masks = [*keep.layer_masks.masks.values(), *(m for rows in keep.task_masks for m in rows.masks.values())]
     mask_entries = sum(layer_entries) + n * sum(task_entries)
     shared_bytes = 4 * stored_params + mask_bytes(layer_entries)
     task_bytes = mask_bytes(task_entries)
@@ -219,7 +241,7 @@ def account(model: nn.Module, cfg, backbone_params: int) -> dict:
         plain = plain_petl_params(cfg, model.config.hidden_size, model.config.num_hidden_layers)
     dense_bytes = peft["adapter_bytes"] if peft else width * stored_params
     coded = coding_figures(
-        [keep.layer_masks] * bool(keep.layer_masks) + keep.task_masks,
+        [keep.layer_masks] * bool(keep.layer_masks.masks) + keep.task_masks,
         dense_bytes,
         width * plain,
         tasks=n,

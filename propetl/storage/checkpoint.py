@@ -45,6 +45,8 @@ from propetl.storage import mask_coding
 from propetl.storage.accounting import (
     STORAGE_DTYPES,
     UNNAMED_TASK,
+    Kept,
+    MaskFile,
     dense_parameters,
     kept,
     split_task_layer,
@@ -149,9 +151,9 @@ def checkpoint_config(cfg, task_names: list[str], num_labels: list[int], task_ma
     }
 
 
-def save_masks(masks: dict[str, torch.Tensor], path: Path, cfg) -> None:
-    """0/1 masks -> one safetensors file, coded as cfg.storage.mask_coding says (mask_coding.encode)."""
-    tensors, metadata = mask_coding.encode(masks, cfg.storage.mask_coding)
+def save_masks(masks: MaskFile, path: Path, cfg) -> None:
+    """A masks file -> one safetensors file, coded as cfg.storage.mask_coding says (mask_coding.encode)."""
+    tensors, metadata = masks.coded(cfg.storage.mask_coding)
     save_file({name: torch.from_numpy(t) for name, t in tensors.items()}, str(path), metadata=metadata)
 
 
@@ -179,10 +181,11 @@ def save_dense(tensors: dict[str, torch.Tensor], path: Path, cfg) -> None:
     save_file(out, str(path))
 
 
-def save_checkpoint(model: nn.Module, cfg, directory: Path) -> Path:
+def save_checkpoint(model: nn.Module, cfg, directory: Path, keep: Kept | None = None) -> Path:
     """Write a checkpoint folder (format 4, the layout above) atomically. `model`: the MultiTaskModel of a run, or
-    a transformers model with the method inside (accounting.kept: what is kept, counted by accounting.account)."""
-    keep = kept(model, cfg)
+    a transformers model with the method inside; `keep`: its accounting.kept, if the caller has it (the run, which
+    hands the same to accounting.account: what is kept, and its masks' coding, computed once)."""
+    keep = keep or kept(model, cfg)
 
     def build(folder: Path) -> None:
         shared = folder / SHARED_DIR
@@ -192,7 +195,7 @@ def save_checkpoint(model: nn.Module, cfg, directory: Path) -> Path:
                 (shared / name).write_bytes(content)
         elif keep.dense:  # none of a frozen prototype: prototype.seed in propetl.json redraws it
             save_dense(keep.dense, shared / DENSE_FILE[cfg.method.name], cfg)
-        if keep.layer_masks:
+        if keep.layer_masks.masks:
             save_masks(keep.layer_masks, shared / LAYER_MASKS_FILE, cfg)
         for index, task in enumerate(keep.tasks):
             part = folder / TASKS_DIR / task

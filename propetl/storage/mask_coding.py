@@ -149,11 +149,6 @@ def encode(masks: dict, coding: str) -> tuple[dict[str, np.ndarray], dict[str, s
     return {BLOB: np.frombuffer(_digest(metadata, payload, bits) + payload, dtype=np.uint8).copy()}, metadata
 
 
-def coded_bytes(masks: dict, coding: str) -> int:
-    """Bytes of the `masks` tensor a format-2 file holds for these masks: digest + payload."""
-    return int(encode(masks, coding)[0][BLOB].size) if masks else 0
-
-
 def file_coding(metadata: dict[str, str]) -> str:
     """The coding of a masks file from its metadata: format 1 is `bits`."""
     if "masks" not in metadata:
