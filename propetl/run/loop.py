@@ -10,6 +10,7 @@ import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -161,18 +162,140 @@ class FitResult:
     examples_seen: int = 0
     tokens_seen: int = 0
 
+    def add_step(self, loss: float, logits: torch.Tensor, batch: dict) -> None:
+        """A step done: its loss, and for a classification batch its right answers and rows in its task's count."""
+        self.epoch_losses.append(loss)
+        self.steps += 1
+        self.step_in_epoch += 1
+        if logits.shape[-1] == 1:  # regression
+            return
+        task = str(int(batch["task"][0])) if "task" in batch else "0"
+        counts = self.epoch_correct.setdefault(task, [0, 0])
+        counts[0] += int((logits.argmax(-1) == batch["labels"]).sum())
+        counts[1] += int(batch["labels"].shape[0])
+
+    def close_epoch(self, selection: dict, score: float, epochs: int, task_names) -> dict:
+        """The epoch's record (fit's docstring), added to the history and logged in one line; its time to the run's;
+        the next epoch's counts start."""
+        record = {
+            "epoch": self.epoch + 1,
+            "step": self.steps,
+            "train_loss": float(np.mean(self.epoch_losses)),
+            **{
+                f"train/{task_names[int(i)]}/accuracy" if task_names else "train/accuracy": right / rows
+                for i, (right, rows) in sorted(self.epoch_correct.items(), key=lambda item: int(item[0]))
+            },
+            "epoch_seconds": self.epoch_seconds,
+            **{f"select/{k}": v for k, v in selection.items()},
+        }
+        self.history.append(record)
+        self.train_seconds += self.epoch_seconds
+        logger.info(
+            "epoch %d/%d: step %d, train loss %.4f, selection score %.4f, %.0f s",
+            self.epoch + 1,
+            epochs,
+            self.steps,
+            record["train_loss"],
+            score,
+            self.epoch_seconds,
+        )
+        self.epoch += 1
+        self.step_in_epoch, self.epoch_losses, self.epoch_correct, self.epoch_seconds = 0, [], {}, 0.0
+        return record
+
 
 class Diverged(Exception):
     """Training produced a non-finite loss or weight: one line with the step, the value and the likely cause."""
 
-    def __init__(self, step: int, what: str, cfg, directory=None):
+    def __init__(self, step: int, what: str, cfg, checkpointer=None):
         t = cfg.trainer
-        kept = f"the last checkpoint stays in {directory}" if directory is not None else "nothing was saved"
+        saved = checkpointer is not None and checkpointer.exists()
+        kept = f"the last checkpoint stays in {checkpointer.directory}" if saved else "nothing was saved"
         super().__init__(
             f"training stopped at step {step}: {what} is not finite; likely cause: learning rates too "
             f"large for this run (trainer.lr={t.lr}, trainer.head_lr={t.head_lr}, mask.lr={cfg.mask.lr}) "
             f"or overflow in trainer.precision={t.precision}; {kept}"
         )
+
+
+class Optimization(NamedTuple):
+    """AdamW over the trainable tensors, its learning-rate schedule and the grad scaler (fp16; else it passes through),
+    in the order resume.Checkpointer takes them."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def step(self, loss: torch.Tensor, max_grad_norm: float) -> None:
+        """Backward, the gradients clipped to max_grad_norm, one step of the optimizer, scaler and schedule."""
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.parameters(), max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def train_step(
+    model, batch: dict, optimization: Optimization, device, precision: str, max_grad_norm: float
+) -> tuple[float, torch.Tensor]:
+    """One optimizer step on a batch (this process's rows, on the device): (its loss, its logits)."""
+    with autocast(device, precision):
+        output = model(**batch)
+    logits = output.logits.detach()
+    optimization.step(output.loss, max_grad_norm)
+    return output.loss.item(), logits
+
+
+def start_or_resume(checkpointer, model, optimization: Optimization, data_order) -> tuple[FitResult, torch.Tensor]:
+    """A fresh loop state, or the checkpoint's (weights, moments, schedule, RNGs and data order restored); with the
+    data order's state as the current epoch began."""
+    if checkpointer is None or not checkpointer.exists():
+        return FitResult(), data_order.get_state()
+    state, epoch_order = checkpointer.load(model, *optimization, FitResult)
+    data_order.set_state(epoch_order)
+    logger.info("resuming from %s at epoch %d, step %d", checkpointer.directory, state.epoch + 1, state.steps)
+    return state, epoch_order
+
+
+def epoch_batches(train_loader, step_in_epoch: int, epoch_order: torch.Tensor):
+    """(the epoch's batches still to train on, the data order's state as the epoch began): a new epoch starts from the
+    order's state as it is; a resumed one replays its saved order and skips the batches already done."""
+    if step_in_epoch == 0:
+        epoch_order = train_loader.generator.get_state()
+    else:
+        train_loader.generator.set_state(epoch_order)
+    batches = iter(train_loader)
+    for _ in range(step_in_epoch):
+        next(batches)
+    return batches, epoch_order
+
+
+def save_checkpoint(checkpointer, state: FitResult, model, optimization: Optimization, data_order_state, cfg) -> None:
+    """The loop's full state (resume.Checkpointer; without one, nothing); never a diverged state on disk."""
+    if checkpointer is None:
+        return
+    if not all(bool(torch.isfinite(p).all()) for p in optimization.parameters()):
+        raise Diverged(state.steps, "a trainable weight", cfg, checkpointer)
+    checkpointer.save(state, model, *optimization, data_order_state)
+
+
+def stop_if_diverged(loss: float, step: int, ctx, cfg, checkpointer) -> None:
+    """A non-finite loss on any process: every process raises Diverged at this step."""
+    if distributed.any_process(ctx, not math.isfinite(loss)):
+        where = "" if not math.isfinite(loss) else " here; not finite on at least one process"
+        raise Diverged(step, f"the training loss ({loss}{where})", cfg, checkpointer)
+
+
+def interruption(stop: StopOnSignal, ctx, checkpointer) -> Interrupted | None:
+    """SIGINT/SIGTERM on any process: the Interrupted every process raises at this step, once it has saved."""
+    if distributed.any_process(ctx, stop.signum is not None):
+        return Interrupted(stop.signum or signal.SIGTERM, checkpointer.directory)
+    return None
 
 
 def fit(
@@ -207,153 +330,59 @@ def fit(
     if t.max_steps is not None:
         total_steps = min(total_steps, int(t.max_steps))
     epochs = math.ceil(total_steps / steps_per_epoch)
-    optimizer, scheduler = make_optimizer(model, cfg, head_names, total_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=(t.precision == "fp16"))
-    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    scaler = torch.amp.GradScaler(device.type, enabled=(t.precision == "fp16"))  # fp16 only
+    optimization = Optimization(*make_optimizer(model, cfg, head_names, total_steps), scaler)
     train_model = distributed.wrap(model, ctx, device)  # DDP when data-parallel, else the model itself
-    progress = bool(t.progress)
     evaluation = EvalPlan(epochs, int(t.batch_size), *eval_rows)
-    step_log = StepLog(
-        int(t.log_every_steps),
-        total_steps,
-        cfg.method.name,
-        log_fn,
-        lines=not bar_shown(progress),
-        evaluation=evaluation,
-    )
-    data_order = train_loader.generator  # its state when an epoch begins fixes that epoch's batches
-    result, epoch_order = FitResult(), data_order.get_state()
-    if checkpointer is not None and checkpointer.exists():
-        result, epoch_order = checkpointer.load(model, optimizer, scheduler, scaler, FitResult)
-        data_order.set_state(epoch_order)
-        logger.info("resuming from %s at epoch %d, step %d", checkpointer.directory, result.epoch + 1, result.steps)
-
-    def train_step(batch) -> float:
-        batch = to_device(distributed.shard(batch, ctx), device)
-        with autocast(device, t.precision):
-            output = train_model(**batch)
-            loss = output.loss
-        count_correct(output.logits.detach(), batch)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
-
-    def count_correct(logits: torch.Tensor, batch: dict) -> None:
-        """Add a classification batch's right answers and rows to its task's count for the epoch."""
-        if logits.shape[-1] == 1:
-            return
-        task = str(int(batch["task"][0])) if "task" in batch else "0"
-        counts = result.epoch_correct.setdefault(task, [0, 0])
-        counts[0] += int((logits.argmax(-1) == batch["labels"]).sum())
-        counts[1] += int(batch["labels"].shape[0])
-
-    def train_accuracy() -> dict[str, float]:
-        """The epoch's training accuracy per classification task (fit's docstring)."""
-        return {
-            f"train/{task_names[int(i)]}/accuracy" if task_names else "train/accuracy": right / rows
-            for i, (right, rows) in sorted(result.epoch_correct.items(), key=lambda item: int(item[0]))
-        }
-
-    def resume_dir():
-        return checkpointer.directory if checkpointer is not None and checkpointer.exists() else None
-
-    def save_checkpoint(order_state):
-        if checkpointer is None:
-            return
-        if not all(bool(torch.isfinite(p).all()) for p in trainable):  # never a diverged state on disk
-            raise Diverged(result.steps, "a trainable weight", cfg, resume_dir())
-        checkpointer.save(result, model, optimizer, scheduler, scaler, order_state)
-
-    def stop_if_diverged(loss: float) -> None:
-        if distributed.any_process(ctx, not math.isfinite(loss)):  # every process stops at this step
-            where = "" if not math.isfinite(loss) else " here; not finite on at least one process"
-            raise Diverged(result.steps + 1, f"the training loss ({loss}{where})", cfg, resume_dir())
-
-    def stop_if_asked(stop) -> None:
-        if distributed.any_process(ctx, stop.signum is not None):  # every process stops at the same step
-            raise Interrupted(stop.signum or signal.SIGTERM, checkpointer.directory)
-
-    def end_epoch() -> None:
-        """Score the epoch on the selection split, log it, keep the best weights, checkpoint."""
-        started = time.perf_counter()
-        selection, score = select(model)
-        evaluation.pass_seconds = time.perf_counter() - started
-        record = {
-            "epoch": result.epoch + 1,
-            "step": result.steps,
-            "train_loss": float(np.mean(result.epoch_losses)),
-            **train_accuracy(),
-            "epoch_seconds": result.epoch_seconds,
-            **{f"select/{k}": v for k, v in selection.items()},
-        }
-        result.history.append(record)
-        result.train_seconds += result.epoch_seconds
-        log_fn(record)
-        logger.info(
-            "epoch %d/%d: step %d, train loss %.4f, selection score %.4f, %.0f s",
-            result.epoch + 1,
-            epochs,
-            result.steps,
-            record["train_loss"],
-            score,
-            result.epoch_seconds,
-        )
-        if score > result.best_score and selectable(cfg, result.steps, total_steps, result.epoch + 1, epochs):
-            result.best_epoch, result.best_score, result.best_selection = result.epoch + 1, score, selection
-            result.best_state = trainable_state(model)
-        result.epoch, result.step_in_epoch, result.epoch_losses, result.epoch_seconds = result.epoch + 1, 0, [], 0.0
-        result.epoch_correct = {}
-        save_checkpoint(data_order.get_state())
-
+    lines = not bar_shown(bool(t.progress))
+    step_log = StepLog(int(t.log_every_steps), total_steps, cfg.method.name, log_fn, lines, evaluation=evaluation)
+    state, epoch_order = start_or_resume(checkpointer, model, optimization, train_loader.generator)
     save_steps = getattr(checkpointer, "save_steps", None)
+
     with StopOnSignal() as stop:
-        while result.epoch < epochs and result.steps < total_steps:
-            # the epoch's batches: its data order (a resumed epoch replays its order and skips what was done)
-            if result.step_in_epoch == 0:
-                epoch_order = data_order.get_state()
-            else:
-                data_order.set_state(epoch_order)
+        while state.epoch < epochs and state.steps < total_steps:
+            # train on the epoch's batches, a checkpoint every save_steps steps and when asked to stop
             model.train()
-            batches = iter(train_loader)
-            for _ in range(result.step_in_epoch):
-                next(batches)
+            batches, epoch_order = epoch_batches(train_loader, state.step_in_epoch, epoch_order)
             start = time.perf_counter()
-            step_log.restart(result.steps)
+            step_log.restart(state.steps)
             bar = tqdm(
                 batches,
-                desc=f"epoch {result.epoch + 1}/{epochs}",
-                initial=result.step_in_epoch,
+                desc=f"epoch {state.epoch + 1}/{epochs}",
+                initial=state.step_in_epoch,
                 total=steps_per_epoch,
                 leave=False,
-                disable=not progress or None,
+                disable=not t.progress or None,
             )
-
             for batch in bar:
-                result.examples_seen += batch["input_ids"].shape[0]
-                result.tokens_seen += int(batch["attention_mask"].sum())
-                loss = train_step(batch)
-                stop_if_diverged(loss)
-                result.epoch_losses.append(loss)
-                result.steps += 1
-                result.step_in_epoch += 1
-                step_log.after_step(result.steps, result.epoch_losses, optimizer.param_groups, result.epoch)
+                state.examples_seen += batch["input_ids"].shape[0]
+                state.tokens_seen += int(batch["attention_mask"].sum())
+                batch = to_device(distributed.shard(batch, ctx), device)
+                loss, logits = train_step(train_model, batch, optimization, device, t.precision, t.max_grad_norm)
+                stop_if_diverged(loss, state.steps + 1, ctx, cfg, checkpointer)
+                state.add_step(loss, logits, batch)
+                step_log.after_step(state.steps, state.epoch_losses, optimization.optimizer.param_groups, state.epoch)
                 bar.set_postfix(loss=f"{loss:.4f}", run_eta=step_log.eta)
-                if result.steps >= total_steps or result.step_in_epoch >= steps_per_epoch:
+                if state.steps >= total_steps or state.step_in_epoch >= steps_per_epoch:
                     break
-                stopping = distributed.any_process(ctx, stop.signum is not None)
-                if stopping or (save_steps and result.steps % save_steps == 0):  # a checkpoint mid-epoch
-                    result.epoch_seconds += time.perf_counter() - start
+                interrupted = interruption(stop, ctx, checkpointer)
+                if interrupted or (save_steps and state.steps % save_steps == 0):
+                    state.epoch_seconds += time.perf_counter() - start
                     start = time.perf_counter()
-                    save_checkpoint(epoch_order)
-                    if stopping:
-                        raise Interrupted(stop.signum or signal.SIGTERM, checkpointer.directory)
-            result.epoch_seconds += time.perf_counter() - start
+                    save_checkpoint(checkpointer, state, model, optimization, epoch_order, cfg)
+                    if interrupted:
+                        raise interrupted
+            state.epoch_seconds += time.perf_counter() - start
 
-            end_epoch()
-            stop_if_asked(stop)
-    return result
+            # score the epoch on the selection split, log it, keep the best weights, checkpoint
+            started = time.perf_counter()
+            selection, score = select(model)
+            evaluation.pass_seconds = time.perf_counter() - started
+            if score > state.best_score and selectable(cfg, state.steps, total_steps, state.epoch + 1, epochs):
+                state.best_epoch, state.best_score, state.best_selection = state.epoch + 1, score, selection
+                state.best_state = trainable_state(model)
+            log_fn(state.close_epoch(selection, score, epochs, task_names))
+            save_checkpoint(checkpointer, state, model, optimization, train_loader.generator.get_state(), cfg)
+            if interrupted := interruption(stop, ctx, checkpointer):
+                raise interrupted
+    return state

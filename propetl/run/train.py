@@ -1,13 +1,13 @@
 """One training run, `train(cfg, output_dir)`, for one task (`task=rte`) or several (`mode=multitask
 tasks=[rte,mrpc]`): the same recipe, read top to bottom. A single-task run is a multi-task run with one task
 (layer masks only, the model's own head, the DataLoader's batch order: tests/test_multitask.py); only what it
-reports differs. Command line: cli.py; what every run does first and last: run.py; batches: multitask.py.
+reports differs. Command line: cli/train.py; what every run does first and last: lifecycle.py; batches:
+data/batches.py and data/multitask.py.
 """
 
 from __future__ import annotations
 
 import logging
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -154,18 +154,11 @@ def train(cfg: DictConfig, output_dir: Path, claim=None) -> dict:
     if ctx.is_main and cfg.trainer.save_weights:
         checkpoint.save_checkpoint(model, cfg, output_dir / "checkpoint", keep)
         figures.update(checkpoint.file_figures(output_dir / "checkpoint", figures))
-    report = (
-        partial(report_multitask, base_tasks=base_tasks) if multitask else partial(report_single_task, splits=splits)
-    )
-    metrics, summary = report(
-        cfg,
-        output_dir,
-        tests,
-        result,
-        figures,
-        facts=lambda: run_facts(cfg, result, started, device, ctx, checkpointer),
-        writes=ctx.is_main,
-    )
+    facts = run_facts(cfg, result, started, device, ctx, checkpointer) if ctx.is_main else {}
+    if multitask:
+        metrics, summary = report_multitask(cfg, output_dir, tests, result, figures, facts, ctx.is_main, base_tasks)
+    else:
+        metrics, summary = report_single_task(cfg, output_dir, tests, result, figures, facts, ctx.is_main, splits)
     if ctx.is_main:
         checkpointer.discard()  # the run is complete: its training state is no longer needed
         run.summary.update({**summary, **log.best_epoch_summary(result)})
@@ -174,7 +167,7 @@ def train(cfg: DictConfig, output_dir: Path, claim=None) -> dict:
 
 
 def report_single_task(
-    cfg, output_dir: Path, tests: dict, result, figures: dict, facts, writes: bool, splits: dict
+    cfg, output_dir: Path, tests: dict, result, figures: dict, facts: dict, writes: bool, splits: dict
 ) -> tuple[dict, dict]:
     """One task's metrics.json (with its trivial baseline) and summary table; returns (metrics, W&B summary)."""
     task = cfg.task
@@ -204,7 +197,7 @@ def report_single_task(
             int(task.num_labels) == 1,
         ),
         "storage": figures,
-        **facts(),
+        **facts,
     }
     log.write_metrics(output_dir / "metrics.json", metrics)
     logger.info("results in %s\n%s", output_dir, log.summary_table(metrics))
@@ -216,7 +209,7 @@ def report_single_task(
 
 
 def report_multitask(
-    cfg, output_dir: Path, tests: dict, result, figures: dict, facts, writes: bool, base_tasks: list[str]
+    cfg, output_dir: Path, tests: dict, result, figures: dict, facts: dict, writes: bool, base_tasks: list[str]
 ) -> tuple[dict, dict]:
     """Several tasks' metrics.json (each task's numbers, their mean) and summary table; returns (metrics, W&B)."""
     per_task = {}
@@ -245,7 +238,7 @@ def report_multitask(
         "glue_average": glue_metrics.glue_average({n: t["test"] for n, t in per_task.items()}),
         "selection": result.best_selection,
         "storage": figures,
-        **facts(),
+        **facts,
     }
     log.write_metrics(output_dir / "metrics.json", metrics)
     logger.info("results in %s\n%s", output_dir, log.multitask_summary_table(metrics))
