@@ -163,7 +163,8 @@ def validate(cfg, search_path=None) -> None:
 
 def validate_task(cfg) -> None:
     """A task's config (conf/task/*.yaml or a user's), what loading and scoring its data read: label count, size,
-    metrics the task can report, the selection metric among them, label names and a regression label range."""
+    metrics the task can report, the selection metric among them, label names and a regression label range; and what
+    tables read (`report`: a title, an order, the paper's numbers, each optional)."""
     _check(cfg, "task.num_labels", rules.positive_int())
     _check(cfg, "task.size", rules.one_of(("small", "large")))
     labels, known = cfg.task.num_labels, metrics_for(cfg.task.num_labels)
@@ -197,6 +198,30 @@ def validate_task(cfg) -> None:
                 and v[0] < v[1]
             ),
             "null, or [low, high] with low < high on a regression task (num_labels: 1)",
+        ),
+    )
+    _check(cfg, "task.report", rules.Rule(lambda v: v is None or isinstance(v, dict), "null or a mapping"))
+    _check(
+        cfg,
+        "task.report.title",
+        rules.Rule(lambda v: v is None or isinstance(v, str) and bool(v.strip()), "null or a title"),
+    )
+    _check(
+        cfg,
+        "task.report.order",
+        rules.Rule(lambda v: v is None or rules.positive_int().accepts(v), "null or a positive integer"),
+    )
+    count = len(cfg.task.metrics)
+    _check(
+        cfg,
+        "task.report.paper",
+        rules.Rule(
+            lambda v: (
+                v is None
+                or isinstance(v, dict)
+                and all(isinstance(n, list) and len(n) == count and all(map(rules.is_number, n)) for n in v.values())
+            ),
+            f"null, or row label -> a list of len(task.metrics)={count} numbers (x100)",
         ),
     )
 

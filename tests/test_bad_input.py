@@ -52,7 +52,8 @@ def test_max_length_beyond_the_models_positions_names_both(tiny_cfg):
 
 def user_task(folder: Path, **changes) -> list[str]:
     """conf/task/rte.yaml as a user's task `mytask` (with `changes`) in folder/task/: its search path."""
-    task = {**yaml.safe_load((CONF_DIR / "task" / "rte.yaml").read_text()), "name": "mytask", **changes}
+    rte = yaml.safe_load((CONF_DIR / "task" / "rte.yaml").read_text())
+    task = {**{key: value for key, value in rte.items() if key != "report"}, "name": "mytask", **changes}
     (folder / "task").mkdir(parents=True, exist_ok=True)
     (folder / "task" / "mytask.yaml").write_text(yaml.safe_dump(task))
     return [f"file://{folder}"]
@@ -65,6 +66,9 @@ def user_task(folder: Path, **changes) -> list[str]:
     ({"selection_metric": "combined"}, ["task.selection_metric='combined'", "allowed: accuracy"]),  # one metric
     ({"label_names": ["yes", "no", "maybe"]}, ["task.label_names=", "2 distinct names"]),
     ({"label_range": [0, 5]}, ["task.label_range=[0, 5]", "regression task"]),
+    ({"report": "My task"}, ["task.report='My task'", "a mapping"]),
+    ({"report": {"order": 0}}, ["task.report.order=0", "a positive integer"]),
+    ({"report": {"paper": {"Mine": [60, 70]}}}, ["task.report.paper={'Mine': [60, 70]}", "len(task.metrics)=1 numbers"]),
 ])
 @pytest.mark.parametrize("mode", ["single", "multitask"])
 def test_a_user_tasks_unknown_metric_is_refused_naming_the_known_ones(tmp_path, changes, named, mode):

@@ -23,7 +23,7 @@ COMPUTED = ["data.max_length=64", "trainer.warmup_ratio=0.2", "trainer.head_lr=0
             "mask.combine=and"]
 NOT_COMPUTED = ["logger.mode=disabled", "logger.project=other", "trainer.progress=false", "trainer.threads=1",
                 "trainer.device=cpu", "trainer.log_every_steps=1", "trainer.resume=false", "trainer.save_steps=5",
-                "run_dir.allow_other_files=true", "data.allow_hub=false"]
+                "run_dir.allow_other_files=true", "data.allow_hub=false", "task.report.title=Other"]
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from propetl.data import metrics
+from propetl.data import metrics, tasks
 
 
 def test_accuracy_f1_by_hand():
@@ -54,6 +54,12 @@ def test_glue_average_is_the_mean_of_eleven_numbers():
     numbers = [65.43, 94.15, 88.24, 91.41, 89.40, 86.04, 91.34, 90.95, 86.53, 92.58, 76.50]
     assert metrics.glue_average(row) == pytest.approx(sum(numbers) / 11)
     assert round(metrics.glue_average(row), 1) == 86.6
+
+
+def test_the_task_yamls_give_table_order_and_the_paper_s_eleven_numbers():
+    assert list(tasks.task_configs()) == ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"]  # Table 1's
+    assert tasks.paper_average_size() == 11 and metrics.task_numbers("stsb") == ("pearson", "spearman")
+    assert metrics.task_numbers("mytask", {"f1": 0.8, "accuracy": 0.6, "combined": 0.7}) == ("accuracy", "f1")
 
 
 def test_task_score_and_selection():

@@ -2,6 +2,7 @@
 import csv
 import io
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from conftest import format1_packed_masks
 from safetensors.torch import save_file
 
 from propetl import report
+from propetl.report import command
 from propetl.report.plots import pairwise_hamming
 from propetl.run import log
 
@@ -336,8 +338,8 @@ def test_report_of_a_reproduction_trivial_peft_paired_sweep_and_plots(tmp_path):
     assert labels.index("LoRA (HF PEFT)") == labels.index("LoRA") + 1
     assert _table_row(table1, "ProPETL-LoRA").split(" | ")[-1] == "6 |"
     assert not any("s=" in label or "random" in label or "none" in label for label in labels)
-    # *paper* rows kept
-    assert "| *ProPETL-LoRA (paper)* |" in table1
+    # *paper* rows kept: the task yamls' numbers, their average over all 11
+    assert _table_row(table1, "*ProPETL-LoRA (paper)*").endswith("| 94.00 | 90.48/90.47 | 84.53 (11) | 3 seeds |")
     # paired: ProPETL − PETL differences 1, 2, 3 (LoRA: no) and 2, 3, 4 (adapter: yes), HF PEFT, the ablation
     rows = {(r["comparison"], r["task"], r["prototype"], r["metric"]): r for r in _paired_rows(out)}
     lora = rows[("ProPETL − PETL", "sst2", "lora", "glue_score")]
@@ -397,6 +399,33 @@ def test_experiment_from_the_composed_config(tmp_path):
     (folder / ".hydra").mkdir()
     (folder / ".hydra" / "config.yaml").write_text("reproduce:\n  experiment: sparsity_sweep\n  profile: cpu\n")
     assert report.load_runs([tmp_path])[0]["experiment"] == "sparsity_sweep"
+
+
+def test_a_task_of_your_own_is_a_yaml_away(tmp_path):
+    """A task yaml in propetl-report's --config-dir, and no code, gives the task its column: the yaml's title, at its
+    order; without report.paper it stays out of the paper's average. Without the folder it is still there, by name,
+    after the shipped tasks."""
+    rte = (REPO / "propetl" / "conf" / "task" / "rte.yaml").read_text()
+    mine = re.sub(r"\n  paper: [^\n]*", "", rte.replace("name: rte", "name: mytask"))
+    (tmp_path / "conf" / "task").mkdir(parents=True)
+    (tmp_path / "conf" / "task" / "mytask.yaml").write_text(mine.replace("title: RTE", "title: My Task").replace(
+        "order: 8", "order: 6"))                                                    # beside MNLI's 6: after it by name
+    runs = tmp_path / "runs"
+    for seed in (1, 2):
+        write_run(runs, f"m{seed}", "mytask", "petl", "lora", seed, {"accuracy": 0.5 + seed / 10})
+        write_run(runs, f"r{seed}", "rte", "petl", "lora", seed, {"accuracy": 0.6})
+        write_run(runs, f"s{seed}", "stsb", "petl", "lora", seed, {"pearson": 0.8, "spearman": 0.7})
+
+    def table(*config_dir: str) -> list[str]:
+        assert command.main([str(runs), "--out", str(tmp_path / "out"), *config_dir]) == 0
+        text = (tmp_path / "out" / "table.md").read_text().split("## Paired")[0]
+        return [_table_row(text, "Method"), _table_row(text, "LoRA"), _table_row(text, "*ProPETL-LoRA (paper)*")]
+
+    header, lora, paper = table("--config-dir", str(tmp_path / "conf"))
+    assert header.endswith("| STS-B P/S | My Task | RTE | Avg | runs |")
+    assert lora.endswith("| 80.00±0.00/70.00±0.00 | 65.00±7.07 | 60.00±0.00 | 70.00 (3 of 11) | 6 |")
+    assert paper.endswith("| 90.48/90.47 | – | 63.79 | 84.53 (11) | 3 seeds |")
+    assert table()[0].endswith("| STS-B P/S | RTE | mytask | Avg | runs |")
 
 
 def test_hamming_distance():

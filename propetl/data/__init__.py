@@ -1,1 +1,1 @@
-"""Data: tasks (local GLUE files or the hub), their metrics, tokenised batches, multi-task batches."""
+"""Data: tasks (their yamls; local GLUE files or the hub), their metrics, tokenised batches, multi-task batches."""

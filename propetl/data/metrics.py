@@ -4,11 +4,13 @@ not 76); tables multiply by 100."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+from propetl.data.tasks import in_paper_average, in_task_order, task_configs
 
 METRICS = ("accuracy", "f1", "matthews", "pearson", "spearman")
 MIN_ROWS = 2  # a selection or test split needs two rows: correlations are undefined on one
@@ -25,19 +27,6 @@ def selections_for(names: Sequence[str]) -> tuple[str, ...]:
     """What a task with metrics `names` may select its best epoch by: one of them, or `combined` (their mean, which
     compute gives when there are several)."""
     return (*names, "combined") if len(names) > 1 else tuple(names)
-
-
-# The 11 numbers the paper averages (its statistics.py): two for MRPC, QQP and STS-B, one elsewhere.
-GLUE_NUMBERS = {
-    "cola": ("matthews",),
-    "sst2": ("accuracy",),
-    "mrpc": ("accuracy", "f1"),
-    "qqp": ("accuracy", "f1"),
-    "stsb": ("pearson", "spearman"),
-    "mnli": ("accuracy",),
-    "qnli": ("accuracy",),
-    "rte": ("accuracy",),
-}
 
 
 def predictions_from_logits(logits: np.ndarray, num_labels: int) -> np.ndarray:
@@ -91,15 +80,27 @@ def selection_score(metrics: Mapping[str, float], selection_metric: str) -> floa
     return float(metrics[selection_metric])
 
 
+def task_numbers(task: str, metrics: Iterable[str] = ()) -> tuple[str, ...]:
+    """The numbers a task reports, in order: its yaml's `metrics` (tasks.task_configs); for a task no yaml on the
+    search path describes, the METRICS among `metrics` (a run's test metrics)."""
+    config = task_configs().get(task)
+    return tuple(config.metrics) if config is not None else tuple(name for name in METRICS if name in metrics)
+
+
 def task_score(task: str, metrics: Mapping[str, float]) -> float:
-    """A run's GLUE score: the mean of its task's numbers in the paper's average (a user's own task, added through the
-    config search path: the mean of its metrics)."""
-    return float(np.mean([metrics[n] for n in GLUE_NUMBERS.get(task, [n for n in METRICS if n in metrics])]))
+    """A run's GLUE score: the mean of its task's numbers (task_numbers)."""
+    return float(np.mean([metrics[n] for n in task_numbers(task, metrics)]))
+
+
+def glue_numbers(per_task: Mapping[str, Mapping[str, float]]) -> list[float]:
+    """The numbers of the paper's average among the tasks given: each of its tasks' (yaml `report.paper`), in table
+    order (11 when GLUE's eight are present)."""
+    return [per_task[task][n] for task in in_task_order(per_task) if in_paper_average(task) for n in task_numbers(task)]
 
 
 def glue_average(per_task: Mapping[str, Mapping[str, float]]) -> float:
-    """The paper's average: the mean of every GLUE_NUMBERS number of the tasks given (11 when all eight are present)."""
-    numbers = [per_task[task][n] for task in GLUE_NUMBERS if task in per_task for n in GLUE_NUMBERS[task]]
+    """The paper's average: the mean of glue_numbers."""
+    numbers = glue_numbers(per_task)
     if not numbers:
-        raise ValueError("glue_average needs at least one GLUE task")
+        raise ValueError(f"glue_average needs a task of the paper's average; got: {', '.join(per_task)}")
     return float(np.mean(numbers))

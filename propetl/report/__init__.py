@@ -12,9 +12,9 @@ seed, with a 95% t-interval over seeds. A run whose kept test predictions (predi
 constant is flagged (runs.csv, and a list closing table.md); runs without them are "no predictions kept".
 Used by `propetl-report` (report/command.py; `make tables`) and at the end of every -m sweep (sweep.py).
 
-runs.py collects the runs (and holds the names, titles and paper numbers the rest share), stats.py pairs them,
-tables.py writes markdown and CSV, plots.py draws; `build` here writes them all. No torch or transformers:
-masks are read as numpy (mask_coding.read_file).
+runs.py collects the runs (and holds the names and titles the rest share; a task's are its yaml's, data/tasks.py),
+stats.py pairs them, tables.py writes markdown and CSV, plots.py draws; `build` here writes them all. No torch or
+transformers: masks are read as numpy (mask_coding.read_file).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from propetl.data.tasks import task_title
 from propetl.report.frontier import frontier_points, frontier_table, plot_frontier
 from propetl.report.plots import (
     layer_mask_hamming,
@@ -35,7 +36,6 @@ from propetl.report.plots import (
 from propetl.report.runs import (
     PROTOTYPE_TITLES,
     TABLE1,
-    TASK_TITLES,
     distinct_runs,
     find_metrics,
     load_runs,
@@ -129,7 +129,7 @@ def build(roots: Iterable[Path], out_dir: Path, title: str = "") -> dict[str, Pa
     ]
     if learned:
         run = min(learned, key=lambda r: (r.get("experiment") != TABLE1, r["task"], str(r["prototype"]), r["seed"]))
-        title = f"{TASK_TITLES[run['task']]} · ProPETL-{PROTOTYPE_TITLES.get(run['prototype'])} · seed {run['seed']}"
+        title = f"{task_title(run['task'])} · ProPETL-{PROTOTYPE_TITLES.get(run['prototype'])} · seed {run['seed']}"
         written["mask_hamming"] = plot_mask_hamming(
             Path(run["path"]).parent / "checkpoint", out_dir / "mask_hamming.png", f"{title}: layer masks, Hamming"
         )

@@ -3,6 +3,7 @@
     propetl-report outputs/multirun/2026-12-04_10-00-00            # -> <that folder>/report/
     propetl-report outputs/reproduce/cpu --out outputs/tables/cpu --title "profile cpu"
     propetl-report results/cpu/runs --out results/cpu --title "cpu profile"
+    propetl-report outputs/multirun/mine --config-dir my_conf        # my_conf/task/*.yaml: your tasks' titles
 
 Reads every metrics.json under the given folders (a run's experiment from its folder, e.g. <experiment>/<run>/, or its
 .hydra/config.yaml); one run per (task, method, prototype, mask kind, mask sparsity, frozen prototype, seed), table1's
@@ -25,6 +26,8 @@ import sys
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
+
+from propetl.configs import add_config_dir_argument, config_dirs
 
 REPORT_DIR = "report"  # the default --out: <first folder>/report
 SWEEP_REPORT_ENV = "PROPETL_SWEEP_REPORT"  # "0": no report at the end of a -m sweep
@@ -70,12 +73,14 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, help=f"folder for the tables and plots (default: <first folder>/{REPORT_DIR})"
     )
     parser.add_argument("--title", default="", help="heading of table.md")
+    add_config_dir_argument(parser)
     args = parser.parse_args(argv)
     out = args.out or report_folder(args.roots)
     from propetl import report  # after argparse: --help needs no matplotlib or scipy
 
     try:
-        written = report.build(args.roots, out, args.title)
+        with config_dirs(args.config_dir):  # a user's task yamls: their titles, order and numbers
+            written = report.build(args.roots, out, args.title)
     except ValueError as error:
         print(f"propetl-report: {error}", file=sys.stderr)
         return 2

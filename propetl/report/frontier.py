@@ -15,9 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from propetl.data.metrics import GLUE_NUMBERS
+from propetl.data.tasks import in_task_order, task_title
 from propetl.report.runs import (
-    TASK_TITLES,
     kept_bytes,
     mean_or_none,
     row_groups,
@@ -37,7 +36,7 @@ def frontier_points(runs: list[dict]) -> dict[str, list[dict]]:
     the runs, `pareto`, the ratio to LoRA's bytes and the paired difference to the reference."""
     out: dict[str, list[dict]] = {}
     groups = row_groups([r for r in runs if not r.get("computed") and not r["method"].endswith("-multitask")])
-    for task in GLUE_NUMBERS:
+    for task in in_task_order(r["task"] for members in groups.values() for r in members):
         points = []
         for label, members in groups.items():
             task_runs = [r for r in members if r["task"] == task and run_score(r) is not None]
@@ -104,7 +103,7 @@ def frontier_table(points: dict[str, list[dict]]) -> str:
     for task, task_points in points.items():
         reference = task_points[0]["reference"]
         text += (
-            f"\n### {TASK_TITLES.get(task, task)}\n\n| Method | bytes/task | with head | ratio to LoRA | GLUE score "
+            f"\n### {task_title(task)}\n\n| Method | bytes/task | with head | ratio to LoRA | GLUE score "
             f"| Δ to {reference or 'ProPETL'} [95% CI] | Pareto |\n|---|---|---|---|---|---|---|\n"
         )
         for p in task_points:

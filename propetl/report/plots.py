@@ -7,14 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from propetl.data.metrics import GLUE_NUMBERS
+from propetl.data.tasks import in_task_order, paper_rows, task_title
 from propetl.report.runs import (
     MASK_KINDS,
     PAPER_MODEL,
-    PAPER_PROPETL_ROWS,
     PAPER_STORAGE_PERCENT,
     PROTOTYPE_TITLES,
-    TASK_TITLES,
     group_runs,
     prototype_title,
     run_score,
@@ -81,8 +79,8 @@ def _finish(ax, task: str, xlabel: str, trivial: dict | None = None) -> None:
         ax.axhline(score, ls="--", lw=1, color="grey", label=f"trivial baseline ({trivial['rule'].split(' (')[0]})")
     ax.set(
         xlabel=xlabel,
-        ylabel=f"{TASK_TITLES.get(task, task)} GLUE score (x100, mean ± std)",
-        title=TASK_TITLES.get(task, task),
+        ylabel=f"{task_title(task)} GLUE score (x100, mean ± std)",
+        title=task_title(task),
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2)
@@ -92,7 +90,7 @@ def plot_metric_vs_storage(rows: list[dict], path: Path) -> Path | None:
     """Per task: the GLUE score x100 (mean ± std over seeds, n in the legend) against the % of the backbone stored per
     task (log x); a colour per prototype, a marker per method; the trivial baseline a dashed line; the paper's ProPETL
     points (RoBERTa-base) hollow stars."""
-    tasks = [t for t in GLUE_NUMBERS if any(row["scores"].get(t) and not row.get("computed") for row in rows)]
+    tasks = in_task_order(t for row in rows if not row.get("computed") for t, score in row["scores"].items() if score)
     if not tasks:
         return None
     fig, axes = _task_axes(tasks, 6.0)
@@ -122,7 +120,7 @@ def plot_metric_vs_storage(rows: list[dict], path: Path) -> Path | None:
                     color="grey",
                     label=f"trivial baseline ({row['rules'][task].split(' (')[0]})",
                 )
-        for label, paper in PAPER_PROPETL_ROWS.items():
+        for label, paper in paper_rows().items():
             if task in paper:
                 ax.plot(
                     PAPER_STORAGE_PERCENT,
@@ -149,7 +147,7 @@ def plot_sparsity_sweep(runs: list[dict], path: Path) -> Path | None:
     plain = group_runs(runs, lambda r: r["method"] == "petl", ("model", "task", "prototype"))
     trivial = {r["task"]: r for r in trivial_runs(runs)}
     models = {key[0] for key in series}
-    fig, axes = _task_axes([t for t in GLUE_NUMBERS if any(key[1] == t for key in series)], 5.2)
+    fig, axes = _task_axes(in_task_order(key[1] for key in series), 5.2)
     for (model, task, prototype), points in series.items():
         ax, colour, title = axes[task], _colour(prototype), prototype_title(prototype)
         prefix = model_prefix(model, models)
@@ -176,7 +174,7 @@ def plot_mask_ablation(runs: list[dict], path: Path) -> Path | None:
         return None
     trivial = {r["task"]: r for r in trivial_runs(runs)}
     models = {key[0] for key in cells}
-    fig, axes = _task_axes([t for t in GLUE_NUMBERS if any(key[1] == t for key in cells)], 5.2)
+    fig, axes = _task_axes(in_task_order(key[1] for key in cells), 5.2)
     for task, ax in axes.items():
         keys = [key for key in cells if key[1] == task]
         for i, (model, _, prototype, sparsity) in enumerate(keys):

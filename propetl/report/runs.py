@@ -1,5 +1,5 @@
-"""Collecting runs: every metrics.json under some folders -> one record per run, grouped into Table-1 rows. The names,
-titles and paper numbers the tables and plots share live here too."""
+"""Collecting runs: every metrics.json under some folders -> one record per run, grouped into Table-1 rows. The names
+and titles the tables and plots share live here too (a task's: its yaml, data/tasks.py)."""
 
 from __future__ import annotations
 
@@ -13,20 +13,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from propetl.data.metrics import GLUE_NUMBERS, glue_average, task_score
+from propetl.data.metrics import glue_average, glue_numbers, task_numbers, task_score
+from propetl.data.tasks import in_task_order, task_rank
 from propetl.run.log import read_predictions
 from propetl.run.rundir import PREDICTIONS_FILE
 
-TASK_TITLES = {
-    "cola": "CoLA",
-    "sst2": "SST-2",
-    "mrpc": "MRPC acc/F1",
-    "qqp": "QQP acc/F1",
-    "stsb": "STS-B P/S",
-    "mnli": "MNLI",
-    "qnli": "QNLI",
-    "rte": "RTE",
-}
 PROTOTYPE_TITLES = {"adapter": "Adapter", "lora": "LoRA", "prefix": "Prefix"}
 # method=peft's other tuners (conf/peft/; metrics.json `prototype` holds the tuner's name), as their papers write them
 PEFT_TITLES = {
@@ -38,43 +29,6 @@ PEFT_TITLES = {
     "tinylora": "TinyLoRA",
     "loha": "LoHa",
     "lokr": "LoKr",
-}
-
-# The paper's ProPETL rows (RoBERTa-base, Table 1 as reproduced by the authors' README; x100).
-PAPER_PROPETL_ROWS = {
-    "ProPETL-Adapter": {
-        "cola": [65.43],
-        "sst2": [94.15],
-        "mrpc": [88.24, 91.41],
-        "qqp": [89.40, 86.04],
-        "stsb": [91.34, 90.95],
-        "mnli": [86.53],
-        "qnli": [92.58],
-        "rte": [76.50],
-        "avg": 86.6,
-    },
-    "ProPETL-LoRA": {
-        "cola": [61.81],
-        "sst2": [94.00],
-        "mrpc": [87.42, 91.00],
-        "qqp": [88.85, 85.22],
-        "stsb": [90.48, 90.47],
-        "mnli": [85.73],
-        "qnli": [91.05],
-        "rte": [63.79],
-        "avg": 84.53,
-    },
-    "ProPETL-Prefix": {
-        "cola": [62.16],
-        "sst2": [93.62],
-        "mrpc": [88.73, 91.80],
-        "qqp": [87.59, 83.71],
-        "stsb": [90.92, 90.83],
-        "mnli": [85.30],
-        "qnli": [91.75],
-        "rte": [72.66],
-        "avg": 85.37,
-    },
 }
 
 PAPER_MODEL = "RoBERTa-base"
@@ -266,7 +220,7 @@ def trivial_runs(runs: list[dict]) -> list[dict]:
         if (run.get("trivial") or {}).get("test"):
             found[run["task"]].append(run)
     out = []
-    for task in sorted(found, key=_task_rank):
+    for task in in_task_order(found):
         first, versions = found[task][0], {json.dumps(r["trivial"]["test"], sort_keys=True) for r in found[task]}
         rule = str(first["trivial"].get("rule", ""))
         if len(versions) > 1:
@@ -291,10 +245,10 @@ def trivial_runs(runs: list[dict]) -> list[dict]:
 
 
 def run_score(run: dict) -> float | None:
-    """A run's GLUE score x100: metrics.json `glue_score`, else the mean of its test metrics' GLUE_NUMBERS."""
+    """A run's GLUE score x100: metrics.json `glue_score`, else the mean of its task's numbers (task_numbers)."""
     if run.get("glue_score") is not None:
         return 100.0 * run["glue_score"]
-    names = GLUE_NUMBERS.get(run["task"], ())
+    names = task_numbers(run["task"], run["test"])
     return 100.0 * task_score(run["task"], run["test"]) if names and all(n in run["test"] for n in names) else None
 
 
@@ -335,17 +289,13 @@ def trained_prototype(run: dict) -> bool:
     return run["method"] == "propetl" and not run.get("prototype_frozen")
 
 
-def _task_rank(task: str) -> int:
-    return list(GLUE_NUMBERS).index(task) if task in GLUE_NUMBERS else len(GLUE_NUMBERS)
-
-
 def key_order(key: tuple) -> tuple:
-    """Sort key of (model, task, prototype[, sparsity]) tuples: GLUE task order, then prototype order."""
+    """Sort key of (model, task, prototype[, sparsity]) tuples: task order (task_rank), then prototype order."""
     model, task, prototype, *rest = key
     prototypes = list(PROTOTYPE_TITLES)
     return (
         str(model),
-        _task_rank(task),
+        task_rank(task),
         prototypes.index(prototype) if prototype in prototypes else len(prototypes),
         str(prototype),
         *(-1.0 if v is None else v for v in rest),
@@ -418,15 +368,15 @@ def summarise(runs: list[dict]) -> list[dict]:
     rows = []
     for label, members in groups.items():
         tasks, scores = {}, {}
-        for task in [t for t in GLUE_NUMBERS if any(r["task"] == t for r in members)]:
+        for task in in_task_order(r["task"] for r in members):
             task_runs = [r for r in members if r["task"] == task]
             tasks[task] = {
                 name: cell_stats(100.0 * r["test"][name] for r in task_runs if name in r["test"])
-                for name in GLUE_NUMBERS[task]
+                for name in task_numbers(task, task_runs[0]["test"])
             }
             scores[task] = cell_stats(run_score(r) for r in task_runs)
         means = {t: {n: c["mean"] / 100.0 for n, c in cells.items() if c} for t, cells in tasks.items()}
-        numbers = sum(len(m) for m in means.values())
+        numbers = len(glue_numbers(means))
         storage = [r["storage"] for r in members if r["storage"]]
         computed = all(r.get("computed") for r in members)
         rows.append(

@@ -8,7 +8,7 @@ from collections import defaultdict
 
 from scipy import stats as scipy_stats
 
-from propetl.data.metrics import GLUE_NUMBERS
+from propetl.data.metrics import task_numbers
 from propetl.report.runs import (
     group_runs,
     key_order,
@@ -101,7 +101,7 @@ def paired_comparisons(table_runs: list[dict], pooled_runs: list[dict]) -> list[
     for _, name, (model, task, prototype, sparsity), a, b in sorted(specs, key=lambda s: (s[0], key_order(s[2]))):
         if not a or not b:
             continue
-        numbers = GLUE_NUMBERS.get(task, ())
+        numbers = task_numbers(task, a[0]["test"])
         for metric in ("glue_score", *(numbers if len(numbers) > 1 else ())):
             result = paired_by_seed(a, b, metric)
             if result["n"]:

@@ -7,20 +7,19 @@ import io
 import math
 import os
 import re
+import statistics
 from collections.abc import Iterable
 from pathlib import Path
 
-from propetl.data.metrics import GLUE_NUMBERS
+from propetl.data.tasks import in_task_order, paper_average_size, paper_rows, task_title
 from propetl.report.runs import (
     MAJORITY_SHARE,
     MASK_KINDS,
     NOT_KEPT,
     PAPER_MODEL,
-    PAPER_PROPETL_ROWS,
     PAPER_STORAGE_PERCENT,
     RUN_FIELDS,
     STD_RATIO,
-    TASK_TITLES,
     group_runs,
     kept_bytes,
     mask_kind,
@@ -80,27 +79,27 @@ def model_prefix(model, models: set) -> str:
 
 
 def _task_and_propetl(model, task: str, prototype, models: set) -> list[str]:
-    return [model_prefix(model, models) + TASK_TITLES.get(task, task), f"ProPETL-{prototype_title(prototype)}"]
+    return [model_prefix(model, models) + task_title(task), f"ProPETL-{prototype_title(prototype)}"]
 
 
 def markdown_table(rows: list[dict], with_paper: bool = True) -> str:
     """Table 1 shape: one row per method, one column per task present, the average and storage."""
-    tasks = [t for t in GLUE_NUMBERS if any(t in row["tasks"] for row in rows)]
+    tasks = in_task_order(t for row in rows for t in row["tasks"])
     header = [
         "Method",
         "% params",
         "% storage",
         "bytes/task",
         "ratio to PETL",
-        *(TASK_TITLES[t] for t in tasks),
+        *(task_title(t) for t in tasks),
         "Avg",
         "runs",
     ]
-    body = []
+    body, whole = [], paper_average_size()
     for row in rows:
         average = _number(row["average"], ".2f")
-        if row["average"] is not None and row["average_numbers"] != 11:
-            average += f" ({row['average_numbers']} of 11)"
+        if row["average"] is not None and row["average_numbers"] != whole:
+            average += f" ({row['average_numbers']} of {whole})"
         size = row["file_bytes"] if row["file_bytes"] is not None else row["storage_bytes"]
         body.append(
             [
@@ -116,29 +115,27 @@ def markdown_table(rows: list[dict], with_paper: bool = True) -> str:
         )
     if with_paper:
         body.append([f"*paper ({PAPER_MODEL})*", *([""] * (len(header) - 1))])
-        body += [
-            [
-                f"*{label} (paper)*",
-                "–",
-                f"≈{PAPER_STORAGE_PERCENT}",
-                "–",
-                f"≈{PAPER_STORAGE_PERCENT}",
-                *("/".join(f"{v:.2f}" for v in paper[t]) for t in tasks),
-                f"{paper['avg']:.2f} (11)",
-                "3 seeds",
-            ]
-            for label, paper in PAPER_PROPETL_ROWS.items()
-        ]
+        for label, paper in paper_rows().items():
+            numbers = [v for values in paper.values() for v in values]
+            body.append(
+                [
+                    f"*{label} (paper)*",
+                    "–",
+                    f"≈{PAPER_STORAGE_PERCENT}",
+                    "–",
+                    f"≈{PAPER_STORAGE_PERCENT}",
+                    *("/".join(f"{v:.2f}" for v in paper[t]) if t in paper else "–" for t in tasks),
+                    f"{statistics.fmean(numbers):.2f} ({len(numbers)})",
+                    "3 seeds",
+                ]
+            )
     return _table(header, body)
 
 
 def trivial_note(rows: list[dict]) -> str:
     """The rule of each task's trivial baseline, '' without one."""
     rules = [
-        f"{TASK_TITLES.get(task, task)}: {rule}"
-        for row in rows
-        if row.get("computed")
-        for task, rule in row["rules"].items()
+        f"{task_title(task)}: {rule}" for row in rows if row.get("computed") for task, rule in row["rules"].items()
     ]
     return (
         (
@@ -156,7 +153,7 @@ def comparison_table(rows: list[dict]) -> str:
     numbers in points (ProPETL − PETL), and the storage ratio. A ProPETL row split by sparsity
     ('ProPETL-LoRA (s=0.5)') is compared too, under 'LoRA (s=0.5)'."""
     by_label = {row["label"]: row for row in rows}
-    tasks = [t for t in GLUE_NUMBERS if any(t in row["tasks"] for row in rows)]
+    tasks = in_task_order(t for row in rows for t in row["tasks"])
     body = []
     for pro in rows:
         model, colon, base = pro["label"].rpartition(": ")
@@ -170,7 +167,7 @@ def comparison_table(rows: list[dict]) -> str:
             numbers = (f"{b[n]['mean'] - a[n]['mean']:+.2f}" if a.get(n) and b.get(n) else "–" for n in a or ())
             deltas.append("/".join(numbers) if a and b else "–")
         body.append([pro["label"].replace("ProPETL-", "", 1), *deltas, _number(pro["ratio_to_plain_petl"], ".3f")])
-    return _table(["Prototype", *(f"{TASK_TITLES[t]} Δ" for t in tasks), "storage ratio"], body)
+    return _table(["Prototype", *(f"{task_title(t)} Δ" for t in tasks), "storage ratio"], body)
 
 
 def _excludes_zero(value: bool | None) -> str:
@@ -182,7 +179,7 @@ def paired_table(comparisons: list[dict]) -> str:
     body = [
         [
             c["comparison"],
-            model_prefix(c["model"], models) + TASK_TITLES.get(c["task"], c["task"]),
+            model_prefix(c["model"], models) + task_title(c["task"]),
             prototype_title(c["prototype"]),
             sparsity_text(c["mask_sparsity"]),
             "GLUE score" if c["metric"] == "glue_score" else c["metric"],
@@ -345,7 +342,7 @@ def run_name(run: dict) -> str:
     """A run in one line: task, method, prototype, mask kind and sparsity, seed, experiment."""
     masks = f" {mask_kind(run)} s={sparsity_text(run.get('mask_sparsity'))}" if run["method"] == "propetl" else ""
     return (
-        f"{TASK_TITLES.get(run['task'], run['task'])} {run['method']} {prototype_title(run.get('prototype'))}"
+        f"{task_title(run['task'])} {run['method']} {prototype_title(run.get('prototype'))}"
         f"{masks} seed {run.get('seed')} ({run.get('experiment') or 'no experiment'})"
     )
 
@@ -480,7 +477,7 @@ def jobs_table(runs: list[dict], root: Path) -> str:
         body.append(
             [
                 os.path.relpath(Path(run["path"]).parent, root),
-                TASK_TITLES.get(run["task"], run["task"]),
+                task_title(run["task"]),
                 labels[(run["path"], run["task"])],
                 _number(run_score(run), ".2f"),
                 tests,

@@ -1,11 +1,10 @@
 """What a run computes, as one flat dict: what a finished run must match to be skipped and a checkpoint to be
 resumed. It is the whole resolved config, dotted keys to plain values, less the keys that change nothing a run
-computes (NOT_COMPUTED: W&B, progress, threads, device, how a run resumes, where its folder may be; mask.seed unless
-mask.kind=random), with data.dir
-and data.allow_hub (READ_AS_DATA) replaced by DATA_KEY, the sha256 of the data files the run reads: the same files
-under another path match, other files under the same path do not. Sweep folder names (conf/hydra/default.yaml's
-exclude_keys) leave out only NOT_COMPUTED keys, so two jobs that compute differently get two folders
-(tests/test_fingerprint.py holds them in step).
+computes (NOT_COMPUTED: W&B, progress, threads, device, how a run resumes, where its folder may be, how tables show
+its task; mask.seed unless mask.kind=random), with data.dir and data.allow_hub (READ_AS_DATA) replaced by DATA_KEY,
+the sha256 of the data files the run reads: the same files under another path match, other files under the same
+path do not. Sweep folder names (conf/hydra/default.yaml's exclude_keys) leave out only NOT_COMPUTED keys, so two
+jobs that compute differently get two folders (tests/test_fingerprint.py holds them in step).
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ NOT_COMPUTED = (
     "trainer.log_every_steps",
     "trainer.resume",
     "trainer.save_steps",
+    "task.report",  # how tables show the task
 )
 READ_AS_DATA = ("data.dir", "data.allow_hub")
 DATA_KEY = "data.sha256"
