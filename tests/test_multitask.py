@@ -379,3 +379,22 @@ def test_a_head_that_is_neither_berts_nor_robertas_is_one_line():
                                                              intermediate_size=64))
     with pytest.raises(ModelError, match="ElectraClassificationHead.*propetl runs BERT- and RoBERTa-family models"):
         pretrained_head(electra)
+
+
+def test_a_run_of_tasks_outside_the_papers_average_has_no_glue_average(tmp_path, tiny_text_model_dir, glue_dir):
+    """A user's task without the paper's numbers (no `report.paper` in its yaml) trains to the end; the run's
+    glue_average is null instead of a crash after training."""
+    import yaml
+
+    from propetl.configs import CONF_DIR, compose, config_dirs
+
+    rte = yaml.safe_load((CONF_DIR / "task" / "rte.yaml").read_text())
+    (tmp_path / "conf" / "task").mkdir(parents=True)
+    mine = {**{key: value for key, value in rte.items() if key != "report"}, "name": "mytask"}
+    (tmp_path / "conf" / "task" / "mytask.yaml").write_text(yaml.safe_dump(mine))
+    overrides = [*tiny_text_overrides(tiny_text_model_dir, glue_dir), "mode=multitask", "tasks=[mytask]",
+                 "prototype=lora", "data.max_train_examples=16", "trainer.max_steps=2", "trainer.save_weights=false"]
+    with config_dirs([str(tmp_path / "conf")]):        # as propetl-train --config-dir conf would find it
+        metrics = train(compose(overrides, [f"file://{tmp_path / 'conf'}"]), tmp_path / "run")
+    assert metrics["glue_average"] is None and set(metrics["per_task"]) == {"mytask"}
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["glue_average"] is None

@@ -218,6 +218,7 @@ def report_multitask(
         per_task[name] = {"selection": selection, "test": test, "glue_score": glue_metrics.task_score(name, test)}
     if not writes:
         return {"tasks": per_task}, {}
+    tests = {n: t["test"] for n, t in per_task.items()}
     metrics = {
         "mode": "multitask",
         "tasks": list(tests),
@@ -235,7 +236,7 @@ def report_multitask(
         "split_seed": int(cfg.data.split_seed),
         "per_task": per_task,
         "mean_test_score": float(np.mean([t["glue_score"] for t in per_task.values()])),
-        "glue_average": glue_metrics.glue_average({n: t["test"] for n, t in per_task.items()}),
+        "glue_average": glue_metrics.glue_average(tests) if glue_metrics.glue_numbers(tests) else None,
         "selection": result.best_selection,
         "storage": figures,
         **facts,
