@@ -1,7 +1,8 @@
 """propetl-export CHECKPOINT OUT --format hf|peft: a run's checkpoint as a folder that plain transformers (`hf`) or
 PEFT (`peft`) loads with the same logits.
-  hf    every LoRA update (ProPETL: each layer's masked prototype) folded into W_q / W_v (methods.merge), written
-        with save_pretrained (safetensors) plus the backbone's tokenizer, for plain
+  hf    every LoRA update (ProPETL: each layer's masked prototype) folded into W_q / W_v (methods.merge), the model
+        made a plain transformers one (MultiTaskModel.to_transformers) and written with save_pretrained
+        (safetensors) plus the backbone's tokenizer, for plain
         AutoModelForSequenceClassification.from_pretrained(OUT). Also method=petl, finetune (already plain) and
         method=peft (its tuner merged by PEFT).
   peft  a standard PEFT adapter with the head (classifier, BERT's pooler) as modules_to_save, for
