@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 import propetl  # noqa: E402,F401
+from propetl.cli import upgrade  # noqa: E402
 from propetl.cli.evaluate import evaluate_checkpoint  # noqa: E402
 from propetl.storage import accounting, checkpoint, files, mask_coding  # noqa: E402
 
@@ -42,7 +43,7 @@ def shown(path: Path) -> str:
 
 def resave(source: Path, target: Path, dtype: str, coding: str) -> dict:
     """Load `source`, write it to `target` in `dtype` and `coding`; return its masks as reloaded."""
-    model, saved = checkpoint.load_checkpoint(source, allow_unsealed=True)
+    model, saved = checkpoint.load_checkpoint(source)
     cfg = OmegaConf.merge(saved, {"storage": {"dtype": dtype, "mask_coding": coding}})
     checkpoint.save_checkpoint(model, cfg, target)
     return accounting.stored_masks(checkpoint.load_checkpoint(target)[0])
@@ -50,14 +51,18 @@ def resave(source: Path, target: Path, dtype: str, coding: str) -> dict:
 
 def check(checkpoint_dir: Path, work: Path, data_dir) -> dict:
     original = work / "original"
-    shutil.copytree(checkpoint_dir, original)
-    model, saved = checkpoint.load_checkpoint(original, allow_unsealed=True)
+    version = checkpoint.upgradable_format(Path(checkpoint_dir)) or checkpoint.FORMAT_VERSION
+    if version != checkpoint.FORMAT_VERSION:  # formats 1-3: rewritten into today's first
+        upgrade.upgrade(checkpoint_dir, original, allow_unsealed=True)
+    else:
+        shutil.copytree(checkpoint_dir, original)
+    model, saved = checkpoint.load_checkpoint(original)
     reference_masks = accounting.stored_masks(model)
     started = time.perf_counter()
-    reference = evaluate_checkpoint(original, "test", data_dir=data_dir, allow_unsealed=True)
+    reference = evaluate_checkpoint(original, "test", data_dir=data_dir)
     names = [k for k in ("pearson", "spearman", "accuracy", "f1", "matthews") if k in reference]
     sizes = checkpoint.file_sizes(original)
-    rows = [{"dtype": "as saved", "mask_coding": "as saved", "format_version": int(saved.format_version),
+    rows = [{"dtype": "as saved", "mask_coding": "as saved", "format_version": version,
              **{k: reference[k] for k in names}, "file_bytes": sizes["file_bytes"],
              "file_bytes_with_head": sizes["file_bytes_with_head"], "seconds": time.perf_counter() - started}]
     for dtype in DTYPES:

@@ -197,7 +197,7 @@ def test_every_part_of_a_multitask_checkpoint_is_checked(multitask_checkpoint):
 def test_a_multitask_checkpoint_read_once_is_not_hashed_again(multitask_checkpoint, monkeypatch):
     """Adding tasks reads the base checkpoint's config first (train.py), then loads it: shared/ is hashed once."""
     folder, checked = multitask_checkpoint, []
-    config = checkpoint.read_multitask_config(folder)
+    config = checkpoint.read_checkpoint_config(folder)
 
     def counting_check_seal(part, *args, **kwargs):
         checked.append(Path(part).name)
@@ -251,7 +251,7 @@ def test_a_format4_config_without_its_tasks_is_one_line(run_copy):
     run, _ = run_copy
     rewrite_config(run / "checkpoint" / "shared", lambda config: {
         **{k: v for k, v in config.items() if k not in ("tasks", "num_labels")}, "task": {"name": "rte", "num_labels": 2}})
-    assert "names its tasks ('tasks')" in refused(lambda: checkpoint.load_checkpoint(run / "checkpoint"), run)
+    assert "tasks=None is invalid; allowed: a non-empty list of distinct task names" in refused(lambda: checkpoint.load_checkpoint(run / "checkpoint"), run)
 
 
 # ----------------------------------------------------------------------------- safetensors only

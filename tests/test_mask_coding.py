@@ -1,5 +1,5 @@
 """Mask coding (propetl/storage/mask_coding.py) and the storage it gives: lossless masks near log2 C(n, k), corrupted
-streams refused, format-1 checkpoints still read, half-precision dense tensors, the on-disk ratios."""
+streams refused, format-1 checkpoints upgraded, half-precision dense tensors, the on-disk ratios."""
 from __future__ import annotations
 
 import json
@@ -9,12 +9,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import compose_cfg, format1_packed_masks
+from conftest import compose_cfg, format1_packed_masks, tiny_batch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from propetl import methods, report
+from propetl.cli import upgrade
 from propetl.models import backbone
 from propetl.run import log
 from propetl.storage import accounting, checkpoint, files, mask_coding
@@ -126,7 +127,7 @@ def tiny_propetl(tiny_cfg, *overrides):
     return model, cfg, backbone.head_parameter_names(model)
 
 
-def write_flat(directory, model):
+def write_flat(directory, model):  # what propetl-upgrade reads
     """Turn a one-task checkpoint into the flat layout propetl wrote before format 4 (format 3): propetl.json, the
     dense file, masks.safetensors and head.safetensors side by side, the head under the transformers model's names."""
     shared, part = directory / checkpoint.SHARED_DIR, next((directory / checkpoint.TASKS_DIR).iterdir())
@@ -135,7 +136,7 @@ def write_flat(directory, model):
     config = {**config, "format_version": 3, "task": {"name": name, "num_labels": config.pop("num_labels")[name]}}
     del config["task_masks"]
     for path in shared.glob("*.safetensors"):
-        path.rename(directory / (checkpoint.MASKS_FILE if path.name == checkpoint.LAYER_MASKS_FILE else path.name))
+        path.rename(directory / (upgrade.FLAT_MASKS_FILE if path.name == checkpoint.LAYER_MASKS_FILE else path.name))
     layout = backbone.head_layout(model)
     head = {backbone.swap_prefix(n, layout): t for n, t in load_file(part / checkpoint.HEAD_FILE).items()}
     save_file(head, str(directory / checkpoint.HEAD_FILE))
@@ -147,8 +148,8 @@ def write_flat(directory, model):
 
 def write_format1(directory):
     """Turn a checkpoint into what propetl wrote before format 2: bit-packed masks, one tensor per name."""
-    masks = checkpoint.read_masks(directory / checkpoint.MASKS_FILE)
-    save_file({n: format1_packed_masks(m) for n, m in masks.items()}, str(directory / checkpoint.MASKS_FILE),
+    masks = checkpoint.read_masks(directory / upgrade.FLAT_MASKS_FILE)
+    save_file({n: format1_packed_masks(m) for n, m in masks.items()}, str(directory / upgrade.FLAT_MASKS_FILE),
               metadata={"shapes": json.dumps({n: list(m.shape) for n, m in masks.items()})})
     config = json.loads((directory / checkpoint.CONFIG_FILE).read_text())
     config["format_version"] = 1
@@ -158,18 +159,30 @@ def write_format1(directory):
 
 
 @pytest.mark.parametrize("version", [1, 3])
-def test_flat_checkpoints_of_formats_1_to_3_still_load(tiny_cfg, tmp_path, version):
+def test_a_flat_checkpoint_of_formats_1_to_3_is_upgraded_and_then_predicts_as_before(tiny_cfg, tmp_path, version):
     model, cfg, heads = tiny_propetl(tiny_cfg)
-    checkpoint.save_checkpoint(model, cfg, tmp_path / "checkpoint")
-    write_flat(tmp_path / "checkpoint", model)
+    old, new = tmp_path / "checkpoint", tmp_path / "upgraded"
+    checkpoint.save_checkpoint(model, cfg, old)
+    write_flat(old, model)
     if version == 1:
-        write_format1(tmp_path / "checkpoint")
-    loaded, saved = checkpoint.load_checkpoint(tmp_path / "checkpoint", allow_unsealed=True)   # format 1: no manifest
-    assert saved.format_version == version and saved.task.num_labels == 2
+        write_format1(old)
+    with pytest.raises(checkpoint.CheckpointError) as refused:                  # the loaders read today's format only
+        checkpoint.load_checkpoint(old)
+    assert str(refused.value) == (f"{old} is a checkpoint of format {version}; this propetl reads format 4: "
+                                  f"run `propetl-upgrade {old} NEW_FOLDER` to rewrite it")
+    if version == 1:                                                            # format 1 has no manifest: asked for
+        with pytest.raises(checkpoint.CheckpointError, match="pass --allow-unsealed"):
+            upgrade.upgrade(old, new)
+    upgrade.main([str(old), str(new), "--allow-unsealed"])
+    loaded, saved = checkpoint.load_checkpoint(new)
+    assert saved.format_version == 4 and saved.task.num_labels == 2 and saved.storage.mask_coding == (
+        "bits" if version == 1 else cfg.storage.mask_coding)
     expected, got = accounting.stored_masks(model), accounting.stored_masks(loaded)
-    assert all(torch.equal(expected[n], got[n]) for n in expected)
-    state = loaded.state_dict()
-    assert all(torch.equal(state[n], p) for n, p in model.named_parameters() if n in heads)     # the head, renamed back
+    assert expected.keys() == got.keys() and all(torch.equal(expected[n], got[n]) for n in expected)
+    batch = tiny_batch()
+    with torch.no_grad():                                                       # what the old loader gave: the model
+        assert torch.equal(loaded(batch["input_ids"], batch["attention_mask"]).logits,
+                           model.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits)
 
 
 @pytest.mark.parametrize("coding", mask_coding.CODINGS)
@@ -267,7 +280,7 @@ def written_bytes(cfg, hidden: int, layers: int, folder) -> int:
     folder.mkdir()
     checkpoint.save_dense(weights.base_tensors(), folder / "dense.safetensors", cfg)
     if masks := weights.binary_masks():
-        checkpoint.save_masks(accounting.MaskFile(masks), folder / checkpoint.MASKS_FILE, cfg)
+        checkpoint.save_masks(accounting.MaskFile(masks), folder / checkpoint.LAYER_MASKS_FILE, cfg)
     return sum(p.stat().st_size for p in folder.iterdir())
 
 

@@ -1,7 +1,7 @@
 """A sealed folder says only that its files are as saved, not that what they say is valid: a checkpoint's propetl.json
 or a resume folder's state.json edited and resealed (manifest rewritten) is refused in one line naming the file and
 the key, as the command line's config would be; a folder without a manifest loads only if it predates the seal
-(format 1-2) and the caller allows it (issue 29)."""
+(format 1-2) and the caller asks propetl-upgrade to rewrite it (issue 29)."""
 from __future__ import annotations
 
 import json
@@ -20,6 +20,9 @@ from test_checksums import (  # noqa: F401
     saved_run,
 )
 
+from conftest import format1_packed_masks
+
+from propetl.cli import upgrade
 from propetl.run.resume import START_OVER, STATE_JSON, STATE_TENSORS, Checkpointer
 from propetl.storage import checkpoint, files
 
@@ -40,7 +43,8 @@ DELETE = object()
 
 @pytest.mark.parametrize("key,value,says", [
     # the checkpoint's own keys
-    ("format_version", "4", "format_version='4' is invalid; allowed: 1, 2, 3, 4"),
+    ("format_version", "4", "format_version='4' is invalid; allowed: 4"),
+    ("format_version", 5, "format_version=5 is invalid; allowed: 4"),
     ("format_version", True, "format_version=True is invalid"),
     ("tasks", "rte", "tasks='rte' is invalid; allowed: a non-empty list of distinct task names"),
     ("tasks", [], "tasks=[] is invalid"),
@@ -56,6 +60,9 @@ DELETE = object()
     # sections and values by the command line's rules (validate.py)
     ("model", "bert", "model='bert' is invalid; allowed: an object"),
     ("storage", [], "storage=[] is invalid; allowed: an object"),
+    ("storage", DELETE, "storage=None is invalid; allowed: an object"),
+    ("task_masks", DELETE, "task_masks=None is invalid; allowed: true or false"),
+    ("mask.combine", DELETE, "mask.combine=None is invalid"),
     ("method.name", "lora", "method.name='lora' is invalid; allowed: propetl, petl, finetune, peft"),
     ("mask.sparsity", 1.5, "mask.sparsity=1.5 is invalid; allowed: a number in [0.0, 1.0)"),
     ("mask.sparsity", "0.5", "mask.sparsity='0.5' is invalid"),
@@ -91,17 +98,18 @@ def test_a_multitask_config_with_a_bad_label_count_is_refused(multitask_checkpoi
     assert "propetl.json: num_labels.stsb=0 is invalid; allowed: a positive integer" in message
 
 
-def test_a_flat_config_with_a_bad_task_is_refused(tiny_cfg, tmp_path):
+def test_a_flat_config_with_a_bad_task_is_not_upgraded(tiny_cfg, tmp_path):
     from test_mask_coding import tiny_propetl, write_flat
 
     model, cfg, _ = tiny_propetl(tiny_cfg)
     folder = checkpoint.save_checkpoint(model, cfg, tmp_path / "checkpoint")
     write_flat(folder, model)                                             # format 3, one task, flat
-    for task, says in (({"name": "rte", "num_labels": "2"}, "task.num_labels='2' is invalid"),
-                       ({"name": "nope", "num_labels": 2}, "task.name='nope' is invalid"),
+    for task, says in (({"name": "rte", "num_labels": "2"}, "num_labels.rte='2' is invalid"),
+                       ({"name": "nope", "num_labels": 2}, "tasks='nope' is invalid"),
                        ("rte", "task='rte' is invalid; allowed: an object")):
         rewrite_config(folder, lambda config: {**config, "task": task})
-        assert says in refused(lambda: checkpoint.load_checkpoint(folder), folder)
+        assert says in refused(lambda: upgrade.upgrade(folder, tmp_path / "new"), folder)
+        assert not (tmp_path / "new").exists()
 
 
 # ----------------------------------------------------------------------------- state.json
@@ -225,19 +233,19 @@ def downgrade(folder: Path, version: int = 2) -> None:
     (shared / files.MANIFEST_FILE).unlink()
 
 
-def test_a_downgrade_around_the_seal_is_refused_unless_unsealed_folders_are_allowed(run_copy):
+def test_a_downgrade_around_the_seal_is_not_loaded_nor_upgraded_unless_unsealed_folders_are_allowed(run_copy):
     run, _ = run_copy
-    folder = run / "checkpoint"
+    folder, new = run / "checkpoint", run.parent / "upgraded"
     expected = load_checkpoint_state(folder)
     downgrade(folder)
     for load in (lambda: checkpoint.load_checkpoint(folder), lambda: checkpoint.read_checkpoint_config(folder)):
-        message = refused(load, run)
-        assert message == (f"{folder / 'shared'} has no manifest.json (format 2: written before checkpoints were "
-                           f"sealed in format 3, or edited); pass --allow-unsealed (allow_unsealed=True in Python) "
-                           f"to load an unsealed legacy checkpoint")
-    model, saved = checkpoint.load_checkpoint(folder, allow_unsealed=True)            # asked for: it loads
-    assert saved.format_version == 2
-    assert all(torch.equal(t, expected[n]) for n, t in model.state_dict().items())
+        assert refused(load, run) == (f"{folder} is a checkpoint of format 2; this propetl reads format 4: "
+                                      f"run `propetl-upgrade {folder} NEW_FOLDER` to rewrite it")
+    assert refused(lambda: upgrade.upgrade(folder, new), run) == (
+        f"{folder / 'shared'} has no manifest.json (format 2: written before checkpoints were sealed in format 3, "
+        f"or edited); pass --allow-unsealed to upgrade an unsealed checkpoint")
+    upgrade.upgrade(folder, new, allow_unsealed=True)                                  # asked for: it upgrades
+    assert all(torch.equal(t, expected[n]) for n, t in checkpoint.load_checkpoint(new)[0].state_dict().items())
 
 
 def test_a_task_folder_without_its_manifest_needs_the_same_permission(run_copy):
@@ -246,24 +254,35 @@ def test_a_task_folder_without_its_manifest_needs_the_same_permission(run_copy):
     rewrite_config(folder / "shared", lambda config: {**config, "format_version": 2})   # resealed, an older format
     (folder / "tasks" / "rte" / files.MANIFEST_FILE).unlink()
     assert f"{folder / 'tasks' / 'rte'} has no manifest.json (format 2" in refused(
-        lambda: checkpoint.load_checkpoint(folder), run)
-    checkpoint.load_checkpoint(folder, allow_unsealed=True)
+        lambda: upgrade.upgrade(folder, run.parent / "upgraded"), run)
+    upgrade.upgrade(folder, run.parent / "upgraded", allow_unsealed=True)
 
 
-def test_a_sealed_format_without_its_manifest_is_refused_even_when_allowed(run_copy):
+def test_a_sealed_format_without_its_manifest_is_refused(run_copy):
     run, _ = run_copy
     folder = run / "checkpoint"
     (folder / "shared" / files.MANIFEST_FILE).unlink()
-    message = refused(lambda: checkpoint.load_checkpoint(folder, allow_unsealed=True), run)
-    assert "has no manifest.json" in message and "format 4 checkpoints carry one" in message
+    assert "has no manifest.json" in refused(lambda: checkpoint.load_checkpoint(folder), run)
+    rewrite_config(folder / "shared", lambda config: {**config, "format_version": 3})   # format 3 carried one too
+    (folder / "shared" / files.MANIFEST_FILE).unlink()
+    message = refused(lambda: upgrade.upgrade(folder, run.parent / "upgraded", allow_unsealed=True), run)
+    assert "has no manifest.json" in message and "format 3 checkpoints carry one" in message
 
 
-def test_a_multitask_downgrade_is_refused_unless_allowed(multitask_checkpoint):
+def test_a_multitask_checkpoint_of_format_1_is_upgraded(multitask_checkpoint, tmp_path):
     folder = multitask_checkpoint
+    expected = {n: t.clone() for n, t in checkpoint.load_multitask(folder)[0].state_dict().items()}
     downgrade(folder, version=1)
-    message = refused(lambda: checkpoint.load_multitask(folder), folder)
-    assert "(format 1: written before checkpoints were sealed" in message
-    for part in ("rte", "stsb"):                    # format 1 wrote no manifest anywhere
+    for part in ("rte", "stsb"):                    # format 1: no manifest anywhere, task mask rows [*shape]
         (folder / "tasks" / part / files.MANIFEST_FILE).unlink()
-    _, saved = checkpoint.load_multitask(folder, allow_unsealed=True)
-    assert saved["format_version"] == 1
+        path = folder / "tasks" / part / checkpoint.TASK_MASK_FILE
+        rows = checkpoint.read_masks(path)
+        save_file({n: format1_packed_masks(m[0]) for n, m in rows.items()}, str(path),
+                  metadata={"shapes": json.dumps({n: list(m.shape[1:]) for n, m in rows.items()})})
+    rewrite_config(folder / "shared", lambda config: {k: v for k, v in config.items() if k != "task_masks"})
+    (folder / "shared" / files.MANIFEST_FILE).unlink()
+    assert "run `propetl-upgrade" in refused(lambda: checkpoint.load_multitask(folder), folder)
+    upgrade.upgrade(folder, tmp_path / "upgraded", allow_unsealed=True)
+    model, saved = checkpoint.load_multitask(tmp_path / "upgraded")
+    assert saved["format_version"] == 4 and saved["task_masks"] is True
+    assert all(torch.equal(t, expected[n]) for n, t in model.state_dict().items())

@@ -1,1 +1,1 @@
-"""The command-line tools propetl-train, -eval and -export: thin entries with one-line errors (propetl-report: report/)."""
+"""The command-line tools propetl-train, -eval, -export and -upgrade: thin entries with one-line errors (propetl-report: report/)."""

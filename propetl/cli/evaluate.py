@@ -66,9 +66,8 @@ def evaluate_checkpoint(
     data_dir=None,
     batch_size: int = 256,
     device: str = "cpu",
-    allow_unsealed: bool = False,
 ) -> dict:
-    model, saved = checkpoint.load_checkpoint(directory, allow_unsealed=allow_unsealed)
+    model, saved = checkpoint.load_checkpoint(directory)
     if merge and saved.method.name != "finetune":
         methods.merge(model, backbone.encoder_layers(model), saved.prototype.name)
     task = group_option("task", saved.task.name)  # shipped, or on --config-dir (configs.config_dirs)
@@ -100,11 +99,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", choices=("test", "validation"), default="test")
     parser.add_argument("--no-merge", dest="merge", action="store_false", help="keep the masks (slower)")
     parser.add_argument("--data-dir", default=None, help="GLUE folder (default as propetl-train)")
-    parser.add_argument(
-        "--allow-unsealed",
-        action="store_true",
-        help="load a checkpoint of format 1-2 that has no manifest.json (its files are not checked)",
-    )
     parser.add_argument("--batch-size", default="256", help="a positive integer (256)")
     parser.add_argument(
         "--device",
@@ -116,9 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         batch_size, device = positive_batch_size(args.batch_size), available_device(args.device)
         with config_dirs(args.config_dir):
-            result = evaluate_checkpoint(
-                args.checkpoint, args.split, args.merge, args.data_dir, batch_size, device, args.allow_unsealed
-            )
+            result = evaluate_checkpoint(args.checkpoint, args.split, args.merge, args.data_dir, batch_size, device)
     except (checkpoint.CheckpointError, glue.DataError, backbone.ModelError, ConfigError) as error:
         print(f"propetl-eval: error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -1,7 +1,8 @@
 """propetl-export CHECKPOINT OUT --format hf|peft: a run's checkpoint as a folder that plain transformers (`hf`) or
 PEFT (`peft`) loads with the same logits.
-  hf    every LoRA update (ProPETL: each layer's masked prototype) folded into W_q / W_v (methods.merge), written
-        with save_pretrained (safetensors) plus the backbone's tokenizer, for plain
+  hf    every LoRA update (ProPETL: each layer's masked prototype) folded into W_q / W_v (methods.merge), the model
+        made a plain transformers one (MultiTaskModel.to_transformers) and written with save_pretrained
+        (safetensors) plus the backbone's tokenizer, for plain
         AutoModelForSequenceClassification.from_pretrained(OUT). Also method=petl, finetune (already plain) and
         method=peft (its tuner merged by PEFT).
   peft  a standard PEFT adapter with the head (classifier, BERT's pooler) as modules_to_save, for
@@ -64,7 +65,7 @@ def write_hf(model, cfg, folder: Path) -> None:
     from propetl.models.backbone import encoder_layers, load_tokenizer
 
     methods.merge(model, encoder_layers(model), cfg.prototype.name)
-    model.save_pretrained(folder)
+    model.to_transformers(cfg.model).save_pretrained(folder)
     try:
         load_tokenizer(cfg.model).save_pretrained(folder)
     except (OSError, ValueError):  # a backbone folder without a tokenizer: the weights alone
@@ -79,7 +80,8 @@ def write_peft(model, cfg, folder: Path) -> None:
     from propetl.models.backbone import encoder_layers, head_module_names, head_parameter_names, load_backbone
 
     base = load_backbone(cfg.model, int(cfg.task.num_labels))
-    trained, head = dict(model.named_parameters()), head_parameter_names(base)
+    trained = {model.transformers_name(n): p for n, p in model.named_parameters()}
+    head = head_parameter_names(base)
     with torch.no_grad():  # the head first: modules_to_save copies it when wrapping
         for name, parameter in base.named_parameters():
             if name in head:
@@ -114,7 +116,7 @@ def write_peft(model, cfg, folder: Path) -> None:
     adapted.save_pretrained(folder)
 
 
-def export(checkpoint_dir, out, output_format: str, overwrite: bool = False, allow_unsealed: bool = False) -> Path:
+def export(checkpoint_dir, out, output_format: str, overwrite: bool = False) -> Path:
     """Write `checkpoint_dir` (a run's checkpoint/ folder) as `output_format` into `out`; ExportError when it cannot."""
     from propetl import methods
     from propetl.storage import checkpoint, files
@@ -122,10 +124,8 @@ def export(checkpoint_dir, out, output_format: str, overwrite: bool = False, all
     checkpoint_dir, out = Path(checkpoint_dir), Path(out)
     if output_format not in FORMATS:
         raise ExportError(f"--format {output_format} is invalid; allowed: {', '.join(FORMATS)}")
-    config = checkpoint.single_task_config(
-        checkpoint.read_checkpoint_config(checkpoint_dir, allow_unsealed), checkpoint_dir
-    )
-    reason = refusal(config, output_format)
+    config = checkpoint.read_checkpoint_config(checkpoint_dir)
+    reason = refusal(checkpoint.single_task_config(config, checkpoint_dir), output_format)
     if reason:
         raise ExportError(f"{checkpoint_dir}: {reason}; nothing written")
     if output_format == "peft" and (missing := methods.peft_missing()):
@@ -137,7 +137,7 @@ def export(checkpoint_dir, out, output_format: str, overwrite: bool = False, all
     write = {"hf": write_hf, "peft": write_peft}[output_format]
 
     def build(folder: Path) -> None:  # OUT is checked before the model is loaded
-        write(*checkpoint.load_checkpoint(checkpoint_dir, config, allow_unsealed=allow_unsealed), folder)
+        write(*checkpoint.load_checkpoint(checkpoint_dir, config), folder)
 
     return files.write_output_folder(
         out, build, f"propetl-export --format {output_format} {source}", protected, overwrite
@@ -164,11 +164,6 @@ def main(argv: list[str] | None = None) -> None:
         help="hf: LoRA merged, for AutoModelForSequenceClassification; peft: a PEFT adapter",
     )
     parser.add_argument(
-        "--allow-unsealed",
-        action="store_true",
-        help="load a checkpoint of format 1-2 that has no manifest.json (its files are not checked)",
-    )
-    parser.add_argument(
         "--overwrite",
         action="store_true",
         help="replace OUT if it is a previous export or save (never a folder propetl did not write)",
@@ -182,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         with config_dirs(args.config_dir):
-            written = export(args.checkpoint, args.out, args.output_format, args.overwrite, args.allow_unsealed)
+            written = export(args.checkpoint, args.out, args.output_format, args.overwrite)
     except (ExportError, CheckpointError, ModelError, OutputError, WriteError, ConfigError) as error:
         print(f"propetl-export: error: {error}", file=sys.stderr)
         sys.exit(2)

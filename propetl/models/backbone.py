@@ -113,7 +113,7 @@ def load_backbone(model_cfg, num_labels: int) -> nn.Module:
 
 
 def encoder_layers(model: nn.Module) -> nn.ModuleList:
-    return model.base_model.encoder.layer  # the transformer blocks of a BERT/RoBERTa-family model
+    return model.base_model.encoder.layer  # the transformer blocks of a BERT/RoBERTa-family model (or MultiTaskModel)
 
 
 def head_module_names(model: nn.Module) -> list[str]:
@@ -131,9 +131,8 @@ def head_parameter_names(model: nn.Module) -> set[str]:
 
 
 def build(cfg, num_labels: int, for_training: bool = True) -> nn.Module:
-    """The transformers model with the method inside (for_training=False: to receive saved weights): what a
-    one-task checkpoint loads into for inference and what the Python API wraps. Training runs the one-task
-    MultiTaskModel, which computes the same bit for bit."""
+    """The transformers model with the method inside (for_training=False: to receive saved weights), as the Python
+    API wraps one. Runs and checkpoints use the one-task MultiTaskModel, which computes the same bit for bit."""
     model = load_backbone(cfg.model, num_labels)
     methods.attach(model, encoder_layers(model), cfg, head_parameter_names(model), for_training)
     return model
@@ -245,6 +244,17 @@ class MultiTaskModel(nn.Module):
     def base_model_prefix(self) -> str:
         return "encoder"
 
+    @property
+    def base_model(self) -> nn.Module:  # as a transformers model's: the encoder (encoder_layers, PEFT)
+        return self.encoder
+
+    def to_transformers(self, model_cfg) -> nn.Module:
+        """A one-task model, its method merged away first (methods.merge), as a plain transformers model
+        (AutoModelForSequenceClassification of `model_cfg`, the task's head its own): propetl-export --format hf."""
+        full = load_backbone(model_cfg, self.num_labels[0])
+        full.load_state_dict({self.transformers_name(n): t for n, t in self.state_dict().items()})
+        return full
+
     def set_attn_implementation(self, name: str) -> None:  # prefix tuning's attention (methods/prefix.py)
         self.encoder.set_attn_implementation(name)
 
@@ -252,8 +262,8 @@ class MultiTaskModel(nn.Module):
         tasks = self.task_names if tasks is None else tasks
         return {n for n, _ in self.named_parameters() if any(n.startswith(f"heads.{t}.") for t in tasks)}
 
-    def forward(self, input_ids, attention_mask, task, token_type_ids=None, labels=None):
-        index = int(task[0])
+    def forward(self, input_ids, attention_mask, task=None, token_type_ids=None, labels=None):
+        index = 0 if task is None else int(task[0])  # no task: the first (a one-task model's batches carry none)
         weights = methods.petl_weights(self)
         if weights is not None:
             weights.active_task = index

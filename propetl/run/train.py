@@ -37,7 +37,7 @@ def train(cfg: DictConfig, output_dir: Path, claim=None) -> dict:
         return finished
     multitask = cfg.get("mode") == "multitask"
     base_dir = cfg.multitask.base_checkpoint if multitask else None
-    base = checkpoint.read_multitask_config(Path(base_dir)) if base_dir else {"tasks": []}
+    base = checkpoint.read_checkpoint_config(Path(base_dir)) if base_dir else {"tasks": []}
     base_tasks = base["tasks"]
     new_tasks = [t for t in cfg.tasks if t not in base_tasks] if multitask else [cfg.task.name]
     if base_dir and not new_tasks:
@@ -128,7 +128,7 @@ def train(cfg: DictConfig, output_dir: Path, claim=None) -> dict:
         cfg, output_dir, model, train_batches, select, head_names, device, checkpointer, ctx, eval_rows
     )
     if base_dir:  # the old tasks' mask rows saw AdamW's decay (no gradient): put them back bit for bit
-        checkpoint.load_task_parts(model, Path(base_dir), base_tasks, base["format_version"])
+        checkpoint.load_task_parts(model, Path(base_dir), base_tasks)
     predicted = {
         name: loop.predict_task(
             model,

@@ -16,13 +16,11 @@ Each folder carries a manifest.json (files.py: the sha256 of its files), written
 is read. A task ships as shared/ + tasks/<task>/; adding a task adds a folder. Dense tensors are written in
 `storage.dtype` and loaded back as fp32. The folder is built beside its place and renamed (never half-written).
 
-Older checkpoints still load: formats 1-3 of one task are flat (propetl.json, the dense file, masks.safetensors,
-head.safetensors under the transformers model's names; 1: bit-packed masks, no manifest; 2: coded masks and
-dtype; 3: the manifest); formats 1-3 of several tasks have the layout above. A folder without a manifest loads
-only if it predates the seal (format 1-2) and the caller allows it (allow_unsealed, --allow-unsealed). Every value of
-a config is checked by the command line's rules, its names against the registry, before any is used (check_config).
-Readers: load_checkpoint (one task, into the transformers model: propetl-eval, propetl-export, the Python API) and
-load_multitask (into the MultiTaskModel).
+Formats 1-3 are not read: loading one fails in one line that says to run propetl-upgrade (cli/upgrade.py), which
+rewrites such a folder into this format. Every value of a config is checked by the command line's rules, its names
+against the registry, before any is used (check_config).
+Readers: load_checkpoint (one task) and load_multitask (any tasks), both into the MultiTaskModel; load_weights (one
+task, into a transformers model with the method inside: the Python API's load_propetl).
 """
 
 from __future__ import annotations
@@ -52,16 +50,12 @@ from propetl.storage.accounting import (
     split_task_layer,
     storage_settings,
 )
-from propetl.storage.files import MANIFEST_FILE, CheckpointError, check_seal, seal, write_folder_atomically
+from propetl.storage.files import CheckpointError, check_seal, seal, write_folder_atomically
 
 FORMAT_VERSION = 4
-READABLE_FORMATS = (1, 2, 3, 4)
-SEALED_FORMAT = 3  # from this format on, every checkpoint folder carries a manifest
-ONE_LAYOUT_FORMAT = 4  # from this format on, one task or several: shared/ + tasks/<task>/
 SHARED_DIR, TASKS_DIR = "shared", "tasks"
 CONFIG_FILE, HEAD_FILE = "propetl.json", "head.safetensors"
 LAYER_MASKS_FILE, TASK_MASK_FILE = mask_coding.LAYER_MASKS_FILE, "task_mask.safetensors"
-MASKS_FILE = mask_coding.MASKS_FILE  # formats 1-3 of one task: the flat layout's masks file
 DENSE_FILE = {
     "propetl": "prototype.safetensors",
     "petl": "petl.safetensors",
@@ -70,9 +64,8 @@ DENSE_FILE = {
 }
 # What a checkpoint config may hold (check_config): the sections and keys of the command line's config it keeps,
 # checked by the same rules (validate.py), and the checkpoint's own keys.
-CONFIG_SECTIONS = ("model", "method", "prototype", "mask")
-OPTIONAL_SECTIONS = ("data", "storage", "peft")  # the Python API saves no data split, format 1 no storage; peft:
-# method=peft's tuner (conf/peft/)
+CONFIG_SECTIONS = ("model", "method", "prototype", "mask", "storage")
+OPTIONAL_SECTIONS = ("data", "peft")  # the Python API saves no data split; peft: method=peft's tuner (conf/peft/)
 SAVED_RUN_KEYS = (
     "model.name_or_path",
     "model.hidden_size",
@@ -84,11 +77,9 @@ SAVED_RUN_KEYS = (
     "storage.dtype",
     "storage.mask_coding",
 )  # validate.RUN_RULES'
-OPTIONAL_KEYS = ("mask.combine",)  # older checkpoints lack it
 OBJECT = rules.Rule(lambda v: isinstance(v, dict), "an object")
-FORMAT_RULE = rules.Rule(
-    lambda v: rules.integer().accepts(v) and v in READABLE_FORMATS, ", ".join(map(str, READABLE_FORMATS))
-)
+FORMAT_RULE = rules.Rule(lambda v: rules.integer().accepts(v) and v == FORMAT_VERSION, str(FORMAT_VERSION))
+UPGRADABLE_FORMATS = (1, 2, 3)  # propetl-upgrade rewrites them into FORMAT_VERSION
 TASK_LIST = rules.Rule(
     lambda v: isinstance(v, list) and bool(v) and all(isinstance(t, str) for t in v) and len(set(v)) == len(v),
     "a non-empty list of distinct task names",
@@ -238,51 +229,46 @@ def safetensors_shapes(path: Path) -> dict[str, list[int]]:
         return {name: list(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
 
 
-def read_checkpoint_config(directory: Path, allow_unsealed: bool = False) -> dict:
-    """A checkpoint's propetl.json (shared/, or the flat folder of formats 1-3), once its folder matches its manifest
-    (allow_unsealed: a folder of format 1-2 may have none, check_unsealed) and every value is valid (check_config);
-    else one line."""
+def read_checkpoint_config(directory: Path) -> dict:
+    """A checkpoint's shared/propetl.json, once its folder matches its manifest and every value is valid
+    (check_config); a folder of formats 1-3 (upgradable_format) or anything else wrong: one line."""
     directory = Path(directory)
-    shared = directory / SHARED_DIR
-    folder = shared if shared.is_dir() else directory
-    path = folder / CONFIG_FILE
-    sealed = check_seal(folder, required=False)
+    version = upgradable_format(directory)
+    if version is not None:
+        raise CheckpointError(
+            f"{directory} is a checkpoint of format {version}; this propetl reads format {FORMAT_VERSION}: "
+            f"run `propetl-upgrade {directory} NEW_FOLDER` to rewrite it"
+        )
+    folder = directory / SHARED_DIR
+    check_seal(folder, required=True)
+    config = read_json(folder / CONFIG_FILE)
+    _check_value(folder / CONFIG_FILE, "format_version", config.get("format_version"), FORMAT_RULE)
+    check_config(config, folder / CONFIG_FILE)
+    return config
+
+
+def upgradable_format(directory: Path) -> int | None:
+    """The format_version (1-3) of a checkpoint propetl-upgrade rewrites (its propetl.json in the folder, or in
+    shared/), peeked at before any seal is checked: it only picks the error; None for any other folder."""
+    for path in (directory / CONFIG_FILE, directory / SHARED_DIR / CONFIG_FILE):
+        try:
+            version = json.loads(path.read_bytes()).get("format_version")
+        except (OSError, ValueError, AttributeError):  # missing, not JSON, not an object
+            continue
+        if rules.integer().accepts(version) and version in UPGRADABLE_FORMATS:
+            return version
+    return None
+
+
+def read_json(path: Path) -> dict:
+    """A checkpoint's JSON object (propetl.json), or one line."""
     try:
         config = json.loads(path.read_bytes())
     except (OSError, ValueError) as error:  # ValueError: not UTF-8, not JSON
         raise CheckpointError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} holds a {type(config).__name__}, not a checkpoint config (a JSON object)")
-    version = config.get("format_version")
-    _check_value(path, "format_version", version, FORMAT_RULE)
-    if not sealed:
-        check_unsealed(folder, version, allow_unsealed)
-    if version >= ONE_LAYOUT_FORMAT and (folder is not shared or "tasks" not in config):
-        raise CheckpointError(
-            f"{path}: format_version {version} keeps its config in {SHARED_DIR}/ and names its tasks ('tasks')"
-        )
-    check_config(config, path)
     return config
-
-
-def check_unsealed(folder: Path, version: int, allow_unsealed: bool) -> None:
-    """A checkpoint folder without a manifest (check_seal found none): refused in one line, unless it predates the
-    seal (format 1-2) and the caller allows unsealed folders (--allow-unsealed): a deleted manifest and a lowered
-    format_version are no way around the seal."""
-    if version >= SEALED_FORMAT:
-        check_seal(folder, required=True, hint=f"format {version} checkpoints carry one")
-    if not allow_unsealed:
-        raise CheckpointError(
-            f"{folder} has no {MANIFEST_FILE} (format {version}: written before checkpoints were "
-            f"sealed in format {SEALED_FORMAT}, or edited); pass --allow-unsealed "
-            f"(allow_unsealed=True in Python) to load an unsealed legacy checkpoint"
-        )
-
-
-def check_part(part: Path, version: int, allow_unsealed: bool = False) -> None:
-    """A task's folder (tasks/<task>/) against its manifest; one without it as check_unsealed says."""
-    if not check_seal(part, required=False):
-        check_unsealed(part, version, allow_unsealed)
 
 
 def _check_value(path: Path, key: str, value, rule: rules.Rule) -> None:
@@ -304,16 +290,9 @@ def check_config(config: dict, path: Path) -> None:
         raise CheckpointError(f"{path}: {error}") from None
     for key in SAVED_RUN_KEYS:
         section, name = key.split(".")
-        if section in config and (name in config[section] or key not in OPTIONAL_KEYS):
+        if section in config:
             _check_value(path, key, config[section].get(name), validate.RUN_RULES[key])
-    if "tasks" not in config:  # formats 1-3 of one task
-        _check_value(path, "task", config.get("task"), OBJECT)
-        task = config["task"]
-        if task.get("name") is not None:  # the Python API's save_propetl knows no task
-            _check_value(path, "task.name", task["name"], rules.one_of(group_choices("task")))
-        _check_value(path, "task.num_labels", task.get("num_labels"), rules.positive_int())
-        return
-    tasks, labels = config["tasks"], config.get("num_labels")
+    tasks, labels = config.get("tasks"), config.get("num_labels")
     _check_value(path, "tasks", tasks, TASK_LIST)
     for task in tasks:
         _check_value(path, "tasks", task, rules.one_of((*group_choices("task"), UNNAMED_TASK)))
@@ -328,17 +307,14 @@ def check_config(config: dict, path: Path) -> None:
     )
     for task in tasks:
         _check_value(path, f"num_labels.{task}", labels[task], rules.positive_int())
-    if "task_masks" in config:  # older ones lack it (they always had task masks)
-        _check_value(path, "task_masks", config["task_masks"], validate.BOOLEAN)
+    _check_value(path, "task_masks", config.get("task_masks"), validate.BOOLEAN)
 
 
 def single_task_config(config: dict, directory: Path) -> dict:
     """A checkpoint config (read_checkpoint_config) of one task with its `task` (name, num_labels), as the
-    transformers model's readers use it; one of several tasks, or with task masks, is refused in one line."""
-    if "tasks" not in config:  # formats 1-3 of one task
-        return config
+    one-task readers use it; one of several tasks, or with task masks, is refused in one line."""
     tasks = config["tasks"]
-    if len(tasks) != 1 or has_task_masks(config):
+    if len(tasks) != 1 or config["task_masks"]:
         raise CheckpointError(
             f"{directory} is a multi-task checkpoint (tasks {', '.join(tasks)}); this reads one "
             f"task's checkpoint (a run of task=NAME); checkpoint.load_multitask reads it"
@@ -350,40 +326,26 @@ def single_task_config(config: dict, directory: Path) -> dict:
     }
 
 
-def load_checkpoint(
-    directory: Path, config: dict | None = None, allow_unsealed: bool = False
-) -> tuple[nn.Module, OmegaConf]:
-    """A one-task checkpoint as the transformers model with the method inside, in eval mode, and its config with
-    `task` (`config`: its read_checkpoint_config, if the caller has it: the folder is not hashed again).
-    allow_unsealed: a folder of format 1-2 without a manifest loads (check_unsealed)."""
+def load_checkpoint(directory: Path, config: dict | None = None) -> tuple[nn.Module, OmegaConf]:
+    """A one-task checkpoint as the one-task MultiTaskModel, in eval mode, and its config with `task` (`config`: its
+    read_checkpoint_config, if the caller has it: the folder is not hashed again)."""
     directory = Path(directory)
-    if config is None:
-        config = read_checkpoint_config(directory, allow_unsealed)
+    config = read_checkpoint_config(directory) if config is None else config
     cfg = OmegaConf.create(single_task_config(config, directory))
-    model = backbone.build(cfg, int(cfg.task.num_labels), for_training=False)
-    load_weights(model, cfg, backbone.head_parameter_names(model), directory, allow_unsealed)
-    return model.eval(), cfg
+    return load_multitask(directory, config=config)[0], cfg
 
 
-def load_weights(model: nn.Module, cfg, head_names: set[str], directory: Path, allow_unsealed: bool = False) -> None:
-    """Copy a one-task checkpoint's tensors (dense, masks, head) into a transformers model built for inference
-    with the checkpoint's config `cfg` (for_training=False; single_task_config)."""
+def load_weights(model: nn.Module, cfg, head_names: set[str], directory: Path) -> None:
+    """Copy a one-task checkpoint's tensors (dense, masks, head) into a transformers model with the method inside,
+    built for inference with the checkpoint's config `cfg` (for_training=False; single_task_config): the Python
+    API's load_propetl, on the user's own model."""
     directory, method = Path(directory), cfg.method.name
-    if cfg.get("tasks") is not None:  # format 4: shared/ + tasks/<task>/, the head under TaskHead's names
-        shared, part = directory / SHARED_DIR, directory / TASKS_DIR / cfg.tasks[0]
-        check_part(part, cfg.format_version, allow_unsealed)
-        dense_path, masks_path, head_path = shared / DENSE_FILE[method], shared / LAYER_MASKS_FILE, part / HEAD_FILE
-        layout = backbone.head_layout(model)
-    else:
-        dense_path, masks_path, head_path = (
-            directory / DENSE_FILE[method],
-            directory / MASKS_FILE,
-            directory / HEAD_FILE,
-        )
-        layout = {}
+    shared, part = directory / SHARED_DIR, directory / TASKS_DIR / cfg.tasks[0]
+    check_seal(part, required=True)
+    dense_path, masks_path, head_path = shared / DENSE_FILE[method], shared / LAYER_MASKS_FILE, part / HEAD_FILE
     dense = read_dense(dense_path, dense_parameters(model, method, head_names))
     head, _ = read_safetensors(head_path)
-    head = {backbone.swap_prefix(n, layout): t for n, t in head.items()}
+    head = {backbone.swap_prefix(n, backbone.head_layout(model)): t for n, t in head.items()}
     parameters = dict(model.named_parameters())
     weights = methods.petl_weights(model)
     with torch.no_grad():
@@ -432,25 +394,9 @@ def _copy_into(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor
 # ----------------------------------------------------------------------------- into the MultiTaskModel
 
 
-def read_multitask_config(directory: Path, allow_unsealed: bool = False) -> dict:
-    """The config of a checkpoint in the shared/ + tasks/ layout (format 4; several tasks of formats 1-3)."""
-    config = read_checkpoint_config(Path(directory), allow_unsealed)
-    if "tasks" not in config:
-        raise CheckpointError(
-            f"{directory} is a one-task checkpoint of format {config['format_version']} "
-            f"(flat): checkpoint.load_checkpoint reads it; tasks are added to a multi-task checkpoint"
-        )
-    return config
-
-
-def has_task_masks(config: dict) -> bool:
-    """Whether a checkpoint has task masks: one task trains layer masks only; older ones (no key) always had them."""
-    return config.get("task_masks", True)
-
-
 def check_can_add(directory: Path, config: dict, adding: list[str]) -> None:
     """Tasks can be added to a checkpoint of two or more tasks; one of a single task has no task masks: one line."""
-    if not has_task_masks(config):
+    if not config["task_masks"]:
         raise CheckpointError(
             f"{directory} was trained on one task, with layer masks only: tasks can be added to a "
             f"multi-task checkpoint of two or more; train {', '.join([*config['tasks'], *adding])} "
@@ -465,15 +411,13 @@ def load_multitask(
     extra_tasks=(),
     for_training=False,
     config: dict | None = None,
-    allow_unsealed: bool = False,
 ):
     """The MultiTaskModel from `shared/` and the named tasks' folders (default: all), in eval mode, and the
     checkpoint's config. With `cfg`, its settings must match the checkpoint's; `extra_tasks` (task configs) get
-    fresh masks and heads (adding tasks); `config`: its read_multitask_config, if the caller has it;
-    allow_unsealed: folders of format 1-2 without a manifest load (check_unsealed)."""
+    fresh masks and heads (adding tasks); `config`: its read_checkpoint_config, if the caller has it."""
     directory = Path(directory)
     extra = [t.name for t in extra_tasks]
-    saved = read_multitask_config(directory, allow_unsealed) if config is None else config
+    saved = read_checkpoint_config(directory) if config is None else config
     if extra:
         check_can_add(directory, saved, extra)
     if cfg is not None:
@@ -490,7 +434,7 @@ def load_multitask(
         names + extra,
         [saved["num_labels"][n] for n in names] + [int(t.num_labels) for t in extra_tasks],
         for_training,
-        task_masks=has_task_masks(saved),
+        task_masks=saved["task_masks"],
     )
     weights, method = methods.petl_weights(model), saved["method"]["name"]
     shared = directory / SHARED_DIR
@@ -501,28 +445,24 @@ def load_multitask(
         _load_dense(model, targets, dense, shared / DENSE_FILE[method])
         if layer_masks:
             _load_masks(layer_masks, read_masks(shared / LAYER_MASKS_FILE), shared / LAYER_MASKS_FILE)
-    load_task_parts(model, directory, names, saved["format_version"], allow_unsealed)
+    load_task_parts(model, directory, names)
     return model.eval(), saved
 
 
-def load_task_parts(
-    model: nn.Module, directory: Path, names: list[str], format_version: int | None = None, allow_unsealed: bool = False
-) -> None:
+def load_task_parts(model: nn.Module, directory: Path, names: list[str]) -> None:
     """Set the named tasks' mask rows and heads of a multi-task model from their folders, each checked against its
-    manifest first (check_part; also after adding a task: the old tasks' parts back exactly as they were saved)."""
-    if format_version is None:
-        format_version = read_multitask_config(directory, allow_unsealed)["format_version"]
+    manifest first (also after adding a task: the old tasks' parts back exactly as they were saved)."""
     weights = methods.petl_weights(model)
     task_masks, _ = split_task_layer(weights.mask_stores()) if weights is not None else ({}, {})
     with torch.no_grad():
         for name in names:
             index, part = model.task_names.index(name), Path(directory) / TASKS_DIR / name
-            check_part(part, format_version, allow_unsealed)
+            check_seal(part, required=True)
             if task_masks:
                 rows = read_masks(part / TASK_MASK_FILE)
                 for tensor, mask in task_masks.items():
-                    row = rows.get(tensor)  # [1, *shape] (format 1: [*shape])
-                    if row is None or tuple(row.shape) not in (mask.shape, (1, *mask.shape)):
+                    row = rows.get(tensor)  # [1, *shape]
+                    if row is None or tuple(row.shape) != (1, *mask.shape):
                         raise CheckpointError(f"{part / TASK_MASK_FILE}: no mask of shape {mask.shape} for '{tensor}'")
                     if int(row.sum()) != mask.ones_per_mask:
                         raise CheckpointError(
