@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from propetl import methods
 from propetl.configs import ConfigError, add_config_dir_argument, config_dirs
 from propetl.storage import checkpoint
-from propetl.storage.accounting import UNNAMED_TASK
+from propetl.storage.accounting import UNNAMED_TASK, MaskFile
 from propetl.storage.files import CheckpointError, OutputError, WriteError, check_seal, seal, write_output_folder
 
 FLAT_MASKS_FILE = "masks.safetensors"  # a flat checkpoint's layer masks
@@ -105,7 +105,7 @@ def upgrade(old, new, allow_unsealed: bool = False) -> Path:
 
     def recode(source: Path, target: Path, as_rows: bool = False) -> None:  # format 1's [*shape] rows: [1, *shape]
         masks = checkpoint.read_masks(source)
-        checkpoint.save_masks({n: m.unsqueeze(0) if as_rows else m for n, m in masks.items()}, target, cfg)
+        checkpoint.save_masks(MaskFile({n: m.unsqueeze(0) if as_rows else m for n, m in masks.items()}), target, cfg)
 
     def build(folder: Path) -> None:
         into = folder / checkpoint.SHARED_DIR
