@@ -27,6 +27,8 @@ from propetl.run.loop import load_trainable_state, trainable_state
 class ProPETLTrainer(Trainer):
     """transformers.Trainer for a ProPETLModel: ProPETL's optimizer groups, checkpoints of the trainable parts only."""
 
+    model: torch.nn.Module  # never None: __init__ refuses it
+
     def __init__(self, model=None, *args, **kwargs):
         if model is None or not hasattr(type(model), "parameter_groups"):
             raise ConfigError(
@@ -52,6 +54,7 @@ class ProPETLTrainer(Trainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
+        assert output_dir is not None  # TrainingArguments makes a missing output_dir "trainer_output"
         os.makedirs(output_dir, exist_ok=True)
         save_file(trainable_state(self.model), os.path.join(output_dir, SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
@@ -60,6 +63,7 @@ class ProPETLTrainer(Trainer):
         load_trainable(model or self.model, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
+        assert self.state.best_model_checkpoint is not None  # Trainer calls this only once it has one
         load_trainable(self.model, self.state.best_model_checkpoint)
 
 

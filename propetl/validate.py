@@ -32,7 +32,7 @@ LEARNING_RATE = rules.Rule(
     lambda v: rules.is_number(v) and 0 < v <= MAX_LEARNING_RATE, f"a positive number up to {MAX_LEARNING_RATE:g}"
 )
 BOOLEAN = rules.Rule(lambda v: isinstance(v, bool), "true or false")
-SEED = rules.Rule(lambda v: rules.integer().accepts(v) and 0 <= v <= MAX_SEED, f"an integer in 0..{MAX_SEED} (2**63-1)")
+SEED = rules.Rule(lambda v: rules.is_int(v) and 0 <= v <= MAX_SEED, f"an integer in 0..{MAX_SEED} (2**63-1)")
 NULLABLE = (
     "trainer.max_steps",
     "trainer.save_steps",

@@ -35,7 +35,8 @@ def search_path_of(args) -> list[str]:
     for override in OverridesParser.create().parse_overrides(
         [o for o in args.overrides if o.startswith("hydra.searchpath=")]
     ):
-        search_path += list(override.value())
+        if isinstance(value := override.value(), list):  # not a list: Hydra refuses it in one line
+            search_path += value
     if args.config_dir is not None:
         search_path.append(config_dir_entry(args.config_dir))
     return search_path
@@ -112,7 +113,9 @@ def check_keys_known(
 ) -> None:
     """(argument, dotted key) pairs whose key the composed config lacks: refused, with the nearest known key."""
     known = known_keys(groups, search_path, config_name)
-    for argument, key in keys if known is not None else ():
+    if known is None:
+        return
+    for argument, key in keys:
         if key not in known:
             near = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f"did you mean {near[0]}?" if near else "`propetl-train --cfg job` lists the keys"

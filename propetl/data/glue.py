@@ -11,13 +11,13 @@ import logging
 import math
 import os
 import pathlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import datasets
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class _TaskSpec:
 
 
 def load_glue(
-    task_cfg: Mapping[str, Any],
+    task_cfg: DictConfig | dict[str, Any],
     data_dir: str | os.PathLike | None,
     protocol: str = "split",
     split_seed: int = 42,
@@ -124,9 +124,10 @@ def resolve_data_dir(configured: str | None) -> pathlib.Path | None:
 # ------------------------------------------------------------------------------------------ task config
 
 
-def _task_spec(task_cfg: Mapping[str, Any]) -> _TaskSpec:
+def _task_spec(task_cfg: DictConfig | dict[str, Any]) -> _TaskSpec:
     """Reads a task config (DictConfig or plain mapping) into a _TaskSpec."""
     cfg = OmegaConf.to_container(OmegaConf.create(task_cfg), resolve=True)
+    assert isinstance(cfg, dict)  # a DictConfig's container
     name = str(cfg.get("name", "?"))
     try:
         local, hub = cfg["local"], cfg.get("hub") or {}
@@ -160,6 +161,7 @@ def _load_train_dev(
     """(train, dev) from the local files if they are all there, else from the hub, else a DataError."""
     local_problem = _local_files_problem(spec, data_dir)
     if local_problem is None:
+        assert data_dir is not None  # a missing data_dir is a local problem
         folder = data_dir / spec.folder
         logger.info("task %s: loading %s", spec.name, folder)
         return _read_tsv_files(spec, folder, spec.train_files), _read_tsv_files(spec, folder, spec.dev_files)
@@ -171,11 +173,12 @@ def _load_train_dev(
     return _load_hub(spec, local_problem)
 
 
-def local_files(task_cfg: Mapping[str, Any], data_dir: pathlib.Path | None) -> list[pathlib.Path] | None:
+def local_files(task_cfg: DictConfig | dict[str, Any], data_dir: pathlib.Path | None) -> list[pathlib.Path] | None:
     """The task's local train and dev files, in reading order, if they are all there; None: it would be the hub."""
     spec = _task_spec(task_cfg)
     if _local_files_problem(spec, data_dir) is not None:
         return None
+    assert data_dir is not None  # a missing data_dir is a local problem
     return [data_dir / spec.folder / name for name in spec.train_files + spec.dev_files]
 
 

@@ -93,6 +93,7 @@ def freeze_for_new_tasks(model: backbone.MultiTaskModel, base_tasks: list[str]) 
     """Adding tasks: the prototype, the layer masks and the old tasks' heads stay as trained. (The old
     tasks' rows of the task-mask scores get no gradient: their batches are not drawn.)"""
     weights = methods.petl_weights(model)
+    assert weights is not None  # mode=multitask: method=propetl or petl (validate.py), both with a store
     for parameter in weights.parameters():
         parameter.requires_grad_(False)
     for name, mask in weights.mask_stores().items():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import nn
@@ -121,7 +122,8 @@ def attach(
     if cfg.method.name == "peft":
         peft_module().attach(model, cfg.peft, head_names)
         return None
-    weights = make_weights(cfg, model.config.hidden_size, len(layers), for_training, num_tasks)
+    config: Any = model.config  # transformers' config (torch types a module's attributes as Tensor | Module)
+    weights = make_weights(cfg, config.hidden_size, len(layers), for_training, num_tasks)
     setattr(model, WEIGHTS_ATTRIBUTE, weights)
     PROTOTYPES[cfg.prototype.name].attach(model, layers, weights, cfg.prototype)
     model.register_forward_pre_hook(_forget_step_cache)

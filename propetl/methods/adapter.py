@@ -10,6 +10,9 @@ range 1/sqrt(fan_in) uses bottleneck for down and hidden for up.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,7 +20,7 @@ from torch import nn
 from propetl.methods import rules
 from propetl.methods.weights import LayerWeights, TensorSpec, bind
 
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
 SETTINGS = {
     "reduction_factor": rules.positive_int(),
     "bottleneck": rules.positive_int(),
@@ -43,13 +46,15 @@ def specs(cfg, hidden: int) -> dict[str, TensorSpec]:
 class AdaptedFeedForwardOutput(nn.Module):
     """Replaces a BERT/RoBERTa layer's `output` block (dense -> dropout -> LN(. + x)) with its adapted form."""
 
+    weights: LayerWeights  # the shared store (bind): not a submodule
+
     def __init__(self, original: nn.Module, weights: LayerWeights, layer_index: int, activation: str):
         super().__init__()
         self.original, self.layer_index, self.activation = original, layer_index, ACTIVATIONS[activation]
         bind(self, weights)
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-        o = self.original
+        o: Any = self.original  # torch types its submodules as Tensor | Module
         f = o.dropout(o.dense(hidden_states))
         h = o.LayerNorm(f + input_tensor)
         w = self.weights.layer(self.layer_index)
@@ -58,6 +63,7 @@ class AdaptedFeedForwardOutput(nn.Module):
 
 
 def attach(model: nn.Module, layers: nn.ModuleList, weights: LayerWeights, cfg) -> None:
+    layer: Any  # a BERT/RoBERTa block: torch types its submodules as Tensor | Module
     for index, layer in enumerate(layers):
         layer.output = AdaptedFeedForwardOutput(layer.output, weights, index, cfg.non_linearity)
 
@@ -65,6 +71,7 @@ def attach(model: nn.Module, layers: nn.ModuleList, weights: LayerWeights, cfg) 
 def merge(layers: nn.ModuleList, weights: LayerWeights) -> LayerWeights:
     """Fold each layer's mask into a plain per-layer adapter: inference then costs what plain PETL costs."""
     plain = weights.to_plain()
+    layer: Any  # a BERT/RoBERTa block: torch types its submodules as Tensor | Module
     for layer in layers:
         bind(layer.output, plain)
     return plain

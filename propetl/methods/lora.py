@@ -6,6 +6,8 @@ Merging folds (alpha/r) * (B*M_B)(A*M_A) into W: inference then costs exactly wh
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,6 +33,8 @@ def specs(cfg, hidden: int) -> dict[str, TensorSpec]:
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus the layer's low-rank update."""
 
+    weights: LayerWeights  # the shared store (bind): not a submodule
+
     def __init__(self, base: nn.Linear, weights: LayerWeights, layer_index: int, target: str, scaling: float):
         super().__init__()
         self.base, self.layer_index, self.target, self.scaling = base, layer_index, target, scaling
@@ -48,6 +52,7 @@ class LoRALinear(nn.Module):
 
 def attach(model: nn.Module, layers: nn.ModuleList, weights: LayerWeights, cfg) -> None:
     scaling = float(cfg.alpha) / float(cfg.r)
+    layer: Any  # a BERT/RoBERTa block: torch types its submodules as Tensor | Module
     for index, layer in enumerate(layers):
         attention = layer.attention.self
         for target in cfg.targets:
@@ -56,6 +61,7 @@ def attach(model: nn.Module, layers: nn.ModuleList, weights: LayerWeights, cfg) 
 
 def merge(layers: nn.ModuleList, weights: LayerWeights) -> None:
     """Fold every layer's (masked) update into its frozen weight and drop the wrappers."""
+    layer: Any  # a BERT/RoBERTa block: torch types its submodules as Tensor | Module
     with torch.no_grad():
         for layer in layers:
             attention = layer.attention.self

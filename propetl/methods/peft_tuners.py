@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import peft
 from omegaconf import OmegaConf
@@ -40,7 +41,7 @@ NOT_ON_BERT = {
 }
 # Save options that store less but whose file does not reload bit for bit: used for the storage figure only (the
 # checkpoint keeps the full tensors). VB-LoRA's top-k file recomputes the softmax weights (3e-8 off).
-LEAST_STORING = {peft.PeftType.VBLORA: {"save_only_topk_weights": True}}
+LEAST_STORING: dict[str | None, dict[str, bool]] = {peft.PeftType.VBLORA: {"save_only_topk_weights": True}}
 KEPT = {  # what each method's file holds (accounting names it in metrics.json as storage_counted)
     "LORA": "lora_A, lora_B of every target",
     "VERA": "lambda_b, lambda_d of every target (save_projection=False: the shared random A, B regenerate from "
@@ -76,6 +77,8 @@ def refusal(cfg) -> str | None:
         reason = f" ({NOT_ON_BERT[name]})" if name in NOT_ON_BERT else ""
         return f"peft.config_class={name!r} is invalid{reason}; allowed: {', '.join(tuner_classes())}"
     config = OmegaConf.to_container(cfg.config, resolve=True) or {}
+    if not isinstance(config, dict):
+        return f"peft.config={config!r} is invalid; allowed: a mapping of {name}'s keyword arguments"
     for key in ("task_type", "modules_to_save"):
         if config.get(key) is not None:
             return (
@@ -91,12 +94,15 @@ def refusal(cfg) -> str | None:
 
 def make_config(cfg) -> peft.PeftConfig:
     """peft.<cfg.config_class>(**cfg.config)."""
-    return getattr(peft, cfg.config_class)(**(OmegaConf.to_container(cfg.config, resolve=True) or {}))
+    options: Any = OmegaConf.to_container(cfg.config, resolve=True) or {}  # a mapping: refusal() refuses others
+    return getattr(peft, cfg.config_class)(**options)
 
 
 def encoder(model: nn.Module) -> nn.Module:
     """The backbone's encoder (BertModel / RobertaModel): the transformers model's base_model, the MultiTaskModel's."""
-    return getattr(model, model.base_model_prefix)
+    prefix = model.base_model_prefix
+    assert isinstance(prefix, str)
+    return getattr(model, prefix)
 
 
 def attach(model: nn.Module, cfg, head_names: set[str]) -> None:
@@ -119,8 +125,9 @@ def peft_model(model: nn.Module) -> peft.PeftModel:
 
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """name -> the tuner's parameters (by PEFT's own prefix: lora_, vera_lambda_, vblora_, …), each tensor once."""
-    prefix = peft_model(model).base_model.prefix
-    return {name: p for name, p in model.named_parameters() if prefix in name}
+    tuner = peft_model(model).base_model
+    assert isinstance(tuner, BaseTuner)
+    return {name: p for name, p in model.named_parameters() if tuner.prefix in name}
 
 
 def adapter_files(model: nn.Module, least: bool = False) -> dict[str, bytes]:

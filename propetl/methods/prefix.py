@@ -14,6 +14,8 @@ loudly if the model does not route through it.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from transformers import AttentionInterface, AttentionMaskInterface
@@ -73,7 +75,7 @@ class PrefixWeights(LayerWeights):
 
     def __init__(self, cfg, hidden: int, num_layers: int, shared: bool, reparameterise: bool, **mask_kwargs):
         super().__init__(specs(cfg, hidden), num_layers, shared, **mask_kwargs)
-        self.reparameterise, self.hook_calls = reparameterise and not self.frozen, 0  # frozen: the table itself
+        self.reparameterise = reparameterise and not self.frozen  # frozen: the table itself
         if self.reparameterise:
             del self.weights["prefix"]  # the MLP produces it
             length, out = int(cfg.length), 2 * hidden * (1 if shared else num_layers)
@@ -97,14 +99,17 @@ def make_weights(cfg, hidden: int, num_layers: int, shared: bool, for_training: 
 
 
 def _bind_sources(layers: nn.ModuleList, weights: LayerWeights) -> None:
+    layer: Any  # a BERT/RoBERTa block: torch types its submodules as Tensor | Module
     for index, layer in enumerate(layers):
         layer.attention.self.__dict__["prefix_source"] = (weights, index)
 
 
-def attach(model: nn.Module, layers: nn.ModuleList, weights: LayerWeights, cfg) -> None:
+def attach(model: Any, layers: nn.ModuleList, weights: LayerWeights, cfg) -> None:
+    """`model`: a transformers model or a MultiTaskModel (both have set_attn_implementation)."""
     _bind_sources(layers, weights)
     model.set_attn_implementation(ATTENTION_NAME)
-    if getattr(layers[0].attention.self.config, "_attn_implementation", None) != ATTENTION_NAME:
+    first: Any = layers[0]  # a BERT/RoBERTa block: torch types its submodules as Tensor | Module
+    if getattr(first.attention.self.config, "_attn_implementation", None) != ATTENTION_NAME:
         raise RuntimeError(
             "prefix-tuning: the model's self-attention does not use transformers' attention interface; "
             "the prefix hook (propetl/methods/prefix.py) must be ported to this transformers version"
@@ -114,6 +119,5 @@ def attach(model: nn.Module, layers: nn.ModuleList, weights: LayerWeights, cfg) 
 def merge(layers: nn.ModuleList, weights: LayerWeights) -> LayerWeights:
     """Materialise each layer's masked prefix once: inference then costs what plain prefix-tuning costs."""
     plain = weights.to_plain()
-    plain.hook_calls = 0
     _bind_sources(layers, plain)
     return plain

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeGuard
 
 
 @dataclass(frozen=True)
@@ -16,20 +17,20 @@ class Rule:
     optional: bool = False  # the yaml may leave the key out
 
 
-def _is_int(value) -> bool:
+def is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def is_number(value) -> bool:
+def is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def integer(optional: bool = False) -> Rule:
-    return Rule(_is_int, "an integer", optional)
+    return Rule(is_int, "an integer", optional)
 
 
 def positive_int(optional: bool = False) -> Rule:
-    return Rule(lambda v: _is_int(v) and v > 0, "a positive integer", optional)
+    return Rule(lambda v: is_int(v) and v > 0, "a positive integer", optional)
 
 
 def positive_number(optional: bool = False) -> Rule:

@@ -52,6 +52,8 @@ def init_tensor(tensor: torch.Tensor, init: str, generator: torch.Generator | No
 class LayerWeights(nn.Module):
     """The trainable tensors of one PETL method for all L layers (see the module docstring)."""
 
+    hook_calls = 0  # prefix: how often prefix_attention read this store (tests count them)
+
     def __init__(
         self,
         specs: dict[str, TensorSpec],
@@ -69,7 +71,7 @@ class LayerWeights(nn.Module):
             raise ValueError("a frozen prototype needs the shared form (method=propetl)")
         self.specs, self.num_layers, self.shared = dict(specs), num_layers, shared
         self.frozen = frozen_seed is not None  # prototype.freeze: drawn from frozen_seed, never trained
-        generator = torch.Generator().manual_seed(frozen_seed) if self.frozen else None
+        generator = torch.Generator().manual_seed(frozen_seed) if frozen_seed is not None else None
         self.weights, self.masks = nn.ParameterDict(), nn.ModuleDict()
         for i, (name, spec) in enumerate(self.specs.items()):
             shape = spec.shape if shared else (num_layers, *spec.shape)
@@ -108,7 +110,7 @@ class LayerWeights(nn.Module):
     def invalidate(self) -> None:
         """Forget the cached per-layer tensors; the model calls this before every forward with grad."""
         self._per_layer, self._cache_key = None, None
-        for mask in self.masks.values():
+        for mask in self.mask_stores().values():
             mask.invalidate()
 
     def per_layer(self) -> dict[str, torch.Tensor]:
@@ -134,11 +136,11 @@ class LayerWeights(nn.Module):
     def mask_stores(self) -> dict[str, LayerMasks]:
         """Every stack of masks by stored name: `name` [L, *shape]; multi-task: `name@task` [T, *shape]
         and `name@layer` [L, *shape]."""
-        out = {}
+        out: dict[str, LayerMasks] = {}
         for name, mask in self.masks.items():
             if isinstance(mask, TaskLayerMasks):
                 out[f"{name}@task"], out[f"{name}@layer"] = mask.tasks, mask.layers
-            else:
+            elif isinstance(mask, LayerMasks):
                 out[name] = mask
         return out
 

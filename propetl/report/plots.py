@@ -121,15 +121,15 @@ def plot_metric_vs_storage(rows: list[dict], path: Path) -> Path | None:
                     label=f"trivial baseline ({row['rules'][task].split(' (')[0]})",
                 )
         for label, paper in paper_rows().items():
-            if task in paper:
+            if isinstance(numbers := paper.get(task), list):
                 ax.plot(
                     PAPER_STORAGE_PERCENT,
-                    statistics.fmean(paper[task]),
+                    statistics.fmean(numbers),
                     ls="none",
                     marker="*",
                     ms=12,
                     mfc="none",
-                    color=PROTOTYPE_COLOURS.get(titles.get(label.split("-", 1)[1]), "grey"),
+                    color=PROTOTYPE_COLOURS.get(titles.get(label.split("-", 1)[1], ""), "grey"),
                     label=f"{label} (paper, {PAPER_MODEL})",
                 )
         ax.set_xscale("log")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import defaultdict
+from typing import Any
 
 from scipy import stats as scipy_stats
 
@@ -20,13 +21,15 @@ from propetl.report.runs import (
 )
 
 
-def sparsity_sweep(runs: list[dict]) -> dict[tuple, dict[float, list[dict]]]:
+def sparsity_sweep(runs: list[dict]) -> dict[tuple[str, str, str], dict[float, list[dict]]]:
     """(model, task, prototype) -> {mask sparsity: its ProPETL runs with learned masks}, where more than one
     sparsity was run. Give it the pooled runs (table1's ProPETL runs are the default-sparsity points)."""
-    series: dict[tuple, dict] = {}
+    series: dict[tuple[str, str, str], dict[float, list[dict]]] = {}
     keep = lambda r: trained_prototype(r) and mask_kind(r) == "learned"
-    for (*key, sparsity), members in group_runs(runs, keep, ("model", "task", "prototype", "mask_sparsity")).items():
-        series.setdefault(tuple(key), {})[sparsity] = members
+    for (model, task, prototype, sparsity), members in group_runs(
+        runs, keep, ("model", "task", "prototype", "mask_sparsity")
+    ).items():
+        series.setdefault((model, task, prototype), {})[sparsity] = members
     return {key: points for key, points in series.items() if len(points) > 1}
 
 
@@ -45,7 +48,7 @@ def paired_interval(differences: list[float], confidence: float = 0.95) -> dict:
     mean ± t_{(1+confidence)/2, n−1} · sd / √n, sd the sample standard deviation of the differences.
     n < 2: the mean only; sd, t, the interval and `excludes_zero` are None."""
     n = len(differences)
-    out = {
+    out: dict[str, Any] = {
         "n": n,
         "mean_diff": statistics.fmean(differences) if n else None,
         "sd_diff": None,
@@ -90,6 +93,7 @@ def paired_comparisons(table_runs: list[dict], pooled_runs: list[dict]) -> list[
         lambda r: trained_prototype(r) and mask_kind(r) == "learned",
         ("model", "task", "prototype", "mask_sparsity"),
     )
+    specs: list[tuple[int, str, tuple, list[dict] | None, list[dict] | None]]
     specs = [(0, "ProPETL − PETL", key, runs, plain.get(key[:3])) for key, runs in pro.items()]
     for key, runs in group_runs(single, lambda r: r["method"] == "peft", ("model", "task", "prototype")).items():
         title = prototype_title(key[2])

@@ -72,7 +72,7 @@ class Interrupted(Exception):
 class StopOnSignal:
     """While active, SIGINT/SIGTERM only set `signum`; the loop saves and stops at the next step."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict = {}
 
@@ -96,7 +96,9 @@ class StopOnSignal:
 def _rng_state() -> tuple[dict, dict]:
     """(json part, tensor part) of the python, numpy and torch RNG states."""
     py_version, py_state, py_gauss = random.getstate()
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    numpy_state = np.random.get_state()  # the legacy tuple: numpy's global generator is MT19937
+    assert isinstance(numpy_state, tuple)
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = numpy_state
     return (
         {
             "python": [py_version, list(py_state), py_gauss],
@@ -146,14 +148,9 @@ def check_state(meta, directory: Path) -> None:
         _check(path, key, meta[section].get(name) if name else meta.get(key), rule)
     optimizer, moments = meta["optimizer"], {}
     for index, keys in optimizer["state_keys"].items():
-        _check(
-            path,
-            f"optimizer.state_keys.{index}",
-            keys,
-            rules.Rule(
-                lambda v, index=index: index.isdecimal() and NAMES.accepts(v), "a parameter's index: its moments' names"
-            ),
-        )
+        if not (index.isdecimal() and NAMES.accepts(keys)):
+            allowed = "a parameter's index: its moments' names"
+            _refuse(path, f"optimizer.state_keys.{index}={reprlib.repr(keys)} is invalid; allowed: {allowed}")
         for key in keys:
             shape = optimizer["state_shapes"].get(f"{index}/{key}")
             _check(path, f"optimizer.state_shapes.{index}/{key}", shape, SHAPE)
@@ -201,7 +198,7 @@ def _check_result(path: Path, saved: dict, result_type) -> None:
     """The saved result's fields: each of result_type's (best_state aside), of its default's type; counts not below
     their default (0, or -1 for none yet)."""
     defaults = {
-        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         for f in dataclasses.fields(result_type)
         if f.name != "best_state"
     }

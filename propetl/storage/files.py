@@ -146,7 +146,7 @@ def _shown(names: list[str]) -> str:
 
 def _all_files(folder: Path) -> set[str]:
     """Every file (and link) under `folder`, as a relative POSIX path; links to folders are not followed."""
-    found = set()
+    found: set[str] = set()
     for root, dirs, names in os.walk(folder):
         entries = names + [d for d in dirs if os.path.islink(os.path.join(root, d))]
         found.update(Path(root, name).relative_to(folder).as_posix() for name in entries)
