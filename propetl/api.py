@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from propetl import methods
-from propetl.configs import CONF_DIR
+from propetl.configs import CONF_DIR, ModelSetup
 from propetl.models.backbone import encoder_layers, head_parameter_names
 from propetl.run import loop
 from propetl.storage import accounting, checkpoint, files
@@ -227,7 +227,9 @@ class ProPETLModel(nn.Module):
     def stored_bytes(self) -> tuple[int, int]:
         """(bytes a task keeps without its head, with it): fp32 prototype + one bit a mask entry (accounting.py)."""
         figures = accounting.account(
-            self.model, self.runner_config, accounting.backbone_params(self.model, self.head_names)
+            self.model,
+            ModelSetup.from_config(self.runner_config),
+            accounting.backbone_params(self.model, self.head_names),
         )
         return int(figures["storage_bytes"]), int(figures["storage_bytes_with_head"])
 
@@ -268,7 +270,9 @@ class ProPETLModel(nn.Module):
         one line, nothing written): a folder holding files propetl did not write, the working folder."""
 
         def build(folder: Path) -> None:  # the checkpoint built inside, then its entries moved up
-            inner = checkpoint.save_checkpoint(self.model, self.runner_config, folder / ".checkpoint")
+            inner = checkpoint.save_checkpoint(
+                self.model, ModelSetup.from_config(self.runner_config), folder / ".checkpoint"
+            )
             for entry in inner.iterdir():
                 entry.rename(folder / entry.name)
             inner.rmdir()
@@ -335,5 +339,5 @@ def load_propetl(model: nn.Module, directory) -> ProPETLModel:
             raise ConfigError(f"{directory} was saved for {key}={OmegaConf.select(saved, key)}, this model has {value}")
     cfg = OmegaConf.merge(saved, {"trainer": trainer_defaults()})
     wrapped = attach(model, checked(cfg), for_training=False)
-    checkpoint.load_weights(model, cfg, wrapped.head_names, directory)
+    checkpoint.load_weights(model, cfg.method.name, cfg.tasks[0], wrapped.head_names, directory)
     return wrapped.eval()

@@ -1,18 +1,29 @@
-"""Where propetl's configs are, as Hydra finds them. The config tree ships inside the package (propetl/conf; the
-repository's conf/ is a link to it), so an installed wheel finds it as an editable checkout does. Hydra's search
-path adds a user's own folders (`--config-dir DIR`, `hydra.searchpath=[file://DIR]`, `pkg://module`): their
-task/, model/, prototype/, … files are options like the shipped ones, which win a clash of names.
+"""Where propetl's configs are, as Hydra finds them, and the typed views lower layers take of a composed one.
+The config tree ships inside the package (propetl/conf; the repository's conf/ is a link to it), so an installed wheel
+finds it as an editable checkout does. Hydra's search path adds a user's own folders (`--config-dir DIR`,
+`hydra.searchpath=[file://DIR]`, `pkg://module`): their task/, model/, prototype/, … files are options like the
+shipped ones, which win a clash of names.
 Light on purpose (Hydra and OmegaConf only): `propetl-train --help` and the command-line checks use it.
+
+The run layer (run/, cli/, api.py) holds the composed config; below it, functions take the typed objects here, built
+once from it (`from_config`), or plain arguments. They are not registered as the yamls' schemas (Hydra's ConfigStore):
+a schema would coerce values (`data.group_by_length=1`) and answer a bad one with Hydra's multi-line error before
+validate.py's one line, and OmegaConf's structured configs take no union such as trainer.eval_batch_size's auto | N.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 PRIMARY_CONFIG = "train"  # conf/train.yaml: what propetl-train composes
@@ -130,3 +141,106 @@ def plain_value(cfg, key: str):
     """cfg's value at a dotted key as plain python (containers resolved): for comparing configs."""
     value = OmegaConf.select(cfg, key)
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+# ----------------------------------------------------------------------------- typed views of a composed config
+
+
+def plain_group(group: Mapping[str, Any]) -> dict[str, Any]:
+    """A config group (a DictConfig or a mapping) as a plain dict, interpolations resolved."""
+    config = group if isinstance(group, DictConfig) else OmegaConf.create(dict(group))
+    values = OmegaConf.to_container(config, resolve=True)
+    assert isinstance(values, dict)  # a DictConfig's container
+    return {str(key): value for key, value in values.items()}
+
+
+class _FromGroup:
+    """from_config (for dataclasses): one of a config group's values; keys it has no field for are not its business."""
+
+    @classmethod
+    def from_config(cls, group: Mapping[str, Any]) -> Self:
+        values = plain_group(group)
+        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class ModelConfig(_FromGroup):
+    """The model group (conf/model/*.yaml): which backbone, and the sizes it is checked against."""
+
+    name: str
+    name_or_path: str
+    hidden_size: int
+    num_layers: int
+    max_length: int | None = None  # the Python API's model has none (it tokenises nothing)
+
+
+@dataclass(frozen=True)
+class DataConfig(_FromGroup):
+    """The data group (conf/data/glue.yaml): where the task files are and how they are split and tokenised."""
+
+    protocol: str
+    split_seed: int
+    max_length: int
+    dir: str | None = None
+    group_by_length: bool = False
+    allow_hub: bool = True
+    max_train_examples: int | None = None
+
+    def split(self) -> dict[str, Any]:
+        """The run's data split as a checkpoint records it (propetl-eval re-makes it)."""
+        return {"protocol": self.protocol, "split_seed": int(self.split_seed), "max_length": int(self.max_length)}
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """How a checkpoint is written (train.yaml's storage): the masks' coding, the dense tensors' dtype."""
+
+    mask_coding: str
+    dtype: str
+
+    @classmethod
+    def from_config(cls, group: Mapping[str, Any]) -> StorageConfig:
+        return cls(str(group["mask_coding"]), str(group["dtype"]))
+
+
+MODEL_SECTIONS = ("model", "prototype", "method", "mask")  # + peft with method=peft, data with a data split
+
+
+@dataclass(frozen=True)
+class ModelSetup:
+    """How a run's model is built and kept: `saved`, its model, prototype, method, mask and (method=peft) peft groups
+    and (a run) its data split, as plain values — what a checkpoint's propetl.json records and the method is attached
+    from (attach_config) —, how its checkpoint is written (storage), and the task of a transformers model with the
+    method inside (the Python API's has none)."""
+
+    saved: dict[str, Any]
+    storage: StorageConfig
+    task: str | None = None
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> ModelSetup:
+        """A run's (or the Python API's runner config's) setup: the run layer builds it once."""
+        sections = (*MODEL_SECTIONS, *(("peft",) if cfg.method.name == "peft" else ()))
+        saved = {k: plain_group(cfg[k]) for k in sections}
+        if cfg.get("data") is not None:  # the Python API has no data split
+            saved["data"] = DataConfig.from_config(cfg.data).split()
+        task = cfg.task.name if cfg.get("task") is not None else None
+        return cls(saved, StorageConfig.from_config(cfg.storage), task)
+
+    @classmethod
+    def from_checkpoint(cls, config: Mapping[str, Any]) -> ModelSetup:
+        """The setup a checkpoint config (propetl.json) records."""
+        sections = (*MODEL_SECTIONS, "peft", "data")
+        return cls({k: config[k] for k in sections if k in config}, StorageConfig.from_config(config["storage"]))
+
+    @property
+    def model(self) -> ModelConfig:
+        return ModelConfig.from_config(self.saved["model"])
+
+    @property
+    def method(self) -> str:
+        return str(self.saved["method"]["name"])
+
+    def attach_config(self) -> DictConfig:
+        """The groups as the config methods.attach (and a prototype's specs, `.prototype`) reads."""
+        return OmegaConf.create(self.saved)

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from propetl.configs import ModelSetup
 import propetl  # noqa: F401
 from propetl.configs import compose
 from propetl.methods.masks import binarize, init_scores
@@ -168,7 +169,7 @@ def runner_step_fn(args, device):
     """One step of the runner's own method=propetl prototype=lora model at batch B (propetl.models.backbone.build)."""
     cfg = compose(["prototype=lora", "method=propetl", "model=minilm"])
     torch.manual_seed(0)
-    model = backbone.build(cfg, 2).to(device)
+    model = backbone.build(ModelSetup.from_config(cfg), 2).to(device)
     optimizer, _ = make_optimizer(model, cfg, backbone.head_parameter_names(model), total_steps=1000)
     data = batch_for(1, args.batch, args.length, device)
 

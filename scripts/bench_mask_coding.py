@@ -54,7 +54,7 @@ def bench(sparsity: float, coding: str, repeats: int, folder: Path) -> dict:
             "bound_bytes": mask_coding.information_bits_of(masks) / 8,
             "encode_s": median_seconds(lambda: mask_coding.encode(masks, coding), repeats),
             "decode_s": median_seconds(lambda: mask_coding.decode(tensors, metadata), repeats),
-            "save_file_s": median_seconds(lambda: checkpoint.save_masks(accounting.MaskFile(masks), path, cfg), repeats),
+            "save_file_s": median_seconds(lambda: checkpoint.save_masks(accounting.MaskFile(masks), path, cfg.storage.mask_coding), repeats),
             "read_file_s": median_seconds(lambda: checkpoint.read_masks(path), repeats)}
 
 

@@ -20,6 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from propetl.configs import ModelSetup
 import propetl  # noqa: E402,F401
 from propetl import methods  # noqa: E402
 from propetl.configs import compose  # noqa: E402
@@ -61,7 +62,7 @@ def build(prototype: str, method: str, args, device):
     """(model, train_step(), merge_and_infer_fn()) for one method on the shared batch."""
     cfg = compose([f"prototype={prototype}", f"method={method}", f"model={args.model}"])
     torch.manual_seed(0)
-    model = backbone.build(cfg, 2).to(device)
+    model = backbone.build(ModelSetup.from_config(cfg), 2).to(device)
     heads = backbone.head_parameter_names(model)
     optimizer, _ = make_optimizer(model, cfg, heads, total_steps=1000)
     batch = make_batch(cfg, args.batch, args.length, device)

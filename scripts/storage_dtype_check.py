@@ -27,6 +27,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from propetl.configs import ModelSetup
 import propetl  # noqa: E402,F401
 from propetl.cli import upgrade  # noqa: E402
 from propetl.cli.evaluate import evaluate_checkpoint  # noqa: E402
@@ -45,7 +46,7 @@ def resave(source: Path, target: Path, dtype: str, coding: str) -> dict:
     """Load `source`, write it to `target` in `dtype` and `coding`; return its masks as reloaded."""
     model, saved = checkpoint.load_checkpoint(source)
     cfg = OmegaConf.merge(saved, {"storage": {"dtype": dtype, "mask_coding": coding}})
-    checkpoint.save_checkpoint(model, cfg, target)
+    checkpoint.save_checkpoint(model, ModelSetup.from_config(cfg), target)
     return accounting.stored_masks(checkpoint.load_checkpoint(target)[0])
 
 

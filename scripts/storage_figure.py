@@ -26,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from propetl.configs import ModelSetup
 import propetl  # noqa: E402,F401
 from propetl import methods
 from propetl.configs import compose  # noqa: E402
@@ -59,7 +60,7 @@ def attached(base, *overrides: str):
 
 def written(model, folder: Path, *overrides: str) -> dict:
     """Save `model`'s checkpoint with config(*overrides) (its storage settings); the files' sizes."""
-    checkpoint.save_checkpoint(model, config(*overrides), folder)
+    checkpoint.save_checkpoint(model, ModelSetup.from_config(config(*overrides)), folder)
     return checkpoint.file_sizes(folder)
 
 

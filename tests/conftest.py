@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from propetl.configs import ModelSetup
 import propetl  # noqa: E402,F401  (config resolvers)
 from propetl import configs  # noqa: E402
 
@@ -106,7 +107,7 @@ def tiny_fit_inputs(cfg, batch_size: int):
     from propetl.data.multitask import MultiTaskBatches
     from propetl.models import backbone
     torch.manual_seed(0)
-    model = backbone.build(cfg, 2)
+    model = backbone.build(ModelSetup.from_config(cfg), 2)
     rows = datasets.Dataset.from_dict({"text_a": ["a cat sat", "the dog ran far"] * 8, "text_b": ["yes", "no"] * 8,
                                        "label": [0, 1] * 8})
     tokenizer = backbone.load_tokenizer(cfg.model)

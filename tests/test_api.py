@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from test_methods import logits, train_steps
 from transformers import AutoTokenizer, BertForSequenceClassification
 
+from propetl.configs import ModelSetup
 from propetl import ProPETLConfig, embedded_model_path, get_propetl_model, load_propetl, methods
 from propetl.configs import CONF_DIR, ConfigError
 from propetl.methods.lora import LoRALinear
@@ -133,9 +134,9 @@ def test_save_then_load_gives_the_same_logits(tiny_model_dir, tmp_path, prototyp
 def test_load_propetl_reads_a_runner_checkpoint(tiny_cfg, tiny_model_dir, tmp_path):
     cfg = tiny_cfg("method=propetl", "prototype=lora", "prototype.r=4")
     torch.manual_seed(0)
-    trained = backbone.build(cfg, 2)
+    trained = backbone.build(ModelSetup.from_config(cfg), 2)
     train_steps(trained)
-    checkpoint.save_checkpoint(trained, cfg, tmp_path / "checkpoint")
+    checkpoint.save_checkpoint(trained, ModelSetup.from_config(cfg), tmp_path / "checkpoint")
     torch.testing.assert_close(logits(load_propetl(fresh(tiny_model_dir), tmp_path / "checkpoint")), logits(trained),
                                atol=1e-5, rtol=0)
 
@@ -163,8 +164,8 @@ def test_save_propetl_refuses_a_folder_holding_files_it_did_not_write(tiny_cfg, 
         (target / "shared" / "notes.txt").write_text("mine")
         foreign = "shared/notes.txt"
     else:
-        checkpoint.save_checkpoint(backbone.build(tiny_cfg("method=propetl", "prototype=lora"), 2),
-                                   tiny_cfg("method=propetl", "prototype=lora"), target)
+        checkpoint.save_checkpoint(backbone.build(ModelSetup.from_config(tiny_cfg("method=propetl", "prototype=lora")), 2),
+                                   ModelSetup.from_config(tiny_cfg("method=propetl", "prototype=lora")), target)
         foreign = "shared/, tasks/"
     before = {p: p.read_bytes() for p in target.rglob("*") if p.is_file()}
     with pytest.raises(files.OutputError) as error:

@@ -1,11 +1,20 @@
 """The package's shape: no module imports another that (directly or through others) imports it back,
-counting imports inside functions too (a late import that dodges a cycle is still a cycle)."""
+counting imports inside functions too (a late import that dodges a cycle is still a cycle); below the run layer no
+function takes the whole config (typed objects of configs.py or plain arguments) and nothing imports the run layer."""
 from __future__ import annotations
 
 import ast
+import importlib
+import inspect
+import pkgutil
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "propetl"
+BELOW_THE_RUN = ("propetl.storage", "propetl.models", "propetl.data")  # + "propetl.methods" once its prototypes
+# take their dataclasses (being changed now)
+RUN_LAYER = ("propetl.run", "propetl.cli")
 
 
 def module_name(path: Path) -> str:
@@ -65,3 +74,54 @@ def test_no_import_cycle_in_the_package():
 def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def whole_config_parameters(module) -> list[str]:
+    """`module.function(parameter)` of every function or method defined in `module` whose parameter is named cfg or
+    annotated DictConfig."""
+    found = []
+    for name, thing in vars(module).items():
+        if getattr(thing, "__module__", None) != module.__name__:
+            continue
+        functions = [(name, thing)] if inspect.isfunction(thing) else []
+        if inspect.isclass(thing):
+            functions = [(f"{name}.{n}", f) for n, f in vars(thing).items() if inspect.isfunction(f)]
+            functions += [(f"{name}.{n}", f.__func__) for n, f in vars(thing).items() if isinstance(f, classmethod)]
+        for label, function in functions:
+            for parameter in inspect.signature(function).parameters.values():
+                if parameter.name == "cfg" or "DictConfig" in str(parameter.annotation):
+                    found.append(f"{module.__name__}.{label}({parameter.name})")
+    return found
+
+
+def modules_of(package: str) -> list[str]:
+    path = importlib.import_module(package).__path__
+    return [package, *(f"{package}.{info.name}" for info in pkgutil.iter_modules(path))]
+
+
+@pytest.mark.parametrize("package", BELOW_THE_RUN)
+def test_no_function_below_the_run_layer_takes_the_whole_config(package):
+    found = [f for name in modules_of(package) for f in whole_config_parameters(importlib.import_module(name))]
+    assert len(modules_of(package)) >= 2
+    assert not found, f"take typed objects (propetl/configs.py) or plain arguments: {found}"
+
+
+def test_the_signature_check_finds_a_whole_config(tmp_path, monkeypatch):
+    (tmp_path / "layered_example.py").write_text(
+        "from omegaconf import DictConfig\n"
+        "def plain(hidden: int): ...\n"
+        "def named(cfg): ...\n"
+        "class Model:\n"
+        "    def __init__(self, setup: 'DictConfig | None'): ...\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("layered_example")
+    assert whole_config_parameters(module) == ["layered_example.named(cfg)", "layered_example.Model.__init__(setup)"]
+
+
+def test_no_package_below_the_run_layer_imports_the_run_layer():
+    graph = import_graph()
+    below = [m for m in graph if m.startswith(BELOW_THE_RUN)]
+    found = {f"{m} -> {t}" for m in below for t in graph[m] if t.startswith(RUN_LAYER)}
+    assert len(below) > 10 and "propetl.run.train" in graph
+    assert not found, f"imports flow downward: {sorted(found)}"

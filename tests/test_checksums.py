@@ -16,6 +16,7 @@ import torch
 from conftest import TINY, compose_cfg, tiny_batch, tiny_text_overrides
 from test_cli import ENV, SCRIPT
 
+from propetl.configs import ModelSetup
 from propetl.cli.train import check_output_folder
 from propetl.configs import ConfigError
 from propetl.data import glue
@@ -55,7 +56,7 @@ def flip(path: Path, offset: int, mask: int = 0x01) -> None:
 def fresh(cfg):
     """A tiny model with its optimizer, scheduler and (disabled) scaler, as the loop makes them."""
     torch.manual_seed(0)
-    model = backbone.build(cfg, 2)
+    model = backbone.build(ModelSetup.from_config(cfg), 2)
     optimizer, scheduler = loop.make_optimizer(model, cfg, backbone.head_parameter_names(model), total_steps=10)
     return model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False)
 
@@ -73,7 +74,7 @@ def saved_run(tmp_path_factory, tiny_model_dir):
     scheduler.step()
     result = loop.FitResult(steps=1, best_state=loop.trainable_state(model))
     Checkpointer(run, cfg).save(result, model, optimizer, scheduler, scaler, torch.Generator().manual_seed(0).get_state())
-    checkpoint.save_checkpoint(model, cfg, run / "checkpoint")
+    checkpoint.save_checkpoint(model, ModelSetup.from_config(cfg), run / "checkpoint")
     return run, cfg
 
 
@@ -177,8 +178,8 @@ def test_flipped_bytes_anywhere_in_a_saved_run_are_refused_or_change_nothing(run
 def multitask_checkpoint(tiny_cfg, tmp_path):
     cfg = tiny_cfg("mode=multitask", "tasks=[rte,stsb]", "prototype=lora", "prototype.r=4")
     torch.manual_seed(0)
-    model = MultiTaskModel(cfg, ["rte", "stsb"], [2, 1], for_training=False)
-    return checkpoint.save_checkpoint(model, cfg, tmp_path / "checkpoint")
+    model = MultiTaskModel(ModelSetup.from_config(cfg), ["rte", "stsb"], [2, 1], for_training=False)
+    return checkpoint.save_checkpoint(model, ModelSetup.from_config(cfg), tmp_path / "checkpoint")
 
 
 def test_every_part_of_a_multitask_checkpoint_is_checked(multitask_checkpoint):

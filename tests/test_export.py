@@ -12,6 +12,7 @@ import torch
 from test_methods import build, logits, train_steps
 from transformers import AutoModelForSequenceClassification
 
+from propetl.configs import ModelSetup
 from propetl.cli import export
 from propetl.models import backbone
 from propetl.storage import checkpoint
@@ -24,7 +25,7 @@ def runner_checkpoint(tiny_cfg, tmp_path, method: str, prototype: str = "lora"):
     sizes = ["prototype.r=4"] if prototype == "lora" else []
     model, cfg = build(tiny_cfg, method, prototype, *sizes, "mask.sparsity=0.5")
     train_steps(model)
-    folder = checkpoint.save_checkpoint(model, cfg, tmp_path / "checkpoint")
+    folder = checkpoint.save_checkpoint(model, ModelSetup.from_config(cfg), tmp_path / "checkpoint")
     return folder, logits(model)
 
 

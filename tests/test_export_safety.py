@@ -15,6 +15,7 @@ import torch
 from test_methods import logits
 from transformers import AutoModelForSequenceClassification
 
+from propetl.configs import ModelSetup
 from propetl.cli import evaluate, export
 from propetl.models import backbone
 from propetl.storage import checkpoint, files
@@ -28,7 +29,7 @@ def run(tiny_cfg, tmp_path) -> Path:
     run = tmp_path / "runs" / "rte" / "run"
     cfg = tiny_cfg(*CHECKPOINT_CONFIG)
     torch.manual_seed(0)
-    checkpoint.save_checkpoint(backbone.build(cfg, 2), cfg, run / "checkpoint")
+    checkpoint.save_checkpoint(backbone.build(ModelSetup.from_config(cfg), 2), ModelSetup.from_config(cfg), run / "checkpoint")
     (run / "metrics.json").write_text('{"glue_score": 61.0}\n')
     (run / ".hydra").mkdir()
     (run / ".hydra" / "config.yaml").write_text("seed: 42\n")
@@ -75,7 +76,7 @@ def test_a_checkpoint_outside_a_run_folder_protects_only_itself(tiny_cfg, tmp_pa
     """A plain folder holding a checkpoint (no metrics.json, .hydra, train.log, resume/) is no run folder: a sibling
     OUT is fine, the checkpoint itself still refused."""
     cfg = tiny_cfg(*CHECKPOINT_CONFIG)
-    source = checkpoint.save_checkpoint(backbone.build(cfg, 2), cfg, tmp_path / "ck")
+    source = checkpoint.save_checkpoint(backbone.build(ModelSetup.from_config(cfg), 2), ModelSetup.from_config(cfg), tmp_path / "ck")
     error = refused(capsys, source, source, "--format", "hf", "--overwrite")
     assert error.startswith(f"{source} is the checkpoint {source}: ")
     export.main([str(source), str(tmp_path / "hf"), "--format", "hf"])

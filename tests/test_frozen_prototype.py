@@ -8,6 +8,7 @@ from conftest import TINY, tiny_batch
 from test_methods import PROTOTYPES, build, logits, train_steps
 from test_storage import CASES, HEAD
 
+from propetl.configs import ModelSetup
 from propetl import methods
 from propetl.api import ProPETLConfig, get_propetl_model
 from propetl.configs import ConfigError
@@ -76,12 +77,12 @@ def test_keeps_masks_and_head_only_and_reloads_identically(tiny_cfg, tmp_path, p
     model, cfg = frozen(tiny_cfg, prototype, "storage.mask_coding=bits")
     train_steps(model, steps=3, lr=0.05)
     expected = logits(model)
-    folder = checkpoint.save_checkpoint(model, cfg, tmp_path / "checkpoint")
+    folder = checkpoint.save_checkpoint(model, ModelSetup.from_config(cfg), tmp_path / "checkpoint")
     assert not (folder / "shared" / checkpoint.DENSE_FILE["propetl"]).exists()       # no prototype tensor
     loaded, _ = checkpoint.load_checkpoint(folder)
     assert torch.equal(logits(loaded), expected)
     # storage by hand: no float of the prototype, one bit a mask entry (each tensor padded to bytes), the head
-    f = accounting.account(model, cfg, backbone_params=1)
+    f = accounting.account(model, ModelSetup.from_config(cfg), backbone_params=1)
     assert f["stored_params"] == f["prototype_params"] == 0
     assert f["mask_entries"] == L * sum(masked) and f["storage_bits"] == L * sum(masked)
     assert f["storage_bytes"] == sum(L * n // 8 for n in masked)
@@ -96,9 +97,9 @@ def test_keeps_masks_and_head_only_and_reloads_identically(tiny_cfg, tmp_path, p
 def test_multitask_checkpoint_reloads_the_frozen_prototype(tiny_cfg, tmp_path):
     cfg = tiny_cfg("method=propetl", "prototype=adapter", "prototype.reduction_factor=4", FROZEN)
     torch.manual_seed(0)
-    model = backbone.MultiTaskModel(cfg, ["rte", "mrpc"], [2, 2], for_training=True, task_masks=True)
+    model = backbone.MultiTaskModel(ModelSetup.from_config(cfg), ["rte", "mrpc"], [2, 2], for_training=True, task_masks=True)
     before = prototype_tensors(model)
-    checkpoint.save_checkpoint(model, cfg, tmp_path / "mt")
+    checkpoint.save_checkpoint(model, ModelSetup.from_config(cfg), tmp_path / "mt")
     loaded, _ = checkpoint.load_multitask(tmp_path / "mt")
     for name, tensor in prototype_tensors(loaded).items():
         assert torch.equal(tensor, before[name])

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from propetl.configs import ModelSetup
 from propetl import methods, report
 from propetl.cli import upgrade
 from propetl.models import backbone
@@ -91,7 +92,7 @@ def test_every_flipped_byte_is_refused_in_one_line(tmp_path, coding):
     cfg = compose_cfg([f"storage.mask_coding={coding}"])
     masks = random_masks(3, [(3, 4, 20), (2, 50)], [0.1, 0.6])
     path = tmp_path / "masks.safetensors"
-    checkpoint.save_masks(accounting.MaskFile(masks), path, cfg)
+    checkpoint.save_masks(accounting.MaskFile(masks), path, cfg.storage.mask_coding)
     raw = path.read_bytes()
     data_start = 8 + int.from_bytes(raw[:8], "little")
     for position in range(len(raw)):
@@ -109,7 +110,7 @@ def test_every_flipped_byte_is_refused_in_one_line(tmp_path, coding):
 
 def test_corrupted_stream_message(tmp_path):
     path = tmp_path / "masks.safetensors"
-    checkpoint.save_masks(accounting.MaskFile(random_masks(1, [(6, 300)], [0.1])), path, compose_cfg())
+    checkpoint.save_masks(accounting.MaskFile(random_masks(1, [(6, 300)], [0.1])), path, compose_cfg().storage.mask_coding)
     raw = bytearray(path.read_bytes())
     raw[-5] ^= 0xFF
     path.write_bytes(bytes(raw))
@@ -123,7 +124,7 @@ def test_corrupted_stream_message(tmp_path):
 def tiny_propetl(tiny_cfg, *overrides):
     cfg = tiny_cfg("method=propetl", "prototype=lora", "prototype.r=4", "mask.sparsity=0.9", *overrides)
     torch.manual_seed(0)
-    model = backbone.build(cfg, 2)
+    model = backbone.build(ModelSetup.from_config(cfg), 2)
     return model, cfg, backbone.head_parameter_names(model)
 
 
@@ -162,7 +163,7 @@ def write_format1(directory):
 def test_a_flat_checkpoint_of_formats_1_to_3_is_upgraded_and_then_predicts_as_before(tiny_cfg, tmp_path, version):
     model, cfg, heads = tiny_propetl(tiny_cfg)
     old, new = tmp_path / "checkpoint", tmp_path / "upgraded"
-    checkpoint.save_checkpoint(model, cfg, old)
+    checkpoint.save_checkpoint(model, ModelSetup.from_config(cfg), old)
     write_flat(old, model)
     if version == 1:
         write_format1(old)
@@ -188,7 +189,7 @@ def test_a_flat_checkpoint_of_formats_1_to_3_is_upgraded_and_then_predicts_as_be
 @pytest.mark.parametrize("coding", mask_coding.CODINGS)
 def test_checkpoint_round_trip_per_coding(tiny_cfg, tmp_path, coding):
     model, cfg, heads = tiny_propetl(tiny_cfg, f"storage.mask_coding={coding}")
-    checkpoint.save_checkpoint(model, cfg, tmp_path / "checkpoint")
+    checkpoint.save_checkpoint(model, ModelSetup.from_config(cfg), tmp_path / "checkpoint")
     loaded, saved = checkpoint.load_checkpoint(tmp_path / "checkpoint")
     assert saved.format_version == 4 and saved.storage.mask_coding == coding
     expected, got = accounting.stored_masks(model), accounting.stored_masks(loaded)
@@ -206,8 +207,8 @@ def dense_data_bytes(path) -> int:
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_half_precision_halves_the_dense_bytes_and_loads_as_fp32(tiny_cfg, tmp_path, dtype):
     model, cfg, heads = tiny_propetl(tiny_cfg)
-    checkpoint.save_checkpoint(model, cfg, tmp_path / "fp32")
-    checkpoint.save_checkpoint(model, tiny_propetl(tiny_cfg, f"storage.dtype={dtype}")[1], tmp_path / "half")
+    checkpoint.save_checkpoint(model, ModelSetup.from_config(cfg), tmp_path / "fp32")
+    checkpoint.save_checkpoint(model, ModelSetup.from_config(tiny_propetl(tiny_cfg, f"storage.dtype={dtype}")[1]), tmp_path / "half")
     for name in ("shared/prototype.safetensors", f"tasks/{cfg.task.name}/head.safetensors"):
         assert 2 * dense_data_bytes(tmp_path / "half" / name) == dense_data_bytes(tmp_path / "fp32" / name)
     loaded, _ = checkpoint.load_checkpoint(tmp_path / "half")
@@ -222,7 +223,7 @@ def test_fp16_refuses_values_beyond_its_range(tiny_cfg, tmp_path):
     with torch.no_grad():
         next(iter(methods.petl_weights(model).weights.values())).view(-1)[0] = 1e6
     with pytest.raises(checkpoint.CheckpointError, match="storage.dtype=fp16: .* beyond its range"):
-        checkpoint.save_checkpoint(model, cfg, tmp_path / "checkpoint")
+        checkpoint.save_checkpoint(model, ModelSetup.from_config(cfg), tmp_path / "checkpoint")
     assert not (tmp_path / "checkpoint").exists()
 
 
@@ -237,8 +238,8 @@ def test_bad_storage_values_give_one_line(key, value, allowed):
 def run_figures(tiny_cfg, folder):
     """A tiny ProPETL-LoRA's storage figures as a run logs them, its checkpoint written into `folder`."""
     model, cfg, heads = tiny_propetl(tiny_cfg)
-    figures = accounting.account(model, cfg, accounting.backbone_params(model, heads))
-    checkpoint.save_checkpoint(model, cfg, folder / "checkpoint")
+    figures = accounting.account(model, ModelSetup.from_config(cfg), accounting.backbone_params(model, heads))
+    checkpoint.save_checkpoint(model, ModelSetup.from_config(cfg), folder / "checkpoint")
     figures.update(checkpoint.file_figures(folder / "checkpoint", figures))
     return figures, accounting.stored_masks(model)
 
@@ -278,9 +279,9 @@ def written_bytes(cfg, hidden: int, layers: int, folder) -> int:
     torch.manual_seed(0)
     weights = methods.make_weights(cfg, hidden, layers, for_training=False)
     folder.mkdir()
-    checkpoint.save_dense(weights.base_tensors(), folder / "dense.safetensors", cfg)
+    checkpoint.save_dense(weights.base_tensors(), folder / "dense.safetensors", cfg.storage.dtype)
     if masks := weights.binary_masks():
-        checkpoint.save_masks(accounting.MaskFile(masks), folder / checkpoint.LAYER_MASKS_FILE, cfg)
+        checkpoint.save_masks(accounting.MaskFile(masks), folder / checkpoint.LAYER_MASKS_FILE, cfg.storage.mask_coding)
     return sum(p.stat().st_size for p in folder.iterdir())
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import TINY, tiny_batch
 
+from propetl.configs import ModelSetup
 from propetl import methods
 from propetl.methods.lora import LoRALinear
 from propetl.methods.masks import ones_per_mask
@@ -18,7 +19,7 @@ PETL_METHODS = [("petl", p) for p in PROTOTYPES] + [("propetl", p) for p in PROT
 def build(tiny_cfg, method, prototype, *overrides, for_training=True):
     cfg = tiny_cfg(f"method={method}", f"prototype={prototype}", *overrides)
     torch.manual_seed(0)
-    return backbone.build(cfg, 2, for_training=for_training), cfg
+    return backbone.build(ModelSetup.from_config(cfg), 2, for_training=for_training), cfg
 
 
 def train_steps(model, steps: int = 3, lr: float = 1e-2, seed: int = 0):
@@ -175,7 +176,7 @@ def test_save_load_gives_identical_predictions(tiny_cfg, tmp_path, method, proto
     model, cfg = build(tiny_cfg, method, prototype)
     train_steps(model)
     expected = logits(model)
-    checkpoint.save_checkpoint(model, cfg, tmp_path / "checkpoint")
+    checkpoint.save_checkpoint(model, ModelSetup.from_config(cfg), tmp_path / "checkpoint")
     loaded, _ = checkpoint.load_checkpoint(tmp_path / "checkpoint")
     assert torch.equal(logits(loaded), expected)
     if method == "propetl":
@@ -203,7 +204,7 @@ def test_merged_inference_matches(tiny_cfg, method, prototype):
 def test_merge_after_loading(tiny_cfg, tmp_path, prototype):
     model, cfg = build(tiny_cfg, "propetl", prototype)
     train_steps(model)
-    checkpoint.save_checkpoint(model, cfg, tmp_path / "ck")
+    checkpoint.save_checkpoint(model, ModelSetup.from_config(cfg), tmp_path / "ck")
     loaded, _ = checkpoint.load_checkpoint(tmp_path / "ck")
     methods.merge(loaded, backbone.encoder_layers(loaded), prototype)
     torch.testing.assert_close(logits(loaded), logits(model), rtol=1e-5, atol=1e-5)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import compose_cfg, tiny_batch, tiny_text_overrides
 
+from propetl.configs import ModelSetup
 from propetl import methods
 from propetl.data import metrics as glue_metrics
 from propetl.data.batches import PadCollator, tokenise
@@ -196,7 +197,7 @@ def test_every_prototype_builds_and_trains_a_multitask_model(tiny_cfg, prototype
 
     cfg = tiny_cfg("mode=multitask", "tasks=[rte,stsb]", f"prototype={prototype}")
     torch.manual_seed(0)
-    model = MultiTaskModel(cfg, ["rte", "stsb"], [2, 1])
+    model = MultiTaskModel(ModelSetup.from_config(cfg), ["rte", "stsb"], [2, 1])
     weights = methods.petl_weights(model)
     scores = {id(p) for p in weights.score_parameters()}
     for index, labels in enumerate((torch.tensor([0, 1]), torch.tensor([0.2, 0.9]))):
@@ -239,9 +240,9 @@ def test_one_task_without_task_masks_is_the_single_task_model_bit_for_bit(tiny_c
     roberta = [f"model.name_or_path={tiny_roberta_dir}"] if family == "roberta" else []
     cfg = tiny_cfg(f"method={method}", f"prototype={prototype}", *roberta)
     torch.manual_seed(3)
-    single = build(cfg, num_labels)
+    single = build(ModelSetup.from_config(cfg), num_labels)
     torch.manual_seed(3)
-    multi = MultiTaskModel(cfg, ["task"], [num_labels], task_masks=False)
+    multi = MultiTaskModel(ModelSetup.from_config(cfg), ["task"], [num_labels], task_masks=False)
     single_parameters = list(single.named_parameters())
     assert [n for n, _ in single_parameters] == [multi.transformers_name(n) for n, _ in multi.named_parameters()]
     for (name, a), (_, b) in zip(single_parameters, multi.named_parameters()):
@@ -274,9 +275,9 @@ def test_one_layout_from_either_model_and_into_either_model(tiny_cfg, tiny_rober
     roberta = [f"model.name_or_path={tiny_roberta_dir}"] if family == "roberta" else []
     cfg = tiny_cfg(f"method={method}", f"prototype={prototype}", *roberta)
     torch.manual_seed(3)
-    single = build(cfg, 2)
+    single = build(ModelSetup.from_config(cfg), 2)
     torch.manual_seed(3)
-    multi = MultiTaskModel(cfg, [cfg.task.name], [2], task_masks=False)
+    multi = MultiTaskModel(ModelSetup.from_config(cfg), [cfg.task.name], [2], task_masks=False)
     batch = tiny_batch()
     task = torch.zeros(len(batch["labels"]), dtype=torch.long)
     for model, extra in ((single, {}), (multi, {"task": task})):        # one identical step: weights move off init
@@ -287,8 +288,8 @@ def test_one_layout_from_either_model_and_into_either_model(tiny_cfg, tiny_rober
             for p in model.parameters():
                 if p.grad is not None:
                     p.add_(p.grad, alpha=-0.5)
-    checkpoint.save_checkpoint(single, cfg, tmp_path / "single")
-    checkpoint.save_checkpoint(multi, cfg, tmp_path / "multi")
+    checkpoint.save_checkpoint(single, ModelSetup.from_config(cfg), tmp_path / "single")
+    checkpoint.save_checkpoint(multi, ModelSetup.from_config(cfg), tmp_path / "multi")
     written = sorted(p.relative_to(tmp_path / "multi") for p in (tmp_path / "multi").rglob("*") if p.is_file())
     assert written == sorted(p.relative_to(tmp_path / "single") for p in (tmp_path / "single").rglob("*") if p.is_file())
     for name in written:

@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import tiny_batch
 
+from propetl.configs import ModelSetup
 from propetl import methods
 from propetl.models import backbone
 from propetl.run import loop
@@ -17,7 +18,7 @@ def optimizer_for(tiny_cfg, prototype, *extra):
                    f"trainer.head_lr={HEAD_LR}", "trainer.weight_decay=0.0", "mask.weight_decay=0.0",
                    "trainer.warmup_ratio=0.0", *extra)
     torch.manual_seed(0)
-    model = backbone.build(cfg, 2)
+    model = backbone.build(ModelSetup.from_config(cfg), 2)
     heads = backbone.head_parameter_names(model)
     optimizer, scheduler = loop.make_optimizer(model, cfg, heads, total_steps=10)
     return model, heads, optimizer, scheduler

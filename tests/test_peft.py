@@ -10,6 +10,7 @@ from conftest import TINY, tiny_batch
 from test_cli import propetl_train
 from test_methods import logits, train_steps
 
+from propetl.configs import ModelSetup
 from propetl import methods
 from propetl.models import backbone
 from propetl.run import loop
@@ -32,7 +33,7 @@ def build(tiny_cfg, method: str, *overrides: str):
                    f"trainer.head_lr={HEAD_LR}", "trainer.warmup_ratio=0.0", *overrides)
     validate(cfg)
     torch.manual_seed(0)
-    return backbone.build(cfg, 2), cfg
+    return backbone.build(ModelSetup.from_config(cfg), 2), cfg
 
 
 def lora_pair(model, layer: int, target: str):
@@ -79,8 +80,8 @@ def test_lora_counts_match_petl_and_storage_is_peft_files(tiny_cfg, tmp_path, pe
         assert sum(dict(model.named_parameters())[n].numel() for n in petl) == LORA_PARAMS
         if method == "peft":
             assert petl == set(methods.peft_parameters(model)) and len(petl) == 2 * len(TARGETS) * TINY["layers"]
-        figures[method] = accounting.account(model, cfg, accounting.backbone_params(model, heads))
-        checkpoint.save_checkpoint(model, cfg, tmp_path / method)
+        figures[method] = accounting.account(model, ModelSetup.from_config(cfg), accounting.backbone_params(model, heads))
+        checkpoint.save_checkpoint(model, ModelSetup.from_config(cfg), tmp_path / method)
         files[method] = checkpoint.file_sizes(tmp_path / method)
     same = ("trainable_params", "trainable_params_with_head", "stored_params", "plain_petl_params", "head_params",
             "backbone_params", "mask_entries")
@@ -157,7 +158,7 @@ def test_save_load_merge_give_identical_predictions(tiny_cfg, tmp_path, peft):
     model, cfg = build(tiny_cfg, "peft")
     train_steps(model)
     expected = logits(model)
-    checkpoint.save_checkpoint(model, cfg, tmp_path / "checkpoint")
+    checkpoint.save_checkpoint(model, ModelSetup.from_config(cfg), tmp_path / "checkpoint")
     assert sorted(p.name for p in (tmp_path / "checkpoint").rglob("*") if p.is_file()) == \
         ["adapter_config.json", "adapter_model.safetensors", "head.safetensors", "manifest.json", "manifest.json",
          "propetl.json", "task.json"]
@@ -189,7 +190,7 @@ def test_peft_with_another_prototype_exits_2_on_the_command_line(tmp_path):
 
 def test_missing_peft_is_one_line(tiny_cfg, tmp_path, monkeypatch, peft):
     model, cfg = build(tiny_cfg, "peft")
-    checkpoint.save_checkpoint(model, cfg, tmp_path / "checkpoint")
+    checkpoint.save_checkpoint(model, ModelSetup.from_config(cfg), tmp_path / "checkpoint")
     monkeypatch.setitem(sys.modules, "peft", None)                        # as if it were not installed
     with pytest.raises(ConfigError) as error:
         validate(cfg)

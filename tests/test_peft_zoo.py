@@ -12,6 +12,7 @@ from conftest import tiny_text_overrides
 from test_cli import propetl_train
 from test_methods import logits, train_steps
 
+from propetl.configs import ModelSetup
 from propetl import methods
 from propetl.cli.export import export
 from propetl.configs import group_choices
@@ -34,7 +35,7 @@ def build(tiny_cfg, name: str, *overrides: str):
     cfg = tiny_cfg("method=peft", f"peft={name}", *TINY_SIZES.get(name, []), *overrides)
     validate(cfg)
     torch.manual_seed(0)
-    return backbone.build(cfg, 2), cfg
+    return backbone.build(ModelSetup.from_config(cfg), 2), cfg
 
 
 def saved_bytes(model, folder, **options) -> int:
@@ -66,8 +67,8 @@ def test_tuner_trains_saves_reloads_and_counts_its_files(tiny_cfg, tmp_path, nam
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert heads <= moved <= trainable and moved & set(adapter)                # the backbone stays frozen
     expected = logits(model)
-    figures = accounting.account(model, cfg, accounting.backbone_params(model, heads))
-    checkpoint.save_checkpoint(model, cfg, tmp_path / "checkpoint")
+    figures = accounting.account(model, ModelSetup.from_config(cfg), accounting.backbone_params(model, heads))
+    checkpoint.save_checkpoint(model, ModelSetup.from_config(cfg), tmp_path / "checkpoint")
     shared = tmp_path / "checkpoint" / "shared"
     assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in shared.iterdir()}
     assert not (shared / "README.md").exists()
@@ -89,7 +90,7 @@ def test_tuner_trains_saves_reloads_and_counts_its_files(tiny_cfg, tmp_path, nam
 def test_peft_export_loads_in_peft_with_the_same_logits(tiny_cfg, tmp_path, name):
     model, cfg = build(tiny_cfg, name)
     train_steps(model)
-    checkpoint.save_checkpoint(model, cfg, tmp_path / "checkpoint")
+    checkpoint.save_checkpoint(model, ModelSetup.from_config(cfg), tmp_path / "checkpoint")
     out = export(tmp_path / "checkpoint", tmp_path / "out", "peft")
     base = backbone.load_backbone(cfg.model, 2)
     theirs = peft.PeftModel.from_pretrained(base, str(out)).eval()
@@ -148,7 +149,7 @@ def test_what_cannot_work_is_one_line(tiny_cfg, overrides, words):
     with pytest.raises(ConfigError) as error:
         cfg = tiny_cfg("method=peft", *overrides)
         validate(cfg)
-        backbone.build(cfg, 2)
+        backbone.build(ModelSetup.from_config(cfg), 2)
     message = str(error.value)
     assert "\n" not in message and all(w in message for w in words), message
 

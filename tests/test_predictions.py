@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import compose_cfg, tiny_text_overrides
 
+from propetl.configs import ModelSetup
 from propetl.data import metrics as glue_metrics
 from propetl.models import backbone
 from propetl.run import log, loop, rundir
@@ -58,7 +59,7 @@ def test_a_run_keeps_what_it_predicted_on_test_and_its_training_accuracy(tmp_pat
 def test_a_regression_batch_counts_no_training_accuracy(tiny_cfg):
     """STS-B has no accuracy: a multi-task record names each classification task, regression none."""
     cfg = tiny_cfg("mode=multitask", "tasks=[rte,stsb]", "trainer.epochs=1", "trainer.progress=false")
-    model = backbone.MultiTaskModel(cfg, ["rte", "stsb"], [2, 1], task_masks=True)
+    model = backbone.MultiTaskModel(ModelSetup.from_config(cfg), ["rte", "stsb"], [2, 1], task_masks=True)
     ids = torch.randint(1, 100, (4, 6), generator=torch.Generator().manual_seed(0))
     batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "task": torch.full((4,), task),
                 "labels": labels} for task, labels in ((0, torch.tensor([0, 1, 1, 0])), (1, torch.rand(4) * 5))]

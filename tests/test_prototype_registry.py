@@ -11,6 +11,7 @@ from conftest import TINY, tiny_batch
 from omegaconf import OmegaConf
 from torch import nn
 
+from propetl.configs import ModelSetup
 from propetl import configs, methods
 from propetl.methods import rules
 from propetl.methods.weights import LayerWeights, TensorSpec, bind
@@ -95,21 +96,21 @@ def test_its_yaml_registers_it_and_its_settings_are_validated_in_one_line(bias_c
 def test_it_trains_counts_and_reloads(bias_cfg, tmp_path, method):
     cfg = bias_cfg(f"method={method}")
     torch.manual_seed(0)
-    model = backbone.build(cfg, 2)
+    model = backbone.build(ModelSetup.from_config(cfg), 2)
     model(**tiny_batch()).loss.backward()
     weights = methods.petl_weights(model)
     assert weights.weights["bias"].grad.abs().sum() > 0
     scores = [p for n, p in weights.named_parameters() if n.endswith("scores")]
     assert len(scores) == (method == "propetl") and (method == "petl" or scores[0].grad.abs().sum() > 0)
 
-    figures = accounting.account(model, cfg, backbone_params=1000)
+    figures = accounting.account(model, ModelSetup.from_config(cfg), backbone_params=1000)
     hidden, layers = TINY["hidden"], TINY["layers"]
     if method == "propetl":      # the prototype once, one bit per mask entry
         assert (figures["stored_params"], figures["mask_entries"]) == (hidden, layers * hidden)
     else:
         assert (figures["stored_params"], figures["mask_entries"]) == (layers * hidden, 0)
 
-    checkpoint.save_checkpoint(model, cfg, tmp_path / "checkpoint")
+    checkpoint.save_checkpoint(model, ModelSetup.from_config(cfg), tmp_path / "checkpoint")
     loaded, _ = checkpoint.load_checkpoint(tmp_path / "checkpoint")
     batch = tiny_batch(seed=5)
     batch.pop("labels")

@@ -13,6 +13,7 @@ import pytest
 from conftest import compose_cfg, tiny_fit_inputs, tiny_text_overrides
 from test_cli import ENV, SCRIPT
 
+from propetl.configs import ModelSetup
 from propetl.run import log, rundir
 from propetl.run.resume import Checkpointer
 from propetl.run.train import train
@@ -181,8 +182,8 @@ def saved(tiny_cfg, tmp_path):
 
     cfg = tiny_cfg("method=propetl", "prototype=lora")
     torch.manual_seed(0)
-    model = backbone.build(cfg, 2)
-    return checkpoint.save_checkpoint(model, cfg, tmp_path / "checkpoint")
+    model = backbone.build(ModelSetup.from_config(cfg), 2)
+    return checkpoint.save_checkpoint(model, ModelSetup.from_config(cfg), tmp_path / "checkpoint")
 
 
 @pytest.mark.parametrize("victim", ["shared/prototype.safetensors", "shared/layer_masks.safetensors",

@@ -22,6 +22,7 @@ from test_checksums import (  # noqa: F401
 
 from conftest import format1_packed_masks
 
+from propetl.configs import ModelSetup
 from propetl.cli import upgrade
 from propetl.run.resume import START_OVER, STATE_JSON, STATE_TENSORS, Checkpointer
 from propetl.storage import checkpoint, files
@@ -102,7 +103,7 @@ def test_a_flat_config_with_a_bad_task_is_not_upgraded(tiny_cfg, tmp_path):
     from test_mask_coding import tiny_propetl, write_flat
 
     model, cfg, _ = tiny_propetl(tiny_cfg)
-    folder = checkpoint.save_checkpoint(model, cfg, tmp_path / "checkpoint")
+    folder = checkpoint.save_checkpoint(model, ModelSetup.from_config(cfg), tmp_path / "checkpoint")
     write_flat(folder, model)                                             # format 3, one task, flat
     for task, says in (({"name": "rte", "num_labels": "2"}, "num_labels.rte='2' is invalid"),
                        ({"name": "nope", "num_labels": 2}, "tasks='nope' is invalid"),

@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import TINY
 
+from propetl.configs import ModelSetup
 from propetl.models import backbone
 from propetl.storage import accounting, checkpoint
 
@@ -29,12 +30,12 @@ def figures_for(tiny_cfg, method, prototype, tmp_path=None, *extra):
     overrides, _, _ = CASES[prototype]
     cfg = tiny_cfg(f"method={method}", f"prototype={prototype}", *overrides, *extra)
     torch.manual_seed(0)
-    model = backbone.build(cfg, 2)
+    model = backbone.build(ModelSetup.from_config(cfg), 2)
     heads = backbone.head_parameter_names(model)
     backbone_params = sum(p.numel() for n, p in model.named_parameters() if n not in heads and not n.startswith("petl_weights."))
-    figures = accounting.account(model, cfg, backbone_params)
+    figures = accounting.account(model, ModelSetup.from_config(cfg), backbone_params)
     if tmp_path is not None:
-        checkpoint.save_checkpoint(model, cfg, tmp_path / "checkpoint")
+        checkpoint.save_checkpoint(model, ModelSetup.from_config(cfg), tmp_path / "checkpoint")
         figures.update(checkpoint.file_sizes(tmp_path / "checkpoint"))
     return figures
 

@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from propetl.configs import ModelSetup
 from propetl import report
 from propetl.models import backbone
 from propetl.run import log
@@ -19,23 +20,23 @@ from propetl.storage import accounting, checkpoint, figures, mask_coding
 def run_figures(model, cfg, folder, head_names, share=True):
     """The figures as train.py computes them: what the model keeps worked out once, for the accounting and the
     checkpoint (share=False: each works it out on its own)."""
-    keep = accounting.kept(model, cfg) if share else None
-    out = accounting.account(model, cfg, accounting.backbone_params(model, head_names), keep)
-    checkpoint.save_checkpoint(model, cfg, folder, keep)
+    keep = accounting.kept(model, cfg.method.name) if share else None
+    out = accounting.account(model, ModelSetup.from_config(cfg), accounting.backbone_params(model, head_names), keep)
+    checkpoint.save_checkpoint(model, ModelSetup.from_config(cfg), folder, keep)
     return {**out, **checkpoint.file_figures(folder, out)}
 
 
 def one_task(tiny_cfg, folder, share=True):
     cfg = tiny_cfg("method=propetl", "prototype=lora", "prototype.r=4")
     torch.manual_seed(0)
-    model = backbone.build(cfg, 2)
+    model = backbone.build(ModelSetup.from_config(cfg), 2)
     return run_figures(model, cfg, folder, backbone.head_parameter_names(model), share)
 
 
 def several_tasks(tiny_cfg, folder, share=True):
     cfg = tiny_cfg("mode=multitask", "tasks=[rte,stsb]", "prototype=lora", "prototype.r=4")
     torch.manual_seed(0)
-    model = backbone.MultiTaskModel(cfg, ["rte", "stsb"], [2, 1], task_masks=True)
+    model = backbone.MultiTaskModel(ModelSetup.from_config(cfg), ["rte", "stsb"], [2, 1], task_masks=True)
     return run_figures(model, cfg, folder, model.head_names(), share)
 
 

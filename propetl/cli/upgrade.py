@@ -87,8 +87,6 @@ def upgraded_config(config: dict, path: Path) -> dict:
 
 def upgrade(old, new, allow_unsealed: bool = False) -> Path:
     """Rewrite the checkpoint folder `old` (format 1-3) into `new` in today's format; CheckpointError when it cannot."""
-    from omegaconf import OmegaConf
-
     old = Path(old)
     flat = not (old / checkpoint.SHARED_DIR).is_dir()
     shared = old if flat else old / checkpoint.SHARED_DIR
@@ -99,13 +97,13 @@ def upgrade(old, new, allow_unsealed: bool = False) -> Path:
     parts = {task: old if flat else old / checkpoint.TASKS_DIR / task for task in config["tasks"]}
     for part in () if flat else parts.values():
         check_unsealed(part, version, allow_unsealed)
-    method, cfg = config["method"]["name"], OmegaConf.create(config)
+    method, coding = config["method"]["name"], str(config["storage"]["mask_coding"])
     dense = methods.PEFT_FILES if method == "peft" else (checkpoint.DENSE_FILE[method],)
     layer_masks = shared / (FLAT_MASKS_FILE if flat else checkpoint.LAYER_MASKS_FILE)
 
     def recode(source: Path, target: Path, as_rows: bool = False) -> None:  # format 1's [*shape] rows: [1, *shape]
         masks = checkpoint.read_masks(source)
-        checkpoint.save_masks(MaskFile({n: m.unsqueeze(0) if as_rows else m for n, m in masks.items()}), target, cfg)
+        checkpoint.save_masks(MaskFile({n: m.unsqueeze(0) if as_rows else m for n, m in masks.items()}), target, coding)
 
     def build(folder: Path) -> None:
         into = folder / checkpoint.SHARED_DIR

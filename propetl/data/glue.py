@@ -11,13 +11,14 @@ import logging
 import math
 import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import datasets
 import torch
-from omegaconf import DictConfig, OmegaConf
+
+from propetl.configs import plain_group
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class _TaskSpec:
 
 
 def load_glue(
-    task_cfg: DictConfig | dict[str, Any],
+    task_cfg: Mapping[str, Any],
     data_dir: str | os.PathLike | None,
     protocol: str = "split",
     split_seed: int = 42,
@@ -124,10 +125,9 @@ def resolve_data_dir(configured: str | None) -> pathlib.Path | None:
 # ------------------------------------------------------------------------------------------ task config
 
 
-def _task_spec(task_cfg: DictConfig | dict[str, Any]) -> _TaskSpec:
-    """Reads a task config (DictConfig or plain mapping) into a _TaskSpec."""
-    cfg = OmegaConf.to_container(OmegaConf.create(task_cfg), resolve=True)
-    assert isinstance(cfg, dict)  # a DictConfig's container
+def _task_spec(task_cfg: Mapping[str, Any]) -> _TaskSpec:
+    """Reads a task config (a task group, a DictConfig, or a plain mapping) into a _TaskSpec."""
+    cfg = plain_group(task_cfg)
     name = str(cfg.get("name", "?"))
     try:
         local, hub = cfg["local"], cfg.get("hub") or {}
@@ -173,7 +173,7 @@ def _load_train_dev(
     return _load_hub(spec, local_problem)
 
 
-def local_files(task_cfg: DictConfig | dict[str, Any], data_dir: pathlib.Path | None) -> list[pathlib.Path] | None:
+def local_files(task_cfg: Mapping[str, Any], data_dir: pathlib.Path | None) -> list[pathlib.Path] | None:
     """The task's local train and dev files, in reading order, if they are all there; None: it would be the hub."""
     spec = _task_spec(task_cfg)
     if _local_files_problem(spec, data_dir) is not None:

@@ -6,9 +6,10 @@ averages and the report read them here, so a new task needs no code. OmegaConf o
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -39,8 +40,9 @@ def _task_configs(search_path: Sequence[str]) -> dict[str, DictConfig]:
     return dict(sorted(found.items(), key=lambda item: (_report(item[1], "order") or math.inf, item[0])))
 
 
-def _report(config: DictConfig | None, key: str):
-    return None if config is None else OmegaConf.select(config, f"report.{key}", default=None)
+def _report(config: Mapping[str, Any] | None, key: str):
+    report = None if config is None else config.get("report")
+    return report.get(key) if isinstance(report, Mapping) else None
 
 
 def task_rank(task: str) -> tuple[int, str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import os
 from importlib.resources import files
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.utils import logging as hf_logging
 
 from propetl import methods
+from propetl.configs import ModelConfig, ModelSetup
 
 
 class ModelError(Exception):
@@ -77,12 +79,13 @@ def max_positions(name_or_path: str) -> int | None:
     return positions - (config.pad_token_id or 0) - 1 if "roberta" in config.model_type else positions
 
 
-def load_tokenizer(model_cfg):
-    return AutoTokenizer.from_pretrained(resolve_model_path(model_cfg.name_or_path))
+def load_tokenizer(model: ModelConfig):
+    return AutoTokenizer.from_pretrained(resolve_model_path(model.name_or_path))
 
 
-def load_backbone(model_cfg, num_labels: int) -> nn.Module:
-    path = resolve_model_path(model_cfg.name_or_path)
+def load_backbone(config: ModelConfig, num_labels: int) -> nn.Module:
+    """The pre-trained model of the model group `config` with a sequence-classification head of `num_labels`."""
+    path = resolve_model_path(config.name_or_path)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "classifier MISSING" load report is expected
     hf_logging.disable_progress_bar()
@@ -97,23 +100,23 @@ def load_backbone(model_cfg, num_labels: int) -> nn.Module:
             hint = " (HF_HUB_OFFLINE=1: hub models need a local copy; set model.name_or_path=FOLDER)"
         else:
             hint = ""
-        raise ModelError(
-            f"cannot load model.name_or_path={model_cfg.name_or_path!r}{hint}: {str(error).splitlines()[0]}"
-        )
+        raise ModelError(f"cannot load model.name_or_path={config.name_or_path!r}{hint}: {str(error).splitlines()[0]}")
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
-    if model.config.hidden_size != model_cfg.hidden_size or model.config.num_hidden_layers != model_cfg.num_layers:
+    if model.config.hidden_size != config.hidden_size or model.config.num_hidden_layers != config.num_layers:
         raise ModelError(
-            f"model '{model_cfg.name}' has hidden {model.config.hidden_size} x "
-            f"{model.config.num_hidden_layers} layers, config says {model_cfg.hidden_size} x "
-            f"{model_cfg.num_layers}: fix conf/model/{model_cfg.name}.yaml"
+            f"model '{config.name}' has hidden {model.config.hidden_size} x "
+            f"{model.config.num_hidden_layers} layers, config says {config.hidden_size} x "
+            f"{config.num_layers}: fix conf/model/{config.name}.yaml"
         )
     return model
 
 
 def encoder_layers(model: nn.Module) -> nn.ModuleList:
-    return model.base_model.encoder.layer  # the transformer blocks of a BERT/RoBERTa-family model (or MultiTaskModel)
+    """The transformer blocks of a BERT/RoBERTa-family model (or MultiTaskModel)."""
+    encoder: Any = model.base_model  # a transformers model's (torch types a module's attributes as Tensor | Module)
+    return encoder.encoder.layer
 
 
 def head_module_names(model: nn.Module) -> list[str]:
@@ -130,11 +133,11 @@ def head_parameter_names(model: nn.Module) -> set[str]:
     return {name for name, _ in model.named_parameters() if name.startswith(prefixes)}
 
 
-def build(cfg, num_labels: int, for_training: bool = True) -> nn.Module:
+def build(setup: ModelSetup, num_labels: int, for_training: bool = True) -> nn.Module:
     """The transformers model with the method inside (for_training=False: to receive saved weights), as the Python
     API wraps one. Runs and checkpoints use the one-task MultiTaskModel, which computes the same bit for bit."""
-    model = load_backbone(cfg.model, num_labels)
-    methods.attach(model, encoder_layers(model), cfg, head_parameter_names(model), for_training)
+    model = load_backbone(setup.model, num_labels)
+    methods.attach(model, encoder_layers(model), setup.attach_config(), head_parameter_names(model), for_training)
     return model
 
 
@@ -145,7 +148,7 @@ class TaskHead(nn.Module):
     """[dropout,] dense + tanh on the first token, dropout, classifier [h -> labels]: BERT's pooler and
     classifier, or (dropout_first) RoBERTa's classification head."""
 
-    def __init__(self, dense: nn.Linear, dropout: float, classifier: nn.Linear, dropout_first: bool = False):
+    def __init__(self, dense: nn.Module, dropout: float, classifier: nn.Module, dropout_first: bool = False):
         super().__init__()
         self.dense, self.dropout, self.classifier = dense, nn.Dropout(dropout), classifier
         self.dropout_first = dropout_first
@@ -203,11 +206,17 @@ class MultiTaskModel(nn.Module):
     classifier."""
 
     def __init__(
-        self, cfg, task_names: list[str], num_labels: list[int], for_training: bool = True, task_masks: bool = True
+        self,
+        setup: ModelSetup,
+        task_names: list[str],
+        num_labels: list[int],
+        for_training: bool = True,
+        task_masks: bool = True,
     ):
         super().__init__()
-        full = load_backbone(cfg.model, num_labels[0])
-        self.encoder = full.base_model
+        full = load_backbone(setup.model, num_labels[0])
+        encoder: Any = full.base_model  # transformers' encoder (torch types a module's attributes as Tensor | Module)
+        self.encoder, self.config = encoder, encoder.config
         dense_name, classifier_name, dropout_first = pretrained_head(full)
         dense, classifier = full.get_submodule(dense_name), full.get_submodule(classifier_name)
         self._transformers_names = {
@@ -215,7 +224,6 @@ class MultiTaskModel(nn.Module):
             **{f"heads.{task_names[0]}.{k}": v for k, v in head_layout(full).items()},
         }
         self.encoder.pooler = None  # the heads hold their own copies
-        self.config = self.encoder.config
         dropout = getattr(self.config, "classifier_dropout", None)
         dropout = self.config.hidden_dropout_prob if dropout is None else dropout  # as transformers' heads
         self.task_names, self.num_labels, self.task_masks = list(task_names), list(num_labels), task_masks
@@ -228,7 +236,7 @@ class MultiTaskModel(nn.Module):
         methods.attach(
             self,
             self.encoder.encoder.layer,
-            cfg,
+            setup.attach_config(),
             self.head_names(),
             for_training,
             num_tasks=len(task_names) if task_masks else 0,
@@ -248,10 +256,11 @@ class MultiTaskModel(nn.Module):
     def base_model(self) -> nn.Module:  # as a transformers model's: the encoder (encoder_layers, PEFT)
         return self.encoder
 
-    def to_transformers(self, model_cfg) -> nn.Module:
+    def to_transformers(self, config: ModelConfig) -> nn.Module:
         """A one-task model, its method merged away first (methods.merge), as a plain transformers model
-        (AutoModelForSequenceClassification of `model_cfg`, the task's head its own): propetl-export --format hf."""
-        full = load_backbone(model_cfg, self.num_labels[0])
+        (AutoModelForSequenceClassification of the model group `config`, the task's head its own): propetl-export
+        --format hf."""
+        full = load_backbone(config, self.num_labels[0])
         full.load_state_dict({self.transformers_name(n): t for n, t in self.state_dict().items()})
         return full
 

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 import propetl  # noqa: F401  (registers the config resolvers)
 from propetl import methods
+from propetl.configs import DataConfig, ModelSetup
 from propetl.data import glue
 from propetl.data import metrics as glue_metrics
 from propetl.data.batches import PadCollator, token_lengths, tokenise
@@ -46,23 +47,24 @@ def train(cfg: DictConfig, output_dir: Path, claim=None) -> dict:
         checkpoint.check_can_add(Path(base_dir), base, new_tasks)
     task_names = [*base_tasks, *new_tasks]
     by_name = dict(zip(task_names, task_configs(task_names) if multitask else [cfg.task]))
+    setup, data = ModelSetup.from_config(cfg), DataConfig.from_config(cfg.data)
 
     # 1. data: every new task's GLUE splits (selection / test per data.protocol), tokenised once; training
     #    batches of one task each, the task drawn by temperature (one task: a DataLoader's order)
-    data_dir = glue.resolve_data_dir(cfg.data.dir)
-    tokenizer = backbone.load_tokenizer(cfg.model)
+    data_dir = glue.resolve_data_dir(data.dir)
+    tokenizer = backbone.load_tokenizer(setup.model)
     splits, collators = {}, {}
     for index, name in enumerate(task_names):
         if name not in new_tasks:
             continue
         text = glue.sample_train(
-            glue.load_glue(by_name[name], data_dir, cfg.data.protocol, cfg.data.split_seed, cfg.data.allow_hub),
-            cfg.data.max_train_examples,
-            cfg.data.split_seed,
+            glue.load_glue(by_name[name], data_dir, data.protocol, data.split_seed, data.allow_hub),
+            data.max_train_examples,
+            data.split_seed,
         )
-        splits[name] = {split: tokenise(rows, tokenizer, cfg.data.max_length) for split, rows in text.items()}
+        splits[name] = {split: tokenise(rows, tokenizer, data.max_length) for split, rows in text.items()}
         collators[name] = TaskCollator(PadCollator(tokenizer, int(by_name[name].num_labels) == 1), index)
-    lengths = [token_lengths(splits[n]["train"]) for n in new_tasks] if cfg.data.group_by_length else None
+    lengths = [token_lengths(splits[n]["train"]) for n in new_tasks] if data.group_by_length else None
     train_batches = MultiTaskBatches(
         [splits[n]["train"] for n in new_tasks],
         [collators[n] for n in new_tasks],
@@ -82,13 +84,13 @@ def train(cfg: DictConfig, output_dir: Path, claim=None) -> dict:
     # 2. model: the pre-trained encoder with the method inside, a head per task (base tasks loaded and frozen)
     if base_dir:
         model, _ = checkpoint.load_multitask(
-            Path(base_dir), cfg=cfg, extra_tasks=[by_name[n] for n in new_tasks], for_training=False, config=base
+            Path(base_dir), setup=setup, extra_tasks=[by_name[n] for n in new_tasks], for_training=False, config=base
         )
         freeze_for_new_tasks(model, base_tasks)
         model.train()
     else:
         model = backbone.MultiTaskModel(
-            cfg, task_names, [int(by_name[n].num_labels) for n in task_names], task_masks=len(task_names) > 1
+            setup, task_names, [int(by_name[n].num_labels) for n in task_names], task_masks=len(task_names) > 1
         )
     model = model.to(device)
     head_names = model.head_names()
@@ -145,14 +147,14 @@ def train(cfg: DictConfig, output_dir: Path, claim=None) -> dict:
 
     # 4. storage (counted from what the checkpoint keeps), the checkpoint and predictions.npz (rank 0),
     #    metrics.json, W&B, summary table
-    keep = accounting.kept(model, cfg)  # counted and written once: its masks coded once per coding
-    figures = accounting.account(model, cfg, backbone_params, keep)
+    keep = accounting.kept(model, setup.method)  # counted and written once: its masks coded once per coding
+    figures = accounting.account(model, setup, backbone_params, keep)
     if ctx.is_main:  # before metrics.json, which marks the run finished
         log.write_predictions(
             output_dir / rundir.PREDICTIONS_FILE, predicted, {name: int(by_name[name].num_labels) for name in new_tasks}
         )
     if ctx.is_main and cfg.trainer.save_weights:
-        checkpoint.save_checkpoint(model, cfg, output_dir / "checkpoint", keep)
+        checkpoint.save_checkpoint(model, setup, output_dir / "checkpoint", keep)
         figures.update(checkpoint.file_figures(output_dir / "checkpoint", figures))
     facts = run_facts(cfg, result, started, device, ctx, checkpointer) if ctx.is_main else {}
     if multitask:

@@ -16,12 +16,14 @@ from what the checkpoint keeps (`kept`, which checkpoint.save_checkpoint writes)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from propetl import methods
+from propetl.configs import ModelSetup
 from propetl.models import backbone
 from propetl.storage import mask_coding
 
@@ -37,14 +39,21 @@ def count(parameters) -> int:
     return sum(p.numel() for p in {id(p): p for p in parameters}.values())
 
 
-def dense_parameters(model: nn.Module, method: str, head_names: set[str]) -> dict[str, torch.Tensor]:
+def dense_parameters(model: nn.Module, method: str, head_names: set[str]) -> dict[str, nn.Parameter]:
     """The method's own float tensors: backbone (finetune), the PEFT tuner's (peft), PETL store (petl, propetl)."""
     if method == "finetune":
         return {n: p for n, p in model.named_parameters() if n not in head_names}
     if method == "peft":
         return methods.peft_parameters(model)
-    weights = methods.petl_weights(model)
+    weights = petl_store(model)
     return {} if weights.frozen else dict(weights.weights.items())  # a frozen prototype: its seed, no tensor
+
+
+def petl_store(model: nn.Module) -> methods.LayerWeights:
+    """The PETL store of a model of method petl or propetl (which always has one)."""
+    weights = methods.petl_weights(model)
+    assert weights is not None, "method petl or propetl without a PETL store"
+    return weights
 
 
 def stored_dense_tensors(model: nn.Module, method: str, head_names: set[str]) -> dict[str, torch.Tensor]:
@@ -55,7 +64,7 @@ def stored_dense_tensors(model: nn.Module, method: str, head_names: set[str]) ->
     if method == "finetune":
         return {n: p.detach() for n, p in dense_parameters(model, method, head_names).items()}
     with torch.no_grad():
-        return {n: t.detach() for n, t in methods.petl_weights(model).stored_tensors().items()}
+        return {n: t.detach() for n, t in petl_store(model).stored_tensors().items()}
 
 
 def stored_masks(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -74,20 +83,16 @@ def backbone_params(model: nn.Module, head_names: set[str]) -> int:
     )
 
 
-def plain_petl_params(cfg, hidden: int, num_layers: int) -> int:
+def plain_petl_params(setup: ModelSetup, hidden: int, num_layers: int) -> int:
     """What plain PETL of the same prototype stores: every layer's own module, no masks."""
-    specs = methods.PROTOTYPES[cfg.prototype.name].specs(cfg.prototype, hidden)
+    prototype = setup.attach_config().prototype
+    specs = methods.PROTOTYPES[prototype.name].specs(prototype, hidden)
     return num_layers * sum(spec.numel for spec in specs.values())
 
 
 def mask_bytes(entries_per_tensor: list[int]) -> int:
     """Bytes of bit-packed masks: each mask tensor is padded to whole bytes."""
     return sum(math.ceil(n / 8) for n in entries_per_tensor)
-
-
-def storage_settings(cfg) -> dict:
-    """How a run's checkpoint is written: {"mask_coding": ..., "dtype": ...} (cfg.storage)."""
-    return {"mask_coding": str(cfg.storage.mask_coding), "dtype": str(cfg.storage.dtype)}
 
 
 def coding_figures(
@@ -177,9 +182,9 @@ class Kept:
     adapter: dict[str, bytes]  # method=peft: the files save_pretrained writes, by name ({} otherwise)
 
 
-def kept(model: nn.Module, cfg) -> Kept:
-    """Kept of a run's MultiTaskModel, or of a transformers model with the method inside (model.build, the Python
-    API: one task, cfg.task)."""
+def kept(model: nn.Module, method: str, task: str | None = None) -> Kept:
+    """Kept of a run's MultiTaskModel, or of a transformers model with the method inside (backbone.build, the Python
+    API: one task, `task`, its label count the model's), `method` the run's method.name."""
     if isinstance(model, backbone.MultiTaskModel):
         tasks, labels, rename, head_names = (
             model.task_names,
@@ -187,15 +192,16 @@ def kept(model: nn.Module, cfg) -> Kept:
             model.transformers_name,
             model.head_names(),
         )
-        heads = [{n: p.detach() for n, p in model.heads[task].named_parameters()} for task in tasks]
+        heads = [{n: p.detach() for n, p in model.heads[name].named_parameters()} for name in tasks]
     else:
-        tasks, labels, rename = [cfg.task.name or UNNAMED_TASK], [int(cfg.task.num_labels)], (lambda name: name)
+        config: Any = model.config  # transformers' (torch types a module's attributes as Tensor | Module)
+        tasks, labels, rename = [task or UNNAMED_TASK], [int(config.num_labels)], (lambda name: name)
         head_names = backbone.head_parameter_names(model)
         ours = {theirs: ours for ours, theirs in backbone.head_layout(model).items()}
         heads = [{backbone.swap_prefix(n, ours): p.detach() for n, p in model.named_parameters() if n in head_names}]
-    dense = {rename(n): t for n, t in stored_dense_tensors(model, cfg.method.name, head_names).items()}
+    dense = {rename(n): t for n, t in stored_dense_tensors(model, method, head_names).items()}
     layer_masks, task_masks = mask_files(model, len(tasks))
-    adapter = methods.peft_module().adapter_files(model) if cfg.method.name == "peft" else {}
+    adapter = methods.peft_module().adapter_files(model) if method == "peft" else {}
     return Kept(
         list(tasks), list(labels), dense, layer_masks, task_masks, heads, getattr(model, "task_masks", False), adapter
     )
@@ -215,15 +221,15 @@ def peft_figures(model: nn.Module) -> dict:
     }
 
 
-def account(model: nn.Module, cfg, backbone_params: int, keep: Kept | None = None) -> dict:
+def account(model: nn.Module, setup: ModelSetup, backbone_params: int, keep: Kept | None = None) -> dict:
     """Every storage figure of a model (metrics.json, W&B), counted from `kept`: dense tensors in fp32, one bit a mask
     entry (each mask tensor padded to whole bytes), heads apart. One task: with and without its head, against plain
     PETL of the same prototype (finetune: the backbone). Several: the shared part once (dense tensors, layer masks),
     each task's part apart (task mask bits; the head), total and amortised per task, against N separate one-task runs
     and plain PETL per task. Both: as written, in storage.dtype and each mask coding (coding_figures). `keep`: the
     model's Kept, if the caller has it (the run, which also writes it)."""
-    keep = keep or kept(model, cfg)
-    n, width = len(keep.tasks), STORAGE_DTYPES[cfg.storage.dtype].itemsize
+    keep = keep or kept(model, setup.method, setup.task)
+    n, width = len(keep.tasks), STORAGE_DTYPES[setup.storage.dtype].itemsize
     stored_params = sum(t.numel() for t in keep.dense.values())
     layer_entries = [m.numel() for m in keep.layer_masks.masks.values()]
     task_entries = [m.numel() for m in keep.task_masks[0].masks.values()] if keep.task_masks else []  # per task
@@ -232,13 +238,14 @@ def account(model: nn.Module, cfg, backbone_params: int, keep: Kept | None = Non
     shared_bytes = 4 * stored_params + mask_bytes(layer_entries)
     task_bytes = mask_bytes(task_entries)
     heads = {task: sum(t.numel() for t in head.values()) for task, head in zip(keep.tasks, keep.heads)}
-    peft = peft_figures(model) if cfg.method.name == "peft" else {}
-    if cfg.method.name == "finetune":
+    peft = peft_figures(model) if setup.method == "peft" else {}
+    if setup.method == "finetune":
         plain = backbone_params
     elif peft:  # the tuner's own tensors, as a plain PETL run of it stores them
         stored_params = plain = count(methods.peft_parameters(model).values())
     else:
-        plain = plain_petl_params(cfg, model.config.hidden_size, model.config.num_hidden_layers)
+        config: Any = model.config
+        plain = plain_petl_params(setup, config.hidden_size, config.num_hidden_layers)
     dense_bytes = peft["adapter_bytes"] if peft else width * stored_params
     coded = coding_figures(
         [keep.layer_masks] * bool(keep.layer_masks.masks) + keep.task_masks,
@@ -269,7 +276,7 @@ def account(model: nn.Module, cfg, backbone_params: int, keep: Kept | None = Non
             "amortised_ratio_to_separate": (total / n) / shared_bytes,
             "amortised_ratio_to_plain_petl": (total / n) / (4 * plain),
             "amortised_percent_of_backbone": 100.0 * (total / n) / (4 * backbone_params),
-            **storage_settings(cfg),
+            **asdict(setup.storage),
             "mask_entries": mask_entries,
             "dense_bytes": width * stored_params,
             "plain_petl_bytes_as_stored": width * plain,
@@ -287,7 +294,7 @@ def account(model: nn.Module, cfg, backbone_params: int, keep: Kept | None = Non
         "head_params": head_params,
         "trainable_params": trainable - head_params,
         "trainable_params_with_head": trainable,
-        "prototype_params": stored_params if cfg.method.name == "propetl" else 0,
+        "prototype_params": stored_params if setup.method == "propetl" else 0,
         "stored_params": stored_params,
         "mask_entries": mask_entries,
         "mask_ones": mask_ones,
@@ -303,7 +310,7 @@ def account(model: nn.Module, cfg, backbone_params: int, keep: Kept | None = Non
         "storage_fp32_params_with_head": fp32_equivalent + head_params,
         "storage_percent_of_backbone_with_head": 100.0 * (fp32_equivalent + head_params) / backbone_params,
         "storage_ratio_to_plain_petl_with_head": (fp32_equivalent + head_params) / (plain + head_params),
-        **storage_settings(cfg),
+        **asdict(setup.storage),
         "dense_bytes": dense_bytes,
         "plain_petl_bytes_as_stored": width * plain,
         **coded,

@@ -26,17 +26,20 @@ task, into a transformers model with the method inside: the Python API's load_pr
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from propetl import methods, validate
-from propetl.configs import ConfigError, group_choices, plain_value
+from propetl.configs import ConfigError, ModelSetup, group_choices, plain_value
 from propetl.methods import rules
 from propetl.models import backbone
 from propetl.storage import mask_coding
@@ -48,7 +51,6 @@ from propetl.storage.accounting import (
     dense_parameters,
     kept,
     split_task_layer,
-    storage_settings,
 )
 from propetl.storage.files import CheckpointError, check_seal, seal, write_folder_atomically
 
@@ -122,29 +124,21 @@ def file_figures(checkpoint_dir: Path, figures: dict) -> dict:
 # ----------------------------------------------------------------------------- writing
 
 
-def checkpoint_config(cfg, task_names: list[str], num_labels: list[int], task_masks: bool) -> dict:
+def checkpoint_config(setup: ModelSetup, task_names: list[str], num_labels: list[int], task_masks: bool) -> dict:
     """shared/propetl.json: what load_checkpoint and load_multitask need to rebuild the model (plain values)."""
-    sections = ("model", "prototype", "method", "mask", *(("peft",) if cfg.method.name == "peft" else ()))
-    keep = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in sections}
-    if cfg.get("data") is not None:  # a run's data split (propetl-eval re-makes it); the Python API has none
-        keep["data"] = {
-            "protocol": cfg.data.protocol,
-            "split_seed": int(cfg.data.split_seed),
-            "max_length": int(cfg.data.max_length),
-        }
     return {
         "format_version": FORMAT_VERSION,
         "tasks": list(task_names),
         "num_labels": dict(zip(task_names, map(int, num_labels))),
         "task_masks": task_masks,
-        **keep,
-        "storage": storage_settings(cfg),
+        **setup.saved,
+        "storage": asdict(setup.storage),
     }
 
 
-def save_masks(masks: MaskFile, path: Path, cfg) -> None:
-    """A masks file -> one safetensors file, coded as cfg.storage.mask_coding says (mask_coding.encode)."""
-    tensors, metadata = masks.coded(cfg.storage.mask_coding)
+def save_masks(masks: MaskFile, path: Path, coding: str) -> None:
+    """A masks file -> one safetensors file in mask `coding` (storage.mask_coding; mask_coding.encode)."""
+    tensors, metadata = masks.coded(coding)
     save_file({name: torch.from_numpy(t) for name, t in tensors.items()}, str(path), metadata=metadata)
 
 
@@ -157,46 +151,47 @@ def read_masks(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: {error}") from None
 
 
-def save_dense(tensors: dict[str, torch.Tensor], path: Path, cfg) -> None:
-    """Float tensors -> a safetensors file in cfg.storage.dtype (fp16 refuses values beyond its range)."""
-    dtype = STORAGE_DTYPES[cfg.storage.dtype]
+def save_dense(tensors: dict[str, torch.Tensor], path: Path, dtype_name: str) -> None:
+    """Float tensors -> a safetensors file in `dtype_name` (storage.dtype; fp16 refuses values beyond its range)."""
+    dtype = STORAGE_DTYPES[dtype_name]
     out = {}
     for name, tensor in tensors.items():
         cast = tensor.detach().to(dtype).contiguous().cpu()
         if not torch.equal(cast.isfinite(), tensor.detach().cpu().isfinite()):
             raise CheckpointError(
-                f"storage.dtype={cfg.storage.dtype}: '{name}' has values beyond its range "
+                f"storage.dtype={dtype_name}: '{name}' has values beyond its range "
                 f"(largest |value| {float(tensor.detach().abs().max()):.4g}); use bf16 or fp32"
             )
         out[name] = cast
     save_file(out, str(path))
 
 
-def save_checkpoint(model: nn.Module, cfg, directory: Path, keep: Kept | None = None) -> Path:
+def save_checkpoint(model: nn.Module, setup: ModelSetup, directory: Path, keep: Kept | None = None) -> Path:
     """Write a checkpoint folder (format 4, the layout above) atomically. `model`: the MultiTaskModel of a run, or
-    a transformers model with the method inside; `keep`: its accounting.kept, if the caller has it (the run, which
-    hands the same to accounting.account: what is kept, and its masks' coding, computed once)."""
-    keep = keep or kept(model, cfg)
+    a transformers model with the method inside, built from `setup`; `keep`: its accounting.kept, if the caller has
+    it (the run, which hands the same to accounting.account: what is kept, and its masks' coding, computed once)."""
+    written = keep or kept(model, setup.method, setup.task)
+    coding, dtype = setup.storage.mask_coding, setup.storage.dtype
 
     def build(folder: Path) -> None:
         shared = folder / SHARED_DIR
         shared.mkdir()
-        if keep.adapter:
-            for name, content in keep.adapter.items():
+        if written.adapter:
+            for name, content in written.adapter.items():
                 (shared / name).write_bytes(content)
-        elif keep.dense:  # none of a frozen prototype: prototype.seed in propetl.json redraws it
-            save_dense(keep.dense, shared / DENSE_FILE[cfg.method.name], cfg)
-        if keep.layer_masks.masks:
-            save_masks(keep.layer_masks, shared / LAYER_MASKS_FILE, cfg)
-        for index, task in enumerate(keep.tasks):
+        elif written.dense:  # none of a frozen prototype: prototype.seed in propetl.json redraws it
+            save_dense(written.dense, shared / DENSE_FILE[setup.method], dtype)
+        if written.layer_masks.masks:
+            save_masks(written.layer_masks, shared / LAYER_MASKS_FILE, coding)
+        for index, task in enumerate(written.tasks):
             part = folder / TASKS_DIR / task
             part.mkdir(parents=True)
-            if keep.task_masks:
-                save_masks(keep.task_masks[index], part / TASK_MASK_FILE, cfg)
-            save_dense(keep.heads[index], part / HEAD_FILE, cfg)
-            (part / "task.json").write_text(json.dumps({"task": task, "num_labels": keep.num_labels[index]}))
+            if written.task_masks:
+                save_masks(written.task_masks[index], part / TASK_MASK_FILE, coding)
+            save_dense(written.heads[index], part / HEAD_FILE, dtype)
+            (part / "task.json").write_text(json.dumps({"task": task, "num_labels": written.num_labels[index]}))
             seal(part)
-        config = checkpoint_config(cfg, keep.tasks, keep.num_labels, keep.has_task_masks)
+        config = checkpoint_config(setup, written.tasks, written.num_labels, written.has_task_masks)
         (shared / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         seal(shared)
 
@@ -292,7 +287,8 @@ def check_config(config: dict, path: Path) -> None:
         section, name = key.split(".")
         if section in config:
             _check_value(path, key, config[section].get(name), validate.RUN_RULES[key])
-    tasks, labels = config.get("tasks"), config.get("num_labels")
+    tasks: Any = config.get("tasks")  # a list of names once checked
+    labels: Any = config.get("num_labels")
     _check_value(path, "tasks", tasks, TASK_LIST)
     for task in tasks:
         _check_value(path, "tasks", task, rules.one_of((*group_choices("task"), UNNAMED_TASK)))
@@ -326,7 +322,7 @@ def single_task_config(config: dict, directory: Path) -> dict:
     }
 
 
-def load_checkpoint(directory: Path, config: dict | None = None) -> tuple[nn.Module, OmegaConf]:
+def load_checkpoint(directory: Path, config: dict | None = None) -> tuple[nn.Module, DictConfig]:
     """A one-task checkpoint as the one-task MultiTaskModel, in eval mode, and its config with `task` (`config`: its
     read_checkpoint_config, if the caller has it: the folder is not hashed again)."""
     directory = Path(directory)
@@ -335,12 +331,12 @@ def load_checkpoint(directory: Path, config: dict | None = None) -> tuple[nn.Mod
     return load_multitask(directory, config=config)[0], cfg
 
 
-def load_weights(model: nn.Module, cfg, head_names: set[str], directory: Path) -> None:
+def load_weights(model: nn.Module, method: str, task: str, head_names: set[str], directory: Path) -> None:
     """Copy a one-task checkpoint's tensors (dense, masks, head) into a transformers model with the method inside,
-    built for inference with the checkpoint's config `cfg` (for_training=False; single_task_config): the Python
-    API's load_propetl, on the user's own model."""
-    directory, method = Path(directory), cfg.method.name
-    shared, part = directory / SHARED_DIR, directory / TASKS_DIR / cfg.tasks[0]
+    built for inference with the checkpoint's config (for_training=False; single_task_config): method.name `method`,
+    its one task `task` (as in its tasks/): the Python API's load_propetl, on the user's own model."""
+    directory = Path(directory)
+    shared, part = directory / SHARED_DIR, directory / TASKS_DIR / task
     check_seal(part, required=True)
     dense_path, masks_path, head_path = shared / DENSE_FILE[method], shared / LAYER_MASKS_FILE, part / HEAD_FILE
     dense = read_dense(dense_path, dense_parameters(model, method, head_names))
@@ -356,12 +352,12 @@ def load_weights(model: nn.Module, cfg, head_names: set[str], directory: Path) -
         _copy_into({n: parameters[n] for n in head_names}, head, head_path)
 
 
-def read_dense(path: Path, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def read_dense(path: Path, targets: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The dense file's tensors; a model that keeps none (a frozen prototype) has no file to read."""
     return read_safetensors(path)[0] if targets or path.exists() else {}
 
 
-def _load_dense(model: nn.Module, targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], path: Path):
+def _load_dense(model: nn.Module, targets: Mapping[str, torch.Tensor], tensors: dict[str, torch.Tensor], path: Path):
     """The dense file's tensors into the model: `targets` by name, or (method=peft) PEFT's file into its tuner."""
     if not methods.uses_peft(model):
         _copy_into(targets, tensors, path)
@@ -379,7 +375,7 @@ def _load_masks(stores: dict, masks: dict[str, torch.Tensor], path: Path) -> Non
             raise CheckpointError(f"{path}: mask '{name}': {error}") from None
 
 
-def _copy_into(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], path: Path) -> None:
+def _copy_into(targets: Mapping[str, torch.Tensor], tensors: dict[str, torch.Tensor], path: Path) -> None:
     if set(targets) != set(tensors):
         missing, extra = sorted(set(targets) - set(tensors)), sorted(set(tensors) - set(targets))
         raise CheckpointError(f"{path}: tensors do not match the model (missing {missing[:3]}, unexpected {extra[:3]})")
@@ -407,22 +403,23 @@ def check_can_add(directory: Path, config: dict, adding: list[str]) -> None:
 def load_multitask(
     directory: Path,
     tasks: list[str] | None = None,
-    cfg=None,
+    setup: ModelSetup | None = None,
     extra_tasks=(),
     for_training=False,
     config: dict | None = None,
 ):
     """The MultiTaskModel from `shared/` and the named tasks' folders (default: all), in eval mode, and the
-    checkpoint's config. With `cfg`, its settings must match the checkpoint's; `extra_tasks` (task configs) get
+    checkpoint's config. With a run's `setup`, its settings must match the checkpoint's; `extra_tasks` (task configs) get
     fresh masks and heads (adding tasks); `config`: its read_checkpoint_config, if the caller has it."""
     directory = Path(directory)
     extra = [t.name for t in extra_tasks]
     saved = read_checkpoint_config(directory) if config is None else config
     if extra:
         check_can_add(directory, saved, extra)
-    if cfg is not None:
+    if setup is not None:
+        run, trained = setup.attach_config(), OmegaConf.create(saved)
         for key in MATCH_KEYS:
-            ours, theirs = plain_value(cfg, key), plain_value(OmegaConf.create(saved), key)
+            ours, theirs = plain_value(run, key), plain_value(trained, key)
             if ours != theirs:
                 raise CheckpointError(f"{directory} was trained with {key}={theirs!r}, this run has {key}={ours!r}")
     names = list(saved["tasks"] if tasks is None else tasks)
@@ -430,7 +427,7 @@ def load_multitask(
         if name not in saved["tasks"] or not (directory / TASKS_DIR / name).is_dir():
             raise CheckpointError(f"{directory} has no task {name!r}; it has: {', '.join(saved['tasks'])}")
     model = backbone.MultiTaskModel(
-        OmegaConf.create(saved),
+        ModelSetup.from_checkpoint(saved),
         names + extra,
         [saved["num_labels"][n] for n in names] + [int(t.num_labels) for t in extra_tasks],
         for_training,
@@ -449,7 +446,7 @@ def load_multitask(
     return model.eval(), saved
 
 
-def load_task_parts(model: nn.Module, directory: Path, names: list[str]) -> None:
+def load_task_parts(model: backbone.MultiTaskModel, directory: Path, names: list[str]) -> None:
     """Set the named tasks' mask rows and heads of a multi-task model from their folders, each checked against its
     manifest first (also after adding a task: the old tasks' parts back exactly as they were saved)."""
     weights = methods.petl_weights(model)

@@ -33,7 +33,7 @@ SEVERAL_TASKS = (
     Figure("plain_petl_bytes_per_task", "plain PETL, per task"),
     Figure("file_bytes", "files on disk", "file_bytes_with_head"),
 )
-WRITTEN_AS = ("dtype", "mask_coding")  # how the checkpoint is written (accounting.storage_settings)
+WRITTEN_AS = ("dtype", "mask_coding")  # how the checkpoint is written (configs.StorageConfig)
 # As written (accounting.coding_figures, checkpoint.file_figures): dense tensors in storage.dtype, masks in each coding.
 AS_WRITTEN = (
     Figure("file_mask_bits_per_entry", "mask bits/entry, file", column="bits/entry: file"),
