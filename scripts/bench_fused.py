@@ -30,9 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from propetl.configs import ModelSetup
 import propetl  # noqa: F401
-from propetl.configs import compose
+from propetl.configs import ModelSetup, compose
 from propetl.methods.masks import binarize, init_scores
 from propetl.models import backbone
 from propetl.run.loop import autocast, make_optimizer

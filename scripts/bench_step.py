@@ -20,10 +20,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from propetl.configs import ModelSetup
 import propetl  # noqa: E402,F401
 from propetl import methods  # noqa: E402
-from propetl.configs import compose  # noqa: E402
+from propetl.configs import ModelSetup, compose  # noqa: E402
 from propetl.models import backbone  # noqa: E402
 from propetl.run.loop import make_optimizer  # noqa: E402
 

@@ -27,10 +27,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from propetl.configs import ModelSetup
 import propetl  # noqa: E402,F401
 from propetl.cli import upgrade  # noqa: E402
 from propetl.cli.evaluate import evaluate_checkpoint  # noqa: E402
+from propetl.configs import ModelSetup
 from propetl.storage import accounting, checkpoint, files, mask_coding  # noqa: E402
 
 DTYPES = tuple(accounting.STORAGE_DTYPES)

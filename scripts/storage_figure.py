@@ -26,10 +26,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from propetl.configs import ModelSetup
 import propetl  # noqa: E402,F401
 from propetl import methods
-from propetl.configs import compose  # noqa: E402
+from propetl.configs import ModelSetup, compose  # noqa: E402
 from propetl.models import backbone  # noqa: E402
 from propetl.storage import accounting, checkpoint, files, mask_coding  # noqa: E402
 

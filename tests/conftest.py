@@ -13,9 +13,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from propetl.configs import ModelSetup
 import propetl  # noqa: E402,F401  (config resolvers)
 from propetl import configs  # noqa: E402
+from propetl.configs import ModelSetup
 
 TINY = {"hidden": 32, "layers": 2, "heads": 4, "vocab": 100}
 

@@ -12,9 +12,8 @@ from safetensors.torch import load_file
 from test_methods import logits, train_steps
 from transformers import AutoTokenizer, BertForSequenceClassification
 
-from propetl.configs import ModelSetup
 from propetl import ProPETLConfig, embedded_model_path, get_propetl_model, load_propetl, methods
-from propetl.configs import CONF_DIR, ConfigError
+from propetl.configs import CONF_DIR, ConfigError, ModelSetup
 from propetl.methods.lora import LoRALinear
 from propetl.models import backbone
 from propetl.storage import checkpoint, files

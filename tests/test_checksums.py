@@ -16,9 +16,8 @@ import torch
 from conftest import TINY, compose_cfg, tiny_batch, tiny_text_overrides
 from test_cli import ENV, SCRIPT
 
-from propetl.configs import ModelSetup
 from propetl.cli.train import check_output_folder
-from propetl.configs import ConfigError
+from propetl.configs import ConfigError, ModelSetup
 from propetl.data import glue
 from propetl.models import backbone
 from propetl.models.backbone import MultiTaskModel

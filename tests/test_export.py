@@ -12,8 +12,8 @@ import torch
 from test_methods import build, logits, train_steps
 from transformers import AutoModelForSequenceClassification
 
-from propetl.configs import ModelSetup
 from propetl.cli import export
+from propetl.configs import ModelSetup
 from propetl.models import backbone
 from propetl.storage import checkpoint
 

@@ -15,8 +15,8 @@ import torch
 from test_methods import logits
 from transformers import AutoModelForSequenceClassification
 
-from propetl.configs import ModelSetup
 from propetl.cli import evaluate, export
+from propetl.configs import ModelSetup
 from propetl.models import backbone
 from propetl.storage import checkpoint, files
 

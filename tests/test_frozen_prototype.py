@@ -8,10 +8,9 @@ from conftest import TINY, tiny_batch
 from test_methods import PROTOTYPES, build, logits, train_steps
 from test_storage import CASES, HEAD
 
-from propetl.configs import ModelSetup
 from propetl import methods
 from propetl.api import ProPETLConfig, get_propetl_model
-from propetl.configs import ConfigError
+from propetl.configs import ConfigError, ModelSetup
 from propetl.models import backbone
 from propetl.report.runs import row_label
 from propetl.report.stats import mask_ablation, paired_comparisons

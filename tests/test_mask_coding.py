@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from propetl.configs import ModelSetup
 from propetl import methods, report
 from propetl.cli import upgrade
+from propetl.configs import ModelSetup
 from propetl.models import backbone
 from propetl.run import log
 from propetl.storage import accounting, checkpoint, files, mask_coding

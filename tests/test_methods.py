@@ -5,8 +5,8 @@ import pytest
 import torch
 from conftest import TINY, tiny_batch
 
-from propetl.configs import ModelSetup
 from propetl import methods
+from propetl.configs import ModelSetup
 from propetl.methods.lora import LoRALinear
 from propetl.methods.masks import ones_per_mask
 from propetl.models import backbone

@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import compose_cfg, tiny_batch, tiny_text_overrides
 
-from propetl.configs import ModelSetup
 from propetl import methods
+from propetl.configs import ModelSetup
 from propetl.data import metrics as glue_metrics
 from propetl.data.batches import PadCollator, tokenise
 from propetl.data.glue import load_glue

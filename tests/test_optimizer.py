@@ -5,8 +5,8 @@ import pytest
 import torch
 from conftest import tiny_batch
 
-from propetl.configs import ModelSetup
 from propetl import methods
+from propetl.configs import ModelSetup
 from propetl.models import backbone
 from propetl.run import loop
 

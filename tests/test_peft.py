@@ -10,8 +10,8 @@ from conftest import TINY, tiny_batch
 from test_cli import propetl_train
 from test_methods import logits, train_steps
 
-from propetl.configs import ModelSetup
 from propetl import methods
+from propetl.configs import ModelSetup
 from propetl.models import backbone
 from propetl.run import loop
 from propetl.storage import accounting, checkpoint

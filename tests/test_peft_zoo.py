@@ -12,10 +12,9 @@ from conftest import tiny_text_overrides
 from test_cli import propetl_train
 from test_methods import logits, train_steps
 
-from propetl.configs import ModelSetup
 from propetl import methods
 from propetl.cli.export import export
-from propetl.configs import group_choices
+from propetl.configs import ModelSetup, group_choices
 from propetl.models import backbone
 from propetl.storage import accounting, checkpoint
 from propetl.validate import ConfigError, validate

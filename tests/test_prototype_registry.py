@@ -11,8 +11,8 @@ from conftest import TINY, tiny_batch
 from omegaconf import OmegaConf
 from torch import nn
 
-from propetl.configs import ModelSetup
 from propetl import configs, methods
+from propetl.configs import ModelSetup
 from propetl.methods import rules
 from propetl.methods.weights import LayerWeights, TensorSpec, bind
 from propetl.models import backbone

@@ -10,8 +10,8 @@ import json
 import pytest
 import torch
 
-from propetl.configs import ModelSetup
 from propetl import report
+from propetl.configs import ModelSetup
 from propetl.models import backbone
 from propetl.run import log
 from propetl.storage import accounting, checkpoint, figures, mask_coding
