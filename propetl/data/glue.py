@@ -127,16 +127,16 @@ def resolve_data_dir(configured: str | None) -> pathlib.Path | None:
 
 def _task_spec(task_cfg: Mapping[str, Any]) -> _TaskSpec:
     """Reads a task config (a task group, a DictConfig, or a plain mapping) into a _TaskSpec."""
-    cfg = plain_group(task_cfg)
-    name = str(cfg.get("name", "?"))
+    task = plain_group(task_cfg)
+    name = str(task.get("name", "?"))
     try:
-        local, hub = cfg["local"], cfg.get("hub") or {}
-        label_names, names = cfg.get("label_names"), local.get("names")
+        local, hub = task["local"], task.get("hub") or {}
+        label_names, names = task.get("label_names"), local.get("names")
         return _TaskSpec(
             name=name,
-            num_labels=int(cfg["num_labels"]),
+            num_labels=int(task["num_labels"]),
             label_names=None if label_names is None else tuple(str(n) for n in label_names),
-            size=str(cfg["size"]),
+            size=str(task["size"]),
             folder=str(local["folder"]),
             train_files=tuple(local["train"]),
             dev_files=tuple(local["dev"]),
@@ -146,7 +146,7 @@ def _task_spec(task_cfg: Mapping[str, Any]) -> _TaskSpec:
             hub_config=hub.get("config"),
             hub_dev_split=hub.get("dev_split", "validation"),
             hub_columns=dict(hub.get("columns") or local["columns"]),
-            label_range=None if cfg.get("label_range") is None else tuple(cfg["label_range"]),
+            label_range=None if task.get("label_range") is None else tuple(task["label_range"]),
         )
     except KeyError as missing:
         raise DataError(f"task config '{name}' lacks the key {missing}; see conf/task/*.yaml") from None
