@@ -23,21 +23,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from propetl import methods
-from propetl.configs import CONF_DIR
+from propetl import methods, validate
+from propetl.configs import CONF_DIR, ConfigError
 from propetl.methods import rules
 from propetl.methods.rules import PrototypeConfig
 from propetl.models.backbone import encoder_layers, head_parameter_names
 from propetl.run import loop
 from propetl.storage import accounting, checkpoint, files
-from propetl.validate import (
-    MASK_RULES,
-    RUN_RULES,
-    ConfigError,
-    check_resolves,
-    validate_learning_rates,
-    validate_method,
-)
 
 RUNNER_KEYS = {  # the API's settings outside a prototype's dataclass: their runner keys (lr, mask_lr: parameter_groups)
     "mask_kind": "mask.kind",
@@ -101,9 +93,9 @@ def prototype_module(name: str):
 
 def checked(cfg: DictConfig) -> DictConfig:
     """The runner's validation of the method part and the learning rates."""
-    check_resolves(cfg)
-    validate_method(cfg)
-    validate_learning_rates(cfg)
+    validate.check_resolves(cfg)
+    validate.validate_method(cfg)
+    validate.validate_learning_rates(cfg)
     return cfg
 
 
@@ -119,7 +111,7 @@ def with_settings(cfg: DictConfig, settings: dict[str, Any]) -> DictConfig:
     their runner keys (interpolations of the rest follow them), validated."""
     cfg = cfg.copy()
     for name, value in settings.items():
-        rule = (RUN_RULES | MASK_RULES)[RUNNER_KEYS[name]]
+        rule = (validate.RUN_RULES | validate.MASK_RULES)[RUNNER_KEYS[name]]
         rules.require(rule.accepts(value), name, value, rule.allowed)
         OmegaConf.update(cfg, RUNNER_KEYS[name], value, merge=False)
     return checked(cfg)
