@@ -26,9 +26,10 @@ test:  ## the fast tier, what a developer runs in a loop: every test but the `sl
 test-full:  ## the whole test suite, TEST_JOBS (2) processes at a time (pytest-xdist; ~8 min on 2 CPU cores): what CI runs
 	$(PYTHON) -m pytest -q -n $(TEST_JOBS)
 
-lint:  ## ruff check and ruff format --check on propetl/ (pyproject's [tool.ruff]; CI runs it)
+lint:  ## ruff check, ruff format --check and mypy on propetl/ (pyproject's [tool.ruff], [tool.mypy]; CI runs it)
 	$(PYTHON) -m ruff check propetl
 	$(PYTHON) -m ruff format --check propetl
+	$(PYTHON) -m mypy propetl
 
 check-wheel:  ## build the wheel, install it into a fresh venv, run --help, --config-dir and a 2-step training outside the checkout (CI)
 	PYTHON=$(PYTHON) bash scripts/check_wheel.sh

@@ -1,13 +1,17 @@
 """propetl: a ProPETL experiment runner (one shared PETL prototype, binary masks per layer).
 
 The Python API (propetl/api.py) is imported on first use of its names, so `import propetl` stays light:
-    from propetl import ProPETLConfig, ProPETLTrainer, embedded_model_path, get_propetl_model, load_propetl
+    from propetl import LoRAConfig, ProPETLTrainer, embedded_model_path, get_propetl_model, load_propetl
+(LoRAConfig, AdapterConfig, PrefixConfig: each prototype's dataclass, from its module; ProPETLConfig: flat names.)
 """
 
 from omegaconf import OmegaConf
 
 __version__ = "0.1.0"
 API_NAMES = (
+    "LoRAConfig",
+    "AdapterConfig",
+    "PrefixConfig",
     "ProPETLConfig",
     "ProPETLModel",
     "ProPETLTrainer",
@@ -16,6 +20,9 @@ API_NAMES = (
     "embedded_model_path",
 )
 MODULE_OF = {
+    "LoRAConfig": "propetl.methods.lora",
+    "AdapterConfig": "propetl.methods.adapter",
+    "PrefixConfig": "propetl.methods.prefix",
     "ProPETLTrainer": "propetl.hf_trainer",
     "embedded_model_path": "propetl.models.backbone",
 }  # the rest: propetl.api

@@ -1,163 +1,153 @@
 """The public Python API, in the style of Hugging Face PEFT: ProPETL on one's own BERT/RoBERTa-family
 `*ForSequenceClassification` model, in one's own training code (HF Trainer, accelerate, Lightning):
     model = get_propetl_model(AutoModelForSequenceClassification.from_pretrained(name, num_labels=2),
-                              ProPETLConfig(prototype="lora", sparsity=0.9))
+                              LoRAConfig(r=8, mask_sparsity=0.9))          # or ProPETLConfig(prototype="lora", ...)
     optimizer = torch.optim.AdamW(model.parameter_groups(lr=1e-4, mask_lr=3e-2))     # any optimizer
     model.save_propetl(folder)              # prototype, masks and head only: the runner's checkpoint format
     model = load_propetl(AutoModelForSequenceClassification.from_pretrained(name, num_labels=2), folder)
     plain = model.merge_and_unload()        # LoRA folded into W_q / W_v: the plain transformers model
-Built on the runner's own code: a ProPETLConfig becomes the runner's config (its values over the defaults of
-conf/prototype/<prototype>.yaml, conf/method/propetl.yaml, conf/mask/default.yaml, the trainer's lr keys);
-methods.attach wraps the model as propetl-train does, loop.parameter_groups makes the groups, checkpoint.py writes
-and reads the checkpoints. save_propetl replaces only what propetl wrote (files.write_output_folder, as propetl-export).
+Built on the runner's own code: a prototype's dataclass (LoRAConfig, AdapterConfig, PrefixConfig: the yaml's keys,
+methods/<prototype>.py) becomes the runner's config (its values over the defaults of conf/prototype/<name>.yaml,
+conf/method/propetl.yaml, conf/mask/default.yaml, the trainer's lr keys); methods.attach wraps the model as
+propetl-train does, loop.parameter_groups makes the groups, checkpoint.py writes and reads the checkpoints.
+save_propetl replaces only what propetl wrote (files.write_output_folder, as propetl-export).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from propetl import methods
-from propetl.configs import CONF_DIR, ModelSetup
+from propetl import methods, validate
+from propetl.configs import CONF_DIR, ConfigError, ModelSetup
+from propetl.methods import rules
+from propetl.methods.rules import PrototypeConfig
 from propetl.models.backbone import encoder_layers, head_parameter_names
 from propetl.run import loop
 from propetl.storage import accounting, checkpoint, files
-from propetl.validate import ConfigError, check_resolves, validate_learning_rates, validate_method
 
-# Where each general ProPETLConfig setting lives in the runner's config; every other field is prototype.<field>.
-# lr sets prototype.lr, which trainer.lr (and head_lr) follow.
-RUNNER_KEYS = {
-    "sparsity": "mask.sparsity",
+RUNNER_KEYS = {  # the API's settings outside a prototype's dataclass: their runner keys (lr, mask_lr: parameter_groups)
     "mask_kind": "mask.kind",
     "mask_seed": "mask.seed",
-    "lr": "prototype.lr",
-    "mask_lr": "mask.lr",
     "head_lr": "trainer.head_lr",
     "weight_decay": "trainer.weight_decay",
-    "freeze": "prototype.freeze",
-    "prototype_seed": "prototype.seed",
+    "lr": "trainer.lr",
+    "mask_lr": "mask.lr",
 }
+RENAMED = {"sparsity": "mask_sparsity", "prototype_seed": "seed"}  # ProPETLConfig's names of dataclass fields
 LOADABLE_METHODS = ("propetl", "petl")
-NOT_SETTINGS = ("prototype", "target_modules")  # ProPETLConfig fields no runner key takes (target_modules: targets)
 
 
-@dataclass
 class ProPETLConfig:
-    """ProPETL settings; None: the prototype's default (conf/prototype/<prototype>.yaml; sizes scale with hidden)."""
+    """ProPETL settings under one flat set of names: `prototype` (lora | adapter | prefix | one registered), its
+    dataclass's fields (lr, mask_lr, freeze, r, alpha, targets, ...; sparsity: mask_sparsity, prototype_seed: seed,
+    target_modules: PEFT's name for targets), and mask_kind (learned | random | none), mask_seed, head_lr (None: lr),
+    weight_decay. None: the prototype's default (conf/prototype/<prototype>.yaml; sizes scale with hidden)."""
 
-    prototype: str = "lora"  # lora | adapter | prefix
-    sparsity: float | None = None  # fraction of ZEROS per mask (lora, prefix 0.9; adapter 0.5)
-    mask_kind: str = "learned"  # learned | random (fixed, seeded) | none (all ones: weight tying)
-    mask_seed: int = 0  # mask_kind=random
-    lr: float | None = None  # the prototype's weights (1e-4)
-    mask_lr: float | None = None  # the mask scores (lora 3e-2, adapter 3e-3, prefix 1e-4)
-    head_lr: float | None = None  # the classification head (and BERT's pooler); None: lr
-    weight_decay: float | None = None  # AdamW-style decay of weights, scores and head (0.1); none on biases
-    freeze: bool | None = None  # the prototype drawn from prototype_seed, never trained: masks + head
-    prototype_seed: int | None = None  # freeze=True: the seed the prototype is drawn from (0)
-    r: int | None = None  # lora: rank (hidden / 24)
-    alpha: float | None = None  # lora: scaling alpha / r (alpha = 1.5 r)
-    targets: list[str] | None = None  # lora: of query, key, value (query, value)
-    target_modules: list[str] | None = None  # lora: PEFT's name for `targets`
-    reduction_factor: int | None = None  # adapter: bottleneck = hidden / reduction_factor (12)
-    bottleneck: int | None = None  # adapter: the bottleneck width directly
-    non_linearity: str | None = None  # adapter: relu | gelu | tanh
-    init_std: float | None = None  # adapter: weights ~ N(0, init_std^2) (0.02)
-    length: int | None = None  # prefix: positions (hidden / 12)
-    mlp_hidden: int | None = None  # prefix: width of the re-parameterisation MLP (2/3 hidden)
-    embedding_std: float | None = None  # prefix: the MLP's input ~ N(0, std^2) (1.0)
-
-    def __post_init__(self) -> None:
-        if self.target_modules is not None:  # PEFT's name: one setting, not two that could disagree
-            if self.targets is not None and list(self.targets) != list(self.target_modules):
+    def __init__(
+        self,
+        prototype: str = "lora",
+        mask_kind: str = "learned",
+        mask_seed: int = 0,
+        head_lr: float | None = None,
+        weight_decay: float | None = None,
+        target_modules: list[str] | None = None,
+        **settings: Any,
+    ):
+        targets = settings.get("targets")
+        if target_modules is not None:  # PEFT's name: one setting, not two that could disagree
+            if targets is not None and list(targets) != list(target_modules):
                 raise ConfigError(
-                    f"target_modules={list(self.target_modules)!r} and targets={list(self.targets)!r} "
-                    f"disagree; give one of them"
+                    f"target_modules={list(target_modules)!r} and targets={list(targets)!r} disagree; give one of them"
                 )
-            self.targets, self.target_modules = list(self.target_modules), None
+            settings["targets"] = list(target_modules)
+        self.prototype, self.settings = prototype, {RENAMED.get(k, k): v for k, v in settings.items() if v is not None}
+        given = {"mask_kind": mask_kind, "mask_seed": mask_seed, "head_lr": head_lr, "weight_decay": weight_decay}
+        self.runner_settings = {name: value for name, value in given.items() if value is not None}
 
-    def prototype_settings(self) -> list[str]:
-        """The fields that are prototype hyper-parameters (prototype.<field> in the runner's config)."""
-        return [f.name for f in fields(self) if f.name not in NOT_SETTINGS and f.name not in RUNNER_KEYS]
+    def prototype_config(self) -> PrototypeConfig:
+        """The prototype's dataclass with these settings, each checked (one line, in this class's names)."""
+        config_class = prototype_module(self.prototype).CONFIG
+        for name, value in self.settings.items():
+            if name == "name" or name not in {f.name for f in fields(config_class)}:
+                raise ConfigError(
+                    f"{name}={value!r} is not a setting of prototype={self.prototype}; "
+                    f"its settings: {', '.join(config_class.own_settings())}"
+                )
+        config = config_class(**self.settings)
+        config.check(names={field: name for name, field in RENAMED.items()}, skip_unset=True)
+        return config
 
-    def runner_keys(self) -> dict[str, object]:
-        """runner config key -> value, for every setting given (not None)."""
-        given = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in NOT_SETTINGS}
-        return {RUNNER_KEYS.get(name, f"prototype.{name}"): value for name, value in given.items() if value is not None}
 
-
-def api_name(runner_key: str) -> str:
-    """The ProPETLConfig / parameter_groups name of a runner config key (mask.lr -> mask_lr)."""
-    names = {key: name for name, key in RUNNER_KEYS.items()} | {"trainer.lr": "lr"}
-    return names.get(runner_key, runner_key.removeprefix("prototype."))
+def prototype_module(name: str):
+    """The registered prototype `name`'s module, or a one-line error naming the registered ones."""
+    if name not in methods.PROTOTYPES:
+        raise ConfigError(f"prototype={name!r} is invalid; allowed: {', '.join(methods.PROTOTYPES)}")
+    return methods.PROTOTYPES[name]
 
 
 def checked(cfg: DictConfig) -> DictConfig:
-    """The runner's validation of the method part and the learning rates, its errors in the API's names."""
-    try:
-        check_resolves(cfg)
-        validate_method(cfg)
-        validate_learning_rates(cfg)
-    except ConfigError as error:
-        key, sep, rest = str(error).partition("=")
-        raise ConfigError(f"{api_name(key)}={rest}" if sep and " " not in key else str(error)) from None
+    """The runner's validation of the method part and the learning rates."""
+    validate.check_resolves(cfg)
+    validate.validate_method(cfg)
+    validate.validate_learning_rates(cfg)
     return cfg
 
 
 def trainer_defaults() -> DictConfig:
     """The trainer keys the optimizer's groups read: lr (follows method.lr), head_lr (follows lr), weight_decay."""
-    return OmegaConf.masked_copy(
-        OmegaConf.load(CONF_DIR / "trainer" / "default.yaml"), ["lr", "head_lr", "weight_decay"]
-    )
+    trainer = OmegaConf.load(CONF_DIR / "trainer" / "default.yaml")
+    assert isinstance(trainer, DictConfig)
+    return OmegaConf.masked_copy(trainer, ["lr", "head_lr", "weight_decay"])
 
 
-def with_settings(cfg: DictConfig, settings: dict[str, object]) -> DictConfig:
-    """A copy of cfg with runner keys set (interpolations of the rest follow them), validated."""
+def with_settings(cfg: DictConfig, settings: dict[str, Any]) -> DictConfig:
+    """A copy of cfg with the API's settings (RUNNER_KEYS' names, each checked by its key's rule in its own name) at
+    their runner keys (interpolations of the rest follow them), validated."""
     cfg = cfg.copy()
-    for key, value in settings.items():
-        OmegaConf.update(cfg, key, value, merge=False)
+    for name, value in settings.items():
+        rule = (validate.RUN_RULES | validate.MASK_RULES)[RUNNER_KEYS[name]]
+        rules.require(rule.accepts(value), name, value, rule.allowed)
+        OmegaConf.update(cfg, RUNNER_KEYS[name], value, merge=False)
     return checked(cfg)
 
 
-def runner_config(config: ProPETLConfig, model: nn.Module) -> DictConfig:
-    """The runner's config for `model` with `config` applied: what propetl-train would compose."""
-    if config.prototype not in methods.PROTOTYPES:
-        raise ConfigError(f"prototype={config.prototype!r} is invalid; allowed: {', '.join(methods.PROTOTYPES)}")
-    prototype = OmegaConf.load(CONF_DIR / "prototype" / f"{config.prototype}.yaml")
-    own = [name for name in config.prototype_settings() if name in prototype]
-    for name in config.prototype_settings():
-        if getattr(config, name) is not None and name not in own:
-            raise ConfigError(
-                f"{name}={getattr(config, name)!r} is not a setting of prototype={config.prototype}; "
-                f"its settings: {', '.join(own)}"
-            )
+def runner_config(config: PrototypeConfig, model: nn.Module, settings: dict[str, Any] | None = None) -> DictConfig:
+    """The runner's config for `model` with `config` (over its yaml's defaults, a shipped prototype's) and `settings`
+    (RUNNER_KEYS' names; mask_seed 0 unless given) applied: what propetl-train would compose."""
+    prototype_module(config.name)
+    config.check(skip_unset=True)
+    yaml = CONF_DIR / "prototype" / f"{config.name}.yaml"
+    model_config: Any = model.config  # transformers' config (torch types a module's attributes as Tensor | Module)
     cfg = OmegaConf.create(
         {
             "model": {
-                "name": model.config.model_type,
+                "name": model_config.model_type,
                 "name_or_path": model.name_or_path,
-                "hidden_size": model.config.hidden_size,
-                "num_layers": model.config.num_hidden_layers,
+                "hidden_size": model_config.hidden_size,
+                "num_layers": model_config.num_hidden_layers,
             },
-            "task": {"name": None, "num_labels": model.config.num_labels},
-            "prototype": prototype,
+            "task": {"name": None, "num_labels": model_config.num_labels},
+            "prototype": OmegaConf.merge(OmegaConf.load(yaml) if yaml.is_file() else {}, config.given()),
             "method": OmegaConf.load(CONF_DIR / "method" / "propetl.yaml"),
             "mask": OmegaConf.load(CONF_DIR / "mask" / "default.yaml"),
             "trainer": trainer_defaults(),
             "storage": OmegaConf.load(CONF_DIR / "train.yaml").storage,
         }
     )
-    return with_settings(cfg, config.runner_keys())
+    return with_settings(cfg, {"mask_seed": 0, **(settings or {})})  # mask.seed: no run seed to follow
 
 
 def check_supported(model: nn.Module) -> None:
     """A BERT/RoBERTa-family *ForSequenceClassification model without ProPETL yet, or a one-line error."""
     try:
-        attention = encoder_layers(model)[0].attention.self
+        first: Any = encoder_layers(model)[0]  # a BERT/RoBERTa block: torch types its submodules as Tensor | Module
+        attention = first.attention.self
         family = hasattr(attention, "query") and hasattr(attention, "value")
     except (AttributeError, IndexError, TypeError):
         family = False
@@ -260,7 +250,7 @@ class ProPETLModel(nn.Module):
         """torch optimizer groups (each with its `name`): the prototype at lr, the mask scores at mask_lr, the
         head at head_lr; biases and LayerNorm weights without decay. None: the config's values."""
         given = {"lr": lr, "mask_lr": mask_lr, "head_lr": head_lr, "weight_decay": weight_decay}
-        cfg = with_settings(self.runner_config, {RUNNER_KEYS[k]: v for k, v in given.items() if v is not None})
+        cfg = with_settings(self.runner_config, {name: value for name, value in given.items() if value is not None})
         self.grouped = True
         return loop.parameter_groups(self.model, cfg, self.head_names)
 
@@ -312,10 +302,15 @@ def attach(model: nn.Module, cfg: DictConfig, for_training: bool) -> ProPETLMode
     return ProPETLModel(model, cfg)
 
 
-def get_propetl_model(model: nn.Module, config: ProPETLConfig) -> ProPETLModel:
-    """Freeze `model`'s backbone and add one shared prototype with a learned mask per layer; the head trains."""
+def get_propetl_model(model: nn.Module, config: PrototypeConfig | ProPETLConfig) -> ProPETLModel:
+    """Freeze `model`'s backbone and add one shared prototype with a learned mask per layer; the head trains.
+    `config`: a prototype's dataclass (LoRAConfig(r=8), ...; None fields: its yaml's defaults) or a ProPETLConfig."""
     check_supported(model)
-    return attach(model, runner_config(config, model), for_training=True)
+    if isinstance(config, ProPETLConfig):
+        cfg = runner_config(config.prototype_config(), model, config.runner_settings)
+    else:
+        cfg = runner_config(config, model)
+    return attach(model, cfg, for_training=True)
 
 
 def load_propetl(model: nn.Module, directory) -> ProPETLModel:
@@ -329,15 +324,17 @@ def load_propetl(model: nn.Module, directory) -> ProPETLModel:
             f"{directory}: method={saved.method.name} is not loaded by load_propetl; it loads: "
             f"{', '.join(LOADABLE_METHODS)} (checkpoint.load_checkpoint loads the rest)"
         )
+    model_config: Any = model.config  # transformers' config (torch types a module's attributes as Tensor | Module)
     ours = {
-        "model.hidden_size": model.config.hidden_size,
-        "model.num_layers": model.config.num_hidden_layers,
-        "task.num_labels": model.config.num_labels,
+        "model.hidden_size": model_config.hidden_size,
+        "model.num_layers": model_config.num_hidden_layers,
+        "task.num_labels": model_config.num_labels,
     }
     for key, value in ours.items():
         if OmegaConf.select(saved, key) != value:
             raise ConfigError(f"{directory} was saved for {key}={OmegaConf.select(saved, key)}, this model has {value}")
     cfg = OmegaConf.merge(saved, {"trainer": trainer_defaults()})
+    assert isinstance(cfg, DictConfig)
     wrapped = attach(model, checked(cfg), for_training=False)
     checkpoint.load_weights(model, cfg.method.name, cfg.tasks[0], wrapped.head_names, directory)
     return wrapped.eval()

@@ -242,5 +242,5 @@ class ModelSetup:
         return str(self.saved["method"]["name"])
 
     def attach_config(self) -> DictConfig:
-        """The groups as the config methods.attach (and a prototype's specs, `.prototype`) reads."""
+        """The groups as the config methods.attach (and methods.prototype_config) reads."""
         return OmegaConf.create(self.saved)

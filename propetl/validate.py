@@ -12,27 +12,12 @@ from propetl.configs import ConfigError, group_choices, group_option
 from propetl.data.metrics import metrics_for, selections_for
 from propetl.methods import METHODS, PROTOTYPES, frozen_prototype, peft_missing, peft_module, rules
 from propetl.methods.masks import COMBINES, MASK_KINDS
+from propetl.methods.rules import BOOLEAN, LEARNING_RATE, MAX_SEED, SEED  # noqa: F401 (MAX_SEED: tests)
 from propetl.models import backbone
 from propetl.run import log
 from propetl.storage.accounting import STORAGE_DTYPES
 from propetl.storage.mask_coding import CODINGS
 
-MAX_LEARNING_RATE = 1e30  # beyond it AdamW's step size, lr / (1 - beta1^t), overflows fp32: a traceback
-MAX_SEED = 2**63 - 1  # int64 (mask.seed + 7919 still fits torch's uint64 seeds); datasets wants >= 0
-
-
-def _number_in(low: float, high: float, high_open: bool = True) -> rules.Rule:
-    return rules.Rule(
-        lambda v: rules.is_number(v) and low <= v and (v < high if high_open else v <= high),
-        f"a number in [{low}, {high}{')' if high_open else ']'}",
-    )
-
-
-LEARNING_RATE = rules.Rule(
-    lambda v: rules.is_number(v) and 0 < v <= MAX_LEARNING_RATE, f"a positive number up to {MAX_LEARNING_RATE:g}"
-)
-BOOLEAN = rules.Rule(lambda v: isinstance(v, bool), "true or false")
-SEED = rules.Rule(lambda v: rules.is_int(v) and 0 <= v <= MAX_SEED, f"an integer in 0..{MAX_SEED} (2**63-1)")
 NULLABLE = (
     "trainer.max_steps",
     "trainer.save_steps",
@@ -60,9 +45,9 @@ RUN_RULES = {  # checked in this order; a key of NULLABLE may also be null
     ),
     "trainer.lr": LEARNING_RATE,
     "trainer.head_lr": LEARNING_RATE,
-    "trainer.weight_decay": _number_in(0.0, float("inf")),
+    "trainer.weight_decay": rules.number_in(0.0, float("inf")),
     "trainer.max_grad_norm": rules.positive_number(),
-    "trainer.warmup_ratio": _number_in(0.0, 1.0),
+    "trainer.warmup_ratio": rules.number_in(0.0, 1.0),
     "trainer.precision": rules.one_of(("fp32", "bf16", "fp16")),
     "trainer.device": rules.Rule(
         lambda v: isinstance(v, str) and (v in ("auto", "cpu", "cuda") or v.startswith("cuda:")),
@@ -81,20 +66,22 @@ RUN_RULES = {  # checked in this order; a key of NULLABLE may also be null
     "mode": rules.one_of(("single", "multitask")),
     "mask.combine": rules.one_of(COMBINES),
 }
+MASK_RULES = {
+    "mask.kind": rules.one_of(MASK_KINDS),
+    "mask.sparsity": rules.number_in(0.0, 1.0),
+    "mask.lr": LEARNING_RATE,
+    "mask.weight_decay": rules.number_in(0.0, float("inf")),
+    "mask.seed": SEED,
+}  # checked in this order, with the method (validate_method)
 _UNSET = object()
 LEARNING_RATE_KEYS = ("trainer.lr", "trainer.head_lr", "trainer.weight_decay")  # what the optimizer's groups read
-
-
-def _require(ok: bool, key: str, value, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r} is invalid; allowed: {allowed}")
 
 
 def _check(cfg, key: str, rule: rules.Rule) -> None:
     """cfg's value at `key` (a list or mapping as plain python) against `rule`: its one-line error if refused."""
     value = OmegaConf.select(cfg, key)
     value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
-    _require(rule.accepts(value), key, value, rule.allowed)
+    rules.require(rule.accepts(value), key, value, rule.allowed)
 
 
 def validate(cfg, search_path=None) -> None:
@@ -115,7 +102,7 @@ def validate(cfg, search_path=None) -> None:
             _check(cfg, key, rule)
     base = OmegaConf.select(cfg, "multitask.base_checkpoint", default=None)
     if cfg.mode != "multitask":
-        _require(
+        rules.require(
             base is None,
             "multitask.base_checkpoint",
             base,
@@ -124,7 +111,7 @@ def validate(cfg, search_path=None) -> None:
         validate_task(cfg)
     else:
         tasks = cfg.tasks
-        _require(
+        rules.require(
             OmegaConf.is_list(tasks)
             and len(tasks) > 0
             and len(set(tasks)) == len(tasks)
@@ -133,14 +120,14 @@ def validate(cfg, search_path=None) -> None:
             None if tasks is None else list(tasks),
             f"a list of distinct tasks, e.g. tasks=[rte,mrpc,stsb,cola], from: {', '.join(tasks_known)}",
         )
-        _require(
+        rules.require(
             cfg.method.name in ("propetl", "petl"),
             "method.name",
             cfg.method.name,
             "propetl or petl with mode=multitask (one shared prototype / one shared module per layer)",
         )
         _check(cfg, "multitask.temperature", rules.positive_number())
-        _require(
+        rules.require(
             base is None or Path(str(base)).is_dir(),
             "multitask.base_checkpoint",
             base,
@@ -152,7 +139,7 @@ def validate(cfg, search_path=None) -> None:
             except ConfigError as error:
                 raise ConfigError(f"tasks: {name}: {error}") from None
     if cfg.method.name == "peft":
-        _require(
+        rules.require(
             cfg.storage.dtype == "fp32",
             "storage.dtype",
             cfg.storage.dtype,
@@ -230,7 +217,7 @@ def validate_model(cfg) -> None:
     """The model's folder (a pkg:// one too) is there, and data.max_length fits its positions: read from its
     config.json before anything loads (a hub id not in the local cache is left to the loader)."""
     positions = backbone.max_positions(cfg.model.name_or_path)
-    _require(
+    rules.require(
         positions is None or cfg.data.max_length <= positions,
         "data.max_length",
         cfg.data.max_length,
@@ -255,14 +242,14 @@ def check_peft_prototype(cfg) -> None:
     """method=peft needs a peft group (conf/peft/); peft=lora, the reference row, takes prototype=lora's settings."""
     if OmegaConf.select(cfg, "method.name") != "peft":
         return
-    _require(
+    rules.require(
         OmegaConf.is_dict(cfg.get("peft")),
         "peft",
         cfg.get("peft"),
         f"a tuner with method=peft: peft={'|'.join(group_choices('peft'))} (conf/peft/<name>.yaml)",
     )
     if cfg.peft.get("name") == "lora":
-        _require(
+        rules.require(
             cfg.prototype.name == "lora",
             "prototype.name",
             cfg.prototype.name,
@@ -282,23 +269,11 @@ def validate_method(cfg) -> None:
             raise ConfigError(refused)
         for key in cfg.peft.get("lrs") or {}:  # tensors at their own lr (VB-LoRA's bank)
             _check(cfg, f"peft.lrs.{key}", LEARNING_RATE)
-    for key, rule in (
-        ("mask.kind", rules.one_of(MASK_KINDS)),
-        ("mask.sparsity", _number_in(0.0, 1.0)),
-        ("mask.lr", LEARNING_RATE),
-        ("mask.weight_decay", _number_in(0.0, float("inf"))),
-        ("mask.seed", SEED),
-    ):
+    for key, rule in MASK_RULES.items():
         _check(cfg, key, rule)
-    for field, rule in PROTOTYPES[cfg.prototype.name].SETTINGS.items():  # the prototype module's own rules
-        if not (rule.optional and field not in cfg.prototype):
-            _check(cfg, f"prototype.{field}", rule)
-    _check(cfg, "prototype.lr", LEARNING_RATE)
-    for key, rule in (("prototype.freeze", BOOLEAN), ("prototype.seed", SEED)):  # optional: older configs lack them
-        if key.split(".")[1] in cfg.prototype:
-            _check(cfg, key, rule)
+    PROTOTYPES[cfg.prototype.name].CONFIG.from_config(cfg.prototype).check("prototype.")  # its dataclass's rules
     if frozen_prototype(cfg):
-        _require(
+        rules.require(
             cfg.method.name == "propetl",
             "prototype.freeze",
             True,

@@ -2,6 +2,7 @@
 optimizer groups' learning rates, save -> load -> the same logits, and its one-line refusals."""
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ from safetensors.torch import load_file
 from test_methods import logits, train_steps
 from transformers import AutoTokenizer, BertForSequenceClassification
 
-from propetl import ProPETLConfig, embedded_model_path, get_propetl_model, load_propetl, methods
+from propetl import (LoRAConfig, ProPETLConfig, PrefixConfig, embedded_model_path, get_propetl_model, load_propetl,
+                     methods)
 from propetl.configs import CONF_DIR, ConfigError, ModelSetup
 from propetl.methods.lora import LoRALinear
 from propetl.models import backbone
@@ -200,6 +202,33 @@ def test_bad_settings_are_refused_in_one_line(tiny_model_dir, config, message):
     with pytest.raises(ConfigError) as error:
         get_propetl_model(fresh(tiny_model_dir), config)
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("config,message", [
+    (LoRAConfig(r=0), "r=0 is invalid; allowed: a positive integer"),
+    (LoRAConfig(targets=["query", "dense"]), "targets=['query', 'dense'] is invalid; allowed: a non-empty list drawn"),
+    (PrefixConfig(mask_sparsity=1.0), "mask_sparsity=1.0 is invalid; allowed: a number in [0.0, 1.0)"),
+    (PrefixConfig(length=4, freeze="yes"), "freeze='yes' is invalid; allowed: true or false"),
+])
+def test_a_prototypes_dataclass_is_refused_in_one_line_naming_its_field(tiny_model_dir, config, message):
+    with pytest.raises(ConfigError) as error:
+        get_propetl_model(fresh(tiny_model_dir), config)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+def test_a_prototypes_dataclass_is_the_api_config_and_the_yamls_keys(tiny_model_dir):
+    """LoRAConfig(...) gives the runner config ProPETLConfig's flat names give; each shipped prototype's dataclass
+    has exactly its yaml's keys, and its None fields take the yaml's (scaled) defaults."""
+    torch.manual_seed(0)
+    model = get_propetl_model(fresh(tiny_model_dir), LoRAConfig(r=4, targets=["query", "key"], mask_sparsity=0.5))
+    flat = propetl_model(tiny_model_dir, "lora", target_modules=["query", "key"], sparsity=0.5)
+    assert OmegaConf.to_container(model.runner_config, resolve=True) == OmegaConf.to_container(
+        flat.runner_config, resolve=True)
+    assert model.runner_config.prototype.alpha == 6 and model.runner_config.mask.sparsity == 0.5   # 1.5 r, from the yaml
+    torch.testing.assert_close(logits(model), logits(flat), atol=0, rtol=0)
+    for name, module in methods.PROTOTYPES.items():
+        keys = set(OmegaConf.load(CONF_DIR / "prototype" / f"{name}.yaml"))
+        assert keys == {f.name for f in fields(module.CONFIG)} and module.CONFIG().name == name
 
 
 def test_unsupported_models_and_mismatched_checkpoints_are_refused(tiny_model_dir, tmp_path):

@@ -5,7 +5,7 @@ import pytest
 from conftest import compose_cfg
 from omegaconf import OmegaConf
 
-from propetl.cli.command_line import check_command_line
+from propetl.cli.command_line import check_command_line, parse, search_path_of
 from propetl.configs import ConfigError, compose, group_choices
 from propetl.validate import validate
 
@@ -104,6 +104,12 @@ def test_unknown_keys_are_refused_with_the_nearest_known_key(argument, nearest):
         check_command_line(argument.split())
     message = str(error.value)
     assert "\n" not in message and argument.split()[-1] in message and f"did you mean {nearest}?" in message
+
+
+def test_search_path_is_hydra_searchpaths_list_only():
+    """A hydra.searchpath that is not a list is Hydra's to refuse, not split into one folder per character."""
+    assert search_path_of(parse(["hydra.searchpath=[file://a,pkg://b]"])) == ["file://a", "pkg://b"]
+    assert search_path_of(parse(["hydra.searchpath=ab"])) == []
 
 
 def test_known_keys_of_the_chosen_groups_pass():

@@ -180,6 +180,14 @@ def test_peft_needs_prototype_lora(tiny_cfg):
     assert "\n" not in message and "prototype.name='adapter'" in message and "allowed: lora" in message
 
 
+def test_peft_config_null_is_no_arguments_and_a_number_is_one_line(tiny_cfg, peft):
+    validate(tiny_cfg("method=peft", "prototype=lora", "peft.config=null"))            # LoraConfig()
+    with pytest.raises(ConfigError) as error:
+        validate(tiny_cfg("method=peft", "prototype=lora", "peft.config=5"))
+    message = str(error.value)
+    assert "\n" not in message and "peft.config=5 is invalid" in message and "a mapping of LoraConfig's" in message
+
+
 def test_peft_with_another_prototype_exits_2_on_the_command_line(tmp_path):
     result = propetl_train(tmp_path, "method=peft", "prototype=prefix", "logger.mode=disabled")
     assert result.returncode == 2

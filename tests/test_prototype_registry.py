@@ -1,17 +1,22 @@
 """A fourth prototype is one module and one yaml. This file IS that module: a masked bias added to every
-layer's feed-forward output (SETTINGS, SHAPE_KEYS, FOLDABLE, specs, attach, merge below), and the tests
-register it through its yaml (`module: test_prototype_registry`) in a config folder of their own."""
+layer's feed-forward output (its dataclass BiasConfig as CONFIG, FOLDABLE, specs, attach, merge below), and the
+tests register it through its yaml (`module: test_prototype_registry`) in a config folder of their own. The one
+dataclass serves the command line (a run), validation (a bad value refused in one line) and the Python API."""
 from __future__ import annotations
 
+import json
+import os
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, tiny_batch
+from conftest import TINY, tiny_batch, tiny_text_overrides
 from omegaconf import OmegaConf
 from torch import nn
 
-from propetl import configs, methods
+from propetl import configs, get_propetl_model, methods
 from propetl.configs import ModelSetup
 from propetl.methods import rules
 from propetl.methods.weights import LayerWeights, TensorSpec, bind
@@ -21,8 +26,13 @@ from propetl.validate import ConfigError, validate
 
 # ----------------------------------------------------------------------------- the prototype
 
-SETTINGS = {"init_std": rules.positive_number()}
-SHAPE_KEYS = ("init_std",)
+@dataclass
+class BiasConfig(rules.PrototypeConfig):
+    name: str = "bias"
+    init_std: float = rules.setting(rules.positive_number(), shape=True)
+
+
+CONFIG = BiasConfig
 FOLDABLE = False
 YAML = """name: bias
 module: test_prototype_registry            # this file: imported and registered when a run starts
@@ -33,7 +43,7 @@ mask_lr: 1.0e-2
 """
 
 
-def specs(cfg, hidden: int) -> dict[str, TensorSpec]:
+def specs(cfg: BiasConfig, hidden: int) -> dict[str, TensorSpec]:
     return {"bias": TensorSpec((hidden,), f"normal:{cfg.init_std}", masked=True)}
 
 
@@ -49,7 +59,7 @@ class BiasedOutput(nn.Module):
         return self.original(hidden_states, input_tensor) + self.weights.layer(self.layer_index)["bias"]
 
 
-def attach(model: nn.Module, layers: nn.ModuleList, weights: LayerWeights, cfg) -> None:
+def attach(model: nn.Module, layers: nn.ModuleList, weights: LayerWeights, cfg: BiasConfig) -> None:
     for index, layer in enumerate(layers):
         layer.output = BiasedOutput(layer.output, weights, index)
 
@@ -88,7 +98,7 @@ def test_its_yaml_registers_it_and_its_settings_are_validated_in_one_line(bias_c
         bias_cfg("prototype.init_std=-1")
     assert "prototype.init_std" in tuple(checkpoint.MATCH_KEYS)
     assert "cannot be folded" in methods.not_foldable("bias")
-    with pytest.raises(ConfigError, match=r"^prototype.module='no_such_module' is invalid .*; allowed: .*SETTINGS"):
+    with pytest.raises(ConfigError, match=r"^prototype.module='no_such_module' is invalid .*; allowed: .*CONFIG"):
         methods.import_prototype(OmegaConf.create({"name": "nope", "module": "no_such_module"}))
 
 
@@ -117,3 +127,35 @@ def test_it_trains_counts_and_reloads(bias_cfg, tmp_path, method):
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, loaded(**batch).logits)
+
+
+def test_its_dataclass_is_the_python_apis_config(bias_cfg, tiny_model_dir):
+    bias_cfg()                                                      # registered, as a run or register_prototype does
+    from transformers import BertForSequenceClassification
+    settings = {"init_std": 0.02, "lr": 1e-3, "mask_sparsity": 0.5, "mask_lr": 1e-2}
+    fresh = lambda: BertForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)  # noqa: E731
+    model = get_propetl_model(fresh(), BiasConfig(**settings))
+    assert model.runner_config.prototype.init_std == 0.02 and model.runner_config.mask.sparsity == 0.5
+    assert {g["name"]: g["lr"] for g in model.parameter_groups()}["masks"] == 1e-2
+    model(**tiny_batch()).loss.backward()
+    assert methods.petl_weights(model.model).weights["bias"].grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match=r"^init_std=-1 is invalid; allowed: a positive number$"):
+        get_propetl_model(fresh(), BiasConfig(**{**settings, "init_std": -1}))
+
+
+@pytest.mark.slow
+def test_a_run_of_it_from_the_command_line(tmp_path, tiny_text_model_dir, glue_dir, monkeypatch):
+    from test_cli import ENV, propetl_train
+
+    (tmp_path / "conf" / "prototype").mkdir(parents=True)
+    (tmp_path / "conf" / "prototype" / "bias.yaml").write_text(YAML)
+    monkeypatch.setitem(ENV, "PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), ENV.get("PYTHONPATH", "")]))
+    arguments = ("--config-dir", str(tmp_path / "conf"), *tiny_text_overrides(tiny_text_model_dir, glue_dir),
+                 "task=rte", "prototype=bias", "trainer.max_steps=1", "data.max_train_examples=16")
+    bad = propetl_train(tmp_path, *arguments, "prototype.init_std=0")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr[-3000:]
+    assert bad.stderr.strip().endswith("error: prototype.init_std=0 is invalid; allowed: a positive number")
+    result = propetl_train(tmp_path, *arguments)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads(next((tmp_path / "run").rglob("metrics.json")).read_text())
+    assert metrics["prototype"] == "bias" and metrics["storage"]["stored_params"] == TINY["hidden"]

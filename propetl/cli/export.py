@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 FORMATS = ("hf", "peft")
 RUN_SIGNS = ("metrics.json", ".hydra", "train.log", "resume")  # a checkpoint's parent holding one is its run folder
@@ -56,7 +57,9 @@ def lora_pairs(model, cfg) -> dict[tuple[int, str], tuple]:
     from propetl.models.backbone import encoder_layers
 
     layers, targets = encoder_layers(model), list(cfg.prototype.targets)
-    per_layer = methods.petl_weights(model).per_layer()  # name -> [L, *shape]
+    weights = methods.petl_weights(model)
+    assert weights is not None  # method propetl or petl: the only ones that reach here (peft, finetune: above)
+    per_layer = weights.per_layer()  # name -> [L, *shape]
     return {(i, t): (per_layer[f"{t}_A"][i], per_layer[f"{t}_B"][i]) for i in range(len(layers)) for t in targets}
 
 
@@ -110,7 +113,8 @@ def write_peft(model, cfg, folder: Path) -> None:
         layers = encoder_layers(adapted.get_base_model())
         with torch.no_grad():
             for (index, target), (a, b) in lora_pairs(model, cfg).items():
-                module = getattr(layers[index].attention.self, target)
+                block: Any = layers[index]  # a transformers encoder block
+                module = getattr(block.attention.self, target)
                 module.lora_A["default"].weight.copy_(a)
                 module.lora_B["default"].weight.copy_(b)
     adapted.save_pretrained(folder)

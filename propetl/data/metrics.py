@@ -64,14 +64,14 @@ def trivial_baseline(
 ) -> dict:
     """Where chance is: the test metrics of always answering the train split's majority class (classification) or mean
     score (regression: a constant has no correlation, Pearson/Spearman count as 0). From the labels, never trained."""
-    train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
+    train, test_array = np.asarray(train_labels), np.asarray(test_labels)
     if regression:
-        constant, rule = float(train_labels.mean()), f"mean train score {float(train_labels.mean()):.3f}"
+        constant, rule = float(train.mean()), f"mean train score {float(train.mean()):.3f}"
     else:
-        values, counts = np.unique(train_labels, return_counts=True)
+        values, counts = np.unique(train, return_counts=True)
         constant = values[counts.argmax()]
         rule = f"majority class {int(constant)} of train ({counts.max() / counts.sum():.1%})"
-    test = compute(names, np.full(len(test_labels), constant), test_labels)
+    test = compute(names, np.full(len(test_array), constant), test_array)
     return {"rule": rule, "test": test, "glue_score": task_score(task, test)}
 
 

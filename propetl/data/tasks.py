@@ -35,7 +35,7 @@ def _task_configs(search_path: Sequence[str]) -> dict[str, DictConfig]:
                 config = OmegaConf.load(path)
             except (OSError, yaml.YAMLError):  # a user's broken file: a run refuses it only when it is chosen
                 continue
-            if OmegaConf.is_dict(config):
+            if isinstance(config, DictConfig):
                 found.setdefault(str(config.get("name") or path.stem), config)
     return dict(sorted(found.items(), key=lambda item: (_report(item[1], "order") or math.inf, item[0])))
 

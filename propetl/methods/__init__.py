@@ -1,13 +1,15 @@
 """The methods registry: how a backbone becomes finetune / petl / propetl / peft for a prototype.
 A prototype is one module plus one yaml (conf/prototype/<name>.yaml), registered by register_prototype(name, module)
 (a yaml with `module: my_package.my_prototype` has it imported and registered when a run starts). The module provides
-    SETTINGS: {field: rules.Rule}                 its yaml's own keys and what each may be (validate.py checks them)
-    SHAPE_KEYS: (field, ...)                      the settings a multi-task base checkpoint must match (checkpoint.py)
-    FOLDABLE: bool                                whether merge() folds it into the backbone's own weights
-    specs(cfg, hidden) -> {name: TensorSpec}      the tensors of ONE layer's module
-    attach(model, layers, weights, cfg)           wraps the backbone's layers so they read `weights`
-    merge(layers, weights) -> weights | None      folds masks away for inference (None: folded into the backbone)
-    make_weights(...), optional                   the store, when its tensors are produced rather than stored (prefix)
+    CONFIG: a rules.PrototypeConfig dataclass   its yaml's keys, each with its rule (validate.py checks them) and
+                                                whether a multi-task base checkpoint must match it; the Python API's
+                                                config (get_propetl_model(model, LoRAConfig(r=8)))
+    FOLDABLE: bool                              whether merge() folds it into the backbone's own weights
+    specs(config, hidden) -> {name: TensorSpec} the tensors of ONE layer's module
+    attach(model, layers, weights, config)      wraps the backbone's layers so they read `weights`
+    merge(layers, weights) -> weights | None    folds masks away for inference (None: folded into the backbone)
+    make_weights(config, ...), optional         the store, when its tensors are produced rather than stored (prefix)
+where `config` is its CONFIG built from the composed cfg.prototype (prototype_config(cfg)).
 method=peft: any PEFT tuner (peft=<name>, conf/peft/<name>.yaml) instead of ours, no PETL store; peft=lora (with
 prototype=lora, whose settings it takes) is the reference row (methods/peft_tuners.py, imported only on its path:
 peft is optional).
@@ -24,10 +26,11 @@ from torch import nn
 
 from propetl.configs import ConfigError
 from propetl.methods import adapter, lora, prefix
+from propetl.methods.rules import PrototypeConfig
 from propetl.methods.weights import LayerWeights
 
 PROTOTYPES: dict[str, ModuleType] = {}  # name -> module, filled by register_prototype
-PROTOTYPE_PARTS = ("SETTINGS", "SHAPE_KEYS", "FOLDABLE", "specs", "attach", "merge")
+PROTOTYPE_PARTS = ("CONFIG", "FOLDABLE", "specs", "attach", "merge")
 METHODS = ("propetl", "petl", "finetune", "peft")
 WEIGHTS_ATTRIBUTE = "petl_weights"  # where the store is registered on the model
 PEFT_MISSING = "method=peft needs the optional package peft: pip install 'propetl[peers]'"
@@ -64,13 +67,13 @@ def import_prototype(prototype_cfg) -> None:
 
 
 class WithShapeKeys:
-    """Config keys + prototype.<key> of every registered prototype's SHAPE_KEYS, read when iterated (late ones too)."""
+    """Config keys + prototype.<key> of every registered prototype's shape keys, read when iterated (late ones too)."""
 
     def __init__(self, keys: tuple[str, ...]):
         self.keys = keys
 
     def __iter__(self):
-        shape_keys = (f"prototype.{key}" for module in PROTOTYPES.values() for key in module.SHAPE_KEYS)
+        shape_keys = (f"prototype.{key}" for module in PROTOTYPES.values() for key in module.CONFIG.shape_keys())
         return iter(dict.fromkeys((*self.keys, *shape_keys)))
 
 
@@ -91,10 +94,16 @@ def frozen_prototype(cfg) -> bool:
     return bool(cfg.prototype.get("freeze", False))
 
 
+def prototype_config(cfg) -> PrototypeConfig:
+    """The prototype's dataclass (its module's CONFIG) from the composed cfg.prototype."""
+    import_prototype(cfg.prototype)
+    return PROTOTYPES[cfg.prototype.name].CONFIG.from_config(cfg.prototype)
+
+
 def make_weights(cfg, hidden: int, num_layers: int, for_training: bool = True, num_tasks: int = 0) -> LayerWeights:
     """The PETL store for cfg.method.name in {petl, propetl} and cfg.prototype (num_tasks > 0: multi-task masks)."""
-    import_prototype(cfg.prototype)
-    prototype = PROTOTYPES[cfg.prototype.name]
+    config = prototype_config(cfg)
+    prototype = PROTOTYPES[config.name]
     shared = cfg.method.name == "propetl"
     mask_kwargs = {
         "mask_sparsity": float(cfg.mask.sparsity),
@@ -102,11 +111,11 @@ def make_weights(cfg, hidden: int, num_layers: int, for_training: bool = True, n
         "mask_seed": int(cfg.mask.seed),
         "num_tasks": num_tasks,
         "mask_combine": str(cfg.mask.get("combine", "or")),
-        "frozen_seed": int(cfg.prototype.get("seed", 0)) if frozen_prototype(cfg) else None,
+        "frozen_seed": int(config.seed) if config.freeze else None,
     }
     if hasattr(prototype, "make_weights"):
-        return prototype.make_weights(cfg.prototype, hidden, num_layers, shared, for_training, **mask_kwargs)
-    return LayerWeights(prototype.specs(cfg.prototype, hidden), num_layers, shared, **mask_kwargs)
+        return prototype.make_weights(config, hidden, num_layers, shared, for_training, **mask_kwargs)
+    return LayerWeights(prototype.specs(config, hidden), num_layers, shared, **mask_kwargs)
 
 
 def attach(
@@ -125,7 +134,7 @@ def attach(
     config: Any = model.config  # transformers' config (torch types a module's attributes as Tensor | Module)
     weights = make_weights(cfg, config.hidden_size, len(layers), for_training, num_tasks)
     setattr(model, WEIGHTS_ATTRIBUTE, weights)
-    PROTOTYPES[cfg.prototype.name].attach(model, layers, weights, cfg.prototype)
+    PROTOTYPES[cfg.prototype.name].attach(model, layers, weights, prototype_config(cfg))
     model.register_forward_pre_hook(_forget_step_cache)
     return weights
 

@@ -11,6 +11,7 @@ range 1/sqrt(fan_in) uses bottleneck for down and hidden for up.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,16 +22,24 @@ from propetl.methods import rules
 from propetl.methods.weights import LayerWeights, TensorSpec, bind
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
-SETTINGS = {
-    "reduction_factor": rules.positive_int(),
-    "bottleneck": rules.positive_int(),
-    "non_linearity": rules.one_of(ACTIVATIONS),
-}  # conf/prototype/adapter.yaml's own keys
-SHAPE_KEYS = ("reduction_factor", "bottleneck", "non_linearity")  # what a multi-task base checkpoint must match
 FOLDABLE = False  # a module after the feed-forward block: not a weight of plain BERT
 
 
-def specs(cfg, hidden: int) -> dict[str, TensorSpec]:
+@dataclass
+class AdapterConfig(rules.PrototypeConfig):
+    """conf/prototype/adapter.yaml's keys; None: the yaml's default."""
+
+    name: str = "adapter"
+    reduction_factor: int = rules.setting(rules.positive_int(), shape=True)  # bottleneck = hidden / it (12)
+    bottleneck: int = rules.setting(rules.positive_int(), shape=True)  # the bottleneck width directly
+    non_linearity: str = rules.setting(rules.one_of(ACTIVATIONS), shape=True)  # relu | gelu | tanh
+    init_std: float = rules.setting()  # weights ~ N(0, init_std^2) (0.02)
+
+
+CONFIG = AdapterConfig
+
+
+def specs(cfg: AdapterConfig, hidden: int) -> dict[str, TensorSpec]:
     bottleneck, init = int(cfg.bottleneck), f"normal:{cfg.init_std}"
     # frozen (prototype.freeze): nn.Linear's range, not N(0, 0.02^2), whose output masks could only shrink to nothing
     return {
@@ -62,7 +71,7 @@ class AdaptedFeedForwardOutput(nn.Module):
         return o.LayerNorm(a + f + input_tensor)
 
 
-def attach(model: nn.Module, layers: nn.ModuleList, weights: LayerWeights, cfg) -> None:
+def attach(model: nn.Module, layers: nn.ModuleList, weights: LayerWeights, cfg: AdapterConfig) -> None:
     layer: Any  # a BERT/RoBERTa block: torch types its submodules as Tensor | Module
     for index, layer in enumerate(layers):
         layer.output = AdaptedFeedForwardOutput(layer.output, weights, index, cfg.non_linearity)

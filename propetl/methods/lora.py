@@ -6,6 +6,7 @@ Merging folds (alpha/r) * (B*M_B)(A*M_A) into W: inference then costs exactly wh
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,12 +17,23 @@ from propetl.methods import rules
 from propetl.methods.weights import LayerWeights, TensorSpec, bind
 
 TARGETS = ("query", "key", "value")
-SETTINGS = {"r": rules.positive_int(), "alpha": rules.positive_number(), "targets": rules.distinct_list_of(TARGETS)}
-SHAPE_KEYS = ("r", "alpha", "targets")  # what a multi-task base checkpoint must match
 FOLDABLE = True  # merge() folds every update into the frozen W_q / W_v
 
 
-def specs(cfg, hidden: int) -> dict[str, TensorSpec]:
+@dataclass
+class LoRAConfig(rules.PrototypeConfig):
+    """conf/prototype/lora.yaml's keys; None: the yaml's default."""
+
+    name: str = "lora"
+    r: int = rules.setting(rules.positive_int(), shape=True)  # rank (hidden / 24)
+    alpha: float = rules.setting(rules.positive_number(), shape=True)  # the update is scaled by alpha / r (1.5 r)
+    targets: list[str] = rules.setting(rules.distinct_list_of(TARGETS), shape=True)  # noqa: RUF009 (query, value)
+
+
+CONFIG = LoRAConfig
+
+
+def specs(cfg: LoRAConfig, hidden: int) -> dict[str, TensorSpec]:
     r = int(cfg.r)
     out = {}
     for target in cfg.targets:
@@ -50,7 +62,7 @@ class LoRALinear(nn.Module):
         return self.base(x) + self.scaling * update
 
 
-def attach(model: nn.Module, layers: nn.ModuleList, weights: LayerWeights, cfg) -> None:
+def attach(model: nn.Module, layers: nn.ModuleList, weights: LayerWeights, cfg: LoRAConfig) -> None:
     scaling = float(cfg.alpha) / float(cfg.r)
     layer: Any  # a BERT/RoBERTa block: torch types its submodules as Tensor | Module
     for index, layer in enumerate(layers):

@@ -76,9 +76,9 @@ def refusal(cfg) -> str | None:
     if name not in tuner_classes():
         reason = f" ({NOT_ON_BERT[name]})" if name in NOT_ON_BERT else ""
         return f"peft.config_class={name!r} is invalid{reason}; allowed: {', '.join(tuner_classes())}"
-    config = OmegaConf.to_container(cfg.config, resolve=True) or {}
-    if not isinstance(config, dict):
-        return f"peft.config={config!r} is invalid; allowed: a mapping of {name}'s keyword arguments"
+    if not (cfg.config is None or OmegaConf.is_dict(cfg.config)):
+        return f"peft.config={cfg.config!r} is invalid; allowed: null or a mapping of {name}'s keyword arguments"
+    config = cfg.config or {}
     for key in ("task_type", "modules_to_save"):
         if config.get(key) is not None:
             return (
@@ -93,8 +93,8 @@ def refusal(cfg) -> str | None:
 
 
 def make_config(cfg) -> peft.PeftConfig:
-    """peft.<cfg.config_class>(**cfg.config)."""
-    options: Any = OmegaConf.to_container(cfg.config, resolve=True) or {}  # a mapping: refusal() refuses others
+    """peft.<cfg.config_class>(**cfg.config) (null: no arguments; refusal() refuses one that is not a mapping)."""
+    options: Any = {} if cfg.config is None else OmegaConf.to_container(cfg.config, resolve=True)
     return getattr(peft, cfg.config_class)(**options)
 
 

@@ -14,6 +14,7 @@ loudly if the model does not route through it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,13 +27,22 @@ from propetl.methods import rules
 from propetl.methods.weights import LayerWeights, TensorSpec
 
 ATTENTION_NAME = "propetl_prefix"
-SETTINGS = {
-    "length": rules.positive_int(),
-    "mlp_hidden": rules.positive_int(),
-    "embedding_std": rules.positive_number(optional=True),
-}
-SHAPE_KEYS = ("length", "mlp_hidden")  # what a multi-task base checkpoint must match
 FOLDABLE = False  # extra attention positions: not a weight of plain BERT
+
+
+@dataclass
+class PrefixConfig(rules.PrototypeConfig):
+    """conf/prototype/prefix.yaml's keys; None: the yaml's default."""
+
+    name: str = "prefix"
+    length: int = rules.setting(rules.positive_int(), shape=True)  # positions (hidden / 12)
+    mlp_hidden: int = rules.setting(
+        rules.positive_int(), shape=True
+    )  # the re-parameterisation MLP's width (2/3 hidden)
+    embedding_std: float = rules.setting(rules.positive_number(), 1.0)  # its input ~ N(0, std^2): nn.Embedding's
+
+
+CONFIG = PrefixConfig
 
 
 def prefix_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
@@ -60,7 +70,7 @@ AttentionInterface.register(ATTENTION_NAME, prefix_attention)
 AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
-def specs(cfg, hidden: int) -> dict[str, TensorSpec]:
+def specs(cfg: PrefixConfig, hidden: int) -> dict[str, TensorSpec]:
     length = int(cfg.length)
     # frozen (prototype.freeze): the table drawn directly (no MLP to train) at about the scale of BERT's keys/values
     return {
@@ -73,14 +83,15 @@ def specs(cfg, hidden: int) -> dict[str, TensorSpec]:
 class PrefixWeights(LayerWeights):
     """LayerWeights whose prefix comes from the re-parameterisation MLP while training."""
 
-    def __init__(self, cfg, hidden: int, num_layers: int, shared: bool, reparameterise: bool, **mask_kwargs):
+    def __init__(
+        self, cfg: PrefixConfig, hidden: int, num_layers: int, shared: bool, reparameterise: bool, **mask_kwargs
+    ):
         super().__init__(specs(cfg, hidden), num_layers, shared, **mask_kwargs)
         self.reparameterise = reparameterise and not self.frozen  # frozen: the table itself
         if self.reparameterise:
             del self.weights["prefix"]  # the MLP produces it
             length, out = int(cfg.length), 2 * hidden * (1 if shared else num_layers)
-            std = float(cfg.get("embedding_std", 1.0))  # 1.0: nn.Embedding's init, as the reference
-            self.embedding = nn.Parameter(torch.empty(length, hidden).normal_(0.0, std))
+            self.embedding = nn.Parameter(torch.empty(length, hidden).normal_(0.0, float(cfg.embedding_std)))
             self.mlp = nn.Sequential(
                 nn.Linear(hidden, int(cfg.mlp_hidden)), nn.Tanh(), nn.Linear(int(cfg.mlp_hidden), out)
             )
@@ -94,7 +105,9 @@ class PrefixWeights(LayerWeights):
         return {"prefix": table}
 
 
-def make_weights(cfg, hidden: int, num_layers: int, shared: bool, for_training: bool, **mask_kwargs) -> PrefixWeights:
+def make_weights(
+    cfg: PrefixConfig, hidden: int, num_layers: int, shared: bool, for_training: bool, **mask_kwargs
+) -> PrefixWeights:
     return PrefixWeights(cfg, hidden, num_layers, shared, reparameterise=for_training, **mask_kwargs)
 
 
@@ -104,7 +117,7 @@ def _bind_sources(layers: nn.ModuleList, weights: LayerWeights) -> None:
         layer.attention.self.__dict__["prefix_source"] = (weights, index)
 
 
-def attach(model: Any, layers: nn.ModuleList, weights: LayerWeights, cfg) -> None:
+def attach(model: Any, layers: nn.ModuleList, weights: LayerWeights, cfg: PrefixConfig) -> None:
     """`model`: a transformers model or a MultiTaskModel (both have set_attn_implementation)."""
     _bind_sources(layers, weights)
     model.set_attn_implementation(ATTENTION_NAME)

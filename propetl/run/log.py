@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, Literal, cast
 
 import numpy as np
 from omegaconf import OmegaConf
@@ -91,7 +92,7 @@ def start_wandb(cfg, output_dir: Path, run_id: str | None = None, enabled: bool 
     import wandb
 
     settings = wandb_settings(cfg)
-    mode = settings["mode"] if enabled else "disabled"
+    mode: Literal["online", "offline", "disabled"] = settings["mode"] if enabled else "disabled"
     return wandb.init(
         id=run_id,
         resume="allow" if run_id else None,
@@ -103,7 +104,7 @@ def start_wandb(cfg, output_dir: Path, run_id: str | None = None, enabled: bool 
         dir=None if mode == "disabled" else str(output_dir),
         reinit="finish_previous",
         name=run_name(cfg),
-        config=OmegaConf.to_container(cfg, resolve=True),
+        config=cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True)),
     )
 
 
@@ -127,11 +128,11 @@ def write_predictions(
 ) -> None:
     """predictions.npz (compressed): per task `<task>.predictions` and `<task>.labels` of its test split, class ids as
     int8 (int16 past 127 classes) for classification, float32 scores for regression; written atomically."""
-    arrays = {}
+    arrays: dict[str, np.ndarray] = {}
     for task, (predictions, labels) in predicted.items():
         dtype = np.float32 if num_labels[task] == 1 else np.int8 if num_labels[task] <= 127 else np.int16
         arrays[f"{task}.predictions"], arrays[f"{task}.labels"] = predictions.astype(dtype), labels.astype(dtype)
-    atomic_write(Path(path), lambda f: np.savez_compressed(f, **arrays))
+    atomic_write(Path(path), lambda f: np.savez_compressed(f, **arrays))  # type: ignore[arg-type]  # numpy's stub: **kwds typed bool
 
 
 def read_predictions(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:

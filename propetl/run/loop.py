@@ -45,7 +45,7 @@ def parameter_groups(model: nn.Module, cfg, head_names: set[str]) -> list[dict]:
     }
     weights = methods.petl_weights(model)
     scores = {id(p) for p in weights.score_parameters()} if weights is not None else set()
-    groups = {key: [] for key in settings}
+    groups: dict[str, list[nn.Parameter]] = {key: [] for key in settings}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -69,7 +69,9 @@ def warmup_steps(cfg, total_steps: int) -> int:
     return math.ceil(cfg.trainer.warmup_ratio * total_steps)
 
 
-def make_optimizer(model: nn.Module, cfg, head_names: set[str], total_steps: int):
+def make_optimizer(
+    model: nn.Module, cfg, head_names: set[str], total_steps: int
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg, head_names), betas=(0.9, 0.999), eps=1e-8)
     return optimizer, get_linear_schedule_with_warmup(optimizer, warmup_steps(cfg, total_steps), total_steps)
 

@@ -28,7 +28,7 @@ declare -A runs=(
 )
 for name in $(printf '%s\n' "${!runs[@]}" | sort); do
   # shellcheck disable=SC2086
-  (cd /tmp && PYTHONPATH=$tree HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python -m propetl ${runs[$name]} "${common[@]}" \
+  (cd /tmp && PYTHONPATH=$tree PYTHONHASHSEED=0 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python -m propetl ${runs[$name]} "${common[@]}" \
      hydra.run.dir=$out/$name > "$out/$name.log" 2>&1) || echo "FAIL $name (log: $out/$name.log)"
 done
 python - "$out" > "$out/digest.txt" <<'EOF'
