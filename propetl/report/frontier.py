@@ -16,14 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from propetl.data.tasks import in_task_order, task_title
-from propetl.report.runs import (
-    kept_bytes,
-    mean_or_none,
-    row_groups,
-    run_score,
-    score_stats,
-    trivial_runs,
-)
+from propetl.report.runs import kept_bytes, mean_or_none, row_groups, run_score, score_stats, trivial_runs
 from propetl.report.stats import paired_by_seed
 from propetl.report.tables import _bytes
 

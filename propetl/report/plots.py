@@ -77,11 +77,7 @@ def _finish(ax, task: str, xlabel: str, trivial: dict | None = None) -> None:
     """Labels, grid and legend; `trivial` (a pseudo-run of trivial_runs) first drawn as a grey dashed line."""
     if trivial and (score := run_score(trivial)) is not None:
         ax.axhline(score, ls="--", lw=1, color="grey", label=f"trivial baseline ({trivial['rule'].split(' (')[0]})")
-    ax.set(
-        xlabel=xlabel,
-        ylabel=f"{task_title(task)} GLUE score (x100, mean ± std)",
-        title=task_title(task),
-    )
+    ax.set(xlabel=xlabel, ylabel=f"{task_title(task)} GLUE score (x100, mean ± std)", title=task_title(task))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2)
 
