@@ -18,7 +18,7 @@ from propetl.run import log
 from propetl.storage.accounting import STORAGE_DTYPES
 from propetl.storage.mask_coding import CODINGS
 
-NULLABLE = ("trainer.max_steps", "trainer.save_steps", "trainer.threads", "data.max_train_examples")
+NULLABLE: tuple[str, ...] = ("trainer.max_steps", "trainer.save_steps", "trainer.threads", "data.max_train_examples")
 NULLABLE += ("trainer.selection_skips_warmup",)  # absent from configs saved before it existed: false
 POSITIVE = rules.positive_int()
 RUN_RULES = {  # checked in this order; a key of NULLABLE may also be null
@@ -99,7 +99,7 @@ def validate(cfg, search_path=None) -> None:
         _check(cfg, "multitask.temperature", rules.positive_number())
         allowed = "null or the checkpoint folder of a finished multi-task run"
         rules.require(base is None or Path(str(base)).is_dir(), "multitask.base_checkpoint", base, allowed)
-        for name in tasks:
+        for name in cfg.tasks:
             try:
                 validate_task(OmegaConf.create({"task": group_option("task", name, search_path)}))
             except ConfigError as error:

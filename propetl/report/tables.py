@@ -99,10 +99,10 @@ def markdown_table(rows: list[dict], with_paper: bool = True) -> str:
         body.append([f"*paper ({PAPER_MODEL})*", *([""] * (len(header) - 1))])
         for label, paper in paper_rows().items():
             numbers = [v for values in paper.values() for v in values]
-            cells = ("/".join(f"{v:.2f}" for v in paper[t]) if t in paper else "–" for t in tasks)
+            numbers_shown = ("/".join(f"{v:.2f}" for v in paper[t]) if t in paper else "–" for t in tasks)
             storage = ["–", f"≈{PAPER_STORAGE_PERCENT}"] * 2
             average = f"{statistics.fmean(numbers):.2f} ({len(numbers)})"
-            body.append([f"*{label} (paper)*", *storage, *cells, average, "3 seeds"])
+            body.append([f"*{label} (paper)*", *storage, *numbers_shown, average, "3 seeds"])
     return _table(header, body)
 
 
@@ -341,7 +341,7 @@ def runs_csv(runs: list[dict], relative_to: Path) -> str:
     checks = ("constant_predictions", "majority_prediction_share", "prediction_std_ratio")
     header = ["experiment", *RUN_FIELDS, *(f"test_{n}" for n in metric_names), "trivial_glue_score", *RUNS_CSV]
     order = lambda r: (r["task"], r["method"], str(r["prototype"]), str(r["mask_sparsity"]), r["seed"])
-    rows = [[*header, *checks, "path"]]
+    rows: list[list] = [[*header, *checks, "path"]]
     for run in sorted(runs, key=order):
         check = run.get("predictions") or {}
         rows.append(
