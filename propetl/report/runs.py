@@ -35,8 +35,8 @@ PAPER_MODEL = "RoBERTa-base"
 PAPER_STORAGE_PERCENT = 0.11  # the paper's ProPETL storage, % of the backbone (and ≈ its ratio to PETL)
 
 IDENTITY = ("model", "task", "method", "prototype", "mask_kind", "mask_sparsity", "prototype_frozen", "seed")
-PROGRESS = ("best_epoch", "epochs_run", "steps", "glue_score", "train_seconds", "wall_seconds", "world_size")
-RUN_FIELDS = ("task", "model", *IDENTITY[2:], "protocol", *PROGRESS)  # runs.csv's order
+RESULT_FIELDS = ("best_epoch", "epochs_run", "steps", "glue_score", "train_seconds", "wall_seconds", "world_size")
+RUN_FIELDS = ("task", "model", *IDENTITY[2:], "protocol", *RESULT_FIELDS)  # runs.csv's order
 # The overlays of conf/experiment/. The sweep and the ablation are not Table 1: their points at table1's
 # settings (the prototype's default sparsity, learned masks) are table1's runs, pooled in.
 TABLE1 = "table1"
