@@ -40,11 +40,8 @@ class ProPETLTrainer(Trainer):
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             groups = self.model.parameter_groups(lr=self.args.learning_rate, weight_decay=self.args.weight_decay)
-            optimizer_cls, optimizer_kwargs = (
-                self.optimizer_cls_and_kwargs
-                if self.optimizer_cls_and_kwargs is not None
-                else self.get_optimizer_cls_and_kwargs(self.args, self.model)
-            )
+            chosen = self.optimizer_cls_and_kwargs
+            optimizer_cls, optimizer_kwargs = chosen or self.get_optimizer_cls_and_kwargs(self.args, self.model)
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)  # each group's lr and decay win
         return self.optimizer
 
@@ -74,9 +71,9 @@ def load_trainable(model: torch.nn.Module, folder: str) -> None:
         raise ConfigError(f"{folder} has no {SAFE_WEIGHTS_NAME}: not a ProPETLTrainer checkpoint")
     saved, targets = load_file(path), {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(saved) != set(targets) or any(saved[n].shape != targets[n].shape for n in targets):
-        missing, extra = sorted(set(targets) - set(saved)), sorted(set(saved) - set(targets))
+        missing, extra = sorted(set(targets) - set(saved))[:3], sorted(set(saved) - set(targets))[:3]
+        what = f"missing {missing}, unexpected {extra}, or other shapes"
         raise ConfigError(
-            f"{path} does not match the model's trainable tensors (missing {missing[:3]}, "
-            f"unexpected {extra[:3]}, or other shapes): another prototype or settings"
+            f"{path} does not match the model's trainable tensors ({what}): another prototype or settings"
         )
     load_trainable_state(model, saved)

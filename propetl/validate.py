@@ -18,31 +18,15 @@ from propetl.run import log
 from propetl.storage.accounting import STORAGE_DTYPES
 from propetl.storage.mask_coding import CODINGS
 
-NULLABLE = (
-    "trainer.max_steps",
-    "trainer.save_steps",
-    "trainer.threads",
-    "data.max_train_examples",
-    "trainer.selection_skips_warmup",
-)  # absent from configs saved before it existed: false
+NULLABLE: tuple[str, ...] = ("trainer.max_steps", "trainer.save_steps", "trainer.threads", "data.max_train_examples")
+NULLABLE += ("trainer.selection_skips_warmup",)  # absent from configs saved before it existed: false
+POSITIVE = rules.positive_int()
 RUN_RULES = {  # checked in this order; a key of NULLABLE may also be null
     "seed": SEED,
     "model.name_or_path": rules.Rule(lambda v: isinstance(v, str) and bool(v.strip()), backbone.MODEL_PATHS),
-    **dict.fromkeys(
-        (
-            "trainer.epochs",
-            "trainer.batch_size",
-            "trainer.log_every_steps",
-            "data.max_length",
-            "model.hidden_size",
-            "model.num_layers",
-            "trainer.max_steps",
-        ),
-        rules.positive_int(),
-    ),
-    "trainer.eval_batch_size": rules.Rule(
-        lambda v: v == "auto" or rules.positive_int().accepts(v), "auto or a positive integer"
-    ),
+    **dict.fromkeys(("trainer.epochs", "trainer.batch_size", "trainer.log_every_steps", "data.max_length"), POSITIVE),
+    **dict.fromkeys(("model.hidden_size", "model.num_layers", "trainer.max_steps"), POSITIVE),
+    "trainer.eval_batch_size": rules.Rule(lambda v: v == "auto" or POSITIVE.accepts(v), "auto or a positive integer"),
     "trainer.lr": LEARNING_RATE,
     "trainer.head_lr": LEARNING_RATE,
     "trainer.weight_decay": rules.number_in(0.0, float("inf")),
@@ -53,12 +37,12 @@ RUN_RULES = {  # checked in this order; a key of NULLABLE may also be null
         lambda v: isinstance(v, str) and (v in ("auto", "cpu", "cuda") or v.startswith("cuda:")),
         "auto, cpu, cuda, cuda:N",
     ),
-    "trainer.save_steps": rules.positive_int(),
+    "trainer.save_steps": POSITIVE,
     "trainer.resume": rules.one_of(("auto", True, False)),
-    "trainer.threads": rules.positive_int(),
+    "trainer.threads": POSITIVE,
     "data.protocol": rules.one_of(("split", "full_dev")),
     **dict.fromkeys(("data.group_by_length", "trainer.selection_skips_warmup"), BOOLEAN),
-    "data.max_train_examples": rules.positive_int(),
+    "data.max_train_examples": POSITIVE,
     "data.split_seed": SEED,
     "logger.mode": rules.one_of(("online", "offline", "disabled")),
     "storage.mask_coding": rules.one_of(CODINGS),
@@ -102,49 +86,27 @@ def validate(cfg, search_path=None) -> None:
             _check(cfg, key, rule)
     base = OmegaConf.select(cfg, "multitask.base_checkpoint", default=None)
     if cfg.mode != "multitask":
-        rules.require(
-            base is None,
-            "multitask.base_checkpoint",
-            base,
-            "null unless mode=multitask (it adds tasks to a multi-task checkpoint)",
-        )
+        allowed = "null unless mode=multitask (it adds tasks to a multi-task checkpoint)"
+        rules.require(base is None, "multitask.base_checkpoint", base, allowed)
         validate_task(cfg)
     else:
-        tasks = cfg.tasks
-        rules.require(
-            OmegaConf.is_list(tasks)
-            and len(tasks) > 0
-            and len(set(tasks)) == len(tasks)
-            and set(tasks) <= set(tasks_known),
-            "tasks",
-            None if tasks is None else list(tasks),
-            f"a list of distinct tasks, e.g. tasks=[rte,mrpc,stsb,cola], from: {', '.join(tasks_known)}",
-        )
-        rules.require(
-            cfg.method.name in ("propetl", "petl"),
-            "method.name",
-            cfg.method.name,
-            "propetl or petl with mode=multitask (one shared prototype / one shared module per layer)",
-        )
+        tasks = None if cfg.tasks is None else list(cfg.tasks)
+        allowed = f"a list of distinct tasks, e.g. tasks=[rte,mrpc,stsb,cola], from: {', '.join(tasks_known)}"
+        listed = OmegaConf.is_list(cfg.tasks) and rules.distinct_list_of(tasks_known).accepts(tasks)
+        rules.require(listed, "tasks", tasks, allowed)
+        allowed = "propetl or petl with mode=multitask (one shared prototype / one shared module per layer)"
+        rules.require(cfg.method.name in ("propetl", "petl"), "method.name", cfg.method.name, allowed)
         _check(cfg, "multitask.temperature", rules.positive_number())
-        rules.require(
-            base is None or Path(str(base)).is_dir(),
-            "multitask.base_checkpoint",
-            base,
-            "null or the checkpoint folder of a finished multi-task run",
-        )
-        for name in tasks:
+        allowed = "null or the checkpoint folder of a finished multi-task run"
+        rules.require(base is None or Path(str(base)).is_dir(), "multitask.base_checkpoint", base, allowed)
+        for name in cfg.tasks:
             try:
                 validate_task(OmegaConf.create({"task": group_option("task", name, search_path)}))
             except ConfigError as error:
                 raise ConfigError(f"tasks: {name}: {error}") from None
     if cfg.method.name == "peft":
-        rules.require(
-            cfg.storage.dtype == "fp32",
-            "storage.dtype",
-            cfg.storage.dtype,
-            "fp32 with method=peft (the checkpoint keeps PEFT's own adapter file, in the tuner's dtype)",
-        )
+        allowed = "fp32 with method=peft (the checkpoint keeps PEFT's own adapter file, in the tuner's dtype)"
+        rules.require(cfg.storage.dtype == "fp32", "storage.dtype", cfg.storage.dtype, allowed)
     validate_model(cfg)
 
 
@@ -152,76 +114,37 @@ def validate_task(cfg) -> None:
     """A task's config (conf/task/*.yaml or a user's), what loading and scoring its data read: label count, size,
     metrics the task can report, the selection metric among them, label names and a regression label range; and what
     tables read (`report`: a title, an order, the paper's numbers, each optional)."""
+
+    def optional(key: str, accepts, allowed: str) -> None:  # null, or a value `accepts` takes
+        _check(cfg, key, rules.Rule(lambda v: v is None or accepts(v), allowed))
+
     _check(cfg, "task.num_labels", rules.positive_int())
     _check(cfg, "task.size", rules.one_of(("small", "large")))
     labels, known = cfg.task.num_labels, metrics_for(cfg.task.num_labels)
-    _check(
-        cfg,
-        "task.metrics",
-        rules.Rule(
-            lambda v: isinstance(v, list) and bool(v) and set(v) <= set(known) and len(set(v)) == len(v),
-            f"a non-empty list of distinct metrics for num_labels={labels}, from: {', '.join(known)}",
-        ),
-    )
+    allowed = f"a non-empty list of distinct metrics for num_labels={labels}, from: {', '.join(known)}"
+    _check(cfg, "task.metrics", rules.Rule(rules.distinct_list_of(known).accepts, allowed))
     _check(cfg, "task.selection_metric", rules.one_of(selections_for(list(cfg.task.metrics))))
-    _check(
-        cfg,
-        "task.label_names",
-        rules.Rule(
-            lambda v: v is None or isinstance(v, list) and len(v) == labels and len(set(map(str, v))) == labels,
-            f"null or a list of {labels} distinct names (num_labels={labels})",
-        ),
-    )
-    _check(
-        cfg,
-        "task.label_range",
-        rules.Rule(
-            lambda v: (
-                v is None
-                or labels == 1
-                and isinstance(v, list)
-                and len(v) == 2
-                and all(rules.is_number(x) and math.isfinite(x) for x in v)
-                and v[0] < v[1]
-            ),
-            "null, or [low, high] with low < high on a regression task (num_labels: 1)",
-        ),
-    )
-    _check(cfg, "task.report", rules.Rule(lambda v: v is None or isinstance(v, dict), "null or a mapping"))
-    _check(
-        cfg,
-        "task.report.title",
-        rules.Rule(lambda v: v is None or isinstance(v, str) and bool(v.strip()), "null or a title"),
-    )
-    _check(
-        cfg,
-        "task.report.order",
-        rules.Rule(lambda v: v is None or rules.positive_int().accepts(v), "null or a positive integer"),
-    )
+    names = lambda v: isinstance(v, list) and len(v) == labels and len(set(map(str, v))) == labels
+    optional("task.label_names", names, f"null or a list of {labels} distinct names (num_labels={labels})")
+    bounds = lambda v: isinstance(v, list) and len(v) == 2 and all(rules.is_number(x) and math.isfinite(x) for x in v)
+    allowed = "null, or [low, high] with low < high on a regression task (num_labels: 1)"
+    optional("task.label_range", lambda v: labels == 1 and bounds(v) and v[0] < v[1], allowed)
+    optional("task.report", lambda v: isinstance(v, dict), "null or a mapping")
+    optional("task.report.title", lambda v: isinstance(v, str) and bool(v.strip()), "null or a title")
+    optional("task.report.order", rules.positive_int().accepts, "null or a positive integer")
     count = len(cfg.task.metrics)
-    _check(
-        cfg,
-        "task.report.paper",
-        rules.Rule(
-            lambda v: (
-                v is None
-                or isinstance(v, dict)
-                and all(isinstance(n, list) and len(n) == count and all(map(rules.is_number, n)) for n in v.values())
-            ),
-            f"null, or row label -> a list of len(task.metrics)={count} numbers (x100)",
-        ),
-    )
+    numbers = lambda n: isinstance(n, list) and len(n) == count and all(map(rules.is_number, n))
+    allowed = f"null, or row label -> a list of len(task.metrics)={count} numbers (x100)"
+    optional("task.report.paper", lambda v: isinstance(v, dict) and all(map(numbers, v.values())), allowed)
 
 
 def validate_model(cfg) -> None:
     """The model's folder (a pkg:// one too) is there, and data.max_length fits its positions: read from its
     config.json before anything loads (a hub id not in the local cache is left to the loader)."""
     positions = backbone.max_positions(cfg.model.name_or_path)
+    allowed = f"1..{positions}, the positions of model.name_or_path={cfg.model.name_or_path}"
     rules.require(
-        positions is None or cfg.data.max_length <= positions,
-        "data.max_length",
-        cfg.data.max_length,
-        f"1..{positions}, the positions of model.name_or_path={cfg.model.name_or_path}",
+        positions is None or cfg.data.max_length <= positions, "data.max_length", cfg.data.max_length, allowed
     )
 
 
@@ -242,19 +165,11 @@ def check_peft_prototype(cfg) -> None:
     """method=peft needs a peft group (conf/peft/); peft=lora, the reference row, takes prototype=lora's settings."""
     if OmegaConf.select(cfg, "method.name") != "peft":
         return
-    rules.require(
-        OmegaConf.is_dict(cfg.get("peft")),
-        "peft",
-        cfg.get("peft"),
-        f"a tuner with method=peft: peft={'|'.join(group_choices('peft'))} (conf/peft/<name>.yaml)",
-    )
+    allowed = f"a tuner with method=peft: peft={'|'.join(group_choices('peft'))} (conf/peft/<name>.yaml)"
+    rules.require(OmegaConf.is_dict(cfg.get("peft")), "peft", cfg.get("peft"), allowed)
     if cfg.peft.get("name") == "lora":
-        rules.require(
-            cfg.prototype.name == "lora",
-            "prototype.name",
-            cfg.prototype.name,
-            "lora with method=peft peft=lora (PEFT's LoRA takes r, alpha, targets and lr from prototype=lora)",
-        )
+        allowed = "lora with method=peft peft=lora (PEFT's LoRA takes r, alpha, targets and lr from prototype=lora)"
+        rules.require(cfg.prototype.name == "lora", "prototype.name", cfg.prototype.name, allowed)
 
 
 def validate_method(cfg) -> None:
@@ -273,10 +188,7 @@ def validate_method(cfg) -> None:
         _check(cfg, key, rule)
     PROTOTYPES[cfg.prototype.name].CONFIG.from_config(cfg.prototype).check("prototype.")  # its dataclass's rules
     if frozen_prototype(cfg):
+        why = "a frozen, seeded prototype is ProPETL's: masks learn over it; method=propetl"
         rules.require(
-            cfg.method.name == "propetl",
-            "prototype.freeze",
-            True,
-            f"false with method={cfg.method.name} (a frozen, seeded prototype is ProPETL's: masks learn over it; "
-            f"method=propetl)",
+            cfg.method.name == "propetl", "prototype.freeze", True, f"false with method={cfg.method.name} ({why})"
         )

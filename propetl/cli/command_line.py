@@ -31,10 +31,8 @@ def search_path_of(args) -> list[str]:
     (as Hydra adds it: file://<absolute folder>)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    search_path = []
-    for override in OverridesParser.create().parse_overrides(
-        [o for o in args.overrides if o.startswith("hydra.searchpath=")]
-    ):
+    search_path, given = [], [o for o in args.overrides if o.startswith("hydra.searchpath=")]
+    for override in OverridesParser.create().parse_overrides(given):
         if isinstance(value := override.value(), list):  # not a list: Hydra refuses it in one line
             search_path += value
     if args.config_dir is not None:
@@ -62,10 +60,8 @@ def check_command_line(arguments: Sequence[str]) -> None:
         elif (sep or prefix) and not key.startswith("hydra") and not set("/@") & set(key):
             keys.append((argument, key))
     if "peft" in groups and "peft" not in groups.get("method", ()):
-        raise ConfigError(
-            f"peft={','.join(groups['peft'])} is invalid without method=peft; allowed: method=peft "
-            f"peft=<tuner> (peft chooses method=peft's PEFT tuner)"
-        )
+        allowed = "method=peft peft=<tuner> (peft chooses method=peft's PEFT tuner)"
+        raise ConfigError(f"peft={','.join(groups['peft'])} is invalid without method=peft; allowed: {allowed}")
     if keys or search_path:  # a user's folder: its chosen files compose (a broken YAML file is one line)
         check_keys_known(keys, groups, search_path, args.config_name or PRIMARY_CONFIG)
 

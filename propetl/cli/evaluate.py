@@ -52,33 +52,21 @@ def available_device(text: str) -> str:
     if count == 0:
         raise ConfigError(f"--device {text}: this machine has no CUDA device; allowed: cpu")
     if colon and int(index) >= count:
-        raise ConfigError(
-            f"--device {text}: this machine has {count} CUDA device(s); allowed: cpu, cuda, "
-            f"{', '.join(f'cuda:{i}' for i in range(count))}"
-        )
+        allowed = ", ".join(["cpu", "cuda", *(f"cuda:{i}" for i in range(count))])
+        raise ConfigError(f"--device {text}: this machine has {count} CUDA device(s); allowed: {allowed}")
     return text
 
 
 def evaluate_checkpoint(
-    directory,
-    split: str = "test",
-    merge: bool = True,
-    data_dir=None,
-    batch_size: int = 256,
-    device: str | torch.device = "cpu",
+    directory, split: str = "test", merge: bool = True, data_dir=None, batch_size: int = 256, device: str = "cpu"
 ) -> dict:
     model, saved = checkpoint.load_checkpoint(directory)
     if merge and saved.method.name != "finetune":
         methods.merge(model, backbone.encoder_layers(model), saved.prototype.name)
     task = group_option("task", saved.task.name)  # shipped, or on --config-dir (configs.config_dirs)
     splits = glue.load_glue(task, glue.resolve_data_dir(data_dir), saved.data.protocol, saved.data.split_seed)
-    loader = make_loader(
-        splits[split],
-        backbone.load_tokenizer(saved.model),
-        saved.data.max_length,
-        int(task.num_labels) == 1,
-        batch_size,
-    )
+    tokenizer, regression = backbone.load_tokenizer(saved.model), int(task.num_labels) == 1
+    loader = make_loader(splits[split], tokenizer, saved.data.max_length, regression, batch_size)
     device = torch.device(device)  # type: ignore[assignment]  # one name: the argument, as torch reads it
     start = time.perf_counter()
     scores = loop.evaluate(model.to(device), loader, task, device, desc=split, progress=True)
@@ -100,11 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-merge", dest="merge", action="store_false", help="keep the masks (slower)")
     parser.add_argument("--data-dir", default=None, help="GLUE folder (default as propetl-train)")
     parser.add_argument("--batch-size", default="256", help="a positive integer (256)")
-    parser.add_argument(
-        "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help=f"{DEVICES} (default: cuda if there is one)",
-    )
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser.add_argument("--device", default=default_device, help=f"{DEVICES} (default: cuda if there is one)")
     add_config_dir_argument(parser)
     args = parser.parse_args(argv)
     try:

@@ -42,11 +42,8 @@ def refusal(config: dict, output_format: str) -> str | None:
     if method == "peft":  # PEFT merges its tuner (hf) and writes its own adapter (peft): every tuner
         return None  # of conf/peft/ merges (tests/test_peft_zoo.py)
     if method == "finetune":
-        return (
-            None
-            if output_format == "hf"
-            else "method=finetune changed every backbone weight, which a LoRA adapter cannot hold; use --format hf"
-        )
+        why = "method=finetune changed every backbone weight, which a LoRA adapter cannot hold; use --format hf"
+        return None if output_format == "hf" else why
     reason = methods.not_foldable(prototype)
     return f"{reason}; --format {output_format} would give other logits" if reason else None
 
@@ -98,12 +95,9 @@ def write_peft(model, cfg, folder: Path) -> None:
             for k, t in peft.get_peft_model_state_dict(tuners.peft_model(model)).items()
         }
     else:
+        targets, r = list(cfg.prototype.targets), int(cfg.prototype.r)
         config = peft.LoraConfig(
-            r=int(cfg.prototype.r),
-            lora_alpha=cfg.prototype.alpha,
-            lora_dropout=0.0,
-            bias="none",
-            target_modules=list(cfg.prototype.targets),
+            r=r, lora_alpha=cfg.prototype.alpha, lora_dropout=0.0, bias="none", target_modules=targets
         )
     config.task_type, config.modules_to_save = "SEQ_CLS", head_module_names(base)
     adapted = peft.get_peft_model(base, config)
@@ -143,9 +137,8 @@ def export(checkpoint_dir, out, output_format: str, overwrite: bool = False) -> 
     def build(folder: Path) -> None:  # OUT is checked before the model is loaded
         write(*checkpoint.load_checkpoint(checkpoint_dir, config), folder)
 
-    return files.write_output_folder(
-        out, build, f"propetl-export --format {output_format} {source}", protected, overwrite
-    )
+    command = f"propetl-export --format {output_format} {source}"
+    return files.write_output_folder(out, build, command, protected, overwrite)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -160,18 +153,10 @@ def main(argv: list[str] | None = None) -> None:
         "checkpoint", metavar="CHECKPOINT", help="a run's checkpoint/ folder (or a save_propetl folder)"
     )
     parser.add_argument("out", metavar="OUT", help="the folder to write")
-    parser.add_argument(
-        "--format",
-        choices=FORMATS,
-        required=True,
-        dest="output_format",
-        help="hf: LoRA merged, for AutoModelForSequenceClassification; peft: a PEFT adapter",
-    )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace OUT if it is a previous export or save (never a folder propetl did not write)",
-    )
+    format_help = "hf: LoRA merged, for AutoModelForSequenceClassification; peft: a PEFT adapter"
+    parser.add_argument("--format", choices=FORMATS, required=True, dest="output_format", help=format_help)
+    overwrite_help = "replace OUT if it is a previous export or save (never a folder propetl did not write)"
+    parser.add_argument("--overwrite", action="store_true", help=overwrite_help)
     add_config_dir_argument(parser)
     args = parser.parse_args(argv)
 

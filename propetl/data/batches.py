@@ -27,12 +27,8 @@ def tokenise(split, tokenizer, max_length: int):
     bars = not datasets.utils.are_progress_bars_disabled()
     datasets.utils.disable_progress_bars()  # no "Map: 100%" bar in every run's log
     try:
-        return split.map(
-            encode,
-            batched=True,
-            keep_in_memory=True,
-            remove_columns=[c for c in TEXT_COLUMNS if c in split.column_names],
-        )
+        texts = [c for c in TEXT_COLUMNS if c in split.column_names]
+        return split.map(encode, batched=True, keep_in_memory=True, remove_columns=texts)
     finally:
         if bars:
             datasets.utils.enable_progress_bars()
@@ -43,11 +39,8 @@ class PadCollator:
 
     def __init__(self, tokenizer, regression: bool):
         self.regression, self.left = regression, tokenizer.padding_side == "left"
-        self.pad_values = {
-            "input_ids": tokenizer.pad_token_id,
-            "attention_mask": 0,
-            "token_type_ids": tokenizer.pad_token_type_id,
-        }
+        pads = {"input_ids": tokenizer.pad_token_id, "attention_mask": 0}
+        self.pad_values = pads | {"token_type_ids": tokenizer.pad_token_type_id}
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         longest = max(len(row["input_ids"]) for row in rows)
@@ -58,9 +51,8 @@ class PadCollator:
                 batch[key] = torch.tensor(
                     [p + row[key] if self.left else row[key] + p for row, p in zip(rows, padding)], dtype=torch.long
                 )
-        batch["labels"] = torch.tensor(
-            [row["label"] for row in rows], dtype=torch.float32 if self.regression else torch.long
-        )
+        labels = [row["label"] for row in rows]
+        batch["labels"] = torch.tensor(labels, dtype=torch.float32 if self.regression else torch.long)
         return batch
 
 

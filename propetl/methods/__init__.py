@@ -83,10 +83,8 @@ def not_foldable(prototype_name: str) -> str | None:
     if getattr(PROTOTYPES.get(prototype_name), "FOLDABLE", False):
         return None
     foldable = [name for name, module in PROTOTYPES.items() if module.FOLDABLE]
-    return (
-        f"prototype={prototype_name} cannot be folded into BERT's weights (it adds modules the plain model "
-        f"does not have); only {', '.join(foldable)} can"
-    )
+    why = "it adds modules the plain model does not have"
+    return f"prototype={prototype_name} cannot be folded into BERT's weights ({why}); only {', '.join(foldable)} can"
 
 
 def frozen_prototype(cfg) -> bool:

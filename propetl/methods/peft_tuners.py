@@ -81,10 +81,8 @@ def refusal(cfg) -> str | None:
     config = cfg.config or {}
     for key in ("task_type", "modules_to_save"):
         if config.get(key) is not None:
-            return (
-                f"peft.config.{key}={config[key]!r} is invalid; allowed: null (propetl trains the head, "
-                f"classifier and pooler, at trainer.head_lr itself)"
-            )
+            why = "propetl trains the head, classifier and pooler, at trainer.head_lr itself"
+            return f"peft.config.{key}={config[key]!r} is invalid; allowed: null ({why})"
     try:
         make_config(cfg)
     except (TypeError, ValueError) as error:
@@ -110,9 +108,8 @@ def attach(model: nn.Module, cfg, head_names: set[str]) -> None:
     try:
         adapted = peft.get_peft_model(encoder(model), make_config(cfg))
     except (ValueError, TypeError, KeyError, NotImplementedError) as error:  # e.g. VB-LoRA's vector_length
-        raise ConfigError(
-            f"peft={cfg.name}: PEFT cannot adapt {type(model).__name__}: {str(error).splitlines()[0]}"
-        ) from None
+        why = str(error).splitlines()[0]
+        raise ConfigError(f"peft={cfg.name}: PEFT cannot adapt {type(model).__name__}: {why}") from None
     object.__setattr__(model, PEFT_MODEL, adapted)  # not registered: its modules are the model's own
     for name, parameter in model.named_parameters():
         if name in head_names:

@@ -56,11 +56,8 @@ def prefix_attention(module: nn.Module, query, key, value, attention_mask, **kwa
         key = torch.cat([prefix_k.unsqueeze(0).expand(batch, -1, -1, -1), key], dim=2)
         value = torch.cat([prefix_v.unsqueeze(0).expand(batch, -1, -1, -1), value], dim=2)
         if attention_mask is not None:  # [B, 1, Tq, Tk]: bool keep, or additive float
-            pad_shape = (*attention_mask.shape[:-1], length)
-            if attention_mask.dtype == torch.bool:
-                pad = torch.ones(pad_shape, dtype=torch.bool, device=attention_mask.device)
-            else:
-                pad = torch.zeros(pad_shape, dtype=attention_mask.dtype, device=attention_mask.device)
+            keep = attention_mask.dtype == torch.bool  # True for a bool mask, 0 added for a float one
+            pad = attention_mask.new_full((*attention_mask.shape[:-1], length), keep)
             attention_mask = torch.cat([pad, attention_mask], dim=-1)
         weights.hook_calls += 1
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -92,9 +89,8 @@ class PrefixWeights(LayerWeights):
             del self.weights["prefix"]  # the MLP produces it
             length, out = int(cfg.length), 2 * hidden * (1 if shared else num_layers)
             self.embedding = nn.Parameter(torch.empty(length, hidden).normal_(0.0, float(cfg.embedding_std)))
-            self.mlp = nn.Sequential(
-                nn.Linear(hidden, int(cfg.mlp_hidden)), nn.Tanh(), nn.Linear(int(cfg.mlp_hidden), out)
-            )
+            width = int(cfg.mlp_hidden)
+            self.mlp = nn.Sequential(nn.Linear(hidden, width), nn.Tanh(), nn.Linear(width, out))
 
     def base_tensors(self) -> dict[str, torch.Tensor]:
         if not self.reparameterise:

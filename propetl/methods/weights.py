@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -77,21 +78,13 @@ class LayerWeights(nn.Module):
             shape = spec.shape if shared else (num_layers, *spec.shape)
             self.weights[name] = nn.Parameter(torch.empty(shape), requires_grad=not self.frozen)
             init_tensor(self.weights[name], (spec.frozen_init or spec.init) if self.frozen else spec.init, generator)
+            drawn: dict[str, Any] = {"kind": mask_kind, "seed": mask_seed + i, "score_fan_in": spec.score_fan_in}
             if shared and spec.masked and num_tasks:
                 self.masks[name] = TaskLayerMasks(
-                    num_tasks,
-                    num_layers,
-                    spec.shape,
-                    mask_sparsity,
-                    mask_combine,
-                    mask_kind,
-                    seed=mask_seed + i,
-                    score_fan_in=spec.score_fan_in,
+                    num_tasks, num_layers, spec.shape, mask_sparsity, mask_combine, **drawn
                 )
             elif shared and spec.masked:
-                self.masks[name] = LayerMasks(
-                    num_layers, spec.shape, mask_sparsity, mask_kind, seed=mask_seed + i, score_fan_in=spec.score_fan_in
-                )
+                self.masks[name] = LayerMasks(num_layers, spec.shape, mask_sparsity, **drawn)
         self.num_tasks, self.active_task = num_tasks, 0  # multi-task: whose masks per_layer() applies
         self._per_layer: dict[str, torch.Tensor] | None = None
         self._cache_key: tuple | None = None

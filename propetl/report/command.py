@@ -69,9 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         epilog="\n".join(__doc__.splitlines()[2:]),
     )
     parser.add_argument("roots", nargs="+", type=Path, help="folders (or metrics.json files) searched for runs")
-    parser.add_argument(
-        "--out", type=Path, help=f"folder for the tables and plots (default: <first folder>/{REPORT_DIR})"
-    )
+    out_help = f"folder for the tables and plots (default: <first folder>/{REPORT_DIR})"
+    parser.add_argument("--out", type=Path, help=out_help)
     parser.add_argument("--title", default="", help="heading of table.md")
     add_config_dir_argument(parser)
     args = parser.parse_args(argv)

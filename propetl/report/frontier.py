@@ -16,14 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from propetl.data.tasks import in_task_order, task_title
-from propetl.report.runs import (
-    kept_bytes,
-    mean_or_none,
-    row_groups,
-    run_score,
-    score_stats,
-    trivial_runs,
-)
+from propetl.report.runs import kept_bytes, mean_or_none, row_groups, run_score, score_stats, trivial_runs
 from propetl.report.stats import paired_by_seed
 from propetl.report.tables import _bytes
 
@@ -44,26 +37,16 @@ def frontier_points(runs: list[dict]) -> dict[str, list[dict]]:
             if not task_runs or stored is None:
                 continue
             with_head = mean_or_none(kept_bytes(r, with_head=True) for r in task_runs)
-            points.append(
-                {
-                    "label": label,
-                    "method": task_runs[0]["method"],
-                    "prototype": task_runs[0]["prototype"],
-                    "bytes": stored,
-                    "bytes_with_head": with_head,
-                    "score": score_stats(task_runs),
-                    "runs": task_runs,
-                }
-            )
+            point = {"label": label, "method": task_runs[0]["method"], "prototype": task_runs[0]["prototype"]}
+            point |= {"bytes": stored, "bytes_with_head": with_head, "score": score_stats(task_runs)}
+            points.append(point | {"runs": task_runs})
         if not points:
             continue
         points.sort(key=lambda p: (p["bytes"], -p["score"]["mean"]))
         optimal = pareto([(p["bytes"], p["score"]["mean"]) for p in points])
         lora = next((p["bytes"] for p in points if p["label"] == LORA), None)
-        reference = next(
-            (p for p in points if p["label"] == REFERENCE),
-            next((p for p in points if p["label"].startswith("ProPETL-")), None),
-        )
+        propetl = [p for p in points if p["label"].startswith("ProPETL-")]
+        reference = next((p for p in propetl if p["label"] == REFERENCE), propetl[0] if propetl else None)
         for i, point in enumerate(points):
             point["pareto"] = i in optimal
             point["ratio_to_lora"] = point["bytes"] / lora if lora else None
@@ -132,29 +115,14 @@ def plot_frontier(points: dict[str, list[dict]], runs: list[dict], path: Path) -
     for task, ax in axes.items():
         for p in points[task]:
             frozen = any(r.get("prototype_frozen") for r in p["runs"])  # a frozen prototype: a star, not a dot
-            ax.errorbar(
-                p["bytes"],
-                p["score"]["mean"],
-                yerr=p["score"]["std"],
-                capsize=3,
-                ls="none",
-                marker="*" if frozen else METHOD_MARKERS.get(p["method"], "x"),
-                markersize=10 if frozen else 6,
-                color=_colour(p["prototype"], p["method"]),
-                label=f"{p['label']} (n={p['score']['n']})",
-            )
-            ax.annotate(
-                p["label"], (p["bytes"], p["score"]["mean"]), textcoords="offset points", xytext=(4, -9), fontsize=6
-            )
-        front = [p for p in points[task] if p["pareto"]]
-        ax.plot(
-            [p["bytes"] for p in front],
-            [p["score"]["mean"] for p in front],
-            color="black",
-            lw=1,
-            alpha=0.6,
-            label="Pareto front (mean score)",
-        )
+            score, label = p["score"], f"{p['label']} (n={p['score']['n']})"
+            marker = "*" if frozen else METHOD_MARKERS.get(p["method"], "x")
+            style = {"marker": marker, "markersize": 10 if frozen else 6, "color": _colour(p["prototype"], p["method"])}
+            style |= {"capsize": 3, "ls": "none", "label": label}
+            ax.errorbar(p["bytes"], score["mean"], score["std"], **style)
+            ax.annotate(p["label"], (p["bytes"], score["mean"]), textcoords="offset points", xytext=(4, -9), fontsize=6)
+        front = [(p["bytes"], p["score"]["mean"]) for p in points[task] if p["pareto"]]
+        ax.plot(*zip(*front), color="black", lw=1, alpha=0.6, label="Pareto front (mean score)")
         ax.set_xscale("log")
         _finish(ax, task, "bytes stored per task (without head, log)", trivial.get(task))
         low = min(p["score"]["mean"] - p["score"]["std"] for p in points[task])

@@ -57,31 +57,22 @@ def _points(ax, cells: dict[float, dict], colour: str, label: str, **style) -> N
     """Means ± std at x (cells: x -> cell_stats), n in the legend; each point's n beside it when n varies."""
     ns = sorted({c["n"] for c in cells.values()})
     n_text = str(ns[0]) if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
-    ax.errorbar(
-        list(cells),
-        [c["mean"] for c in cells.values()],
-        yerr=[c["std"] for c in cells.values()],
-        capsize=3,
-        color=colour,
-        label=f"{label} (n={n_text})",
-        **style,
-    )
-    if len(ns) > 1:
-        for x, c in cells.items():
-            ax.annotate(
-                f"n={c['n']}", (x, c["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=6, color=colour
-            )
+    means, stds = [c["mean"] for c in cells.values()], [c["std"] for c in cells.values()]
+    ax.errorbar(list(cells), means, yerr=stds, capsize=3, color=colour, label=f"{label} (n={n_text})", **style)
+    for x, c in cells.items() if len(ns) > 1 else ():
+        ax.annotate(f"n={c['n']}", (x, c["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=6, color=colour)
+
+
+def _trivial_line(ax, score: float, rule: str) -> None:
+    """The trivial baseline's score as a grey dashed line, its rule's first words in the legend."""
+    ax.axhline(score, ls="--", lw=1, color="grey", label=f"trivial baseline ({rule.split(' (')[0]})")
 
 
 def _finish(ax, task: str, xlabel: str, trivial: dict | None = None) -> None:
     """Labels, grid and legend; `trivial` (a pseudo-run of trivial_runs) first drawn as a grey dashed line."""
     if trivial and (score := run_score(trivial)) is not None:
-        ax.axhline(score, ls="--", lw=1, color="grey", label=f"trivial baseline ({trivial['rule'].split(' (')[0]})")
-    ax.set(
-        xlabel=xlabel,
-        ylabel=f"{task_title(task)} GLUE score (x100, mean ± std)",
-        title=task_title(task),
-    )
+        _trivial_line(ax, score, trivial["rule"])
+    ax.set(xlabel=xlabel, ylabel=f"{task_title(task)} GLUE score (x100, mean ± std)", title=task_title(task))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2)
 
@@ -100,38 +91,19 @@ def plot_metric_vs_storage(rows: list[dict], path: Path) -> Path | None:
             score = row["scores"].get(task)
             if not score or row["percent_storage"] is None or row.get("computed"):
                 continue
-            ax.errorbar(
-                row["percent_storage"],
-                score["mean"],
-                yerr=score["std"],
-                capsize=3,
-                ls="none",
-                marker=METHOD_MARKERS.get(row["method"], "x"),
-                color=_colour(row["prototype"], row["method"]),
-                mfc="none" if row["method"] == "propetl" and " (" in row["label"] else None,
-                label=f"{row['label']} (n={score['n']})",
-            )
+            method, label = row["method"], f"{row['label']} (n={score['n']})"
+            face = "none" if method == "propetl" and " (" in row["label"] else None  # a variant: hollow
+            style = {"marker": METHOD_MARKERS.get(method, "x"), "color": _colour(row["prototype"], method), "mfc": face}
+            ax.errorbar(row["percent_storage"], score["mean"], score["std"], capsize=3, ls="none", label=label, **style)
         for row in rows:
             if row.get("computed") and row["scores"].get(task):
-                ax.axhline(
-                    row["scores"][task]["mean"],
-                    ls="--",
-                    lw=1,
-                    color="grey",
-                    label=f"trivial baseline ({row['rules'][task].split(' (')[0]})",
-                )
+                _trivial_line(ax, row["scores"][task]["mean"], row["rules"][task])
         for label, paper in paper_rows().items():
             if isinstance(numbers := paper.get(task), list):
-                ax.plot(
-                    PAPER_STORAGE_PERCENT,
-                    statistics.fmean(numbers),
-                    ls="none",
-                    marker="*",
-                    ms=12,
-                    mfc="none",
-                    color=PROTOTYPE_COLOURS.get(titles.get(label.split("-", 1)[1], ""), "grey"),
-                    label=f"{label} (paper, {PAPER_MODEL})",
-                )
+                colour = PROTOTYPE_COLOURS.get(titles.get(label.split("-", 1)[1], ""), "grey")
+                star = {"ls": "none", "marker": "*", "ms": 12, "mfc": "none", "color": colour}
+                label = f"{label} (paper, {PAPER_MODEL})"
+                ax.plot(PAPER_STORAGE_PERCENT, statistics.fmean(numbers), label=label, **star)
         ax.set_xscale("log")
         _finish(ax, task, "% of the backbone stored per task (without head, log)")
     return _save(fig, path)
@@ -154,13 +126,8 @@ def plot_sparsity_sweep(runs: list[dict], path: Path) -> Path | None:
         cells = {x: cell for x, members in points.items() if x is not None and (cell := score_stats(members))}
         _points(ax, cells, colour, f"{prefix}ProPETL-{title}", marker="o")
         if reference := score_stats(plain.get((model, task, prototype))):
-            ax.axhline(
-                reference["mean"],
-                ls="--",
-                lw=1.2,
-                color=colour,
-                label=f"{prefix}{title}, plain PETL mean (n={reference['n']})",
-            )
+            label = f"{prefix}{title}, plain PETL mean (n={reference['n']})"
+            ax.axhline(reference["mean"], ls="--", lw=1.2, color=colour, label=label)
     for task, ax in axes.items():
         _finish(ax, task, "mask sparsity (fraction of zeros)", trivial.get(task))
     return _save(fig, path)

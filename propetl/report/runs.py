@@ -34,31 +34,15 @@ PEFT_TITLES = {
 PAPER_MODEL = "RoBERTa-base"
 PAPER_STORAGE_PERCENT = 0.11  # the paper's ProPETL storage, % of the backbone (and ≈ its ratio to PETL)
 
-RUN_FIELDS = (
-    "task",
-    "model",
-    "method",
-    "prototype",
-    "mask_kind",
-    "mask_sparsity",
-    "prototype_frozen",
-    "seed",
-    "protocol",
-    "best_epoch",
-    "epochs_run",
-    "steps",
-    "glue_score",
-    "train_seconds",
-    "wall_seconds",
-    "world_size",
-)
+IDENTITY = ("model", "task", "method", "prototype", "mask_kind", "mask_sparsity", "prototype_frozen", "seed")
+RESULT_FIELDS = ("best_epoch", "epochs_run", "steps", "glue_score", "train_seconds", "wall_seconds", "world_size")
+RUN_FIELDS = ("task", "model", *IDENTITY[2:], "protocol", *RESULT_FIELDS)  # runs.csv's order
 # The overlays of conf/experiment/. The sweep and the ablation are not Table 1: their points at table1's
 # settings (the prototype's default sparsity, learned masks) are table1's runs, pooled in.
 TABLE1 = "table1"
 POOLED_EXPERIMENTS = ("sparsity_sweep", "ablation_masks")
 FRONTIER = "frontier"  # the PEFT tuners beside table1's runs: in Table 1 and the frontier section
 EXPERIMENTS = (TABLE1, "multitask", FRONTIER, *POOLED_EXPERIMENTS)
-IDENTITY = ("model", "task", "method", "prototype", "mask_kind", "mask_sparsity", "prototype_frozen", "seed")
 # A (nearly) constant predictor: one class in at least MAJORITY_SHARE of the test predictions (classification), or
 # predictions whose std is below STD_RATIO of the test labels' (regression).
 MAJORITY_SHARE, STD_RATIO = 0.99, 0.05
@@ -101,16 +85,8 @@ def load_runs(roots: Iterable[Path]) -> list[dict]:
         elif "test" not in metrics or "task" not in metrics:
             raise ValueError(f"{path} is not a propetl metrics.json (no 'task' or 'test')")
         else:
-            found = [
-                _run(
-                    metrics,
-                    path,
-                    experiment,
-                    test=dict(metrics["test"]),
-                    storage=dict(metrics.get("storage", {})),
-                    trivial=metrics.get("trivial"),
-                )
-            ]
+            storage, trivial = dict(metrics.get("storage", {})), metrics.get("trivial")
+            found = [_run(metrics, path, experiment, test=dict(metrics["test"]), storage=storage, trivial=trivial)]
         runs += [
             dict(run, predictions=prediction_check(*predicted[run["task"]]) if run["task"] in predicted else None)
             for run in found
@@ -169,18 +145,10 @@ def _multitask_runs(metrics: dict, path: Path, experiment: str | None) -> list[d
     amortised = ("amortised_bytes_per_task", "amortised_ratio_to_plain_petl", "amortised_percent_of_backbone")
     storage = {key: s.get(theirs if "amortised_bytes_per_task" in s else key) for key, theirs in zip(keys, amortised)}
     storage["backbone_params"] = s.get("backbone_params")
+    method = f"{metrics['method']}-multitask"
     return [
-        _run(
-            metrics,
-            path,
-            experiment,
-            task=task,
-            method=f"{metrics['method']}-multitask",
-            test=dict(result["test"]),
-            storage=dict(storage),
-            glue_score=result.get("glue_score"),
-            trivial=result.get("trivial"),
-        )
+        _run(metrics, path, experiment, task=task, method=method, test=dict(result["test"]), storage=dict(storage))
+        | {"glue_score": result.get("glue_score"), "trivial": result.get("trivial")}
         for task, result in metrics["per_task"].items()
     ]
 
@@ -225,22 +193,10 @@ def trivial_runs(runs: list[dict]) -> list[dict]:
         rule = str(first["trivial"].get("rule", ""))
         if len(versions) > 1:
             rule += f"; differs between this task's runs ({len(versions)} versions), the first shown"
-        out.append(
-            {
-                **dict.fromkeys(RUN_FIELDS),
-                "task": task,
-                "model": first["model"],
-                "method": "trivial",
-                "test": dict(first["trivial"]["test"]),
-                "glue_score": first["trivial"].get("glue_score"),
-                "storage": {},
-                "trivial": None,
-                "experiment": None,
-                "computed": True,
-                "rule": rule,
-                "path": first["path"],
-            }
-        )
+        trivial = first["trivial"]
+        fields = {"task": task, "model": first["model"], "method": "trivial", "test": dict(trivial["test"])}
+        fields |= {"glue_score": trivial.get("glue_score"), "storage": {}, "trivial": None, "experiment": None}
+        out.append({**dict.fromkeys(RUN_FIELDS), **fields, "computed": True, "rule": rule, "path": first["path"]})
     return out
 
 

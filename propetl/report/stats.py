@@ -25,11 +25,9 @@ def sparsity_sweep(runs: list[dict]) -> dict[tuple[str, str, str], dict[float, l
     """(model, task, prototype) -> {mask sparsity: its ProPETL runs with learned masks}, where more than one
     sparsity was run. Give it the pooled runs (table1's ProPETL runs are the default-sparsity points)."""
     series: dict[tuple[str, str, str], dict[float, list[dict]]] = {}
-    keep = lambda r: trained_prototype(r) and mask_kind(r) == "learned"
-    for (model, task, prototype, sparsity), members in group_runs(
-        runs, keep, ("model", "task", "prototype", "mask_sparsity")
-    ).items():
-        series.setdefault((model, task, prototype), {})[sparsity] = members
+    learned = lambda r: trained_prototype(r) and mask_kind(r) == "learned"
+    for (*key, sparsity), members in group_runs(runs, learned, ("model", "task", "prototype", "mask_sparsity")).items():
+        series.setdefault(tuple(key), {})[sparsity] = members
     return {key: points for key, points in series.items() if len(points) > 1}
 
 
@@ -48,16 +46,8 @@ def paired_interval(differences: list[float], confidence: float = 0.95) -> dict:
     mean ± t_{(1+confidence)/2, n−1} · sd / √n, sd the sample standard deviation of the differences.
     n < 2: the mean only; sd, t, the interval and `excludes_zero` are None."""
     n = len(differences)
-    out: dict[str, Any] = {
-        "n": n,
-        "mean_diff": statistics.fmean(differences) if n else None,
-        "sd_diff": None,
-        "t_crit": None,
-        "half_width": None,
-        "ci_low": None,
-        "ci_high": None,
-        "excludes_zero": None,
-    }
+    out: dict[str, Any] = {"n": n, "mean_diff": statistics.fmean(differences) if n else None}
+    out |= dict.fromkeys(("sd_diff", "t_crit", "half_width", "ci_low", "ci_high", "excludes_zero"))
     if n >= 2:
         sd = statistics.stdev(differences)
         t = float(scipy_stats.t.ppf((1 + confidence) / 2, n - 1))
@@ -88,11 +78,8 @@ def paired_comparisons(table_runs: list[dict], pooled_runs: list[dict]) -> list[
       learned − random / none    the mask ablation at its sparsity, the learned runs pooled from table1."""
     single = single_task_runs(table_runs)
     plain = group_runs(single, lambda r: r["method"] == "petl", ("model", "task", "prototype"))
-    pro = group_runs(
-        single,
-        lambda r: trained_prototype(r) and mask_kind(r) == "learned",
-        ("model", "task", "prototype", "mask_sparsity"),
-    )
+    learned = lambda r: trained_prototype(r) and mask_kind(r) == "learned"
+    pro = group_runs(single, learned, ("model", "task", "prototype", "mask_sparsity"))
     specs: list[tuple[int, str, tuple, list[dict] | None, list[dict] | None]]
     specs = [(0, "ProPETL − PETL", key, runs, plain.get(key[:3])) for key, runs in pro.items()]
     for key, runs in group_runs(single, lambda r: r["method"] == "peft", ("model", "task", "prototype")).items():
@@ -109,15 +96,6 @@ def paired_comparisons(table_runs: list[dict], pooled_runs: list[dict]) -> list[
         for metric in ("glue_score", *(numbers if len(numbers) > 1 else ())):
             result = paired_by_seed(a, b, metric)
             if result["n"]:
-                out.append(
-                    {
-                        "comparison": name,
-                        "model": model,
-                        "task": task,
-                        "prototype": prototype,
-                        "mask_sparsity": sparsity,
-                        "metric": metric,
-                        **result,
-                    }
-                )
+                compared = {"comparison": name, "model": model, "task": task, "prototype": prototype}
+                out.append({**compared, "mask_sparsity": sparsity, "metric": metric, **result})
     return out

@@ -85,50 +85,24 @@ def _task_and_propetl(model, task: str, prototype, models: set) -> list[str]:
 def markdown_table(rows: list[dict], with_paper: bool = True) -> str:
     """Table 1 shape: one row per method, one column per task present, the average and storage."""
     tasks = in_task_order(t for row in rows for t in row["tasks"])
-    header = [
-        "Method",
-        "% params",
-        "% storage",
-        "bytes/task",
-        "ratio to PETL",
-        *(task_title(t) for t in tasks),
-        "Avg",
-        "runs",
-    ]
+    header = ["Method", "% params", "% storage", "bytes/task", "ratio to PETL", *map(task_title, tasks), "Avg", "runs"]
     body, whole = [], paper_average_size()
     for row in rows:
         average = _number(row["average"], ".2f")
         if row["average"] is not None and row["average_numbers"] != whole:
             average += f" ({row['average_numbers']} of {whole})"
         size = row["file_bytes"] if row["file_bytes"] is not None else row["storage_bytes"]
-        body.append(
-            [
-                row["label"],
-                _number(row["percent_params"], ".3f"),
-                _number(row["percent_storage"], ".3f"),
-                _bytes(size),
-                _number(row["ratio_to_plain_petl"], ".3f"),
-                *(_cell(row["tasks"].get(t)) for t in tasks),
-                average,
-                "computed" if row.get("computed") else str(row["runs"]),
-            ]
-        )
+        share = (_number(row[key], ".3f") for key in ("percent_params", "percent_storage"))
+        cells = [_bytes(size), _number(row["ratio_to_plain_petl"], ".3f"), *(_cell(row["tasks"].get(t)) for t in tasks)]
+        body.append([row["label"], *share, *cells, average, "computed" if row.get("computed") else str(row["runs"])])
     if with_paper:
         body.append([f"*paper ({PAPER_MODEL})*", *([""] * (len(header) - 1))])
         for label, paper in paper_rows().items():
             numbers = [v for values in paper.values() for v in values]
-            body.append(
-                [
-                    f"*{label} (paper)*",
-                    "–",
-                    f"≈{PAPER_STORAGE_PERCENT}",
-                    "–",
-                    f"≈{PAPER_STORAGE_PERCENT}",
-                    *("/".join(f"{v:.2f}" for v in paper[t]) if t in paper else "–" for t in tasks),
-                    f"{statistics.fmean(numbers):.2f} ({len(numbers)})",
-                    "3 seeds",
-                ]
-            )
+            numbers_shown = ("/".join(f"{v:.2f}" for v in paper[t]) if t in paper else "–" for t in tasks)
+            storage = ["–", f"≈{PAPER_STORAGE_PERCENT}"] * 2
+            average = f"{statistics.fmean(numbers):.2f} ({len(numbers)})"
+            body.append([f"*{label} (paper)*", *storage, *numbers_shown, average, "3 seeds"])
     return _table(header, body)
 
 
@@ -137,14 +111,12 @@ def trivial_note(rows: list[dict]) -> str:
     rules = [
         f"{task_title(task)}: {rule}" for row in rows if row.get("computed") for task, rule in row["rules"].items()
     ]
+    if not rules:
+        return ""
     return (
-        (
-            "The trivial baseline is computed from the labels, never trained: it answers every test example "
-            "with the train split's majority class (classification) or mean score (regression; a constant has "
-            "no correlation, so Pearson/Spearman are 0) — " + "; ".join(rules) + ".\n"
-        )
-        if rules
-        else ""
+        "The trivial baseline is computed from the labels, never trained: it answers every test example with the "
+        "train split's majority class (classification) or mean score (regression; a constant has no correlation, so "
+        "Pearson/Spearman are 0) — " + "; ".join(rules) + ".\n"
     )
 
 
@@ -174,84 +146,37 @@ def _excludes_zero(value: bool | None) -> str:
     return "n/a" if value is None else "yes" if value else "no"
 
 
+def _paired_fields(c: dict) -> dict:
+    """A comparison as paired.csv writes it: seeds space-separated, excludes_zero yes/no/n/a."""
+    return {**c, "seeds": " ".join(map(str, c["seeds"])), "excludes_zero": _excludes_zero(c["excludes_zero"])}
+
+
 def paired_table(comparisons: list[dict]) -> str:
     models = {c["model"] for c in comparisons}
-    body = [
-        [
-            c["comparison"],
-            model_prefix(c["model"], models) + task_title(c["task"]),
-            prototype_title(c["prototype"]),
-            sparsity_text(c["mask_sparsity"]),
-            "GLUE score" if c["metric"] == "glue_score" else c["metric"],
-            str(c["n"]),
-            " ".join(map(str, c["seeds"])),
-            f"{c['mean_a']:.2f}",
-            f"{c['mean_b']:.2f}",
-            f"{c['mean_diff']:+.2f}",
-            "n/a" if c["half_width"] is None else f"{c['half_width']:.2f}",
-            "n/a" if c["ci_low"] is None else f"[{c['ci_low']:+.2f}, {c['ci_high']:+.2f}]",
-            _excludes_zero(c["excludes_zero"]),
-        ]
-        for c in comparisons
-    ]
-    return _table(
-        [
-            "Comparison (A − B)",
-            "Task",
-            "Prototype",
-            "s",
-            "Metric",
-            "n",
-            "seeds",
-            "A",
-            "B",
-            "mean Δ",
-            "± t·sd/√n",
-            "95% CI",
-            "excludes 0",
-        ],
-        body,
-    )
+    body = []
+    for c in map(_paired_fields, comparisons):
+        task = model_prefix(c["model"], models) + task_title(c["task"])
+        metric = "GLUE score" if c["metric"] == "glue_score" else c["metric"]
+        head = [c["comparison"], task, prototype_title(c["prototype"]), sparsity_text(c["mask_sparsity"]), metric]
+        means = (f"{c['mean_a']:.2f}", f"{c['mean_b']:.2f}", f"{c['mean_diff']:+.2f}")
+        half = "n/a" if c["half_width"] is None else f"{c['half_width']:.2f}"
+        interval = "n/a" if c["ci_low"] is None else f"[{c['ci_low']:+.2f}, {c['ci_high']:+.2f}]"
+        body.append([*head, str(c["n"]), c["seeds"], *means, half, interval, c["excludes_zero"]])
+    header = ["Comparison (A − B)", "Task", "Prototype", "s", "Metric", "n", "seeds", "A", "B", "mean Δ"]
+    return _table([*header, "± t·sd/√n", "95% CI", "excludes 0"], body)
 
 
-PAIRED_FIELDS = (
-    "comparison",
-    "model",
-    "task",
-    "prototype",
-    "mask_sparsity",
-    "metric",
-    "n",
-    "seeds",
-    "mean_a",
-    "mean_b",
-    "mean_diff",
-    "sd_diff",
-    "t_crit",
-    "half_width",
-    "ci_low",
-    "ci_high",
-    "excludes_zero",
-)
+def _csv(rows: Iterable[Iterable]) -> str:
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(rows)
+    return out.getvalue()
 
 
 def paired_csv(comparisons: list[dict]) -> str:
     """paired.csv: the numbers of paired_table (x100), seeds space-separated, excludes_zero yes/no/n/a."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(PAIRED_FIELDS)
-    for c in comparisons:
-        writer.writerow(
-            [
-                " ".join(map(str, c["seeds"]))
-                if k == "seeds"
-                else _excludes_zero(c[k])
-                if k == "excludes_zero"
-                else c[k]
-                for k in PAIRED_FIELDS
-            ]
-        )
-    return out.getvalue()
+    fields = ["comparison", "model", "task", "prototype", "mask_sparsity", "metric", "n", "seeds", "mean_a", "mean_b"]
+    fields += ["mean_diff", "sd_diff", "t_crit", "half_width", "ci_low", "ci_high", "excludes_zero"]
+    return _csv([fields, *([c[k] for k in fields] for c in map(_paired_fields, comparisons))])
 
 
 def sweep_table(runs: list[dict]) -> str:
@@ -306,30 +231,12 @@ def coding_table(runs: list[dict]) -> str:
     models = {key[0] for key in groups}
     body = []
     for (model, task, prototype, sparsity), members in groups.items():
+        head = [*_task_and_propetl(model, task, prototype, models), sparsity_text(sparsity)]
         for written in sorted({written_as(r["storage"]) for r in members}, key=str):
             same = [r["storage"] for r in members if written_as(r["storage"]) == written]
             means = (_number(mean_or_none(s.get(f.key) for s in same), ".4f") for f in AS_WRITTEN)
-            body.append(
-                [
-                    *_task_and_propetl(model, task, prototype, models),
-                    sparsity_text(sparsity),
-                    *map(str, written),
-                    *means,
-                    str(len(same)),
-                ]
-            )
-    return _table(
-        [
-            "Task",
-            "Prototype",
-            "s",
-            "dtype",
-            "written",
-            *(f.column for f in AS_WRITTEN),
-            "runs",
-        ],
-        body,
-    )
+            body.append([*head, *map(str, written), *means, str(len(same))])
+    return _table(["Task", "Prototype", "s", "dtype", "written", *(f.column for f in AS_WRITTEN), "runs"], body)
 
 
 def constant_mark(run: dict) -> str:
@@ -431,39 +338,24 @@ def runs_csv(runs: list[dict], relative_to: Path) -> str:
     the storage figures, where its metrics.json lies (relative to `relative_to`, so a committed CSV names
     no machine's paths)."""
     metric_names = sorted({name for run in runs for name in run["test"]})
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(
-        [
-            "experiment",
-            *RUN_FIELDS,
-            *(f"test_{n}" for n in metric_names),
-            "trivial_glue_score",
-            *RUNS_CSV,
-            "constant_predictions",
-            "majority_prediction_share",
-            "prediction_std_ratio",
-            "path",
-        ]
-    )
-    for run in sorted(
-        runs, key=lambda r: (r["task"], r["method"], str(r["prototype"]), str(r["mask_sparsity"]), r["seed"])
-    ):
+    checks = ("constant_predictions", "majority_prediction_share", "prediction_std_ratio")
+    header = ["experiment", *RUN_FIELDS, *(f"test_{n}" for n in metric_names), "trivial_glue_score", *RUNS_CSV]
+    order = lambda r: (r["task"], r["method"], str(r["prototype"]), str(r["mask_sparsity"]), r["seed"])
+    rows: list[list] = [[*header, *checks, "path"]]
+    for run in sorted(runs, key=order):
         check = run.get("predictions") or {}
-        writer.writerow(
+        rows.append(
             [
                 run.get("experiment"),
                 *(run.get(k) for k in RUN_FIELDS),
                 *(run["test"].get(n) for n in metric_names),
                 (run.get("trivial") or {}).get("glue_score"),
                 *(run["storage"].get(k) for k in RUNS_CSV),
-                constant_mark(run),
-                check.get("majority_share"),
-                check.get("std_ratio"),
+                *(constant_mark(run), check.get("majority_share"), check.get("std_ratio")),
                 os.path.relpath(run["path"], relative_to),
             ]
         )
-    return out.getvalue()
+    return _csv(rows)
 
 
 def jobs_table(runs: list[dict], root: Path) -> str:
@@ -473,20 +365,11 @@ def jobs_table(runs: list[dict], root: Path) -> str:
     labels = {(r["path"], r["task"]): label for label, members in row_groups(runs).items() for r in members}
     body = []
     for run in sorted(runs, key=lambda r: os.path.relpath(Path(r["path"]).parent, root)):
+        job = os.path.relpath(Path(run["path"]).parent, root)
         tests = ", ".join(f"{name} {100 * value:.2f}" for name, value in run["test"].items())
-        body.append(
-            [
-                os.path.relpath(Path(run["path"]).parent, root),
-                task_title(run["task"]),
-                labels[(run["path"], run["task"])],
-                _number(run_score(run), ".2f"),
-                tests,
-                _bytes(kept_bytes(run)),
-                _bytes(kept_bytes(run, with_head=True)),
-                str(run.get("best_epoch") if run.get("best_epoch") is not None else "–"),
-                _number(run.get("train_seconds"), ".0f"),
-            ]
-        )
-    return _table(
-        ["Job", "Task", "Method", "GLUE score", "Test", "bytes/task", "with head", "best epoch", "train s"], body
-    )
+        stored = [_bytes(kept_bytes(run)), _bytes(kept_bytes(run, with_head=True))]
+        best = str(run.get("best_epoch") if run.get("best_epoch") is not None else "–")
+        named = [job, task_title(run["task"]), labels[(run["path"], run["task"])], _number(run_score(run), ".2f")]
+        body.append([*named, tests, *stored, best, _number(run.get("train_seconds"), ".0f")])
+    header = ["Job", "Task", "Method", "GLUE score", "Test", "bytes/task", "with head", "best epoch", "train s"]
+    return _table(header, body)

@@ -16,18 +16,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-NOT_COMPUTED = (
-    "logger",
-    "reproduce",
-    "run_dir",
-    "trainer.progress",
-    "trainer.threads",
-    "trainer.device",
-    "trainer.log_every_steps",
-    "trainer.resume",
-    "trainer.save_steps",
-    "task.report",  # how tables show the task
-)
+NOT_COMPUTED: tuple[str, ...] = ("logger", "reproduce", "run_dir", "trainer.progress", "trainer.threads")
+NOT_COMPUTED += ("trainer.device", "trainer.log_every_steps", "trainer.resume", "trainer.save_steps", "task.report")
 READ_AS_DATA = ("data.dir", "data.allow_hub")
 DATA_KEY = "data.sha256"
 MISSING = "(not recorded)"  # a key the saved run predates
@@ -36,10 +26,7 @@ MISSING = "(not recorded)"  # a key the saved run predates
 def _flat(node, prefix: str = "") -> dict:
     if not isinstance(node, dict):
         return {prefix[:-1]: node}
-    flat = {}
-    for key, value in node.items():
-        flat.update(_flat(value, f"{prefix}{key}."))
-    return flat
+    return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
 
 
 def _left_out(key: str) -> bool:
@@ -77,9 +64,8 @@ def data_sha256(cfg) -> str:
             continue
         for path in files:
             stat = os.stat(path)
-            digest.update(
-                f"{task.name}/{path.name}:{_file_sha256(str(path), stat.st_size, stat.st_mtime_ns)}\n".encode()
-            )
+            sha256 = _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)
+            digest.update(f"{task.name}/{path.name}:{sha256}\n".encode())
     return digest.hexdigest()
 
 

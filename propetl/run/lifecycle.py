@@ -70,16 +70,12 @@ def begin_run(cfg: DictConfig, output_dir: Path, claim: rundir.Claim | None = No
     elif checkpointer.exists():
         checkpointer.check_fingerprint()
     elif cfg.trainer.resume is True:
-        raise ConfigError(
-            f"trainer.resume=true but {checkpointer.directory} holds no checkpoint; "
-            f"point hydra.run.dir at the run to continue, or use trainer.resume=auto"
-        )
+        what = f"trainer.resume=true but {checkpointer.directory} holds no checkpoint"
+        raise ConfigError(f"{what}; point hydra.run.dir at the run to continue, or use trainer.resume=auto")
     elif (output_dir / "checkpoint").exists():
-        raise rundir.RunDirectoryError(
-            f"{output_dir} holds a checkpoint/ but no metrics.json or resume/ to continue "
-            f"from; choose another hydra.run.dir, or trainer.resume=false to replace it "
-            f"(kept until the new run has finished)"
-        )
+        what = f"{output_dir} holds a checkpoint/ but no metrics.json or resume/ to continue from"
+        replace = "trainer.resume=false to replace it (kept until the new run has finished)"
+        raise rundir.RunDirectoryError(f"{what}; choose another hydra.run.dir, or {replace}")
     output_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     if cfg.trainer.threads:
@@ -129,18 +125,10 @@ def fit_logged(
     run = log.start_wandb(cfg, output_dir, run_id=checkpointer.saved_extra().get("wandb_id"), enabled=ctx.is_main)
     checkpointer.extra["wandb_id"] = run.id
     started = time.perf_counter()
+    log_fn = lambda record: run.log(record, step=record["step"])
+    task_names = model.task_names if cfg.get("mode") == "multitask" else None
     result = loop.fit(
-        model,
-        train_batches,
-        select,
-        cfg,
-        head_names,
-        device,
-        log_fn=lambda record: run.log(record, step=record["step"]),
-        checkpointer=checkpointer,
-        ctx=ctx,
-        task_names=model.task_names if cfg.get("mode") == "multitask" else None,
-        eval_rows=eval_rows,
+        model, train_batches, select, cfg, head_names, device, log_fn, checkpointer, ctx, task_names, eval_rows
     )
     loop.load_trainable_state(model, result.best_state)
     return run, result, started

@@ -40,11 +40,8 @@ def run_tags(cfg) -> list[str]:
     """The W&B run's tags, the same facts as key:value (task:rte, ..., seed:42; multi-task: multitask and
     a task: tag per task), then logger.tags."""
     facts = run_identity(cfg)
-    tasks = (
-        ["multitask", *(f"task:{t}" for t in cfg.tasks)]
-        if cfg.get("mode") == "multitask"
-        else [f"task:{facts['task']}"]
-    )
+    multitask = cfg.get("mode") == "multitask"
+    tasks = ["multitask", *(f"task:{t}" for t in cfg.tasks)] if multitask else [f"task:{facts['task']}"]
     tags = tasks + [f"{key}:{value}" for key, value in facts.items() if key != "task"]
     return tags + [str(tag) for tag in cfg.logger.tags if str(tag) not in tags]
 
@@ -211,9 +208,8 @@ def storage_lines(storage: dict) -> list[str]:
     ratios to plain PETL in that dtype."""
     several = "tasks" in storage
     heading = ("storage, bytes", "without heads", "with heads") if several else ("storage", "without head", "with head")
-    rows, as_written = (
-        (figures.SEVERAL_TASKS, figures.SEVERAL_AS_WRITTEN) if several else (figures.ONE_TASK, figures.AS_WRITTEN)
-    )
+    rows = figures.SEVERAL_TASKS if several else figures.ONE_TASK
+    as_written = figures.SEVERAL_AS_WRITTEN if several else figures.AS_WRITTEN
     lines = ["", _row(*heading)]
     lines += [_row(f.label, storage.get(f.key), storage.get(f.with_head) if f.with_head else "") for f in rows]
     if "mask_coding" in storage:

@@ -128,9 +128,8 @@ def predict_task(
 
 
 def evaluate(model, loader, task_cfg, device, precision="fp32", desc="eval", progress=False) -> dict[str, float]:
-    return glue_metrics.compute(
-        list(task_cfg.metrics), *predict_task(model, loader, task_cfg, device, precision, desc, progress)
-    )
+    predicted = predict_task(model, loader, task_cfg, device, precision, desc, progress)
+    return glue_metrics.compute(list(task_cfg.metrics), *predicted)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -192,15 +191,8 @@ class FitResult:
         }
         self.history.append(record)
         self.train_seconds += self.epoch_seconds
-        logger.info(
-            "epoch %d/%d: step %d, train loss %.4f, selection score %.4f, %.0f s",
-            self.epoch + 1,
-            epochs,
-            self.steps,
-            record["train_loss"],
-            score,
-            self.epoch_seconds,
-        )
+        done = (self.epoch + 1, epochs, self.steps, record["train_loss"], score, self.epoch_seconds)
+        logger.info("epoch %d/%d: step %d, train loss %.4f, selection score %.4f, %.0f s", *done)
         self.epoch += 1
         self.step_in_epoch, self.epoch_losses, self.epoch_correct, self.epoch_seconds = 0, [], {}, 0.0
         return record
@@ -213,11 +205,9 @@ class Diverged(Exception):
         t = cfg.trainer
         saved = checkpointer is not None and checkpointer.exists()
         kept = f"the last checkpoint stays in {checkpointer.directory}" if saved else "nothing was saved"
-        super().__init__(
-            f"training stopped at step {step}: {what} is not finite; likely cause: learning rates too "
-            f"large for this run (trainer.lr={t.lr}, trainer.head_lr={t.head_lr}, mask.lr={cfg.mask.lr}) "
-            f"or overflow in trainer.precision={t.precision}; {kept}"
-        )
+        rates = f"trainer.lr={t.lr}, trainer.head_lr={t.head_lr}, mask.lr={cfg.mask.lr}"
+        cause = f"learning rates too large for this run ({rates}) or overflow in trainer.precision={t.precision}"
+        super().__init__(f"training stopped at step {step}: {what} is not finite; likely cause: {cause}; {kept}")
 
 
 class Optimization(NamedTuple):
@@ -348,13 +338,9 @@ def fit(
             batches, epoch_order = epoch_batches(train_loader, state.step_in_epoch, epoch_order)
             start = time.perf_counter()
             step_log.restart(state.steps)
+            desc, hidden = f"epoch {state.epoch + 1}/{epochs}", not t.progress or None
             bar = tqdm(
-                batches,
-                desc=f"epoch {state.epoch + 1}/{epochs}",
-                initial=state.step_in_epoch,
-                total=steps_per_epoch,
-                leave=False,
-                disable=not t.progress or None,
+                batches, desc=desc, initial=state.step_in_epoch, total=steps_per_epoch, leave=False, disable=hidden
             )
             for batch in bar:
                 state.examples_seen += batch["input_ids"].shape[0]

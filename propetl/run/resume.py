@@ -41,23 +41,12 @@ SHAPE = rules.Rule(
     lambda v: isinstance(v, list) and all(rules.integer().accepts(d) and d >= 0 for d in v), "a list of sizes"
 )
 NAMES = rules.Rule(lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v), "a list of tensor names")
-STATE_RULES = {
-    "fingerprint": OBJECT,
-    "result": OBJECT,
-    "rng": OBJECT,
-    "optimizer": OBJECT,
-    "scheduler": OBJECT,
-    "scaler": OBJECT,
-    "parameters": NAMES,
-    "best": NAMES,
-    "extra": rules.Rule(
-        lambda v: isinstance(v, dict) and all(isinstance(x, (str, type(None))) for x in v.values()),
-        "an object of texts",
-    ),
-    "optimizer.param_groups": LIST,
-    "optimizer.state_keys": OBJECT,
-    "optimizer.state_shapes": OBJECT,
-}
+TEXTS = rules.Rule(
+    lambda v: isinstance(v, dict) and all(isinstance(x, (str, type(None))) for x in v.values()), "an object of texts"
+)
+STATE_RULES = dict.fromkeys(("fingerprint", "result", "rng", "optimizer", "scheduler", "scaler"), OBJECT)
+STATE_RULES |= {"parameters": NAMES, "best": NAMES, "extra": TEXTS, "optimizer.param_groups": LIST}
+STATE_RULES |= dict.fromkeys(("optimizer.state_keys", "optimizer.state_shapes"), OBJECT)
 RNG_TENSORS = ("rng/torch", "rng/numpy", "rng/data_order")
 
 
@@ -165,11 +154,8 @@ def check_state(meta, directory: Path) -> None:
         if name not in shapes:
             _refuse(directory / STATE_TENSORS, f"no tensor '{name}' (named in {STATE_JSON})")
     for name, size in moments.items():
-        if math.prod(shapes[name]) != size:
-            _refuse(
-                path,
-                f"optimizer.state_shapes.{name[4:]} has {size} entries, its tensor '{name}' {math.prod(shapes[name])}",
-            )
+        if (found := math.prod(shapes[name])) != size:
+            _refuse(path, f"optimizer.state_shapes.{name[4:]} has {size} entries, its tensor '{name}' {found}")
 
 
 JSON_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "text", type(None): "null"}
@@ -324,18 +310,15 @@ class Checkpointer:
         parameter's shape, or one value), scheduler, scaler and result: before any of them is changed."""
         path = self.directory / STATE_JSON
         if sorted(parameters) != meta["parameters"]:
-            raise CheckpointError(
-                f"{self.directory}: its trainable tensors do not match this model's (saved by an "
-                f"older propetl?); {START_OVER}"
-            )
+            _refuse(self.directory, "its trainable tensors do not match this model's (saved by an older propetl?)")
+        tensors_file = self.directory / STATE_TENSORS
         for name in [*(f"param/{n}" for n in parameters), *(f"best/{n}" for n in meta["best"])]:
             target = parameters.get(name.partition("/")[2])
             if target is None:
-                _refuse(self.directory / STATE_TENSORS, f"'{name}' is none of this model's trainable tensors")
+                _refuse(tensors_file, f"'{name}' is none of this model's trainable tensors")
             if tensors[name].shape != target.shape:
                 _refuse(
-                    self.directory / STATE_TENSORS,
-                    f"'{name}' has shape {tuple(tensors[name].shape)}, this model's {tuple(target.shape)}",
+                    tensors_file, f"'{name}' has shape {tuple(tensors[name].shape)}, this model's {tuple(target.shape)}"
                 )
         ordered = [p for group in optimizer.param_groups for p in group["params"]]
         for index, keys in meta["optimizer"]["state_keys"].items():
@@ -346,11 +329,8 @@ class Checkpointer:
             for key in keys:
                 shape, allowed = meta["optimizer"]["state_shapes"][f"{index}/{key}"], list(ordered[int(index)].shape)
                 if shape not in ([], allowed):
-                    _refuse(
-                        path,
-                        f"optimizer.state_shapes.{index}/{key}={shape} is invalid; allowed: [] or "
-                        f"parameter {index}'s shape {allowed}",
-                    )
+                    allowed_text = f"[] or parameter {index}'s shape {allowed}"
+                    _refuse(path, f"optimizer.state_shapes.{index}/{key}={shape} is invalid; allowed: {allowed_text}")
         for key, saved, fresh in (
             ("optimizer.param_groups", meta["optimizer"]["param_groups"], optimizer.state_dict()["param_groups"]),
             ("scheduler", meta["scheduler"], scheduler.state_dict()),

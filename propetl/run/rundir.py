@@ -30,13 +30,8 @@ from omegaconf import OmegaConf
 from propetl.run import fingerprint as computation
 from propetl.storage.files import write_folder_atomically
 
-LOCK_FILE, RECORD_DIR, METRICS_FILE, ERROR_FILE, LOG_FILE = (
-    ".propetl.lock",
-    ".hydra",
-    "metrics.json",
-    "error.txt",
-    "train.log",
-)
+LOCK_FILE, RECORD_DIR, LOG_FILE = ".propetl.lock", ".hydra", "train.log"
+METRICS_FILE, ERROR_FILE = "metrics.json", "error.txt"
 PREDICTIONS_FILE = "predictions.npz"  # each task's test predictions and labels (log.write_predictions)
 PREVIOUS_DIR = ".previous"  # trainer.resume=false: the old results, until the new run has finished
 RESULTS = (METRICS_FILE, PREDICTIONS_FILE, "checkpoint", "resume", RECORD_DIR)  # what a finished or resumable run keeps
@@ -69,9 +64,9 @@ def refuse_other_files(run_dir: Path) -> None:
     """A run folder holding what no run wrote: one line naming it (the run would write beside the user's files)."""
     if found := other_files(run_dir):
         shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        what = f"{Path(run_dir)} holds files a run did not write ({shown})"
         raise RunDirectoryError(
-            f"{Path(run_dir)} holds files a run did not write ({shown}); choose another "
-            f"hydra.run.dir, or run_dir.allow_other_files=true to run beside them (never removed)"
+            f"{what}; choose another hydra.run.dir, or run_dir.allow_other_files=true to run beside them (never removed)"
         )
 
 
@@ -119,17 +114,17 @@ def claim(run_dir: Path, enabled: bool = True, allow_other_files: bool = False):
             made, before = _found_new(run_dir)
             handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as error:
+            why = error.strerror or error
             raise RunDirectoryError(
-                f"cannot write in {run_dir}: {error.strerror or error}; choose another "
-                f"hydra.run.dir, or make it writable"
+                f"cannot write in {run_dir}: {why}; choose another hydra.run.dir, or make it writable"
             ) from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(handle)
+            holder = f"another run (pid {_holder(path)})"
             raise RunDirectoryInUse(
-                f"{run_dir} is in use by another run (pid {_holder(path)}); wait for it to "
-                f"end, or choose another hydra.run.dir"
+                f"{run_dir} is in use by {holder}; wait for it to end, or choose another hydra.run.dir"
             ) from None
         try:
             if os.stat(path).st_ino == os.fstat(handle).st_ino:
@@ -231,11 +226,8 @@ def recover(run_dir: Path) -> None:
     """At a run's start: undo a set-aside cut off by a kill, and give back the old results of a replacement that died
     before it saved any state."""
     run_dir = Path(run_dir)
-    if (
-        (run_dir / f"{PREVIOUS_DIR}.partial").is_dir()
-        or (run_dir / PREVIOUS_DIR).is_dir()
-        and not any((run_dir / n).exists() for n in (METRICS_FILE, "resume"))
-    ):
+    unsaved = (run_dir / PREVIOUS_DIR).is_dir() and not any((run_dir / n).exists() for n in (METRICS_FILE, "resume"))
+    if (run_dir / f"{PREVIOUS_DIR}.partial").is_dir() or unsaved:
         put_back(run_dir)
 
 
@@ -290,19 +282,14 @@ def finished_run(run_dir: Path, current: dict) -> dict | None:
     metrics = read_metrics(run_dir)
     recorded = recorded_config(run_dir)
     if recorded is None:
-        raise RunDirectoryError(
-            f"{run_dir} is finished but has no {RECORD_DIR}/config.yaml to compare this command's "
-            f"config with; choose another hydra.run.dir, or trainer.resume=false to run it again"
-        )
+        what = f"{run_dir} is finished but has no {RECORD_DIR}/config.yaml to compare this command's config with"
+        raise RunDirectoryError(f"{what}; choose another hydra.run.dir, or trainer.resume=false to run it again")
     saved = computation.config_part(recorded)
     if isinstance(metrics.get("data_sha256"), str):  # runs before the data's sha256 was kept: their config only
         saved[computation.DATA_KEY] = metrics["data_sha256"]
-    differences = computation.differences(saved, current, ignore_missing=True)
-    if differences:
-        raise RunDirectoryError(
-            f"{run_dir} is a finished run of another config ({computation.describe(differences)}); "
-            f"choose another hydra.run.dir, or trainer.resume=false to replace it"
-        )
+    if differences := computation.differences(saved, current, ignore_missing=True):
+        what = f"{run_dir} is a finished run of another config ({computation.describe(differences)})"
+        raise RunDirectoryError(f"{what}; choose another hydra.run.dir, or trainer.resume=false to replace it")
     return metrics
 
 

@@ -67,8 +67,5 @@ class SweepSummary(Callback):
         _failed_jobs = len(failures)
         if failures:
             lines = "".join(f"\n  {f['job']}: {f['error']}" for f in failures)
-            print(
-                f"propetl-train: {len(failures)} job(s) of the sweep failed (the others ran; "
-                f"{path.with_name(SUMMARY_FILE)}):{lines}",
-                file=sys.stderr,
-            )
+            where = f"the others ran; {path.with_name(SUMMARY_FILE)}"
+            print(f"propetl-train: {len(failures)} job(s) of the sweep failed ({where}):{lines}", file=sys.stderr)
