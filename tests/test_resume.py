@@ -203,7 +203,8 @@ def test_garbage_header_is_refused(saved):
 
 
 @pytest.mark.parametrize("key,value,needle", [("prototype", {"name": "adapter", "reduction_factor": 12, "bottleneck": 8,
-                                                                 "non_linearity": "relu", "init_std": 0.02, "lr": 1e-4},
+                                                                 "non_linearity": "relu", "init_std": 0.02, "lr": 1e-4,
+                                                                 "mask_sparsity": 0.5, "mask_lr": 0.01},
                                                  "do not match"),
                                                 ("mask", None, "ones per layer"),
                                                 ("format_version", 99, "format_version")])
