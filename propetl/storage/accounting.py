@@ -67,6 +67,12 @@ def stored_dense_tensors(model: nn.Module, method: str, head_names: set[str]) ->
         return {n: t.detach() for n, t in petl_store(model).stored_tensors().items()}
 
 
+def stored_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The 0/1 masks of a model by stored name ({} without a PETL store)."""
+    weights = methods.petl_weights(model)
+    return {} if weights is None else {name: m.cpu() for name, m in weights.binary_masks().items()}
+
+
 def backbone_params(model: nn.Module, head_names: set[str]) -> int:
     """Parameters of the pre-trained backbone: everything but the head(s) and the PETL store (or PEFT's LoRA)."""
     added = methods.peft_parameters(model)
