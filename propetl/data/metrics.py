@@ -10,7 +10,7 @@ import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from propetl.data.tasks import in_paper_average, in_task_order, task_configs
+from propetl.data.tasks import in_paper_average, in_task_order, known_task_configs
 
 METRICS = ("accuracy", "f1", "matthews", "pearson", "spearman")
 MIN_ROWS = 2  # a selection or test split needs two rows: correlations are undefined on one
@@ -81,9 +81,9 @@ def selection_score(metrics: Mapping[str, float], selection_metric: str) -> floa
 
 
 def task_numbers(task: str, metrics: Iterable[str] = ()) -> tuple[str, ...]:
-    """The numbers a task reports, in order: its yaml's `metrics` (tasks.task_configs); for a task no yaml on the
+    """The numbers a task reports, in order: its yaml's `metrics` (tasks.known_task_configs); for a task no yaml on the
     search path describes, the METRICS among `metrics` (a run's test metrics)."""
-    config = task_configs().get(task)
+    config = known_task_configs().get(task)
     return tuple(config.metrics) if config is not None else tuple(name for name in METRICS if name in metrics)
 
 

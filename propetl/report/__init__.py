@@ -24,7 +24,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from propetl.data.tasks import task_title
+from propetl.data.tasks import check_report_blocks, task_title
 from propetl.report.frontier import frontier_points, frontier_table, plot_frontier
 from propetl.report.plots import (
     layer_mask_hamming,
@@ -88,6 +88,7 @@ def common_root(roots: list[Path]) -> Path:
 def build(roots: Iterable[Path], out_dir: Path, title: str = "") -> dict[str, Path]:
     """Collect the runs under `roots`; write runs.csv, table.md, paired.csv, rows.json, jobs.md (one line a run) and
     the plots into `out_dir`."""
+    check_report_blocks()
     roots = list(roots)
     found = load_runs(roots)
     if not found:
