@@ -1,9 +1,6 @@
-"""Tokenised, dynamically padded batches: each split is tokenised once (`tokenise`, datasets.map), each batch padded
-to its own longest example (`PadCollator`). An epoch's training batches (`batch_order`, drawn by
-multitask.MultiTaskBatches for one task or several): a random permutation cut into batches, or with
-`group_by_length` (as in transformers' Trainer) runs of similar length: shuffle, cut into mega-batches of 50
-batches, sort each by token count, cut into batches, shuffle the batches. On RTE at batch 32 this halves the
-padded tokens a CPU has to push through (318,720 -> 169,184 per epoch; CoLA 199,337 -> 100,640)."""
+"""Tokenised, dynamically padded batches: each split tokenised once (`tokenise`), each batch padded to its longest example
+(`PadCollator`). An epoch's order (`batch_order`): a random permutation cut into batches, or with `group_by_length` (as
+in transformers' Trainer) runs of similar length, which halves RTE's padded tokens at batch 32."""
 
 from __future__ import annotations
 

@@ -1,18 +1,8 @@
-"""Multi-task ProPETL's batches and task-adding (the run itself is train.py's recipe, the same for one task
-or several): one prototype and one set of layer masks shared by every task, and per task a mask (shared by
-all layers) and a classification/regression head.
-
-    propetl-train mode=multitask tasks=[rte,mrpc,stsb,cola]
-
-Layer l of task t uses  prototype * combine(task mask t, layer mask l)  (mask.combine, default OR;
-propetl/methods/masks.py); with one task, layer masks only, as a single-task run (which it then equals, weight for
-weight: tests/test_multitask.py). Each step trains on one task's batch, the task drawn with p_i ∝ n_i^(1/T)
-(multitask.temperature, 10 as in the reference); the best epoch has the best mean of the tasks' selection
-scores, then each task is scored on its test split. The checkpoint keeps the shared part once and each task's part
-(mask bits, head) in a folder of its own, so one task can be loaded or shipped alone (checkpoint.save_checkpoint /
-load_multitask). With multitask.base_checkpoint a new task is added to a trained model: only its mask
-and head train, against the frozen prototype and layer masks.
-"""
+"""Multi-task ProPETL's batches and task-adding (the run is train.py's recipe, as for one task): one prototype and one
+set of layer masks shared by every task, and per task a mask and a head. Layer l of task t uses
+prototype * combine(task mask t, layer mask l) (mask.combine, default OR); with one task it equals a single-task run
+(tests/test_multitask.py). Each step trains on one task's batch, drawn with p_i ∝ n_i^(1/T) (multitask.temperature).
+With multitask.base_checkpoint a new task is added to a trained model: only its mask and head train."""
 
 from __future__ import annotations
 

@@ -1,15 +1,10 @@
-"""The storage–accuracy frontier: every method's stored bytes per task against its GLUE score, per task.
+"""The storage–accuracy frontier: per task, every table row's stored bytes per task against its GLUE score.
 
-A point is one table row on one task (Table 1's runs and the frontier experiment's PEFT tuners: the same labels as
-table.md), its score the mean ± std over seeds, its storage the mean bytes a task must keep, head excluded (and
-with it beside): for ProPETL, PETL and fine-tuning the files the checkpoint writes (metrics.json `file_bytes`: the
-prototype and entropy-coded masks; `storage_bytes` where a run predates the file figures), for a PEFT tuner the two
-files PEFT saves with its least-storing options (`storage_bytes`, accounting's `storage_counted`: VB-LoRA's top-k
-only, VeRA without its projection; the checkpoint itself may keep more to reload bit for bit). A point is Pareto-optimal when no other point of
-its task stores at most as many bytes with at least as high a mean score, better in one of the two. Each point's paired
-difference to the reference (ProPETL-Adapter, else the first ProPETL row) is over the seeds both have, with its 95%
-t-interval (stats.paired_interval).
-"""
+A point is one row (Table 1's runs and the frontier experiment's PEFT tuners) on one task: its score the mean ± std
+over seeds, its storage the mean bytes a task keeps (runs.kept_bytes), head excluded and beside. A point is
+Pareto-optimal when no other point of its task stores at most as many bytes with at least as high a score, better in
+one. Each point's paired difference to the reference (ProPETL-Adapter, else the first ProPETL row) has its 95%
+t-interval (stats.paired_interval)."""
 
 from __future__ import annotations
 

@@ -303,18 +303,12 @@ def fit(
     task_names=None,
     eval_rows: tuple[int, int] = (0, 0),
 ) -> FitResult:
-    """Train for cfg.trainer.epochs (or until cfg.trainer.max_steps), calling `select(model)` ->
-    (selection metrics, score) after every epoch (train.py: the mean of the tasks' scores; one task: its
-    score); keeps the best epoch's trainable weights in result.best_state. `log_fn` gets every
-    epoch's record and, every trainer.log_every_steps steps, the loss and learning rates (step_log.StepLog).
-    An epoch's record has its training accuracy: the share of the epoch's training rows (classification batches; the
-    loss's own logits, in train mode, as the weights move) whose argmax is the label, `train/accuracy`, or with
-    `task_names` (a multi-task run: the batches' task index -> name) `train/<task>/accuracy` per classification task;
-    regression batches count none. Data-parallel: rank 0's rows of each batch (the process that writes metrics.json).
-    With a checkpointer: continues from its checkpoint if there is one, saves one after every epoch
-    and every checkpointer.save_steps steps, and on SIGINT/SIGTERM saves and raises Interrupted.
-    Data-parallel (ctx.world_size > 1): each process trains on its slice of every batch through DDP.
-    `eval_rows`: (selection rows, test rows), for the whole run's ETA (step_log.EvalPlan)."""
+    """Train for cfg.trainer.epochs (or until cfg.trainer.max_steps), scoring `select(model)` -> (selection metrics,
+    score) after every epoch; the best epoch's trainable weights go to result.best_state. `log_fn` gets every epoch's
+    record (with its training accuracy, `train/accuracy` or per task `train/<task>/accuracy` given `task_names`; rank 0's
+    rows) and every trainer.log_every_steps steps the loss and learning rates. With a checkpointer: continues from its
+    checkpoint, saves after every epoch and checkpointer.save_steps steps, and on SIGINT/SIGTERM saves and raises
+    Interrupted. `eval_rows`: (selection rows, test rows), for the run's ETA (step_log.EvalPlan)."""
     ctx = ctx or distributed.Context()  # one process
     t = cfg.trainer
     steps_per_epoch = len(train_loader)

@@ -1,16 +1,9 @@
-"""Resumable training: the loop's full state, saved every epoch (and every trainer.save_steps steps) into
-<run dir>/resume/ and restored exactly, so a run killed at any point continues to the same result. What is saved: every
-trainable tensor (PETL weights, mask scores, head), the best epoch's copy of them, the optimizer's moments, the
-scheduler and the grad scaler, the step/epoch counters and history, and every RNG state (python, numpy, torch, and the
-data-order generator as it stood when the epoch began; a mid-epoch resume re-draws that epoch's order and skips the
-batches already done). Format: `state.safetensors` for tensors and `state.json` for the rest, never pickle, and
-`manifest.json` with their sha256 (propetl/storage/files.py), checked before either is read: a changed, missing or unlisted file
-is refused in one line naming it; so are, before anything is set, a state.json of another structure or naming tensors
-state.safetensors lacks (check_state) and one that does not fit this run's model, optimizer, scheduler, scaler and
-loop state (Checkpointer._check_fits): an edited, resealed state names its file and key. The folder is built beside
-the old one and renamed into place: a crash leaves the previous checkpoint intact. SIGINT/SIGTERM: the step in flight
-finishes, a checkpoint is written, the run exits.
-"""
+"""Resumable training: the loop's full state (trainable tensors, the best epoch's copy, optimizer, scheduler, grad scaler,
+counters, history, every RNG state with the data order of the current epoch) saved every epoch (and every
+trainer.save_steps steps) into <run dir>/resume/ and restored exactly, so a killed run continues to the same result.
+Format: `state.safetensors` and `state.json`, never pickle, sealed (storage/files.py); a changed file, a state of
+another structure (check_state) or one that does not fit this run (Checkpointer._check_fits) is refused in one line
+naming its file and key. SIGINT/SIGTERM: the step in flight finishes, a checkpoint is written, the run exits."""
 
 from __future__ import annotations
 

@@ -1,19 +1,13 @@
 """A run directory's owner, its record, and what a run may remove there.
-Owner: one process at a time. `claim` takes an exclusive flock on `<run dir>/.propetl.lock` (holding the owner's pid)
-for the whole run; a second run into the directory is refused with one line naming that pid. The kernel drops the lock
-when its process dies: a SIGKILLed run never blocks its resume.
-Ownership rule: a run writes only RUN_ENTRIES (and their atomic writes' hidden temporaries). A folder that holds
-anything else (a user's notes, a checkpoint, the working folder) is refused at the start in one line naming what is
-there, unless run_dir.allow_other_files=true, and what a run did not write is never removed. After a failure a run
-removes what it made: the whole folder if the claim found it new (nothing in it but Hydra's empty train.log), else only
-the entries it added. trainer.resume=false sets the old results aside in `.previous/` and deletes them only once the new
-run has finished; a failed or killed replacement gets them back (`recover`, at the next start).
-Record: `.hydra/config.yaml` and `.hydra/overrides.yaml` (Hydra's names and format; Hydra itself writes nothing there,
-`hydra.output_subdir: null`) are written by propetl, atomically, only once the run owns the directory and is known to be
-new or a continuation of the same config: a finished or running run's record is never rewritten. A finished run
-(metrics.json) is skipped only if its recorded config and data have the command's fingerprint (propetl/run/fingerprint.py,
-what a resume must match too).
-"""
+`claim` takes an exclusive flock on `<run dir>/.propetl.lock` (holding the owner's pid) for the whole run: a second run
+into the directory is refused in one line naming that pid; the kernel drops the lock when its process dies.
+A run writes only RUN_ENTRIES: a folder holding anything else is refused at the start unless
+run_dir.allow_other_files=true, and what a run did not write is never removed. After a failure a run removes what it
+made (the whole folder if the claim found it new). trainer.resume=false sets old results aside in `.previous/` until
+the new run has finished; a failed replacement gets them back (`recover`, at the next start).
+The record (`.hydra/config.yaml`, `.hydra/overrides.yaml`, written by propetl, since `hydra.output_subdir: null`) is
+written once the run owns the directory and is new or a continuation of the same config. A finished run (metrics.json)
+is skipped only if its record has the command's fingerprint (run/fingerprint.py)."""
 
 from __future__ import annotations
 

@@ -1,21 +1,12 @@
 """Files on disk: written atomically, and folders sealed with a manifest of sha256 sums checked on reading.
-Writing: `atomic_write_text` (a temporary name, then a rename) and `write_folder_atomically` (a folder built beside its
-place as `.<name>.<random>.tmp`, then swapped in, the old one stepped aside as `.<name>.old` until the new one is
-in): a crash never leaves half a file or half a folder, and the next write of that folder puts a stepped-aside `.old`
-back (recover_folder_swap) or removes it and any stale `.tmp` of a killed build (clean_stale). A write the file system
-refuses (read-only folder, lost permissions, full disk) is one line (WriteError) naming the path.
-Ownership of user-named folders: `write_output_folder` (propetl-export's OUT, the API's save_propetl) writes a folder
-the user names, and so replaces only what propetl wrote there: a missing or empty folder, or a previous export or save,
-known by its OUTPUT_MARKER (a hidden JSON file listing what wrote it and every file it wrote). Anything else is refused
-in one line (OutputError), nothing written: a file, a folder holding files propetl did not write (a user's folder, a
-previous export the user added files to), the working folder or one above it, and any of the `protected` folders (an
-export's checkpoint and its run folder) or a folder inside or above one. The runner's own writes inside a run folder it
-owns (checkpoint/, resume/, .hydra/; rundir.py decides that ownership) use write_folder_atomically directly, no marker.
-Sealing: `seal(folder)` writes `manifest.json` = {"sha256": {file name: hex digest}} for every file of the folder (not
-its sub-folders, which carry their own), last, inside the folder being built. `check_seal` hashes each file once and
-refuses (CheckpointError, one line naming the file) a changed, missing or unlisted file, or a manifest that is not one.
-Hidden files (the marker, temporaries) are not sealed.
-"""
+Writing: `atomic_write_text` (a temporary, then a rename) and `write_folder_atomically` (built beside its place as
+`.<name>.<random>.tmp`, then swapped in, the old one stepped aside as `.<name>.old`): a crash never leaves half a file
+or folder, and the next write puts a stepped-aside `.old` back (recover_folder_swap) or removes it and stale `.tmp`s
+(clean_stale). A write the file system refuses is one line (WriteError) naming the path.
+`write_output_folder` (propetl-export's OUT, the API's save_propetl) replaces only what propetl wrote there, known by
+its OUTPUT_MARKER (a hidden JSON file listing the files written); anything else is refused in one line (OutputError).
+`seal(folder)` writes `manifest.json` = {"sha256": {file name: hex digest}} over the folder's files (not sub-folders,
+which carry their own; not hidden files); `check_seal` refuses a changed, missing or unlisted file in one line."""
 
 from __future__ import annotations
 
