@@ -41,9 +41,8 @@ def search_path_of(args) -> list[str]:
 
 
 def check_command_line(arguments: Sequence[str]) -> None:
-    """Unknown group options and unknown keys of a propetl-train command line, refused in one line.
-    Sweeps (task=rte,mrpc) are checked value by value; --help, -sc, --info and another primary config
-    folder (--config-path) are left to Hydra."""
+    """Unknown group options and keys of a propetl-train command line, refused in one line; sweeps (task=rte,mrpc) value
+    by value; --help, -sc, --info and --config-path are left to Hydra."""
     args = parse(arguments)
     if any(getattr(args, flag) for flag in HYDRA_ANSWERS) or args.config_path is not None:
         return

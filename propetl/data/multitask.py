@@ -39,12 +39,9 @@ class TaskCollator:
 
 
 class MultiTaskBatches:
-    """Single-task batches from several tasks; each step's task drawn with p_i ∝ n_i^(1/T). An epoch is as many
-    steps as all tasks have batches; a task whose batches run out starts a fresh epoch of its own. Everything
-    random is drawn from `self.generator` as the epoch goes, so the loop's resume (restore the generator state of
-    the epoch's start, skip the steps done) replays an epoch exactly. With `lengths` (each task's token counts), a
-    task's batches group examples of similar length (batches.batch_order). One task's batches come in the order,
-    and from the same draws, as torch's shuffling DataLoader gives them (tests/test_multitask.py)."""
+    """Single-task batches from several tasks, each step's task drawn with p_i ∝ n_i^(1/T); an epoch is as many steps as
+    all tasks have batches. Every draw comes from `self.generator`, so a resume replays an epoch exactly; one task's
+    batches come as torch's shuffling DataLoader gives them (tests/test_multitask.py)."""
 
     def __init__(self, splits, collators, batch_size: int, temperature: float, seed: int, lengths=None):
         self.splits, self.collators, self.batch_size = list(splits), list(collators), batch_size

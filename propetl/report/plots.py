@@ -78,9 +78,8 @@ def _finish(ax, task: str, xlabel: str, trivial: dict | None = None) -> None:
 
 
 def plot_metric_vs_storage(rows: list[dict], path: Path) -> Path | None:
-    """Per task: the GLUE score x100 (mean ± std over seeds, n in the legend) against the % of the backbone stored per
-    task (log x); a colour per prototype, a marker per method; the trivial baseline a dashed line; the paper's ProPETL
-    points (RoBERTa-base) hollow stars."""
+    """Per task: the GLUE score x100 (mean ± std over seeds) against the % of the backbone stored (log x); a colour per
+    prototype, a marker per method, the trivial baseline dashed, the paper's ProPETL points hollow stars."""
     tasks = in_task_order(t for row in rows if not row.get("computed") for t, score in row["scores"].items() if score)
     if not tasks:
         return None
@@ -110,9 +109,8 @@ def plot_metric_vs_storage(rows: list[dict], path: Path) -> Path | None:
 
 
 def plot_sparsity_sweep(runs: list[dict], path: Path) -> Path | None:
-    """Per task: ProPETL's GLUE score (mean ± std over seeds) against mask sparsity, one line per prototype, plain PETL
-    of that prototype (mean over seeds) a dashed line of the same colour, n in the legend, the trivial baseline grey.
-    Give it the pooled runs; None without a sweep."""
+    """Per task: ProPETL's GLUE score (mean ± std over seeds) against mask sparsity, a line per prototype, plain PETL's
+    mean a dashed line of its colour, the trivial baseline grey. Give it the pooled runs; None without a sweep."""
     series = sparsity_sweep(runs)
     if not series:
         return None

@@ -105,9 +105,8 @@ def _kept_predictions(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def prediction_check(predictions: np.ndarray, labels: np.ndarray) -> dict:
-    """Is a task's test predictor (nearly) constant? Classification (integer class ids): `majority_share`, the share of
-    the most frequent predicted class, constant from MAJORITY_SHARE; regression (float scores): `std_ratio`, the std of
-    the predictions over the labels', constant below STD_RATIO."""
+    """Is a task's test predictor (nearly) constant? Classification: `majority_share` (the top predicted class's share)
+    ≥ MAJORITY_SHARE; regression: `std_ratio` (the predictions' std over the labels') < STD_RATIO."""
     if np.issubdtype(predictions.dtype, np.integer):
         share = float(np.unique(predictions, return_counts=True)[1].max() / len(predictions))
         return {"majority_share": share, "std_ratio": None, "constant": share >= MAJORITY_SHARE}
@@ -121,9 +120,8 @@ def _run(metrics: dict, path: Path, experiment: str | None, **fields) -> dict:
 
 
 def run_experiment(metrics: dict, path: Path) -> str | None:
-    """The experiment overlay a run belongs to: metrics.json's `experiment`, else the composed config's
-    `reproduce.experiment` (.hydra/config.yaml), else the folder above the run folder when it is named like one
-    (outputs/reproduce/<profile>/<experiment>/<run>/, results/<profile>/runs/<experiment>/<run>/)."""
+    """The experiment overlay a run belongs to: metrics.json's `experiment`, else .hydra/config.yaml's
+    `reproduce.experiment`, else the run folder's parent when it is named like one (EXPERIMENTS)."""
     if metrics.get("experiment"):
         return str(metrics["experiment"])
     config = path.parent / ".hydra" / "config.yaml"
@@ -366,9 +364,8 @@ def summarise(runs: list[dict]) -> list[dict]:
 
 
 def kept_bytes(run: dict, with_head: bool = False) -> float | None:
-    """The bytes a task keeps, without or with its head: for ProPETL, PETL and fine-tuning the files its checkpoint
-    writes (`file_bytes`; `storage_bytes` where a run predates the file figures), for a PEFT tuner the files PEFT saves
-    with its least-storing options (`storage_bytes`); None for a run without storage figures."""
+    """The bytes a task keeps, without or with its head: the checkpoint's files (`file_bytes`, else `storage_bytes`),
+    for a PEFT tuner the files PEFT saves with its least-storing options; None without storage figures."""
     storage = run.get("storage") or {}
     suffix = "_with_head" if with_head else ""
     key = ("storage_bytes" if run["method"] == "peft" else "file_bytes") + suffix

@@ -121,9 +121,8 @@ def trivial_note(rows: list[dict]) -> str:
 
 
 def comparison_table(rows: list[dict]) -> str:
-    """ProPETL against plain PETL of the same prototype: per task, the difference of the mean test
-    numbers in points (ProPETL − PETL), and the storage ratio. A ProPETL row split by sparsity
-    ('ProPETL-LoRA (s=0.5)') is compared too, under 'LoRA (s=0.5)'."""
+    """ProPETL against plain PETL of the same prototype: per task the difference of the means in points, and the storage
+    ratio; a row split by sparsity ('ProPETL-LoRA (s=0.5)') is compared under 'LoRA (s=0.5)'."""
     by_label = {row["label"]: row for row in rows}
     tasks = in_task_order(t for row in rows for t in row["tasks"])
     body = []
@@ -334,9 +333,8 @@ def report_markdown(
 
 
 def runs_csv(runs: list[dict], relative_to: Path) -> str:
-    """Every run on one line: experiment, identity, every test metric, the trivial baseline's GLUE score,
-    the storage figures, where its metrics.json lies (relative to `relative_to`, so a committed CSV names
-    no machine's paths)."""
+    """Every run on one line: experiment, identity, test metrics, the trivial baseline's GLUE score, storage figures,
+    and its metrics.json relative to `relative_to` (a committed CSV names no machine's paths)."""
     metric_names = sorted({name for run in runs for name in run["test"]})
     checks = ("constant_predictions", "majority_prediction_share", "prediction_std_ratio")
     header = ["experiment", *RUN_FIELDS, *(f"test_{n}" for n in metric_names), "trivial_glue_score", *RUNS_CSV]
@@ -359,9 +357,8 @@ def runs_csv(runs: list[dict], relative_to: Path) -> str:
 
 
 def jobs_table(runs: list[dict], root: Path) -> str:
-    """Markdown: one line a run, as a sweep's jobs compare (`propetl-report`, the end of a -m sweep): its folder under
-    `root` (a sweep names it by the job's overrides), task, row, GLUE score and each test metric (x100), the bytes a
-    task keeps without and with its head, the best epoch and the training time."""
+    """Markdown, one line a run: its folder under `root` (a sweep's job names its overrides), task, row, GLUE score and
+    test metrics (x100), bytes kept without and with its head, best epoch, training time."""
     labels = {(r["path"], r["task"]): label for label, members in row_groups(runs).items() for r in members}
     body = []
     for run in sorted(runs, key=lambda r: os.path.relpath(Path(r["path"]).parent, root)):

@@ -77,9 +77,8 @@ def make_optimizer(
 
 
 def selectable(cfg, steps: int, total_steps: int, epoch: int, epochs: int) -> bool:
-    """Whether an epoch ending after `steps` optimizer steps may be the selected one: always, unless
-    trainer.selection_skips_warmup, which passes over epochs that end inside the warm-up (a barely trained head
-    can win a small selection split by a tie); the last epoch is always selectable."""
+    """Whether an epoch ending after `steps` may be the selected one: with trainer.selection_skips_warmup, not one
+    ending in the warm-up (a barely trained head can win a small selection split by a tie) unless it is the last."""
     if not cfg.trainer.get("selection_skips_warmup", False) or epoch >= epochs or steps >= total_steps:
         return True
     return steps > warmup_steps(cfg, total_steps)

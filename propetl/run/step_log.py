@@ -70,9 +70,8 @@ def progress_line(step: int, total: int, loss: float, steps_per_second: float, e
 
 
 class StepLog:
-    """Called after every optimizer step; acts every `every` steps. `record_fn` gets {"step", "train/loss"
-    (the mean over the last `every` steps of the epoch), "lr/…"}; with `lines`, the progress line goes to
-    the propetl logger (so to stderr and train.log)."""
+    """Called after every optimizer step; every `every` steps `record_fn` gets {"step", "train/loss" (the mean over
+    those steps), "lr/…"}, and with `lines` the progress line goes to the propetl logger (stderr and train.log)."""
 
     def __init__(
         self,
