@@ -27,8 +27,7 @@ def parse(arguments: Sequence[str]):
 
 
 def search_path_of(args) -> list[str]:
-    """The config folders a command line adds to the shipped ones: hydra.searchpath=[...] and --config-dir
-    (as Hydra adds it: file://<absolute folder>)."""
+    """The folders a command line adds to the shipped configs: hydra.searchpath=[...] and --config-dir."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     search_path, given = [], [o for o in args.overrides if o.startswith("hydra.searchpath=")]
@@ -80,8 +79,7 @@ def config_keys(node, prefix: str = "") -> set[str]:
 def known_keys(
     groups: dict[str, list[str]], search_path: Sequence[str] = (), config_name: str = PRIMARY_CONFIG
 ) -> set[str] | None:
-    """The keys of the config the command's group choices compose (every value of a swept group);
-    None if they do not compose (Hydra then says why)."""
+    """The keys of the config each group choice composes; None if they do not compose (Hydra then says why)."""
     first = {group: f"{group}={values[0]}" for group, values in groups.items()}
     choices = [list(first.values())]
     for group, values in groups.items():

@@ -70,15 +70,8 @@ def evaluate_checkpoint(
     device = torch.device(device)  # type: ignore[assignment]  # one name: the argument, as torch reads it
     start = time.perf_counter()
     scores = loop.evaluate(model.to(device), loader, task, device, desc=split, progress=True)
-    return {
-        "checkpoint": str(directory),
-        "task": task.name,
-        "split": split,
-        "merged": merge,
-        "examples": len(splits[split]),
-        "seconds": time.perf_counter() - start,
-        **scores,
-    }
+    timing = {"examples": len(splits[split]), "seconds": time.perf_counter() - start}
+    return {"checkpoint": str(directory), "task": task.name, "split": split, "merged": merge, **timing, **scores}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -85,10 +85,8 @@ def write_peft(model, cfg, folder: Path) -> None:
             for k, t in peft.get_peft_model_state_dict(tuners.peft_model(model)).items()
         }
     else:
-        targets, r = list(cfg.prototype.targets), int(cfg.prototype.r)
-        config = peft.LoraConfig(
-            r=r, lora_alpha=cfg.prototype.alpha, lora_dropout=0.0, bias="none", target_modules=targets
-        )
+        p = cfg.prototype
+        config = peft.LoraConfig(r=int(p.r), lora_alpha=p.alpha, lora_dropout=0.0, target_modules=list(p.targets))
     config.task_type, config.modules_to_save = "SEQ_CLS", head_module_names(base)
     adapted = peft.get_peft_model(base, config)
     if methods.uses_peft(model):  # the head's entries as wrapped (copied from the trained head above)
@@ -139,9 +137,8 @@ def main(argv: list[str] | None = None) -> None:
         description="Write a run's checkpoint as a folder that transformers or PEFT loads.",
         epilog="example: propetl-export outputs/runs/rte/propetl-lora/<time>/checkpoint rte-hf --format hf",
     )
-    parser.add_argument(
-        "checkpoint", metavar="CHECKPOINT", help="a run's checkpoint/ folder (or a save_propetl folder)"
-    )
+    checkpoint_help = "a run's checkpoint/ folder (or a save_propetl folder)"
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help=checkpoint_help)
     parser.add_argument("out", metavar="OUT", help="the folder to write")
     format_help = "hf: LoRA merged, for AutoModelForSequenceClassification; peft: a PEFT adapter"
     parser.add_argument("--format", choices=FORMATS, required=True, dest="output_format", help=format_help)

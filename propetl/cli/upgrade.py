@@ -138,11 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("old", metavar="OLD_FOLDER", help="a checkpoint folder of format 1, 2 or 3")
     parser.add_argument("new", metavar="NEW_FOLDER", help="the folder to write (new, or empty)")
-    parser.add_argument(
-        "--allow-unsealed",
-        action="store_true",
-        help="upgrade a checkpoint of format 1-2 that has no manifest.json (its files are not checked)",
-    )
+    unsealed_help = "upgrade a checkpoint of format 1-2 that has no manifest.json (its files are not checked)"
+    parser.add_argument("--allow-unsealed", action="store_true", help=unsealed_help)
     add_config_dir_argument(parser)
     args = parser.parse_args(argv)
     try:

@@ -77,8 +77,8 @@ class MultiTaskBatches:
 
 
 def freeze_for_new_tasks(model: backbone.MultiTaskModel, base_tasks: list[str]) -> None:
-    """Adding tasks: the prototype, the layer masks and the old tasks' heads stay as trained. (The old
-    tasks' rows of the task-mask scores get no gradient: their batches are not drawn.)"""
+    """Adding tasks: the prototype, the layer masks and the old tasks' heads stay as trained (the old tasks' task-mask
+    rows get no gradient: their batches are not drawn)."""
     weights = methods.petl_weights(model)
     assert weights is not None  # mode=multitask: method=propetl or petl (validate.py), both with a store
     for parameter in weights.parameters():

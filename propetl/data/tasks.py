@@ -19,8 +19,7 @@ from propetl.configs import ConfigError, group_choices, group_option, run_search
 
 
 def known_task_configs() -> dict[str, DictConfig]:
-    """name -> task yaml of every task on the search path (the shipped ones win a clash of names), in table order:
-    `report.order`, then the tasks without one by name."""
+    """name -> task yaml of every task on the search path, in table order: `report.order`, then by name."""
     return _known_task_configs(tuple(run_search_path()))
 
 
@@ -99,8 +98,7 @@ def paper_average_size() -> int:
 
 
 def paper_rows() -> dict[str, dict[str, list[float]]]:
-    """The paper's rows (x100, as the task yamls' `report.paper` give them): row label -> task -> its numbers, in
-    table order."""
+    """The paper's rows (x100, the task yamls' `report.paper`): row label -> task -> its numbers, in table order."""
     rows: dict[str, dict[str, list[float]]] = {}
     for task, config in known_task_configs().items():
         for label, numbers in (_report(config, "paper") or {}).items():

@@ -76,8 +76,7 @@ def common_root(roots: list[Path]) -> Path:
 
 
 def build(roots: Iterable[Path], out_dir: Path, title: str = "") -> dict[str, Path]:
-    """Collect the runs under `roots`; write runs.csv, table.md, paired.csv, rows.json, jobs.md (one line a run) and
-    the plots into `out_dir`."""
+    """Collect the runs under `roots`; write the tables, CSVs, jobs.md and plots into `out_dir`."""
     check_report_blocks()
     roots = list(roots)
     found = load_runs(roots)

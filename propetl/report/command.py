@@ -39,8 +39,7 @@ def report_folder(roots: list[Path]) -> Path:
 
 
 class SweepReport(Callback):
-    """A Hydra callback (conf/hydra/default.yaml): at the end of a -m sweep, its report in <sweep>/report/ and its jobs
-    compared on stdout."""
+    """A Hydra callback (conf/hydra/default.yaml): at the end of a -m sweep, its report in <sweep>/report/."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
         if os.environ.get(SWEEP_REPORT_ENV, "1") != "0":  # scripts/reproduce.py builds its tables once
@@ -48,8 +47,7 @@ class SweepReport(Callback):
 
 
 def report_sweep(folder: Path) -> None:
-    """propetl-report on a finished sweep. The runs are written already: a report that cannot be built is one line on
-    stderr, not a failed sweep."""
+    """propetl-report on a finished sweep; a report that cannot be built is one line on stderr, not a failed sweep."""
     from propetl import report
 
     try:

@@ -54,8 +54,7 @@ def frontier_points(runs: list[dict]) -> dict[str, list[dict]]:
 
 
 def pareto(points: list[tuple[float, float]]) -> set[int]:
-    """Indices of the (bytes, score) points no other point dominates (fewer or equal bytes and a higher or equal
-    score, strictly better in one)."""
+    """Indices of the (bytes, score) points no other has at most the bytes and at least the score of, better in one."""
     return {
         i
         for i, (b, s) in enumerate(points)
@@ -64,8 +63,7 @@ def pareto(points: list[tuple[float, float]]) -> set[int]:
 
 
 def _difference(result: dict | None) -> str:
-    """A point's paired difference to the reference; the reference itself (and every point of a task without one)
-    has none."""
+    """A point's paired difference to the reference (none for the reference, or in a task without one)."""
     if result is None:
         return "(reference)"
     if not result["n"]:

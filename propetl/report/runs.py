@@ -265,8 +265,7 @@ def group_runs(runs: Iterable[dict], keep: Callable[[dict], bool], fields: tuple
 
 
 def row_label(run: dict) -> str:
-    """The table row a run belongs to, e.g. 'ProPETL-LoRA', 'LoRA', 'LoRA (HF PEFT)', 'Fine-tune',
-    'ProPETL-LoRA (random, s=0.5)', the trivial baseline."""
+    """The table row a run belongs to: 'ProPETL-LoRA', 'LoRA (HF PEFT)', 'ProPETL-LoRA (random, s=0.5)', …."""
     method, title = run["method"], prototype_title(run.get("prototype"))
     if method.endswith("-multitask"):
         label = f"{'ProPETL' if method.startswith('propetl') else 'PETL'}-{title} (multi-task)"

@@ -179,8 +179,7 @@ def paired_csv(comparisons: list[dict]) -> str:
 
 
 def sweep_table(runs: list[dict]) -> str:
-    """The sparsity sweep (pooled runs): per task and prototype the GLUE score at each sparsity, and plain
-    PETL of the same prototype; '' without a sweep."""
+    """The sparsity sweep (pooled runs): the GLUE score at each sparsity and plain PETL's; '' without a sweep."""
     series = sparsity_sweep(runs)
     if not series:
         return ""
@@ -220,8 +219,7 @@ def ablation_table(runs: list[dict]) -> str:
 
 
 def coding_table(runs: list[dict]) -> str:
-    """ProPETL runs that logged storage per mask coding (format 2), one line per (model, prototype, sparsity,
-    dtype, written coding); '' without any."""
+    """ProPETL's storage per mask coding, a line per (model, prototype, sparsity, dtype, coding); '' without any."""
     keep = lambda r: trained_prototype(r) and "mask_bits_per_entry_bound" in r["storage"]
     written_as = lambda storage: tuple(storage.get(key) for key in WRITTEN_AS)
     groups = group_runs(runs, keep, ("model", "task", "prototype", "mask_sparsity"))

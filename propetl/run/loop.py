@@ -94,8 +94,7 @@ AUTO_EVAL_BATCH = {"cuda": 256, "cpu": 64}  # trainer.eval_batch_size=auto, by d
 
 
 def eval_batch_size(setting, device: torch.device) -> int:
-    """trainer.eval_batch_size: a number, or auto (AUTO_EVAL_BATCH: a CPU gains no speed from larger batches, only
-    memory)."""
+    """trainer.eval_batch_size: a number, or auto (AUTO_EVAL_BATCH: larger batches only cost a CPU memory)."""
     return AUTO_EVAL_BATCH.get(device.type, AUTO_EVAL_BATCH["cpu"]) if setting == "auto" else int(setting)
 
 
@@ -175,8 +174,7 @@ class FitResult:
         counts[1] += int(batch["labels"].shape[0])
 
     def close_epoch(self, selection: dict, score: float, epochs: int, task_names) -> dict:
-        """The epoch's record (fit's docstring), added to the history and logged in one line; its time to the run's;
-        the next epoch's counts start."""
+        """The epoch's record (fit's docstring), added to the history and logged; the next epoch's counts start."""
         record = {
             "epoch": self.epoch + 1,
             "step": self.steps,

@@ -253,8 +253,7 @@ class Checkpointer:
         write_folder_atomically(self.directory, build)
 
     def check_fingerprint(self) -> dict:
-        """The saved state.json, if the folder matches its manifest and this config its fingerprint; else a one-line
-        CheckpointError."""
+        """The saved state.json if its seal and this config's fingerprint match; else a one-line CheckpointError."""
         path = self.directory / STATE_JSON
         check_seal(self.directory, required=True, hint="trainer.resume=false starts the run over")
         try:

@@ -202,8 +202,7 @@ def set_aside(claim: Claim) -> None:
 
 
 def put_back(run_dir: Path) -> None:
-    """The set-aside results (a finished or a partial .previous/) back in place of the replacement's (whose own
-    checkpoint and training state go with it)."""
+    """The set-aside results (a finished or partial .previous/) back in place of the replacement's."""
     for previous in (run_dir / f"{PREVIOUS_DIR}.partial", run_dir / PREVIOUS_DIR):
         if not previous.is_dir():
             continue
@@ -217,8 +216,7 @@ def put_back(run_dir: Path) -> None:
 
 
 def recover(run_dir: Path) -> None:
-    """At a run's start: undo a set-aside cut off by a kill, and give back the old results of a replacement that died
-    before it saved any state."""
+    """At a run's start: undo a set-aside cut off by a kill, or one whose replacement died before saving."""
     run_dir = Path(run_dir)
     unsaved = (run_dir / PREVIOUS_DIR).is_dir() and not any((run_dir / n).exists() for n in (METRICS_FILE, "resume"))
     if (run_dir / f"{PREVIOUS_DIR}.partial").is_dir() or unsaved:

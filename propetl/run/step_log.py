@@ -26,8 +26,7 @@ def bar_shown(progress: bool, stream=None) -> bool:
 
 
 def learning_rates(param_groups: list[dict], method: str) -> dict[str, float]:
-    """{"lr/prototype": ..., "lr/mask": ..., "lr/head": ...}: each group's current learning rate, named
-    by what it trains (the weights group: prototype / petl / backbone, by method)."""
+    """{"lr/prototype", "lr/mask", "lr/head"}: each group's current rate, its weights named by method."""
     rates: dict[str, float] = {}
     for group in param_groups:
         name = GROUP_NAMES.get(group["name"], WEIGHTS_NAMES.get(method, "petl"))

@@ -64,8 +64,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """atomic_write_text's way for any content: `write(binary file)` fills a temporary file in the same folder, which
-    is then renamed into place."""
+    """atomic_write_text's way for any content: `write(binary file)` fills the temporary file."""
     path = Path(path)
     tmp = None
     try:
@@ -83,8 +82,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
 
 
 def recover_folder_swap(directory: Path) -> bool:
-    """After a kill between the two renames of write_folder_atomically's swap, `directory` is missing and
-    its previous version waits in `.<name>.old`: put that back. True if it did."""
+    """After a kill inside write_folder_atomically's swap: `directory`'s `.<name>.old` put back; True if it was."""
     directory = Path(directory)
     old = directory.with_name(f".{directory.name}.old")
     if directory.exists() or not old.is_dir():
