@@ -1,8 +1,6 @@
-"""propetl-train's command line checked against the config tree before Hydra composes: unknown group options
-(task=nope) and unknown keys (+trainer.max_step=3) give one line instead of Hydra's page (or, for a `+` key,
-instead of silence). The user's own folders on the search path (--config-dir, hydra.searchpath) count.
-Light on purpose (Hydra and OmegaConf only): it runs before anything heavy is imported.
-"""
+"""propetl-train's command line checked against the config tree (with the user's --config-dir, hydra.searchpath) before
+Hydra composes: unknown group options (task=nope) and keys (+trainer.max_step=3) give one line, not Hydra's page.
+Light on purpose (Hydra and OmegaConf only): it runs before anything heavy is imported."""
 
 from __future__ import annotations
 

@@ -88,8 +88,7 @@ def frontier_table(points: dict[str, list[dict]]) -> str:
             spread = f"±{score['std']:.2f}" if score["n"] > 1 else ""
             text += (
                 f"| {p['label']} | {_bytes(p['bytes'])} | {_bytes(p['bytes_with_head'])} | {ratio} | "
-                f"{score['mean']:.2f}{spread} (n={score['n']}) | "
-                f"{_difference(p['vs_reference'])} | "
+                f"{score['mean']:.2f}{spread} (n={score['n']}) | {_difference(p['vs_reference'])} | "
                 f"{'◆' if p['pareto'] else ''} |\n"
             )
     return text

@@ -191,11 +191,8 @@ def plot_mask_hamming(checkpoint_dir: Path, path: Path, title: str = "") -> Path
         for j in range(distance.shape[1]):
             ax.text(j, i, f"{distance[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
     ax.set(xlabel="layer", ylabel="layer")
-    ax.set_title(
-        (title or "Hamming distance between layer masks") + f"\nred: independent random masks of density "
-        f"d={density:.3f}, 2d(1−d)={independent:.3f}",
-        fontsize=8,
-    )
+    note = f"\nred: independent random masks of density d={density:.3f}, 2d(1−d)={independent:.3f}"
+    ax.set_title((title or "Hamming distance between layer masks") + note, fontsize=8)
     bar = fig.colorbar(image, ax=ax, fraction=0.046)
     bar.ax.axhline(independent, color="red", lw=2)
     return _save(fig, path)

@@ -216,13 +216,8 @@ def run_metric(run: dict, metric: str) -> float | None:
 def cell_stats(values: Iterable) -> dict | None:
     """mean, sample std (0 for one value) and n of the values that are not None."""
     values = [float(v) for v in values if v is not None]
-    if not values:
-        return None
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "n": len(values),
-    }
+    n = len(values)
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if n > 1 else 0.0, "n": n} if n else None
 
 
 def score_stats(runs: Iterable[dict] | None) -> dict | None:
@@ -247,13 +242,8 @@ def key_order(key: tuple) -> tuple:
     """Sort key of (model, task, prototype[, sparsity]) tuples: task order (task_rank), then prototype order."""
     model, task, prototype, *rest = key
     prototypes = list(PROTOTYPE_TITLES)
-    return (
-        str(model),
-        task_rank(task),
-        prototypes.index(prototype) if prototype in prototypes else len(prototypes),
-        str(prototype),
-        *(-1.0 if v is None else v for v in rest),
-    )
+    rank = prototypes.index(prototype) if prototype in prototypes else len(prototypes)
+    return (str(model), task_rank(task), rank, str(prototype), *(-1.0 if v is None else v for v in rest))
 
 
 def group_runs(runs: Iterable[dict], keep: Callable[[dict], bool], fields: tuple) -> dict[tuple, list[dict]]:

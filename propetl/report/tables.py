@@ -186,17 +186,9 @@ def sweep_table(runs: list[dict]) -> str:
     plain = group_runs(runs, lambda r: r["method"] == "petl", ("model", "task", "prototype"))
     models = {key[0] for key in series}
     sparsities = sorted({s for points in series.values() for s in points if s is not None})
-    return _table(
-        ["Task", "Prototype", *(f"s={s:g}" for s in sparsities), "plain PETL"],
-        (
-            [
-                *_task_and_propetl(*key, models),
-                *(_score_cell(points.get(s)) for s in sparsities),
-                _score_cell(plain.get(key)),
-            ]
-            for key, points in series.items()
-        ),
-    )
+    header = ["Task", "Prototype", *(f"s={s:g}" for s in sparsities), "plain PETL"]
+    scores = lambda key, points: [*(_score_cell(points.get(s)) for s in sparsities), _score_cell(plain.get(key))]
+    return _table(header, ([*_task_and_propetl(*key, models), *scores(key, points)] for key, points in series.items()))
 
 
 def ablation_table(runs: list[dict]) -> str:
@@ -205,17 +197,11 @@ def ablation_table(runs: list[dict]) -> str:
     if not cells:
         return ""
     models = {key[0] for key in cells}
-    return _table(
-        ["Task", "Prototype", "s", "learned masks", "random masks", "no masks"],
-        (
-            [
-                *_task_and_propetl(model, task, prototype, models),
-                sparsity_text(sparsity),
-                *(_score_cell(kinds.get(kind)) for kind in MASK_KINDS),
-            ]
-            for (model, task, prototype, sparsity), kinds in cells.items()
-        ),
-    )
+    body = []
+    for (model, task, prototype, sparsity), kinds in cells.items():
+        scores = (_score_cell(kinds.get(kind)) for kind in MASK_KINDS)
+        body.append([*_task_and_propetl(model, task, prototype, models), sparsity_text(sparsity), *scores])
+    return _table(["Task", "Prototype", "s", "learned masks", "random masks", "no masks"], body)
 
 
 def coding_table(runs: list[dict]) -> str:
@@ -340,17 +326,10 @@ def runs_csv(runs: list[dict], relative_to: Path) -> str:
     rows: list[list] = [[*header, *checks, "path"]]
     for run in sorted(runs, key=order):
         check = run.get("predictions") or {}
-        rows.append(
-            [
-                run.get("experiment"),
-                *(run.get(k) for k in RUN_FIELDS),
-                *(run["test"].get(n) for n in metric_names),
-                (run.get("trivial") or {}).get("glue_score"),
-                *(run["storage"].get(k) for k in RUNS_CSV),
-                *(constant_mark(run), check.get("majority_share"), check.get("std_ratio")),
-                os.path.relpath(run["path"], relative_to),
-            ]
-        )
+        named = [run.get("experiment"), *(run.get(k) for k in RUN_FIELDS), *(run["test"].get(n) for n in metric_names)]
+        figures = [(run.get("trivial") or {}).get("glue_score"), *(run["storage"].get(k) for k in RUNS_CSV)]
+        checked = [constant_mark(run), check.get("majority_share"), check.get("std_ratio")]
+        rows.append([*named, *figures, *checked, os.path.relpath(run["path"], relative_to)])
     return _csv(rows)
 
 

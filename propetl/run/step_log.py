@@ -1,7 +1,6 @@
-"""Every `trainer.log_every_steps` training steps: a record for W&B (the training loss and each optimizer
-parameter group's learning rate, at the global step) and, where no progress bar is shown (stderr not a
-terminal, or trainer.progress=false), one log line: `step 120/2000 loss 0.5321 4.1 it/s eta 7m38s`. The ETA is the
-whole run's: the training steps left and the evaluation still to come (EvalPlan); the bar shows it too."""
+"""Every `trainer.log_every_steps` training steps: a W&B record (the training loss, each parameter group's learning
+rate) and, where no progress bar shows, one line: `step 120/2000 loss 0.5321 4.1 it/s eta 7m38s`, the ETA the whole
+run's (EvalPlan)."""
 
 from __future__ import annotations
 
