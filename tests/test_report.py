@@ -433,6 +433,7 @@ def test_a_task_of_your_own_is_a_yaml_away(tmp_path):
     ("{order: first}", "task mytask: report.order = first is not a number"),
     ("{paper: [1, 2]}", "task mytask: report.paper = [1, 2] is not a mapping of row label -> [numbers]"),
     ("{paper: {ProPETL-LoRA: [high]}}", "task mytask: report.paper = {'ProPETL-LoRA': ['high']} is not a mapping"),
+    ("a title", "task mytask: report = a title is not a mapping of title, order, paper"),
 ])
 def test_a_bad_report_block_is_one_line_naming_task_key_and_value(tmp_path, capsys, block, message):
     (tmp_path / "conf" / "task").mkdir(parents=True)

@@ -49,7 +49,7 @@ def _is_number(value) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool)
 
 
-def _are_numbers(value) -> bool:
+def _numbers(value) -> bool:
     return isinstance(value, Sequence) and not isinstance(value, str) and all(map(_is_number, value))
 
 
@@ -58,7 +58,7 @@ REPORT_KEYS = {  # a task yaml's `report` block: key -> (what its value must be,
     "order": ("a number", _is_number),
     "paper": (
         "a mapping of row label -> [numbers]",
-        lambda value: isinstance(value, Mapping) and all(map(_are_numbers, value.values())),
+        lambda v: isinstance(v, Mapping) and all(map(_numbers, v.values())),
     ),
 }
 
@@ -66,6 +66,8 @@ REPORT_KEYS = {  # a task yaml's `report` block: key -> (what its value must be,
 def check_report_blocks() -> None:
     """A ConfigError naming the task, key and value unless every task's `report` block is as REPORT_KEYS says."""
     for task, config in known_task_configs().items():
+        if (report := config.get("report")) is not None and not isinstance(report, Mapping):
+            raise ConfigError(f"task {task}: report = {report} is not a mapping of {', '.join(REPORT_KEYS)}")
         for key, (valid, is_valid) in REPORT_KEYS.items():
             if (value := _report(config, key)) is not None and not is_valid(value):
                 raise ConfigError(f"task {task}: report.{key} = {value} is not {valid}")
