@@ -23,9 +23,6 @@ def task_configs(names) -> list[DictConfig]:
     return [group_option("task", name) for name in names]
 
 
-# ----------------------------------------------------------------------------- batches
-
-
 class TaskCollator:
     """A task's collator that also tags every batch with the task's index."""
 
@@ -71,9 +68,6 @@ class MultiTaskBatches:
                 pending[task] = self._task_batches(task)
             indices = pending[task].pop(0)
             yield self.collators[task]([self.splits[task][i] for i in indices])
-
-
-# ----------------------------------------------------------------------------- adding tasks
 
 
 def freeze_for_new_tasks(model: backbone.MultiTaskModel, base_tasks: list[str]) -> None:

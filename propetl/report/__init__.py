@@ -110,13 +110,8 @@ def build(roots: Iterable[Path], out_dir: Path, title: str = "") -> dict[str, Pa
             written[key] = drawn
     if drawn := plot_frontier(frontier, table_runs, out_dir / "frontier.png"):
         written["frontier"] = drawn
-    learned = [
-        r
-        for r in pooled
-        if trained_prototype(r)
-        and mask_kind(r) == "learned"
-        and layer_masks_file(Path(r["path"]).parent / "checkpoint").exists()
-    ]
+    has_masks = lambda r: layer_masks_file(Path(r["path"]).parent / "checkpoint").exists()
+    learned = [r for r in pooled if trained_prototype(r) and mask_kind(r) == "learned" and has_masks(r)]
     if learned:
         run = min(learned, key=lambda r: (r.get("experiment") != TABLE1, r["task"], str(r["prototype"]), r["seed"]))
         title = f"{task_title(run['task'])} · ProPETL-{PROTOTYPE_TITLES.get(run['prototype'])} · seed {run['seed']}"

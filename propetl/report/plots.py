@@ -24,14 +24,8 @@ from propetl.report.tables import model_prefix, sparsity_text
 from propetl.storage import mask_coding
 
 PROTOTYPE_COLOURS = {"adapter": "tab:blue", "lora": "tab:orange", "prefix": "tab:green"}
-METHOD_MARKERS = {
-    "finetune": "^",
-    "petl": "s",
-    "peft": "D",
-    "propetl": "o",
-    "petl-multitask": "<",
-    "propetl-multitask": "v",
-}
+METHOD_MARKERS = {"finetune": "^", "petl": "s", "peft": "D", "propetl": "o", "petl-multitask": "<"}
+METHOD_MARKERS |= {"propetl-multitask": "v"}
 
 
 def _colour(prototype, method: str = "") -> str:

@@ -20,16 +20,8 @@ from propetl.run.rundir import PREDICTIONS_FILE
 
 PROTOTYPE_TITLES = {"adapter": "Adapter", "lora": "LoRA", "prefix": "Prefix"}
 # method=peft's other tuners (conf/peft/; metrics.json `prototype` holds the tuner's name), as their papers write them
-PEFT_TITLES = {
-    "vera": "VeRA",
-    "vblora": "VB-LoRA",
-    "fourierft": "FourierFT",
-    "unilora": "Uni-LoRA",
-    "ia3": "(IA)³",
-    "tinylora": "TinyLoRA",
-    "loha": "LoHa",
-    "lokr": "LoKr",
-}
+PEFT_TITLES = {"vera": "VeRA", "vblora": "VB-LoRA", "fourierft": "FourierFT", "unilora": "Uni-LoRA", "ia3": "(IA)³"}
+PEFT_TITLES |= {"tinylora": "TinyLoRA", "loha": "LoHa", "lokr": "LoKr"}
 
 PAPER_MODEL = "RoBERTa-base"
 PAPER_STORAGE_PERCENT = 0.11  # the paper's ProPETL storage, % of the backbone (and ≈ its ratio to PETL)
