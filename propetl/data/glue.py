@@ -271,7 +271,13 @@ def _parse_label(spec: _TaskSpec, raw_label: str | None) -> int | float:
         if text not in spec.label_names:
             raise ValueError(f"label {text!r} is not one of: {', '.join(spec.label_names)}")
         return spec.label_names.index(text)
-    return _checked_label(spec, _parse_number(text, float if spec.is_regression else int), text)
+    try:
+        value = (float if spec.is_regression else int)(text)
+    except ValueError:
+        raise ValueError(
+            f"label {text!r} is not {'a number' if spec.is_regression else 'an integer class id'}"
+        ) from None
+    return _checked_label(spec, value, text)
 
 
 def _checked_label(spec: _TaskSpec, value: float, text: str) -> int | float:
@@ -287,14 +293,6 @@ def _checked_label(spec: _TaskSpec, value: float, text: str) -> int | float:
         low, high = spec.label_range
         raise ValueError(f"label {text} is outside the task's label_range [{low}, {high}]")
     return value
-
-
-def _parse_number(text: str, kind: type) -> int | float:
-    try:
-        return kind(text)
-    except ValueError:
-        expected = "a number" if kind is float else "an integer class id"
-        raise ValueError(f"label {text!r} is not {expected}") from None
 
 
 def _load_hub(spec: _TaskSpec, local_problem: str) -> tuple[datasets.Dataset, datasets.Dataset]:

@@ -12,8 +12,9 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from propetl.data.tasks import in_paper_average, in_task_order, known_task_configs
 
-METRICS = ("accuracy", "f1", "matthews", "pearson", "spearman")
-MIN_ROWS = 2  # a selection or test split needs two rows: correlations are undefined on one
+CLASSIFICATION = {"accuracy": accuracy_score, "f1": f1_score, "matthews": matthews_corrcoef}
+CORRELATIONS = {"pearson": pearsonr, "spearman": spearmanr}
+METRICS = (*CLASSIFICATION, *CORRELATIONS)
 
 
 def metrics_for(num_labels: int) -> tuple[str, ...]:
@@ -40,17 +41,12 @@ def compute(names: Sequence[str], predictions: np.ndarray, labels: np.ndarray) -
     predictions, labels = np.asarray(predictions), np.asarray(labels)
     out: dict[str, float] = {}
     for name in names:
-        if name == "accuracy":
-            out[name] = float(accuracy_score(labels, predictions))
-        elif name == "f1":
-            out[name] = float(f1_score(labels, predictions))
-        elif name == "matthews":
-            out[name] = float(matthews_corrcoef(labels, predictions))
-        elif name in ("pearson", "spearman"):
+        if name in CLASSIFICATION:
+            out[name] = float(CLASSIFICATION[name](labels, predictions))
+        elif name in CORRELATIONS:
             with warnings.catch_warnings():  # constant predictions: undefined, counted as 0
                 warnings.simplefilter("ignore")
-                correlation = pearsonr if name == "pearson" else spearmanr
-                value = correlation(predictions, labels)[0]
+                value = CORRELATIONS[name](predictions, labels)[0]
                 out[name] = 0.0 if not np.isfinite(value) else float(value)
         else:
             raise ValueError(f"metric {name!r} is not one of: {', '.join(METRICS)}")

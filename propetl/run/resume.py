@@ -81,13 +81,9 @@ def _rng_state() -> tuple[dict, dict]:
     numpy_state = np.random.get_state()  # the legacy tuple: numpy's global generator is MT19937
     assert isinstance(numpy_state, tuple)
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = numpy_state
-    return (
-        {
-            "python": [py_version, list(py_state), py_gauss],
-            "numpy": [np_kind, int(np_pos), int(np_has_gauss), float(np_gauss)],
-        },
-        {"rng/torch": torch.get_rng_state(), "rng/numpy": torch.from_numpy(np_keys.astype(np.int64))},
-    )
+    meta = {"python": [py_version, list(py_state), py_gauss]}
+    meta["numpy"] = [np_kind, int(np_pos), int(np_has_gauss), float(np_gauss)]
+    return meta, {"rng/torch": torch.get_rng_state(), "rng/numpy": torch.from_numpy(np_keys.astype(np.int64))}
 
 
 def _refuse(path: Path, what: str) -> NoReturn:
@@ -138,12 +134,8 @@ def check_state(meta, directory: Path) -> None:
             _check(path, f"optimizer.state_shapes.{index}/{key}", shape, SHAPE)
             moments[f"opt/{index}/{key}"] = math.prod(shape)
     shapes = safetensors_shapes(directory / STATE_TENSORS)
-    for name in [
-        *(f"param/{n}" for n in meta["parameters"]),
-        *(f"best/{n}" for n in meta["best"]),
-        *moments,
-        *RNG_TENSORS,
-    ]:
+    named = [*(f"param/{n}" for n in meta["parameters"]), *(f"best/{n}" for n in meta["best"]), *moments, *RNG_TENSORS]
+    for name in named:
         if name not in shapes:
             _refuse(directory / STATE_TENSORS, f"no tensor '{name}' (named in {STATE_JSON})")
     for name, size in moments.items():
