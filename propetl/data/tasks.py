@@ -35,7 +35,7 @@ def _known_task_configs(search_path: Sequence[str]) -> dict[str, DictConfig]:
     return dict(sorted(found.items(), key=lambda item: (_order(item[1]), item[0])))
 
 
-def _order(config: DictConfig) -> float:
+def _order(config: Mapping[str, Any]) -> float:
     order = _report(config, "order")
     return order if _is_number(order) and order else math.inf  # a bad one: check_report_blocks says so
 

@@ -95,9 +95,8 @@ def frontier_table(points: dict[str, list[dict]]) -> str:
 
 
 def plot_frontier(points: dict[str, list[dict]], runs: list[dict], path: Path) -> Path | None:
-    """Per task: GLUE score (mean ± std over seeds) against stored bytes per task (log x, head excluded), one labelled
-    point per method, the Pareto-optimal points joined, the trivial baseline a dashed grey line (in view when it is
-    near the points: the y range is the points')."""
+    """Per task: GLUE score (mean ± std over seeds) against stored bytes (log x, head excluded), a labelled point per
+    method, the Pareto-optimal points joined, the trivial baseline dashed (the y range is the points')."""
     from propetl.report.plots import METHOD_MARKERS, _colour, _finish, _save, _task_axes
 
     if not points:

@@ -40,9 +40,8 @@ def mask_ablation(runs: list[dict]) -> dict[tuple, dict[str, list[dict]]]:
 
 
 def paired_interval(differences: list[float], confidence: float = 0.95) -> dict:
-    """The mean of paired differences and its t-interval over the n pairs (seeds):
-    mean ± t_{(1+confidence)/2, n−1} · sd / √n, sd the sample standard deviation of the differences.
-    n < 2: the mean only; sd, t, the interval and `excludes_zero` are None."""
+    """The mean of paired differences and its t-interval mean ± t_{(1+confidence)/2, n−1}·sd/√n over the n pairs
+    (seeds); n < 2: the mean only (sd, t, the interval and `excludes_zero` None)."""
     n = len(differences)
     out: dict[str, Any] = {"n": n, "mean_diff": statistics.fmean(differences) if n else None}
     out |= dict.fromkeys(("sd_diff", "t_crit", "half_width", "ci_low", "ci_high", "excludes_zero"))

@@ -22,7 +22,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from propetl.run import fingerprint as computation
-from propetl.storage.files import write_folder_atomically
+from propetl.storage.files import shown, write_folder_atomically
 
 LOCK_FILE, RECORD_DIR, LOG_FILE = ".propetl.lock", ".hydra", "train.log"
 METRICS_FILE, ERROR_FILE = "metrics.json", "error.txt"
@@ -57,8 +57,7 @@ def other_files(run_dir: Path) -> list[str]:
 def refuse_other_files(run_dir: Path) -> None:
     """A run folder holding what no run wrote: one line naming it (the run would write beside the user's files)."""
     if found := other_files(run_dir):
-        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
-        what = f"{Path(run_dir)} holds files a run did not write ({shown})"
+        what = f"{Path(run_dir)} holds files a run did not write ({shown(found)})"
         raise RunDirectoryError(
             f"{what}; choose another hydra.run.dir, or run_dir.allow_other_files=true to run beside them (never removed)"
         )
@@ -265,9 +264,8 @@ def recorded_config(run_dir: Path):
 
 
 def finished_run(run_dir: Path, current: dict) -> dict | None:
-    """metrics.json of a finished run of this fingerprint (`current`, fingerprint.fingerprint); None if not finished.
-    A finished run of another config (or one without a record to tell) is refused with one line naming the differing
-    keys; keys its record predates are not compared."""
+    """metrics.json of a finished run of this fingerprint (`current`), None if not finished; one of another config (or
+    without a record) is refused in one line naming the differing keys (keys its record predates are not compared)."""
     run_dir = Path(run_dir)
     if not (run_dir / METRICS_FILE).exists():
         return None

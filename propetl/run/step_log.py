@@ -43,9 +43,8 @@ def duration(seconds: float) -> str:
 
 @dataclass
 class EvalPlan:
-    """The evaluation a run still has after its training steps, for one ETA of the whole run: a selection pass after
-    every epoch and the test pass at the end. A pass's time is measured once one has run (`pass_seconds`: the last
-    selection pass); before that it is estimated as a forward pass, a third of a training example's time."""
+    """The evaluation left after the training steps (a selection pass an epoch, the test pass at the end), for the run's
+    ETA: a pass's time as last measured (`pass_seconds`), before that a forward pass, a third of a training step's."""
 
     epochs: int
     batch_size: int

@@ -129,7 +129,8 @@ def write_folder_atomically(directory: Path, build) -> Path:
 # ----------------------------------------------------------------------------- output folders (exports, saves)
 
 
-def _shown(names: list[str]) -> str:
+def shown(names: list[str]) -> str:
+    """The first SHOWN names, then how many more."""
     return ", ".join(names[:SHOWN]) + (f" and {len(names) - SHOWN} more" if len(names) > SHOWN else "")
 
 
@@ -174,7 +175,7 @@ def output_refusal(out: Path, protected: dict[str, Path] | None = None, overwrit
     if not out.is_dir() or not any(out.iterdir()):
         return None
     if foreign := foreign_files(out):
-        return f"{out} holds files propetl did not write: {_shown(foreign)}; choose another OUT"
+        return f"{out} holds files propetl did not write: {shown(foreign)}; choose another OUT"
     return None if overwrite else f"{out} exists (a previous export or save); choose another OUT or pass --overwrite"
 
 
