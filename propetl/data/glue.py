@@ -1,8 +1,7 @@
 """GLUE data: local TSV files first, the hub (nyu-mll/glue) as a fallback, and the evaluation protocols.
 
 Every task comes back as a DatasetDict with "train", "validation" (model selection) and "test" (reported),
-with the columns "text_a", optionally "text_b" (pair tasks) and "label" (int64, or float32 for regression).
-"""
+with the columns "text_a", optionally "text_b" (pair tasks) and "label" (int64, or float32 for regression)."""
 
 from __future__ import annotations
 

@@ -25,8 +25,7 @@ def metrics_for(num_labels: int) -> tuple[str, ...]:
 
 
 def selections_for(names: Sequence[str]) -> tuple[str, ...]:
-    """What a task with metrics `names` may select its best epoch by: one of them, or `combined` (their mean, which
-    compute gives when there are several)."""
+    """What a task with metrics `names` may select its best epoch by: one, or `combined` (their mean) if several."""
     return (*names, "combined") if len(names) > 1 else tuple(names)
 
 
@@ -89,8 +88,7 @@ def task_score(task: str, metrics: Mapping[str, float]) -> float:
 
 
 def glue_numbers(per_task: Mapping[str, Mapping[str, float]]) -> list[float]:
-    """The numbers of the paper's average among the tasks given: each of its tasks' (yaml `report.paper`), in table
-    order (11 when GLUE's eight are present)."""
+    """The numbers of the paper's average among the tasks given, in table order (11 when GLUE's eight are present)."""
     return [per_task[task][n] for task in in_task_order(per_task) if in_paper_average(task) for n in task_numbers(task)]
 
 

@@ -1,7 +1,6 @@
-"""The tasks as their yamls describe them: the options of the `task` config group (conf/task/<name>.yaml and a
-user's, on the config search path: configs.run_search_path). `metrics` are the numbers a task reports
-(metrics.task_numbers), `report` how tables show it (title, order, the paper's numbers): a new task needs no code.
-OmegaConf and Hydra only: no torch for the report."""
+"""The tasks as their yamls describe them: the options of the `task` config group on the search path (shipped and a
+user's). `metrics` are the numbers a task reports (metrics.task_numbers), `report` how tables show it (title, order,
+the paper's numbers): a new task needs no code. OmegaConf and Hydra only: no torch for the report."""
 
 from __future__ import annotations
 

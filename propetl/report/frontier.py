@@ -20,8 +20,7 @@ LORA = "LoRA"  # the storage every ratio is to: plain LoRA, the best-known PETL 
 
 
 def frontier_points(runs: list[dict]) -> dict[str, list[dict]]:
-    """task -> its points, cheapest first: label, method, prototype, bytes (without/with head), score (cell_stats),
-    the runs, `pareto`, the ratio to LoRA's bytes and the paired difference to the reference."""
+    """task -> its points, cheapest first: row, bytes, score, runs, `pareto`, ratio to LoRA, Δ to the reference."""
     out: dict[str, list[dict]] = {}
     groups = row_groups([r for r in runs if not r.get("computed") and not r["method"].endswith("-multitask")])
     for task in in_task_order(r["task"] for members in groups.values() for r in members):

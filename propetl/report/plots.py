@@ -126,8 +126,7 @@ def plot_sparsity_sweep(runs: list[dict], path: Path) -> Path | None:
 
 
 def plot_mask_ablation(runs: list[dict], path: Path) -> Path | None:
-    """Per task: ProPETL's GLUE score (mean ± std over seeds) with learned, random and no masks at the same sparsity,
-    a colour per prototype, n in the legend. Give it the pooled runs; None without an ablation."""
+    """Per task: ProPETL's GLUE score with learned, random and no masks at one sparsity (pooled runs; None without)."""
     cells = mask_ablation(runs)
     if not cells:
         return None
@@ -172,8 +171,7 @@ def layer_mask_hamming(checkpoint_dir: Path) -> np.ndarray:
 
 
 def plot_mask_hamming(checkpoint_dir: Path, path: Path, title: str = "") -> Path:
-    """Heat map of the pairwise Hamming distance between one run's learned layer masks, with that of two independent
-    random masks of the same density d, 2·d·(1−d), marked in red on the colour bar and given in the title."""
+    """Heat map of the Hamming distances between a run's layer masks; red: independent random masks' 2·d·(1−d)."""
     flat = layer_masks(checkpoint_dir)
     distance = pairwise_hamming(flat)
     density = float(flat.mean())

@@ -62,8 +62,7 @@ def find_metrics(roots: Iterable[Path]) -> list[Path]:
 
 
 def load_runs(roots: Iterable[Path]) -> list[dict]:
-    """One dict per finished run: its identity, experiment, test metrics, trivial baseline, storage figures and the
-    check of its kept test predictions (`predictions`: prediction_check, None where the run kept none)."""
+    """One dict per finished run: identity, experiment, test metrics, trivial baseline, storage, `predictions`."""
     runs = []
     for path in find_metrics(roots):
         try:
@@ -281,8 +280,7 @@ def _row_order(label: str) -> tuple:
 
 
 def row_groups(runs: list[dict]) -> dict[str, list[dict]]:
-    """row label -> its runs, in table order: the label says the model where several are present and the sparsity
-    where a prototype's ProPETL runs have several."""
+    """row label -> its runs, in table order; labels name the model or sparsity only where several are present."""
     models = {r["model"] for r in runs}
     by_prototype = defaultdict(set)  # (prototype, mask kind, frozen) -> the sparsities of its ProPETL runs
     arm = lambda r: (r["prototype"], r["mask_kind"], bool(r.get("prototype_frozen")))
@@ -297,8 +295,8 @@ def row_groups(runs: list[dict]) -> dict[str, list[dict]]:
 
 
 def summarise(runs: list[dict]) -> list[dict]:
-    """Table rows: per task the mean/std/n over seeds of each GLUE number and of the GLUE score, the average, storage.
-    A computed pseudo-run (the trivial baseline) counts in no `runs`."""
+    """Table rows: per task the mean/std/n over seeds of each number and the score; the average; storage. A computed
+    pseudo-run (the trivial baseline) counts in no `runs`."""
     groups = row_groups(runs)
     rows = []
     for label, members in groups.items():
@@ -314,33 +312,32 @@ def summarise(runs: list[dict]) -> list[dict]:
         numbers = len(glue_numbers(means))
         storage = [r["storage"] for r in members if r["storage"]]
         computed = all(r.get("computed") for r in members)
-        rows.append(
-            {
-                "label": label,
-                "method": members[0]["method"],
-                "prototype": members[0].get("prototype"),
-                "tasks": tasks,
-                "scores": scores,
-                "average": 100.0 * glue_average(means) if numbers else None,
-                "average_numbers": numbers,
-                "seeds": sorted({r["seed"] for r in members if r["seed"] is not None}),
-                "runs": sum(not r.get("computed") for r in members),
-                "computed": computed,
-                **({"rules": {r["task"]: r.get("rule") for r in members}} if computed else {}),
-                "percent_params": mean_or_none(
-                    100.0 * s["trainable_params"] / s["backbone_params"]
-                    for s in storage
-                    if s.get("backbone_params") and "trainable_params" in s
-                ),
-                "percent_storage": mean_or_none(s.get("storage_percent_of_backbone") for s in storage),
-                "storage_bytes": mean_or_none(s.get("storage_bytes") for s in storage),
-                "storage_bytes_with_head": mean_or_none(s.get("storage_bytes_with_head") for s in storage),
-                "file_bytes": mean_or_none(s.get("file_bytes") for s in storage),
-                "ratio_to_plain_petl": mean_or_none(s.get("storage_ratio_to_plain_petl") for s in storage),
-                "train_seconds": mean_or_none(r.get("train_seconds") for r in members),
-                "epochs": mean_or_none(r.get("epochs_run") for r in members),
-            }
-        )
+        row = {
+            "label": label,
+            "method": members[0]["method"],
+            "prototype": members[0].get("prototype"),
+            "tasks": tasks,
+            "scores": scores,
+            "average": 100.0 * glue_average(means) if numbers else None,
+            "average_numbers": numbers,
+            "seeds": sorted({r["seed"] for r in members if r["seed"] is not None}),
+            "runs": sum(not r.get("computed") for r in members),
+            "computed": computed,
+            **({"rules": {r["task"]: r.get("rule") for r in members}} if computed else {}),
+            "percent_params": mean_or_none(
+                100.0 * s["trainable_params"] / s["backbone_params"]
+                for s in storage
+                if s.get("backbone_params") and "trainable_params" in s
+            ),
+            "percent_storage": mean_or_none(s.get("storage_percent_of_backbone") for s in storage),
+            "storage_bytes": mean_or_none(s.get("storage_bytes") for s in storage),
+            "storage_bytes_with_head": mean_or_none(s.get("storage_bytes_with_head") for s in storage),
+            "file_bytes": mean_or_none(s.get("file_bytes") for s in storage),
+            "ratio_to_plain_petl": mean_or_none(s.get("storage_ratio_to_plain_petl") for s in storage),
+            "train_seconds": mean_or_none(r.get("train_seconds") for r in members),
+            "epochs": mean_or_none(r.get("epochs_run") for r in members),
+        }
+        rows.append(row)
     return rows
 
 

@@ -258,8 +258,7 @@ def constant_note(found: list[dict]) -> str:
 def report_markdown(
     found: list[dict], runs: list[dict], rows: list[dict], comparisons: list[dict], title: str = "", frontier: str = ""
 ) -> str:
-    """table.md: Table 1, ProPETL − PETL, the paired statistics, the frontier (frontier.frontier_table), the sparsity
-    sweep and the mask ablation. `found`: every run read; `runs`: one per configuration (distinct_runs)."""
+    """table.md, every section; `found`: every run read; `runs`: one per configuration (distinct_runs)."""
     pooled = single_task_runs(runs)
     text = (f"# {title}\n\n" if title else "") + f"{len(found)} runs"
     if len(found) > len(runs):

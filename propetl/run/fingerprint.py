@@ -46,8 +46,7 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
 
 
 def data_sha256(cfg) -> str:
-    """sha256 over the local files every task of the run reads (names and contents, in order); a task read from the
-    hub counts as 'hub:<task>'."""
+    """sha256 over the local files each task of the run reads (names, contents, in order); a hub task: 'hub:<task>'."""
     from propetl.data import glue
     from propetl.data.multitask import task_configs
 

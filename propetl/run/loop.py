@@ -1,6 +1,5 @@
 """The training/evaluation loop: AdamW with parameter groups, linear warm-up/decay, evaluation every
-epoch, best epoch chosen on the selection split. Reads top to bottom; knows nothing of methods.
-"""
+epoch, best epoch chosen on the selection split. Reads top to bottom; knows nothing of methods."""
 
 from __future__ import annotations
 
@@ -208,8 +207,7 @@ class Diverged(Exception):
 
 
 class Optimization(NamedTuple):
-    """AdamW over the trainable tensors, its learning-rate schedule and the grad scaler (fp16; else it passes through),
-    in the order resume.Checkpointer takes them."""
+    """AdamW, its schedule and the grad scaler (fp16; else a pass-through), as resume.Checkpointer takes them."""
 
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -241,8 +239,7 @@ def train_step(
 
 
 def start_or_resume(checkpointer, model, optimization: Optimization, data_order) -> tuple[FitResult, torch.Tensor]:
-    """A fresh loop state, or the checkpoint's (weights, moments, schedule, RNGs and data order restored); with the
-    data order's state as the current epoch began."""
+    """A fresh loop state, or the checkpoint's restored; and the data order's state as the current epoch began."""
     if checkpointer is None or not checkpointer.exists():
         return FitResult(), data_order.get_state()
     state, epoch_order = checkpointer.load(model, *optimization, FitResult)
@@ -252,8 +249,8 @@ def start_or_resume(checkpointer, model, optimization: Optimization, data_order)
 
 
 def epoch_batches(train_loader, step_in_epoch: int, epoch_order: torch.Tensor):
-    """(the epoch's batches still to train on, the data order's state as the epoch began): a new epoch starts from the
-    order's state as it is; a resumed one replays its saved order and skips the batches already done."""
+    """(the epoch's batches still to train on, the data order's state as it began): a resumed epoch replays its saved
+    order and skips the batches done."""
     if step_in_epoch == 0:
         epoch_order = train_loader.generator.get_state()
     else:

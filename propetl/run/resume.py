@@ -96,8 +96,7 @@ def _check(path: Path, key: str, value, rule: rules.Rule) -> None:
 
 
 def _rng_states(meta: dict, tensors: dict, path: Path) -> tuple:
-    """The saved python, numpy, torch and data-order RNG states, each tried on a throwaway generator (nothing is set);
-    one that is none: one line."""
+    """The saved python, numpy, torch and data-order RNG states, each tried on a throwaway generator first."""
     try:
         version, state, gauss = meta["python"]
         kind, pos, has_gauss, np_gauss = meta["numpy"]
@@ -166,8 +165,7 @@ def _misfit(saved, fresh, key: str) -> str | None:
 
 
 def _check_result(path: Path, saved: dict, result_type) -> None:
-    """The saved result's fields: each of result_type's (best_state aside), of its default's type; counts not below
-    their default (0, or -1 for none yet)."""
+    """The saved result's fields: result_type's (best_state aside), each of its default's type, counts not below it."""
     defaults = {
         f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         for f in dataclasses.fields(result_type)
@@ -262,8 +260,7 @@ class Checkpointer:
         return meta
 
     def load(self, model, optimizer, scheduler, scaler, result_type):
-        """Restore everything; returns (result, data-order state at the start of the current epoch). The folder is
-        checked (manifest, fingerprint) once: here, unless the run's start checked it already."""
+        """Restore everything: (result, data order's state as the epoch began); checks the folder unless done."""
         meta = self._checked or self.check_fingerprint()
         tensors, _ = read_safetensors(self.directory / STATE_TENSORS)
         parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -290,8 +287,8 @@ class Checkpointer:
     def _check_fits(
         self, meta: dict, tensors: dict, parameters: dict, optimizer, scheduler, scaler, result_type
     ) -> None:
-        """What state.json (checked by check_state) restores fits this run's model, optimizer (each moment of its
-        parameter's shape, or one value), scheduler, scaler and result: before any of them is changed."""
+        """What state.json (after check_state) restores fits this run's model, optimizer, scheduler, scaler and result:
+        checked before any of them is changed."""
         path = self.directory / STATE_JSON
         if sorted(parameters) != meta["parameters"]:
             _refuse(self.directory, "its trainable tensors do not match this model's (saved by an older propetl?)")

@@ -94,8 +94,8 @@ def _holder(path: Path) -> str:
 
 @contextmanager
 def claim(run_dir: Path, enabled: bool = True, allow_other_files: bool = False):
-    """Own `run_dir` (created if missing) during the block, yielding a Claim; enabled=False: a no-op yielding None (a
-    data-parallel run's ranks > 0). Files no run wrote are refused unless allow_other_files."""
+    """Own `run_dir` (created if missing) during the block, yielding a Claim (enabled=False: None, for ranks > 0);
+    files no run wrote are refused unless allow_other_files."""
     if not enabled:
         yield None
         return
@@ -179,8 +179,8 @@ def clean_after_failure(claim: Claim | None) -> None:
 
 
 def set_aside(claim: Claim) -> None:
-    """trainer.resume=false: the old results go to .previous/ (moved in under a .partial name, so that a kill in the
-    middle is undone by `recover`); a partial replacement's state is dropped, a finished one's results kept instead."""
+    """trainer.resume=false: the old results go to .previous/ (via a .partial name: `recover` undoes a kill midway);
+    a partial replacement's state is dropped, a finished one's results kept instead."""
     run_dir, previous = claim.run_dir, claim.run_dir / PREVIOUS_DIR
     if previous.exists() and (run_dir / METRICS_FILE).exists():
         shutil.rmtree(previous)  # the replacement finished: its results are the ones to keep

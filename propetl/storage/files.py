@@ -92,8 +92,7 @@ def recover_folder_swap(directory: Path) -> bool:
 
 
 def clean_stale(directory: Path) -> None:
-    """Remove what a killed write_folder_atomically of `directory` left beside it: its `.<name>.<random>.tmp` builds
-    and, once `directory` is back in place, its stepped-aside `.<name>.old` (call recover_folder_swap first)."""
+    """Remove a killed write_folder_atomically's `.tmp` builds and, once `directory` is back (recover first), `.old`."""
     directory = Path(directory)
     building = re.compile(rf"\.{re.escape(directory.name)}\.[a-z0-9_]{{8}}\.tmp")  # tempfile.mkdtemp's names
     stale = [p for p in directory.parent.iterdir() if building.fullmatch(p.name)]
@@ -144,8 +143,7 @@ def _all_files(folder: Path) -> set[str]:
 
 
 def foreign_files(out: Path) -> list[str]:
-    """What in the existing folder `out` propetl did not write (sorted; folders with a trailing /): with an
-    OUTPUT_MARKER, the files it does not list; without one, every entry (not walked: OUT may be a large folder)."""
+    """What in folder `out` propetl did not write (sorted): files its OUTPUT_MARKER does not list, else every entry."""
     try:
         written = json.loads((out / OUTPUT_MARKER).read_bytes()).get("files")
     except (OSError, ValueError, AttributeError):  # no marker, not JSON, not an object
@@ -156,8 +154,7 @@ def foreign_files(out: Path) -> list[str]:
 
 
 def output_refusal(out: Path, protected: dict[str, Path] | None = None, overwrite: bool = True) -> str | None:
-    """Why `out` may not be (re)written by an export or a save, in one line; None if it may. `protected`: what -> a
-    folder that OUT must not be, be inside or hold (an export's checkpoint, its run folder)."""
+    """Why an export or save may not (re)write `out`, or None; `protected`: folders OUT may not be, be in or hold."""
     out, cwd = Path(out).resolve(), Path.cwd().resolve()
     named = [(what, Path(folder).resolve()) for what, folder in (protected or {}).items()]
     named.append(("the working folder", cwd))
@@ -182,8 +179,7 @@ def output_refusal(out: Path, protected: dict[str, Path] | None = None, overwrit
 def write_output_folder(
     out: Path, build, written_by: str, protected: dict[str, Path] | None = None, overwrite: bool = True
 ) -> Path:
-    """build(folder) as write_folder_atomically does, into a folder the user named, with OUTPUT_MARKER (`written_by`
-    and the files built): only if output_refusal allows (else OutputError, nothing written)."""
+    """write_folder_atomically into a user's folder, with OUTPUT_MARKER, if output_refusal allows; else OutputError."""
     out = Path(out).resolve()
     try:
         if out.name:  # (not /, which output_refusal refuses)
@@ -241,8 +237,8 @@ def _read_manifest(path: Path) -> dict[str, str]:
 
 
 def check_seal(folder: Path, required: bool, hint: str = "") -> bool:
-    """Check `folder` against its manifest.json: True if all files match; False if it has none and `required` is false
-    (an older propetl's folder); else a one-line CheckpointError naming the file, then `hint` (what the user can do)."""
+    """`folder` against its manifest.json: True if all files match; False without one unless `required`; else a
+    one-line CheckpointError naming the file, then `hint` (what the user can do)."""
     folder = Path(folder)
     path = folder / MANIFEST_FILE
     hint = f"; {hint}" if hint else ""

@@ -227,8 +227,7 @@ def layer_masks_file(checkpoint_dir) -> Path:
 
 
 def read_file(path) -> dict[str, np.ndarray]:
-    """A masks file (either format) -> {name: float32 0/1 array} as numpy, or MaskCodingError (one line) for a file
-    that is not one. checkpoint.read_masks reads checkpoints for the models."""
+    """A masks file (either format) -> {name: float32 0/1 array}, or a one-line MaskCodingError."""
     try:
         with safe_open(str(path), framework="np") as f:
             metadata = f.metadata() or {}
