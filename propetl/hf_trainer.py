@@ -1,14 +1,8 @@
 """ProPETLTrainer: transformers' Trainer for a ProPETLModel (propetl/api.py), without its two traps.
-- The optimizer has ProPETL's groups: the prototype at TrainingArguments.learning_rate, the mask scores at the
-  config's mask_lr (a plain Trainer would move them at the prototype's rate: ProPETLModel refuses that in one line),
-  the head at the config's head_lr (default: the learning rate), weight decay TrainingArguments.weight_decay on all
-  but biases and LayerNorm weights; the optimizer class and its other arguments are the Trainer's own (optim=...).
-  The scheduler scales every group alike, as the reference's trainer does.
-- A checkpoint (checkpoint-N/, and save_model) holds the trainable tensors only (model.safetensors: the prototype,
-  the mask scores, the head, by name) and the training arguments, not the frozen backbone nor the tokenizer; resume_from_checkpoint and load_best_model_at_end
-  read them back, refusing in one line a file that does not match the model. save_pretrained writes what a task
-  keeps (prototype, mask bits, head).
-"""
+- The optimizer has ProPETL's groups: the prototype at TrainingArguments.learning_rate, the mask scores at mask_lr,
+  the head at head_lr, weight decay on all but biases and LayerNorm weights; the optimizer class is the Trainer's.
+- A checkpoint holds the trainable tensors only (model.safetensors, by name), not the frozen backbone;
+  resume_from_checkpoint and load_best_model_at_end read them back, refusing a mismatched file in one line."""
 
 from __future__ import annotations
 

@@ -57,7 +57,7 @@ def test_glue_average_is_the_mean_of_eleven_numbers():
 
 
 def test_the_task_yamls_give_table_order_and_the_paper_s_eleven_numbers():
-    assert list(tasks.task_configs()) == ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"]  # Table 1's
+    assert list(tasks.known_task_configs()) == ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"]  # Table 1's
     assert tasks.paper_average_size() == 11 and metrics.task_numbers("stsb") == ("pearson", "spearman")
     assert metrics.task_numbers("mytask", {"f1": 0.8, "accuracy": 0.6, "combined": 0.7}) == ("accuracy", "f1")
 

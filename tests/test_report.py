@@ -428,6 +428,22 @@ def test_a_task_of_your_own_is_a_yaml_away(tmp_path):
     assert table()[0].endswith("| STS-B P/S | RTE | mytask | Avg | runs |")
 
 
+@pytest.mark.parametrize("block, message", [
+    ("{title: [My, Task]}", "task mytask: report.title = ['My', 'Task'] is not a string"),
+    ("{order: first}", "task mytask: report.order = first is not a number"),
+    ("{paper: [1, 2]}", "task mytask: report.paper = [1, 2] is not a mapping of row label -> [numbers]"),
+    ("{paper: {ProPETL-LoRA: [high]}}", "task mytask: report.paper = {'ProPETL-LoRA': ['high']} is not a mapping"),
+    ("a title", "task mytask: report = a title is not a mapping of title, order, paper"),
+])
+def test_a_bad_report_block_is_one_line_naming_task_key_and_value(tmp_path, capsys, block, message):
+    (tmp_path / "conf" / "task").mkdir(parents=True)
+    (tmp_path / "conf" / "task" / "mytask.yaml").write_text(f"name: mytask\nmetrics: [accuracy]\nreport: {block}\n")
+    write_run(tmp_path / "runs", "r1", "rte", "petl", "lora", 1, {"accuracy": 0.6})
+    assert command.main([str(tmp_path / "runs"), "--config-dir", str(tmp_path / "conf")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"propetl-report: {message}") and err.count("\n") == 1
+
+
 def test_hamming_distance():
     a = np.array([[1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
     assert pairwise_hamming(a).tolist() == [[0.0, 0.5, 0.0], [0.5, 0.0, 0.5], [0.0, 0.5, 0.0]]

@@ -1,8 +1,6 @@
-"""propetl-train's command line checked against the config tree before Hydra composes: unknown group options
-(task=nope) and unknown keys (+trainer.max_step=3) give one line instead of Hydra's page (or, for a `+` key,
-instead of silence). The user's own folders on the search path (--config-dir, hydra.searchpath) count.
-Light on purpose (Hydra and OmegaConf only): it runs before anything heavy is imported.
-"""
+"""propetl-train's command line checked against the config tree (with the user's --config-dir, hydra.searchpath) before
+Hydra composes: unknown group options (task=nope) and keys (+trainer.max_step=3) give one line, not Hydra's page.
+Light on purpose (Hydra and OmegaConf only): it runs before anything heavy is imported."""
 
 from __future__ import annotations
 
@@ -27,8 +25,7 @@ def parse(arguments: Sequence[str]):
 
 
 def search_path_of(args) -> list[str]:
-    """The config folders a command line adds to the shipped ones: hydra.searchpath=[...] and --config-dir
-    (as Hydra adds it: file://<absolute folder>)."""
+    """The folders a command line adds to the shipped configs: hydra.searchpath=[...] and --config-dir."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     search_path, given = [], [o for o in args.overrides if o.startswith("hydra.searchpath=")]
@@ -41,9 +38,8 @@ def search_path_of(args) -> list[str]:
 
 
 def check_command_line(arguments: Sequence[str]) -> None:
-    """Unknown group options and unknown keys of a propetl-train command line, refused in one line.
-    Sweeps (task=rte,mrpc) are checked value by value; --help, -sc, --info and another primary config
-    folder (--config-path) are left to Hydra."""
+    """Unknown group options and keys of a propetl-train command line, refused in one line; sweeps (task=rte,mrpc) value
+    by value; --help, -sc, --info and --config-path are left to Hydra."""
     args = parse(arguments)
     if any(getattr(args, flag) for flag in HYDRA_ANSWERS) or args.config_path is not None:
         return
@@ -81,8 +77,7 @@ def config_keys(node, prefix: str = "") -> set[str]:
 def known_keys(
     groups: dict[str, list[str]], search_path: Sequence[str] = (), config_name: str = PRIMARY_CONFIG
 ) -> set[str] | None:
-    """The keys of the config the command's group choices compose (every value of a swept group);
-    None if they do not compose (Hydra then says why)."""
+    """The keys of the config each group choice composes; None if they do not compose (Hydra then says why)."""
     first = {group: f"{group}={values[0]}" for group, values in groups.items()}
     choices = [list(first.values())]
     for group, values in groups.items():

@@ -1,14 +1,10 @@
 """propetl-eval: score a saved checkpoint on its task, by default after merging the masks away.
 
     propetl-eval outputs/runs/rte/propetl-lora/<time>/checkpoint              # test split, merged
-    propetl-eval CHECKPOINT --split validation --no-merge --data-dir PATH
-    propetl-eval CHECKPOINT --config-dir my_conf                              # a run of your own task
+    propetl-eval CHECKPOINT --split validation --no-merge --data-dir PATH --config-dir my_conf
 
-Loading rebuilds the masks exactly from their bits; merging folds them into plain per-layer modules
-(LoRA: into the frozen weights), so inference costs what plain PETL (or the bare model) costs.
-Arguments are checked before anything is loaded: --batch-size a positive integer, --device one of DEVICES that this
-machine has; a bad one is one line `propetl-eval: error: ...` (exit 2).
-"""
+Merging folds the masks into plain per-layer modules (LoRA: into the frozen weights), so inference costs what plain
+PETL costs. A bad --batch-size or --device (one this machine lacks) is one line before anything loads (exit 2)."""
 
 from __future__ import annotations
 
@@ -70,15 +66,8 @@ def evaluate_checkpoint(
     device = torch.device(device)  # type: ignore[assignment]  # one name: the argument, as torch reads it
     start = time.perf_counter()
     scores = loop.evaluate(model.to(device), loader, task, device, desc=split, progress=True)
-    return {
-        "checkpoint": str(directory),
-        "task": task.name,
-        "split": split,
-        "merged": merge,
-        "examples": len(splits[split]),
-        "seconds": time.perf_counter() - start,
-        **scores,
-    }
+    timing = {"examples": len(splits[split]), "seconds": time.perf_counter() - start}
+    return {"checkpoint": str(directory), "task": task.name, "split": split, "merged": merge, **timing, **scores}
 
 
 def main(argv: list[str] | None = None) -> None:

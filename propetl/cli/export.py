@@ -1,23 +1,13 @@
 """propetl-export CHECKPOINT OUT --format hf|peft: a run's checkpoint as a folder that plain transformers (`hf`) or
 PEFT (`peft`) loads with the same logits.
-  hf    every LoRA update (ProPETL: each layer's masked prototype) folded into W_q / W_v (methods.merge), the model
-        made a plain transformers one (MultiTaskModel.to_transformers) and written with save_pretrained
-        (safetensors) plus the backbone's tokenizer, for plain
-        AutoModelForSequenceClassification.from_pretrained(OUT). Also method=petl, finetune (already plain) and
-        method=peft (its tuner merged by PEFT).
-  peft  a standard PEFT adapter with the head (classifier, BERT's pooler) as modules_to_save, for
-        PeftModel.from_pretrained(base_model, OUT): method=peft's own tuner as trained (any of conf/peft/); for
-        propetl / petl LoRA each layer's (masked) A and B as its lora_A / lora_B, r and lora_alpha as trained
-        (scaling alpha / r, as ours) and the trained target modules.
-Adapters and prefixes add modules that BERT's weights and PEFT's LoRA cannot express: both formats refuse them in one
-line (exit 2) and write nothing. OUT is built beside itself and renamed into place when complete. Heavy imports wait
-until the arguments are parsed (`--help` answers at once).
-What OUT may be (files.write_output_folder, the rule save_propetl follows too): a new or empty folder, or, with
---overwrite, a previous export or save (its hidden marker lists what propetl wrote there). Refused in one line (exit 2,
-nothing written): the checkpoint itself, its run folder (the checkpoint's parent, when that holds a run's files:
-RUN_SIGNS), a folder inside or above either, the working folder, a file, and a folder holding files propetl did not
-write; without --overwrite, a previous export.
-"""
+  hf    every LoRA update (ProPETL: each layer's masked prototype) folded into W_q / W_v (methods.merge), written with
+        save_pretrained plus the backbone's tokenizer, for AutoModelForSequenceClassification.from_pretrained(OUT);
+        also method=petl, finetune (already plain) and peft (its tuner merged by PEFT).
+  peft  a PEFT adapter with the head as modules_to_save, for PeftModel.from_pretrained(base_model, OUT): method=peft's
+        tuner as trained; for propetl / petl LoRA each layer's (masked) A and B, r and lora_alpha as trained.
+Adapters and prefixes, which neither format can express, are refused in one line (exit 2), nothing written. OUT is
+written by files.write_output_folder: a new or empty folder, or with --overwrite a previous export; never the
+checkpoint, its run folder (RUN_SIGNS), a folder inside or above either, nor a folder holding files propetl did not write."""
 
 from __future__ import annotations
 
@@ -95,10 +85,8 @@ def write_peft(model, cfg, folder: Path) -> None:
             for k, t in peft.get_peft_model_state_dict(tuners.peft_model(model)).items()
         }
     else:
-        targets, r = list(cfg.prototype.targets), int(cfg.prototype.r)
-        config = peft.LoraConfig(
-            r=r, lora_alpha=cfg.prototype.alpha, lora_dropout=0.0, bias="none", target_modules=targets
-        )
+        p = cfg.prototype
+        config = peft.LoraConfig(r=int(p.r), lora_alpha=p.alpha, lora_dropout=0.0, target_modules=list(p.targets))
     config.task_type, config.modules_to_save = "SEQ_CLS", head_module_names(base)
     adapted = peft.get_peft_model(base, config)
     if methods.uses_peft(model):  # the head's entries as wrapped (copied from the trained head above)
@@ -149,9 +137,8 @@ def main(argv: list[str] | None = None) -> None:
         description="Write a run's checkpoint as a folder that transformers or PEFT loads.",
         epilog="example: propetl-export outputs/runs/rte/propetl-lora/<time>/checkpoint rte-hf --format hf",
     )
-    parser.add_argument(
-        "checkpoint", metavar="CHECKPOINT", help="a run's checkpoint/ folder (or a save_propetl folder)"
-    )
+    checkpoint_help = "a run's checkpoint/ folder (or a save_propetl folder)"
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help=checkpoint_help)
     parser.add_argument("out", metavar="OUT", help="the folder to write")
     format_help = "hf: LoRA merged, for AutoModelForSequenceClassification; peft: a PEFT adapter"
     parser.add_argument("--format", choices=FORMATS, required=True, dest="output_format", help=format_help)

@@ -1,15 +1,11 @@
 """propetl-upgrade OLD NEW: a checkpoint of formats 1-3 rewritten into today's (checkpoint.FORMAT_VERSION), the
 only one the loaders read.
 
-The old formats: of one task, flat: propetl.json (with `task`: name, num_labels), the dense file, masks.safetensors
-and head.safetensors under the transformers model's names; of several tasks, today's shared/ + tasks/<task>/ without
-`task_masks` (they always had task masks). 1: masks bit-packed a tensor each, task mask rows [*shape], no storage
-settings (fp32), no manifest; 2: coded masks (mask_coding.py) and storage settings; 3: a manifest in every folder.
-OLD is checked as the loaders did (manifests; a folder of format 1-2 without one only with --allow-unsealed), its
-config by today's rules (checkpoint.check_config). Every tensor is kept: dense files byte for byte, masks decoded and
-coded again (lossless), the head under TaskHead's names. NEW is written as an export is (files.write_output_folder:
-atomically, never over OLD or a folder propetl did not write) and sealed; it predicts what OLD predicted.
-"""
+The old formats: of one task, flat (propetl.json with `task`, masks.safetensors and head.safetensors under the
+transformers model's names); of several, shared/ + tasks/<task>/. 1: masks bit-packed, no storage settings, no
+manifest; 2: coded masks; 3: manifests. OLD is checked as the loaders did (format 1-2 without a manifest only with
+--allow-unsealed); every tensor is kept (masks decoded and coded again, lossless); NEW is written as an export is
+(files.write_output_folder) and sealed, and predicts what OLD predicted."""
 
 from __future__ import annotations
 
@@ -142,11 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("old", metavar="OLD_FOLDER", help="a checkpoint folder of format 1, 2 or 3")
     parser.add_argument("new", metavar="NEW_FOLDER", help="the folder to write (new, or empty)")
-    parser.add_argument(
-        "--allow-unsealed",
-        action="store_true",
-        help="upgrade a checkpoint of format 1-2 that has no manifest.json (its files are not checked)",
-    )
+    unsealed_help = "upgrade a checkpoint of format 1-2 that has no manifest.json (its files are not checked)"
+    parser.add_argument("--allow-unsealed", action="store_true", help=unsealed_help)
     add_config_dir_argument(parser)
     args = parser.parse_args(argv)
     try:

@@ -1,9 +1,6 @@
-"""Tokenised, dynamically padded batches: each split is tokenised once (`tokenise`, datasets.map), each batch padded
-to its own longest example (`PadCollator`). An epoch's training batches (`batch_order`, drawn by
-multitask.MultiTaskBatches for one task or several): a random permutation cut into batches, or with
-`group_by_length` (as in transformers' Trainer) runs of similar length: shuffle, cut into mega-batches of 50
-batches, sort each by token count, cut into batches, shuffle the batches. On RTE at batch 32 this halves the
-padded tokens a CPU has to push through (318,720 -> 169,184 per epoch; CoLA 199,337 -> 100,640)."""
+"""Tokenised, dynamically padded batches: each split tokenised once (`tokenise`), each batch padded to its longest example
+(`PadCollator`). An epoch's order (`batch_order`): a random permutation cut into batches, or with `group_by_length` (as
+in transformers' Trainer) runs of similar length, which halves RTE's padded tokens at batch 32."""
 
 from __future__ import annotations
 
@@ -18,8 +15,7 @@ TEXT_COLUMNS = ("text_a", "text_b")
 
 
 def tokenise(split, tokenizer, max_length: int):
-    """A split's rows as token ids, once (datasets.map, batched): input_ids, attention_mask (and
-    token_type_ids where the tokenizer makes them) truncated to max_length, unpadded, and the label."""
+    """A split's rows as token ids and label, once (datasets.map, batched), truncated to max_length, unpadded."""
 
     def encode(rows: dict) -> dict:
         return dict(tokenizer(rows["text_a"], rows.get("text_b"), truncation=True, max_length=max_length))
@@ -64,8 +60,7 @@ def token_lengths(tokenised) -> list[int]:
 def batch_order(
     n: int, batch_size: int, generator: torch.Generator, lengths: Sequence[int] | None = None
 ) -> list[list[int]]:
-    """One epoch's batches of indices into n examples: a random permutation cut into batches, or, given
-    the examples' lengths, batches of similar length in random order (see the module doc)."""
+    """One epoch's batches of indices into n examples: shuffled, or given `lengths` grouped by length (module doc)."""
     permutation = torch.randperm(n, generator=generator).tolist()
     if lengths is None:
         return [permutation[i : i + batch_size] for i in range(0, n, batch_size)]

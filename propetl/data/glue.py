@@ -1,8 +1,7 @@
 """GLUE data: local TSV files first, the hub (nyu-mll/glue) as a fallback, and the evaluation protocols.
 
 Every task comes back as a DatasetDict with "train", "validation" (model selection) and "test" (reported),
-with the columns "text_a", optionally "text_b" (pair tasks) and "label" (int64, or float32 for regression).
-"""
+with the columns "text_a", optionally "text_b" (pair tasks) and "label" (int64, or float32 for regression)."""
 
 from __future__ import annotations
 
@@ -72,9 +71,6 @@ class _TaskSpec:
         return datasets.Features({**{field: datasets.Value("string") for field in self.text_fields}, "label": label})
 
 
-# --------------------------------------------------------------------------------------------- public
-
-
 def load_glue(
     task_cfg: Mapping[str, Any],
     data_dir: str | os.PathLike | None,
@@ -82,9 +78,7 @@ def load_glue(
     split_seed: int = 42,
     allow_hub: bool = True,
 ) -> datasets.DatasetDict:
-    """Returns a DatasetDict with exactly the keys "train", "validation" (model selection) and "test" (reported).
-    Columns: "text_a" (str), "text_b" (str; only for pair tasks, i.e. when task_cfg.local.columns has text_b),
-    "label" (int64 for classification, float32 for regression)."""
+    """The task's splits and columns as the module says, under data.protocol `protocol` (PROTOCOLS)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"data.protocol={protocol!r} is not one of: {', '.join(PROTOCOLS)}")
     spec = _task_spec(task_cfg)
@@ -110,9 +104,8 @@ def sample_train(splits: datasets.DatasetDict, limit: int | None, seed: int) -> 
 
 
 def resolve_data_dir(configured: str | None) -> pathlib.Path | None:
-    """configured (cfg.data.dir) wins if given (returned as Path even if missing: the loader reports it); else env
-    PROPETL_DATA_DIR; else <repo root>/data/glue if it exists (repo root = parent of the propetl package directory;
-    `make install` will create that as a symlink); else None."""
+    """data.dir if given (even if missing: the loader reports it), else $PROPETL_DATA_DIR, else <repo root>/data/glue
+    if it exists (`make install` links it), else None."""
     if configured is not None and str(configured) != "":
         return pathlib.Path(configured).expanduser()
     from_env = os.environ.get("PROPETL_DATA_DIR")
@@ -120,9 +113,6 @@ def resolve_data_dir(configured: str | None) -> pathlib.Path | None:
         return pathlib.Path(from_env).expanduser()
     linked = REPO_ROOT / "data" / "glue"
     return linked if linked.exists() else None
-
-
-# ------------------------------------------------------------------------------------------ task config
 
 
 def _task_spec(task_cfg: Mapping[str, Any]) -> _TaskSpec:
@@ -150,9 +140,6 @@ def _task_spec(task_cfg: Mapping[str, Any]) -> _TaskSpec:
         )
     except KeyError as missing:
         raise DataError(f"task config '{name}' lacks the key {missing}; see conf/task/*.yaml") from None
-
-
-# ------------------------------------------------------------------------------------ choosing a source
 
 
 def _load_train_dev(
@@ -195,9 +182,6 @@ def _local_files_problem(spec: _TaskSpec, data_dir: pathlib.Path | None) -> str 
         if not path.is_file():
             return f"expected {path} (not found)"
     return None
-
-
-# ------------------------------------------------------------------------------------------ local files
 
 
 def _read_tsv_files(spec: _TaskSpec, folder: pathlib.Path, file_names: Sequence[str]) -> datasets.Dataset:
@@ -286,7 +270,13 @@ def _parse_label(spec: _TaskSpec, raw_label: str | None) -> int | float:
         if text not in spec.label_names:
             raise ValueError(f"label {text!r} is not one of: {', '.join(spec.label_names)}")
         return spec.label_names.index(text)
-    return _checked_label(spec, _parse_number(text, float if spec.is_regression else int), text)
+    try:
+        value = (float if spec.is_regression else int)(text)
+    except ValueError:
+        raise ValueError(
+            f"label {text!r} is not {'a number' if spec.is_regression else 'an integer class id'}"
+        ) from None
+    return _checked_label(spec, value, text)
 
 
 def _checked_label(spec: _TaskSpec, value: float, text: str) -> int | float:
@@ -302,17 +292,6 @@ def _checked_label(spec: _TaskSpec, value: float, text: str) -> int | float:
         low, high = spec.label_range
         raise ValueError(f"label {text} is outside the task's label_range [{low}, {high}]")
     return value
-
-
-def _parse_number(text: str, kind: type) -> int | float:
-    try:
-        return kind(text)
-    except ValueError:
-        expected = "a number" if kind is float else "an integer class id"
-        raise ValueError(f"label {text!r} is not {expected}") from None
-
-
-# ------------------------------------------------------------------------------------------------ hub
 
 
 def _load_hub(spec: _TaskSpec, local_problem: str) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -359,9 +338,6 @@ def _hub_split(spec: _TaskSpec, split: datasets.Dataset, where: str) -> datasets
     return renamed.cast(spec.features)
 
 
-# ------------------------------------------------------------------------------------------- protocols
-
-
 def _split_protocol(spec: _TaskSpec, train: datasets.Dataset, dev: datasets.Dataset, seed: int) -> datasets.DatasetDict:
     """The reference's split: small tasks halve dev (validation/test); large tasks hold out train examples."""
     if spec.size == "small":
@@ -385,9 +361,6 @@ def _split_protocol(spec: _TaskSpec, train: datasets.Dataset, dev: datasets.Data
 def _permutation(n: int, seed: int) -> list[int]:
     """The split permutation: torch.randperm with its own generator, independent of the global RNG."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-# -------------------------------------------------------------------------------------------- helpers
 
 
 def _root_cause(error: BaseException) -> str:

@@ -10,10 +10,11 @@ import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from propetl.data.tasks import in_paper_average, in_task_order, task_configs
+from propetl.data.tasks import in_paper_average, in_task_order, known_task_configs
 
-METRICS = ("accuracy", "f1", "matthews", "pearson", "spearman")
-MIN_ROWS = 2  # a selection or test split needs two rows: correlations are undefined on one
+CLASSIFICATION = {"accuracy": accuracy_score, "f1": f1_score, "matthews": matthews_corrcoef}
+CORRELATIONS = {"pearson": pearsonr, "spearman": spearmanr}
+METRICS = (*CLASSIFICATION, *CORRELATIONS)
 
 
 def metrics_for(num_labels: int) -> tuple[str, ...]:
@@ -24,8 +25,7 @@ def metrics_for(num_labels: int) -> tuple[str, ...]:
 
 
 def selections_for(names: Sequence[str]) -> tuple[str, ...]:
-    """What a task with metrics `names` may select its best epoch by: one of them, or `combined` (their mean, which
-    compute gives when there are several)."""
+    """What a task with metrics `names` may select its best epoch by: one, or `combined` (their mean) if several."""
     return (*names, "combined") if len(names) > 1 else tuple(names)
 
 
@@ -40,17 +40,12 @@ def compute(names: Sequence[str], predictions: np.ndarray, labels: np.ndarray) -
     predictions, labels = np.asarray(predictions), np.asarray(labels)
     out: dict[str, float] = {}
     for name in names:
-        if name == "accuracy":
-            out[name] = float(accuracy_score(labels, predictions))
-        elif name == "f1":
-            out[name] = float(f1_score(labels, predictions))
-        elif name == "matthews":
-            out[name] = float(matthews_corrcoef(labels, predictions))
-        elif name in ("pearson", "spearman"):
+        if name in CLASSIFICATION:
+            out[name] = float(CLASSIFICATION[name](labels, predictions))
+        elif name in CORRELATIONS:
             with warnings.catch_warnings():  # constant predictions: undefined, counted as 0
                 warnings.simplefilter("ignore")
-                correlation = pearsonr if name == "pearson" else spearmanr
-                value = correlation(predictions, labels)[0]
+                value = CORRELATIONS[name](predictions, labels)[0]
                 out[name] = 0.0 if not np.isfinite(value) else float(value)
         else:
             raise ValueError(f"metric {name!r} is not one of: {', '.join(METRICS)}")
@@ -81,9 +76,9 @@ def selection_score(metrics: Mapping[str, float], selection_metric: str) -> floa
 
 
 def task_numbers(task: str, metrics: Iterable[str] = ()) -> tuple[str, ...]:
-    """The numbers a task reports, in order: its yaml's `metrics` (tasks.task_configs); for a task no yaml on the
+    """The numbers a task reports, in order: its yaml's `metrics` (tasks.known_task_configs); for a task no yaml on the
     search path describes, the METRICS among `metrics` (a run's test metrics)."""
-    config = task_configs().get(task)
+    config = known_task_configs().get(task)
     return tuple(config.metrics) if config is not None else tuple(name for name in METRICS if name in metrics)
 
 
@@ -93,8 +88,7 @@ def task_score(task: str, metrics: Mapping[str, float]) -> float:
 
 
 def glue_numbers(per_task: Mapping[str, Mapping[str, float]]) -> list[float]:
-    """The numbers of the paper's average among the tasks given: each of its tasks' (yaml `report.paper`), in table
-    order (11 when GLUE's eight are present)."""
+    """The numbers of the paper's average among the tasks given, in table order (11 when GLUE's eight are present)."""
     return [per_task[task][n] for task in in_task_order(per_task) if in_paper_average(task) for n in task_numbers(task)]
 
 

@@ -1,18 +1,8 @@
-"""Multi-task ProPETL's batches and task-adding (the run itself is train.py's recipe, the same for one task
-or several): one prototype and one set of layer masks shared by every task, and per task a mask (shared by
-all layers) and a classification/regression head.
-
-    propetl-train mode=multitask tasks=[rte,mrpc,stsb,cola]
-
-Layer l of task t uses  prototype * combine(task mask t, layer mask l)  (mask.combine, default OR;
-propetl/methods/masks.py); with one task, layer masks only, as a single-task run (which it then equals, weight for
-weight: tests/test_multitask.py). Each step trains on one task's batch, the task drawn with p_i ∝ n_i^(1/T)
-(multitask.temperature, 10 as in the reference); the best epoch has the best mean of the tasks' selection
-scores, then each task is scored on its test split. The checkpoint keeps the shared part once and each task's part
-(mask bits, head) in a folder of its own, so one task can be loaded or shipped alone (checkpoint.save_checkpoint /
-load_multitask). With multitask.base_checkpoint a new task is added to a trained model: only its mask
-and head train, against the frozen prototype and layer masks.
-"""
+"""Multi-task ProPETL's batches and task-adding (the run is train.py's recipe, as for one task): one prototype and one
+set of layer masks shared by every task, and per task a mask and a head. Layer l of task t uses
+prototype * combine(task mask t, layer mask l) (mask.combine, default OR); with one task it equals a single-task run
+(tests/test_multitask.py). Each step trains on one task's batch, drawn with p_i ∝ n_i^(1/T) (multitask.temperature).
+With multitask.base_checkpoint a new task is added to a trained model: only its mask and head train."""
 
 from __future__ import annotations
 
@@ -33,9 +23,6 @@ def task_configs(names) -> list[DictConfig]:
     return [group_option("task", name) for name in names]
 
 
-# ----------------------------------------------------------------------------- batches
-
-
 class TaskCollator:
     """A task's collator that also tags every batch with the task's index."""
 
@@ -49,12 +36,9 @@ class TaskCollator:
 
 
 class MultiTaskBatches:
-    """Single-task batches from several tasks; each step's task drawn with p_i ∝ n_i^(1/T). An epoch is as many
-    steps as all tasks have batches; a task whose batches run out starts a fresh epoch of its own. Everything
-    random is drawn from `self.generator` as the epoch goes, so the loop's resume (restore the generator state of
-    the epoch's start, skip the steps done) replays an epoch exactly. With `lengths` (each task's token counts), a
-    task's batches group examples of similar length (batches.batch_order). One task's batches come in the order,
-    and from the same draws, as torch's shuffling DataLoader gives them (tests/test_multitask.py)."""
+    """Single-task batches from several tasks, each step's task drawn with p_i ∝ n_i^(1/T); an epoch is as many steps as
+    all tasks have batches. Every draw comes from `self.generator`, so a resume replays an epoch exactly; one task's
+    batches come as torch's shuffling DataLoader gives them (tests/test_multitask.py)."""
 
     def __init__(self, splits, collators, batch_size: int, temperature: float, seed: int, lengths=None):
         self.splits, self.collators, self.batch_size = list(splits), list(collators), batch_size
@@ -86,12 +70,9 @@ class MultiTaskBatches:
             yield self.collators[task]([self.splits[task][i] for i in indices])
 
 
-# ----------------------------------------------------------------------------- adding tasks
-
-
 def freeze_for_new_tasks(model: backbone.MultiTaskModel, base_tasks: list[str]) -> None:
-    """Adding tasks: the prototype, the layer masks and the old tasks' heads stay as trained. (The old
-    tasks' rows of the task-mask scores get no gradient: their batches are not drawn.)"""
+    """Adding tasks: the prototype, the layer masks and the old tasks' heads stay as trained (the old tasks' task-mask
+    rows get no gradient: their batches are not drawn)."""
     weights = methods.petl_weights(model)
     assert weights is not None  # mode=multitask: method=propetl or petl (validate.py), both with a store
     for parameter in weights.parameters():

@@ -1,21 +1,11 @@
 """Experiment reports: every run's metrics.json -> one CSV, Table-1-shaped markdown, paired statistics, plots.
 
-Runs are grouped into table rows by (model, method, prototype, mask kind, mask sparsity); each cell
-is the mean ± sample std over seeds of the task's test numbers (x100), as in the paper's Table 1.
-Table 1 holds the runs of the `table1` experiment (and multi-task runs); the sparsity sweep and the
-mask ablation get their own sections, pooled with table1's ProPETL runs (the sweep point at a
-prototype's default sparsity and the ablation's learned point ARE table1's runs): one run per
-(model, task, method, prototype, mask kind, mask sparsity, seed), table1's copy preferred.
-The storage–accuracy frontier (frontier.py) puts every Table-1 method, PEFT's tuners among them, on stored bytes
-per task against score. Comparisons (ProPETL − PETL, HF PEFT LoRA − our LoRA, learned − random/none masks) are paired by
-seed, with a 95% t-interval over seeds. A run whose kept test predictions (predictions.npz) are (nearly)
-constant is flagged (runs.csv, and a list closing table.md); runs without them are "no predictions kept".
-Used by `propetl-report` (report/command.py; `make tables`) and at the end of every -m sweep (sweep.py).
-
-runs.py collects the runs (and holds the names and titles the rest share; a task's are its yaml's, data/tasks.py),
-stats.py pairs them, tables.py writes markdown and CSV, plots.py draws; `build` here writes them all. No torch or
-transformers: masks are read as numpy (mask_coding.read_file).
-"""
+Runs are grouped into table rows by (model, method, prototype, mask kind, mask sparsity); each cell is the mean ±
+sample std over seeds of the task's test numbers (x100), as in the paper's Table 1. The sparsity sweep and the mask
+ablation get their own sections, pooled with table1's ProPETL runs (one run per identity, table1's copy preferred).
+Comparisons are paired by seed, with a 95% t-interval; a run whose kept test predictions are (nearly) constant is
+flagged. runs.py collects the runs, stats.py pairs them, tables.py writes markdown and CSV, plots.py and frontier.py
+draw; `build` here writes them all. No torch or transformers: masks are read as numpy (mask_coding.read_file)."""
 
 from __future__ import annotations
 
@@ -24,7 +14,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from propetl.data.tasks import task_title
+from propetl.data.tasks import check_report_blocks, task_title
 from propetl.report.frontier import frontier_points, frontier_table, plot_frontier
 from propetl.report.plots import (
     layer_mask_hamming,
@@ -86,8 +76,8 @@ def common_root(roots: list[Path]) -> Path:
 
 
 def build(roots: Iterable[Path], out_dir: Path, title: str = "") -> dict[str, Path]:
-    """Collect the runs under `roots`; write runs.csv, table.md, paired.csv, rows.json, jobs.md (one line a run) and
-    the plots into `out_dir`."""
+    """Collect the runs under `roots`; write the tables, CSVs, jobs.md and plots into `out_dir`."""
+    check_report_blocks()
     roots = list(roots)
     found = load_runs(roots)
     if not found:
@@ -120,13 +110,8 @@ def build(roots: Iterable[Path], out_dir: Path, title: str = "") -> dict[str, Pa
             written[key] = drawn
     if drawn := plot_frontier(frontier, table_runs, out_dir / "frontier.png"):
         written["frontier"] = drawn
-    learned = [
-        r
-        for r in pooled
-        if trained_prototype(r)
-        and mask_kind(r) == "learned"
-        and layer_masks_file(Path(r["path"]).parent / "checkpoint").exists()
-    ]
+    has_masks = lambda r: layer_masks_file(Path(r["path"]).parent / "checkpoint").exists()
+    learned = [r for r in pooled if trained_prototype(r) and mask_kind(r) == "learned" and has_masks(r)]
     if learned:
         run = min(learned, key=lambda r: (r.get("experiment") != TABLE1, r["task"], str(r["prototype"]), r["seed"]))
         title = f"{task_title(run['task'])} · ProPETL-{PROTOTYPE_TITLES.get(run['prototype'])} · seed {run['seed']}"

@@ -1,13 +1,11 @@
 """propetl-report: the tables, paired intervals and plots of any set of runs (`make tables`, and every -m sweep's end).
 
     propetl-report outputs/multirun/2026-12-04_10-00-00            # -> <that folder>/report/
-    propetl-report outputs/reproduce/cpu --out outputs/tables/cpu --title "profile cpu"
     propetl-report results/cpu/runs --out results/cpu --title "cpu profile"
     propetl-report outputs/multirun/mine --config-dir my_conf        # my_conf/task/*.yaml: your tasks' titles
 
-Reads every metrics.json under the given folders (a run's experiment from its folder, e.g. <experiment>/<run>/, or its
-.hydra/config.yaml); one run per (task, method, prototype, mask kind, mask sparsity, frozen prototype, seed), table1's
-copy first. Writes
+Reads every metrics.json under the given folders, one run per (task, method, prototype, mask kind, mask sparsity,
+frozen prototype, seed), table1's copy first. Writes
   jobs.md     one line a run: its folder (a sweep's job names its overrides), scores, bytes a task keeps, best epoch;
   runs.csv    one line a run, every figure;
   table.md    Table 1 (mean ± std over seeds, the trivial baseline row, the paper's ProPETL rows), paired differences
@@ -15,8 +13,7 @@ copy first. Writes
               sparsity sweep, the mask ablation and the storage–accuracy frontier;
   paired.csv  the paired differences, machine-readable;  rows.json  Table 1's rows;
   PNG plots   metric against storage, the frontier, the sparsity sweep, the mask ablation, one run's mask distances.
-Prints jobs.md, then where each file went. Exit 2 with one line when no run is found.
-"""
+Prints jobs.md, then where each file went. Exit 2 with one line when no run is found or a task's `report` block is bad."""
 
 from __future__ import annotations
 
@@ -39,8 +36,7 @@ def report_folder(roots: list[Path]) -> Path:
 
 
 class SweepReport(Callback):
-    """A Hydra callback (conf/hydra/default.yaml): at the end of a -m sweep, its report in <sweep>/report/ and its jobs
-    compared on stdout."""
+    """A Hydra callback (conf/hydra/default.yaml): at the end of a -m sweep, its report in <sweep>/report/."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
         if os.environ.get(SWEEP_REPORT_ENV, "1") != "0":  # scripts/reproduce.py builds its tables once
@@ -48,8 +44,7 @@ class SweepReport(Callback):
 
 
 def report_sweep(folder: Path) -> None:
-    """propetl-report on a finished sweep. The runs are written already: a report that cannot be built is one line on
-    stderr, not a failed sweep."""
+    """propetl-report on a finished sweep; a report that cannot be built is one line on stderr, not a failed sweep."""
     from propetl import report
 
     try:

@@ -1,15 +1,10 @@
-"""The storage–accuracy frontier: every method's stored bytes per task against its GLUE score, per task.
+"""The storage–accuracy frontier: per task, every table row's stored bytes per task against its GLUE score.
 
-A point is one table row on one task (Table 1's runs and the frontier experiment's PEFT tuners: the same labels as
-table.md), its score the mean ± std over seeds, its storage the mean bytes a task must keep, head excluded (and
-with it beside): for ProPETL, PETL and fine-tuning the files the checkpoint writes (metrics.json `file_bytes`: the
-prototype and entropy-coded masks; `storage_bytes` where a run predates the file figures), for a PEFT tuner the two
-files PEFT saves with its least-storing options (`storage_bytes`, accounting's `storage_counted`: VB-LoRA's top-k
-only, VeRA without its projection; the checkpoint itself may keep more to reload bit for bit). A point is Pareto-optimal when no other point of
-its task stores at most as many bytes with at least as high a mean score, better in one of the two. Each point's paired
-difference to the reference (ProPETL-Adapter, else the first ProPETL row) is over the seeds both have, with its 95%
-t-interval (stats.paired_interval).
-"""
+A point is one row (Table 1's runs and the frontier experiment's PEFT tuners) on one task: its score the mean ± std
+over seeds, its storage the mean bytes a task keeps (runs.kept_bytes), head excluded and beside. A point is
+Pareto-optimal when no other point of its task stores at most as many bytes with at least as high a score, better in
+one. Each point's paired difference to the reference (ProPETL-Adapter, else the first ProPETL row) has its 95%
+t-interval (stats.paired_interval)."""
 
 from __future__ import annotations
 
@@ -25,8 +20,7 @@ LORA = "LoRA"  # the storage every ratio is to: plain LoRA, the best-known PETL 
 
 
 def frontier_points(runs: list[dict]) -> dict[str, list[dict]]:
-    """task -> its points, cheapest first: label, method, prototype, bytes (without/with head), score (cell_stats),
-    the runs, `pareto`, the ratio to LoRA's bytes and the paired difference to the reference."""
+    """task -> its points, cheapest first: row, bytes, score, runs, `pareto`, ratio to LoRA, Δ to the reference."""
     out: dict[str, list[dict]] = {}
     groups = row_groups([r for r in runs if not r.get("computed") and not r["method"].endswith("-multitask")])
     for task in in_task_order(r["task"] for members in groups.values() for r in members):
@@ -59,8 +53,7 @@ def frontier_points(runs: list[dict]) -> dict[str, list[dict]]:
 
 
 def pareto(points: list[tuple[float, float]]) -> set[int]:
-    """Indices of the (bytes, score) points no other point dominates (fewer or equal bytes and a higher or equal
-    score, strictly better in one)."""
+    """Indices of the (bytes, score) points no other has at most the bytes and at least the score of, better in one."""
     return {
         i
         for i, (b, s) in enumerate(points)
@@ -69,8 +62,7 @@ def pareto(points: list[tuple[float, float]]) -> set[int]:
 
 
 def _difference(result: dict | None) -> str:
-    """A point's paired difference to the reference; the reference itself (and every point of a task without one)
-    has none."""
+    """A point's paired difference to the reference (none for the reference, or in a task without one)."""
     if result is None:
         return "(reference)"
     if not result["n"]:
@@ -95,17 +87,15 @@ def frontier_table(points: dict[str, list[dict]]) -> str:
             spread = f"±{score['std']:.2f}" if score["n"] > 1 else ""
             text += (
                 f"| {p['label']} | {_bytes(p['bytes'])} | {_bytes(p['bytes_with_head'])} | {ratio} | "
-                f"{score['mean']:.2f}{spread} (n={score['n']}) | "
-                f"{_difference(p['vs_reference'])} | "
+                f"{score['mean']:.2f}{spread} (n={score['n']}) | {_difference(p['vs_reference'])} | "
                 f"{'◆' if p['pareto'] else ''} |\n"
             )
     return text
 
 
 def plot_frontier(points: dict[str, list[dict]], runs: list[dict], path: Path) -> Path | None:
-    """Per task: GLUE score (mean ± std over seeds) against stored bytes per task (log x, head excluded), one labelled
-    point per method, the Pareto-optimal points joined, the trivial baseline a dashed grey line (in view when it is
-    near the points: the y range is the points')."""
+    """Per task: GLUE score (mean ± std over seeds) against stored bytes (log x, head excluded), a labelled point per
+    method, the Pareto-optimal points joined, the trivial baseline dashed (the y range is the points')."""
     from propetl.report.plots import METHOD_MARKERS, _colour, _finish, _save, _task_axes
 
     if not points:

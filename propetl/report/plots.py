@@ -24,14 +24,8 @@ from propetl.report.tables import model_prefix, sparsity_text
 from propetl.storage import mask_coding
 
 PROTOTYPE_COLOURS = {"adapter": "tab:blue", "lora": "tab:orange", "prefix": "tab:green"}
-METHOD_MARKERS = {
-    "finetune": "^",
-    "petl": "s",
-    "peft": "D",
-    "propetl": "o",
-    "petl-multitask": "<",
-    "propetl-multitask": "v",
-}
+METHOD_MARKERS = {"finetune": "^", "petl": "s", "peft": "D", "propetl": "o", "petl-multitask": "<"}
+METHOD_MARKERS |= {"propetl-multitask": "v"}
 
 
 def _colour(prototype, method: str = "") -> str:
@@ -78,9 +72,8 @@ def _finish(ax, task: str, xlabel: str, trivial: dict | None = None) -> None:
 
 
 def plot_metric_vs_storage(rows: list[dict], path: Path) -> Path | None:
-    """Per task: the GLUE score x100 (mean ± std over seeds, n in the legend) against the % of the backbone stored per
-    task (log x); a colour per prototype, a marker per method; the trivial baseline a dashed line; the paper's ProPETL
-    points (RoBERTa-base) hollow stars."""
+    """Per task: the GLUE score x100 (mean ± std over seeds) against the % of the backbone stored (log x); a colour per
+    prototype, a marker per method, the trivial baseline dashed, the paper's ProPETL points hollow stars."""
     tasks = in_task_order(t for row in rows if not row.get("computed") for t, score in row["scores"].items() if score)
     if not tasks:
         return None
@@ -110,9 +103,8 @@ def plot_metric_vs_storage(rows: list[dict], path: Path) -> Path | None:
 
 
 def plot_sparsity_sweep(runs: list[dict], path: Path) -> Path | None:
-    """Per task: ProPETL's GLUE score (mean ± std over seeds) against mask sparsity, one line per prototype, plain PETL
-    of that prototype (mean over seeds) a dashed line of the same colour, n in the legend, the trivial baseline grey.
-    Give it the pooled runs; None without a sweep."""
+    """Per task: ProPETL's GLUE score (mean ± std over seeds) against mask sparsity, a line per prototype, plain PETL's
+    mean a dashed line of its colour, the trivial baseline grey. Give it the pooled runs; None without a sweep."""
     series = sparsity_sweep(runs)
     if not series:
         return None
@@ -134,8 +126,7 @@ def plot_sparsity_sweep(runs: list[dict], path: Path) -> Path | None:
 
 
 def plot_mask_ablation(runs: list[dict], path: Path) -> Path | None:
-    """Per task: ProPETL's GLUE score (mean ± std over seeds) with learned, random and no masks at the same sparsity,
-    a colour per prototype, n in the legend. Give it the pooled runs; None without an ablation."""
+    """Per task: ProPETL's GLUE score with learned, random and no masks at one sparsity (pooled runs; None without)."""
     cells = mask_ablation(runs)
     if not cells:
         return None
@@ -180,8 +171,7 @@ def layer_mask_hamming(checkpoint_dir: Path) -> np.ndarray:
 
 
 def plot_mask_hamming(checkpoint_dir: Path, path: Path, title: str = "") -> Path:
-    """Heat map of the pairwise Hamming distance between one run's learned layer masks, with that of two independent
-    random masks of the same density d, 2·d·(1−d), marked in red on the colour bar and given in the title."""
+    """Heat map of the Hamming distances between a run's layer masks; red: independent random masks' 2·d·(1−d)."""
     flat = layer_masks(checkpoint_dir)
     distance = pairwise_hamming(flat)
     density = float(flat.mean())
@@ -193,11 +183,8 @@ def plot_mask_hamming(checkpoint_dir: Path, path: Path, title: str = "") -> Path
         for j in range(distance.shape[1]):
             ax.text(j, i, f"{distance[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
     ax.set(xlabel="layer", ylabel="layer")
-    ax.set_title(
-        (title or "Hamming distance between layer masks") + f"\nred: independent random masks of density "
-        f"d={density:.3f}, 2d(1−d)={independent:.3f}",
-        fontsize=8,
-    )
+    note = f"\nred: independent random masks of density d={density:.3f}, 2d(1−d)={independent:.3f}"
+    ax.set_title((title or "Hamming distance between layer masks") + note, fontsize=8)
     bar = fig.colorbar(image, ax=ax, fraction=0.046)
     bar.ax.axhline(independent, color="red", lw=2)
     return _save(fig, path)

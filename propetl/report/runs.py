@@ -20,16 +20,8 @@ from propetl.run.rundir import PREDICTIONS_FILE
 
 PROTOTYPE_TITLES = {"adapter": "Adapter", "lora": "LoRA", "prefix": "Prefix"}
 # method=peft's other tuners (conf/peft/; metrics.json `prototype` holds the tuner's name), as their papers write them
-PEFT_TITLES = {
-    "vera": "VeRA",
-    "vblora": "VB-LoRA",
-    "fourierft": "FourierFT",
-    "unilora": "Uni-LoRA",
-    "ia3": "(IA)³",
-    "tinylora": "TinyLoRA",
-    "loha": "LoHa",
-    "lokr": "LoKr",
-}
+PEFT_TITLES = {"vera": "VeRA", "vblora": "VB-LoRA", "fourierft": "FourierFT", "unilora": "Uni-LoRA", "ia3": "(IA)³"}
+PEFT_TITLES |= {"tinylora": "TinyLoRA", "loha": "LoHa", "lokr": "LoKr"}
 
 PAPER_MODEL = "RoBERTa-base"
 PAPER_STORAGE_PERCENT = 0.11  # the paper's ProPETL storage, % of the backbone (and ≈ its ratio to PETL)
@@ -70,8 +62,7 @@ def find_metrics(roots: Iterable[Path]) -> list[Path]:
 
 
 def load_runs(roots: Iterable[Path]) -> list[dict]:
-    """One dict per finished run: its identity, experiment, test metrics, trivial baseline, storage figures and the
-    check of its kept test predictions (`predictions`: prediction_check, None where the run kept none)."""
+    """One dict per finished run: identity, experiment, test metrics, trivial baseline, storage, `predictions`."""
     runs = []
     for path in find_metrics(roots):
         try:
@@ -105,9 +96,8 @@ def _kept_predictions(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def prediction_check(predictions: np.ndarray, labels: np.ndarray) -> dict:
-    """Is a task's test predictor (nearly) constant? Classification (integer class ids): `majority_share`, the share of
-    the most frequent predicted class, constant from MAJORITY_SHARE; regression (float scores): `std_ratio`, the std of
-    the predictions over the labels', constant below STD_RATIO."""
+    """Is a task's test predictor (nearly) constant? Classification: `majority_share` (the top predicted class's share)
+    ≥ MAJORITY_SHARE; regression: `std_ratio` (the predictions' std over the labels') < STD_RATIO."""
     if np.issubdtype(predictions.dtype, np.integer):
         share = float(np.unique(predictions, return_counts=True)[1].max() / len(predictions))
         return {"majority_share": share, "std_ratio": None, "constant": share >= MAJORITY_SHARE}
@@ -121,9 +111,8 @@ def _run(metrics: dict, path: Path, experiment: str | None, **fields) -> dict:
 
 
 def run_experiment(metrics: dict, path: Path) -> str | None:
-    """The experiment overlay a run belongs to: metrics.json's `experiment`, else the composed config's
-    `reproduce.experiment` (.hydra/config.yaml), else the folder above the run folder when it is named like one
-    (outputs/reproduce/<profile>/<experiment>/<run>/, results/<profile>/runs/<experiment>/<run>/)."""
+    """The experiment overlay a run belongs to: metrics.json's `experiment`, else .hydra/config.yaml's
+    `reproduce.experiment`, else the run folder's parent when it is named like one (EXPERIMENTS)."""
     if metrics.get("experiment"):
         return str(metrics["experiment"])
     config = path.parent / ".hydra" / "config.yaml"
@@ -218,13 +207,8 @@ def run_metric(run: dict, metric: str) -> float | None:
 def cell_stats(values: Iterable) -> dict | None:
     """mean, sample std (0 for one value) and n of the values that are not None."""
     values = [float(v) for v in values if v is not None]
-    if not values:
-        return None
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "n": len(values),
-    }
+    n = len(values)
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if n > 1 else 0.0, "n": n} if n else None
 
 
 def score_stats(runs: Iterable[dict] | None) -> dict | None:
@@ -249,13 +233,8 @@ def key_order(key: tuple) -> tuple:
     """Sort key of (model, task, prototype[, sparsity]) tuples: task order (task_rank), then prototype order."""
     model, task, prototype, *rest = key
     prototypes = list(PROTOTYPE_TITLES)
-    return (
-        str(model),
-        task_rank(task),
-        prototypes.index(prototype) if prototype in prototypes else len(prototypes),
-        str(prototype),
-        *(-1.0 if v is None else v for v in rest),
-    )
+    rank = prototypes.index(prototype) if prototype in prototypes else len(prototypes)
+    return (str(model), task_rank(task), rank, str(prototype), *(-1.0 if v is None else v for v in rest))
 
 
 def group_runs(runs: Iterable[dict], keep: Callable[[dict], bool], fields: tuple) -> dict[tuple, list[dict]]:
@@ -267,8 +246,7 @@ def group_runs(runs: Iterable[dict], keep: Callable[[dict], bool], fields: tuple
 
 
 def row_label(run: dict) -> str:
-    """The table row a run belongs to, e.g. 'ProPETL-LoRA', 'LoRA', 'LoRA (HF PEFT)', 'Fine-tune',
-    'ProPETL-LoRA (random, s=0.5)', the trivial baseline."""
+    """The table row a run belongs to: 'ProPETL-LoRA', 'LoRA (HF PEFT)', 'ProPETL-LoRA (random, s=0.5)', …."""
     method, title = run["method"], prototype_title(run.get("prototype"))
     if method.endswith("-multitask"):
         label = f"{'ProPETL' if method.startswith('propetl') else 'PETL'}-{title} (multi-task)"
@@ -302,8 +280,7 @@ def _row_order(label: str) -> tuple:
 
 
 def row_groups(runs: list[dict]) -> dict[str, list[dict]]:
-    """row label -> its runs, in table order: the label says the model where several are present and the sparsity
-    where a prototype's ProPETL runs have several."""
+    """row label -> its runs, in table order; labels name the model or sparsity only where several are present."""
     models = {r["model"] for r in runs}
     by_prototype = defaultdict(set)  # (prototype, mask kind, frozen) -> the sparsities of its ProPETL runs
     arm = lambda r: (r["prototype"], r["mask_kind"], bool(r.get("prototype_frozen")))
@@ -318,8 +295,8 @@ def row_groups(runs: list[dict]) -> dict[str, list[dict]]:
 
 
 def summarise(runs: list[dict]) -> list[dict]:
-    """Table rows: per task the mean/std/n over seeds of each GLUE number and of the GLUE score, the average, storage.
-    A computed pseudo-run (the trivial baseline) counts in no `runs`."""
+    """Table rows: per task the mean/std/n over seeds of each number and the score; the average; storage. A computed
+    pseudo-run (the trivial baseline) counts in no `runs`."""
     groups = row_groups(runs)
     rows = []
     for label, members in groups.items():
@@ -335,40 +312,38 @@ def summarise(runs: list[dict]) -> list[dict]:
         numbers = len(glue_numbers(means))
         storage = [r["storage"] for r in members if r["storage"]]
         computed = all(r.get("computed") for r in members)
-        rows.append(
-            {
-                "label": label,
-                "method": members[0]["method"],
-                "prototype": members[0].get("prototype"),
-                "tasks": tasks,
-                "scores": scores,
-                "average": 100.0 * glue_average(means) if numbers else None,
-                "average_numbers": numbers,
-                "seeds": sorted({r["seed"] for r in members if r["seed"] is not None}),
-                "runs": sum(not r.get("computed") for r in members),
-                "computed": computed,
-                **({"rules": {r["task"]: r.get("rule") for r in members}} if computed else {}),
-                "percent_params": mean_or_none(
-                    100.0 * s["trainable_params"] / s["backbone_params"]
-                    for s in storage
-                    if s.get("backbone_params") and "trainable_params" in s
-                ),
-                "percent_storage": mean_or_none(s.get("storage_percent_of_backbone") for s in storage),
-                "storage_bytes": mean_or_none(s.get("storage_bytes") for s in storage),
-                "storage_bytes_with_head": mean_or_none(s.get("storage_bytes_with_head") for s in storage),
-                "file_bytes": mean_or_none(s.get("file_bytes") for s in storage),
-                "ratio_to_plain_petl": mean_or_none(s.get("storage_ratio_to_plain_petl") for s in storage),
-                "train_seconds": mean_or_none(r.get("train_seconds") for r in members),
-                "epochs": mean_or_none(r.get("epochs_run") for r in members),
-            }
-        )
+        row = {
+            "label": label,
+            "method": members[0]["method"],
+            "prototype": members[0].get("prototype"),
+            "tasks": tasks,
+            "scores": scores,
+            "average": 100.0 * glue_average(means) if numbers else None,
+            "average_numbers": numbers,
+            "seeds": sorted({r["seed"] for r in members if r["seed"] is not None}),
+            "runs": sum(not r.get("computed") for r in members),
+            "computed": computed,
+            **({"rules": {r["task"]: r.get("rule") for r in members}} if computed else {}),
+            "percent_params": mean_or_none(
+                100.0 * s["trainable_params"] / s["backbone_params"]
+                for s in storage
+                if s.get("backbone_params") and "trainable_params" in s
+            ),
+            "percent_storage": mean_or_none(s.get("storage_percent_of_backbone") for s in storage),
+            "storage_bytes": mean_or_none(s.get("storage_bytes") for s in storage),
+            "storage_bytes_with_head": mean_or_none(s.get("storage_bytes_with_head") for s in storage),
+            "file_bytes": mean_or_none(s.get("file_bytes") for s in storage),
+            "ratio_to_plain_petl": mean_or_none(s.get("storage_ratio_to_plain_petl") for s in storage),
+            "train_seconds": mean_or_none(r.get("train_seconds") for r in members),
+            "epochs": mean_or_none(r.get("epochs_run") for r in members),
+        }
+        rows.append(row)
     return rows
 
 
 def kept_bytes(run: dict, with_head: bool = False) -> float | None:
-    """The bytes a task keeps, without or with its head: for ProPETL, PETL and fine-tuning the files its checkpoint
-    writes (`file_bytes`; `storage_bytes` where a run predates the file figures), for a PEFT tuner the files PEFT saves
-    with its least-storing options (`storage_bytes`); None for a run without storage figures."""
+    """The bytes a task keeps, without or with its head: the checkpoint's files (`file_bytes`, else `storage_bytes`),
+    for a PEFT tuner the files PEFT saves with its least-storing options; None without storage figures."""
     storage = run.get("storage") or {}
     suffix = "_with_head" if with_head else ""
     key = ("storage_bytes" if run["method"] == "peft" else "file_bytes") + suffix

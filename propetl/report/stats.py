@@ -22,8 +22,7 @@ from propetl.report.runs import (
 
 
 def sparsity_sweep(runs: list[dict]) -> dict[tuple[str, str, str], dict[float, list[dict]]]:
-    """(model, task, prototype) -> {mask sparsity: its ProPETL runs with learned masks}, where more than one
-    sparsity was run. Give it the pooled runs (table1's ProPETL runs are the default-sparsity points)."""
+    """(model, task, prototype) -> {sparsity: its learned-mask ProPETL runs} where several ran (pooled runs)."""
     series: dict[tuple[str, str, str], dict[float, list[dict]]] = {}
     learned = lambda r: trained_prototype(r) and mask_kind(r) == "learned"
     for (*key, sparsity), members in group_runs(runs, learned, ("model", "task", "prototype", "mask_sparsity")).items():
@@ -32,8 +31,7 @@ def sparsity_sweep(runs: list[dict]) -> dict[tuple[str, str, str], dict[float, l
 
 
 def mask_ablation(runs: list[dict]) -> dict[tuple, dict[str, list[dict]]]:
-    """(model, task, prototype, mask sparsity) where random or no masks were run -> {learned|random|none:
-    ProPETL runs}. Give it the pooled runs (the learned point is table1's run at that sparsity)."""
+    """(model, task, prototype, sparsity) with random or no masks run -> {learned|random|none: runs} (pooled runs)."""
     cells: dict[tuple, dict] = defaultdict(dict)
     fields = ("model", "task", "prototype", "mask_sparsity", "mask_kind")
     for (*key, kind), members in group_runs(runs, trained_prototype, fields).items():
@@ -42,9 +40,8 @@ def mask_ablation(runs: list[dict]) -> dict[tuple, dict[str, list[dict]]]:
 
 
 def paired_interval(differences: list[float], confidence: float = 0.95) -> dict:
-    """The mean of paired differences and its t-interval over the n pairs (seeds):
-    mean ± t_{(1+confidence)/2, n−1} · sd / √n, sd the sample standard deviation of the differences.
-    n < 2: the mean only; sd, t, the interval and `excludes_zero` are None."""
+    """The mean of paired differences and its t-interval mean ± t_{(1+confidence)/2, n−1}·sd/√n over the n pairs
+    (seeds); n < 2: the mean only (sd, t, the interval and `excludes_zero` None)."""
     n = len(differences)
     out: dict[str, Any] = {"n": n, "mean_diff": statistics.fmean(differences) if n else None}
     out |= dict.fromkeys(("sd_diff", "t_crit", "half_width", "ci_low", "ci_high", "excludes_zero"))

@@ -121,9 +121,8 @@ def trivial_note(rows: list[dict]) -> str:
 
 
 def comparison_table(rows: list[dict]) -> str:
-    """ProPETL against plain PETL of the same prototype: per task, the difference of the mean test
-    numbers in points (ProPETL − PETL), and the storage ratio. A ProPETL row split by sparsity
-    ('ProPETL-LoRA (s=0.5)') is compared too, under 'LoRA (s=0.5)'."""
+    """ProPETL against plain PETL of the same prototype: per task the difference of the means in points, and the storage
+    ratio; a row split by sparsity ('ProPETL-LoRA (s=0.5)') is compared under 'LoRA (s=0.5)'."""
     by_label = {row["label"]: row for row in rows}
     tasks = in_task_order(t for row in rows for t in row["tasks"])
     body = []
@@ -180,25 +179,16 @@ def paired_csv(comparisons: list[dict]) -> str:
 
 
 def sweep_table(runs: list[dict]) -> str:
-    """The sparsity sweep (pooled runs): per task and prototype the GLUE score at each sparsity, and plain
-    PETL of the same prototype; '' without a sweep."""
+    """The sparsity sweep (pooled runs): the GLUE score at each sparsity and plain PETL's; '' without a sweep."""
     series = sparsity_sweep(runs)
     if not series:
         return ""
     plain = group_runs(runs, lambda r: r["method"] == "petl", ("model", "task", "prototype"))
     models = {key[0] for key in series}
     sparsities = sorted({s for points in series.values() for s in points if s is not None})
-    return _table(
-        ["Task", "Prototype", *(f"s={s:g}" for s in sparsities), "plain PETL"],
-        (
-            [
-                *_task_and_propetl(*key, models),
-                *(_score_cell(points.get(s)) for s in sparsities),
-                _score_cell(plain.get(key)),
-            ]
-            for key, points in series.items()
-        ),
-    )
+    header = ["Task", "Prototype", *(f"s={s:g}" for s in sparsities), "plain PETL"]
+    scores = lambda key, points: [*(_score_cell(points.get(s)) for s in sparsities), _score_cell(plain.get(key))]
+    return _table(header, ([*_task_and_propetl(*key, models), *scores(key, points)] for key, points in series.items()))
 
 
 def ablation_table(runs: list[dict]) -> str:
@@ -207,22 +197,15 @@ def ablation_table(runs: list[dict]) -> str:
     if not cells:
         return ""
     models = {key[0] for key in cells}
-    return _table(
-        ["Task", "Prototype", "s", "learned masks", "random masks", "no masks"],
-        (
-            [
-                *_task_and_propetl(model, task, prototype, models),
-                sparsity_text(sparsity),
-                *(_score_cell(kinds.get(kind)) for kind in MASK_KINDS),
-            ]
-            for (model, task, prototype, sparsity), kinds in cells.items()
-        ),
-    )
+    body = []
+    for (model, task, prototype, sparsity), kinds in cells.items():
+        scores = (_score_cell(kinds.get(kind)) for kind in MASK_KINDS)
+        body.append([*_task_and_propetl(model, task, prototype, models), sparsity_text(sparsity), *scores])
+    return _table(["Task", "Prototype", "s", "learned masks", "random masks", "no masks"], body)
 
 
 def coding_table(runs: list[dict]) -> str:
-    """ProPETL runs that logged storage per mask coding (format 2), one line per (model, prototype, sparsity,
-    dtype, written coding); '' without any."""
+    """ProPETL's storage per mask coding, a line per (model, prototype, sparsity, dtype, coding); '' without any."""
     keep = lambda r: trained_prototype(r) and "mask_bits_per_entry_bound" in r["storage"]
     written_as = lambda storage: tuple(storage.get(key) for key in WRITTEN_AS)
     groups = group_runs(runs, keep, ("model", "task", "prototype", "mask_sparsity"))
@@ -275,8 +258,7 @@ def constant_note(found: list[dict]) -> str:
 def report_markdown(
     found: list[dict], runs: list[dict], rows: list[dict], comparisons: list[dict], title: str = "", frontier: str = ""
 ) -> str:
-    """table.md: Table 1, ProPETL − PETL, the paired statistics, the frontier (frontier.frontier_table), the sparsity
-    sweep and the mask ablation. `found`: every run read; `runs`: one per configuration (distinct_runs)."""
+    """table.md, every section; `found`: every run read; `runs`: one per configuration (distinct_runs)."""
     pooled = single_task_runs(runs)
     text = (f"# {title}\n\n" if title else "") + f"{len(found)} runs"
     if len(found) > len(runs):
@@ -334,9 +316,8 @@ def report_markdown(
 
 
 def runs_csv(runs: list[dict], relative_to: Path) -> str:
-    """Every run on one line: experiment, identity, every test metric, the trivial baseline's GLUE score,
-    the storage figures, where its metrics.json lies (relative to `relative_to`, so a committed CSV names
-    no machine's paths)."""
+    """Every run on one line: experiment, identity, test metrics, the trivial baseline's GLUE score, storage figures,
+    and its metrics.json relative to `relative_to` (a committed CSV names no machine's paths)."""
     metric_names = sorted({name for run in runs for name in run["test"]})
     checks = ("constant_predictions", "majority_prediction_share", "prediction_std_ratio")
     header = ["experiment", *RUN_FIELDS, *(f"test_{n}" for n in metric_names), "trivial_glue_score", *RUNS_CSV]
@@ -344,24 +325,16 @@ def runs_csv(runs: list[dict], relative_to: Path) -> str:
     rows: list[list] = [[*header, *checks, "path"]]
     for run in sorted(runs, key=order):
         check = run.get("predictions") or {}
-        rows.append(
-            [
-                run.get("experiment"),
-                *(run.get(k) for k in RUN_FIELDS),
-                *(run["test"].get(n) for n in metric_names),
-                (run.get("trivial") or {}).get("glue_score"),
-                *(run["storage"].get(k) for k in RUNS_CSV),
-                *(constant_mark(run), check.get("majority_share"), check.get("std_ratio")),
-                os.path.relpath(run["path"], relative_to),
-            ]
-        )
+        named = [run.get("experiment"), *(run.get(k) for k in RUN_FIELDS), *(run["test"].get(n) for n in metric_names)]
+        figures = [(run.get("trivial") or {}).get("glue_score"), *(run["storage"].get(k) for k in RUNS_CSV)]
+        checked = [constant_mark(run), check.get("majority_share"), check.get("std_ratio")]
+        rows.append([*named, *figures, *checked, os.path.relpath(run["path"], relative_to)])
     return _csv(rows)
 
 
 def jobs_table(runs: list[dict], root: Path) -> str:
-    """Markdown: one line a run, as a sweep's jobs compare (`propetl-report`, the end of a -m sweep): its folder under
-    `root` (a sweep names it by the job's overrides), task, row, GLUE score and each test metric (x100), the bytes a
-    task keeps without and with its head, the best epoch and the training time."""
+    """Markdown, one line a run: its folder under `root` (a sweep's job names its overrides), task, row, GLUE score and
+    test metrics (x100), bytes kept without and with its head, best epoch, training time."""
     labels = {(r["path"], r["task"]): label for label, members in row_groups(runs).items() for r in members}
     body = []
     for run in sorted(runs, key=lambda r: os.path.relpath(Path(r["path"]).parent, root)):

@@ -1,11 +1,7 @@
-"""Data-parallel training over processes started by `torchrun` or `accelerate launch` (one process per GPU, or gloo
-processes on CPU); single-process runs pass through every function unchanged. The scheme keeps a data-parallel run the
-same experiment as a single-process one: every process builds the same loader with the same seed, so all see the same
-batches in the same order, and each trains on its own slice of every batch (rank r takes rows r, r + W, r + 2W, …). DDP
-averages the gradients, so the effective batch is still `trainer.batch_size`. Every process evaluates the full selection
-and test splits (identical numbers, no gathering); only rank 0 writes files and logs to W&B. The launcher's context
-(`from_environment`) is read before torch is imported (propetl-train's checks); the functions that need torch import it.
-"""
+"""Data-parallel training (`torchrun`, `accelerate launch`; gloo on CPU), the same experiment as a single-process run
+(which passes through every function unchanged): every process builds the same loader with the same seed and trains
+on its slice of every batch (rank r: rows r, r + W, …); DDP averages the gradients, so the effective batch is still
+`trainer.batch_size`. Every process evaluates the full splits; only rank 0 writes files and logs to W&B."""
 
 from __future__ import annotations
 

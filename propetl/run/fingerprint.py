@@ -1,11 +1,8 @@
 """What a run computes, as one flat dict: what a finished run must match to be skipped and a checkpoint to be
-resumed. It is the whole resolved config, dotted keys to plain values, less the keys that change nothing a run
-computes (NOT_COMPUTED: W&B, progress, threads, device, how a run resumes, where its folder may be, how tables show
-its task; mask.seed unless mask.kind=random), with data.dir and data.allow_hub (READ_AS_DATA) replaced by DATA_KEY,
-the sha256 of the data files the run reads: the same files under another path match, other files under the same
-path do not. Sweep folder names (conf/hydra/default.yaml's exclude_keys) leave out only NOT_COMPUTED keys, so two
-jobs that compute differently get two folders (tests/test_fingerprint.py holds them in step).
-"""
+resumed. The whole resolved config, dotted keys to plain values, less NOT_COMPUTED (W&B, progress, threads, device,
+resuming, how tables show its task; mask.seed unless mask.kind=random), with READ_AS_DATA replaced by DATA_KEY, the
+sha256 of the data files read: the same files under another path match. Sweep folder names (conf/hydra/default.yaml's
+exclude_keys) leave out only NOT_COMPUTED keys (tests/test_fingerprint.py holds them in step)."""
 
 from __future__ import annotations
 
@@ -49,8 +46,7 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
 
 
 def data_sha256(cfg) -> str:
-    """sha256 over the local files every task of the run reads (names and contents, in order); a task read from the
-    hub counts as 'hub:<task>'."""
+    """sha256 over the local files each task of the run reads (names, contents, in order); a hub task: 'hub:<task>'."""
     from propetl.data import glue
     from propetl.data.multitask import task_configs
 

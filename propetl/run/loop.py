@@ -1,6 +1,5 @@
 """The training/evaluation loop: AdamW with parameter groups, linear warm-up/decay, evaluation every
-epoch, best epoch chosen on the selection split. Reads top to bottom; knows nothing of methods.
-"""
+epoch, best epoch chosen on the selection split. Reads top to bottom; knows nothing of methods."""
 
 from __future__ import annotations
 
@@ -77,9 +76,8 @@ def make_optimizer(
 
 
 def selectable(cfg, steps: int, total_steps: int, epoch: int, epochs: int) -> bool:
-    """Whether an epoch ending after `steps` optimizer steps may be the selected one: always, unless
-    trainer.selection_skips_warmup, which passes over epochs that end inside the warm-up (a barely trained head
-    can win a small selection split by a tie); the last epoch is always selectable."""
+    """Whether an epoch ending after `steps` may be the selected one: with trainer.selection_skips_warmup, not one
+    ending in the warm-up (a barely trained head can win a small selection split by a tie) unless it is the last."""
     if not cfg.trainer.get("selection_skips_warmup", False) or epoch >= epochs or steps >= total_steps:
         return True
     return steps > warmup_steps(cfg, total_steps)
@@ -95,8 +93,7 @@ AUTO_EVAL_BATCH = {"cuda": 256, "cpu": 64}  # trainer.eval_batch_size=auto, by d
 
 
 def eval_batch_size(setting, device: torch.device) -> int:
-    """trainer.eval_batch_size: a number, or auto (AUTO_EVAL_BATCH: a CPU gains no speed from larger batches, only
-    memory)."""
+    """trainer.eval_batch_size: a number, or auto (AUTO_EVAL_BATCH: larger batches only cost a CPU memory)."""
     return AUTO_EVAL_BATCH.get(device.type, AUTO_EVAL_BATCH["cpu"]) if setting == "auto" else int(setting)
 
 
@@ -176,8 +173,7 @@ class FitResult:
         counts[1] += int(batch["labels"].shape[0])
 
     def close_epoch(self, selection: dict, score: float, epochs: int, task_names) -> dict:
-        """The epoch's record (fit's docstring), added to the history and logged in one line; its time to the run's;
-        the next epoch's counts start."""
+        """The epoch's record (fit's docstring), added to the history and logged; the next epoch's counts start."""
         record = {
             "epoch": self.epoch + 1,
             "step": self.steps,
@@ -211,8 +207,7 @@ class Diverged(Exception):
 
 
 class Optimization(NamedTuple):
-    """AdamW over the trainable tensors, its learning-rate schedule and the grad scaler (fp16; else it passes through),
-    in the order resume.Checkpointer takes them."""
+    """AdamW, its schedule and the grad scaler (fp16; else a pass-through), as resume.Checkpointer takes them."""
 
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -244,8 +239,7 @@ def train_step(
 
 
 def start_or_resume(checkpointer, model, optimization: Optimization, data_order) -> tuple[FitResult, torch.Tensor]:
-    """A fresh loop state, or the checkpoint's (weights, moments, schedule, RNGs and data order restored); with the
-    data order's state as the current epoch began."""
+    """A fresh loop state, or the checkpoint's restored; and the data order's state as the current epoch began."""
     if checkpointer is None or not checkpointer.exists():
         return FitResult(), data_order.get_state()
     state, epoch_order = checkpointer.load(model, *optimization, FitResult)
@@ -255,8 +249,8 @@ def start_or_resume(checkpointer, model, optimization: Optimization, data_order)
 
 
 def epoch_batches(train_loader, step_in_epoch: int, epoch_order: torch.Tensor):
-    """(the epoch's batches still to train on, the data order's state as the epoch began): a new epoch starts from the
-    order's state as it is; a resumed one replays its saved order and skips the batches already done."""
+    """(the epoch's batches still to train on, the data order's state as it began): a resumed epoch replays its saved
+    order and skips the batches done."""
     if step_in_epoch == 0:
         epoch_order = train_loader.generator.get_state()
     else:
@@ -303,18 +297,12 @@ def fit(
     task_names=None,
     eval_rows: tuple[int, int] = (0, 0),
 ) -> FitResult:
-    """Train for cfg.trainer.epochs (or until cfg.trainer.max_steps), calling `select(model)` ->
-    (selection metrics, score) after every epoch (train.py: the mean of the tasks' scores; one task: its
-    score); keeps the best epoch's trainable weights in result.best_state. `log_fn` gets every
-    epoch's record and, every trainer.log_every_steps steps, the loss and learning rates (step_log.StepLog).
-    An epoch's record has its training accuracy: the share of the epoch's training rows (classification batches; the
-    loss's own logits, in train mode, as the weights move) whose argmax is the label, `train/accuracy`, or with
-    `task_names` (a multi-task run: the batches' task index -> name) `train/<task>/accuracy` per classification task;
-    regression batches count none. Data-parallel: rank 0's rows of each batch (the process that writes metrics.json).
-    With a checkpointer: continues from its checkpoint if there is one, saves one after every epoch
-    and every checkpointer.save_steps steps, and on SIGINT/SIGTERM saves and raises Interrupted.
-    Data-parallel (ctx.world_size > 1): each process trains on its slice of every batch through DDP.
-    `eval_rows`: (selection rows, test rows), for the whole run's ETA (step_log.EvalPlan)."""
+    """Train for cfg.trainer.epochs (or until cfg.trainer.max_steps), scoring `select(model)` -> (selection metrics,
+    score) after every epoch; the best epoch's trainable weights go to result.best_state. `log_fn` gets every epoch's
+    record (with its training accuracy, `train/accuracy` or per task `train/<task>/accuracy` given `task_names`; rank 0's
+    rows) and every trainer.log_every_steps steps the loss and learning rates. With a checkpointer: continues from its
+    checkpoint, saves after every epoch and checkpointer.save_steps steps, and on SIGINT/SIGTERM saves and raises
+    Interrupted. `eval_rows`: (selection rows, test rows), for the run's ETA (step_log.EvalPlan)."""
     ctx = ctx or distributed.Context()  # one process
     t = cfg.trainer
     steps_per_epoch = len(train_loader)

@@ -1,16 +1,9 @@
-"""Resumable training: the loop's full state, saved every epoch (and every trainer.save_steps steps) into
-<run dir>/resume/ and restored exactly, so a run killed at any point continues to the same result. What is saved: every
-trainable tensor (PETL weights, mask scores, head), the best epoch's copy of them, the optimizer's moments, the
-scheduler and the grad scaler, the step/epoch counters and history, and every RNG state (python, numpy, torch, and the
-data-order generator as it stood when the epoch began; a mid-epoch resume re-draws that epoch's order and skips the
-batches already done). Format: `state.safetensors` for tensors and `state.json` for the rest, never pickle, and
-`manifest.json` with their sha256 (propetl/storage/files.py), checked before either is read: a changed, missing or unlisted file
-is refused in one line naming it; so are, before anything is set, a state.json of another structure or naming tensors
-state.safetensors lacks (check_state) and one that does not fit this run's model, optimizer, scheduler, scaler and
-loop state (Checkpointer._check_fits): an edited, resealed state names its file and key. The folder is built beside
-the old one and renamed into place: a crash leaves the previous checkpoint intact. SIGINT/SIGTERM: the step in flight
-finishes, a checkpoint is written, the run exits.
-"""
+"""Resumable training: the loop's full state (trainable tensors, the best epoch's copy, optimizer, scheduler, grad scaler,
+counters, history, every RNG state with the data order of the current epoch) saved every epoch (and every
+trainer.save_steps steps) into <run dir>/resume/ and restored exactly, so a killed run continues to the same result.
+Format: `state.safetensors` and `state.json`, never pickle, sealed (storage/files.py); a changed file, a state of
+another structure (check_state) or one that does not fit this run (Checkpointer._check_fits) is refused in one line
+naming its file and key. SIGINT/SIGTERM: the step in flight finishes, a checkpoint is written, the run exits."""
 
 from __future__ import annotations
 
@@ -88,13 +81,9 @@ def _rng_state() -> tuple[dict, dict]:
     numpy_state = np.random.get_state()  # the legacy tuple: numpy's global generator is MT19937
     assert isinstance(numpy_state, tuple)
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = numpy_state
-    return (
-        {
-            "python": [py_version, list(py_state), py_gauss],
-            "numpy": [np_kind, int(np_pos), int(np_has_gauss), float(np_gauss)],
-        },
-        {"rng/torch": torch.get_rng_state(), "rng/numpy": torch.from_numpy(np_keys.astype(np.int64))},
-    )
+    meta = {"python": [py_version, list(py_state), py_gauss]}
+    meta["numpy"] = [np_kind, int(np_pos), int(np_has_gauss), float(np_gauss)]
+    return meta, {"rng/torch": torch.get_rng_state(), "rng/numpy": torch.from_numpy(np_keys.astype(np.int64))}
 
 
 def _refuse(path: Path, what: str) -> NoReturn:
@@ -107,8 +96,7 @@ def _check(path: Path, key: str, value, rule: rules.Rule) -> None:
 
 
 def _rng_states(meta: dict, tensors: dict, path: Path) -> tuple:
-    """The saved python, numpy, torch and data-order RNG states, each tried on a throwaway generator (nothing is set);
-    one that is none: one line."""
+    """The saved python, numpy, torch and data-order RNG states, each tried on a throwaway generator first."""
     try:
         version, state, gauss = meta["python"]
         kind, pos, has_gauss, np_gauss = meta["numpy"]
@@ -145,12 +133,8 @@ def check_state(meta, directory: Path) -> None:
             _check(path, f"optimizer.state_shapes.{index}/{key}", shape, SHAPE)
             moments[f"opt/{index}/{key}"] = math.prod(shape)
     shapes = safetensors_shapes(directory / STATE_TENSORS)
-    for name in [
-        *(f"param/{n}" for n in meta["parameters"]),
-        *(f"best/{n}" for n in meta["best"]),
-        *moments,
-        *RNG_TENSORS,
-    ]:
+    named = [*(f"param/{n}" for n in meta["parameters"]), *(f"best/{n}" for n in meta["best"]), *moments, *RNG_TENSORS]
+    for name in named:
         if name not in shapes:
             _refuse(directory / STATE_TENSORS, f"no tensor '{name}' (named in {STATE_JSON})")
     for name, size in moments.items():
@@ -181,8 +165,7 @@ def _misfit(saved, fresh, key: str) -> str | None:
 
 
 def _check_result(path: Path, saved: dict, result_type) -> None:
-    """The saved result's fields: each of result_type's (best_state aside), of its default's type; counts not below
-    their default (0, or -1 for none yet)."""
+    """The saved result's fields: result_type's (best_state aside), each of its default's type, counts not below it."""
     defaults = {
         f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         for f in dataclasses.fields(result_type)
@@ -260,8 +243,7 @@ class Checkpointer:
         write_folder_atomically(self.directory, build)
 
     def check_fingerprint(self) -> dict:
-        """The saved state.json, if the folder matches its manifest and this config its fingerprint; else a one-line
-        CheckpointError."""
+        """The saved state.json if its seal and this config's fingerprint match; else a one-line CheckpointError."""
         path = self.directory / STATE_JSON
         check_seal(self.directory, required=True, hint="trainer.resume=false starts the run over")
         try:
@@ -278,8 +260,7 @@ class Checkpointer:
         return meta
 
     def load(self, model, optimizer, scheduler, scaler, result_type):
-        """Restore everything; returns (result, data-order state at the start of the current epoch). The folder is
-        checked (manifest, fingerprint) once: here, unless the run's start checked it already."""
+        """Restore everything: (result, data order's state as the epoch began); checks the folder unless done."""
         meta = self._checked or self.check_fingerprint()
         tensors, _ = read_safetensors(self.directory / STATE_TENSORS)
         parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -306,8 +287,8 @@ class Checkpointer:
     def _check_fits(
         self, meta: dict, tensors: dict, parameters: dict, optimizer, scheduler, scaler, result_type
     ) -> None:
-        """What state.json (checked by check_state) restores fits this run's model, optimizer (each moment of its
-        parameter's shape, or one value), scheduler, scaler and result: before any of them is changed."""
+        """What state.json (after check_state) restores fits this run's model, optimizer, scheduler, scaler and result:
+        checked before any of them is changed."""
         path = self.directory / STATE_JSON
         if sorted(parameters) != meta["parameters"]:
             _refuse(self.directory, "its trainable tensors do not match this model's (saved by an older propetl?)")

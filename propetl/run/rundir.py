@@ -1,19 +1,13 @@
 """A run directory's owner, its record, and what a run may remove there.
-Owner: one process at a time. `claim` takes an exclusive flock on `<run dir>/.propetl.lock` (holding the owner's pid)
-for the whole run; a second run into the directory is refused with one line naming that pid. The kernel drops the lock
-when its process dies: a SIGKILLed run never blocks its resume.
-Ownership rule: a run writes only RUN_ENTRIES (and their atomic writes' hidden temporaries). A folder that holds
-anything else (a user's notes, a checkpoint, the working folder) is refused at the start in one line naming what is
-there, unless run_dir.allow_other_files=true, and what a run did not write is never removed. After a failure a run
-removes what it made: the whole folder if the claim found it new (nothing in it but Hydra's empty train.log), else only
-the entries it added. trainer.resume=false sets the old results aside in `.previous/` and deletes them only once the new
-run has finished; a failed or killed replacement gets them back (`recover`, at the next start).
-Record: `.hydra/config.yaml` and `.hydra/overrides.yaml` (Hydra's names and format; Hydra itself writes nothing there,
-`hydra.output_subdir: null`) are written by propetl, atomically, only once the run owns the directory and is known to be
-new or a continuation of the same config: a finished or running run's record is never rewritten. A finished run
-(metrics.json) is skipped only if its recorded config and data have the command's fingerprint (propetl/run/fingerprint.py,
-what a resume must match too).
-"""
+`claim` takes an exclusive flock on `<run dir>/.propetl.lock` (holding the owner's pid) for the whole run: a second run
+into the directory is refused in one line naming that pid; the kernel drops the lock when its process dies.
+A run writes only RUN_ENTRIES: a folder holding anything else is refused at the start unless
+run_dir.allow_other_files=true, and what a run did not write is never removed. After a failure a run removes what it
+made (the whole folder if the claim found it new). trainer.resume=false sets old results aside in `.previous/` until
+the new run has finished; a failed replacement gets them back (`recover`, at the next start).
+The record (`.hydra/config.yaml`, `.hydra/overrides.yaml`, written by propetl, since `hydra.output_subdir: null`) is
+written once the run owns the directory and is new or a continuation of the same config. A finished run (metrics.json)
+is skipped only if its record has the command's fingerprint (run/fingerprint.py)."""
 
 from __future__ import annotations
 
@@ -28,7 +22,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from propetl.run import fingerprint as computation
-from propetl.storage.files import write_folder_atomically
+from propetl.storage.files import shown, write_folder_atomically
 
 LOCK_FILE, RECORD_DIR, LOG_FILE = ".propetl.lock", ".hydra", "train.log"
 METRICS_FILE, ERROR_FILE = "metrics.json", "error.txt"
@@ -63,8 +57,7 @@ def other_files(run_dir: Path) -> list[str]:
 def refuse_other_files(run_dir: Path) -> None:
     """A run folder holding what no run wrote: one line naming it (the run would write beside the user's files)."""
     if found := other_files(run_dir):
-        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
-        what = f"{Path(run_dir)} holds files a run did not write ({shown})"
+        what = f"{Path(run_dir)} holds files a run did not write ({shown(found)})"
         raise RunDirectoryError(
             f"{what}; choose another hydra.run.dir, or run_dir.allow_other_files=true to run beside them (never removed)"
         )
@@ -101,8 +94,8 @@ def _holder(path: Path) -> str:
 
 @contextmanager
 def claim(run_dir: Path, enabled: bool = True, allow_other_files: bool = False):
-    """Own `run_dir` (created if missing) during the block, yielding a Claim; enabled=False: a no-op yielding None (a
-    data-parallel run's ranks > 0). Files no run wrote are refused unless allow_other_files."""
+    """Own `run_dir` (created if missing) during the block, yielding a Claim (enabled=False: None, for ranks > 0);
+    files no run wrote are refused unless allow_other_files."""
     if not enabled:
         yield None
         return
@@ -186,8 +179,8 @@ def clean_after_failure(claim: Claim | None) -> None:
 
 
 def set_aside(claim: Claim) -> None:
-    """trainer.resume=false: the old results go to .previous/ (moved in under a .partial name, so that a kill in the
-    middle is undone by `recover`); a partial replacement's state is dropped, a finished one's results kept instead."""
+    """trainer.resume=false: the old results go to .previous/ (via a .partial name: `recover` undoes a kill midway);
+    a partial replacement's state is dropped, a finished one's results kept instead."""
     run_dir, previous = claim.run_dir, claim.run_dir / PREVIOUS_DIR
     if previous.exists() and (run_dir / METRICS_FILE).exists():
         shutil.rmtree(previous)  # the replacement finished: its results are the ones to keep
@@ -208,8 +201,7 @@ def set_aside(claim: Claim) -> None:
 
 
 def put_back(run_dir: Path) -> None:
-    """The set-aside results (a finished or a partial .previous/) back in place of the replacement's (whose own
-    checkpoint and training state go with it)."""
+    """The set-aside results (a finished or partial .previous/) back in place of the replacement's."""
     for previous in (run_dir / f"{PREVIOUS_DIR}.partial", run_dir / PREVIOUS_DIR):
         if not previous.is_dir():
             continue
@@ -223,8 +215,7 @@ def put_back(run_dir: Path) -> None:
 
 
 def recover(run_dir: Path) -> None:
-    """At a run's start: undo a set-aside cut off by a kill, and give back the old results of a replacement that died
-    before it saved any state."""
+    """At a run's start: undo a set-aside cut off by a kill, or one whose replacement died before saving."""
     run_dir = Path(run_dir)
     unsaved = (run_dir / PREVIOUS_DIR).is_dir() and not any((run_dir / n).exists() for n in (METRICS_FILE, "resume"))
     if (run_dir / f"{PREVIOUS_DIR}.partial").is_dir() or unsaved:
@@ -273,9 +264,8 @@ def recorded_config(run_dir: Path):
 
 
 def finished_run(run_dir: Path, current: dict) -> dict | None:
-    """metrics.json of a finished run of this fingerprint (`current`, fingerprint.fingerprint); None if not finished.
-    A finished run of another config (or one without a record to tell) is refused with one line naming the differing
-    keys; keys its record predates are not compared."""
+    """metrics.json of a finished run of this fingerprint (`current`), None if not finished; one of another config (or
+    without a record) is refused in one line naming the differing keys (keys its record predates are not compared)."""
     run_dir = Path(run_dir)
     if not (run_dir / METRICS_FILE).exists():
         return None

@@ -1,7 +1,6 @@
-"""Every `trainer.log_every_steps` training steps: a record for W&B (the training loss and each optimizer
-parameter group's learning rate, at the global step) and, where no progress bar is shown (stderr not a
-terminal, or trainer.progress=false), one log line: `step 120/2000 loss 0.5321 4.1 it/s eta 7m38s`. The ETA is the
-whole run's: the training steps left and the evaluation still to come (EvalPlan); the bar shows it too."""
+"""Every `trainer.log_every_steps` training steps: a W&B record (the training loss, each parameter group's learning
+rate) and, where no progress bar shows, one line: `step 120/2000 loss 0.5321 4.1 it/s eta 7m38s`, the ETA the whole
+run's (EvalPlan)."""
 
 from __future__ import annotations
 
@@ -26,8 +25,7 @@ def bar_shown(progress: bool, stream=None) -> bool:
 
 
 def learning_rates(param_groups: list[dict], method: str) -> dict[str, float]:
-    """{"lr/prototype": ..., "lr/mask": ..., "lr/head": ...}: each group's current learning rate, named
-    by what it trains (the weights group: prototype / petl / backbone, by method)."""
+    """{"lr/prototype", "lr/mask", "lr/head"}: each group's current rate, its weights named by method."""
     rates: dict[str, float] = {}
     for group in param_groups:
         name = GROUP_NAMES.get(group["name"], WEIGHTS_NAMES.get(method, "petl"))
@@ -45,9 +43,8 @@ def duration(seconds: float) -> str:
 
 @dataclass
 class EvalPlan:
-    """The evaluation a run still has after its training steps, for one ETA of the whole run: a selection pass after
-    every epoch and the test pass at the end. A pass's time is measured once one has run (`pass_seconds`: the last
-    selection pass); before that it is estimated as a forward pass, a third of a training example's time."""
+    """The evaluation left after the training steps (a selection pass an epoch, the test pass at the end), for the run's
+    ETA: a pass's time as last measured (`pass_seconds`), before that a forward pass, a third of a training step's."""
 
     epochs: int
     batch_size: int
@@ -70,9 +67,8 @@ def progress_line(step: int, total: int, loss: float, steps_per_second: float, e
 
 
 class StepLog:
-    """Called after every optimizer step; acts every `every` steps. `record_fn` gets {"step", "train/loss"
-    (the mean over the last `every` steps of the epoch), "lr/…"}; with `lines`, the progress line goes to
-    the propetl logger (so to stderr and train.log)."""
+    """Called after every optimizer step; every `every` steps `record_fn` gets {"step", "train/loss" (the mean over
+    those steps), "lr/…"}, and with `lines` the progress line goes to the propetl logger (stderr and train.log)."""
 
     def __init__(
         self,

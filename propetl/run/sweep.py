@@ -1,10 +1,7 @@
-"""A sweep (`propetl-train -m ...`) finishes every job: a job that fails with a one-line error writes it to its folder
-(error.txt) and to the sweep's `failed_jobs.jsonl`, and the sweep goes on to the next job. When the sweep ends,
-SweepSummary (a Hydra callback, conf/hydra/default.yaml) writes `sweep_summary.json` in the sweep folder, prints the
-failed jobs, and propetl-train exits with their number (0: all ran); SweepReport (report/command.py) then builds the
-sweep's report. Jobs of the joblib launcher run in other processes:
-they find the failures file through the environment, which they inherit.
-"""
+"""A sweep (`propetl-train -m ...`) finishes every job: a job's one-line error goes to its folder (error.txt) and to the
+sweep's `failed_jobs.jsonl` (found by the joblib launcher's processes through the environment). At the end
+SweepSummary (a Hydra callback) writes `sweep_summary.json`, prints the failed jobs, and propetl-train exits with
+their number."""
 
 from __future__ import annotations
 

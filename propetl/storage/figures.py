@@ -1,6 +1,5 @@
-"""The storage figures a run shows, by name: the one schema the end-of-run summary table, the W&B summary, runs.csv
-and table.md read. accounting.account and checkpoint.file_figures compute every figure under these keys (metrics.json's
-`storage`; W&B's storage/<key> carries them all); these are the ones the tables show. No torch: the report reads it."""
+"""The storage figures a run shows, by name: the one schema the run's summary, W&B, runs.csv and table.md read
+(accounting.account and checkpoint.file_figures compute them into metrics.json's `storage`). No torch."""
 
 from __future__ import annotations
 

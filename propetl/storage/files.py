@@ -1,21 +1,12 @@
 """Files on disk: written atomically, and folders sealed with a manifest of sha256 sums checked on reading.
-Writing: `atomic_write_text` (a temporary name, then a rename) and `write_folder_atomically` (a folder built beside its
-place as `.<name>.<random>.tmp`, then swapped in, the old one stepped aside as `.<name>.old` until the new one is
-in): a crash never leaves half a file or half a folder, and the next write of that folder puts a stepped-aside `.old`
-back (recover_folder_swap) or removes it and any stale `.tmp` of a killed build (clean_stale). A write the file system
-refuses (read-only folder, lost permissions, full disk) is one line (WriteError) naming the path.
-Ownership of user-named folders: `write_output_folder` (propetl-export's OUT, the API's save_propetl) writes a folder
-the user names, and so replaces only what propetl wrote there: a missing or empty folder, or a previous export or save,
-known by its OUTPUT_MARKER (a hidden JSON file listing what wrote it and every file it wrote). Anything else is refused
-in one line (OutputError), nothing written: a file, a folder holding files propetl did not write (a user's folder, a
-previous export the user added files to), the working folder or one above it, and any of the `protected` folders (an
-export's checkpoint and its run folder) or a folder inside or above one. The runner's own writes inside a run folder it
-owns (checkpoint/, resume/, .hydra/; rundir.py decides that ownership) use write_folder_atomically directly, no marker.
-Sealing: `seal(folder)` writes `manifest.json` = {"sha256": {file name: hex digest}} for every file of the folder (not
-its sub-folders, which carry their own), last, inside the folder being built. `check_seal` hashes each file once and
-refuses (CheckpointError, one line naming the file) a changed, missing or unlisted file, or a manifest that is not one.
-Hidden files (the marker, temporaries) are not sealed.
-"""
+Writing: `atomic_write_text` (a temporary, then a rename) and `write_folder_atomically` (built beside its place as
+`.<name>.<random>.tmp`, then swapped in, the old one stepped aside as `.<name>.old`): a crash never leaves half a file
+or folder, and the next write puts a stepped-aside `.old` back (recover_folder_swap) or removes it and stale `.tmp`s
+(clean_stale). A write the file system refuses is one line (WriteError) naming the path.
+`write_output_folder` (propetl-export's OUT, the API's save_propetl) replaces only what propetl wrote there, known by
+its OUTPUT_MARKER (a hidden JSON file listing the files written); anything else is refused in one line (OutputError).
+`seal(folder)` writes `manifest.json` = {"sha256": {file name: hex digest}} over the folder's files (not sub-folders,
+which carry their own; not hidden files); `check_seal` refuses a changed, missing or unlisted file in one line."""
 
 from __future__ import annotations
 
@@ -73,8 +64,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """atomic_write_text's way for any content: `write(binary file)` fills a temporary file in the same folder, which
-    is then renamed into place."""
+    """atomic_write_text's way for any content: `write(binary file)` fills the temporary file."""
     path = Path(path)
     tmp = None
     try:
@@ -92,8 +82,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
 
 
 def recover_folder_swap(directory: Path) -> bool:
-    """After a kill between the two renames of write_folder_atomically's swap, `directory` is missing and
-    its previous version waits in `.<name>.old`: put that back. True if it did."""
+    """After a kill inside write_folder_atomically's swap: `directory`'s `.<name>.old` put back; True if it was."""
     directory = Path(directory)
     old = directory.with_name(f".{directory.name}.old")
     if directory.exists() or not old.is_dir():
@@ -103,8 +92,7 @@ def recover_folder_swap(directory: Path) -> bool:
 
 
 def clean_stale(directory: Path) -> None:
-    """Remove what a killed write_folder_atomically of `directory` left beside it: its `.<name>.<random>.tmp` builds
-    and, once `directory` is back in place, its stepped-aside `.<name>.old` (call recover_folder_swap first)."""
+    """Remove a killed write_folder_atomically's `.tmp` builds and, once `directory` is back (recover first), `.old`."""
     directory = Path(directory)
     building = re.compile(rf"\.{re.escape(directory.name)}\.[a-z0-9_]{{8}}\.tmp")  # tempfile.mkdtemp's names
     stale = [p for p in directory.parent.iterdir() if building.fullmatch(p.name)]
@@ -140,7 +128,8 @@ def write_folder_atomically(directory: Path, build) -> Path:
 # ----------------------------------------------------------------------------- output folders (exports, saves)
 
 
-def _shown(names: list[str]) -> str:
+def shown(names: list[str]) -> str:
+    """The first SHOWN names, then how many more."""
     return ", ".join(names[:SHOWN]) + (f" and {len(names) - SHOWN} more" if len(names) > SHOWN else "")
 
 
@@ -154,8 +143,7 @@ def _all_files(folder: Path) -> set[str]:
 
 
 def foreign_files(out: Path) -> list[str]:
-    """What in the existing folder `out` propetl did not write (sorted; folders with a trailing /): with an
-    OUTPUT_MARKER, the files it does not list; without one, every entry (not walked: OUT may be a large folder)."""
+    """What in folder `out` propetl did not write (sorted): files its OUTPUT_MARKER does not list, else every entry."""
     try:
         written = json.loads((out / OUTPUT_MARKER).read_bytes()).get("files")
     except (OSError, ValueError, AttributeError):  # no marker, not JSON, not an object
@@ -166,8 +154,7 @@ def foreign_files(out: Path) -> list[str]:
 
 
 def output_refusal(out: Path, protected: dict[str, Path] | None = None, overwrite: bool = True) -> str | None:
-    """Why `out` may not be (re)written by an export or a save, in one line; None if it may. `protected`: what -> a
-    folder that OUT must not be, be inside or hold (an export's checkpoint, its run folder)."""
+    """Why an export or save may not (re)write `out`, or None; `protected`: folders OUT may not be, be in or hold."""
     out, cwd = Path(out).resolve(), Path.cwd().resolve()
     named = [(what, Path(folder).resolve()) for what, folder in (protected or {}).items()]
     named.append(("the working folder", cwd))
@@ -185,15 +172,14 @@ def output_refusal(out: Path, protected: dict[str, Path] | None = None, overwrit
     if not out.is_dir() or not any(out.iterdir()):
         return None
     if foreign := foreign_files(out):
-        return f"{out} holds files propetl did not write: {_shown(foreign)}; choose another OUT"
+        return f"{out} holds files propetl did not write: {shown(foreign)}; choose another OUT"
     return None if overwrite else f"{out} exists (a previous export or save); choose another OUT or pass --overwrite"
 
 
 def write_output_folder(
     out: Path, build, written_by: str, protected: dict[str, Path] | None = None, overwrite: bool = True
 ) -> Path:
-    """build(folder) as write_folder_atomically does, into a folder the user named, with OUTPUT_MARKER (`written_by`
-    and the files built): only if output_refusal allows (else OutputError, nothing written)."""
+    """write_folder_atomically into a user's folder, with OUTPUT_MARKER, if output_refusal allows; else OutputError."""
     out = Path(out).resolve()
     try:
         if out.name:  # (not /, which output_refusal refuses)
@@ -251,8 +237,8 @@ def _read_manifest(path: Path) -> dict[str, str]:
 
 
 def check_seal(folder: Path, required: bool, hint: str = "") -> bool:
-    """Check `folder` against its manifest.json: True if all files match; False if it has none and `required` is false
-    (an older propetl's folder); else a one-line CheckpointError naming the file, then `hint` (what the user can do)."""
+    """`folder` against its manifest.json: True if all files match; False without one unless `required`; else a
+    one-line CheckpointError naming the file, then `hint` (what the user can do)."""
     folder = Path(folder)
     path = folder / MANIFEST_FILE
     hint = f"; {hint}" if hint else ""

@@ -1,28 +1,21 @@
-"""Mask coding: how a checkpoint's 0/1 masks become bytes and back; all mask coding lives here (checkpoint.py writes
-and reads the files). numpy only, no torch: masks come in as anything numpy reads (arrays, CPU tensors) and go out as
-numpy arrays, so the reports read checkpoints without importing torch; checkpoint.py converts at its boundary.
-A stored mask tensor is [count, *shape]: the first dimension counts the masks (one per layer, or per task); a tensor
-of one or no dimension is one mask. A mask of n entries with exactly k ones carries log2 C(n, k) bits of information
-(`information_bits`), about n·H(k/n): 0.469 bits an entry at sparsity 0.9.
-Format 2 (propetl.json format_version 2): a safetensors file with ONE uint8 tensor, `masks`: a 32-byte SHA-256
-digest, then the payload, the coded entries of every tensor flattened and concatenated in layout order. Metadata,
-one key (safetensors writes several keys in no fixed order, and a file must come out byte-identical each time):
+"""Mask coding: how a checkpoint's 0/1 masks become bytes and back (checkpoint.py writes and reads the files). numpy
+only: masks come in as anything numpy reads and go out as numpy arrays, so the reports need no torch.
+A stored mask tensor is [count, *shape] (one mask per layer or task); one of one or no dimension is one mask. A mask of
+n entries with k ones carries log2 C(n, k) bits (`information_bits`), ≈ n·H(k/n): 0.469 bits an entry at sparsity 0.9.
+Format 2: a safetensors file with ONE uint8 tensor, `masks`: a 32-byte SHA-256 digest, then the payload (every
+tensor's coded entries, concatenated in layout order), and one metadata key (so a file comes out byte-identical):
     masks    JSON {"coding": "bits" | "entropy", "layout": [[name, shape, ones], ...]}, ones: each mask's count of
              ones (one int when all are equal)
 Codings of the payload:
-    bits     8 entries a byte (numpy packbits, big-endian bit order), the last byte zero-padded: 1 bit an entry.
-    entropy  a range coder (the `constriction` library, 32-bit words, little-endian); every entry of a mask with k
-             ones of n is a Bernoulli symbol of p = k/n. Cost: log2 C(n, k) + ½·log2(2π·k(n−k)/n) + O(1/n) bits a
-             mask (the ½·log2 term ≈ 6 bits for the MiniLM LoRA masks, ≤ 12 for a million entries), plus at most
-             64 bits for the whole stream; masks of all zeros or all ones cost nothing. (An adaptive p = ones left /
-             entries left would reach log2 C(n, k) exactly, but decodes one entry at a time; p = k/n decodes every
-             mask of a file in one vectorised call, and a ratio of two integers is computed identically on every
-             machine, so encoder and decoder quantise bit-identical probabilities.)
-The digest is SHA-256 over the `masks` metadata, the payload and the decoded entries bit-packed, each part preceded by
-its length (8 bytes, little-endian). Reading decodes, then checks the digest and each mask's count of ones: a corrupted
-file is refused in one line (MaskCodingError), never decoded into a wrong mask.
-Format 1 (still read): the shapes in metadata `shapes`, no `masks`; one uint8 tensor per name, bit-packed as `bits`.
-"""
+    bits     8 entries a byte (numpy packbits, big-endian bit order), the last byte zero-padded.
+    entropy  a range coder (`constriction`, 32-bit words, little-endian); each entry of a mask with k ones of n is a
+             Bernoulli symbol of p = k/n: log2 C(n, k) + ½·log2(2π·k(n−k)/n) + O(1/n) bits a mask, plus at most 64
+             bits a stream. A fixed p decodes a file in one vectorised call, and a ratio of integers quantises
+             identically on every machine.
+The digest is SHA-256 over the metadata, the payload and the decoded entries bit-packed, each part preceded by its
+length (8 bytes, little-endian). Reading checks the digest and each mask's count of ones: a corrupted file is refused
+in one line (MaskCodingError), never decoded into a wrong mask.
+Format 1 (still read): the shapes in metadata `shapes`; one uint8 tensor per name, bit-packed as `bits`."""
 
 from __future__ import annotations
 
@@ -234,8 +227,7 @@ def layer_masks_file(checkpoint_dir) -> Path:
 
 
 def read_file(path) -> dict[str, np.ndarray]:
-    """A masks file (either format) -> {name: float32 0/1 array} as numpy, or MaskCodingError (one line) for a file
-    that is not one. checkpoint.read_masks reads checkpoints for the models."""
+    """A masks file (either format) -> {name: float32 0/1 array}, or a one-line MaskCodingError."""
     try:
         with safe_open(str(path), framework="np") as f:
             metadata = f.metadata() or {}
