@@ -1,6 +1,7 @@
 """propetl-train's command line checked against the config tree before Hydra composes: unknown group options
-(task=nope), unknown keys (+trainer.max_step=3) and values of the wrong type for a typed group
-(trainer.batch_size=abc) give one line instead of Hydra's page (or, for a `+` key, instead of silence). The user's own folders on the search path (--config-dir, hydra.searchpath) count.
+(task=nope), unknown keys (+trainer.max_step=3) and a typed group's values of the wrong type (trainer.batch_size=abc)
+give one line instead of Hydra's page (or, for a `+` key, instead of silence). The user's own folders on the search
+path (--config-dir, hydra.searchpath) count.
 Light on purpose (Hydra and OmegaConf only): it runs before anything heavy is imported.
 """
 
