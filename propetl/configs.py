@@ -7,7 +7,7 @@ Light on purpose (Hydra and OmegaConf only): `propetl-train --help` and the comm
 
 The run layer (run/, cli/, api.py) holds the composed config; below it, functions take the typed objects here, built
 once from it (`from_config`), or plain arguments. The trainer, data, mask and storage groups are typed: SCHEMAS are
-registered in Hydra's ConfigStore as schema/<group>, before the group in train.yaml's defaults list, so a value of
+registered in Hydra's ConfigStore as <group>_schema, before the group in train.yaml's defaults list, so a value of
 the wrong type or a key the schema lacks fails composition (compose turns it into one line); validate.py checks ranges.
 The model, task, prototype, method and peft groups stay untyped: a user's own files may add keys to them.
 """
@@ -263,10 +263,10 @@ class MaskSchema:
 
 
 SCHEMAS = {"trainer": TrainerSchema, "data": DataConfig, "mask": MaskSchema, "storage": StorageConfig}
-for _group, _schema in SCHEMAS.items():  # Hydra's ConfigStore: schema/<group>, at the group's package
+for _group, _schema in SCHEMAS.items():  # Hydra's ConfigStore: <group>_schema, at the group's package
     _node = OmegaConf.structured(_schema)
     OmegaConf.set_readonly(_node, False)  # a frozen view as a schema: the yamls and overrides still set values
-    ConfigStore.instance().store(group="schema", name=_group, node=_node, package=_group)
+    ConfigStore.instance().store(name=f"{_group}_schema", node=_node, package=_group)
 
 
 MODEL_SECTIONS = ("model", "prototype", "method", "mask")  # + peft with method=peft, data with a data split
