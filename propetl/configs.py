@@ -6,9 +6,10 @@ shipped ones, which win a clash of names.
 Light on purpose (Hydra and OmegaConf only): `propetl-train --help` and the command-line checks use it.
 
 The run layer (run/, cli/, api.py) holds the composed config; below it, functions take the typed objects here, built
-once from it (`from_config`), or plain arguments. They are not registered as the yamls' schemas (Hydra's ConfigStore):
-a schema would coerce values (`data.group_by_length=1`) and answer a bad one with Hydra's multi-line error before
-validate.py's one line, and OmegaConf's structured configs take no union such as trainer.eval_batch_size's auto | N.
+once from it (`from_config`), or plain arguments. The trainer, data, mask and storage groups are typed: SCHEMAS are
+registered in Hydra's ConfigStore as <group>_schema, before the group in train.yaml's defaults list, so a value of
+the wrong type or a key the schema lacks fails composition (compose turns it into one line); validate.py checks ranges.
+The model, task, prototype, method and peft groups stay untyped: a user's own files may add keys to them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.config_store import ConfigStore
+from hydra.errors import ConfigCompositionException
+from omegaconf import DictConfig, Node, OmegaConf
+from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self from Python 3.11
@@ -123,11 +127,30 @@ def compose(
     from hydra import compose as hydra_compose
 
     with hydra_initialized():
-        return hydra_compose(
-            config_name=config_name,
-            overrides=[*overrides, *searchpath_override(search_path)],
-            return_hydra_config=with_hydra,
-        )
+        try:
+            return hydra_compose(
+                config_name=config_name,
+                overrides=[*overrides, *searchpath_override(search_path)],
+                return_hydra_config=with_hydra,
+            )
+        except ConfigCompositionException as error:  # an override's error is its cause, a config file's its context
+            if isinstance(cause := error.__cause__ or error.__context__, OmegaConfBaseException) and cause.full_key:
+                where = str(error).partition(": ")[0] + ": " if str(error).startswith("In '") else ""
+                raise ConfigError(where + schema_error(cause)) from None
+            raise
+
+
+TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
+def schema_error(error: OmegaConfBaseException) -> str:
+    """A schema's refusal (a value of the wrong type, a key it lacks) as one line naming the key."""
+    node = error.parent_node._get_node(error.key) if error.parent_node is not None else None
+    if not isinstance(error, ValidationError) or not isinstance(node, Node):
+        return f"{error.full_key}: {str(error.msg).splitlines()[0]}"
+    name = getattr(node._metadata.ref_type, "__name__", "")
+    allowed = TYPE_NAMES.get(name, name) + (" or null" if node._metadata.optional else "")
+    return f"{error.full_key}={error.value!r} is invalid; allowed: {allowed}"
 
 
 def group_option(group: str, name: str, search_path: Sequence[str] | None = None) -> DictConfig:
@@ -174,14 +197,14 @@ class ModelConfig(_FromGroup):
     max_length: int | None = None  # the Python API's model has none (it tokenises nothing)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # keyword-only: the fields in glue.yaml's order, which a saved config keeps
 class DataConfig(_FromGroup):
     """The data group (conf/data/glue.yaml): where the task files are and how they are split and tokenised."""
 
+    dir: str | None = None
     protocol: str
     split_seed: int
     max_length: int
-    dir: str | None = None
     group_by_length: bool = False
     allow_hub: bool = True
     max_train_examples: int | None = None
@@ -201,6 +224,49 @@ class StorageConfig:
     @classmethod
     def from_config(cls, group: Mapping[str, Any]) -> StorageConfig:
         return cls(str(group["mask_coding"]), str(group["dtype"]))
+
+
+@dataclass
+class TrainerSchema:
+    """The trainer group's schema (conf/trainer/default.yaml holds the values)."""
+
+    epochs: int
+    max_steps: int | None
+    batch_size: int
+    eval_batch_size: Any  # auto | N: OmegaConf takes no union; validate.py checks it
+    lr: float
+    head_lr: float
+    weight_decay: float
+    warmup_ratio: float
+    selection_skips_warmup: bool
+    max_grad_norm: float
+    device: str
+    precision: str
+    threads: int | None
+    progress: bool
+    log_every_steps: int
+    save_weights: bool
+    resume: Any  # auto | true | false, as eval_batch_size
+    save_steps: int | None
+
+
+@dataclass
+class MaskSchema:
+    """The mask group's schema (conf/mask/default.yaml holds the values)."""
+
+    kind: str
+    sparsity: float
+    lr: float
+    weight_decay: float
+    seed: int
+    combine: str
+
+
+SCHEMAS = {"trainer": TrainerSchema, "data": DataConfig, "mask": MaskSchema, "storage": StorageConfig}
+for _group, _schema in SCHEMAS.items():  # Hydra's ConfigStore: <group>_schema, at the group's package
+    _node = OmegaConf.structured(_schema)
+    OmegaConf.set_readonly(_node, False)  # a frozen view as a schema: the yamls and overrides still set values
+    ConfigStore.instance().store(name=f"{_group}_schema", node=_node, package=_group)
 
 
 MODEL_SECTIONS = ("model", "prototype", "method", "mask")  # + peft with method=peft, data with a data split

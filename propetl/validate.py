@@ -71,6 +71,7 @@ def _check(cfg, key: str, rule: rules.Rule) -> None:
 def validate(cfg, search_path=None) -> None:
     """Raise ConfigError for the first invalid value (interpolations are resolved here too). Tasks are the
     task group's options on the config search path (None: the current run's; see propetl.configs)."""
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg))  # untyped: a bad value is its rule's line, not its schema's
     check_peft_prototype(cfg)  # before resolving: peft=lora reads prototype=lora's settings
     check_resolves(cfg)
     try:

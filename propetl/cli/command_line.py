@@ -1,5 +1,6 @@
 """propetl-train's command line checked against the config tree (with the user's --config-dir, hydra.searchpath) before
-Hydra composes: unknown group options (task=nope) and keys (+trainer.max_step=3) give one line, not Hydra's page.
+Hydra composes: unknown group options (task=nope), keys (+trainer.max_step=3) and a typed group's values of the wrong
+type (trainer.batch_size=abc) give one line, not Hydra's page.
 Light on purpose (Hydra and OmegaConf only): it runs before anything heavy is imported."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from collections.abc import Sequence
 import yaml
 from omegaconf import DictConfig
 
-from propetl.configs import PRIMARY_CONFIG, ConfigError, compose, config_dir_entry, require_option
+from propetl.configs import PRIMARY_CONFIG, SCHEMAS, ConfigError, compose, config_dir_entry, require_option
 
 SWEEP_FUNCTIONS = ("glob(", "range(", "choice(", "interval(", "[")  # a group swept by a function: not checked
 GROUPS = ("model", "task", "prototype", "method", "peft", "mask", "trainer", "logger", "data", "experiment", "profile")
@@ -90,10 +91,37 @@ def known_keys(
             mark = error.problem_mark or error.context_mark
             where = f"{mark.name}, line {mark.line + 1}" if mark else "a config file"
             raise ConfigError(f"{where}: not valid YAML: {error.problem or error.context}; fix the file") from None
+        except ConfigError:  # a value or key a typed group's schema refuses (a user's file)
+            raise
         except Exception:  # noqa: BLE001  (Hydra's composition errors have no common type)
             return None
         keys |= config_keys(cfg) - {"hydra"}
     return keys
+
+
+def check_value_types(
+    arguments: list[str], groups: dict[str, list[str]], search_path: Sequence[str], config_name: str
+) -> None:
+    """The values given to the typed groups' keys (configs.SCHEMAS), each swept value once, composed with the first
+    group choices: a value of the wrong type is compose's one line (ConfigError), not Hydra's page."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    first = [f"{group}={values[0]}" for group, values in groups.items()]
+    single, swept = [], []
+    for argument, override in zip(arguments, OverridesParser.create().parse_overrides(arguments)):
+        if override.is_delete() or override.key_or_group.split(".")[0] not in SCHEMAS:
+            continue
+        if not override.is_sweep_override():
+            single.append(argument)
+        elif not override.is_interval_sweep():
+            swept += [[f"{override.get_key_element()}={value}"] for value in override.sweep_string_iterator()]
+    for overrides in [single, *swept] if single else swept:
+        try:
+            compose([*first, *overrides], search_path, config_name)
+        except ConfigError:
+            raise
+        except Exception:  # noqa: BLE001  (another composition error: Hydra says why)
+            return
 
 
 def check_keys_known(
@@ -111,3 +139,4 @@ def check_keys_known(
             near = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f"did you mean {near[0]}?" if near else "`propetl-train --cfg job` lists the keys"
             raise ConfigError(f"{argument}: {key} is not a config key; {hint}")
+    check_value_types([argument for argument, _ in keys], groups, search_path, config_name)
