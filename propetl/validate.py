@@ -8,9 +8,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from propetl.configs import ConfigError, group_choices, group_option
+from propetl.configs import ConfigError, PeftGroup, group_choices, group_option
 from propetl.data.metrics import metrics_for, selections_for
-from propetl.methods import METHODS, PROTOTYPES, frozen_prototype, peft_missing, peft_module, rules
+from propetl.methods import METHODS, PROTOTYPES, peft_missing, peft_module, rules
 from propetl.methods.masks import COMBINES, MASK_KINDS
 from propetl.methods.rules import BOOLEAN, LEARNING_RATE, MAX_SEED, SEED  # noqa: F401 (MAX_SEED: tests)
 from propetl.models import backbone
@@ -180,14 +180,15 @@ def validate_method(cfg) -> None:
         check_peft_prototype(cfg)
         if missing := peft_missing():
             raise ConfigError(missing)
-        if refused := peft_module().refusal(cfg.peft):
+        if refused := peft_module().refusal(PeftGroup.from_config(cfg.peft)):
             raise ConfigError(refused)
         for key in cfg.peft.get("lrs") or {}:  # tensors at their own lr (VB-LoRA's bank)
             _check(cfg, f"peft.lrs.{key}", LEARNING_RATE)
     for key, rule in MASK_RULES.items():
         _check(cfg, key, rule)
-    PROTOTYPES[cfg.prototype.name].CONFIG.from_config(cfg.prototype).check("prototype.")  # its dataclass's rules
-    if frozen_prototype(cfg):
+    prototype = PROTOTYPES[cfg.prototype.name].CONFIG.from_config(cfg.prototype)
+    prototype.check("prototype.")  # its dataclass's rules
+    if prototype.freeze:
         why = "a frozen, seeded prototype is ProPETL's: masks learn over it; method=propetl"
         rules.require(
             cfg.method.name == "propetl", "prototype.freeze", True, f"false with method={cfg.method.name} ({why})"
