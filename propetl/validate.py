@@ -14,7 +14,6 @@ from propetl.methods import METHODS, PROTOTYPES, peft_missing, peft_module, rule
 from propetl.methods.masks import COMBINES, MASK_KINDS
 from propetl.methods.rules import BOOLEAN, LEARNING_RATE, MAX_SEED, SEED  # noqa: F401 (MAX_SEED: tests)
 from propetl.models import backbone
-from propetl.run import log
 from propetl.storage.accounting import STORAGE_DTYPES
 from propetl.storage.mask_coding import CODINGS
 
@@ -73,10 +72,6 @@ def validate(cfg, search_path=None) -> None:
     task group's options on the config search path (None: the current run's; see propetl.configs)."""
     check_peft_prototype(cfg)  # before resolving: peft=lora reads prototype=lora's settings
     check_resolves(cfg)
-    try:
-        log.wandb_settings(cfg)  # W&B's environment variables (WANDB_MODE) are input too
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
     tasks_known = group_choices("task", search_path)
     _check(cfg, "task.name", rules.one_of(tasks_known))
     _check(cfg, "seed", SEED)  # before mask.seed, which is ${seed} unless set
