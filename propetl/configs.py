@@ -272,15 +272,10 @@ class MaskConfig:
 
 
 @dataclass(frozen=True)
-class PeftGroup:
+class PeftGroup(_FromGroup):
     """The peft group (conf/peft/<name>.yaml) of method=peft: one of PEFT's config classes and its keyword arguments
     (a mapping or None; peft_tuners.refusal names anything else)."""
 
     name: str
     config_class: str
     config: Any = None
-
-    @classmethod
-    def from_config(cls, group: Mapping[str, Any]) -> PeftGroup:
-        peft = plain_group(group)
-        return cls(peft["name"], peft["config_class"], peft.get("config"))
