@@ -297,7 +297,7 @@ class ProPETLModel(nn.Module):
 def attach(model: nn.Module, cfg: DictConfig, for_training: bool) -> ProPETLModel:
     """methods.attach, as the runner's model.build does, on the given model (the store goes to its device)."""
     device = next(model.parameters()).device
-    methods.attach(model, encoder_layers(model), cfg, head_parameter_names(model), for_training)
+    methods.attach(model, encoder_layers(model), ModelSetup.from_config(cfg), head_parameter_names(model), for_training)
     model.to(device)
     return ProPETLModel(model, cfg)
 

@@ -276,7 +276,7 @@ MODEL_SECTIONS = ("model", "prototype", "method", "mask")  # + peft with method=
 class ModelSetup:
     """How a run's model is built and kept: `saved`, its model, prototype, method, mask and (method=peft) peft groups
     and (a run) its data split, as plain values — what a checkpoint's propetl.json records and the method is attached
-    from (attach_config) —, how its checkpoint is written (storage), and the task of a transformers model with the
+    from —, how its checkpoint is written (storage), and the task of a transformers model with the
     method inside (the Python API's has none)."""
 
     saved: dict[str, Any]
@@ -307,6 +307,41 @@ class ModelSetup:
     def method(self) -> str:
         return str(self.saved["method"]["name"])
 
+    @property
+    def mask(self) -> MaskConfig:
+        return MaskConfig.from_config(self.saved["mask"])
+
+    @property
+    def peft(self) -> PeftGroup | None:
+        """method=peft's tuner; None for the other methods."""
+        return PeftGroup.from_config(self.saved["peft"]) if self.method == "peft" else None
+
     def attach_config(self) -> DictConfig:
-        """The groups as the config methods.attach (and methods.prototype_config) reads."""
+        """The saved groups as one DictConfig (storage/checkpoint.py compares a run's settings with a checkpoint's)."""
         return OmegaConf.create(self.saved)
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """The mask group (conf/mask/default.yaml) as the masks read it: the fraction of zeros, learned | random | none,
+    the seed of random masks, and how a task's mask and a site's combine (older configs lack it: or)."""
+
+    sparsity: float
+    kind: str
+    seed: int
+    combine: str = "or"
+
+    @classmethod
+    def from_config(cls, group: Mapping[str, Any]) -> MaskConfig:
+        mask = plain_group(group)
+        return cls(float(mask["sparsity"]), str(mask["kind"]), int(mask["seed"]), str(mask.get("combine", "or")))
+
+
+@dataclass(frozen=True)
+class PeftGroup(_FromGroup):
+    """The peft group (conf/peft/<name>.yaml) of method=peft: one of PEFT's config classes and its keyword arguments
+    (a mapping or None; peft_tuners.refusal names anything else)."""
+
+    name: str
+    config_class: str
+    config: Any = None

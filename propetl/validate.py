@@ -8,13 +8,12 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from propetl.configs import ConfigError, group_choices, group_option
+from propetl.configs import ConfigError, PeftGroup, group_choices, group_option
 from propetl.data.metrics import metrics_for, selections_for
-from propetl.methods import METHODS, PROTOTYPES, frozen_prototype, peft_missing, peft_module, rules
+from propetl.methods import METHODS, PROTOTYPES, peft_missing, peft_module, rules
 from propetl.methods.masks import COMBINES, MASK_KINDS
 from propetl.methods.rules import BOOLEAN, LEARNING_RATE, MAX_SEED, SEED  # noqa: F401 (MAX_SEED: tests)
 from propetl.models import backbone
-from propetl.run import log
 from propetl.storage.accounting import STORAGE_DTYPES
 from propetl.storage.mask_coding import CODINGS
 
@@ -74,10 +73,6 @@ def validate(cfg, search_path=None) -> None:
     cfg = OmegaConf.create(OmegaConf.to_container(cfg))  # untyped: a bad value is its rule's line, not its schema's
     check_peft_prototype(cfg)  # before resolving: peft=lora reads prototype=lora's settings
     check_resolves(cfg)
-    try:
-        log.wandb_settings(cfg)  # W&B's environment variables (WANDB_MODE) are input too
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
     tasks_known = group_choices("task", search_path)
     _check(cfg, "task.name", rules.one_of(tasks_known))
     _check(cfg, "seed", SEED)  # before mask.seed, which is ${seed} unless set
@@ -181,14 +176,15 @@ def validate_method(cfg) -> None:
         check_peft_prototype(cfg)
         if missing := peft_missing():
             raise ConfigError(missing)
-        if refused := peft_module().refusal(cfg.peft):
+        if refused := peft_module().refusal(PeftGroup.from_config(cfg.peft)):
             raise ConfigError(refused)
         for key in cfg.peft.get("lrs") or {}:  # tensors at their own lr (VB-LoRA's bank)
             _check(cfg, f"peft.lrs.{key}", LEARNING_RATE)
     for key, rule in MASK_RULES.items():
         _check(cfg, key, rule)
-    PROTOTYPES[cfg.prototype.name].CONFIG.from_config(cfg.prototype).check("prototype.")  # its dataclass's rules
-    if frozen_prototype(cfg):
+    prototype = PROTOTYPES[cfg.prototype.name].CONFIG.from_config(cfg.prototype)
+    prototype.check("prototype.")  # its dataclass's rules
+    if prototype.freeze:
         why = "a frozen, seeded prototype is ProPETL's: masks learn over it; method=propetl"
         rules.require(
             cfg.method.name == "propetl", "prototype.freeze", True, f"false with method={cfg.method.name} ({why})"

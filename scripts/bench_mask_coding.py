@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 import propetl  # noqa: E402,F401
 from propetl import methods
-from propetl.configs import compose  # noqa: E402
+from propetl.configs import MaskConfig, compose  # noqa: E402
 from propetl.storage import accounting, checkpoint, files, mask_coding  # noqa: E402
 
 
@@ -45,7 +45,9 @@ def median_seconds(fn, repeats: int) -> float:
 def bench(sparsity: float, coding: str, repeats: int, folder: Path) -> dict:
     cfg = config(f"mask.sparsity={sparsity}", f"storage.mask_coding={coding}")
     torch.manual_seed(0)
-    masks = methods.make_weights(cfg, cfg.model.hidden_size, cfg.model.num_layers, for_training=False).binary_masks()
+    prototype, mask = methods.prototype_config(cfg.prototype), MaskConfig.from_config(cfg.mask)
+    weights = methods.make_weights(cfg.method.name, prototype, mask, cfg.model.hidden_size, cfg.model.num_layers, False)
+    masks = weights.binary_masks()
     tensors, metadata = mask_coding.encode(masks, coding)
     path = folder / f"masks-{sparsity}-{coding}.safetensors"
     entries = sum(m.numel() for m in masks.values())

@@ -52,8 +52,8 @@ def roberta_base():
 def attached(base, *overrides: str):
     """A copy of `base` with the method of config(*overrides) attached (as loading a checkpoint builds it)."""
     model = copy.deepcopy(base)
-    methods.attach(model, backbone.encoder_layers(model), config(*overrides), backbone.head_parameter_names(model),
-                   for_training=False)
+    methods.attach(model, backbone.encoder_layers(model), ModelSetup.from_config(config(*overrides)),
+                   backbone.head_parameter_names(model), for_training=False)
     return model
 
 

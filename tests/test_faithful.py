@@ -10,6 +10,7 @@ import torch
 from conftest import compose_cfg
 
 from propetl import methods
+from propetl.configs import MaskConfig
 from propetl.methods.masks import combine, ones_per_mask
 
 MINILM_HIDDEN, MINILM_LAYERS = 384, 6
@@ -18,7 +19,8 @@ MINILM_HIDDEN, MINILM_LAYERS = 384, 6
 def propetl_weights(*overrides: str, num_tasks: int = 0):
     cfg = compose_cfg(["method=propetl", *overrides])
     torch.manual_seed(0)
-    return methods.make_weights(cfg, MINILM_HIDDEN, MINILM_LAYERS, num_tasks=num_tasks), cfg
+    prototype, mask = methods.prototype_config(cfg.prototype), MaskConfig.from_config(cfg.mask)
+    return methods.make_weights("propetl", prototype, mask, MINILM_HIDDEN, MINILM_LAYERS, num_tasks=num_tasks), cfg
 
 
 def score_range(weights, name: str) -> float:

@@ -100,11 +100,12 @@ def test_sweep_folder_names_leave_out_only_keys_that_change_nothing():
 
 def test_a_random_mask_follows_the_run_s_seed_unless_mask_seed_is_given():
     """The ablation's random arm: three seeds, three masks (mask.seed defaulted to 0 once: one mask for all)."""
-    from propetl.methods import make_weights
+    from propetl.configs import MaskConfig
+    from propetl.methods import make_weights, prototype_config
 
     def random_masks(*overrides: str) -> dict:
         cfg = compose_cfg(["mask.kind=random", "prototype=lora", *overrides])
-        weights = make_weights(cfg, 32, 2)
+        weights = make_weights(cfg.method.name, prototype_config(cfg.prototype), MaskConfig.from_config(cfg.mask), 32, 2)
         return {name: masks().clone() for name, masks in weights.masks.items()}
 
     first, second = random_masks("seed=42"), random_masks("seed=43")

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from propetl import methods, report
 from propetl.cli import upgrade
-from propetl.configs import ModelSetup
+from propetl.configs import MaskConfig, ModelSetup
 from propetl.models import backbone
 from propetl.run import log
 from propetl.storage import accounting, checkpoint, files, mask_coding
@@ -277,7 +277,8 @@ def written_bytes(cfg, hidden: int, layers: int, folder) -> int:
     """Bytes of the files a checkpoint of this method keeps without its head (dense tensors, masks), written
     through checkpoint.py's own writers from the PETL store of a model of this width and depth."""
     torch.manual_seed(0)
-    weights = methods.make_weights(cfg, hidden, layers, for_training=False)
+    prototype, mask = methods.prototype_config(cfg.prototype), MaskConfig.from_config(cfg.mask)
+    weights = methods.make_weights(cfg.method.name, prototype, mask, hidden, layers, for_training=False)
     folder.mkdir()
     checkpoint.save_dense(weights.base_tensors(), folder / "dense.safetensors", cfg.storage.dtype)
     if masks := weights.binary_masks():

@@ -9,6 +9,7 @@ from conftest import compose_cfg, tiny_text_overrides
 
 from propetl.configs import ConfigError
 from propetl.run import log
+from propetl.run.lifecycle import begin_run
 from propetl.run.train import train
 from propetl.validate import validate
 
@@ -27,11 +28,14 @@ def test_disabled_on_either_side_wins(config_mode, environment_mode):
     assert log.wandb_settings(cfg, environ={"WANDB_MODE": environment_mode})["mode"] == "disabled"
 
 
-def test_an_unknown_wandb_mode_is_one_line_before_anything_runs(monkeypatch):
+def test_an_unknown_wandb_mode_is_one_line_before_anything_runs(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "onlin")
+    cfg = compose_cfg(["task=rte"])
+    validate(cfg)  # the run layer checks W&B's settings: validate.py imports nothing of it
     with pytest.raises(ConfigError) as refused:
-        validate(compose_cfg(["task=rte"]))
+        begin_run(cfg, tmp_path / "run")
     assert str(refused.value) == "WANDB_MODE='onlin' (environment) is invalid; allowed: online, offline, disabled"
+    assert not (tmp_path / "run").exists()
 
 
 class RecordingRun:

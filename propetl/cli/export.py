@@ -67,6 +67,7 @@ def write_peft(model, cfg, folder: Path) -> None:
     import torch
 
     from propetl import methods
+    from propetl.configs import PeftGroup
     from propetl.models.backbone import encoder_layers, head_module_names, head_parameter_names, load_backbone
 
     base = load_backbone(cfg.model, int(cfg.task.num_labels))
@@ -78,7 +79,7 @@ def write_peft(model, cfg, folder: Path) -> None:
                 parameter.copy_(trained[name])
     if methods.uses_peft(model):  # the run's own tuner, its keys moved from the encoder to the model
         tuners = methods.peft_module()
-        config = tuners.make_config(cfg.peft)
+        config = tuners.make_config(PeftGroup.from_config(cfg.peft))
         inner, outer = "base_model.model.", f"base_model.model.{base.base_model_prefix}."
         state = {
             outer + k[len(inner) :] if k.startswith(inner) else k: t

@@ -9,7 +9,7 @@ A prototype is one module plus one yaml (conf/prototype/<name>.yaml), registered
     attach(model, layers, weights, config)      wraps the backbone's layers so they read `weights`
     merge(layers, weights) -> weights | None    folds masks away for inference (None: folded into the backbone)
     make_weights(config, ...), optional         the store, when its tensors are produced rather than stored (prefix)
-where `config` is its CONFIG built from the composed cfg.prototype (prototype_config(cfg)).
+where `config` is its CONFIG built from the prototype group (prototype_config(group)).
 method=peft: any PEFT tuner (peft=<name>, conf/peft/<name>.yaml) instead of ours, no PETL store; peft=lora (with
 prototype=lora, whose settings it takes) is the reference row (methods/peft_tuners.py, imported only on its path:
 peft is optional).
@@ -18,13 +18,14 @@ peft is optional).
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
 import torch
 from torch import nn
 
-from propetl.configs import ConfigError
+from propetl.configs import ConfigError, MaskConfig, ModelSetup
 from propetl.methods import adapter, lora, prefix
 from propetl.methods.rules import PrototypeConfig
 from propetl.methods.weights import LayerWeights
@@ -52,13 +53,13 @@ for _name, _module in (("adapter", adapter), ("lora", lora), ("prefix", prefix))
     register_prototype(_name, _module)
 
 
-def import_prototype(prototype_cfg) -> None:
+def import_prototype(group: Mapping[str, Any]) -> None:
     """Register the module a user's prototype yaml names (`module: my_package.my_prototype`), once."""
-    path = prototype_cfg.get("module")
-    if prototype_cfg.name in PROTOTYPES or not path:
+    path, name = group.get("module"), str(group["name"])
+    if name in PROTOTYPES or not path:
         return
     try:
-        register_prototype(prototype_cfg.name, importlib.import_module(str(path)))
+        register_prototype(name, importlib.import_module(str(path)))
     except (ImportError, TypeError) as error:
         raise ConfigError(
             f"prototype.module={path!r} is invalid ({error}); allowed: an importable module "
@@ -87,52 +88,51 @@ def not_foldable(prototype_name: str) -> str | None:
     return f"prototype={prototype_name} cannot be folded into BERT's weights ({why}); only {', '.join(foldable)} can"
 
 
-def frozen_prototype(cfg) -> bool:
-    """prototype.freeze: masks over a prototype drawn from prototype.seed and never trained (older configs: false)."""
-    return bool(cfg.prototype.get("freeze", False))
+def prototype_config(group: Mapping[str, Any]) -> PrototypeConfig:
+    """The prototype's dataclass (its module's CONFIG) from its config group (a run's `prototype`, a checkpoint's)."""
+    import_prototype(group)
+    return PROTOTYPES[str(group["name"])].CONFIG.from_config(group)
 
 
-def prototype_config(cfg) -> PrototypeConfig:
-    """The prototype's dataclass (its module's CONFIG) from the composed cfg.prototype."""
-    import_prototype(cfg.prototype)
-    return PROTOTYPES[cfg.prototype.name].CONFIG.from_config(cfg.prototype)
-
-
-def make_weights(cfg, hidden: int, num_layers: int, for_training: bool = True, num_tasks: int = 0) -> LayerWeights:
-    """The PETL store for cfg.method.name in {petl, propetl} and cfg.prototype (num_tasks > 0: multi-task masks)."""
-    config = prototype_config(cfg)
-    prototype = PROTOTYPES[config.name]
-    shared = cfg.method.name == "propetl"
+def make_weights(
+    method: str, prototype: PrototypeConfig, mask: MaskConfig, hidden: int, layers: int, for_training=True, num_tasks=0
+) -> LayerWeights:
+    """The PETL store of `method` (propetl: one prototype all layers share; petl: one per layer) for `prototype`,
+    masked as `mask` says (num_tasks > 0: multi-task masks)."""
+    module, shared = PROTOTYPES[prototype.name], method == "propetl"
     mask_kwargs = {
-        "mask_sparsity": float(cfg.mask.sparsity),
-        "mask_kind": cfg.mask.kind,
-        "mask_seed": int(cfg.mask.seed),
+        "mask_sparsity": mask.sparsity,
+        "mask_kind": mask.kind,
+        "mask_seed": mask.seed,
         "num_tasks": num_tasks,
-        "mask_combine": str(cfg.mask.get("combine", "or")),
-        "frozen_seed": int(config.seed) if config.freeze else None,
+        "mask_combine": mask.combine,
+        "frozen_seed": int(prototype.seed) if prototype.freeze else None,
     }
-    if hasattr(prototype, "make_weights"):
-        return prototype.make_weights(config, hidden, num_layers, shared, for_training, **mask_kwargs)
-    return LayerWeights(prototype.specs(config, hidden), num_layers, shared, **mask_kwargs)
+    if hasattr(module, "make_weights"):
+        return module.make_weights(prototype, hidden, layers, shared, for_training, **mask_kwargs)
+    return LayerWeights(module.specs(prototype, hidden), layers, shared, **mask_kwargs)
 
 
 def attach(
-    model: nn.Module, layers: nn.ModuleList, cfg, head_names: set[str], for_training: bool = True, num_tasks: int = 0
+    model: nn.Module, layers: nn.ModuleList, setup: ModelSetup, head_names: set[str], for_training=True, num_tasks=0
 ):
-    """Freeze the backbone and insert the method. Returns the PETL store (None for finetune and peft)."""
-    if cfg.method.name == "finetune":
+    """Freeze the backbone and insert `setup`'s method. Returns the PETL store (None for finetune and peft)."""
+    if setup.method == "finetune":
         for parameter in model.parameters():
             parameter.requires_grad_(True)
         return None
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name in head_names)
-    if cfg.method.name == "peft":
-        peft_module().attach(model, cfg.peft, head_names)
+    if setup.method == "peft":
+        peft_module().attach(model, setup.peft, head_names)
         return None
     config: Any = model.config  # transformers' config (torch types a module's attributes as Tensor | Module)
-    weights = make_weights(cfg, config.hidden_size, len(layers), for_training, num_tasks)
+    prototype = prototype_config(setup.saved["prototype"])
+    weights = make_weights(
+        setup.method, prototype, setup.mask, config.hidden_size, len(layers), for_training, num_tasks
+    )
     setattr(model, WEIGHTS_ATTRIBUTE, weights)
-    PROTOTYPES[cfg.prototype.name].attach(model, layers, weights, prototype_config(cfg))
+    PROTOTYPES[prototype.name].attach(model, layers, weights, prototype)
     model.register_forward_pre_hook(_forget_step_cache)
     return weights
 

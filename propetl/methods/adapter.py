@@ -39,8 +39,8 @@ class AdapterConfig(rules.PrototypeConfig):
 CONFIG = AdapterConfig
 
 
-def specs(cfg: AdapterConfig, hidden: int) -> dict[str, TensorSpec]:
-    bottleneck, init = int(cfg.bottleneck), f"normal:{cfg.init_std}"
+def specs(config: AdapterConfig, hidden: int) -> dict[str, TensorSpec]:
+    bottleneck, init = int(config.bottleneck), f"normal:{config.init_std}"
     # frozen (prototype.freeze): nn.Linear's range, not N(0, 0.02^2), whose output masks could only shrink to nothing
     return {
         "down_weight": TensorSpec(
@@ -71,10 +71,10 @@ class AdaptedFeedForwardOutput(nn.Module):
         return o.LayerNorm(a + f + input_tensor)
 
 
-def attach(model: nn.Module, layers: nn.ModuleList, weights: LayerWeights, cfg: AdapterConfig) -> None:
+def attach(model: nn.Module, layers: nn.ModuleList, weights: LayerWeights, config: AdapterConfig) -> None:
     layer: Any  # a BERT/RoBERTa block: torch types its submodules as Tensor | Module
     for index, layer in enumerate(layers):
-        layer.output = AdaptedFeedForwardOutput(layer.output, weights, index, cfg.non_linearity)
+        layer.output = AdaptedFeedForwardOutput(layer.output, weights, index, config.non_linearity)
 
 
 def merge(layers: nn.ModuleList, weights: LayerWeights) -> LayerWeights:

@@ -33,10 +33,10 @@ class LoRAConfig(rules.PrototypeConfig):
 CONFIG = LoRAConfig
 
 
-def specs(cfg: LoRAConfig, hidden: int) -> dict[str, TensorSpec]:
-    r = int(cfg.r)
+def specs(config: LoRAConfig, hidden: int) -> dict[str, TensorSpec]:
+    r = int(config.r)
     out = {}
-    for target in cfg.targets:
+    for target in config.targets:
         out[f"{target}_A"] = TensorSpec((r, hidden), "kaiming", masked=True)
         out[f"{target}_B"] = TensorSpec((hidden, r), "zeros", masked=True, frozen_init="kaiming")  # frozen: B != 0
     return out
@@ -62,12 +62,12 @@ class LoRALinear(nn.Module):
         return self.base(x) + self.scaling * update
 
 
-def attach(model: nn.Module, layers: nn.ModuleList, weights: LayerWeights, cfg: LoRAConfig) -> None:
-    scaling = float(cfg.alpha) / float(cfg.r)
+def attach(model: nn.Module, layers: nn.ModuleList, weights: LayerWeights, config: LoRAConfig) -> None:
+    scaling = float(config.alpha) / float(config.r)
     layer: Any  # a BERT/RoBERTa block: torch types its submodules as Tensor | Module
     for index, layer in enumerate(layers):
         attention = layer.attention.self
-        for target in cfg.targets:
+        for target in config.targets:
             setattr(attention, target, LoRALinear(getattr(attention, target), weights, index, target, scaling))
 
 

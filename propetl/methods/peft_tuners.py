@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import peft
-from omegaconf import OmegaConf
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from propetl.configs import ConfigError
+from propetl.configs import ConfigError, PeftGroup
 from propetl.methods import PEFT_FILES
 
 PEFT_MODEL = "peft_model"  # the attribute the PeftModel is kept under (not a submodule)
@@ -70,30 +68,29 @@ def tuner_classes() -> list[str]:
     )
 
 
-def refusal(cfg) -> str | None:
-    """Why the peft group `cfg` cannot work (one line naming the valid choices), or None."""
-    name = cfg.config_class
+def refusal(group: PeftGroup) -> str | None:
+    """Why the peft group cannot work (one line naming the valid choices), or None."""
+    name = group.config_class
     if name not in tuner_classes():
         reason = f" ({NOT_ON_BERT[name]})" if name in NOT_ON_BERT else ""
         return f"peft.config_class={name!r} is invalid{reason}; allowed: {', '.join(tuner_classes())}"
-    if not (cfg.config is None or OmegaConf.is_dict(cfg.config)):
-        return f"peft.config={cfg.config!r} is invalid; allowed: null or a mapping of {name}'s keyword arguments"
-    config = cfg.config or {}
+    if not (group.config is None or isinstance(group.config, dict)):
+        return f"peft.config={group.config!r} is invalid; allowed: null or a mapping of {name}'s keyword arguments"
+    config = group.config or {}
     for key in ("task_type", "modules_to_save"):
         if config.get(key) is not None:
             why = "propetl trains the head, classifier and pooler, at trainer.head_lr itself"
             return f"peft.config.{key}={config[key]!r} is invalid; allowed: null ({why})"
     try:
-        make_config(cfg)
+        make_config(group)
     except (TypeError, ValueError) as error:
-        return f"peft={cfg.name}: {name} refuses peft.config: {str(error).splitlines()[0]}"
+        return f"peft={group.name}: {name} refuses peft.config: {str(error).splitlines()[0]}"
     return None
 
 
-def make_config(cfg) -> peft.PeftConfig:
-    """peft.<cfg.config_class>(**cfg.config) (null: no arguments; refusal() refuses one that is not a mapping)."""
-    options: Any = {} if cfg.config is None else OmegaConf.to_container(cfg.config, resolve=True)
-    return getattr(peft, cfg.config_class)(**options)
+def make_config(group: PeftGroup) -> peft.PeftConfig:
+    """peft.<config_class>(**config) (null: no arguments; refusal() refuses a config that is not a mapping)."""
+    return getattr(peft, group.config_class)(**(group.config or {}))
 
 
 def encoder(model: nn.Module) -> nn.Module:
@@ -103,13 +100,13 @@ def encoder(model: nn.Module) -> nn.Module:
     return getattr(model, prefix)
 
 
-def attach(model: nn.Module, cfg, head_names: set[str]) -> None:
-    """Adapt `model`'s encoder in place with the tuner of the peft group `cfg`; the head trains."""
+def attach(model: nn.Module, group: PeftGroup, head_names: set[str]) -> None:
+    """Adapt `model`'s encoder in place with the peft group's tuner; the head trains."""
     try:
-        adapted = peft.get_peft_model(encoder(model), make_config(cfg))
+        adapted = peft.get_peft_model(encoder(model), make_config(group))
     except (ValueError, TypeError, KeyError, NotImplementedError) as error:  # e.g. VB-LoRA's vector_length
         why = str(error).splitlines()[0]
-        raise ConfigError(f"peft={cfg.name}: PEFT cannot adapt {type(model).__name__}: {why}") from None
+        raise ConfigError(f"peft={group.name}: PEFT cannot adapt {type(model).__name__}: {why}") from None
     object.__setattr__(model, PEFT_MODEL, adapted)  # not registered: its modules are the model's own
     for name, parameter in model.named_parameters():
         if name in head_names:

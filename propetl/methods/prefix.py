@@ -67,8 +67,8 @@ AttentionInterface.register(ATTENTION_NAME, prefix_attention)
 AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
-def specs(cfg: PrefixConfig, hidden: int) -> dict[str, TensorSpec]:
-    length = int(cfg.length)
+def specs(config: PrefixConfig, hidden: int) -> dict[str, TensorSpec]:
+    length = int(config.length)
     # frozen (prototype.freeze): the table drawn directly (no MLP to train) at about the scale of BERT's keys/values
     return {
         "prefix": TensorSpec(
@@ -81,15 +81,15 @@ class PrefixWeights(LayerWeights):
     """LayerWeights whose prefix comes from the re-parameterisation MLP while training."""
 
     def __init__(
-        self, cfg: PrefixConfig, hidden: int, num_layers: int, shared: bool, reparameterise: bool, **mask_kwargs
+        self, config: PrefixConfig, hidden: int, num_layers: int, shared: bool, reparameterise: bool, **mask_kwargs
     ):
-        super().__init__(specs(cfg, hidden), num_layers, shared, **mask_kwargs)
+        super().__init__(specs(config, hidden), num_layers, shared, **mask_kwargs)
         self.reparameterise = reparameterise and not self.frozen  # frozen: the table itself
         if self.reparameterise:
             del self.weights["prefix"]  # the MLP produces it
-            length, out = int(cfg.length), 2 * hidden * (1 if shared else num_layers)
-            self.embedding = nn.Parameter(torch.empty(length, hidden).normal_(0.0, float(cfg.embedding_std)))
-            width = int(cfg.mlp_hidden)
+            length, out = int(config.length), 2 * hidden * (1 if shared else num_layers)
+            self.embedding = nn.Parameter(torch.empty(length, hidden).normal_(0.0, float(config.embedding_std)))
+            width = int(config.mlp_hidden)
             self.mlp = nn.Sequential(nn.Linear(hidden, width), nn.Tanh(), nn.Linear(width, out))
 
     def base_tensors(self) -> dict[str, torch.Tensor]:
@@ -102,9 +102,9 @@ class PrefixWeights(LayerWeights):
 
 
 def make_weights(
-    cfg: PrefixConfig, hidden: int, num_layers: int, shared: bool, for_training: bool, **mask_kwargs
+    config: PrefixConfig, hidden: int, num_layers: int, shared: bool, for_training: bool, **mask_kwargs
 ) -> PrefixWeights:
-    return PrefixWeights(cfg, hidden, num_layers, shared, reparameterise=for_training, **mask_kwargs)
+    return PrefixWeights(config, hidden, num_layers, shared, reparameterise=for_training, **mask_kwargs)
 
 
 def _bind_sources(layers: nn.ModuleList, weights: LayerWeights) -> None:
@@ -113,7 +113,7 @@ def _bind_sources(layers: nn.ModuleList, weights: LayerWeights) -> None:
         layer.attention.self.__dict__["prefix_source"] = (weights, index)
 
 
-def attach(model: Any, layers: nn.ModuleList, weights: LayerWeights, cfg: PrefixConfig) -> None:
+def attach(model: Any, layers: nn.ModuleList, weights: LayerWeights, config: PrefixConfig) -> None:
     """`model`: a transformers model or a MultiTaskModel (both have set_attn_implementation)."""
     _bind_sources(layers, weights)
     model.set_attn_implementation(ATTENTION_NAME)

@@ -137,7 +137,7 @@ def build(setup: ModelSetup, num_labels: int, for_training: bool = True) -> nn.M
     """The transformers model with the method inside (for_training=False: to receive saved weights), as the Python
     API wraps one. Runs and checkpoints use the one-task MultiTaskModel, which computes the same bit for bit."""
     model = load_backbone(setup.model, num_labels)
-    methods.attach(model, encoder_layers(model), setup.attach_config(), head_parameter_names(model), for_training)
+    methods.attach(model, encoder_layers(model), setup, head_parameter_names(model), for_training)
     return model
 
 
@@ -236,7 +236,7 @@ class MultiTaskModel(nn.Module):
         methods.attach(
             self,
             self.encoder.encoder.layer,
-            setup.attach_config(),
+            setup,
             self.head_names(),
             for_training,
             num_tasks=len(task_names) if task_masks else 0,

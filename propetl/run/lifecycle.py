@@ -56,6 +56,7 @@ def begin_run(cfg: DictConfig, output_dir: Path, claim: rundir.Claim | None = No
     Returns (finished metrics or None, distributed context, checkpointer, device)."""
     methods.import_prototype(cfg.prototype)  # a user's prototype whose yaml names its module
     validate(cfg)
+    log.wandb_settings(cfg)  # W&B's environment variables (WANDB_MODE) are input too: refused before anything runs
     ctx = distributed.from_environment()  # torchrun / accelerate launch: several processes, one run
     claim = claim or rundir.Claim(output_dir, made=False)
     if ctx.is_main:

@@ -9,6 +9,7 @@ from typing import Any, Literal, cast
 import numpy as np
 from omegaconf import OmegaConf
 
+from propetl.configs import ConfigError
 from propetl.storage import figures
 from propetl.storage.files import atomic_write, atomic_write_text
 
@@ -69,13 +70,13 @@ def sweep_group() -> str | None:
 def wandb_settings(cfg, environ=None) -> dict:
     """mode, project, entity, group of the W&B run: W&B's environment variables (WANDB_ENVIRONMENT) where set, else
     the logger config; the group of a -m sweep's jobs, if neither names one, is the sweep's (sweep_group).
-    An unknown WANDB_MODE raises ValueError in one line."""
+    An unknown WANDB_MODE is a one-line ConfigError."""
     import os
 
     environ = os.environ if environ is None else environ
     chosen = {key: environ.get(variable) or cfg.logger.get(key) for key, variable in WANDB_ENVIRONMENT.items()}
     if (mode := environ.get("WANDB_MODE")) and mode not in WANDB_MODES:
-        raise ValueError(f"WANDB_MODE={mode!r} (environment) is invalid; allowed: {', '.join(WANDB_MODES)}")
+        raise ConfigError(f"WANDB_MODE={mode!r} (environment) is invalid; allowed: {', '.join(WANDB_MODES)}")
     if "disabled" in (environ.get("WANDB_MODE"), cfg.logger.mode):
         chosen["mode"] = "disabled"
     chosen["group"] = chosen["group"] or sweep_group()

@@ -85,7 +85,7 @@ def backbone_params(model: nn.Module, head_names: set[str]) -> int:
 
 def plain_petl_params(setup: ModelSetup, hidden: int, num_layers: int) -> int:
     """What plain PETL of the same prototype stores: every layer's own module, no masks."""
-    prototype = methods.prototype_config(setup.attach_config())
+    prototype = methods.prototype_config(setup.saved["prototype"])
     specs = methods.PROTOTYPES[prototype.name].specs(prototype, hidden)
     return num_layers * sum(spec.numel for spec in specs.values())
 
