@@ -250,19 +250,33 @@ class TrainerSchema:
     save_steps: int | None
 
 
-@dataclass
-class MaskSchema:
-    """The mask group's schema (conf/mask/default.yaml holds the values)."""
+@dataclass(frozen=True, kw_only=True)
+class MaskConfig:
+    """The mask group (conf/mask/default.yaml), its schema and the view the masks read: learned | random | none, the
+    fraction of zeros, the optimizer's lr and weight decay of the scores (None: a setup read from an old checkpoint),
+    the seed of random masks, and how a task's mask and a site's combine (older configs lack it: or)."""
 
     kind: str
     sparsity: float
-    lr: float
-    weight_decay: float
+    lr: float | None = None
+    weight_decay: float | None = None
     seed: int
-    combine: str
+    combine: str = "or"
+
+    @classmethod
+    def from_config(cls, group: Mapping[str, Any]) -> MaskConfig:
+        mask = plain_group(group)
+        return cls(
+            kind=str(mask["kind"]),
+            sparsity=float(mask["sparsity"]),
+            lr=mask.get("lr"),
+            weight_decay=mask.get("weight_decay"),
+            seed=int(mask["seed"]),
+            combine=str(mask.get("combine", "or")),
+        )
 
 
-SCHEMAS = {"trainer": TrainerSchema, "data": DataConfig, "mask": MaskSchema, "storage": StorageConfig}
+SCHEMAS = {"trainer": TrainerSchema, "data": DataConfig, "mask": MaskConfig, "storage": StorageConfig}
 for _group, _schema in SCHEMAS.items():  # Hydra's ConfigStore: <group>_schema, at the group's package
     _node = OmegaConf.structured(_schema)
     OmegaConf.set_readonly(_node, False)  # a frozen view as a schema: the yamls and overrides still set values
@@ -319,22 +333,6 @@ class ModelSetup:
     def attach_config(self) -> DictConfig:
         """The saved groups as one DictConfig (storage/checkpoint.py compares a run's settings with a checkpoint's)."""
         return OmegaConf.create(self.saved)
-
-
-@dataclass(frozen=True)
-class MaskConfig:
-    """The mask group (conf/mask/default.yaml) as the masks read it: the fraction of zeros, learned | random | none,
-    the seed of random masks, and how a task's mask and a site's combine (older configs lack it: or)."""
-
-    sparsity: float
-    kind: str
-    seed: int
-    combine: str = "or"
-
-    @classmethod
-    def from_config(cls, group: Mapping[str, Any]) -> MaskConfig:
-        mask = plain_group(group)
-        return cls(float(mask["sparsity"]), str(mask["kind"]), int(mask["seed"]), str(mask.get("combine", "or")))
 
 
 @dataclass(frozen=True)
