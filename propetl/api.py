@@ -295,7 +295,7 @@ class ProPETLModel(nn.Module):
 
 
 def attach(model: nn.Module, cfg: DictConfig, for_training: bool) -> ProPETLModel:
-    """methods.attach, as the runner's model.build does, on the given model (the store goes to its device)."""
+    """methods.attach on the given model, as MultiTaskModel on its encoder (the store goes to the model's device)."""
     device = next(model.parameters()).device
     methods.attach(model, encoder_layers(model), cfg, head_parameter_names(model), for_training)
     model.to(device)
@@ -318,7 +318,8 @@ def load_propetl(model: nn.Module, directory) -> ProPETLModel:
     save_propetl's or the runner's method=propetl|petl checkpoints. Prefix loads its stored table, without the MLP."""
     check_supported(model)
     directory = Path(directory)
-    saved = OmegaConf.create(checkpoint.single_task_config(checkpoint.read_checkpoint_config(directory), directory))
+    config = checkpoint.read_checkpoint_config(directory)
+    saved = OmegaConf.create(checkpoint.single_task_config(config, directory))
     if saved.method.name not in LOADABLE_METHODS:
         raise ConfigError(
             f"{directory}: method={saved.method.name} is not loaded by load_propetl; it loads: "
@@ -335,6 +336,7 @@ def load_propetl(model: nn.Module, directory) -> ProPETLModel:
             raise ConfigError(f"{directory} was saved for {key}={OmegaConf.select(saved, key)}, this model has {value}")
     cfg = OmegaConf.merge(saved, {"trainer": trainer_defaults()})
     assert isinstance(cfg, DictConfig)
+    loaded, _ = checkpoint.load_checkpoint(directory, config)  # the one reader: into the MultiTaskModel
     wrapped = attach(model, checked(cfg), for_training=False)
-    checkpoint.load_weights(model, cfg.method.name, cfg.tasks[0], wrapped.head_names, directory)
+    model.load_state_dict({loaded.transformers_name(n): t for n, t in loaded.state_dict().items()})
     return wrapped.eval()

@@ -132,14 +132,18 @@ def test_save_then_load_gives_the_same_logits(tiny_model_dir, tmp_path, prototyp
         assert "\n" not in str(error.value)
 
 
-def test_load_propetl_reads_a_runner_checkpoint(tiny_cfg, tiny_model_dir, tmp_path):
+def test_load_propetl_reads_a_runner_checkpoint_through_the_runners_reader(tiny_cfg, tiny_model_dir, tmp_path,
+                                                                            monkeypatch):
     cfg = tiny_cfg("method=propetl", "prototype=lora", "prototype.r=4")
     torch.manual_seed(0)
     trained = backbone.build(ModelSetup.from_config(cfg), 2)
     train_steps(trained)
     checkpoint.save_checkpoint(trained, ModelSetup.from_config(cfg), tmp_path / "checkpoint")
+    reads, reader = [], checkpoint.load_checkpoint
+    monkeypatch.setattr(checkpoint, "load_checkpoint", lambda *args: reads.append(args) or reader(*args))
     torch.testing.assert_close(logits(load_propetl(fresh(tiny_model_dir), tmp_path / "checkpoint")), logits(trained),
                                atol=1e-5, rtol=0)
+    assert len(reads) == 1                                           # one reader: the CLI's
 
 
 def test_save_propetl_replaces_its_own_earlier_save_atomically(tiny_model_dir, tmp_path):
