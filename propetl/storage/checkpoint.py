@@ -322,36 +322,13 @@ def single_task_config(config: dict, directory: Path) -> dict:
     }
 
 
-def load_checkpoint(directory: Path, config: dict | None = None) -> tuple[nn.Module, DictConfig]:
+def load_checkpoint(directory: Path, config: dict | None = None) -> tuple[backbone.MultiTaskModel, DictConfig]:
     """A one-task checkpoint as the one-task MultiTaskModel, in eval mode, and its config with `task` (`config`: its
     read_checkpoint_config, if the caller has it: the folder is not hashed again)."""
     directory = Path(directory)
     config = read_checkpoint_config(directory) if config is None else config
     cfg = OmegaConf.create(single_task_config(config, directory))
     return load_multitask(directory, config=config)[0], cfg
-
-
-def read_dense(path: Path, targets: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The dense file's tensors; a model that keeps none (a frozen prototype) has no file to read."""
-    return read_safetensors(path)[0] if targets or path.exists() else {}
-
-
-def _load_dense(model: nn.Module, targets: Mapping[str, torch.Tensor], tensors: dict[str, torch.Tensor], path: Path):
-    """The dense file's tensors into the model: `targets` by name, or (method=peft) PEFT's file into its tuner."""
-    if not methods.uses_peft(model):
-        _copy_into(targets, tensors, path)
-    elif unmatched := methods.peft_module().load_adapter(model, tensors):
-        raise CheckpointError(f"{path}: tensors do not match the model's PEFT tuner ({unmatched[:3]})")
-
-
-def _load_masks(stores: dict, masks: dict[str, torch.Tensor], path: Path) -> None:
-    for name, mask in stores.items():
-        if name not in masks:
-            raise CheckpointError(f"{path}: no mask for '{name}'")
-        try:
-            mask.load_binary(masks[name])
-        except ValueError as error:  # another sparsity or shape than the config says
-            raise CheckpointError(f"{path}: mask '{name}': {error}") from None
 
 
 def _copy_into(targets: Mapping[str, torch.Tensor], tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -415,12 +392,22 @@ def load_multitask(
     weights, method = methods.petl_weights(model), saved["method"]["name"]
     shared = directory / SHARED_DIR
     targets = {model.transformers_name(n): p for n, p in dense_parameters(model, method, model.head_names()).items()}
-    dense = read_dense(shared / DENSE_FILE[method], targets)
+    dense_path, masks_path = shared / DENSE_FILE[method], shared / LAYER_MASKS_FILE
+    dense = read_safetensors(dense_path)[0] if targets or dense_path.exists() else {}  # none: a frozen prototype
     _, layer_masks = split_task_layer(weights.mask_stores()) if weights is not None else ({}, {})
+    masks = read_masks(masks_path) if layer_masks else {}
     with torch.no_grad():
-        _load_dense(model, targets, dense, shared / DENSE_FILE[method])
-        if layer_masks:
-            _load_masks(layer_masks, read_masks(shared / LAYER_MASKS_FILE), shared / LAYER_MASKS_FILE)
+        if not methods.uses_peft(model):
+            _copy_into(targets, dense, dense_path)
+        elif unmatched := methods.peft_module().load_adapter(model, dense):  # PEFT's file into its tuner
+            raise CheckpointError(f"{dense_path}: tensors do not match the model's PEFT tuner ({unmatched[:3]})")
+        for name, mask in layer_masks.items():
+            if name not in masks:
+                raise CheckpointError(f"{masks_path}: no mask for '{name}'")
+            try:
+                mask.load_binary(masks[name])
+            except ValueError as error:  # another sparsity or shape than the config says
+                raise CheckpointError(f"{masks_path}: mask '{name}': {error}") from None
     load_task_parts(model, directory, names)
     return model.eval(), saved
 
