@@ -15,7 +15,8 @@ save_propetl replaces only what propetl wrote (files.write_output_folder, as pro
 
 from __future__ import annotations
 
-from dataclasses import fields
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -43,20 +44,27 @@ RENAMED = {"sparsity": "mask_sparsity", "prototype_seed": "seed"}  # ProPETLConf
 LOADABLE_METHODS = ("propetl", "petl")
 
 
+@dataclass(init=False)
 class ProPETLConfig:
-    """ProPETL settings under one flat set of names: `prototype` (lora | adapter | prefix | one registered), its
-    dataclass's fields (lr, mask_lr, freeze, r, alpha, targets, ...; sparsity: mask_sparsity, prototype_seed: seed,
-    target_modules: PEFT's name for targets), and mask_kind (learned | random | none), mask_seed, head_lr (None: lr),
-    weight_decay. None: the prototype's default (conf/prototype/<prototype>.yaml; sizes scale with hidden)."""
+    """ProPETL settings under one flat set of names: `prototype` (lora | adapter | prefix | one registered), then by
+    keyword its dataclass's fields (lr, mask_lr, freeze, r, alpha, targets, ...; sparsity: mask_sparsity,
+    prototype_seed: seed, target_modules: PEFT's name for targets), and mask_kind (learned | random | none), mask_seed,
+    head_lr (None: lr), weight_decay. None: the prototype's default (conf/prototype/<prototype>.yaml; sizes scale with
+    hidden). Kept as `settings` (the dataclass's field names) and `runner_settings` (RUNNER_KEYS' names)."""
+
+    prototype: str
+    settings: dict[str, Any]
+    runner_settings: dict[str, Any]
 
     def __init__(
         self,
         prototype: str = "lora",
+        *,
         mask_kind: str = "learned",
         mask_seed: int = 0,
         head_lr: float | None = None,
         weight_decay: float | None = None,
-        target_modules: list[str] | None = None,
+        target_modules: Sequence[str] | None = None,
         **settings: Any,
     ):
         targets = settings.get("targets")
@@ -140,6 +148,7 @@ def runner_config(config: PrototypeConfig, model: nn.Module, settings: dict[str,
             "storage": OmegaConf.load(CONF_DIR / "train.yaml").storage,
         }
     )
+    type(config).from_config(cfg.prototype).check()  # with what its yaml derives (adapter's bottleneck), in our names
     return with_settings(cfg, {"mask_seed": 0, **(settings or {})})  # mask.seed: no run seed to follow
 
 

@@ -65,7 +65,7 @@ def one_of(choices: Iterable) -> Rule:
 def distinct_list_of(choices: Iterable) -> Rule:
     choices = tuple(choices)
     return Rule(
-        lambda v: isinstance(v, list) and bool(v) and set(v) <= set(choices) and len(set(v)) == len(v),
+        lambda v: isinstance(v, (list, tuple)) and bool(v) and set(v) <= set(choices) and len(set(v)) == len(v),
         f"a non-empty list drawn from {', '.join(choices)}",
     )
 
