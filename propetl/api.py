@@ -15,7 +15,8 @@ save_propetl replaces only what propetl wrote (files.write_output_folder, as pro
 
 from __future__ import annotations
 
-from dataclasses import fields
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -43,20 +44,27 @@ RENAMED = {"sparsity": "mask_sparsity", "prototype_seed": "seed"}  # ProPETLConf
 LOADABLE_METHODS = ("propetl", "petl")
 
 
+@dataclass(init=False)
 class ProPETLConfig:
-    """ProPETL settings under one flat set of names: `prototype` (lora | adapter | prefix | one registered), its
-    dataclass's fields (lr, mask_lr, freeze, r, alpha, targets, ...; sparsity: mask_sparsity, prototype_seed: seed,
-    target_modules: PEFT's name for targets), and mask_kind (learned | random | none), mask_seed, head_lr (None: lr),
-    weight_decay. None: the prototype's default (conf/prototype/<prototype>.yaml; sizes scale with hidden)."""
+    """ProPETL settings under one flat set of names: `prototype` (lora | adapter | prefix | one registered), then by
+    keyword its dataclass's fields (lr, mask_lr, freeze, r, alpha, targets, ...; sparsity: mask_sparsity,
+    prototype_seed: seed, target_modules: PEFT's name for targets), and mask_kind (learned | random | none), mask_seed,
+    head_lr (None: lr), weight_decay. None: the prototype's default (conf/prototype/<prototype>.yaml; sizes scale with
+    hidden). Kept as `settings` (the dataclass's field names) and `runner_settings` (RUNNER_KEYS' names)."""
+
+    prototype: str
+    settings: dict[str, Any]
+    runner_settings: dict[str, Any]
 
     def __init__(
         self,
         prototype: str = "lora",
+        *,
         mask_kind: str = "learned",
         mask_seed: int = 0,
         head_lr: float | None = None,
         weight_decay: float | None = None,
-        target_modules: list[str] | None = None,
+        target_modules: Sequence[str] | None = None,
         **settings: Any,
     ):
         targets = settings.get("targets")
@@ -140,6 +148,7 @@ def runner_config(config: PrototypeConfig, model: nn.Module, settings: dict[str,
             "storage": OmegaConf.load(CONF_DIR / "train.yaml").storage,
         }
     )
+    type(config).from_config(cfg.prototype).check()  # with what its yaml derives (adapter's bottleneck), in our names
     return with_settings(cfg, {"mask_seed": 0, **(settings or {})})  # mask.seed: no run seed to follow
 
 
@@ -295,7 +304,7 @@ class ProPETLModel(nn.Module):
 
 
 def attach(model: nn.Module, cfg: DictConfig, for_training: bool) -> ProPETLModel:
-    """methods.attach, as the runner's model.build does, on the given model (the store goes to its device)."""
+    """methods.attach on the given model, as MultiTaskModel on its encoder (the store goes to the model's device)."""
     device = next(model.parameters()).device
     methods.attach(model, encoder_layers(model), ModelSetup.from_config(cfg), head_parameter_names(model), for_training)
     model.to(device)
@@ -318,7 +327,8 @@ def load_propetl(model: nn.Module, directory) -> ProPETLModel:
     save_propetl's or the runner's method=propetl|petl checkpoints. Prefix loads its stored table, without the MLP."""
     check_supported(model)
     directory = Path(directory)
-    saved = OmegaConf.create(checkpoint.single_task_config(checkpoint.read_checkpoint_config(directory), directory))
+    config = checkpoint.read_checkpoint_config(directory)
+    saved = OmegaConf.create(checkpoint.single_task_config(config, directory))
     if saved.method.name not in LOADABLE_METHODS:
         raise ConfigError(
             f"{directory}: method={saved.method.name} is not loaded by load_propetl; it loads: "
@@ -335,6 +345,7 @@ def load_propetl(model: nn.Module, directory) -> ProPETLModel:
             raise ConfigError(f"{directory} was saved for {key}={OmegaConf.select(saved, key)}, this model has {value}")
     cfg = OmegaConf.merge(saved, {"trainer": trainer_defaults()})
     assert isinstance(cfg, DictConfig)
+    loaded, _ = checkpoint.load_checkpoint(directory, config)  # the one reader: into the MultiTaskModel
     wrapped = attach(model, checked(cfg), for_training=False)
-    checkpoint.load_weights(model, cfg.method.name, cfg.tasks[0], wrapped.head_names, directory)
+    model.load_state_dict({loaded.transformers_name(n): t for n, t in loaded.state_dict().items()})
     return wrapped.eval()

@@ -182,8 +182,11 @@ class _FromGroup:
 
     @classmethod
     def from_config(cls, group: Mapping[str, Any]) -> Self:
-        values = plain_group(group)
-        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})  # type: ignore[arg-type]
+        values, own = plain_group(group), fields(cls)  # type: ignore[arg-type]
+        if missing := [f.name for f in own if f.default is f.default_factory and f.name not in values]:  # required
+            prefix = cls.__name__.removesuffix("Config").lower()
+            raise ConfigError(f"the config lacks {', '.join(f'{prefix}.{name}' for name in missing)}")
+        return cls(**{f.name: values[f.name] for f in own if f.name in values})
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 from test_methods import logits, train_steps
 from transformers import AutoTokenizer, BertForSequenceClassification
 
-from propetl import (LoRAConfig, ProPETLConfig, PrefixConfig, embedded_model_path, get_propetl_model, load_propetl,
+from propetl import (AdapterConfig, LoRAConfig, ProPETLConfig, PrefixConfig, embedded_model_path, get_propetl_model, load_propetl,
                      methods)
-from propetl.configs import CONF_DIR, ConfigError, ModelSetup
+from propetl.configs import CONF_DIR, ConfigError, ModelConfig, ModelSetup
 from propetl.methods.lora import LoRALinear
 from propetl.models import backbone
 from propetl.storage import checkpoint, files
@@ -132,14 +132,18 @@ def test_save_then_load_gives_the_same_logits(tiny_model_dir, tmp_path, prototyp
         assert "\n" not in str(error.value)
 
 
-def test_load_propetl_reads_a_runner_checkpoint(tiny_cfg, tiny_model_dir, tmp_path):
+def test_load_propetl_reads_a_runner_checkpoint_through_the_runners_reader(tiny_cfg, tiny_model_dir, tmp_path,
+                                                                            monkeypatch):
     cfg = tiny_cfg("method=propetl", "prototype=lora", "prototype.r=4")
     torch.manual_seed(0)
     trained = backbone.build(ModelSetup.from_config(cfg), 2)
     train_steps(trained)
     checkpoint.save_checkpoint(trained, ModelSetup.from_config(cfg), tmp_path / "checkpoint")
+    reads, reader = [], checkpoint.load_checkpoint
+    monkeypatch.setattr(checkpoint, "load_checkpoint", lambda *args: reads.append(args) or reader(*args))
     torch.testing.assert_close(logits(load_propetl(fresh(tiny_model_dir), tmp_path / "checkpoint")), logits(trained),
                                atol=1e-5, rtol=0)
+    assert len(reads) == 1                                           # one reader: the CLI's
 
 
 def test_save_propetl_replaces_its_own_earlier_save_atomically(tiny_model_dir, tmp_path):
@@ -197,6 +201,8 @@ def test_save_propetl_refuses_the_working_folder_and_a_file(tiny_model_dir, tmp_
     (ProPETLConfig(sparsity=1.0), "sparsity=1.0 is invalid; allowed: a number in [0.0, 1.0)"),
     (ProPETLConfig(mask_kind="soft"), "mask_kind='soft' is invalid; allowed: learned, random, none"),
     (ProPETLConfig(mask_lr=0), "mask_lr=0 is invalid; allowed: a positive number"),
+    (ProPETLConfig(prototype="adapter", bottleneck=-1), "bottleneck=-1 is invalid; allowed: a positive integer"),
+    (ProPETLConfig(prototype="adapter", reduction_factor=1000), "bottleneck=0 is invalid"),   # the yaml's, derived
 ])
 def test_bad_settings_are_refused_in_one_line(tiny_model_dir, config, message):
     with pytest.raises(ConfigError) as error:
@@ -209,6 +215,8 @@ def test_bad_settings_are_refused_in_one_line(tiny_model_dir, config, message):
     (LoRAConfig(targets=["query", "dense"]), "targets=['query', 'dense'] is invalid; allowed: a non-empty list drawn"),
     (PrefixConfig(mask_sparsity=1.0), "mask_sparsity=1.0 is invalid; allowed: a number in [0.0, 1.0)"),
     (PrefixConfig(length=4, freeze="yes"), "freeze='yes' is invalid; allowed: true or false"),
+    (AdapterConfig(bottleneck=-1), "bottleneck=-1 is invalid; allowed: a positive integer"),
+    (AdapterConfig(reduction_factor=1000), "bottleneck=0 is invalid; allowed: a positive integer"),
 ])
 def test_a_prototypes_dataclass_is_refused_in_one_line_naming_its_field(tiny_model_dir, config, message):
     with pytest.raises(ConfigError) as error:
@@ -241,6 +249,19 @@ def test_unsupported_models_and_mismatched_checkpoints_are_refused(tiny_model_di
     model.save_propetl(tmp_path / "saved")
     with pytest.raises(ConfigError, match="was saved for task.num_labels=2, this model has 3"):
         load_propetl(fresh(tiny_model_dir, num_labels=3), tmp_path / "saved")
+
+
+def test_propetl_config_takes_keywords_and_compares_and_prints_its_settings():
+    config = ProPETLConfig("adapter", sparsity=0.5, reduction_factor=4)
+    assert config == ProPETLConfig(prototype="adapter", reduction_factor=4, sparsity=0.5) != ProPETLConfig("adapter")
+    assert repr(config).startswith("ProPETLConfig(prototype='adapter', settings={'mask_sparsity': 0.5, 'reduction_factor'")
+    with pytest.raises(TypeError, match="positional"):
+        ProPETLConfig("lora", "learned")
+
+
+def test_a_config_group_without_a_required_key_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match=r"^the config lacks model.name, model.num_layers$"):
+        ModelConfig.from_config({"name_or_path": "x", "hidden_size": 32})
 
 
 # ----------------------------------------------------------------------------- PEFT's habits, the HF Trainer
@@ -281,6 +302,8 @@ def test_print_trainable_parameters_in_pefts_format(tiny_model_dir, capsys):
 def test_target_modules_is_pefts_name_for_targets(tiny_model_dir):
     model = propetl_model(tiny_model_dir, "lora", target_modules=["query", "key"])
     assert list(model.runner_config.prototype.targets) == ["query", "key"]
+    for config in (ProPETLConfig(target_modules=("query", "key")), LoRAConfig(targets=("query", "key"))):   # tuples too
+        assert list(get_propetl_model(fresh(tiny_model_dir), config).runner_config.prototype.targets) == ["query", "key"]
     with pytest.raises(ConfigError, match="target_modules=.* and targets=.* disagree"):
         ProPETLConfig(targets=["query"], target_modules=["value"])
     with pytest.raises(ConfigError, match="target_modules is not a setting of prototype=adapter|targets="):

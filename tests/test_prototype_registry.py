@@ -9,6 +9,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -141,6 +142,32 @@ def test_its_dataclass_is_the_python_apis_config(bias_cfg, tiny_model_dir):
     assert methods.petl_weights(model.model).weights["bias"].grad.abs().sum() > 0
     with pytest.raises(ConfigError, match=r"^init_std=-1 is invalid; allowed: a positive number$"):
         get_propetl_model(fresh(), BiasConfig(**{**settings, "init_std": -1}))
+
+
+@dataclass(kw_only=True)
+class NoDefault(rules.PrototypeConfig):
+    width: int
+
+
+@dataclass
+class Misspelt(rules.PrototypeConfig):
+    width: int = rules.setting(rules.positive_int(), defualt=4)
+
+
+@pytest.mark.parametrize("parts,message", [
+    ({"SETTINGS": {}}, "module mine lacks CONFIG (a rules.PrototypeConfig dataclass; SETTINGS is the old form)"),
+    ({"CONFIG": NoDefault}, "CONFIG.width has no default; give it one (rules.setting(rule, default))"),
+    ({"CONFIG": Misspelt}, "CONFIG.width: rules.setting() takes rule, default, shape, not defualt"),
+])
+def test_a_badly_written_prototype_is_refused_in_one_line_naming_it_and_the_field(parts, message, monkeypatch):
+    module = ModuleType("mine")
+    vars(module).update({"FOLDABLE": False, "specs": specs, "attach": attach, "merge": merge, **parts})
+    with pytest.raises(TypeError) as error:
+        methods.register_prototype("mine", module)
+    assert str(error.value) == f"prototype mine: {message}" and "mine" not in methods.PROTOTYPES
+    monkeypatch.setitem(sys.modules, "mine", module)                  # its yaml's `module: mine`, as a run reads it
+    with pytest.raises(ConfigError, match=rf"^prototype.module='mine' is invalid \(prototype mine: .*CONFIG[^\n]*$"):
+        methods.import_prototype(OmegaConf.create({"name": "mine", "module": "mine"}))
 
 
 @pytest.mark.slow

@@ -44,8 +44,11 @@ PEFT_FILES = (
 def register_prototype(name: str, module: ModuleType) -> None:
     """Make `module` the prototype `name` (prototype=<name>, with conf/prototype/<name>.yaml on the config path)."""
     missing = [part for part in PROTOTYPE_PARTS if not hasattr(module, part)]
+    if "CONFIG" in missing:  # the old interface had SETTINGS
+        missing[0] = "CONFIG (a rules.PrototypeConfig dataclass; SETTINGS is the old form)"
     if missing:
         raise TypeError(f"prototype {name}: module {module.__name__} lacks {', '.join(missing)}")
+    PrototypeConfig.check_definition(module.CONFIG, name)
     PROTOTYPES[name] = module
 
 

@@ -65,7 +65,7 @@ def one_of(choices: Iterable) -> Rule:
 def distinct_list_of(choices: Iterable) -> Rule:
     choices = tuple(choices)
     return Rule(
-        lambda v: isinstance(v, list) and bool(v) and set(v) <= set(choices) and len(set(v)) == len(v),
+        lambda v: isinstance(v, (list, tuple)) and bool(v) and set(v) <= set(choices) and len(set(v)) == len(v),
         f"a non-empty list drawn from {', '.join(choices)}",
     )
 
@@ -77,10 +77,11 @@ BOOLEAN = Rule(lambda v: isinstance(v, bool), "true or false")
 SEED = Rule(lambda v: is_int(v) and 0 <= v <= MAX_SEED, f"an integer in 0..{MAX_SEED} (2**63-1)")
 
 
-def setting(rule: Rule | None = None, default: Any = None, shape: bool = False) -> Any:
+def setting(rule: Rule | None = None, default: Any = None, shape: bool = False, **unknown: Any) -> Any:
     """A prototype setting: its rule, its default (None: the yaml's, which may scale with the hidden size; a key older
-    configs lack has a real one) and whether a multi-task base checkpoint must match it (shape)."""
-    return field(default=default, metadata={"rule": rule, "shape": shape})
+    configs lack has a real one) and whether a multi-task base checkpoint must match it (shape). `unknown` keywords:
+    check_definition names them with their field."""
+    return field(default=default, metadata={"rule": rule, "shape": shape, "unknown": sorted(unknown)})
 
 
 @dataclass
@@ -122,3 +123,16 @@ class PrototypeConfig:
             rule, value = f.metadata.get("rule"), getattr(self, f.name)
             if rule is not None and not (skip_unset and value is None):
                 require(rule.accepts(value), prefix + (names or {}).get(f.name, f.name), value, rule.allowed)
+
+    @staticmethod
+    def check_definition(config_class: Any, prototype: str) -> None:
+        """A prototype module's CONFIG, or a one-line TypeError naming the prototype and the field at fault."""
+        where = f"prototype {prototype}: CONFIG"
+        if not (isinstance(config_class, type) and issubclass(config_class, PrototypeConfig)):
+            raise TypeError(f"{where} is not a rules.PrototypeConfig dataclass")
+        for f in fields(config_class):
+            if f.default is f.default_factory:  # both dataclasses.MISSING
+                raise TypeError(f"{where}.{f.name} has no default; give it one (rules.setting(rule, default))")
+            if f.metadata.get("unknown"):
+                unknown = ", ".join(f.metadata["unknown"])
+                raise TypeError(f"{where}.{f.name}: rules.setting() takes rule, default, shape, not {unknown}")

@@ -169,8 +169,8 @@ def mask_files(model: nn.Module, num_tasks: int) -> tuple[MaskFile, list[MaskFil
 
 @dataclass
 class Kept:
-    """What a checkpoint keeps of a model, under its names: checkpoint.save_checkpoint writes exactly this, account
-    counts it (a run computes it once for both)."""
+    """What a checkpoint keeps of a model: checkpoint.save_checkpoint writes exactly this, account counts it
+    (method=peft: PEFT's least-storing save instead, peft_figures); a run computes it once for both."""
 
     tasks: list[str]
     num_labels: list[int]

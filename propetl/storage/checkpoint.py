@@ -19,8 +19,8 @@ is read. A task ships as shared/ + tasks/<task>/; adding a task adds a folder. D
 Formats 1-3 are not read: loading one fails in one line that says to run propetl-upgrade (cli/upgrade.py), which
 rewrites such a folder into this format. Every value of a config is checked by the command line's rules, its names
 against the registry, before any is used (check_config).
-Readers: load_checkpoint (one task) and load_multitask (any tasks), both into the MultiTaskModel; load_weights (one
-task, into a transformers model with the method inside: the Python API's load_propetl).
+One reader, into the MultiTaskModel: load_multitask (any tasks); load_checkpoint (one task; the Python API's
+load_propetl copies it into the user's model).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ TASK_LIST = rules.Rule(
 )
 MATCH_KEYS = methods.WithShapeKeys(
     ("model.name_or_path", "method.name", "prototype.name", "mask.kind", "mask.sparsity", "mask.combine")
-)  # + every prototype's SHAPE_KEYS
+)  # + prototype.<key> of each prototype's shape keys
 
 
 def file_sizes(checkpoint_dir: Path) -> dict:
@@ -322,57 +322,13 @@ def single_task_config(config: dict, directory: Path) -> dict:
     }
 
 
-def load_checkpoint(directory: Path, config: dict | None = None) -> tuple[nn.Module, DictConfig]:
+def load_checkpoint(directory: Path, config: dict | None = None) -> tuple[backbone.MultiTaskModel, DictConfig]:
     """A one-task checkpoint as the one-task MultiTaskModel, in eval mode, and its config with `task` (`config`: its
     read_checkpoint_config, if the caller has it: the folder is not hashed again)."""
     directory = Path(directory)
     config = read_checkpoint_config(directory) if config is None else config
     cfg = OmegaConf.create(single_task_config(config, directory))
     return load_multitask(directory, config=config)[0], cfg
-
-
-def load_weights(model: nn.Module, method: str, task: str, head_names: set[str], directory: Path) -> None:
-    """Copy a one-task checkpoint's tensors (dense, masks, head) into a transformers model with the method inside,
-    built for inference with the checkpoint's config (for_training=False; single_task_config): method.name `method`,
-    its one task `task` (as in its tasks/): the Python API's load_propetl, on the user's own model."""
-    directory = Path(directory)
-    shared, part = directory / SHARED_DIR, directory / TASKS_DIR / task
-    check_seal(part, required=True)
-    dense_path, masks_path, head_path = shared / DENSE_FILE[method], shared / LAYER_MASKS_FILE, part / HEAD_FILE
-    dense = read_dense(dense_path, dense_parameters(model, method, head_names))
-    head, _ = read_safetensors(head_path)
-    head = {backbone.swap_prefix(n, backbone.head_layout(model)): t for n, t in head.items()}
-    parameters = dict(model.named_parameters())
-    weights = methods.petl_weights(model)
-    with torch.no_grad():
-        _load_dense(model, dense_parameters(model, method, head_names), dense, dense_path)
-        stores = {} if weights is None else {n: m for n, m in weights.mask_stores().items() if m.kind != "none"}
-        if stores:
-            _load_masks(stores, read_masks(masks_path), masks_path)
-        _copy_into({n: parameters[n] for n in head_names}, head, head_path)
-
-
-def read_dense(path: Path, targets: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The dense file's tensors; a model that keeps none (a frozen prototype) has no file to read."""
-    return read_safetensors(path)[0] if targets or path.exists() else {}
-
-
-def _load_dense(model: nn.Module, targets: Mapping[str, torch.Tensor], tensors: dict[str, torch.Tensor], path: Path):
-    """The dense file's tensors into the model: `targets` by name, or (method=peft) PEFT's file into its tuner."""
-    if not methods.uses_peft(model):
-        _copy_into(targets, tensors, path)
-    elif unmatched := methods.peft_module().load_adapter(model, tensors):
-        raise CheckpointError(f"{path}: tensors do not match the model's PEFT tuner ({unmatched[:3]})")
-
-
-def _load_masks(stores: dict, masks: dict[str, torch.Tensor], path: Path) -> None:
-    for name, mask in stores.items():
-        if name not in masks:
-            raise CheckpointError(f"{path}: no mask for '{name}'")
-        try:
-            mask.load_binary(masks[name])
-        except ValueError as error:  # another sparsity or shape than the config says
-            raise CheckpointError(f"{path}: mask '{name}': {error}") from None
 
 
 def _copy_into(targets: Mapping[str, torch.Tensor], tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -436,12 +392,22 @@ def load_multitask(
     weights, method = methods.petl_weights(model), saved["method"]["name"]
     shared = directory / SHARED_DIR
     targets = {model.transformers_name(n): p for n, p in dense_parameters(model, method, model.head_names()).items()}
-    dense = read_dense(shared / DENSE_FILE[method], targets)
+    dense_path, masks_path = shared / DENSE_FILE[method], shared / LAYER_MASKS_FILE
+    dense = read_safetensors(dense_path)[0] if targets or dense_path.exists() else {}  # none: a frozen prototype
     _, layer_masks = split_task_layer(weights.mask_stores()) if weights is not None else ({}, {})
+    masks = read_masks(masks_path) if layer_masks else {}
     with torch.no_grad():
-        _load_dense(model, targets, dense, shared / DENSE_FILE[method])
-        if layer_masks:
-            _load_masks(layer_masks, read_masks(shared / LAYER_MASKS_FILE), shared / LAYER_MASKS_FILE)
+        if not methods.uses_peft(model):
+            _copy_into(targets, dense, dense_path)
+        elif unmatched := methods.peft_module().load_adapter(model, dense):  # PEFT's file into its tuner
+            raise CheckpointError(f"{dense_path}: tensors do not match the model's PEFT tuner ({unmatched[:3]})")
+        for name, mask in layer_masks.items():
+            if name not in masks:
+                raise CheckpointError(f"{masks_path}: no mask for '{name}'")
+            try:
+                mask.load_binary(masks[name])
+            except ValueError as error:  # another sparsity or shape than the config says
+                raise CheckpointError(f"{masks_path}: mask '{name}': {error}") from None
     load_task_parts(model, directory, names)
     return model.eval(), saved
 
