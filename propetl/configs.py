@@ -333,10 +333,6 @@ class ModelSetup:
         """method=peft's tuner; None for the other methods."""
         return PeftGroup.from_config(self.saved["peft"]) if self.method == "peft" else None
 
-    def attach_config(self) -> DictConfig:
-        """The saved groups as one DictConfig (storage/checkpoint.py compares a run's settings with a checkpoint's)."""
-        return OmegaConf.create(self.saved)
-
 
 @dataclass(frozen=True)
 class PeftGroup(_FromGroup):

@@ -373,7 +373,7 @@ def load_multitask(
     if extra:
         check_can_add(directory, saved, extra)
     if setup is not None:
-        run, trained = setup.attach_config(), OmegaConf.create(saved)
+        run, trained = OmegaConf.create(setup.saved), OmegaConf.create(saved)
         for key in MATCH_KEYS:
             ours, theirs = plain_value(run, key), plain_value(trained, key)
             if ours != theirs:
