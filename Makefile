@@ -11,9 +11,9 @@ PROFILE ?= cpu
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
 
-install:  ## install torch (CPU wheel 2.13.0), propetl, its test tools and peft (method=peft); link the local GLUE data
+install:  ## install torch (CPU wheel 2.13.0), propetl, its test tools, peft (method=peft) and the T5 metrics; link the local GLUE data
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e '.[dev,peers]'
+	$(PIP) install -e '.[dev,peers,t5]'
 	@$(MAKE) --no-print-directory link-data
 
 link-data:  ## link a local GLUE folder to data/glue ($$PROPETL_DATA_DIR or ../shared/data/glue)
