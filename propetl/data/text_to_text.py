@@ -65,7 +65,7 @@ def score(task: str, generated: Sequence[str], targets: Sequence[str]) -> dict[s
     """The task's metrics (its yaml's `metrics`, fractions) of generated strings against target strings."""
     predictions = np.array([parse_prediction(task, t) for t in generated])
     labels = np.array([parse_prediction(task, t) for t in targets])
-    names = tuple(tasks.task_configs()[task].metrics)
+    names = tuple(tasks.known_task_configs()[task].metrics)
     if "f1" in names:  # f1_score_with_invalid: not 0 or 1 is the opposite of the target (accuracy: wrong either way)
         invalid = (predictions != 0) & (predictions != 1)
         predictions = np.where(invalid, 1 - labels, predictions)
