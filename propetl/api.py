@@ -324,7 +324,8 @@ def get_propetl_model(model: nn.Module, config: PrototypeConfig | ProPETLConfig)
 
 def load_propetl(model: nn.Module, directory) -> ProPETLModel:
     """`model` (the backbone the folder was trained on) with the saved prototype, masks and head, in eval mode, from
-    save_propetl's or the runner's method=propetl|petl checkpoints. Prefix loads its stored table, without the MLP."""
+    save_propetl's or the runner's method=propetl|petl checkpoints, read by checkpoint.load_checkpoint (which loads
+    the backbone propetl.json names) and copied in. Prefix loads its stored table, without the MLP."""
     check_supported(model)
     directory = Path(directory)
     config = checkpoint.read_checkpoint_config(directory)
