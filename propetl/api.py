@@ -1,16 +1,12 @@
 """The public Python API, in the style of Hugging Face PEFT: ProPETL on one's own BERT/RoBERTa-family
-`*ForSequenceClassification` model, in one's own training code (HF Trainer, accelerate, Lightning):
+`*ForSequenceClassification` model, in one's own training code:
     model = get_propetl_model(AutoModelForSequenceClassification.from_pretrained(name, num_labels=2),
                               LoRAConfig(r=8, mask_sparsity=0.9))          # or ProPETLConfig(prototype="lora", ...)
     optimizer = torch.optim.AdamW(model.parameter_groups(lr=1e-4, mask_lr=3e-2))     # any optimizer
     model.save_propetl(folder)              # prototype, masks and head only: the runner's checkpoint format
     model = load_propetl(AutoModelForSequenceClassification.from_pretrained(name, num_labels=2), folder)
     plain = model.merge_and_unload()        # LoRA folded into W_q / W_v: the plain transformers model
-Built on the runner's own code: a prototype's dataclass (LoRAConfig, AdapterConfig, PrefixConfig: the yaml's keys,
-methods/<prototype>.py) becomes the runner's config (its values over the defaults of conf/prototype/<name>.yaml,
-conf/method/propetl.yaml, conf/mask/default.yaml, the trainer's lr keys); methods.attach wraps the model as
-propetl-train does, loop.parameter_groups makes the groups, checkpoint.py writes and reads the checkpoints.
-save_propetl replaces only what propetl wrote (files.write_output_folder, as propetl-export).
+Built on the runner's own code (config defaults, methods.attach, loop.parameter_groups, checkpoint.py).
 """
 
 from __future__ import annotations

@@ -1,15 +1,9 @@
 """Where propetl's configs are, as Hydra finds them, and the typed views lower layers take of a composed one.
-The config tree ships inside the package (propetl/conf; the repository's conf/ is a link to it), so an installed wheel
-finds it as an editable checkout does. Hydra's search path adds a user's own folders (`--config-dir DIR`,
-`hydra.searchpath=[file://DIR]`, `pkg://module`): their task/, model/, prototype/, … files are options like the
-shipped ones, which win a clash of names.
-Light on purpose (Hydra and OmegaConf only): `propetl-train --help` and the command-line checks use it.
-
-The run layer (run/, cli/, api.py) holds the composed config; below it, functions take the typed objects here, built
-once from it (`from_config`), or plain arguments. The trainer, data, mask and storage groups are typed: SCHEMAS are
-registered in Hydra's ConfigStore as <group>_schema, before the group in train.yaml's defaults list, so a value of
-the wrong type or a key the schema lacks fails composition (compose turns it into one line); validate.py checks ranges.
-The model, task, prototype, method and peft groups stay untyped: a user's own files may add keys to them.
+The config tree ships inside the package (propetl/conf); Hydra's search path adds a user's own folders, whose files
+are options like the shipped ones (which win a clash). Light on purpose: `propetl-train --help` uses it.
+Below the run layer, functions take the typed objects here (`from_config`). The trainer, data, mask and storage groups
+are typed: SCHEMAS go in Hydra's ConfigStore as <group>_schema, so a wrong type or unknown key fails composition;
+model, task, prototype, method and peft stay untyped so a user's files may add keys.
 """
 
 from __future__ import annotations

@@ -1,13 +1,8 @@
-"""propetl-export CHECKPOINT OUT --format hf|peft: a run's checkpoint as a folder that plain transformers (`hf`) or
-PEFT (`peft`) loads with the same logits.
-  hf    every LoRA update (ProPETL: each layer's masked prototype) folded into W_q / W_v (methods.merge), written with
-        save_pretrained plus the backbone's tokenizer, for AutoModelForSequenceClassification.from_pretrained(OUT);
-        also method=petl, finetune (already plain) and peft (its tuner merged by PEFT).
-  peft  a PEFT adapter with the head as modules_to_save, for PeftModel.from_pretrained(base_model, OUT): method=peft's
-        tuner as trained; for propetl / petl LoRA each layer's (masked) A and B, r and lora_alpha as trained.
-Adapters and prefixes, which neither format can express, are refused in one line (exit 2), nothing written. OUT is
-written by files.write_output_folder: a new or empty folder, or with --overwrite a previous export; never the
-checkpoint, its run folder (RUN_SIGNS), a folder inside or above either, nor a folder holding files propetl did not write."""
+"""propetl-export CHECKPOINT OUT --format hf|peft: a run's checkpoint as a folder plain transformers or PEFT loads.
+  hf    LoRA updates (ProPETL: masked per layer) folded into W_q / W_v, save_pretrained plus tokenizer; also petl,
+        finetune and peft (merged by PEFT).
+  peft  a PEFT adapter with the head as modules_to_save: method=peft's tuner, or propetl / petl LoRA's (masked) A, B.
+Adapters and prefixes are refused in one line (exit 2). OUT is written by files.write_output_folder."""
 
 from __future__ import annotations
 

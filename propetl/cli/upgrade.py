@@ -1,11 +1,6 @@
-"""propetl-upgrade OLD NEW: a checkpoint of formats 1-3 rewritten into today's (checkpoint.FORMAT_VERSION), the
-only one the loaders read.
-
-The old formats: of one task, flat (propetl.json with `task`, masks.safetensors and head.safetensors under the
-transformers model's names); of several, shared/ + tasks/<task>/. 1: masks bit-packed, no storage settings, no
-manifest; 2: coded masks; 3: manifests. OLD is checked as the loaders did (format 1-2 without a manifest only with
---allow-unsealed); every tensor is kept (masks decoded and coded again, lossless); NEW is written as an export is
-(files.write_output_folder) and sealed, and predicts what OLD predicted."""
+"""propetl-upgrade OLD NEW: a checkpoint of formats 1-3 rewritten into checkpoint.FORMAT_VERSION, the only one read.
+OLD is checked as the old loaders did (1-2 unsealed only with --allow-unsealed); every tensor is kept losslessly; NEW is
+written as an export is (files.write_output_folder), sealed, and predicts what OLD predicted."""
 
 from __future__ import annotations
 

@@ -1,13 +1,8 @@
 """Generation metrics of the T5 tasks (../shared/paper.md §4.3): ROUGE for XSum, corpus BLEU for WMT16 Ro->En, on
-the 0-100 scale the reference reports (propetl-t5/third_party/utils/utils.py: calculate_rouge, calculate_bleu).
-
-ROUGE: rouge-score's rouge1/rouge2/rougeL/rougeLsum F-measures with the Porter stemmer, averaged over the examples.
-Two differences from the reference, both deliberate: it aggregates with rouge-score's BootstrapAggregator and reports
-the `mid` (an unseeded resample of this same mean), and before scoring it puts each sentence on its own line with
-nltk's punkt splitter (HF's add_newline_to_end_of_each_sentence), which needs a download; here rougeLsum's sentences
-are the lines the texts already have (rouge-score's own rule), so split multi-sentence texts on "\\n" beforehand.
-rouge1/2/L do not see line breaks. BLEU: sacrebleu.corpus_bleu with its defaults and one reference per example.
-Both packages are the optional extra `t5`, imported only when a metric is computed.
+the 0-100 scale the reference reports.
+ROUGE: rouge-score's F-measures with the Porter stemmer, a plain mean (not the reference's bootstrap `mid`); rougeLsum's
+sentences are the texts' own lines (no punkt splitting), so split multi-sentence texts on "\\n" beforehand.
+BLEU: sacrebleu.corpus_bleu, defaults, one reference. Both packages are the optional extra `t5`, imported lazily.
 """
 
 from __future__ import annotations

@@ -1,18 +1,10 @@
-"""GLUE as text to text, as the reference's T5 code does it (ProPETL's propetl-t5/data/tasks.py, forked from
-HyperFormer; ../shared/paper.md §2.3, §5.3).
-
-Input: "sentence1: A sentence2: B" (pair tasks) or "sentence: A", the task name in front only with add_prefix=True
-(full fine-tuning; adapter and ProPETL runs use add_prefix=False, §2.3). Target: the label id as text ("0", "1"; RTE
-0 = entailment, the hub's order); STS-B the score as `str(np.round((label * 5) / 5, decimals=1))`, the reference's
-data/utils.round_stsb_target: that rounds to ONE DECIMAL (3.14 -> "3.1"), not to the 0.2 steps its docstring and
-paper.md promise (T5's original is np.round(label * 5) / 5); we do what the code does.
-
-Scoring a generation (§5.3, "invalid generations counted wrong"), as the reference's post-processors and metrics do:
-the stripped text becomes `int(text)` (CoLA, MRPC), `float(text)` (STS-B), or the label it spells exactly (RTE,
-SST-2: the reference compares strings); what does not convert is INVALID (-1, the reference's default). An invalid
-answer is then wrong in accuracy; F1 counts a prediction other than 0/1 as the opposite of its target
-(f1_score_with_invalid); Matthews correlation keeps it as a class of its own; Pearson/Spearman take -1.0 as the score
-(a constant prediction's undefined correlation counts 0).
+"""GLUE as text to text, as the reference's T5 code does it (propetl-t5/data/tasks.py; ../shared/paper.md §2.3, §5.3).
+Input: "sentence1: A sentence2: B" or "sentence: A", the task name in front only with add_prefix=True. Target: the
+label id as text; STS-B `str(np.round((label * 5) / 5, decimals=1))`, i.e. ONE DECIMAL as the reference's code does
+(not the 0.2 steps its docstring promises).
+Scoring (§5.3, invalid generations counted wrong): the stripped text becomes int, float or the label it spells exactly;
+what does not convert is INVALID (-1). Accuracy counts it wrong, F1 as the opposite of its target, Matthews as a class
+of its own; Pearson/Spearman take -1.0 (a constant prediction's undefined correlation counts 0).
 """
 
 from __future__ import annotations

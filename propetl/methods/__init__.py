@@ -1,18 +1,9 @@
 """The methods registry: how a backbone becomes finetune / petl / propetl / peft for a prototype.
-A prototype is one module plus one yaml (conf/prototype/<name>.yaml), registered by register_prototype(name, module)
-(a yaml with `module: my_package.my_prototype` has it imported and registered when a run starts). The module provides
-    CONFIG: a rules.PrototypeConfig dataclass   its yaml's keys, each with its rule (validate.py checks them) and
-                                                whether a multi-task base checkpoint must match it; the Python API's
-                                                config (get_propetl_model(model, LoRAConfig(r=8)))
-    FOLDABLE: bool                              whether merge() folds it into the backbone's own weights
-    specs(config, hidden) -> {name: TensorSpec} the tensors of ONE layer's module
-    attach(model, layers, weights, config)      wraps the backbone's layers so they read `weights`
-    merge(layers, weights) -> weights | None    folds masks away for inference (None: folded into the backbone)
-    make_weights(config, ...), optional         the store, when its tensors are produced rather than stored (prefix)
-where `config` is its CONFIG built from the prototype group (prototype_config(group)).
-method=peft: any PEFT tuner (peft=<name>, conf/peft/<name>.yaml) instead of ours, no PETL store; peft=lora (with
-prototype=lora, whose settings it takes) is the reference row (methods/peft_tuners.py, imported only on its path:
-peft is optional).
+A prototype is a module plus conf/prototype/<name>.yaml, registered by register_prototype (or the yaml's `module:` key).
+The module provides CONFIG (a rules.PrototypeConfig dataclass: the yaml's keys and rules; the API's config), FOLDABLE,
+specs(config, hidden) (ONE layer's tensors), attach(model, layers, weights, config), merge(layers, weights) (folds
+masks away; None: folded into the backbone) and optionally make_weights (tensors produced, not stored: prefix).
+method=peft: a PEFT tuner instead (methods/peft_tuners.py, imported only on its path); peft=lora is the reference row.
 """
 
 from __future__ import annotations

@@ -3,9 +3,8 @@ x = the sub-layer input and LN the pre-trained layer's frozen output LayerNorm (
     h   = LN(f + x)                                   # [B, T, hidden]
     a   = W_up relu(W_down h + b_down) + b_up         # W_down [bottleneck, hidden], W_up [hidden, bottleneck]
     out = LN(a + f + x)
-ProPETL: W_down and W_up are the shared prototype times the layer's binary mask; biases shared, unmasked. The
-reference stores the mask scores transposed (down [hidden, bottleneck], up [bottleneck, hidden]), so their initial
-range 1/sqrt(fan_in) uses bottleneck for down and hidden for up.
+ProPETL: W_down and W_up are the prototype times the layer's mask (biases unmasked). Mask scores start as the
+reference's transposed layout does: range 1/sqrt(fan_in) with bottleneck for down, hidden for up.
 """
 
 from __future__ import annotations

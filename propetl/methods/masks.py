@@ -1,11 +1,7 @@
 """Binary masks over a shared prototype: all mask logic lives here.
-
-A mask is a real-valued score tensor shaped like the weight it masks. Its binary form keeps the
-top fraction of |score| (exactly n - floor(sparsity * n) ones per mask) and passes gradients
-straight through to the scores (edge-popup supermasks, as in the ProPETL reference). Here
-`sparsity` is the fraction of ZEROS; the reference's `sparsity` is the fraction kept.
-Masks of all layers for one prototype weight are stored stacked, scores [L, *shape], so one batched
-top-k per step binarises every layer. How masks are written: propetl/storage/mask_coding.py.
+A mask is a score tensor shaped like its weight; its binary form keeps the top n - floor(sparsity * n) of |score| and
+passes gradients straight through (edge-popup, as the reference). `sparsity` is the fraction of ZEROS (the reference's
+is the fraction kept). Masks of all layers are stacked [L, *shape] for one batched top-k. Storage: mask_coding.py.
 """
 
 from __future__ import annotations

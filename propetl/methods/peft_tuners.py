@@ -1,20 +1,10 @@
-"""method=peft: a Hugging Face PEFT tuner (peft=<name>, conf/peft/<name>.yaml: `config_class` is one of PEFT's own
-config classes, `config` its keyword arguments) instead of propetl's modules. Imported only on method=peft's path
-(methods.peft_module()): `peft` is optional, `pip install 'propetl[peers]'`.
-
-`peft.get_peft_model(encoder, config)` adapts the backbone's encoder (BertModel / RobertaModel: the transformers
-model's base_model, the MultiTaskModel's `encoder`) in place: it keeps its class and every tensor PEFT trains, shared
-ones too (VB-LoRA's vector bank, Uni-LoRA's theta_d), is reachable from the model, under the same names in the run's
-MultiTaskModel and in the transformers model a checkpoint loads into. (`peft.inject_adapter_in_model`, used before,
-refuses the tuners with shared state: VeRA, VB-LoRA, Uni-LoRA, TinyLoRA; for LoRA both give the same weights,
-tests/test_peft.py.) The returned PeftModel is kept on the model unregistered (PEFT_MODEL): it saves and loads the
-adapter. Its keys (`base_model.model.encoder.layer.…`) are the same whichever model holds the encoder.
-The head is ours, trained as every other method trains it (classifier AND BERT pooler, at trainer.head_lr): no
-task_type and no modules_to_save are given (PEFT's copies would rename the head and leave the pooler frozen).
-PEFT freezes every non-adapter parameter of the encoder; the head is made trainable again here.
-What a task keeps is what `save_pretrained` writes (adapter_files: adapter_model.safetensors + adapter_config.json,
-which holds the seeds that regenerate frozen projections and indices); the storage figure counts the same with the
-method's least-storing save option where one exists (LEAST_STORING; accounting.py).
+"""method=peft: a Hugging Face PEFT tuner (peft=<name>, conf/peft/<name>.yaml: `config_class` and its `config`)
+instead of propetl's modules. Imported only on method=peft's path: `peft` is optional (`propetl[peers]`).
+`peft.get_peft_model` adapts the encoder in place, so every tensor PEFT trains, shared ones too (VB-LoRA, Uni-LoRA), has
+the same name in the MultiTaskModel and the transformers model (`inject_adapter_in_model` refuses shared state). The
+PeftModel is kept unregistered (PEFT_MODEL) to save and load the adapter. The head is ours (no task_type nor
+modules_to_save, which would rename it and freeze the pooler), made trainable again after PEFT freezes the encoder.
+A task keeps what `save_pretrained` writes (adapter_files); the storage figure uses LEAST_STORING (accounting.py).
 """
 
 from __future__ import annotations

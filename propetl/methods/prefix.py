@@ -1,15 +1,8 @@
 """Prefix-tuning: P key/value positions prepended to every layer's self-attention.
-Training form (re-parameterised, as the reference): an embedding E [P, hidden] goes through
-Linear(hidden, mlp_hidden) -> tanh -> Linear(mlp_hidden, out) where
-  - plain PETL: out = L * 2 * hidden, one prefix per layer: [L, P, 2*hidden];
-  - ProPETL:    out = 2 * hidden, ONE prefix shared by all layers, masked per layer: P_base[P, 2h] * M_l.
-Only the MLP's output is stored (the "table" form); a loaded model has no MLP. Per layer the [P, 2h] prefix splits
-into keys [:, :h] and values [:, h:], reshaped to [heads, P, head_dim]. As in the reference: E starts N(0, 1)
-(nn.Embedding's default), and the mask scores are drawn as one [L, P, 2h] tensor, so their initial range is
-1/sqrt(P * 2h) (the fan-in of that layout).
-The attention hook lives in ONE place, `prefix_attention`, registered with transformers' AttentionInterface: it
-prepends the prefix to key/value, widens the attention mask and calls the library's SDPA attention. `attach` fails
-loudly if the model does not route through it.
+Trained re-parameterised (as the reference): embedding E [P, hidden] -> Linear -> tanh -> Linear to out = L * 2 * hidden
+(plain PETL) or 2 * hidden, ONE prefix masked per layer (ProPETL). Only the MLP's output is stored; a loaded model has
+no MLP. Each [P, 2h] prefix splits into keys and values [heads, P, head_dim]. The attention hook is ONE function,
+`prefix_attention` (transformers' AttentionInterface); `attach` fails loudly if the model does not route through it.
 """
 
 from __future__ import annotations

@@ -1,14 +1,8 @@
-"""Per-layer weights of a PETL module, in plain or ProPETL form. A prototype (adapter, LoRA, prefix) declares its
-tensors as `TensorSpec`s, the shapes of ONE layer's module; `LayerWeights` holds them either
-  - plain (method=petl): one parameter [L, *shape] per tensor, an independent module per layer;
-  - shared (method=propetl): one parameter [*shape] per tensor, the prototype, plus for masked tensors a `LayerMasks`
-    [L, *shape]; layer l uses  prototype * mask[l]  (biases stay unmasked). Multi-task (num_tasks > 0): a
-    `TaskLayerMasks` instead (T task masks + L layer masks, combined per mask.combine); layer l of task `active_task`
-    uses  prototype * combine(task mask, layer mask l).
-A frozen prototype (prototype.freeze=true, shared form only): every tensor is drawn from a seed (its spec's
-`frozen_init`: untrained weights must be large enough for masks to select from, and LoRA's B non-zero) and never
-trained; only the masks learn, and a task stores no dense tensor (the seed in its config regenerates them).
-Layer wrappers only ever call `layer(l)`, so the model code is the same for both forms.
+"""Per-layer weights of a PETL module, in plain or ProPETL form, from a prototype's `TensorSpec`s (ONE layer's shapes).
+`LayerWeights` is plain (method=petl: one parameter [L, *shape] per tensor) or shared (method=propetl: the prototype
+[*shape], layer l using prototype * mask[l], masks a `LayerMasks` or, multi-task, `TaskLayerMasks`; biases unmasked).
+A frozen prototype (prototype.freeze=true) is drawn from a seed (`frozen_init`) and never trained: only masks learn.
+Layer wrappers only call `layer(l)`, so the model code is the same for both forms.
 """
 
 from __future__ import annotations

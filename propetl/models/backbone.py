@@ -198,12 +198,8 @@ def fresh_classifier(hidden: int, num_labels: int) -> nn.Linear:
 class MultiTaskModel(nn.Module):
     """The frozen encoder with the PETL method inside (one store for all tasks) and one head per task.
     forward(..., task=[B] task indices, labels) -> SequenceClassifierOutput(loss, logits).
-
-    The first task's head is the loaded model's own (BERT: its pooler and classifier; RoBERTa: its head),
-    built with the same random draws: with one task and `task_masks=False` (layer masks only) the model
-    computes, bit for bit, what `build` gives for that task (tests/test_multitask.py, BERT and RoBERTa).
-    The other tasks' heads start from a copy of that dense layer (BERT: the pre-trained pooler) and a fresh
-    classifier."""
+    The first task's head is the loaded model's own, so one task without task masks computes bit for bit what `build`
+    gives; the other heads copy its dense layer (BERT: the pre-trained pooler) under a fresh classifier."""
 
     def __init__(
         self,

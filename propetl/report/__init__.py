@@ -1,11 +1,7 @@
 """Experiment reports: every run's metrics.json -> one CSV, Table-1-shaped markdown, paired statistics, plots.
-
-Runs are grouped into table rows by (model, method, prototype, mask kind, mask sparsity); each cell is the mean ±
-sample std over seeds of the task's test numbers (x100), as in the paper's Table 1. The sparsity sweep and the mask
-ablation get their own sections, pooled with table1's ProPETL runs (one run per identity, table1's copy preferred).
-Comparisons are paired by seed, with a 95% t-interval; a run whose kept test predictions are (nearly) constant is
-flagged. runs.py collects the runs, stats.py pairs them, tables.py writes markdown and CSV, plots.py and frontier.py
-draw; `build` here writes them all. No torch or transformers: masks are read as numpy (mask_coding.read_file)."""
+Rows are (model, method, prototype, mask kind, sparsity); cells mean ± std over seeds (x100). Comparisons are paired by
+seed with a 95% t-interval. runs.py collects, stats.py pairs, tables.py, plots.py and frontier.py write; `build` runs
+them all. No torch or transformers: masks are read as numpy (mask_coding.read_file)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,6 @@
 """The storage–accuracy frontier: per task, every table row's stored bytes per task against its GLUE score.
-
-A point is one row (Table 1's runs and the frontier experiment's PEFT tuners) on one task: its score the mean ± std
-over seeds, its storage the mean bytes a task keeps (runs.kept_bytes), head excluded and beside. A point is
-Pareto-optimal when no other point of its task stores at most as many bytes with at least as high a score, better in
-one. Each point's paired difference to the reference (ProPETL-Adapter, else the first ProPETL row) has its 95%
-t-interval (stats.paired_interval)."""
+A point (one row, one task) is Pareto-optimal when no other point stores at most as many bytes with at least as high a
+score, better in one. Each point's paired difference to the reference row has its 95% t-interval."""
 
 from __future__ import annotations
 

@@ -1,12 +1,8 @@
 """A run directory's owner, its record, and what a run may remove there.
-`claim` takes an exclusive flock on `<run dir>/.propetl.lock` (holding the owner's pid) for the whole run: a second run
-into the directory is refused in one line naming that pid; the kernel drops the lock when its process dies.
-A run writes only RUN_ENTRIES: a folder holding anything else is refused at the start unless
-run_dir.allow_other_files=true, and what a run did not write is never removed. After a failure a run removes what it
-made (the whole folder if the claim found it new). trainer.resume=false sets old results aside in `.previous/` until
-the new run has finished; a failed replacement gets them back (`recover`, at the next start).
-The record (`.hydra/config.yaml`, `.hydra/overrides.yaml`, written by propetl, since `hydra.output_subdir: null`) is
-written once the run owns the directory and is new or a continuation of the same config. A finished run (metrics.json)
+`claim` holds an exclusive flock on `<run dir>/.propetl.lock` for the run: a second run is refused naming the pid.
+A run writes only RUN_ENTRIES (other files refused unless run_dir.allow_other_files=true) and removes only what it made.
+trainer.resume=false sets old results aside in `.previous/` until the new run finishes (`recover` restores them).
+The record (`.hydra/config.yaml`, `.hydra/overrides.yaml`) is written once the run owns the directory; a finished run
 is skipped only if its record has the command's fingerprint (run/fingerprint.py)."""
 
 from __future__ import annotations

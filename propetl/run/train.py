@@ -1,8 +1,5 @@
-"""One training run, `train(cfg, output_dir)`, for one task (`task=rte`) or several (`mode=multitask
-tasks=[rte,mrpc]`): the same recipe, read top to bottom. A single-task run is a multi-task run with one task
-(layer masks only, the model's own head, the DataLoader's batch order: tests/test_multitask.py); only what it
-reports differs. Command line: cli/train.py; what every run does first and last: lifecycle.py; batches:
-data/batches.py and data/multitask.py.
+"""One training run, `train(cfg, output_dir)`, for one task or several (`mode=multitask`): the same recipe, read
+top to bottom; a single-task run is a multi-task run with one task. Command line: cli/train.py; setup: lifecycle.py.
 """
 
 from __future__ import annotations

@@ -1,16 +1,8 @@
-"""Storage accounting: what a task costs to keep, in parameters, bits and bytes. All counting lives here (checkpoint.py
-writes the files; mask_coding.py says how masks become bytes). One account (`account`), of one task or several, counted
-from what the checkpoint keeps (`kept`, which checkpoint.save_checkpoint writes):
-  - trainable parameters: unique tensors (a shared tensor counts once), with and without the head;
-  - stored parameters: the 32-bit floats a task must keep (ProPETL: the prototype ONCE, none when it is frozen and
-    drawn from prototype.seed; plain PETL: every layer's module; finetune: the whole backbone), plus mask bits (1 bit
-    per mask entry);
-  - bits, bytes, fp32-equivalent parameters, % of the backbone, and the ratio to plain PETL of the same prototype,
-    each with and without the head (the paper's arithmetic: fp32 + 1 bit an entry); several tasks: the shared part
-    once, each task's part apart, total and amortised per task;
-  - as written: the dense tensors in `storage.dtype`, the masks in each coding of mask_coding (`bits`, `entropy`),
-    their information bound log2 C(n, k), bits per mask entry and the ratio to plain PETL stored in the same dtype
-    (`coding_figures`); checkpoint.file_figures reads the same off the written files.
+"""Storage accounting: what a task costs to keep, in parameters, bits and bytes; all counting lives here.
+One `account`, of one task or several, from what the checkpoint keeps (`kept`): trainable parameters (unique tensors);
+stored fp32 parameters (ProPETL: the prototype ONCE, none if frozen) plus 1 bit per mask entry; bits, bytes, % of
+the backbone and the ratio to plain PETL, with and without the head, shared part once and per task; and as written
+(`coding_figures`): dense tensors in `storage.dtype`, masks in each coding with their bound log2 C(n, k).
 """
 
 from __future__ import annotations

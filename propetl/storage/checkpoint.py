@@ -1,26 +1,15 @@
 """Checkpoints: the folder a trained model is kept in, written and read. (What it costs: accounting.py.)
 
-Every run, of one task or several, writes one layout (format 4; save_checkpoint):
-    shared/propetl.json             what to rebuild: model, method, prototype, mask, the tasks and their label
-                                    counts, whether there are task masks, the data split, how it is stored
-    shared/<dense file>             DENSE_FILE[method]: propetl the prototype once, petl per-layer stacks,
-                                    finetune the backbone (transformers names); none for a frozen prototype
-                                    (prototype.freeze: prototype.seed in propetl.json draws it again)
-    shared/adapter_model.safetensors, shared/adapter_config.json
-                                    method=peft: what PEFT's save_pretrained writes (methods/peft_tuners.py)
+One layout for one task or several (format 4; save_checkpoint):
+    shared/propetl.json             what to rebuild: model, method, prototype, mask, tasks, label counts, split, storage
+    shared/<dense file>             DENSE_FILE[method] (none for a frozen prototype: prototype.seed draws it again)
+    shared/adapter_model.safetensors, shared/adapter_config.json   method=peft: PEFT's save_pretrained
     shared/layer_masks.safetensors  the L layer masks of every masked tensor, coded (mask_coding.py)
-    tasks/<task>/task_mask.safetensors  several tasks: this task's mask of every masked tensor, [1, *shape]
-    tasks/<task>/head.safetensors       this task's head (dense.*, classifier.*), apart so storage can be read
-                                        with and without it
-Each folder carries a manifest.json (files.py: the sha256 of its files), written last and checked before anything
-is read. A task ships as shared/ + tasks/<task>/; adding a task adds a folder. Dense tensors are written in
-`storage.dtype` and loaded back as fp32. The folder is built beside its place and renamed (never half-written).
-
-Formats 1-3 are not read: loading one fails in one line that says to run propetl-upgrade (cli/upgrade.py), which
-rewrites such a folder into this format. Every value of a config is checked by the command line's rules, its names
-against the registry, before any is used (check_config).
-One reader, into the MultiTaskModel: load_multitask (any tasks); load_checkpoint (one task; the Python API's
-load_propetl copies it into the user's model).
+    tasks/<task>/task_mask.safetensors, tasks/<task>/head.safetensors   several tasks: the task's mask [1, *shape]; head
+Each folder carries a manifest.json (files.py), written last and checked before anything is read. Dense tensors are
+written in `storage.dtype`, loaded as fp32; the folder is built beside its place and renamed (never half-written).
+Formats 1-3 are refused in one line naming propetl-upgrade. check_config checks every value before use.
+Readers: load_multitask (any tasks); load_checkpoint (one task; the API's load_propetl).
 """
 
 from __future__ import annotations

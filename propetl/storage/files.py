@@ -1,12 +1,8 @@
 """Files on disk: written atomically, and folders sealed with a manifest of sha256 sums checked on reading.
-Writing: `atomic_write_text` (a temporary, then a rename) and `write_folder_atomically` (built beside its place as
-`.<name>.<random>.tmp`, then swapped in, the old one stepped aside as `.<name>.old`): a crash never leaves half a file
-or folder, and the next write puts a stepped-aside `.old` back (recover_folder_swap) or removes it and stale `.tmp`s
-(clean_stale). A write the file system refuses is one line (WriteError) naming the path.
-`write_output_folder` (propetl-export's OUT, the API's save_propetl) replaces only what propetl wrote there, known by
-its OUTPUT_MARKER (a hidden JSON file listing the files written); anything else is refused in one line (OutputError).
-`seal(folder)` writes `manifest.json` = {"sha256": {file name: hex digest}} over the folder's files (not sub-folders,
-which carry their own; not hidden files); `check_seal` refuses a changed, missing or unlisted file in one line."""
+`atomic_write_text` and `write_folder_atomically` (built beside as `.<name>.<random>.tmp`, swapped in, old kept as
+`.<name>.old` until recovered or cleaned) never leave half a file; a refused write is one line (WriteError).
+`write_output_folder` replaces only files listed in its OUTPUT_MARKER (else OutputError). `seal` writes
+`manifest.json` over a folder's files; `check_seal` refuses a changed, missing or unlisted file in one line."""
 
 from __future__ import annotations
 

@@ -1,21 +1,11 @@
-"""Mask coding: how a checkpoint's 0/1 masks become bytes and back (checkpoint.py writes and reads the files). numpy
-only: masks come in as anything numpy reads and go out as numpy arrays, so the reports need no torch.
-A stored mask tensor is [count, *shape] (one mask per layer or task); one of one or no dimension is one mask. A mask of
-n entries with k ones carries log2 C(n, k) bits (`information_bits`), ≈ n·H(k/n): 0.469 bits an entry at sparsity 0.9.
-Format 2: a safetensors file with ONE uint8 tensor, `masks`: a 32-byte SHA-256 digest, then the payload (every
-tensor's coded entries, concatenated in layout order), and one metadata key (so a file comes out byte-identical):
-    masks    JSON {"coding": "bits" | "entropy", "layout": [[name, shape, ones], ...]}, ones: each mask's count of
-             ones (one int when all are equal)
-Codings of the payload:
-    bits     8 entries a byte (numpy packbits, big-endian bit order), the last byte zero-padded.
-    entropy  a range coder (`constriction`, 32-bit words, little-endian); each entry of a mask with k ones of n is a
-             Bernoulli symbol of p = k/n: log2 C(n, k) + ½·log2(2π·k(n−k)/n) + O(1/n) bits a mask, plus at most 64
-             bits a stream. A fixed p decodes a file in one vectorised call, and a ratio of integers quantises
-             identically on every machine.
-The digest is SHA-256 over the metadata, the payload and the decoded entries bit-packed, each part preceded by its
-length (8 bytes, little-endian). Reading checks the digest and each mask's count of ones: a corrupted file is refused
-in one line (MaskCodingError), never decoded into a wrong mask.
-Format 1 (still read): the shapes in metadata `shapes`; one uint8 tensor per name, bit-packed as `bits`."""
+"""Mask coding: a checkpoint's 0/1 masks to bytes and back, numpy only (the reports need no torch).
+A stored mask tensor is [count, *shape]. A mask of n entries with k ones carries log2 C(n, k) bits (`information_bits`).
+Format 2: a safetensors file with ONE uint8 tensor, `masks` (a 32-byte SHA-256 digest, then the payload), and metadata
+    masks    JSON {"coding": "bits" | "entropy", "layout": [[name, shape, ones], ...]}
+Codings: `bits` packs 8 entries a byte (numpy packbits, big-endian); `entropy` range-codes (`constriction`) each entry
+as a Bernoulli symbol of p = k/n, ≈ log2 C(n, k) bits a mask; a ratio of integers quantises identically everywhere.
+The digest covers metadata, payload and decoded entries, each length-prefixed; reading checks it and each mask's ones:
+a corrupted file is refused in one line (MaskCodingError). Format 1 (still read): one bit-packed tensor per name."""
 
 from __future__ import annotations
 
