@@ -41,7 +41,7 @@ def test_offline_run_has_per_step_loss_and_learning_rates(tmp_path, monkeypatch,
     finally:
         log.finish_wandb()
     (run_file,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
-    rows = wandb_file.history(run_file)
+    rows = wandb_file.history(run_file, until=lambda rows: any(key.startswith("select/") for row in rows for key in row))
     series = [row for row in rows if "train/loss" in row]
     assert [row["_step"] for row in series] == list(range(2, metrics["steps"] + 1, 2)) and len(series) >= 3
     assert all({"lr/prototype", "lr/mask", "lr/head"} <= set(row) for row in series)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 BLOCK, HEADER = 32768, 7
@@ -34,13 +35,24 @@ def records(path: Path):
             yield record
 
 
-def history(path: Path) -> list[dict]:
-    """The run's history rows: {"_step": step, key: value, ...} as logged."""
-    rows = []
-    for record in records(path):
-        if record.WhichOneof("record_type") == "history":
-            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
-            rows.append(row)
+def history(path: Path, until=None, attempts: int = 60) -> list[dict]:
+    """The run's history rows: {"_step": step, key: value, ...} as logged. With `until`, read again (every half second,
+    `attempts` times at most) until until(rows) holds: on a loaded machine W&B's service may still be writing the file
+    after `wandb.finish()` returned (seen once in a full test run: the per-step rows missing)."""
+    for _ in range(attempts):
+        rows = []
+        try:
+            for record in records(path):
+                if record.WhichOneof("record_type") == "history":
+                    items = record.history.item
+                    rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items})
+        except Exception:  # a record still being written
+            if until is None:
+                raise
+            rows = []
+        if until is None or until(rows):
+            break
+        time.sleep(0.5)
     return rows
 
 
