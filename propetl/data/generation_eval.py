@@ -89,7 +89,9 @@ def evaluate_generation(
     **generate_kwargs,
 ) -> dict[str, float]:
     """A task's metrics from the model's generations over the loader (generate_texts, then score_generations)."""
-    generated, references = generate_texts(model, loader, tokenizer, num_beams, max_new_tokens, device, **generate_kwargs)
+    generated, references = generate_texts(
+        model, loader, tokenizer, num_beams, max_new_tokens, device, **generate_kwargs
+    )
     return score_generations(task, generated, references)
 
 

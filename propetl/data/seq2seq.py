@@ -42,7 +42,9 @@ def glue_text_to_text(
     reference's), True for full fine-tuning."""
     task = str(plain_group(task_cfg).get("name"))
     if not is_glue_task(task):
-        raise glue.DataError(f"task '{task}' has no text-to-text GLUE format; choose one of: {', '.join(text_to_text.FIELDS)}")
+        raise glue.DataError(
+            f"task '{task}' has no text-to-text GLUE format; choose one of: {', '.join(text_to_text.FIELDS)}"
+        )
     splits = glue.load_glue(task_cfg, data_dir, protocol, split_seed, allow_hub)
     return datasets.DatasetDict({name: as_text_to_text(task, split, add_prefix) for name, split in splits.items()})
 
@@ -55,7 +57,7 @@ def as_text_to_text(task: str, split: datasets.Dataset, add_prefix: bool = False
         {
             SOURCE: [text_to_text.source_text(task, texts, add_prefix) for texts in rows],
             TARGET: [text_to_text.target_text(task, label) for label in split["label"]],
-            "label": split["label"],
+            "label": list(split["label"]),
         },
         features=datasets.Features(
             {SOURCE: datasets.Value("string"), TARGET: datasets.Value("string"), "label": split.features["label"]}
@@ -113,7 +115,9 @@ class Seq2SeqCollator:
         ids, mask = [], []
         for row in rows:
             n, padding = len(row["input_ids"]), longest - len(row["input_ids"])
-            ids.append([self.pad] * padding + row["input_ids"] if self.left else row["input_ids"] + [self.pad] * padding)
+            ids.append(
+                [self.pad] * padding + row["input_ids"] if self.left else row["input_ids"] + [self.pad] * padding
+            )
             mask.append([0] * padding + [1] * n if self.left else [1] * n + [0] * padding)
         batch: dict[str, Any] = {
             "input_ids": torch.tensor(ids, dtype=torch.long),
