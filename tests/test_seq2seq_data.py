@@ -13,6 +13,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from conftest import compose_cfg
 from omegaconf import OmegaConf
 from scipy.stats import pearsonr
 
@@ -20,7 +21,6 @@ from propetl.configs import ConfigError
 from propetl.data import generation_eval, generation_tasks, glue, seq2seq, text_to_text
 from propetl.data.glue import DataError
 from propetl.data.multitask import MultiTaskBatches, TaskCollator
-from conftest import compose_cfg
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -183,7 +183,7 @@ def test_xsum_from_a_local_folder(tmp_path):
     splits = generation_tasks.load_generation_task(task_cfg("xsum"), local_folder(tmp_path, "xsum", "xsum_tiny.jsonl"))
     rows = [json.loads(line) for line in (FIXTURES / "xsum_tiny.jsonl").read_text().splitlines()]
     assert {k: len(v) for k, v in splits.items()} == {"train": 3, "validation": 2, "test": 5}
-    assert splits["test"]["source"] == [r["document"] for r in rows]
+    assert splits["test"]["source"] == [f"summarize: {r['document']}" for r in rows]  # the reference's source
     assert splits["test"]["target"] == [r["summary"] for r in rows]
 
 
@@ -192,14 +192,31 @@ def test_wmt16_sources_carry_the_reference_prefix(tmp_path):
     splits = seq2seq.text_to_text_splits(task_cfg("wmt16_ro_en"), folder)
     assert splits["train"][0] == {"source": "Translate Romanian to English: Casa este mare.", "target": "The house is big."}
     prefixed = generation_tasks.load_generation_task(task_cfg("wmt16_ro_en"), folder, add_prefix=True)
-    assert prefixed["train"][0]["source"] == "wmt16_ro_en Translate Romanian to English: Casa este mare."
+    assert prefixed["train"][0]["source"] == "wmt16-ro-en Translate Romanian to English: Casa este mare."  # its name
 
 
-def test_validation_size_keeps_the_first_rows(tmp_path):
-    cfg = task_cfg("xsum")
+def test_validation_size_draws_rows_as_the_reference_draws_n_val(tmp_path):
+    cfg, folder = task_cfg("xsum"), local_folder(tmp_path, "xsum", "xsum_tiny.jsonl")
+    full = generation_tasks.load_generation_task(cfg, folder)["validation"]
     cfg.validation_size = 1
-    splits = generation_tasks.load_generation_task(cfg, local_folder(tmp_path, "xsum", "xsum_tiny.jsonl"))
-    assert len(splits["validation"]) == 1 and len(splits["test"]) == 5
+    for seed in (42, 7):
+        splits = generation_tasks.load_generation_task(cfg, folder, split_seed=seed)
+        first = torch.randperm(2, generator=torch.Generator().manual_seed(seed))[0].item()
+        assert splits["validation"]["target"] == [full[first]["target"]] and len(splits["test"]) == 5
+
+
+def test_task_settings(tokenizer):
+    xsum = seq2seq.task_settings(task_cfg("xsum"), tokenizer)
+    assert xsum == seq2seq.TextToTextSettings(512, {"train": 64, "validation": 64, "test": 128}, 63, 6)
+    wmt = seq2seq.task_settings(task_cfg("wmt16_ro_en"), tokenizer)
+    assert wmt == seq2seq.TextToTextSettings(64, {"train": 32, "validation": 64, "test": 64}, 299, 4)
+    rte = seq2seq.task_settings(task_cfg("rte"), tokenizer)
+    assert (rte.max_source_length, rte.max_target_length["test"], rte.num_beams) == (128, 128, 1)
+    assert rte.max_new_tokens == len(tokenizer("0")["input_ids"]) - 1  # the label's tokens, no room for </s>
+    labels = seq2seq.label_strings("stsb", 1)
+    assert (len(labels), labels[0], labels[17], labels[-1]) == (26, "0.0", "3.4", "5.0")
+    longest = max(len(tokenizer(label)["input_ids"]) for label in labels)
+    assert seq2seq.task_settings(task_cfg("stsb"), tokenizer).max_new_tokens == longest - 1
 
 
 def test_hub_columns_inside_a_field(monkeypatch):
@@ -292,9 +309,17 @@ def test_one_invalid_generation_by_hand(tokenizer):
     assert out["pearson"] == pytest.approx(pearsonr([1, 2, -1, 4], [1, 2, 3, 4])[0])
 
 
-def test_references_from_decoded_labels_when_the_batch_has_no_targets(tokenizer):
-    out = evaluate(tokenizer, "cola", ["1", "0", "1", "0"], ["1", "0", "0", "0"], with_targets=False)
-    assert out["matthews"] == pytest.approx(1 / 3 ** 0.5)  # TP 1, TN 2, FN 1: (2 - 0) / sqrt(1 * 2 * 2 * 3)
+def test_references_are_the_decoded_labels_or_the_target_strings(tokenizer):
+    for with_targets in (False, True):
+        out = evaluate(tokenizer, "cola", ["1", "0", "1", "0"], ["1", "0", "0", "0"], with_targets=with_targets)
+        assert out["matthews"] == pytest.approx(1 / 3**0.5)  # TP 1, TN 2, FN 1: (2 - 0) / sqrt(1 * 2 * 2 * 3)
+    # labels truncated to 3 tokens (2 pieces and </s>) decode to a shorter reference than the text
+    sources, targets = ["sentence: 0"], ["the cat sat on the mat"]
+    truncated = seq2seq.make_loader(text_split(sources, targets), tokenizer, 32, 3, 1)
+    whole = seq2seq.make_loader(text_split(sources, targets), tokenizer, 32, 3, 1, with_targets=True)
+    model = FakeGenerator(tokenizer, ["x", "x"])
+    (_, [short]), (_, [text]) = (generation_eval.generate_texts(model, loader, tokenizer, 1, 4) for loader in (truncated, whole))
+    assert text == "the cat sat on the mat" and len(short) < len(text) and text.startswith(short)
 
 
 def test_generation_tasks_by_hand(tokenizer):

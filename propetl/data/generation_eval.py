@@ -28,9 +28,10 @@ def generate_texts(
     device: torch.device | str | None = None,
     **generate_kwargs,
 ) -> tuple[list[str], list[str]]:
-    """(generated, references) over the loader's batches, in order. References: the batch's "targets" strings
-    (Seq2SeqCollator with_targets), else its labels decoded (LABEL_PAD dropped). The model is put in eval mode and
-    back; `device`: where the batches go (None: the model's parameters' device, else the CPU)."""
+    """(generated, references) over the loader's batches, in order, stripped. References: the batch's labels decoded
+    (LABEL_PAD dropped), as the reference scores them: truncated to the split's target length and through the
+    tokenizer; or, when the batch has them (Seq2SeqCollator with_targets), the untouched target strings. The model
+    is put in eval mode and back; `device`: where the batches go (None: the model's parameters' device, else CPU)."""
     device = torch.device(device) if device is not None else _device(model)
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
@@ -47,8 +48,10 @@ def generate_texts(
                     max_new_tokens=max_new_tokens,
                     **generate_kwargs,
                 )
-                generated += tokenizer.batch_decode(_token_ids(output), skip_special_tokens=True)
-                references += batch["targets"] if "targets" in batch else _decode_labels(batch["labels"], tokenizer)
+                texts = tokenizer.batch_decode(_token_ids(output), skip_special_tokens=True)
+                targets = batch["targets"] if "targets" in batch else _decode_labels(batch["labels"], tokenizer)
+                generated += [text.strip() for text in texts]
+                references += [text.strip() for text in targets]
     finally:
         if was_training and hasattr(model, "train"):
             model.train()
@@ -97,7 +100,8 @@ def evaluate_generation(
 
 def average_metrics(per_task: Mapping[str, Mapping[str, float]]) -> float:
     """The selection score: the mean of every metric of every task (the reference's average_metrics); a task's
-    `combined`, itself a mean of its metrics, is not counted again."""
+    `combined`, itself a mean of its metrics, is not counted again. (The reference's mean also takes XSum's and
+    WMT16's gen_len, the mean generated length, which is no metric; it is left out here.)"""
     values = [float(v) for metrics in per_task.values() for name, v in metrics.items() if name != "combined"]
     if not values:
         raise ValueError("average_metrics needs at least one task's metrics")

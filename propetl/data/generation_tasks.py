@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import datasets
+import torch
 
 from propetl.configs import plain_group
 from propetl.data.glue import DataError, _root_cause
@@ -28,10 +29,12 @@ def load_generation_task(
     data_dir: str | os.PathLike | None,
     allow_hub: bool = True,
     add_prefix: bool = False,
+    split_seed: int = 42,
 ) -> datasets.DatasetDict:
-    """train/validation/test with source and target (module doc). The source is local/hub's source field after the
-    yaml's `source_prefix` (WMT16: "Translate Romanian to English:"), the task name in front when `add_prefix`; the
-    validation split keeps its first `validation_size` rows when the yaml sets one (the reference's n_val)."""
+    """train/validation/test with source and target (module doc). The source is the source field after the yaml's
+    `source_prefix` (XSum "summarize:", WMT16 "Translate Romanian to English:"), and with `add_prefix` after its
+    `prefix_name` (the reference's task name). With `validation_size` set, validation keeps that many rows, drawn as
+    the reference draws n_val: the first of torch.randperm seeded with `split_seed`."""
     task = plain_group(task_cfg)
     name = str(task.get("name", "?"))
     try:
@@ -48,11 +51,13 @@ def load_generation_task(
     else:
         raw = _load_hub(name, hub, local, problem, allow_hub)
         fields = (str(hub["source"]), str(hub["target"]))
-    prefix = " ".join(p for p in (name if add_prefix else None, task.get("source_prefix")) if p)
+    words = (task.get("prefix_name") or name if add_prefix else None, task.get("source_prefix"))
+    prefix = " ".join(str(word) for word in words if word)
     splits = datasets.DatasetDict({split: _as_text_to_text(raw[split], fields, prefix) for split in SPLITS})
     size = task.get("validation_size")
     if size is not None and size < len(splits["validation"]):
-        splits["validation"] = splits["validation"].select(range(int(size)))
+        order = torch.randperm(len(splits["validation"]), generator=torch.Generator().manual_seed(split_seed))
+        splits["validation"] = splits["validation"].select(order[: int(size)].tolist())
     for split in SPLITS:
         if len(splits[split]) == 0:
             raise DataError(f"task '{name}': the {split} split has no rows; give it some")

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -22,6 +24,46 @@ SOURCE, TARGET = "source", "target"
 LABEL_PAD = -100  # torch's cross_entropy ignore_index: padded label positions add nothing to the loss
 GLUE_LENGTHS = (128, 128)  # the reference's max source / target length for multi-task GLUE (paper.md §5.2)
 GLUE_NUM_BEAMS = 1  # greedy decoding for GLUE
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class TextToTextSettings:
+    """How a task is tokenised and decoded: source truncation, label truncation per split, generate's
+    max_new_tokens and num_beams (paper.md §5.2; XSum and WMT16 from their yamls)."""
+
+    max_source_length: int
+    max_target_length: Mapping[str, int]  # split -> label truncation (validation/test labels are what is scored)
+    max_new_tokens: int
+    num_beams: int
+
+
+def task_settings(task_cfg: Mapping[str, Any], tokenizer) -> TextToTextSettings:
+    """A task's TextToTextSettings. GLUE: 128/128, greedy, and as many new tokens as the longest label string takes
+    (the reference's compute_task_max_decoding_length, whose generate max_length counts the decoder's start token
+    and so leaves room for the label's tokens without </s>). Generation tasks: their yaml's lengths, max_new_tokens
+    and num_beams."""
+    task = plain_group(task_cfg)
+    name = str(task.get("name"))
+    if is_glue_task(name):
+        source, target = GLUE_LENGTHS
+        longest = max(len(tokenizer(label)["input_ids"]) for label in label_strings(name, int(task["num_labels"])))
+        return TextToTextSettings(source, dict.fromkeys(SPLITS, target), max(longest - 1, 1), GLUE_NUM_BEAMS)
+    lengths = task["lengths"]
+    return TextToTextSettings(
+        int(lengths["source"]),
+        {"train": int(lengths["target"]), "validation": int(lengths["validation"]), "test": int(lengths["test"])},
+        int(task["max_new_tokens"]),
+        int(task["num_beams"]),
+    )
+
+
+def label_strings(task: str, num_labels: int) -> list[str]:
+    """Every target a GLUE task can have: the class ids as text; STS-B's scores 0.0, 0.2, ... 5.0 (the reference's
+    label_list)."""
+    if task == "stsb":
+        return [str(np.round(score, decimals=1)) for score in np.arange(0, 5.2, 0.2)]
+    return [str(label) for label in range(num_labels)]
 
 
 def is_glue_task(task: str) -> bool:
@@ -74,11 +116,11 @@ def text_to_text_splits(
     add_prefix: bool = False,
 ) -> datasets.DatasetDict:
     """Any text-to-text task's splits with source and target: GLUE (glue_text_to_text) or a generation task
-    (generation_tasks.load_generation_task; `protocol` and `split_seed` are GLUE's and do not apply)."""
+    (generation_tasks.load_generation_task: `protocol` is GLUE's; `split_seed` draws its validation_size rows)."""
     task = str(plain_group(task_cfg).get("name"))
     if is_glue_task(task):
         return glue_text_to_text(task_cfg, data_dir, protocol, split_seed, allow_hub, add_prefix)
-    return generation_tasks.load_generation_task(task_cfg, data_dir, allow_hub, add_prefix)
+    return generation_tasks.load_generation_task(task_cfg, data_dir, allow_hub, add_prefix, split_seed)
 
 
 def tokenise(split: datasets.Dataset, tokenizer, max_source_length: int, max_target_length: int) -> datasets.Dataset:
@@ -138,9 +180,10 @@ def make_loader(
     max_source_length: int,
     max_target_length: int,
     batch_size: int,
-    with_targets: bool = True,
+    with_targets: bool = False,
 ) -> DataLoader:
-    """A text split's batches in order, tokenised once here: what evaluate_generation scores."""
+    """A text split's batches in order, tokenised once here: what evaluate_generation scores (against the decoded
+    labels, as the reference; with_targets: against the target strings)."""
     return DataLoader(
         tokenise(split, tokenizer, max_source_length, max_target_length),
         batch_size=batch_size,
