@@ -242,6 +242,13 @@ def test_offline_hub_is_one_line_naming_the_task_and_the_local_folder(task, hub,
         generation_tasks.load_generation_task(task_cfg(task), None, allow_hub=False)
 
 
+def test_a_task_yaml_without_its_fields_is_one_line():
+    cfg = task_cfg("xsum")
+    del cfg.local["target"]
+    with pytest.raises(DataError, match="task config 'xsum' lacks the key local.target"):
+        generation_tasks.load_generation_task(cfg, None)
+
+
 def test_a_bad_jsonl_line_names_file_and_line(tmp_path):
     folder = local_folder(tmp_path, "xsum", "xsum_tiny.jsonl")
     (folder / "xsum" / "validation.jsonl").write_text('{"document": "a", "summary": "b"}\n{"document": "a"}\n')

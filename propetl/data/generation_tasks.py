@@ -22,6 +22,8 @@ from propetl.data.glue import DataError, _root_cause
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
+LOCAL_KEYS = ("folder", *SPLITS, "source", "target")  # what a generation task's yaml names (conf/task/xsum.yaml)
+HUB_KEYS = ("path", "source", "target")
 
 
 def load_generation_task(
@@ -37,10 +39,10 @@ def load_generation_task(
     the reference draws n_val: the first of torch.randperm seeded with `split_seed`."""
     task = plain_group(task_cfg)
     name = str(task.get("name", "?"))
-    try:
-        local, hub = task["local"], task["hub"]
-    except KeyError as missing:
-        raise DataError(f"task config '{name}' lacks the key {missing}; see conf/task/xsum.yaml") from None
+    local, hub = task.get("local") or {}, task.get("hub") or {}
+    needed = [f"local.{key}" for key in LOCAL_KEYS if key not in local] + [f"hub.{k}" for k in HUB_KEYS if k not in hub]
+    if needed:
+        raise DataError(f"task config '{name}' lacks the key {needed[0]}; see conf/task/xsum.yaml")
     folder = None if data_dir is None else pathlib.Path(data_dir) / str(local["folder"])
     problem = _local_problem(folder, local)
     if problem is None:
@@ -51,7 +53,7 @@ def load_generation_task(
     else:
         raw = _load_hub(name, hub, local, problem, allow_hub)
         fields = (str(hub["source"]), str(hub["target"]))
-    words = (task.get("prefix_name") or name if add_prefix else None, task.get("source_prefix"))
+    words = ((task.get("prefix_name") or name) if add_prefix else None, task.get("source_prefix"))
     prefix = " ".join(str(word) for word in words if word)
     splits = datasets.DatasetDict({split: _as_text_to_text(raw[split], fields, prefix) for split in SPLITS})
     size = task.get("validation_size")
