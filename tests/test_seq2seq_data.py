@@ -89,6 +89,14 @@ def test_tokenise_truncates_sources_and_targets_and_ends_them_with_eos(tokenizer
     assert out["target"][1] == "0"  # the text stays for scoring
 
 
+def test_each_split_truncates_its_labels_to_its_own_length(tokenizer):
+    long = text_split(["summarize: the cat sat"], ["the cat sat on the mat " * 10])
+    settings = seq2seq.TextToTextSettings(8, {"train": 4, "validation": 6, "test": 12}, 5, 1)
+    out = seq2seq.tokenise_splits({"train": long, "validation": long, "test": long}, tokenizer, settings)
+    assert {name: len(split["labels"][0]) for name, split in out.items()} == {"train": 4, "validation": 6, "test": 12}
+    assert all(len(split["input_ids"][0]) == 8 for split in out.values())
+
+
 def test_a_pad_id_in_the_labels_becomes_minus_100(tokenizer):
     out = seq2seq.tokenise(text_split(["a"], ["1 <pad> 0"]), tokenizer, 8, 8)
     ids = tokenizer(text_target="1 <pad> 0")["input_ids"]

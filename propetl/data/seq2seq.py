@@ -143,6 +143,19 @@ def tokenise(split: datasets.Dataset, tokenizer, max_source_length: int, max_tar
             datasets.utils.enable_progress_bars()
 
 
+def tokenise_splits(
+    splits: Mapping[str, datasets.Dataset], tokenizer, settings: TextToTextSettings
+) -> datasets.DatasetDict:
+    """Every split tokenised once (tokenise): sources to settings.max_source_length, labels to the split's own
+    max_target_length (XSum: 64 to train, 128 scored on test)."""
+    return datasets.DatasetDict(
+        {
+            name: tokenise(split, tokenizer, settings.max_source_length, settings.max_target_length[name])
+            for name, split in splits.items()
+        }
+    )
+
+
 class Seq2SeqCollator:
     """Pads tokenised rows into one batch, to its longest row: input_ids with the tokenizer's pad id (on its
     padding_side) and an attention_mask, labels on the right with LABEL_PAD. With `with_targets` the batch also
