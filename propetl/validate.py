@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 
 from propetl.configs import ConfigError, PeftGroup, group_choices, group_option
 from propetl.data.metrics import metrics_for, selections_for
+from propetl.data.tasks import encoder_tasks, is_generation_task
 from propetl.methods import METHODS, PROTOTYPES, peft_missing, peft_module, rules
 from propetl.methods.masks import COMBINES, MASK_KINDS
 from propetl.methods.rules import BOOLEAN, LEARNING_RATE, MAX_SEED, SEED  # noqa: F401 (MAX_SEED: tests)
@@ -72,6 +73,7 @@ def validate(cfg, search_path=None) -> None:
     task group's options on the config search path (None: the current run's; see propetl.configs)."""
     cfg = OmegaConf.create(OmegaConf.to_container(cfg))  # untyped: a bad value is its rule's line, not its schema's
     check_peft_prototype(cfg)  # before resolving: peft=lora reads prototype=lora's settings
+    check_encoder_task(cfg.get("task"))  # before resolving: ${task.epochs} is GLUE's
     check_resolves(cfg)
     tasks_known = group_choices("task", search_path)
     _check(cfg, "task.name", rules.one_of(tasks_known))
@@ -114,6 +116,7 @@ def validate_task(cfg) -> None:
     def optional(key: str, accepts, allowed: str) -> None:  # null, or a value `accepts` takes
         _check(cfg, key, rules.Rule(lambda v: v is None or accepts(v), allowed))
 
+    check_encoder_task(cfg.task)
     _check(cfg, "task.num_labels", rules.positive_int())
     _check(cfg, "task.size", rules.one_of(("small", "large")))
     labels, known = cfg.task.num_labels, metrics_for(cfg.task.num_labels)
@@ -132,6 +135,15 @@ def validate_task(cfg) -> None:
     numbers = lambda n: isinstance(n, list) and len(n) == count and all(map(rules.is_number, n))
     allowed = f"null, or row label -> a list of len(task.metrics)={count} numbers (x100)"
     optional("task.report.paper", lambda v: isinstance(v, dict) and all(map(numbers, v.values())), allowed)
+
+
+def check_encoder_task(task) -> None:
+    """A generation task (`kind: generation`: XSum, WMT16) refused in one line: it needs a text-to-text model."""
+    if is_generation_task(task):
+        raise ConfigError(
+            f"task={task.get('name')} needs a text-to-text model (model=t5-…): it is a generation task, which a "
+            f"classification head cannot train; tasks for this runner: {', '.join(encoder_tasks())}"
+        )
 
 
 def validate_model(cfg) -> None:

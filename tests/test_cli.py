@@ -100,7 +100,8 @@ def test_help_is_propetls_own(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     text = result.stdout
     assert text.startswith("propetl-train: ProPETL") and "Powered by Hydra" not in text
-    assert "\ntask: cola, mnli, mrpc, qnli, qqp, rte, sst2, stsb\n" in text and "\nprototype: adapter, lora, prefix\n" in text
+    assert "\ntask: cola, mnli, mrpc, qnli, qqp, rte, sst2, stsb, wmt16_ro_en, xsum\n" in text  # the T5 tasks: refused
+    assert "\nprototype: adapter, lora, prefix\n" in text and "task=xsum and task=wmt16_ro_en" in text
     assert all(part in text for part in ("== Main options", "mask.sparsity=", "== Examples ==", "propetl-train -m ",
                                          "experiment=", "profile=", "--config-dir"))
 

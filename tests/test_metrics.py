@@ -57,7 +57,9 @@ def test_glue_average_is_the_mean_of_eleven_numbers():
 
 
 def test_the_task_yamls_give_table_order_and_the_paper_s_eleven_numbers():
-    assert list(tasks.known_task_configs()) == ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"]  # Table 1's
+    known = list(tasks.known_task_configs())
+    assert known == ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "xsum", "wmt16_ro_en"]  # Table 1's, T5's
+    assert tasks.encoder_tasks() == known[:8]  # XSum and WMT16 are text to text only (kind: generation)
     assert tasks.paper_average_size() == 11 and metrics.task_numbers("stsb") == ("pearson", "spearman")
     assert metrics.task_numbers("mytask", {"f1": 0.8, "accuracy": 0.6, "combined": 0.7}) == ("accuracy", "f1")
 

@@ -72,6 +72,19 @@ def check_report_blocks() -> None:
                 raise ConfigError(f"task {task}: report.{key} = {value} is not {valid}")
 
 
+GENERATION_KIND = "generation"  # a task yaml's `kind` for text-to-text-only tasks (XSum, WMT16); GLUE's have none
+
+
+def is_generation_task(config: Mapping[str, Any] | None) -> bool:
+    """Whether a task yaml describes a generation task: text to text only, no classification head can train it."""
+    return isinstance(config, Mapping) and config.get("kind") == GENERATION_KIND
+
+
+def encoder_tasks() -> list[str]:
+    """The tasks a classification head can train: every known task but the generation tasks, in table order."""
+    return [task for task, config in known_task_configs().items() if not is_generation_task(config)]
+
+
 def task_rank(task: str) -> tuple[int, str]:
     """Where a task goes in tables: known_task_configs' order, a task no yaml describes after them (by name)."""
     known = list(known_task_configs())
