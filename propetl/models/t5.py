@@ -59,6 +59,7 @@ def load_t5(config: ModelConfig) -> T5ForConditionalGeneration:
     path = resolve_model_path(config.name_or_path)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         model = T5ForConditionalGeneration.from_pretrained(path, use_safetensors=True)
     except OSError as error:
@@ -66,6 +67,7 @@ def load_t5(config: ModelConfig) -> T5ForConditionalGeneration:
         raise ModelError(f"cannot load model.name_or_path={config.name_or_path!r}{hint}: {str(error).splitlines()[0]}")
     finally:
         hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
     if model.config.d_model != config.hidden_size or model.config.num_layers != config.num_layers:
         raise ModelError(
             f"model '{config.name}' has d_model {model.config.d_model} x {model.config.num_layers} encoder blocks, "
@@ -78,7 +80,8 @@ class TextToTextModel(nn.Module):
     """A T5 with the method inside (one store for every site and task); forward(..., task=[B] task indices, labels)
     -> Seq2SeqLMOutput(loss, logits), loss = seq2seq_loss with `label_smoothing`; generate(..., task=) decodes with
     that task's masks. A batch holds one task (the reference samples single-task batches). `backbone`: a loaded
-    T5ForConditionalGeneration (None: load_t5(setup.model)); task_masks=False: per-site masks only."""
+    T5ForConditionalGeneration (None: load_t5(setup.model)); task_masks=False: per-site masks only (one task).
+    T5 with more decoder than encoder blocks cannot generate in transformers 5.24 (its cache has num_layers entries)."""
 
     def __init__(
         self,
@@ -96,7 +99,7 @@ class TextToTextModel(nn.Module):
         self.config = self.t5.config
         self.task_names, self.label_smoothing = list(task_names), float(label_smoothing)
         self.prototype_name = prototype.get("name")
-        num_tasks = len(task_names) if task_masks and len(task_names) > 1 else 0
+        num_tasks = len(task_names) if task_masks else 0  # as MultiTaskModel: the runner passes len(tasks) > 1
         methods.attach(self, self.sites(), setup, set(), for_training, num_tasks=num_tasks)
 
     def sites(self) -> nn.ModuleList:
@@ -113,6 +116,8 @@ class TextToTextModel(nn.Module):
     def forward(self, input_ids, attention_mask, labels=None, task=None, decoder_input_ids=None):
         self.select_task(task)
         if decoder_input_ids is None:  # teacher forcing: the labels shifted right (-100 -> pad), as transformers'
+            if labels is None:
+                raise ValueError("TextToTextModel.forward needs labels or decoder_input_ids")
             decoder_input_ids = self.t5._shift_right(labels)
         out = self.t5(
             input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids, use_cache=False
