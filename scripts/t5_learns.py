@@ -12,6 +12,8 @@ Stage 1 trains every weight on copy and saves the model (safetensors); stage 2 l
 the stage-1 model untrained on shift (baseline: it copies, so 0 on shift), ProPETL (method=propetl) and the plain adapter
 (method=petl, one adapter per site), each for the same steps, the backbone frozen. The optimiser follows paper.md §2.4
 for T5: AdamW, linear decay after a warmup, the mask scores' lr = 10 x the prototype's current lr at every step.
+A multi-task arm (paper.md §2.3) trains shift and shift3 (+3) at once on the frozen model, no task name in the input:
+one prototype, a task mask OR a site mask, each task generating with its own masks (and, as a check, the other's).
 """
 
 from __future__ import annotations
@@ -37,7 +39,11 @@ from propetl.storage.files import atomic_write_text
 
 PAD, EOS, DIGIT0 = 0, 1, 2  # token ids; digit d is DIGIT0 + d
 MIN_LEN, MAX_LEN = 4, 8
-TASKS = {"copy": lambda digits: digits, "shift": lambda digits: [(d + 1) % 10 for d in digits]}
+TASKS = {
+    "copy": lambda digits: digits,
+    "shift": lambda digits: [(d + 1) % 10 for d in digits],
+    "shift3": lambda digits: [(d + 3) % 10 for d in digits],
+}
 D_MODEL = 64
 
 
@@ -105,9 +111,10 @@ def setup(method: str, folder: str, sparsity: float, bottleneck: int, init_std: 
 
 
 def train(
-    model: torch.nn.Module, task: str, steps: int, lr: float, batch_size: int, seed: int, exclude: set[tuple[int, ...]]
+    model: torch.nn.Module, tasks: list[str], steps: int, lr: float, batch_size: int, seed: int, exclude: set
 ) -> list[float]:
-    """AdamW, warmup 10% then linear decay; mask scores (if any) at 10x the prototype's current lr (§2.4)."""
+    """AdamW, warmup 10% then linear decay; mask scores (if any) at 10x the prototype's current lr (§2.4).
+    Several tasks: single-task batches in turn, each with its task index (its task masks)."""
     store = methods.petl_weights(model)
     scores = {id(p) for p in store.score_parameters()} if store is not None else set()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -123,8 +130,9 @@ def train(
         optimizer.param_groups[0]["lr"] = current
         if scores:
             optimizer.param_groups[1]["lr"] = 10 * current  # mask lr = 10 x the prototype's current lr
-        batch = encode(draw(batch_size, generator, exclude), task)
-        loss = model(**batch).loss
+        index = step % len(tasks)
+        batch = encode(draw(batch_size, generator, exclude), tasks[index])
+        loss = model(**batch, task=torch.full((batch_size,), index)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -133,10 +141,12 @@ def train(
 
 
 @torch.no_grad()
-def exact_match(model: TextToTextModel, task: str, strings: list[tuple[int, ...]]) -> float:
+def exact_match(model: TextToTextModel, task: str, strings: list[tuple[int, ...]], index: int = 0) -> float:
+    """Exact match on `task`'s answers of greedy generation with task `index`'s masks."""
     model.eval()
     batch = encode(strings, task)
-    generated = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=MAX_LEN + 1)[:, 1:]
+    generated = model.generate(batch["input_ids"], batch["attention_mask"], task=index, max_new_tokens=MAX_LEN + 1)
+    generated = generated[:, 1:]
     hits = 0
     for row, labels in zip(generated.tolist(), batch["labels"].tolist()):
         target = [t for t in labels if t != IGNORE_INDEX]
@@ -153,8 +163,8 @@ def run(args: argparse.Namespace) -> dict:
     result: dict = {"command": args.command, "settings": {k: v for k, v in vars(args).items() if k != "command"}}
     with tempfile.TemporaryDirectory() as folder:
         stage = time.time()
-        full = TextToTextModel(setup("finetune", folder, 0.0, 1, 0.0), ["copy"], backbone=tiny_t5(args.seed))
-        losses = train(full, "copy", args.copy_steps, args.copy_lr, args.batch_size, args.seed, exclude)
+        full = TextToTextModel(setup("finetune", folder, 0.0, 1, 0.0), ["copy"], tiny_t5(args.seed), task_masks=False)
+        losses = train(full, ["copy"], args.copy_steps, args.copy_lr, args.batch_size, args.seed, exclude)
         result["copy_full_finetune"] = {
             "steps": args.copy_steps,
             "final_loss": round(sum(losses[-20:]) / 20, 4),
@@ -170,13 +180,15 @@ def run(args: argparse.Namespace) -> dict:
             stage = time.time()
             torch.manual_seed(args.seed + 1)
             model = TextToTextModel(  # the baseline: the stage-1 model as loaded, nothing attached, nothing trained
-                setup(method or "finetune", folder, args.sparsity, args.bottleneck, args.init_std), ["shift"]
+                setup(method or "finetune", folder, args.sparsity, args.bottleneck, args.init_std),
+                ["shift"],
+                task_masks=False,
             )
             frozen = [p for p in model.t5.parameters()]
             assert not method or not any(p.requires_grad for p in frozen)
             before = [p.detach().clone() for p in frozen]
             losses = (
-                train(model, "shift", args.shift_steps, args.lr, args.batch_size, args.seed + 2, exclude)
+                train(model, ["shift"], args.shift_steps, args.lr, args.batch_size, args.seed + 2, exclude)
                 if method
                 else []
             )
@@ -199,6 +211,8 @@ def run(args: argparse.Namespace) -> dict:
                     entry["prototype_params"] = dense
                     entry["mask_density"] = {k: round(float(v.mean()), 4) for k, v in masks.items()}
             result[f"shift_{arm}"] = entry
+        if args.multitask_steps:
+            result["multitask_propetl"] = multitask(args, folder, held_out, exclude)
     result["chance"] = f"exact match of a {MIN_LEN}..{MAX_LEN}-digit string by guessing: <= 1e-4"
     result["machine"] = {
         "cpus": os.cpu_count(),
@@ -210,6 +224,31 @@ def run(args: argparse.Namespace) -> dict:
     }
     result["total_seconds"] = round(time.time() - started, 1)
     return result
+
+
+def multitask(args: argparse.Namespace, folder: str, held_out: list, exclude: set) -> dict:
+    """Two tasks at once on the frozen model (paper.md §2.3, multi-task T5): shift (+1) and shift3 (+3), no task
+    name in the input; one prototype, a mask per task shared by all sites OR a mask per site shared by both tasks."""
+    stage, tasks = time.time(), ["shift", "shift3"]
+    torch.manual_seed(args.seed + 1)
+    model = TextToTextModel(
+        setup("propetl", folder, args.multitask_sparsity, args.bottleneck, args.init_std), tasks, task_masks=True
+    )
+    losses = train(model, tasks, args.multitask_steps, args.lr, args.batch_size, args.seed + 3, exclude)
+    store = methods.petl_weights(model)
+    assert store is not None
+    return {
+        "steps": len(losses),
+        "final_loss": round(sum(losses[-20:]) / 20, 4),
+        "mask_sparsity": args.multitask_sparsity,
+        # task i's answers generated with task j's masks: the diagonal is what each task learnt
+        "exact_match": {
+            f"{t}@{m}_masks": exact_match(model, t, held_out, tasks.index(m)) for t in tasks for m in tasks
+        },
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "mask_density": {k: round(float(v.mean()), 4) for k, v in store.binary_masks().items()},
+        "seconds": round(time.time() - stage, 1),
+    }
 
 
 def markdown(result: dict) -> str:
@@ -242,6 +281,23 @@ def markdown(result: dict) -> str:
             f"| {name} | {entry['steps']} | {trainable} | {stored} | {entry['final_loss']} | {entry[key]:.3f} "
             f"| {entry['seconds']} |"
         )
+    if "multitask_propetl" in result:
+        mt = result["multitask_propetl"]
+        em = mt["exact_match"]
+        lines += [
+            "",
+            (
+                f"Multi-task, frozen: shift (+1) and shift3 (+3) together, {mt['steps']} steps (single-task batches in "
+                f"turn), one prototype, task mask OR site mask, each at mask.sparsity {mt['mask_sparsity']} "
+                "(paper.md §2.3), no task name in the input: exact match of each task's answers generated with each "
+                "task's masks."
+            ),
+            "",
+            "| answers \\ masks | shift | shift3 |",
+            "|---|---|---|",
+            f"| shift | {em['shift@shift_masks']:.3f} | {em['shift@shift3_masks']:.3f} |",
+            f"| shift3 | {em['shift3@shift_masks']:.3f} | {em['shift3@shift3_masks']:.3f} |",
+        ]
     m = result["machine"]
     lines += [
         "",
@@ -272,6 +328,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--eval-size", type=int, default=None)
     parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--multitask-steps", type=int, default=None, help="0: no multi-task arm")
+    parser.add_argument("--multitask-sparsity", type=float, default=0.7, help="each of task and site mask (§5.2)")
     parser.add_argument("--bottleneck", type=int, default=D_MODEL)
     parser.add_argument("--init-std", type=float, default=0.01)
     parser.add_argument(
@@ -282,6 +340,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.command = " ".join(["python scripts/t5_learns.py", *(sys.argv[1:] if argv is None else argv)])
     args.copy_steps = args.copy_steps or (600 if args.quick else 1200)
     args.shift_steps = args.shift_steps or (200 if args.quick else 500)
+    if args.multitask_steps is None:
+        args.multitask_steps = 300 if args.quick else 1000
     args.eval_size = args.eval_size or (200 if args.quick else 1000)
     result = run(args)
     out = Path(args.out)

@@ -288,5 +288,8 @@ def test_a_frozen_tiny_t5_learns_a_second_task_through_a_propetl_adapter_alone(t
     assert result["shift_frozen_untrained"]["exact_match_copy"] > 0.5  # it copies: the shift is what the adapter adds
     assert result["shift_propetl"]["exact_match_shift"] > 0.5
     assert result["shift_propetl"]["sites"] == 4
+    multitask = result["multitask_propetl"]["exact_match"]  # each task through its own masks, not the other's
+    assert multitask["shift@shift_masks"] > 0.5 and multitask["shift3@shift3_masks"] > 0.5
+    assert multitask["shift@shift3_masks"] < 0.1 and multitask["shift3@shift_masks"] < 0.1
     assert json.loads((tmp_path / "result.json").read_text())["shift_propetl"] == result["shift_propetl"]
     assert (tmp_path / "result.md").read_text().startswith("# A tiny T5 learns")
