@@ -275,6 +275,23 @@ def test_a_saved_t5_folder_loads_through_the_setup_and_a_size_mismatch_is_one_li
         TextToTextModel(wrong, ["a"], task_masks=False)
 
 
+def test_a_frozen_prototype_on_t5_trains_masks_only():
+    frozen = setup()
+    frozen.saved["prototype"]["freeze"] = True
+    model = TextToTextModel(frozen, ["a"], backbone=tiny_t5(0), task_masks=False)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {f"petl_weights.masks.{n}.scores" for n in MASKED}
+    assert methods.petl_weights(model).stored_tensors() == {}  # its seed regenerates it
+
+
+def test_finetuned_weights_load_into_a_plain_t5_under_their_transformers_names():
+    model = model_of(("a",), method="finetune")
+    with torch.no_grad():
+        model.t5.shared.weight += 1.0
+    plain = tiny_t5(1)
+    plain.load_state_dict({model.transformers_name(n): t for n, t in model.state_dict().items()})
+    assert torch.equal(plain.shared.weight, model.t5.shared.weight) and model.head_names() == set()
+
+
 @pytest.mark.slow
 def test_a_frozen_tiny_t5_learns_a_second_task_through_a_propetl_adapter_alone(tmp_path):
     """scripts/t5_learns.py --quick: full fine-tuning learns copy; frozen, the untrained model scores ~0 on shift

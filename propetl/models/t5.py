@@ -21,7 +21,7 @@ from transformers.utils import logging as hf_logging
 
 from propetl import methods
 from propetl.configs import ModelConfig, ModelSetup
-from propetl.models.backbone import ModelError, resolve_model_path
+from propetl.models.backbone import ModelError, resolve_model_path, swap_prefix
 
 T5_PROTOTYPES = ("adapter",)  # prototypes whose attach knows T5's sites
 T5_METHODS = ("propetl", "petl", "finetune")
@@ -104,6 +104,14 @@ class TextToTextModel(nn.Module):
 
     def sites(self) -> nn.ModuleList:
         return t5_sites(self.t5)
+
+    def head_names(self, tasks=None) -> set[str]:
+        """No task heads: the text is the output (lm_head stays frozen, as the reference's); MultiTaskModel's API."""
+        return set()
+
+    def transformers_name(self, name: str) -> str:
+        """A parameter's name in the T5ForConditionalGeneration (t5.X -> X), as MultiTaskModel.transformers_name."""
+        return swap_prefix(name, {"t5.": ""})
 
     def select_task(self, task: torch.Tensor | int | None) -> int:
         """Make the store apply task `task`'s masks (a [B] tensor: its first entry; None: the first task)."""
