@@ -130,6 +130,14 @@ def test_sites_are_the_encoder_then_the_decoder_feed_forward_sublayers_of_one_st
     assert all(type(block.layer[0]).__name__ == "T5LayerSelfAttention" for block in t5_sites(t5))  # attention untouched
 
 
+def test_t5_base_has_24_sites_12_encoder_then_12_decoder():
+    with torch.device("meta"):  # shapes only: no weights offline
+        t5 = T5ForConditionalGeneration(T5Config(d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12))
+    sites = t5_sites(t5)
+    assert len(sites) == 24 and list(sites[:12]) == list(t5.encoder.block) and list(sites[12:]) == list(t5.decoder.block)
+    assert all(type(block.layer[-1]).__name__ == "T5LayerFF" for block in sites)
+
+
 def test_one_prototype_parameter_serves_every_site_and_the_state_dict_holds_it_once():
     model = model_of()
     store = methods.petl_weights(model)
