@@ -44,7 +44,7 @@ INVALID = {
     "data.max_train_examples": not_positive_int, "logger.mode": unknown({"online", "offline", "disabled"}),
     "task.name": unknown({"cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"}),
     "method.name": unknown({"propetl", "petl", "finetune", "peft"}), "prototype.lr": not_positive_number,
-    "adapter:prototype.reduction_factor": not_positive_int, "adapter:prototype.non_linearity": unknown({"relu", "gelu", "tanh"}),
+    "adapter:prototype.reduction_factor": not_positive_int, "adapter:prototype.non_linearity": unknown({"relu", "gelu", "tanh", "gelu_new"}),
     "lora:prototype.r": not_positive_int, "lora:prototype.alpha": not_positive_number,
     "prefix:prototype.length": not_positive_int, "prefix:prototype.mlp_hidden": not_positive_int,
     "prototype.freeze": st.one_of(text, st.integers(), st.floats(allow_nan=False)),
