@@ -192,6 +192,13 @@ class ModelConfig(_FromGroup):
     hidden_size: int
     num_layers: int
     max_length: int | None = None  # the Python API's model has none (it tokenises nothing)
+    family: str = (
+        "encoder"  # encoder: a classification head per task (MultiTaskModel) | t5: text to text (TextToTextModel)
+    )
+
+    @property
+    def text_to_text(self) -> bool:
+        return self.family == "t5"
 
 
 @dataclass(frozen=True, kw_only=True)  # keyword-only: the fields in glue.yaml's order, which a saved config keeps
@@ -245,6 +252,10 @@ class TrainerSchema:
     save_weights: bool
     resume: Any  # auto | true | false, as eval_batch_size
     save_steps: int | None
+    warmup_steps: int | None = None  # set: this many warm-up steps instead of warmup_ratio (T5: 500)
+    eval_every_steps: int | None = None  # set: an "epoch" is this many steps (evaluation, selection, checkpoint)
+    mask_lr_ratio: float | None = None  # set: the mask scores' lr = this x the weights' current lr (T5: 10)
+    label_smoothing: float = 0.0  # text-to-text loss only (T5: 0.1)
 
 
 @dataclass(frozen=True, kw_only=True)

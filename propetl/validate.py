@@ -9,18 +9,22 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from propetl.configs import ConfigError, PeftGroup, group_choices, group_option
+from propetl.data.generation_eval import GENERATION_METRICS
 from propetl.data.metrics import metrics_for, selections_for
 from propetl.data.tasks import encoder_tasks, is_generation_task
 from propetl.methods import METHODS, PROTOTYPES, peft_missing, peft_module, rules
 from propetl.methods.masks import COMBINES, MASK_KINDS
 from propetl.methods.rules import BOOLEAN, LEARNING_RATE, MAX_SEED, SEED  # noqa: F401 (MAX_SEED: tests)
 from propetl.models import backbone
+from propetl.models.t5 import check_t5_setup
 from propetl.storage.accounting import STORAGE_DTYPES
 from propetl.storage.mask_coding import CODINGS
 
 NULLABLE: tuple[str, ...] = ("trainer.max_steps", "trainer.save_steps", "trainer.threads", "data.max_train_examples")
 NULLABLE += ("trainer.selection_skips_warmup",)  # absent from configs saved before it existed: false
+NULLABLE += ("trainer.warmup_steps", "trainer.eval_every_steps", "trainer.mask_lr_ratio")
 POSITIVE = rules.positive_int()
+MODEL_FAMILIES = ("encoder", "t5")  # model.family: a classification head per task | text to text (models/t5.py)
 RUN_RULES = {  # checked in this order; a key of NULLABLE may also be null
     "seed": SEED,
     "model.name_or_path": rules.Rule(lambda v: isinstance(v, str) and bool(v.strip()), backbone.MODEL_PATHS),
@@ -48,6 +52,10 @@ RUN_RULES = {  # checked in this order; a key of NULLABLE may also be null
     "storage.mask_coding": rules.one_of(CODINGS),
     "storage.dtype": rules.one_of(STORAGE_DTYPES),
     "mode": rules.one_of(("single", "multitask")),
+    "model.family": rules.one_of(MODEL_FAMILIES),
+    **dict.fromkeys(("trainer.warmup_steps", "trainer.eval_every_steps"), POSITIVE),
+    "trainer.mask_lr_ratio": rules.positive_number(),
+    "trainer.label_smoothing": rules.number_in(0.0, 1.0),
     "mask.combine": rules.one_of(COMBINES),
 }
 MASK_RULES = {
@@ -58,6 +66,7 @@ MASK_RULES = {
     "mask.seed": SEED,
 }  # checked in this order, with the method (validate_method)
 _UNSET = object()
+NULLABLE += ("model.family",)  # absent from configs saved before T5: an encoder
 LEARNING_RATE_KEYS = ("trainer.lr", "trainer.head_lr", "trainer.weight_decay")  # what the optimizer's groups read
 
 
@@ -73,7 +82,9 @@ def validate(cfg, search_path=None) -> None:
     task group's options on the config search path (None: the current run's; see propetl.configs)."""
     cfg = OmegaConf.create(OmegaConf.to_container(cfg))  # untyped: a bad value is its rule's line, not its schema's
     check_peft_prototype(cfg)  # before resolving: peft=lora reads prototype=lora's settings
-    check_encoder_task(cfg.get("task"))  # before resolving: ${task.epochs} is GLUE's
+    text_to_text = is_text_to_text(cfg)
+    if not text_to_text:
+        check_encoder_task(cfg.get("task"))  # before resolving: ${task.epochs} is GLUE's
     check_resolves(cfg)
     tasks_known = group_choices("task", search_path)
     _check(cfg, "task.name", rules.one_of(tasks_known))
@@ -86,7 +97,7 @@ def validate(cfg, search_path=None) -> None:
     if cfg.mode != "multitask":
         allowed = "null unless mode=multitask (it adds tasks to a multi-task checkpoint)"
         rules.require(base is None, "multitask.base_checkpoint", base, allowed)
-        validate_task(cfg)
+        validate_task(cfg, text_to_text)
     else:
         tasks = None if cfg.tasks is None else list(cfg.tasks)
         allowed = f"a list of distinct tasks, e.g. tasks=[rte,mrpc,stsb,cola], from: {', '.join(tasks_known)}"
@@ -97,18 +108,38 @@ def validate(cfg, search_path=None) -> None:
         _check(cfg, "multitask.temperature", rules.positive_number())
         allowed = "null or the checkpoint folder of a finished multi-task run"
         rules.require(base is None or Path(str(base)).is_dir(), "multitask.base_checkpoint", base, allowed)
+        allowed = "null with model.family=t5 (adding tasks to a T5 checkpoint is not supported yet)"
+        rules.require(base is None or not text_to_text, "multitask.base_checkpoint", base, allowed)
         for name in cfg.tasks:
             try:
-                validate_task(OmegaConf.create({"task": group_option("task", name, search_path)}))
+                validate_task(OmegaConf.create({"task": group_option("task", name, search_path)}), text_to_text)
             except ConfigError as error:
                 raise ConfigError(f"tasks: {name}: {error}") from None
     if cfg.method.name == "peft":
         allowed = "fp32 with method=peft (the checkpoint keeps PEFT's own adapter file, in the tuner's dtype)"
         rules.require(cfg.storage.dtype == "fp32", "storage.dtype", cfg.storage.dtype, allowed)
+    if text_to_text:
+        try:
+            check_t5_setup(cfg.method.name, cfg.prototype.name)
+        except backbone.ModelError as error:
+            raise ConfigError(str(error)) from None
     validate_model(cfg)
 
 
-def validate_task(cfg) -> None:
+def is_text_to_text(cfg) -> bool:
+    """model.family=t5: the text-to-text runner (TextToTextModel, generation-based evaluation)."""
+    return OmegaConf.select(cfg, "model.family", default="encoder") == "t5"
+
+
+def validate_generation_task(cfg) -> None:
+    """A generation task's yaml (XSum, WMT16), what its data and scoring read."""
+    allowed = f"a non-empty list of distinct metrics of a generation task, from: {', '.join(GENERATION_METRICS)}"
+    _check(cfg, "task.metrics", rules.Rule(rules.distinct_list_of(GENERATION_METRICS).accepts, allowed))
+    for key in ("task.max_new_tokens", "task.num_beams", "task.lengths.source", "task.lengths.target"):
+        _check(cfg, key, POSITIVE)
+
+
+def validate_task(cfg, text_to_text: bool = False) -> None:
     """A task's config (conf/task/*.yaml or a user's), what loading and scoring its data read: label count, size,
     metrics the task can report, the selection metric among them, label names and a regression label range; and what
     tables read (`report`: a title, an order, the paper's numbers, each optional)."""
@@ -116,6 +147,9 @@ def validate_task(cfg) -> None:
     def optional(key: str, accepts, allowed: str) -> None:  # null, or a value `accepts` takes
         _check(cfg, key, rules.Rule(lambda v: v is None or accepts(v), allowed))
 
+    if text_to_text and is_generation_task(cfg.task):
+        validate_generation_task(cfg)
+        return
     check_encoder_task(cfg.task)
     _check(cfg, "task.num_labels", rules.positive_int())
     _check(cfg, "task.size", rules.one_of(("small", "large")))

@@ -112,3 +112,50 @@ def tiny_fit_inputs(cfg, batch_size: int):
                                        "label": [0, 1] * 8})
     tokenizer = backbone.load_tokenizer(cfg.model)
     return model, MultiTaskBatches([tokenise(rows, tokenizer, 32)], [PadCollator(tokenizer, False)], batch_size, 10.0, 0)
+
+
+TINY_T5 = {"d_model": 32, "layers": 2}
+T5_CORPUS = [  # what the tiny T5 tokenizer learns pieces from: every printable ASCII character, GLUE's field words
+    "".join(chr(c) for c in range(33, 127)),
+    "sentence1: sentence2: sentence: question: the a cat sat on mat 0 1 2 3 4 5 6 7 8 9 0.0 1.5 2.4 3.1 4.8 5.0",
+    "summarize: Translate Romanian to English: The house is big. summary document",
+] * 5
+
+
+def tiny_t5_tokenizer():
+    """A T5-like tokenizer built offline (no SentencePiece file exists offline): Unigram pieces over Metaspace,
+    </s> after every text, <pad> 0, </s> 1, <unk> 2 (as tests/test_seq2seq_data.py's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    specials = ["<pad>", "</s>", "<unk>"]
+    tok.train_from_iterator(T5_CORPUS, trainers.UnigramTrainer(vocab_size=200, special_tokens=specials,
+                                                               unk_token="<unk>"))
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory) -> str:
+    """A tiny random T5 (2 encoder + 2 decoder blocks, d_model 32) saved as a model folder with its tokenizer
+    (config.json, model.safetensors, tokenizer files): what model=t5-small model.name_or_path=<folder> loads."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tokenizer = tiny_t5_tokenizer()
+    config = T5Config(vocab_size=len(tokenizer), d_model=TINY_T5["d_model"], d_kv=8, d_ff=64,
+                      num_layers=TINY_T5["layers"], num_decoder_layers=TINY_T5["layers"], num_heads=4,
+                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-t5")
+    T5ForConditionalGeneration(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def tiny_t5_overrides(folder: str, glue_dir) -> list[str]:
+    """Command-line overrides for a fast real-data T5 run: model=t5-small's settings, the tiny T5's folder and sizes."""
+    return ["model=t5-small", f"model.name_or_path={folder}", "model.name=tiny-t5",
+            f"model.hidden_size={TINY_T5['d_model']}", f"model.num_layers={TINY_T5['layers']}", f"data.dir={glue_dir}",
+            "logger.mode=disabled", "trainer.progress=false", "trainer.batch_size=8", "trainer.eval_batch_size=64"]

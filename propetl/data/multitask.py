@@ -7,6 +7,7 @@ With multitask.base_checkpoint a new task is added to a trained model: only its 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -14,7 +15,7 @@ from omegaconf import DictConfig
 
 from propetl import methods
 from propetl.configs import group_option
-from propetl.data.batches import PadCollator, batch_order
+from propetl.data.batches import batch_order
 from propetl.models import backbone
 
 
@@ -24,9 +25,10 @@ def task_configs(names) -> list[DictConfig]:
 
 
 class TaskCollator:
-    """A task's collator that also tags every batch with the task's index."""
+    """A task's collator (PadCollator, or text to text Seq2SeqCollator) that also tags every batch with the task's
+    index."""
 
-    def __init__(self, collator: PadCollator, index: int):
+    def __init__(self, collator: Callable[[list], dict], index: int):
         self.collator, self.index = collator, index
 
     def __call__(self, rows):
@@ -38,15 +40,21 @@ class TaskCollator:
 class MultiTaskBatches:
     """Single-task batches from several tasks, each step's task drawn with p_i ∝ n_i^(1/T); an epoch is as many steps as
     all tasks have batches. Every draw comes from `self.generator`, so a resume replays an epoch exactly; one task's
-    batches come as torch's shuffling DataLoader gives them (tests/test_multitask.py)."""
+    batches come as torch's shuffling DataLoader gives them (tests/test_multitask.py). `epoch_steps`
+    (trainer.eval_every_steps): an epoch is that many drawn batches instead (one task too), every task reshuffled."""
 
-    def __init__(self, splits, collators, batch_size: int, temperature: float, seed: int, lengths=None):
+    def __init__(
+        self, splits, collators, batch_size: int, temperature: float, seed: int, lengths=None, epoch_steps=None
+    ):
         self.splits, self.collators, self.batch_size = list(splits), list(collators), batch_size
         self.lengths = list(lengths) if lengths is not None else [None] * len(self.splits)
         sizes = np.array([len(s) for s in self.splits], dtype=np.float64)
         weights = sizes ** (1.0 / temperature)
         self.probabilities = torch.tensor(weights / weights.sum(), dtype=torch.float64)
         self.steps = int(sum(math.ceil(n / batch_size) for n in sizes))
+        self.drawn = epoch_steps is not None  # an "epoch" of epoch_steps drawn batches (one task too)
+        if epoch_steps is not None:
+            self.steps = int(epoch_steps)
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
@@ -56,7 +64,8 @@ class MultiTaskBatches:
         return batch_order(len(self.splits[task]), self.batch_size, self.generator, self.lengths[task])
 
     def __iter__(self):
-        if len(self.splits) == 1:  # one task: a single-task DataLoader's order (its base-seed draw, then the batches)
+        if len(self.splits) == 1 and not self.drawn:  # one task: a single-task DataLoader's order (its base-seed
+            # draw, then the batches)
             torch.empty((), dtype=torch.int64).random_(generator=self.generator)
             for indices in self._task_batches(0):
                 yield self.collators[0]([self.splits[0][i] for i in indices])

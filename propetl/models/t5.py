@@ -81,7 +81,8 @@ class TextToTextModel(nn.Module):
     -> Seq2SeqLMOutput(loss, logits), loss = seq2seq_loss with `label_smoothing`; generate(..., task=) decodes with
     that task's masks. A batch holds one task (the reference samples single-task batches). `backbone`: a loaded
     T5ForConditionalGeneration (None: load_t5(setup.model)); task_masks=False: per-site masks only (one task).
-    T5 with more decoder than encoder blocks cannot generate in transformers 5.24 (its cache has num_layers entries)."""
+    T5 with more decoder than encoder blocks cannot generate in transformers 5.24 (its cache has num_layers entries).
+    `num_labels`: each task's label count, only recorded (checkpoints; default 1 each)."""
 
     def __init__(
         self,
@@ -91,6 +92,7 @@ class TextToTextModel(nn.Module):
         for_training: bool = True,
         task_masks: bool = True,
         label_smoothing: float = 0.0,
+        num_labels: list[int] | None = None,
     ):
         super().__init__()
         prototype = setup.saved.get("prototype") or {}
@@ -99,6 +101,10 @@ class TextToTextModel(nn.Module):
         self.config = self.t5.config
         self.task_names, self.label_smoothing = list(task_names), float(label_smoothing)
         self.prototype_name = prototype.get("name")
+        self.task_masks = bool(task_masks)
+        # each task's label count as its yaml says (a GLUE task's; 1 for a generation task): a checkpoint records it,
+        # nothing computes with it (the text is the output)
+        self.num_labels = [1] * len(self.task_names) if num_labels is None else [int(n) for n in num_labels]
         num_tasks = len(task_names) if task_masks else 0  # as MultiTaskModel: the runner passes len(tasks) > 1
         methods.attach(self, self.sites(), setup, set(), for_training, num_tasks=num_tasks)
 

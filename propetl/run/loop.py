@@ -27,18 +27,23 @@ from propetl.run.step_log import EvalPlan, StepLog, bar_shown
 logger = logging.getLogger("propetl")
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight")
+IGNORE_INDEX = -100  # label positions a text-to-text loss skips (data.seq2seq.LABEL_PAD)
 
 
 def parameter_groups(model: nn.Module, cfg, head_names: set[str]) -> list[dict]:
     """AdamW groups: PETL weights (or the backbone), mask scores (own lr), head; biases without decay; method=peft:
-    the tensors whose name holds a key of peft.lrs at that lr (VB-LoRA's vector bank)."""
+    the tensors whose name holds a key of peft.lrs at that lr (VB-LoRA's vector bank). trainer.mask_lr_ratio: the
+    mask scores' lr is that many times trainer.lr; the schedule scales every group by the same factor, so before every
+    step the masks' lr is the ratio x the weights' current lr (the reference's T5 trainer)."""
     t = cfg.trainer
+    ratio = t.get("mask_lr_ratio")
+    mask_lr = cfg.mask.lr if ratio is None else float(ratio) * float(t.lr)
     own = dict(OmegaConf.select(cfg, "peft.lrs", default=None) or {}) if cfg.method.name == "peft" else {}
     settings = {
         "weights": (t.lr, t.weight_decay),
         "weights_no_decay": (t.lr, 0.0),
         **{f"weights/{key}": (lr, t.weight_decay) for key, lr in own.items()},
-        "masks": (cfg.mask.lr, cfg.mask.weight_decay),
+        "masks": (mask_lr, cfg.mask.weight_decay),
         "head": (t.head_lr, t.weight_decay),
         "head_no_decay": (t.head_lr, 0.0),
     }
@@ -65,6 +70,9 @@ def parameter_groups(model: nn.Module, cfg, head_names: set[str]) -> list[dict]:
 
 
 def warmup_steps(cfg, total_steps: int) -> int:
+    """trainer.warmup_steps when set (the reference's T5: 500), else warmup_ratio of the run's steps."""
+    if cfg.trainer.get("warmup_steps") is not None:
+        return min(int(cfg.trainer.warmup_steps), total_steps)
     return math.ceil(cfg.trainer.warmup_ratio * total_steps)
 
 
@@ -169,8 +177,14 @@ class FitResult:
             return
         task = str(int(batch["task"][0])) if "task" in batch else "0"
         counts = self.epoch_correct.setdefault(task, [0, 0])
-        counts[0] += int((logits.argmax(-1) == batch["labels"]).sum())
-        counts[1] += int(batch["labels"].shape[0])
+        labels = batch["labels"]
+        if logits.ndim == 3:  # text to text [B, T, V]: teacher-forced token accuracy over the label tokens
+            scored = labels != IGNORE_INDEX
+            counts[0] += int(((logits.argmax(-1) == labels) & scored).sum())
+            counts[1] += int(scored.sum())
+            return
+        counts[0] += int((logits.argmax(-1) == labels).sum())
+        counts[1] += int(labels.shape[0])
 
     def close_epoch(self, selection: dict, score: float, epochs: int, task_names) -> dict:
         """The epoch's record (fit's docstring), added to the history and logged; the next epoch's counts start."""

@@ -14,11 +14,13 @@ from torch.utils.data import DataLoader
 import propetl  # noqa: F401  (registers the config resolvers)
 from propetl import methods
 from propetl.configs import DataConfig, ModelSetup
-from propetl.data import glue
+from propetl.data import generation_eval, glue, seq2seq, text_to_text
 from propetl.data import metrics as glue_metrics
 from propetl.data.batches import PadCollator, token_lengths, tokenise
 from propetl.data.multitask import MultiTaskBatches, TaskCollator, freeze_for_new_tasks, task_configs
+from propetl.data.tasks import is_generation_task
 from propetl.models import backbone
+from propetl.models.t5 import TextToTextModel
 from propetl.run import log, loop, rundir
 from propetl.run.lifecycle import begin_run, end_run, fit_logged, run_facts
 from propetl.storage import accounting, checkpoint
@@ -46,13 +48,27 @@ def train(cfg: DictConfig, output_dir: Path, claim=None) -> dict:
     by_name = dict(zip(task_names, task_configs(task_names) if multitask else [cfg.task]))
     setup, data = ModelSetup.from_config(cfg), DataConfig.from_config(cfg.data)
 
-    # 1. data: every new task's GLUE splits (selection / test per data.protocol), tokenised once; training
-    #    batches of one task each, the task drawn by temperature (one task: a DataLoader's order)
+    # 1. data: every new task's splits (selection / test per data.protocol), tokenised once: GLUE rows for a
+    #    classification head, or (model.family=t5) source and target text; training batches of one task each, the
+    #    task drawn by temperature (one task: a DataLoader's order; trainer.eval_every_steps: that many draws an epoch)
     data_dir = glue.resolve_data_dir(data.dir)
     tokenizer = backbone.load_tokenizer(setup.model)
-    splits, collators = {}, {}
+    text_to_text = setup.model.text_to_text
+    splits, collators, settings = {}, {}, {}
     for index, name in enumerate(task_names):
         if name not in new_tasks:
+            continue
+        if text_to_text:  # the reference's format (a task-name prefix only for full fine-tuning), its lengths
+            settings[name] = seq2seq.task_settings(by_name[name], tokenizer)
+            text = glue.sample_train(
+                seq2seq.text_to_text_splits(
+                    by_name[name], data_dir, data.protocol, data.split_seed, data.allow_hub, setup.method == "finetune"
+                ),
+                data.max_train_examples,
+                data.split_seed,
+            )
+            splits[name] = seq2seq.tokenise_splits(text, tokenizer, settings[name])
+            collators[name] = TaskCollator(seq2seq.Seq2SeqCollator(tokenizer), index)
             continue
         text = glue.sample_train(
             glue.load_glue(by_name[name], data_dir, data.protocol, data.split_seed, data.allow_hub),
@@ -69,13 +85,14 @@ def train(cfg: DictConfig, output_dir: Path, claim=None) -> dict:
         float(cfg.multitask.temperature),
         cfg.seed,
         lengths,
+        cfg.trainer.get("eval_every_steps"),
     )
 
     def eval_loader(name: str, split: str) -> DataLoader:
         return DataLoader(
             splits[name][split],
             batch_size=loop.eval_batch_size(cfg.trainer.eval_batch_size, device),
-            collate_fn=collators[name],
+            collate_fn=seq2seq.Seq2SeqCollator(tokenizer) if text_to_text else collators[name],
         )
 
     # 2. model: the pre-trained encoder with the method inside, a head per task (base tasks loaded and frozen)
@@ -85,6 +102,14 @@ def train(cfg: DictConfig, output_dir: Path, claim=None) -> dict:
         )
         freeze_for_new_tasks(model, base_tasks)
         model.train()
+    elif text_to_text:  # T5 with the method inside: the text is the output, no heads
+        model = TextToTextModel(
+            setup,
+            task_names,
+            task_masks=len(task_names) > 1,
+            label_smoothing=float(cfg.trainer.label_smoothing),
+            num_labels=[int(by_name[n].get("num_labels", 1)) for n in task_names],
+        )
     else:
         model = backbone.MultiTaskModel(
             setup, task_names, [int(by_name[n].num_labels) for n in task_names], task_masks=len(task_names) > 1
@@ -102,9 +127,31 @@ def train(cfg: DictConfig, output_dir: Path, claim=None) -> dict:
         )
     logger.info("%d steps per epoch, device %s", len(train_batches), device)
 
+    def generations(m, name: str, split: str) -> tuple[list[str], list[str]]:
+        """(generated, reference) strings of a task's split with its masks: greedy for GLUE, the yaml's beams else."""
+        with loop.autocast(device, cfg.trainer.precision):
+            return generation_eval.generate_texts(
+                m,
+                eval_loader(name, split),
+                tokenizer,
+                settings[name].num_beams,
+                settings[name].max_new_tokens,
+                device,
+                task=task_names.index(name),
+            )
+
     def select(m) -> tuple[dict, float]:
-        """Every new task on its selection split; the score to maximise is the mean of their scores."""
+        """Every new task on its selection split; the score to maximise is the mean of their scores (text to text:
+        the mean of every metric of every task, the reference's average_metrics)."""
         metrics, scores = {}, []
+        if text_to_text:
+            per_task = {n: generation_eval.score_generations(n, *generations(m, n, "validation")) for n in new_tasks}
+            for name, task_metrics in per_task.items():
+                metrics.update({f"{name}/{k}" if multitask else k: v for k, v in task_metrics.items()})
+            score = generation_eval.average_metrics(per_task)
+            if multitask:
+                metrics["mean"] = score
+            return metrics, score
         for name in new_tasks:
             task_metrics = loop.evaluate(
                 m,
@@ -128,19 +175,27 @@ def train(cfg: DictConfig, output_dir: Path, claim=None) -> dict:
     )
     if base_dir:  # the old tasks' mask rows saw AdamW's decay (no gradient): put them back bit for bit
         checkpoint.load_task_parts(model, Path(base_dir), base_tasks)
-    predicted = {
-        name: loop.predict_task(
-            model,
-            eval_loader(name, "test"),
-            by_name[name],
-            device,
-            cfg.trainer.precision,
-            f"test {name}",
-            cfg.trainer.progress,
-        )
-        for name in new_tasks
-    }
-    tests = {name: glue_metrics.compute(list(by_name[name].metrics), *predicted[name]) for name in new_tasks}
+    if text_to_text:
+        predicted, tests = {}, {}
+        for name in new_tasks:
+            generated, references = generations(model, name, "test")
+            tests[name] = generation_eval.score_generations(name, generated, references)
+            if seq2seq.is_glue_task(name):  # the parsed labels (text_to_text.INVALID where a generation names none)
+                predicted[name] = (parsed(name, generated), parsed(name, references))
+    else:
+        predicted = {
+            name: loop.predict_task(
+                model,
+                eval_loader(name, "test"),
+                by_name[name],
+                device,
+                cfg.trainer.precision,
+                f"test {name}",
+                cfg.trainer.progress,
+            )
+            for name in new_tasks
+        }
+        tests = {name: glue_metrics.compute(list(by_name[name].metrics), *predicted[name]) for name in new_tasks}
 
     # 4. storage (counted from what the checkpoint keeps), the checkpoint and predictions.npz (rank 0),
     #    metrics.json, W&B, summary table
@@ -148,7 +203,7 @@ def train(cfg: DictConfig, output_dir: Path, claim=None) -> dict:
     figures = accounting.account(model, setup, backbone_params, keep)
     if ctx.is_main:  # before metrics.json, which marks the run finished
         log.write_predictions(
-            output_dir / rundir.PREDICTIONS_FILE, predicted, {name: int(by_name[name].num_labels) for name in new_tasks}
+            output_dir / rundir.PREDICTIONS_FILE, predicted, {name: int(by_name[name].num_labels) for name in predicted}
         )
     if ctx.is_main and cfg.trainer.save_weights:
         checkpoint.save_checkpoint(model, setup, output_dir / "checkpoint", keep)
@@ -163,6 +218,11 @@ def train(cfg: DictConfig, output_dir: Path, claim=None) -> dict:
         run.summary.update({**summary, **log.best_epoch_summary(result)})
     end_run(ctx)
     return metrics
+
+
+def parsed(task: str, texts: list[str]) -> np.ndarray:
+    """A GLUE task's generated (or reference) strings as the labels its metrics see (predictions.npz)."""
+    return np.array([text_to_text.parse_prediction(task, text) for text in texts])
 
 
 def report_single_task(
@@ -188,7 +248,9 @@ def report_single_task(
         "selection": result.best_selection,
         "test": test,
         "glue_score": glue_metrics.task_score(name, test),
-        "trivial": glue_metrics.trivial_baseline(
+        "trivial": None
+        if is_generation_task(task)
+        else glue_metrics.trivial_baseline(
             name,
             list(task.metrics),
             splits[name]["train"]["label"],

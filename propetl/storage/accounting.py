@@ -17,6 +17,7 @@ from torch import nn
 from propetl import methods
 from propetl.configs import ModelSetup
 from propetl.models import backbone
+from propetl.models.t5 import TextToTextModel
 from propetl.storage import mask_coding
 
 STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -80,6 +81,14 @@ def plain_petl_params(setup: ModelSetup, hidden: int, num_layers: int) -> int:
     prototype = methods.prototype_config(setup.saved["prototype"])
     specs = methods.PROTOTYPES[prototype.name].specs(prototype, hidden)
     return num_layers * sum(spec.numel for spec in specs.values())
+
+
+def petl_sites(model: nn.Module) -> int:
+    """How many modules plain PETL keeps: one per site (T5: every encoder and decoder block), else per layer."""
+    if isinstance(model, TextToTextModel):
+        return len(model.sites())
+    config: Any = model.config
+    return int(config.num_hidden_layers)
 
 
 def mask_bytes(entries_per_tensor: list[int]) -> int:
@@ -175,16 +184,19 @@ class Kept:
 
 
 def kept(model: nn.Module, method: str, task: str | None = None) -> Kept:
-    """Kept of a run's MultiTaskModel, or of a transformers model with the method inside (backbone.build, the Python
+    """Kept of a run's MultiTaskModel or TextToTextModel (no heads), or of a transformers model with the method inside (backbone.build, the Python
     API: one task, `task`, its label count the model's), `method` the run's method.name."""
-    if isinstance(model, backbone.MultiTaskModel):
+    if isinstance(model, (backbone.MultiTaskModel, TextToTextModel)):
         tasks, labels, rename, head_names = (
             model.task_names,
             model.num_labels,
             model.transformers_name,
             model.head_names(),
         )
-        heads = [{n: p.detach() for n, p in model.heads[name].named_parameters()} for name in tasks]
+        if isinstance(model, TextToTextModel):  # text to text: no heads (an empty head file per task)
+            heads: list[dict[str, torch.Tensor]] = [{} for _ in tasks]
+        else:
+            heads = [{n: p.detach() for n, p in model.heads[name].named_parameters()} for name in tasks]
     else:
         config: Any = model.config  # transformers' (torch types a module's attributes as Tensor | Module)
         tasks, labels, rename = [task or UNNAMED_TASK], [int(config.num_labels)], (lambda name: name)
@@ -237,7 +249,7 @@ def account(model: nn.Module, setup: ModelSetup, backbone_params: int, keep: Kep
         stored_params = plain = count(methods.peft_parameters(model).values())
     else:
         config: Any = model.config
-        plain = plain_petl_params(setup, config.hidden_size, config.num_hidden_layers)
+        plain = plain_petl_params(setup, config.hidden_size, petl_sites(model))
     dense_bytes = peft["adapter_bytes"] if peft else width * stored_params
     coded = coding_figures(
         [keep.layer_masks] * bool(keep.layer_masks.masks) + keep.task_masks,

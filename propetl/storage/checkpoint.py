@@ -9,7 +9,8 @@ One layout for one task or several (format 4; save_checkpoint):
 Each folder carries a manifest.json (files.py), written last and checked before anything is read. Dense tensors are
 written in `storage.dtype`, loaded as fp32; the folder is built beside its place and renamed (never half-written).
 Formats 1-3 are refused in one line naming propetl-upgrade. check_config checks every value before use.
-Readers: load_multitask (any tasks); load_checkpoint (one task; the API's load_propetl).
+Readers: load_multitask (any tasks); load_checkpoint (one task; the API's load_propetl). A T5 run (model.family=t5)
+writes the same layout (its heads files empty: the text is the output) and loads back as a TextToTextModel.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from propetl import methods, validate
 from propetl.configs import ConfigError, ModelSetup, group_choices, plain_value
 from propetl.methods import rules
 from propetl.models import backbone
+from propetl.models.t5 import TextToTextModel
 from propetl.storage import mask_coding
 from propetl.storage.accounting import (
     STORAGE_DTYPES,
@@ -352,10 +354,12 @@ def load_multitask(
     extra_tasks=(),
     for_training=False,
     config: dict | None = None,
+    t5: nn.Module | None = None,
 ):
-    """The MultiTaskModel from `shared/` and the named tasks' folders (default: all), in eval mode, and the
-    checkpoint's config. With a run's `setup`, its settings must match the checkpoint's; `extra_tasks` (task configs) get
-    fresh masks and heads (adding tasks); `config`: its read_checkpoint_config, if the caller has it."""
+    """The MultiTaskModel (model.family=t5: the TextToTextModel) from `shared/` and the named tasks' folders (default:
+    all), in eval mode, and the checkpoint's config. With a run's `setup`, its settings must match the checkpoint's;
+    `extra_tasks` (task configs) get fresh masks and heads (adding tasks); `config`: its read_checkpoint_config, if the
+    caller has it; `t5`: a loaded T5ForConditionalGeneration to put the method into (None: load the saved model's)."""
     directory = Path(directory)
     extra = [t.name for t in extra_tasks]
     saved = read_checkpoint_config(directory) if config is None else config
@@ -371,12 +375,13 @@ def load_multitask(
     for name in names:
         if name not in saved["tasks"] or not (directory / TASKS_DIR / name).is_dir():
             raise CheckpointError(f"{directory} has no task {name!r}; it has: {', '.join(saved['tasks'])}")
-    model = backbone.MultiTaskModel(
+    model = build_model(
         ModelSetup.from_checkpoint(saved),
         names + extra,
         [saved["num_labels"][n] for n in names] + [int(t.num_labels) for t in extra_tasks],
         for_training,
-        task_masks=saved["task_masks"],
+        saved["task_masks"],
+        t5,
     )
     weights, method = methods.petl_weights(model), saved["method"]["name"]
     shared = directory / SHARED_DIR
@@ -401,7 +406,23 @@ def load_multitask(
     return model.eval(), saved
 
 
-def load_task_parts(model: backbone.MultiTaskModel, directory: Path, names: list[str]) -> None:
+def build_model(
+    setup: ModelSetup,
+    task_names: list[str],
+    num_labels: list[int],
+    for_training: bool,
+    task_masks: bool,
+    t5: nn.Module | None = None,
+) -> backbone.MultiTaskModel | TextToTextModel:
+    """A checkpoint's model, untrained: MultiTaskModel, or TextToTextModel (model.family=t5; into `t5` if given)."""
+    if setup.model.text_to_text:
+        return TextToTextModel(setup, task_names, t5, for_training, task_masks, num_labels=num_labels)
+    if t5 is not None:
+        raise CheckpointError(f"a {setup.model.name} checkpoint (model.family=encoder) is not loaded into a T5")
+    return backbone.MultiTaskModel(setup, task_names, num_labels, for_training, task_masks=task_masks)
+
+
+def load_task_parts(model: backbone.MultiTaskModel | TextToTextModel, directory: Path, names: list[str]) -> None:
     """Set the named tasks' mask rows and heads of a multi-task model from their folders, each checked against its
     manifest first (also after adding a task: the old tasks' parts back exactly as they were saved)."""
     weights = methods.petl_weights(model)
@@ -424,4 +445,7 @@ def load_task_parts(model: backbone.MultiTaskModel, directory: Path, names: list
                     mask.scores[index].copy_(row.reshape(mask.shape))  # ones score 1, zeros 0: top-k gives them back
                     mask.invalidate()
             head, _ = read_safetensors(part / HEAD_FILE)
-            _copy_into(dict(model.heads[name].named_parameters()), head, part / HEAD_FILE)
+            targets: dict[str, nn.Parameter] = {}  # T5: no head
+            if isinstance(model, backbone.MultiTaskModel):
+                targets = dict(model.heads[name].named_parameters())
+            _copy_into(targets, head, part / HEAD_FILE)
