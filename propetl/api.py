@@ -21,10 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from propetl import methods, validate
-from propetl.configs import CONF_DIR, ConfigError, ModelSetup
+from propetl.configs import CONF_DIR, ConfigError, ModelConfig, ModelSetup
 from propetl.methods import rules
 from propetl.methods.rules import PrototypeConfig
 from propetl.models.backbone import encoder_layers, head_parameter_names
+from propetl.models.t5 import TextToTextModel
 from propetl.run import loop
 from propetl.storage import accounting, checkpoint, files
 
@@ -282,7 +283,7 @@ class ProPETLModel(nn.Module):
         return self.save_propetl(directory)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, directory, **kwargs) -> ProPETLModel:
+    def from_pretrained(cls, model: nn.Module, directory, **kwargs) -> ProPETLModel | TextToTextModel:
         """PEFT's PeftModel.from_pretrained(base, folder): load_propetl."""
         if kwargs:
             raise ConfigError(
@@ -318,13 +319,17 @@ def get_propetl_model(model: nn.Module, config: PrototypeConfig | ProPETLConfig)
     return attach(model, cfg, for_training=True)
 
 
-def load_propetl(model: nn.Module, directory) -> ProPETLModel:
+def load_propetl(model: nn.Module, directory) -> ProPETLModel | TextToTextModel:
     """`model` (the backbone the folder was trained on) with the saved prototype, masks and head, in eval mode, from
     save_propetl's or the runner's method=propetl|petl checkpoints, read by checkpoint.load_checkpoint (which loads
-    the backbone propetl.json names) and copied in. Prefix loads its stored table, without the MLP."""
-    check_supported(model)
+    the backbone propetl.json names) and copied in. Prefix loads its stored table, without the MLP.
+    A T5 run's checkpoint (model.family=t5, any number of tasks) into a T5ForConditionalGeneration: the TextToTextModel
+    around it (models/t5.py; generate(..., task=i) with task i's masks), in eval mode."""
     directory = Path(directory)
     config = checkpoint.read_checkpoint_config(directory)
+    if ModelConfig.from_config(config["model"]).text_to_text:
+        return load_t5(model, directory, config)
+    check_supported(model)
     saved = OmegaConf.create(checkpoint.single_task_config(config, directory))
     if saved.method.name not in LOADABLE_METHODS:
         raise ConfigError(
@@ -346,3 +351,21 @@ def load_propetl(model: nn.Module, directory) -> ProPETLModel:
     wrapped = attach(model, checked(cfg), for_training=False)
     model.load_state_dict({loaded.transformers_name(n): t for n, t in loaded.state_dict().items()})
     return wrapped.eval()
+
+
+def load_t5(model: nn.Module, directory: Path, config: dict) -> TextToTextModel:
+    """load_propetl of a T5 checkpoint: `model` must be a T5ForConditionalGeneration of the saved sizes."""
+    t5_config: Any = getattr(model, "config", None)
+    if type(model).__name__ != "T5ForConditionalGeneration" or t5_config is None:
+        raise ConfigError(
+            f"{directory} is a T5 checkpoint; pass a T5ForConditionalGeneration, not {type(model).__name__}"
+        )
+    saved = ModelConfig.from_config(config["model"])
+    for key, ours, theirs in (
+        ("hidden_size", t5_config.d_model, saved.hidden_size),
+        ("num_layers", t5_config.num_layers, saved.num_layers),
+    ):
+        if ours != theirs:
+            raise ConfigError(f"{directory} was saved for model.{key}={theirs}, this model has {ours}")
+    loaded, _ = checkpoint.load_multitask(directory, config=config, t5=model)
+    return loaded

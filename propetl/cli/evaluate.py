@@ -4,7 +4,7 @@
     propetl-eval CHECKPOINT --split validation --no-merge --data-dir PATH --config-dir my_conf
 
 Merging folds the masks into plain per-layer modules (LoRA: into the frozen weights), so inference costs what plain
-PETL costs. A bad --batch-size or --device (one this machine lacks) is one line before anything loads (exit 2)."""
+PETL costs. A T5 checkpoint (model.family=t5) is scored per task by generation, unmerged. A bad --batch-size or --device (one this machine lacks) is one line before anything loads (exit 2)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ import sys
 import time
 
 import torch
+from torch.utils.data import DataLoader
 
 from propetl import methods
-from propetl.configs import ConfigError, add_config_dir_argument, config_dirs, group_option
-from propetl.data import glue
+from propetl.configs import ConfigError, ModelConfig, add_config_dir_argument, config_dirs, group_option
+from propetl.data import generation_eval, glue, seq2seq
 from propetl.data.batches import make_loader
 from propetl.models import backbone
 from propetl.run import loop
@@ -56,7 +57,10 @@ def available_device(text: str) -> str:
 def evaluate_checkpoint(
     directory, split: str = "test", merge: bool = True, data_dir=None, batch_size: int = 256, device: str = "cpu"
 ) -> dict:
-    model, saved = checkpoint.load_checkpoint(directory)
+    config = checkpoint.read_checkpoint_config(directory)
+    if ModelConfig.from_config(config["model"]).text_to_text:
+        return evaluate_t5(directory, config, split, data_dir, batch_size, device)
+    model, saved = checkpoint.load_checkpoint(directory, config)
     if merge and saved.method.name != "finetune":
         methods.merge(model, backbone.encoder_layers(model), saved.prototype.name)
     task = group_option("task", saved.task.name)  # shipped, or on --config-dir (configs.config_dirs)
@@ -68,6 +72,39 @@ def evaluate_checkpoint(
     scores = loop.evaluate(model.to(device), loader, task, device, desc=split, progress=True)
     timing = {"examples": len(splits[split]), "seconds": time.perf_counter() - start}
     return {"checkpoint": str(directory), "task": task.name, "split": split, "merged": merge, **timing, **scores}
+
+
+def evaluate_t5(directory, config: dict, split: str, data_dir, batch_size: int, device: str) -> dict:
+    """A T5 checkpoint (model.family=t5): every task generated with its own masks (unmerged: merging folds one
+    task's masks at a time) and scored as the run scores it (generation_eval; GLUE greedy, the yaml's beams else)."""
+    model, saved = checkpoint.load_multitask(directory, config=config)
+    tokenizer = backbone.load_tokenizer(ModelConfig.from_config(saved["model"]))
+    data = saved["data"]
+    model.to(torch.device(device))
+    start, rows, scores = time.perf_counter(), 0, {}
+    for index, name in enumerate(saved["tasks"]):
+        task = group_option("task", name)  # shipped, or on --config-dir (configs.config_dirs)
+        settings = seq2seq.task_settings(task, tokenizer)
+        finetune = saved["method"]["name"] == "finetune"  # the reference's task-name prefix
+        text = seq2seq.text_to_text_splits(
+            task, glue.resolve_data_dir(data_dir), data["protocol"], data["split_seed"], add_prefix=finetune
+        )
+        tokens = seq2seq.tokenise(text[split], tokenizer, settings.max_source_length, settings.max_target_length[split])
+        loader = DataLoader(tokens, batch_size=batch_size, collate_fn=seq2seq.Seq2SeqCollator(tokenizer))
+        texts = generation_eval.generate_texts(  # task=: the model's task index (its masks)
+            model, loader, tokenizer, settings.num_beams, settings.max_new_tokens, device, task=index
+        )
+        scores[name] = generation_eval.score_generations(name, *texts)
+        rows += len(tokens)
+    timing = {"examples": rows, "seconds": time.perf_counter() - start}
+    return {
+        "checkpoint": str(directory),
+        "tasks": list(saved["tasks"]),
+        "split": split,
+        "merged": False,
+        **timing,
+        "per_task": scores,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,7 +2,7 @@
   hf    LoRA updates (ProPETL: masked per layer) folded into W_q / W_v, save_pretrained plus tokenizer; also petl,
         finetune and peft (merged by PEFT).
   peft  a PEFT adapter with the head as modules_to_save: method=peft's tuner, or propetl / petl LoRA's (masked) A, B.
-Adapters and prefixes are refused in one line (exit 2). OUT is written by files.write_output_folder."""
+Adapters and prefixes are refused in one line (exit 2), and so is every T5 checkpoint (model.family=t5). OUT is written by files.write_output_folder."""
 
 from __future__ import annotations
 
@@ -24,6 +24,12 @@ def refusal(config: dict, output_format: str) -> str | None:
     from propetl import methods
 
     method, prototype = config["method"]["name"], config["prototype"]["name"]
+    if config["model"].get("family") == "t5":
+        return (
+            "a T5 checkpoint (model.family=t5): its adapters sit after the feed-forward sub-layers with a nonlinearity "
+            "between their two projections, so they cannot be merged into T5's weights, and no transformers or PEFT "
+            "format holds ProPETL's masks; load it with propetl.load_propetl(T5ForConditionalGeneration, folder)"
+        )
     if method == "peft":  # PEFT merges its tuner (hf) and writes its own adapter (peft): every tuner
         return None  # of conf/peft/ merges (tests/test_peft_zoo.py)
     if method == "finetune":
@@ -107,7 +113,8 @@ def export(checkpoint_dir, out, output_format: str, overwrite: bool = False) -> 
     if output_format not in FORMATS:
         raise ExportError(f"--format {output_format} is invalid; allowed: {', '.join(FORMATS)}")
     config = checkpoint.read_checkpoint_config(checkpoint_dir)
-    reason = refusal(checkpoint.single_task_config(config, checkpoint_dir), output_format)
+    t5 = config["model"].get("family") == "t5"  # refused whatever its tasks (refusal)
+    reason = refusal(config if t5 else checkpoint.single_task_config(config, checkpoint_dir), output_format)
     if reason:
         raise ExportError(f"{checkpoint_dir}: {reason}; nothing written")
     if output_format == "peft" and (missing := methods.peft_missing()):
