@@ -12,6 +12,7 @@ from propetl.configs import ConfigError, PeftGroup, group_choices, group_option
 from propetl.data.generation_eval import GENERATION_METRICS
 from propetl.data.metrics import metrics_for, selections_for
 from propetl.data.tasks import encoder_tasks, is_generation_task
+from propetl.data.text_to_text import FIELDS as text_to_text_tasks
 from propetl.methods import METHODS, PROTOTYPES, peft_missing, peft_module, rules
 from propetl.methods.masks import COMBINES, MASK_KINDS
 from propetl.methods.rules import BOOLEAN, LEARNING_RATE, MAX_SEED, SEED  # noqa: F401 (MAX_SEED: tests)
@@ -52,7 +53,9 @@ RUN_RULES = {  # checked in this order; a key of NULLABLE may also be null
     "storage.mask_coding": rules.one_of(CODINGS),
     "storage.dtype": rules.one_of(STORAGE_DTYPES),
     "mode": rules.one_of(("single", "multitask")),
-    "model.family": rules.one_of(MODEL_FAMILIES),
+    "model.family": rules.Rule(
+        lambda v: v is None or v in MODEL_FAMILIES, f"{', '.join(MODEL_FAMILIES)} (absent: encoder)"
+    ),
     **dict.fromkeys(("trainer.warmup_steps", "trainer.eval_every_steps"), POSITIVE),
     "trainer.mask_lr_ratio": rules.positive_number(),
     "trainer.label_smoothing": rules.number_in(0.0, 1.0),
@@ -66,7 +69,6 @@ MASK_RULES = {
     "mask.seed": SEED,
 }  # checked in this order, with the method (validate_method)
 _UNSET = object()
-NULLABLE += ("model.family",)  # absent from configs saved before T5: an encoder
 LEARNING_RATE_KEYS = ("trainer.lr", "trainer.head_lr", "trainer.weight_decay")  # what the optimizer's groups read
 
 
@@ -150,6 +152,9 @@ def validate_task(cfg, text_to_text: bool = False) -> None:
     if text_to_text and is_generation_task(cfg.task):
         validate_generation_task(cfg)
         return
+    if text_to_text and cfg.task.get("name") not in text_to_text_tasks:
+        allowed = f"a task with a text-to-text format with model.family=t5: {', '.join(text_to_text_tasks)}, xsum, …"
+        rules.require(False, "task.name", cfg.task.get("name"), allowed)
     check_encoder_task(cfg.task)
     _check(cfg, "task.num_labels", rules.positive_int())
     _check(cfg, "task.size", rules.one_of(("small", "large")))
