@@ -97,7 +97,7 @@ def test_unknown_group_options_are_caught_before_hydra(argument, choices):
 @pytest.mark.parametrize("argument,nearest", [
     ("+trainer.max_step=3", "trainer.max_steps"), ("trainer.max_step=3", "trainer.max_steps"),
     ("++mask.sparsty=0.5", "mask.sparsity"), ("-m task=rte,mrpc +trainer.eval_batchsize=8", "trainer.eval_batch_size"),
-    ("prototype=lora prototype.alfa=2", "prototype.alpha"), ("~trainer.warmup", "trainer.warmup_ratio"),
+    ("prototype=lora prototype.alfa=2", "prototype.alpha"), ("~trainer.warmup", "trainer.warmup_steps"),
 ])
 def test_unknown_keys_are_refused_with_the_nearest_known_key(argument, nearest):
     with pytest.raises(ConfigError) as error:
