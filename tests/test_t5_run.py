@@ -3,6 +3,7 @@ RTE + MRPC rows; its checkpoint reloads (checkpoint.load_multitask, load_propetl
 tokens; a killed run resumes to the same metrics; the storage figures equal a hand count; T5 settings and refusals."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -261,3 +262,22 @@ def test_single_task_t5_run_on_one_task(tmp_path, tiny_t5_dir, glue_dir):
     assert metrics["task"] == "rte" and set(metrics["test"]) == {"accuracy"} and metrics["steps"] == 2
     assert metrics["trivial"] is not None and "task_mask_entries_per_task" not in metrics["storage"]
     assert metrics["storage"]["mask_entries"] == 2 * TINY_T5["layers"] * 2 * TINY_T5["d_model"] * int(cfg.prototype.bottleneck)
+
+
+def test_a_t5_run_trains_xsum_from_local_jsonl_and_reports_rouge(tmp_path, tiny_t5_dir):
+    """task=xsum on the tiny T5 from the shipped fixture rows (as train, validation and test): ROUGE on test and
+    selection, no trivial baseline (a generation task has no labels), the data's files in the fingerprint."""
+    from propetl.run.train import train
+
+    fixture = Path(__file__).parent / "fixtures" / "xsum_tiny.jsonl"
+    (tmp_path / "data" / "xsum").mkdir(parents=True)
+    for split in ("train", "validation", "test"):
+        (tmp_path / "data" / "xsum" / f"{split}.jsonl").write_text(fixture.read_text())
+    cfg = compose_cfg([*tiny_t5_overrides(tiny_t5_dir, tmp_path / "data"), "task=xsum", "trainer.batch_size=4",
+                       "trainer.max_steps=2", "trainer.eval_every_steps=2", "trainer.warmup_steps=1",
+                       "task.max_new_tokens=8"])
+    metrics = train(cfg, tmp_path / "run")
+    assert metrics["task"] == "xsum" and metrics["steps"] == 2 and "trivial" not in metrics
+    assert set(metrics["test"]) == set(metrics["selection"]) == {"rouge1", "rouge2", "rougeL", "rougeLsum", "combined"}
+    hub = hashlib.sha256(b"hub:xsum\n").hexdigest()  # what the fingerprint would hold had the files been missed
+    assert metrics["data_sha256"] != hub and (tmp_path / "run" / "checkpoint").is_dir()

@@ -66,6 +66,16 @@ def load_generation_task(
     return splits
 
 
+def local_files(task_cfg: Mapping[str, Any], data_dir: str | os.PathLike | None) -> list[pathlib.Path] | None:
+    """The task's local train, validation and test files, in reading order, if they are all there; None: the hub."""
+    local = plain_group(task_cfg).get("local") or {}
+    folder = None if data_dir is None else pathlib.Path(data_dir) / str(local.get("folder"))
+    if any(split not in local for split in SPLITS) or _local_problem(folder, local) is not None:
+        return None
+    assert folder is not None  # no folder is a local problem
+    return [folder / str(local[split]) for split in SPLITS]
+
+
 def local_hint(local: Mapping[str, Any]) -> str:
     """How to give a generation task's data locally (the fix named in every DataError)."""
     files = ", ".join(str(local[s]) for s in SPLITS)

@@ -47,14 +47,19 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
 
 def data_sha256(cfg) -> str:
     """sha256 over the local files each task of the run reads (names, contents, in order); a hub task: 'hub:<task>'."""
-    from propetl.data import glue
+    from propetl.data import generation_tasks, glue
     from propetl.data.multitask import task_configs
+    from propetl.data.tasks import is_generation_task
 
     tasks = task_configs(list(cfg.tasks)) if cfg.get("mode") == "multitask" and cfg.get("tasks") else [cfg.task]
     data_dir = glue.resolve_data_dir(cfg.data.dir)
     digest = hashlib.sha256()
     for task in tasks:
-        files = glue.local_files(task, data_dir)
+        files = (
+            generation_tasks.local_files(task, data_dir)
+            if is_generation_task(task)
+            else glue.local_files(task, data_dir)
+        )
         if files is None:
             digest.update(f"hub:{task.name}\n".encode())
             continue

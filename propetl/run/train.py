@@ -225,6 +225,17 @@ def parsed(task: str, texts: list[str]) -> np.ndarray:
     return np.array([text_to_text.parse_prediction(task, text) for text in texts])
 
 
+def trivial_baseline(task, splits: dict) -> dict:
+    """A classification or regression task's chance figures (glue_metrics.trivial_baseline) from its labels."""
+    return glue_metrics.trivial_baseline(
+        task.name,
+        list(task.metrics),
+        splits[task.name]["train"]["label"],
+        splits[task.name]["test"]["label"],
+        int(task.num_labels) == 1,
+    )
+
+
 def report_single_task(
     cfg, output_dir: Path, tests: dict, result, figures: dict, facts: dict, writes: bool, splits: dict
 ) -> tuple[dict, dict]:
@@ -248,15 +259,7 @@ def report_single_task(
         "selection": result.best_selection,
         "test": test,
         "glue_score": glue_metrics.task_score(name, test),
-        "trivial": None
-        if is_generation_task(task)
-        else glue_metrics.trivial_baseline(
-            name,
-            list(task.metrics),
-            splits[name]["train"]["label"],
-            splits[name]["test"]["label"],
-            int(task.num_labels) == 1,
-        ),
+        **({} if is_generation_task(task) else {"trivial": trivial_baseline(task, splits)}),  # generation: none
         "storage": figures,
         **facts,
     }
