@@ -62,12 +62,13 @@ def test_t5_models_bring_the_reference_settings_and_encoders_keep_theirs():
     assert (cfg.model.family, cfg.model.hidden_size, cfg.model.num_layers) == ("t5", 768, 12)
     assert (cfg.prototype.non_linearity, cfg.prototype.init_std, cfg.prototype.bottleneck) == ("gelu_new", 0.01, 64)
     assert (cfg.trainer.lr, cfg.trainer.weight_decay, cfg.mask.weight_decay) == (3e-4, 0.0, 0.0)
-    assert (cfg.trainer.mask_lr_ratio, cfg.trainer.label_smoothing) == (10, 0.1)
+    assert (cfg.trainer.mask_lr_ratio, cfg.trainer.label_smoothing, cfg.trainer.warmup_steps) == (10, 0.1, 500)
     validate(cfg)
     encoder = compose_cfg([])
     assert encoder.get("model").get("family", "encoder") == "encoder"
     assert (encoder.trainer.mask_lr_ratio, encoder.trainer.label_smoothing, encoder.prototype.non_linearity) == (
         None, 0.0, "relu")
+    assert encoder.trainer.warmup_steps is None
     experiment = compose_cfg(["model=t5-base", "experiment=t5_multitask"])
     assert (experiment.trainer.max_steps, experiment.trainer.eval_every_steps, experiment.trainer.warmup_steps) == (
         20000, 2000, 500)
