@@ -282,3 +282,14 @@ def test_a_t5_run_trains_xsum_from_local_jsonl_and_reports_rouge(tmp_path, tiny_
     assert set(metrics["test"]) == set(metrics["selection"]) == {"rouge1", "rouge2", "rougeL", "rougeLsum", "combined"}
     hub = hashlib.sha256(b"hub:xsum\n").hexdigest()  # what the fingerprint would hold had the files been missed
     assert metrics["data_sha256"] != hub and (tmp_path / "run" / "checkpoint").is_dir()
+
+
+def test_t5_base_offline_is_one_line_naming_the_fix(monkeypatch):
+    from propetl.configs import ModelConfig
+    from propetl.models.backbone import ModelError, load_tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = ModelConfig.from_config(compose_cfg(["model=t5-base"]).model)
+    with pytest.raises(ModelError, match="set model.name_or_path=FOLDER") as refused:
+        load_tokenizer(model)
+    assert "\n" not in str(refused.value)

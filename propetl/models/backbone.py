@@ -80,7 +80,16 @@ def max_positions(name_or_path: str) -> int | None:
 
 
 def load_tokenizer(model: ModelConfig):
-    return AutoTokenizer.from_pretrained(resolve_model_path(model.name_or_path))
+    """The model's tokenizer; one that cannot be loaded (a hub id offline, a folder without tokenizer files): one line."""
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model_path(model.name_or_path))
+    except OSError as error:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" and not os.path.isdir(resolve_model_path(model.name_or_path))
+        hint = " (HF_HUB_OFFLINE=1: hub models need a local copy; set model.name_or_path=FOLDER)" if offline else ""
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ModelError(
+            f"cannot load the tokenizer of model.name_or_path={model.name_or_path!r}{hint}: {first}"
+        ) from None
 
 
 def load_backbone(config: ModelConfig, num_labels: int) -> nn.Module:
