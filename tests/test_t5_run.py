@@ -109,9 +109,8 @@ def test_mask_lr_ratio_makes_the_mask_lr_ten_times_the_prototypes_current_lr(tin
 
 # --- a run: train, save, reload, generate the same ------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def t5_run(tmp_path_factory, tiny_t5_dir, glue_dir):
-    """A multi-task tiny-T5 run (RTE + MRPC); the trained model as the run leaves it (its best evaluation's weights)."""
+def train_recorded(cfg, out: Path) -> tuple[dict, TextToTextModel]:
+    """train(cfg, out) in this process: (metrics, the trained model as the run leaves it: its best evaluation's)."""
     from propetl.run import train as train_module
 
     models = []
@@ -121,12 +120,19 @@ def t5_run(tmp_path_factory, tiny_t5_dir, glue_dir):
             super().__init__(*args, **kwargs)
             models.append(self)
 
-    cfg = compose_cfg([*tiny_t5_overrides(tiny_t5_dir, glue_dir), *RUN])
-    out = tmp_path_factory.mktemp("t5-run")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train_module, "TextToTextModel", Recorded)
         metrics = train_module.train(cfg, out)
-    return cfg, out, metrics, models[0]
+    return metrics, models[0]
+
+
+@pytest.fixture(scope="module")
+def t5_run(tmp_path_factory, tiny_t5_dir, glue_dir):
+    """A multi-task tiny-T5 run (RTE + MRPC) and its trained model."""
+    cfg = compose_cfg([*tiny_t5_overrides(tiny_t5_dir, glue_dir), *RUN])
+    out = tmp_path_factory.mktemp("t5-run")
+    metrics, model = train_recorded(cfg, out)
+    return cfg, out, metrics, model
 
 
 def test_metrics_have_the_encoder_runs_shape(t5_run):
@@ -160,16 +166,17 @@ def test_storage_figures_equal_a_hand_count(t5_run):
     assert storage["head_params"] == dict.fromkeys(TASKS, 0)
 
 
-def generated_ids(model, cfg, glue_dir) -> dict[str, list[torch.Tensor]]:
+def generated_ids(model, cfg, glue_dir, tasks=TASKS) -> dict[str, list[torch.Tensor]]:
     """Token ids of each task's test split, generated greedily with the task's masks (as the run scores them)."""
-    from propetl.models.backbone import load_tokenizer
     from propetl.data.multitask import task_configs
+    from propetl.models.backbone import load_tokenizer
 
     tokenizer = load_tokenizer(ModelSetup.from_config(cfg).model)
     out = {}
-    for index, task in enumerate(task_configs(TASKS)):
+    for index, task in enumerate(task_configs(tasks)):
         settings = seq2seq.task_settings(task, tokenizer)
-        text = seq2seq.text_to_text_splits(task, glue_dir, cfg.data.protocol, cfg.data.split_seed)
+        finetune = cfg.method.name == "finetune"  # the task-name prefix, as the run
+        text = seq2seq.text_to_text_splits(task, glue_dir, cfg.data.protocol, cfg.data.split_seed, add_prefix=finetune)
         rows = seq2seq.tokenise(text["test"], tokenizer, settings.max_source_length, settings.max_target_length["test"])
         loader = DataLoader(rows, batch_size=64, collate_fn=seq2seq.Seq2SeqCollator(tokenizer))
         model.eval()
@@ -182,7 +189,6 @@ def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(len(a[k]) == len(b[k]) and all(map(torch.equal, a[k], b[k])) for k in a)
 
 
-@pytest.mark.slow
 def test_a_saved_t5_run_reloads_and_generates_identically(t5_run, tiny_t5_dir, glue_dir):
     from transformers import T5ForConditionalGeneration
 
@@ -250,6 +256,20 @@ def test_a_killed_t5_run_resumes_to_identical_metrics(tmp_path, tiny_t5_dir, glu
     saved = [checkpoint.read_safetensors(d / "checkpoint" / "shared" / "prototype.safetensors")[0]
              for d in (tmp_path / "straight" / "run", run_dir)]
     assert saved[0].keys() == saved[1].keys() and all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])
+
+
+@pytest.mark.parametrize("method", ["petl", "finetune"])
+def test_plain_adapters_and_full_finetuning_on_t5_save_and_reload(method, tmp_path, tiny_t5_dir, glue_dir):
+    """method=petl (one adapter per site) and finetune (every T5 weight but lm_head and the LayerNorms) on task=rte:
+    the checkpoint loads back and generates the same tokens."""
+    cfg = compose_cfg([*tiny_t5_overrides(tiny_t5_dir, glue_dir), f"method={method}", "task=rte",
+                       "data.max_train_examples=16", "trainer.max_steps=2", "trainer.warmup_steps=1",
+                       "trainer.lr=0.01"])
+    metrics, trained = train_recorded(cfg, tmp_path)
+    assert metrics["method"] == method and metrics["steps"] == 2
+    loaded, saved = checkpoint.load_multitask(tmp_path / "checkpoint")
+    assert saved["method"]["name"] == method and saved["tasks"] == ["rte"]
+    assert same(generated_ids(loaded, cfg, glue_dir, ["rte"]), generated_ids(trained, cfg, glue_dir, ["rte"]))
 
 
 def test_single_task_t5_run_on_one_task(tmp_path, tiny_t5_dir, glue_dir):
