@@ -106,3 +106,21 @@ def test_an_explicit_mask_sparsity_wins_over_the_multitask_default(overrides):
     single = [float(compose_cfg([f"prototype={p}"]).mask.sparsity) for p in ("adapter", "lora", "prefix")]
     assert single == [0.5, 0.9, 0.9]                                    # mode=single: the prototypes' own
 
+
+def test_multitask_adapter_scores_are_shaped_like_the_t5_linear_weights():
+    """Reference T5 (multi-task) scores are shaped like nn.Linear.weight: down [64, 768] -> 1/sqrt(768) = 0.0361, up
+    [768, 64] -> 1/sqrt(64) = 0.125 (paper.md §2.1): the single-task (transposed) bounds swapped, for task and
+    layer masks alike. One task (no task masks) stays the single-task layout."""
+    cfg = compose_cfg(["model=roberta-base", "prototype=adapter", "mode=multitask", "tasks=[rte,stsb]"])
+    prototype, mask = methods.prototype_config(cfg.prototype), MaskConfig.from_config(cfg.mask)
+    assert int(prototype.bottleneck) == 64
+    torch.manual_seed(0)
+    multi = methods.make_weights("propetl", prototype, mask, 768, 12, num_tasks=2)
+    single = methods.make_weights("propetl", prototype, mask, 768, 12)
+    for name, fan_in, single_fan_in in (("down_weight", 768, 64), ("up_weight", 64, 768)):
+        bound, single_bound = 1 / math.sqrt(fan_in), 1 / math.sqrt(single_fan_in)
+        stack = multi.masks[name]
+        for scores in (*stack.tasks.scores, stack.layers.scores):
+            assert bound * 0.99 < float(scores.detach().abs().max()) <= bound
+        assert single_bound * 0.99 < score_range(single, name) <= single_bound
+    assert 1 / math.sqrt(768) == pytest.approx(0.0361, abs=1e-4) and 1 / math.sqrt(64) == 0.125
