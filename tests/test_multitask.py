@@ -212,6 +212,47 @@ def test_every_prototype_builds_and_trains_a_multitask_model(tiny_cfg, prototype
         assert any(g is not None for is_score, g in grads if is_score)                                   # masks
 
 
+@pytest.mark.parametrize("prototype", ["adapter", "lora", "prefix"])
+def test_a_task_not_in_the_batch_keeps_its_mask_bit_for_bit(tiny_cfg, prototype):
+    """AdamW with weight decay on the mask scores: once task B (stsb) has trained (its scores have AdamW moments),
+    steps on task A (rte) alone leave B's task-mask scores and binary masks bit-identical (each task's scores are
+    their own parameter: no gradient, so no momentum step and no decay), while A's and the layer masks move."""
+    from propetl.models.backbone import MultiTaskModel
+
+    cfg = tiny_cfg("mode=multitask", "tasks=[rte,stsb]", f"prototype={prototype}", "mask.lr=0.05",
+                   "mask.weight_decay=0.1")
+    assert cfg.mask.weight_decay > 0
+    torch.manual_seed(0)
+    model = MultiTaskModel(ModelSetup.from_config(cfg), ["rte", "stsb"], [2, 1]).train()
+    optimization = loop.Optimization(*loop.make_optimizer(model, cfg, model.head_names(), 20),
+                                     torch.amp.GradScaler("cpu", enabled=False))
+    weights = methods.petl_weights(model)
+    task_masks, layer_masks = accounting.split_task_layer(weights.mask_stores())
+
+    def step(task: int, seed: int) -> None:
+        batch = {**tiny_batch(seed=seed), "task": torch.full((3,), task)}
+        if task == 1:                                                 # STS-B: regression
+            batch["labels"] = torch.tensor([0.1, 0.5, 0.9])
+        loop.train_step(model, batch, optimization, torch.device("cpu"), "fp32", 1.0)
+
+    for task, seed in ((0, 1), (1, 2), (1, 3)):                       # both tasks trained: every score has moments
+        step(task, seed)
+    moments = [optimization.optimizer.state[p] for p in weights.score_parameters()]
+    assert all(moments) and any(bool(m["exp_avg"].abs().sum() > 0) for m in moments)
+    with torch.no_grad():
+        task_b = {name: (mask()[1].clone(), mask.scores[1].clone()) for name, mask in task_masks.items()}
+        task_a = {name: mask.scores[0].clone() for name, mask in task_masks.items()}
+        layers = {name: mask.scores.detach().clone() for name, mask in layer_masks.items()}
+    for seed in range(4, 8):
+        step(0, seed)
+    with torch.no_grad():
+        for name, mask in task_masks.items():
+            binary, scores = task_b[name]
+            assert torch.equal(mask()[1], binary) and torch.equal(mask.scores[1], scores), name
+        assert any(not torch.equal(m.scores[0], task_a[n]) for n, m in task_masks.items())
+        assert any(not torch.equal(m.scores, layers[n]) for n, m in layer_masks.items())
+
+
 @pytest.fixture(scope="module")
 def tiny_roberta_dir(tmp_path_factory) -> str:
     """A tiny random RoBERTa (its head: dropout, dense, tanh, dropout, out_proj; no pooler)."""

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from propetl.methods.masks import LayerMasks, TaskLayerMasks
+from propetl.methods.masks import LayerMasks, TaskLayerMasks, TaskMasks
 
 
 @dataclass(frozen=True)
@@ -127,10 +127,10 @@ class LayerWeights(nn.Module):
     def layer(self, index: int) -> dict[str, torch.Tensor]:
         return {name: tensor[index] for name, tensor in self.per_layer().items()}
 
-    def mask_stores(self) -> dict[str, LayerMasks]:
+    def mask_stores(self) -> dict[str, LayerMasks | TaskMasks]:
         """Every stack of masks by stored name: `name` [L, *shape]; multi-task: `name@task` [T, *shape]
         and `name@layer` [L, *shape]."""
-        out: dict[str, LayerMasks] = {}
+        out: dict[str, LayerMasks | TaskMasks] = {}
         for name, mask in self.masks.items():
             if isinstance(mask, TaskLayerMasks):
                 out[f"{name}@task"], out[f"{name}@layer"] = mask.tasks, mask.layers
@@ -144,7 +144,8 @@ class LayerWeights(nn.Module):
             return {name: mask().detach() for name, mask in self.mask_stores().items() if mask.kind != "none"}
 
     def score_parameters(self) -> list[nn.Parameter]:
-        return [mask.scores for mask in self.mask_stores().values() if mask.scores.requires_grad]
+        """The trainable mask scores: one parameter per stack of layer masks, one per task and tensor (TaskMasks)."""
+        return [p for mask in self.mask_stores().values() for p in mask.parameters() if p.requires_grad]
 
     def to_plain(self) -> LayerWeights:
         """Materialise every layer's tensors into a plain per-layer store (merge for inference)."""
