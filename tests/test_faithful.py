@@ -67,3 +67,60 @@ def test_prefix_embedding_std_is_a_knob():
     """prototype.embedding_std=0.02 restores the small init (results/cpu: plain prefix-tuning diagnosis)."""
     weights, _ = propetl_weights("prototype=prefix", "prototype.embedding_std=0.02")
     assert weights.embedding.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+ONES_AT_07 = {  # n - floor(0.7 n) ones per MiniLM mask tensor (hidden 384, 6 layers), counted by hand
+    "adapter": {"down_weight": 12288 - 8601, "up_weight": 12288 - 8601},             # [32, 384]: 8601.6 zeros
+    "lora": {f"{t}_{m}": 6144 - 4300 for t in ("query", "value") for m in "AB"},      # [16, 384]: 4300.8 zeros
+    "prefix": {"prefix": 24576 - 17203},                                              # [32, 768]: 17203.2 zeros
+}
+
+
+@pytest.mark.parametrize("prototype", ["adapter", "lora", "prefix"])
+def test_multitask_mode_alone_keeps_three_tenths_of_each_mask(prototype):
+    """mode=multitask itself (no experiment overlay) carries the reference's multi-task setting: task and layer masks
+    each keep 0.3 for every prototype, exactly, and their OR about 1 - 0.7^2 = 0.51 (not 0.19 as a single-task 0.9
+    would leave); |task OR layer| = |task| + |layer| - |task AND layer| on every layer."""
+    tasks = ("mode=multitask", "tasks=[rte,stsb]", f"prototype={prototype}")
+    assert float(compose_cfg(list(tasks)).mask.sparsity) == 0.7
+    weights, _ = propetl_weights(*tasks, num_tasks=2)
+    union = entries = 0
+    for name, ones in ONES_AT_07[prototype].items():
+        stack = weights.masks[name]
+        task_masks, layer_masks = stack.tasks(), stack.layers()
+        assert task_masks.reshape(2, -1).sum(dim=1).tolist() == [ones] * 2
+        assert layer_masks.reshape(MINILM_LAYERS, -1).sum(dim=1).tolist() == [ones] * MINILM_LAYERS
+        for task in range(2):
+            combined = stack(task).reshape(MINILM_LAYERS, -1)
+            both = (task_masks[task].unsqueeze(0) * layer_masks).reshape(MINILM_LAYERS, -1).sum(dim=1)
+            assert combined.sum(dim=1).tolist() == (2 * ones - both).tolist()
+            union, entries = union + combined.sum().item(), entries + combined.numel()
+    assert union / entries == pytest.approx(1 - 0.7**2, abs=0.01)
+
+
+@pytest.mark.parametrize("overrides", [("mode=multitask", "tasks=[rte,stsb]"), ("experiment=multitask",)])
+def test_an_explicit_mask_sparsity_wins_over_the_multitask_default(overrides):
+    for prototype in ("adapter", "lora", "prefix"):
+        assert float(compose_cfg([*overrides, f"prototype={prototype}"]).mask.sparsity) == 0.7
+        assert float(compose_cfg([*overrides, f"prototype={prototype}", "mask.sparsity=0.5"]).mask.sparsity) == 0.5
+    single = [float(compose_cfg([f"prototype={p}"]).mask.sparsity) for p in ("adapter", "lora", "prefix")]
+    assert single == [0.5, 0.9, 0.9]                                    # mode=single: the prototypes' own
+
+
+def test_multitask_adapter_scores_are_shaped_like_the_t5_linear_weights():
+    """Reference T5 (multi-task) scores are shaped like nn.Linear.weight: down [64, 768] -> 1/sqrt(768) = 0.0361, up
+    [768, 64] -> 1/sqrt(64) = 0.125 (paper.md §2.1): the single-task (transposed) bounds swapped, for task and
+    layer masks alike. One task (no task masks) stays the single-task layout."""
+    cfg = compose_cfg(["model=roberta-base", "prototype=adapter", "mode=multitask", "tasks=[rte,stsb]"])
+    prototype, mask = methods.prototype_config(cfg.prototype), MaskConfig.from_config(cfg.mask)
+    assert int(prototype.bottleneck) == 64
+    torch.manual_seed(0)
+    multi = methods.make_weights("propetl", prototype, mask, 768, 12, num_tasks=2)
+    single = methods.make_weights("propetl", prototype, mask, 768, 12)
+    for name, fan_in, single_fan_in in (("down_weight", 768, 64), ("up_weight", 64, 768)):
+        bound, single_bound = 1 / math.sqrt(fan_in), 1 / math.sqrt(single_fan_in)
+        stack = multi.masks[name]
+        for scores in (*stack.tasks.scores, stack.layers.scores):
+            assert bound * 0.99 < float(scores.detach().abs().max()) <= bound
+        assert single_bound * 0.99 < score_range(single, name) <= single_bound
+    assert 1 / math.sqrt(768) == pytest.approx(0.0361, abs=1e-4) and 1 / math.sqrt(64) == 0.125

@@ -97,6 +97,17 @@ def test_terminated_length_grouped_run_resumes_to_identical_metrics(tmp_path, un
     assert comparable(kill_and_resume(tmp_path / "killed", overrides, signal.SIGTERM)) == comparable(expected)
 
 
+@pytest.mark.slow
+def test_killed_multitask_run_resumes_to_identical_metrics(tmp_path, tiny_text_model_dir, glue_dir):
+    """Multi-task: one parameter per task mask, AdamW moments only for the tasks drawn so far. SIGKILL after the first
+    checkpoint (step 4 of 12), then the same command again: the same metrics as the uninterrupted run."""
+    overrides = [*tiny_text_overrides(tiny_text_model_dir, glue_dir), "mode=multitask", "tasks=[rte,stsb]",
+                 "prototype=adapter", "data.max_train_examples=48", "trainer.epochs=2", "trainer.save_steps=4",
+                 "mask.lr=0.05", "prototype.lr=0.01"]
+    expected = finish(tmp_path / "uninterrupted", overrides)
+    assert comparable(kill_and_resume(tmp_path / "killed", overrides, signal.SIGKILL)) == comparable(expected)
+
+
 def leftover_checkpoint(tmp_path, tiny_text_model_dir, glue_dir, monkeypatch, *extra):
     """A finished tiny run whose resume/ folder is kept (and metrics.json removed), as after a crash."""
     monkeypatch.setattr(Checkpointer, "discard", lambda self: None)

@@ -14,7 +14,8 @@ from omegaconf import DictConfig
 from propetl.configs import PRIMARY_CONFIG, SCHEMAS, ConfigError, compose, config_dir_entry, require_option
 
 SWEEP_FUNCTIONS = ("glob(", "range(", "choice(", "interval(", "[")  # a group swept by a function: not checked
-GROUPS = ("model", "task", "prototype", "method", "peft", "mask", "trainer", "logger", "data", "experiment", "profile")
+GROUPS: tuple[str, ...] = ("model", "task", "prototype", "method", "peft", "mask", "mode", "trainer", "logger", "data")
+GROUPS += ("experiment", "profile")
 HYDRA_ANSWERS = ("help", "hydra_help", "shell_completion", "info")  # flags Hydra answers without a run
 
 

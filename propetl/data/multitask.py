@@ -80,15 +80,15 @@ class MultiTaskBatches:
 
 
 def freeze_for_new_tasks(model: backbone.MultiTaskModel, base_tasks: list[str]) -> None:
-    """Adding tasks: the prototype, the layer masks and the old tasks' heads stay as trained (the old tasks' task-mask
-    rows get no gradient: their batches are not drawn)."""
+    """Adding tasks: the prototype, the layer masks and the old tasks' heads stay as trained (the old tasks' task masks
+    get no gradient: their batches are not drawn, and each task's mask is its own parameter)."""
     weights = methods.petl_weights(model)
     assert weights is not None  # mode=multitask: method=propetl or petl (validate.py), both with a store
     for parameter in weights.parameters():
         parameter.requires_grad_(False)
     for name, mask in weights.mask_stores().items():
         if name.endswith("@task") and mask.kind == "learned":
-            mask.scores.requires_grad_(True)
+            mask.requires_grad_(True)
     for name, parameter in model.named_parameters():
         if any(name.startswith(f"heads.{t}.") for t in base_tasks):
             parameter.requires_grad_(False)

@@ -6,7 +6,8 @@ x = the sub-layer input and LN the pre-trained layer's frozen output LayerNorm (
 T5 (pre-LN blocks; paper.md §2.3, the reference's gelu_new): with y = Dropout(FF(LN(h))) of the block's feed-forward
 sub-layer, out = h + y + Adapter(h + y). A layer (site) is either form; models/t5.py lists a T5's 24 (12 + 12).
 ProPETL: W_down and W_up are the prototype times the layer's mask (biases unmasked). Mask scores start as the
-reference's transposed layout does: range 1/sqrt(fan_in) with bottleneck for down, hidden for up.
+reference's layouts do, range 1/sqrt(fan_in): single-task (RoBERTa, transposed scores) bottleneck for down, hidden for
+up; with task masks (T5 multi-task, scores shaped like nn.Linear.weight) hidden for down, bottleneck for up.
 """
 
 from __future__ import annotations
@@ -49,12 +50,15 @@ CONFIG = AdapterConfig
 def specs(config: AdapterConfig, hidden: int) -> dict[str, TensorSpec]:
     bottleneck, init = int(config.bottleneck), f"normal:{config.init_std}"
     # frozen (prototype.freeze): nn.Linear's range, not N(0, 0.02^2), whose output masks could only shrink to nothing
+    # scores' fan-in: single-task the reference's transposed RoBERTa layout, multi-task its T5 one (the weight's own)
     return {
         "down_weight": TensorSpec(
-            (bottleneck, hidden), init, masked=True, score_fan_in=bottleneck, frozen_init="kaiming"
+            (bottleneck, hidden), init, True, bottleneck, frozen_init="kaiming", multitask_score_fan_in=hidden
         ),
         "down_bias": TensorSpec((bottleneck,), "zeros", masked=False),
-        "up_weight": TensorSpec((hidden, bottleneck), init, masked=True, score_fan_in=hidden, frozen_init="kaiming"),
+        "up_weight": TensorSpec(
+            (hidden, bottleneck), init, True, hidden, frozen_init="kaiming", multitask_score_fan_in=bottleneck
+        ),
         "up_bias": TensorSpec((hidden,), "zeros", masked=False),
     }
 

@@ -1,7 +1,8 @@
 """Binary masks over a shared prototype: all mask logic lives here.
 A mask is a score tensor shaped like its weight; its binary form keeps the top n - floor(sparsity * n) of |score| and
 passes gradients straight through (edge-popup, as the reference). `sparsity` is the fraction of ZEROS (the reference's
-is the fraction kept). Masks of all layers are stacked [L, *shape] for one batched top-k. Storage: mask_coding.py.
+is the fraction kept). Masks of all layers are stacked [L, *shape] for one batched top-k; multi-task, each task's
+mask is its own parameter (TaskMasks). Storage: mask_coding.py.
 """
 
 from __future__ import annotations
@@ -165,9 +166,72 @@ def combine(task_mask: torch.Tensor, layer_masks: torch.Tensor, how: str = "or")
     raise ValueError(f"mask.combine={how!r} is not one of: {', '.join(COMBINES)}")
 
 
+class TaskMasks(nn.Module):
+    """T task masks for one prototype weight, each task's scores its own parameter [*shape] (`scores[t]`): a step on
+    task t's batch binarises only task t's scores, so the other tasks' get no gradient (grad None) and AdamW leaves
+    them, their moments and their weight decay alone — a task's mask moves only when that task trains. The scores
+    are drawn as LayerMasks draws its stack [T, *shape], then split; `forward()` gives all T binary masks stacked
+    [T, *shape] (what a checkpoint stores as `name@task`), `row(t)` task t's."""
+
+    def __init__(
+        self,
+        count: int,
+        shape: tuple[int, ...],
+        sparsity: float,
+        kind: str = "learned",
+        seed: int = 0,
+        score_fan_in: int | None = None,
+    ):
+        super().__init__()
+        drawn = LayerMasks(count, shape, sparsity, kind, seed, score_fan_in)  # the same draws, the same checks
+        self.kind, self.sparsity, self.shape, self.count = drawn.kind, drawn.sparsity, drawn.shape, drawn.count
+        learned = kind == "learned"
+        self.scores = nn.ParameterList(nn.Parameter(row.clone(), requires_grad=learned) for row in drawn.scores.data)
+        self._cached: dict[int, tuple[tuple, torch.Tensor]] = {}
+
+    @property
+    def entries_per_mask(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def ones_per_mask(self) -> int:
+        return self.entries_per_mask if self.kind == "none" else ones_per_mask(self.entries_per_mask, self.sparsity)
+
+    def invalidate(self) -> None:
+        self._cached = {}
+
+    def row(self, task: int) -> torch.Tensor:
+        """Task `task`'s binary mask [*shape] (straight-through to its scores alone), cached until they change."""
+        scores = self.scores[task]
+        key = (scores._version, torch.is_grad_enabled(), scores.device, scores.dtype)
+        cached = self._cached.get(task)
+        if cached is None or cached[0] != key:
+            mask = torch.ones_like(scores) if self.kind == "none" else binarize(scores.unsqueeze(0), self.sparsity)[0]
+            self._cached[task] = cached = (key, mask)
+        return cached[1]
+
+    def forward(self) -> torch.Tensor:
+        return torch.stack([self.row(task) for task in range(self.count)])
+
+    @torch.no_grad()
+    def load_binary(self, masks: torch.Tensor) -> None:
+        """Set every task's scores so that binarisation reproduces `masks` [T, *shape] exactly."""
+        if tuple(masks.shape) != (self.count, *self.shape):
+            raise ValueError(f"mask shape {tuple(masks.shape)} != expected {(self.count, *self.shape)}")
+        ones = masks.reshape(self.count, -1).sum(dim=1)
+        if self.kind != "none" and not torch.all(ones == self.ones_per_mask):
+            raise ValueError(
+                f"mask has {ones.tolist()} ones per task, expected {self.ones_per_mask} at sparsity {self.sparsity}"
+            )
+        for scores, mask in zip(self.scores, masks):
+            scores.copy_(mask.to(scores.dtype))
+        self.invalidate()
+
+
 class TaskLayerMasks(nn.Module):
-    """Multi-task masks for one prototype weight: T task masks and L layer masks, each a LayerMasks
-    with its own scores and sparsity; `forward(task)` gives that task's [L, *shape] combined masks."""
+    """Multi-task masks for one prototype weight: T task masks (TaskMasks: one parameter per task) and L layer masks
+    (LayerMasks), each with its own scores and sparsity; `forward(task)` gives that task's [L, *shape] combined
+    masks, from that task's scores and the layer masks only."""
 
     def __init__(
         self,
@@ -184,11 +248,11 @@ class TaskLayerMasks(nn.Module):
         if how not in COMBINES:
             raise ValueError(f"mask.combine={how!r} is not one of: {', '.join(COMBINES)}")
         self.how = how
-        self.tasks = LayerMasks(num_tasks, shape, sparsity, kind, seed=seed, score_fan_in=score_fan_in)
+        self.tasks = TaskMasks(num_tasks, shape, sparsity, kind, seed=seed, score_fan_in=score_fan_in)
         self.layers = LayerMasks(num_layers, shape, sparsity, kind, seed=seed + 7919, score_fan_in=score_fan_in)
 
     def forward(self, task: int) -> torch.Tensor:
-        return combine(self.tasks()[task], self.layers(), self.how)
+        return combine(self.tasks.row(task), self.layers(), self.how)
 
     def invalidate(self) -> None:
         self.tasks.invalidate()

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from propetl.methods.masks import LayerMasks, TaskLayerMasks
+from propetl.methods.masks import LayerMasks, TaskLayerMasks, TaskMasks
 
 
 @dataclass(frozen=True)
@@ -24,10 +24,16 @@ class TensorSpec:
     masked: bool  # ProPETL masks it per layer (weights) or shares it unmasked (biases)
     score_fan_in: int | None = None  # reference's score fan-in (initial range: masks.score_bound); None: this shape's
     frozen_init: str | None = None  # how a frozen prototype draws it (prototype.freeze); None: as `init`
+    multitask_score_fan_in: int | None = None  # with task masks (the reference's T5 layout); None: score_fan_in
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    def fan_in(self, multitask: bool) -> int | None:
+        """The fan-in of its mask scores' initial range: single-task, or with task masks (multi-task)."""
+        own = self.multitask_score_fan_in if multitask else None
+        return self.score_fan_in if own is None else own
 
 
 def init_tensor(tensor: torch.Tensor, init: str, generator: torch.Generator | None = None) -> None:
@@ -72,7 +78,8 @@ class LayerWeights(nn.Module):
             shape = spec.shape if shared else (num_layers, *spec.shape)
             self.weights[name] = nn.Parameter(torch.empty(shape), requires_grad=not self.frozen)
             init_tensor(self.weights[name], (spec.frozen_init or spec.init) if self.frozen else spec.init, generator)
-            drawn: dict[str, Any] = {"kind": mask_kind, "seed": mask_seed + i, "score_fan_in": spec.score_fan_in}
+            fan_in = spec.fan_in(multitask=bool(num_tasks))
+            drawn: dict[str, Any] = {"kind": mask_kind, "seed": mask_seed + i, "score_fan_in": fan_in}
             if shared and spec.masked and num_tasks:
                 self.masks[name] = TaskLayerMasks(
                     num_tasks, num_layers, spec.shape, mask_sparsity, mask_combine, **drawn
@@ -120,10 +127,10 @@ class LayerWeights(nn.Module):
     def layer(self, index: int) -> dict[str, torch.Tensor]:
         return {name: tensor[index] for name, tensor in self.per_layer().items()}
 
-    def mask_stores(self) -> dict[str, LayerMasks]:
+    def mask_stores(self) -> dict[str, LayerMasks | TaskMasks]:
         """Every stack of masks by stored name: `name` [L, *shape]; multi-task: `name@task` [T, *shape]
         and `name@layer` [L, *shape]."""
-        out: dict[str, LayerMasks] = {}
+        out: dict[str, LayerMasks | TaskMasks] = {}
         for name, mask in self.masks.items():
             if isinstance(mask, TaskLayerMasks):
                 out[f"{name}@task"], out[f"{name}@layer"] = mask.tasks, mask.layers
@@ -137,7 +144,8 @@ class LayerWeights(nn.Module):
             return {name: mask().detach() for name, mask in self.mask_stores().items() if mask.kind != "none"}
 
     def score_parameters(self) -> list[nn.Parameter]:
-        return [mask.scores for mask in self.mask_stores().values() if mask.scores.requires_grad]
+        """The trainable mask scores: one parameter per stack of layer masks, one per task and tensor (TaskMasks)."""
+        return [p for mask in self.mask_stores().values() for p in mask.parameters() if p.requires_grad]
 
     def to_plain(self) -> LayerWeights:
         """Materialise every layer's tensors into a plain per-layer store (merge for inference)."""
