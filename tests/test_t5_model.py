@@ -93,7 +93,8 @@ def hand_site_weights(model: TextToTextModel, site: int, task: int, sparsity: fl
             continue
         masks = store.masks[name]
         if store.num_tasks:
-            m_task, m_site = hand_mask(masks.tasks.scores, sparsity)[task], hand_mask(masks.layers.scores, sparsity)[site]
+            task_scores = torch.stack(list(masks.tasks.scores))  # one parameter per task (methods/masks.TaskMasks)
+            m_task, m_site = hand_mask(task_scores, sparsity)[task], hand_mask(masks.layers.scores, sparsity)[site]
             mask = 1 - (1 - m_task) * (1 - m_site)
         else:
             mask = hand_mask(masks.scores, sparsity)[site]
@@ -148,7 +149,8 @@ def test_one_prototype_parameter_serves_every_site_and_the_state_dict_holds_it_o
         assert tuple(store.weights[name].shape) == store.specs[name].shape  # one site's shape: no [L, ...] stack
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"petl_weights.weights.{n}" for n in store.weights} | {
-        f"petl_weights.masks.{n}.{part}.scores" for n in MASKED for part in ("tasks", "layers")}
+        f"petl_weights.masks.{n}.layers.scores" for n in MASKED} | {
+        f"petl_weights.masks.{n}.tasks.scores.{task}" for n in MASKED for task in (0, 1)}  # a parameter per task
     # an encoder site and a decoder site read the same tensor: moving the prototype moves both
     before = site_outputs(model, 0)
     with torch.no_grad():
@@ -182,8 +184,8 @@ def test_gradients_reach_the_prototype_and_the_active_tasks_scores_and_the_backb
     for name, prototype in store.weights.items():
         assert prototype.grad is not None and prototype.grad.abs().sum() > 0, name
     for name in MASKED:
-        tasks, layers = store.masks[name].tasks.scores.grad, store.masks[name].layers.scores.grad
-        assert tasks[0].abs().sum() > 0 and tasks[1].abs().sum() == 0  # the batch's task only
+        tasks, layers = store.masks[name].tasks.scores, store.masks[name].layers.scores.grad
+        assert tasks[0].grad.abs().sum() > 0 and tasks[1].grad is None  # the batch's task only (its own parameter)
         assert all(layers[site].abs().sum() > 0 for site in range(ENC + DEC))  # encoder and decoder sites
     for name, parameter in model.t5.named_parameters():
         assert not parameter.requires_grad and parameter.grad is None, name
