@@ -54,7 +54,7 @@ PLANS: dict[str, list[tuple[str, list[str]]]] = {
         ("sparsity_sweep", ["task=rte,mrpc,stsb,cola"]),
         ("ablation_masks", ["task=rte,mrpc,stsb,cola"]),
         ("multitask", ["task=rte"]),
-        ("t5_multitask", ["model=t5-base", "task=rte"]),  # Table 2: T5-base (hub), the five local GLUE tasks, 3 seeds
+        ("t5_multitask", ["model=t5-base", "task=rte"]),  # Table 2: T5-base, all eight GLUE tasks (hub), 3 seeds
     ],
 }
 

@@ -159,3 +159,17 @@ def tiny_t5_overrides(folder: str, glue_dir) -> list[str]:
     return ["model=t5-small", f"model.name_or_path={folder}", "model.name=tiny-t5",
             f"model.hidden_size={TINY_T5['d_model']}", f"model.num_layers={TINY_T5['layers']}", f"data.dir={glue_dir}",
             "logger.mode=disabled", "trainer.progress=false", "trainer.batch_size=8", "trainer.eval_batch_size=64"]
+
+
+MNLI_LABELS = ("entailment", "neutral", "contradiction")
+
+
+def write_mnli(folder: Path, rows: dict[str, int]) -> Path:
+    """GLUE's MNLI files under folder/MNLI (sentence1, sentence2, gold_label), `rows` data rows a file (file name ->
+    rows): texts name the file and row, labels cycle over the three classes. Returns `folder` (a data.dir)."""
+    (folder / "MNLI").mkdir(parents=True, exist_ok=True)
+    for name, count in rows.items():
+        lines = ["index\tsentence1\tsentence2\tgold_label"]
+        lines += [f"{i}\t{name} p{i}\t{name} h{i}\t{MNLI_LABELS[i % 3]}" for i in range(count)]
+        (folder / "MNLI" / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder

@@ -59,6 +59,16 @@ def user_task(folder: Path, **changes) -> list[str]:
     return [f"file://{folder}"]
 
 
+@pytest.mark.parametrize("mode", ["single", "multitask"])
+def test_a_user_glue_task_on_t5_is_refused_naming_the_tasks_with_a_text_format(tmp_path, mode):
+    search_path = user_task(tmp_path)
+    chosen = ["task=mytask"] if mode == "single" else ["mode=multitask", "tasks=[rte,mytask]"]
+    message = refusal(compose(["model=t5-small", *chosen], search_path), search_path)
+    expected = ("task.name='mytask' is invalid; allowed: a task with a text-to-text format with model.family=t5: "
+                "cola, sst2, mrpc, rte, stsb, qqp, mnli, qnli, xsum")
+    assert expected in message and (mode == "single" or message.startswith("tasks: mytask: ")), message
+
+
 @pytest.mark.parametrize("changes,named", [
     ({"metrics": ["accuracy", "bleu"]}, ["task.metrics=['accuracy', 'bleu']", "accuracy, f1, matthews"]),
     ({"metrics": ["pearson"]}, ["task.metrics=['pearson']", "accuracy, f1, matthews"]),        # not for classes

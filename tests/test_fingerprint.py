@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_cfg
+from conftest import compose_cfg, write_mnli
 from omegaconf import OmegaConf
 
 from propetl import configs
@@ -48,6 +48,18 @@ def test_the_data_counts_by_content_not_by_path(glue_dir, data_copy):
     (data_copy / "RTE" / "train.tsv").write_text((data_copy / "RTE" / "train.tsv").read_text()[:-200])
     changed = fingerprint.fingerprint(compose_cfg([f"data.dir={data_copy}"]))
     assert [key for key, *_ in fingerprint.differences(base, changed)] == [fingerprint.DATA_KEY]
+
+
+def test_a_t5_mnli_run_hashes_the_mismatched_dev_set_it_selects_on(tmp_path):
+    """T5 MNLI selects on dev_mismatched.tsv (paper.md §5.3): its data sha256 follows that file; the encoder's does not
+    read it, nor does T5 under data.protocol=full_dev."""
+    write_mnli(tmp_path, {"train.tsv": 3, "dev_matched.tsv": 2, "dev_mismatched.tsv": 2})
+    runs = {"t5": ["model=t5-small", "task=mnli"], "encoder": ["task=mnli"],
+            "t5 full_dev": ["model=t5-small", "task=mnli", "data.protocol=full_dev"]}
+    before = {run: fingerprint.data_sha256(compose_cfg([*o, f"data.dir={tmp_path}"])) for run, o in runs.items()}
+    write_mnli(tmp_path, {"dev_mismatched.tsv": 1})
+    after = {run: fingerprint.data_sha256(compose_cfg([*o, f"data.dir={tmp_path}"])) for run, o in runs.items()}
+    assert [run for run in runs if before[run] != after[run]] == ["t5"]
 
 
 @pytest.mark.parametrize("override", ["data.max_length=64", "trainer.warmup_ratio=0.2", "trainer.head_lr=0.01",

@@ -13,7 +13,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from conftest import compose_cfg
+from conftest import compose_cfg, write_mnli
 from omegaconf import OmegaConf
 from scipy.stats import pearsonr
 
@@ -173,6 +173,92 @@ def test_decoded_labels_parse_back_to_the_label(task, glue_dir, tokenizer):
     else:
         assert parsed == list(split["label"])
     assert decoded == list(split["target"])
+
+
+# --- QQP, MNLI, QNLI as text to text: a fake hub (no local data here) --------------------------------------------
+
+HUB_GLUE = {"qnli": ("question", "sentence", 2), "qqp": ("question1", "question2", 2), "mnli": ("premise", "hypothesis", 3)}
+
+
+def fake_hub(monkeypatch, task: str, sizes: dict[str, int]) -> list[tuple]:
+    """datasets.load_dataset answers nyu-mll/glue/<task> with `sizes` rows a split (texts naming split and row, labels
+    cycling over the task's classes); returns the calls it answered."""
+    first, second, classes = HUB_GLUE[task]
+
+    def split(name: str, rows: int) -> datasets.Dataset:
+        return datasets.Dataset.from_dict({first: [f"{name} a{i}" for i in range(rows)],
+                                           second: [f"{name} b{i}" for i in range(rows)],
+                                           "label": [i % classes for i in range(rows)], "idx": list(range(rows))})
+
+    calls: list[tuple] = []
+    hub = datasets.DatasetDict({name: split(name, rows) for name, rows in sizes.items()})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: calls.append(args) or hub)
+    return calls
+
+
+MNLI_HUB = {"train": 12, "validation_matched": 5, "validation_mismatched": 4, "test_matched": 3}
+
+
+def test_t5_mnli_selects_on_mismatched_and_reports_matched(monkeypatch):
+    """paper.md §5.3: T5 differs for MNLI only: train = full train, validation = mismatched, test = matched."""
+    calls = fake_hub(monkeypatch, "mnli", MNLI_HUB)
+    text = seq2seq.text_to_text_splits(task_cfg("mnli"), None)
+    assert calls == [("nyu-mll/glue", "mnli")]
+    assert {name: len(split) for name, split in text.items()} == {"train": 12, "validation": 4, "test": 5}
+    assert text["validation"][0] == {"source": "premise: validation_mismatched a0 hypothesis validation_mismatched b0",
+                                     "target": "0", "label": 0}
+    assert text["test"]["source"][4] == "premise: validation_matched a4 hypothesis validation_matched b4"
+    assert text["train"]["target"][:4] == ["0", "1", "2", "0"]
+    encoder = glue.load_glue(task_cfg("mnli"), None, protocol="full_dev")  # the encoder path: matched only
+    assert encoder["validation"]["text_a"][0] == "validation_matched a0"
+    full_dev = seq2seq.text_to_text_splits(task_cfg("mnli"), None, protocol="full_dev")  # matched for both
+    assert full_dev["validation"]["source"] == full_dev["test"]["source"] == text["test"]["source"]
+
+
+def test_t5_mnli_names_a_hub_without_the_mismatched_split(monkeypatch):
+    fake_hub(monkeypatch, "mnli", {"train": 12, "validation_matched": 5})
+    with pytest.raises(DataError, match="has no split 'validation_mismatched' .*fix text_to_text.validation.hub in "
+                                        "conf/task/mnli.yaml"):
+        seq2seq.text_to_text_splits(task_cfg("mnli"), None)
+    assert len(glue.load_glue(task_cfg("mnli"), None, protocol="full_dev")["test"]) == 5  # the encoder path needs none
+
+
+@pytest.mark.parametrize("task, source", [("qnli", "question: {} sentence: {}"), ("qqp", "question1: {} question2: {}")])
+def test_t5_qnli_and_qqp_split_as_the_encoder_paths_large_tasks(monkeypatch, task, source, tokenizer):
+    fake_hub(monkeypatch, task, {"train": 1010, "validation": 4})
+    text = seq2seq.text_to_text_splits(task_cfg(task), None)
+    encoder = glue.load_glue(task_cfg(task), None)
+    assert {name: len(split) for name, split in text.items()} == {"train": 10, "validation": 1000, "test": 4}
+    for name in text:
+        assert text[name]["label"] == encoder[name]["label"]
+        assert text[name]["source"] == [source.format(a, b) for a, b in zip(encoder[name]["text_a"], encoder[name]["text_b"])]
+    tokenised = seq2seq.tokenise(text["test"], tokenizer, *seq2seq.GLUE_LENGTHS)  # labels decode and parse back
+    decoded = tokenizer.batch_decode(list(tokenised["labels"]), skip_special_tokens=True)
+    assert [text_to_text.parse_prediction(task, t) for t in decoded] == text["test"]["label"] == [0, 1, 0, 1]
+
+
+MNLI_FILES = {"train.tsv": 9, "dev_matched.tsv": 4, "dev_mismatched.tsv": 3}
+
+
+def test_t5_mnli_from_local_files_reads_dev_mismatched(tmp_path):
+    folder = write_mnli(tmp_path, MNLI_FILES)
+    text = seq2seq.text_to_text_splits(task_cfg("mnli"), folder, allow_hub=False)
+    assert {name: len(split) for name, split in text.items()} == {"train": 9, "validation": 3, "test": 4}
+    assert text["validation"][2] == {"source": "premise: dev_mismatched.tsv p2 hypothesis dev_mismatched.tsv h2",
+                                     "target": "2", "label": 2}
+    names = lambda files: [path.name for path in files]  # what a run's fingerprint hashes
+    assert names(glue.local_files(task_cfg("mnli"), folder)) == ["train.tsv", "dev_matched.tsv"]
+    t5_files = glue.local_files(task_cfg("mnli"), folder, text_to_text=True)
+    assert names(t5_files) == ["train.tsv", "dev_matched.tsv", "dev_mismatched.tsv"]
+    assert names(glue.local_files(task_cfg("mnli"), folder, "full_dev", text_to_text=True)) == names(t5_files)[:2]
+
+
+def test_t5_mnli_without_dev_mismatched_names_the_file(tmp_path):
+    folder = write_mnli(tmp_path, {name: rows for name, rows in MNLI_FILES.items() if "mismatched" not in name})
+    with pytest.raises(DataError, match=f"expected {folder / 'MNLI' / 'dev_mismatched.tsv'} \\(not found\\) and the hub "
+                                        "is disabled"):
+        seq2seq.text_to_text_splits(task_cfg("mnli"), folder, allow_hub=False)
+    assert glue.local_files(task_cfg("mnli"), folder, text_to_text=True) is None  # a run would take the hub
 
 
 # --- generation tasks (XSum, WMT16) -------------------------------------------------------------------------------

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_T5, compose_cfg, tiny_t5_overrides
+from conftest import TINY_T5, compose_cfg, tiny_t5_overrides, write_mnli
 from torch.utils.data import DataLoader
 
 from propetl import methods
 from propetl.configs import ConfigError, ModelSetup
 from propetl.data import seq2seq
 from propetl.models.t5 import TextToTextModel
-from propetl.run import loop
+from propetl.run import log, loop
 from propetl.storage import checkpoint
 from propetl.validate import validate
 
@@ -73,10 +73,30 @@ def test_t5_models_bring_the_reference_settings_and_encoders_keep_theirs():
     assert (experiment.trainer.max_steps, experiment.trainer.eval_every_steps, experiment.trainer.warmup_steps) == (
         20000, 2000, 500)
     assert (experiment.mask.sparsity, experiment.trainer.batch_size, experiment.multitask.temperature) == (0.7, 128, 10)
-    assert list(experiment.tasks) == ["rte", "mrpc", "stsb", "cola", "sst2"]
+    # Table 2's eight GLUE tasks in the reference's order (propetl-t5/configs/glue/propetl_adapter_reduction12.json)
+    assert list(experiment.tasks) == ["rte", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "cola"]
     validate(experiment)
-    with pytest.raises(ConfigError, match="tasks: qqp: task.name='qqp' is invalid; allowed: a task with a text-to-text"):
-        validate(compose_cfg(["model=t5-base", "mode=multitask", "tasks=[rte,qqp]"]))
+
+
+def test_qnli_qqp_mnli_are_t5_tasks():
+    validate(compose_cfg(["model=t5-small", "mode=multitask", "tasks=[qnli,qqp,mnli,rte]", "prototype=adapter"]))
+    for task in ("qnli", "qqp", "mnli"):
+        validate(compose_cfg(["model=t5-small", f"task={task}"]))
+
+
+def test_a_tiny_t5_trains_mnli_from_local_files(tmp_path, tiny_t5_dir):
+    """MNLI text to text end to end (2 steps): train.tsv to train, dev_mismatched.tsv to select, dev_matched.tsv to
+    report (paper.md §5.3), with 3 classes scored on the exact label strings."""
+    folder = write_mnli(tmp_path / "glue", {"train.tsv": 16, "dev_matched.tsv": 6, "dev_mismatched.tsv": 4})
+    cfg = compose_cfg([*tiny_t5_overrides(tiny_t5_dir, folder), "mode=multitask", "tasks=[mnli]", "data.allow_hub=false",
+                       "trainer.max_steps=2", "trainer.eval_every_steps=2", "trainer.warmup_steps=1"])
+    validate(cfg)
+    metrics, _ = train_recorded(cfg, tmp_path / "run")
+    assert metrics["tasks"] == ["mnli"] and metrics["steps"] == 2
+    assert set(metrics["per_task"]["mnli"]["test"]) == {"accuracy"}
+    assert set(metrics["per_task"]["mnli"]["selection"]) == {"accuracy"}
+    predictions, labels = log.read_predictions(tmp_path / "run" / "predictions.npz")["mnli"]
+    assert labels.tolist() == [0, 1, 2, 0, 1, 2] and len(predictions) == 6  # the test split: dev_matched.tsv's rows
 
 
 def test_generation_tasks_need_a_t5_and_t5_refuses_other_prototypes_in_one_line():

@@ -11,7 +11,7 @@ from sklearn.metrics import matthews_corrcoef
 from propetl.data import generation_metrics, text_to_text
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
-CLASS_TASKS = ("cola", "mrpc", "rte", "sst2")
+CLASS_TASKS = {"cola": 2, "mrpc": 2, "rte": 2, "sst2": 2, "qqp": 2, "qnli": 2, "mnli": 3}  # task -> its classes
 
 
 def test_inputs_as_the_reference_writes_them():
@@ -24,9 +24,19 @@ def test_inputs_as_the_reference_writes_them():
         text_to_text.source_text("mrpc", ["only one"])
 
 
+def test_qnli_qqp_mnli_inputs_as_the_reference_writes_them():
+    """propetl-t5/data/tasks.py: QNLITaskDataset, QQPTaskDataset, MNLITaskDataset ("hypothesis" with no colon)."""
+    assert text_to_text.source_text("qnli", ["Who?", "Him."]) == "question: Who? sentence: Him."
+    assert text_to_text.source_text("qqp", ["Why?", "How?"]) == "question1: Why? question2: How?"
+    assert text_to_text.source_text("mnli", ["A cat sat.", "A cat."]) == "premise: A cat sat. hypothesis A cat."
+    assert text_to_text.source_text("mnli", ["P", "H"], add_prefix=True) == "mnli premise: P hypothesis H"
+    with pytest.raises(ValueError, match="task 'qnli' takes 2 text"):
+        text_to_text.source_text("qnli", ["only one"])
+
+
 @pytest.mark.parametrize("task", CLASS_TASKS)
 def test_every_class_label_round_trips(task):
-    for label in (0, 1):
+    for label in range(CLASS_TASKS[task]):
         assert text_to_text.target_text(task, label) == str(label)
         assert text_to_text.parse_prediction(task, text_to_text.target_text(task, label)) == label
 
@@ -58,12 +68,15 @@ def test_stsb_rounding_by_hand(score, text):
 
 
 def test_unknown_task_names_the_choices():
-    with pytest.raises(ValueError, match="'qnli' has no text-to-text format; choose one of: cola, sst2"):
-        text_to_text.target_text("qnli", 1)
+    choices = "cola, sst2, mrpc, rte, stsb, qqp, mnli, qnli"
+    with pytest.raises(ValueError, match=f"'wnli' has no text-to-text format; choose one of: {choices}"):
+        text_to_text.target_text("wnli", 1)
 
 
 @pytest.mark.parametrize(
-    "task, text", [("rte", "1.0"), ("sst2", "positive"), ("cola", "yes"), ("mrpc", ""), ("stsb", "three")]
+    "task, text",
+    [("rte", "1.0"), ("sst2", "positive"), ("cola", "yes"), ("mrpc", ""), ("stsb", "three"), ("qqp", "1.0"),
+     ("qqp", "duplicate"), ("qnli", "01"), ("qnli", "entailment"), ("mnli", "3"), ("mnli", "2.0"), ("mnli", "")],
 )
 def test_unreadable_generations_are_invalid(task, text):
     assert text_to_text.parse_prediction(task, text) == text_to_text.INVALID
@@ -72,6 +85,26 @@ def test_unreadable_generations_are_invalid(task, text):
 def test_invalid_counts_wrong_in_accuracy():
     out = text_to_text.score("rte", ["0", "1", "yes", "1.0"], ["0", "1", "1", "1"])
     assert out["accuracy"] == pytest.approx(0.5)  # RTE compares strings: "1.0" is not "1"
+
+
+@pytest.mark.parametrize("task, text, label", [("qqp", "01", 1), ("qqp", " 0 ", 0), ("mnli", " 2", 2), ("qnli", "1 ", 1)])
+def test_qqp_parses_an_int_and_qnli_mnli_compare_the_stripped_string(task, text, label):
+    """The reference's post-processors: QQP's string_to_int ("01" is 1), none for QNLI and MNLI (exact strings)."""
+    assert text_to_text.parse_prediction(task, text) == label
+
+
+def test_mnli_accuracy_counts_invalid_generations_wrong():
+    out = text_to_text.score("mnli", ["0", "1", "2", "3", "2.0", "neutral"], ["0", "1", "2", "2", "2", "1"])
+    assert out == {"accuracy": pytest.approx(0.5)}
+    assert text_to_text.score("qnli", ["1", "01", "0"], ["1", "1", "0"]) == {"accuracy": pytest.approx(2 / 3)}
+
+
+def test_qqp_f1_counts_invalid_generations_wrong_as_mrpc():
+    generated, targets = ["1", "0", "maybe", "2", "1.0", "01"], ["1", "0", "1", "0", "0", "1"]
+    out = text_to_text.score("qqp", generated, targets)
+    # as [1, 0, 0, 1, 1, 1]: TP 2, FP 2, FN 1 -> F1 4/7; accuracy 3/6
+    assert out["f1"] == pytest.approx(4 / 7) and out["accuracy"] == pytest.approx(0.5)
+    assert out == text_to_text.score("mrpc", generated, targets)
 
 
 def test_invalid_is_the_opposite_of_the_target_in_f1():

@@ -1,7 +1,9 @@
 """GLUE data: local TSV files first, the hub (nyu-mll/glue) as a fallback, and the evaluation protocols.
 
 Every task comes back as a DatasetDict with "train", "validation" (model selection) and "test" (reported),
-with the columns "text_a", optionally "text_b" (pair tasks) and "label" (int64, or float32 for regression)."""
+with the columns "text_a", optionally "text_b" (pair tasks) and "label" (int64, or float32 for regression).
+A text-to-text (T5) run under the split protocol takes a task's own selection set where its yaml gives one
+(`text_to_text.validation`, MNLI's mismatched dev set: the reference's T5 split, paper.md §5.3)."""
 
 from __future__ import annotations
 
@@ -56,6 +58,9 @@ class _TaskSpec:
     hub_dev_split: str
     hub_columns: dict[str, str]  # text_a / text_b / label -> column name in the hub dataset
     label_range: tuple[float, float] | None = None  # regression: the scores a label may take (STS-B: 0..5)
+    # the task's own selection set (text_to_text.validation, T5 runs only): local files and hub split, or None
+    selection_files: tuple[str, ...] | None = None
+    hub_selection_split: str | None = None
 
     @property
     def is_regression(self) -> bool:
@@ -64,6 +69,25 @@ class _TaskSpec:
     @property
     def text_fields(self) -> tuple[str, ...]:
         return tuple(field for field in TEXT_FIELDS if field in self.columns)
+
+    @property
+    def local_parts(self) -> dict[str, tuple[str, ...]]:
+        """part -> its local files: train, dev and, where the task gives one, its selection set ("validation")."""
+        parts = {"train": self.train_files, "dev": self.dev_files}
+        return parts if self.selection_files is None else {**parts, "validation": self.selection_files}
+
+    @property
+    def local_file_names(self) -> list[str]:
+        """Every local file of local_parts, in reading order."""
+        return [name for files in self.local_parts.values() for name in files]
+
+    @property
+    def hub_parts(self) -> dict[str, tuple[str, str]]:
+        """part -> (the yaml key naming it, its hub split): local_parts' parts, on the hub."""
+        parts = {"train": ("hub.config", "train"), "dev": ("hub.dev_split", self.hub_dev_split)}
+        if self.hub_selection_split is None:
+            return parts
+        return {**parts, "validation": ("text_to_text.validation.hub", self.hub_selection_split)}
 
     @property
     def features(self) -> datasets.Features:
@@ -77,16 +101,18 @@ def load_glue(
     protocol: str = "split",
     split_seed: int = 42,
     allow_hub: bool = True,
+    text_to_text: bool = False,
 ) -> datasets.DatasetDict:
-    """The task's splits and columns as the module says, under data.protocol `protocol` (PROTOCOLS)."""
+    """The task's splits and columns as the module says, under data.protocol `protocol` (PROTOCOLS); `text_to_text`:
+    for a T5 run (the task's own selection set, where its yaml gives one, under the split protocol)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"data.protocol={protocol!r} is not one of: {', '.join(PROTOCOLS)}")
-    spec = _task_spec(task_cfg)
-    train, dev = _load_train_dev(spec, None if data_dir is None else pathlib.Path(data_dir), allow_hub)
+    spec = _task_spec(task_cfg, protocol, text_to_text)
+    parts = _load_parts(spec, None if data_dir is None else pathlib.Path(data_dir), allow_hub)
     if protocol == "full_dev":
-        splits = datasets.DatasetDict(train=train, validation=dev, test=dev)
+        splits = datasets.DatasetDict(train=parts["train"], validation=parts["dev"], test=parts["dev"])
     else:
-        splits = _split_protocol(spec, train, dev, split_seed)
+        splits = _split_protocol(spec, parts, split_seed)
     for split, least in MIN_ROWS.items():  # before any training: a one-row selection split fails only after it
         if len(splits[split]) < least:
             raise DataError(
@@ -115,13 +141,16 @@ def resolve_data_dir(configured: str | None) -> pathlib.Path | None:
     return linked if linked.exists() else None
 
 
-def _task_spec(task_cfg: Mapping[str, Any]) -> _TaskSpec:
-    """Reads a task config (a task group, a DictConfig, or a plain mapping) into a _TaskSpec."""
+def _task_spec(task_cfg: Mapping[str, Any], protocol: str = "split", text_to_text: bool = False) -> _TaskSpec:
+    """Reads a task config (a task group, a DictConfig, or a plain mapping) into a _TaskSpec; its own selection set
+    (`text_to_text.validation`) only for a text-to-text run under the split protocol."""
     task = plain_group(task_cfg)
     name = str(task.get("name", "?"))
     try:
         local, hub = task["local"], task.get("hub") or {}
         label_names, names = task.get("label_names"), local.get("names")
+        wanted = text_to_text and protocol == "split"
+        selection = (task.get("text_to_text") or {}).get("validation") if wanted else None
         return _TaskSpec(
             name=name,
             num_labels=int(task["num_labels"]),
@@ -137,21 +166,22 @@ def _task_spec(task_cfg: Mapping[str, Any]) -> _TaskSpec:
             hub_dev_split=hub.get("dev_split", "validation"),
             hub_columns=dict(hub.get("columns") or local["columns"]),
             label_range=None if task.get("label_range") is None else tuple(task["label_range"]),
+            selection_files=None if selection is None else tuple(selection["local"]),
+            hub_selection_split=None if selection is None else str(selection["hub"]),
         )
     except KeyError as missing:
         raise DataError(f"task config '{name}' lacks the key {missing}; see conf/task/*.yaml") from None
 
 
-def _load_train_dev(
-    spec: _TaskSpec, data_dir: pathlib.Path | None, allow_hub: bool
-) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """(train, dev) from the local files if they are all there, else from the hub, else a DataError."""
+def _load_parts(spec: _TaskSpec, data_dir: pathlib.Path | None, allow_hub: bool) -> dict[str, datasets.Dataset]:
+    """The spec's parts (train, dev[, validation]) from the local files if they are all there, else from the hub,
+    else a DataError."""
     local_problem = _local_files_problem(spec, data_dir)
     if local_problem is None:
         assert data_dir is not None  # a missing data_dir is a local problem
         folder = data_dir / spec.folder
         logger.info("task %s: loading %s", spec.name, folder)
-        return _read_tsv_files(spec, folder, spec.train_files), _read_tsv_files(spec, folder, spec.dev_files)
+        return {part: _read_tsv_files(spec, folder, files) for part, files in spec.local_parts.items()}
     if not allow_hub:
         raise DataError(
             f"no data for task '{spec.name}': {local_problem} and the hub is disabled "
@@ -160,24 +190,27 @@ def _load_train_dev(
     return _load_hub(spec, local_problem)
 
 
-def local_files(task_cfg: Mapping[str, Any], data_dir: pathlib.Path | None) -> list[pathlib.Path] | None:
-    """The task's local train and dev files, in reading order, if they are all there; None: it would be the hub."""
-    spec = _task_spec(task_cfg)
+def local_files(
+    task_cfg: Mapping[str, Any], data_dir: pathlib.Path | None, protocol: str = "split", text_to_text: bool = False
+) -> list[pathlib.Path] | None:
+    """The local files load_glue reads for the task (train, dev[, its selection set]), in reading order, if they are
+    all there; None: it would be the hub."""
+    spec = _task_spec(task_cfg, protocol, text_to_text)
     if _local_files_problem(spec, data_dir) is not None:
         return None
     assert data_dir is not None  # a missing data_dir is a local problem
-    return [data_dir / spec.folder / name for name in spec.train_files + spec.dev_files]
+    return [data_dir / spec.folder / name for name in spec.local_file_names]
 
 
 def _local_files_problem(spec: _TaskSpec, data_dir: pathlib.Path | None) -> str | None:
-    """Why the local files cannot be used (one phrase), or None when all train and dev files exist."""
+    """Why the local files cannot be used (one phrase), or None when all the spec's files exist."""
     if data_dir is None:
         return "no data.dir configured"
     if not data_dir.exists():
         return f"data.dir '{data_dir}' does not exist"
     if not data_dir.is_dir():
         return f"data.dir '{data_dir}' is not a folder"
-    for file_name in spec.train_files + spec.dev_files:
+    for file_name in spec.local_file_names:
         path = data_dir / spec.folder / file_name
         if not path.is_file():
             return f"expected {path} (not found)"
@@ -294,8 +327,9 @@ def _checked_label(spec: _TaskSpec, value: float, text: str) -> int | float:
     return value
 
 
-def _load_hub(spec: _TaskSpec, local_problem: str) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """(train, dev) from the hub; a failed download is a DataError that says why (one line)."""
+def _load_hub(spec: _TaskSpec, local_problem: str) -> dict[str, datasets.Dataset]:
+    """The spec's parts (train, dev[, validation]) from the hub; a failed download is a DataError that says why (one
+    line)."""
     unreachable = f"no data for task '{spec.name}': {local_problem} and the hub ({HUB_DATASET}) is unreachable"
     if spec.hub_config is None:
         raise DataError(f"{unreachable} (task '{spec.name}' has no hub.config); {FIX_HINT}, or go online")
@@ -306,15 +340,15 @@ def _load_hub(spec: _TaskSpec, local_problem: str) -> tuple[datasets.Dataset, da
         raise DataError(f"{unreachable} ({reason}); {FIX_HINT}, or go online") from None
     logger.info("task %s: %s; loaded %s/%s", spec.name, local_problem, HUB_DATASET, spec.hub_config)
     where = f"{HUB_DATASET}/{spec.hub_config}"
-    if spec.hub_dev_split not in hub_dataset:
-        raise DataError(
-            f"task '{spec.name}': {where} has no split '{spec.hub_dev_split}' "
-            f"(found: {', '.join(hub_dataset)}); fix hub.dev_split in conf/task/{spec.name}.yaml"
-        )
-    return (
-        _hub_split(spec, hub_dataset["train"], f"{where}:train"),
-        _hub_split(spec, hub_dataset[spec.hub_dev_split], f"{where}:{spec.hub_dev_split}"),
-    )
+    for key, split in spec.hub_parts.values():
+        if split not in hub_dataset:
+            raise DataError(
+                f"task '{spec.name}': {where} has no split '{split}' "
+                f"(found: {', '.join(hub_dataset)}); fix {key} in conf/task/{spec.name}.yaml"
+            )
+    return {
+        part: _hub_split(spec, hub_dataset[split], f"{where}:{split}") for part, (_, split) in spec.hub_parts.items()
+    }
 
 
 def _hub_split(spec: _TaskSpec, split: datasets.Dataset, where: str) -> datasets.Dataset:
@@ -338,8 +372,12 @@ def _hub_split(spec: _TaskSpec, split: datasets.Dataset, where: str) -> datasets
     return renamed.cast(spec.features)
 
 
-def _split_protocol(spec: _TaskSpec, train: datasets.Dataset, dev: datasets.Dataset, seed: int) -> datasets.DatasetDict:
-    """The reference's split: small tasks halve dev (validation/test); large tasks hold out train examples."""
+def _split_protocol(spec: _TaskSpec, parts: Mapping[str, datasets.Dataset], seed: int) -> datasets.DatasetDict:
+    """The reference's split: a task with its own selection set (MNLI on T5) trains on all of train, selects on that
+    set and reports dev; small tasks halve dev (validation/test); large tasks hold out train examples."""
+    train, dev = parts["train"], parts["dev"]
+    if "validation" in parts:
+        return datasets.DatasetDict(train=train, validation=parts["validation"], test=dev)
     if spec.size == "small":
         order = _permutation(len(dev), seed)
         half = len(dev) // 2

@@ -2,8 +2,9 @@
 (`tokenise`) into input_ids (max source length, truncated) and labels (max target length, truncated; a pad id in them
 is LABEL_PAD), each batch padded to its longest row (`Seq2SeqCollator`: inputs with the tokenizer's pad id and an
 attention mask, labels with LABEL_PAD, which the loss ignores). GLUE comes from glue.load_glue (the encoder path's
-files and split protocol, unchanged) in text_to_text's format; XSum and WMT16 from generation_tasks. Any HF tokenizer
-(T5's SentencePiece for real runs) with a pad token; nothing here depends on the model."""
+files and split protocol; MNLI selects on its mismatched dev set, as the reference's T5 code) in text_to_text's
+format; XSum and WMT16 from generation_tasks. Any HF tokenizer (T5's SentencePiece for real runs) with a pad token;
+nothing here depends on the model."""
 
 from __future__ import annotations
 
@@ -79,15 +80,16 @@ def glue_text_to_text(
     allow_hub: bool = True,
     add_prefix: bool = False,
 ) -> datasets.DatasetDict:
-    """A GLUE task's train/validation/test (glue.load_glue: the encoder path's rows and split) as source, target and
-    the original label. `add_prefix` puts the task name in front of the source: False for adapter/ProPETL runs (the
-    reference's), True for full fine-tuning."""
+    """A GLUE task's train/validation/test (glue.load_glue: the encoder path's rows and split, but MNLI's as the
+    reference's T5 code splits it: the task's text_to_text.validation) as source, target and the original label.
+    `add_prefix` puts the task name in front of the source: False for adapter/ProPETL runs (the reference's), True
+    for full fine-tuning."""
     task = str(plain_group(task_cfg).get("name"))
     if not is_glue_task(task):
         raise glue.DataError(
             f"task '{task}' has no text-to-text GLUE format; choose one of: {', '.join(text_to_text.FIELDS)}"
         )
-    splits = glue.load_glue(task_cfg, data_dir, protocol, split_seed, allow_hub)
+    splits = glue.load_glue(task_cfg, data_dir, protocol, split_seed, allow_hub, text_to_text=True)
     return datasets.DatasetDict({name: as_text_to_text(task, split, add_prefix) for name, split in splits.items()})
 
 

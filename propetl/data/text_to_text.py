@@ -1,9 +1,13 @@
 """GLUE as text to text, as the reference's T5 code does it (propetl-t5/data/tasks.py; ../shared/paper.md §2.3, §5.3).
-Input: "sentence1: A sentence2: B" or "sentence: A", the task name in front only with add_prefix=True. Target: the
-label id as text; STS-B `str(np.round((label * 5) / 5, decimals=1))`, i.e. ONE DECIMAL as the reference's code does
-(not the 0.2 steps its docstring promises).
-Scoring (§5.3, invalid generations counted wrong): the stripped text becomes int, float or the label it spells exactly;
-what does not convert is INVALID (-1). Accuracy counts it wrong, F1 as the opposite of its target, Matthews as a class
+Input: each text after its field word (FIELDS: "sentence1: A sentence2: B", "sentence: A", QNLI "question: Q
+sentence: S", QQP "question1: A question2: B", MNLI "premise: P hypothesis H": the reference's MNLI writes "hypothesis"
+without a colon), the task name in front only with add_prefix=True. Target: the label id as text; STS-B
+`str(np.round((label * 5) / 5, decimals=1))`, i.e. ONE DECIMAL as the reference's code does (not the 0.2 steps its
+docstring promises).
+Scoring (§5.3, invalid generations counted wrong), as the reference's post-processors (HyperFormer's
+data/postprocessors.py): STS-B's stripped text becomes a float; CoLA's, MRPC's and QQP's an int; RTE's, SST-2's, QNLI's
+and MNLI's the label it spells exactly (no post-processor: the strings are compared); what does not convert is
+INVALID (-1). Accuracy counts it wrong, F1 as the opposite of its target, Matthews as a class
 of its own; Pearson/Spearman take -1.0 (a constant prediction's undefined correlation counts 0).
 """
 
@@ -22,8 +26,16 @@ FIELDS = {  # the words before each text, as the reference writes them
     "mrpc": ("sentence1:", "sentence2:"),
     "rte": ("sentence1:", "sentence2:"),
     "stsb": ("sentence1:", "sentence2:"),
+    "qqp": ("question1:", "question2:"),
+    "mnli": ("premise:", "hypothesis"),  # no colon: propetl-t5/data/tasks.py's MNLITaskDataset writes it so
+    "qnli": ("question:", "sentence:"),
 }
-EXACT_LABELS = {"rte": ("0", "1"), "sst2": ("0", "1")}  # tasks scored on the string itself (no post-processor)
+EXACT_LABELS = {  # tasks scored on the string itself (no post-processor)
+    "rte": ("0", "1"),
+    "sst2": ("0", "1"),
+    "mnli": ("0", "1", "2"),
+    "qnli": ("0", "1"),
+}
 
 
 def source_text(task: str, texts: Sequence[str], add_prefix: bool = False) -> str:

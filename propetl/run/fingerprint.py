@@ -50,15 +50,17 @@ def data_sha256(cfg) -> str:
     from propetl.data import generation_tasks, glue
     from propetl.data.multitask import task_configs
     from propetl.data.tasks import is_generation_task
+    from propetl.validate import is_text_to_text
 
     tasks = task_configs(list(cfg.tasks)) if cfg.get("mode") == "multitask" and cfg.get("tasks") else [cfg.task]
     data_dir = glue.resolve_data_dir(cfg.data.dir)
+    text_to_text = is_text_to_text(cfg)  # T5 MNLI reads its own selection set too
     digest = hashlib.sha256()
     for task in tasks:
         files = (
             generation_tasks.local_files(task, data_dir)
             if is_generation_task(task)
-            else glue.local_files(task, data_dir)
+            else glue.local_files(task, data_dir, cfg.data.protocol, text_to_text)
         )
         if files is None:
             digest.update(f"hub:{task.name}\n".encode())
