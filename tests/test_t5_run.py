@@ -138,6 +138,7 @@ def t5_run(tmp_path_factory, tiny_t5_dir, glue_dir):
 def test_metrics_have_the_encoder_runs_shape(t5_run):
     _, out, metrics, _ = t5_run
     assert metrics["mode"] == "multitask" and metrics["tasks"] == TASKS and metrics["steps"] == 6
+    assert metrics["model_family"] == "t5"  # the report's Table 2 (report.runs.table2_runs)
     assert metrics["epochs_run"] == 2 and [r["step"] for r in metrics["history"]] == [3, 6]
     assert set(metrics["per_task"]["rte"]["test"]) == {"accuracy"}
     assert set(metrics["per_task"]["mrpc"]["test"]) == {"accuracy", "f1", "combined"}

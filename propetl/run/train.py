@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 import propetl  # noqa: F401  (registers the config resolvers)
 from propetl import methods
-from propetl.configs import DataConfig, ModelSetup
+from propetl.configs import DataConfig, ModelConfig, ModelSetup
 from propetl.data import generation_eval, glue, seq2seq, text_to_text
 from propetl.data import metrics as glue_metrics
 from propetl.data.batches import PadCollator, token_lengths, tokenise
@@ -289,6 +289,7 @@ def report_multitask(
         "tasks": list(tests),
         "base_tasks": base_tasks,
         "model": cfg.model.name,
+        "model_family": ModelConfig.from_config(cfg.model).family,  # t5: text to text (the report's Table 2)
         "method": cfg.method.name,
         "prototype": cfg.prototype.name,
         "mask_kind": cfg.mask.kind,
