@@ -106,7 +106,9 @@ def validate(cfg, search_path=None) -> None:
         listed = OmegaConf.is_list(cfg.tasks) and rules.distinct_list_of(tasks_known).accepts(tasks)
         rules.require(listed, "tasks", tasks, allowed)
         allowed = "propetl or petl with mode=multitask (one shared prototype / one shared module per layer)"
-        rules.require(cfg.method.name in ("propetl", "petl"), "method.name", cfg.method.name, allowed)
+        allowed += ", or finetune with model.family=t5 (one T5 for every task, the task name before each source)"
+        multitask_methods = ("propetl", "petl", "finetune") if text_to_text else ("propetl", "petl")
+        rules.require(cfg.method.name in multitask_methods, "method.name", cfg.method.name, allowed)
         _check(cfg, "multitask.temperature", rules.positive_number())
         allowed = "null or the checkpoint folder of a finished multi-task run"
         rules.require(base is None or Path(str(base)).is_dir(), "multitask.base_checkpoint", base, allowed)

@@ -127,3 +127,13 @@ def test_broken_yaml_exits_2_with_one_line_and_no_run_folder(tmp_path):
 def test_a_base_checkpoint_without_multitask_mode_is_refused(tmp_path):
     message = refusal(compose_cfg([f"multitask.base_checkpoint={tmp_path}"]))
     assert message.startswith(f"multitask.base_checkpoint='{tmp_path}' is invalid") and "mode=multitask" in message
+
+
+def test_multitask_finetuning_is_refused_on_an_encoder_and_taken_on_t5():
+    """One backbone for every task, fully fine-tuned: Table 2's Fine-tune arm (T5, text to text); an encoder's multi-task
+    model has no such arm, and says so in one line naming the value and the choices."""
+    chosen = ["mode=multitask", "tasks=[rte,mrpc]", "method=finetune"]
+    message = refusal(compose_cfg(chosen))
+    assert message.startswith("method.name='finetune' is invalid; allowed: propetl or petl with mode=multitask")
+    assert "finetune with model.family=t5" in message
+    validate(compose_cfg(["model=t5-small", *chosen]))

@@ -167,13 +167,7 @@ def test_cpu_profile_is_sized_for_learnable_tasks(prototype):
 
 def test_reproduce_plan_is_valid_command_lines():
     """Every sweep of every profile's plan passes the command-line check (known groups and options)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "reproduce.py"
-    spec = importlib.util.spec_from_file_location("reproduce", path)
-    reproduce = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(reproduce)
+    reproduce = reproduce_module()
     assert set(reproduce.PLANS) == {"cpu", "gpu", "paper"}
     for profile, plan in reproduce.PLANS.items():
         table1 = [overrides for experiment, overrides in plan if experiment == "table1"]
@@ -183,6 +177,62 @@ def test_reproduce_plan_is_valid_command_lines():
             command = reproduce.sweep_command(profile, experiment, overrides, [])
             check_command_line(command[2:])
             compose_with_hydra([o for o in command[2:] if "," not in o])
+
+
+def sweep_jobs(command: list[str]) -> list[list[str]]:
+    """The jobs a `propetl-train -m ...` command line runs, as Hydra's basic sweeper splits them: the overlay's and the
+    profile's hydra.sweeper.params, a command-line value replacing a key's list, their product. Runs nothing."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    arguments = command[2:]
+    params = compose_with_hydra([o for o in arguments if "," not in o]).hydra.sweeper.params
+    overrides = OverridesParser.create().parse_overrides([*(f"{k}={v}" for k, v in params.items()), *arguments])
+    (jobs,) = BasicSweeper.split_arguments(overrides, None)
+    return jobs
+
+
+def test_the_paper_profile_plans_table2s_three_arms_times_three_seeds():
+    """make reproduce-tables PROFILE=paper: T5-base multi-task GLUE, ProPETL-Adapter and the reference's two plain
+    baselines (glue/normal_pfeiffer_adapter_reduction12: petl; glue/finetune, its sources prefixed with the task name),
+    3 seeds each, all with Table 2's settings (paper.md §5.2). Planned and composed, not run."""
+    from propetl.models.t5 import adds_task_prefix
+
+    reproduce = reproduce_module()
+    (overrides,) = [o for experiment, o in reproduce.PLANS["paper"] if experiment == "t5_multitask"]
+    jobs = sweep_jobs(reproduce.sweep_command("paper", "t5_multitask", overrides, []))
+    arms = sorted((job_value(job, "method"), job_value(job, "seed")) for job in jobs)
+    assert arms == sorted((m, s) for m in ("propetl", "petl", "finetune") for s in ("42", "43", "44"))
+    for job in jobs:
+        cfg = compose_cfg(job)
+        validate(cfg)
+        method = cfg.method.name
+        assert (cfg.model.name, cfg.model.family, cfg.mode, list(cfg.tasks)) == (
+            "t5-base", "t5", "multitask", ["rte", "mrpc", "stsb", "cola", "sst2"])
+        t = cfg.trainer
+        assert (t.lr, t.max_steps, t.batch_size, t.eval_every_steps, t.warmup_steps) == (3e-4, 20000, 128, 2000, 500)
+        assert (cfg.multitask.temperature, t.label_smoothing, t.weight_decay) == (10, 0.1, 0.0)
+        assert cfg.prototype.name == "adapter" and cfg.prototype.bottleneck == 64          # rf 12 on t5-base
+        assert adds_task_prefix(method) == (method == "finetune")                          # add_prefix=True: finetune
+        assert cfg.reproduce.experiment == "t5_multitask" and cfg.reproduce.profile == "paper"
+        if method == "propetl":
+            assert (cfg.mask.kind, cfg.mask.sparsity, cfg.mask.combine, t.mask_lr_ratio) == ("learned", 0.7, "or", 10)
+
+
+def job_value(job: list[str], key: str) -> str:
+    (value,) = [o.partition("=")[2] for o in job if o.partition("=")[0] == key]
+    return value
+
+
+def reproduce_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "reproduce.py"
+    spec = importlib.util.spec_from_file_location("reproduce", path)
+    reproduce = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reproduce)
+    return reproduce
 
 
 @pytest.mark.parametrize("target,script", [("reproduce-tables", "scripts/reproduce.py --profile cpu"),

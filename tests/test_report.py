@@ -156,6 +156,64 @@ def test_a_one_task_multitask_run_reports_its_own_storage(tmp_path):
     assert row["label"] == "ProPETL-LoRA (multi-task)" and row["storage_bytes"] == 280
 
 
+T5_TASKS = {"cola": ("matthews",), "sst2": ("accuracy",), "mrpc": ("accuracy", "f1"), "stsb": ("pearson", "spearman"),
+            "rte": ("accuracy",)}
+# per arm: its score offset, trainable params, amortised bytes a task, % of the backbone, ratio to plain PETL a task
+T5_ARMS = {"finetune": (0.00, 1000, 800.0, 20.0, 0.2), "petl": (0.05, 24, 19.2, 0.48, 0.2),
+           "propetl": (0.10, 40, 2.4, 0.06, 0.025)}
+
+
+def write_t5_multitask_run(root: Path, method: str, seed: int, family: str | None = "t5", experiment=None) -> None:
+    """A fake metrics.json of a T5 multi-task GLUE run (experiment=t5_multitask): task numbers 0.5 + the arm's offset
+    + seed / 100 (x100: 50 + 100 * offset + seed)."""
+    offset, trainable, per_task, percent, ratio = T5_ARMS[method]
+    value = 0.5 + offset + seed / 100
+    per_task_results = {task: {"test": {n: value for n in numbers}, "glue_score": value} for task, numbers in T5_TASKS.items()}
+    storage = {"tasks": 5, "backbone_params": 1000, "trainable_params": trainable, "amortised_bytes_per_task": per_task,
+               "amortised_percent_of_backbone": percent, "amortised_ratio_to_plain_petl": ratio}
+    metrics = {"mode": "multitask", "tasks": list(T5_TASKS), "model": "t5-base", "method": method,
+               "prototype": "adapter", "mask_kind": "learned", "mask_sparsity": 0.7, "seed": seed,
+               "per_task": per_task_results, "storage": storage}
+    metrics |= {"model_family": family} if family else {}
+    folder = root / (experiment or ".") / f"method={method},seed={seed}"
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_t5_multitask_runs_are_table_2_one_row_per_method(tmp_path):
+    runs = tmp_path / "runs"
+    for method in T5_ARMS:
+        for seed in (1, 2, 3):
+            write_t5_multitask_run(runs, method, seed)
+    # runs written before metrics.json named the model family: their folder names the experiment
+    write_t5_multitask_run(runs, "propetl", 4, family=None, experiment="t5_multitask")
+    write_run(runs, "single", "rte", "propetl", "adapter", 1, {"accuracy": 0.6})      # Table 1's
+    encoder = json.loads((runs / "method=propetl,seed=1" / "metrics.json").read_text()) | {
+        "model": "minilm", "model_family": "encoder", "seed": 9}
+    (runs / "encoder").mkdir()
+    (runs / "encoder" / "metrics.json").write_text(json.dumps(encoder))           # an encoder's multi-task run: Table 1
+    report.build([runs], tmp_path / "out")
+    table = (tmp_path / "out" / "table.md").read_text()
+    table1, table2 = table.split("## Paired")[0].split("## Table 2 (T5 multi-task GLUE)")
+    for label in ("ProPETL-Adapter", "ProPETL-Adapter (multi-task)"):   # the single-task run, the encoder's multi-task
+        assert _table_row(table1, label).endswith("| 1 |")
+    assert "t5-base" not in table1 and "Fine-tune" not in table1
+    assert "not retrieved" in table2 and "(paper)" not in table2
+    header = _table_row(table2, "Method")
+    assert header == ("| Method | % params | % storage | bytes/task | ratio to PETL | CoLA | SST-2 | MRPC acc/F1 | STS-B P/S "
+                      "| RTE | Avg | runs |")
+    labels = [line.split(" | ")[0][2:] for line in table2.splitlines() if line.startswith("| ") and "---" not in line]
+    assert labels == ["Method", "Fine-tune", "Adapter", "ProPETL-Adapter"]
+    # seeds 1, 2, 3: mean 52 + 100 * offset, sample std 1; ProPETL also seed 4 (the folder-named run): 62.5 ± 1.29
+    assert _table_row(table2, "Fine-tune") == ("| Fine-tune | 100.000 | 20.000 | 800 B | 0.200 | 52.00±1.00 | 52.00±1.00 "
+                                               "| 52.00±1.00/52.00±1.00 | 52.00±1.00/52.00±1.00 | 52.00±1.00 "
+                                               "| 52.00 (7 of 11) | 3 |")
+    assert _table_row(table2, "Adapter").startswith("| Adapter | 2.400 | 0.480 | 19 B | 0.200 | 57.00±1.00 |")
+    pro = _table_row(table2, "ProPETL-Adapter")
+    assert pro.startswith("| ProPETL-Adapter | 4.000 | 0.060 | 2 B | 0.025 | 62.50±1.29 |")
+    assert pro.endswith("| 62.50±1.29 | 62.50 (7 of 11) | 4 |")
+
+
 def test_collect_results_keeps_metrics_and_mask_bits_only(tmp_path):
     """scripts/collect_results.py: the small evidence of each finished run, renamed folders, tables beside."""
     source = tmp_path / "outputs" / "table1"

@@ -200,6 +200,43 @@ def test_tasks_select_their_masks():
     assert not torch.allclose(logits[0], logits[1])
 
 
+def test_multitask_petl_is_the_references_plain_baseline_one_adapter_per_site_shared_by_every_task():
+    """glue/normal_pfeiffer_adapter_reduction12 (paper.md §2.3, §5.2): method=petl with several tasks is 2 x L adapters,
+    each site its own, no mask scores, no task-specific parameter: every parameter serves every task and the task
+    index changes nothing (propetl beside it: the same batch, different logits per task)."""
+    tasks = ("a", "b", "c")
+    model = model_of(tasks, method="petl")
+    store = methods.petl_weights(model)
+    assert not store.shared and len(store.masks) == 0 and store.mask_stores() == {}
+    sites, adapter = ENC + DEC, 2 * D * BOTTLENECK + BOTTLENECK + D
+    assert {name: tuple(w.shape[:1]) for name, w in store.weights.items()} == dict.fromkeys(store.weights, (sites,))
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert set(trainable) == {f"petl_weights.weights.{n}" for n in store.weights}  # no scores, no heads, T5 frozen
+    assert sum(p.numel() for p in trainable.values()) == sites * adapter
+    for site in range(sites):  # each site its own adapter: its slice of every tensor, no other's
+        torch.testing.assert_close(hand_site_weights(model, site, 0, 0.5)["down_weight"], store.weights["down_weight"][site])
+    assert not torch.equal(store.weights["down_weight"][0], store.weights["down_weight"][1])
+    input_ids, attention_mask, labels = batch()
+    model.eval()
+    with torch.no_grad():
+        logits = [model(input_ids, attention_mask, labels=labels, task=torch.full((3,), t)).logits for t in range(3)]
+        generated = [model.generate(input_ids, attention_mask, task=t, max_new_tokens=4) for t in range(3)]
+    assert all(torch.equal(logits[0], other) for other in logits[1:])
+    assert all(torch.equal(generated[0], other) for other in generated[1:])
+    model.train()
+    for task in range(3):  # every task's batch trains every parameter: nothing belongs to one task
+        model.zero_grad()
+        model(input_ids, attention_mask, labels=labels, task=torch.full((3,), task)).loss.backward()
+        for name, parameter in trainable.items():
+            per_site = parameter.grad.reshape(sites, -1).abs().sum(dim=1)
+            assert (per_site > 0).all(), (task, name)
+    propetl = model_of(tasks)
+    propetl.eval()
+    with torch.no_grad():
+        pro = [propetl(input_ids, attention_mask, labels=labels, task=torch.full((3,), t)).logits for t in (0, 2)]
+    assert not torch.allclose(pro[0], pro[1])  # the same check fails for ProPETL: its task masks differ
+
+
 @pytest.mark.parametrize("tasks,task", [(("a", "b"), 1), (("a",), 0)])
 def test_merge_into_plain_per_site_adapters_keeps_logits_and_generations(tasks, task):
     model = model_of(tasks)

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from propetl import methods
 from propetl.configs import ConfigError, ModelSetup
 from propetl.data import seq2seq
-from propetl.models.t5 import TextToTextModel
+from propetl.models.t5 import TextToTextModel, adds_task_prefix
 from propetl.run import log, loop
 from propetl.storage import checkpoint
 from propetl.validate import validate
@@ -158,6 +158,7 @@ def t5_run(tmp_path_factory, tiny_t5_dir, glue_dir):
 def test_metrics_have_the_encoder_runs_shape(t5_run):
     _, out, metrics, _ = t5_run
     assert metrics["mode"] == "multitask" and metrics["tasks"] == TASKS and metrics["steps"] == 6
+    assert metrics["model_family"] == "t5"  # the report's Table 2 (report.runs.table2_runs)
     assert metrics["epochs_run"] == 2 and [r["step"] for r in metrics["history"]] == [3, 6]
     assert set(metrics["per_task"]["rte"]["test"]) == {"accuracy"}
     assert set(metrics["per_task"]["mrpc"]["test"]) == {"accuracy", "f1", "combined"}
@@ -195,8 +196,8 @@ def generated_ids(model, cfg, glue_dir, tasks=TASKS) -> dict[str, list[torch.Ten
     out = {}
     for index, task in enumerate(task_configs(tasks)):
         settings = seq2seq.task_settings(task, tokenizer)
-        finetune = cfg.method.name == "finetune"  # the task-name prefix, as the run
-        text = seq2seq.text_to_text_splits(task, glue_dir, cfg.data.protocol, cfg.data.split_seed, add_prefix=finetune)
+        prefix = adds_task_prefix(cfg.method.name)  # the task-name prefix, as the run
+        text = seq2seq.text_to_text_splits(task, glue_dir, cfg.data.protocol, cfg.data.split_seed, add_prefix=prefix)
         rows = seq2seq.tokenise(text["test"], tokenizer, settings.max_source_length, settings.max_target_length["test"])
         loader = DataLoader(rows, batch_size=64, collate_fn=seq2seq.Seq2SeqCollator(tokenizer))
         model.eval()
@@ -290,6 +291,33 @@ def test_plain_adapters_and_full_finetuning_on_t5_save_and_reload(method, tmp_pa
     loaded, saved = checkpoint.load_multitask(tmp_path / "checkpoint")
     assert saved["method"]["name"] == method and saved["tasks"] == ["rte"]
     assert same(generated_ids(loaded, cfg, glue_dir, ["rte"]), generated_ids(trained, cfg, glue_dir, ["rte"]))
+
+
+@pytest.mark.parametrize("method", ["petl", "finetune"])
+def test_table2s_plain_arms_train_every_task_at_once_and_reload(method, tmp_path, tiny_t5_dir, glue_dir, monkeypatch):
+    """experiment=t5_multitask's baselines as multi-task runs (RTE + MRPC): petl, one adapter per site shared by both
+    tasks; finetune, every T5 weight, the only arm whose sources start with the task name. metrics.json per task, the
+    trainable count, and the checkpoint loads back and generates the same tokens."""
+    import inspect
+
+    real, prefixes = seq2seq.text_to_text_splits, []
+
+    def recorded(*args, **kwargs):
+        prefixes.append(inspect.signature(real).bind(*args, **kwargs).arguments.get("add_prefix", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(seq2seq, "text_to_text_splits", recorded)
+    cfg = compose_cfg([*tiny_t5_overrides(tiny_t5_dir, glue_dir), *RUN, f"method={method}"])
+    metrics, trained = train_recorded(cfg, tmp_path)
+    assert (metrics["mode"], metrics["method"], list(metrics["per_task"])) == ("multitask", method, TASKS)
+    assert prefixes == [method == "finetune"] * len(TASKS)
+    trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
+    sites, d, b = 2 * TINY_T5["layers"], TINY_T5["d_model"], int(cfg.prototype.bottleneck)
+    assert metrics["storage"]["trainable_params"] == trainable == (
+        sites * (2 * d * b + b + d) if method == "petl" else metrics["storage"]["backbone_params"])
+    loaded, saved = checkpoint.load_multitask(tmp_path / "checkpoint")
+    assert saved["method"]["name"] == method and saved["tasks"] == TASKS
+    assert same(generated_ids(loaded, cfg, glue_dir), generated_ids(trained, cfg, glue_dir))
 
 
 def test_single_task_t5_run_on_one_task(tmp_path, tiny_t5_dir, glue_dir):

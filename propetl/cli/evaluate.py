@@ -21,6 +21,7 @@ from propetl.configs import ConfigError, ModelConfig, add_config_dir_argument, c
 from propetl.data import generation_eval, glue, seq2seq
 from propetl.data.batches import make_loader
 from propetl.models import backbone
+from propetl.models.t5 import adds_task_prefix
 from propetl.run import loop
 from propetl.storage import checkpoint
 
@@ -85,9 +86,9 @@ def evaluate_t5(directory, config: dict, split: str, data_dir, batch_size: int, 
     for index, name in enumerate(saved["tasks"]):
         task = group_option("task", name)  # shipped, or on --config-dir (configs.config_dirs)
         settings = seq2seq.task_settings(task, tokenizer)
-        finetune = saved["method"]["name"] == "finetune"  # the reference's task-name prefix
+        prefix = adds_task_prefix(saved["method"]["name"])  # the reference's task-name prefix (full fine-tuning)
         text = seq2seq.text_to_text_splits(
-            task, glue.resolve_data_dir(data_dir), data["protocol"], data["split_seed"], add_prefix=finetune
+            task, glue.resolve_data_dir(data_dir), data["protocol"], data["split_seed"], add_prefix=prefix
         )
         tokens = seq2seq.tokenise(text[split], tokenizer, settings.max_source_length, settings.max_target_length[split])
         loader = DataLoader(tokens, batch_size=batch_size, collate_fn=seq2seq.Seq2SeqCollator(tokenizer))

@@ -43,6 +43,13 @@ def check_t5_setup(method: str, prototype: str | None) -> None:
         raise ModelError(f"prototype={prototype} is not supported on T5 yet; allowed: {', '.join(T5_PROTOTYPES)}")
 
 
+def adds_task_prefix(method: str) -> bool:
+    """Whether a T5 run's sources start with the task name (text_to_text add_prefix): only full fine-tuning's, as the
+    reference's glue/finetune (add_prefix=True); its adapter and ProPETL runs leave it out (a plain adapter shared by
+    all tasks then has no way to tell the tasks apart but the text itself; ProPETL has its task masks)."""
+    return method == "finetune"
+
+
 def seq2seq_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Token-mean cross-entropy of logits [B, T, V] against labels [B, T], skipping IGNORE_INDEX; label_smoothing
     eps: (1 - eps) * NLL + eps * mean over the vocabulary of -log p (the reference's 0.1, as HF's LabelSmoother)."""

@@ -29,6 +29,7 @@ from propetl.report.runs import (
     single_task_runs,
     summarise,
     table1_runs,
+    table2_runs,
     trained_prototype,
     trivial_runs,
 )
@@ -83,6 +84,7 @@ def build(roots: Iterable[Path], out_dir: Path, title: str = "") -> dict[str, Pa
     runs = distinct_runs(found)
     table_runs, pooled = table1_runs(runs), single_task_runs(runs)
     rows = summarise(table_runs + trivial_runs(table_runs))
+    table2 = summarise(table2_runs(runs))
     comparisons = paired_comparisons(table_runs, pooled)
     frontier = frontier_points(table_runs)
     written = {}
@@ -90,7 +92,7 @@ def build(roots: Iterable[Path], out_dir: Path, title: str = "") -> dict[str, Pa
         (out_dir / stale).unlink(missing_ok=True)
     for key, name, text in (
         ("csv", "runs.csv", runs_csv(found, out_dir)),
-        ("table", "table.md", report_markdown(found, runs, rows, comparisons, title, frontier_table(frontier))),
+        ("table", "table.md", report_markdown(found, runs, rows, comparisons, title, frontier_table(frontier), table2)),
         ("paired", "paired.csv", paired_csv(comparisons)),
         ("rows", "rows.json", json.dumps(rows, indent=1)),
         ("jobs", "jobs.md", jobs_table(found, common_root(roots))),

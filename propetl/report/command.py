@@ -8,7 +8,8 @@ Reads every metrics.json under the given folders, one run per (task, method, pro
 frozen prototype, seed), table1's copy first. Writes
   jobs.md     one line a run: its folder (a sweep's job names its overrides), scores, bytes a task keeps, best epoch;
   runs.csv    one line a run, every figure;
-  table.md    Table 1 (mean ± std over seeds, the trivial baseline row, the paper's ProPETL rows), paired differences
+  table.md    Table 1 (mean ± std over seeds, the trivial baseline row, the paper's ProPETL rows), Table 2 (T5
+              multi-task GLUE runs: Fine-tune, Adapter, ProPETL-Adapter; no paper rows), paired differences
               over seeds with 95% t-intervals (ProPETL − PETL, HF PEFT − ours, learned − random/none masks), the
               sparsity sweep, the mask ablation and the storage–accuracy frontier;
   paired.csv  the paired differences, machine-readable;  rows.json  Table 1's rows;

@@ -34,7 +34,8 @@ RUN_FIELDS = ("task", "model", *IDENTITY[2:], "protocol", *RESULT_FIELDS)  # run
 TABLE1 = "table1"
 POOLED_EXPERIMENTS = ("sparsity_sweep", "ablation_masks")
 FRONTIER = "frontier"  # the PEFT tuners beside table1's runs: in Table 1 and the frontier section
-EXPERIMENTS = (TABLE1, "multitask", FRONTIER, *POOLED_EXPERIMENTS)
+TABLE2 = "t5_multitask"  # T5 multi-task GLUE: a table of its own (table2_runs)
+EXPERIMENTS = (TABLE1, "multitask", FRONTIER, *POOLED_EXPERIMENTS, TABLE2)
 # A (nearly) constant predictor: one class in at least MAJORITY_SHARE of the test predictions (classification), or
 # predictions whose std is below STD_RATIO of the test labels' (regression).
 MAJORITY_SHARE, STD_RATIO = 0.99, 0.05
@@ -134,10 +135,13 @@ def _multitask_runs(metrics: dict, path: Path, experiment: str | None) -> list[d
     amortised = ("amortised_bytes_per_task", "amortised_ratio_to_plain_petl", "amortised_percent_of_backbone")
     storage = {key: s.get(theirs if "amortised_bytes_per_task" in s else key) for key, theirs in zip(keys, amortised)}
     storage["backbone_params"] = s.get("backbone_params")
+    if "trainable_params" in s:  # every task's together (runs before it have none: no % params)
+        storage["trainable_params"] = s["trainable_params"]
     method = f"{metrics['method']}-multitask"
+    text_to_text = metrics.get("model_family") == "t5" or experiment == TABLE2
     return [
         _run(metrics, path, experiment, task=task, method=method, test=dict(result["test"]), storage=dict(storage))
-        | {"glue_score": result.get("glue_score"), "trivial": result.get("trivial")}
+        | {"glue_score": result.get("glue_score"), "trivial": result.get("trivial"), "text_to_text": text_to_text}
         for task, result in metrics["per_task"].items()
     ]
 
@@ -161,8 +165,14 @@ def distinct_runs(runs: list[dict]) -> list[dict]:
 
 
 def table1_runs(runs: list[dict]) -> list[dict]:
-    """The runs of Table 1: every run but the sparsity sweep's and the mask ablation's."""
-    return [run for run in runs if run.get("experiment") not in POOLED_EXPERIMENTS]
+    """The runs of Table 1: every run but the sparsity sweep's, the mask ablation's and Table 2's."""
+    return [run for run in runs if run.get("experiment") not in POOLED_EXPERIMENTS and not run.get("text_to_text")]
+
+
+def table2_runs(runs: list[dict]) -> list[dict]:
+    """The runs of Table 2: multi-task T5 (text to text) runs, under their method's plain name (Fine-tune, Adapter,
+    ProPETL-Adapter: every row of that table is multi-task)."""
+    return [dict(run, method=run["method"].removesuffix("-multitask")) for run in runs if run.get("text_to_text")]
 
 
 def single_task_runs(runs: list[dict]) -> list[dict]:
@@ -248,7 +258,9 @@ def group_runs(runs: Iterable[dict], keep: Callable[[dict], bool], fields: tuple
 def row_label(run: dict) -> str:
     """The table row a run belongs to: 'ProPETL-LoRA', 'LoRA (HF PEFT)', 'ProPETL-LoRA (random, s=0.5)', …."""
     method, title = run["method"], prototype_title(run.get("prototype"))
-    if method.endswith("-multitask"):
+    if method == "finetune-multitask":
+        label = "Fine-tune (multi-task)"
+    elif method.endswith("-multitask"):
         label = f"{'ProPETL' if method.startswith('propetl') else 'PETL'}-{title} (multi-task)"
     elif method == "trivial":
         label = TRIVIAL_LABEL
@@ -295,8 +307,8 @@ def row_groups(runs: list[dict]) -> dict[str, list[dict]]:
 
 
 def summarise(runs: list[dict]) -> list[dict]:
-    """Table rows: per task the mean/std/n over seeds of each number and the score; the average; storage. A computed
-    pseudo-run (the trivial baseline) counts in no `runs`."""
+    """Table rows: per task the mean/std/n over seeds of each number and the score; the average; storage. `runs`: the
+    metrics.json files (a multi-task run counts once); a computed pseudo-run (the trivial baseline) counts in none."""
     groups = row_groups(runs)
     rows = []
     for label, members in groups.items():
@@ -321,7 +333,7 @@ def summarise(runs: list[dict]) -> list[dict]:
             "average": 100.0 * glue_average(means) if numbers else None,
             "average_numbers": numbers,
             "seeds": sorted({r["seed"] for r in members if r["seed"] is not None}),
-            "runs": sum(not r.get("computed") for r in members),
+            "runs": len({r["path"] for r in members if not r.get("computed")}),  # a multi-task run: one, all tasks
             "computed": computed,
             **({"rules": {r["task"]: r.get("rule") for r in members}} if computed else {}),
             "percent_params": mean_or_none(

@@ -106,6 +106,23 @@ def markdown_table(rows: list[dict], with_paper: bool = True) -> str:
     return _table(header, body)
 
 
+TABLE2_TITLE = "Table 2 (T5 multi-task GLUE)"
+
+
+def table2_section(rows: list[dict]) -> str:
+    """table.md's Table 2: multi-task T5 runs (runs.table2_runs), Table 1's columns, no paper rows; '' without any."""
+    if not rows:
+        return ""
+    return (
+        f"\n## {TABLE2_TITLE}\n\nMulti-task T5 runs (experiment=t5_multitask: every task trained at once), one row "
+        "per method, a column per task's numbers (mean ± std over seeds) and the average of the numbers present. "
+        "% params: the parameters trained for all tasks together, % of the backbone's; % storage, bytes/task and the "
+        "ratio to PETL: what the tasks keep together (the shared part counted once) amortised per task, the ratio "
+        "against a set of plain adapters per task. No paper rows: the paper's Table 2 numbers were not retrieved "
+        "(paper.md §4.2).\n\n" + markdown_table(rows, with_paper=False)
+    )
+
+
 def trivial_note(rows: list[dict]) -> str:
     """The rule of each task's trivial baseline, '' without one."""
     rules = [
@@ -256,9 +273,16 @@ def constant_note(found: list[dict]) -> str:
 
 
 def report_markdown(
-    found: list[dict], runs: list[dict], rows: list[dict], comparisons: list[dict], title: str = "", frontier: str = ""
+    found: list[dict],
+    runs: list[dict],
+    rows: list[dict],
+    comparisons: list[dict],
+    title: str = "",
+    frontier: str = "",
+    table2_rows: list[dict] | None = None,
 ) -> str:
-    """table.md, every section; `found`: every run read; `runs`: one per configuration (distinct_runs)."""
+    """table.md, every section; `found`: every run read; `runs`: one per configuration (distinct_runs); `rows` and
+    `table2_rows`: Table 1's and Table 2's (summarise)."""
     pooled = single_task_runs(runs)
     text = (f"# {title}\n\n" if title else "") + f"{len(found)} runs"
     if len(found) > len(runs):
@@ -268,11 +292,12 @@ def report_markdown(
         )
     text += ". Test numbers x100, mean ± std over seeds.\n\n"
     text += (
-        "## Table 1\n\nThe table1 experiment's runs (and multi-task runs); the sparsity sweep and the mask "
-        "ablation have their own sections below.\n\n" + markdown_table(rows)
+        "## Table 1\n\nThe table1 experiment's runs (and the encoders' multi-task runs; T5's are Table 2); the "
+        "sparsity sweep and the mask ablation have their own sections below.\n\n" + markdown_table(rows)
     )
     text += f"\n{note}" if (note := trivial_note(rows)) else ""
     text += "\nProPETL minus plain PETL, difference of the means (points):\n\n" + comparison_table(rows)
+    text += table2_section(table2_rows or [])
     text += (
         "\n## Paired differences over seeds\n\nA − B in points (x100), runs paired by seed (only seeds both "
         "sides have): the mean of the per-seed differences with its 95% paired t-interval over seeds, "

@@ -13,14 +13,14 @@ from torch.utils.data import DataLoader
 
 import propetl  # noqa: F401  (registers the config resolvers)
 from propetl import methods
-from propetl.configs import DataConfig, ModelSetup
+from propetl.configs import DataConfig, ModelConfig, ModelSetup
 from propetl.data import generation_eval, glue, seq2seq, text_to_text
 from propetl.data import metrics as glue_metrics
 from propetl.data.batches import PadCollator, token_lengths, tokenise
 from propetl.data.multitask import MultiTaskBatches, TaskCollator, freeze_for_new_tasks, task_configs
 from propetl.data.tasks import is_generation_task
 from propetl.models import backbone
-from propetl.models.t5 import TextToTextModel
+from propetl.models.t5 import TextToTextModel, adds_task_prefix
 from propetl.run import log, loop, rundir
 from propetl.run.lifecycle import begin_run, end_run, fit_logged, run_facts
 from propetl.storage import accounting, checkpoint
@@ -54,6 +54,7 @@ def train(cfg: DictConfig, output_dir: Path, claim=None) -> dict:
     data_dir = glue.resolve_data_dir(data.dir)
     tokenizer = backbone.load_tokenizer(setup.model)
     text_to_text = setup.model.text_to_text
+    prefix = adds_task_prefix(setup.method)  # text to text: the task name first (full fine-tuning only)
     splits, collators, settings = {}, {}, {}
     for index, name in enumerate(task_names):
         if name not in new_tasks:
@@ -62,7 +63,7 @@ def train(cfg: DictConfig, output_dir: Path, claim=None) -> dict:
             settings[name] = seq2seq.task_settings(by_name[name], tokenizer)
             text = glue.sample_train(
                 seq2seq.text_to_text_splits(
-                    by_name[name], data_dir, data.protocol, data.split_seed, data.allow_hub, setup.method == "finetune"
+                    by_name[name], data_dir, data.protocol, data.split_seed, data.allow_hub, prefix
                 ),
                 data.max_train_examples,
                 data.split_seed,
@@ -288,6 +289,7 @@ def report_multitask(
         "tasks": list(tests),
         "base_tasks": base_tasks,
         "model": cfg.model.name,
+        "model_family": ModelConfig.from_config(cfg.model).family,  # t5: text to text (the report's Table 2)
         "method": cfg.method.name,
         "prototype": cfg.prototype.name,
         "mask_kind": cfg.mask.kind,

@@ -258,6 +258,7 @@ def account(model: nn.Module, setup: ModelSetup, backbone_params: int, keep: Kep
         tasks=n,
         ratio_key="storage_ratio_to_plain_petl" if n == 1 else "amortised_ratio_to_plain_petl",
     )
+    trainable = count(p for p in model.parameters() if p.requires_grad)
     if n > 1:
         total = shared_bytes + n * task_bytes
         total_with_heads = total + 4 * sum(heads.values())
@@ -265,6 +266,7 @@ def account(model: nn.Module, setup: ModelSetup, backbone_params: int, keep: Kep
             "tasks": n,
             "backbone_params": backbone_params,
             "shared_params": stored_params,
+            "trainable_params": trainable - sum(heads.values()),  # every task's together (mask scores, heads apart)
             "layer_mask_entries": sum(layer_entries),
             "task_mask_entries_per_task": sum(task_entries),
             "shared_bytes": shared_bytes,
@@ -288,7 +290,6 @@ def account(model: nn.Module, setup: ModelSetup, backbone_params: int, keep: Kep
         }
     mask_ones = int(sum(float(m.sum()) for m in masks))
     head_params = heads[keep.tasks[0]]
-    trainable = count(p for p in model.parameters() if p.requires_grad)
     bits, size_bytes = 32 * stored_params + mask_entries, shared_bytes + task_bytes
     if peft:  # PEFT's files as written (their bytes / 4 as fp32-equivalent parameters)
         bits, size_bytes = 8 * peft["adapter_bytes"], peft["adapter_bytes"]
