@@ -208,7 +208,7 @@ def test_the_paper_profile_plans_table2s_three_arms_times_three_seeds():
         validate(cfg)
         method = cfg.method.name
         assert (cfg.model.name, cfg.model.family, cfg.mode, list(cfg.tasks)) == (
-            "t5-base", "t5", "multitask", ["rte", "mrpc", "stsb", "cola", "sst2"])
+            "t5-base", "t5", "multitask", ["rte", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "cola"])
         t = cfg.trainer
         assert (t.lr, t.max_steps, t.batch_size, t.eval_every_steps, t.warmup_steps) == (3e-4, 20000, 128, 2000, 500)
         assert (cfg.multitask.temperature, t.label_smoothing, t.weight_decay) == (10, 0.1, 0.0)
