@@ -1,0 +1,211 @@
+"""Fused runs (issue 28): the runs of a sweep that differ only in their seeds train side by side in one process, their
+forward and backward passes fused into one over the shared frozen backbone.
+
+Each run stays a run: its own thread goes through the ordinary recipe (run/train.py: its folder, data order from its
+own seed, model built from its own seed, optimizer, schedule, clipping, selection, checkpoint, resume state,
+metrics.json, W&B run). Only `loop.train_step` meets the others: every run hands its batch to the group and waits;
+the last to arrive computes all of them at once — the runs' trainable tensors (and the frozen ones that differ, such
+as random mask scores) stacked along a run dimension, every other tensor the shared backbone's, one `torch.func.vmap`
+over `functional_call` of one run's model (its matrix products over the frozen weights run once over all runs' rows;
+each run's prototype, masks and head on its own rows) — and the sum of the runs' losses backpropagates into each run's
+own parameters. Each run then clips and steps its own AdamW, so its update is exactly its own.
+
+Which runs fuse: hydra_plugins/propetl_fused_launcher groups a sweep's jobs by their overrides without FUSED_KEYS
+(seeds); `refusal(cfg)` names what cannot fuse (fine-tuning, several tasks, T5, PEFT tuners, fp16, data-parallel),
+and such runs train one after another as without fusing.
+Dropout: one vmap with randomness="different", every run its own rows' draws from the process's torch generator (a
+fused run's dropout is not bit for bit that of the run made alone; with dropout off it is, within float rounding).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+FUSED_KEYS = ("seed", "mask.seed")  # what fused runs may differ in (their overrides); everything else is shared
+_local = threading.local()
+
+
+class SignalRelay:
+    """SIGINT/SIGTERM while fused runs train (their threads cannot catch signals): noted here, in the main thread; the
+    next fused pass hands it to every run of its group at once (FusedGroup.stop_signum), so all save at one step."""
+
+    signum: int | None = None
+
+    def __enter__(self):
+        self._previous = {sig: signal.signal(sig, self._note) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _note(self, signum, frame) -> None:
+        SignalRelay.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def refusal(cfg) -> str | None:
+    """Why a run of this config cannot train fused (None: it can)."""
+    if cfg.get("mode") == "multitask":
+        return "mode=multitask (a batch's task picks the masks)"
+    if cfg.method.name not in ("propetl", "petl"):
+        return f"method={cfg.method.name} (fused runs share a frozen backbone: method=propetl or petl)"
+    if cfg.model.get("family", "encoder") != "encoder":
+        return f"model.family={cfg.model.family} (encoders only)"
+    if cfg.trainer.precision == "fp16":
+        return "trainer.precision=fp16 (a grad scaler per run)"
+    return None
+
+
+def fuse_key(overrides: Sequence[str]) -> tuple[str, ...]:
+    """A job's overrides without FUSED_KEYS: jobs with the same key train fused."""
+    return tuple(o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in FUSED_KEYS)
+
+
+def current() -> FusedGroup | None:
+    """The fused group this thread's run trains in (None: a run made alone)."""
+    return getattr(_local, "group", None)
+
+
+def join(group: FusedGroup | None, place: int = 0) -> None:
+    """This thread's run trains in `group` from now on (None: alone), at `place` in its passes (the job's number: the
+    runs' order in every pass, and so which dropout draws each run gets, does not depend on which thread came first)."""
+    _local.group = group
+    if group is not None:
+        group.places[threading.get_ident()] = place
+
+
+def leave() -> None:
+    """This thread's run takes no more steps (fit's end, or a failure): the others go on without it."""
+    group = current()
+    if group is not None:
+        group.leave()
+
+
+class FusedGroup:
+    """The meeting point of K runs' training steps: `forward_backward` returns when every run still training has
+    handed in its batch and the fused pass has written their gradients."""
+
+    def __init__(self, runs: int):
+        self.live, self.cond = runs, threading.Condition()
+        self.waiting: dict[int, tuple] = {}  # thread id -> (model, batch, device, precision)
+        self.results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.error: Exception | None = None
+        self.varying: list[str] | None = None  # parameter names whose tensors differ between runs
+        self.arrivals = 0  # batches handed in so far (the launcher starts the next run once its first arrived)
+        self.left: set[int] = set()  # the threads whose runs take no more steps
+        self.places: dict[int, int] = {}  # thread id -> the run's place in a pass (join)
+        self.stop_signum: int | None = None  # a relayed signal, seen by every run after the same fused pass
+
+    def leave(self) -> None:
+        with self.cond:
+            if threading.get_ident() in self.left:
+                return
+            self.left.add(threading.get_ident())
+            self.live -= 1
+            self._step_if_all_here()
+            self.cond.notify_all()
+
+    def forward_backward(self, model: nn.Module, batch: dict, device, precision: str) -> tuple[float, torch.Tensor]:
+        """This run's (loss, logits) of the fused pass; its parameters' .grad hold its own gradients."""
+        me = threading.get_ident()
+        with self.cond:
+            self.waiting[me] = (model, batch, device, precision)
+            self.arrivals += 1
+            self.cond.notify_all()
+            self._step_if_all_here()
+            while me not in self.results and self.error is None:
+                self.cond.wait()
+            if self.error is not None:
+                raise RuntimeError(f"a fused run's step failed: {self.error}") from self.error
+            loss, logits = self.results.pop(me)
+        return loss.item(), logits
+
+    def _step_if_all_here(self) -> None:
+        """With the lock held: once every live run has handed in its batch, the fused pass (by the last to come)."""
+        if not self.waiting or len(self.waiting) < self.live:
+            return
+        entries, self.waiting = self.waiting, {}
+        self.stop_signum = SignalRelay.signum
+        try:
+            for ids, outputs in fused_pass(entries, self).items():
+                self.results[ids] = outputs
+        except Exception as error:  # noqa: BLE001 (every waiting run raises it, not only the one computing)
+            self.error = error
+        self.cond.notify_all()
+
+
+def varying_names(models: list[nn.Module]) -> list[str]:
+    """The parameters the runs do not share: trainable ones, and frozen ones whose values differ (random masks'
+    scores, a frozen prototype drawn from each run's seed)."""
+    named = [dict(m.named_parameters()) for m in models]
+    return [
+        name
+        for name, first in named[0].items()
+        if first.requires_grad or any(not torch.equal(first, other[name]) for other in named[1:])
+    ]
+
+
+def fused_pass(entries: dict[int, tuple], group: FusedGroup) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Runs with batches of one size go through one vmap; a size of its own (an epoch's last batch after a resume) is
+    a pass of its own. Returns thread id -> (loss, detached logits)."""
+    by_size: dict[int, list[int]] = {}
+    for ident, (_, batch, _, _) in sorted(entries.items(), key=lambda entry: group.places.get(entry[0], 0)):
+        by_size.setdefault(int(batch["input_ids"].shape[0]), []).append(ident)
+    out = {}
+    for idents in by_size.values():
+        models = [entries[i][0] for i in idents]
+        if group.varying is None and len(models) > 1:
+            group.varying = varying_names(models)
+        losses, logits = stacked_forward(
+            models, [entries[i][1] for i in idents], group.varying, *entries[idents[0]][2:]
+        )
+        losses.sum().backward()
+        out.update({ident: (losses[k].detach(), logits[k]) for k, ident in enumerate(idents)})
+    return out
+
+
+def pad_to(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, T] right-padded with zeros to [B, length] (attention 0 there: the values do not matter)."""
+    return nn.functional.pad(tensor, (0, length - tensor.shape[1]))
+
+
+def stacked_forward(
+    models: list[nn.Module], batches: list[dict], varying: list[str] | None, device, precision: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K runs' losses [K] and logits [K, B, C]: one vmap over model 0 with the varying tensors stacked."""
+    from propetl.run.loop import autocast
+
+    base = models[0]
+    if len(models) == 1 or not varying:
+        with autocast(device, precision):
+            output = base(**{k: v for k, v in batches[0].items() if k != "task"})
+        return output.loss.unsqueeze(0), output.logits.detach().unsqueeze(0)
+    named = [dict(m.named_parameters()) for m in models]
+    stacked = {name: torch.stack([n[name] for n in named]) for name in varying}
+    length = max(b["input_ids"].shape[1] for b in batches)
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in batches[0]]
+    inputs = {k: torch.stack([pad_to(b[k], length) for b in batches]) for k in keys}
+    labels = torch.stack([b["labels"] for b in batches])
+
+    def one_run(parameters: dict, run_inputs: dict, run_labels: torch.Tensor):
+        attend = run_inputs["attention_mask"].bool()  # a prepared 4D mask: transformers' own checks it under vmap
+        kwargs = {**run_inputs, "attention_mask": attend[:, None, None, :].expand(-1, 1, length, length)}
+        output = functional_call(base, parameters, (), {**kwargs, "labels": run_labels})
+        return output.loss, output.logits
+
+    try:
+        with autocast(device, precision):
+            losses, logits = vmap(one_run, randomness="different")(stacked, inputs, labels)
+    finally:
+        from propetl import methods
+
+        weights = methods.petl_weights(base)
+        if weights is not None:  # its caches hold the stacked tensors of this pass
+            weights.invalidate()
+    return losses, logits.detach()
