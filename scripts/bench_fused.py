@@ -65,7 +65,7 @@ def fused_step_fn(k: int, args, device, batches: list[dict] | None = None, seeds
     batches = batches or [batch_for(args.batch, args.length, device, seed=i) for i in range(k)]
 
     def step() -> torch.Tensor:
-        losses, _ = fused.stacked_forward(models, batches, varying, device, precision or args.precision)
+        losses, _ = fused.stacked_forward(models, batches, varying, lambda: loop.autocast(device, precision or args.precision))
         losses.sum().backward()
         for _, optimization in runs:
             optimization.apply(1.0)

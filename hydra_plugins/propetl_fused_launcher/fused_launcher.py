@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class FusedLauncherConf:
     _target_: str = "hydra_plugins.propetl_fused_launcher.fused_launcher.FusedLauncher"
+    n_jobs: int = 1  # accepted (and unused: groups train one after another) so that profiles sized for joblib compose
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="fused", node=FusedLauncherConf, provider="propetl")
@@ -43,7 +44,7 @@ class ThreadLog(logging.Filter):
 
 
 class FusedLauncher(Launcher):
-    def __init__(self) -> None:
+    def __init__(self, n_jobs: int = 1) -> None:
         super().__init__()
         self.config: Optional[DictConfig] = None  # noqa: UP045 (no __future__ annotations here)
         self.task_function = None

@@ -31,25 +31,19 @@ def topk_binary(magnitudes: torch.Tensor, n_ones: int) -> torch.Tensor:
     _, n = magnitudes.shape
     if n_ones >= n:
         return torch.ones_like(magnitudes)
-    if n_ones <= n - n_ones:  # out of place: torch.func.vmap (fused runs) has a batching rule for scatter
-        return torch.zeros_like(magnitudes).scatter(1, magnitudes.topk(n_ones, dim=1, sorted=False).indices, 1.0)
-    return torch.ones_like(magnitudes).scatter(
-        1, magnitudes.topk(n - n_ones, dim=1, largest=False, sorted=False).indices, 0.0
-    )
+    if n_ones <= n - n_ones:
+        out = torch.zeros_like(magnitudes)
+        return out.scatter_(1, magnitudes.topk(n_ones, dim=1, largest=True, sorted=False).indices, 1.0)
+    out = torch.ones_like(magnitudes)
+    return out.scatter_(1, magnitudes.topk(n - n_ones, dim=1, largest=False, sorted=False).indices, 0.0)
 
 
 class _StraightThroughTopK(torch.autograd.Function):
     """Forward: binary top-k mask of |scores| per row. Backward: identity to the |scores|."""
 
-    generate_vmap_rule = True  # fused runs (run/fused.py) binarise K runs' scores under torch.func.vmap
-
     @staticmethod
-    def forward(magnitudes: torch.Tensor, n_ones: int) -> torch.Tensor:
+    def forward(ctx, magnitudes: torch.Tensor, n_ones: int) -> torch.Tensor:
         return topk_binary(magnitudes, n_ones)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        pass
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
@@ -111,6 +105,7 @@ class LayerMasks(nn.Module):
         self.scores = nn.Parameter(scores, requires_grad=(kind == "learned"))
         self._cached: torch.Tensor | None = None
         self._cache_key: tuple | None = None
+        self.given: torch.Tensor | None = None  # fused runs (run/fused.py): this run's masks, made by its own store
 
     @property
     def entries_per_mask(self) -> int:
@@ -124,6 +119,8 @@ class LayerMasks(nn.Module):
         self._cached, self._cache_key = None, None
 
     def forward(self) -> torch.Tensor:
+        if self.given is not None:
+            return self.given
         key = (self.scores._version, torch.is_grad_enabled(), self.scores.device, self.scores.dtype)
         if self._cached is None or self._cache_key != key:
             if self.kind == "none":

@@ -4,14 +4,16 @@ forward and backward passes fused into one over the shared frozen backbone.
 Each run stays a run: its own thread goes through the ordinary recipe (run/train.py: its folder, data order from its
 own seed, model built from its own seed, optimizer, schedule, clipping, selection, checkpoint, resume state,
 metrics.json, W&B run). Only `loop.train_step` meets the others: every run hands its batch to the group and waits;
-the last to arrive computes all of them at once — the runs' trainable tensors (and the frozen ones that differ, such
-as random mask scores) stacked along a run dimension, every other tensor the shared backbone's, one `torch.func.vmap`
-over `functional_call` of one run's model (its matrix products over the frozen weights run once over all runs' rows;
-each run's prototype, masks and head on its own rows) — and the sum of the runs' losses backpropagates into each run's
-own parameters. Each run then clips and steps its own AdamW, so its update is exactly its own.
+the last to arrive computes all of them at once — each run's binary masks made by its own mask store (its sparsity,
+mask kind and scores, straight-through as alone), the runs' masks and trainable tensors (and frozen ones that differ,
+such as a frozen prototype drawn from each seed) stacked along a run dimension, every other tensor the shared
+backbone's, one `torch.func.vmap` over `functional_call` of one run's model (its matrix products over the frozen
+weights run once over all runs' rows; each run's prototype, masks and head on its own rows) — and the sum of the
+runs' losses backpropagates into each run's own parameters. Each run then clips and steps its own AdamW, so its
+update is exactly its own.
 
 Which runs fuse: hydra_plugins/propetl_fused_launcher groups a sweep's jobs by their overrides without FUSED_KEYS
-(seeds); `refusal(cfg)` names what cannot fuse (fine-tuning, several tasks, T5, PEFT tuners, fp16, data-parallel),
+(seeds, mask sparsity and kind); `refusal(cfg)` names what cannot fuse (fine-tuning, several tasks, T5, PEFT tuners, fp16, data-parallel),
 and such runs train one after another as without fusing.
 Dropout: one vmap with randomness="different", every run its own rows' draws from the process's torch generator (a
 fused run's dropout is not bit for bit that of the run made alone; with dropout off it is, within float rounding).
@@ -21,13 +23,18 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-FUSED_KEYS = ("seed", "mask.seed")  # what fused runs may differ in (their overrides); everything else is shared
+from propetl import methods
+
+Precision = Callable[[], AbstractContextManager]  # a run's autocast (loop.autocast), entered around the fused pass
+
+FUSED_KEYS = ("seed", "mask.seed", "mask.sparsity", "mask.kind")  # what fused runs may differ in; the rest is shared
 _local = threading.local()
 
 
@@ -111,11 +118,12 @@ class FusedGroup:
             self._step_if_all_here()
             self.cond.notify_all()
 
-    def forward_backward(self, model: nn.Module, batch: dict, device, precision: str) -> tuple[float, torch.Tensor]:
-        """This run's (loss, logits) of the fused pass; its parameters' .grad hold its own gradients."""
+    def forward_backward(self, model: nn.Module, batch: dict, precision: Precision) -> tuple[float, torch.Tensor]:
+        """This run's (loss, logits) of the fused pass (under `precision()`, its autocast); its parameters' .grad hold
+        its own gradients."""
         me = threading.get_ident()
         with self.cond:
-            self.waiting[me] = (model, batch, device, precision)
+            self.waiting[me] = (model, batch, precision)
             self.arrivals += 1
             self.cond.notify_all()
             self._step_if_all_here()
@@ -140,14 +148,22 @@ class FusedGroup:
         self.cond.notify_all()
 
 
+def mask_stores(model: nn.Module) -> dict:
+    """A run's stacks of layer masks by name (none for plain PETL)."""
+    weights = methods.petl_weights(model)
+    return {} if weights is None else weights.mask_stores()
+
+
 def varying_names(models: list[nn.Module]) -> list[str]:
-    """The parameters the runs do not share: trainable ones, and frozen ones whose values differ (random masks'
-    scores, a frozen prototype drawn from each run's seed)."""
+    """The parameters the runs do not share, mask scores aside (each run's masks come from its own store: see
+    stacked_forward): trainable ones, and frozen ones whose values differ (a frozen prototype drawn from each seed)."""
     named = [dict(m.named_parameters()) for m in models]
+    scores = {id(p) for mask in mask_stores(models[0]).values() for p in mask.parameters()}
     return [
         name
         for name, first in named[0].items()
-        if first.requires_grad or any(not torch.equal(first, other[name]) for other in named[1:])
+        if id(first) not in scores
+        and (first.requires_grad or any(not torch.equal(first, other[name]) for other in named[1:]))
     ]
 
 
@@ -155,7 +171,7 @@ def fused_pass(entries: dict[int, tuple], group: FusedGroup) -> dict[int, tuple[
     """Runs with batches of one size go through one vmap; a size of its own (an epoch's last batch after a resume) is
     a pass of its own. Returns thread id -> (loss, detached logits)."""
     by_size: dict[int, list[int]] = {}
-    for ident, (_, batch, _, _) in sorted(entries.items(), key=lambda entry: group.places.get(entry[0], 0)):
+    for ident, (_, batch, _) in sorted(entries.items(), key=lambda entry: group.places.get(entry[0], 0)):
         by_size.setdefault(int(batch["input_ids"].shape[0]), []).append(ident)
     out = {}
     for idents in by_size.values():
@@ -176,35 +192,45 @@ def pad_to(tensor: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def stacked_forward(
-    models: list[nn.Module], batches: list[dict], varying: list[str] | None, device, precision: str
+    models: list[nn.Module], batches: list[dict], varying: list[str] | None, precision: Precision = nullcontext
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """K runs' losses [K] and logits [K, B, C]: one vmap over model 0 with the varying tensors stacked."""
-    from propetl.run.loop import autocast
-
+    """K runs' losses [K] and logits [K, B, C]: one vmap over model 0 with the varying tensors and each run's masks
+    stacked (model 0's mask stores hand out the run's masks inside the pass: LayerMasks.given)."""
     base = models[0]
-    if len(models) == 1 or not varying:
-        with autocast(device, precision):
+    if len(models) == 1:
+        with precision():
             output = base(**{k: v for k, v in batches[0].items() if k != "task"})
         return output.loss.unsqueeze(0), output.logits.detach().unsqueeze(0)
     named = [dict(m.named_parameters()) for m in models]
-    stacked = {name: torch.stack([n[name] for n in named]) for name in varying}
+    stacked = {name: torch.stack([n[name] for n in named]) for name in varying or []}
     length = max(b["input_ids"].shape[1] for b in batches)
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in batches[0]]
     inputs = {k: torch.stack([pad_to(b[k], length) for b in batches]) for k in keys}
     labels = torch.stack([b["labels"] for b in batches])
+    # each run's binary masks by its own store (its sparsity, mask kind and scores; straight-through to its scores)
+    stores = [mask_stores(m) for m in models]
+    for store in stores:
+        for mask in store.values():
+            mask.invalidate()
+    masks = {name: torch.stack([store[name]() for store in stores]) for name in stores[0]}
+    slots = stores[0]
 
-    def one_run(parameters: dict, run_inputs: dict, run_labels: torch.Tensor):
+    def one_run(parameters: dict, run_masks: dict, run_inputs: dict, run_labels: torch.Tensor):
         attend = run_inputs["attention_mask"].bool()  # a prepared 4D mask: transformers' own checks it under vmap
         kwargs = {**run_inputs, "attention_mask": attend[:, None, None, :].expand(-1, 1, length, length)}
-        output = functional_call(base, parameters, (), {**kwargs, "labels": run_labels})
+        for name, mask in slots.items():
+            mask.given = run_masks[name]
+        try:
+            output = functional_call(base, parameters, (), {**kwargs, "labels": run_labels})
+        finally:
+            for mask in slots.values():
+                mask.given = None
         return output.loss, output.logits
 
     try:
-        with autocast(device, precision):
-            losses, logits = vmap(one_run, randomness="different")(stacked, inputs, labels)
+        with precision():
+            losses, logits = vmap(one_run, randomness="different")(stacked, masks, inputs, labels)
     finally:
-        from propetl import methods
-
         weights = methods.petl_weights(base)
         if weights is not None:  # its caches hold the stacked tensors of this pass
             weights.invalidate()

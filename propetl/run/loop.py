@@ -251,7 +251,7 @@ def train_step(
     """One optimizer step on a batch (this process's rows, on the device): (its loss, its logits). A fused run's
     forward and backward are its group's (run/fused.py); its optimizer step is its own."""
     if (group := fused.current()) is not None:
-        loss, logits = group.forward_backward(model, batch, device, precision)
+        loss, logits = group.forward_backward(model, batch, lambda: autocast(device, precision))
         optimization.apply(max_grad_norm)
         return loss, logits
     with autocast(device, precision):
