@@ -114,7 +114,7 @@ def test_what_the_runs_do_not_share():
     assert fused.varying_names([a, b]) == ["weight", "bias"]
 
 
-def test_which_jobs_fuse(tiny_cfg):
+def test_which_jobs_fuse(tiny_cfg, monkeypatch):
     """Jobs fuse when their overrides differ only in seeds, mask sparsity and mask kind; fine-tuning, several tasks,
     T5 and fp16 do not."""
     assert fused.fuse_key(["task=rte", "seed=1", "mask.seed=3", "mask.sparsity=0.5", "mask.kind=random"]) == (
@@ -122,6 +122,9 @@ def test_which_jobs_fuse(tiny_cfg):
     assert fused.fuse_key(["task=rte", "prototype=lora"]) != fused.fuse_key(["task=rte", "prototype=adapter"])
     assert fused.fuse_key(["task=rte", "method=petl"]) != fused.fuse_key(["task=rte", "method=propetl"])
     assert fused.refusal(tiny_cfg()) is None and fused.refusal(tiny_cfg("method=petl")) is None
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert "data-parallel" in fused.refusal(tiny_cfg())
+    monkeypatch.delenv("WORLD_SIZE")
     assert "method=finetune" in fused.refusal(tiny_cfg("method=finetune"))
     assert "mode=multitask" in fused.refusal(tiny_cfg("mode=multitask", "tasks=[rte,mrpc]"))
     assert "fp16" in fused.refusal(tiny_cfg("trainer.precision=fp16"))
@@ -138,31 +141,48 @@ def test_each_fused_run_draws_its_own_dropout(tiny_cfg):
         assert (abs(losses[0].item() - losses[1].item()) > 1e-6) == differ
 
 
-def test_runs_in_a_group_step_together_and_a_run_that_stops_early_releases_the_others(tiny_cfg):
-    """Three threads step through a FusedGroup; one leaves after two steps, the others take five each."""
+def test_runs_that_stop_early_release_the_others_even_when_thread_ids_are_reused(tiny_cfg):
+    """A group of three: run 0 leaves before any step (a finished run skipped; its thread ends, and the next thread
+    often gets its id), run 1 stops after two steps, run 2 takes five: nobody waits for a run that left."""
     import threading
 
     cfg = tiny_cfg("prototype=lora")
     models = runner_models(cfg, [1, 2, 3])
     group, steps = fused.FusedGroup(3), {0: 0, 1: 0, 2: 0}
 
-    def run(k: int) -> None:
-        fused.join(group)
+    def run(k: int, member) -> None:
+        fused.join(member)
         try:
+            if k == 0:
+                return
             optimizer, scheduler = loop.make_optimizer(models[k], cfg, models[k].head_names(), 10)
             optimization = loop.Optimization(optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False))
-            for _ in range(2 if k == 0 else 5):
+            for _ in range(2 if k == 1 else 5):
                 loop.train_step(models[k], batches(1, seed=steps[k])[0], optimization, torch.device("cpu"), "fp32", 1.0)
                 steps[k] += 1
         finally:
             fused.leave()
+            fused.join(None)
 
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(3)]
+    first = threading.Thread(target=run, args=(0, group.member(0)))
+    first.start()
+    first.join()
+    threads = [threading.Thread(target=run, args=(k, group.member(k))) for k in (1, 2)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=120)
-    assert steps == {0: 2, 1: 5, 2: 5} and not any(t.is_alive() for t in threads)
+    assert steps == {0: 0, 1: 2, 2: 5} and not any(t.is_alive() for t in threads)
+
+
+def test_the_signal_relay_notes_the_first_signal_and_forgets_it_with_the_next_group():
+    with fused.SignalRelay():
+        os.kill(os.getpid(), signal.SIGTERM)          # noted for the next fused pass, the process goes on
+        time.sleep(0.1)
+        assert fused.SignalRelay.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is not None and fused.SignalRelay.signum == signal.SIGTERM
+    with fused.SignalRelay():                           # the next group starts without the old signal
+        assert fused.SignalRelay.signum is None
 
 
 # ----------------------------------------------------------------------------- the launcher, end to end

@@ -105,25 +105,26 @@ class FusedLauncher(Launcher):
         task_function = self.task_function
         assert task_function is not None
 
-        def job_function(task_cfg: DictConfig, place: int):
-            handler = logging.FileHandler(Path(HydraConfig.get().runtime.output_dir) / "train.log")
-            handler.addFilter(ThreadLog(threading.get_ident()))
-            handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
-            logging.getLogger().addHandler(handler)
-            fused.join(meeting, place)
+        def job_function(task_cfg: DictConfig, member) -> object:
+            handler = None
+            fused.join(member)
             try:
+                handler = logging.FileHandler(Path(HydraConfig.get().runtime.output_dir) / "train.log")
+                handler.addFilter(ThreadLog(threading.get_ident()))
+                handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+                logging.getLogger().addHandler(handler)
                 return task_function(task_cfg)
             finally:
-                fused.leave()
                 fused.join(None)
-                logging.getLogger().removeHandler(handler)
-                handler.close()
+                if handler is not None:
+                    logging.getLogger().removeHandler(handler)
+                    handler.close()
 
-        def thread_main(index: int, config: DictConfig) -> None:
+        def thread_main(index: int, config: DictConfig, member) -> None:
             try:
                 returns[index] = run_job(
                     hydra_context=self.hydra_context,
-                    task_function=lambda task_cfg: job_function(task_cfg, index),
+                    task_function=lambda task_cfg: job_function(task_cfg, member),
                     config=config,
                     job_dir_key="hydra.sweep.dir",
                     job_subdir_key="hydra.sweep.subdir",
@@ -131,24 +132,24 @@ class FusedLauncher(Launcher):
                 )
             except (Exception, SystemExit) as error:  # noqa: BLE001 (re-raised in the launcher once every run stops)
                 exits.append(error)
-                with meeting.cond:
-                    meeting.cond.notify_all()
+            finally:  # however the job ended (or never began), the others stop waiting for its batches
+                meeting.leave(member)
 
         threads = []
-        relay = fused.SignalRelay().__enter__()  # SIGINT/SIGTERM: every run saves at the same step, then exits
-        for index, overrides, config in group:
-            log.info("\t#%d : %s", index, " ".join(filter_overrides(overrides)))
-            thread = threading.Thread(target=thread_main, args=(index, config), name=f"propetl-job-{index}")
-            with meeting.cond:
-                arrived = meeting.arrivals
-                thread.start()
-                threads.append(thread)
-                while meeting.arrivals == arrived and thread.is_alive():  # set up alone, then the next
-                    meeting.cond.wait(timeout=1.0)
-        for thread in threads:
-            while thread.is_alive():
-                thread.join(timeout=0.5)  # short waits: the main thread runs the signal handler between them
-        relay.__exit__()
+        with fused.SignalRelay():  # SIGINT/SIGTERM: every run saves after the same pass, then exits 128+signal
+            for index, overrides, config in group:
+                log.info("\t#%d : %s", index, " ".join(filter_overrides(overrides)))
+                member = meeting.member(place=index)
+                thread = threading.Thread(target=thread_main, args=(index, config, member), name=f"propetl-job-{index}")
+                with meeting.cond:
+                    arrived = meeting.arrivals
+                    thread.start()
+                    threads.append(thread)
+                    while meeting.arrivals == arrived and thread.is_alive():  # set up alone, then the next
+                        meeting.cond.wait(timeout=1.0)
+            for thread in threads:
+                while thread.is_alive():
+                    thread.join(timeout=0.5)  # short waits: the main thread runs the signal handler between them
         if exits:
             raise exits[0]
         return returns

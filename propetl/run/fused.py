@@ -31,6 +31,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from propetl import methods
+from propetl.run import distributed
 
 Precision = Callable[[], AbstractContextManager]  # a run's autocast (loop.autocast), entered around the fused pass
 
@@ -39,21 +40,29 @@ _local = threading.local()
 
 
 class SignalRelay:
-    """SIGINT/SIGTERM while fused runs train (their threads cannot catch signals): noted here, in the main thread; the
-    next fused pass hands it to every run of its group at once (FusedGroup.stop_signum), so all save at one step."""
+    """SIGINT/SIGTERM while fused runs train (their threads cannot catch signals): the first is noted here, in the main
+    thread, and the next fused pass hands it to every run of its group at once (FusedGroup.stop_signum), so all save
+    at one step and exit 128+signal; a second one (nothing training to see the first: setup, the test pass, a hang)
+    acts as it would without the relay."""
 
     signum: int | None = None
 
     def __enter__(self):
+        SignalRelay.signum = None
         self._previous = {sig: signal.signal(sig, self._note) for sig in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def _note(self, signum, frame) -> None:
-        SignalRelay.signum = signum
+        if SignalRelay.signum is None:
+            SignalRelay.signum = signum
+            return
+        self.__exit__()
+        signal.raise_signal(signum)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous = {}
 
 
 def refusal(cfg) -> str | None:
@@ -66,6 +75,8 @@ def refusal(cfg) -> str | None:
         return f"model.family={cfg.model.family} (encoders only)"
     if cfg.trainer.precision == "fp16":
         return "trainer.precision=fp16 (a grad scaler per run)"
+    if distributed.from_environment().enabled:
+        return "a data-parallel launch (each run's gradients are DDP's)"
     return None
 
 
@@ -76,44 +87,52 @@ def fuse_key(overrides: Sequence[str]) -> tuple[str, ...]:
 
 def current() -> FusedGroup | None:
     """The fused group this thread's run trains in (None: a run made alone)."""
-    return getattr(_local, "group", None)
+    member = getattr(_local, "member", None)
+    return None if member is None else member.group
 
 
-def join(group: FusedGroup | None, place: int = 0) -> None:
-    """This thread's run trains in `group` from now on (None: alone), at `place` in its passes (the job's number: the
-    runs' order in every pass, and so which dropout draws each run gets, does not depend on which thread came first)."""
-    _local.group = group
-    if group is not None:
-        group.places[threading.get_ident()] = place
+def join(member: Member | None) -> None:
+    """This thread's run is `member` of its group from now on (None: a run made alone)."""
+    _local.member = member
 
 
 def leave() -> None:
     """This thread's run takes no more steps (fit's end, or a failure): the others go on without it."""
-    group = current()
-    if group is not None:
-        group.leave()
+    member = getattr(_local, "member", None)
+    if member is not None:
+        member.group.leave(member)
+
+
+class Member:
+    """One run of a group: its place in every pass (the job's number: the runs' order, and so which dropout draws
+    each run gets, does not depend on which thread came first) and whether it has left."""
+
+    def __init__(self, group: FusedGroup, place: int):
+        self.group, self.place, self.left = group, place, False
 
 
 class FusedGroup:
     """The meeting point of K runs' training steps: `forward_backward` returns when every run still training has
-    handed in its batch and the fused pass has written their gradients."""
+    handed in its batch and the fused pass has written their gradients. Runs are Member tokens (not thread ids,
+    which a finished thread hands on to the next)."""
 
     def __init__(self, runs: int):
         self.live, self.cond = runs, threading.Condition()
-        self.waiting: dict[int, tuple] = {}  # thread id -> (model, batch, device, precision)
-        self.results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.waiting: dict[Member, tuple] = {}  # member -> (model, batch, precision)
+        self.results: dict[Member, tuple[torch.Tensor, torch.Tensor]] = {}
         self.error: Exception | None = None
         self.varying: list[str] | None = None  # parameter names whose tensors differ between runs
         self.arrivals = 0  # batches handed in so far (the launcher starts the next run once its first arrived)
-        self.left: set[int] = set()  # the threads whose runs take no more steps
-        self.places: dict[int, int] = {}  # thread id -> the run's place in a pass (join)
         self.stop_signum: int | None = None  # a relayed signal, seen by every run after the same fused pass
 
-    def leave(self) -> None:
+    def member(self, place: int) -> Member:
+        return Member(self, place)
+
+    def leave(self, member: Member) -> None:
         with self.cond:
-            if threading.get_ident() in self.left:
+            if member.left:
                 return
-            self.left.add(threading.get_ident())
+            member.left = True
             self.live -= 1
             self._step_if_all_here()
             self.cond.notify_all()
@@ -121,7 +140,7 @@ class FusedGroup:
     def forward_backward(self, model: nn.Module, batch: dict, precision: Precision) -> tuple[float, torch.Tensor]:
         """This run's (loss, logits) of the fused pass (under `precision()`, its autocast); its parameters' .grad hold
         its own gradients."""
-        me = threading.get_ident()
+        me = _local.member
         with self.cond:
             self.waiting[me] = (model, batch, precision)
             self.arrivals += 1
@@ -141,8 +160,8 @@ class FusedGroup:
         entries, self.waiting = self.waiting, {}
         self.stop_signum = SignalRelay.signum
         try:
-            for ids, outputs in fused_pass(entries, self).items():
-                self.results[ids] = outputs
+            for member, outputs in fused_pass(entries, self).items():
+                self.results[member] = outputs
         except Exception as error:  # noqa: BLE001 (every waiting run raises it, not only the one computing)
             self.error = error
         self.cond.notify_all()
@@ -167,22 +186,22 @@ def varying_names(models: list[nn.Module]) -> list[str]:
     ]
 
 
-def fused_pass(entries: dict[int, tuple], group: FusedGroup) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def fused_pass(entries: dict[Member, tuple], group: FusedGroup) -> dict[Member, tuple[torch.Tensor, torch.Tensor]]:
     """Runs with batches of one size go through one vmap; a size of its own (an epoch's last batch after a resume) is
-    a pass of its own. Returns thread id -> (loss, detached logits)."""
-    by_size: dict[int, list[int]] = {}
-    for ident, (_, batch, _) in sorted(entries.items(), key=lambda entry: group.places.get(entry[0], 0)):
-        by_size.setdefault(int(batch["input_ids"].shape[0]), []).append(ident)
+    a pass of its own. Returns member -> (loss, detached logits)."""
+    by_size: dict[int, list[Member]] = {}
+    for member in sorted(entries, key=lambda m: m.place):
+        by_size.setdefault(int(entries[member][1]["input_ids"].shape[0]), []).append(member)
     out = {}
-    for idents in by_size.values():
-        models = [entries[i][0] for i in idents]
+    for members in by_size.values():
+        models = [entries[m][0] for m in members]
         if group.varying is None and len(models) > 1:
             group.varying = varying_names(models)
         losses, logits = stacked_forward(
-            models, [entries[i][1] for i in idents], group.varying, *entries[idents[0]][2:]
+            models, [entries[m][1] for m in members], group.varying, entries[members[0]][2]
         )
         losses.sum().backward()
-        out.update({ident: (losses[k].detach(), logits[k]) for k, ident in enumerate(idents)})
+        out.update({member: (losses[k].detach(), logits[k]) for k, member in enumerate(members)})
     return out
 
 
