@@ -48,4 +48,11 @@ grep -q "name: mytask" mytask.yaml || fail "--config-dir: task=mytask composed w
 [ -f "$work/run/metrics.json" ] || fail "the smoke training wrote no metrics.json"
 "$work/venv/bin/python" -c "import json, sys; m = json.load(open(sys.argv[1])); assert m['steps'] == 2 and m['task'] == 'rte', m" \
     "$work/run/metrics.json" || fail "metrics.json is not of a 2-step rte run"
-echo "check_wheel: ok ($(( $(date +%s) - started )) s): the wheel's propetl-train finds its configs, takes --config-dir, trains"
+# 5. hydra/launcher=fused from the wheel (its hydra_plugins package): two seeds of the default, trained fused
+plugin=$("$work/venv/bin/python" -c "import hydra_plugins.propetl_fused_launcher as m; print(m.__file__)")
+case "$plugin" in "$work/venv/"*) ;; *) fail "the fused launcher imported from $plugin, not from the venv's wheel" ;; esac
+"$train" -m hydra/launcher=fused seed=1,2 trainer.max_steps=2 logger.mode=disabled trainer.progress=false \
+    "data.dir=$glue" hydra.sweep.dir="$work/sweep" > fused.out 2>&1 || { tail -20 fused.out >&2; fail "the fused sweep exited non-zero"; }
+grep -q "2 jobs train fused" fused.out || fail "the sweep's two seeds did not train fused: $(tail -5 fused.out)"
+[ "$(ls "$work"/sweep/*/metrics.json | wc -l)" -eq 2 ] || fail "the fused sweep did not write two metrics.json"
+echo "check_wheel: ok ($(( $(date +%s) - started )) s): the wheel's propetl-train finds its configs, takes --config-dir, trains, fuses a sweep"

@@ -7,6 +7,7 @@
 #   bash scripts/device_reproduce.sh bench a2       # first the fused-runs benchmark (scripts/bench_fused.py), then a2
 #   bash scripts/device_reproduce.sh all --smoke    # every part, one run a sweep, 2 steps, on this CPU (minutes)
 #   bash scripts/device_reproduce.sh --stage        # first call of a loan: keep .device/1 (bundle chunk 1)
+#   bash scripts/device_reproduce.sh bench c1 --fused   # a part through hydra/launcher=fused (README "Fused sweeps")
 #
 # Runs go to $BASE/reproduce/gpu/<experiment>/<run>/ (BASE: outputs, or $OUT with --smoke), tables to
 # $BASE/tables/gpu/. What comes back from $OUT (8 files at most, 2 folders deep): gpu-runs.tar.gz (every finished
@@ -46,6 +47,11 @@
 #    Steps: ceil(train/128) x epochs: RTE 2,490 -> 20 x 20, MRPC 3,668 -> 29 x 20, STS-B 5,749 -> 45 x 20,
 #    CoLA 8,551 -> 67 x 20, SST-2 67,349 - 1,000 held out -> 519 x 10, multi-task 161 x 20.
 #
+# --fused (issue 28): each sweep's runs that differ only in seed, mask sparsity and mask kind train fused in one
+#    process (hydra/launcher=fused), the groups one after another. Not yet timed on a GPU: `bench` now times the
+#    runner's own fused step. By the hand-written fused LoRA's K-rates above (est.), parts whose groups are large
+#    (c1: 15 runs a group, c2 and f: 9) would run ~1.5x the 18-job rate, parts of 3-seed groups (a, b, d) ~0.7x:
+#    until a loan measures it, the plan stays on 18 joblib jobs.
 # Settings: JOBS (18) jobs at a time with THREADS (1) CPU thread each, DEADLINE_S (510; --smoke: none),
 # BASE (outputs; --smoke: $OUT), OUT (a new temporary folder if unset), PYTHON (python3), DEVICE_DIR
 # (/tmp/propetl-device: the installed bundle).
@@ -55,13 +61,14 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO" || exit 2
 PYTHON=${PYTHON:-python3}
 DEVICE_DIR=${DEVICE_DIR:-/tmp/propetl-device}
-PARTS=() SMOKE=0 STAGE=0 BENCH=0
+PARTS=() SMOKE=0 STAGE=0 BENCH=0 FUSED=0
 for arg in "$@"; do
     case $arg in
         --smoke) SMOKE=1 ;;
         --stage) STAGE=1 ;;
+        --fused) FUSED=1 ;;
         -h|--help) sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        -*) echo "device_reproduce: unknown option $arg (--smoke, --stage, --help)" >&2; exit 2 ;;
+        -*) echo "device_reproduce: unknown option $arg (--smoke, --stage, --fused, --help)" >&2; exit 2 ;;
         bench) BENCH=1 ;;
         *) PARTS+=("--part=$arg") ;;
     esac
@@ -171,6 +178,7 @@ if (( SMOKE )); then
 else
     ARGS=(hydra.launcher.n_jobs="${JOBS:-18}" trainer.threads="${THREADS:-1}" logger.mode=disabled)
 fi
+(( FUSED )) && ARGS+=(hydra/launcher=fused)
 DEADLINE_S=${DEADLINE_S-$( (( SMOKE )) || echo 510)}     # none for the smoke, unless set
 "$PYTHON" scripts/reproduce.py --profile gpu "${PARTS[@]}" --root "$BASE/reproduce" --tables "$BASE/tables/gpu" \
     --keep-going ${DEADLINE_S:+--deadline-s "$DEADLINE_S"} "${ARGS[@]}"

@@ -90,7 +90,8 @@ def test_a_user_task_trains_through_config_dir(tmp_path, glue_dir, tiny_text_mod
 def test_the_wheel_holds_every_config_and_the_light_entry(tmp_path):
     """Built from a copy of the sources (no build/ left in the checkout); scripts/check_wheel.sh installs and runs it."""
     source = tmp_path / "src"
-    shutil.copytree(REPO / "propetl", source / "propetl", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("propetl", "hydra_plugins"):  # hydra_plugins: hydra/launcher=fused
+        shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
@@ -99,5 +100,6 @@ def test_the_wheel_holds_every_config_and_the_light_entry(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = {f"propetl/conf/{p.relative_to(CONF_DIR).as_posix()}" for p in CONF_DIR.rglob("*.yaml")}
     assert len(shipped) >= 30 and shipped <= names, sorted(shipped - names)
+    assert "hydra_plugins/propetl_fused_launcher/fused_launcher.py" in names
     entry_points = next(zipfile.Path(wheel, n) for n in names if n.endswith(".dist-info/entry_points.txt")).read_text()
     assert "propetl-train = propetl.cli.train:main" in entry_points

@@ -105,6 +105,7 @@ class LayerMasks(nn.Module):
         self.scores = nn.Parameter(scores, requires_grad=(kind == "learned"))
         self._cached: torch.Tensor | None = None
         self._cache_key: tuple | None = None
+        self.given: torch.Tensor | None = None  # fused runs (run/fused.py): this run's masks, made by its own store
 
     @property
     def entries_per_mask(self) -> int:
@@ -118,6 +119,8 @@ class LayerMasks(nn.Module):
         self._cached, self._cache_key = None, None
 
     def forward(self) -> torch.Tensor:
+        if self.given is not None:
+            return self.given
         key = (self.scores._version, torch.is_grad_enabled(), self.scores.device, self.scores.dtype)
         if self._cached is None or self._cache_key != key:
             if self.kind == "none":

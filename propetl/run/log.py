@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -12,6 +13,8 @@ from omegaconf import OmegaConf
 from propetl.configs import ConfigError
 from propetl.storage import figures
 from propetl.storage.files import atomic_write, atomic_write_text
+
+_runs = threading.local()  # .run: this thread's W&B run (start_wandb), finished by finish_wandb
 
 NAME_PARTS = {"sparsity": "s{}", "seed": "seed{}"}  # how a fact reads in a run's name (else as is)
 
@@ -89,9 +92,12 @@ def start_wandb(cfg, output_dir: Path, run_id: str | None = None, enabled: bool 
     data-parallel run): a disabled run that logs nothing. Settings: wandb_settings."""
     import wandb
 
+    from propetl.run import fused
+
     settings = wandb_settings(cfg)
     mode: Literal["online", "offline", "disabled"] = settings["mode"] if enabled else "disabled"
-    return wandb.init(
+    together = fused.current() is not None  # fused runs: one W&B run each, side by side in this process
+    _runs.run = wandb.init(
         id=run_id,
         resume="allow" if run_id else None,
         mode=mode,
@@ -100,10 +106,11 @@ def start_wandb(cfg, output_dir: Path, run_id: str | None = None, enabled: bool 
         group=settings["group"],
         tags=run_tags(cfg),
         dir=None if mode == "disabled" else str(output_dir),
-        reinit="finish_previous",
+        reinit="create_new" if together else "finish_previous",
         name=run_name(cfg),
         config=cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True)),
     )
+    return _runs.run
 
 
 def best_epoch_summary(result) -> dict:
@@ -112,9 +119,14 @@ def best_epoch_summary(result) -> dict:
 
 
 def finish_wandb() -> None:
+    """Finish this thread's W&B run (a fused run's own; else the process's)."""
     import wandb
 
-    wandb.finish()
+    run, _runs.run = getattr(_runs, "run", None), None
+    if run is not None:
+        run.finish()
+    else:
+        wandb.finish()
 
 
 def write_metrics(path: Path, metrics: dict) -> None:

@@ -7,7 +7,7 @@ import logging
 import math
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -20,7 +20,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from propetl import methods
 from propetl.data import metrics as glue_metrics
-from propetl.run import distributed
+from propetl.run import distributed, fused
 from propetl.run.resume import Interrupted, StopOnSignal
 from propetl.run.step_log import EvalPlan, StepLog, bar_shown
 
@@ -233,6 +233,10 @@ class Optimization(NamedTuple):
     def step(self, loss: torch.Tensor, max_grad_norm: float) -> None:
         """Backward, the gradients clipped to max_grad_norm, one step of the optimizer, scaler and schedule."""
         self.scaler.scale(loss).backward()
+        self.apply(max_grad_norm)
+
+    def apply(self, max_grad_norm: float) -> None:
+        """The step after backward: the gradients clipped to max_grad_norm, optimizer, scaler, schedule."""
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.parameters(), max_grad_norm)
         self.scaler.step(self.optimizer)
@@ -244,12 +248,26 @@ class Optimization(NamedTuple):
 def train_step(
     model, batch: dict, optimization: Optimization, device, precision: str, max_grad_norm: float
 ) -> tuple[float, torch.Tensor]:
-    """One optimizer step on a batch (this process's rows, on the device): (its loss, its logits)."""
+    """One optimizer step on a batch (this process's rows, on the device): (its loss, its logits). A fused run's
+    forward and backward are its group's (run/fused.py); its optimizer step is its own."""
+    if (group := fused.current()) is not None:
+        loss, logits = group.forward_backward(model, batch, lambda: autocast(device, precision))
+        optimization.apply(max_grad_norm)
+        return loss, logits
     with autocast(device, precision):
         output = model(**batch)
     logits = output.logits.detach()
     optimization.step(output.loss, max_grad_norm)
     return output.loss.item(), logits
+
+
+@contextmanager
+def fused_run():
+    """A fused run leaves its group however its loop ends (the others stop waiting for its batches)."""
+    try:
+        yield
+    finally:
+        fused.leave()
 
 
 def start_or_resume(checkpointer, model, optimization: Optimization, data_order) -> tuple[FitResult, torch.Tensor]:
@@ -292,9 +310,12 @@ def stop_if_diverged(loss: float, step: int, ctx, cfg, checkpointer) -> None:
 
 
 def interruption(stop: StopOnSignal, ctx, checkpointer) -> Interrupted | None:
-    """SIGINT/SIGTERM on any process: the Interrupted every process raises at this step, once it has saved."""
-    if distributed.any_process(ctx, stop.signum is not None):
-        return Interrupted(stop.signum or signal.SIGTERM, checkpointer.directory)
+    """SIGINT/SIGTERM on any process: the Interrupted every process raises at this step, once it has saved. Fused
+    runs: the signal their group's last pass saw (all of them stop at the same step)."""
+    group = fused.current()
+    signum = stop.signum if group is None else group.stop_signum
+    if distributed.any_process(ctx, signum is not None):
+        return Interrupted(signum or signal.SIGTERM, checkpointer.directory)
     return None
 
 
@@ -333,7 +354,7 @@ def fit(
     state, epoch_order = start_or_resume(checkpointer, model, optimization, train_loader.generator)
     save_steps = getattr(checkpointer, "save_steps", None)
 
-    with StopOnSignal() as stop:
+    with StopOnSignal() as stop, fused_run():
         while state.epoch < epochs and state.steps < total_steps:
             # train on the epoch's batches, a checkpoint every save_steps steps and when asked to stop
             model.train()
