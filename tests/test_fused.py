@@ -54,19 +54,12 @@ def batches(k: int, seed: int = 0) -> list[dict]:
     return out
 
 
-@pytest.mark.parametrize("overrides", [
-    ["prototype=lora"], ["prototype=adapter"], ["prototype=prefix"], ["prototype=lora", "method=petl"],
-    ["prototype=adapter", "mask.kind=random"], ["prototype=lora", "prototype.freeze=true"],
-], ids=lambda o: ",".join(o))
-def test_a_fused_step_equals_each_run_alone(tiny_cfg, overrides):
-    """Losses, logits and every trainable gradient of 3 fused runs equal each run's own forward and backward."""
-    cfg = tiny_cfg(*overrides)
-    models = runner_models(cfg, [1, 2, 3])
-    data = batches(3)
-    varying = fused.varying_names(models)
-    losses, logits = fused.stacked_forward(models, data, varying)
+def fused_then_alone(models: list[nn.Module], data: list[dict]) -> tuple[torch.Tensor, list[dict]]:
+    """One fused forward and backward of the runs, then each run alone on its batch: the losses, logits and every
+    gradient (the same parameters get one) must agree. Returns the fused losses and each run's fused gradients."""
+    losses, logits = fused.stacked_forward(models, data, fused.varying_names(models))
     losses.sum().backward()
-    together = [{n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad} for m in models]
+    together = [{n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None} for m in models]
     for model in models:
         model.zero_grad(set_to_none=True)
     for k, (model, batch) in enumerate(zip(models, data)):
@@ -74,9 +67,23 @@ def test_a_fused_step_equals_each_run_alone(tiny_cfg, overrides):
         output.loss.backward()
         assert abs(output.loss.item() - losses[k].item()) < 1e-6
         assert torch.allclose(output.logits, logits[k], atol=1e-6)
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                assert torch.allclose(p.grad, together[k][name], atol=1e-6), name
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        assert grads.keys() == together[k].keys()
+        for name, grad in grads.items():
+            assert torch.allclose(grad, together[k][name], atol=1e-6), name
+    return losses, together
+
+
+@pytest.mark.parametrize("overrides", [
+    ["prototype=lora"], ["prototype=adapter"], ["prototype=prefix"], ["prototype=lora", "method=petl"],
+    ["prototype=adapter", "mask.kind=random"], ["prototype=lora", "prototype.freeze=true"],
+], ids=lambda o: ",".join(o))
+def test_a_fused_step_equals_each_run_alone(tiny_cfg, overrides):
+    """Losses, logits and every trainable gradient of 3 fused runs equal each run's own forward and backward."""
+    models = runner_models(tiny_cfg(*overrides), [1, 2, 3])
+    losses, together = fused_then_alone(models, batches(3))
+    for model, grads in zip(models, together):               # every trainable tensor got its gradient
+        assert grads.keys() == {n for n, p in model.named_parameters() if p.requires_grad}
     assert len({round(loss.item(), 6) for loss in losses}) == 3      # three runs, not one computed thrice
 
 
@@ -86,24 +93,12 @@ def test_runs_of_different_sparsities_and_mask_kinds_fuse_exactly(tiny_cfg):
     settings = [("0.5", "learned"), ("0.9", "learned"), ("0.5", "random"), ("0.9", "none")]
     models = [runner_models(tiny_cfg("prototype=lora", f"mask.sparsity={s}", f"mask.kind={k}"), [seed])[0]
               for seed, (s, k) in enumerate(settings, start=1)]
-    data = batches(len(models))
-    losses, _ = fused.stacked_forward(models, data, fused.varying_names(models))
-    losses.sum().backward()
-    together = [{n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None} for m in models]
+    _, together = fused_then_alone(models, batches(len(models)))
     assert all(any("scores" in n for n in grads) for grads in together[:2])      # learned masks get their gradient
-    for model in models:
-        model.zero_grad(set_to_none=True)
-    for k, (model, batch) in enumerate(zip(models, data)):
-        output = model(**batch)
-        output.loss.backward()
-        assert abs(output.loss.item() - losses[k].item()) < 1e-6
-        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-        assert grads.keys() == together[k].keys()
-        assert all(torch.allclose(grads[n], together[k][n], atol=1e-6) for n in grads)
 
 
 def test_what_the_runs_do_not_share():
-    """Trainable tensors and frozen ones that differ (random masks' scores) are stacked; the backbone is shared."""
+    """Trainable tensors and frozen ones that differ are stacked; the rest (the backbone) is shared."""
     a, b = nn.Linear(2, 2), nn.Linear(2, 2)
     b.weight.data.copy_(a.weight.data)
     a.bias.requires_grad_(False), b.bias.requires_grad_(False)

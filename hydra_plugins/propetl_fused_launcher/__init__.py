@@ -1,1 +1,1 @@
-"""Hydra launcher plugin `hydra/launcher=fused` (fused_launcher.py): a sweep's seeds trained side by side."""
+"""Hydra launcher plugin `hydra/launcher=fused` (fused_launcher.py): a sweep's runs trained side by side."""

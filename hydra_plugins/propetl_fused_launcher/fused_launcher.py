@@ -1,6 +1,6 @@
-"""`hydra/launcher=fused`: a -m sweep's runs that differ only in their seeds train side by side in this process,
-their steps fused over the shared frozen backbone (propetl/run/fused.py); every run writes what it writes alone, in
-the folder it has alone. Jobs that cannot fuse (run/fused.py `refusal`: fine-tuning, several tasks, T5, ...) or stand
+"""`hydra/launcher=fused`: a -m sweep's runs that differ only in seed, mask seed, mask sparsity or mask kind
+(propetl/run/fused.py FUSED_KEYS) train side by side in this process, their steps fused over the shared frozen
+backbone; every run writes what it writes alone, in the folder it has alone. Jobs that cannot fuse (run/fused.py `refusal`: fine-tuning, several tasks, T5, ...) or stand
 alone run one after another, as Hydra's basic launcher runs them, said in one line.
 
     propetl-train -m hydra/launcher=fused task=mrpc prototype=lora seed=42,43,44
@@ -83,10 +83,11 @@ class FusedLauncher(Launcher):
                 returns.update(self._run_fused(group))
         return [returns[index] for index, _, _ in jobs]
 
-    def _run(self, config: DictConfig, configure_logging: bool = True) -> JobReturn:
+    def _run(self, config: DictConfig, task_function=None, configure_logging: bool = True) -> JobReturn:
+        """Hydra's run_job of one sweep job in its folder (task_function: the launcher's own unless given)."""
         return run_job(
             hydra_context=self.hydra_context,
-            task_function=self.task_function,
+            task_function=task_function or self.task_function,
             config=config,
             job_dir_key="hydra.sweep.dir",
             job_subdir_key="hydra.sweep.subdir",
@@ -122,14 +123,7 @@ class FusedLauncher(Launcher):
 
         def thread_main(index: int, config: DictConfig, member) -> None:
             try:
-                returns[index] = run_job(
-                    hydra_context=self.hydra_context,
-                    task_function=lambda task_cfg: job_function(task_cfg, member),
-                    config=config,
-                    job_dir_key="hydra.sweep.dir",
-                    job_subdir_key="hydra.sweep.subdir",
-                    configure_logging=False,
-                )
+                returns[index] = self._run(config, lambda task_cfg: job_function(task_cfg, member), False)
             except (Exception, SystemExit) as error:  # noqa: BLE001 (re-raised in the launcher once every run stops)
                 exits.append(error)
             finally:  # however the job ended (or never began), the others stop waiting for its batches

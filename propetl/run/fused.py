@@ -1,5 +1,5 @@
-"""Fused runs (issue 28): the runs of a sweep that differ only in their seeds train side by side in one process, their
-forward and backward passes fused into one over the shared frozen backbone.
+"""Fused runs (issue 28): the runs of a sweep that differ only in their seeds, mask sparsity or mask kind train side by
+side in one process, their forward and backward passes fused into one over the shared frozen backbone.
 
 Each run stays a run: its own thread goes through the ordinary recipe (run/train.py: its folder, data order from its
 own seed, model built from its own seed, optimizer, schedule, clipping, selection, checkpoint, resume state,
@@ -13,8 +13,8 @@ runs' losses backpropagates into each run's own parameters. Each run then clips 
 update is exactly its own.
 
 Which runs fuse: hydra_plugins/propetl_fused_launcher groups a sweep's jobs by their overrides without FUSED_KEYS
-(seeds, mask sparsity and kind); `refusal(cfg)` names what cannot fuse (fine-tuning, several tasks, T5, PEFT tuners, fp16, data-parallel),
-and such runs train one after another as without fusing.
+(seeds, mask sparsity and kind); `refusal(cfg)` names what cannot fuse (fine-tuning, several tasks, T5, PEFT tuners,
+fp16, data-parallel), and such runs train one after another as without fusing.
 Dropout: one vmap with randomness="different", every run its own rows' draws from the process's torch generator (a
 fused run's dropout is not bit for bit that of the run made alone; with dropout off it is, within float rounding).
 """
