@@ -1,6 +1,6 @@
 """Fused-runs benchmark (issue 28): K runs of one prototype trained as the runner fuses them (hydra/launcher=fused:
-propetl/run/fused.py's stacked_forward, one vmap over the shared frozen backbone, then each run's own clipping and AdamW
-step), against the same K runs made one after another, on one device.
+propetl/run/fused.py's stacked_forward, one vmap over the shared frozen backbone, each run's keyed dropout, then each
+run's own clipping and AdamW step), against the same K runs made one after another, on one device.
 
     python scripts/bench_fused.py                                   # CPU: K = 1, 3, 9, 18 at batch 32, ProPETL-LoRA
     python scripts/bench_fused.py --prototype adapter --json results/bench_fused_cpu_adapter.json
@@ -30,7 +30,7 @@ from torch import nn
 import propetl  # noqa: F401
 from propetl.configs import ModelSetup, compose
 from propetl.models import backbone
-from propetl.run import fused, loop
+from propetl.run import fused, keyed_dropout, loop
 
 
 def run_models(k: int, args, device, dropout: bool = True, seeds: list[int] | None = None) -> list:
@@ -64,8 +64,14 @@ def fused_step_fn(k: int, args, device, batches: list[dict] | None = None, seeds
     varying = fused.varying_names(models) if k > 1 else None
     batches = batches or [batch_for(args.batch, args.length, device, seed=i) for i in range(k)]
 
+    steps = [0]
+
     def step() -> torch.Tensor:
-        losses, _ = fused.stacked_forward(models, batches, varying, lambda: loop.autocast(device, precision or args.precision))
+        keys = [keyed_dropout.run_key(seed, steps[0]) for seed in (seeds if seeds is not None else range(k))]
+        steps[0] += 1
+        losses, _ = fused.stacked_forward(
+            models, batches, varying, lambda: loop.autocast(device, precision or args.precision), keys
+        )
         losses.sum().backward()
         for _, optimization in runs:
             optimization.apply(1.0)

@@ -15,8 +15,10 @@ update is exactly its own.
 Which runs fuse: hydra_plugins/propetl_fused_launcher groups a sweep's jobs by their overrides without FUSED_KEYS
 (seeds, mask sparsity and kind); `refusal(cfg)` names what cannot fuse (fine-tuning, several tasks, T5, PEFT tuners,
 fp16, data-parallel), and such runs train one after another as without fusing.
-Dropout: one vmap with randomness="different", every run its own rows' draws from the process's torch generator (a
-fused run's dropout is not bit for bit that of the run made alone; with dropout off it is, within float rounding).
+Dropout: every run its own keyed stream (run/keyed_dropout.py: a hash of its seed, its step, the dropout site and each
+entry's position; no generator state), so a run's draws do not depend on which runs share the pass or how far they have
+got, and a run resumed after any kill repeats them. A fused run's dropout is not bit for bit that of the run made alone
+(torch's generator); with dropout off the two are the same computation, within float rounding.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from propetl import methods
-from propetl.run import distributed
+from propetl.run import distributed, keyed_dropout
 
 Precision = Callable[[], AbstractContextManager]  # a run's autocast (loop.autocast), entered around the fused pass
 
@@ -96,6 +98,13 @@ def join(member: Member | None) -> None:
     _local.member = member
 
 
+def seed_dropout(seed: int) -> None:
+    """This thread's fused run draws its dropout from `seed` (its run's seed; run/keyed_dropout.py)."""
+    member = getattr(_local, "member", None)
+    if member is not None:
+        member.seed = seed
+
+
 def leave() -> None:
     """This thread's run takes no more steps (fit's end, or a failure): the others go on without it."""
     member = getattr(_local, "member", None)
@@ -104,11 +113,12 @@ def leave() -> None:
 
 
 class Member:
-    """One run of a group: its place in every pass (the job's number: the runs' order, and so which dropout draws
-    each run gets, does not depend on which thread came first) and whether it has left."""
+    """One run of a group: its place in every pass (the job's number: the runs' order in the stacked tensors does not
+    depend on which thread came first), its dropout's seed, and whether it has left."""
 
     def __init__(self, group: FusedGroup, place: int):
         self.group, self.place, self.left = group, place, False
+        self.seed = 0  # its dropout's seed (seed_dropout: the run's seed)
 
 
 class FusedGroup:
@@ -118,7 +128,7 @@ class FusedGroup:
 
     def __init__(self, runs: int):
         self.live, self.cond = runs, threading.Condition()
-        self.waiting: dict[Member, tuple] = {}  # member -> (model, batch, precision)
+        self.waiting: dict[Member, tuple] = {}  # member -> (model, batch, precision, dropout key)
         self.results: dict[Member, tuple[torch.Tensor, torch.Tensor]] = {}
         self.error: Exception | None = None
         self.varying: list[str] | None = None  # parameter names whose tensors differ between runs
@@ -137,12 +147,14 @@ class FusedGroup:
             self._step_if_all_here()
             self.cond.notify_all()
 
-    def forward_backward(self, model: nn.Module, batch: dict, precision: Precision) -> tuple[float, torch.Tensor]:
-        """This run's (loss, logits) of the fused pass (under `precision()`, its autocast); its parameters' .grad hold
-        its own gradients."""
+    def forward_backward(
+        self, model: nn.Module, batch: dict, precision: Precision, step: int
+    ) -> tuple[float, torch.Tensor]:
+        """This run's (loss, logits) of the fused pass (under `precision()`, its autocast) at its optimizer step `step`
+        (the steps taken before: its dropout's key); its parameters' .grad hold its own gradients."""
         me = _local.member
         with self.cond:
-            self.waiting[me] = (model, batch, precision)
+            self.waiting[me] = (model, batch, precision, keyed_dropout.run_key(me.seed, step))
             self.arrivals += 1
             self.cond.notify_all()
             self._step_if_all_here()
@@ -198,7 +210,11 @@ def fused_pass(entries: dict[Member, tuple], group: FusedGroup) -> dict[Member, 
         if group.varying is None and len(models) > 1:
             group.varying = varying_names(models)
         losses, logits = stacked_forward(
-            models, [entries[m][1] for m in members], group.varying, entries[members[0]][2]
+            models,
+            [entries[m][1] for m in members],
+            group.varying,
+            entries[members[0]][2],
+            [entries[m][3] for m in members],
         )
         losses.sum().backward()
         out.update({member: (losses[k].detach(), logits[k]) for k, member in enumerate(members)})
@@ -211,13 +227,19 @@ def pad_to(tensor: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def stacked_forward(
-    models: list[nn.Module], batches: list[dict], varying: list[str] | None, precision: Precision = nullcontext
+    models: list[nn.Module],
+    batches: list[dict],
+    varying: list[str] | None,
+    precision: Precision = nullcontext,
+    dropout_keys: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """K runs' losses [K] and logits [K, B, C]: one vmap over model 0 with the varying tensors and each run's masks
-    stacked (model 0's mask stores hand out the run's masks inside the pass: LayerMasks.given)."""
+    stacked (model 0's mask stores hand out the run's masks inside the pass: LayerMasks.given). `dropout_keys`: each run's
+    dropout key (keyed_dropout.run_key); None: dropout from torch's generator, every run its own rows' draws."""
     base = models[0]
+    device = batches[0]["input_ids"].device
     if len(models) == 1:
-        with precision():
+        with precision(), keyed_dropout.keyed(dropout_keys[0].to(device)) if dropout_keys else nullcontext():
             output = base(**{k: v for k, v in batches[0].items() if k != "task"})
         return output.loss.unsqueeze(0), output.logits.detach().unsqueeze(0)
     named = [dict(m.named_parameters()) for m in models]
@@ -234,13 +256,16 @@ def stacked_forward(
     masks = {name: torch.stack([store[name]() for store in stores]) for name in stores[0]}
     slots = stores[0]
 
-    def one_run(parameters: dict, run_masks: dict, run_inputs: dict, run_labels: torch.Tensor):
+    run_keys = torch.stack(dropout_keys).to(device) if dropout_keys else torch.zeros(len(models), 0, dtype=torch.int64)
+
+    def one_run(parameters: dict, run_masks: dict, run_inputs: dict, run_labels: torch.Tensor, key: torch.Tensor):
         attend = run_inputs["attention_mask"].bool()  # a prepared 4D mask: transformers' own checks it under vmap
         kwargs = {**run_inputs, "attention_mask": attend[:, None, None, :].expand(-1, 1, length, length)}
         for name, mask in slots.items():
             mask.given = run_masks[name]
         try:
-            output = functional_call(base, parameters, (), {**kwargs, "labels": run_labels})
+            with keyed_dropout.keyed(key) if dropout_keys else nullcontext():
+                output = functional_call(base, parameters, (), {**kwargs, "labels": run_labels})
         finally:
             for mask in slots.values():
                 mask.given = None
@@ -248,7 +273,8 @@ def stacked_forward(
 
     try:
         with precision():
-            losses, logits = vmap(one_run, randomness="different")(stacked, masks, inputs, labels)
+            randomness = "error" if dropout_keys else "different"  # keyed: no draw from torch's generator is left
+            losses, logits = vmap(one_run, randomness=randomness)(stacked, masks, inputs, labels, run_keys)
     finally:
         weights = methods.petl_weights(base)
         if weights is not None:  # its caches hold the stacked tensors of this pass

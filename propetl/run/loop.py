@@ -251,7 +251,8 @@ def train_step(
     """One optimizer step on a batch (this process's rows, on the device): (its loss, its logits). A fused run's
     forward and backward are its group's (run/fused.py); its optimizer step is its own."""
     if (group := fused.current()) is not None:
-        loss, logits = group.forward_backward(model, batch, lambda: autocast(device, precision))
+        step = optimization.scheduler.last_epoch  # steps taken before this one: its dropout's key
+        loss, logits = group.forward_backward(model, batch, lambda: autocast(device, precision), step)
         optimization.apply(max_grad_norm)
         return loss, logits
     with autocast(device, precision):
@@ -262,8 +263,10 @@ def train_step(
 
 
 @contextmanager
-def fused_run():
-    """A fused run leaves its group however its loop ends (the others stop waiting for its batches)."""
+def fused_run(seed: int):
+    """A fused run draws its dropout from its seed, and leaves its group however its loop ends (the others stop
+    waiting for its batches)."""
+    fused.seed_dropout(seed)
     try:
         yield
     finally:
@@ -354,7 +357,7 @@ def fit(
     state, epoch_order = start_or_resume(checkpointer, model, optimization, train_loader.generator)
     save_steps = getattr(checkpointer, "save_steps", None)
 
-    with StopOnSignal() as stop, fused_run():
+    with StopOnSignal() as stop, fused_run(int(cfg.seed)):
         while state.epoch < epochs and state.steps < total_steps:
             # train on the epoch's batches, a checkpoint every save_steps steps and when asked to stop
             model.train()
