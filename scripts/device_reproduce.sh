@@ -8,6 +8,7 @@
 #   bash scripts/device_reproduce.sh all --smoke    # every part, one run a sweep, 2 steps, on this CPU (minutes)
 #   bash scripts/device_reproduce.sh --stage        # first call of a loan: keep .device/1 (bundle chunk 1)
 #   bash scripts/device_reproduce.sh bench c1 --fused   # a part through hydra/launcher=fused (README "Fused sweeps")
+#   bash scripts/device_reproduce.sh compare c2         # a part twice in fresh folders, JOBS jobs then fused: both times
 #
 # Runs go to $BASE/reproduce/gpu/<experiment>/<run>/ (BASE: outputs, or $OUT with --smoke), tables to
 # $BASE/tables/gpu/. What comes back from $OUT (8 files at most, 2 folders deep): gpu-runs.tar.gz (every finished
@@ -51,7 +52,7 @@
 #    process (hydra/launcher=fused), the groups one after another. Not yet timed on a GPU: `bench` now times the
 #    runner's own fused step. By the hand-written fused LoRA's K-rates above (est.), parts whose groups are large
 #    (c1: 15 runs a group, c2 and f: 9) would run ~1.5x the 18-job rate, parts of 3-seed groups (a, b, d) ~0.7x:
-#    until a loan measures it, the plan stays on 18 joblib jobs.
+#    until a loan measures it (`compare c2`: the part by 18 jobs, then fused), the plan stays on 18 joblib jobs.
 # Settings: JOBS (18) jobs at a time with THREADS (1) CPU thread each, DEADLINE_S (510; --smoke: none),
 # BASE (outputs; --smoke: $OUT), OUT (a new temporary folder if unset), PYTHON (python3), DEVICE_DIR
 # (/tmp/propetl-device: the installed bundle).
@@ -61,7 +62,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO" || exit 2
 PYTHON=${PYTHON:-python3}
 DEVICE_DIR=${DEVICE_DIR:-/tmp/propetl-device}
-PARTS=() SMOKE=0 STAGE=0 BENCH=0 FUSED=0
+PARTS=() SMOKE=0 STAGE=0 BENCH=0 FUSED=0 COMPARE=0
 for arg in "$@"; do
     case $arg in
         --smoke) SMOKE=1 ;;
@@ -70,6 +71,7 @@ for arg in "$@"; do
         -h|--help) sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "device_reproduce: unknown option $arg (--smoke, --stage, --fused, --help)" >&2; exit 2 ;;
         bench) BENCH=1 ;;
+        compare) COMPARE=1 ;;
         *) PARTS+=("--part=$arg") ;;
     esac
 done
@@ -80,6 +82,7 @@ if (( STAGE )); then    # a loan's first call carries .device/1; keep it where t
     exit 0
 fi
 (( ${#PARTS[@]} || BENCH )) || { echo "device_reproduce: name the parts (bench, a1 a2 ... e2, a letter, or all); --help" >&2; exit 2; }
+(( COMPARE && ! ${#PARTS[@]} )) && { echo "device_reproduce: compare needs parts (e.g. compare c2)" >&2; exit 2; }
 
 OUT=${OUT:-$(mktemp -d -t propetl-device.XXXXXX)}
 mkdir -p "$OUT" || exit 2
@@ -180,6 +183,25 @@ else
 fi
 (( FUSED )) && ARGS+=(hydra/launcher=fused)
 DEADLINE_S=${DEADLINE_S-$( (( SMOKE )) || echo 510)}     # none for the smoke, unless set
+if (( COMPARE )); then      # the same parts twice on this machine, in fresh folders (nothing skipped): jobs, then fused
+    declare -A seconds=() finished=()
+    for how in jobs fused; do
+        root=$OUT/compare/$how
+        extra=()
+        [[ $how == fused ]] && extra=(hydra/launcher=fused)
+        start=$SECONDS
+        "$PYTHON" scripts/reproduce.py --profile gpu "${PARTS[@]}" --root "$root/reproduce" --tables "$root/tables" \
+            --keep-going ${DEADLINE_S:+--deadline-s "$DEADLINE_S"} "${ARGS[@]}" "${extra[@]}"
+        echo "device_reproduce: compare $how exit $?"
+        seconds[$how]=$(( SECONDS - start ))
+        finished[$how]=$(find "$root/reproduce" -name metrics.json 2>/dev/null | wc -l)
+    done
+    summary="parts ${PARTS[*]#--part=}: ${seconds[jobs]} s by the joblib launcher (${finished[jobs]} runs finished),"
+    summary+=" ${seconds[fused]} s fused (${finished[fused]} runs finished)"
+    echo "$summary" > "$OUT/compare.txt"
+    echo "device_reproduce: compare: $summary"
+    exit 0
+fi
 "$PYTHON" scripts/reproduce.py --profile gpu "${PARTS[@]}" --root "$BASE/reproduce" --tables "$BASE/tables/gpu" \
     --keep-going ${DEADLINE_S:+--deadline-s "$DEADLINE_S"} "${ARGS[@]}"
 code=$?

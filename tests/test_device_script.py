@@ -212,6 +212,24 @@ def test_bench_alone_runs_the_fused_benchmark_and_no_part(tmp_path):
 
 
 @pytest.mark.slow
+def test_compare_runs_a_part_by_jobs_then_fused_in_fresh_folders(tmp_path):
+    """`device_reproduce.sh compare c2` (here with --smoke): the part twice, the joblib launcher then the fused one, each
+    in its own fresh folder (nothing skipped), and one line with both times in $OUT/compare.txt."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+    env.pop("DEADLINE_S", None)
+    done = subprocess.run(["bash", "scripts/device_reproduce.sh", "compare", "c2", "--smoke"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    runs = {how: sorted(p.parent.name for p in (out / "compare" / how).rglob("metrics.json")) for how in ("jobs", "fused")}
+    assert runs["jobs"] and runs["jobs"] == runs["fused"]
+    assert "hydra/launcher=fused" in (out / "device.log").read_text()
+    line = (out / "compare.txt").read_text()
+    assert re.fullmatch(r"parts c2: \d+ s by the joblib launcher \(\d+ runs finished\), \d+ s fused \(\d+ runs finished\)\n",
+                        line), line
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("PROPETL_DEVICE_SMOKE") != "1",
                     reason="the whole device smoke (every part, 30 runs) is beyond make test's 10-minute budget: "
                            "`make test-device-smoke` (PROPETL_DEVICE_SMOKE=1) runs it, and .ci/run does")
