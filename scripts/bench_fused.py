@@ -33,9 +33,20 @@ from propetl.models import backbone
 from propetl.run import fused, keyed_dropout, loop
 
 
+def overhead_model(folder: str) -> list[str]:
+    """A random BERT shaped as MiniLM (6 layers, 12 heads, its vocabulary) but 24 wide, saved in `folder`: a step of
+    it does MiniLM's every operation with next to no arithmetic. Returns the overrides that load it."""
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(hidden_size=24, num_hidden_layers=6, num_attention_heads=12, intermediate_size=48)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    return [f"model.name_or_path={folder}", "model.name=overhead", "model.hidden_size=24", "model.num_layers=6"]
+
+
 def run_models(k: int, args, device, dropout: bool = True, seeds: list[int] | None = None) -> list:
     """K one-task runner models (seeds 0..K-1 unless given) with their optimizers: [(model, Optimization)]."""
-    cfg = compose([f"prototype={args.prototype}", "method=propetl", "model=minilm"])
+    cfg = compose([f"prototype={args.prototype}", "method=propetl", "model=minilm", *getattr(args, "model_overrides", [])])
     out = []
     for seed in seeds if seeds is not None else range(k):
         torch.manual_seed(seed)
@@ -129,7 +140,15 @@ def main():
     parser.add_argument("--precision", default=None, help="fp32 | bf16 (default: bf16 on cuda, fp32 on cpu)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--overhead", action="store_true",
+                        help="MiniLM's structure 24 wide (overhead_model): what a step costs besides its arithmetic, "
+                             "Python, dispatch and vmap (use a small --batch and --length)")
     args = parser.parse_args()
+    args.model_overrides = []
+    if args.overhead:
+        import tempfile
+
+        args.model_overrides = overhead_model(tempfile.mkdtemp(prefix="bench-overhead-"))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -153,7 +172,8 @@ def main():
         if device.type == "cuda":
             torch.cuda.empty_cache()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"\nprototype {args.prototype}, device {name}, batch {args.batch} x {args.length} tokens a run, {args.precision}, "
+    model = "MiniLM's structure, 24 wide (--overhead)" if args.overhead else "MiniLM"
+    print(f"\n{model}, prototype {args.prototype}, device {name}, batch {args.batch} x {args.length} tokens a run, {args.precision}, "
           f"median of {args.repeats} steps after {args.warmup}")
     print(f"{'K':>4}{'fused step s':>14}{'steps/s a run':>15}{'tokens/s':>12}{'K separate s':>14}{'speed-up':>10}")
     for r in rows:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 
@@ -33,6 +34,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from propetl import methods
+from propetl.methods import masks as masks_module
 from propetl.run import distributed, keyed_dropout
 
 Precision = Callable[[], AbstractContextManager]  # a run's autocast (loop.autocast), entered around the fused pass
@@ -221,6 +223,41 @@ def fused_pass(entries: dict[Member, tuple], group: FusedGroup) -> dict[Member, 
     return out
 
 
+_parameters: weakref.WeakKeyDictionary[nn.Module, dict[str, nn.Parameter]] = weakref.WeakKeyDictionary()
+
+
+def parameters_by_name(model: nn.Module) -> dict[str, nn.Parameter]:
+    """model.named_parameters() as a dict, made once a model (a walk over every module: ~1 ms a run and pass for
+    MiniLM, the largest per-run cost of a pass before this cache). Training changes values, never which tensors."""
+    if model not in _parameters:
+        _parameters[model] = dict(model.named_parameters())
+    return _parameters[model]
+
+
+def stacked_masks(stores: list) -> torch.Tensor:
+    """The runs' binary masks of one weight, [K, count, *shape], each run's as its own store makes it: runs of one
+    sparsity and mask kind in one top-k over their stacked scores (row by row, as each alone; straight-through to each
+    run's scores), not one top-k a run. Stores other than LayerMasks make their own."""
+    layer_masks = [store for store in stores if isinstance(store, masks_module.LayerMasks)]
+    if len(layer_masks) < len(stores):
+        for store in stores:
+            store.invalidate()
+        return torch.stack([store() for store in stores])
+    kinds: dict[tuple[str, float], list[int]] = {}
+    for run, store in enumerate(layer_masks):
+        kinds.setdefault((store.kind, store.sparsity), []).append(run)
+    places: dict[int, torch.Tensor] = {}
+    for (kind, sparsity), runs in kinds.items():
+        scores: list[torch.Tensor] = [layer_masks[run].scores for run in runs]
+        if kind == "none":
+            together = torch.ones(len(runs), *scores[0].shape, dtype=scores[0].dtype, device=scores[0].device)
+        else:
+            together = masks_module.binarize(torch.cat(scores), sparsity).view(len(runs), *scores[0].shape)
+        places.update({run: together[place] for place, run in enumerate(runs)})
+    made = [places[run] for run in range(len(layer_masks))]
+    return torch.stack(made)
+
+
 def pad_to(tensor: torch.Tensor, length: int) -> torch.Tensor:
     """[B, T] right-padded with zeros to [B, length] (attention 0 there: the values do not matter)."""
     return nn.functional.pad(tensor, (0, length - tensor.shape[1]))
@@ -242,7 +279,7 @@ def stacked_forward(
         with precision(), keyed_dropout.keyed(dropout_keys[0].to(device)) if dropout_keys else nullcontext():
             output = base(**{k: v for k, v in batches[0].items() if k != "task"})
         return output.loss.unsqueeze(0), output.logits.detach().unsqueeze(0)
-    named = [dict(m.named_parameters()) for m in models]
+    named = [parameters_by_name(m) for m in models]
     stacked = {name: torch.stack([n[name] for n in named]) for name in varying or []}
     length = max(b["input_ids"].shape[1] for b in batches)
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in batches[0]]
@@ -250,10 +287,7 @@ def stacked_forward(
     labels = torch.stack([b["labels"] for b in batches])
     # each run's binary masks by its own store (its sparsity, mask kind and scores; straight-through to its scores)
     stores = [mask_stores(m) for m in models]
-    for store in stores:
-        for mask in store.values():
-            mask.invalidate()
-    masks = {name: torch.stack([store[name]() for store in stores]) for name in stores[0]}
+    masks = {name: stacked_masks([store[name] for store in stores]) for name in stores[0]}
     slots = stores[0]
 
     run_keys = torch.stack(dropout_keys).to(device) if dropout_keys else torch.zeros(len(models), 0, dtype=torch.int64)
