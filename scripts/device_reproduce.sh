@@ -8,7 +8,7 @@
 #   bash scripts/device_reproduce.sh all --smoke    # every part, one run a sweep, 2 steps, on this CPU (minutes)
 #   bash scripts/device_reproduce.sh --stage        # first call of a loan: keep .device/1 (bundle chunk 1)
 #   bash scripts/device_reproduce.sh bench c1 --fused   # a part through hydra/launcher=fused (README "Fused sweeps")
-#   bash scripts/device_reproduce.sh compare c2         # a part twice in fresh folders, JOBS jobs then fused: both times
+#   bash scripts/device_reproduce.sh compare c2         # a part twice in fresh folders, fused then JOBS jobs: both times
 #
 # Runs go to $BASE/reproduce/gpu/<experiment>/<run>/ (BASE: outputs, or $OUT with --smoke), tables to
 # $BASE/tables/gpu/. What comes back from $OUT (8 files at most, 2 folders deep): gpu-runs.tar.gz (every finished
@@ -52,7 +52,7 @@
 #    process (hydra/launcher=fused), the groups one after another. Not yet timed on a GPU: `bench` now times the
 #    runner's own fused step. By the hand-written fused LoRA's K-rates above (est.), parts whose groups are large
 #    (c1: 15 runs a group, c2 and f: 9) would run ~1.5x the 18-job rate, parts of 3-seed groups (a, b, d) ~0.7x:
-#    until a loan measures it (`compare c2`: the part by 18 jobs, then fused), the plan stays on 18 joblib jobs.
+#    until a loan measures it (`compare c2`: the part fused, then by 18 jobs), the plan stays on 18 joblib jobs.
 # Settings: JOBS (18) jobs at a time with THREADS (1) CPU thread each, DEADLINE_S (510; --smoke: none),
 # BASE (outputs; --smoke: $OUT), OUT (a new temporary folder if unset), PYTHON (python3), DEVICE_DIR
 # (/tmp/propetl-device: the installed bundle).
@@ -83,6 +83,7 @@ if (( STAGE )); then    # a loan's first call carries .device/1; keep it where t
 fi
 (( ${#PARTS[@]} || BENCH )) || { echo "device_reproduce: name the parts (bench, a1 a2 ... e2, a letter, or all); --help" >&2; exit 2; }
 (( COMPARE && ! ${#PARTS[@]} )) && { echo "device_reproduce: compare needs parts (e.g. compare c2)" >&2; exit 2; }
+(( COMPARE && FUSED )) && { echo "device_reproduce: compare runs the parts both ways; leave out --fused" >&2; exit 2; }
 
 OUT=${OUT:-$(mktemp -d -t propetl-device.XXXXXX)}
 mkdir -p "$OUT" || exit 2
@@ -162,7 +163,7 @@ export TOKENIZERS_PARALLELISM=false
 # travels with the tree; or carried as .device/runs/gpu-runs.tar.gz): finished runs and parts are skipped.
 previous=.device/runs/gpu-runs.tar.gz
 [[ -f $previous ]] || previous=results/gpu/gpu-runs.tar.gz
-if (( ! SMOKE )) && [[ -f $previous && ! -d $BASE/reproduce/gpu ]]; then
+if (( ! SMOKE && ! COMPARE )) && [[ -f $previous && ! -d $BASE/reproduce/gpu ]]; then
     "$PYTHON" scripts/pack_runs.py unpack "$previous" "$BASE" || exit 2
 fi
 
@@ -183,24 +184,34 @@ else
 fi
 (( FUSED )) && ARGS+=(hydra/launcher=fused)
 DEADLINE_S=${DEADLINE_S-$( (( SMOKE )) || echo 510)}     # none for the smoke, unless set
-if (( COMPARE )); then      # the same parts twice on this machine, in fresh folders (nothing skipped): jobs, then fused
-    declare -A seconds=() finished=()
-    for how in jobs fused; do
-        root=$OUT/compare/$how
+if (( COMPARE )); then  # the parts twice on this machine, fused first (a cold start then counts against it), then
+    # by jobs, each in a fresh folder under $BASE/compare (nothing skipped; not under $OUT: only compare.txt returns);
+    # DEADLINE_S bounds the two together, half each; each half's line is written as it ends
+    start_all=$SECONDS code=0
+    : > "$OUT/compare.txt"
+    for how in fused jobs; do
+        root=$BASE/compare/$how
+        rm -rf "$root"
         extra=()
         [[ $how == fused ]] && extra=(hydra/launcher=fused)
+        limit=()
+        if [[ -n ${DEADLINE_S:-} && $how == fused ]]; then
+            limit=(--deadline-s "$(( DEADLINE_S / 2 ))")
+        elif [[ -n ${DEADLINE_S:-} ]]; then
+            limit=(--deadline-s "$(( DEADLINE_S - (SECONDS - start_all) ))")
+        fi
         start=$SECONDS
         "$PYTHON" scripts/reproduce.py --profile gpu "${PARTS[@]}" --root "$root/reproduce" --tables "$root/tables" \
-            --keep-going ${DEADLINE_S:+--deadline-s "$DEADLINE_S"} "${ARGS[@]}" "${extra[@]}"
-        echo "device_reproduce: compare $how exit $?"
-        seconds[$how]=$(( SECONDS - start ))
-        finished[$how]=$(find "$root/reproduce" -name metrics.json 2>/dev/null | wc -l)
+            --keep-going "${limit[@]}" "${ARGS[@]}" "${extra[@]}"
+        half=$?
+        (( half )) && code=$half
+        runs=$(find "$root/reproduce" -name metrics.json 2>/dev/null | wc -l)
+        line="parts ${PARTS[*]#--part=}, $how: $(( SECONDS - start )) s, $runs runs finished, exit $half"
+        (( half == 75 )) && line+=" (stopped at the deadline: not a part's full time)"
+        echo "$line" >> "$OUT/compare.txt"
+        echo "device_reproduce: compare: $line"
     done
-    summary="parts ${PARTS[*]#--part=}: ${seconds[jobs]} s by the joblib launcher (${finished[jobs]} runs finished),"
-    summary+=" ${seconds[fused]} s fused (${finished[fused]} runs finished)"
-    echo "$summary" > "$OUT/compare.txt"
-    echo "device_reproduce: compare: $summary"
-    exit 0
+    exit "$code"
 fi
 "$PYTHON" scripts/reproduce.py --profile gpu "${PARTS[@]}" --root "$BASE/reproduce" --tables "$BASE/tables/gpu" \
     --keep-going ${DEADLINE_S:+--deadline-s "$DEADLINE_S"} "${ARGS[@]}"

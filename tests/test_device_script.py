@@ -212,21 +212,27 @@ def test_bench_alone_runs_the_fused_benchmark_and_no_part(tmp_path):
 
 
 @pytest.mark.slow
-def test_compare_runs_a_part_by_jobs_then_fused_in_fresh_folders(tmp_path):
-    """`device_reproduce.sh compare c2` (here with --smoke): the part twice, the joblib launcher then the fused one, each
-    in its own fresh folder (nothing skipped), and one line with both times in $OUT/compare.txt."""
+def test_compare_runs_a_part_fused_then_by_jobs_in_fresh_folders(tmp_path):
+    """`device_reproduce.sh compare c2` (here with --smoke): the part twice, the fused launcher then the joblib one, each
+    in its own fresh folder (nothing skipped), a line a half in $OUT/compare.txt; with --fused it is refused."""
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
     env.pop("DEADLINE_S", None)
+    stale = out / "compare" / "jobs" / "reproduce" / "gpu" / ".parts"
+    stale.mkdir(parents=True)
+    (stale / "c2.done").write_text("")                                # an earlier compare's marker: not a skip
     done = subprocess.run(["bash", "scripts/device_reproduce.sh", "compare", "c2", "--smoke"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     runs = {how: sorted(p.parent.name for p in (out / "compare" / how).rglob("metrics.json")) for how in ("jobs", "fused")}
     assert runs["jobs"] and runs["jobs"] == runs["fused"]
     assert "hydra/launcher=fused" in (out / "device.log").read_text()
-    line = (out / "compare.txt").read_text()
-    assert re.fullmatch(r"parts c2: \d+ s by the joblib launcher \(\d+ runs finished\), \d+ s fused \(\d+ runs finished\)\n",
-                        line), line
+    lines = (out / "compare.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["parts c2, fused", "parts c2, jobs"], lines
+    assert all(re.fullmatch(r"parts c2, \w+: \d+ s, [1-9]\d* runs finished, exit 0", line) for line in lines), lines
+    refused = subprocess.run(["bash", "scripts/device_reproduce.sh", "compare", "c2", "--fused", "--smoke"], cwd=REPO,
+                             env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert refused.returncode == 2 and "leave out --fused" in refused.stderr
 
 
 @pytest.mark.slow
