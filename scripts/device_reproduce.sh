@@ -184,6 +184,12 @@ else
 fi
 (( FUSED )) && ARGS+=(hydra/launcher=fused)
 DEADLINE_S=${DEADLINE_S-$( (( SMOKE )) || echo 510)}     # none for the smoke, unless set
+run_parts() {  # run_parts ROOT TABLES DEADLINE [override...]: reproduce.py over PARTS (DEADLINE empty: none)
+    local root=$1 tables=$2 deadline=$3
+    shift 3
+    "$PYTHON" scripts/reproduce.py --profile gpu "${PARTS[@]}" --root "$root" --tables "$tables" --keep-going \
+        ${deadline:+--deadline-s "$deadline"} "${ARGS[@]}" "$@"
+}
 if (( COMPARE )); then  # the parts twice on this machine, fused first (a cold start then counts against it), then
     # by jobs, each in a fresh folder under $BASE/compare (nothing skipped; not under $OUT: only compare.txt returns);
     # DEADLINE_S bounds the two together, half each; each half's line is written as it ends
@@ -194,15 +200,12 @@ if (( COMPARE )); then  # the parts twice on this machine, fused first (a cold s
         rm -rf "$root"
         extra=()
         [[ $how == fused ]] && extra=(hydra/launcher=fused)
-        limit=()
-        if [[ -n ${DEADLINE_S:-} && $how == fused ]]; then
-            limit=(--deadline-s "$(( DEADLINE_S / 2 ))")
-        elif [[ -n ${DEADLINE_S:-} ]]; then
-            limit=(--deadline-s "$(( DEADLINE_S - (SECONDS - start_all) ))")
+        left=${DEADLINE_S:-}
+        if [[ -n $left ]]; then
+            if [[ $how == fused ]]; then left=$(( DEADLINE_S / 2 )); else left=$(( DEADLINE_S - (SECONDS - start_all) )); fi
         fi
         start=$SECONDS
-        "$PYTHON" scripts/reproduce.py --profile gpu "${PARTS[@]}" --root "$root/reproduce" --tables "$root/tables" \
-            --keep-going "${limit[@]}" "${ARGS[@]}" "${extra[@]}"
+        run_parts "$root/reproduce" "$root/tables" "$left" "${extra[@]}"
         half=$?
         (( half )) && code=$half
         runs=$(find "$root/reproduce" -name metrics.json 2>/dev/null | wc -l)
@@ -213,8 +216,7 @@ if (( COMPARE )); then  # the parts twice on this machine, fused first (a cold s
     done
     exit "$code"
 fi
-"$PYTHON" scripts/reproduce.py --profile gpu "${PARTS[@]}" --root "$BASE/reproduce" --tables "$BASE/tables/gpu" \
-    --keep-going ${DEADLINE_S:+--deadline-s "$DEADLINE_S"} "${ARGS[@]}"
+run_parts "$BASE/reproduce" "$BASE/tables/gpu" "${DEADLINE_S:-}"
 code=$?
 "$PYTHON" scripts/pack_runs.py pack "$BASE/reproduce/gpu" "$BASE/tables/gpu" "$OUT/gpu-runs.tar.gz" || { (( code )) || code=2; }
 [[ -f $BASE/tables/gpu/table.md ]] && cp "$BASE/tables/gpu/table.md" "$OUT/table.md"

@@ -187,10 +187,21 @@ def mask_stores(model: nn.Module) -> dict:
     return {} if weights is None else weights.mask_stores()
 
 
+_parameters: weakref.WeakKeyDictionary[nn.Module, dict[str, nn.Parameter]] = weakref.WeakKeyDictionary()
+
+
+def parameters_by_name(model: nn.Module) -> dict[str, nn.Parameter]:
+    """model.named_parameters() as a dict, made once a model (a walk over every module: ~1 ms a run and pass for
+    MiniLM, the largest per-run cost of a pass before this cache). Training changes values, never which tensors."""
+    if model not in _parameters:
+        _parameters[model] = dict(model.named_parameters())
+    return _parameters[model]
+
+
 def varying_names(models: list[nn.Module]) -> list[str]:
     """The parameters the runs do not share, mask scores aside (each run's masks come from its own store: see
     stacked_forward): trainable ones, and frozen ones whose values differ (a frozen prototype drawn from each seed)."""
-    named = [dict(m.named_parameters()) for m in models]
+    named = [parameters_by_name(m) for m in models]
     scores = {id(p) for mask in mask_stores(models[0]).values() for p in mask.parameters()}
     return [
         name
@@ -223,39 +234,22 @@ def fused_pass(entries: dict[Member, tuple], group: FusedGroup) -> dict[Member, 
     return out
 
 
-_parameters: weakref.WeakKeyDictionary[nn.Module, dict[str, nn.Parameter]] = weakref.WeakKeyDictionary()
-
-
-def parameters_by_name(model: nn.Module) -> dict[str, nn.Parameter]:
-    """model.named_parameters() as a dict, made once a model (a walk over every module: ~1 ms a run and pass for
-    MiniLM, the largest per-run cost of a pass before this cache). Training changes values, never which tensors."""
-    if model not in _parameters:
-        _parameters[model] = dict(model.named_parameters())
-    return _parameters[model]
-
-
 def stacked_masks(stores: list) -> torch.Tensor:
-    """The runs' binary masks of one weight, [K, count, *shape], each run's as its own store makes it: runs of one
-    sparsity and mask kind in one top-k over their stacked scores (row by row, as each alone; straight-through to each
-    run's scores), not one top-k a run. Stores other than LayerMasks make their own."""
-    layer_masks = [store for store in stores if isinstance(store, masks_module.LayerMasks)]
-    if len(layer_masks) < len(stores):
-        for store in stores:
-            store.invalidate()
-        return torch.stack([store() for store in stores])
+    """The runs' binary masks of one weight, [K, count, *shape], each run's as its own store (a LayerMasks: fused runs
+    are one-task) makes it: runs of one sparsity and mask kind in one top-k over their stacked scores (row by row, as
+    each alone; straight-through to each run's scores), not one top-k a run."""
     kinds: dict[tuple[str, float], list[int]] = {}
-    for run, store in enumerate(layer_masks):
+    for run, store in enumerate(stores):
         kinds.setdefault((store.kind, store.sparsity), []).append(run)
     places: dict[int, torch.Tensor] = {}
     for (kind, sparsity), runs in kinds.items():
-        scores: list[torch.Tensor] = [layer_masks[run].scores for run in runs]
+        scores: list[torch.Tensor] = [stores[run].scores for run in runs]
         if kind == "none":
             together = torch.ones(len(runs), *scores[0].shape, dtype=scores[0].dtype, device=scores[0].device)
         else:
             together = masks_module.binarize(torch.cat(scores), sparsity).view(len(runs), *scores[0].shape)
         places.update({run: together[place] for place, run in enumerate(runs)})
-    made = [places[run] for run in range(len(layer_masks))]
-    return torch.stack(made)
+    return torch.stack([places[run] for run in range(len(stores))])
 
 
 def pad_to(tensor: torch.Tensor, length: int) -> torch.Tensor:
