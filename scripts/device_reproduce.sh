@@ -191,13 +191,13 @@ run_parts() {  # run_parts ROOT TABLES DEADLINE [override...]: reproduce.py over
         ${deadline:+--deadline-s "$deadline"} "${ARGS[@]}" "$@"
 }
 if (( COMPARE )); then  # the parts twice on this machine, fused first (a cold start then counts against it), then
-    # by jobs, each in a fresh folder under $BASE/compare (nothing skipped; not under $OUT: only compare.txt returns);
+    # by jobs, each in a new folder $BASE/compare/<how>.XXXXXX (nothing skipped, nothing earlier deleted; not under
+    # $OUT: only compare.txt returns);
     # DEADLINE_S bounds the two together, half each; each half's line is written as it ends
     start_all=$SECONDS code=0
     : > "$OUT/compare.txt"
     for how in fused jobs; do
-        root=$BASE/compare/$how
-        rm -rf "$root"
+        mkdir -p "$BASE/compare" && root=$(mktemp -d "$BASE/compare/$how.XXXXXX") || exit 2
         extra=()
         [[ $how == fused ]] && extra=(hydra/launcher=fused)
         left=${DEADLINE_S:-}

@@ -218,14 +218,17 @@ def test_compare_runs_a_part_fused_then_by_jobs_in_fresh_folders(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
     env.pop("DEADLINE_S", None)
-    stale = out / "compare" / "jobs" / "reproduce" / "gpu" / ".parts"
+    stale = out / "compare" / "jobs.earlier" / "reproduce" / "gpu" / ".parts"
     stale.mkdir(parents=True)
-    (stale / "c2.done").write_text("")                                # an earlier compare's marker: not a skip
+    (stale / "c2.done").write_text("")                       # an earlier compare's marker: not a skip, and kept
     done = subprocess.run(["bash", "scripts/device_reproduce.sh", "compare", "c2", "--smoke"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    runs = {how: sorted(p.parent.name for p in (out / "compare" / how).rglob("metrics.json")) for how in ("jobs", "fused")}
+    folders = {how: [f for f in (out / "compare").glob(f"{how}.*") if f.name != "jobs.earlier"] for how in ("jobs", "fused")}
+    assert all(len(made) == 1 for made in folders.values()), folders
+    runs = {how: sorted(p.parent.name for p in made[0].rglob("metrics.json")) for how, made in folders.items()}
     assert runs["jobs"] and runs["jobs"] == runs["fused"]
+    assert (stale / "c2.done").exists()
     assert "hydra/launcher=fused" in (out / "device.log").read_text()
     lines = (out / "compare.txt").read_text().splitlines()
     assert [line.split(":")[0] for line in lines] == ["parts c2, fused", "parts c2, jobs"], lines
